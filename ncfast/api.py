@@ -1,0 +1,166 @@
+"""``ncfast.collapse``: validate, stream the two passes, assemble the report."""
+import warnings
+
+import numpy as np
+
+from ncfast.accumulators import ClassSums, ResidualStats
+from ncfast.geometry import PINV_RTOL, Geometry
+from ncfast.inputs import as_source, host_array
+from ncfast.metrics import collapse_metrics, noise_metrics
+from ncfast.report import CollapseReport
+
+EMPTY_CLASS_POLICIES = ("warn", "ignore", "raise")
+
+
+def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None, means=None,
+             clean_labels=None, global_mean="classes", chunk_size=None, empty_classes="warn",
+             pinv_rtol=PINV_RTOL):
+    """Measure neural collapse of a set of features in two streaming passes.
+
+    Parameters
+    ----------
+    features : array of shape (n_samples, n_features), path, tensor or chunk source
+        Any float dtype (float16/bfloat16 are upcast per chunk); a numpy
+        array or ``np.memmap``, the path of a ``.npy`` file (memory-mapped),
+        a torch CPU tensor (viewed without a copy), or a re-iterable of
+        ``(features, labels)`` / ``(features, labels, clean_labels)`` chunks
+        (then ``labels`` is None and ``num_classes`` is required).
+    labels : int array of shape (n_samples,)
+        Class of each row, in ``[0, num_classes)``; any integer dtype.
+    num_classes : int, optional
+        Number of classes C; defaults to the largest label + 1.
+    weights : array of shape (C, n_features), optional
+        Last-layer classifier ``W`` (``nn.Linear.weight``); enables NC2 on W,
+        NC3, NC4, accuracy and bias collapse.
+    bias : array of shape (C,), optional
+    means : array of shape (C, n_features) or CollapseReport, optional
+        Measure against these class means (e.g. the training report's) instead
+        of the features' own: NCC generalisation on held-out features. Pass 1
+        is skipped. NaN rows mark classes without a mean.
+    clean_labels : int array of shape (n_samples,), optional
+        True labels when ``labels`` are noisy: enables memorization, dilation,
+        noise fit and the NC1 of clean rows (Nguyen et al. 2023).
+    global_mean : {"classes", "samples"}
+        mu_G as the mean of the class means, or of all rows.
+    chunk_size : int, optional
+        Rows per chunk; chosen from the row width by default. Results do not
+        depend on it beyond float64 rounding.
+    empty_classes : {"warn", "ignore", "raise"}
+        What to do when some of the C classes have no rows: metrics run over
+        the present classes, with a warning naming the others, silently, or
+        not at all (ValueError).
+    pinv_rtol : float
+        Eigenvalues below this fraction of the largest are cut in the
+        pseudo-inverse; the report carries the rank kept.
+
+    Returns
+    -------
+    CollapseReport
+    """
+    if empty_classes not in EMPTY_CLASS_POLICIES:
+        raise ValueError(
+            f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+    source = as_source(features, labels, clean_labels, chunk_size=chunk_size)
+    num_classes = _resolve_num_classes(num_classes, source, means)
+    has_noise = clean_labels is not None or _chunks_carry_clean_labels(source)
+
+    class_sums = None
+    if means is None:
+        class_sums = ClassSums(num_classes, _num_features(source), track_clean=has_noise)
+        for chunk in source:
+            class_sums.update(chunk.features, chunk.labels, chunk.clean_labels,
+                              row_offset=chunk.offset)
+        if class_sums.counts.sum() == 0:
+            raise ValueError("the input has no rows; pass at least one row per class")
+        _check_empty_classes(class_sums.counts, empty_classes)
+        geometry = Geometry.from_class_sums(class_sums.counts, class_sums.sums,
+                                            global_mean=global_mean)
+    else:
+        geometry = _geometry_from_given_means(means, num_classes, global_mean)
+
+    stats = ResidualStats(geometry, weights=weights, bias=bias)
+    clean_stats = corrupted_stats = None
+    if has_noise:
+        if class_sums is None:
+            raise ValueError(
+                "clean_labels needs the clean-row means of these features, so it cannot be "
+                "combined with means=; measure label noise on the training features")
+        clean_geometry = Geometry.from_class_sums(
+            class_sums.clean_counts, class_sums.clean_sums, global_mean=global_mean)
+        clean_stats = ResidualStats(clean_geometry)
+        corrupted_stats = ResidualStats(clean_geometry)
+    for chunk in source:
+        if not has_noise:
+            stats.update(chunk.features, chunk.labels, row_offset=chunk.offset)
+            continue
+        corrupted = chunk.labels != chunk.clean_labels
+        stats.update(chunk.features, chunk.labels, corrupted, row_offset=chunk.offset)
+        clean_stats.update(chunk.features[~corrupted], chunk.labels[~corrupted])
+        corrupted_stats.update(chunk.features[corrupted], chunk.clean_labels[corrupted])
+    if stats.num_rows == 0:
+        raise ValueError("the input has no rows; pass at least one row per class")
+
+    result = collapse_metrics(geometry, stats, pinv_rtol=pinv_rtol)
+    if has_noise:
+        result.update(noise_metrics(stats, clean_geometry, clean_stats, corrupted_stats,
+                                    pinv_rtol=pinv_rtol))
+    return CollapseReport(
+        num_samples=stats.num_rows, num_classes=num_classes,
+        num_features=geometry.num_features, means=geometry.means,
+        present_classes=geometry.present, pinv_rtol=pinv_rtol, global_mean=global_mean,
+        mean_counts=geometry.counts, **result)
+
+
+def _num_features(source):
+    if source.num_features is None:  # a chunk source: peek at its first chunk
+        next(iter(source), None)
+    if source.num_features is None:
+        raise ValueError("the chunk source yielded no chunks; pass at least one row per class")
+    return source.num_features
+
+
+def _chunks_carry_clean_labels(source):
+    if not hasattr(source, "chunks"):
+        return False
+    first = next(iter(source), None)
+    return first is not None and first.clean_labels is not None
+
+
+def _resolve_num_classes(num_classes, source, means):
+    if num_classes is None and means is not None:
+        num_classes = len(means.means if isinstance(means, CollapseReport) else means)
+    if num_classes is None:
+        if not hasattr(source, "max_label"):
+            raise ValueError("num_classes is required when features is a chunk source")
+        num_classes = source.max_label() + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise TypeError(f"num_classes must be an int; found {num_classes!r}")
+    if num_classes < 2:
+        raise ValueError(
+            f"num_classes is {num_classes}; neural collapse compares classes, so at least 2 are "
+            "needed (labels must be class indices starting at 0)")
+    return int(num_classes)
+
+
+def _check_empty_classes(counts, policy):
+    empty = np.flatnonzero(counts == 0)
+    if empty.size == 0 or policy == "ignore":
+        return
+    shown = ", ".join(map(str, empty[:20])) + (" ..." if empty.size > 20 else "")
+    message = (f"{empty.size} of {counts.size} classes have no rows ({shown}); metrics cover "
+               "the other classes")
+    if policy == "raise":
+        raise ValueError(message + "; pass empty_classes='warn' to accept this")
+    warnings.warn(message, stacklevel=3)
+
+
+def _geometry_from_given_means(means, num_classes, global_mean):
+    counts = None
+    if isinstance(means, CollapseReport):
+        means, counts = means.means, means.mean_counts
+    means = host_array(means, "means")
+    if means.ndim != 2 or means.shape[0] != num_classes:
+        raise ValueError(
+            f"means has shape {means.shape}; expected (num_classes, n_features) with "
+            f"num_classes={num_classes}")
+    return Geometry.from_means(means, counts, global_mean=global_mean)

@@ -1,0 +1,139 @@
+"""Finalize: class means and the small float64 matrices both passes share.
+
+Everything here is O(C·D + C²·D) or less and runs once per analysis, between
+pass 1 and pass 2 (DESIGN.md, "Finalize").
+"""
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Eigenvalues below this fraction of the largest are cut in pseudo-inverses.
+PINV_RTOL = 1e-10
+
+GLOBAL_MEANS = ("classes", "samples")
+
+
+def symmetric_pinv(matrix, rtol=PINV_RTOL):
+    """Pseudo-inverse of a symmetric positive semi-definite matrix.
+
+    Parameters
+    ----------
+    matrix : float64 array of shape (k, k)
+    rtol : float
+        Eigenvalues at or below ``rtol * max eigenvalue`` count as zero.
+
+    Returns
+    -------
+    pinv : float64 array of shape (k, k)
+    rank : int
+        Number of eigenvalues kept.
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    cutoff = rtol * max(eigenvalues.max(initial=0.0), 0.0)
+    keep = eigenvalues > cutoff
+    kept_vectors = eigenvectors[:, keep]
+    return (kept_vectors / eigenvalues[keep]) @ kept_vectors.T, int(keep.sum())
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Class means of one analysis and what pass 2 derives from them.
+
+    Attributes
+    ----------
+    means : float64 array of shape (C, D)
+        Class means ``mu_c``; rows of classes without a mean are NaN.
+    counts : int64 array of shape (C,), or None
+        Rows behind each mean, when known.
+    present : int64 array of shape (C',)
+        Classes that have a mean, ascending.
+    label_rows : int64 array of shape (C,)
+        Index of each class in ``present``, -1 where absent.
+    global_mean : float64 array of shape (D,)
+    centred : float64 array of shape (C', D), ``M~`` (rows ``mu_c - mu_G``)
+    gram : float64 array of shape (C', C'), ``M~ M~^T``
+    mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``
+    fingerprint : str
+        Digest of the means and global mean; pass-2 states built on different
+        geometries refuse to merge.
+    """
+
+    means: np.ndarray
+    counts: np.ndarray | None
+    present: np.ndarray
+    label_rows: np.ndarray
+    global_mean: np.ndarray
+    centred: np.ndarray
+    gram: np.ndarray
+    mean_sq_distances: np.ndarray
+    fingerprint: str
+
+    @property
+    def num_classes(self):
+        return self.means.shape[0]
+
+    @property
+    def num_features(self):
+        return self.means.shape[1]
+
+    @classmethod
+    def from_means(cls, means, counts=None, *, global_mean="classes"):
+        """Build the geometry from class means.
+
+        Parameters
+        ----------
+        means : array of shape (C, D)
+            NaN rows mark classes without a mean.
+        counts : int array of shape (C,), optional
+            Rows per class; needed for ``global_mean="samples"``.
+        global_mean : {"classes", "samples"}
+            Mean of the class means, or mean of all rows (count-weighted).
+        """
+        if global_mean not in GLOBAL_MEANS:
+            raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
+        means = np.array(means, dtype=np.float64)
+        if means.ndim != 2:
+            raise ValueError(f"means must be 2-D (n_classes, n_features); found shape {means.shape}")
+        has_mean = ~np.isnan(means).any(axis=1)
+        if not np.isfinite(means[has_mean]).all():
+            raise ValueError("means holds Inf; class means must be finite (NaN rows mark absent classes)")
+        present = np.flatnonzero(has_mean)
+        if present.size < 2:
+            raise ValueError(
+                f"found {present.size} class(es) with rows; neural collapse compares classes, so "
+                "at least 2 classes must have rows"
+            )
+        label_rows = np.full(means.shape[0], -1, np.int64)
+        label_rows[present] = np.arange(present.size)
+        present_means = means[present]
+        if global_mean == "classes":
+            center = present_means.mean(axis=0)
+        else:
+            if counts is None:
+                raise ValueError(
+                    "global_mean='samples' needs the row count of each class; pass the training "
+                    "ClassSums or report as means=, or use global_mean='classes'"
+                )
+            weights = np.asarray(counts, dtype=np.float64)[present]
+            center = weights @ present_means / weights.sum()
+        centred = present_means - center
+        gram = centred @ centred.T
+        sq_norms = np.diag(gram)
+        # ||mu_a - mu_b||^2 from the centred Gram: the common offset cancels first.
+        mean_sq_distances = np.maximum(sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram, 0.0)
+        np.fill_diagonal(mean_sq_distances, 0.0)
+        digest = hashlib.sha1(np.ascontiguousarray(means).tobytes())
+        digest.update(center.tobytes())
+        return cls(means=means, counts=None if counts is None else np.asarray(counts, np.int64),
+                   present=present, label_rows=label_rows, global_mean=center, centred=centred,
+                   gram=gram, mean_sq_distances=mean_sq_distances,
+                   fingerprint=digest.hexdigest())
+
+    @classmethod
+    def from_class_sums(cls, counts, sums, *, global_mean="classes"):
+        """Build the geometry from pass-1 counts (C,) and float64 sums (C, D)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = sums / counts[:, None]
+        means[counts == 0] = np.nan
+        return cls.from_means(means, counts, global_mean=global_mean)

@@ -1,0 +1,274 @@
+"""Turn what callers hold into a re-iterable stream of validated chunks.
+
+Accepted features: numpy arrays and ``np.memmap`` (any float dtype), paths of
+``.npy`` files (memory-mapped, read chunk by chunk), torch CPU tensors (viewed
+without a copy), and re-iterable sources of ``(features, labels)`` or
+``(features, labels, clean_labels)`` chunks. Nothing here modifies an input:
+chunks are views, or copies where a dtype or layout must change.
+"""
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Feature dtypes the kernels read directly; other float dtypes are upcast per chunk.
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: Bytes of float32 residuals per chunk that the automatic chunk size aims at.
+CHUNK_TARGET_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One validated block of rows.
+
+    Attributes
+    ----------
+    features : float32 or float64 array of shape (n, D), C-contiguous
+    labels : int64 array of shape (n,)
+    clean_labels : int64 array of shape (n,), or None
+    offset : int
+        Index of the chunk's first row in the whole input, to name bad rows.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    clean_labels: np.ndarray | None
+    offset: int
+
+
+def default_chunk_rows(num_features):
+    """Rows per chunk so that a float32 residual chunk is about 8 MiB."""
+    return int(np.clip(CHUNK_TARGET_BYTES // (4 * max(num_features, 1)), 256, 65536))
+
+
+def _is_torch_tensor(obj):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _load_npy(path, what):
+    """Memory-map a ``.npy`` file, turning every failure into a clear ValueError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{what} file {path!r} does not exist")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(
+            f"{what} file {path!r} is not a readable .npy array file ({error}); it may be "
+            "truncated or of another format: re-save it with numpy.save"
+        ) from None
+
+
+def as_array(obj, what):
+    """A numpy (or torch) view of ``obj`` without copying its data.
+
+    Parameters
+    ----------
+    obj : array-like, path of a ``.npy`` file, or torch CPU tensor
+    what : str
+        Name used in error messages ("features", "labels", ...).
+    """
+    if isinstance(obj, (str, os.PathLike)):
+        return _load_npy(obj, what)
+    if _is_torch_tensor(obj):
+        if obj.device.type != "cpu":
+            raise ValueError(
+                f"{what} is a torch tensor on {obj.device}; the CPU backend needs host memory: "
+                "move it with .cpu()"
+            )
+        return obj.detach()
+    if isinstance(obj, np.ndarray):
+        return obj
+    array = np.asarray(obj)
+    if array.dtype == object:
+        raise TypeError(f"{what} must be an array of numbers; found {type(obj).__name__}")
+    return array
+
+
+def host_array(obj, what):
+    """A small array (weights, bias, means) as numpy, copied off torch if need be."""
+    if _is_torch_tensor(obj):
+        obj = obj.detach().cpu()
+        return (obj.double() if obj.is_floating_point() else obj).numpy()
+    return as_array(obj, what)
+
+
+def _dtype_name(array):
+    return str(array.dtype).replace("torch.", "")
+
+
+def check_features(features):
+    """Check rank and dtype of a feature array (numpy or torch); return (N, D)."""
+    shape = tuple(features.shape)
+    if len(shape) != 2:
+        hint = ("if each row has one feature use features[:, None]; if it is one sample use "
+                "features[None, :]" if len(shape) == 1 else
+                "flatten the trailing axes with features.reshape(len(features), -1)")
+        raise ValueError(
+            f"features must be 2-D (n_samples, n_features); found {len(shape)}-D with shape "
+            f"{shape}: {hint}"
+        )
+    if _is_torch_tensor(features):
+        floating = features.is_floating_point()
+    else:
+        floating = np.issubdtype(features.dtype, np.floating)
+    if not floating:
+        raise TypeError(
+            f"features must be floating point; found dtype {_dtype_name(features)}: convert with "
+            ".astype(np.float32)"
+        )
+    if shape[0] == 0:
+        raise ValueError(f"features has no rows (shape {shape}); pass at least one row per class")
+    if shape[1] == 0:
+        raise ValueError(f"features has no columns (shape {shape})")
+    return shape
+
+
+def check_labels(labels, num_rows, what="labels"):
+    """Check rank, dtype and length of a label array; return it unchanged."""
+    shape = tuple(labels.shape)
+    if len(shape) != 1:
+        raise ValueError(f"{what} must be 1-D (n_samples,); found shape {shape}")
+    if _is_torch_tensor(labels):
+        integer = not labels.is_floating_point() and not labels.is_complex() and \
+            labels.dtype != sys.modules["torch"].bool
+    else:
+        integer = np.issubdtype(labels.dtype, np.integer)
+    if not integer:
+        raise TypeError(
+            f"{what} must be integer class indices; found dtype {_dtype_name(labels)}: convert "
+            "with .astype(np.int64) (one-hot labels: labels.argmax(axis=1))"
+        )
+    if shape[0] != num_rows:
+        raise ValueError(
+            f"{what} has {shape[0]} entries but features has {num_rows} rows; pass one label "
+            "per feature row"
+        )
+    return labels
+
+
+def to_kernel_features(block):
+    """A C-contiguous float32/float64 numpy array of the rows in ``block``."""
+    if _is_torch_tensor(block):
+        torch = sys.modules["torch"]
+        if block.dtype not in (torch.float32, torch.float64):
+            block = block.float()
+        block = block.numpy()
+    block = np.asarray(block)  # drops the np.memmap subclass, no copy
+    if block.dtype not in KERNEL_DTYPES or not block.dtype.isnative:
+        block = block.astype(np.float32 if block.dtype.itemsize <= 4 else np.float64)
+    return np.ascontiguousarray(block)
+
+
+def to_kernel_labels(block, what="labels"):
+    """An int64 numpy array of the labels in ``block``."""
+    if _is_torch_tensor(block):
+        block = block.numpy()
+    block = np.asarray(block)
+    if block.dtype == np.uint64 and block.size and block.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{what} holds {block.max()}, beyond any class index")
+    return np.ascontiguousarray(block, dtype=np.int64)
+
+
+class ArraySource:
+    """Chunks of in-memory or memory-mapped arrays, re-iterable."""
+
+    def __init__(self, features, labels, clean_labels=None, *, chunk_size=None):
+        self.features = as_array(features, "features")
+        self.num_rows, self.num_features = check_features(self.features)
+        self.labels = check_labels(as_array(labels, "labels"), self.num_rows)
+        self.clean_labels = None
+        if clean_labels is not None:
+            self.clean_labels = check_labels(
+                as_array(clean_labels, "clean_labels"), self.num_rows, "clean_labels")
+        self.chunk_size = check_chunk_size(chunk_size, self.num_features)
+
+    def max_label(self):
+        """Largest label (and clean label) present, read in chunks."""
+        top = -1
+        for array in (self.labels, self.clean_labels):
+            for start in range(0, 0 if array is None else self.num_rows, 1 << 22):
+                top = max(top, int(to_kernel_labels(array[start:start + (1 << 22)]).max()))
+        return top
+
+    def __iter__(self):
+        for start in range(0, self.num_rows, self.chunk_size):
+            stop = min(start + self.chunk_size, self.num_rows)
+            clean = None
+            if self.clean_labels is not None:
+                clean = to_kernel_labels(self.clean_labels[start:stop], "clean_labels")
+            yield Chunk(to_kernel_features(self.features[start:stop]),
+                        to_kernel_labels(self.labels[start:stop]), clean, start)
+
+
+class IterableSource:
+    """Chunks from a re-iterable of ``(features, labels[, clean_labels])`` tuples.
+
+    Chunks are re-split to ``chunk_size`` rows when they are larger.
+    """
+
+    def __init__(self, chunks, *, chunk_size=None):
+        if iter(chunks) is chunks:
+            raise TypeError(
+                "the chunk source is a one-shot iterator (e.g. a generator), but ncfast reads "
+                "the data twice; pass a re-iterable such as a list, or an object whose "
+                "__iter__ returns a fresh iterator"
+            )
+        self.chunks = chunks
+        self.chunk_size = chunk_size
+        self.num_features = None
+
+    def __iter__(self):
+        offset = 0
+        for index, item in enumerate(self.chunks):
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise TypeError(
+                    f"chunk {index} of the source is a {type(item).__name__}; each chunk must be "
+                    "a tuple (features, labels) or (features, labels, clean_labels)"
+                )
+            source = ArraySource(*item, chunk_size=self.chunk_size)
+            if self.num_features is None:
+                self.num_features = source.num_features
+            elif source.num_features != self.num_features:
+                raise ValueError(
+                    f"chunk {index} has {source.num_features} features but earlier chunks have "
+                    f"{self.num_features}; every chunk must have the same number of columns"
+                )
+            for chunk in source:
+                yield Chunk(chunk.features, chunk.labels, chunk.clean_labels,
+                            offset + chunk.offset)
+            offset += source.num_rows
+
+
+def check_chunk_size(chunk_size, num_features):
+    """Validate a user chunk size, or choose one from the row width."""
+    if chunk_size is None:
+        return default_chunk_rows(num_features)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"chunk_size must be a positive int or None; found {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1; found {chunk_size}")
+    return int(chunk_size)
+
+
+def is_chunk_source(features, labels):
+    """True when ``features`` is a re-iterable of chunks rather than an array."""
+    if labels is not None:
+        return False
+    if isinstance(features, (str, os.PathLike, np.ndarray)) or _is_torch_tensor(features):
+        return False
+    return hasattr(features, "__iter__")
+
+
+def as_source(features, labels, clean_labels=None, *, chunk_size=None):
+    """The chunk stream for ``collapse``'s inputs."""
+    if is_chunk_source(features, labels):
+        if clean_labels is not None:
+            raise ValueError("with a chunk source, pass clean labels inside each chunk tuple")
+        return IterableSource(features, chunk_size=chunk_size)
+    if labels is None:
+        raise TypeError("labels is required unless features is a re-iterable of chunks")
+    return ArraySource(features, labels, clean_labels, chunk_size=chunk_size)

@@ -1,0 +1,144 @@
+"""``CollapseReport``: the result of one analysis."""
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+#: Scalar metrics in the order tables show them, with a one-line meaning.
+METRICS = {
+    "nc1": "Tr(Sigma_W Sigma_B^+)/C, within-class variability (Papyan et al.)",
+    "nc1_trace": "Tr Sigma_W / Tr Sigma_B",
+    "cdnv": "class-distance normalized variance (Galanti et al.)",
+    "nc2_equinorm": "std/mean of class-mean norms",
+    "nc2_equinorm_w": "std/mean of classifier row norms",
+    "nc2_equiangular": "std of cosines between class means",
+    "nc2_equiangular_w": "std of cosines between classifier rows",
+    "nc2_maxangle": "mean |cos + 1/(C-1)| between class means",
+    "nc2_maxangle_w": "mean |cos + 1/(C-1)| between classifier rows",
+    "nc2_etf": "||nrm(M M^T) - ETF||_F (Zhu et al.)",
+    "nc2_orthogonality": "off-diagonal of nrm of uncentred-mean Gram (Dang et al.)",
+    "gnc2": "hyperspherical energy of unit class means (Wu & Papyan)",
+    "nc3": "||nrm(W) - nrm(M)||_F^2, self-duality",
+    "nc3_etf": "||nrm(W M^T) - ETF||_F (Zhu et al.)",
+    "unc3": "std/mean of <w_c, mu_c> (Wu & Papyan)",
+    "nc4": "fraction where classifier and nearest class centre disagree",
+    "ncc_accuracy": "nearest-class-centre accuracy",
+    "accuracy": "classifier accuracy",
+    "bias_collapse": "||W mu_G + b||",
+    "memorization": "mean distance of corrupted rows to their true clean mean, scaled",
+    "memorization_raw": "the same, unscaled",
+    "dilation": "mean per-class std of clean-row distances to clean means, scaled",
+    "noise_fit": "fraction of corrupted rows predicted as their noisy label",
+    "nc1_clean": "nc1 of the clean rows",
+    "nc1_trace_clean": "nc1_trace of the clean rows",
+}
+
+PER_CLASS = ("class_counts", "class_variances", "class_mean_norms", "class_ncc_accuracy",
+             "class_accuracy")
+
+
+@dataclass(frozen=True, repr=False)
+class CollapseReport:
+    """Neural-collapse metrics of one set of features.
+
+    Scalar metrics are floats, or None where the inputs do not define them
+    (classifier metrics without ``weights``, label-noise metrics without
+    ``clean_labels``). ``METRICS`` gives each one's meaning.
+
+    Per-class arrays have shape (C,) and hold NaN for classes without rows:
+    ``class_counts`` (n_c), ``class_variances`` (sigma_c^2, mean squared
+    distance to the class mean), ``class_mean_norms`` (||mu_c - mu_G||),
+    ``class_ncc_accuracy`` and ``class_accuracy``.
+
+    Attributes
+    ----------
+    means : float64 array of shape (C, D)
+        Class means used (NaN rows for absent classes); pass the report as
+        ``means=`` to measure held-out features against them.
+    present_classes : int64 array
+        Classes that have a mean; class-pair metrics run over these.
+    rank : int
+        Numerical rank of the pseudo-inverted between-class matrix.
+    route : {"classes", "features"}
+        Whether NC1 used the C×C or the D×D scatter.
+    """
+
+    num_samples: int
+    num_classes: int
+    num_features: int
+    means: np.ndarray
+    present_classes: np.ndarray
+    rank: int
+    route: str
+    pinv_rtol: float
+    global_mean: str
+    nc1: float
+    nc1_trace: float
+    cdnv: float | None
+    nc2_equinorm: float
+    nc2_equiangular: float
+    nc2_maxangle: float
+    nc2_etf: float
+    nc2_orthogonality: float
+    gnc2: float
+    ncc_accuracy: float
+    class_counts: np.ndarray
+    class_variances: np.ndarray
+    class_mean_norms: np.ndarray
+    class_ncc_accuracy: np.ndarray
+    nc2_equinorm_w: float | None = None
+    nc2_equiangular_w: float | None = None
+    nc2_maxangle_w: float | None = None
+    nc3: float | None = None
+    nc3_etf: float | None = None
+    unc3: float | None = None
+    nc4: float | None = None
+    accuracy: float | None = None
+    bias_collapse: float | None = None
+    class_accuracy: np.ndarray | None = None
+    memorization: float | None = None
+    memorization_raw: float | None = None
+    dilation: float | None = None
+    noise_fit: float | None = None
+    nc1_clean: float | None = None
+    nc1_trace_clean: float | None = None
+    mean_counts: np.ndarray | None = field(default=None)
+
+    def metrics(self):
+        """The scalar metrics that are defined, as ``{name: float}``."""
+        return {name: getattr(self, name) for name in METRICS if getattr(self, name) is not None}
+
+    def to_dict(self):
+        """JSON-safe dict: scalars, per-class lists and run facts (NaN becomes None)."""
+        result = {}
+        for item in fields(self):
+            if item.name in ("means", "mean_counts"):
+                continue
+            result[item.name] = _json_safe(getattr(self, item.name))
+        return result
+
+    def __repr__(self):
+        head = (f"CollapseReport(N={self.num_samples}, C={self.num_classes}, "
+                f"D={self.num_features}, classes with means={self.present_classes.size}, "
+                f"rank={self.rank}, route={self.route!r})")
+        metrics = self.metrics()
+        width = max(map(len, metrics))
+        rows = [f"  {name:<{width}}  {_format(value)}" for name, value in metrics.items()]
+        return "\n".join([head, *rows])
+
+
+def _format(value):
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _json_safe(value):
+    if isinstance(value, np.ndarray):
+        return [_json_safe(item) for item in value.tolist()]
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

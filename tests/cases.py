@@ -1,0 +1,88 @@
+"""Synthetic feature sets shared by the tests: random and adversarial cases.
+
+Every generator returns a dict with ``features`` (float32 unless stated),
+``labels`` (int64), ``num_classes`` and, where it has one, a classifier
+(``weights``, ``bias``).
+"""
+import numpy as np
+
+
+def gaussian_classes(num_rows=3000, num_features=32, num_classes=5, *, spread=1.0,
+                     offset=0.0, class_counts=None, relu=False, classifier=True,
+                     dtype=np.float32, seed=0):
+    """Gaussian class clouds around random means.
+
+    Parameters
+    ----------
+    spread : float
+        Within-class standard deviation; the class means have unit scale.
+    offset : float
+        Common offset added to every feature (ReLU-like features sit far from 0).
+    class_counts : sequence of int, optional
+        Rows per class (imbalance, empty classes); overrides ``num_rows``.
+    relu : bool
+        Clip features at zero after the offset.
+    """
+    rng = np.random.default_rng(seed)
+    class_means = rng.normal(size=(num_classes, num_features)) * 3.0
+    if class_counts is None:
+        labels = rng.permutation(np.arange(num_rows) % num_classes)
+    else:
+        labels = rng.permutation(np.repeat(np.arange(num_classes), class_counts))
+    features = class_means[labels] + spread * rng.normal(size=(labels.size, num_features))
+    features += offset
+    if relu:
+        features = np.maximum(features, 0.0)
+    case = {"features": features.astype(dtype), "labels": labels.astype(np.int64),
+            "num_classes": num_classes}
+    if classifier:
+        # A classifier near the class means, so that accuracy and NC3 are informative.
+        case["weights"] = class_means + 0.3 * rng.normal(size=class_means.shape)
+        case["bias"] = 0.1 * rng.normal(size=num_classes)
+    return case
+
+
+def simplex_etf(num_classes, num_features, *, rows_per_class=3, seed=0):
+    """Features exactly on a simplex ETF: every row equals its class mean."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(num_features, num_classes)))
+    centred = np.eye(num_classes) - 1.0 / num_classes
+    class_means = centred @ basis.T * 4.0
+    labels = np.repeat(np.arange(num_classes), rows_per_class)
+    return {"features": class_means[labels], "labels": labels, "num_classes": num_classes}
+
+
+def orthogonal_frame(num_classes, num_features, *, rows_per_class=3, seed=0):
+    """Uncentred class means that are orthogonal, with some within-class spread."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(num_features, num_classes)))
+    class_means = basis.T * rng.uniform(1.0, 3.0, size=(num_classes, 1))
+    labels = np.repeat(np.arange(num_classes), rows_per_class)
+    features = class_means[labels] + 0.01 * rng.normal(size=(labels.size, num_features))
+    return {"features": features, "labels": labels, "num_classes": num_classes}
+
+
+def with_label_noise(case, rate=0.2, seed=1):
+    """Copy of ``case`` whose labels are flipped to another class with probability ``rate``.
+
+    The original labels become ``clean_labels``.
+    """
+    rng = np.random.default_rng(seed)
+    clean = case["labels"]
+    flip = rng.random(clean.size) < rate
+    shift = rng.integers(1, case["num_classes"], size=clean.size)
+    noisy = np.where(flip, (clean + shift) % case["num_classes"], clean)
+    return {**case, "labels": noisy, "clean_labels": clean}
+
+
+#: The adversarial cases every metric is checked on (name -> generator keywords).
+ADVERSARIAL = {
+    "gaussian": {},
+    "relu_offset_1e3": {"offset": 1e3, "relu": True},
+    "tiny_spread_1e-4": {"spread": 3e-4},
+    "imbalanced_1_to_100": {"num_classes": 3, "class_counts": [20, 200, 2000]},
+    "classes_exceed_features": {"num_features": 8, "num_classes": 20, "num_rows": 2000},
+    "two_classes": {"num_classes": 2},
+    "single_row_classes": {"num_classes": 6, "class_counts": [1, 1, 50, 60, 1, 70]},
+    "float64": {"dtype": np.float64},
+}
