@@ -77,6 +77,10 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
                                             global_mean=global_mean)
     else:
         geometry = _geometry_from_given_means(means, num_classes, global_mean)
+        if geometry.num_features != _num_features(source):
+            raise ValueError(
+                f"means has {geometry.num_features} features per class but the features have "
+                f"{_num_features(source)} columns; pass the means of the same layer")
 
     stats = ResidualStats(geometry, weights=weights, bias=bias)
     clean_stats = corrupted_stats = None
@@ -96,7 +100,10 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
         corrupted = chunk.labels != chunk.clean_labels
         stats.update(chunk.features, chunk.labels, corrupted, row_offset=chunk.offset)
         clean_stats.update(chunk.features[~corrupted], chunk.labels[~corrupted])
-        corrupted_stats.update(chunk.features[corrupted], chunk.clean_labels[corrupted])
+        # Memorization needs the clean mean of the true class; skip rows whose true
+        # class has no clean row at all.
+        measurable = corrupted & (clean_geometry.label_rows[chunk.clean_labels] >= 0)
+        corrupted_stats.update(chunk.features[measurable], chunk.clean_labels[measurable])
     if stats.num_rows == 0:
         raise ValueError("the input has no rows; pass at least one row per class")
 
