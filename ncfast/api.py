@@ -64,58 +64,157 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
     num_classes = _resolve_num_classes(num_classes, source, means)
     has_noise = clean_labels is not None or _chunks_carry_clean_labels(source)
 
-    class_sums = None
+    clean_geometry = None
     if means is None:
         class_sums = ClassSums(num_classes, _num_features(source), track_clean=has_noise)
         for chunk in source:
             class_sums.update(chunk.features, chunk.labels, chunk.clean_labels,
                               row_offset=chunk.offset)
-        if class_sums.counts.sum() == 0:
-            raise ValueError("the input has no rows; pass at least one row per class")
-        _check_empty_classes(class_sums.counts, empty_classes)
-        geometry = Geometry.from_class_sums(class_sums.counts, class_sums.sums,
-                                            global_mean=global_mean)
+        geometry, clean_geometry = finalize_pass1(class_sums, global_mean=global_mean,
+                                                  empty_classes=empty_classes)
     else:
+        if has_noise:
+            raise ValueError(
+                "clean_labels needs the clean-row means of these features, so it cannot be "
+                "combined with means=; measure label noise on the training features")
         geometry = _geometry_from_given_means(means, num_classes, global_mean)
         if geometry.num_features != _num_features(source):
             raise ValueError(
                 f"means has {geometry.num_features} features per class but the features have "
                 f"{_num_features(source)} columns; pass the means of the same layer")
 
-    stats = ResidualStats(geometry, weights=weights, bias=bias)
-    clean_stats = corrupted_stats = None
-    if has_noise:
-        if class_sums is None:
-            raise ValueError(
-                "clean_labels needs the clean-row means of these features, so it cannot be "
-                "combined with means=; measure label noise on the training features")
+    residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
+    for chunk in source:
+        residual_pass.update(chunk)
+    return residual_pass.report(global_mean=global_mean, pinv_rtol=pinv_rtol)
+
+
+def finalize_pass1(class_sums, *, global_mean="classes", empty_classes="warn"):
+    """Class means of a finished pass 1, checked for empty classes.
+
+    Parameters
+    ----------
+    class_sums : ClassSums
+        The merged pass-1 state of all rows.
+    global_mean : {"classes", "samples"}
+    empty_classes : {"warn", "ignore", "raise"}
+        As in ``collapse``.
+
+    Returns
+    -------
+    geometry : Geometry
+        Built on the means of all rows.
+    clean_geometry : Geometry or None
+        Built on the means of the clean rows, when ``class_sums`` tracks them.
+    """
+    if class_sums.counts.sum() == 0:
+        raise ValueError("the input has no rows; pass at least one row per class")
+    _check_empty_classes(class_sums.counts, empty_classes)
+    geometry = Geometry.from_class_sums(class_sums.counts, class_sums.sums,
+                                        global_mean=global_mean)
+    clean_geometry = None
+    if class_sums.track_clean:
         clean_geometry = Geometry.from_class_sums(
             class_sums.clean_counts, class_sums.clean_sums, global_mean=global_mean)
-        clean_stats = ResidualStats(clean_geometry)
-        corrupted_stats = ResidualStats(clean_geometry)
-    for chunk in source:
-        if not has_noise:
-            stats.update(chunk.features, chunk.labels, row_offset=chunk.offset)
-            continue
+    return geometry, clean_geometry
+
+
+class ResidualPass:
+    """Pass-2 state of one analysis: ``ResidualStats`` of every row and, with
+    label noise, of the clean and the corrupted rows against the clean means.
+
+    Partial states built from the same ``Geometry`` (a copy each) merge by
+    ``+=``; ``sum_arrays`` lists what a merge adds, for reductions that move
+    arrays rather than objects (Dask, torch.distributed).
+
+    Parameters
+    ----------
+    geometry : Geometry
+        Class means of all rows (pass 1, or given means).
+    clean_geometry : Geometry, optional
+        Means of the clean rows; enables the label-noise metrics.
+    weights : array of shape (C, D), optional
+    bias : array of shape (C,), optional
+
+    Attributes
+    ----------
+    stats : ResidualStats
+        Every row against ``geometry``, corrupted rows flagged.
+    clean_stats, corrupted_stats : ResidualStats or None
+        Clean rows, and corrupted rows under their true label, against
+        ``clean_geometry``.
+    """
+
+    def __init__(self, geometry, clean_geometry=None, *, weights=None, bias=None):
+        self.stats = ResidualStats(geometry, weights=weights, bias=bias)
+        self.clean_stats = self.corrupted_stats = None
+        if clean_geometry is not None:
+            self.clean_stats = ResidualStats(clean_geometry)
+            self.corrupted_stats = ResidualStats(clean_geometry)
+
+    @property
+    def has_noise(self):
+        return self.clean_stats is not None
+
+    def update(self, chunk):
+        """Add one ``Chunk`` (clean labels required exactly when ``has_noise``)."""
+        if not self.has_noise:
+            self.stats.update(chunk.features, chunk.labels, row_offset=chunk.offset)
+            return self
+        if chunk.clean_labels is None:
+            raise ValueError("this analysis measures label noise; pass clean_labels with every row")
         corrupted = chunk.labels != chunk.clean_labels
-        stats.update(chunk.features, chunk.labels, corrupted, row_offset=chunk.offset)
-        clean_stats.update(chunk.features[~corrupted], chunk.labels[~corrupted])
+        self.stats.update(chunk.features, chunk.labels, corrupted, row_offset=chunk.offset)
+        self.clean_stats.update(chunk.features[~corrupted], chunk.labels[~corrupted])
         # Memorization needs the clean mean of the true class; skip rows whose true
         # class has no clean row at all.
+        clean_geometry = self.clean_stats.geometry
         measurable = corrupted & (clean_geometry.label_rows[chunk.clean_labels] >= 0)
-        corrupted_stats.update(chunk.features[measurable], chunk.clean_labels[measurable])
-    if stats.num_rows == 0:
-        raise ValueError("the input has no rows; pass at least one row per class")
+        self.corrupted_stats.update(chunk.features[measurable], chunk.clean_labels[measurable])
+        return self
 
-    result = collapse_metrics(geometry, stats, pinv_rtol=pinv_rtol)
-    if has_noise:
-        result.update(noise_metrics(stats, clean_geometry, clean_stats, corrupted_stats,
-                                    pinv_rtol=pinv_rtol))
-    return CollapseReport(
-        num_samples=stats.num_rows, num_classes=num_classes,
-        num_features=geometry.num_features, means=geometry.means,
-        present_classes=geometry.present, pinv_rtol=pinv_rtol, global_mean=global_mean,
-        mean_counts=geometry.counts, **result)
+    def _all_stats(self):
+        return (self.stats,) if not self.has_noise else \
+            (self.stats, self.clean_stats, self.corrupted_stats)
+
+    def sum_arrays(self):
+        """The arrays a merge adds, in a fixed order (the state's own, not copies).
+
+        Returns
+        -------
+        list of float64 or int64 arrays
+            Each ``ResidualStats``'s scatter, per-class sums and tallies.
+        """
+        return [getattr(stats, name) for stats in self._all_stats() for name in stats._SUMS]
+
+    def __iadd__(self, other):
+        if not isinstance(other, ResidualPass) or other.has_noise != self.has_noise:
+            raise TypeError("cannot merge pass-2 states of different kinds (label noise or not)")
+        for mine, theirs in zip(self._all_stats(), other._all_stats()):
+            mine += theirs
+        return self
+
+    def report(self, *, global_mean, pinv_rtol=PINV_RTOL):
+        """The ``CollapseReport`` of the merged pass 2 of all rows.
+
+        Parameters
+        ----------
+        global_mean : {"classes", "samples"}
+            The option the geometry was built with (recorded in the report).
+        pinv_rtol : float
+        """
+        stats, geometry = self.stats, self.stats.geometry
+        if stats.num_rows == 0:
+            raise ValueError("the input has no rows; pass at least one row per class")
+        result = collapse_metrics(geometry, stats, pinv_rtol=pinv_rtol)
+        if self.has_noise:
+            result.update(noise_metrics(stats, self.clean_stats.geometry, self.clean_stats,
+                                        self.corrupted_stats, pinv_rtol=pinv_rtol))
+        return CollapseReport(
+            num_samples=stats.num_rows, num_classes=geometry.num_classes,
+            num_features=geometry.num_features, means=geometry.means,
+            present_classes=geometry.present, pinv_rtol=pinv_rtol, global_mean=global_mean,
+            mean_counts=geometry.counts, **result)
 
 
 def _num_features(source):
@@ -158,7 +257,7 @@ def _check_empty_classes(counts, policy):
                "the other classes")
     if policy == "raise":
         raise ValueError(message + "; pass empty_classes='warn' to accept this")
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=4)
 
 
 def _geometry_from_given_means(means, num_classes, global_mean):
