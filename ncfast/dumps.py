@@ -1,0 +1,520 @@
+"""Run folders: the feature-dump format ncfast writes and reads.
+
+A run folder holds the features of many checkpoints of one training run, each
+split (train, test, ...) and each layer in its own memory-mappable ``.npy``
+file, and a ``manifest.json`` that says what is there::
+
+    RUN/
+      manifest.json
+      checkpoints/
+        epoch_000010/
+          classifier/weights.npy          (C, D) float, optional
+          classifier/bias.npy             (C,) float, optional
+          train/labels.npy                (N,) int
+          train/clean_labels.npy          (N,) int, when the run had label noise
+          train/features/penultimate.npy  (N, D) float, one file per layer
+          train/features/linear1.npy
+          test/...                        the same for every split
+          ncfast-cache.json               analysis results, written by ``ncfast analyze``
+
+``manifest.json``::
+
+    {"format": "ncfast-run", "version": 1,
+     "config": {...},                      # the run's configuration, as given
+     "num_classes": 10,
+     "class_names": ["airplane", ...] or null,
+     "checkpoints": [                      # ascending epoch; only complete ones
+       {"epoch": 10,
+        "path": "checkpoints/epoch_000010",
+        "classifier_layer": "penultimate" or null,
+        "classifier": {"weights": FILE, "bias": FILE or null} or null,
+        "splits": {"train": {"num_rows": 50000,
+                             "labels": FILE,
+                             "clean_labels": FILE or null,
+                             "features": {"penultimate": FILE, "linear1": FILE}},
+                   "test": {...}}}]}
+
+where ``FILE`` is ``{"file": path relative to RUN, "shape": [...], "dtype":
+"float32", "bytes": size, "sha256": content digest}``.
+
+Every array file is written to a temporary name, flushed to disk and renamed
+into place; the manifest is rewritten the same way only after all files of a
+checkpoint are in place. A writer interrupted at any point leaves the
+previous manifest, which lists only complete checkpoints, so a reader never
+sees a checkpoint that is partly written; rerunning the writer rewrites it.
+"""
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ncfast.inputs import as_array
+from ncfast.readers import StoredArray, file_sha256, npy_array
+
+FORMAT_NAME = "ncfast-run"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+#: Split and layer names become file names: letters, digits, ``_``, ``-``, ``.``.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _fsync_directory(path):
+    if os.name != "posix":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomically(path, write):
+    """Write a file through a temporary file in the same folder, then rename it.
+
+    Parameters
+    ----------
+    path : str
+        Final location; its folder must exist.
+    write : callable
+        Called with a binary file object open for writing.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(folder)
+
+
+def write_json_atomically(path, value):
+    """Write ``value`` as indented JSON, atomically (see ``write_atomically``)."""
+    text = json.dumps(value, indent=1, allow_nan=False) + "\n"
+    write_atomically(path, lambda stream: stream.write(text.encode()))
+
+
+def _check_name(name, what):
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{what} name {name!r} cannot be a file name; use letters, digits, '_', '-' and '.' "
+            "(e.g. 'layer4.1' or 'penultimate')")
+    return name
+
+
+def _json_config(config, what):
+    try:
+        return json.loads(json.dumps(config, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{what} must be JSON-serialisable (dicts, lists, str, int, finite float, bool, "
+            f"None): {error}") from None
+
+
+class RunWriter:
+    """Write the checkpoints of one training run into a run folder.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The run folder. Created if missing; an existing run folder is resumed
+        (its checkpoints are kept) when its config, class count and class
+        names equal these.
+    config : dict
+        The run's configuration; must be JSON-serialisable.
+    num_classes : int
+    class_names : sequence of str, optional
+
+    Raises
+    ------
+    ValueError
+        The folder holds another run (different config) or files that are not
+        a run folder.
+    """
+
+    def __init__(self, path, *, config, num_classes, class_names=None):
+        self.path = os.fspath(path)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+                or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2; found {num_classes!r}")
+        if class_names is not None:
+            class_names = [str(name) for name in class_names]
+            if len(class_names) != num_classes:
+                raise ValueError(
+                    f"class_names has {len(class_names)} names for num_classes={num_classes}; "
+                    "pass one name per class")
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                    "config": _json_config(config, "config"), "num_classes": int(num_classes),
+                    "class_names": class_names, "checkpoints": []}
+        manifest_path = os.path.join(self.path, MANIFEST)
+        if os.path.exists(manifest_path):
+            existing = read_manifest(self.path)
+            for key in ("config", "num_classes", "class_names"):
+                if existing[key] != manifest[key]:
+                    raise ValueError(
+                        f"{manifest_path}: this run folder was written with a different {key} "
+                        f"({existing[key]!r}, now {manifest[key]!r}); write to a new folder, "
+                        "or pass the same config to resume")
+            self._manifest = existing
+            return
+        if os.path.isdir(self.path) and any(
+                not name.startswith(".") for name in os.listdir(self.path)):
+            raise ValueError(
+                f"{self.path}: the folder exists, is not empty and has no {MANIFEST}; "
+                "choose a new or empty folder for the run")
+        os.makedirs(self.path, exist_ok=True)
+        write_json_atomically(manifest_path, manifest)
+        self._manifest = manifest
+
+    def checkpoints(self):
+        """Epochs whose checkpoints are completely written, ascending."""
+        return [entry["epoch"] for entry in self._manifest["checkpoints"]]
+
+    def write_checkpoint(self, epoch, splits, *, weights=None, bias=None,
+                         classifier_layer=None):
+        """Write one checkpoint's features, labels and classifier.
+
+        Parameters
+        ----------
+        epoch : int
+            Training epoch (or step) of the checkpoint; not yet written.
+        splits : dict
+            ``{split: {"features": {layer: array of shape (N, D_layer)},
+            "labels": int array of shape (N,), "clean_labels": int array of
+            shape (N,) or None}}``; numpy arrays, float features.
+        weights : float array of shape (C, D), optional
+            Classifier applied to ``classifier_layer``'s features.
+        bias : float array of shape (C,), optional
+        classifier_layer : str, optional
+            Layer the classifier reads; may be omitted when there is one layer.
+
+        Returns
+        -------
+        str
+            The checkpoint's folder.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int; found {epoch!r}")
+        epoch = int(epoch)
+        if epoch in self.checkpoints():
+            raise ValueError(
+                f"{self.path}: epoch {epoch} is already written; each checkpoint is written "
+                "once (use a new epoch number or a new run folder)")
+        plan = _plan_checkpoint(splits, weights, bias, classifier_layer, self.num_classes)
+        relative_folder = f"checkpoints/epoch_{epoch:06d}"
+        entry = {"epoch": epoch, "path": relative_folder,
+                 "classifier_layer": plan["classifier_layer"], "classifier": None, "splits": {}}
+        for split, arrays in plan["splits"].items():
+            split_folder = f"{relative_folder}/{split}"
+            features = {layer: self._write_array(f"{split_folder}/features/{layer}.npy", array)
+                        for layer, array in arrays["features"].items()}
+            clean = arrays["clean_labels"]
+            entry["splits"][split] = {
+                "num_rows": int(arrays["labels"].shape[0]),
+                "labels": self._write_array(f"{split_folder}/labels.npy", arrays["labels"]),
+                "clean_labels": None if clean is None else self._write_array(
+                    f"{split_folder}/clean_labels.npy", clean),
+                "features": features}
+        if plan["weights"] is not None:
+            entry["classifier"] = {
+                "weights": self._write_array(f"{relative_folder}/classifier/weights.npy",
+                                             plan["weights"]),
+                "bias": None if plan["bias"] is None else self._write_array(
+                    f"{relative_folder}/classifier/bias.npy", plan["bias"])}
+        manifest = dict(self._manifest)
+        manifest["checkpoints"] = sorted([*self._manifest["checkpoints"], entry],
+                                         key=lambda item: item["epoch"])
+        write_json_atomically(os.path.join(self.path, MANIFEST), manifest)
+        self._manifest = manifest
+        return os.path.join(self.path, relative_folder)
+
+    @property
+    def num_classes(self):
+        return self._manifest["num_classes"]
+
+    def _write_array(self, relative_path, array):
+        path = os.path.join(self.path, relative_path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomically(path, lambda stream: np.save(stream, array, allow_pickle=False))
+        return {"file": relative_path, "shape": list(array.shape), "dtype": str(array.dtype),
+                "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def _as_numpy(array, what):
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array; found {type(array).__name__} "
+                        "(torch: tensor.detach().cpu().numpy())")
+    return np.ascontiguousarray(array)
+
+
+def _checked_labels(array, what, num_rows, num_classes):
+    array = _as_numpy(array, what)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{what} must be a 1-D integer array; found {array.ndim}-D "
+                        f"{array.dtype}")
+    if array.shape[0] != num_rows:
+        raise ValueError(f"{what} has {array.shape[0]} entries but the features have "
+                         f"{num_rows} rows; pass one label per row")
+    if array.size and (array.min() < 0 or array.max() >= num_classes):
+        raise ValueError(f"{what} holds labels outside [0, {num_classes}): found "
+                         f"{array.min()}..{array.max()}")
+    return array
+
+
+def _plan_checkpoint(splits, weights, bias, classifier_layer, num_classes):
+    """Validate ``write_checkpoint``'s arguments; return the arrays to write."""
+    if not isinstance(splits, dict) or not splits:
+        raise TypeError("splits must be a non-empty dict {split: {'features': ..., "
+                        "'labels': ...}}")
+    planned, widths = {}, {}
+    for split, arrays in splits.items():
+        _check_name(split, "split")
+        if not isinstance(arrays, dict) or not isinstance(arrays.get("features"), dict) \
+                or not arrays["features"]:
+            raise TypeError(f"splits[{split!r}] must be a dict with 'features' (a non-empty "
+                            "dict {layer: array}) and 'labels'")
+        unknown = set(arrays) - {"features", "labels", "clean_labels"}
+        if unknown:
+            raise ValueError(f"splits[{split!r}] has unknown keys {sorted(unknown)}; expected "
+                             "'features', 'labels', 'clean_labels'")
+        features = {}
+        for layer, array in arrays["features"].items():
+            what = f"splits[{split!r}]['features'][{_check_name(layer, 'layer')!r}]"
+            array = _as_numpy(array, what)
+            if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+                raise TypeError(f"{what} must be a 2-D float array (n_samples, n_features); "
+                                f"found {array.ndim}-D {array.dtype}")
+            if widths.setdefault(layer, array.shape[1]) != array.shape[1]:
+                raise ValueError(f"{what} has {array.shape[1]} features but another split has "
+                                 f"{widths[layer]}; a layer has one width in every split")
+            features[layer] = array
+        num_rows = {array.shape[0] for array in features.values()}
+        if len(num_rows) != 1:
+            raise ValueError(f"splits[{split!r}] has layers with different row counts "
+                             f"{sorted(num_rows)}; every layer holds the same samples")
+        num_rows = num_rows.pop()
+        if arrays.get("labels") is None:
+            raise ValueError(f"splits[{split!r}] has no 'labels'")
+        labels = _checked_labels(arrays["labels"], f"splits[{split!r}]['labels']", num_rows,
+                                 num_classes)
+        clean = arrays.get("clean_labels")
+        if clean is not None:
+            clean = _checked_labels(clean, f"splits[{split!r}]['clean_labels']", num_rows,
+                                    num_classes)
+        planned[split] = {"features": features, "labels": labels, "clean_labels": clean}
+    if weights is None:
+        if bias is not None:
+            raise ValueError("bias was given without weights; pass weights= as well")
+        return {"splits": planned, "weights": None, "bias": None,
+                "classifier_layer": classifier_layer}
+    if classifier_layer is None:
+        if len(widths) != 1:
+            raise ValueError(f"the checkpoint has layers {sorted(widths)}; pass "
+                             "classifier_layer= to say which one the classifier reads")
+        classifier_layer = next(iter(widths))
+    if classifier_layer not in widths:
+        raise ValueError(f"classifier_layer {classifier_layer!r} is not one of the layers "
+                         f"{sorted(widths)}")
+    weights = _as_numpy(weights, "weights")
+    if weights.shape != (num_classes, widths[classifier_layer]) or \
+            not np.issubdtype(weights.dtype, np.floating):
+        raise ValueError(f"weights must be a float array of shape (num_classes, n_features) = "
+                         f"({num_classes}, {widths[classifier_layer]}); found {weights.shape} "
+                         f"{weights.dtype}")
+    if bias is not None:
+        bias = _as_numpy(bias, "bias")
+        if bias.shape != (num_classes,) or not np.issubdtype(bias.dtype, np.floating):
+            raise ValueError(f"bias must be a float array of shape ({num_classes},); found "
+                             f"{bias.shape} {bias.dtype}")
+    return {"splits": planned, "weights": weights, "bias": bias,
+            "classifier_layer": classifier_layer}
+
+
+def read_manifest(path):
+    """Load and check a run folder's ``manifest.json``.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The run folder.
+
+    Returns
+    -------
+    dict
+        The manifest (schema in the module docstring).
+    """
+    manifest_path = os.path.join(os.fspath(path), MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise ValueError(f"{os.fspath(path)}: no {MANIFEST}; a run folder is written by "
+                         "ncfast.dumps.RunWriter")
+    try:
+        with open(manifest_path, encoding="utf-8") as stream:
+            manifest = json.load(stream)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{manifest_path}: not readable JSON ({error}); the file is corrupt: "
+                         "restore it or rewrite the run") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{manifest_path}: not an ncfast run manifest (no \"format\": "
+                         f"\"{FORMAT_NAME}\")")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{manifest_path}: format version {manifest.get('version')!r}; this "
+                         f"ncfast reads version {FORMAT_VERSION}: upgrade ncfast")
+    missing = {"config", "num_classes", "class_names", "checkpoints"} - set(manifest)
+    if missing:
+        raise ValueError(f"{manifest_path}: missing keys {sorted(missing)}")
+    return manifest
+
+
+@dataclass
+class SplitDump:
+    """One split of one checkpoint: lazily memory-mapped arrays.
+
+    Attributes
+    ----------
+    features : dict of str to StoredArray
+        Layer -> features of shape (N, D_layer).
+    labels : StoredArray of shape (N,)
+    clean_labels : StoredArray of shape (N,), or None
+    num_rows : int
+    """
+
+    features: dict
+    labels: StoredArray
+    clean_labels: StoredArray | None
+    num_rows: int
+
+
+@dataclass
+class CheckpointDump:
+    """One checkpoint of a run folder.
+
+    Attributes
+    ----------
+    epoch : int
+    folder : str
+    splits : dict of str to SplitDump
+    weights : StoredArray of shape (C, D), or None
+    bias : StoredArray of shape (C,), or None
+    classifier_layer : str or None
+    """
+
+    epoch: int
+    folder: str
+    splits: dict
+    weights: StoredArray | None
+    bias: StoredArray | None
+    classifier_layer: str | None
+
+
+@dataclass
+class Run:
+    """A run folder opened for reading.
+
+    Attributes
+    ----------
+    path : str
+    config : dict
+    num_classes : int
+    class_names : list of str, or None
+    checkpoints : list of CheckpointDump
+        Ascending epoch.
+    """
+
+    path: str
+    config: dict
+    num_classes: int
+    class_names: list | None
+    checkpoints: list
+
+    def checkpoint(self, epoch):
+        """The checkpoint of ``epoch``."""
+        for checkpoint in self.checkpoints:
+            if checkpoint.epoch == epoch:
+                return checkpoint
+        raise KeyError(f"{self.path}: no checkpoint for epoch {epoch}; found "
+                       f"{[item.epoch for item in self.checkpoints]}")
+
+
+class _LazyNpy(StoredArray):
+    """A run-folder ``.npy`` file, memory-mapped at its first read."""
+
+    def __init__(self, run_path, entry):
+        path = os.path.join(run_path, entry["file"])
+        super().__init__(path, None, tuple(entry["shape"]), entry["dtype"],
+                         lambda: as_array(path, "array"), entry["sha256"])
+        self.recorded_bytes = entry["bytes"]
+
+    def check(self):
+        """Check that the file exists and matches the manifest's shape and dtype."""
+        if not os.path.isfile(self.path):
+            raise ValueError(f"{self.path}: listed in the run manifest but missing; restore "
+                             "the file or rewrite the checkpoint")
+        stored = npy_array(self.path)
+        if stored.shape != self.shape or stored.dtype != self.dtype:
+            raise ValueError(f"{self.path}: holds a {stored.dtype} array of shape "
+                             f"{stored.shape}, but the manifest says {self.dtype} "
+                             f"{self.shape}; the file was replaced: rewrite the checkpoint")
+
+
+def _lazy(run_path, entry, manifest_path, what):
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not {"file", "shape", "dtype", "bytes", "sha256"} <= \
+            set(entry):
+        raise ValueError(f"{manifest_path}: {what} is not a file entry "
+                         "{file, shape, dtype, bytes, sha256}")
+    return _LazyNpy(run_path, entry)
+
+
+def open_run(path):
+    """Open a run folder: manifest, checkpoints and lazy memory-mapped arrays.
+
+    Arrays are opened at their first read; ``StoredArray.rows`` reads row
+    blocks, ``StoredArray.read`` the whole array, and the file's ``check``
+    method compares it with the manifest.
+
+    Parameters
+    ----------
+    path : str or PathLike
+
+    Returns
+    -------
+    Run
+    """
+    path = os.fspath(path)
+    manifest = read_manifest(path)
+    manifest_path = os.path.join(path, MANIFEST)
+    checkpoints = []
+    for entry in manifest["checkpoints"]:
+        try:
+            epoch = entry["epoch"]
+            splits = {}
+            for split, arrays in entry["splits"].items():
+                where = f"epoch {epoch} split {split!r}"
+                splits[split] = SplitDump(
+                    {layer: _lazy(path, item, manifest_path, f"{where} layer {layer!r}")
+                     for layer, item in arrays["features"].items()},
+                    _lazy(path, arrays["labels"], manifest_path, f"{where} labels"),
+                    _lazy(path, arrays["clean_labels"], manifest_path, f"{where} clean_labels"),
+                    arrays["num_rows"])
+            classifier = entry["classifier"] or {}
+            checkpoints.append(CheckpointDump(
+                epoch, os.path.join(path, entry["path"]), splits,
+                _lazy(path, classifier.get("weights"), manifest_path, f"epoch {epoch} weights"),
+                _lazy(path, classifier.get("bias"), manifest_path, f"epoch {epoch} bias"),
+                entry["classifier_layer"]))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{manifest_path}: malformed checkpoint entry ({error!r}); the "
+                             "manifest was edited or corrupted") from None
+    return Run(path, manifest["config"], manifest["num_classes"], manifest["class_names"],
+               checkpoints)

@@ -1,0 +1,463 @@
+"""Read arrays from the files researchers already have, lazily and in row blocks.
+
+Formats: ``.npy`` (memory-mapped), ``.npz`` (members stored uncompressed are
+memory-mapped; compressed members are streamed sequentially), safetensors
+(``safe_open`` slices), torch ``.pt``/``.pth`` (``torch.load(weights_only=True,
+mmap=True)``: a tensor, or a dict of tensors, possibly nested) and HDF5
+(``h5py`` datasets, possibly in groups). Nothing is loaded whole: a
+``StoredArray`` reads the rows it is asked for, so files larger than memory
+stream through ``ncfast.collapse`` one chunk at a time. Every failure to read
+becomes a ``ValueError`` that names the file and says how to fix it.
+
+Keys inside a file (``.npz``, safetensors, torch dicts, HDF5) say what each
+array is: ``[SPLIT/]features[/LAYER]``, ``[SPLIT/]labels``,
+``[SPLIT/]clean_labels``, ``weights`` and ``bias`` (``/`` or ``.`` separate
+the parts; SPLIT defaults to ``train``, LAYER to ``features``). See
+``file_layout``.
+"""
+import hashlib
+import os
+import re
+import sys
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ncfast.inputs import as_array
+
+#: File suffix -> format name.
+FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors", ".pt": "torch",
+           ".pth": "torch", ".h5": "hdf5", ".hdf5": "hdf5"}
+
+#: Bytes read per block when hashing a file.
+HASH_BLOCK_BYTES = 8 << 20
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
+_ROLES = ("features", "labels", "clean_labels", "weights", "bias")
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32",
+                       "F64": "float64", "I8": "int8", "I16": "int16", "I32": "int32",
+                       "I64": "int64", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+                       "U64": "uint64", "BOOL": "bool"}
+
+
+def file_sha256(path, on_bytes=None):
+    """SHA-256 of a file's content, read in blocks.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    on_bytes : callable, optional
+        Called with the number of bytes of each block read (progress bars).
+
+    Returns
+    -------
+    str
+        Hex digest.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
+    return digest.hexdigest()
+
+
+@dataclass(eq=False)
+class StoredArray:
+    """One array in a file, read in row blocks on demand.
+
+    Attributes
+    ----------
+    path : str
+        The file.
+    key : str or None
+        The array's key inside the file; None for single-array files.
+    shape : tuple of int
+    dtype : str
+        numpy-style name (``"float32"``, ``"bfloat16"``, ``"int64"``, ...).
+    recorded_sha256 : str or None
+        Content digest recorded when the file was written (run folders).
+    """
+
+    path: str
+    key: str | None
+    shape: tuple
+    dtype: str
+    _open: object = field(repr=False)
+    recorded_sha256: str | None = None
+    _handle: object = field(default=None, repr=False)
+
+    @property
+    def name(self):
+        """The file, with the key when the file holds several arrays."""
+        return self.path if self.key is None else f"{self.path} [{self.key}]"
+
+    @property
+    def num_rows(self):
+        return self.shape[0] if self.shape else 0
+
+    @property
+    def nbytes(self):
+        itemsize = 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+
+    @property
+    def is_float(self):
+        return self.dtype in ("float16", "bfloat16", "float32", "float64")
+
+    @property
+    def is_integer(self):
+        return re.fullmatch(r"u?int\d+", self.dtype) is not None
+
+    def rows(self, start, stop):
+        """Rows ``[start, stop)`` as a numpy array (bfloat16 becomes float32)."""
+        if self._handle is None:
+            self._handle = self._open()
+        try:
+            return self._handle[start:stop]
+        except (ValueError, OSError, EOFError, RuntimeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{self.name}: cannot read rows {start}:{stop} ({error}); the file may be "
+                "truncated or corrupt: re-save it") from None
+
+    def read(self):
+        """The whole array (for small arrays: labels, weights, bias)."""
+        return np.asarray(self.rows(0, self.num_rows))
+
+    def close(self):
+        """Drop the open handle (file, memory map); ``rows`` reopens it."""
+        close = getattr(self._handle, "close", None)
+        if close is not None:
+            close()
+        self._handle = None
+
+
+def read_file(path):
+    """Every array in a file, as ``{key: StoredArray}`` (key None for one-array files).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A ``.npy``, ``.npz``, ``.safetensors``, ``.pt``/``.pth`` or
+        ``.h5``/``.hdf5`` file.
+
+    Raises
+    ------
+    ValueError
+        The file is missing, of an unknown suffix, truncated or corrupt.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FORMATS:
+        raise ValueError(
+            f"{path}: unknown file type {suffix!r}; ncfast reads "
+            f"{', '.join(sorted(FORMATS))} files and run folders with a manifest.json")
+    reader = _READERS[FORMATS[suffix]]
+    try:
+        return reader(path)
+    except ValueError:
+        raise
+    except Exception as error:  # third-party loaders raise their own types on corrupt files
+        raise ValueError(
+            f"{path}: not a readable {FORMATS[suffix]} file ({type(error).__name__}: {error}); "
+            "it may be truncated or corrupt: re-save it") from None
+
+
+def npy_array(path, recorded_sha256=None):
+    """A ``.npy`` file as a memory-mapped ``StoredArray``."""
+    path = os.fspath(path)
+    array = as_array(path, "array")  # memory-mapped, with a clear error when unreadable
+    return StoredArray(path, None, array.shape, str(array.dtype), lambda: array,
+                       recorded_sha256=recorded_sha256)
+
+
+def _read_npy(path):
+    return {None: npy_array(path)}
+
+
+def _read_npz(path):
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            key = info.filename[:-len(".npy")]
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in _NPY_HEADER_READERS:
+                    raise ValueError(
+                        f"{path} [{key}]: .npy format version {version} is not supported; "
+                        "re-save it with numpy.savez")
+                shape, fortran, dtype = _NPY_HEADER_READERS[version](member)
+                header_bytes = member.tell()
+            if fortran or dtype.hasobject:
+                raise ValueError(
+                    f"{path} [{key}]: the array is Fortran-ordered or holds objects; re-save "
+                    "it C-ordered with numpy.savez (np.ascontiguousarray)")
+            if info.compress_type == zipfile.ZIP_STORED:
+                offset = _member_data_offset(path, info) + header_bytes
+                opener = _memmap_opener(path, dtype, shape, offset)
+            else:
+                opener = _deflated_opener(path, info.filename, dtype, shape, header_bytes)
+            arrays[key] = StoredArray(path, key, tuple(shape), str(dtype), opener)
+    return arrays
+
+
+def _member_data_offset(path, info):
+    """Byte offset of a stored zip member's data: after its local file header."""
+    with open(path, "rb") as stream:
+        stream.seek(info.header_offset)
+        header = stream.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise ValueError(f"{path}: corrupt zip entry {info.filename!r}; re-save the .npz")
+    name_length = int.from_bytes(header[26:28], "little")
+    extra_length = int.from_bytes(header[28:30], "little")
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def _memmap_opener(path, dtype, shape, offset):
+    def open_memmap():
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+    return open_memmap
+
+
+class _SequentialRows:
+    """Row slices of a compressed ``.npz`` member, read forward through the stream.
+
+    A slice that starts before the current position reopens the member: each
+    pass of ``collapse`` reads it once from the start.
+    """
+
+    def __init__(self, path, member, dtype, shape, header_bytes):
+        self.path, self.member, self.dtype, self.shape = path, member, dtype, shape
+        self.header_bytes = header_bytes
+        self.row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        self.archive = self.stream = None
+        self.position = 0
+
+    def _rewind(self):
+        self.close()
+        self.archive = zipfile.ZipFile(self.path)
+        self.stream = self.archive.open(self.member)
+        self.stream.read(self.header_bytes)
+        self.position = 0
+
+    def __getitem__(self, rows):
+        start, stop, _ = rows.indices(self.shape[0])
+        if self.stream is None or start < self.position:
+            self._rewind()
+        if start > self.position:
+            self._read(start - self.position)
+        block = np.frombuffer(self._read(max(stop - start, 0)), dtype=self.dtype)
+        return block.reshape((-1, *self.shape[1:]))
+
+    def _read(self, num_rows):
+        wanted = num_rows * self.row_bytes
+        data = self.stream.read(wanted)
+        if len(data) != wanted:
+            raise EOFError(f"member {self.member!r} ends early")
+        self.position += num_rows
+        return data
+
+    def close(self):
+        if self.archive is not None:
+            self.stream.close()
+            self.archive.close()
+        self.archive = self.stream = None
+
+
+def _deflated_opener(path, member, dtype, shape, header_bytes):
+    return lambda: _SequentialRows(path, member, dtype, tuple(shape), header_bytes)
+
+
+class _SafetensorsRows:
+    """Row slices of one safetensors tensor through ``safe_open(...).get_slice``."""
+
+    def __init__(self, path, key, dtype):
+        from safetensors import safe_open
+
+        framework = "pt" if dtype == "bfloat16" else "numpy"
+        self.file = safe_open(path, framework=framework)
+        self.slice = self.file.get_slice(key)
+        self.bfloat16 = dtype == "bfloat16"
+
+    def __getitem__(self, rows):
+        block = self.slice[rows]
+        return block.float().numpy() if self.bfloat16 else block
+
+
+def _read_safetensors(path):
+    from safetensors import safe_open
+
+    arrays = {}
+    with safe_open(path, framework="numpy") as tensors:
+        for key in tensors.keys():
+            info = tensors.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype().lower())
+            arrays[key] = StoredArray(path, key, tuple(info.get_shape()), dtype,
+                                      _bind(_SafetensorsRows, path, key, dtype))
+    return arrays
+
+
+def _bind(factory, *args):
+    return lambda: factory(*args)
+
+
+class _TorchRows:
+    """Row slices of a memory-mapped torch tensor, as numpy."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __getitem__(self, rows):
+        block = self.tensor[rows]
+        if block.dtype in (sys.modules["torch"].bfloat16,):
+            block = block.float()
+        return block.numpy()
+
+
+def _read_torch(path):
+    import torch
+
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        raise ValueError(
+            f"{path}: saved in torch's legacy format, which cannot be memory-mapped ({error}); "
+            "re-save it with torch.save (torch >= 1.6 zip format)") from None
+    tensors = {}
+    _flatten_tensors(loaded, None, tensors, torch)
+    if not tensors:
+        raise ValueError(f"{path}: holds no tensors; save a tensor or a dict of tensors")
+    return {key: StoredArray(path, key, tuple(tensor.shape), str(tensor.dtype).split(".")[-1],
+                             _bind(_TorchRows, tensor))
+            for key, tensor in tensors.items()}
+
+
+def _flatten_tensors(value, prefix, tensors, torch):
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _flatten_tensors(item, str(key) if prefix is None else f"{prefix}/{key}", tensors,
+                             torch)
+
+
+def _read_hdf5(path):
+    import h5py
+
+    shapes = {}
+    with h5py.File(path, "r") as archive:
+        archive.visititems(lambda key, item: shapes.__setitem__(key, (item.shape, item.dtype))
+                           if isinstance(item, h5py.Dataset) else None)
+    return {key: StoredArray(path, key, tuple(shape), str(dtype), _bind(_Hdf5Rows, path, key))
+            for key, (shape, dtype) in shapes.items()}
+
+
+class _Hdf5Rows:
+    """Row slices of one HDF5 dataset; keeps the file open between slices."""
+
+    def __init__(self, path, key):
+        import h5py
+
+        self.file = h5py.File(path, "r")
+        self.dataset = self.file[key]
+
+    def __getitem__(self, rows):
+        return self.dataset[rows]
+
+    def close(self):
+        self.file.close()
+
+
+_READERS = {"npy": _read_npy, "npz": _read_npz, "safetensors": _read_safetensors,
+            "torch": _read_torch, "hdf5": _read_hdf5}
+
+
+@dataclass
+class SplitArrays:
+    """The arrays of one split (train, test, ...) of one checkpoint.
+
+    Attributes
+    ----------
+    features : dict of str to StoredArray
+        Layer name -> features of shape (n_samples, n_features).
+    labels : StoredArray of shape (n_samples,)
+    clean_labels : StoredArray of shape (n_samples,), or None
+    """
+
+    features: dict
+    labels: StoredArray | None
+    clean_labels: StoredArray | None = None
+
+
+@dataclass
+class FileLayout:
+    """What the arrays of one file are: splits, layers, classifier.
+
+    Attributes
+    ----------
+    splits : dict of str to SplitArrays
+    weights : StoredArray of shape (C, D), or None
+    bias : StoredArray of shape (C,), or None
+    """
+
+    splits: dict
+    weights: StoredArray | None = None
+    bias: StoredArray | None = None
+
+
+def file_layout(path):
+    """Read a file and sort its arrays into splits, layers and a classifier.
+
+    Keys are split on ``/`` and ``.``; the part naming a role (``features``,
+    ``labels``, ``clean_labels``, ``weights``, ``bias``) decides what an array
+    is, the parts before it name the split (default ``train``) and, for
+    features, the parts after it name the layer (default ``features``). A file
+    holding one unnamed array (``.npy``, a bare torch tensor) gives features
+    without labels: the caller supplies them.
+
+    Parameters
+    ----------
+    path : str or PathLike
+
+    Returns
+    -------
+    FileLayout
+    """
+    arrays = read_file(path)
+    if list(arrays) == [None]:
+        return FileLayout({"train": SplitArrays({"features": arrays[None]}, None)})
+    splits, classifier, unknown = {}, {}, []
+    for key, array in arrays.items():
+        parts = [part for part in re.split(r"[./]", key) if part]
+        roles = [index for index, part in enumerate(parts) if part in _ROLES]
+        if not roles:
+            unknown.append(key)
+            continue
+        index = roles[0]
+        role, split = parts[index], ".".join(parts[:index]) or "train"
+        if role in ("weights", "bias"):
+            classifier[role] = array
+            continue
+        entry = splits.setdefault(split, SplitArrays({}, None))
+        if role == "features":
+            entry.features[".".join(parts[index + 1:]) or "features"] = array
+        elif role == "labels":
+            entry.labels = array
+        else:
+            entry.clean_labels = array
+    if not any(split.features for split in splits.values()):
+        found = ", ".join(repr(key) for key in arrays) or "nothing"
+        raise ValueError(
+            f"{os.fspath(path)}: found no features (keys: {found}); name arrays "
+            "'[split/]features[/layer]', '[split/]labels', '[split/]clean_labels', 'weights', "
+            "'bias'")
+    return FileLayout(splits, classifier.get("weights"), classifier.get("bias"))
