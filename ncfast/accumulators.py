@@ -13,10 +13,13 @@ import numba
 import numpy as np
 
 from ncfast.geometry import Geometry
-from ncfast.kernels import cpu
+from ncfast.kernels import cpu, tiles
 from ncfast.inputs import host_array, to_kernel_features, to_kernel_labels
 
 _LABEL_HINT = "labels must be class indices in [0, num_classes)"
+
+#: Bytes of one float32 chunk × class-tile GEMM output on the "features" route.
+TILE_BYTES = 32 << 20
 
 
 def _raise_bad_rows(chunk_offset, bad_label_row, bad_value_row, num_classes, labels, features,
@@ -206,12 +209,17 @@ class ResidualStats:
     weights : array of shape (C, D), optional
         Classifier ``W``; logits are ``W h + b``.
     bias : array of shape (C,), optional
+    class_tile : int, optional
+        Classes per GEMM tile on the "features" route; chosen from the chunk
+        size by default. Results do not depend on it.
 
     Attributes
     ----------
     route : {"classes", "features"}
         Scatter kept as the C'×C' matrix ``sum z z^T`` (``z = M~ r``) when
         C' <= D, else as the D×D matrix ``sum r r^T``: cost N·D·min(C', D).
+        On the "features" route no C'×C' matrix is formed: predictions run
+        over class tiles (``ncfast.kernels.tiles``).
     scatter : float64 array of shape (C', C') or (D, D)
     counts : int64 array of shape (C,)
     sq_norm_sums, norm_sums : float64 arrays of shape (C,)
@@ -226,23 +234,28 @@ class ResidualStats:
     _SUMS = ("scatter", "counts", "sq_norm_sums", "norm_sums", "ncc_hits", "classifier_hits",
              "totals")
 
-    def __init__(self, geometry, *, weights=None, bias=None):
+    def __init__(self, geometry, *, weights=None, bias=None, class_tile=None):
         if not isinstance(geometry, Geometry):
             raise TypeError(f"geometry must be a Geometry; found {type(geometry).__name__}")
         self.geometry = geometry
         num_classes, num_features = geometry.num_classes, geometry.num_features
         num_means = geometry.present.size
         self.weights, self.bias = _check_classifier(weights, bias, num_classes, num_features)
-        self.route = "classes" if num_means <= num_features else "features"
-        projection = geometry.centred
-        if self.weights is not None:
-            projection = np.concatenate([projection, self.weights])
-            present_means = geometry.means[geometry.present]
-            self._logit_offsets = present_means @ self.weights.T + self.bias
-        else:
-            self._logit_offsets = np.zeros((num_means, 0))
-        self._projection_t = np.ascontiguousarray(projection.T, dtype=np.float32)
+        self.route = geometry.route
+        self.class_tile = class_tile
         self._present_means = np.ascontiguousarray(geometry.means[geometry.present])
+        if self.route == "classes":
+            projection = geometry.centred
+            self._logit_offsets = np.zeros((num_means, 0))
+            if self.weights is not None:
+                projection = np.concatenate([projection, self.weights])
+                self._logit_offsets = self._present_means @ self.weights.T + self.bias
+            self._projection_t = np.ascontiguousarray(projection.T, dtype=np.float32)
+        else:
+            self._centred_t = np.ascontiguousarray(geometry.centred.T, dtype=np.float32)
+            if self.weights is not None:
+                self._weights_t = np.ascontiguousarray(self.weights.T, dtype=np.float32)
+                self._classifier_offsets = self.weights @ geometry.global_mean + self.bias
         self._classifier_fingerprint = _classifier_fingerprint(self.weights, self.bias)
         scatter_size = num_means if self.route == "classes" else num_features
         self.scatter = np.zeros((scatter_size, scatter_size))
@@ -292,24 +305,60 @@ class ResidualStats:
                       sq_norms)
         if not (sq_norms >= 0).all():
             self._raise_bad_row(features, labels, sq_norms, row_offset)
-        products = residuals @ self._projection_t
         if corrupted is None:
             corrupted = np.empty(0, np.uint8)
         else:
             corrupted = np.ascontiguousarray(corrupted, dtype=np.uint8)
             if corrupted.shape != (num_rows,):
                 raise ValueError(f"corrupted has shape {corrupted.shape}; expected ({num_rows},)")
-        cpu.epilogue(products, sq_norms, labels, geometry.label_rows, geometry.present,
-                     geometry.mean_sq_distances, self._logit_offsets, corrupted, self.counts,
-                     self.sq_norm_sums, self.norm_sums, self.ncc_hits, self.classifier_hits,
-                     self.totals, numba.get_num_threads())
         if self.route == "classes":
+            products = residuals @ self._projection_t
+            cpu.epilogue(products, sq_norms, labels, geometry.label_rows, geometry.present,
+                         geometry.mean_sq_distances, self._logit_offsets, corrupted,
+                         self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
+                         self.classifier_hits, self.totals, numba.get_num_threads())
             mean_products = products[:, :geometry.present.size].astype(np.float64)
             self.scatter += mean_products.T @ mean_products
         else:
+            ncc_predictions, classifier_predictions = self._predict_by_class_tiles(features)
+            tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
+                        self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
+                        self.classifier_hits, self.totals, numba.get_num_threads())
             residuals64 = residuals.astype(np.float64)
             self.scatter += residuals64.T @ residuals64
         return self
+
+    def _predict_by_class_tiles(self, features):
+        """Nearest class centre and classifier argmax over class tiles ("features" route).
+
+        Returns
+        -------
+        ncc_predictions : int64 array of shape (n,)
+        classifier_predictions : int64 array of shape (n,), or (0,) without a classifier
+        """
+        geometry = self.geometry
+        num_rows = features.shape[0]
+        centred = np.empty(features.shape, np.float32)
+        tiles.centre_rows(features, geometry.global_mean, centred)
+        tile = self.class_tile or int(np.clip(TILE_BYTES // (4 * num_rows), 64, 1 << 16))
+        best_scores = np.full(num_rows, np.inf)
+        best_rows = np.zeros(num_rows, np.int64)
+        for start in range(0, geometry.present.size, tile):
+            stop = min(start + tile, geometry.present.size)
+            tiles.nearest_in_tile(centred @ self._centred_t[:, start:stop],
+                                  geometry.centred_sq_norms[start:stop], start, best_scores,
+                                  best_rows)
+        ncc_predictions = geometry.present[best_rows]
+        if self.weights is None:
+            return ncc_predictions, np.empty(0, np.int64)
+        best_logits = np.full(num_rows, -np.inf)
+        classifier_predictions = np.zeros(num_rows, np.int64)
+        for start in range(0, geometry.num_classes, tile):
+            stop = min(start + tile, geometry.num_classes)
+            tiles.largest_in_tile(centred @ self._weights_t[:, start:stop],
+                                  self._classifier_offsets[start:stop], start, best_logits,
+                                  classifier_predictions)
+        return ncc_predictions, classifier_predictions
 
     def _raise_bad_row(self, features, labels, sq_norms, row_offset):
         bad = int(np.flatnonzero(~(sq_norms >= 0))[0])
@@ -345,7 +394,8 @@ class ResidualStats:
 
     def __add__(self, other):
         self._check_compatible(other)
-        merged = ResidualStats(self.geometry, weights=self.weights, bias=self.bias)
+        merged = ResidualStats(self.geometry, weights=self.weights, bias=self.bias,
+                               class_tile=self.class_tile)
         merged += self
         merged += other
         return merged

@@ -36,6 +36,26 @@ def symmetric_pinv(matrix, rtol=PINV_RTOL):
     return (kept_vectors / eigenvalues[keep]) @ kept_vectors.T, int(keep.sum())
 
 
+def route_for(num_means, num_features):
+    """The cheaper side for NC1: "classes" (C'×C') when C' <= D, else "features" (D×D)."""
+    return "classes" if num_means <= num_features else "features"
+
+
+def pair_sq_distances(sq_norms_a, sq_norms_b, dots):
+    """``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` for blocks of centred means, clipped at 0.
+
+    Parameters
+    ----------
+    sq_norms_a : array of shape (m,)
+    sq_norms_b : array of shape (k,)
+    dots : array of shape (m, k), ``a . b``
+
+    Centring first removes the common offset, so the cancellation is only
+    that of the between-class spread.
+    """
+    return np.maximum(sq_norms_a[:, None] + sq_norms_b[None, :] - 2.0 * dots, 0.0)
+
+
 @dataclass(frozen=True, eq=False)
 class Geometry:
     """Class means of one analysis and what pass 2 derives from them.
@@ -52,8 +72,11 @@ class Geometry:
         Index of each class in ``present``, -1 where absent.
     global_mean : float64 array of shape (D,)
     centred : float64 array of shape (C', D), ``M~`` (rows ``mu_c - mu_G``)
-    gram : float64 array of shape (C', C'), ``M~ M~^T``
-    mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``
+    centred_sq_norms : float64 array of shape (C',), ``||mu_c - mu_G||^2``
+    gram : float64 array of shape (C', C'), ``M~ M~^T``; None on the
+        "features" route, which never forms a C'×C' matrix
+    mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``;
+        None on the "features" route
     fingerprint : str
         Digest of the means and global mean; pass-2 states built on different
         geometries refuse to merge.
@@ -65,8 +88,9 @@ class Geometry:
     label_rows: np.ndarray
     global_mean: np.ndarray
     centred: np.ndarray
-    gram: np.ndarray
-    mean_sq_distances: np.ndarray
+    centred_sq_norms: np.ndarray
+    gram: np.ndarray | None
+    mean_sq_distances: np.ndarray | None
     fingerprint: str
 
     @property
@@ -76,6 +100,14 @@ class Geometry:
     @property
     def num_features(self):
         return self.means.shape[1]
+
+    @property
+    def route(self):
+        """"classes" when C' <= D (C'×C' algebra), else "features" (D×D, class tiles).
+
+        NC1 costs N·D·min(C', D) either way; the route picks the smaller side.
+        """
+        return route_for(self.present.size, self.num_features)
 
     @classmethod
     def from_means(cls, means, counts=None, *, global_mean="classes"):
@@ -118,16 +150,17 @@ class Geometry:
             weights = np.asarray(counts, dtype=np.float64)[present]
             center = weights @ present_means / weights.sum()
         centred = present_means - center
-        gram = centred @ centred.T
-        sq_norms = np.diag(gram)
-        # ||mu_a - mu_b||^2 from the centred Gram: the common offset cancels first.
-        mean_sq_distances = np.maximum(sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram, 0.0)
-        np.fill_diagonal(mean_sq_distances, 0.0)
+        centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
+        gram = mean_sq_distances = None
+        if route_for(present.size, means.shape[1]) == "classes":
+            gram = centred @ centred.T
+            mean_sq_distances = pair_sq_distances(centred_sq_norms, centred_sq_norms, gram)
+            np.fill_diagonal(mean_sq_distances, 0.0)
         digest = hashlib.sha1(np.ascontiguousarray(means).tobytes())
         digest.update(center.tobytes())
         return cls(means=means, counts=None if counts is None else np.asarray(counts, np.int64),
                    present=present, label_rows=label_rows, global_mean=center, centred=centred,
-                   gram=gram, mean_sq_distances=mean_sq_distances,
+                   centred_sq_norms=centred_sq_norms, gram=gram, mean_sq_distances=mean_sq_distances,
                    fingerprint=digest.hexdigest())
 
     @classmethod

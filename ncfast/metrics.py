@@ -5,16 +5,16 @@ formulas are DESIGN.md's table. Every backend shares this file.
 
 Metrics over pairs or rows of class means use the classes that have a mean
 (``Geometry.present``); the classifier's argmax and ``bias_collapse`` use all
-of its rows.
+of its rows. Every C×C quantity is reduced tile by tile from the C×D means,
+so none is ever held whole (many classes: C in the tens of thousands).
 """
 import numpy as np
 
-from ncfast.geometry import symmetric_pinv
+from ncfast.geometry import pair_sq_distances, symmetric_pinv
 
 
-def simplex_etf_gram(num_classes):
-    """``E = (I - 11^T/C) / sqrt(C - 1)``: the simplex-ETF Gram of unit Frobenius norm."""
-    return (np.eye(num_classes) - 1.0 / num_classes) / np.sqrt(num_classes - 1)
+#: Classes per side of a pair tile: each tile is one (tile × tile) float64 GEMM block.
+PAIR_TILE = 2048
 
 
 def _normalized(matrix):
@@ -25,27 +25,99 @@ def _std_over_mean(values):
     return float(np.std(values) / np.mean(values))
 
 
-def _off_diagonal(matrix):
-    return matrix[~np.eye(matrix.shape[0], dtype=bool)]
+def _unit_rows(vectors):
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def _cosines(vectors):
-    gram = vectors @ vectors.T
-    norms = np.sqrt(np.diag(gram))
-    return gram / np.outer(norms, norms)
+def _pair_blocks(vectors, tile):
+    """Blocks of ``vectors @ vectors.T`` that cover each pair a < b exactly once.
 
-
-def _angle_metrics(vectors):
-    """Equinorm, equiangularity and max-angle of the rows of ``vectors`` (Papyan et al.)."""
+    Yields
+    ------
+    rows, cols : slice
+    dots : float64 array of shape (rows, cols)
+    pairs : bool array of shape (rows, cols)
+        Entries with a < b (all of an off-diagonal block).
+    """
     num_rows = vectors.shape[0]
-    cosines = _off_diagonal(_cosines(vectors))
-    return (_std_over_mean(np.linalg.norm(vectors, axis=1)),
-            float(np.std(cosines)),
-            float(np.mean(np.abs(cosines + 1.0 / (num_rows - 1)))))
+    for row_start in range(0, num_rows, tile):
+        rows = slice(row_start, min(row_start + tile, num_rows))
+        for col_start in range(row_start, num_rows, tile):
+            cols = slice(col_start, min(col_start + tile, num_rows))
+            dots = vectors[rows] @ vectors[cols].T
+            pairs = np.arange(rows.start, rows.stop)[:, None] < np.arange(cols.start, cols.stop)
+            yield rows, cols, dots, pairs
 
 
-def _upper_pairs(matrix):
-    return matrix[np.triu_indices(matrix.shape[0], k=1)]
+def _pair_count(num_rows):
+    return num_rows * (num_rows - 1) // 2
+
+
+def _cosine_metrics(vectors, tile):
+    """Equiangularity, max-angle and hyperspherical energy of the rows of ``vectors``.
+
+    Over pairs a < b of ``cos = u_a . u_b`` (u unit rows), in tiles:
+    std of cos (Papyan et al.; two sweeps, so no cancellation), mean of
+    ``|cos + 1/(C-1)|`` (Papyan et al.) and mean of ``log 1/||u_a - u_b||``
+    (Wu & Papyan), with ``||u_a - u_b||^2 = 2 - 2 cos``.
+    """
+    units = _unit_rows(vectors)
+    num_pairs = _pair_count(units.shape[0])
+    ideal = -1.0 / (units.shape[0] - 1)
+    cosine_sum = max_angle_sum = energy_sum = 0.0
+    for _, _, cosines, pairs in _pair_blocks(units, tile):
+        cosines = cosines[pairs]
+        cosine_sum += cosines.sum()
+        max_angle_sum += np.abs(cosines - ideal).sum()
+        with np.errstate(divide="ignore"):
+            energy_sum += (-0.5 * np.log(np.maximum(2.0 - 2.0 * cosines, 0.0))).sum()
+    cosine_mean = cosine_sum / num_pairs
+    squared_deviation = sum(((cosines[pairs] - cosine_mean) ** 2).sum()
+                            for _, _, cosines, pairs in _pair_blocks(units, tile))
+    return (float(np.sqrt(squared_deviation / num_pairs)), float(max_angle_sum / num_pairs),
+            float(energy_sum / num_pairs))
+
+
+def _angle_metrics(vectors, tile):
+    """Equinorm, equiangularity and max-angle of the rows of ``vectors`` (Papyan et al.)."""
+    equiangular, max_angle, _ = _cosine_metrics(vectors, tile)
+    return _std_over_mean(np.linalg.norm(vectors, axis=1)), equiangular, max_angle
+
+
+def _etf_distance(left, right, tile):
+    """``||nrm(left right^T) - E||_F`` in tiles, never forming the C×C product.
+
+    ``||left right^T||_F^2 = sum((left^T left) * (right^T right))`` comes from
+    D×D matrices, so one sweep over the tiles suffices.
+    """
+    num_rows = left.shape[0]
+    scale = np.sqrt(np.sum((left.T @ left) * (right.T @ right)))
+    etf_scale = np.sqrt(num_rows - 1)
+    squared_distance = 0.0
+    for row_start in range(0, num_rows, tile):
+        rows = np.arange(row_start, min(row_start + tile, num_rows))
+        for col_start in range(0, num_rows, tile):
+            cols = np.arange(col_start, min(col_start + tile, num_rows))
+            etf = ((rows[:, None] == cols[None, :]) - 1.0 / num_rows) / etf_scale
+            block = left[rows] @ right[cols].T / scale
+            squared_distance += ((block - etf) ** 2).sum()
+    return float(np.sqrt(squared_distance))
+
+
+def _orthogonality(uncentred, tile):
+    """``||offdiag(nrm(M M^T))||_F`` over pairs, in tiles (Dang et al. 2023)."""
+    scale_sq = np.sum((uncentred.T @ uncentred) ** 2)
+    off_diagonal_sq = sum(2.0 * (dots[pairs] ** 2).sum()
+                          for _, _, dots, pairs in _pair_blocks(uncentred, tile))
+    return float(np.sqrt(off_diagonal_sq / scale_sq))
+
+
+def _mean_pair_distance(geometry, tile):
+    """Mean over pairs a < b of ``||mu_a - mu_b||``."""
+    sq_norms = geometry.centred_sq_norms
+    total = sum(np.sqrt(pair_sq_distances(sq_norms[rows], sq_norms[cols], dots)[pairs]).sum()
+                for rows, cols, dots, pairs in _pair_blocks(geometry.centred, tile))
+    return float(total / _pair_count(sq_norms.size))
 
 
 def within_class_nc1(geometry, stats, pinv_rtol):
@@ -69,27 +141,29 @@ def within_class_nc1(geometry, stats, pinv_rtol):
         between_pinv, rank = symmetric_pinv(between, pinv_rtol)
         nc1 = np.sum(stats.scatter * between_pinv) / num_rows / num_means
     within_trace = stats.sq_norm_sums.sum() / num_rows
-    between_trace = np.trace(geometry.gram) / num_means
+    between_trace = geometry.centred_sq_norms.sum() / num_means
     return float(nc1), float(within_trace / between_trace), rank
 
 
-def _cdnv(geometry, variances):
-    """Mean over class pairs of ``(s_a^2 + s_b^2) / (2 ||mu_a - mu_b||^2)`` (Galanti et al.)."""
+def _cdnv(geometry, variances, tile):
+    """Mean over class pairs of ``(s_a^2 + s_b^2) / (2 ||mu_a - mu_b||^2)`` (Galanti et al.).
+
+    Pairs run over classes with a mean and with rows in the measured data.
+    """
     present_variances = variances[geometry.present]
     measured = np.isfinite(present_variances)
     if measured.sum() < 2:
         return None
-    pair_sums = present_variances[measured][:, None] + present_variances[measured][None, :]
-    distances = geometry.mean_sq_distances[np.ix_(measured, measured)]
-    with np.errstate(divide="ignore"):
-        return float(np.mean(_upper_pairs(pair_sums / (2.0 * distances))))
-
-
-def _hyperspherical_energy(centred):
-    """Mean over pairs of ``log 1/||u_a - u_b||``, ``u`` the unit class means (Wu & Papyan)."""
-    cosines = _upper_pairs(_cosines(centred))
-    with np.errstate(divide="ignore"):
-        return float(np.mean(-0.5 * np.log(np.maximum(2.0 - 2.0 * cosines, 0.0))))
+    centred = geometry.centred[measured]
+    sq_norms = geometry.centred_sq_norms[measured]
+    measured_variances = present_variances[measured]
+    total = 0.0
+    for rows, cols, dots, pairs in _pair_blocks(centred, tile):
+        distances = pair_sq_distances(sq_norms[rows], sq_norms[cols], dots)
+        variance_sums = measured_variances[rows][:, None] + measured_variances[cols][None, :]
+        with np.errstate(divide="ignore"):
+            total += (variance_sums / (2.0 * distances))[pairs].sum()
+    return float(total / _pair_count(centred.shape[0]))
 
 
 def _per_class(values, counts):
@@ -97,7 +171,7 @@ def _per_class(values, counts):
         return np.where(counts > 0, values / np.maximum(counts, 1), np.nan)
 
 
-def collapse_metrics(geometry, stats, *, pinv_rtol):
+def collapse_metrics(geometry, stats, *, pinv_rtol, tile=PAIR_TILE):
     """Every metric of DESIGN.md's table from a finished pass 2.
 
     Parameters
@@ -106,6 +180,8 @@ def collapse_metrics(geometry, stats, *, pinv_rtol):
     stats : ResidualStats
         Built on ``geometry``; carries the classifier, if any.
     pinv_rtol : float
+    tile : int
+        Classes per side of a pair tile; results do not depend on it.
 
     Returns
     -------
@@ -115,25 +191,23 @@ def collapse_metrics(geometry, stats, *, pinv_rtol):
     """
     num_rows = stats.num_rows
     centred = geometry.centred
-    num_means = geometry.present.size
-    etf = simplex_etf_gram(num_means)
     nc1, nc1_trace, rank = within_class_nc1(geometry, stats, pinv_rtol)
     variances = _per_class(stats.sq_norm_sums, stats.counts)
-    equinorm, equiangular, maxangle = _angle_metrics(centred)
+    equinorm = _std_over_mean(np.sqrt(geometry.centred_sq_norms))
+    equiangular, maxangle, energy = _cosine_metrics(centred, tile)
     uncentred = geometry.means[geometry.present]
     mean_norms = np.full(geometry.num_classes, np.nan)
-    mean_norms[geometry.present] = np.linalg.norm(centred, axis=1)
+    mean_norms[geometry.present] = np.sqrt(geometry.centred_sq_norms)
     result = {
         "nc1": nc1,
         "nc1_trace": nc1_trace,
-        "cdnv": _cdnv(geometry, variances),
+        "cdnv": _cdnv(geometry, variances, tile),
         "nc2_equinorm": equinorm,
         "nc2_equiangular": equiangular,
         "nc2_maxangle": maxangle,
-        "nc2_etf": float(np.linalg.norm(_normalized(geometry.gram) - etf)),
-        "nc2_orthogonality": float(np.linalg.norm(
-            _off_diagonal(_normalized(uncentred @ uncentred.T)))),
-        "gnc2": _hyperspherical_energy(centred),
+        "nc2_etf": _etf_distance(centred, centred, tile),
+        "nc2_orthogonality": _orthogonality(uncentred, tile),
+        "gnc2": energy,
         "ncc_accuracy": float(stats.ncc_hits.sum() / num_rows),
         "rank": rank,
         "route": stats.route,
@@ -148,13 +222,13 @@ def collapse_metrics(geometry, stats, *, pinv_rtol):
     result["class_accuracy"] = None
     if stats.weights is not None:
         weights = stats.weights[geometry.present]
-        equinorm_w, equiangular_w, maxangle_w = _angle_metrics(weights)
+        equinorm_w, equiangular_w, maxangle_w = _angle_metrics(weights, tile)
         result.update({
             "nc2_equinorm_w": equinorm_w,
             "nc2_equiangular_w": equiangular_w,
             "nc2_maxangle_w": maxangle_w,
             "nc3": float(np.sum((_normalized(weights) - _normalized(centred)) ** 2)),
-            "nc3_etf": float(np.linalg.norm(_normalized(weights @ centred.T) - etf)),
+            "nc3_etf": _etf_distance(weights, centred, tile),
             "unc3": _std_over_mean(np.einsum("cd,cd->c", weights, centred)),
             "nc4": stats.disagreements / num_rows,
             "accuracy": float(stats.classifier_hits.sum() / num_rows),
@@ -165,7 +239,8 @@ def collapse_metrics(geometry, stats, *, pinv_rtol):
     return result
 
 
-def noise_metrics(main_stats, clean_geometry, clean_stats, corrupted_stats, *, pinv_rtol):
+def noise_metrics(main_stats, clean_geometry, clean_stats, corrupted_stats, *, pinv_rtol,
+                  tile=PAIR_TILE):
     """Memorization–dilation metrics (Nguyen et al. 2023).
 
     Parameters
@@ -179,6 +254,8 @@ def noise_metrics(main_stats, clean_geometry, clean_stats, corrupted_stats, *, p
     corrupted_stats : ResidualStats
         Corrupted rows, labelled with their true class, against ``clean_geometry``.
     pinv_rtol : float
+    tile : int
+        Classes per side of a pair tile.
 
     Returns
     -------
@@ -186,7 +263,7 @@ def noise_metrics(main_stats, clean_geometry, clean_stats, corrupted_stats, *, p
         ``memorization``, ``memorization_raw``, ``dilation``, ``noise_fit``,
         ``nc1_clean``, ``nc1_trace_clean`` (None where no row defines them).
     """
-    scale = float(np.mean(np.sqrt(_upper_pairs(clean_geometry.mean_sq_distances))))
+    scale = _mean_pair_distance(clean_geometry, tile)
     result = dict.fromkeys(("memorization", "memorization_raw", "noise_fit"))
     if corrupted_stats.num_rows > 0:
         memorization_raw = corrupted_stats.norm_sums.sum() / corrupted_stats.num_rows

@@ -1,0 +1,131 @@
+"""Numba kernels for many classes: predictions over class tiles, then tallies.
+
+On the "features" route (C' > D, e.g. a vocabulary of classes) no C'×C'
+matrix exists. Rows are centred, ``h~ = h - mu_G``, and each class tile is
+one float32 GEMM; since ``||h - mu_k||^2 = ||h~||^2 - 2 h~.mu~_k + ||mu~_k||^2``,
+the nearest centre is the argmin of ``||mu~_k||^2 - 2 h~.mu~_k``, and the
+logits are ``W h~ + (W mu_G + b)``. Each kernel folds one tile into a running
+best per row, so memory stays O(chunk × tile).
+"""
+import numpy as np
+from numba import njit, prange
+
+from ncfast.kernels.cpu import FASTMATH
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def centre_rows(features, global_mean, out_centred):
+    """``h~ = h - mu_G`` in float64, stored as float32.
+
+    Parameters
+    ----------
+    features : array of shape (n, D), float32 or float64
+    global_mean : float64 array of shape (D,)
+    out_centred : float32 array of shape (n, D), written
+    """
+    num_rows, num_features = features.shape
+    for i in prange(num_rows):
+        for j in range(num_features):
+            out_centred[i, j] = features[i, j] - global_mean[j]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def nearest_in_tile(products, mean_sq_norms, tile_start, best_scores, best_rows):
+    """Fold one class tile into the running nearest class mean of each row.
+
+    Parameters
+    ----------
+    products : float32 array of shape (n, t), ``h~ . mu~_k`` for the tile's classes
+    mean_sq_norms : float64 array of shape (t,), ``||mu~_k||^2``
+    tile_start : int
+        Index (among the classes with a mean) of the tile's first class.
+    best_scores : float64 array of shape (n,), updated: ``min ||mu~_k||^2 - 2 h~.mu~_k``
+    best_rows : int64 array of shape (n,), updated: the argmin's index
+    """
+    num_rows, tile_size = products.shape
+    for i in prange(num_rows):
+        for k in range(tile_size):
+            score = mean_sq_norms[k] - 2.0 * np.float64(products[i, k])
+            if score < best_scores[i]:
+                best_scores[i] = score
+                best_rows[i] = tile_start + k
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def largest_in_tile(products, offsets, tile_start, best_logits, best_classes):
+    """Fold one class tile into the running classifier argmax of each row.
+
+    Parameters
+    ----------
+    products : float32 array of shape (n, t), ``w_c . h~`` for the tile's classes
+    offsets : float64 array of shape (t,), ``w_c . mu_G + b_c``
+    tile_start : int
+        Class of the tile's first column.
+    best_logits : float64 array of shape (n,), updated
+    best_classes : int64 array of shape (n,), updated: the argmax class
+    """
+    num_rows, tile_size = products.shape
+    for i in prange(num_rows):
+        for c in range(tile_size):
+            logit = np.float64(products[i, c]) + offsets[c]
+            if logit > best_logits[i]:
+                best_logits[i] = logit
+                best_classes[i] = tile_start + c
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted, counts,
+          sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals, num_threads):
+    """Per-class spreads and prediction tallies of one chunk.
+
+    Parameters
+    ----------
+    sq_norms : float64 array of shape (n,), ``||r_i||^2``
+    labels : int64 array of shape (n,)
+    ncc_predictions : int64 array of shape (n,), nearest class centre
+    classifier_predictions : int64 array of shape (n,) or (0,) without a classifier
+    corrupted : uint8 array of shape (n,) or (0,)
+    counts, ncc_hits, classifier_hits : int64 arrays of shape (C,), updated
+    sq_norm_sums, norm_sums : float64 arrays of shape (C,), updated
+    totals : int64 array of shape (3,), updated: NCC/classifier disagreements,
+        corrupted rows, corrupted rows predicted as their (noisy) label
+    num_threads : int
+        Number of thread-private slices.
+    """
+    num_rows = labels.shape[0]
+    num_classes = counts.shape[0]
+    has_classifier = classifier_predictions.shape[0] > 0
+    has_corrupted = corrupted.shape[0] > 0
+    rows_per_thread = (num_rows + num_threads - 1) // num_threads
+    thread_counts = np.zeros((num_threads, num_classes), np.int64)
+    thread_sq_sums = np.zeros((num_threads, num_classes))
+    thread_norm_sums = np.zeros((num_threads, num_classes))
+    thread_ncc_hits = np.zeros((num_threads, num_classes), np.int64)
+    thread_classifier_hits = np.zeros((num_threads, num_classes), np.int64)
+    thread_totals = np.zeros((num_threads, 3), np.int64)
+    for t in prange(num_threads):
+        for i in range(t * rows_per_thread, min(num_rows, (t + 1) * rows_per_thread)):
+            label = labels[i]
+            thread_counts[t, label] += 1
+            thread_sq_sums[t, label] += sq_norms[i]
+            thread_norm_sums[t, label] += np.sqrt(sq_norms[i])
+            prediction = ncc_predictions[i]
+            if prediction == label:
+                thread_ncc_hits[t, label] += 1
+            if has_classifier:
+                if classifier_predictions[i] != prediction:
+                    thread_totals[t, 0] += 1
+                prediction = classifier_predictions[i]
+                if prediction == label:
+                    thread_classifier_hits[t, label] += 1
+            if has_corrupted and corrupted[i]:
+                thread_totals[t, 1] += 1
+                if prediction == label:
+                    thread_totals[t, 2] += 1
+    for t in range(num_threads):
+        counts += thread_counts[t]
+        sq_norm_sums += thread_sq_sums[t]
+        norm_sums += thread_norm_sums[t]
+        ncc_hits += thread_ncc_hits[t]
+        classifier_hits += thread_classifier_hits[t]
+        totals += thread_totals[t]
