@@ -9,11 +9,13 @@ import numpy as np
 
 def gaussian_classes(num_rows=3000, num_features=32, num_classes=5, *, spread=1.0,
                      offset=0.0, class_counts=None, relu=False, classifier=True,
-                     dtype=np.float32, seed=0):
+                     dtype=np.float32, seed=0, rows_seed=None):
     """Gaussian class clouds around random means.
 
     Parameters
     ----------
+    num_rows, num_features, num_classes : int
+        N, D and C.
     spread : float
         Within-class standard deviation; the class means have unit scale.
     offset : float
@@ -22,14 +24,25 @@ def gaussian_classes(num_rows=3000, num_features=32, num_classes=5, *, spread=1.
         Rows per class (imbalance, empty classes); overrides ``num_rows``.
     relu : bool
         Clip features at zero after the offset.
+    classifier : bool
+        Add ``weights`` (C, D) near the class means and a small ``bias`` (C,).
+    dtype : numpy float dtype of ``features``
+    seed : int
+        Seed of the class means, and of everything else unless ``rows_seed``.
+    rows_seed : int, optional
+        Draw the rows from this seed instead, around the class means of
+        ``seed``: a held-out set of the same classes. The classifier then
+        differs from the one of ``seed``'s case; measure held-out rows with the
+        training case's classifier.
     """
     rng = np.random.default_rng(seed)
     class_means = rng.normal(size=(num_classes, num_features)) * 3.0
+    rows_rng = rng if rows_seed is None else np.random.default_rng(rows_seed)
     if class_counts is None:
-        labels = rng.permutation(np.arange(num_rows) % num_classes)
+        labels = rows_rng.permutation(np.arange(num_rows) % num_classes)
     else:
-        labels = rng.permutation(np.repeat(np.arange(num_classes), class_counts))
-    features = class_means[labels] + spread * rng.normal(size=(labels.size, num_features))
+        labels = rows_rng.permutation(np.repeat(np.arange(num_classes), class_counts))
+    features = class_means[labels] + spread * rows_rng.normal(size=(labels.size, num_features))
     features += offset
     if relu:
         features = np.maximum(features, 0.0)
@@ -42,23 +55,37 @@ def gaussian_classes(num_rows=3000, num_features=32, num_classes=5, *, spread=1.
     return case
 
 
-def simplex_etf(num_classes, num_features, *, rows_per_class=3, seed=0):
-    """Features exactly on a simplex ETF: every row equals its class mean."""
+def simplex_etf(num_classes, num_features, *, rows_per_class=3, classifier=False, seed=0):
+    """Features exactly on a simplex ETF: every row equals its class mean (float64).
+
+    The class means are ``4 (I - 11^T/C)`` in a random orthonormal C-frame of
+    the D features (``num_features >= num_classes``); they sum to zero, so the
+    global mean is 0 for balanced classes. With ``classifier``, ``weights``
+    are the class means themselves (self-dual) and ``bias`` is zero.
+    """
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.normal(size=(num_features, num_classes)))
     centred = np.eye(num_classes) - 1.0 / num_classes
     class_means = centred @ basis.T * 4.0
     labels = np.repeat(np.arange(num_classes), rows_per_class)
-    return {"features": class_means[labels], "labels": labels, "num_classes": num_classes}
+    case = {"features": class_means[labels], "labels": labels, "num_classes": num_classes}
+    if classifier:
+        case["weights"] = class_means
+        case["bias"] = np.zeros(num_classes)
+    return case
 
 
-def orthogonal_frame(num_classes, num_features, *, rows_per_class=3, seed=0):
-    """Uncentred class means that are orthogonal, with some within-class spread."""
+def orthogonal_frame(num_classes, num_features, *, rows_per_class=3, spread=0.01, seed=0):
+    """Uncentred class means that are orthogonal, with norms in [1, 3] (float64).
+
+    ``spread`` is the within-class standard deviation; with ``spread=0`` every
+    row equals its class mean, so the class means are exactly the frame.
+    """
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.normal(size=(num_features, num_classes)))
     class_means = basis.T * rng.uniform(1.0, 3.0, size=(num_classes, 1))
     labels = np.repeat(np.arange(num_classes), rows_per_class)
-    features = class_means[labels] + 0.01 * rng.normal(size=(labels.size, num_features))
+    features = class_means[labels] + spread * rng.normal(size=(labels.size, num_features))
     return {"features": features, "labels": labels, "num_classes": num_classes}
 
 
