@@ -1,0 +1,234 @@
+"""``ncfast.collapse`` against the float64 textbook route, metric by metric.
+
+``ncfast.textbook.textbook_collapse`` computes every metric the obvious way
+(all rows in float64, full D×D covariances, ``np.linalg.pinv``, explicit NCC
+distances). ncfast must match it to 1e-5 relative error on every adversarial
+case of ``cases.ADVERSARIAL``, with and without a classifier, on both NC1
+routes, with either global mean, with empty classes and against given means;
+counts and accuracies (ratios of integer tallies) must match exactly. Analytic
+cases (a simplex ETF, an orthogonal frame) must give their exact values.
+"""
+import warnings
+
+import numpy as np
+import pytest
+
+import ncfast
+from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf
+from ncfast.report import PER_CLASS
+from ncfast.textbook import textbook_collapse
+
+#: ncfast against the textbook route (issue 2, DESIGN.md precision rules).
+REFERENCE_RTOL = 1e-5
+
+#: Absolute floor for metrics that are 0 analytically and scale like the rounding
+#: error of O(1) quantities (norm ratios, cosines, normalized Grams): float64 gives
+#: ~1e-16 there, where a relative error means nothing. 1e-13 leaves 1000x headroom
+#: and still fails on any real departure (a cosine off by 1e-12 fails).
+LINEAR_ZERO = 1e-13
+
+#: The same for metrics quadratic in such errors (NC1, its trace form, CDNV, NC3).
+QUADRATIC_ZERO = LINEAR_ZERO ** 2
+
+#: Fractions of integer tallies: both routes divide the same integers.
+EXACT_METRICS = ("ncc_accuracy", "accuracy", "nc4", "noise_fit")
+
+#: Float per-class arrays; the integer or tally-ratio ones must match exactly.
+PER_CLASS_FLOATS = ("class_variances", "class_mean_norms")
+
+#: With C = 2 and mu_G the mean of the two class means, the centred means are exact
+#: opposites: equal norms, cosine -1, and a normalized Gram equal to the ETF's.
+TWO_CLASS_ZEROS = ("nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "nc2_etf")
+
+
+def assert_matches_textbook(report, reference, *, analytic_zeros=()):
+    """Assert a ``CollapseReport`` agrees with a ``textbook_collapse`` result.
+
+    Parameters
+    ----------
+    report : CollapseReport
+    reference : dict
+        ``textbook_collapse`` of the same inputs.
+    analytic_zeros : tuple of str
+        Metrics that are 0 analytically on these inputs: both values must be
+        below ``LINEAR_ZERO`` instead of agreeing to relative error.
+    """
+    expected_metrics = {name: value for name, value in reference.items()
+                        if name not in PER_CLASS and name != "rank"}
+    assert set(report.metrics()) == set(expected_metrics)
+    for name, expected in expected_metrics.items():
+        actual = getattr(report, name)
+        if name in EXACT_METRICS:
+            assert actual == expected, name
+        elif name in analytic_zeros:
+            assert abs(actual) <= LINEAR_ZERO and abs(expected) <= LINEAR_ZERO, \
+                (name, actual, expected)
+        else:
+            assert actual == pytest.approx(expected, rel=REFERENCE_RTOL, abs=0), name
+    assert report.rank == reference["rank"]
+    np.testing.assert_array_equal(report.class_counts, reference["class_counts"])
+    np.testing.assert_array_equal(report.class_ncc_accuracy, reference["class_ncc_accuracy"])
+    if reference["class_accuracy"] is None:
+        assert report.class_accuracy is None
+    else:
+        np.testing.assert_array_equal(report.class_accuracy, reference["class_accuracy"])
+    for name in PER_CLASS_FLOATS:
+        np.testing.assert_allclose(getattr(report, name), reference[name],
+                                   rtol=REFERENCE_RTOL, atol=0, err_msg=name)
+
+
+def _without_classifier(case):
+    return {key: value for key, value in case.items() if key not in ("weights", "bias")}
+
+
+@pytest.mark.parametrize("with_classifier", [False, True], ids=["features", "classifier"])
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_every_metric_matches_textbook(name, with_classifier):
+    case = gaussian_classes(**ADVERSARIAL[name], classifier=with_classifier)
+    report = ncfast.collapse(**case)
+    zeros = TWO_CLASS_ZEROS if case["num_classes"] == 2 else ()
+    assert_matches_textbook(report, textbook_collapse(**case), analytic_zeros=zeros)
+    features_per_row = case["features"].shape[1]
+    assert report.route == ("features" if case["num_classes"] > features_per_row else "classes")
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_no_numpy_warnings_on_valid_inputs(name):
+    case = gaussian_classes(**ADVERSARIAL[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ncfast.collapse(**case)
+
+
+@pytest.mark.parametrize("name", ["imbalanced_1_to_100", "single_row_classes"])
+def test_global_mean_of_samples_matches_textbook(name):
+    case = gaussian_classes(**ADVERSARIAL[name])
+    report = ncfast.collapse(**case, global_mean="samples")
+    reference = textbook_collapse(**case, global_mean="samples")
+    assert_matches_textbook(report, reference)
+    # Imbalanced classes put the two global means apart, so the option is exercised.
+    classes_reference = textbook_collapse(**case, global_mean="classes")
+    assert reference["bias_collapse"] != pytest.approx(classes_reference["bias_collapse"],
+                                                       rel=1e-3)
+    assert reference["nc1"] != pytest.approx(classes_reference["nc1"], rel=1e-3)
+
+
+def _case_with_empty_classes():
+    """Six classes, 1 and 4 without rows; W's row 1 copies row 0 with a larger bias.
+
+    The argmax runs over all C rows of W, so every row of class 0 is predicted
+    as the empty class 1.
+    """
+    case = gaussian_classes(num_classes=6, class_counts=[40, 0, 60, 50, 0, 30])
+    weights, bias = case["weights"].copy(), case["bias"].copy()
+    weights[1] = weights[0]
+    bias[1] = bias[0] + 1.0
+    return {**case, "weights": weights, "bias": bias}
+
+
+def test_empty_classes_warn_and_match_textbook():
+    case = _case_with_empty_classes()
+    with pytest.warns(UserWarning, match=r"2 of 6 classes have no rows \(1, 4\)"):
+        report = ncfast.collapse(**case)
+    reference = textbook_collapse(**case)
+    assert_matches_textbook(report, reference)
+    np.testing.assert_array_equal(report.present_classes, [0, 2, 3, 5])
+    assert report.class_accuracy[0] == 0.0
+    assert np.isnan(report.class_variances[[1, 4]]).all()
+
+
+def test_empty_classes_raise_when_asked():
+    with pytest.raises(ValueError, match=r"2 of 6 classes have no rows \(1, 4\)"):
+        ncfast.collapse(**_case_with_empty_classes(), empty_classes="raise")
+
+
+@pytest.mark.parametrize("class_counts, route", [
+    ([100] * 9, "features"),                        # C' = 9 > D = 8
+    ([100, 100, 100, 100, 0, 100, 100, 100, 100], "classes"),  # C' = 8 = D
+])
+def test_route_counts_classes_with_rows(class_counts, route):
+    case = gaussian_classes(num_features=8, num_classes=9, class_counts=class_counts)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "1 of 9 classes have no rows", UserWarning)
+        report = ncfast.collapse(**case)
+    assert report.route == route
+    assert_matches_textbook(report, textbook_collapse(**case))
+
+
+def _train_and_held_out():
+    """A training case and held-out rows of the same classes, class 2 left out."""
+    train = gaussian_classes(num_rows=2000)
+    held_out = gaussian_classes(num_rows=600, rows_seed=7, classifier=False)
+    kept = held_out["labels"] != 2
+    held_out = {"features": held_out["features"][kept], "labels": held_out["labels"][kept],
+                "weights": train["weights"], "bias": train["bias"]}
+    return train, held_out
+
+
+def test_held_out_rows_measured_against_training_means():
+    train, held_out = _train_and_held_out()
+    train_report = ncfast.collapse(**train)
+    train_features = train["features"].astype(np.float64)
+    train_means = np.stack([train_features[train["labels"] == c].mean(axis=0)
+                            for c in range(train["num_classes"])])
+    np.testing.assert_allclose(train_report.means, train_means, rtol=REFERENCE_RTOL, atol=0)
+    reference = textbook_collapse(**held_out, means=train_means)
+    for means in (train_report, train_report.means):
+        report = ncfast.collapse(**held_out, means=means)
+        assert_matches_textbook(report, reference)
+        assert np.isnan(report.class_variances[2]) and report.class_counts[2] == 0
+        np.testing.assert_array_equal(report.present_classes, np.arange(5))
+    # The held-out set's own means give other values, so the given means were used.
+    own_reference = textbook_collapse(**held_out, num_classes=5)
+    assert reference["nc1"] != pytest.approx(own_reference["nc1"], rel=1e-3)
+
+
+def test_held_out_global_mean_of_samples_uses_training_counts():
+    train, held_out = _train_and_held_out()
+    train_report = ncfast.collapse(**train, global_mean="samples")
+    report = ncfast.collapse(**held_out, means=train_report, global_mean="samples")
+    assert_matches_textbook(
+        report, textbook_collapse(**held_out, means=train_report, global_mean="samples"))
+    with pytest.raises(ValueError, match="global_mean='samples' needs the row count"):
+        ncfast.collapse(**held_out, means=train_report.means, global_mean="samples")
+
+
+ETF_SHAPES = [(2, 3), (5, 12), (10, 10), (3, 200)]
+
+
+@pytest.mark.parametrize("num_classes, num_features", ETF_SHAPES)
+def test_simplex_etf_features_are_collapsed(num_classes, num_features):
+    case = _without_classifier(simplex_etf(num_classes, num_features))
+    for result in (ncfast.collapse(**case).metrics(), textbook_collapse(**case)):
+        for name in ("nc1", "nc1_trace", "cdnv"):
+            assert abs(result[name]) <= QUADRATIC_ZERO, (name, result[name])
+        for name in ("nc2_etf", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle"):
+            assert abs(result[name]) <= LINEAR_ZERO, (name, result[name])
+        # Unit ETF vectors are 2C/(C-1) apart squared.
+        energy = -0.5 * np.log(2.0 * num_classes / (num_classes - 1))
+        assert result["gnc2"] == pytest.approx(energy, rel=1e-12)
+        assert result["ncc_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("num_classes, num_features", ETF_SHAPES)
+def test_self_dual_classifier_on_simplex_etf(num_classes, num_features):
+    case = simplex_etf(num_classes, num_features, classifier=True)
+    for result in (ncfast.collapse(**case).metrics(), textbook_collapse(**case)):
+        assert abs(result["nc3"]) <= QUADRATIC_ZERO, result["nc3"]
+        for name in ("nc3_etf", "unc3", "bias_collapse", "nc2_equinorm_w",
+                     "nc2_equiangular_w", "nc2_maxangle_w"):
+            assert abs(result[name]) <= LINEAR_ZERO, (name, result[name])
+        assert result["nc4"] == 0.0
+        assert result["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("num_classes, num_features", [(2, 3), (4, 10), (7, 7)])
+def test_orthogonal_frame_has_zero_orthogonality(num_classes, num_features):
+    case = orthogonal_frame(num_classes, num_features, spread=0.0)
+    for result in (ncfast.collapse(**case).metrics(), textbook_collapse(**case)):
+        assert abs(result["nc2_orthogonality"]) <= LINEAR_ZERO, result["nc2_orthogonality"]
+    # With within-class spread the class means leave the frame; both routes agree.
+    spread_case = orthogonal_frame(num_classes, num_features)
+    reference = textbook_collapse(**spread_case)
+    assert reference["nc2_orthogonality"] > 1e-4
+    assert_matches_textbook(ncfast.collapse(**spread_case), reference)
