@@ -72,6 +72,9 @@ def build_parser():
                       default=[3.0, 1.0, 0.3, 0.1, 0.01, 0.001],
                       help="within-class standard deviations to sweep")
     demo.set_defaults(handler=run_demo)
+    from ncfast.analyze import add_commands  # analyze, merge
+
+    add_commands(commands)
     return parser
 
 

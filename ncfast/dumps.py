@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ncfast.inputs import as_array
-from ncfast.readers import StoredArray, file_sha256, npy_array
+from ncfast.readers import CheckpointArrays, SplitArrays, StoredArray, file_sha256
 
 FORMAT_NAME = "ncfast-run"
 FORMAT_VERSION = 1
@@ -376,47 +376,6 @@ def read_manifest(path):
 
 
 @dataclass
-class SplitDump:
-    """One split of one checkpoint: lazily memory-mapped arrays.
-
-    Attributes
-    ----------
-    features : dict of str to StoredArray
-        Layer -> features of shape (N, D_layer).
-    labels : StoredArray of shape (N,)
-    clean_labels : StoredArray of shape (N,), or None
-    num_rows : int
-    """
-
-    features: dict
-    labels: StoredArray
-    clean_labels: StoredArray | None
-    num_rows: int
-
-
-@dataclass
-class CheckpointDump:
-    """One checkpoint of a run folder.
-
-    Attributes
-    ----------
-    epoch : int
-    folder : str
-    splits : dict of str to SplitDump
-    weights : StoredArray of shape (C, D), or None
-    bias : StoredArray of shape (C,), or None
-    classifier_layer : str or None
-    """
-
-    epoch: int
-    folder: str
-    splits: dict
-    weights: StoredArray | None
-    bias: StoredArray | None
-    classifier_layer: str | None
-
-
-@dataclass
 class Run:
     """A run folder opened for reading.
 
@@ -426,8 +385,11 @@ class Run:
     config : dict
     num_classes : int
     class_names : list of str, or None
-    checkpoints : list of CheckpointDump
-        Ascending epoch.
+    checkpoints : list of CheckpointArrays
+        Ascending epoch; each with ``epoch``, ``num_classes`` and
+        ``classifier_layer`` set.
+    folders : dict of int to str
+        Epoch -> the checkpoint's folder.
     """
 
     path: str
@@ -435,6 +397,7 @@ class Run:
     num_classes: int
     class_names: list | None
     checkpoints: list
+    folders: dict
 
     def checkpoint(self, epoch):
         """The checkpoint of ``epoch``."""
@@ -459,8 +422,8 @@ class _LazyNpy(StoredArray):
         if not os.path.isfile(self.path):
             raise ValueError(f"{self.path}: listed in the run manifest but missing; restore "
                              "the file or rewrite the checkpoint")
-        stored = npy_array(self.path)
-        if stored.shape != self.shape or stored.dtype != self.dtype:
+        stored = as_array(self.path, "array")
+        if stored.shape != self.shape or str(stored.dtype) != self.dtype:
             raise ValueError(f"{self.path}: holds a {stored.dtype} array of shape "
                              f"{stored.shape}, but the manifest says {self.dtype} "
                              f"{self.shape}; the file was replaced: rewrite the checkpoint")
@@ -494,27 +457,27 @@ def open_run(path):
     path = os.fspath(path)
     manifest = read_manifest(path)
     manifest_path = os.path.join(path, MANIFEST)
-    checkpoints = []
+    checkpoints, folders = [], {}
     for entry in manifest["checkpoints"]:
         try:
             epoch = entry["epoch"]
             splits = {}
             for split, arrays in entry["splits"].items():
                 where = f"epoch {epoch} split {split!r}"
-                splits[split] = SplitDump(
+                splits[split] = SplitArrays(
                     {layer: _lazy(path, item, manifest_path, f"{where} layer {layer!r}")
                      for layer, item in arrays["features"].items()},
                     _lazy(path, arrays["labels"], manifest_path, f"{where} labels"),
-                    _lazy(path, arrays["clean_labels"], manifest_path, f"{where} clean_labels"),
-                    arrays["num_rows"])
+                    _lazy(path, arrays["clean_labels"], manifest_path, f"{where} clean_labels"))
             classifier = entry["classifier"] or {}
-            checkpoints.append(CheckpointDump(
-                epoch, os.path.join(path, entry["path"]), splits,
+            checkpoints.append(CheckpointArrays(
+                splits,
                 _lazy(path, classifier.get("weights"), manifest_path, f"epoch {epoch} weights"),
                 _lazy(path, classifier.get("bias"), manifest_path, f"epoch {epoch} bias"),
-                entry["classifier_layer"]))
+                entry["classifier_layer"], epoch, manifest["num_classes"]))
+            folders[epoch] = os.path.join(path, entry["path"])
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{manifest_path}: malformed checkpoint entry ({error!r}); the "
                              "manifest was edited or corrupted") from None
     return Run(path, manifest["config"], manifest["num_classes"], manifest["class_names"],
-               checkpoints)
+               checkpoints, folders)

@@ -127,6 +127,9 @@ class StoredArray:
         """The whole array (for small arrays: labels, weights, bias)."""
         return np.asarray(self.rows(0, self.num_rows))
 
+    def check(self):
+        """Check that the file still holds this array (files read at opening: nothing to do)."""
+
     def close(self):
         """Drop the open handle (file, memory map); ``rows`` reopens it."""
         close = getattr(self._handle, "close", None)
@@ -168,16 +171,9 @@ def read_file(path):
             "it may be truncated or corrupt: re-save it") from None
 
 
-def npy_array(path, recorded_sha256=None):
-    """A ``.npy`` file as a memory-mapped ``StoredArray``."""
-    path = os.fspath(path)
-    array = as_array(path, "array")  # memory-mapped, with a clear error when unreadable
-    return StoredArray(path, None, array.shape, str(array.dtype), lambda: array,
-                       recorded_sha256=recorded_sha256)
-
-
 def _read_npy(path):
-    return {None: npy_array(path)}
+    array = as_array(path, "array")  # memory-mapped, with a clear error when unreadable
+    return {None: StoredArray(path, None, array.shape, str(array.dtype), lambda: array)}
 
 
 def _read_npz(path):
@@ -399,19 +395,27 @@ class SplitArrays:
 
 
 @dataclass
-class FileLayout:
-    """What the arrays of one file are: splits, layers, classifier.
+class CheckpointArrays:
+    """The arrays of one checkpoint: splits, layers, classifier.
 
     Attributes
     ----------
     splits : dict of str to SplitArrays
     weights : StoredArray of shape (C, D), or None
     bias : StoredArray of shape (C,), or None
+    classifier_layer : str or None
+        Layer whose features the classifier reads.
+    epoch : int or None
+    num_classes : int or None
+        When the source records it (run folders); else found from the labels.
     """
 
     splits: dict
     weights: StoredArray | None = None
     bias: StoredArray | None = None
+    classifier_layer: str | None = None
+    epoch: int | None = None
+    num_classes: int | None = None
 
 
 def file_layout(path):
@@ -430,11 +434,13 @@ def file_layout(path):
 
     Returns
     -------
-    FileLayout
+    CheckpointArrays
+        ``classifier_layer`` is the one layer whose width matches the
+        weights, when there are weights.
     """
     arrays = read_file(path)
     if list(arrays) == [None]:
-        return FileLayout({"train": SplitArrays({"features": arrays[None]}, None)})
+        return CheckpointArrays({"train": SplitArrays({"features": arrays[None]}, None)})
     splits, classifier, unknown = {}, {}, []
     for key, array in arrays.items():
         parts = [part for part in re.split(r"[./]", key) if part]
@@ -460,4 +466,22 @@ def file_layout(path):
             f"{os.fspath(path)}: found no features (keys: {found}); name arrays "
             "'[split/]features[/layer]', '[split/]labels', '[split/]clean_labels', 'weights', "
             "'bias'")
-    return FileLayout(splits, classifier.get("weights"), classifier.get("bias"))
+    weights = classifier.get("weights")
+    return CheckpointArrays(splits, weights, classifier.get("bias"),
+                            _classifier_layer(path, splits, weights))
+
+
+def _classifier_layer(path, splits, weights):
+    """The one layer whose width equals the classifier's input width."""
+    if weights is None:
+        return None
+    widths = {layer: array.shape[-1] for split in splits.values()
+              for layer, array in split.features.items()}
+    matching = sorted(layer for layer, width in widths.items()
+                      if len(weights.shape) == 2 and width == weights.shape[1])
+    if len(matching) != 1:
+        raise ValueError(
+            f"{os.fspath(path)}: weights of shape {weights.shape} match "
+            f"{'no layer' if not matching else 'layers ' + ', '.join(matching)} (widths "
+            f"{widths}); the classifier must read exactly one layer of width weights.shape[1]")
+    return matching[0]

@@ -1,0 +1,678 @@
+"""Measure every checkpoint × split × layer of saved feature dumps.
+
+``analyze`` takes run folders (``ncfast.dumps``) and single files
+(``ncfast.readers``), streams each feature array through ``ncfast.collapse``
+in row blocks, and returns one row of metrics per (checkpoint, split, layer):
+
+- the ``train`` split of a checkpoint is measured against its own class means
+  (and, when it has clean labels, with the label-noise metrics); every other
+  split (``test``, ...) against the train means of the same checkpoint and
+  layer (NCC generalisation); a checkpoint without a train split measures
+  each split against its own means;
+- the classifier (``weights``, ``bias``) is applied to the layer it reads.
+
+A checkpoint that cannot be read or measured is reported in
+``Analysis.failures`` with a one-line reason naming the file; the others are
+still measured.
+
+**Cache.** The rows of each (checkpoint, layer) are cached in a JSON file next
+to the checkpoint (``ncfast-cache.json`` in a run's checkpoint folder,
+``FILE.ncfast-cache.json`` beside a single file), keyed by the SHA-256 of
+every input file's content and the analysis settings, so re-running on a
+growing run measures only new checkpoints. A digest the run manifest recorded
+is trusted while the file keeps its size and is not newer than the manifest;
+a file's digest computed here is remembered in its cache with the file's size
+and modification time. Anything else is hashed again.
+"""
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
+                           TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+from ncfast.api import collapse
+from ncfast.dumps import MANIFEST, open_run, write_atomically, write_json_atomically
+from ncfast.geometry import PINV_RTOL
+from ncfast.inputs import check_chunk_size
+from ncfast.readers import file_layout, file_sha256, read_file
+from ncfast.report import METRICS
+
+#: Bumped when measurement changes so that cached rows are recomputed.
+CACHE_VERSION = 1
+CACHE_NAME = "ncfast-cache.json"
+
+#: Columns of every result row before the metrics.
+ROW_KEYS = ("source", "epoch", "split", "layer", "measured_against", "num_samples",
+            "num_classes", "num_features")
+
+ANCHOR_SPLIT = "train"
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint to measure.
+
+    Attributes
+    ----------
+    source : str
+        The run folder or file it comes from.
+    arrays : CheckpointArrays
+    cache_path : str
+        JSON file where its results are cached.
+    manifest_time_ns : int or None
+        Modification time of the run manifest (digests it records are trusted
+        for files not newer than it).
+    """
+
+    source: str
+    arrays: object
+    cache_path: str
+    manifest_time_ns: int | None = None
+
+    @property
+    def epoch(self):
+        return self.arrays.epoch
+
+    @property
+    def name(self):
+        return self.source if self.epoch is None else f"{self.source} epoch {self.epoch}"
+
+
+@dataclass
+class Failure:
+    """A checkpoint (or input path) that could not be measured, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class Analysis:
+    """Result of ``analyze``.
+
+    Attributes
+    ----------
+    rows : list of dict
+        One per (checkpoint, split, layer): ``ROW_KEYS`` then every field of
+        ``CollapseReport.to_dict`` (scalar metrics, per-class lists).
+    failures : list of Failure
+    measured, cached : int
+        (checkpoint, layer) groups measured now, and taken from the cache.
+    """
+
+    rows: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    measured: int = 0
+    cached: int = 0
+
+
+def epoch_from_name(path):
+    """The last integer in a file's name (``feats_epoch12.npz`` -> 12), or None."""
+    numbers = re.findall(r"\d+", os.path.splitext(os.path.basename(path))[0])
+    return int(numbers[-1]) if numbers else None
+
+
+def _single_array(path, what):
+    arrays = read_file(path)
+    if len(arrays) != 1:
+        raise ValueError(f"{path}: holds {len(arrays)} arrays; --{what} needs a file with one "
+                         "array")
+    return next(iter(arrays.values()))
+
+
+def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
+    """Find the checkpoints behind each path.
+
+    Parameters
+    ----------
+    paths : sequence of str or PathLike
+        Run folders and single files (one checkpoint each; its epoch is the
+        last number in the file name).
+    labels, clean_labels, weights, bias : str or PathLike, optional
+        Files of one array each, for single files holding only features (a
+        ``.npy``, a bare torch tensor).
+
+    Returns
+    -------
+    checkpoints : list of Checkpoint
+    failures : list of Failure
+        Paths that could not be opened.
+    """
+    extras = {"labels": labels, "clean_labels": clean_labels, "weights": weights, "bias": bias}
+    checkpoints, failures = [], []
+    for path in map(os.fspath, paths):
+        try:
+            if os.path.isdir(path):
+                run = open_run(path)
+                manifest_time = os.stat(os.path.join(path, MANIFEST)).st_mtime_ns
+                checkpoints.extend(
+                    Checkpoint(path, arrays, os.path.join(run.folders[arrays.epoch], CACHE_NAME),
+                               manifest_time) for arrays in run.checkpoints)
+                continue
+            arrays = file_layout(path)
+            arrays.epoch = epoch_from_name(path)
+            _attach_extras(path, arrays, {key: value for key, value in extras.items()
+                                          if value is not None})
+            checkpoints.append(Checkpoint(path, arrays, f"{path}.{CACHE_NAME}"))
+        except (ValueError, TypeError, OSError) as error:
+            failures.append(Failure(path, str(error)))
+    return checkpoints, failures
+
+
+def _attach_extras(path, arrays, extras):
+    """Give a single-file checkpoint the labels and classifier passed separately."""
+    for what, extra_path in extras.items():
+        array = _single_array(os.fspath(extra_path), what.replace("_", "-"))
+        if what in ("weights", "bias"):
+            setattr(arrays, what, array)
+            continue
+        for split in arrays.splits.values():
+            setattr(split, what, array)
+    if arrays.weights is not None and arrays.classifier_layer is None:
+        layers = {layer for split in arrays.splits.values() for layer in split.features}
+        if len(layers) != 1:
+            raise ValueError(f"{path}: has layers {sorted(layers)}; --weights applies to a "
+                             "file with one layer")
+        arrays.classifier_layer = layers.pop()
+
+
+class _Digests:
+    """SHA-256 of input files: recorded ones reused when still valid, others computed once."""
+
+    def __init__(self, on_bytes):
+        self.on_bytes = on_bytes
+        self.known = {}
+
+    def __call__(self, array, checkpoint, remembered):
+        path = array.path
+        if path in self.known:
+            return self.known[path]
+        status = os.stat(path)
+        recorded = array.recorded_sha256
+        if recorded is not None and status.st_size == getattr(array, "recorded_bytes", -1) \
+                and status.st_mtime_ns <= checkpoint.manifest_time_ns:
+            digest = recorded
+        else:
+            stamp = [status.st_size, status.st_mtime_ns]
+            entry = remembered.get(os.path.basename(path))
+            if entry is not None and entry["stamp"] == stamp:
+                digest = entry["sha256"]
+            else:
+                digest = file_sha256(path, self.on_bytes)
+                remembered[os.path.basename(path)] = {"stamp": stamp, "sha256": digest}
+        self.known[path] = digest
+        return digest
+
+
+class _RowBlocks:
+    """Re-iterable ``(features, labels[, clean_labels])`` row blocks of stored arrays.
+
+    ``ncfast.collapse`` reads it once per pass; ``on_bytes`` hears the bytes of
+    every feature block read.
+    """
+
+    def __init__(self, features, labels, clean_labels, chunk_size, on_bytes):
+        self.features, self.labels, self.clean_labels = features, labels, clean_labels
+        self.chunk_size, self.on_bytes = chunk_size, on_bytes
+
+    def __iter__(self):
+        for start in range(0, self.features.num_rows, self.chunk_size):
+            stop = min(start + self.chunk_size, self.features.num_rows)
+            block = self.features.rows(start, stop)
+            self.on_bytes(block.nbytes)
+            labels = self.labels.rows(start, stop)
+            if self.clean_labels is None:
+                yield block, labels
+            else:
+                yield block, labels, self.clean_labels.rows(start, stop)
+
+
+def _check_arrays(checkpoint, layers):
+    """Check shapes and dtypes of everything a checkpoint's analysis reads.
+
+    Returns
+    -------
+    dict
+        Layer -> list of splits that have it (in the checkpoint's order).
+    """
+    arrays = checkpoint.arrays
+    by_layer = {}
+    for split, split_arrays in arrays.splits.items():
+        if split_arrays.labels is None:
+            raise ValueError(f"{checkpoint.source}: split {split!r} has no labels; pass "
+                             "--labels FILE or store a 'labels' array with the features")
+        for array in (split_arrays.labels, split_arrays.clean_labels):
+            if array is None:
+                continue
+            array.check()
+            if len(array.shape) != 1 or not array.is_integer:
+                raise TypeError(f"{array.name}: labels must be a 1-D integer array; found "
+                                f"{array.dtype} of shape {array.shape}: save class indices "
+                                "(e.g. labels.astype(np.int64))")
+        for layer, features in split_arrays.features.items():
+            if layers is not None and layer not in layers:
+                continue
+            features.check()
+            if len(features.shape) != 2:
+                raise ValueError(f"{features.name}: features must be 2-D (n_samples, "
+                                 f"n_features); found shape {features.shape}: flatten with "
+                                 "reshape(len(features), -1)")
+            if not features.is_float:
+                raise TypeError(f"{features.name}: features must be floating point; found "
+                                f"{features.dtype}: save them with .astype(np.float32)")
+            for labels in (split_arrays.labels, split_arrays.clean_labels):
+                if labels is not None and labels.shape[0] != features.shape[0]:
+                    raise ValueError(f"{labels.name}: has {labels.shape[0]} labels but "
+                                     f"{features.name} has {features.shape[0]} rows; pass one "
+                                     "label per feature row")
+            by_layer.setdefault(layer, []).append(split)
+    for array, expected in ((arrays.weights, 2), (arrays.bias, 1)):
+        if array is None:
+            continue
+        array.check()
+        if len(array.shape) != expected or not array.is_float:
+            raise TypeError(f"{array.name}: the classifier must be float, {expected}-D; found "
+                            f"{array.dtype} of shape {array.shape}")
+    if not by_layer:
+        found = sorted({layer for split in arrays.splits.values() for layer in split.features})
+        raise ValueError(f"{checkpoint.source}: none of the layers {sorted(layers)} is here "
+                         f"(found {found}); check --layers")
+    return by_layer
+
+
+def _num_classes(checkpoint):
+    """C from the run manifest, or the largest label (and classifier rows) found."""
+    arrays = checkpoint.arrays
+    if arrays.num_classes is not None:
+        return arrays.num_classes
+    top = -1
+    for split in arrays.splits.values():
+        for labels in (split.labels, split.clean_labels):
+            for start in range(0, 0 if labels is None else labels.num_rows, 1 << 22):
+                top = max(top, int(labels.rows(start, start + (1 << 22)).max()))
+    if arrays.weights is not None:
+        top = max(top, arrays.weights.shape[0] - 1)
+    return top + 1
+
+
+def _settings_key(**settings):
+    return {"cache_version": CACHE_VERSION, **settings}
+
+
+def _load_cache(path):
+    try:
+        with open(path, encoding="utf-8") as stream:
+            cache = json.load(stream)
+    except (OSError, ValueError):
+        return {"results": {}, "digests": {}}
+    if not isinstance(cache, dict) or not isinstance(cache.get("results"), dict):
+        return {"results": {}, "digests": {}}
+    cache.setdefault("digests", {})
+    return cache
+
+
+def _save_cache(path, cache):
+    try:
+        write_json_atomically(path, cache)
+    except OSError as error:
+        warnings.warn(f"{path}: cannot write the analysis cache ({error}); results are not "
+                      "cached", stacklevel=2)
+
+
+def _measure_layer(checkpoint, layer, splits, num_classes, *, chunk_size, global_mean,
+                   pinv_rtol, on_bytes):
+    """Rows of one (checkpoint, layer): the anchor split first, others against its means."""
+    arrays = checkpoint.arrays
+    classifier = {}
+    if arrays.weights is not None and layer == arrays.classifier_layer:
+        classifier["weights"] = arrays.weights.read()
+        classifier["bias"] = None if arrays.bias is None else arrays.bias.read()
+    order = sorted(splits, key=lambda split: split != ANCHOR_SPLIT)
+    anchor = None
+    rows = []
+    for split in order:
+        split_arrays = arrays.splits[split]
+        features = split_arrays.features[layer]
+        clean = split_arrays.clean_labels if split == ANCHOR_SPLIT else None
+        blocks = _RowBlocks(features, split_arrays.labels, clean,
+                            check_chunk_size(chunk_size, features.shape[1]), on_bytes)
+        try:
+            report = collapse(blocks, num_classes=num_classes, means=anchor,
+                              global_mean=global_mean, pinv_rtol=pinv_rtol, **classifier)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{features.name}: {error}") from None
+        finally:
+            for array in (features, split_arrays.labels, clean):
+                if array is not None:
+                    array.close()
+        if split == ANCHOR_SPLIT:
+            anchor = report
+        row = {"source": checkpoint.source, "epoch": checkpoint.epoch, "split": split,
+               "layer": layer, "measured_against": ANCHOR_SPLIT if anchor is not None else split,
+               **report.to_dict()}
+        rows.append(row)
+    return rows
+
+
+def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=None,
+            weights=None, bias=None, use_cache=True, global_mean="classes",
+            pinv_rtol=PINV_RTOL, progress=True):
+    """Measure neural collapse of every checkpoint × split × layer in ``paths``.
+
+    Parameters
+    ----------
+    paths : sequence of str or PathLike
+        Run folders (``ncfast.dumps``) and single files (``ncfast.readers``).
+    layers : sequence of str, optional
+        Measure only these layers (default: all).
+    chunk_size : int, optional
+        Rows per block read; chosen from the row width by default.
+    labels, clean_labels, weights, bias : str or PathLike, optional
+        One-array files for single files holding only features.
+    use_cache : bool
+        Read and write the per-checkpoint result caches.
+    global_mean : {"classes", "samples"}
+    pinv_rtol : float
+        As in ``ncfast.collapse``.
+    progress : bool
+        Show a progress bar over checkpoints and bytes (on stderr).
+
+    Returns
+    -------
+    Analysis
+    """
+    layers = None if layers is None else set(layers)
+    checkpoints, failures = discover(paths, labels=labels, clean_labels=clean_labels,
+                                     weights=weights, bias=bias)
+    analysis = Analysis(failures=failures)
+    settings = _settings_key(global_mean=global_mean, pinv_rtol=pinv_rtol)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        checkpoint_task = bar.add_task("checkpoints", total=len(checkpoints))
+        byte_task = bar.add_task("bytes read", total=None)
+        on_bytes = lambda count: bar.advance(byte_task, count)  # noqa: E731
+        digests = _Digests(on_bytes)
+        for checkpoint in checkpoints:
+            bar.update(checkpoint_task, description=f"[bold]{checkpoint.name}")
+            try:
+                _analyze_checkpoint(checkpoint, analysis, layers=layers, chunk_size=chunk_size,
+                                    settings=settings, use_cache=use_cache, digests=digests,
+                                    on_bytes=on_bytes)
+            except (ValueError, TypeError, OSError) as error:
+                analysis.failures.append(Failure(checkpoint.name, _one_line(error)))
+            bar.advance(checkpoint_task)
+    analysis.rows.sort(key=lambda row: (row["source"], -1 if row["epoch"] is None
+                                        else row["epoch"], row["layer"], row["split"]))
+    return analysis
+
+
+def _one_line(error):
+    return " ".join(str(error).split())
+
+
+def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, use_cache,
+                        digests, on_bytes):
+    by_layer = _check_arrays(checkpoint, layers)
+    num_classes = _num_classes(checkpoint)
+    arrays = checkpoint.arrays
+    cache = _load_cache(checkpoint.cache_path) if use_cache else None
+    for layer, splits in by_layer.items():
+        key = None
+        if use_cache:
+            inputs = {}
+            for split in splits:
+                split_arrays = arrays.splits[split]
+                for role, array in (("features", split_arrays.features[layer]),
+                                    ("labels", split_arrays.labels),
+                                    ("clean_labels", split_arrays.clean_labels)):
+                    if array is not None:
+                        inputs[f"{split}/{role}"] = [digests(array, checkpoint, cache["digests"]),
+                                                     array.key]
+            if layer == arrays.classifier_layer:
+                for role in ("weights", "bias"):
+                    array = getattr(arrays, role)
+                    if array is not None:
+                        inputs[role] = [digests(array, checkpoint, cache["digests"]), array.key]
+            key = hashlib.sha256(json.dumps(
+                {"inputs": inputs, "num_classes": num_classes, "layer": layer, **settings},
+                sort_keys=True).encode()).hexdigest()
+            if key in cache["results"]:
+                analysis.rows.extend(_with_source(row, checkpoint)
+                                     for row in cache["results"][key])
+                analysis.cached += 1
+                continue
+        rows = _measure_layer(checkpoint, layer, splits, num_classes, chunk_size=chunk_size,
+                              global_mean=settings["global_mean"],
+                              pinv_rtol=settings["pinv_rtol"], on_bytes=on_bytes)
+        analysis.rows.extend(rows)
+        analysis.measured += 1
+        if use_cache:
+            cache["results"][key] = rows
+            _save_cache(checkpoint.cache_path, cache)
+
+
+def _with_source(row, checkpoint):
+    """A cached row, named after the path it was reached by this time."""
+    return {**row, "source": checkpoint.source, "epoch": checkpoint.epoch}
+
+
+def scalar_metrics(rows, metrics=None):
+    """The scalar metrics present in ``rows`` (in ``METRICS`` order), or those asked for.
+
+    Parameters
+    ----------
+    rows : list of dict
+    metrics : sequence of str, optional
+        Names from ``ncfast.METRICS``.
+
+    Returns
+    -------
+    list of str
+    """
+    if metrics is not None:
+        unknown = [name for name in metrics if name not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(METRICS)}")
+        return list(metrics)
+    return [name for name in METRICS if any(row.get(name) is not None for row in rows)]
+
+
+def write_results(analysis, out, metrics=None):
+    """Write ``metrics.json`` and ``metrics.csv`` into ``out`` (atomically).
+
+    Parameters
+    ----------
+    analysis : Analysis
+    out : str or PathLike
+        Folder; created if missing.
+    metrics : sequence of str, optional
+        Metrics to write (default: every metric some row defines). The JSON
+        rows also keep the per-class arrays.
+
+    Returns
+    -------
+    list of str
+        The files written.
+    """
+    out = os.fspath(out)
+    os.makedirs(out, exist_ok=True)
+    names = scalar_metrics(analysis.rows, metrics)
+    per_class = ("class_counts", "class_variances", "class_mean_norms", "class_ncc_accuracy",
+                 "class_accuracy")
+    keep = (*ROW_KEYS, *names, *per_class)
+    document = {"rows": [{key: row.get(key) for key in keep} for row in analysis.rows],
+                "failures": [{"name": failure.name, "reason": failure.reason}
+                             for failure in analysis.failures]}
+    json_path = os.path.join(out, "metrics.json")
+    write_json_atomically(json_path, document)
+    csv_path = os.path.join(out, "metrics.csv")
+
+    def write_csv(stream):
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow([*ROW_KEYS, *names])
+        for row in analysis.rows:
+            writer.writerow([_csv_value(row.get(key)) for key in (*ROW_KEYS, *names)])
+        stream.write(text.getvalue().encode())
+
+    write_atomically(csv_path, write_csv)
+    return [json_path, csv_path]
+
+
+def _csv_value(value):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else value
+
+
+#: Metrics the ``analyze`` table shows when ``--metrics`` is not given (files keep all).
+TABLE_METRICS = ("nc1", "nc2_etf", "nc3", "nc4", "ncc_accuracy", "accuracy", "memorization",
+                 "dilation")
+
+ANALYZE_DESCRIPTION = """\
+Measure neural collapse of every checkpoint x split x layer in run folders (written by
+ncfast.dumps.RunWriter, with a manifest.json) and feature files (.npy, .npz, .safetensors,
+.pt/.pth, .h5/.hdf5). Arrays in a file are named [SPLIT/]features[/LAYER], [SPLIT/]labels,
+[SPLIT/]clean_labels, weights, bias; a file of features alone takes --labels (and
+--weights/--bias). Files are streamed in row blocks, never loaded whole.
+
+The train split is measured against its own class means (with memorization and dilation when
+clean labels exist); other splits against the train means of the same checkpoint and layer;
+the classifier against the layer it reads. Results of each checkpoint are cached next to it,
+keyed by the content of its files: rerunning on a growing run measures only new checkpoints.
+
+Writes OUT/metrics.json, OUT/metrics.csv and OUT/METRIC.png (each metric against epoch on a
+log axis; memorization_vs_dilation.png with label noise). Exits with status 1, after
+measuring everything else, when any input is bad."""
+
+MERGE_DESCRIPTION = """\
+Merge partial pass states saved by ncfast.states.save_state on several processes or machines.
+Pass-1 states (ClassSums) merge into OUT/pass1.safetensors, from which each worker builds the
+class means for pass 2; pass-2 states (ResidualStats, ResidualPass) merge into one report:
+printed, and written to OUT/metrics.json and OUT/metrics.csv."""
+
+
+def add_commands(commands):
+    """Add the ``analyze`` and ``merge`` subcommands to the CLI's subparsers."""
+    import argparse
+
+    parser = commands.add_parser(
+        "analyze", help="measure every checkpoint x split x layer of saved features",
+        description=ANALYZE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="run folders and feature files")
+    parser.add_argument("--metrics", nargs="+", metavar="METRIC",
+                        help="metrics to show, write and plot (default: the table shows "
+                             f"{', '.join(TABLE_METRICS)}; files and plots every metric the "
+                             f"data define); choose from: {', '.join(METRICS)}")
+    parser.add_argument("--layers", nargs="+", metavar="LAYER",
+                        help="measure only these layers (default: every layer)")
+    parser.add_argument("--out", default="ncfast-analysis", metavar="DIR",
+                        help="folder for metrics.json, metrics.csv and the PNG plots "
+                             "(default: ./ncfast-analysis)")
+    parser.add_argument("--chunk-size", type=int, metavar="ROWS",
+                        help="rows read per block (default: about 8 MiB of float32 per block); "
+                             "bounds memory, results do not depend on it")
+    for name, what in (("labels", "labels"), ("clean-labels", "true labels (label noise)"),
+                       ("weights", "classifier weights (C, D)"), ("bias", "classifier bias")):
+        parser.add_argument(f"--{name}", metavar="FILE",
+                            help=f"file of the {what}, for feature files that lack them")
+    parser.add_argument("--global-mean", choices=("classes", "samples"), default="classes",
+                        help="global mean as the mean of class means (default) or of all rows")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="measure everything again; neither read nor write the caches")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=run_analyze)
+
+    merge = commands.add_parser(
+        "merge", help="merge partial pass states from several processes into one",
+        description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("states", nargs="+", metavar="STATE",
+                       help="state files of one pass, written by ncfast.states.save_state")
+    merge.add_argument("--out", default="ncfast-merged", metavar="DIR",
+                       help="folder for the merged pass-1 state or the report "
+                            "(default: ./ncfast-merged)")
+    merge.set_defaults(handler=run_merge)
+
+
+def _results_table(rows, metrics, title):
+    from rich.table import Table
+
+    table = Table(title=title)
+    many_sources = len({row["source"] for row in rows}) > 1
+    headers = (["source"] if many_sources else []) + ["epoch", "split", "layer", *metrics]
+    for index, header in enumerate(headers):
+        table.add_column(header, justify="right" if index >= len(headers) - len(metrics) else
+                         "left")
+    for row in rows:
+        cells = ([row["source"]] if many_sources else []) + [
+            "" if row["epoch"] is None else str(row["epoch"]), row["split"], row["layer"]]
+        cells += ["-" if row.get(name) is None else f"{row[name]:.4g}" for name in metrics]
+        table.add_row(*cells)
+    return table
+
+
+def run_analyze(args, console):
+    """``ncfast analyze``: measure, print the table, write files and plots."""
+    from ncfast.plots import write_plots
+
+    if args.metrics is not None:
+        scalar_metrics([], args.metrics)  # reject unknown names before measuring
+    if args.chunk_size is not None:
+        check_chunk_size(args.chunk_size, 1)
+    analysis = analyze(args.paths, layers=args.layers, chunk_size=args.chunk_size,
+                       labels=args.labels, clean_labels=args.clean_labels,
+                       weights=args.weights, bias=args.bias, use_cache=not args.no_cache,
+                       global_mean=args.global_mean, progress=not args.no_progress)
+    if analysis.rows:
+        metrics = scalar_metrics(analysis.rows, args.metrics)
+        shown = metrics if args.metrics is not None else [
+            name for name in TABLE_METRICS if name in metrics]
+        console.print(_results_table(
+            analysis.rows, shown, f"ncfast: {len(analysis.rows)} measurements "
+            f"({analysis.measured} layer groups measured, {analysis.cached} from cache)"))
+        written = write_results(analysis, args.out, args.metrics)
+        if not args.no_plots:
+            written += write_plots(analysis.rows, args.out, metrics)
+        console.print(f"wrote {len(written)} files to {args.out}")
+    for failure in analysis.failures:
+        console.print(f"[red]ncfast analyze: FAILED {failure.name}: {failure.reason}[/red]",
+                      soft_wrap=True)
+    if not analysis.rows and not analysis.failures:
+        console.print("[red]ncfast analyze: found no checkpoints to measure[/red]")
+        return 1
+    return 1 if analysis.failures else 0
+
+
+def run_merge(args, console):
+    """``ncfast merge``: add up state files; save pass 1, or report pass 2."""
+    from ncfast.accumulators import ClassSums
+    from ncfast.states import merge_states, report_of, save_state
+
+    merged = merge_states(args.states)
+    os.makedirs(args.out, exist_ok=True)
+    if isinstance(merged, ClassSums):
+        path = os.path.join(args.out, "pass1.safetensors")
+        save_state(path, merged)
+        console.print(f"merged {len(args.states)} pass-1 states ({merged!r}) into {path}")
+        return 0
+    report = report_of(merged)
+    row = {"source": "merged", "epoch": None, "split": "merged", "layer": "merged",
+           "measured_against": "merged", **report.to_dict()}
+    analysis = Analysis(rows=[row])
+    console.print(_results_table(analysis.rows, scalar_metrics(analysis.rows),
+                                 f"ncfast: {len(args.states)} pass-2 states merged"))
+    written = write_results(analysis, args.out)
+    console.print(f"wrote {', '.join(written)}")
+    return 0
