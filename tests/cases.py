@@ -89,17 +89,24 @@ def orthogonal_frame(num_classes, num_features, *, rows_per_class=3, spread=0.01
     return {"features": features, "labels": labels, "num_classes": num_classes}
 
 
-def with_label_noise(case, rate=0.2, seed=1):
+def with_label_noise(case, rate=0.2, seed=1, *, memorized=False):
     """Copy of ``case`` whose labels are flipped to another class with probability ``rate``.
 
-    The original labels become ``clean_labels``.
+    By default the original labels become ``clean_labels``: corrupted rows sit
+    in the cloud of their true class, as in a network that resisted the noise.
+    With ``memorized`` the roles swap: the original labels stay the (noisy)
+    ``labels`` and the flipped ones become ``clean_labels``, so corrupted rows
+    sit in the cloud of their noisy class, as in a network that fit the noise
+    (noise fit near 1, memorization near the distance between class means).
     """
     rng = np.random.default_rng(seed)
-    clean = case["labels"]
-    flip = rng.random(clean.size) < rate
-    shift = rng.integers(1, case["num_classes"], size=clean.size)
-    noisy = np.where(flip, (clean + shift) % case["num_classes"], clean)
-    return {**case, "labels": noisy, "clean_labels": clean}
+    original = case["labels"]
+    flip = rng.random(original.size) < rate
+    shift = rng.integers(1, case["num_classes"], size=original.size)
+    flipped = np.where(flip, (original + shift) % case["num_classes"], original)
+    if memorized:
+        return {**case, "labels": original, "clean_labels": flipped}
+    return {**case, "labels": flipped, "clean_labels": original}
 
 
 #: The adversarial cases every metric is checked on (name -> generator keywords).

@@ -1,0 +1,116 @@
+"""Label-noise metrics of ``ncfast.collapse`` against the float64 textbook route.
+
+With ``clean_labels`` ncfast adds memorization, dilation, noise fit and the NC1
+of the clean rows (DESIGN.md, label noise; Nguyen et al. 2023). Each must match
+``ncfast.textbook.textbook_collapse`` to 1e-5 relative error (``noise_fit``, a
+ratio of integer tallies, exactly) on noisy versions of the adversarial cases,
+with and without a classifier, for noise the network resisted and noise it fit.
+"""
+import numpy as np
+import pytest
+
+import ncfast
+from cases import ADVERSARIAL, gaussian_classes, with_label_noise
+from ncfast.textbook import textbook_collapse
+from test_metrics import REFERENCE_RTOL, TWO_CLASS_ZEROS, assert_matches_textbook
+
+NOISE_METRICS = ("memorization", "memorization_raw", "dilation", "noise_fit", "nc1_clean",
+                 "nc1_trace_clean")
+
+#: Metrics defined only when some rows are corrupted.
+CORRUPTION_METRICS = ("memorization", "memorization_raw", "noise_fit")
+
+
+def _noisy_case(name, *, with_classifier, memorized=False, rate=0.2):
+    case = gaussian_classes(**ADVERSARIAL[name], classifier=with_classifier)
+    return with_label_noise(case, rate, memorized=memorized)
+
+
+def _analytic_zeros(case):
+    return TWO_CLASS_ZEROS if case["num_classes"] == 2 else ()
+
+
+@pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_resisted_noise_matches_textbook(name, with_classifier):
+    case = _noisy_case(name, with_classifier=with_classifier)
+    report = ncfast.collapse(**case)
+    assert all(getattr(report, metric) is not None for metric in NOISE_METRICS)
+    assert_matches_textbook(report, textbook_collapse(**case),
+                            analytic_zeros=_analytic_zeros(case))
+
+
+@pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
+@pytest.mark.parametrize("name", ["gaussian", "tiny_spread_1e-4", "imbalanced_1_to_100",
+                                  "classes_exceed_features"])
+def test_memorized_noise_matches_textbook(name, with_classifier):
+    case = _noisy_case(name, with_classifier=with_classifier, memorized=True)
+    report = ncfast.collapse(**case)
+    reference = textbook_collapse(**case)
+    assert_matches_textbook(report, reference, analytic_zeros=_analytic_zeros(case))
+    # Corrupted rows sit with their noisy class: the noise is fit and memorized.
+    assert reference["noise_fit"] > 0.5
+    assert reference["memorization"] > 0.3
+
+
+def test_noise_fit_uses_classifier_when_given_else_nearest_centre():
+    """On ReLU features the classifier fits noisy labels that the NCC rule does not."""
+    case = _noisy_case("relu_offset_1e3", with_classifier=True)
+    without_classifier = {key: value for key, value in case.items()
+                          if key not in ("weights", "bias")}
+    by_classifier = textbook_collapse(**case)["noise_fit"]
+    by_centres = textbook_collapse(**without_classifier)["noise_fit"]
+    assert by_classifier > by_centres
+    assert ncfast.collapse(**case).noise_fit == by_classifier
+    assert ncfast.collapse(**without_classifier).noise_fit == by_centres
+
+
+@pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
+@pytest.mark.parametrize("name", ["gaussian", "classes_exceed_features"])
+def test_no_corrupted_rows(name, with_classifier):
+    case = _noisy_case(name, with_classifier=with_classifier, rate=0.0)
+    np.testing.assert_array_equal(case["labels"], case["clean_labels"])
+    report = ncfast.collapse(**case)
+    for metric in CORRUPTION_METRICS:
+        assert getattr(report, metric) is None, metric
+    assert_matches_textbook(report, textbook_collapse(**case))
+    # Every row is clean, so the clean rows' NC1 is the NC1: to float64 rounding for
+    # the trace form, to the fp32 GEMM's for nc1 (it multiplies the clean rows by M~
+    # alone but all rows by [M~ | W], so its rounding differs).
+    assert report.nc1_clean == pytest.approx(report.nc1, rel=REFERENCE_RTOL)
+    assert report.nc1_trace_clean == pytest.approx(report.nc1_trace, rel=1e-10)
+
+
+def _single_row_class_relabelled(case):
+    """``case`` with the single row of class 0 relabelled 2: class 0 has no clean rows.
+
+    That row is corrupted and its true class has no clean mean, so it counts
+    in ``noise_fit`` but not in ``memorization``.
+    """
+    labels = case["labels"].copy()
+    labels[labels == 0] = 2
+    clean_labels = case.get("clean_labels", case["labels"])
+    return {**case, "labels": labels, "clean_labels": clean_labels}
+
+
+@pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
+def test_corrupted_rows_of_a_class_without_clean_rows(with_classifier):
+    case = _single_row_class_relabelled(
+        _noisy_case("single_row_classes", with_classifier=with_classifier))
+    assert not np.any((case["clean_labels"] == 0) & (case["labels"] == 0))
+    with pytest.warns(UserWarning, match=r"1 of 6 classes have no rows \(0\)"):
+        report = ncfast.collapse(**case)
+    assert_matches_textbook(report, textbook_collapse(**case))
+
+
+@pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
+def test_noise_fit_defined_when_no_corrupted_row_is_measurable(with_classifier):
+    """The only corrupted row has no clean mean: no memorization, but a noise fit."""
+    case = _single_row_class_relabelled(
+        gaussian_classes(**ADVERSARIAL["single_row_classes"], classifier=with_classifier))
+    assert np.sum(case["labels"] != case["clean_labels"]) == 1
+    with pytest.warns(UserWarning, match=r"1 of 6 classes have no rows \(0\)"):
+        report = ncfast.collapse(**case)
+    reference = textbook_collapse(**case)
+    assert "memorization" not in reference and "noise_fit" in reference
+    assert_matches_textbook(report, reference)
