@@ -14,7 +14,7 @@ EMPTY_CLASS_POLICIES = ("warn", "ignore", "raise")
 
 def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None, means=None,
              clean_labels=None, global_mean="classes", chunk_size=None, empty_classes="warn",
-             pinv_rtol=PINV_RTOL):
+             pinv_rtol=PINV_RTOL, device="auto"):
     """Measure neural collapse of a set of features in two streaming passes.
 
     Parameters
@@ -52,6 +52,10 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
     pinv_rtol : float
         Eigenvalues below this fraction of the largest are cut in the
         pseudo-inverse; the report carries the rank kept.
+    device : {"auto", "cpu", "cuda"}
+        Where the passes run. "auto": CuPy arrays and torch CUDA tensors on
+        their GPU (read in place), everything else on the CPU; "cuda": on the
+        GPU, streaming host data to it (needs CuPy, ``ncfast[gpu]``).
 
     Returns
     -------
@@ -60,6 +64,12 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
     if empty_classes not in EMPTY_CLASS_POLICIES:
         raise ValueError(
             f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+    from ncfast import cuda  # imports no CuPy until the GPU is used
+    if cuda.runs_on_gpu(device, features):
+        return cuda.collapse_on_gpu(
+            features, labels, num_classes=num_classes, weights=weights, bias=bias, means=means,
+            clean_labels=clean_labels, global_mean=global_mean, chunk_size=chunk_size,
+            empty_classes=empty_classes, pinv_rtol=pinv_rtol)
     source = as_source(features, labels, clean_labels, chunk_size=chunk_size)
     num_classes = _resolve_num_classes(num_classes, source, means)
     has_noise = clean_labels is not None or _chunks_carry_clean_labels(source)

@@ -1,0 +1,574 @@
+"""GPU backend: the two streaming passes on a CUDA device, through CuPy.
+
+``ncfast.collapse(..., device="cuda")`` lands in ``collapse_on_gpu``. Features
+already on a GPU (CuPy arrays; torch CUDA tensors through DLPack, no copy)
+are read in place. Host arrays, memmaps, ``.npy`` paths and chunk sources are
+streamed through two pinned buffers: while the kernels of one chunk run on
+the compute stream, the next chunk is staged into the other buffer and copied
+on a copy stream, so inputs larger than GPU memory work.
+
+The accumulators stay on the device in float64; the host waits once per pass
+(``# synchronize!``) to add them into the same ``ClassSums`` and
+``ResidualStats`` the CPU backend builds, and the shared finalize and metric
+algebra (``ncfast.api.finalize_pass1``, ``ncfast.metrics``) do the rest.
+
+Importing this module never imports CuPy: backend detection reads
+``sys.modules``, and the kernels (``ncfast.kernels.cuda``) load on first use.
+"""
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ncfast.accumulators import ClassSums, _raise_bad_rows
+from ncfast.api import (ResidualPass, _chunks_carry_clean_labels, _geometry_from_given_means,
+                        _num_features, _resolve_num_classes, finalize_pass1)
+from ncfast.geometry import PINV_RTOL
+from ncfast.inputs import (Chunk, as_source, check_chunk_size, check_features, check_labels,
+                           to_kernel_features, to_kernel_labels)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Bytes of float32 host rows per streamed chunk (each of the two pinned buffers).
+STREAM_CHUNK_BYTES = 64 << 20
+
+#: Bytes of float32 work buffers (residuals or GEMM output) per pass-2 chunk.
+RESIDUAL_CHUNK_BYTES = 64 << 20
+
+#: Threads that stage a host chunk into pinned memory side by side.
+STAGING_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _cupy():
+    """The CuPy module, or a RuntimeError saying why the GPU backend cannot run."""
+    try:
+        import cupy
+    except ImportError as error:
+        raise RuntimeError(
+            f"device='cuda' needs CuPy and a CUDA GPU, but CuPy cannot be imported ({error}): "
+            "install it (pip install 'ncfast[gpu]') or pass device='cpu'") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as error:
+        count, reason = 0, str(error)
+    else:
+        reason = "the CUDA runtime sees no device"
+    if count == 0:
+        raise RuntimeError(
+            f"device='cuda' needs a CUDA GPU, but none is usable ({reason}); pass device='cpu'")
+    return cupy
+
+
+def _torch_cuda_tensor(obj):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor) and obj.device.type == "cuda"
+
+
+def _cupy_array(obj):
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(obj, cupy.ndarray)
+
+
+def is_device_array(obj):
+    """True for a CuPy array or a torch CUDA tensor (checked without importing either)."""
+    return _cupy_array(obj) or _torch_cuda_tensor(obj)
+
+
+def runs_on_gpu(device, features):
+    """Whether ``collapse`` runs on the GPU for this ``device`` and these features.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"}
+        "auto": where the features are (GPU arrays on their GPU, host data on
+        the CPU); "cuda": on the GPU, streaming host data to it.
+    features : the ``features`` argument of ``collapse``
+
+    Raises
+    ------
+    RuntimeError
+        ``device="cuda"`` without CuPy or without a usable GPU.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}; found {device!r}")
+    on_device = is_device_array(features)
+    if device == "cpu" and on_device:
+        raise ValueError(
+            "features are on a GPU but device='cpu'; pass device='cuda' (or 'auto'), or move "
+            "them to host memory (.get() for CuPy, .cpu() for torch)")
+    if device == "cuda" or on_device:
+        _cupy()
+        return True
+    return False
+
+
+def _rows_for(num_bytes, row_bytes):
+    return max(1, num_bytes // max(row_bytes, 1))
+
+
+def _device_features(block):
+    """A C-contiguous float32/float64 CuPy array of GPU rows (CuPy or torch), no copy when
+    the dtype and layout allow."""
+    cupy = sys.modules["cupy"]
+    if _torch_cuda_tensor(block):
+        torch = sys.modules["torch"]
+        block = block.detach()
+        if block.dtype not in (torch.float32, torch.float64):
+            block = block.float()
+        return cupy.ascontiguousarray(cupy.from_dlpack(block.contiguous()))
+    if block.dtype not in (np.float32, np.float64):
+        block = block.astype(np.float32 if block.dtype.itemsize <= 4 else np.float64)
+    return cupy.ascontiguousarray(block)
+
+
+def _device_labels(labels):
+    """Labels (host or GPU, any integer dtype) as a CuPy int64 array."""
+    cupy = sys.modules["cupy"]
+    if _torch_cuda_tensor(labels):
+        labels = cupy.from_dlpack(labels.detach().contiguous())
+    if not _cupy_array(labels):
+        labels = to_kernel_labels(labels)
+    return cupy.ascontiguousarray(labels, dtype=cupy.int64)
+
+
+def _host_rows(array, start, stop):
+    """Rows ``start:stop`` of a host or GPU array, as numpy."""
+    block = array[start:stop]
+    if _torch_cuda_tensor(block):
+        block = block.detach().cpu()
+    if _cupy_array(block):
+        return block.get()
+    return to_kernel_features(block) if block.ndim == 2 else to_kernel_labels(block)
+
+
+class ResidentSource:
+    """Features already on a GPU, read in place in chunks of rows.
+
+    Parameters
+    ----------
+    features : CuPy array or torch CUDA tensor of shape (n_samples, n_features)
+    labels, clean_labels : int arrays of shape (n_samples,), host or GPU
+    chunk_size : int, optional
+        Rows per chunk; by default pass 1 reads all rows at once and pass 2
+        sizes its chunks to ``RESIDUAL_CHUNK_BYTES`` of work buffers.
+    """
+
+    def __init__(self, features, labels, clean_labels=None, *, chunk_size=None):
+        cupy = sys.modules["cupy"]
+        self.features = features
+        self.num_rows, self.num_features = check_features(features)
+        if labels is None:
+            raise TypeError("labels is required with features on a GPU")
+        self.labels = _device_labels(check_labels(labels, self.num_rows))
+        self.clean_labels = None
+        if clean_labels is not None:
+            self.clean_labels = _device_labels(
+                check_labels(clean_labels, self.num_rows, "clean_labels"))
+        self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size, 1)
+        device = features.device
+        self.device = cupy.cuda.Device(device.index if _torch_cuda_tensor(features) else device.id)
+        self.compute_stream = None  # the caller's current stream: the features' producer's
+
+    def max_label(self):
+        """Largest label (and clean label)."""
+        labels = [self.labels] + ([] if self.clean_labels is None else [self.clean_labels])
+        return max(int(array.max()) for array in labels)
+
+    def chunks(self, work_row_bytes=None):
+        """Chunks of device rows: all rows when ``work_row_bytes`` is None (pass 1), else
+        rows whose pass-2 work buffers take ``RESIDUAL_CHUNK_BYTES``."""
+        rows = self.chunk_size
+        if rows is None:
+            rows = self.num_rows if work_row_bytes is None else \
+                _rows_for(RESIDUAL_CHUNK_BYTES, work_row_bytes)
+        for start in range(0, self.num_rows, rows):
+            stop = min(start + rows, self.num_rows)
+            clean = None if self.clean_labels is None else self.clean_labels[start:stop]
+            yield Chunk(_device_features(self.features[start:stop]), self.labels[start:stop],
+                        clean, start)
+
+    def host_row(self, row):
+        """Features (1, D), labels (1,) and clean labels (1,) or None of one row, on the host."""
+        clean = None if self.clean_labels is None else self.clean_labels[row:row + 1].get()
+        return (_host_rows(self.features, row, row + 1), self.labels[row:row + 1].get(), clean)
+
+
+def _parallel_copy(destination, source, pool):
+    """``destination[...] = source`` in row blocks on the threads of ``pool`` (numpy
+    releases the GIL while copying)."""
+    bounds = np.linspace(0, len(source), STAGING_THREADS + 1).astype(int)
+    list(pool.map(lambda start, stop: np.copyto(destination[start:stop], source[start:stop]),
+                  bounds[:-1], bounds[1:]))
+
+
+class _StagingSlot:
+    """One pinned host buffer and its device twin, with the events that guard reuse."""
+
+    #: Alignment of each array inside the buffers (bytes).
+    ALIGNMENT = 256
+
+    def __init__(self, cupy):
+        self.cupy = cupy
+        self.capacity = 0
+        self.copied = cupy.cuda.Event(disable_timing=True)  # its copy to the device landed
+        self.consumed = cupy.cuda.Event(disable_timing=True)  # kernels reading it finished
+        self.copied.record()
+        self.consumed.record()
+
+    def _reserve(self, nbytes):
+        if nbytes <= self.capacity:
+            return
+        self.pinned = np.frombuffer(self.cupy.cuda.alloc_pinned_memory(nbytes), np.uint8, nbytes)
+        self.device = self.cupy.empty(nbytes, self.cupy.uint8)
+        self.capacity = nbytes
+        # Fresh device memory may come from buffers that queued kernels still read.
+        self.consumed.record()
+
+    def upload(self, arrays, pool, copy_stream):
+        """Stage host arrays (None entries pass through) into the pinned buffer and copy
+        them to the device on ``copy_stream``; return their device views."""
+        cupy = self.cupy
+        starts, end = [], 0
+        for array in arrays:
+            starts.append(end)
+            if array is not None:
+                end += -(-array.nbytes // self.ALIGNMENT) * self.ALIGNMENT
+        self.copied.synchronize()  # synchronize! the pinned buffer's previous copy must land
+        self._reserve(max(end, 1))
+        device_views = []
+        for array, start in zip(arrays, starts):
+            if array is None:
+                device_views.append(None)
+                continue
+            window = slice(start, start + array.nbytes)
+            _parallel_copy(self.pinned[window].view(array.dtype).reshape(array.shape), array,
+                           pool)
+            device_views.append(self.device[window].view(array.dtype).reshape(array.shape))
+        copy_stream.wait_event(self.consumed)
+        cupy.cuda.runtime.memcpyAsync(self.device.data.ptr, self.pinned.ctypes.data, end,
+                                      cupy.cuda.runtime.memcpyHostToDevice, copy_stream.ptr)
+        self.copied.record(copy_stream)
+        return device_views
+
+
+class StreamedSource:
+    """Host rows (arrays, memmaps, ``.npy`` paths, chunk sources) streamed to the GPU.
+
+    Two pinned buffers alternate: chunk k+1 is staged and copied on the copy
+    stream while the kernels of chunk k run on the compute stream.
+
+    Parameters
+    ----------
+    features, labels, clean_labels, chunk_size
+        As for ``ncfast.collapse``; chunks default to ``STREAM_CHUNK_BYTES``.
+    """
+
+    def __init__(self, features, labels, clean_labels=None, *, chunk_size=None):
+        cupy = sys.modules["cupy"]
+        self.host = as_source(features, labels, clean_labels, chunk_size=chunk_size)
+        if chunk_size is None:
+            self.host.chunk_size = _rows_for(STREAM_CHUNK_BYTES, 4 * _num_features(self.host))
+        self.device = cupy.cuda.Device()
+        self.copy_stream = cupy.cuda.Stream(non_blocking=True)
+        self.compute_stream = cupy.cuda.Stream(non_blocking=True)
+        self._slots = (_StagingSlot(cupy), _StagingSlot(cupy))
+
+    @property
+    def num_features(self):
+        return _num_features(self.host)
+
+    def chunks(self, work_row_bytes=None):
+        """Chunks of device rows, copied through the pinned buffers (the argument, used by
+        ``ResidentSource``, is ignored: the host chunks set the size)."""
+        with ThreadPoolExecutor(STAGING_THREADS) as pool:
+            for index, chunk in enumerate(self.host):
+                slot = self._slots[index % 2]
+                features, labels, clean = slot.upload(
+                    (chunk.features, chunk.labels, chunk.clean_labels), pool, self.copy_stream)
+                self.compute_stream.wait_event(slot.copied)
+                yield Chunk(features, labels, clean, chunk.offset)
+                slot.consumed.record(self.compute_stream)
+
+    def host_row(self, row):
+        """Features (1, D), labels (1,) and clean labels (1,) or None of one row."""
+        for chunk in self.host:
+            if chunk.offset <= row < chunk.offset + len(chunk.labels):
+                i = row - chunk.offset
+                clean = None if chunk.clean_labels is None else chunk.clean_labels[i:i + 1]
+                return chunk.features[i:i + 1], chunk.labels[i:i + 1], clean
+        raise IndexError(f"row {row} is beyond the source's rows")
+
+
+class DeviceClassSums:
+    """Pass-1 state on the device: per-class counts and float64 sums.
+
+    Parameters
+    ----------
+    num_classes, num_features : int
+    track_clean : bool
+        Also sum the clean rows (label equal to the clean label).
+    """
+
+    def __init__(self, num_classes, num_features, *, track_clean=False):
+        from ncfast.kernels import cuda as kernels
+        cupy = kernels.cupy
+        self._kernels = kernels
+        self.num_classes, self.num_features = num_classes, num_features
+        self.counts = cupy.zeros(num_classes, cupy.uint64)
+        self.sums = cupy.zeros((num_classes, num_features))
+        self.clean_counts = cupy.zeros(num_classes, cupy.uint64) if track_clean else None
+        self.clean_sums = cupy.zeros((num_classes, num_features)) if track_clean else None
+        self.bad_rows = cupy.full(2, kernels.NO_ROW, cupy.int64)
+
+    def update(self, chunk):
+        """Add one device ``Chunk`` (clean labels exactly when tracking clean rows)."""
+        self._kernels.class_sums(chunk.features, chunk.labels, chunk.clean_labels, self.counts,
+                                 self.sums, self.clean_counts, self.clean_sums, self.bad_rows,
+                                 chunk.offset)
+        return self
+
+    def to_host(self, source):
+        """The equal host ``ClassSums``; raises naming the first bad row, if any.
+
+        Waits for the device once.
+        """
+        bad_label_row, bad_value_row = self.bad_rows.get()  # synchronize!
+        if min(bad_label_row, bad_value_row) != self._kernels.NO_ROW:
+            row = min(bad_label_row, bad_value_row)
+            features, labels, clean = source.host_row(row)
+            no_row = self._kernels.NO_ROW
+            _raise_bad_rows(row, 0 if row == bad_label_row else no_row,
+                            0 if row != bad_label_row else no_row, self.num_classes, labels,
+                            features, clean)
+        host = ClassSums(self.num_classes, self.num_features,
+                         track_clean=self.clean_counts is not None)
+        host.counts += self.counts.get().astype(np.int64)
+        host.sums += self.sums.get()
+        if host.track_clean:
+            host.clean_counts += self.clean_counts.get().astype(np.int64)
+            host.clean_sums += self.clean_sums.get()
+        return host
+
+
+class DeviceResidualStats:
+    """Pass-2 state on the device for one host ``ResidualStats`` (same geometry,
+    classifier and route), added into it by ``add_to_host``.
+
+    Per chunk: residuals from the float64 means with ``||r||^2``; one float32
+    GEMM against ``[M~^T | W^T]`` (of the residuals on the "classes" route, of
+    the centred rows on the "features" route); the fused epilogue; the float64
+    scatter by ``dsyrk``.
+
+    Parameters
+    ----------
+    host_stats : ResidualStats
+        Supplies the geometry and the prepared float32/float64 matrices.
+    """
+
+    _TALLIES = ("counts", "sq_norm_sums", "norm_sums", "ncc_hits", "classifier_hits", "totals")
+
+    def __init__(self, host_stats):
+        from ncfast.kernels import cuda as kernels
+        cupy = kernels.cupy
+        self._kernels = kernels
+        self.host_stats = host_stats
+        geometry = host_stats.geometry
+        self.route = host_stats.route
+        self.num_means = geometry.present.size
+        self.label_rows = cupy.asarray(geometry.label_rows)
+        self.present = cupy.asarray(geometry.present)
+        self.means = cupy.asarray(host_stats._present_means)
+        if self.route == "classes":
+            projection_t = host_stats._projection_t
+            self.distance_offsets = cupy.asarray(geometry.mean_sq_distances)
+            self.logit_offsets = cupy.asarray(host_stats._logit_offsets)
+        else:
+            projection_t = host_stats._centred_t
+            self.logit_offsets = cupy.zeros(0)
+            if host_stats.weights is not None:
+                projection_t = np.concatenate([projection_t, host_stats._weights_t], axis=1)
+                self.logit_offsets = cupy.asarray(host_stats._classifier_offsets)
+            self.distance_offsets = cupy.asarray(geometry.centred_sq_norms)
+            self.global_mean = cupy.asarray(geometry.global_mean[None, :])
+            self.centre_rows = cupy.zeros(1, cupy.int64)
+        self.projection_t = cupy.asarray(np.ascontiguousarray(projection_t, np.float32))
+        num_classes = geometry.num_classes
+        self.scatter = cupy.zeros(host_stats.scatter.shape)
+        self.tallies = {name: cupy.zeros(num_classes, cupy.uint64) for name in
+                        ("counts", "ncc_hits", "classifier_hits")}
+        self.tallies.update(sq_norm_sums=cupy.zeros(num_classes), norm_sums=cupy.zeros(num_classes),
+                            totals=cupy.zeros(3, cupy.uint64))
+        self.bad_row = cupy.full(1, kernels.NO_ROW, cupy.int64)
+
+    @property
+    def work_row_bytes(self):
+        """Bytes of work buffers per row of a chunk."""
+        num_features, width = self.projection_t.shape
+        if self.route == "classes":
+            return 4 * num_features + 4 * width + 8 * self.num_means
+        return 16 * num_features + 4 * width
+
+    def update(self, features, labels, *, include=None, corrupted=None, row_offset=0):
+        """Add device rows.
+
+        Parameters
+        ----------
+        features : cupy float32 or float64 array of shape (n, D)
+        labels : cupy int64 array of shape (n,)
+        include : cupy bool array of shape (n,), optional
+            Rows to add; the others contribute nothing.
+        corrupted : cupy bool array of shape (n,), optional
+            Rows whose training label is wrong (label noise).
+        row_offset : int
+            Global index of the first row (bad-row reports).
+        """
+        kernels, cupy = self._kernels, self._kernels.cupy
+        num_rows, num_features = features.shape
+        if include is not None:
+            include = include.view(cupy.uint8)
+        if corrupted is not None:
+            corrupted = corrupted.view(cupy.uint8)
+        residuals = cupy.empty((num_rows, num_features), cupy.float32)
+        sq_norms = cupy.empty(num_rows)
+        products = cupy.empty((num_rows, self.projection_t.shape[1]), cupy.float32)
+        if self.route == "classes":
+            kernels.residuals(features, labels, include, self.label_rows, self.means, row_offset,
+                              residuals, None, sq_norms, self.bad_row)
+            kernels.matmul_f32(residuals, self.projection_t, products)
+            mean_products = cupy.empty((num_rows, self.num_means))
+            kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
+                             self.present, self.distance_offsets, True, self.logit_offsets,
+                             corrupted, self.tallies, mean_products)
+            kernels.add_gram(mean_products, self.scatter)
+            return self
+        residuals64 = cupy.empty((num_rows, num_features))
+        kernels.residuals(features, labels, include, self.label_rows, self.means, row_offset,
+                          residuals, residuals64, sq_norms, self.bad_row)
+        centred = cupy.empty((num_rows, num_features), cupy.float32)
+        kernels.residuals(features, None, None, self.centre_rows, self.global_mean, row_offset,
+                          centred, None, cupy.empty(num_rows), None)
+        kernels.matmul_f32(centred, self.projection_t, products)
+        kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
+                         self.present, self.distance_offsets, False, self.logit_offsets,
+                         corrupted, self.tallies, None)
+        kernels.add_gram(residuals64, self.scatter)
+        return self
+
+    def first_bad_row(self):
+        """Global index of the first row whose label has no mean or that holds a NaN or
+        Inf, or ``NO_ROW`` (waits for the device)."""
+        return int(self.bad_row.get()[0])
+
+    def add_to_host(self):
+        """Add the device sums into ``host_stats`` (waits for the device)."""
+        host = self.host_stats
+        host.scatter += self._kernels.symmetric_from_upper(self.scatter.get())
+        for name in self._TALLIES:
+            tally = getattr(host, name)
+            tally += self.tallies[name].get().astype(tally.dtype)
+
+
+class DeviceResidualPass:
+    """Pass 2 on the device for a host ``ResidualPass``: every row, and with label
+    noise the clean rows and the corrupted rows under their true label, as in
+    ``ResidualPass.update``.
+
+    Parameters
+    ----------
+    residual_pass : ResidualPass
+        The host state the device sums are added into.
+    """
+
+    def __init__(self, residual_pass):
+        self.residual_pass = residual_pass
+        self.stats = DeviceResidualStats(residual_pass.stats)
+        self.clean_stats = self.corrupted_stats = None
+        if residual_pass.has_noise:
+            self.clean_stats = DeviceResidualStats(residual_pass.clean_stats)
+            self.corrupted_stats = DeviceResidualStats(residual_pass.corrupted_stats)
+
+    def _all_stats(self):
+        return [s for s in (self.stats, self.clean_stats, self.corrupted_stats) if s is not None]
+
+    @property
+    def work_row_bytes(self):
+        return max(stats.work_row_bytes for stats in self._all_stats())
+
+    def update(self, chunk):
+        """Add one device ``Chunk``."""
+        if self.clean_stats is None:
+            self.stats.update(chunk.features, chunk.labels, row_offset=chunk.offset)
+            return self
+        corrupted = chunk.labels != chunk.clean_labels
+        self.stats.update(chunk.features, chunk.labels, corrupted=corrupted,
+                          row_offset=chunk.offset)
+        self.clean_stats.update(chunk.features, chunk.labels, include=~corrupted,
+                                row_offset=chunk.offset)
+        # Memorization needs the clean mean of the true class (as ResidualPass.update).
+        measurable = corrupted & (self.clean_stats.label_rows[chunk.clean_labels] >= 0)
+        self.corrupted_stats.update(chunk.features, chunk.clean_labels, include=measurable,
+                                    row_offset=chunk.offset)
+        return self
+
+    def add_to_host(self, source, stream):
+        """Add every device sum into the host ``ResidualPass``; raises naming the first bad
+        row, if any. Waits for the device once."""
+        stream.synchronize()  # synchronize!
+        bad_row = min(stats.first_bad_row() for stats in self._all_stats())
+        host_stats = self.residual_pass.stats
+        if bad_row != self.stats._kernels.NO_ROW:
+            features, labels, _ = source.host_row(bad_row)
+            label = int(labels[0])
+            label_rows = host_stats.geometry.label_rows
+            has_mean = 0 <= label < label_rows.size and label_rows[label] >= 0
+            host_stats._raise_bad_row(features, labels, np.array([np.nan if has_mean else -1.0]),
+                                      bad_row)
+        for stats in self._all_stats():
+            stats.add_to_host()
+        return self.residual_pass
+
+
+def collapse_on_gpu(features, labels=None, *, num_classes=None, weights=None, bias=None,
+                    means=None, clean_labels=None, global_mean="classes", chunk_size=None,
+                    empty_classes="warn", pinv_rtol=PINV_RTOL):
+    """``ncfast.collapse`` on the GPU; same parameters and result (see there).
+
+    Returns
+    -------
+    CollapseReport
+    """
+    cupy = _cupy()
+    if is_device_array(features):
+        source = ResidentSource(features, labels, clean_labels, chunk_size=chunk_size)
+        has_noise = clean_labels is not None
+        num_classes = _resolve_num_classes(num_classes, source, means)
+    else:
+        source = StreamedSource(features, labels, clean_labels, chunk_size=chunk_size)
+        has_noise = clean_labels is not None or _chunks_carry_clean_labels(source.host)
+        num_classes = _resolve_num_classes(num_classes, source.host, means)
+    stream = source.compute_stream or cupy.cuda.get_current_stream()
+    with source.device, stream:
+        clean_geometry = None
+        if means is None:
+            class_sums = DeviceClassSums(num_classes, source.num_features, track_clean=has_noise)
+            for chunk in source.chunks():
+                class_sums.update(chunk)
+            geometry, clean_geometry = finalize_pass1(
+                class_sums.to_host(source), global_mean=global_mean, empty_classes=empty_classes)
+        else:
+            if has_noise:
+                raise ValueError(
+                    "clean_labels needs the clean-row means of these features, so it cannot be "
+                    "combined with means=; measure label noise on the training features")
+            geometry = _geometry_from_given_means(means, num_classes, global_mean)
+            if geometry.num_features != source.num_features:
+                raise ValueError(
+                    f"means has {geometry.num_features} features per class but the features "
+                    f"have {source.num_features} columns; pass the means of the same layer")
+        residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
+        device_pass = DeviceResidualPass(residual_pass)
+        for chunk in source.chunks(device_pass.work_row_bytes):
+            device_pass.update(chunk)
+        device_pass.add_to_host(source, stream)
+    return residual_pass.report(global_mean=global_mean, pinv_rtol=pinv_rtol)
