@@ -23,6 +23,8 @@ atomics).
 The GEMMs are cuBLAS ``sgemm`` in the default math mode, true float32 (never
 TF32: DESIGN.md's precision rules), and ``dsyrk`` for the float64 scatter.
 """
+import functools
+
 import cupy
 import numpy as np
 from cupy_backends.cuda.libs import cublas
@@ -381,10 +383,15 @@ _SHARED_MEMORY_PER_SM = 224 << 10  # shared memory the blocks of one multiproces
 
 
 def _kernel(name, shared_bytes):
-    kernel = _MODULE.get_function(name)
-    if shared_bytes > 48 << 10:
+    kernel = _function(name)
+    if shared_bytes > 48 << 10:  # beyond the default limit of dynamic shared memory
         kernel.max_dynamic_shared_size_bytes = shared_bytes
     return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name):
+    return _MODULE.get_function(name)
 
 
 def _pointer(array):
@@ -392,7 +399,12 @@ def _pointer(array):
 
 
 def _multiprocessors():
-    return cupy.cuda.Device().attributes["MultiProcessorCount"]
+    return _device_multiprocessors(cupy.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_multiprocessors(device_id):
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
 def _row_grid(num_rows):
@@ -539,6 +551,10 @@ def epilogue(products, num_means, sq_norms, labels, label_rows, present_classes,
         shared_mem=shared_bytes if private else 0)
 
 
+#: ``CUBLAS_DEFAULT_MATH`` (cublas_api.h): float32 routines compute in float32.
+CUBLAS_DEFAULT_MATH = 0
+
+
 class _DefaultMath:
     """Context: cuBLAS in its default math mode, so that float32 GEMMs are true
     float32 whatever CuPy's TF32 setting (``CUPY_TF32``) left on the handle."""
@@ -546,7 +562,7 @@ class _DefaultMath:
     def __enter__(self):
         self.handle = cupy.cuda.device.get_cublas_handle()
         self.previous = cublas.getMathMode(self.handle)
-        cublas.setMathMode(self.handle, cublas.CUBLAS_DEFAULT_MATH)
+        cublas.setMathMode(self.handle, CUBLAS_DEFAULT_MATH)
         return self.handle
 
     def __exit__(self, *exc):

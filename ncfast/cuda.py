@@ -33,8 +33,9 @@ DEVICES = ("auto", "cpu", "cuda")
 #: Bytes of float32 host rows per streamed chunk (each of the two pinned buffers).
 STREAM_CHUNK_BYTES = 64 << 20
 
-#: Bytes of float32 work buffers (residuals or GEMM output) per pass-2 chunk.
-RESIDUAL_CHUNK_BYTES = 64 << 20
+#: Bytes of work buffers (residuals, GEMM output, float64 products) per pass-2
+#: chunk of GPU-resident rows: large enough that launches never starve the GPU.
+RESIDUAL_CHUNK_BYTES = 256 << 20
 
 #: Threads that stage a host chunk into pinned memory side by side.
 STAGING_THREADS = min(8, os.cpu_count() or 1)
@@ -129,17 +130,7 @@ def _device_labels(labels):
         labels = cupy.from_dlpack(labels.detach().contiguous())
     if not _cupy_array(labels):
         labels = to_kernel_labels(labels)
-    return cupy.ascontiguousarray(labels, dtype=cupy.int64)
-
-
-def _host_rows(array, start, stop):
-    """Rows ``start:stop`` of a host or GPU array, as numpy."""
-    block = array[start:stop]
-    if _torch_cuda_tensor(block):
-        block = block.detach().cpu()
-    if _cupy_array(block):
-        return block.get()
-    return to_kernel_features(block) if block.ndim == 2 else to_kernel_labels(block)
+    return cupy.ascontiguousarray(cupy.asarray(labels, dtype=cupy.int64))
 
 
 class ResidentSource:
@@ -191,7 +182,9 @@ class ResidentSource:
     def host_row(self, row):
         """Features (1, D), labels (1,) and clean labels (1,) or None of one row, on the host."""
         clean = None if self.clean_labels is None else self.clean_labels[row:row + 1].get()
-        return (_host_rows(self.features, row, row + 1), self.labels[row:row + 1].get(), clean)
+        features = self.features[row:row + 1]
+        features = features.detach().cpu() if _torch_cuda_tensor(features) else features.get()
+        return to_kernel_features(features), self.labels[row:row + 1].get(), clean
 
 
 def _parallel_copy(destination, source, pool):

@@ -1,0 +1,218 @@
+"""The CUDA backend against the CPU backend: every metric, chunking and merge laws.
+
+GPU tests skip cleanly without CuPy or a CUDA GPU. Launch shapes are shrunk
+(one warp per block, 32-column pass-1 blocks) so that the multi-block paths,
+and both the shared-memory and the global-atomics state, run on small inputs.
+"""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ncfast
+from cases import ADVERSARIAL, gaussian_classes, with_label_noise
+
+#: GPU and CPU reports agree to this relative error (issue 5).
+GPU_TOLERANCE = 1e-6
+
+
+def _gpu_available():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, no device: all mean "no GPU here"
+        return False
+
+
+HAS_GPU = _gpu_available()
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs CuPy and a CUDA GPU")
+
+
+@pytest.fixture(params=["shared", "global"])
+def small_launches(request, monkeypatch):
+    """Tiny blocks so multi-block paths run; private state in shared memory or not."""
+    from ncfast.kernels import cuda as kernels
+    monkeypatch.setattr(kernels, "THREADS_PER_BLOCK", 32)
+    monkeypatch.setattr(kernels, "CLASS_SUM_COLUMNS", 32)
+    if request.param == "global":
+        monkeypatch.setattr(kernels, "SHARED_STATE_BYTES", 0)
+    return kernels
+
+
+def _keywords(case):
+    return {key: case[key] for key in ("num_classes", "weights", "bias", "clean_labels")
+            if key in case}
+
+
+def test_importing_ncfast_never_imports_cupy():
+    code = "import sys, ncfast, ncfast.cuda; assert 'cupy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the error raised without a GPU")
+def test_cuda_without_gpu_raises_one_clear_error():
+    case = gaussian_classes(num_rows=50)
+    with pytest.raises(RuntimeError, match="device='cuda' needs"):
+        ncfast.collapse(case["features"], case["labels"], device="cuda")
+
+
+def test_unknown_device_is_refused():
+    case = gaussian_classes(num_rows=50)
+    with pytest.raises(ValueError, match="device must be one of"):
+        ncfast.collapse(case["features"], case["labels"], device="gpu")
+
+
+@requires_gpu
+@pytest.mark.parametrize("placement", ["resident", "streamed"])
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_cases_match_cpu(name, placement, small_launches, assert_same_report):
+    import cupy
+    case = gaussian_classes(**ADVERSARIAL[name])
+    expected = ncfast.collapse(case["features"], case["labels"], **_keywords(case))
+    if placement == "resident":
+        actual = ncfast.collapse(cupy.asarray(case["features"]), cupy.asarray(case["labels"]),
+                                 **_keywords(case))
+    else:
+        actual = ncfast.collapse(case["features"], case["labels"], device="cuda",
+                                 chunk_size=257, **_keywords(case))
+    assert_same_report(actual, expected, rtol=GPU_TOLERANCE)
+
+
+@requires_gpu
+@pytest.mark.parametrize("placement", ["resident", "streamed"])
+@pytest.mark.parametrize("name", ["gaussian", "classes_exceed_features"])
+def test_label_noise_matches_cpu(name, placement, small_launches, assert_same_report):
+    import cupy
+    case = with_label_noise(gaussian_classes(**ADVERSARIAL[name]))
+    expected = ncfast.collapse(case["features"], case["labels"], **_keywords(case))
+    features, labels, clean = case["features"], case["labels"], case["clean_labels"]
+    if placement == "resident":
+        features, labels, clean = map(cupy.asarray, (features, labels, clean))
+    keywords = {**_keywords(case), "clean_labels": clean}
+    actual = ncfast.collapse(features, labels, device="cuda", chunk_size=300, **keywords)
+    assert_same_report(actual, expected, rtol=GPU_TOLERANCE)
+
+
+@requires_gpu
+def test_held_out_rows_against_training_means(small_launches, assert_same_report):
+    train = gaussian_classes(seed=0)
+    test = gaussian_classes(num_rows=700, seed=0)
+    test["features"] = test["features"] + 0.5 * np.random.default_rng(3).normal(
+        size=test["features"].shape).astype(np.float32)
+    report = ncfast.collapse(train["features"], train["labels"], weights=train["weights"])
+    expected = ncfast.collapse(test["features"], test["labels"], means=report,
+                               weights=train["weights"])
+    actual = ncfast.collapse(test["features"], test["labels"], means=report,
+                             weights=train["weights"], device="cuda")
+    assert_same_report(actual, expected, rtol=GPU_TOLERANCE)
+
+
+@requires_gpu
+def test_chunk_sources_and_torch_cuda_tensors(small_launches, assert_same_report):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    case = gaussian_classes(relu=True, offset=10.0)
+    expected = ncfast.collapse(case["features"], case["labels"], weights=case["weights"],
+                               bias=case["bias"])
+    chunks = [(case["features"][i:i + 500], case["labels"][i:i + 500])
+              for i in range(0, len(case["labels"]), 500)]
+    from_chunks = ncfast.collapse(chunks, num_classes=case["num_classes"],
+                                  weights=case["weights"], bias=case["bias"], device="cuda")
+    assert_same_report(from_chunks, expected, rtol=GPU_TOLERANCE)
+    features = torch.as_tensor(case["features"], device="cuda")
+    from_torch = ncfast.collapse(features, torch.as_tensor(case["labels"], device="cuda"),
+                                 weights=case["weights"], bias=case["bias"], chunk_size=999)
+    assert_same_report(from_torch, expected, rtol=GPU_TOLERANCE)
+    half = ncfast.collapse(features.half(), case["labels"], weights=case["weights"],
+                           bias=case["bias"])
+    expected_half = ncfast.collapse(case["features"].astype(np.float16), case["labels"],
+                                    weights=case["weights"], bias=case["bias"])
+    assert_same_report(half, expected_half, rtol=GPU_TOLERANCE)
+
+
+@requires_gpu
+@pytest.mark.parametrize("chunk_size", [1, 37, 1000, None])
+def test_results_do_not_depend_on_chunking(chunk_size, small_launches, assert_same_report):
+    import cupy
+    case = gaussian_classes(num_rows=2000, offset=100.0)
+    whole = ncfast.collapse(cupy.asarray(case["features"]), case["labels"],
+                            weights=case["weights"])
+    resident = ncfast.collapse(cupy.asarray(case["features"]), case["labels"],
+                               weights=case["weights"], chunk_size=chunk_size)
+    streamed = ncfast.collapse(case["features"], case["labels"], weights=case["weights"],
+                               chunk_size=chunk_size, device="cuda")
+    assert_same_report(resident, whole, rtol=1e-10)
+    assert_same_report(streamed, whole, rtol=1e-10)
+
+
+@requires_gpu
+@pytest.mark.parametrize("split", [1, 999, 2999])
+def test_pass_states_merge_by_addition(split, small_launches):
+    import cupy
+    from ncfast.cuda import DeviceClassSums, ResidentSource
+    from ncfast.inputs import Chunk
+    case = gaussian_classes(num_rows=3000, offset=1e3)
+    features, labels = cupy.asarray(case["features"]), cupy.asarray(case["labels"])
+    source = ResidentSource(features, labels)
+    whole = DeviceClassSums(5, features.shape[1]).update(
+        Chunk(features, labels, None, 0)).to_host(source)
+    first = DeviceClassSums(5, features.shape[1]).update(
+        Chunk(features[:split], labels[:split], None, 0)).to_host(source)
+    second = DeviceClassSums(5, features.shape[1]).update(
+        Chunk(features[split:], labels[split:], None, split)).to_host(source)
+    merged = first + second
+    assert np.array_equal(merged.counts, whole.counts)
+    np.testing.assert_allclose(merged.sums, whole.sums, rtol=1e-13)
+    cpu = ncfast.ClassSums(5, features.shape[1]).update(case["features"], case["labels"])
+    assert np.array_equal(whole.counts, cpu.counts)
+    np.testing.assert_allclose(whole.sums, cpu.sums, rtol=1e-12)
+
+
+@requires_gpu
+@pytest.mark.parametrize("placement", ["resident", "streamed"])
+def test_bad_rows_raise_the_cpu_errors(placement, small_launches):
+    import cupy
+    case = gaussian_classes(num_rows=600)
+    bad_value = case["features"].copy()
+    bad_value[417, 3] = np.inf
+    bad_label = case["labels"].copy()
+    bad_label[321] = 9
+    for features, labels in ((bad_value, case["labels"]), (case["features"], bad_label)):
+        with pytest.raises(ValueError) as cpu_error:
+            ncfast.collapse(features, labels, num_classes=5)
+        if placement == "resident":
+            features, labels = cupy.asarray(features), cupy.asarray(labels)
+        with pytest.raises(ValueError) as gpu_error:
+            ncfast.collapse(features, labels, num_classes=5, device="cuda", chunk_size=100)
+        assert str(gpu_error.value) == str(cpu_error.value)
+
+
+@requires_gpu
+def test_gpu_arrays_refuse_device_cpu():
+    import cupy
+    case = gaussian_classes(num_rows=50)
+    with pytest.raises(ValueError, match="features are on a GPU"):
+        ncfast.collapse(cupy.asarray(case["features"]), case["labels"], device="cpu")
+
+
+@requires_gpu
+def test_float32_gemm_is_true_float32_even_with_tf32_on_the_handle():
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+    from ncfast.kernels import cuda as kernels
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(512, 1024)).astype(np.float32)
+    matrix = rng.normal(size=(1024, 256)).astype(np.float32)
+    handle = cupy.cuda.device.get_cublas_handle()
+    previous = cublas.getMathMode(handle)
+    cublas.setMathMode(handle, 3)  # CUBLAS_TF32_TENSOR_OP_MATH
+    try:
+        out = cupy.empty((512, 256), cupy.float32)
+        kernels.matmul_f32(cupy.asarray(rows), cupy.asarray(matrix), out)
+    finally:
+        cublas.setMathMode(handle, previous)
+    reference = rows.astype(np.float64) @ matrix.astype(np.float64)
+    error = np.linalg.norm(out.get() - reference) / np.linalg.norm(reference)
+    assert error < 1e-6, f"relative error {error:.2e}: TF32 (about 3e-4) or worse"
