@@ -161,7 +161,7 @@ def _cdnv(geometry, variances, tile):
     for rows, cols, dots, pairs in _pair_blocks(centred, tile):
         distances = pair_sq_distances(sq_norms[rows], sq_norms[cols], dots)
         variance_sums = measured_variances[rows][:, None] + measured_variances[cols][None, :]
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 only off the pairs
             total += (variance_sums / (2.0 * distances))[pairs].sum()
     return float(total / _pair_count(centred.shape[0]))
 

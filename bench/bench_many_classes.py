@@ -1,0 +1,90 @@
+"""Many classes in bounded memory: N × D × C = 2,000,000 × 256 × 32,768 by default.
+
+Prints ncfast's time and peak memory beyond the input, beside the memory that a
+dense C×C route (the full class-pair grid in float32, as the accumulator
+library researchers use today allocates) would need before it even starts.
+
+    .venv/bin/python -m bench.bench_many_classes [--rows N] [--features D] [--classes C]
+"""
+import argparse
+import time
+
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+import ncfast
+
+
+def synthetic_vocabulary(num_rows, num_features, num_classes, *, seed=0, block=1 << 18):
+    """Float32 rows around random class means, generated block by block (no float64 copy).
+
+    Returns
+    -------
+    features : float32 array of shape (num_rows, num_features)
+    labels : int64 array of shape (num_rows,), every class present
+    """
+    rng = np.random.default_rng(seed)
+    class_means = rng.standard_normal((num_classes, num_features), dtype=np.float32)
+    labels = np.concatenate([np.arange(num_classes),
+                             rng.integers(0, num_classes, num_rows - num_classes)])
+    features = np.empty((num_rows, num_features), np.float32)
+    for start in range(0, num_rows, block):
+        stop = min(start + block, num_rows)
+        features[start:stop] = class_means[labels[start:stop]]
+        features[start:stop] += 0.5 * rng.standard_normal((stop - start, num_features),
+                                                           dtype=np.float32)
+    return features, labels
+
+
+def reset_peak_rss():
+    """Restart the kernel's peak-RSS count (VmHWM) at the current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def peak_rss_bytes():
+    """Peak resident set size since the last ``reset_peak_rss`` (VmHWM, Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM line in /proc/self/status")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--classes", type=int, default=32_768)
+    args = parser.parse_args(argv)
+
+    warm = synthetic_vocabulary(4096, args.features, 600, seed=1)
+    ncfast.collapse(*warm)  # compile the kernels before anything is measured
+
+    features, labels = synthetic_vocabulary(args.rows, args.features, args.classes)
+    input_bytes = features.nbytes + labels.nbytes
+    rss_with_input = psutil.Process().memory_info().rss
+    reset_peak_rss()
+    start = time.perf_counter()
+    report = ncfast.collapse(features, labels, num_classes=args.classes)
+    seconds = time.perf_counter() - start
+    beyond_input = max(peak_rss_bytes() - rss_with_input, 0)
+    dense_grid = args.classes ** 2 * 4
+
+    table = Table(title=f"ncfast, many classes: N={args.rows:,} × D={args.features} × "
+                        f"C={args.classes:,} (route {report.route!r})")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("input (features + labels)", f"{input_bytes / 2**30:.2f} GiB")
+    table.add_row("ncfast time, both passes + metrics", f"{seconds:.1f} s")
+    table.add_row("ncfast peak memory beyond the input", f"{beyond_input / 2**30:.2f} GiB")
+    table.add_row("dense C×C float32 grid alone", f"{dense_grid / 2**30:.2f} GiB")
+    table.add_row("nc1 / ncc_accuracy / nc2_etf",
+                  f"{report.nc1:.4g} / {report.ncc_accuracy:.4f} / {report.nc2_etf:.4f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
