@@ -497,7 +497,8 @@ def write_results(analysis, out, metrics=None):
         Folder; created if missing.
     metrics : sequence of str, optional
         Metrics to write (default: every metric some row defines). The JSON
-        rows also keep the per-class arrays.
+        rows also keep the run facts and per-class arrays of
+        ``CollapseReport.to_dict``.
 
     Returns
     -------
@@ -507,10 +508,9 @@ def write_results(analysis, out, metrics=None):
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
     names = scalar_metrics(analysis.rows, metrics)
-    per_class = ("class_counts", "class_variances", "class_mean_norms", "class_ncc_accuracy",
-                 "class_accuracy")
-    keep = (*ROW_KEYS, *names, *per_class)
-    document = {"rows": [{key: row.get(key) for key in keep} for row in analysis.rows],
+    dropped = set(METRICS) - set(names)
+    document = {"rows": [{key: value for key, value in row.items() if key not in dropped}
+                         for row in analysis.rows],
                 "failures": [{"name": failure.name, "reason": failure.reason}
                              for failure in analysis.failures]}
     json_path = os.path.join(out, "metrics.json")
@@ -613,8 +613,8 @@ def _results_table(rows, metrics, title):
     many_sources = len({row["source"] for row in rows}) > 1
     headers = (["source"] if many_sources else []) + ["epoch", "split", "layer", *metrics]
     for index, header in enumerate(headers):
-        table.add_column(header, justify="right" if index >= len(headers) - len(metrics) else
-                         "left")
+        table.add_column(header, overflow="fold",
+                         justify="right" if index >= len(headers) - len(metrics) else "left")
     for row in rows:
         cells = ([row["source"]] if many_sources else []) + [
             "" if row["epoch"] is None else str(row["epoch"]), row["split"], row["layer"]]

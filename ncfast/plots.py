@@ -81,7 +81,7 @@ def metric_figure(rows, metric):
     axes.set_title(f"{metric}: {METRICS[metric]}", fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=7)
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.9)
     return figure
 
 
@@ -117,7 +117,7 @@ def noise_figure(rows):
     axes.set_title("memorization vs dilation (label noise)", fontsize=9)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7)
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.9)
     return figure
 
 

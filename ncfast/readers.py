@@ -114,14 +114,16 @@ class StoredArray:
 
     def rows(self, start, stop):
         """Rows ``[start, stop)`` as a numpy array (bfloat16 becomes float32)."""
-        if self._handle is None:
-            self._handle = self._open()
+        stop = min(stop, self.num_rows)
+        start = min(start, stop)
         try:
+            if self._handle is None:
+                self._handle = self._open()
             return self._handle[start:stop]
-        except (ValueError, OSError, EOFError, RuntimeError, KeyError, TypeError) as error:
+        except Exception as error:  # third-party readers raise their own types on bad files
             raise ValueError(
-                f"{self.name}: cannot read rows {start}:{stop} ({error}); the file may be "
-                "truncated or corrupt: re-save it") from None
+                f"{self.name}: cannot read rows {start}:{stop} ({type(error).__name__}: "
+                f"{error}); the file may be truncated or corrupt: re-save it") from None
 
     def read(self):
         """The whole array (for small arrays: labels, weights, bias)."""

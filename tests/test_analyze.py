@@ -1,0 +1,307 @@
+"""``ncfast analyze`` and ``ncfast merge`` end to end, against direct ``ncfast.collapse`` calls."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from safetensors.numpy import save_file
+
+from cases import gaussian_classes, with_label_noise
+from ncfast import ClassSums, collapse
+from ncfast.analyze import analyze
+from ncfast.api import ResidualPass, finalize_pass1
+from ncfast.cli import main
+from ncfast.dumps import RunWriter
+from ncfast.inputs import as_source
+from ncfast.states import load_state, merge_states, save_state
+
+CLASSES, EPOCHS, LAYERS = 4, (1, 10, 100), ("penultimate", "linear1")
+RTOL = 1e-9
+
+
+def _checkpoint(epoch):
+    """Two splits × two layers; the train labels are noisy, the classifier reads penultimate."""
+    splits = {}
+    for index, (split, rows) in enumerate((("train", 400), ("test", 200))):
+        seed = 10 * epoch + index
+        layer_a = gaussian_classes(rows, 6, CLASSES, spread=1.0 / epoch, seed=seed)
+        labels = layer_a["labels"]
+        rng = np.random.default_rng(seed)
+        linear1 = (3.0 * rng.normal(size=(CLASSES, 9)))[labels] + rng.normal(size=(rows, 9))
+        entry = {"features": {"penultimate": layer_a["features"],
+                              "linear1": linear1.astype(np.float32)},
+                 "labels": labels, "clean_labels": None}
+        if split == "train":
+            noisy = with_label_noise(layer_a, rate=0.2, seed=seed)
+            entry["labels"], entry["clean_labels"] = noisy["labels"], noisy["clean_labels"]
+        splits[split] = entry
+    return splits, layer_a["weights"], layer_a["bias"]
+
+
+@pytest.fixture(scope="module")
+def written_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("runs") / "run"
+    writer = RunWriter(path, config={"model": "mlp"}, num_classes=CLASSES)
+    data = {}
+    for epoch in EPOCHS:
+        splits, weights, bias = _checkpoint(epoch)
+        writer.write_checkpoint(epoch, splits, weights=weights, bias=bias,
+                                classifier_layer="penultimate")
+        data[epoch] = (splits, weights, bias)
+    return str(path), data
+
+
+def _expected_reports(splits, weights, bias, layer):
+    classifier = {"weights": weights, "bias": bias} if layer == "penultimate" else {}
+    train = splits["train"]
+    train_report = collapse(train["features"][layer], train["labels"], num_classes=CLASSES,
+                            clean_labels=train["clean_labels"], **classifier)
+    test = splits["test"]
+    test_report = collapse(test["features"][layer], test["labels"], num_classes=CLASSES,
+                           means=train_report, **classifier)
+    return {"train": train_report, "test": test_report}
+
+
+def _assert_row_matches(row, report):
+    for key, expected in report.to_dict().items():
+        actual = row[key]
+        if isinstance(expected, str) or expected is None or isinstance(expected, int) and \
+                not isinstance(expected, bool) and key in ("num_samples", "rank"):
+            assert actual == expected, key
+            continue
+        to_float = lambda value: np.array(  # noqa: E731
+            [np.nan if item is None else item for item in np.atleast_1d(value)], float)
+        np.testing.assert_allclose(to_float(actual), to_float(expected), rtol=RTOL,
+                                   err_msg=key)
+
+
+def test_every_checkpoint_split_and_layer_matches_direct_collapse(written_run):
+    path, data = written_run
+    analysis = analyze([path], use_cache=False, progress=False, chunk_size=64)
+    assert analysis.failures == []
+    assert len(analysis.rows) == len(EPOCHS) * 2 * len(LAYERS)
+    for row in analysis.rows:
+        splits, weights, bias = data[row["epoch"]]
+        expected = _expected_reports(splits, weights, bias, row["layer"])[row["split"]]
+        _assert_row_matches(row, expected)
+        assert row["measured_against"] == "train"
+        assert (row["accuracy"] is not None) == (row["layer"] == "penultimate")
+        assert (row["memorization"] is not None) == (row["split"] == "train")
+
+
+def test_cli_writes_table_json_csv_and_valid_pngs(written_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # a table wide enough to show whole names
+    path, _ = written_run
+    out = tmp_path / "out"
+    assert main(["analyze", path, "--out", str(out), "--no-progress", "--no-cache",
+                 "--metrics", "nc1", "nc3", "accuracy", "memorization"]) == 0
+    printed = capsys.readouterr().out
+    assert "penultimate" in printed and "nc1" in printed
+    document = json.loads((out / "metrics.json").read_text())
+    assert len(document["rows"]) == 12 and document["failures"] == []
+    with open(out / "metrics.csv", newline="") as stream:
+        table = list(csv.DictReader(stream))
+    assert len(table) == 12
+    assert {row["split"] for row in table} == {"train", "test"}
+    assert float(table[0]["nc1"]) == pytest.approx(document["rows"][0]["nc1"], rel=1e-15)
+    for name in ("nc1.png", "nc3.png", "accuracy.png", "memorization_vs_dilation.png"):
+        image = imread(out / name)
+        assert os.path.getsize(out / name) > 1000
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image.std() > 0  # something was drawn
+
+
+def test_metrics_and_layers_options_select(written_run, tmp_path):
+    path, _ = written_run
+    out = tmp_path / "out"
+    assert main(["analyze", path, "--out", str(out), "--no-progress", "--no-cache",
+                 "--metrics", "nc1", "nc2_etf", "--layers", "linear1"]) == 0
+    with open(out / "metrics.csv", newline="") as stream:
+        table = list(csv.DictReader(stream))
+    assert {row["layer"] for row in table} == {"linear1"}
+    assert list(table[0])[-2:] == ["nc1", "nc2_etf"]
+    assert sorted(name for name in os.listdir(out) if name.endswith(".png")) == [
+        "nc1.png", "nc2_etf.png"]
+
+
+def test_cache_measures_only_new_or_changed_checkpoints(tmp_path):
+    path = tmp_path / "run"
+    writer = RunWriter(path, config={}, num_classes=CLASSES)
+    for epoch in (1, 2):
+        splits, weights, bias = _checkpoint(epoch)
+        writer.write_checkpoint(epoch, splits, weights=weights, bias=bias,
+                                classifier_layer="penultimate")
+    first = analyze([path], progress=False)
+    assert (first.measured, first.cached) == (4, 0)
+    again = analyze([path], progress=False)
+    assert (again.measured, again.cached) == (0, 4)
+    assert again.rows == first.rows
+    splits, weights, bias = _checkpoint(3)
+    writer.write_checkpoint(3, splits, weights=weights, bias=bias,
+                            classifier_layer="penultimate")
+    grown = analyze([path], progress=False)
+    assert (grown.measured, grown.cached) == (2, 4)
+    # Same size, new content, written after the manifest: its layer group is measured again.
+    changed = path / "checkpoints/epoch_000001/test/features/linear1.npy"
+    features = np.load(changed)
+    np.save(changed, features[::-1].copy())
+    after_edit = analyze([path], progress=False)
+    assert (after_edit.measured, after_edit.cached) == (1, 5)
+
+
+def _write_npz(path, rows=120, **overrides):
+    case = gaussian_classes(rows, 5, 3, seed=rows)
+    arrays = {"features": case["features"], "labels": case["labels"],
+              "weights": case["weights"], "bias": case["bias"], **overrides}
+    np.savez(path, **arrays)
+    return case
+
+
+def test_single_files_with_separate_labels_and_classifier(tmp_path):
+    case = gaussian_classes(300, 5, 3, seed=4)
+    for name in ("features", "labels", "weights", "bias"):
+        np.save(tmp_path / f"{name}.npy", case[name])
+    analysis = analyze([tmp_path / "features.npy"], labels=tmp_path / "labels.npy",
+                       weights=tmp_path / "weights.npy", bias=tmp_path / "bias.npy",
+                       progress=False, use_cache=False)
+    assert analysis.failures == []
+    (row,) = analysis.rows
+    _assert_row_matches(row, collapse(case["features"], case["labels"],
+                                      weights=case["weights"], bias=case["bias"]))
+    assert row["epoch"] is None and row["measured_against"] == "train"
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda path: _write_npz(path, labels=np.zeros(119, np.int64)),
+     r"labels\]: has 119 labels but .*features\] has 120 rows"),
+    (lambda path: _write_npz(path, features=np.ones((120, 5), np.int32)),
+     r"features\]: features must be floating point; found int32"),
+    (lambda path: open(path, "wb").write(b"PK\x03\x04 truncated"), "not a readable npz file"),
+    (lambda path: _write_npz(path, labels=np.where(np.arange(120) == 5, -1, np.arange(120) % 3)),
+     r"row 5 has label -1, outside \[0, 3\)"),
+])
+def test_a_bad_file_is_reported_by_name_and_the_others_are_kept(tmp_path, break_it, message,
+                                                                capsys):
+    good = [tmp_path / "epoch_1.npz", tmp_path / "epoch_3.npz"]
+    for path in good:
+        _write_npz(path)
+    bad = tmp_path / "epoch_2.npz"
+    break_it(bad)
+    analysis = analyze([good[0], bad, good[1]], progress=False)
+    assert [row["epoch"] for row in analysis.rows] == [1, 3]
+    (failure,) = analysis.failures
+    assert str(bad) in failure.reason or str(bad) in failure.name
+    assert __import__("re").search(message, failure.reason), failure.reason
+    code = main(["analyze", str(good[0]), str(bad), str(good[1]), "--out",
+                 str(tmp_path / "out"), "--no-progress", "--no-plots"])
+    assert code == 1
+    printed = capsys.readouterr().out
+    failed_lines = [line for line in printed.splitlines() if "FAILED" in line]
+    assert len(failed_lines) == 1 and "epoch_2.npz" in failed_lines[0]
+    assert len(json.loads((tmp_path / "out/metrics.json").read_text())["rows"]) == 2
+
+
+def _run_with_three_checkpoints(tmp_path):
+    path = tmp_path / "run"
+    writer = RunWriter(path, config={}, num_classes=CLASSES)
+    for epoch in (1, 2, 3):
+        splits, weights, bias = _checkpoint(epoch)
+        writer.write_checkpoint(epoch, splits, weights=weights, bias=bias,
+                                classifier_layer="penultimate")
+    return path
+
+
+def test_missing_and_truncated_run_files_are_named_and_others_kept(tmp_path):
+    path = _run_with_three_checkpoints(tmp_path)
+    missing = path / "checkpoints/epoch_000001/test/labels.npy"
+    os.remove(missing)
+    truncated = path / "checkpoints/epoch_000003/train/features/linear1.npy"
+    with open(truncated, "r+b") as stream:
+        stream.truncate(300)
+    analysis = analyze([path], progress=False)
+    assert {row["epoch"] for row in analysis.rows} == {2}
+    reasons = {failure.name: failure.reason for failure in analysis.failures}
+    assert set(reasons) == {f"{path} epoch 1", f"{path} epoch 3"}
+    assert str(missing) in reasons[f"{path} epoch 1"] and "missing" in reasons[f"{path} epoch 1"]
+    assert str(truncated) in reasons[f"{path} epoch 3"]
+
+
+def test_nan_rows_are_named_with_the_file(tmp_path):
+    path = _run_with_three_checkpoints(tmp_path)
+    poisoned = path / "checkpoints/epoch_000002/train/features/penultimate.npy"
+    features = np.load(poisoned)
+    features[17, 2] = np.nan
+    np.save(poisoned, features)
+    analysis = analyze([path], progress=False, use_cache=False)
+    (failure,) = analysis.failures
+    assert str(poisoned) in failure.reason and "row 17 contains NaN" in failure.reason
+    assert {row["epoch"] for row in analysis.rows} == {1, 3}
+
+
+def test_cli_one_line_errors_for_bad_arguments(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nothing.npy"), "--no-progress"]) == 1
+    assert "nothing.npy: no such file" in capsys.readouterr().out
+    assert main(["analyze", str(tmp_path), "--metrics", "nc9", "--no-progress"]) == 1
+    assert "unknown metric(s) nc9" in capsys.readouterr().out
+
+
+def _shards(case, count):
+    bounds = np.linspace(0, len(case["labels"]), count + 1).astype(int)
+    return [{key: case[key][start:stop] for key in ("features", "labels", "clean_labels")}
+            for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def test_merge_of_saved_partial_states_equals_one_analysis(tmp_path, capsys):
+    case = with_label_noise(gaussian_classes(900, 8, 4, seed=7), rate=0.25)
+    shards = _shards(case, 3)
+    pass1_paths = []
+    for index, shard in enumerate(shards):
+        sums = ClassSums(4, 8, track_clean=True)
+        sums.update(shard["features"], shard["labels"], shard["clean_labels"])
+        pass1_paths.append(tmp_path / f"pass1_{index}.safetensors")
+        save_state(pass1_paths[-1], sums)
+    assert main(["merge", *map(str, pass1_paths), "--out", str(tmp_path / "m1")]) == 0
+    merged_pass1 = load_state(tmp_path / "m1/pass1.safetensors")
+    geometry, clean_geometry = finalize_pass1(merged_pass1)
+    pass2_paths = []
+    for index, shard in enumerate(shards):
+        state = ResidualPass(geometry, clean_geometry, weights=case["weights"], bias=case["bias"])
+        for chunk in as_source(shard["features"], shard["labels"], shard["clean_labels"]):
+            state.update(chunk)
+        pass2_paths.append(tmp_path / f"pass2_{index}.safetensors")
+        save_state(pass2_paths[-1], state)
+        assert os.path.getsize(pass2_paths[-1]) < 20_000
+    assert main(["merge", *map(str, pass2_paths), "--out", str(tmp_path / "m2")]) == 0
+    (row,) = json.loads((tmp_path / "m2/metrics.json").read_text())["rows"]
+    _assert_row_matches(row, collapse(case["features"], case["labels"], weights=case["weights"],
+                                      bias=case["bias"], clean_labels=case["clean_labels"]))
+    capsys.readouterr()
+    assert main(["merge", str(pass1_paths[0]), str(pass2_paths[0])]) == 1
+    assert "cannot merge with" in capsys.readouterr().out
+
+
+def test_states_round_trip_and_refuse_other_means(tmp_path):
+    case = gaussian_classes(200, 6, 3, seed=2)
+    sums = ClassSums(3, 6).update(case["features"], case["labels"])
+    save_state(tmp_path / "sums.safetensors", sums)
+    assert load_state(tmp_path / "sums.safetensors") == sums
+    geometry, _ = finalize_pass1(sums, global_mean="samples")
+    state = ResidualPass(geometry, weights=case["weights"])
+    for chunk in as_source(case["features"], case["labels"]):
+        state.update(chunk)
+    save_state(tmp_path / "pass2.safetensors", state.stats)
+    assert load_state(tmp_path / "pass2.safetensors") == state.stats
+    other_geometry, _ = finalize_pass1(ClassSums(3, 6).update(case["features"][::2],
+                                                              case["labels"][::2]))
+    save_state(tmp_path / "other.safetensors", ResidualPass(other_geometry).stats)
+    with pytest.raises(ValueError, match="other.safetensors: cannot merge"):
+        merge_states([tmp_path / "pass2.safetensors", tmp_path / "other.safetensors"])
+    save_file({"sums": np.zeros((3, 6))}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="plain.safetensors: not an ncfast state"):
+        load_state(tmp_path / "plain.safetensors")
+    with open(tmp_path / "pass2.safetensors", "r+b") as stream:
+        stream.truncate(500)
+    with pytest.raises(ValueError, match="pass2.safetensors: not a readable state file"):
+        load_state(tmp_path / "pass2.safetensors")
