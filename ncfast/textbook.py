@@ -291,6 +291,9 @@ def _noise_metrics(features, labels, clean_labels, num_classes, predictions, glo
     clean_features, clean_class_labels = features[clean], labels[clean]
     clean_means = _class_means(clean_features, clean_class_labels, num_classes)
     clean_present = _present(clean_means)
+    if len(clean_present) < 2:
+        raise ValueError(f"clean rows (label equal to clean label) cover {len(clean_present)} "
+                         "class(es); the label-noise metrics need at least 2")
     scale = np.mean([np.linalg.norm(clean_means[a] - clean_means[b])
                      for a, b in combinations(clean_present, 2)])
     result = {}

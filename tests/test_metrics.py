@@ -12,6 +12,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ncfast
 from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf
@@ -36,9 +38,27 @@ EXACT_METRICS = ("ncc_accuracy", "accuracy", "nc4", "noise_fit")
 #: Float per-class arrays; the integer or tally-ratio ones must match exactly.
 PER_CLASS_FLOATS = ("class_variances", "class_mean_norms")
 
-#: With C = 2 and mu_G the mean of the two class means, the centred means are exact
-#: opposites: equal norms, cosine -1, and a normalized Gram equal to the ETF's.
-TWO_CLASS_ZEROS = ("nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "nc2_etf")
+
+
+def analytic_zeros(case, global_mean="classes"):
+    """Metrics that are 0 analytically on ``case``, to check against an absolute floor.
+
+    When two classes have rows, mu_G lies on the segment between their means, so
+    the centred means point in opposite directions (cosine -1: equiangularity and
+    max-angle are 0). When mu_G is the midpoint (``global_mean="classes"``, or
+    equal class counts) they also have equal norms and their normalized Gram is
+    the ETF's (equinorm and ``nc2_etf`` are 0).
+
+    Returns
+    -------
+    tuple of str
+    """
+    _, counts = np.unique(case["labels"], return_counts=True)
+    if counts.size != 2:
+        return ()
+    if global_mean == "classes" or counts[0] == counts[1]:
+        return ("nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "nc2_etf")
+    return ("nc2_equiangular", "nc2_maxangle")
 
 
 def assert_matches_textbook(report, reference, *, analytic_zeros=()):
@@ -77,6 +97,26 @@ def assert_matches_textbook(report, reference, *, analytic_zeros=()):
                                    rtol=REFERENCE_RTOL, atol=0, err_msg=name)
 
 
+#: Random small cases: reproducible (derandomized), no deadline for the JIT.
+RANDOM_CASE_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+
+
+@st.composite
+def small_gaussian_cases(draw):
+    """Keywords of a small ``cases.gaussian_classes`` case: any C <= 7, D >= 1, both routes."""
+    num_classes = draw(st.integers(2, 7))
+    return {
+        "num_rows": draw(st.integers(num_classes, 60)),
+        "num_features": draw(st.integers(1, 20)),
+        "num_classes": num_classes,
+        "spread": draw(st.sampled_from([1e-4, 0.3, 1.0])),
+        "offset": draw(st.sampled_from([0.0, 1e3])),
+        "classifier": draw(st.booleans()),
+        "dtype": draw(st.sampled_from([np.float32, np.float64])),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
 def _without_classifier(case):
     return {key: value for key, value in case.items() if key not in ("weights", "bias")}
 
@@ -86,10 +126,18 @@ def _without_classifier(case):
 def test_every_metric_matches_textbook(name, with_classifier):
     case = gaussian_classes(**ADVERSARIAL[name], classifier=with_classifier)
     report = ncfast.collapse(**case)
-    zeros = TWO_CLASS_ZEROS if case["num_classes"] == 2 else ()
-    assert_matches_textbook(report, textbook_collapse(**case), analytic_zeros=zeros)
+    assert_matches_textbook(report, textbook_collapse(**case), analytic_zeros=analytic_zeros(case))
     features_per_row = case["features"].shape[1]
     assert report.route == ("features" if case["num_classes"] > features_per_row else "classes")
+
+
+@RANDOM_CASE_SETTINGS
+@given(parameters=small_gaussian_cases(), global_mean=st.sampled_from(["classes", "samples"]))
+def test_random_small_cases_match_textbook(parameters, global_mean):
+    case = gaussian_classes(**parameters)
+    report = ncfast.collapse(**case, global_mean=global_mean)
+    assert_matches_textbook(report, textbook_collapse(**case, global_mean=global_mean),
+                            analytic_zeros=analytic_zeros(case, global_mean))
 
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))

@@ -8,11 +8,14 @@ with and without a classifier, for noise the network resisted and noise it fit.
 """
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import ncfast
 from cases import ADVERSARIAL, gaussian_classes, with_label_noise
 from ncfast.textbook import textbook_collapse
-from test_metrics import REFERENCE_RTOL, TWO_CLASS_ZEROS, assert_matches_textbook
+from test_metrics import (RANDOM_CASE_SETTINGS, REFERENCE_RTOL, analytic_zeros,
+                          assert_matches_textbook, small_gaussian_cases)
 
 NOISE_METRICS = ("memorization", "memorization_raw", "dilation", "noise_fit", "nc1_clean",
                  "nc1_trace_clean")
@@ -26,10 +29,6 @@ def _noisy_case(name, *, with_classifier, memorized=False, rate=0.2):
     return with_label_noise(case, rate, memorized=memorized)
 
 
-def _analytic_zeros(case):
-    return TWO_CLASS_ZEROS if case["num_classes"] == 2 else ()
-
-
 @pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
 def test_resisted_noise_matches_textbook(name, with_classifier):
@@ -37,7 +36,20 @@ def test_resisted_noise_matches_textbook(name, with_classifier):
     report = ncfast.collapse(**case)
     assert all(getattr(report, metric) is not None for metric in NOISE_METRICS)
     assert_matches_textbook(report, textbook_collapse(**case),
-                            analytic_zeros=_analytic_zeros(case))
+                            analytic_zeros=analytic_zeros(case))
+
+
+@RANDOM_CASE_SETTINGS
+@given(parameters=small_gaussian_cases(), rate=st.sampled_from([0.1, 0.3]),
+       memorized=st.booleans(), noise_seed=st.integers(0, 2**32 - 1))
+def test_random_small_noisy_cases_match_textbook(parameters, rate, memorized, noise_seed):
+    case = with_label_noise(gaussian_classes(**parameters), rate, noise_seed,
+                            memorized=memorized)
+    clean_rows = case["labels"] == case["clean_labels"]
+    assume(np.unique(case["labels"][clean_rows]).size >= 2)
+    report = ncfast.collapse(**case, empty_classes="ignore")
+    assert_matches_textbook(report, textbook_collapse(**case),
+                            analytic_zeros=analytic_zeros(case))
 
 
 @pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
@@ -47,7 +59,7 @@ def test_memorized_noise_matches_textbook(name, with_classifier):
     case = _noisy_case(name, with_classifier=with_classifier, memorized=True)
     report = ncfast.collapse(**case)
     reference = textbook_collapse(**case)
-    assert_matches_textbook(report, reference, analytic_zeros=_analytic_zeros(case))
+    assert_matches_textbook(report, reference, analytic_zeros=analytic_zeros(case))
     # Corrupted rows sit with their noisy class: the noise is fit and memorized.
     assert reference["noise_fit"] > 0.5
     assert reference["memorization"] > 0.3
