@@ -1,0 +1,70 @@
+"""Shared fixtures: comparing two reports field by field."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+#: Two analyses of the same rows agree to this relative error (issue 2).
+RELATIVE_TOLERANCE = 1e-10
+
+#: Values both this small are zero up to rounding (e.g. the NC2 metrics of two
+#: classes, which vanish exactly in theory) and are not compared relatively.
+ROUNDING_ZERO = 1e-12
+
+
+def _value_mismatch(name, actual, expected, rtol):
+    """Describe how ``actual`` differs from ``expected``, or return None when they agree."""
+    if actual is None or expected is None:
+        return None if actual is expected else f"{name}: {actual!r} != {expected!r}"
+    if isinstance(expected, (str, int, np.integer)):
+        return None if actual == expected else f"{name}: {actual!r} != {expected!r}"
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    if actual.shape != expected.shape:
+        return f"{name}: shape {actual.shape} != {expected.shape}"
+    if np.issubdtype(expected.dtype, np.integer):
+        return None if np.array_equal(actual, expected) else f"{name}: {actual} != {expected}"
+    actual_nan, expected_nan = np.isnan(actual), np.isnan(expected)
+    if not np.array_equal(actual_nan, expected_nan):
+        return f"{name}: NaN at different places: {actual} vs {expected}"
+    differ = ~expected_nan & (actual != expected)  # equal values (infinities too) agree
+    differ &= (np.abs(actual) > ROUNDING_ZERO) | (np.abs(expected) > ROUNDING_ZERO)
+    actual, expected = actual[differ], expected[differ]
+    error = np.abs(actual - expected)
+    if (np.isfinite(expected) & (error <= rtol * np.abs(expected))).all():
+        return None
+    worst = float(np.max(error / np.maximum(np.abs(expected), math.ulp(0.0))))
+    return (f"{name}: relative error {worst:.3g} > {rtol:g} "
+            f"({actual.tolist()} vs {expected.tolist()})")
+
+
+def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
+    """Every field of two ``CollapseReport``s that differs beyond ``rtol`` relative.
+
+    Integer and string fields must be equal; float fields and arrays must agree
+    to ``rtol`` relative error, with NaN in the same places; values that are
+    both within ``ROUNDING_ZERO`` of zero agree.
+
+    Returns
+    -------
+    list of str
+        One line per differing field; empty when the reports agree.
+    """
+    mismatches = []
+    for item in dataclasses.fields(expected):
+        mismatch = _value_mismatch(item.name, getattr(actual, item.name),
+                                   getattr(expected, item.name), rtol)
+        if mismatch is not None:
+            mismatches.append(mismatch)
+    return mismatches
+
+
+@pytest.fixture(scope="session")
+def assert_same_report():
+    """``check(actual, expected, rtol=1e-10)``: assert two reports agree field by field."""
+
+    def check(actual, expected, rtol=RELATIVE_TOLERANCE):
+        mismatches = report_mismatches(actual, expected, rtol)
+        assert not mismatches, "reports differ:\n" + "\n".join(mismatches)
+
+    return check

@@ -1,0 +1,340 @@
+"""Properties of the streaming passes: chunking, order, threads and merging do not matter.
+
+Every state is a sum, so ``ncfast.collapse`` and the public accumulators
+(``ClassSums``, pass 1; ``ResidualStats``, pass 2) must give the same result,
+within 1e-10 relative error, however the rows are chunked, ordered, spread
+over threads or split into partial states merged in any order (issue 2).
+Integer fields (counts, hit tallies) must be equal exactly.
+"""
+import contextlib
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import Phase, assume, given, settings
+from hypothesis import strategies as st
+
+import ncfast
+from cases import gaussian_classes, with_label_noise
+from conftest import RELATIVE_TOLERANCE
+
+# Failing examples print as short parameter dicts, so shrinking and explaining
+# them would buy little and cost minutes.
+PROPERTY_SETTINGS = settings(max_examples=25, deadline=None,
+                             phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+#: Public fields of the pass-2 state that merge by addition.
+RESIDUAL_FIELDS = ("scatter", "counts", "sq_norm_sums", "norm_sums", "ncc_hits",
+                   "classifier_hits", "disagreements", "corrupted_rows", "corrupted_fits")
+
+
+@st.composite
+def feature_sets(draw):
+    """A small Gaussian feature set (``cases.gaussian_classes``).
+
+    Shapes cover both NC1 routes (C <= D and C > D); the set may carry a
+    classifier, float64 features and noisy labels (which may leave a class
+    without rows, but never fewer than two classes with clean rows). Drawn as
+    the generator's keywords, so that a failing example prints short.
+    """
+    num_classes = draw(st.integers(2, 7))
+    parameters = {
+        "num_rows": draw(st.integers(2 * num_classes, 80)),
+        "num_features": draw(st.integers(1, 64)),
+        "num_classes": num_classes,
+        "spread": draw(st.sampled_from([1e-3, 0.3, 1.0])),
+        "classifier": draw(st.booleans()),
+        "dtype": draw(st.sampled_from([np.float32, np.float64])),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+        "noise_seed": draw(st.none() | st.integers(0, 2**32 - 1)),
+    }
+    case = make_case(**parameters)
+    if "clean_labels" in case:
+        clean_rows = case["labels"] == case["clean_labels"]
+        assume(np.unique(case["labels"][clean_rows]).size >= 2)
+    return parameters
+
+
+def make_case(noise_seed=None, **parameters):
+    """The case dict of drawn parameters; labels flipped with rate 0.3 when ``noise_seed``."""
+    case = gaussian_classes(**parameters)
+    if noise_seed is not None:
+        case = with_label_noise(case, rate=0.3, seed=noise_seed)
+    return case
+
+
+def collapse_case(case, **options):
+    """``ncfast.collapse`` on a case dict, with its classifier and clean labels if any."""
+    return ncfast.collapse(case["features"], case["labels"], num_classes=case["num_classes"],
+                           weights=case.get("weights"), bias=case.get("bias"),
+                           clean_labels=case.get("clean_labels"), empty_classes="ignore",
+                           **options)
+
+
+def split_points(draw, num_rows, max_parts=5):
+    """Sorted cut points splitting ``range(num_rows)`` into 1..max_parts parts (some empty)."""
+    cuts = draw(st.lists(st.integers(0, num_rows), max_size=max_parts - 1))
+    return [0, *sorted(cuts), num_rows]
+
+
+@contextlib.contextmanager
+def numba_threads(count):
+    """Run the block with ``count`` Numba threads, restoring the previous count after."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(count)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def assert_sums_close(name, actual, expected):
+    """Float sums agree to 1e-10 of the largest entry; integer sums exactly."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    if np.issubdtype(expected.dtype, np.integer):
+        np.testing.assert_array_equal(actual, expected, err_msg=name)
+        return
+    scale = np.abs(expected).max(initial=0.0)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=RELATIVE_TOLERANCE * scale,
+                               err_msg=name)
+
+
+def assert_class_sums_close(actual, expected):
+    assert (actual.num_classes, actual.num_features, actual.track_clean) == \
+        (expected.num_classes, expected.num_features, expected.track_clean)
+    for name in ("counts", "sums", "clean_counts", "clean_sums"):
+        if expected.track_clean or not name.startswith("clean"):
+            assert_sums_close(name, getattr(actual, name), getattr(expected, name))
+
+
+def assert_residual_stats_close(actual, expected):
+    assert actual.route == expected.route
+    for name in RESIDUAL_FIELDS:
+        assert_sums_close(name, getattr(actual, name), getattr(expected, name))
+
+
+def class_sums_of(case, rows=slice(None)):
+    """Pass-1 state of some rows of a case."""
+    clean_labels = case.get("clean_labels")
+    state = empty_class_sums(case)
+    state.update(case["features"][rows], case["labels"][rows],
+                 None if clean_labels is None else clean_labels[rows])
+    return state
+
+
+def empty_class_sums(case):
+    """A pass-1 state shaped for a case, with no rows yet."""
+    return ncfast.ClassSums(case["num_classes"], case["features"].shape[1],
+                            track_clean="clean_labels" in case)
+
+
+def geometry_of(case):
+    state = class_sums_of(case)
+    return ncfast.Geometry.from_class_sums(state.counts, state.sums)
+
+
+def residual_stats_of(case, geometry, rows=slice(None)):
+    """Pass-2 state of some rows of a case, on ``geometry``, with the case's classifier."""
+    state = ncfast.ResidualStats(geometry, weights=case.get("weights"), bias=case.get("bias"))
+    corrupted = None
+    if "clean_labels" in case:
+        corrupted = case["labels"][rows] != case["clean_labels"][rows]
+    state.update(case["features"][rows], case["labels"][rows], corrupted)
+    return state
+
+
+# --- ncfast.collapse ------------------------------------------------------------------------
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), parameters=feature_sets())
+def test_report_does_not_depend_on_chunk_size(data, parameters, assert_same_report):
+    case = make_case(**parameters)
+    num_rows = len(case["labels"])
+    chunk_size = data.draw(st.integers(1, num_rows), label="chunk_size")
+    assert_same_report(collapse_case(case, chunk_size=chunk_size),
+                       collapse_case(case, chunk_size=num_rows))
+
+
+def test_one_row_chunks_give_the_whole_array_report(assert_same_report):
+    """Chunks of one row (a source's tail, a one-row file) give the one-chunk report.
+
+    Pass 2's float32 product of a one-row chunk must round as that row of a
+    many-row product does; BLAS sends one-row products to another kernel.
+    """
+    case = gaussian_classes(num_rows=400, num_features=64, num_classes=10)
+    assert_same_report(collapse_case(case, chunk_size=1), collapse_case(case, chunk_size=400))
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), parameters=feature_sets())
+def test_report_does_not_depend_on_row_order(data, parameters, assert_same_report):
+    case = make_case(**parameters)
+    order = np.array(data.draw(st.permutations(range(len(case["labels"]))), label="order"))
+    shuffled = {key: value[order] if key in ("features", "labels", "clean_labels") else value
+                for key, value in case.items()}
+    assert_same_report(collapse_case(shuffled), collapse_case(case))
+
+
+@PROPERTY_SETTINGS
+@given(parameters=feature_sets())
+def test_report_does_not_depend_on_thread_count(parameters, assert_same_report):
+    case = make_case(**parameters)
+    chunk_size = max(1, len(case["labels"]) // 3)
+    with numba_threads(1):
+        single = collapse_case(case, chunk_size=chunk_size)
+    with numba_threads(2):
+        double = collapse_case(case, chunk_size=chunk_size)
+    assert_same_report(double, single)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), parameters=feature_sets())
+def test_report_does_not_depend_on_chunk_order(data, parameters, assert_same_report):
+    """A chunk source yielding the row blocks in any order gives the whole-array report."""
+    case = make_case(**parameters)
+    cuts = split_points(data.draw, len(case["labels"]))
+    columns = [case["features"], case["labels"]]
+    if "clean_labels" in case:
+        columns.append(case["clean_labels"])
+    chunks = [tuple(column[start:stop] for column in columns)
+              for start, stop in zip(cuts, cuts[1:]) if stop > start]
+    order = data.draw(st.permutations(range(len(chunks))), label="chunk order")
+    chunks = [chunks[index] for index in order]
+    from_chunks = ncfast.collapse(chunks, num_classes=case["num_classes"],
+                                  weights=case.get("weights"), bias=case.get("bias"),
+                                  empty_classes="ignore")
+    assert_same_report(from_chunks, collapse_case(case))
+
+
+# --- accumulators ---------------------------------------------------------------------------
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), parameters=feature_sets())
+def test_class_sums_merge_law(data, parameters):
+    """``acc(a) + acc(b) == acc(a ++ b)`` for pass 1."""
+    case = make_case(**parameters)
+    cut = data.draw(st.integers(0, len(case["labels"])), label="cut")
+    merged = class_sums_of(case, slice(None, cut)) + class_sums_of(case, slice(cut, None))
+    assert_class_sums_close(merged, class_sums_of(case))
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), parameters=feature_sets())
+def test_residual_stats_merge_law(data, parameters):
+    """``acc(a) + acc(b) == acc(a ++ b)`` for pass 2, on the geometry of all rows."""
+    case = make_case(**parameters)
+    cut = data.draw(st.integers(0, len(case["labels"])), label="cut")
+    geometry = geometry_of(case)
+    merged = (residual_stats_of(case, geometry, slice(None, cut))
+              + residual_stats_of(case, geometry, slice(cut, None)))
+    assert_residual_stats_close(merged, residual_stats_of(case, geometry))
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), parameters=feature_sets())
+def test_partial_states_merge_in_any_order(data, parameters):
+    """Partial states of several row blocks, merged in a drawn order, give the one-shot states."""
+    case = make_case(**parameters)
+    cuts = split_points(data.draw, len(case["labels"]))
+    blocks = [slice(start, stop) for start, stop in zip(cuts, cuts[1:])]
+    blocks = data.draw(st.permutations(blocks), label="merge order")
+    geometry = geometry_of(case)
+
+    class_sums = empty_class_sums(case)
+    for block in blocks:
+        class_sums += class_sums_of(case, block)
+    assert_class_sums_close(class_sums, class_sums_of(case))
+
+    residual_stats = residual_stats_of(case, geometry, blocks[0])
+    for block in blocks[1:]:
+        residual_stats = residual_stats + residual_stats_of(case, geometry, block)
+    assert_residual_stats_close(residual_stats, residual_stats_of(case, geometry))
+
+
+@PROPERTY_SETTINGS
+@given(parameters=feature_sets())
+def test_accumulators_do_not_depend_on_thread_count(parameters):
+    case = make_case(**parameters)
+    geometry = geometry_of(case)
+    with numba_threads(1):
+        single = class_sums_of(case), residual_stats_of(case, geometry)
+    with numba_threads(2):
+        double = class_sums_of(case), residual_stats_of(case, geometry)
+    assert_class_sums_close(double[0], single[0])
+    assert_residual_stats_close(double[1], single[1])
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), parameters=feature_sets())
+def test_class_sums_do_not_depend_on_row_order(data, parameters):
+    """Adding rows one at a time in a drawn order gives the sums of one update."""
+    case = make_case(**parameters)
+    order = data.draw(st.permutations(range(len(case["labels"]))), label="order")
+    state = empty_class_sums(case)
+    for row in order:
+        state += class_sums_of(case, slice(row, row + 1))
+    assert_class_sums_close(state, class_sums_of(case))
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), parameters=feature_sets())
+def test_in_place_and_binary_merge_agree(data, parameters):
+    """``a += b`` equals ``a + b``, and ``+`` leaves its operands as they were."""
+    case = make_case(**parameters)
+    cut = data.draw(st.integers(0, len(case["labels"])), label="cut")
+    geometry = geometry_of(case)
+    for build in (lambda rows: class_sums_of(case, rows),
+                  lambda rows: residual_stats_of(case, geometry, rows)):
+        first, second = build(slice(None, cut)), build(slice(cut, None))
+        merged = first + second
+        assert first == build(slice(None, cut))
+        assert second == build(slice(cut, None))
+        first += second
+        assert first == merged
+
+
+# --- merges that must be refused ------------------------------------------------------------
+
+def test_residual_stats_on_other_means_refuse_to_merge():
+    case = gaussian_classes(num_rows=60, num_features=6, num_classes=3, classifier=False)
+    geometry = geometry_of(case)
+    shifted = ncfast.Geometry.from_means(geometry.means + 1e-9)
+    with pytest.raises(ValueError, match="different class means"):
+        residual_stats_of(case, geometry) + residual_stats_of(case, shifted)
+    state = residual_stats_of(case, geometry)
+    with pytest.raises(ValueError, match="different class means"):
+        state += residual_stats_of(case, shifted)
+
+
+def test_residual_stats_with_other_classifier_refuse_to_merge():
+    case = gaussian_classes(num_rows=60, num_features=6, num_classes=3)
+    geometry = geometry_of(case)
+    other = {**case, "weights": case["weights"] * 2.0}
+    with pytest.raises(ValueError, match="different classifiers"):
+        residual_stats_of(case, geometry) + residual_stats_of(other, geometry)
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((4, 6, False), r"C=4, D=6, track_clean=False\) into \(C=3"),
+    ((3, 7, False), r"C=3, D=7, track_clean=False\) into \(C=3, D=6"),
+    ((3, 6, True), r"track_clean=True\) into \(C=3, D=6, track_clean=False"),
+])
+def test_class_sums_of_other_shape_refuse_to_merge(shape, match):
+    num_classes, num_features, track_clean = shape
+    state = ncfast.ClassSums(3, 6)
+    other = ncfast.ClassSums(num_classes, num_features, track_clean=track_clean)
+    with pytest.raises(ValueError, match=match):
+        state + other
+    with pytest.raises(ValueError, match=match):
+        state += other
+
+
+def test_accumulators_refuse_to_merge_with_other_kinds():
+    case = gaussian_classes(num_rows=60, num_features=6, num_classes=3)
+    class_sums = class_sums_of(case)
+    residual_stats = residual_stats_of(case, geometry_of(case))
+    with pytest.raises(TypeError, match="cannot merge ClassSums with ResidualStats"):
+        class_sums + residual_stats
+    with pytest.raises(TypeError, match="cannot merge ResidualStats with ClassSums"):
+        residual_stats + class_sums
