@@ -96,20 +96,24 @@ def sgemm_rate(cupy, kernels, size=8192):
     return 2.0 * size ** 3 / event_time(cupy, lambda: kernels.matmul_f32(a, b, out))
 
 
-def torch_textbook_nc(torch, features, labels, weights, bias, num_classes, batch=1 << 20):
-    """The textbook route on the GPU: a Python loop over classes for the means and the
-    D×D within-class covariance (float64), a D×D pseudo-inverse, and explicit distances
-    to every class mean for NCC, in batches of rows. Returns (nc1, ncc_accuracy, nc4)."""
-    num_rows = features.shape[0]
-    means, within = [], torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64,
-                                    device=features.device)
-    for c in range(num_classes):
-        rows = features[labels == c].double()
-        mean = rows.mean(0)
-        means.append(mean)
-        residuals = rows - mean
+def torch_textbook_nc(torch, features, labels, weights, bias, num_classes):
+    """``ncfast.textbook``'s route, in torch on the same GPU: every row held in float64;
+    a Python loop over classes for the means and the D×D within-class covariance; a D×D
+    pseudo-inverse; NCC by the explicit squared distance of every row to every class
+    mean, class by class; the classifier's logits ``W h + b``.
+
+    Returns
+    -------
+    nc1, ncc_accuracy, nc4 : float
+    """
+    features = features.double()
+    num_rows, num_features = features.shape
+    class_rows = [features[labels == c] for c in range(num_classes)]
+    means = torch.stack([rows.mean(0) for rows in class_rows])
+    within = torch.zeros(num_features, num_features, dtype=torch.float64, device=features.device)
+    for c, rows in enumerate(class_rows):
+        residuals = rows - means[c]
         within += residuals.T @ residuals
-    means = torch.stack(means)
     within /= num_rows
     centred = means - means.mean(0)
     between = centred.T @ centred / num_classes
@@ -117,13 +121,67 @@ def torch_textbook_nc(torch, features, labels, weights, bias, num_classes, batch
     weights = torch.as_tensor(weights, device=features.device)
     bias = torch.as_tensor(bias, device=features.device)
     ncc_hits = disagreements = 0
-    for start in range(0, num_rows, batch):
-        rows = features[start:start + batch].double()
-        nearest = torch.cdist(rows, means).argmin(1)
+    for c, rows in enumerate(class_rows):
+        sq_distances = torch.stack([((rows - means[k]) ** 2).sum(1) for k in range(num_classes)],
+                                   dim=1)
+        nearest = sq_distances.argmin(1)
         predicted = (rows @ weights.T + bias).argmax(1)
-        ncc_hits += int((nearest == labels[start:start + batch]).sum())
+        ncc_hits += int((nearest == c).sum())
         disagreements += int((nearest != predicted).sum())
     return float(nc1), ncc_hits / num_rows, disagreements / num_rows
+
+
+def stage_times(cupy, kernels, run):
+    """Device time of each ncfast kernel launcher over one call of ``run()``, summed.
+
+    Wraps the launchers of ``ncfast.kernels.cuda`` with CUDA events for the call.
+
+    Returns
+    -------
+    dict of str to float
+        Seconds per launcher name.
+    """
+    names = ("class_sums", "residuals", "matmul_f32", "epilogue", "add_gram")
+    originals = {name: getattr(kernels, name) for name in names}
+    records = []
+
+    def with_events(name, launcher):
+        def launch(*args, **keywords):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            launcher(*args, **keywords)
+            stop.record()
+            records.append((name, start, stop))
+        return launch
+
+    for name, launcher in originals.items():
+        setattr(kernels, name, with_events(name, launcher))
+    try:
+        run()
+    finally:
+        for name, launcher in originals.items():
+            setattr(kernels, name, launcher)
+    cupy.cuda.Device().synchronize()
+    totals = dict.fromkeys(names, 0.0)
+    for name, start, stop in records:
+        totals[name] += cupy.cuda.get_elapsed_time(start, stop) / 1e3
+    return totals
+
+
+def staging_bandwidth(host_rows, nbytes=2 << 30):
+    """Rate of ncfast's pageable-to-pinned staging copy (``STAGING_THREADS`` threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cupy
+    from ncfast.cuda import STAGING_THREADS, _parallel_copy
+    rows = host_rows[:nbytes // host_rows[0].nbytes]
+    pinned = np.frombuffer(cupy.cuda.alloc_pinned_memory(rows.nbytes), rows.dtype,
+                           rows.size).reshape(rows.shape)
+    with ThreadPoolExecutor(STAGING_THREADS) as pool:
+        _parallel_copy(pinned, rows, pool)
+        start = time.perf_counter()
+        _parallel_copy(pinned, rows, pool)
+        return rows.nbytes / (time.perf_counter() - start)
 
 
 def main():
@@ -155,12 +213,10 @@ def main():
     ncfast.collapse(features[:100_000], labels[:100_000], **keywords)  # compile the kernels
     resident_time, report = timed(cupy, lambda: ncfast.collapse(features, labels, **keywords),
                                   repeats=3)
-    pass1_time = event_time(cupy, lambda: kernels.class_sums(
-        features, labels, None, cupy.zeros(num_classes, cupy.uint64),
-        cupy.zeros((num_classes, num_features)), None, None,
-        cupy.full(2, kernels.NO_ROW, cupy.int64), 0))
+    stages = stage_times(cupy, kernels, lambda: ncfast.collapse(features, labels, **keywords))
 
     host_features, host_labels = features.get(), labels.get()
+    staging_rate = staging_bandwidth(host_features)
     streamed_time, streamed = timed(cupy, lambda: ncfast.collapse(
         host_features, host_labels, device="cuda", **keywords))
 
@@ -170,6 +226,7 @@ def main():
     cpu_time, cpu_report = timed(cupy, lambda: ncfast.collapse(
         cpu_features, cpu_labels, device="cpu", **keywords))
 
+    cupy.get_default_memory_pool().free_all_blocks()  # room for the textbook's float64 copy
     torch_features = torch.from_dlpack(features)  # the same GPU memory, no copy
     torch_labels = torch.from_dlpack(labels)
     textbook_time, (nc1, ncc_accuracy, nc4) = timed(cupy, lambda: torch_textbook_nc(
@@ -199,13 +256,16 @@ def main():
         f"{'floor (2 reads + GEMM)':<44}{floor:>10.4f}{1.0:>10.2f}  floor",
         f"{'ncfast, resident on the GPU':<44}{resident_time:>10.4f}"
         f"{resident_time / floor:>10.2f}  floor (target <= {RESIDENT_OVER_FLOOR})",
-        f"{'  of which pass-1 kernel (class sums)':<44}{pass1_time:>10.4f}"
-        f"{pass1_time / (features.nbytes / copy_rate):>10.2f}  one read at copy rate",
-        f"{'torch textbook route, same GPU':<44}{textbook_time:>10.4f}"
+        *[f"{'  device time in ' + name:<44}{seconds:>10.4f}{seconds / floor:>10.2f}  floor"
+          for name, seconds in stages.items()],
+        f"{'textbook route (ncfast.textbook) in torch':<44}{textbook_time:>10.4f}"
         f"{textbook_time / resident_time:>10.1f}  ncfast resident: speed-up "
         f"(target >= {TEXTBOOK_SPEEDUP:.0f})",
         f"{'host-to-device copy of 2 passes (pinned)':<44}{upload_time:>10.4f}{1.0:>10.2f}"
         "  copy time",
+        f"{'  staging 2 passes into pinned memory':<44}{read_bytes / staging_rate:>10.4f}"
+        f"{read_bytes / staging_rate / upload_time:>10.2f}  copy time ({staging_rate / 1e9:.1f}"
+        " GB/s, pageable to pinned, host threads)",
         f"{'ncfast, streamed from host memory':<44}{streamed_time:>10.4f}"
         f"{streamed_time / upload_time:>10.2f}  copy time (target <= {STREAMED_OVER_COPY})",
         f"{f'ncfast CPU backend, N={cpu_rows:,} x{num_rows / cpu_rows:g}':<44}"

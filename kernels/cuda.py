@@ -21,7 +21,7 @@ private state; beyond it the kernels add straight into global memory with
 atomics).
 
 The GEMMs are cuBLAS ``sgemm`` in the default math mode, true float32 (never
-TF32: DESIGN.md's precision rules), and ``dsyrk`` for the float64 scatter.
+TF32: DESIGN.md's precision rules), and float64 ``dgemm`` for the scatter.
 """
 import functools
 
@@ -41,13 +41,17 @@ CLASS_SUM_COLUMNS = 128
 #: (many classes) are added straight into global memory with atomics.
 SHARED_STATE_BYTES = 112 << 10
 
+#: Most row blocks whose float64 Grams one chunk computes side by side.
+GRAM_BLOCKS = 64
+
 #: Status value of "no bad row" (the same as ``ncfast.kernels.cpu.NO_ROW``).
 NO_ROW = np.iinfo(np.int64).max
 
 CUDA_SOURCE = r"""
 #define NCFAST_NO_ROW 0x7fffffffffffffffLL
 #define NCFAST_NO_INDEX 0x7fffffff
-#define NCFAST_ROWS_IN_FLIGHT 8
+#define NCFAST_ROWS_IN_FLIGHT 32
+#define NCFAST_INFINITY __longlong_as_double(0x7ff0000000000000LL)  // NVRTC has no HUGE_VAL
 
 // Pass 1: per-class row counts and float64 row sums.
 //
@@ -88,34 +92,37 @@ __global__ void ncfast_class_sums(
         }
     }
     const long long start = blockIdx.y * rows_per_block;
-    const long long stop = min(num_rows, start + rows_per_block);
+    const long long stop = start + rows_per_block < num_rows ? start + rows_per_block : num_rows;
     for (long long base = start; base < stop; base += NCFAST_ROWS_IN_FLIGHT) {
+        // All loads of a batch of rows first, so that many are in flight at once.
         T values[NCFAST_ROWS_IN_FLIGHT];
-        long long row_labels[NCFAST_ROWS_IN_FLIGHT];
-        long long row_clean[NCFAST_ROWS_IN_FLIGHT];
+        int row_labels[NCFAST_ROWS_IN_FLIGHT];  // -1: bad label; -2: beyond the block's rows
+        int row_clean[NCFAST_ROWS_IN_FLIGHT];
 #pragma unroll
         for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u) {
             const long long i = base + u;
             values[u] = T(0);
-            row_labels[u] = -1;
+            row_labels[u] = -2;
             row_clean[u] = -1;
             if (i < stop) {
-                row_labels[u] = labels[i];
-                row_clean[u] = track_clean ? clean_labels[i] : row_labels[u];
+                const long long label = labels[i];
+                const long long clean = track_clean ? clean_labels[i] : label;
+                const bool valid = label >= 0 && label < num_classes && clean >= 0 &&
+                                   clean < num_classes;
+                row_labels[u] = valid ? (int)label : -1;
+                row_clean[u] = valid ? (int)clean : -1;
                 if (has_column) values[u] = features[i * num_features + column];
             }
         }
 #pragma unroll
         for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u) {
-            const long long i = base + u;
-            if (i >= stop) break;
-            const long long label = row_labels[u];
-            const long long clean = row_clean[u];
-            if (label < 0 || label >= num_classes || clean < 0 || clean >= num_classes) {
-                if (counts_rows) atomicMin(bad_rows, row_offset + i);
+            const int label = row_labels[u];
+            if (label == -2) break;
+            if (label == -1) {
+                if (counts_rows) atomicMin(bad_rows, row_offset + base + u);
                 continue;
             }
-            const bool is_clean = track_clean && clean == label;
+            const bool is_clean = track_clean && row_clean[u] == label;
             if (counts_rows) {
                 if (PRIVATE) {
                     tile_counts[label] += 1;
@@ -128,15 +135,15 @@ __global__ void ncfast_class_sums(
             if (!has_column) continue;
             const double value = (double)values[u];
             if (!isfinite(value)) {
-                atomicMin(bad_rows + 1, row_offset + i);
+                atomicMin(bad_rows + 1, row_offset + base + u);
                 continue;
             }
             if (PRIVATE) {
                 tile_sums[label * tile + threadIdx.x] += value;
                 if (is_clean) tile_clean_sums[label * tile + threadIdx.x] += value;
             } else {
-                atomicAdd(sums + label * num_features + column, value);
-                if (is_clean) atomicAdd(clean_sums + label * num_features + column, value);
+                atomicAdd(sums + (long long)label * num_features + column, value);
+                if (is_clean) atomicAdd(clean_sums + (long long)label * num_features + column, value);
             }
         }
     }
@@ -307,7 +314,7 @@ __global__ void ncfast_epilogue(
         const double own = residual_products ? (double)z[mean_row] : 0.0;
         const double base = residual_products ? sq_norm : 0.0;
         const double* offsets = distance_offsets + mean_row * distance_stride;
-        double best = HUGE_VAL;
+        double best = NCFAST_INFINITY;
         int best_k = NCFAST_NO_INDEX;
         for (int k = lane; k < num_means; k += 32) {
             const double projection = (double)z[k];
@@ -323,7 +330,7 @@ __global__ void ncfast_epilogue(
         long long prediction = ncc_prediction;
         if (num_logits > 0) {
             const double* logit_row = logit_offsets + mean_row * logit_stride;
-            double best_logit = -HUGE_VAL;
+            double best_logit = -NCFAST_INFINITY;
             int best_c = NCFAST_NO_INDEX;
             for (int c = lane; c < num_logits; c += 32) {
                 const double logit = (double)z[num_means + c] + logit_row[c];
@@ -379,6 +386,7 @@ _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _NULL = np.uint64(0)  # a null pointer argument
 _ONE = {np.float32: np.array(1.0, np.float32), np.float64: np.array(1.0, np.float64)}
 _ZERO_F32 = np.array(0.0, np.float32)
+_ZERO_F64 = np.array(0.0, np.float64)
 _SHARED_MEMORY_PER_SM = 224 << 10  # shared memory the blocks of one multiprocessor can hold
 
 
@@ -590,27 +598,34 @@ def matmul_f32(rows, matrix, out):
 
 
 def add_gram(rows, out):
-    """``out += rows^T rows`` in float64 (cuBLAS dsyrk), upper triangle only.
+    """``out += rows^T rows`` in float64 (cuBLAS dgemm).
+
+    A chunk's rows are split into up to ``GRAM_BLOCKS`` blocks whose Grams are
+    computed side by side (strided batched GEMM) and then summed: a C'×C'
+    output alone would leave most of the device idle.
 
     Parameters
     ----------
     rows : cupy float64 array of shape (n, k), C-contiguous
-    out : cupy float64 array of shape (k, k), C-contiguous; its upper
-        triangle (row-major) is updated, the strict lower one left as is.
-        ``symmetric_from_upper`` completes it.
+    out : cupy float64 array of shape (k, k), updated
     """
     num_rows, width = rows.shape
     if num_rows == 0:
         return
-    # Row-major rows is column-major rows^T (k x n); the column-major lower
-    # triangle of rows^T rows is the row-major upper one.
+    blocks = max(1, min(GRAM_BLOCKS, num_rows // max(4 * width, 256)))
+    block_rows = num_rows // blocks
+    partial = cupy.empty((blocks, width, width))
+    one, zero = _ONE[np.float64].ctypes.data, _ZERO_F64.ctypes.data
+    # Row-major rows is column-major X = rows^T (k x n), and X X^T = rows^T rows.
     handle = cupy.cuda.device.get_cublas_handle()
-    cublas.dsyrk(handle, cublas.CUBLAS_FILL_MODE_LOWER, cublas.CUBLAS_OP_N, width, num_rows,
-                 _ONE[np.float64].ctypes.data, rows.data.ptr, width,
-                 _ONE[np.float64].ctypes.data, out.data.ptr, width)
-
-
-def symmetric_from_upper(matrix):
-    """The symmetric matrix whose upper triangle is that of ``matrix`` (numpy)."""
-    upper = np.triu(matrix)
-    return upper + np.triu(upper, 1).T
+    block_stride = block_rows * width
+    cublas.dgemmStridedBatched(
+        handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, width, width, block_rows, one,
+        rows.data.ptr, width, block_stride, rows.data.ptr, width, block_stride, zero,
+        partial.data.ptr, width, width * width, blocks)
+    remainder = num_rows - blocks * block_rows
+    if remainder:
+        tail = rows.data.ptr + blocks * block_stride * rows.itemsize
+        cublas.dgemm(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, width, width, remainder,
+                     one, tail, width, tail, width, one, partial.data.ptr, width)
+    out += partial.sum(axis=0)

@@ -351,7 +351,7 @@ class DeviceResidualStats:
     Per chunk: residuals from the float64 means with ``||r||^2``; one float32
     GEMM against ``[M~^T | W^T]`` (of the residuals on the "classes" route, of
     the centred rows on the "features" route); the fused epilogue; the float64
-    scatter by ``dsyrk``.
+    scatter by ``dgemm``.
 
     Parameters
     ----------
@@ -456,7 +456,7 @@ class DeviceResidualStats:
     def add_to_host(self):
         """Add the device sums into ``host_stats`` (waits for the device)."""
         host = self.host_stats
-        host.scatter += self._kernels.symmetric_from_upper(self.scatter.get())
+        host.scatter += self.scatter.get()
         for name in self._TALLIES:
             tally = getattr(host, name)
             tally += self.tallies[name].get().astype(tally.dtype)

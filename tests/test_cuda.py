@@ -143,8 +143,9 @@ def test_results_do_not_depend_on_chunking(chunk_size, small_launches, assert_sa
                                weights=case["weights"], chunk_size=chunk_size)
     streamed = ncfast.collapse(case["features"], case["labels"], weights=case["weights"],
                                chunk_size=chunk_size, device="cuda")
-    assert_same_report(resident, whole, rtol=1e-10)
-    assert_same_report(streamed, whole, rtol=1e-10)
+    # cuBLAS picks its GEMM kernel by shape, so float32 products round differently.
+    assert_same_report(resident, whole, rtol=1e-7)
+    assert_same_report(streamed, whole, rtol=1e-7)
 
 
 @requires_gpu
