@@ -52,7 +52,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ncfast.inputs import as_array
-from ncfast.readers import CheckpointArrays, SplitArrays, StoredArray, file_sha256
+from ncfast.readers import (CheckpointArrays, SplitArrays, StoredArray, file_sha256,
+                            open_npy_rows)
 
 FORMAT_NAME = "ncfast-run"
 FORMAT_VERSION = 1
@@ -409,13 +410,18 @@ class Run:
 
 
 class _LazyNpy(StoredArray):
-    """A run-folder ``.npy`` file, memory-mapped at its first read."""
+    """A run-folder ``.npy`` file, opened at its first read."""
 
     def __init__(self, run_path, entry):
         path = os.path.join(run_path, entry["file"])
         super().__init__(path, None, tuple(entry["shape"]), entry["dtype"],
-                         lambda: as_array(path, "array"), entry["sha256"])
+                         lambda: open_npy_rows(path), entry["sha256"])
         self.recorded_bytes = entry["bytes"]
+
+    def memmap(self):
+        """The whole array as a read-only ``np.memmap`` (for random access)."""
+        self.check()
+        return as_array(self.path, "array")
 
     def check(self):
         """Check that the file exists and matches the manifest's shape and dtype."""
@@ -440,11 +446,11 @@ def _lazy(run_path, entry, manifest_path, what):
 
 
 def open_run(path):
-    """Open a run folder: manifest, checkpoints and lazy memory-mapped arrays.
+    """Open a run folder: manifest, checkpoints and lazily opened arrays.
 
     Arrays are opened at their first read; ``StoredArray.rows`` reads row
-    blocks, ``StoredArray.read`` the whole array, and the file's ``check``
-    method compares it with the manifest.
+    blocks, ``StoredArray.read`` the whole array, ``memmap`` maps the file,
+    and ``check`` compares the file with the manifest.
 
     Parameters
     ----------

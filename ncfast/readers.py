@@ -1,7 +1,8 @@
 """Read arrays from the files researchers already have, lazily and in row blocks.
 
-Formats: ``.npy`` (memory-mapped), ``.npz`` (members stored uncompressed are
-memory-mapped; compressed members are streamed sequentially), safetensors
+Formats: ``.npy`` and ``.npz`` members stored uncompressed (row blocks read at
+their offset; the files stay memory-mappable for other tools), compressed
+``.npz`` members (streamed sequentially), safetensors
 (``safe_open`` slices), torch ``.pt``/``.pth`` (``torch.load(weights_only=True,
 mmap=True)``: a tensor, or a dict of tensors, possibly nested) and HDF5
 (``h5py`` datasets, possibly in groups). Nothing is loaded whole: a
@@ -173,9 +174,61 @@ def read_file(path):
             "it may be truncated or corrupt: re-save it") from None
 
 
+class _BlockReader:
+    """Row slices of a C-ordered array stored raw at ``offset`` in a file, read with ``readinto``.
+
+    Reading blocks into fresh buffers, rather than slicing a memory map, keeps
+    resident memory at about one block whatever the file size: the pages of a
+    memory map stay counted in the process until it is unmapped.
+    """
+
+    def __init__(self, path, dtype, shape, offset):
+        self.path, self.dtype, self.shape, self.offset = path, dtype, tuple(shape), offset
+        self.row_bytes = dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        self.file = open(path, "rb", buffering=0)
+
+    def __getitem__(self, rows):
+        start, stop, _ = rows.indices(self.shape[0])
+        block = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
+        self.file.seek(self.offset + start * self.row_bytes)
+        read = self.file.readinto(memoryview(block).cast("B")) if block.size else 0
+        if read != block.nbytes:
+            raise EOFError(f"the file ends inside rows {start}:{stop}")
+        return block
+
+    def close(self):
+        self.file.close()
+
+
+def _npy_layout(path):
+    """``(dtype, shape, data offset)`` of a ``.npy`` file, checked.
+
+    The header is checked by memory-mapping the file (``ncfast.inputs``),
+    which also catches truncated files.
+    """
+    array = as_array(path, "array")  # a clear ValueError when unreadable or truncated
+    if array.ndim > 1 and not array.flags.c_contiguous:
+        raise ValueError(f"{path}: the array is stored Fortran-ordered; re-save it C-ordered "
+                         "(np.save(path, np.ascontiguousarray(array)))")
+    return array.dtype, array.shape, array.offset
+
+
+def open_npy_rows(path):
+    """A checked ``.npy`` file, opened for reading row slices (``block = rows[a:b]``)."""
+    path = os.fspath(path)
+    return _BlockReader(path, *_npy_layout(path))
+
+
+def npy_blocks(path):
+    """A ``.npy`` file as a ``StoredArray`` read in row blocks."""
+    path = os.fspath(path)
+    dtype, shape, offset = _npy_layout(path)
+    return StoredArray(path, None, shape, str(dtype),
+                       _bind(_BlockReader, path, dtype, shape, offset))
+
+
 def _read_npy(path):
-    array = as_array(path, "array")  # memory-mapped, with a clear error when unreadable
-    return {None: StoredArray(path, None, array.shape, str(array.dtype), lambda: array)}
+    return {None: npy_blocks(path)}
 
 
 def _read_npz(path):
@@ -199,7 +252,7 @@ def _read_npz(path):
                     "it C-ordered with numpy.savez (np.ascontiguousarray)")
             if info.compress_type == zipfile.ZIP_STORED:
                 offset = _member_data_offset(path, info) + header_bytes
-                opener = _memmap_opener(path, dtype, shape, offset)
+                opener = _bind(_BlockReader, path, dtype, shape, offset)
             else:
                 opener = _deflated_opener(path, info.filename, dtype, shape, header_bytes)
             arrays[key] = StoredArray(path, key, tuple(shape), str(dtype), opener)
@@ -216,12 +269,6 @@ def _member_data_offset(path, info):
     name_length = int.from_bytes(header[26:28], "little")
     extra_length = int.from_bytes(header[28:30], "little")
     return info.header_offset + 30 + name_length + extra_length
-
-
-def _memmap_opener(path, dtype, shape, offset):
-    def open_memmap():
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
-    return open_memmap
 
 
 class _SequentialRows:

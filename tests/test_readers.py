@@ -9,7 +9,7 @@ import torch
 from safetensors.numpy import save_file as save_safetensors
 from safetensors.torch import save_file as save_torch_safetensors
 
-from ncfast.readers import _SequentialRows, file_layout, file_sha256, read_file
+from ncfast.readers import _BlockReader, _SequentialRows, file_layout, file_sha256, read_file
 
 ROWS, WIDTH, CLASSES = 50, 6, 3
 
@@ -97,17 +97,24 @@ def test_single_array_files_hold_unlabelled_features(tmp_path, arrays):
         np.testing.assert_array_equal(split.features["features"].read(), features)
 
 
-def test_npy_and_stored_npz_are_memory_mapped_and_compressed_npz_streams(tmp_path, arrays):
+def test_npy_and_npz_are_read_block_by_block(tmp_path, arrays):
     np.save(tmp_path / "features.npy", arrays["train/features/penultimate"])
     (npy,) = read_file(tmp_path / "features.npy").values()
-    npy.rows(0, 1)
-    assert isinstance(npy._handle, np.memmap)
     stored = read_file(_write(tmp_path, "npz", arrays))["train/features/penultimate"]
-    stored.rows(0, 1)
-    assert isinstance(stored._handle, np.memmap)
+    for array in (npy, stored):
+        assert isinstance(array.rows(0, 1), np.ndarray)
+        assert isinstance(array._handle, _BlockReader)
+        np.testing.assert_array_equal(array.rows(10, 13),
+                                      arrays["train/features/penultimate"][10:13])
     compressed = read_file(_write(tmp_path, "npz_compressed", arrays))["train/labels"]
     compressed.rows(0, 1)
     assert isinstance(compressed._handle, _SequentialRows)
+
+
+def test_fortran_ordered_npy_is_refused(tmp_path):
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(np.ones((4, 3), np.float32)))
+    with pytest.raises(ValueError, match="fortran.npy: the array is stored Fortran-ordered"):
+        read_file(tmp_path / "fortran.npy")
 
 
 def test_bfloat16_tensors_are_read_as_float32(tmp_path):
