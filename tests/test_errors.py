@@ -1,0 +1,277 @@
+"""Bad inputs: each raises its own exception, whose message says what was found.
+
+Also: ``ncfast.collapse`` never modifies its inputs (numpy arrays or torch
+tensors), whether it succeeds or fails.
+"""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+import ncfast
+from cases import gaussian_classes, with_label_noise
+
+NUM_ROWS, NUM_FEATURES, NUM_CLASSES = 20, 4, 3
+
+
+@pytest.fixture
+def case():
+    """20 rows of 4 float32 features in 3 classes, with a classifier."""
+    return gaussian_classes(num_rows=NUM_ROWS, num_features=NUM_FEATURES,
+                            num_classes=NUM_CLASSES)
+
+
+def with_bad_value(features, rows, value):
+    """Copy of ``features`` with ``value`` written into column 1 of ``rows``."""
+    features = features.copy()
+    features[rows, 1] = value
+    return features
+
+
+# --- shapes and dtypes ----------------------------------------------------------------------
+
+def test_one_dimensional_features(case):
+    with pytest.raises(ValueError, match=r"must be 2-D .* found 1-D with shape \(20,\)"):
+        ncfast.collapse(case["features"][:, 0], case["labels"])
+
+
+def test_three_dimensional_features(case):
+    with pytest.raises(ValueError, match=r"must be 2-D .* found 3-D with shape \(20, 4, 1\)"):
+        ncfast.collapse(case["features"][:, :, None], case["labels"])
+
+
+def test_labels_shorter_than_features(case):
+    with pytest.raises(ValueError, match="labels has 19 entries but features has 20 rows"):
+        ncfast.collapse(case["features"], case["labels"][:-1])
+
+
+def test_clean_labels_longer_than_features(case):
+    clean_labels = np.concatenate([case["labels"], [0]])
+    with pytest.raises(ValueError, match="clean_labels has 21 entries but features has 20 rows"):
+        ncfast.collapse(case["features"], case["labels"], clean_labels=clean_labels)
+
+
+def test_float_labels(case):
+    with pytest.raises(TypeError, match="labels must be integer class indices; found dtype "
+                                        "float64"):
+        ncfast.collapse(case["features"], case["labels"].astype(np.float64))
+
+
+def test_integer_features(case):
+    with pytest.raises(TypeError, match="features must be floating point; found dtype int32"):
+        ncfast.collapse(case["features"].astype(np.int32), case["labels"])
+
+
+def test_weights_of_wrong_shape(case):
+    with pytest.raises(ValueError, match=r"weights has shape \(4, 3\); expected .* \(3, 4\)"):
+        ncfast.collapse(case["features"], case["labels"], weights=case["weights"].T)
+
+
+def test_bias_of_wrong_shape(case):
+    with pytest.raises(ValueError, match=r"bias has shape \(4,\); expected \(3,\)"):
+        ncfast.collapse(case["features"], case["labels"], weights=case["weights"],
+                        bias=np.zeros(4))
+
+
+def test_bias_without_weights(case):
+    with pytest.raises(ValueError, match="bias was given without weights"):
+        ncfast.collapse(case["features"], case["labels"], bias=case["bias"])
+
+
+def test_chunk_size_zero(case):
+    with pytest.raises(ValueError, match="chunk_size must be at least 1; found 0"):
+        ncfast.collapse(case["features"], case["labels"], chunk_size=0)
+
+
+# --- labels ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_label_out_of_range_names_the_row(case, chunk_size):
+    labels = case["labels"].copy()
+    labels[[13, 17]] = NUM_CLASSES + 2
+    with pytest.raises(ValueError, match=r"row 13 has label 5, outside \[0, 3\)"):
+        ncfast.collapse(case["features"], labels, num_classes=NUM_CLASSES, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_negative_label_names_the_row(case, chunk_size):
+    labels = case["labels"].copy()
+    labels[[13, 17]] = -1
+    with pytest.raises(ValueError, match=r"row 13 has label -1, outside \[0, 3\)"):
+        ncfast.collapse(case["features"], labels, chunk_size=chunk_size)
+
+
+def test_clean_label_out_of_range_names_the_row(case):
+    noisy = with_label_noise(case)
+    clean_labels = noisy["clean_labels"].copy()
+    clean_labels[11] = -4
+    with pytest.raises(ValueError, match=r"row 11 has clean label -4, outside \[0, 3\)"):
+        ncfast.collapse(case["features"], noisy["labels"], num_classes=NUM_CLASSES,
+                        clean_labels=clean_labels)
+
+
+def test_held_out_label_without_training_mean_names_the_row(case):
+    means = ncfast.collapse(case["features"], case["labels"], num_classes=4,
+                            empty_classes="ignore").means
+    labels = case["labels"].copy()
+    labels[9] = 3
+    with pytest.raises(ValueError, match="row 9 has label 3, a class without a mean"):
+        ncfast.collapse(case["features"], labels, means=means)
+
+
+# --- non-finite rows ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, kind", [(np.nan, "NaN"), (np.inf, "Inf"), (-np.inf, "Inf")])
+@pytest.mark.parametrize("chunk_size", [None, 1, 4, 7])
+def test_non_finite_row_names_the_first_bad_row(case, value, kind, chunk_size):
+    """Row 13 is in the 1st, 14th, 4th or 2nd chunk; row 17 is bad too but comes later."""
+    features = with_bad_value(case["features"], [13, 17], value)
+    with pytest.raises(ValueError, match=f"features row 13 contains {kind}"):
+        ncfast.collapse(features, case["labels"], chunk_size=chunk_size)
+
+
+def test_non_finite_torch_row_names_the_row(case):
+    features = torch.from_numpy(with_bad_value(case["features"], [6], np.nan))
+    with pytest.raises(ValueError, match="features row 6 contains NaN"):
+        ncfast.collapse(features, torch.from_numpy(case["labels"]), chunk_size=4)
+
+
+def test_non_finite_held_out_row_names_the_row(case):
+    """Against given means pass 1 is skipped, so pass 2 must find the bad row."""
+    means = ncfast.collapse(case["features"], case["labels"]).means
+    features = with_bad_value(case["features"], [10, 15], np.nan)
+    with pytest.raises(ValueError, match="features row 10 contains NaN"):
+        ncfast.collapse(features, case["labels"], means=means, chunk_size=3)
+
+
+def test_non_finite_row_in_a_later_source_chunk_names_the_row(case):
+    features = with_bad_value(case["features"], [12], np.inf)
+    chunks = [(features[:5], case["labels"][:5]), (features[5:], case["labels"][5:])]
+    with pytest.raises(ValueError, match="features row 12 contains Inf"):
+        ncfast.collapse(chunks, num_classes=NUM_CLASSES)
+
+
+# --- too little data ------------------------------------------------------------------------
+
+def test_empty_input(case):
+    with pytest.raises(ValueError, match=r"features has no rows \(shape \(0, 4\)\)"):
+        ncfast.collapse(case["features"][:0], case["labels"][:0], num_classes=NUM_CLASSES)
+
+
+def test_chunk_source_without_chunks():
+    with pytest.raises(ValueError, match="the chunk source yielded no chunks"):
+        ncfast.collapse([], num_classes=NUM_CLASSES)
+
+
+def test_one_class_present_among_several(case):
+    labels = np.zeros(NUM_ROWS, np.int64)
+    with pytest.raises(ValueError, match=r"found 1 class\(es\) with rows"):
+        ncfast.collapse(case["features"], labels, num_classes=NUM_CLASSES,
+                        empty_classes="ignore")
+
+
+def test_one_class_in_all(case):
+    labels = np.zeros(NUM_ROWS, np.int64)
+    with pytest.raises(ValueError, match="num_classes is 1; .* at least 2 are needed"):
+        ncfast.collapse(case["features"], labels)
+
+
+def test_classes_without_rows_warn_and_are_left_out(case):
+    with pytest.warns(UserWarning, match=r"2 of 5 classes have no rows \(3, 4\)"):
+        report = ncfast.collapse(case["features"], case["labels"], num_classes=5)
+    np.testing.assert_array_equal(report.present_classes, [0, 1, 2])
+    np.testing.assert_array_equal(report.class_counts, np.bincount(case["labels"], minlength=5))
+    assert np.isnan(report.class_variances[3:]).all()
+    assert np.isfinite(report.class_variances[:3]).all()
+    assert np.isfinite(report.nc1)
+
+
+def test_classes_without_rows_raise_when_asked(case):
+    with pytest.raises(ValueError, match=r"2 of 5 classes have no rows \(3, 4\)"):
+        ncfast.collapse(case["features"], case["labels"], num_classes=5, empty_classes="raise")
+
+
+# --- files and sources ----------------------------------------------------------------------
+
+def test_truncated_npy_file(case, tmp_path):
+    path = tmp_path / "features.npy"
+    np.save(path, case["features"])
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) - 40])
+    with pytest.raises(ValueError, match="features file .*features.npy' is not a readable "
+                                         ".npy array file .* truncated"):
+        ncfast.collapse(path, case["labels"])
+
+
+def test_file_that_is_not_an_npy_array(case, tmp_path):
+    path = tmp_path / "features.npy"
+    path.write_text("row,feature\n0,1.5\n")
+    with pytest.raises(ValueError, match="features file .*features.npy' is not a readable "
+                                         ".npy array file"):
+        ncfast.collapse(path, case["labels"])
+
+
+def test_nonexistent_path(case, tmp_path):
+    path = tmp_path / "missing.npy"
+    with pytest.raises(ValueError, match="features file .*missing.npy' does not exist"):
+        ncfast.collapse(str(path), case["labels"])
+
+
+def test_generator_as_chunk_source(case):
+    chunks = ((case["features"][start:start + 5], case["labels"][start:start + 5])
+              for start in range(0, NUM_ROWS, 5))
+    with pytest.raises(TypeError, match="the chunk source is a one-shot iterator"):
+        ncfast.collapse(chunks, num_classes=NUM_CLASSES)
+
+
+# --- inputs are never modified --------------------------------------------------------------
+
+def digest(array):
+    """SHA-256 of an array's bytes (numpy array or torch tensor, any dtype)."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().contiguous().view(torch.uint8).numpy()
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def numpy_inputs(case):
+    noisy = with_label_noise(case)
+    return {"features": case["features"], "labels": noisy["labels"],
+            "clean_labels": noisy["clean_labels"], "weights": case["weights"],
+            "bias": case["bias"]}
+
+
+def torch_inputs(case):
+    return {name: torch.from_numpy(array) for name, array in numpy_inputs(case).items()}
+
+
+def torch_half_inputs(case):
+    inputs = torch_inputs(case)
+    inputs["features"] = inputs["features"].to(torch.bfloat16)
+    return inputs
+
+
+def strided_inputs(case):
+    """Every other column of a wider array: a view that the chunks must copy."""
+    inputs = numpy_inputs(case)
+    inputs["features"] = np.repeat(case["features"], 2, axis=1)[:, ::2]
+    return inputs
+
+
+@pytest.mark.parametrize("make_inputs", [numpy_inputs, torch_inputs, torch_half_inputs,
+                                         strided_inputs])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_inputs_are_not_modified(case, make_inputs, chunk_size):
+    inputs = make_inputs(case)
+    before = {name: digest(value) for name, value in inputs.items()}
+    ncfast.collapse(**inputs, chunk_size=chunk_size)
+    assert {name: digest(value) for name, value in inputs.items()} == before
+
+
+def test_inputs_are_not_modified_when_a_row_is_bad(case):
+    features = with_bad_value(case["features"], [17], np.nan)
+    labels = case["labels"]
+    before = digest(features), digest(labels)
+    with pytest.raises(ValueError, match="row 17"):
+        ncfast.collapse(features, labels, chunk_size=4)
+    assert (digest(features), digest(labels)) == before
