@@ -1,0 +1,217 @@
+"""``ncfast.dask.collapse``: the two passes over a ``dask.array``, reduced as sums.
+
+Each block of rows runs ncfast's own kernels where it lives (a worker of a
+``distributed.Client``, or a thread of Dask's local scheduler); only the pass
+states travel and are added together in a tree. Between the passes the
+client finalizes pass 1 once, and the empty pass-2 state built on those class
+means (the ``Geometry``) enters the graph as one task that every block of
+pass 2 reads: each worker receives it once.
+
+Requires the ``dask`` extra (``pip install ncfast[dask]``); ``import ncfast``
+never imports Dask.
+"""
+import copy
+import dataclasses
+import functools
+import operator
+import threading
+import uuid
+
+import dask
+import dask.array as da
+import numpy as np
+
+from ncfast.accumulators import ClassSums
+from ncfast.api import (EMPTY_CLASS_POLICIES, ResidualPass, _geometry_from_given_means,
+                        _resolve_num_classes, finalize_pass1)
+from ncfast.geometry import PINV_RTOL
+from ncfast.inputs import ArraySource, check_features, check_labels
+
+#: Blocks whose states one reduction task adds together.
+SPLIT_EVERY = 8
+
+# The kernels are parallel over all of numba's threads already; blocks that a
+# worker runs on several threads take turns rather than oversubscribe the cores
+# (and numba's workqueue layer must not be entered from two threads at once).
+_KERNEL_LOCK = threading.Lock()
+
+
+def collapse(features, labels, *, num_classes=None, weights=None, bias=None, means=None,
+             clean_labels=None, global_mean="classes", chunk_size=None, empty_classes="warn",
+             pinv_rtol=PINV_RTOL, split_every=SPLIT_EVERY, scheduler=None):
+    """Measure neural collapse of a Dask array in two passes of block tasks.
+
+    Runs on the active ``distributed.Client`` if there is one (Dask's default
+    scheduler otherwise, or ``scheduler``). The result equals
+    ``ncfast.collapse`` on the same rows up to float64 rounding of the sums.
+
+    Parameters
+    ----------
+    features : dask array of shape (n_samples, n_features)
+        Any float dtype, e.g. ``da.from_zarr(...)``, an HDF5 dataset through
+        ``da.from_array``, or ``da.concatenate`` of memory-mapped ``.npy``
+        files. Blocks may have any number of rows; the feature axis is
+        rechunked to one block if it is split.
+    labels : int array of shape (n_samples,), dask or numpy
+        Class of each row; rechunked to the row blocks of ``features``.
+    num_classes : int, optional
+        Number of classes C; defaults to the largest label + 1 (one extra
+        pass over the labels).
+    weights : array of shape (C, n_features), optional
+        Last-layer classifier ``W``; enables NC3, NC4 and accuracy.
+    bias : array of shape (C,), optional
+    means : array of shape (C, n_features) or CollapseReport, optional
+        Measure against these class means instead of the features' own
+        (held-out features); pass 1 is skipped.
+    clean_labels : int array of shape (n_samples,), dask or numpy, optional
+        True labels when ``labels`` are noisy: enables the label-noise metrics.
+    global_mean : {"classes", "samples"}
+    chunk_size : int, optional
+        Rows per kernel call inside a block (bounds a worker's scratch memory).
+    empty_classes : {"warn", "ignore", "raise"}
+    pinv_rtol : float
+        As in ``ncfast.collapse``.
+    split_every : int
+        Fan-in of the tree that adds the block states.
+    scheduler : str or callable, optional
+        Passed to ``dask.compute`` (e.g. ``"threads"``, ``"sync"``).
+
+    Returns
+    -------
+    CollapseReport
+    """
+    if empty_classes not in EMPTY_CLASS_POLICIES:
+        raise ValueError(
+            f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+        raise ValueError(f"split_every must be an int of at least 2; found {split_every!r}")
+    if clean_labels is not None and means is not None:
+        raise ValueError(
+            "clean_labels needs the clean-row means of these features, so it cannot be "
+            "combined with means=; measure label noise on the training features")
+    features, labels, clean_labels = _aligned_blocks(features, labels, clean_labels)
+    compute = functools.partial(dask.compute, scheduler=scheduler)
+    if num_classes is None and means is None:
+        label_arrays = [array for array in (labels, clean_labels) if array is not None]
+        num_classes = int(max(compute(*(array.max() for array in label_arrays)))) + 1
+    num_classes = _resolve_num_classes(num_classes, None, means)
+    blocks = _row_blocks(features, labels, clean_labels)
+
+    clean_geometry = None
+    if means is None:
+        partial_sums = [dask.delayed(pass1_block, pure=True)(
+            *block, num_classes=num_classes, chunk_size=chunk_size) for block in blocks]
+        (class_sums,) = compute(_tree_sum(partial_sums, _add_class_sums, split_every))
+        geometry, clean_geometry = finalize_pass1(class_sums, global_mean=global_mean,
+                                                  empty_classes=empty_classes)
+    else:
+        geometry = _geometry_from_given_means(means, num_classes, global_mean)
+        if geometry.num_features != features.shape[1]:
+            raise ValueError(
+                f"means has {geometry.num_features} features per class but the features have "
+                f"{features.shape[1]} columns; pass the means of the same layer")
+
+    residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
+    empty_pass = dask.delayed(residual_pass, name=f"ncfast-empty-pass2-{uuid.uuid4().hex}")
+    partial_arrays = [dask.delayed(pass2_block, pure=True)(
+        empty_pass, *block, chunk_size=chunk_size) for block in blocks]
+    (totals,) = compute(_tree_sum(partial_arrays, _add_arrays, split_every))
+    for state_array, total in zip(residual_pass.sum_arrays(), totals):
+        state_array += total
+    return residual_pass.report(global_mean=global_mean, pinv_rtol=pinv_rtol)
+
+
+def _aligned_blocks(features, labels, clean_labels):
+    """Features with whole rows per block; labels rechunked to the same row blocks."""
+    features = da.asarray(features)
+    if any(np.isnan(size) for size in features.shape):
+        raise ValueError(
+            f"features has unknown block sizes (shape {features.shape}); call "
+            "features.compute_chunk_sizes() first")
+    num_rows, _ = check_features(features)
+    if features.numblocks[1] > 1:
+        features = features.rechunk({1: -1})
+    aligned = []
+    for array, what in ((labels, "labels"), (clean_labels, "clean_labels")):
+        if array is not None:
+            array = check_labels(da.asarray(array), num_rows, what)
+            array = array.rechunk((features.chunks[0],))
+        aligned.append(array)
+    return features, *aligned
+
+
+def _row_blocks(features, labels, clean_labels):
+    """One ``(features, labels, clean_labels, row_offset)`` tuple of delayed blocks per row block."""
+    offsets = np.concatenate([[0], np.cumsum(features.chunks[0][:-1])]).astype(int)
+    feature_blocks = features.to_delayed().ravel()
+    label_blocks = labels.to_delayed().ravel()
+    clean_blocks = [None] * len(offsets) if clean_labels is None else \
+        clean_labels.to_delayed().ravel()
+    return list(zip(feature_blocks, label_blocks, clean_blocks, offsets.tolist()))
+
+
+def _block_chunks(features, labels, clean_labels, row_offset, chunk_size):
+    """The validated chunks of one block, offsets counted from the first row of the input."""
+    if features.shape[0] == 0:
+        return
+    for chunk in ArraySource(features, labels, clean_labels, chunk_size=chunk_size):
+        yield dataclasses.replace(chunk, offset=row_offset + chunk.offset)
+
+
+def pass1_block(features, labels, clean_labels, row_offset, *, num_classes, chunk_size):
+    """Pass 1 of one block: its ``ClassSums``.
+
+    Parameters
+    ----------
+    features : array of shape (n, D)
+    labels : int array of shape (n,)
+    clean_labels : int array of shape (n,), or None
+    row_offset : int
+        Index of the block's first row in the whole input (error messages).
+    num_classes : int
+    chunk_size : int or None
+    """
+    class_sums = ClassSums(num_classes, features.shape[1], track_clean=clean_labels is not None)
+    with _KERNEL_LOCK:
+        for chunk in _block_chunks(features, labels, clean_labels, row_offset, chunk_size):
+            class_sums.update(chunk.features, chunk.labels, chunk.clean_labels,
+                              row_offset=chunk.offset)
+    return class_sums
+
+
+def pass2_block(empty_pass, features, labels, clean_labels, row_offset, *, chunk_size):
+    """Pass 2 of one block: the arrays of its ``ResidualPass`` state.
+
+    Parameters
+    ----------
+    empty_pass : ResidualPass
+        The empty state on the finalized class means; shared, so copied here.
+    features, labels, clean_labels, row_offset, chunk_size
+        As in ``pass1_block``.
+
+    Returns
+    -------
+    list of arrays
+        ``ResidualPass.sum_arrays()`` of the block: only these travel.
+    """
+    residual_pass = copy.deepcopy(empty_pass)
+    with _KERNEL_LOCK:
+        for chunk in _block_chunks(features, labels, clean_labels, row_offset, chunk_size):
+            residual_pass.update(chunk)
+    return residual_pass.sum_arrays()
+
+
+def _add_class_sums(*states):
+    return functools.reduce(operator.add, states)
+
+
+def _add_arrays(*array_lists):
+    return [functools.reduce(np.add, arrays) for arrays in zip(*array_lists)]
+
+
+def _tree_sum(parts, add, split_every):
+    """A delayed sum of ``parts`` by ``add`` over groups of ``split_every``, level by level."""
+    while len(parts) > 1:
+        parts = [dask.delayed(add, pure=True)(*parts[start:start + split_every])
+                 for start in range(0, len(parts), split_every)]
+    return parts[0]

@@ -1,0 +1,223 @@
+"""Neural collapse over the ranks of a ``torch.distributed`` process group.
+
+Each rank of a DDP job feeds its own batches; the pass states are sums, so
+each pass ends with one ``all_reduce`` of two flat buffers (the float64 sums
+and the int64 counts), and every rank then holds the same class means and,
+at the end, the same ``CollapseReport``. No feature row leaves its rank.
+
+Requires torch (``import ncfast`` never imports it). Works with any backend
+that sums float64 and int64 tensors: ``gloo`` (CPU buffers) and ``nccl``
+(buffers on the current CUDA device). The kernels are ncfast's CPU kernels;
+CUDA feature batches are copied to the host batch by batch.
+"""
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ncfast.accumulators import ClassSums
+from ncfast.api import (EMPTY_CLASS_POLICIES, ResidualPass, _geometry_from_given_means,
+                        finalize_pass1)
+from ncfast.geometry import PINV_RTOL
+from ncfast.inputs import ArraySource
+
+
+class DistributedCollapse:
+    """Two-pass neural-collapse analysis whose rows are spread over ranks.
+
+    Every rank of ``group`` builds one with the same arguments, then calls,
+    in this order (``finalize_pass1`` and ``report`` are collective: every
+    rank must call them, whatever number of batches it fed)::
+
+        analysis = DistributedCollapse(num_classes, num_features, weights=fc.weight)
+        for features, labels in my_batches:
+            analysis.update_pass1(features, labels)
+        analysis.finalize_pass1()
+        for features, labels in my_batches:   # the same rows again
+            analysis.update_pass2(features, labels)
+        report = analysis.report()            # the same on every rank
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of classes C.
+    num_features : int
+        Feature width D.
+    weights : array or tensor of shape (C, D), optional
+        Last-layer classifier ``W`` (``nn.Linear.weight``); enables NC3, NC4
+        and accuracy.
+    bias : array or tensor of shape (C,), optional
+    means : array of shape (C, D) or CollapseReport, optional
+        Measure against these class means (held-out features): pass 1 is
+        skipped, start with ``update_pass2``.
+    label_noise : bool
+        Every batch comes with its clean labels: enables the label-noise
+        metrics. Must be the same on every rank.
+    global_mean : {"classes", "samples"}
+    chunk_size : int, optional
+    empty_classes : {"warn", "ignore", "raise"}
+    pinv_rtol : float
+        As in ``ncfast.collapse``.
+    group : ProcessGroup, optional
+        The ranks that share the rows; the default group when None.
+    """
+
+    def __init__(self, num_classes, num_features, *, weights=None, bias=None, means=None,
+                 label_noise=False, global_mean="classes", chunk_size=None,
+                 empty_classes="warn", pinv_rtol=PINV_RTOL, group=None):
+        if empty_classes not in EMPTY_CLASS_POLICIES:
+            raise ValueError(
+                f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+        if label_noise and means is not None:
+            raise ValueError(
+                "label_noise needs the clean-row means of these features, so it cannot be "
+                "combined with means=; measure label noise on the training features")
+        self.label_noise = label_noise
+        self.global_mean = global_mean
+        self.chunk_size = chunk_size
+        self.empty_classes = empty_classes
+        self.pinv_rtol = pinv_rtol
+        self.group = group
+        self._classifier = (weights, bias)
+        self._report = None
+        if means is None:
+            self.class_sums = ClassSums(num_classes, num_features, track_clean=label_noise)
+            self.residual_pass = None
+        else:
+            self.class_sums = None
+            geometry = _geometry_from_given_means(means, num_classes, global_mean)
+            if geometry.num_features != num_features:
+                raise ValueError(
+                    f"means has {geometry.num_features} features per class, not "
+                    f"num_features={num_features}; pass the means of the same layer")
+            self.residual_pass = ResidualPass(geometry, weights=weights, bias=bias)
+
+    def update_pass1(self, features, labels, clean_labels=None):
+        """Add a local batch to pass 1 (class counts and sums).
+
+        Parameters
+        ----------
+        features : tensor or array of shape (n, D)
+        labels : int tensor or array of shape (n,)
+        clean_labels : int tensor or array of shape (n,), required with ``label_noise``
+        """
+        if self.class_sums is None:
+            raise RuntimeError("pass 1 is finished (or skipped with means=); call update_pass2")
+        for chunk in self._chunks(features, labels, clean_labels):
+            self.class_sums.update(chunk.features, chunk.labels, chunk.clean_labels)
+
+    def finalize_pass1(self):
+        """Sum pass 1 over the group and build the class means (collective)."""
+        if self.class_sums is None:
+            raise RuntimeError("pass 1 is already finished (or skipped with means=)")
+        all_reduce_sums([array for array in self.class_sums._arrays() if array is not None],
+                        self.group)
+        geometry, clean_geometry = finalize_pass1(
+            self.class_sums, global_mean=self.global_mean, empty_classes=self.empty_classes)
+        weights, bias = self._classifier
+        self.residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
+        self.class_sums = None
+
+    def update_pass2(self, features, labels, clean_labels=None):
+        """Add a local batch to pass 2 (the same rows as pass 1, in any order).
+
+        Parameters
+        ----------
+        features, labels, clean_labels
+            As in ``update_pass1``.
+        """
+        if self.residual_pass is None:
+            raise RuntimeError("call finalize_pass1 on every rank before update_pass2")
+        if self._report is not None:
+            raise RuntimeError("the report is made; start a new DistributedCollapse")
+        for chunk in self._chunks(features, labels, clean_labels):
+            self.residual_pass.update(chunk)
+
+    def report(self):
+        """Sum pass 2 over the group and return the ``CollapseReport`` (collective).
+
+        Every rank receives the same report; later calls return it again
+        without communicating.
+        """
+        if self.residual_pass is None:
+            raise RuntimeError("call finalize_pass1 and update_pass2 before report")
+        if self._report is None:
+            all_reduce_sums(self.residual_pass.sum_arrays(), self.group)
+            self._report = self.residual_pass.report(global_mean=self.global_mean,
+                                                     pinv_rtol=self.pinv_rtol)
+        return self._report
+
+    def _chunks(self, features, labels, clean_labels):
+        if self.label_noise != (clean_labels is not None):
+            raise ValueError("pass clean_labels with every batch exactly when label_noise=True")
+        if len(features) == 0:
+            return iter(())
+        return iter(ArraySource(_on_host(features), _on_host(labels), _on_host(clean_labels),
+                                chunk_size=self.chunk_size))
+
+
+def collapse(batches, *, num_classes, num_features, group=None, **options):
+    """Neural collapse of the rows that all ranks of ``group`` hold (collective).
+
+    Parameters
+    ----------
+    batches : re-iterable of (features, labels) or (features, labels, clean_labels)
+        This rank's batches, read twice (a list, or an object whose
+        ``__iter__`` starts over); feature tensors of shape (n, D).
+    num_classes, num_features : int
+    group : ProcessGroup, optional
+    **options
+        ``weights``, ``bias``, ``means``, ``label_noise``, ``global_mean``,
+        ``chunk_size``, ``empty_classes``, ``pinv_rtol`` of ``DistributedCollapse``.
+
+    Returns
+    -------
+    CollapseReport
+        The same on every rank.
+    """
+    if iter(batches) is batches:
+        raise TypeError(
+            "batches is a one-shot iterator (e.g. a generator), but the analysis reads the "
+            "batches twice; pass a list or another re-iterable")
+    analysis = DistributedCollapse(num_classes, num_features, group=group, **options)
+    if options.get("means") is None:
+        for batch in batches:
+            analysis.update_pass1(*batch)
+        analysis.finalize_pass1()
+    for batch in batches:
+        analysis.update_pass2(*batch)
+    return analysis.report()
+
+
+def all_reduce_sums(arrays, group=None):
+    """Sum numpy arrays over ``group`` in place, one ``all_reduce`` per dtype.
+
+    Parameters
+    ----------
+    arrays : list of float64 or int64 numpy arrays
+        Every rank passes arrays of the same shapes in the same order.
+    group : ProcessGroup, optional
+    """
+    unsupported = {str(array.dtype) for array in arrays} - {"float64", "int64"}
+    if unsupported:
+        raise TypeError(f"all_reduce_sums sums float64 and int64 arrays; found {unsupported}")
+    on_cuda = dist.get_backend(group) == "nccl"
+    for dtype in (np.float64, np.int64):
+        same_dtype = [array for array in arrays if array.dtype == dtype]
+        if not same_dtype:
+            continue
+        flat = torch.from_numpy(np.concatenate([array.ravel() for array in same_dtype]))
+        if on_cuda:
+            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat = flat.cpu().numpy()
+        start = 0
+        for array in same_dtype:
+            array[...] = flat[start:start + array.size].reshape(array.shape)
+            start += array.size
+
+
+def _on_host(array):
+    """A CPU view of a tensor (copied off an accelerator); other inputs unchanged."""
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu()
+    return array

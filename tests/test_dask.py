@@ -1,0 +1,173 @@
+"""``ncfast.dask.collapse`` equals ``ncfast.collapse`` on the same rows (issue 7).
+
+The cluster tests run on a 2-worker ``LocalCluster`` of processes, so the
+block tasks, the tree of merges and the broadcast of the class means really
+cross process boundaries; one test kills a worker in the middle of a pass.
+
+Blocks are uneven (and one is empty) but start on multiples of ``chunk_size``,
+so every kernel call sees the same rows as in the single-process run and the
+reports differ only by the order of the float64 sums (<= 1e-10 relative).
+Blocks that cut the chunk grid elsewhere change which rows share a float32
+GEMM call, and BLAS rounds a row's products differently with the call's
+shape: ``test_blocks_off_the_chunk_grid`` states that bound.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+cloudpickle = pytest.importorskip("cloudpickle")
+
+import ncfast  # noqa: E402
+import ncfast.dask  # noqa: E402
+from cases import ADVERSARIAL, gaussian_classes, with_label_noise  # noqa: E402
+
+CHUNK_SIZE = 16
+
+#: Keywords of ``collapse`` that a case may carry besides its rows.
+OPTIONS = ("num_classes", "weights", "bias", "clean_labels")
+
+
+def uneven_row_chunks(num_rows, seed):
+    """Row block sizes: uneven multiples of CHUNK_SIZE, an empty block, the rest last."""
+    rng = np.random.default_rng(seed)
+    largest = max(1, num_rows // (4 * CHUNK_SIZE))
+    sizes = [0]
+    while sum(sizes) + largest * CHUNK_SIZE < num_rows:
+        sizes.append(CHUNK_SIZE * int(rng.integers(1, largest + 1)))
+    return tuple(rng.permutation(sizes).tolist()) + (num_rows - sum(sizes),)
+
+
+def as_dask(case, row_chunks):
+    """The case's features as a dask array of the given row blocks, labels as numpy."""
+    features = da.from_array(case["features"], chunks=(row_chunks, case["features"].shape[1]))
+    options = {name: case[name] for name in OPTIONS if name in case}
+    return features, case["labels"], options
+
+
+def single_process_report(case, **extra):
+    options = {name: case[name] for name in OPTIONS if name in case}
+    return ncfast.collapse(case["features"], case["labels"], chunk_size=CHUNK_SIZE, **options,
+                           **extra)
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A 2-worker LocalCluster of processes (nannies restart killed workers)."""
+    # Functions defined here run on the workers: ship them by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as cluster_client:
+        yield cluster_client
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["clean", "noisy"])
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_threads_equal_single_process(name, noise, assert_same_report):
+    """Every adversarial case; no client, so the blocks run on Dask's threads at once."""
+    case = gaussian_classes(**ADVERSARIAL[name])
+    if noise:
+        case = with_label_noise(case, rate=0.1)
+    features, labels, options = as_dask(case, uneven_row_chunks(len(case["labels"]), seed=2))
+    assert features.numblocks[0] >= 3
+    report = ncfast.dask.collapse(features, da.from_array(labels, chunks=100),
+                                  chunk_size=CHUNK_SIZE, scheduler="threads", **options)
+    assert_same_report(report, single_process_report(case))
+
+
+#: Cluster cases: random rows with a classifier, the D×D route, single-row classes.
+CLUSTER_CASES = {
+    "gaussian": {"num_rows": 4000, "num_features": 24, "num_classes": 6},
+    "classes_exceed_features": ADVERSARIAL["classes_exceed_features"],
+    "single_row_classes": ADVERSARIAL["single_row_classes"],
+}
+
+
+@pytest.mark.parametrize("name", CLUSTER_CASES)
+def test_cluster_equals_single_process(client, name, assert_same_report):
+    case = with_label_noise(gaussian_classes(**CLUSTER_CASES[name]), rate=0.1)
+    features, labels, options = as_dask(case, uneven_row_chunks(len(case["labels"]), seed=3))
+    report = ncfast.dask.collapse(features, labels, chunk_size=CHUNK_SIZE, **options)
+    assert_same_report(report, single_process_report(case))
+
+
+def test_options(assert_same_report):
+    """global_mean, held-out means and a feature axis split in blocks."""
+    train = gaussian_classes(num_rows=3000, num_classes=4, class_counts=[100, 400, 900, 1600])
+    held_out = gaussian_classes(num_rows=1000, num_classes=4, seed=5)
+    features = da.from_array(train["features"], chunks=(640, 8))
+    report = ncfast.dask.collapse(features, train["labels"], global_mean="samples",
+                                  chunk_size=CHUNK_SIZE, scheduler="threads")
+    expected = single_process_report(
+        {"features": train["features"], "labels": train["labels"]}, global_mean="samples")
+    assert_same_report(report, expected)
+    held_out_report = ncfast.dask.collapse(
+        da.from_array(held_out["features"], chunks=(320, 32)), held_out["labels"], means=report,
+        weights=held_out["weights"], chunk_size=CHUNK_SIZE, scheduler="threads")
+    assert_same_report(held_out_report, ncfast.collapse(
+        held_out["features"], held_out["labels"], means=expected, weights=held_out["weights"],
+        chunk_size=CHUNK_SIZE))
+
+
+def test_blocks_off_the_chunk_grid(assert_same_report):
+    """Any block sizes: the float64 metrics agree to 1e-10, those of the GEMM to 1e-6."""
+    case = with_label_noise(gaussian_classes(num_rows=5000, spread=0.05))
+    features, labels, options = as_dask(case, (997, 1, 2003, 1999))
+    report = ncfast.dask.collapse(features, labels, scheduler="threads", **options)
+    expected = ncfast.collapse(case["features"], case["labels"], **options)
+    assert_same_report(report, expected, rtol=1e-6)
+    for name in ("nc1_trace", "cdnv", "nc2_etf", "nc3", "memorization", "dilation"):
+        assert getattr(report, name) == pytest.approx(getattr(expected, name), rel=1e-10)
+
+
+def _features_dying_once(block, block_id=None, *, log_dir, victim, kill_at):
+    """The block unchanged; the worker computing block ``victim`` for the
+    ``kill_at``-th time dies instead (``os._exit``), once per ``log_dir``."""
+    if block_id[0] == victim:
+        log = os.path.join(log_dir, "victim.log")
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        with open(log) as handle:
+            times = len(handle.readlines())
+        if times == kill_at:
+            os._exit(1)
+    return block
+
+
+@pytest.mark.parametrize("kill_at", [1, 2], ids=["pass1", "pass2"])
+def test_worker_killed_mid_pass(client, kill_at, tmp_path, assert_same_report):
+    case = gaussian_classes(num_rows=6000, num_features=16, num_classes=5)
+    features, labels, options = as_dask(case, (1024, 2048, 896, 2032))
+    dying = features.map_blocks(_features_dying_once, log_dir=str(tmp_path), victim=2,
+                                kill_at=kill_at, dtype=features.dtype)
+    report = ncfast.dask.collapse(dying, labels, chunk_size=CHUNK_SIZE, **options)
+    pids = (tmp_path / "victim.log").read_text().split()
+    # Computed in pass 1 and pass 2, plus the retry of the computation that died.
+    assert len(pids) == 3 and pids[kill_at - 1] != pids[kill_at]
+    assert_same_report(report, single_process_report(case))
+
+
+def test_errors_name_the_row_of_the_whole_input():
+    case = gaussian_classes(num_rows=1000, num_classes=3)
+    labels = case["labels"].copy()
+    labels[731] = 7
+    features = da.from_array(case["features"], chunks=(300, 32))
+    with pytest.raises(ValueError, match="row 731 has label 7, outside"):
+        ncfast.dask.collapse(features, labels, num_classes=3, scheduler="sync")
+    unknown = features[da.from_array(labels, chunks=300) >= 0]
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        ncfast.dask.collapse(unknown, labels, scheduler="sync")
+    with pytest.raises(ValueError, match="labels has 999 entries"):
+        ncfast.dask.collapse(features, labels[:999], scheduler="sync")
+
+
+def test_import_ncfast_needs_neither_dask_nor_torch():
+    code = ("import sys, ncfast; ncfast.collapse([[0.0], [1.0]], [0, 1]); "
+            "assert not {'dask', 'distributed', 'torch'} & set(sys.modules), sys.modules.keys()")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,123 @@
+"""``ncfast.distributed``: pass states summed over a torch.distributed group (issue 7).
+
+Two CPU processes on the gloo backend feed uneven numbers of batches (one
+rank none at all in one case); every rank's report must equal
+``ncfast.collapse`` of all the batches in one process. The batches are the
+kernel chunks in both runs, so only the order of the float64 sums differs
+(<= 1e-10 relative).
+"""
+import pickle
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as torch_mp  # noqa: E402
+
+import ncfast  # noqa: E402
+from cases import ADVERSARIAL, gaussian_classes, with_label_noise  # noqa: E402
+from ncfast.distributed import DistributedCollapse, collapse  # noqa: E402
+
+WORLD_SIZE = 2
+
+
+def _rank_batches(case, rank, batch_counts):
+    """This rank's batches (torch tensors): uneven sizes, ``batch_counts[rank]`` of them."""
+    num_rows = len(case["labels"])
+    cuts = np.linspace(0, num_rows, sum(batch_counts) + 1).astype(int)
+    cuts[1:-1] += np.random.default_rng(0).integers(-5, 5, size=cuts.size - 2)
+    first = sum(batch_counts[:rank])
+    batches = []
+    for start, stop in zip(cuts[first:first + batch_counts[rank]],
+                           cuts[first + 1:first + 1 + batch_counts[rank]]):
+        batch = [torch.from_numpy(case["features"][start:stop]),
+                 torch.from_numpy(case["labels"][start:stop])]
+        if "clean_labels" in case:
+            batch.append(torch.from_numpy(case["clean_labels"][start:stop]))
+        batches.append(tuple(batch))
+    return batches
+
+
+#: (case, batches per rank): random rows with a classifier and label noise,
+#: adversarial rows, and a rank without rows.
+CASES = {
+    "gaussian_noisy": (lambda: with_label_noise(gaussian_classes(num_rows=3000)), (3, 8)),
+    "relu_offset": (lambda: gaussian_classes(**ADVERSARIAL["relu_offset_1e3"]), (5, 2)),
+    "classes_exceed_features": (
+        lambda: gaussian_classes(**ADVERSARIAL["classes_exceed_features"]), (4, 1)),
+    "idle_rank": (lambda: gaussian_classes(**ADVERSARIAL["tiny_spread_1e-4"]), (6, 0)),
+}
+
+
+def _run_rank(rank, port, out_dir):
+    """One process of the group: every case, class API and function API."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        reports = {}
+        for name, (make_case, batch_counts) in CASES.items():
+            case = make_case()
+            batches = _rank_batches(case, rank, batch_counts)
+            noisy = "clean_labels" in case
+            num_features = case["features"].shape[1]
+            analysis = DistributedCollapse(
+                case["num_classes"], num_features, weights=torch.from_numpy(case["weights"]),
+                bias=torch.from_numpy(case["bias"]), label_noise=noisy)
+            for batch in batches:
+                analysis.update_pass1(*batch)
+            analysis.finalize_pass1()
+            for batch in reversed(batches):
+                analysis.update_pass2(*batch)
+            reports[name] = analysis.report()
+            reports[name + "_function"] = collapse(
+                batches, num_classes=case["num_classes"], num_features=num_features,
+                label_noise=noisy)
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as handle:
+            pickle.dump(reports, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_reports(tmp_path_factory):
+    """The reports of both ranks, from one spawn of a 2-process gloo group."""
+    out_dir = tmp_path_factory.mktemp("ranks")
+    torch_mp.spawn(_run_rank, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [pickle.loads((out_dir / f"rank{rank}.pkl").read_bytes())
+            for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_ranks_equal_single_process(rank_reports, name, assert_same_report):
+    make_case, batch_counts = CASES[name]
+    case = make_case()
+    all_batches = [batch for rank in range(WORLD_SIZE)
+                   for batch in _rank_batches(case, rank, batch_counts)]
+    expected = ncfast.collapse(all_batches, num_classes=case["num_classes"],
+                               weights=case["weights"], bias=case["bias"])
+    expected_function = ncfast.collapse(all_batches, num_classes=case["num_classes"])
+    for reports in rank_reports:
+        assert_same_report(reports[name], expected)
+        assert_same_report(reports[name + "_function"], expected_function)
+    if "clean_labels" in case:
+        assert expected.memorization is not None
+
+
+def test_misuse_is_refused_before_any_communication():
+    analysis = DistributedCollapse(3, 4)
+    with pytest.raises(RuntimeError, match="finalize_pass1"):
+        analysis.update_pass2(torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="label_noise"):
+        analysis.update_pass1(torch.zeros(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="row 1 has label 5"):
+        analysis.update_pass1(torch.zeros(2, 4), torch.tensor([0, 5]))
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        collapse((batch for batch in []), num_classes=3, num_features=4)
