@@ -17,11 +17,12 @@ It is deliberately not optimized: it is the reference the tests check
 It shares no code with ``ncfast.metrics``, ``ncfast.geometry`` or
 ``ncfast.accumulators``, so that a mistake there cannot hide here.
 """
-from itertools import combinations
-
 import numpy as np
 
 from ncfast.report import CollapseReport
+
+#: Rows per batch for the NCC distances, as a data loader would deliver them.
+BATCH_ROWS = 65536
 
 
 def textbook_collapse(features, labels, *, num_classes=None, weights=None, bias=None,
@@ -133,12 +134,28 @@ def _normalized(matrix):
     return matrix / np.linalg.norm(matrix)
 
 
+def _pair_distances(vectors):
+    """``||v_a - v_b||`` for every pair a < b of the rows of ``vectors`` (k, D).
+
+    Explicit differences, one row against the rows after it. Returns a float64
+    array of shape (k (k - 1) / 2,), pairs in ``np.triu_indices(k, 1)`` order.
+    """
+    return np.concatenate([np.linalg.norm(vectors[a + 1:] - vectors[a], axis=1)
+                           for a in range(len(vectors) - 1)])
+
+
+def _hyperspherical_energy(unit_vectors):
+    """Mean over pairs of ``log 1/||u_a - u_b||`` (Wu & Papyan); inf if two coincide."""
+    with np.errstate(divide="ignore"):
+        return float(np.mean(-np.log(_pair_distances(unit_vectors))))
+
+
 def _norm_and_angle_metrics(vectors):
     """Equinorm, equiangularity and max-angle of the rows of ``vectors``, shape (k, D)."""
     num_vectors = len(vectors)
-    norms = np.array([np.linalg.norm(vector) for vector in vectors])
-    cosines = np.array([vectors[a] @ vectors[b] / (norms[a] * norms[b])
-                        for a in range(num_vectors) for b in range(num_vectors) if a != b])
+    norms = np.linalg.norm(vectors, axis=1)
+    cosines = (vectors @ vectors.T) / np.outer(norms, norms)
+    cosines = cosines[~np.eye(num_vectors, dtype=bool)]
     return (float(np.std(norms) / np.mean(norms)),
             float(np.std(cosines)),
             float(np.mean(np.abs(cosines + 1.0 / (num_vectors - 1)))))
@@ -180,16 +197,20 @@ def _nc1(within, centred, pinv_rtol):
             float(np.trace(within) / np.trace(between)), rank)
 
 
-def _nearest_class_centre(features, labels, class_means):
-    """NCC prediction of every row: argmin over classes with a mean of ``||h - mu_c||^2``."""
+def _nearest_class_centre(features, class_means):
+    """NCC prediction of every row: argmin over classes with a mean of ``||h - mu_c||^2``.
+
+    The squared distances are explicit (``h - mu_c``, squared and summed), for
+    batches of ``BATCH_ROWS`` rows and one class mean at a time.
+    """
     present = _present(class_means)
     predictions = np.empty(len(features), np.int64)
-    for c in np.unique(labels):
-        in_class = labels == c
-        class_rows = features[in_class]
-        sq_distances = np.stack([np.sum((class_rows - class_means[k]) ** 2, axis=1)
-                                 for k in present], axis=1)
-        predictions[in_class] = present[np.argmin(sq_distances, axis=1)]
+    for start in range(0, len(features), BATCH_ROWS):
+        batch = features[start:start + BATCH_ROWS]
+        sq_distances = np.empty((len(batch), len(present)))
+        for k, c in enumerate(present):
+            sq_distances[:, k] = np.sum((batch - class_means[c]) ** 2, axis=1)
+        predictions[start:start + len(batch)] = present[np.argmin(sq_distances, axis=1)]
     return predictions
 
 
@@ -220,20 +241,13 @@ def _collapse_metrics(features, labels, class_means, center, weights, bias, pinv
 
     within, variances = _within_class(features, labels, class_means)
     nc1, nc1_trace, rank = _nc1(within, centred, pinv_rtol)
-    measured = [c for c in present if np.isfinite(variances[c])]
-    cdnv_pairs = [(variances[a] + variances[b])
-                  / (2.0 * np.sum((class_means[a] - class_means[b]) ** 2))
-                  for a, b in combinations(measured, 2)]
     equinorm, equiangular, maxangle = _norm_and_angle_metrics(centred)
     uncentred = class_means[present]
     orthogonality_gram = _normalized(uncentred @ uncentred.T)
     unit_means = centred / np.linalg.norm(centred, axis=1, keepdims=True)
-    ncc_predictions = _nearest_class_centre(features, labels, class_means)
+    ncc_predictions = _nearest_class_centre(features, class_means)
     mean_norms = np.full(num_classes, np.nan)
     mean_norms[present] = np.linalg.norm(centred, axis=1)
-    with np.errstate(divide="ignore"):
-        energies = [-np.log(np.linalg.norm(unit_means[a] - unit_means[b]))
-                    for a, b in combinations(range(num_means), 2)]
     result = {
         "nc1": nc1,
         "nc1_trace": nc1_trace,
@@ -243,7 +257,7 @@ def _collapse_metrics(features, labels, class_means, center, weights, bias, pinv
         "nc2_etf": float(np.linalg.norm(_normalized(centred @ centred.T) - etf)),
         "nc2_orthogonality": float(np.linalg.norm(
             orthogonality_gram[~np.eye(num_means, dtype=bool)])),
-        "gnc2": float(np.mean(energies)),
+        "gnc2": _hyperspherical_energy(unit_means),
         "ncc_accuracy": float(np.mean(ncc_predictions == labels)),
         "rank": rank,
         "class_counts": np.array([np.sum(labels == c) for c in range(num_classes)], np.int64),
@@ -253,9 +267,13 @@ def _collapse_metrics(features, labels, class_means, center, weights, bias, pinv
                                                   num_classes),
         "class_accuracy": None,
     }
-    if cdnv_pairs:
-        with np.errstate(divide="ignore"):
-            result["cdnv"] = float(np.mean(cdnv_pairs))
+    measured = present[np.isfinite(variances[present])]  # classes with rows
+    if len(measured) >= 2:
+        first, second = np.triu_indices(len(measured), 1)
+        variance_sums = variances[measured][first] + variances[measured][second]
+        with np.errstate(divide="ignore"):  # coinciding means: infinite CDNV
+            result["cdnv"] = float(np.mean(
+                variance_sums / (2.0 * _pair_distances(class_means[measured]) ** 2)))
     if weights is not None:
         weights = np.array(weights, dtype=np.float64)
         bias = np.zeros(num_classes) if bias is None else np.array(bias, dtype=np.float64)
@@ -294,8 +312,7 @@ def _noise_metrics(features, labels, clean_labels, num_classes, predictions, glo
     if len(clean_present) < 2:
         raise ValueError(f"clean rows (label equal to clean label) cover {len(clean_present)} "
                          "class(es); the label-noise metrics need at least 2")
-    scale = np.mean([np.linalg.norm(clean_means[a] - clean_means[b])
-                     for a, b in combinations(clean_present, 2)])
+    scale = np.mean(_pair_distances(clean_means[clean_present]))
     result = {}
     corrupted = ~clean
     if corrupted.any():
