@@ -1,8 +1,8 @@
 """Read arrays from the files researchers already have, lazily and in row blocks.
 
-Formats: ``.npy`` and ``.npz`` members stored uncompressed (row blocks read at
-their offset; the files stay memory-mappable for other tools), compressed
-``.npz`` members (streamed sequentially), safetensors
+Formats: ``.npy`` and ``.npz`` members stored uncompressed (memory-mapped,
+pages released block by block), compressed ``.npz`` members (streamed
+sequentially), safetensors
 (``safe_open`` slices), torch ``.pt``/``.pth`` (``torch.load(weights_only=True,
 mmap=True)``: a tensor, or a dict of tensors, possibly nested) and HDF5
 (``h5py`` datasets, possibly in groups). Nothing is loaded whole: a
@@ -17,6 +17,7 @@ the parts; SPLIT defaults to ``train``, LAYER to ``features``). See
 ``file_layout``.
 """
 import hashlib
+import mmap
 import os
 import re
 import sys
@@ -174,30 +175,57 @@ def read_file(path):
             "it may be truncated or corrupt: re-save it") from None
 
 
-class _BlockReader:
-    """Row slices of a C-ordered array stored raw at ``offset`` in a file, read with ``readinto``.
+class _MappedRows:
+    """Row slices of a C-ordered array stored raw at ``offset`` in a file, memory-mapped.
 
-    Reading blocks into fresh buffers, rather than slicing a memory map, keeps
-    resident memory at about one block whatever the file size: the pages of a
-    memory map stay counted in the process until it is unmapped.
+    Blocks are read-only views of the mapping (no copy). When the next block
+    is asked for, the pages of the previous one are released with
+    ``madvise(MADV_DONTNEED)``, so resident memory stays at about one block
+    whatever the file size; a view still held re-reads the file if touched.
     """
 
     def __init__(self, path, dtype, shape, offset):
-        self.path, self.dtype, self.shape, self.offset = path, dtype, tuple(shape), offset
+        self.dtype, self.shape, self.offset = dtype, tuple(shape), offset
         self.row_bytes = dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
-        self.file = open(path, "rb", buffering=0)
+        self.size = offset + self.row_bytes * self.shape[0]
+        self.mapping = None
+        if self.size > 0:
+            with open(path, "rb") as stream:
+                self.mapping = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+            if self.mapping.size() < self.size:
+                self.close()
+                raise EOFError(f"the file has {os.path.getsize(path)} bytes; its header "
+                               f"promises {self.size}")
+            if hasattr(mmap, "MADV_SEQUENTIAL"):
+                self.mapping.madvise(mmap.MADV_SEQUENTIAL)
+        self.held = None  # byte range of the last block handed out
 
     def __getitem__(self, rows):
         start, stop, _ = rows.indices(self.shape[0])
-        block = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
-        self.file.seek(self.offset + start * self.row_bytes)
-        read = self.file.readinto(memoryview(block).cast("B")) if block.size else 0
-        if read != block.nbytes:
-            raise EOFError(f"the file ends inside rows {start}:{stop}")
-        return block
+        self._release_held()
+        count = max(stop - start, 0)
+        if self.mapping is None or count == 0:
+            return np.empty((count, *self.shape[1:]), self.dtype)
+        begin = self.offset + start * self.row_bytes
+        self.held = (begin, begin + count * self.row_bytes)
+        return np.frombuffer(self.mapping, self.dtype, count * self.row_bytes // self.dtype.itemsize,
+                             begin).reshape((count, *self.shape[1:]))
+
+    def _release_held(self):
+        if self.held is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin = self.held[0] - self.held[0] % mmap.PAGESIZE
+        self.mapping.madvise(mmap.MADV_DONTNEED, begin, self.held[1] - begin)
+        self.held = None
 
     def close(self):
-        self.file.close()
+        if self.mapping is not None:
+            self._release_held()
+            try:
+                self.mapping.close()
+            except BufferError:  # a block view is still alive; the mapping closes with it
+                pass
+        self.mapping = None
 
 
 def _npy_layout(path):
@@ -216,7 +244,7 @@ def _npy_layout(path):
 def open_npy_rows(path):
     """A checked ``.npy`` file, opened for reading row slices (``block = rows[a:b]``)."""
     path = os.fspath(path)
-    return _BlockReader(path, *_npy_layout(path))
+    return _MappedRows(path, *_npy_layout(path))
 
 
 def npy_blocks(path):
@@ -224,7 +252,7 @@ def npy_blocks(path):
     path = os.fspath(path)
     dtype, shape, offset = _npy_layout(path)
     return StoredArray(path, None, shape, str(dtype),
-                       _bind(_BlockReader, path, dtype, shape, offset))
+                       _bind(_MappedRows, path, dtype, shape, offset))
 
 
 def _read_npy(path):
@@ -252,7 +280,7 @@ def _read_npz(path):
                     "it C-ordered with numpy.savez (np.ascontiguousarray)")
             if info.compress_type == zipfile.ZIP_STORED:
                 offset = _member_data_offset(path, info) + header_bytes
-                opener = _bind(_BlockReader, path, dtype, shape, offset)
+                opener = _bind(_MappedRows, path, dtype, shape, offset)
             else:
                 opener = _deflated_opener(path, info.filename, dtype, shape, header_bytes)
             arrays[key] = StoredArray(path, key, tuple(shape), str(dtype), opener)

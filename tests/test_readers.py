@@ -9,7 +9,7 @@ import torch
 from safetensors.numpy import save_file as save_safetensors
 from safetensors.torch import save_file as save_torch_safetensors
 
-from ncfast.readers import _BlockReader, _SequentialRows, file_layout, file_sha256, read_file
+from ncfast.readers import _MappedRows, _SequentialRows, file_layout, file_sha256, read_file
 
 ROWS, WIDTH, CLASSES = 50, 6, 3
 
@@ -103,7 +103,7 @@ def test_npy_and_npz_are_read_block_by_block(tmp_path, arrays):
     stored = read_file(_write(tmp_path, "npz", arrays))["train/features/penultimate"]
     for array in (npy, stored):
         assert isinstance(array.rows(0, 1), np.ndarray)
-        assert isinstance(array._handle, _BlockReader)
+        assert isinstance(array._handle, _MappedRows)
         np.testing.assert_array_equal(array.rows(10, 13),
                                       arrays["train/features/penultimate"][10:13])
     compressed = read_file(_write(tmp_path, "npz_compressed", arrays))["train/labels"]

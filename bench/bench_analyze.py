@@ -1,0 +1,149 @@
+"""Benchmark ``ncfast analyze`` on one large float32 ``.npy`` dump with a classifier.
+
+Writes a features file (default 2,000,000 × 512 float32, 4.1 GB) with labels,
+weights and bias, warms the page cache, then measures in separate processes:
+
+- numpy: ``np.load`` of the whole file (the rate this machine reads it);
+- ncfast: ``ncfast.analyze.analyze`` of the file with the classifier (two
+  streaming passes), checked against ``ncfast.collapse`` on the same file;
+
+and prints wall time, read rate and peak resident memory side by side. The
+issue's bar: peak RSS under 1 GB, and a read rate (bytes streamed per second
+over both passes) of at least 70% of numpy's.
+
+Run: ``.venv/bin/python bench/bench_analyze.py [--rows N] [--dir DIR] [--keep]``
+(the data file is deleted afterwards unless ``--keep``).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# Child processes: each prints one JSON line with its timing and peak RSS.
+NUMPY_READ = """
+import json, resource, sys, time
+import numpy as np
+start = time.perf_counter()
+array = np.load(sys.argv[1])
+elapsed = time.perf_counter() - start
+print(json.dumps({"seconds": elapsed, "checksum": float(array[::4096].sum()),
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+COLLAPSE_REFERENCE = """
+import json, os, sys
+import numpy as np
+from ncfast import collapse
+folder = sys.argv[1]
+report = collapse(os.path.join(folder, "features.npy"), np.load(os.path.join(folder, "labels.npy")),
+                  weights=np.load(os.path.join(folder, "weights.npy")),
+                  bias=np.load(os.path.join(folder, "bias.npy")))
+print(json.dumps({key: getattr(report, key) for key in
+                  ("nc1", "nc3", "nc4", "accuracy", "ncc_accuracy", "num_samples")}))
+"""
+
+NCFAST_ANALYZE = """
+import json, os, resource, sys, time
+import numpy as np
+from ncfast import collapse
+from ncfast.analyze import analyze
+folder = sys.argv[1]
+rng = np.random.default_rng(0)
+small = rng.normal(size=(512, 8)).astype(np.float32)
+collapse(small, np.arange(512) % 4, weights=rng.normal(size=(4, 8)))  # load the kernels
+start = time.perf_counter()
+analysis = analyze([os.path.join(folder, "features.npy")],
+                   labels=os.path.join(folder, "labels.npy"),
+                   weights=os.path.join(folder, "weights.npy"),
+                   bias=os.path.join(folder, "bias.npy"), use_cache=False, progress=False)
+elapsed = time.perf_counter() - start
+assert not analysis.failures, analysis.failures
+(row,) = analysis.rows
+print(json.dumps({"seconds": elapsed, "row": {key: row[key] for key in
+                  ("nc1", "nc3", "nc4", "accuracy", "ncc_accuracy", "num_samples")},
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def write_dump(folder, num_rows, num_features, num_classes, block_rows=65536):
+    """Features with class structure, written block by block (never whole in memory)."""
+    rng = np.random.default_rng(0)
+    class_means = rng.normal(size=(num_classes, num_features)).astype(np.float32) * 2.0
+    labels = rng.integers(0, num_classes, num_rows)
+    features = np.lib.format.open_memmap(os.path.join(folder, "features.npy"), mode="w+",
+                                         dtype=np.float32, shape=(num_rows, num_features))
+    for start in range(0, num_rows, block_rows):
+        stop = min(start + block_rows, num_rows)
+        block = rng.standard_normal((stop - start, num_features), dtype=np.float32)
+        block += class_means[labels[start:stop]]
+        features[start:stop] = block
+    features.flush()
+    del features
+    np.save(os.path.join(folder, "labels.npy"), labels)
+    np.save(os.path.join(folder, "weights.npy"),
+            class_means + 0.5 * rng.normal(size=class_means.shape))
+    np.save(os.path.join(folder, "bias.npy"), rng.normal(size=num_classes))
+
+
+def run_child(code, *args):
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--features", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--dir", default=None, help="folder for the data (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--keep", action="store_true", help="keep the data file")
+    args = parser.parse_args()
+
+    folder = tempfile.mkdtemp(prefix="ncfast-bench-", dir=args.dir)
+    path = os.path.join(folder, "features.npy")
+    try:
+        start = time.perf_counter()
+        write_dump(folder, args.rows, args.features, args.classes)
+        size = os.path.getsize(path)
+        print(f"wrote {path}: {args.rows:,} x {args.features} float32, {size / 1e9:.2f} GB, "
+              f"C={args.classes}, in {time.perf_counter() - start:.0f} s")
+        run_child(NUMPY_READ, path)  # warm the page cache
+        numpy_runs = [run_child(NUMPY_READ, path) for _ in range(args.repeats)]
+        ncfast_runs = [run_child(NCFAST_ANALYZE, folder) for _ in range(args.repeats)]
+        numpy_best = min(numpy_runs, key=lambda run: run["seconds"])
+        ncfast_best = min(ncfast_runs, key=lambda run: run["seconds"])
+        numpy_rate = size / numpy_best["seconds"]
+        ncfast_rate = 2 * size / ncfast_best["seconds"]  # two streaming passes
+        print(f"{'':34}{'seconds':>9}{'GB/s':>9}{'peak RSS':>11}")
+        print(f"{'numpy np.load (1 read)':34}{numpy_best['seconds']:9.2f}"
+              f"{numpy_rate / 1e9:9.2f}{numpy_best['peak_rss'] / 2**30:9.2f} GiB")
+        print(f"{'ncfast analyze (2 passes)':34}{ncfast_best['seconds']:9.2f}"
+              f"{ncfast_rate / 1e9:9.2f}{ncfast_best['peak_rss'] / 2**30:9.2f} GiB")
+        print(f"ncfast read rate / numpy read rate: {ncfast_rate / numpy_rate:.0%} "
+              f"(bar: >= 70%); file per analysis: {size / ncfast_best['seconds'] / 1e9:.2f} GB/s")
+        print(f"peak RSS {ncfast_best['peak_rss'] / 2**30:.2f} GiB (bar: < 1 GB); "
+              f"metrics: {ncfast_best['row']}")
+        reference = run_child(COLLAPSE_REFERENCE, folder)
+        for key, expected in reference.items():
+            assert np.isclose(ncfast_best["row"][key], expected, rtol=1e-9, atol=0), key
+        print("metrics equal ncfast.collapse on the same file (rtol 1e-9)")
+        assert max(run["peak_rss"] for run in ncfast_runs) < 1e9, "peak RSS over 1 GB"
+    finally:
+        if not args.keep:
+            for name in ("features.npy", "labels.npy", "weights.npy", "bias.npy"):
+                if os.path.exists(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+            os.rmdir(folder)
+
+
+if __name__ == "__main__":
+    main()
