@@ -44,11 +44,7 @@ SHARED_STATE_BYTES = 112 << 10
 #: Most row blocks whose float64 Grams one chunk computes side by side.
 GRAM_BLOCKS = 64
 
-#: Status value of "no bad row" (the same as ``ncfast.kernels.cpu.NO_ROW``).
-NO_ROW = np.iinfo(np.int64).max
-
 CUDA_SOURCE = r"""
-#define NCFAST_NO_ROW 0x7fffffffffffffffLL
 #define NCFAST_NO_INDEX 0x7fffffff
 #define NCFAST_ROWS_IN_FLIGHT 32
 #define NCFAST_INFINITY __longlong_as_double(0x7ff0000000000000LL)  // NVRTC has no HUGE_VAL
@@ -60,90 +56,81 @@ CUDA_SOURCE = r"""
 // column and, when PRIVATE, its own column of the block's C x blockDim.x sums
 // in shared memory, so no two threads ever touch the same word: no atomics and
 // no barriers until the merge into global memory. Thread 0 of the column-0
-// blocks counts rows and reports bad labels. Not PRIVATE (many classes): the
-// thread adds into global memory with atomics.
-template <typename T, bool PRIVATE>
+// blocks counts rows. Not PRIVATE (many classes): the thread adds into global
+// memory with atomics. Rows with a label (or clean label) outside [0, C) are
+// skipped; ncfast_first_bad_label names them, and NaN or Inf values show in
+// the sums, so the loop carries no checks.
+template <typename T, bool PRIVATE, bool TRACK_CLEAN>
 __global__ void ncfast_class_sums(
         const T* __restrict__ features, long long num_rows, int num_features,
         const long long* __restrict__ labels, const long long* __restrict__ clean_labels,
-        int num_classes, long long rows_per_block, long long row_offset,
+        int num_classes, long long rows_per_block,
         unsigned long long* counts, double* sums,
-        unsigned long long* clean_counts, double* clean_sums, long long* bad_rows) {
+        unsigned long long* clean_counts, double* clean_sums) {
     extern __shared__ double ncfast_shared[];
     const int tile = blockDim.x;
     const int column = blockIdx.x * tile + threadIdx.x;
     const bool has_column = column < num_features;
     const bool counts_rows = blockIdx.x == 0 && threadIdx.x == 0;
-    const bool track_clean = clean_labels != nullptr;
     const long long private_size = (long long)num_classes * tile;
     double* tile_sums = ncfast_shared;
     double* tile_clean_sums = tile_sums + private_size;
     unsigned long long* tile_counts =
-        (unsigned long long*)(tile_clean_sums + (track_clean ? private_size : 0));
+        (unsigned long long*)(tile_clean_sums + (TRACK_CLEAN ? private_size : 0));
     unsigned long long* tile_clean_counts = tile_counts + num_classes;
-    if (PRIVATE) {
-        for (int c = 0; c < num_classes; ++c) {
-            tile_sums[c * tile + threadIdx.x] = 0.0;
-            if (track_clean) tile_clean_sums[c * tile + threadIdx.x] = 0.0;
-            if (counts_rows) {
-                tile_counts[c] = 0;
-                if (track_clean) tile_clean_counts[c] = 0;
-            }
+    for (int c = 0; PRIVATE && c < num_classes; ++c) {
+        tile_sums[c * tile + threadIdx.x] = 0.0;
+        if (TRACK_CLEAN) tile_clean_sums[c * tile + threadIdx.x] = 0.0;
+        if (counts_rows) {
+            tile_counts[c] = 0;
+            if (TRACK_CLEAN) tile_clean_counts[c] = 0;
         }
     }
     const long long start = blockIdx.y * rows_per_block;
     const long long stop = start + rows_per_block < num_rows ? start + rows_per_block : num_rows;
+    const T* column_values = features + (has_column ? column : 0);
     for (long long base = start; base < stop; base += NCFAST_ROWS_IN_FLIGHT) {
-        // All loads of a batch of rows first, so that many are in flight at once.
+        const int batch = stop - base < NCFAST_ROWS_IN_FLIGHT ? (int)(stop - base)
+                                                                : NCFAST_ROWS_IN_FLIGHT;
+        // Every load of a batch of rows first, so that many are in flight at once.
         T values[NCFAST_ROWS_IN_FLIGHT];
-        int row_labels[NCFAST_ROWS_IN_FLIGHT];  // -1: bad label; -2: beyond the block's rows
+        int row_labels[NCFAST_ROWS_IN_FLIGHT];  // -1: label outside [0, C), or past the block
         int row_clean[NCFAST_ROWS_IN_FLIGHT];
 #pragma unroll
         for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u) {
-            const long long i = base + u;
-            values[u] = T(0);
-            row_labels[u] = -2;
-            row_clean[u] = -1;
-            if (i < stop) {
-                const long long label = labels[i];
-                const long long clean = track_clean ? clean_labels[i] : label;
-                const bool valid = label >= 0 && label < num_classes && clean >= 0 &&
-                                   clean < num_classes;
-                row_labels[u] = valid ? (int)label : -1;
-                row_clean[u] = valid ? (int)clean : -1;
-                if (has_column) values[u] = features[i * num_features + column];
-            }
+            const bool in_block = u < batch;
+            const long long row = base + (in_block ? u : 0);
+            values[u] = column_values[row * num_features];
+            const long long label = labels[row];
+            const long long clean = TRACK_CLEAN ? clean_labels[row] : label;
+            const bool valid = in_block && label >= 0 && label < num_classes && clean >= 0 &&
+                               clean < num_classes;
+            row_labels[u] = valid ? (int)label : -1;
+            row_clean[u] = (int)clean;
         }
 #pragma unroll
         for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u) {
             const int label = row_labels[u];
-            if (label == -2) break;
-            if (label == -1) {
-                if (counts_rows) atomicMin(bad_rows, row_offset + base + u);
-                continue;
-            }
-            const bool is_clean = track_clean && row_clean[u] == label;
-            if (counts_rows) {
-                if (PRIVATE) {
-                    tile_counts[label] += 1;
-                    if (is_clean) tile_clean_counts[label] += 1;
-                } else {
-                    atomicAdd(counts + label, 1ULL);
-                    if (is_clean) atomicAdd(clean_counts + label, 1ULL);
-                }
-            }
-            if (!has_column) continue;
-            const double value = (double)values[u];
-            if (!isfinite(value)) {
-                atomicMin(bad_rows + 1, row_offset + base + u);
-                continue;
-            }
+            if (label < 0) continue;
+            const bool is_clean = TRACK_CLEAN && row_clean[u] == label;
+            const double value = has_column ? (double)values[u] : 0.0;
             if (PRIVATE) {
                 tile_sums[label * tile + threadIdx.x] += value;
                 if (is_clean) tile_clean_sums[label * tile + threadIdx.x] += value;
+                if (counts_rows) {
+                    tile_counts[label] += 1;
+                    if (is_clean) tile_clean_counts[label] += 1;
+                }
             } else {
-                atomicAdd(sums + (long long)label * num_features + column, value);
-                if (is_clean) atomicAdd(clean_sums + (long long)label * num_features + column, value);
+                if (has_column) {
+                    atomicAdd(sums + (long long)label * num_features + column, value);
+                    if (is_clean)
+                        atomicAdd(clean_sums + (long long)label * num_features + column, value);
+                }
+                if (counts_rows) {
+                    atomicAdd(counts + label, 1ULL);
+                    if (is_clean) atomicAdd(clean_counts + label, 1ULL);
+                }
             }
         }
     }
@@ -152,7 +139,7 @@ __global__ void ncfast_class_sums(
         if (has_column) {
             const double value = tile_sums[c * tile + threadIdx.x];
             if (value != 0.0) atomicAdd(sums + (long long)c * num_features + column, value);
-            if (track_clean) {
+            if (TRACK_CLEAN) {
                 const double clean_value = tile_clean_sums[c * tile + threadIdx.x];
                 if (clean_value != 0.0)
                     atomicAdd(clean_sums + (long long)c * num_features + column, clean_value);
@@ -160,7 +147,24 @@ __global__ void ncfast_class_sums(
         }
         if (counts_rows) {
             if (tile_counts[c]) atomicAdd(counts + c, tile_counts[c]);
-            if (track_clean && tile_clean_counts[c]) atomicAdd(clean_counts + c, tile_clean_counts[c]);
+            if (TRACK_CLEAN && tile_clean_counts[c]) atomicAdd(clean_counts + c, tile_clean_counts[c]);
+        }
+    }
+}
+
+// Pass 1 check: the first row whose label (or clean label) is outside [0, C).
+// Each thread walks its rows in increasing order, so its first hit is its least.
+__global__ void ncfast_first_bad_label(
+        const long long* __restrict__ labels, const long long* __restrict__ clean_labels,
+        long long num_rows, int num_classes, long long row_offset, long long* bad_row) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < num_rows;
+         i += stride) {
+        const long long label = labels[i];
+        const long long clean = clean_labels == nullptr ? label : clean_labels[i];
+        if (label < 0 || label >= num_classes || clean < 0 || clean >= num_classes) {
+            atomicMin(bad_row, row_offset + i);
+            return;
         }
     }
 }
@@ -374,7 +378,9 @@ __global__ void ncfast_epilogue(
 
 #: Every kernel instantiation the module compiles.
 NAME_EXPRESSIONS = tuple(
-    [f"ncfast_class_sums<{t}, {p}>" for t in ("float", "double") for p in ("true", "false")]
+    [f"ncfast_class_sums<{t}, {p}, {c}>" for t in ("float", "double")
+     for p in ("true", "false") for c in ("true", "false")]
+    + ["ncfast_first_bad_label"]
     + [f"ncfast_residuals<{t}>" for t in ("float", "double")]
     + [f"ncfast_epilogue<{p}>" for p in ("true", "false")]
 )
@@ -426,9 +432,11 @@ def _class_sums_shared_bytes(num_classes, columns, copies):
     return copies * 8 * num_classes * (columns + 1)
 
 
-def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean_sums,
-               bad_rows, row_offset):
+def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean_sums):
     """Add per-class counts and float64 sums of one chunk (pass 1).
+
+    Rows with a label (or clean label) outside ``[0, C)`` are skipped (see
+    ``first_bad_label``); a NaN or Inf value makes its class's sums non-finite.
 
     Parameters
     ----------
@@ -440,11 +448,6 @@ def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean
     counts : cupy uint64 array of shape (C,), updated
     sums : cupy float64 array of shape (C, D), updated
     clean_counts, clean_sums : same shapes, updated (None without clean labels)
-    bad_rows : cupy int64 array of shape (2,), updated with ``min``
-        First row (global index) with a label outside ``[0, C)`` (either
-        label), and first row with a NaN or Inf.
-    row_offset : int
-        Global index of the chunk's first row.
     """
     num_rows, num_features = features.shape
     if num_rows == 0:
@@ -464,13 +467,35 @@ def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean
     row_blocks = max(1, -(-_multiprocessors() * blocks_per_sm // column_tiles))
     rows_per_block = -(-num_rows // row_blocks)
     row_blocks = -(-num_rows // rows_per_block)
-    name = f"ncfast_class_sums<{_CTYPES[features.dtype]}, {'true' if private else 'false'}>"
+    name = (f"ncfast_class_sums<{_CTYPES[features.dtype]}, {str(private).lower()}, "
+            f"{str(clean_labels is not None).lower()}>")
     _kernel(name, shared_bytes)(
         (column_tiles, row_blocks), (columns,),
         (features, np.int64(num_rows), np.int32(num_features), labels, _pointer(clean_labels),
-         np.int32(num_classes), np.int64(rows_per_block), np.int64(row_offset), counts, sums,
-         _pointer(clean_counts), _pointer(clean_sums), bad_rows),
+         np.int32(num_classes), np.int64(rows_per_block), counts, sums, _pointer(clean_counts),
+         _pointer(clean_sums)),
         shared_mem=shared_bytes)
+
+
+def first_bad_label(labels, clean_labels, num_classes, row_offset, bad_row):
+    """Record the first row whose label or clean label is outside ``[0, C)``.
+
+    Parameters
+    ----------
+    labels : cupy int64 array of shape (n,)
+    clean_labels : cupy int64 array of shape (n,), or None
+    num_classes : int
+    row_offset : int
+        Global index of the chunk's first row.
+    bad_row : cupy int64 array of shape (1,), updated with ``min``
+    """
+    num_rows = labels.shape[0]
+    if num_rows == 0:
+        return
+    _kernel("ncfast_first_bad_label", 0)(
+        (min(-(-num_rows // THREADS_PER_BLOCK), 8 * _multiprocessors()),), (THREADS_PER_BLOCK,),
+        (labels, _pointer(clean_labels), np.int64(num_rows), np.int32(num_classes),
+         np.int64(row_offset), bad_row))
 
 
 def residuals(features, labels, include, label_rows, means, row_offset, out_residuals,

@@ -5,7 +5,9 @@ already on a GPU (CuPy arrays; torch CUDA tensors through DLPack, no copy)
 are read in place. Host arrays, memmaps, ``.npy`` paths and chunk sources are
 streamed through two pinned buffers: while the kernels of one chunk run on
 the compute stream, the next chunk is staged into the other buffer and copied
-on a copy stream, so inputs larger than GPU memory work.
+on a copy stream, so inputs larger than GPU memory work. Host arrays already
+in page-locked memory (``torch.Tensor.pin_memory()``, CuPy's pinned
+allocations) are copied from where they are, skipping the staging copy.
 
 The accumulators stay on the device in float64; the host waits once per pass
 (``# synchronize!``) to add them into the same ``ClassSums`` and
@@ -25,10 +27,13 @@ from ncfast.accumulators import ClassSums, _raise_bad_rows
 from ncfast.api import (ResidualPass, _chunks_carry_clean_labels, _geometry_from_given_means,
                         _num_features, _resolve_num_classes, finalize_pass1)
 from ncfast.geometry import PINV_RTOL
+from ncfast.kernels.cpu import NO_ROW
 from ncfast.inputs import (Chunk, as_source, check_chunk_size, check_features, check_labels,
                            to_kernel_features, to_kernel_labels)
 
 DEVICES = ("auto", "cpu", "cuda")
+
+_CUDA_MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: page-locked host memory
 
 #: Bytes of float32 host rows per streamed chunk (each of the two pinned buffers).
 STREAM_CHUNK_BYTES = 64 << 20
@@ -36,6 +41,10 @@ STREAM_CHUNK_BYTES = 64 << 20
 #: Bytes of work buffers (residuals, GEMM output, float64 products) per pass-2
 #: chunk of GPU-resident rows: large enough that launches never starve the GPU.
 RESIDUAL_CHUNK_BYTES = 256 << 20
+
+#: Streams (and scatter accumulators) that pass-2 chunks of GPU-resident rows
+#: alternate between.
+LANES = 2
 
 #: Threads that stage a host chunk into pinned memory side by side.
 STAGING_THREADS = min(8, os.cpu_count() or 1)
@@ -187,6 +196,16 @@ class ResidentSource:
         return to_kernel_features(features), self.labels[row:row + 1].get(), clean
 
 
+def _page_locked(array):
+    """Whether a host array lives in page-locked memory, which the GPU copies from directly."""
+    runtime = sys.modules["cupy"].cuda.runtime
+    try:
+        attributes = runtime.pointerGetAttributes(array.ctypes.data)
+    except runtime.CUDARuntimeError:
+        return False
+    return attributes.type == _CUDA_MEMORY_TYPE_HOST
+
+
 def _parallel_copy(destination, source, pool):
     """``destination[...] = source`` in row blocks on the threads of ``pool`` (numpy
     releases the GIL while copying)."""
@@ -219,9 +238,11 @@ class _StagingSlot:
         self.consumed.record()
 
     def upload(self, arrays, pool, copy_stream):
-        """Stage host arrays (None entries pass through) into the pinned buffer and copy
-        them to the device on ``copy_stream``; return their device views."""
+        """Copy host arrays (None entries pass through) to the device on ``copy_stream``;
+        return their device views. Arrays in page-locked memory are copied from where
+        they are; the others are first staged into the pinned buffer."""
         cupy = self.cupy
+        runtime = cupy.cuda.runtime
         starts, end = [], 0
         for array in arrays:
             starts.append(end)
@@ -229,18 +250,20 @@ class _StagingSlot:
                 end += -(-array.nbytes // self.ALIGNMENT) * self.ALIGNMENT
         self.copied.synchronize()  # synchronize! the pinned buffer's previous copy must land
         self._reserve(max(end, 1))
+        copy_stream.wait_event(self.consumed)
         device_views = []
         for array, start in zip(arrays, starts):
             if array is None:
                 device_views.append(None)
                 continue
             window = slice(start, start + array.nbytes)
-            _parallel_copy(self.pinned[window].view(array.dtype).reshape(array.shape), array,
-                           pool)
+            host = array
+            if not _page_locked(array):
+                host = self.pinned[window].view(array.dtype).reshape(array.shape)
+                _parallel_copy(host, array, pool)
+            runtime.memcpyAsync(self.device.data.ptr + start, host.ctypes.data, array.nbytes,
+                                runtime.memcpyHostToDevice, copy_stream.ptr)
             device_views.append(self.device[window].view(array.dtype).reshape(array.shape))
-        copy_stream.wait_event(self.consumed)
-        cupy.cuda.runtime.memcpyAsync(self.device.data.ptr, self.pinned.ctypes.data, end,
-                                      cupy.cuda.runtime.memcpyHostToDevice, copy_stream.ptr)
         self.copied.record(copy_stream)
         return device_views
 
@@ -293,6 +316,17 @@ class StreamedSource:
         raise IndexError(f"row {row} is beyond the source's rows")
 
 
+def _first_non_finite_row(source):
+    """Global index of the first row holding a NaN or Inf, or ``NO_ROW`` (a scan of the
+    source, run only when the pass-1 sums show one)."""
+    cupy = sys.modules["cupy"]
+    for chunk in source.chunks():
+        bad = ~cupy.isfinite(chunk.features).all(axis=1)
+        if bad.any():
+            return chunk.offset + int(bad.argmax())
+    return NO_ROW
+
+
 class DeviceClassSums:
     """Pass-1 state on the device: per-class counts and float64 sums.
 
@@ -312,13 +346,14 @@ class DeviceClassSums:
         self.sums = cupy.zeros((num_classes, num_features))
         self.clean_counts = cupy.zeros(num_classes, cupy.uint64) if track_clean else None
         self.clean_sums = cupy.zeros((num_classes, num_features)) if track_clean else None
-        self.bad_rows = cupy.full(2, kernels.NO_ROW, cupy.int64)
+        self.bad_label_row = cupy.full(1, NO_ROW, cupy.int64)
 
     def update(self, chunk):
         """Add one device ``Chunk`` (clean labels exactly when tracking clean rows)."""
         self._kernels.class_sums(chunk.features, chunk.labels, chunk.clean_labels, self.counts,
-                                 self.sums, self.clean_counts, self.clean_sums, self.bad_rows,
-                                 chunk.offset)
+                                 self.sums, self.clean_counts, self.clean_sums)
+        self._kernels.first_bad_label(chunk.labels, chunk.clean_labels, self.num_classes,
+                                      chunk.offset, self.bad_label_row)
         return self
 
     def to_host(self, source):
@@ -326,14 +361,7 @@ class DeviceClassSums:
 
         Waits for the device once.
         """
-        bad_label_row, bad_value_row = self.bad_rows.get()  # synchronize!
-        if min(bad_label_row, bad_value_row) != self._kernels.NO_ROW:
-            row = min(bad_label_row, bad_value_row)
-            features, labels, clean = source.host_row(row)
-            no_row = self._kernels.NO_ROW
-            _raise_bad_rows(row, 0 if row == bad_label_row else no_row,
-                            0 if row != bad_label_row else no_row, self.num_classes, labels,
-                            features, clean)
+        bad_label_row = int(self.bad_label_row.get()[0])  # synchronize!
         host = ClassSums(self.num_classes, self.num_features,
                          track_clean=self.clean_counts is not None)
         host.counts += self.counts.get().astype(np.int64)
@@ -341,6 +369,13 @@ class DeviceClassSums:
         if host.track_clean:
             host.clean_counts += self.clean_counts.get().astype(np.int64)
             host.clean_sums += self.clean_sums.get()
+        bad_value_row = NO_ROW if np.isfinite(host.sums).all() else _first_non_finite_row(source)
+        row = min(bad_label_row, bad_value_row)
+        if row != NO_ROW:
+            features, labels, clean = source.host_row(row)
+            _raise_bad_rows(row, 0 if row == bad_label_row else NO_ROW,
+                            0 if row == bad_value_row else NO_ROW, self.num_classes, labels,
+                            features, clean)
         return host
 
 
@@ -387,12 +422,12 @@ class DeviceResidualStats:
             self.centre_rows = cupy.zeros(1, cupy.int64)
         self.projection_t = cupy.asarray(np.ascontiguousarray(projection_t, np.float32))
         num_classes = geometry.num_classes
-        self.scatter = cupy.zeros(host_stats.scatter.shape)
+        self.scatters = [cupy.zeros(host_stats.scatter.shape) for _ in range(LANES)]
         self.tallies = {name: cupy.zeros(num_classes, cupy.uint64) for name in
                         ("counts", "ncc_hits", "classifier_hits")}
         self.tallies.update(sq_norm_sums=cupy.zeros(num_classes), norm_sums=cupy.zeros(num_classes),
                             totals=cupy.zeros(3, cupy.uint64))
-        self.bad_row = cupy.full(1, kernels.NO_ROW, cupy.int64)
+        self.bad_row = cupy.full(1, NO_ROW, cupy.int64)
 
     @property
     def work_row_bytes(self):
@@ -402,8 +437,8 @@ class DeviceResidualStats:
             return 4 * num_features + 4 * width + 8 * self.num_means
         return 16 * num_features + 4 * width
 
-    def update(self, features, labels, *, include=None, corrupted=None, row_offset=0):
-        """Add device rows.
+    def update(self, features, labels, *, include=None, corrupted=None, row_offset=0, lane=0):
+        """Add device rows, on the current stream.
 
         Parameters
         ----------
@@ -415,6 +450,10 @@ class DeviceResidualStats:
             Rows whose training label is wrong (label noise).
         row_offset : int
             Global index of the first row (bad-row reports).
+        lane : int
+            Which of the ``LANES`` scatter accumulators to add into: chunks
+            updated concurrently on different streams use different lanes
+            (the per-class tallies are added atomically).
         """
         kernels, cupy = self._kernels, self._kernels.cupy
         num_rows, num_features = features.shape
@@ -433,7 +472,7 @@ class DeviceResidualStats:
             kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
                              self.present, self.distance_offsets, True, self.logit_offsets,
                              corrupted, self.tallies, mean_products)
-            kernels.add_gram(mean_products, self.scatter)
+            kernels.add_gram(mean_products, self.scatters[lane])
             return self
         residuals64 = cupy.empty((num_rows, num_features))
         kernels.residuals(features, labels, include, self.label_rows, self.means, row_offset,
@@ -445,18 +484,19 @@ class DeviceResidualStats:
         kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
                          self.present, self.distance_offsets, False, self.logit_offsets,
                          corrupted, self.tallies, None)
-        kernels.add_gram(residuals64, self.scatter)
+        kernels.add_gram(residuals64, self.scatters[lane])
         return self
 
     def first_bad_row(self):
         """Global index of the first row whose label has no mean or that holds a NaN or
-        Inf, or ``NO_ROW`` (waits for the device)."""
+        Inf, or ``NO_ROW``."""
         return int(self.bad_row.get()[0])
 
     def add_to_host(self):
         """Add the device sums into ``host_stats`` (waits for the device)."""
         host = self.host_stats
-        host.scatter += self.scatter.get()
+        for scatter in self.scatters:
+            host.scatter += scatter.get()
         for name in self._TALLIES:
             tally = getattr(host, name)
             tally += self.tallies[name].get().astype(tally.dtype)
@@ -488,20 +528,20 @@ class DeviceResidualPass:
     def work_row_bytes(self):
         return max(stats.work_row_bytes for stats in self._all_stats())
 
-    def update(self, chunk):
-        """Add one device ``Chunk``."""
+    def update(self, chunk, lane=0):
+        """Add one device ``Chunk`` on the current stream, into scatter ``lane``."""
         if self.clean_stats is None:
-            self.stats.update(chunk.features, chunk.labels, row_offset=chunk.offset)
+            self.stats.update(chunk.features, chunk.labels, row_offset=chunk.offset, lane=lane)
             return self
         corrupted = chunk.labels != chunk.clean_labels
         self.stats.update(chunk.features, chunk.labels, corrupted=corrupted,
-                          row_offset=chunk.offset)
+                          row_offset=chunk.offset, lane=lane)
         self.clean_stats.update(chunk.features, chunk.labels, include=~corrupted,
-                                row_offset=chunk.offset)
+                                row_offset=chunk.offset, lane=lane)
         # Memorization needs the clean mean of the true class (as ResidualPass.update).
         measurable = corrupted & (self.clean_stats.label_rows[chunk.clean_labels] >= 0)
         self.corrupted_stats.update(chunk.features, chunk.clean_labels, include=measurable,
-                                    row_offset=chunk.offset)
+                                    row_offset=chunk.offset, lane=lane)
         return self
 
     def add_to_host(self, source, stream):
@@ -510,7 +550,7 @@ class DeviceResidualPass:
         stream.synchronize()  # synchronize!
         bad_row = min(stats.first_bad_row() for stats in self._all_stats())
         host_stats = self.residual_pass.stats
-        if bad_row != self.stats._kernels.NO_ROW:
+        if bad_row != NO_ROW:
             features, labels, _ = source.host_row(bad_row)
             label = int(labels[0])
             label_rows = host_stats.geometry.label_rows
@@ -561,7 +601,20 @@ def collapse_on_gpu(features, labels=None, *, num_classes=None, weights=None, bi
                     f"have {source.num_features} columns; pass the means of the same layer")
         residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
         device_pass = DeviceResidualPass(residual_pass)
-        for chunk in source.chunks(device_pass.work_row_bytes):
-            device_pass.update(chunk)
+        # GPU-resident chunks alternate between two streams, so that the bandwidth-bound
+        # kernels of one overlap the GEMM of the other; streamed chunks arrive in order
+        # on the compute stream.
+        streams = [stream]
+        if isinstance(source, ResidentSource):
+            streams += [cupy.cuda.Stream(non_blocking=True) for _ in range(LANES - 1)]
+        ready = stream.record()
+        for side in streams[1:]:
+            side.wait_event(ready)
+        for index, chunk in enumerate(source.chunks(device_pass.work_row_bytes)):
+            lane = index % len(streams)
+            with streams[lane]:
+                device_pass.update(chunk, lane)
+        for side in streams[1:]:
+            stream.wait_event(side.record())
         device_pass.add_to_host(source, stream)
     return residual_pass.report(global_mean=global_mean, pinv_rtol=pinv_rtol)

@@ -133,6 +133,19 @@ def test_chunk_sources_and_torch_cuda_tensors(small_launches, assert_same_report
 
 
 @requires_gpu
+def test_page_locked_host_rows_are_copied_in_place(small_launches, assert_same_report):
+    import cupy
+    case = gaussian_classes(offset=3.0)
+    expected = ncfast.collapse(case["features"], case["labels"], weights=case["weights"])
+    pinned = np.frombuffer(cupy.cuda.alloc_pinned_memory(case["features"].nbytes), np.float32,
+                           case["features"].size).reshape(case["features"].shape)
+    pinned[...] = case["features"]
+    actual = ncfast.collapse(pinned, case["labels"], weights=case["weights"], device="cuda",
+                             chunk_size=700)
+    assert_same_report(actual, expected, rtol=GPU_TOLERANCE)
+
+
+@requires_gpu
 @pytest.mark.parametrize("chunk_size", [1, 37, 1000, None])
 def test_results_do_not_depend_on_chunking(chunk_size, small_launches, assert_same_report):
     import cupy
