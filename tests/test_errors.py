@@ -212,6 +212,13 @@ def test_file_that_is_not_an_npy_array(case, tmp_path):
         ncfast.collapse(path, case["labels"])
 
 
+def test_npz_archive_instead_of_npy_file(case, tmp_path):
+    path = tmp_path / "features.npz"
+    np.savez(path, features=case["features"])
+    with pytest.raises(ValueError, match=r"features file .*features\.npz'"):
+        ncfast.collapse(path, case["labels"])
+
+
 def test_nonexistent_path(case, tmp_path):
     path = tmp_path / "missing.npy"
     with pytest.raises(ValueError, match="features file .*missing.npy' does not exist"):
@@ -222,6 +229,14 @@ def test_generator_as_chunk_source(case):
     chunks = ((case["features"][start:start + 5], case["labels"][start:start + 5])
               for start in range(0, NUM_ROWS, 5))
     with pytest.raises(TypeError, match="the chunk source is a one-shot iterator"):
+        ncfast.collapse(chunks, num_classes=NUM_CLASSES)
+
+
+def test_chunk_source_that_drops_clean_labels_names_the_chunk(case):
+    noisy = with_label_noise(case)
+    chunks = [(case["features"][:10], noisy["labels"][:10], noisy["clean_labels"][:10]),
+              (case["features"][10:], noisy["labels"][10:])]
+    with pytest.raises(ValueError, match="chunk 1"):
         ncfast.collapse(chunks, num_classes=NUM_CLASSES)
 
 

@@ -205,6 +205,14 @@ def test_list_of_chunk_tuples(case, reference, assert_same_report):
     assert_same_report(report, reference, rtol=0)
 
 
+def test_chunk_source_with_an_empty_chunk(case, reference, assert_same_report):
+    """A chunk without rows (a filter that kept none, an empty file) adds nothing."""
+    chunks = chunk_tuples(case["features"], case["labels"])
+    chunks.insert(2, (case["features"][:0], case["labels"][:0]))
+    report = collapse(chunks, None, case, num_classes=case["num_classes"])
+    assert_same_report(report, reference, rtol=0)
+
+
 def test_list_of_torch_chunk_tuples(case, reference, assert_same_report):
     chunks = chunk_tuples(torch.from_numpy(case["features"]), torch.from_numpy(case["labels"]))
     report = collapse(chunks, None, case, num_classes=case["num_classes"])
