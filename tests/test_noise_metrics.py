@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 import ncfast
 from cases import ADVERSARIAL, gaussian_classes, with_label_noise
 from ncfast.textbook import textbook_collapse
-from test_metrics import (RANDOM_CASE_SETTINGS, REFERENCE_RTOL, analytic_zeros,
-                          assert_matches_textbook, small_gaussian_cases)
+from test_metrics import (LINEAR_ZERO, RANDOM_CASE_SETTINGS, REFERENCE_RTOL,
+                          analytic_zero_floors, assert_matches_textbook, small_gaussian_cases)
 
 NOISE_METRICS = ("memorization", "memorization_raw", "dilation", "noise_fit", "nc1_clean",
                  "nc1_trace_clean")
@@ -36,7 +36,7 @@ def test_resisted_noise_matches_textbook(name, with_classifier):
     report = ncfast.collapse(**case)
     assert all(getattr(report, metric) is not None for metric in NOISE_METRICS)
     assert_matches_textbook(report, textbook_collapse(**case),
-                            analytic_zeros=analytic_zeros(case))
+                            zero_floors=analytic_zero_floors(case))
 
 
 @RANDOM_CASE_SETTINGS
@@ -49,7 +49,7 @@ def test_random_small_noisy_cases_match_textbook(parameters, rate, memorized, no
     assume(np.unique(case["labels"][clean_rows]).size >= 2)
     report = ncfast.collapse(**case, empty_classes="ignore")
     assert_matches_textbook(report, textbook_collapse(**case),
-                            analytic_zeros=analytic_zeros(case))
+                            zero_floors=analytic_zero_floors(case))
 
 
 @pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
@@ -59,7 +59,7 @@ def test_memorized_noise_matches_textbook(name, with_classifier):
     case = _noisy_case(name, with_classifier=with_classifier, memorized=True)
     report = ncfast.collapse(**case)
     reference = textbook_collapse(**case)
-    assert_matches_textbook(report, reference, analytic_zeros=analytic_zeros(case))
+    assert_matches_textbook(report, reference, zero_floors=analytic_zero_floors(case))
     # Corrupted rows sit with their noisy class: the noise is fit and memorized.
     assert reference["noise_fit"] > 0.5
     assert reference["memorization"] > 0.3
@@ -126,3 +126,26 @@ def test_noise_fit_defined_when_no_corrupted_row_is_measurable(with_classifier):
     reference = textbook_collapse(**case)
     assert "memorization" not in reference and "noise_fit" in reference
     assert_matches_textbook(report, reference)
+
+
+def test_dilation_of_two_row_classes_is_zero():
+    """Two clean rows sit at equal distances from their mean: every spread is 0.
+
+    The std of those distances must come out as 0 to rounding, not as the square
+    root of a cancelled variance (~1e-8 of the distances).
+    """
+    case = with_label_noise(gaussian_classes(num_rows=14, num_features=11, num_classes=7,
+                                             offset=1e3, seed=99), 0.3, 99)
+    clean_rows = case["labels"] == case["clean_labels"]
+    assert np.bincount(case["labels"][clean_rows]).max() == 2
+    for result in (ncfast.collapse(**case).metrics(), textbook_collapse(**case)):
+        assert abs(result["dilation"]) <= LINEAR_ZERO, result["dilation"]
+
+
+def test_clean_rows_of_one_class_are_refused():
+    features = np.array([[0.0, 1.0], [0.0, 1.2], [2.0, 0.0], [2.2, 0.0]])
+    labels = np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="clean rows"):
+        ncfast.collapse(features, labels, clean_labels=np.zeros(4, np.int64))
+    with pytest.raises(ValueError, match="clean rows"):
+        textbook_collapse(features, labels, clean_labels=np.zeros(4, np.int64))
