@@ -24,7 +24,7 @@ def case():
     return with_label_noise(gaussian_classes(num_rows=600, num_features=24, num_classes=5))
 
 
-def collapse(features, labels, case, **options):
+def chunked_collapse(features, labels, case, **options):
     """``ncfast.collapse`` with the case's classifier, in ``CHUNK_SIZE`` chunks."""
     return ncfast.collapse(features, labels, weights=case["weights"], bias=case["bias"],
                            chunk_size=CHUNK_SIZE, **options)
@@ -33,7 +33,7 @@ def collapse(features, labels, case, **options):
 @pytest.fixture(scope="module")
 def reference(case):
     """The report of the plain C-contiguous float32 array and int64 labels."""
-    return collapse(case["features"], case["labels"], case)
+    return chunked_collapse(case["features"], case["labels"], case)
 
 
 #: Rows per chunk for ``large_case``: its chunks are a small fraction of it.
@@ -62,14 +62,14 @@ def test_memmap(case, reference, tmp_path, assert_same_report):
     path = tmp_path / "features.f32"
     case["features"].tofile(path)
     features = np.memmap(path, dtype=np.float32, mode="r", shape=case["features"].shape)
-    assert_same_report(collapse(features, case["labels"], case), reference, rtol=0)
+    assert_same_report(chunked_collapse(features, case["labels"], case), reference, rtol=0)
 
 
 def test_npy_memmap(case, reference, tmp_path, assert_same_report):
     path = tmp_path / "features.npy"
     np.save(path, case["features"])
     features = np.load(path, mmap_mode="r")
-    assert_same_report(collapse(features, case["labels"], case), reference, rtol=0)
+    assert_same_report(chunked_collapse(features, case["labels"], case), reference, rtol=0)
 
 
 @pytest.mark.parametrize("as_text", [False, True])
@@ -79,7 +79,7 @@ def test_npy_paths(case, reference, tmp_path, as_text, assert_same_report):
     np.save(labels_path, case["labels"])
     if as_text:
         features_path, labels_path = str(features_path), str(labels_path)
-    assert_same_report(collapse(features_path, labels_path, case), reference, rtol=0)
+    assert_same_report(chunked_collapse(features_path, labels_path, case), reference, rtol=0)
 
 
 def test_npy_path_is_read_in_chunks(large_case, tmp_path):
@@ -99,7 +99,7 @@ def test_npy_path_is_read_in_chunks(large_case, tmp_path):
 
 def test_torch_float32_tensor(case, reference, assert_same_report):
     features = torch.from_numpy(case["features"].copy())
-    assert_same_report(collapse(features, torch.from_numpy(case["labels"]), case), reference,
+    assert_same_report(chunked_collapse(features, torch.from_numpy(case["labels"]), case), reference,
                        rtol=0)
 
 
@@ -125,14 +125,14 @@ def test_torch_tensor_that_requires_grad(case, reference, assert_same_report):
 def test_torch_half_tensors_are_upcast(case, dtype, assert_same_report):
     features = torch.from_numpy(case["features"]).to(dtype)
     upcast = features.float().numpy()
-    assert_same_report(collapse(features, case["labels"], case),
-                       collapse(upcast, case["labels"], case), rtol=0)
+    assert_same_report(chunked_collapse(features, case["labels"], case),
+                       chunked_collapse(upcast, case["labels"], case), rtol=0)
 
 
 def test_numpy_float16_is_upcast(case, assert_same_report):
     features = case["features"].astype(np.float16)
-    assert_same_report(collapse(features, case["labels"], case),
-                       collapse(features.astype(np.float32), case["labels"], case), rtol=0)
+    assert_same_report(chunked_collapse(features, case["labels"], case),
+                       chunked_collapse(features.astype(np.float32), case["labels"], case), rtol=0)
 
 
 # --- labels ---------------------------------------------------------------------------------
@@ -140,18 +140,18 @@ def test_numpy_float16_is_upcast(case, assert_same_report):
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32,
                                    np.int64, np.uint64])
 def test_label_dtypes(case, reference, dtype, assert_same_report):
-    assert_same_report(collapse(case["features"], case["labels"].astype(dtype), case),
+    assert_same_report(chunked_collapse(case["features"], case["labels"].astype(dtype), case),
                        reference, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
 def test_torch_label_dtypes(case, reference, dtype, assert_same_report):
     labels = torch.from_numpy(case["labels"]).to(dtype)
-    assert_same_report(collapse(case["features"], labels, case), reference, rtol=0)
+    assert_same_report(chunked_collapse(case["features"], labels, case), reference, rtol=0)
 
 
 def test_big_endian_labels(case, reference, assert_same_report):
-    assert_same_report(collapse(case["features"], case["labels"].astype(">i4"), case),
+    assert_same_report(chunked_collapse(case["features"], case["labels"].astype(">i4"), case),
                        reference, rtol=0)
 
 
@@ -160,7 +160,7 @@ def test_big_endian_labels(case, reference, assert_same_report):
 def test_transposed_view(case, reference, assert_same_report):
     features = np.ascontiguousarray(case["features"].T).T
     assert not features.flags.c_contiguous
-    assert_same_report(collapse(features, case["labels"], case), reference, rtol=0)
+    assert_same_report(chunked_collapse(features, case["labels"], case), reference, rtol=0)
 
 
 def test_strided_views(case, reference, assert_same_report):
@@ -169,21 +169,21 @@ def test_strided_views(case, reference, assert_same_report):
     tall = np.repeat(case["features"], 2, axis=0)[::2]
     for features in (wide, tall):
         assert not features.flags.c_contiguous
-        assert_same_report(collapse(features, case["labels"], case), reference, rtol=0)
+        assert_same_report(chunked_collapse(features, case["labels"], case), reference, rtol=0)
 
 
 def test_fortran_ordered_array(case, reference, assert_same_report):
     features = np.asfortranarray(case["features"])
     assert features.flags.f_contiguous and not features.flags.c_contiguous
-    assert_same_report(collapse(features, case["labels"], case), reference, rtol=0)
+    assert_same_report(chunked_collapse(features, case["labels"], case), reference, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [">f4", ">f8"])
 def test_big_endian_features(case, dtype, assert_same_report):
     features = case["features"].astype(dtype)
     native = features.astype(features.dtype.newbyteorder("="))
-    assert_same_report(collapse(features, case["labels"], case),
-                       collapse(native, case["labels"], case), rtol=0)
+    assert_same_report(chunked_collapse(features, case["labels"], case),
+                       chunked_collapse(native, case["labels"], case), rtol=0)
 
 
 # --- chunk sources --------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def chunk_tuples(*columns):
 def test_list_of_chunk_tuples(case, reference, assert_same_report):
     chunks = chunk_tuples(case["features"], case["labels"])
     assert len({len(labels) for _, labels in chunks}) > 1
-    report = collapse(chunks, None, case, num_classes=case["num_classes"])
+    report = chunked_collapse(chunks, None, case, num_classes=case["num_classes"])
     assert_same_report(report, reference, rtol=0)
 
 
@@ -209,21 +209,21 @@ def test_chunk_source_with_an_empty_chunk(case, reference, assert_same_report):
     """A chunk without rows (a filter that kept none, an empty file) adds nothing."""
     chunks = chunk_tuples(case["features"], case["labels"])
     chunks.insert(2, (case["features"][:0], case["labels"][:0]))
-    report = collapse(chunks, None, case, num_classes=case["num_classes"])
+    report = chunked_collapse(chunks, None, case, num_classes=case["num_classes"])
     assert_same_report(report, reference, rtol=0)
 
 
 def test_list_of_torch_chunk_tuples(case, reference, assert_same_report):
     chunks = chunk_tuples(torch.from_numpy(case["features"]), torch.from_numpy(case["labels"]))
-    report = collapse(chunks, None, case, num_classes=case["num_classes"])
+    report = chunked_collapse(chunks, None, case, num_classes=case["num_classes"])
     assert_same_report(report, reference, rtol=0)
 
 
 def test_chunk_tuples_with_clean_labels(case, assert_same_report):
     chunks = chunk_tuples(case["features"], case["labels"], case["clean_labels"])
-    report = collapse(chunks, None, case, num_classes=case["num_classes"])
+    report = chunked_collapse(chunks, None, case, num_classes=case["num_classes"])
     assert report.memorization is not None
-    assert_same_report(report, collapse(case["features"], case["labels"], case,
+    assert_same_report(report, chunked_collapse(case["features"], case["labels"], case,
                                         clean_labels=case["clean_labels"]), rtol=0)
 
 
@@ -247,6 +247,6 @@ class NpyChunkFiles:
 
 def test_re_iterable_chunk_source(case, reference, tmp_path, assert_same_report):
     source = NpyChunkFiles(tmp_path, case["features"], case["labels"])
-    report = collapse(source, None, case, num_classes=case["num_classes"])
+    report = chunked_collapse(source, None, case, num_classes=case["num_classes"])
     assert_same_report(report, reference, rtol=0)
     assert source.times_iterated >= 2

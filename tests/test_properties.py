@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import ncfast
 from cases import gaussian_classes, with_label_noise
@@ -88,24 +89,29 @@ def numba_threads(count):
         numba.set_num_threads(previous)
 
 
-def assert_sums_close(name, actual, expected):
-    """Float sums agree to 1e-10 of the largest entry; integer sums exactly."""
+def assert_sums_close(name, actual, expected, scale=None):
+    """Integer sums are equal; float sums agree to 1e-10 of ``scale``.
+
+    ``scale`` defaults to the largest entry of ``expected``; pass the sum of
+    the terms' magnitudes where the sums may cancel.
+    """
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     if np.issubdtype(expected.dtype, np.integer):
         np.testing.assert_array_equal(actual, expected, err_msg=name)
         return
-    scale = np.abs(expected).max(initial=0.0)
+    if scale is None:
+        scale = np.abs(expected).max(initial=0.0)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=RELATIVE_TOLERANCE * scale,
                                err_msg=name)
 
 
-def assert_class_sums_close(actual, expected):
+def assert_class_sums_close(actual, expected, scale=None):
     assert (actual.num_classes, actual.num_features, actual.track_clean) == \
         (expected.num_classes, expected.num_features, expected.track_clean)
     for name in ("counts", "sums", "clean_counts", "clean_sums"):
         if expected.track_clean or not name.startswith("clean"):
-            assert_sums_close(name, getattr(actual, name), getattr(expected, name))
+            assert_sums_close(name, getattr(actual, name), getattr(expected, name), scale)
 
 
 def assert_residual_stats_close(actual, expected):
@@ -217,6 +223,32 @@ def test_class_sums_merge_law(data, parameters):
     cut = data.draw(st.integers(0, len(case["labels"])), label="cut")
     merged = class_sums_of(case, slice(None, cut)) + class_sums_of(case, slice(cut, None))
     assert_class_sums_close(merged, class_sums_of(case))
+
+
+@st.composite
+def labelled_rows(draw):
+    """Arbitrary bounded float rows (repeats, zeros, signs mixed) with labels in [0, C)."""
+    num_rows = draw(st.integers(0, 40))
+    num_features = draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    features = draw(arrays(dtype, (num_rows, num_features),
+                           elements=st.floats(-1e6, 1e6, width=32)))
+    num_classes = draw(st.integers(1, 5))
+    labels = draw(arrays(np.int64, num_rows, elements=st.integers(0, num_classes - 1)))
+    return features, labels, num_classes
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), rows=labelled_rows())
+def test_class_sums_merge_law_on_arbitrary_rows(data, rows):
+    features, labels, num_classes = rows
+    cut = data.draw(st.integers(0, len(labels)), label="cut")
+    states = []
+    for part in (slice(None, cut), slice(cut, None), slice(None)):
+        state = ncfast.ClassSums(num_classes, features.shape[1])
+        states.append(state.update(features[part], labels[part]))
+    assert_class_sums_close(states[0] + states[1], states[2],
+                            scale=np.abs(features).astype(np.float64).sum())
 
 
 @PROPERTY_SETTINGS
