@@ -245,6 +245,27 @@ def test_held_out_rows_measured_against_training_means():
     assert reference["nc1"] != pytest.approx(own_reference["nc1"], rel=1e-3)
 
 
+def test_held_out_rows_against_means_with_an_absent_class():
+    """Training class 2 has no rows: its mean is NaN and the metrics skip it."""
+    train = gaussian_classes(class_counts=[300, 300, 0, 300, 300])
+    held_out = gaussian_classes(class_counts=[50, 40, 0, 60, 50], rows_seed=7, classifier=False)
+    held_out = {"features": held_out["features"], "labels": held_out["labels"],
+                "weights": train["weights"], "bias": train["bias"]}
+    with pytest.warns(UserWarning, match=r"1 of 5 classes have no rows \(2\)"):
+        train_report = ncfast.collapse(**train)
+    assert np.isnan(train_report.means[2]).all()
+    report = ncfast.collapse(**held_out, means=train_report)
+    assert_matches_textbook(report, textbook_collapse(**held_out, means=train_report.means))
+    np.testing.assert_array_equal(report.present_classes, [0, 1, 3, 4])
+    # A held-out row of the class without a mean cannot be measured.
+    labels = held_out["labels"].copy()
+    labels[0] = 2
+    with pytest.raises(ValueError, match="label 2"):
+        ncfast.collapse(held_out["features"], labels, means=train_report)
+    with pytest.raises(ValueError, match="label 2"):
+        textbook_collapse(held_out["features"], labels, means=train_report.means)
+
+
 def test_held_out_global_mean_of_samples_uses_training_counts():
     train, held_out = _train_and_held_out()
     train_report = ncfast.collapse(**train, global_mean="samples")
