@@ -131,6 +131,7 @@ def _simplex_etf_gram(num_classes):
 
 
 def _normalized(matrix):
+    """``matrix / ||matrix||_F``."""
     return matrix / np.linalg.norm(matrix)
 
 
