@@ -15,8 +15,8 @@ import numpy as np
 #: Feature dtypes the kernels read directly; other float dtypes are upcast per chunk.
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-#: Bytes of float32 residuals per chunk that the automatic chunk size aims at.
-CHUNK_TARGET_BYTES = 8 << 20
+#: Bytes of float32 rows per chunk that the automatic chunk size aims at.
+CHUNK_TARGET_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,15 @@ class Chunk:
 
 
 def default_chunk_rows(num_features):
-    """Rows per chunk so that a float32 residual chunk is about 8 MiB."""
-    return int(np.clip(CHUNK_TARGET_BYTES // (4 * max(num_features, 1)), 256, 65536))
+    """Rows per chunk so that a chunk of float32 rows is about ``CHUNK_TARGET_BYTES``.
+
+    The kernels stream a chunk in cache-sized blocks with buffers of their
+    own (``ncfast.kernels.cpu.block_rows``), so a chunk only sets how often
+    Python hands rows to the kernel threads, and the scratch memory of a
+    chunk that must be copied (upcast float16, strided rows): 64 MiB keeps
+    the per-chunk overhead under 1% and that copy a small fraction of memory.
+    """
+    return int(np.clip(CHUNK_TARGET_BYTES // (4 * max(num_features, 1)), 256, 1 << 20))
 
 
 def _is_torch_tensor(obj):
@@ -54,12 +61,21 @@ def _load_npy(path, what):
     if not os.path.exists(path):
         raise ValueError(f"{what} file {path!r} does not exist")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise ValueError(
             f"{what} file {path!r} is not a readable .npy array file ({error}); it may be "
             "truncated or of another format: re-save it with numpy.save"
         ) from None
+    if not isinstance(loaded, np.ndarray):
+        names = ", ".join(loaded.files)
+        loaded.close()
+        raise ValueError(
+            f"{what} file {path!r} is a .npz archive of several arrays ({names}), not one "
+            ".npy array: pass one of them, e.g. np.load(path, mmap_mode='r')[name], or use "
+            "`ncfast analyze`, which reads archives"
+        )
+    return loaded
 
 
 def as_array(obj, what):
@@ -100,8 +116,11 @@ def _dtype_name(array):
     return str(array.dtype).replace("torch.", "")
 
 
-def check_features(features):
-    """Check rank and dtype of a feature array (numpy or torch); return (N, D)."""
+def check_features(features, *, allow_empty=False):
+    """Check rank and dtype of a feature array (numpy or torch); return (N, D).
+
+    Zero rows are an error unless ``allow_empty`` (one empty chunk of many).
+    """
     shape = tuple(features.shape)
     if len(shape) != 2:
         hint = ("if each row has one feature use features[:, None]; if it is one sample use "
@@ -120,7 +139,7 @@ def check_features(features):
             f"features must be floating point; found dtype {_dtype_name(features)}: convert with "
             ".astype(np.float32)"
         )
-    if shape[0] == 0:
+    if shape[0] == 0 and not allow_empty:
         raise ValueError(f"features has no rows (shape {shape}); pass at least one row per class")
     if shape[1] == 0:
         raise ValueError(f"features has no columns (shape {shape})")
@@ -176,9 +195,10 @@ def to_kernel_labels(block, what="labels"):
 class ArraySource:
     """Chunks of in-memory or memory-mapped arrays, re-iterable."""
 
-    def __init__(self, features, labels, clean_labels=None, *, chunk_size=None):
+    def __init__(self, features, labels, clean_labels=None, *, chunk_size=None,
+                 allow_empty=False):
         self.features = as_array(features, "features")
-        self.num_rows, self.num_features = check_features(self.features)
+        self.num_rows, self.num_features = check_features(self.features, allow_empty=allow_empty)
         self.labels = check_labels(as_array(labels, "labels"), self.num_rows)
         self.clean_labels = None
         if clean_labels is not None:
@@ -229,13 +249,20 @@ class IterableSource:
                     f"chunk {index} of the source is a {type(item).__name__}; each chunk must be "
                     "a tuple (features, labels) or (features, labels, clean_labels)"
                 )
-            source = ArraySource(*item, chunk_size=self.chunk_size)
-            if self.num_features is None:
+            source = ArraySource(*item, chunk_size=self.chunk_size, allow_empty=True)
+            if index == 0:
                 self.num_features = source.num_features
+                carries_clean_labels = len(item) == 3
             elif source.num_features != self.num_features:
                 raise ValueError(
                     f"chunk {index} has {source.num_features} features but earlier chunks have "
                     f"{self.num_features}; every chunk must have the same number of columns"
+                )
+            if (len(item) == 3) != carries_clean_labels:
+                raise ValueError(
+                    f"chunk {index} {'has' if len(item) == 3 else 'lacks'} clean labels but "
+                    f"chunk 0 {'has' if carries_clean_labels else 'lacks'} them; every chunk "
+                    "must be (features, labels) or every chunk (features, labels, clean_labels)"
                 )
             for chunk in source:
                 yield Chunk(chunk.features, chunk.labels, chunk.clean_labels,
