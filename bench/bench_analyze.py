@@ -24,15 +24,24 @@ import time
 
 import numpy as np
 
-# Child processes: each prints one JSON line with its timing and peak RSS.
-NUMPY_READ = """
-import json, resource, sys, time
+# Child processes: each prints one JSON line with its timing and peak RSS. Peak RSS is
+# VmHWM of the child's own address space: getrusage's ru_maxrss survives fork and exec, so
+# it would report the parent's peak.
+PEAK_RSS = """
+def peak_rss():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+"""
+
+NUMPY_READ = PEAK_RSS + """
+import json, sys, time
 import numpy as np
 start = time.perf_counter()
 array = np.load(sys.argv[1])
 elapsed = time.perf_counter() - start
 print(json.dumps({"seconds": elapsed, "checksum": float(array[::4096].sum()),
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": peak_rss()}))
 """
 
 COLLAPSE_REFERENCE = """
@@ -47,8 +56,8 @@ print(json.dumps({key: getattr(report, key) for key in
                   ("nc1", "nc3", "nc4", "accuracy", "ncc_accuracy", "num_samples")}))
 """
 
-NCFAST_ANALYZE = """
-import json, os, resource, sys, time
+NCFAST_ANALYZE = PEAK_RSS + """
+import json, os, sys, time
 import numpy as np
 from ncfast import collapse
 from ncfast.analyze import analyze
@@ -66,7 +75,7 @@ assert not analysis.failures, analysis.failures
 (row,) = analysis.rows
 print(json.dumps({"seconds": elapsed, "row": {key: row[key] for key in
                   ("nc1", "nc3", "nc4", "accuracy", "ncc_accuracy", "num_samples")},
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": peak_rss()}))
 """
 
 

@@ -187,8 +187,8 @@ def _attach_extras(path, arrays, extras):
 class _Digests:
     """SHA-256 of input files: recorded ones reused when still valid, others computed once."""
 
-    def __init__(self, on_bytes):
-        self.on_bytes = on_bytes
+    def __init__(self, on_hashing):
+        self.on_hashing = on_hashing
         self.known = {}
 
     def __call__(self, array, checkpoint, remembered):
@@ -202,12 +202,14 @@ class _Digests:
             digest = recorded
         else:
             stamp = [status.st_size, status.st_mtime_ns]
-            entry = remembered.get(os.path.basename(path))
+            name = os.path.relpath(path, os.path.dirname(os.path.abspath(checkpoint.cache_path)))
+            entry = remembered.get(name)
             if entry is not None and entry["stamp"] == stamp:
                 digest = entry["sha256"]
             else:
-                digest = file_sha256(path, self.on_bytes)
-                remembered[os.path.basename(path)] = {"stamp": stamp, "sha256": digest}
+                self.on_hashing(path)
+                digest = file_sha256(path)
+                remembered[name] = {"stamp": stamp, "sha256": digest}
         self.known[path] = digest
         return digest
 
@@ -398,21 +400,33 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         checkpoint_task = bar.add_task("checkpoints", total=len(checkpoints))
-        byte_task = bar.add_task("bytes read", total=None)
+        byte_task = bar.add_task("features read (2 passes)", total=sum(
+            _feature_bytes(checkpoint, layers) for checkpoint in checkpoints))
         on_bytes = lambda count: bar.advance(byte_task, count)  # noqa: E731
-        digests = _Digests(on_bytes)
+        digests = _Digests(lambda path: bar.update(
+            checkpoint_task, description=f"[bold]hashing {os.path.basename(path)}"))
         for checkpoint in checkpoints:
             bar.update(checkpoint_task, description=f"[bold]{checkpoint.name}")
+            done = bar.tasks[byte_task].completed
             try:
                 _analyze_checkpoint(checkpoint, analysis, layers=layers, chunk_size=chunk_size,
                                     settings=settings, use_cache=use_cache, digests=digests,
                                     on_bytes=on_bytes)
             except (ValueError, TypeError, OSError) as error:
                 analysis.failures.append(Failure(checkpoint.name, _one_line(error)))
+            # Cached and failed layer groups count as read, so that the bar ends full.
+            bar.update(byte_task, completed=done + _feature_bytes(checkpoint, layers))
             bar.advance(checkpoint_task)
     analysis.rows.sort(key=lambda row: (row["source"], -1 if row["epoch"] is None
                                         else row["epoch"], row["layer"], row["split"]))
     return analysis
+
+
+def _feature_bytes(checkpoint, layers):
+    """Bytes of features the two passes over a checkpoint read."""
+    return 2 * sum(features.nbytes for split in checkpoint.arrays.splits.values()
+                   for layer, features in split.features.items()
+                   if layers is None or layer in layers)
 
 
 def _one_line(error):
