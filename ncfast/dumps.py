@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncfast.inputs import as_array
+from ncfast.inputs import as_array, check_features, check_labels
 from ncfast.readers import (CheckpointArrays, SplitArrays, StoredArray, file_sha256,
                             open_npy_rows)
 
@@ -259,16 +259,21 @@ def _as_numpy(array, what):
 
 
 def _checked_labels(array, what, num_rows, num_classes):
-    array = _as_numpy(array, what)
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{what} must be a 1-D integer array; found {array.ndim}-D "
-                        f"{array.dtype}")
-    if array.shape[0] != num_rows:
-        raise ValueError(f"{what} has {array.shape[0]} entries but the features have "
-                         f"{num_rows} rows; pass one label per row")
+    """``ncfast.inputs.check_labels``, plus the class range."""
+    array = check_labels(_as_numpy(array, what), num_rows, what)
     if array.size and (array.min() < 0 or array.max() >= num_classes):
         raise ValueError(f"{what} holds labels outside [0, {num_classes}): found "
                          f"{array.min()}..{array.max()}")
+    return array
+
+
+def _checked_features(array, what):
+    """``ncfast.inputs.check_features``, naming the array."""
+    array = _as_numpy(array, what)
+    try:
+        check_features(array)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{what}: {error}") from None
     return array
 
 
@@ -291,10 +296,7 @@ def _plan_checkpoint(splits, weights, bias, classifier_layer, num_classes):
         features = {}
         for layer, array in arrays["features"].items():
             what = f"splits[{split!r}]['features'][{_check_name(layer, 'layer')!r}]"
-            array = _as_numpy(array, what)
-            if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
-                raise TypeError(f"{what} must be a 2-D float array (n_samples, n_features); "
-                                f"found {array.ndim}-D {array.dtype}")
+            array = _checked_features(array, what)
             if widths.setdefault(layer, array.shape[1]) != array.shape[1]:
                 raise ValueError(f"{what} has {array.shape[1]} features but another split has "
                                  f"{widths[layer]}; a layer has one width in every split")

@@ -98,7 +98,8 @@ def test_a_folder_of_other_files_is_not_taken_over(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (lambda s: s["train"].update(labels=s["train"]["labels"][:-1]), "39 entries but.*40 rows"),
     (lambda s: s["train"]["features"].update(penultimate=np.zeros((40, 5), np.int32)),
-     "must be a 2-D float array"),
+     r"\['penultimate'\]: features must be floating point"),
+    (lambda s: s["train"].update(labels=s["train"]["labels"] * 1.0), "must be integer class"),
     (lambda s: s["test"]["features"].update(penultimate=np.zeros((20, 6), np.float32)),
      "has 6 features but another split has 5"),
     (lambda s: s["train"].update(labels=s["train"]["labels"] + 5), r"outside \[0, 3\)"),
