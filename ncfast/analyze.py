@@ -661,8 +661,9 @@ def run_analyze(args, console):
             written += write_plots(analysis.rows, args.out, metrics)
         console.print(f"wrote {len(written)} files to {args.out}")
     for failure in analysis.failures:
-        console.print(f"[red]ncfast analyze: FAILED {failure.name}: {failure.reason}[/red]",
-                      soft_wrap=True)
+        where = "" if failure.name in failure.reason else f" {failure.name}:"
+        console.print(f"[red]ncfast analyze: FAILED{where} {failure.reason}[/red]",
+                      soft_wrap=True, markup=True, highlight=False)
     if not analysis.rows and not analysis.failures:
         console.print("[red]ncfast analyze: found no checkpoints to measure[/red]")
         return 1

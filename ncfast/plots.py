@@ -10,6 +10,7 @@ import io
 import os
 
 import numpy as np
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from ncfast.dumps import write_atomically
@@ -102,6 +103,10 @@ def noise_figure(rows):
     figure = Figure(figsize=(5.5, 4.0))
     axes = figure.add_subplot()
     many_sources = len({key[0] for key in keys}) > 1
+    epochs = np.concatenate([memorization[key][0] for key in keys])
+    # One colour scale for every line; logarithmic like the epoch axes of the other figures.
+    norm = (LogNorm if epochs.min() > 0 else Normalize)(epochs.min(), max(epochs.max(),
+                                                                          epochs.min() + 1))
     scatter = None
     for index, key in enumerate(keys):
         epochs, memorized = memorization[key]
@@ -110,7 +115,7 @@ def noise_figure(rows):
         axes.plot(dilated[theirs], memorized[mine], "-", color=f"C{index % 10}", linewidth=1,
                   label=_line_label(key, many_sources))
         scatter = axes.scatter(dilated[theirs], memorized[mine], c=shared, cmap="viridis",
-                               s=18, zorder=3)
+                               norm=norm, s=18, zorder=3)
     figure.colorbar(scatter, ax=axes, label="epoch")
     axes.set_xlabel("dilation (spread of clean rows, scaled)")
     axes.set_ylabel("memorization (corrupted rows to true mean, scaled)")
