@@ -52,14 +52,16 @@ CUDA_SOURCE = r"""
 // Pass 1: per-class row counts and float64 row sums.
 //
 // Block (x, y) covers the columns [x * blockDim.x, (x + 1) * blockDim.x) of the
-// rows [y * rows_per_block, (y + 1) * rows_per_block). Each thread owns one
-// column and, when PRIVATE, its own column of the block's C x blockDim.x sums
-// in shared memory, so no two threads ever touch the same word: no atomics and
-// no barriers until the merge into global memory. Thread 0 of the column-0
-// blocks counts rows. Not PRIVATE (many classes): the thread adds into global
-// memory with atomics. Rows with a label (or clean label) outside [0, C) are
-// skipped; ncfast_first_bad_label names them, and NaN or Inf values show in
-// the sums, so the loop carries no checks.
+// rows [y * rows_per_block, (y + 1) * rows_per_block), in batches of
+// NCFAST_ROWS_IN_FLIGHT rows: the first threads read and check the batch's labels
+// into shared memory (and count the rows, in the column-0 blocks) while every
+// thread loads its column of the batch, so that many loads are in flight. Each
+// thread owns one column and, when PRIVATE, its own column of the block's
+// C x blockDim.x sums in shared memory: no two threads touch the same sum, so
+// no atomics until the merge into global memory. Not PRIVATE (many classes):
+// the threads add into global memory with atomics. Rows with a label (or clean
+// label) outside [0, C) are skipped (ncfast_first_bad_label names them); NaN or
+// Inf values show in the sums. blockDim.x >= NCFAST_ROWS_IN_FLIGHT.
 template <typename T, bool PRIVATE, bool TRACK_CLEAN>
 __global__ void ncfast_class_sums(
         const T* __restrict__ features, long long num_rows, int num_features,
@@ -68,87 +70,95 @@ __global__ void ncfast_class_sums(
         unsigned long long* counts, double* sums,
         unsigned long long* clean_counts, double* clean_sums) {
     extern __shared__ double ncfast_shared[];
+    __shared__ int batch_labels[2][NCFAST_ROWS_IN_FLIGHT];  // -1: skipped row
+    __shared__ int batch_clean[2][NCFAST_ROWS_IN_FLIGHT];
     const int tile = blockDim.x;
     const int column = blockIdx.x * tile + threadIdx.x;
     const bool has_column = column < num_features;
-    const bool counts_rows = blockIdx.x == 0 && threadIdx.x == 0;
+    const bool counts_rows = blockIdx.x == 0;
     const long long private_size = (long long)num_classes * tile;
     double* tile_sums = ncfast_shared;
     double* tile_clean_sums = tile_sums + private_size;
     unsigned long long* tile_counts =
         (unsigned long long*)(tile_clean_sums + (TRACK_CLEAN ? private_size : 0));
     unsigned long long* tile_clean_counts = tile_counts + num_classes;
-    for (int c = 0; PRIVATE && c < num_classes; ++c) {
-        tile_sums[c * tile + threadIdx.x] = 0.0;
-        if (TRACK_CLEAN) tile_clean_sums[c * tile + threadIdx.x] = 0.0;
-        if (counts_rows) {
+    if (PRIVATE) {
+        for (int c = 0; c < num_classes; ++c) {
+            tile_sums[c * tile + threadIdx.x] = 0.0;
+            if (TRACK_CLEAN) tile_clean_sums[c * tile + threadIdx.x] = 0.0;
+        }
+        for (int c = threadIdx.x; c < num_classes; c += tile) {
             tile_counts[c] = 0;
             if (TRACK_CLEAN) tile_clean_counts[c] = 0;
         }
     }
+    unsigned long long* row_counts = PRIVATE ? tile_counts : counts;
+    unsigned long long* clean_row_counts = PRIVATE ? tile_clean_counts : clean_counts;
     const long long start = blockIdx.y * rows_per_block;
     const long long stop = start + rows_per_block < num_rows ? start + rows_per_block : num_rows;
     const T* column_values = features + (has_column ? column : 0);
-    for (long long base = start; base < stop; base += NCFAST_ROWS_IN_FLIGHT) {
+    int parity = 0;
+    __syncthreads();
+    for (long long base = start; base < stop; base += NCFAST_ROWS_IN_FLIGHT, parity ^= 1) {
         const int batch = stop - base < NCFAST_ROWS_IN_FLIGHT ? (int)(stop - base)
                                                                 : NCFAST_ROWS_IN_FLIGHT;
-        // Every load of a batch of rows first, so that many are in flight at once.
-        T values[NCFAST_ROWS_IN_FLIGHT];
-        int row_labels[NCFAST_ROWS_IN_FLIGHT];  // -1: label outside [0, C), or past the block
-        int row_clean[NCFAST_ROWS_IN_FLIGHT];
-#pragma unroll
-        for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u) {
-            const bool in_block = u < batch;
-            const long long row = base + (in_block ? u : 0);
-            values[u] = column_values[row * num_features];
-            const long long label = labels[row];
-            const long long clean = TRACK_CLEAN ? clean_labels[row] : label;
-            const bool valid = in_block && label >= 0 && label < num_classes && clean >= 0 &&
-                               clean < num_classes;
-            row_labels[u] = valid ? (int)label : -1;
-            row_clean[u] = (int)clean;
+        if (threadIdx.x < NCFAST_ROWS_IN_FLIGHT) {
+            int label = -1, clean = -1;
+            if (threadIdx.x < batch) {
+                const long long row_label = labels[base + threadIdx.x];
+                const long long row_clean = TRACK_CLEAN ? clean_labels[base + threadIdx.x]
+                                                        : row_label;
+                if (row_label >= 0 && row_label < num_classes && row_clean >= 0 &&
+                        row_clean < num_classes) {
+                    label = (int)row_label;
+                    clean = (int)row_clean;
+                }
+            }
+            batch_labels[parity][threadIdx.x] = label;
+            batch_clean[parity][threadIdx.x] = clean;
+            if (counts_rows && label >= 0) {
+                atomicAdd(row_counts + label, 1ULL);
+                if (TRACK_CLEAN && clean == label) atomicAdd(clean_row_counts + label, 1ULL);
+            }
         }
+        T values[NCFAST_ROWS_IN_FLIGHT];
+#pragma unroll
+        for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u)
+            values[u] = column_values[(base + (u < batch ? u : 0)) * num_features];
+        // One barrier a batch: the labels are double-buffered, so writing batch k + 1
+        // waits only for the reads of batch k - 1, which this barrier orders.
+        __syncthreads();
+        if (!has_column) continue;
 #pragma unroll
         for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u) {
-            const int label = row_labels[u];
+            const int label = batch_labels[parity][u];
             if (label < 0) continue;
-            const bool is_clean = TRACK_CLEAN && row_clean[u] == label;
-            const double value = has_column ? (double)values[u] : 0.0;
+            const double value = (double)values[u];
             if (PRIVATE) {
                 tile_sums[label * tile + threadIdx.x] += value;
-                if (is_clean) tile_clean_sums[label * tile + threadIdx.x] += value;
-                if (counts_rows) {
-                    tile_counts[label] += 1;
-                    if (is_clean) tile_clean_counts[label] += 1;
-                }
+                if (TRACK_CLEAN && batch_clean[parity][u] == label)
+                    tile_clean_sums[label * tile + threadIdx.x] += value;
             } else {
-                if (has_column) {
-                    atomicAdd(sums + (long long)label * num_features + column, value);
-                    if (is_clean)
-                        atomicAdd(clean_sums + (long long)label * num_features + column, value);
-                }
-                if (counts_rows) {
-                    atomicAdd(counts + label, 1ULL);
-                    if (is_clean) atomicAdd(clean_counts + label, 1ULL);
-                }
+                atomicAdd(sums + (long long)label * num_features + column, value);
+                if (TRACK_CLEAN && batch_clean[parity][u] == label)
+                    atomicAdd(clean_sums + (long long)label * num_features + column, value);
             }
         }
     }
-    // Each thread merges its own column (and thread 0 the counts): no barrier needed.
-    for (int c = 0; PRIVATE && c < num_classes; ++c) {
-        if (has_column) {
-            const double value = tile_sums[c * tile + threadIdx.x];
-            if (value != 0.0) atomicAdd(sums + (long long)c * num_features + column, value);
-            if (TRACK_CLEAN) {
-                const double clean_value = tile_clean_sums[c * tile + threadIdx.x];
-                if (clean_value != 0.0)
-                    atomicAdd(clean_sums + (long long)c * num_features + column, clean_value);
-            }
+    if (!PRIVATE) return;
+    __syncthreads();
+    for (int c = 0; c < num_classes && has_column; ++c) {
+        const double value = tile_sums[c * tile + threadIdx.x];
+        if (value != 0.0) atomicAdd(sums + (long long)c * num_features + column, value);
+        if (TRACK_CLEAN) {
+            const double clean_value = tile_clean_sums[c * tile + threadIdx.x];
+            if (clean_value != 0.0)
+                atomicAdd(clean_sums + (long long)c * num_features + column, clean_value);
         }
-        if (counts_rows) {
-            if (tile_counts[c]) atomicAdd(counts + c, tile_counts[c]);
-            if (TRACK_CLEAN && tile_clean_counts[c]) atomicAdd(clean_counts + c, tile_clean_counts[c]);
-        }
+    }
+    for (int c = threadIdx.x; counts_rows && c < num_classes; c += tile) {
+        if (tile_counts[c]) atomicAdd(counts + c, tile_counts[c]);
+        if (TRACK_CLEAN && tile_clean_counts[c]) atomicAdd(clean_counts + c, tile_clean_counts[c]);
     }
 }
 

@@ -3,9 +3,9 @@
 ``ncfast.collapse(..., device="cuda")`` lands in ``collapse_on_gpu``. Features
 already on a GPU (CuPy arrays; torch CUDA tensors through DLPack, no copy)
 are read in place. Host arrays, memmaps, ``.npy`` paths and chunk sources are
-streamed through two pinned buffers: while the kernels of one chunk run on
-the compute stream, the next chunk is staged into the other buffer and copied
-on a copy stream, so inputs larger than GPU memory work. Host arrays already
+streamed through pinned buffers on two streams: while the kernels of one chunk
+run on the compute stream, the next chunks are staged into the other buffers
+and copied on a copy stream, so inputs larger than GPU memory work. Host arrays already
 in page-locked memory (``torch.Tensor.pin_memory()``, CuPy's pinned
 allocations) are copied from where they are, skipping the staging copy.
 
@@ -35,7 +35,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 _CUDA_MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: page-locked host memory
 
-#: Bytes of float32 host rows per streamed chunk (each of the two pinned buffers).
+#: Bytes of float32 host rows per streamed chunk (each pinned buffer).
 STREAM_CHUNK_BYTES = 64 << 20
 
 #: Bytes of work buffers (residuals, GEMM output, float64 products) per pass-2
@@ -45,6 +45,10 @@ RESIDUAL_CHUNK_BYTES = 256 << 20
 #: Streams (and scatter accumulators) that pass-2 chunks of GPU-resident rows
 #: alternate between.
 LANES = 2
+
+#: Pinned buffers (each with its device twin) that streamed chunks cycle through:
+#: while the kernels of one chunk run, the next ones are staged and copied.
+STAGING_SLOTS = 3
 
 #: Threads that stage a host chunk into pinned memory side by side.
 STAGING_THREADS = min(8, os.cpu_count() or 1)
@@ -271,8 +275,9 @@ class _StagingSlot:
 class StreamedSource:
     """Host rows (arrays, memmaps, ``.npy`` paths, chunk sources) streamed to the GPU.
 
-    Two pinned buffers alternate: chunk k+1 is staged and copied on the copy
-    stream while the kernels of chunk k run on the compute stream.
+    ``STAGING_SLOTS`` pinned buffers take turns: chunk k+1 is staged and
+    copied on the copy stream while the kernels of chunk k run on the compute
+    stream.
 
     Parameters
     ----------
@@ -288,7 +293,7 @@ class StreamedSource:
         self.device = cupy.cuda.Device()
         self.copy_stream = cupy.cuda.Stream(non_blocking=True)
         self.compute_stream = cupy.cuda.Stream(non_blocking=True)
-        self._slots = (_StagingSlot(cupy), _StagingSlot(cupy))
+        self._slots = [_StagingSlot(cupy) for _ in range(STAGING_SLOTS)]
 
     @property
     def num_features(self):
@@ -299,7 +304,7 @@ class StreamedSource:
         ``ResidentSource``, is ignored: the host chunks set the size)."""
         with ThreadPoolExecutor(STAGING_THREADS) as pool:
             for index, chunk in enumerate(self.host):
-                slot = self._slots[index % 2]
+                slot = self._slots[index % len(self._slots)]
                 features, labels, clean = slot.upload(
                     (chunk.features, chunk.labels, chunk.clean_labels), pool, self.copy_stream)
                 self.compute_stream.wait_event(slot.copied)
