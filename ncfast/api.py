@@ -124,6 +124,12 @@ def finalize_pass1(class_sums, *, global_mean="classes", empty_classes="warn"):
                                         global_mean=global_mean)
     clean_geometry = None
     if class_sums.track_clean:
+        clean_classes = int((class_sums.clean_counts > 0).sum())
+        if clean_classes < 2:
+            raise ValueError(
+                f"the clean rows (label equal to clean label) cover {clean_classes} class(es); "
+                "memorization and dilation measure distances between clean class means, so "
+                "at least 2 classes need clean rows: check that clean_labels are the true labels")
         clean_geometry = Geometry.from_class_sums(
             class_sums.clean_counts, class_sums.clean_sums, global_mean=global_mean)
     return geometry, clean_geometry

@@ -265,14 +265,17 @@ def noise_metrics(main_stats, clean_geometry, clean_stats, corrupted_stats, *, p
     """
     scale = _mean_pair_distance(clean_geometry, tile)
     result = dict.fromkeys(("memorization", "memorization_raw", "noise_fit"))
+    if main_stats.corrupted_rows > 0:
+        result["noise_fit"] = main_stats.corrupted_fits / main_stats.corrupted_rows
     if corrupted_stats.num_rows > 0:
         memorization_raw = corrupted_stats.norm_sums.sum() / corrupted_stats.num_rows
         result["memorization_raw"] = float(memorization_raw)
         result["memorization"] = float(memorization_raw / scale)
-        result["noise_fit"] = main_stats.corrupted_fits / main_stats.corrupted_rows
     measured = clean_stats.counts > 0
     counts = clean_stats.counts[measured]
     mean_distances = clean_stats.norm_sums[measured] / counts
+    # var(d) = E[d^2] - E[d]^2 keeps the state additive; its absolute error is
+    # about sqrt(eps) times the mean distance (README, "Metrics").
     distance_variances = clean_stats.sq_norm_sums[measured] / counts - mean_distances ** 2
     result["dilation"] = float(np.mean(np.sqrt(np.maximum(distance_variances, 0.0))) / scale)
     nc1_clean, nc1_trace_clean, _ = within_class_nc1(clean_geometry, clean_stats, pinv_rtol)
