@@ -151,6 +151,10 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
     for path in map(os.fspath, paths):
         try:
             if os.path.isdir(path):
+                given = [name for name, value in extras.items() if value is not None]
+                if given:
+                    raise ValueError(f"{path}: a run folder has its own labels and classifier; "
+                                     f"--{given[0].replace('_', '-')} applies to feature files")
                 run = open_run(path)
                 manifest_time = os.stat(os.path.join(path, MANIFEST)).st_mtime_ns
                 checkpoints.extend(
@@ -426,7 +430,7 @@ def _feature_bytes(checkpoint, layers):
     """Bytes of features the two passes over a checkpoint read."""
     return 2 * sum(features.nbytes for split in checkpoint.arrays.splits.values()
                    for layer, features in split.features.items()
-                   if layers is None or layer in layers)
+                   if (layers is None or layer in layers) and features.is_float)
 
 
 def _one_line(error):

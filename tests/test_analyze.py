@@ -82,10 +82,12 @@ def test_every_checkpoint_split_and_layer_matches_direct_collapse(written_run):
     analysis = analyze([path], use_cache=False, progress=False, chunk_size=64)
     assert analysis.failures == []
     assert len(analysis.rows) == len(EPOCHS) * 2 * len(LAYERS)
+    expected = {}
     for row in analysis.rows:
-        splits, weights, bias = data[row["epoch"]]
-        expected = _expected_reports(splits, weights, bias, row["layer"])[row["split"]]
-        _assert_row_matches(row, expected)
+        group = (row["epoch"], row["layer"])
+        if group not in expected:
+            expected[group] = _expected_reports(*data[row["epoch"]], row["layer"])
+        _assert_row_matches(row, expected[group][row["split"]])
         assert row["measured_against"] == "train"
         assert (row["accuracy"] is not None) == (row["layer"] == "penultimate")
         assert (row["memorization"] is not None) == (row["split"] == "train")
@@ -245,6 +247,10 @@ def test_cli_one_line_errors_for_bad_arguments(tmp_path, capsys):
     assert "nothing.npy: no such file" in capsys.readouterr().out
     assert main(["analyze", str(tmp_path), "--metrics", "nc9", "--no-progress"]) == 1
     assert "unknown metric(s) nc9" in capsys.readouterr().out
+    RunWriter(tmp_path / "run", config={}, num_classes=CLASSES)
+    assert main(["analyze", str(tmp_path / "run"), "--labels", "labels.npy",
+                 "--no-progress"]) == 1
+    assert "--labels applies to feature files" in capsys.readouterr().out
 
 
 def _shards(case, count):
