@@ -42,7 +42,7 @@ from ncfast.api import collapse
 from ncfast.dumps import MANIFEST, open_run, write_atomically, write_json_atomically
 from ncfast.geometry import PINV_RTOL
 from ncfast.inputs import check_chunk_size
-from ncfast.readers import file_layout, file_sha256, read_file
+from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
 from ncfast.report import METRICS
 
 #: Bumped when measurement changes so that cached rows are recomputed.
@@ -73,7 +73,7 @@ class Checkpoint:
     """
 
     source: str
-    arrays: object
+    arrays: CheckpointArrays
     cache_path: str
     manifest_time_ns: int | None = None
 
@@ -309,10 +309,6 @@ def _num_classes(checkpoint):
     return top + 1
 
 
-def _settings_key(**settings):
-    return {"cache_version": CACHE_VERSION, **settings}
-
-
 def _load_cache(path):
     try:
         with open(path, encoding="utf-8") as stream:
@@ -399,7 +395,8 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
     checkpoints, failures = discover(paths, labels=labels, clean_labels=clean_labels,
                                      weights=weights, bias=bias)
     analysis = Analysis(failures=failures)
-    settings = _settings_key(global_mean=global_mean, pinv_rtol=pinv_rtol)
+    settings = {"cache_version": CACHE_VERSION, "global_mean": global_mean,
+                "pinv_rtol": pinv_rtol}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:

@@ -247,16 +247,10 @@ def open_npy_rows(path):
     return _MappedRows(path, *_npy_layout(path))
 
 
-def npy_blocks(path):
-    """A ``.npy`` file as a ``StoredArray`` read in row blocks."""
-    path = os.fspath(path)
-    dtype, shape, offset = _npy_layout(path)
-    return StoredArray(path, None, shape, str(dtype),
-                       _bind(_MappedRows, path, dtype, shape, offset))
-
-
 def _read_npy(path):
-    return {None: npy_blocks(path)}
+    dtype, shape, offset = _npy_layout(path)
+    return {None: StoredArray(path, None, shape, str(dtype),
+                              _bind(_MappedRows, path, dtype, shape, offset))}
 
 
 def _read_npz(path):
@@ -282,7 +276,7 @@ def _read_npz(path):
                 offset = _member_data_offset(path, info) + header_bytes
                 opener = _bind(_MappedRows, path, dtype, shape, offset)
             else:
-                opener = _deflated_opener(path, info.filename, dtype, shape, header_bytes)
+                opener = _bind(_SequentialRows, path, info.filename, dtype, shape, header_bytes)
             arrays[key] = StoredArray(path, key, tuple(shape), str(dtype), opener)
     return arrays
 
@@ -342,10 +336,6 @@ class _SequentialRows:
             self.stream.close()
             self.archive.close()
         self.archive = self.stream = None
-
-
-def _deflated_opener(path, member, dtype, shape, header_bytes):
-    return lambda: _SequentialRows(path, member, dtype, tuple(shape), header_bytes)
 
 
 class _SafetensorsRows:
