@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ncfast.accumulators import ClassSums
+from ncfast.accumulators import ClassSums, _check_classifier
 from ncfast.api import (EMPTY_CLASS_POLICIES, ResidualPass, _geometry_from_given_means,
                         finalize_pass1)
-from ncfast.geometry import PINV_RTOL
+from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL
 from ncfast.inputs import ArraySource
 
 
@@ -67,6 +67,8 @@ class DistributedCollapse:
         if empty_classes not in EMPTY_CLASS_POLICIES:
             raise ValueError(
                 f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+        if global_mean not in GLOBAL_MEANS:
+            raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
         if label_noise and means is not None:
             raise ValueError(
                 "label_noise needs the clean-row means of these features, so it cannot be "
@@ -77,7 +79,8 @@ class DistributedCollapse:
         self.empty_classes = empty_classes
         self.pinv_rtol = pinv_rtol
         self.group = group
-        self._classifier = (weights, bias)
+        # Checked now rather than after pass 1; float64 numpy copies.
+        self._classifier = _check_classifier(weights, bias, num_classes, num_features)
         self._report = None
         if means is None:
             self.class_sums = ClassSums(num_classes, num_features, track_clean=label_noise)
@@ -89,7 +92,8 @@ class DistributedCollapse:
                 raise ValueError(
                     f"means has {geometry.num_features} features per class, not "
                     f"num_features={num_features}; pass the means of the same layer")
-            self.residual_pass = ResidualPass(geometry, weights=weights, bias=bias)
+            self.residual_pass = ResidualPass(geometry, weights=self._classifier[0],
+                                              bias=self._classifier[1])
 
     def update_pass1(self, features, labels, clean_labels=None):
         """Add a local batch to pass 1 (class counts and sums).

@@ -112,6 +112,8 @@ def test_ranks_equal_single_process(rank_reports, name, assert_same_report):
 
 
 def test_misuse_is_refused_before_any_communication():
+    with pytest.raises(ValueError, match=r"weights has shape \(4, 3\)"):
+        DistributedCollapse(3, 4, weights=torch.zeros(4, 3))
     analysis = DistributedCollapse(3, 4)
     with pytest.raises(RuntimeError, match="finalize_pass1"):
         analysis.update_pass2(torch.zeros(2, 4), torch.tensor([0, 1]))
