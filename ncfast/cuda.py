@@ -28,8 +28,9 @@ from ncfast.api import (ResidualPass, _chunks_carry_clean_labels, _geometry_from
                         _num_features, _resolve_num_classes, finalize_pass1)
 from ncfast.geometry import PINV_RTOL
 from ncfast.kernels.cpu import NO_ROW
-from ncfast.inputs import (Chunk, as_source, check_chunk_size, check_features, check_labels,
-                           to_kernel_features, to_kernel_labels)
+from ncfast.inputs import (KERNEL_DTYPES, Chunk, _is_torch_tensor, as_source,
+                           check_chunk_size, check_features, check_labels, to_kernel_features,
+                           to_kernel_labels)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -200,11 +201,20 @@ class ResidentSource:
         return to_kernel_features(features), self.labels[row:row + 1].get(), clean
 
 
-def _page_locked(array):
-    """Whether a host array lives in page-locked memory, which the GPU copies from directly."""
+def _page_locked(features):
+    """Whether host features (numpy array or torch CPU tensor) are float32/float64 rows in
+    page-locked memory, which the GPU copies from where they are (other dtypes are
+    converted per chunk into ordinary memory). Asked once per input: the query is slow
+    on ordinary memory."""
+    if _is_torch_tensor(features):
+        torch = sys.modules["torch"]
+        return features.dtype in (torch.float32, torch.float64) and features.is_pinned()
+    if not isinstance(features, np.ndarray) or features.dtype not in KERNEL_DTYPES or \
+            features.size == 0:
+        return False
     runtime = sys.modules["cupy"].cuda.runtime
     try:
-        attributes = runtime.pointerGetAttributes(array.ctypes.data)
+        attributes = runtime.pointerGetAttributes(features.ctypes.data)
     except runtime.CUDARuntimeError:
         return False
     return attributes.type == _CUDA_MEMORY_TYPE_HOST
@@ -241,10 +251,10 @@ class _StagingSlot:
         # Fresh device memory may come from buffers that queued kernels still read.
         self.consumed.record()
 
-    def upload(self, arrays, pool, copy_stream):
+    def upload(self, arrays, page_locked, pool, copy_stream):
         """Copy host arrays (None entries pass through) to the device on ``copy_stream``;
-        return their device views. Arrays in page-locked memory are copied from where
-        they are; the others are first staged into the pinned buffer."""
+        return their device views. Arrays flagged in ``page_locked`` are copied from
+        where they are; the others are first staged into the pinned buffer."""
         cupy = self.cupy
         runtime = cupy.cuda.runtime
         starts, end = [], 0
@@ -256,13 +266,13 @@ class _StagingSlot:
         self._reserve(max(end, 1))
         copy_stream.wait_event(self.consumed)
         device_views = []
-        for array, start in zip(arrays, starts):
+        for array, locked, start in zip(arrays, page_locked, starts):
             if array is None:
                 device_views.append(None)
                 continue
             window = slice(start, start + array.nbytes)
             host = array
-            if not _page_locked(array):
+            if not locked:
                 host = self.pinned[window].view(array.dtype).reshape(array.shape)
                 _parallel_copy(host, array, pool)
             runtime.memcpyAsync(self.device.data.ptr + start, host.ctypes.data, array.nbytes,
@@ -288,6 +298,8 @@ class StreamedSource:
     def __init__(self, features, labels, clean_labels=None, *, chunk_size=None):
         cupy = sys.modules["cupy"]
         self.host = as_source(features, labels, clean_labels, chunk_size=chunk_size)
+        # Rows of an array in page-locked memory are copied in place, chunk by chunk.
+        self.page_locked = (_page_locked(getattr(self.host, "features", None)), False, False)
         if chunk_size is None:
             self.host.chunk_size = _rows_for(STREAM_CHUNK_BYTES, 4 * _num_features(self.host))
         self.device = cupy.cuda.Device()
@@ -306,7 +318,8 @@ class StreamedSource:
             for index, chunk in enumerate(self.host):
                 slot = self._slots[index % len(self._slots)]
                 features, labels, clean = slot.upload(
-                    (chunk.features, chunk.labels, chunk.clean_labels), pool, self.copy_stream)
+                    (chunk.features, chunk.labels, chunk.clean_labels), self.page_locked, pool,
+                    self.copy_stream)
                 self.compute_stream.wait_event(slot.copied)
                 yield Chunk(features, labels, clean, chunk.offset)
                 slot.consumed.record(self.compute_stream)
