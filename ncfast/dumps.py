@@ -42,6 +42,8 @@ into place; the manifest is rewritten the same way only after all files of a
 checkpoint are in place. A writer interrupted at any point leaves the
 previous manifest, which lists only complete checkpoints, so a reader never
 sees a checkpoint that is partly written; rerunning the writer rewrites it.
+Readers may open the folder while it grows; one process writes a run folder at
+a time.
 """
 import json
 import os

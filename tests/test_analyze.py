@@ -135,7 +135,7 @@ def test_cache_measures_only_new_or_changed_checkpoints(tmp_path):
         splits, weights, bias = _checkpoint(epoch)
         writer.write_checkpoint(epoch, splits, weights=weights, bias=bias,
                                 classifier_layer="penultimate")
-    first = analyze([path], progress=False)
+    first = analyze([path], progress=True)  # the progress bar goes to stderr
     assert (first.measured, first.cached) == (4, 0)
     again = analyze([path], progress=False)
     assert (again.measured, again.cached) == (0, 4)
