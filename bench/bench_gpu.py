@@ -141,7 +141,7 @@ def stage_times(cupy, kernels, run):
     dict of str to float
         Seconds per launcher name.
     """
-    names = ("class_sums", "residuals", "matmul_f32", "epilogue", "add_gram")
+    names = ("label_codes", "class_sums", "residuals", "matmul_f32", "epilogue", "add_gram")
     originals = {name: getattr(kernels, name) for name in names}
     records = []
 

@@ -47,134 +47,124 @@ GRAM_BLOCKS = 64
 CUDA_SOURCE = r"""
 #define NCFAST_NO_INDEX 0x7fffffff
 #define NCFAST_ROWS_IN_FLIGHT 32
+#define NCFAST_CLEAN_BIT (1 << 30)  // in a pass-1 row code: the clean label agrees
 #define NCFAST_INFINITY __longlong_as_double(0x7ff0000000000000LL)  // NVRTC has no HUGE_VAL
+
+// Pass 1, first: one int32 code per row, the label with NCFAST_CLEAN_BIT set when
+// the clean label agrees (label-noise runs), or -1 for a label (or clean label)
+// outside [0, C); the first such row is recorded in bad_row. Each thread walks
+// its rows in increasing order, so its first bad row is its least.
+__global__ void ncfast_label_codes(
+        const long long* __restrict__ labels, const long long* __restrict__ clean_labels,
+        long long num_rows, int num_classes, long long row_offset, int* __restrict__ codes,
+        long long* bad_row) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    bool reported = false;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < num_rows;
+         i += stride) {
+        const long long label = labels[i];
+        const long long clean = clean_labels == nullptr ? label : clean_labels[i];
+        if (label < 0 || label >= num_classes || clean < 0 || clean >= num_classes) {
+            codes[i] = -1;
+            if (!reported) atomicMin(bad_row, row_offset + i);
+            reported = true;
+            continue;
+        }
+        codes[i] = (int)label | (clean_labels != nullptr && clean == label ? NCFAST_CLEAN_BIT : 0);
+    }
+}
 
 // Pass 1: per-class row counts and float64 row sums.
 //
 // Block (x, y) covers the columns [x * blockDim.x, (x + 1) * blockDim.x) of the
-// rows [y * rows_per_block, (y + 1) * rows_per_block), in batches of
-// NCFAST_ROWS_IN_FLIGHT rows: the first threads read and check the batch's labels
-// into shared memory (and count the rows, in the column-0 blocks) while every
-// thread loads its column of the batch, so that many loads are in flight. Each
-// thread owns one column and, when PRIVATE, its own column of the block's
-// C x blockDim.x sums in shared memory: no two threads touch the same sum, so
-// no atomics until the merge into global memory. Not PRIVATE (many classes):
-// the threads add into global memory with atomics. Rows with a label (or clean
-// label) outside [0, C) are skipped (ncfast_first_bad_label names them); NaN or
-// Inf values show in the sums. blockDim.x >= NCFAST_ROWS_IN_FLIGHT.
+// rows [y * rows_per_block, (y + 1) * rows_per_block). Each thread owns one
+// column and, when PRIVATE, its own column of the block's C x blockDim.x sums
+// in shared memory, so no two threads ever touch the same word: no atomics and
+// no barriers until the merge into global memory. Thread 0 of the column-0
+// blocks counts rows. Not PRIVATE (many classes): the thread adds into global
+// memory with atomics. Rows coded -1 (bad labels) are skipped; NaN or Inf
+// values show in the sums, so the loop carries no checks.
 template <typename T, bool PRIVATE, bool TRACK_CLEAN>
 __global__ void ncfast_class_sums(
         const T* __restrict__ features, long long num_rows, int num_features,
-        const long long* __restrict__ labels, const long long* __restrict__ clean_labels,
-        int num_classes, long long rows_per_block,
+        const int* __restrict__ codes, int num_classes, long long rows_per_block,
         unsigned long long* counts, double* sums,
         unsigned long long* clean_counts, double* clean_sums) {
     extern __shared__ double ncfast_shared[];
-    __shared__ int batch_labels[2][NCFAST_ROWS_IN_FLIGHT];  // -1: skipped row
-    __shared__ int batch_clean[2][NCFAST_ROWS_IN_FLIGHT];
     const int tile = blockDim.x;
     const int column = blockIdx.x * tile + threadIdx.x;
     const bool has_column = column < num_features;
-    const bool counts_rows = blockIdx.x == 0;
+    const bool counts_rows = blockIdx.x == 0 && threadIdx.x == 0;
     const long long private_size = (long long)num_classes * tile;
     double* tile_sums = ncfast_shared;
     double* tile_clean_sums = tile_sums + private_size;
     unsigned long long* tile_counts =
         (unsigned long long*)(tile_clean_sums + (TRACK_CLEAN ? private_size : 0));
     unsigned long long* tile_clean_counts = tile_counts + num_classes;
-    if (PRIVATE) {
-        for (int c = 0; c < num_classes; ++c) {
-            tile_sums[c * tile + threadIdx.x] = 0.0;
-            if (TRACK_CLEAN) tile_clean_sums[c * tile + threadIdx.x] = 0.0;
-        }
-        for (int c = threadIdx.x; c < num_classes; c += tile) {
+    for (int c = 0; PRIVATE && c < num_classes; ++c) {
+        tile_sums[c * tile + threadIdx.x] = 0.0;
+        if (TRACK_CLEAN) tile_clean_sums[c * tile + threadIdx.x] = 0.0;
+        if (counts_rows) {
             tile_counts[c] = 0;
             if (TRACK_CLEAN) tile_clean_counts[c] = 0;
         }
     }
-    unsigned long long* row_counts = PRIVATE ? tile_counts : counts;
-    unsigned long long* clean_row_counts = PRIVATE ? tile_clean_counts : clean_counts;
     const long long start = blockIdx.y * rows_per_block;
     const long long stop = start + rows_per_block < num_rows ? start + rows_per_block : num_rows;
     const T* column_values = features + (has_column ? column : 0);
-    int parity = 0;
-    __syncthreads();
-    for (long long base = start; base < stop; base += NCFAST_ROWS_IN_FLIGHT, parity ^= 1) {
+    for (long long base = start; base < stop; base += NCFAST_ROWS_IN_FLIGHT) {
         const int batch = stop - base < NCFAST_ROWS_IN_FLIGHT ? (int)(stop - base)
                                                                 : NCFAST_ROWS_IN_FLIGHT;
-        if (threadIdx.x < NCFAST_ROWS_IN_FLIGHT) {
-            int label = -1, clean = -1;
-            if (threadIdx.x < batch) {
-                const long long row_label = labels[base + threadIdx.x];
-                const long long row_clean = TRACK_CLEAN ? clean_labels[base + threadIdx.x]
-                                                        : row_label;
-                if (row_label >= 0 && row_label < num_classes && row_clean >= 0 &&
-                        row_clean < num_classes) {
-                    label = (int)row_label;
-                    clean = (int)row_clean;
-                }
-            }
-            batch_labels[parity][threadIdx.x] = label;
-            batch_clean[parity][threadIdx.x] = clean;
-            if (counts_rows && label >= 0) {
-                atomicAdd(row_counts + label, 1ULL);
-                if (TRACK_CLEAN && clean == label) atomicAdd(clean_row_counts + label, 1ULL);
-            }
-        }
+        // Every load of a batch of rows first, so that many are in flight at once.
         T values[NCFAST_ROWS_IN_FLIGHT];
-#pragma unroll
-        for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u)
-            values[u] = column_values[(base + (u < batch ? u : 0)) * num_features];
-        // One barrier a batch: the labels are double-buffered, so writing batch k + 1
-        // waits only for the reads of batch k - 1, which this barrier orders.
-        __syncthreads();
-        if (!has_column) continue;
+        int row_codes[NCFAST_ROWS_IN_FLIGHT];
 #pragma unroll
         for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u) {
-            const int label = batch_labels[parity][u];
-            if (label < 0) continue;
-            const double value = (double)values[u];
+            const long long row = base + (u < batch ? u : 0);
+            values[u] = column_values[row * num_features];
+            row_codes[u] = u < batch ? codes[row] : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < NCFAST_ROWS_IN_FLIGHT; ++u) {
+            const int code = row_codes[u];
+            if (code < 0) continue;
+            const int label = code & (NCFAST_CLEAN_BIT - 1);
+            const bool is_clean = TRACK_CLEAN && (code & NCFAST_CLEAN_BIT);
+            const double value = has_column ? (double)values[u] : 0.0;
             if (PRIVATE) {
                 tile_sums[label * tile + threadIdx.x] += value;
-                if (TRACK_CLEAN && batch_clean[parity][u] == label)
-                    tile_clean_sums[label * tile + threadIdx.x] += value;
+                if (is_clean) tile_clean_sums[label * tile + threadIdx.x] += value;
+                if (counts_rows) {
+                    tile_counts[label] += 1;
+                    if (is_clean) tile_clean_counts[label] += 1;
+                }
             } else {
-                atomicAdd(sums + (long long)label * num_features + column, value);
-                if (TRACK_CLEAN && batch_clean[parity][u] == label)
-                    atomicAdd(clean_sums + (long long)label * num_features + column, value);
+                if (has_column) {
+                    atomicAdd(sums + (long long)label * num_features + column, value);
+                    if (is_clean)
+                        atomicAdd(clean_sums + (long long)label * num_features + column, value);
+                }
+                if (counts_rows) {
+                    atomicAdd(counts + label, 1ULL);
+                    if (is_clean) atomicAdd(clean_counts + label, 1ULL);
+                }
             }
         }
     }
-    if (!PRIVATE) return;
-    __syncthreads();
-    for (int c = 0; c < num_classes && has_column; ++c) {
-        const double value = tile_sums[c * tile + threadIdx.x];
-        if (value != 0.0) atomicAdd(sums + (long long)c * num_features + column, value);
-        if (TRACK_CLEAN) {
-            const double clean_value = tile_clean_sums[c * tile + threadIdx.x];
-            if (clean_value != 0.0)
-                atomicAdd(clean_sums + (long long)c * num_features + column, clean_value);
+    // Each thread merges its own column (and thread 0 the counts): no barrier needed.
+    for (int c = 0; PRIVATE && c < num_classes; ++c) {
+        if (has_column) {
+            const double value = tile_sums[c * tile + threadIdx.x];
+            if (value != 0.0) atomicAdd(sums + (long long)c * num_features + column, value);
+            if (TRACK_CLEAN) {
+                const double clean_value = tile_clean_sums[c * tile + threadIdx.x];
+                if (clean_value != 0.0)
+                    atomicAdd(clean_sums + (long long)c * num_features + column, clean_value);
+            }
         }
-    }
-    for (int c = threadIdx.x; counts_rows && c < num_classes; c += tile) {
-        if (tile_counts[c]) atomicAdd(counts + c, tile_counts[c]);
-        if (TRACK_CLEAN && tile_clean_counts[c]) atomicAdd(clean_counts + c, tile_clean_counts[c]);
-    }
-}
-
-// Pass 1 check: the first row whose label (or clean label) is outside [0, C).
-// Each thread walks its rows in increasing order, so its first hit is its least.
-__global__ void ncfast_first_bad_label(
-        const long long* __restrict__ labels, const long long* __restrict__ clean_labels,
-        long long num_rows, int num_classes, long long row_offset, long long* bad_row) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < num_rows;
-         i += stride) {
-        const long long label = labels[i];
-        const long long clean = clean_labels == nullptr ? label : clean_labels[i];
-        if (label < 0 || label >= num_classes || clean < 0 || clean >= num_classes) {
-            atomicMin(bad_row, row_offset + i);
-            return;
+        if (counts_rows) {
+            if (tile_counts[c]) atomicAdd(counts + c, tile_counts[c]);
+            if (TRACK_CLEAN && tile_clean_counts[c]) atomicAdd(clean_counts + c, tile_clean_counts[c]);
         }
     }
 }
@@ -390,7 +380,7 @@ __global__ void ncfast_epilogue(
 NAME_EXPRESSIONS = tuple(
     [f"ncfast_class_sums<{t}, {p}, {c}>" for t in ("float", "double")
      for p in ("true", "false") for c in ("true", "false")]
-    + ["ncfast_first_bad_label"]
+    + ["ncfast_label_codes"]
     + [f"ncfast_residuals<{t}>" for t in ("float", "double")]
     + [f"ncfast_epilogue<{p}>" for p in ("true", "false")]
 )
@@ -437,33 +427,56 @@ def _row_grid(num_rows):
     return max(1, min(-(-num_rows // warps_per_block), 8 * _multiprocessors()))
 
 
+def label_codes(labels, clean_labels, num_classes, row_offset, out_codes, bad_row):
+    """Pass-1 row codes: the label, flagged when the clean label agrees; -1 for a bad row.
+
+    Parameters
+    ----------
+    labels : cupy int64 array of shape (n,)
+    clean_labels : cupy int64 array of shape (n,), or None
+    num_classes : int
+        C, below 2**30.
+    row_offset : int
+        Global index of the chunk's first row.
+    out_codes : cupy int32 array of shape (n,), written
+    bad_row : cupy int64 array of shape (1,), updated with ``min``: the first row
+        whose label or clean label is outside ``[0, C)``.
+    """
+    num_rows = labels.shape[0]
+    if num_rows == 0:
+        return
+    _kernel("ncfast_label_codes", 0)(
+        (min(-(-num_rows // THREADS_PER_BLOCK), 8 * _multiprocessors()),), (THREADS_PER_BLOCK,),
+        (labels, _pointer(clean_labels), np.int64(num_rows), np.int32(num_classes),
+         np.int64(row_offset), out_codes, bad_row))
+
+
 def _class_sums_shared_bytes(num_classes, columns, copies):
     """Private pass-1 state of a block: C x columns sums and C counts, per copy."""
     return copies * 8 * num_classes * (columns + 1)
 
 
-def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean_sums):
+def class_sums(features, codes, counts, sums, clean_counts, clean_sums):
     """Add per-class counts and float64 sums of one chunk (pass 1).
 
-    Rows with a label (or clean label) outside ``[0, C)`` are skipped (see
-    ``first_bad_label``); a NaN or Inf value makes its class's sums non-finite.
+    Rows coded -1 are skipped; a NaN or Inf value makes its class's sums
+    non-finite.
 
     Parameters
     ----------
     features : cupy float32 or float64 array of shape (n, D), C-contiguous
-    labels : cupy int64 array of shape (n,)
-    clean_labels : cupy int64 array of shape (n,), or None
-        When given, rows whose label equals their clean label are also added
-        to ``clean_counts`` and ``clean_sums``.
+    codes : cupy int32 array of shape (n,), from ``label_codes``
     counts : cupy uint64 array of shape (C,), updated
     sums : cupy float64 array of shape (C, D), updated
-    clean_counts, clean_sums : same shapes, updated (None without clean labels)
+    clean_counts, clean_sums : same shapes, or None; when given, the rows whose
+        clean label agrees are added there too
     """
     num_rows, num_features = features.shape
     if num_rows == 0:
         return
     num_classes = counts.shape[0]
-    copies = 1 if clean_labels is None else 2
+    track_clean = clean_counts is not None
+    copies = 2 if track_clean else 1
     columns = CLASS_SUM_COLUMNS
     while columns > 32 and _class_sums_shared_bytes(num_classes, columns, copies) > \
             SHARED_STATE_BYTES:
@@ -478,34 +491,12 @@ def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean
     rows_per_block = -(-num_rows // row_blocks)
     row_blocks = -(-num_rows // rows_per_block)
     name = (f"ncfast_class_sums<{_CTYPES[features.dtype]}, {str(private).lower()}, "
-            f"{str(clean_labels is not None).lower()}>")
+            f"{str(track_clean).lower()}>")
     _kernel(name, shared_bytes)(
         (column_tiles, row_blocks), (columns,),
-        (features, np.int64(num_rows), np.int32(num_features), labels, _pointer(clean_labels),
-         np.int32(num_classes), np.int64(rows_per_block), counts, sums, _pointer(clean_counts),
-         _pointer(clean_sums)),
+        (features, np.int64(num_rows), np.int32(num_features), codes, np.int32(num_classes),
+         np.int64(rows_per_block), counts, sums, _pointer(clean_counts), _pointer(clean_sums)),
         shared_mem=shared_bytes)
-
-
-def first_bad_label(labels, clean_labels, num_classes, row_offset, bad_row):
-    """Record the first row whose label or clean label is outside ``[0, C)``.
-
-    Parameters
-    ----------
-    labels : cupy int64 array of shape (n,)
-    clean_labels : cupy int64 array of shape (n,), or None
-    num_classes : int
-    row_offset : int
-        Global index of the chunk's first row.
-    bad_row : cupy int64 array of shape (1,), updated with ``min``
-    """
-    num_rows = labels.shape[0]
-    if num_rows == 0:
-        return
-    _kernel("ncfast_first_bad_label", 0)(
-        (min(-(-num_rows // THREADS_PER_BLOCK), 8 * _multiprocessors()),), (THREADS_PER_BLOCK,),
-        (labels, _pointer(clean_labels), np.int64(num_rows), np.int32(num_classes),
-         np.int64(row_offset), bad_row))
 
 
 def residuals(features, labels, include, label_rows, means, row_offset, out_residuals,

@@ -368,10 +368,11 @@ class DeviceClassSums:
 
     def update(self, chunk):
         """Add one device ``Chunk`` (clean labels exactly when tracking clean rows)."""
-        self._kernels.class_sums(chunk.features, chunk.labels, chunk.clean_labels, self.counts,
-                                 self.sums, self.clean_counts, self.clean_sums)
-        self._kernels.first_bad_label(chunk.labels, chunk.clean_labels, self.num_classes,
-                                      chunk.offset, self.bad_label_row)
+        codes = self._kernels.cupy.empty(chunk.labels.shape, self._kernels.cupy.int32)
+        self._kernels.label_codes(chunk.labels, chunk.clean_labels, self.num_classes,
+                                  chunk.offset, codes, self.bad_label_row)
+        self._kernels.class_sums(chunk.features, codes, self.counts, self.sums,
+                                 self.clean_counts, self.clean_sums)
         return self
 
     def to_host(self, source):
