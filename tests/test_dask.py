@@ -171,3 +171,32 @@ def test_import_ncfast_needs_neither_dask_nor_torch():
     code = ("import sys, ncfast; ncfast.collapse([[0.0], [1.0]], [0, 1]); "
             "assert not {'dask', 'distributed', 'torch'} & set(sys.modules), sys.modules.keys()")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_zarr_hdf5_and_npy_inputs(tmp_path, assert_same_report):
+    """The stores the issue names, read block by block through Dask."""
+    zarr = pytest.importorskip("zarr")
+    h5py = pytest.importorskip("h5py")
+    case = gaussian_classes(num_rows=2000, num_features=12, num_classes=4)
+    features, labels = case["features"], case["labels"]
+    expected = single_process_report(case)
+    stored = zarr.create_array(str(tmp_path / "features.zarr"), shape=features.shape,
+                               chunks=(400, 12), dtype="float32")
+    stored[:] = features
+    with h5py.File(tmp_path / "features.h5", "w") as handle:
+        handle["features"] = features
+    for part, start in enumerate(range(0, 2000, 800)):
+        np.save(tmp_path / f"part{part}.npy", features[start:start + 800])
+    with h5py.File(tmp_path / "features.h5", "r") as handle:
+        inputs = {
+            "zarr": da.from_zarr(str(tmp_path / "features.zarr")),
+            "hdf5": da.from_array(handle["features"], chunks=(480, 12)),
+            "npy": da.concatenate([da.from_array(np.load(tmp_path / f"part{part}.npy",
+                                                         mmap_mode="r"), chunks=(320, 12))
+                                   for part in range(3)]),
+        }
+        for name, array in inputs.items():
+            report = ncfast.dask.collapse(array, labels, weights=case["weights"],
+                                          bias=case["bias"], chunk_size=CHUNK_SIZE,
+                                          scheduler="threads")
+            assert_same_report(report, expected)
