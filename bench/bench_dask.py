@@ -188,9 +188,10 @@ def main(argv=None):
     try:
         start = time.perf_counter()
         write_zarr(folder, num_rows)
-        print(f"wrote {num_rows:,} x {NUM_FEATURES} float32 ({num_rows * NUM_FEATURES * 4 / 1e9:.2f}"
-              f" GB), {NUM_CLASSES} classes, blocks of {BLOCK_ROWS:,} rows, in "
-              f"{time.perf_counter() - start:.0f} s; read once in {read_once(folder):.1f} s")
+        gigabytes = num_rows * NUM_FEATURES * 4 / 1e9
+        print(f"wrote {num_rows:,} x {NUM_FEATURES} float32 ({gigabytes:.2f} GB), {NUM_CLASSES} "
+              f"classes, blocks of {BLOCK_ROWS:,} rows, in {time.perf_counter() - start:.0f} s; "
+              f"read once in {read_once(folder):.1f} s")
         singles = {"one process, 2 kernel threads": run_single_process(folder, {}),
                    "one process, 1 kernel thread": run_single_process(folder, ONE_THREAD)}
         spread = run_dask(folder)

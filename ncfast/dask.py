@@ -147,7 +147,7 @@ def _aligned_blocks(features, labels, clean_labels):
 
 
 def _row_blocks(features, labels, clean_labels):
-    """One ``(features, labels, clean_labels, row_offset)`` tuple of delayed blocks per row block."""
+    """Per row block, ``(features, labels, clean_labels, row_offset)``: delayed blocks."""
     offsets = np.concatenate([[0], np.cumsum(features.chunks[0][:-1])]).astype(int)
     feature_blocks = features.to_delayed().ravel()
     label_blocks = labels.to_delayed().ravel()
