@@ -167,9 +167,9 @@ def read_file(path):
     reader = _READERS[FORMATS[suffix]]
     try:
         return reader(path)
-    except ValueError:
-        raise
     except Exception as error:  # third-party loaders raise their own types on corrupt files
+        if isinstance(error, ValueError) and path in str(error):
+            raise  # already names the file
         raise ValueError(
             f"{path}: not a readable {FORMATS[suffix]} file ({type(error).__name__}: {error}); "
             "it may be truncated or corrupt: re-save it") from None
