@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -195,7 +196,7 @@ def test_a_bad_file_is_reported_by_name_and_the_others_are_kept(tmp_path, break_
     assert [row["epoch"] for row in analysis.rows] == [1, 3]
     (failure,) = analysis.failures
     assert str(bad) in failure.reason or str(bad) in failure.name
-    assert __import__("re").search(message, failure.reason), failure.reason
+    assert re.search(message, failure.reason), failure.reason
     code = main(["analyze", str(good[0]), str(bad), str(good[1]), "--out",
                  str(tmp_path / "out"), "--no-progress", "--no-plots"])
     assert code == 1
@@ -311,3 +312,20 @@ def test_states_round_trip_and_refuse_other_means(tmp_path):
         stream.truncate(500)
     with pytest.raises(ValueError, match="pass2.safetensors: not a readable state file"):
         load_state(tmp_path / "pass2.safetensors")
+
+
+@pytest.mark.parametrize("relative, replacement, message", [
+    ("train/labels.npy", np.zeros(399, np.int64), r"int64 array of shape \(399,\), but the "
+                                                  r"manifest says int64 \(400,\)"),
+    ("test/features/linear1.npy", np.zeros((200, 9), np.int32), "int32 array of shape"),
+])
+def test_run_files_replaced_after_writing_are_named(tmp_path, relative, replacement, message):
+    path = _run_with_three_checkpoints(tmp_path)
+    replaced = path / "checkpoints/epoch_000002" / relative
+    np.save(replaced, replacement)
+    analysis = analyze([path], progress=False, use_cache=False)
+    (failure,) = analysis.failures
+    assert failure.name == f"{path} epoch 2"
+    assert str(replaced) in failure.reason
+    assert re.search(message, failure.reason), failure.reason
+    assert {row["epoch"] for row in analysis.rows} == {1, 3}
