@@ -154,7 +154,7 @@ def run_dask(folder):
     features = da.from_zarr(os.path.join(folder, "features.zarr"))
     labels = da.from_zarr(os.path.join(folder, "labels.zarr"))
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, env=ONE_THREAD) as cluster, \
+                                  dashboard_address=":0", env=ONE_THREAD) as cluster, \
             distributed.Client(cluster) as client:
         client.run(warm_kernels)
         client.run(reset_peak_memory)

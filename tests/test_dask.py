@@ -61,7 +61,7 @@ def client():
     # Functions defined here run on the workers: ship them by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as cluster_client:
         yield cluster_client
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
