@@ -9,9 +9,10 @@ for sm_90 without importing this module.
 Each launcher adds one chunk's contribution into caller-owned device
 accumulators, asynchronously on the current CuPy stream: nothing here waits
 for the device. Like the Numba kernels (``ncfast.kernels.cpu``), kernels never
-raise: the first bad row (label outside ``[0, C)``, a class without a mean,
-a NaN or Inf) is recorded by global row index with ``atomicMin`` so that the
-host can name it after the pass.
+raise: the first bad row is recorded by global row index with ``atomicMin``
+(pass 1: a label outside ``[0, C)``; pass 2: a label without a mean, a NaN or
+an Inf) so that the host can name it after the pass. Pass 1 carries no value
+check: a NaN or Inf shows in the sums, and the host then scans for its row.
 
 Launch shapes are module attributes so that tests can shrink them and run
 the multi-block paths on tiny inputs: ``THREADS_PER_BLOCK`` (a multiple of 32;
@@ -164,7 +165,8 @@ __global__ void ncfast_class_sums(
         }
         if (counts_rows) {
             if (tile_counts[c]) atomicAdd(counts + c, tile_counts[c]);
-            if (TRACK_CLEAN && tile_clean_counts[c]) atomicAdd(clean_counts + c, tile_clean_counts[c]);
+            if (TRACK_CLEAN && tile_clean_counts[c])
+                atomicAdd(clean_counts + c, tile_clean_counts[c]);
         }
     }
 }

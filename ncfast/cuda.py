@@ -5,9 +5,9 @@ already on a GPU (CuPy arrays; torch CUDA tensors through DLPack, no copy)
 are read in place. Host arrays, memmaps, ``.npy`` paths and chunk sources are
 streamed through pinned buffers on two streams: while the kernels of one chunk
 run on the compute stream, the next chunks are staged into the other buffers
-and copied on a copy stream, so inputs larger than GPU memory work. Host arrays already
-in page-locked memory (``torch.Tensor.pin_memory()``, CuPy's pinned
-allocations) are copied from where they are, skipping the staging copy.
+and copied on a copy stream, so inputs larger than GPU memory work. Host
+arrays already in page-locked memory (``torch.Tensor.pin_memory()``, CuPy's
+pinned allocations) are copied from where they are, skipping the staging copy.
 
 The accumulators stay on the device in float64; the host waits once per pass
 (``# synchronize!``) to add them into the same ``ClassSums`` and

@@ -3,7 +3,9 @@
 The source and its instantiations are read out of ``kernels/cuda.py`` with
 ``ast`` (importing it would import CuPy); each instantiation is referenced
 from a table so that nvcc compiles it. Warnings are errors. Skipped only when
-nvcc is absent.
+nvcc is absent. At run time CuPy compiles the same text with NVRTC, which
+lacks the host headers nvcc includes (no ``HUGE_VAL``, say): the GPU tests
+(tests/test_cuda.py) cover that compile.
 """
 import ast
 import pathlib
