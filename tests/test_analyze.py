@@ -16,7 +16,7 @@ from ncfast.api import ResidualPass, finalize_pass1
 from ncfast.cli import main
 from ncfast.dumps import RunWriter
 from ncfast.inputs import as_source
-from ncfast.states import load_state, merge_states, save_state
+from ncfast.states import load_state, merge_states, report_of, save_state
 
 CLASSES, EPOCHS, LAYERS = 4, (1, 10, 100), ("penultimate", "linear1")
 RTOL = 1e-9
@@ -289,7 +289,7 @@ def test_merge_of_saved_partial_states_equals_one_analysis(tmp_path, capsys):
     assert "cannot merge with" in capsys.readouterr().out
 
 
-def test_states_round_trip_and_refuse_other_means(tmp_path):
+def test_states_round_trip_and_refuse_other_means(tmp_path, assert_same_report):
     case = gaussian_classes(200, 6, 3, seed=2)
     sums = ClassSums(3, 6).update(case["features"], case["labels"])
     save_state(tmp_path / "sums.safetensors", sums)
@@ -299,7 +299,11 @@ def test_states_round_trip_and_refuse_other_means(tmp_path):
     for chunk in as_source(case["features"], case["labels"]):
         state.update(chunk)
     save_state(tmp_path / "pass2.safetensors", state.stats)
-    assert load_state(tmp_path / "pass2.safetensors") == state.stats
+    loaded = load_state(tmp_path / "pass2.safetensors")
+    assert loaded == state.stats
+    assert_same_report(report_of(loaded), collapse(case["features"], case["labels"],
+                                                   weights=case["weights"],
+                                                   global_mean="samples"))
     other_geometry, _ = finalize_pass1(ClassSums(3, 6).update(case["features"][::2],
                                                               case["labels"][::2]))
     save_state(tmp_path / "other.safetensors", ResidualPass(other_geometry).stats)
