@@ -1,0 +1,229 @@
+"""Datasets for the harness: MNIST-1D, scikit-learn digits, a Gaussian mixture, a user ``.npz``.
+
+Every loader returns a :class:`Dataset` of float32 inputs and int64 labels,
+split into train and test, built from numpy only (torch is not needed here).
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Names accepted by :func:`load_dataset`.
+DATASETS = ("mnist1d", "digits", "gaussian", "npz")
+
+#: Datasets each option applies to.
+OPTION_DATASETS = {"num_samples": ("mnist1d", "gaussian"), "num_features": ("gaussian",),
+                   "num_classes": ("gaussian",), "class_counts": ("gaussian",),
+                   "path": ("npz",)}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test inputs with their labels.
+
+    Attributes
+    ----------
+    x_train : float32 array of shape (n_train, *input_shape)
+    y_train : int64 array of shape (n_train,)
+    x_test : float32 array of shape (n_test, *input_shape)
+    y_test : int64 array of shape (n_test,)
+    num_classes : int
+    name : str
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    name: str
+
+    @property
+    def input_shape(self):
+        """Shape of one input row, e.g. ``(40,)`` for MNIST-1D."""
+        return self.x_train.shape[1:]
+
+
+def load_dataset(name, *, num_samples=None, num_features=None, num_classes=None,
+                 class_counts=None, path=None, test_fraction=0.2, seed=0):
+    """Build or load one dataset by name.
+
+    Parameters
+    ----------
+    name : {"mnist1d", "digits", "gaussian", "npz"}
+    num_samples : int, optional
+        MNIST-1D: samples generated before the split (default 5000, the
+        package's own). Gaussian: training rows when ``class_counts`` is not
+        given (default 1000).
+    num_features : int, optional
+        Gaussian: input dimension (default 32).
+    num_classes : int, optional
+        Gaussian: number of classes (default 4, or ``len(class_counts)``).
+    class_counts : sequence of int, optional
+        Gaussian: training rows per class (imbalance); overrides ``num_samples``.
+    path : str, optional
+        npz: file holding ``x`` of shape (n, ...) and ``y`` of shape (n,), and
+        optionally ``x_test`` and ``y_test``.
+    test_fraction : float
+        Share of rows held out as the test split where the source has none
+        (digits, npz without ``x_test``); Gaussian test rows are drawn in the
+        same class proportions, this share of the training count.
+    seed : int
+
+    Returns
+    -------
+    Dataset
+    """
+    check_dataset_options(name, num_samples=num_samples, num_features=num_features,
+                          num_classes=num_classes, class_counts=class_counts, path=path,
+                          test_fraction=test_fraction)
+    if name == "mnist1d":
+        return _mnist1d(num_samples or 5000, seed)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return _split("digits", digits.data / 16.0, digits.target, test_fraction, seed)
+    if name == "gaussian":
+        return gaussian_mixture(num_samples=num_samples or 1000, num_features=num_features or 32,
+                                num_classes=num_classes, class_counts=class_counts,
+                                test_fraction=test_fraction, seed=seed)
+    return _npz(path, test_fraction, seed)
+
+
+def check_dataset_options(name, *, num_samples=None, num_features=None, num_classes=None,
+                          class_counts=None, path=None, test_fraction=0.2):
+    """Raise ValueError for options :func:`load_dataset` cannot honour, without loading."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1); found {test_fraction}")
+    for option, value in (("num_samples", num_samples), ("num_features", num_features)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be a positive integer; found {value}")
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2; found {num_classes}")
+    given = {"num_samples": num_samples, "num_features": num_features,
+             "num_classes": num_classes, "class_counts": class_counts, "path": path}
+    for option, value in given.items():
+        if value is not None and name not in OPTION_DATASETS[option]:
+            raise ValueError(f"{option} applies to the {' and '.join(OPTION_DATASETS[option])} "
+                             f"dataset(s), not to {name!r}")
+    if class_counts is not None:
+        if len(class_counts) < 2 or min(class_counts) < 1:
+            raise ValueError(
+                f"class_counts needs at least 2 classes with at least 1 row each; found "
+                f"{list(class_counts)}")
+        if num_classes is not None and num_classes != len(class_counts):
+            raise ValueError(
+                f"class_counts lists {len(class_counts)} classes but num_classes is "
+                f"{num_classes}")
+        if num_samples is not None and num_samples != sum(class_counts):
+            raise ValueError(
+                f"class_counts sum to {sum(class_counts)} but num_samples is {num_samples}; "
+                "give one of them, or make them agree")
+    if name == "npz":
+        if path is None:
+            raise ValueError("the npz dataset needs a path to a .npz file with arrays x and y")
+        if not os.path.isfile(path):
+            raise ValueError(f"dataset file {path!r} does not exist")
+
+
+def gaussian_mixture(*, num_samples=1000, num_features=32, num_classes=None, class_counts=None,
+                     test_fraction=0.2, seed=0):
+    """Isotropic Gaussian classes around random unit-scale means.
+
+    Parameters
+    ----------
+    num_samples : int
+        Training rows, split evenly over classes (ignored with ``class_counts``).
+    num_features : int
+    num_classes : int, optional
+        Default 4, or ``len(class_counts)``.
+    class_counts : sequence of int, optional
+        Training rows per class.
+    test_fraction : float
+        Test rows per class as a share of that class's training rows (at least 1).
+    seed : int
+
+    Returns
+    -------
+    Dataset
+        Inputs of shape (n, num_features).
+    """
+    if class_counts is None:
+        num_classes = num_classes or 4
+        class_counts = np.full(num_classes, num_samples // num_classes)
+        class_counts[: num_samples % num_classes] += 1
+    class_counts = np.asarray(class_counts, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    class_means = rng.normal(size=(class_counts.size, num_features))
+
+    def draw(counts):
+        labels = rng.permutation(np.repeat(np.arange(counts.size), counts))
+        inputs = class_means[labels] + rng.normal(size=(labels.size, num_features))
+        return inputs.astype(np.float32), labels
+
+    x_train, y_train = draw(class_counts)
+    x_test, y_test = draw(np.maximum(np.round(class_counts * test_fraction), 1).astype(np.int64))
+    return Dataset(x_train, y_train, x_test, y_test, int(class_counts.size), "gaussian")
+
+
+def _mnist1d(num_samples, seed):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    # make_dataset seeds numpy's global generator; leave the caller's state as it was.
+    state = np.random.get_state()
+    try:
+        data = make_dataset(args)  # generated locally from templates; no download
+    finally:
+        np.random.set_state(state)
+    return Dataset(data["x"].astype(np.float32), data["y"].astype(np.int64),
+                   data["x_test"].astype(np.float32), data["y_test"].astype(np.int64),
+                   10, "mnist1d")
+
+
+def _npz(path, test_fraction, seed):
+    with np.load(path, allow_pickle=False) as archive:
+        missing = {"x", "y"} - set(archive.files)
+        if missing:
+            raise ValueError(
+                f"dataset file {path!r} lacks array(s) {sorted(missing)}; it holds "
+                f"{sorted(archive.files)}")
+        arrays = {key: archive[key] for key in archive.files}
+    if "x_test" in arrays and "y_test" in arrays:
+        x_train, y_train = _checked_pair(path, arrays["x"], arrays["y"], "x", "y")
+        x_test, y_test = _checked_pair(path, arrays["x_test"], arrays["y_test"], "x_test",
+                                       "y_test")
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
+        return Dataset(x_train, y_train, x_test, y_test, num_classes, "npz")
+    return _split("npz", *_checked_pair(path, arrays["x"], arrays["y"], "x", "y"),
+                  test_fraction, seed)
+
+
+def _checked_pair(path, inputs, labels, inputs_key, labels_key):
+    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+        raise ValueError(
+            f"{path!r}: {labels_key} must be a 1-D integer array; found dtype {labels.dtype}, "
+            f"shape {labels.shape}")
+    if inputs.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{path!r}: {inputs_key} has {inputs.shape[0]} rows but {labels_key} has "
+            f"{labels.shape[0]} labels")
+    if labels.min() < 0:
+        raise ValueError(f"{path!r}: {labels_key} holds negative labels; use 0..C-1")
+    return inputs.astype(np.float32), labels.astype(np.int64)
+
+
+def _split(name, inputs, labels, test_fraction, seed):
+    """Random train/test split of one labelled array."""
+    order = np.random.default_rng(seed).permutation(labels.size)
+    num_test = max(1, int(round(labels.size * test_fraction)))
+    test, train = order[:num_test], order[num_test:]
+    inputs = inputs.astype(np.float32)
+    labels = labels.astype(np.int64)
+    return Dataset(inputs[train], labels[train], inputs[test], labels[test],
+                   int(labels.max()) + 1, name)

@@ -1,0 +1,293 @@
+"""The training harness: label noise, option checks, two-epoch runs, dumps, resume."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ncfast.harness import TrainConfig, corrupt_labels, load_dataset, train
+
+torch = pytest.importorskip("torch")
+
+from ncfast.dumps import RunWriter, open_run  # noqa: E402
+from ncfast.harness import training  # noqa: E402
+
+#: A run that takes well under a second: 4 Gaussian classes, a small MLP.
+SMALL = TrainConfig(dataset="gaussian", num_samples=200, num_features=8, num_classes=4,
+                    width=16, depth=2, epochs=2, batch_size=32, checkpoints=2)
+
+
+# --- label noise ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["symmetric", "pair"])
+@pytest.mark.parametrize("rate", [0.05, 0.2, 0.37, 0.9])
+def test_noise_corrupts_exactly_round_rate_times_rows(kind, rate):
+    labels = np.random.default_rng(1).integers(0, 10, 1003)
+    noisy = corrupt_labels(labels, rate, num_classes=10, kind=kind, seed=3)
+    corrupted = noisy != labels
+    assert corrupted.sum() == round(rate * labels.size)
+    assert noisy.min() >= 0 and noisy.max() < 10
+    if kind == "pair":
+        np.testing.assert_array_equal(noisy[corrupted], (labels[corrupted] + 1) % 10)
+
+
+def test_symmetric_noise_spreads_over_every_other_class():
+    labels = np.zeros(20000, dtype=np.int64)
+    noisy = corrupt_labels(labels, 0.5, num_classes=5, seed=0)
+    shares = np.bincount(noisy[noisy != 0], minlength=5)[1:] / 10000
+    np.testing.assert_allclose(shares, 0.25, atol=0.02)
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "pair"])
+def test_zero_noise_never_relabels(kind):
+    labels = np.random.default_rng(0).integers(0, 7, 999)
+    noisy = corrupt_labels(labels, 0.0, num_classes=7, kind=kind, seed=0)
+    np.testing.assert_array_equal(noisy, labels)
+    assert noisy is not labels
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_noise_rate_outside_unit_interval_is_refused(rate):
+    with pytest.raises(ValueError, match=r"noise rate must lie in \[0, 1\)"):
+        corrupt_labels(np.zeros(10, dtype=np.int64), rate, num_classes=2)
+
+
+# --- datasets --------------------------------------------------------------------------
+
+def test_gaussian_mixture_honours_class_counts():
+    data = load_dataset("gaussian", class_counts=[30, 20, 5], num_features=3)
+    np.testing.assert_array_equal(np.bincount(data.y_train), [30, 20, 5])
+    assert data.x_train.shape == (55, 3) and data.x_train.dtype == np.float32
+    assert data.num_classes == 3 and set(data.y_test) == {0, 1, 2}
+
+
+def test_mnist1d_is_generated_locally_with_the_asked_size():
+    state = np.random.get_state()[1].copy()
+    data = load_dataset("mnist1d", num_samples=500)
+    assert data.x_train.shape == (400, 40) and data.x_test.shape == (100, 40)
+    assert data.num_classes == 10
+    np.testing.assert_array_equal(np.random.get_state()[1], state)  # global state untouched
+
+
+def test_npz_dataset_reads_x_and_y(tmp_path):
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.arange(60, dtype=np.float64).reshape(20, 3), y=np.arange(20) % 2)
+    data = load_dataset("npz", path=str(path))
+    assert data.x_train.shape == (16, 3) and data.x_test.shape == (4, 3)
+    assert data.num_classes == 2
+
+
+# --- bad options fail before training ----------------------------------------------------
+
+@pytest.mark.parametrize("changes, message", [
+    ({"noise": 1.0}, r"noise rate must lie in \[0, 1\)"),
+    ({"noise": -0.2}, r"noise rate must lie in \[0, 1\)"),
+    ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
+    ({"loss": "hinge"}, "unknown loss 'hinge'"),
+    ({"model": "resnet"}, "unknown model 'resnet'"),
+    ({"class_counts": (100, 50, 50), "num_samples": 300, "num_classes": None},
+     "class_counts sum to 200 but num_samples is 300"),
+    ({"dataset": "digits"}, "num_samples applies to the mnist1d and gaussian"),
+    ({"class_counts": (100, 50, 50)}, "class_counts lists 3 classes but num_classes is 4"),
+    ({"smoothing": 0.1}, "smoothing applies to the 'ls' loss only"),
+    ({"feature_decay": 0.1}, "applies to the unconstrained-features model"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+])
+def test_bad_options_raise_before_anything_is_written(tmp_path, changes, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train(dataclasses.replace(SMALL, **changes), out, progress=False)
+    assert not out.exists()
+
+
+def test_option_of_the_wrong_type_raises_type_error(tmp_path):
+    with pytest.raises(TypeError, match="option epochs must be of type int"):
+        train(dataclasses.replace(SMALL, epochs=2.5), tmp_path / "run", progress=False)
+
+
+def test_unwritable_output_folder_raises_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot write the run folder"):
+        train(SMALL, blocker / "run", progress=False)
+
+
+def test_folder_of_another_run_is_refused(tmp_path):
+    train(SMALL, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        train(dataclasses.replace(SMALL, seed=1), tmp_path / "run", progress=False)
+
+
+def test_cli_reports_a_bad_option_in_one_line_and_exits_1(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "ncfast", "train", str(tmp_path / "run"), "--noise", "1.2",
+         "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "noise rate must lie in [0, 1); found 1.2" in done.stdout
+    assert not (tmp_path / "run").exists()
+
+
+# --- two-epoch runs of every model and loss ----------------------------------------------
+
+MNIST1D_SMALL = dict(dataset="mnist1d", num_samples=300)
+
+RUNS = {
+    "mlp-ce": {},
+    "mlp-batchnorm-ls": {"batch_norm": True, "loss": "ls", "smoothing": 0.2},
+    "mlp-biasfree-mse": {"bias": False, "loss": "mse"},
+    "cnn-ce-noisy": {**MNIST1D_SMALL, "model": "cnn", "noise": 0.2},
+    "mlp-deep-linear-head": {"head_depth": 3, "noise": 0.1, "noise_kind": "pair"},
+    "ufm-mse-head2": {"model": "ufm", "loss": "mse", "head_depth": 2, "bias": False,
+                      "batch_size": None, "feature_decay": 1e-3},
+    "digits-mlp": {"dataset": "digits", "num_samples": None, "num_features": None,
+                   "num_classes": None},
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_two_epoch_run_dumps_what_the_model_computes(tmp_path, name):
+    config = dataclasses.replace(SMALL, **RUNS[name])
+    if config.dataset != "gaussian":
+        config = dataclasses.replace(config, num_features=None, num_classes=None)
+    result = train(config, tmp_path / "run", progress=False)
+    run = open_run(tmp_path / "run")
+    assert [checkpoint.epoch for checkpoint in run.checkpoints] == [1, 2]
+    assert run.config == config.to_dict()
+    last = run.checkpoints[-1]
+    expected_layers = {"penultimate"} | (
+        {"trunk"} | {f"linear{index}" for index in range(1, config.head_depth - 1)}
+        if config.head_depth > 1 else set())
+    assert set(last.splits["train"].features) == expected_layers
+    assert set(last.splits) == ({"train"} if config.model == "ufm" else {"train", "test"})
+
+    data = load_dataset(config.dataset, num_samples=config.num_samples,
+                        num_features=config.num_features, num_classes=config.num_classes,
+                        seed=config.seed)
+    noisy = corrupt_labels(data.y_train, config.noise, num_classes=data.num_classes,
+                           kind=config.noise_kind, seed=config.seed)
+    train_split = last.splits["train"]
+    np.testing.assert_array_equal(train_split.labels.read(), noisy)
+    if config.noise > 0:
+        np.testing.assert_array_equal(train_split.clean_labels.read(), data.y_train)
+    else:
+        assert train_split.clean_labels is None
+    inputs = (torch.arange(data.y_train.size) if config.model == "ufm"
+              else torch.from_numpy(data.x_train))
+    result.model.eval()
+    with torch.no_grad():
+        layers = result.model.layers(inputs)
+    for layer, features in layers.items():
+        np.testing.assert_array_equal(train_split.features[layer].read(), features.numpy())
+    np.testing.assert_array_equal(last.weights.read(),
+                                  result.model.classifier.weight.detach().numpy())
+    assert (last.bias is None) == (result.model.classifier.bias is None)
+    assert last.classifier_layer == "penultimate"
+
+
+def test_training_is_deterministic(tmp_path):
+    config = dataclasses.replace(SMALL, noise=0.2, epochs=3)
+    first = train(config, tmp_path / "a", progress=False)
+    second = train(config, tmp_path / "b", progress=False)
+    for name, parameter in first.model.state_dict().items():
+        assert torch.equal(parameter, second.model.state_dict()[name]), name
+
+
+def test_small_mlp_reaches_the_terminal_phase_on_noisy_labels(tmp_path):
+    config = dataclasses.replace(SMALL, noise=0.2, width=128, epochs=60, lr=0.1,
+                                 checkpoints=5, weight_decay=0.0)
+    result = train(config, tmp_path / "run", progress=False)
+    assert result.train_accuracy == 1.0  # corrupted labels memorised
+    assert result.clean_train_accuracy == pytest.approx(0.8)
+    assert result.terminal_epoch is not None and result.terminal_epoch <= 60
+
+
+# --- interruption and resume -------------------------------------------------------------
+
+RESUMABLE = dataclasses.replace(SMALL, epochs=6, checkpoints=6, noise=0.2)  # dumps 1,2,3,4,6
+
+
+def _stored_files(folder):
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+def test_log_spaced_epochs_end_at_the_last_epoch():
+    assert training.log_spaced_epochs(6, 6) == [1, 2, 3, 4, 6]
+    assert training.log_spaced_epochs(1000, 4) == [1, 10, 100, 1000]
+    assert training.log_spaced_epochs(1, 5) == [1]
+
+
+def test_interrupted_training_keeps_complete_dumps_and_resumes_identically(tmp_path,
+                                                                          monkeypatch):
+    reference = train(RESUMABLE, tmp_path / "reference", progress=False)
+
+    original_epoch = training._train_epoch
+    epochs_run = []
+
+    def interrupted_epoch(*args, **kwargs):
+        if len(epochs_run) == 4:
+            raise KeyboardInterrupt  # stopped during epoch 5
+        epochs_run.append(1)
+        return original_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_train_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(RESUMABLE, tmp_path / "run", progress=False)
+    assert [item.epoch for item in open_run(tmp_path / "run").checkpoints] == [1, 2, 3, 4]
+    assert not [name for name in _stored_files(tmp_path / "run") if name.endswith(".tmp")]
+
+    monkeypatch.setattr(training, "_train_epoch", original_epoch)
+    resumed = train(RESUMABLE, tmp_path / "run", progress=False)
+    assert resumed.dumped_epochs == [1, 2, 3, 4, 6]
+    for name, parameter in reference.model.state_dict().items():
+        assert torch.equal(parameter, resumed.model.state_dict()[name]), name
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(
+            open_run(tmp_path / "run").checkpoint(6).splits[split].features["penultimate"]
+            .read(),
+            open_run(tmp_path / "reference").checkpoint(6).splits[split]
+            .features["penultimate"].read())
+
+
+def test_interruption_while_writing_a_dump_leaves_only_complete_checkpoints(tmp_path,
+                                                                           monkeypatch):
+    original_write = RunWriter._write_array
+    calls = []
+
+    def failing_write(self, relative_path, array):
+        calls.append(relative_path)
+        if relative_path.startswith("checkpoints/epoch_000003/test"):
+            raise KeyboardInterrupt  # killed half-way through checkpoint 3
+        return original_write(self, relative_path, array)
+
+    monkeypatch.setattr(RunWriter, "_write_array", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        train(RESUMABLE, tmp_path / "run", progress=False)
+    run = open_run(tmp_path / "run")
+    assert [item.epoch for item in run.checkpoints] == [1, 2]
+    for checkpoint in run.checkpoints:  # every listed file is there and whole
+        for split in checkpoint.splits.values():
+            for array in (*split.features.values(), split.labels):
+                array.check()
+
+    monkeypatch.setattr(RunWriter, "_write_array", original_write)
+    resumed = train(RESUMABLE, tmp_path / "run", progress=False)
+    assert resumed.dumped_epochs == [1, 2, 3, 4, 6]
+
+
+def test_rerunning_a_finished_run_trains_nothing(tmp_path, monkeypatch):
+    first = train(SMALL, tmp_path / "run", progress=False)
+    monkeypatch.setattr(training, "_train_epoch", None)  # would fail if called
+    again = train(SMALL, tmp_path / "run", progress=False)
+    assert again.dumped_epochs == [1, 2]
+    assert again.train_accuracy == first.train_accuracy
+
+
+def test_importing_ncfast_and_its_cli_does_not_import_torch():
+    code = ("import sys, ncfast, ncfast.cli, ncfast.harness; ncfast.cli.build_parser(); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False"
