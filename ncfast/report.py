@@ -45,8 +45,8 @@ class CollapseReport:
     (classifier metrics without ``weights``, label-noise metrics without
     ``clean_labels``). ``METRICS`` gives each one's meaning.
 
-    Per-class arrays have shape (C,) and hold NaN for classes without rows:
-    ``class_counts`` (n_c), ``class_variances`` (sigma_c^2, mean squared
+    Per-class arrays have shape (C,); ``class_counts`` (n_c) is 0 for a class
+    without rows and the others hold NaN there: ``class_variances`` (sigma_c^2, mean squared
     distance to the class mean), ``class_mean_norms`` (||mu_c - mu_G||),
     ``class_ncc_accuracy`` and ``class_accuracy``.
 
