@@ -34,7 +34,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
+from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
                            TextColumn, TimeRemainingColumn, TransferSpeedColumn)
 
@@ -399,7 +399,8 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
                 "pinv_rtol": pinv_rtol}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not progress,
+                  transient=True) as bar:
         checkpoint_task = bar.add_task("checkpoints", total=len(checkpoints))
         byte_task = bar.add_task("features read (2 passes)", total=sum(
             _feature_bytes(checkpoint, layers) for checkpoint in checkpoints))

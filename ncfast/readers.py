@@ -208,8 +208,9 @@ class _MappedRows:
             return np.empty((count, *self.shape[1:]), self.dtype)
         begin = self.offset + start * self.row_bytes
         self.held = (begin, begin + count * self.row_bytes)
-        return np.frombuffer(self.mapping, self.dtype, count * self.row_bytes // self.dtype.itemsize,
-                             begin).reshape((count, *self.shape[1:]))
+        items = count * self.row_bytes // self.dtype.itemsize
+        return np.frombuffer(self.mapping, self.dtype, items, begin).reshape(
+            (count, *self.shape[1:]))
 
     def _release_held(self):
         if self.held is None or not hasattr(mmap, "MADV_DONTNEED"):
