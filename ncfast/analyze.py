@@ -35,6 +35,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
                            TextColumn, TimeRemainingColumn, TransferSpeedColumn)
 
@@ -632,8 +633,9 @@ def _results_table(rows, metrics, title):
         table.add_column(header, overflow="fold",
                          justify="right" if index >= len(headers) - len(metrics) else "left")
     for row in rows:
-        cells = ([row["source"]] if many_sources else []) + [
-            "" if row["epoch"] is None else str(row["epoch"]), row["split"], row["layer"]]
+        cells = ([escape(row["source"])] if many_sources else []) + [
+            "" if row["epoch"] is None else str(row["epoch"]), escape(row["split"]),
+            escape(row["layer"])]
         cells += ["-" if row.get(name) is None else f"{row[name]:.4g}" for name in metrics]
         table.add_row(*cells)
     return table
@@ -658,14 +660,15 @@ def run_analyze(args, console):
         console.print(_results_table(
             analysis.rows, shown, f"ncfast: {len(analysis.rows)} measurements "
             f"({analysis.measured} layer groups measured, {analysis.cached} from cache)"))
+    if analysis.rows or analysis.failures:
         written = write_results(analysis, args.out, args.metrics)
-        if not args.no_plots:
+        if analysis.rows and not args.no_plots:
             written += write_plots(analysis.rows, args.out, metrics)
-        console.print(f"wrote {len(written)} files to {args.out}")
+        console.print(f"wrote {len(written)} files to {escape(args.out)}", highlight=False)
     for failure in analysis.failures:
         where = "" if failure.name in failure.reason else f" {failure.name}:"
-        console.print(f"[red]ncfast analyze: FAILED{where} {failure.reason}[/red]",
-                      soft_wrap=True, markup=True, highlight=False)
+        console.print(f"[red]ncfast analyze: FAILED{escape(where)} {escape(failure.reason)}[/red]",
+                      soft_wrap=True, highlight=False)
     if not analysis.rows and not analysis.failures:
         console.print("[red]ncfast analyze: found no checkpoints to measure[/red]")
         return 1
@@ -682,7 +685,8 @@ def run_merge(args, console):
     if isinstance(merged, ClassSums):
         path = os.path.join(args.out, "pass1.safetensors")
         save_state(path, merged)
-        console.print(f"merged {len(args.states)} pass-1 states ({merged!r}) into {path}")
+        console.print(f"merged {len(args.states)} pass-1 states ({merged!r}) into "
+                      f"{escape(path)}", highlight=False)
         return 0
     report = report_of(merged)
     row = {"source": "merged", "epoch": None, "split": "merged", "layer": "merged",
@@ -691,5 +695,5 @@ def run_merge(args, console):
     console.print(_results_table(analysis.rows, scalar_metrics(analysis.rows),
                                  f"ncfast: {len(args.states)} pass-2 states merged"))
     written = write_results(analysis, args.out)
-    console.print(f"wrote {', '.join(written)}")
+    console.print(f"wrote {escape(', '.join(written))}", highlight=False)
     return 0

@@ -202,6 +202,7 @@ def test_a_bad_file_is_reported_by_name_and_the_others_are_kept(tmp_path, break_
     printed = capsys.readouterr().out
     failed_lines = [line for line in printed.splitlines() if "FAILED" in line]
     assert len(failed_lines) == 1 and "epoch_2.npz" in failed_lines[0]
+    assert re.search(message, failed_lines[0]), failed_lines[0]  # "[key]" survives rich markup
     assert len(json.loads((tmp_path / "out/metrics.json").read_text())["rows"]) == 2
 
 
