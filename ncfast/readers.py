@@ -128,8 +128,13 @@ class StoredArray:
                 f"{error}); the file may be truncated or corrupt: re-save it") from None
 
     def read(self):
-        """The whole array (for small arrays: labels, weights, bias)."""
-        return np.asarray(self.rows(0, self.num_rows))
+        """The whole array, copied into memory (for small arrays: labels, weights, bias).
+
+        The file is closed afterwards; ``rows`` reopens it.
+        """
+        whole = np.array(self.rows(0, self.num_rows))
+        self.close()
+        return whole
 
     def check(self):
         """Check that the file still holds this array (files read at opening: nothing to do)."""
