@@ -39,6 +39,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
                            TextColumn, TimeRemainingColumn, TransferSpeedColumn)
 
+from ncfast import __version__
 from ncfast.api import collapse
 from ncfast.dumps import MANIFEST, open_run, write_atomically, write_json_atomically
 from ncfast.geometry import PINV_RTOL
@@ -46,7 +47,7 @@ from ncfast.inputs import check_chunk_size
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
 from ncfast.report import METRICS
 
-#: Bumped when measurement changes so that cached rows are recomputed.
+#: Bumped when the rows change form; cached rows are also keyed by the ncfast version.
 CACHE_VERSION = 1
 CACHE_NAME = "ncfast-cache.json"
 
@@ -396,8 +397,8 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
     checkpoints, failures = discover(paths, labels=labels, clean_labels=clean_labels,
                                      weights=weights, bias=bias)
     analysis = Analysis(failures=failures)
-    settings = {"cache_version": CACHE_VERSION, "global_mean": global_mean,
-                "pinv_rtol": pinv_rtol}
+    settings = {"cache_version": CACHE_VERSION, "ncfast": __version__,
+                "global_mean": global_mean, "pinv_rtol": pinv_rtol}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress,
