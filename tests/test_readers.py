@@ -183,3 +183,24 @@ def test_stored_npz_members_are_not_deflated(tmp_path, arrays):
     """The premise of memory-mapping np.savez archives."""
     with zipfile.ZipFile(_write(tmp_path, "npz", arrays)) as archive:
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_every_format_analyses_like_the_arrays_it_holds(tmp_path, arrays, kind):
+    from ncfast import collapse
+    from ncfast.analyze import analyze
+
+    analysis = analyze([_write(tmp_path, kind, arrays)], progress=False, use_cache=False)
+    assert analysis.failures == []
+    rows = {(row["split"], row["layer"]): row for row in analysis.rows}
+    assert set(rows) == {("train", "penultimate"), ("train", "linear1"),
+                         ("test", "penultimate")}
+    classifier = {"weights": arrays["weights"], "bias": arrays["bias"]}
+    train = collapse(arrays["train/features/penultimate"], arrays["train/labels"], **classifier)
+    test = collapse(arrays["test/features/penultimate"], arrays["test/labels"], means=train,
+                    **classifier)
+    linear1 = collapse(arrays["train/features/linear1"], arrays["train/labels"])
+    for key, report in ((("train", "penultimate"), train), (("test", "penultimate"), test),
+                        (("train", "linear1"), linear1)):
+        for name, value in report.metrics().items():
+            assert rows[key][name] == pytest.approx(value, rel=1e-9), (key, name)
