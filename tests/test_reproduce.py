@@ -71,3 +71,20 @@ def test_reproduce_cli_lists_the_reproductions_and_refuses_others():
     assert "invalid choice: 'nonsense'" in done.stderr
     for name in REPRODUCTIONS:
         assert name in done.stderr
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"batch_norm": True, "loss": "ls", "smoothing": 0.2, "noise": 0.3, "noise_kind": "pair"},
+    {"dataset": "gaussian", "class_counts": (5, 3), "model": "ufm", "head_depth": 3,
+     "bias": False, "loss": "mse", "batch_size": None, "feature_decay": 0.01},
+])
+def test_report_train_commands_rebuild_the_same_config(changes):
+    from ncfast.cli import build_parser
+    from ncfast.harness import TrainConfig
+    from ncfast.harness.commands import config_from_args
+    from ncfast.harness.reproduce import train_command
+
+    config = TrainConfig(**changes)
+    words = train_command(config, "runs/x").split()
+    assert words[:3] == ["ncfast", "train", "runs/x"]
+    assert config_from_args(build_parser().parse_args(words[1:])) == config

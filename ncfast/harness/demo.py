@@ -29,7 +29,7 @@ DEMO_ROWS = (
 
 #: The demo's run: MNIST-1D (5000 samples, 4000 for training), 20% symmetric noise, the
 #: 1-D CNN, into the terminal phase.
-DEMO_CONFIG = TrainConfig(dataset="mnist1d", model="cnn", noise=0.2, epochs=100, checkpoints=10)
+DEMO_CONFIG = TrainConfig(dataset="mnist1d", model="cnn", noise=0.2, epochs=300, checkpoints=12)
 
 
 def demo_configs(*, epochs=DEMO_CONFIG.epochs, noise=DEMO_CONFIG.noise, smoothing=0.1,

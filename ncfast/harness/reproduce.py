@@ -110,17 +110,35 @@ def write_report(out, *, title, claim, configs, table, checks, plots, notes=()):
              f"**Verdict: the claim {'held' if held else 'did NOT hold'}** in this run.", "",
              markdown_table(table), "", "Checks:", ""]
     lines += [f"- [{'x' if passed else ' '}] {check}" for check, passed in checks]
-    lines += ["", *notes, "" if notes else "", "Runs (`ncfast train` options):", ""]
-    for name, config in configs.items():
-        options = {key: value for key, value in config.to_dict().items()
-                   if value != getattr(TrainConfig, key)}
-        lines.append(f"- `{name}`: {options}")
+    lines += ["", *notes, "" if notes else "", "Runs:", ""]
+    lines += [f"- `{train_command(config, os.path.join(out, name))}`"
+              for name, config in configs.items()]
     lines += ["", "Plots:", ""]
     lines += [f"![{plot}]({plot})" for plot in plots if os.path.exists(os.path.join(out, plot))]
     path = os.path.join(out, "report.md")
     with open(path, "w") as stream:
         stream.write("\n".join(lines) + "\n")
     return path, held
+
+
+def train_command(config, out):
+    """The ``ncfast train`` command line that reproduces one run."""
+    words = ["ncfast", "train", out]
+    for key, value in config.to_dict().items():
+        if value == getattr(TrainConfig, key) and key != "epochs":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "bias":
+            words.append("--no-bias")
+        elif isinstance(value, bool):
+            words.append(flag)
+        elif value is None:  # only batch_size defaults to a number and may be None
+            words += [flag, "0"]
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return " ".join(words)
 
 
 # --- 1. Memorization and dilation under label noise -------------------------------------
@@ -131,7 +149,7 @@ MEMORIZATION_CLAIM = (
     "dilates less and tests better than cross-entropy (Nguyen et al., ICLR 2023).")
 
 
-def memorization_dilation(out, *, epochs=100, num_samples=4000, noise_rates=(0.0, 0.2, 0.4),
+def memorization_dilation(out, *, epochs=200, num_samples=4000, noise_rates=(0.0, 0.2, 0.4),
                           progress=True):
     """Reproduction 1: CE vs label smoothing at several noise rates on MNIST-1D.
 
@@ -206,7 +224,7 @@ COLLAPSE_METRICS = ("nc1", "nc2_etf", "nc3")
 ORDERS_FACTOR = 100.0
 
 
-def weight_decay(out, *, epochs=300, weight_decay=5e-3, progress=True):
+def weight_decay(out, *, epochs=600, weight_decay=1e-3, progress=True):
     """Reproduction 2: bias-free ReLU MLP with MSE on digits, with and without weight decay.
 
     Parameters
@@ -222,7 +240,7 @@ def weight_decay(out, *, epochs=300, weight_decay=5e-3, progress=True):
     Reproduction
     """
     base = TrainConfig(dataset="digits", model="mlp", width=128, depth=3, bias=False,
-                       loss="mse", epochs=epochs, batch_size=64, lr=0.05)
+                       loss="mse", epochs=epochs, batch_size=64, lr=0.1)
     configs = {"with_wd": dataclasses.replace(base, weight_decay=weight_decay),
                "without_wd": dataclasses.replace(base, weight_decay=0.0)}
     results, rows = train_and_analyze(configs, out, progress=progress)

@@ -298,7 +298,7 @@ def _train(config, out, progress):
     state_path = os.path.join(out, TRAINING_STATE)
     start_epoch, terminal_epoch = 0, None
     if os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
