@@ -200,8 +200,8 @@ def memorization_dilation(out, *, epochs=200, num_samples=4000, noise_rates=(0.0
         for key, wanted in (("memorization", "lower"), ("dilation", "lower"),
                             ("test acc", "higher")):
             passed = ls[key] < ce[key] if wanted == "lower" else ls[key] > ce[key]
-            checks.append((f"noise {rate:g}: label smoothing {key} {ls[key]:.4g} is {wanted} "
-                           f"than cross-entropy's {ce[key]:.4g}", passed))
+            checks.append((f"noise {rate:g}: label smoothing's {key} ({ls[key]:.4g}) is "
+                           f"{wanted} than cross-entropy's ({ce[key]:.4g})", bool(passed)))
     report, held = write_report(
         out, title="Reproduction 1: memorization and dilation (Nguyen et al. 2023)",
         claim=MEMORIZATION_CLAIM, configs=configs, table=table, checks=checks,
@@ -224,15 +224,15 @@ COLLAPSE_METRICS = ("nc1", "nc2_etf", "nc3")
 ORDERS_FACTOR = 100.0
 
 
-def weight_decay(out, *, epochs=600, weight_decay=1e-3, progress=True):
+def weight_decay(out, *, epochs=600, decay=1e-3, progress=True):
     """Reproduction 2: bias-free ReLU MLP with MSE on digits, with and without weight decay.
 
     Parameters
     ----------
     out : str
     epochs : int
-    weight_decay : float
-        The decay of the run with weight decay (the other has 0).
+    decay : float
+        Weight decay of the run with it (the other has 0).
     progress : bool
 
     Returns
@@ -241,7 +241,7 @@ def weight_decay(out, *, epochs=600, weight_decay=1e-3, progress=True):
     """
     base = TrainConfig(dataset="digits", model="mlp", width=128, depth=3, bias=False,
                        loss="mse", epochs=epochs, batch_size=64, lr=0.1)
-    configs = {"with_wd": dataclasses.replace(base, weight_decay=weight_decay),
+    configs = {"with_wd": dataclasses.replace(base, weight_decay=decay),
                "without_wd": dataclasses.replace(base, weight_decay=0.0)}
     results, rows = train_and_analyze(configs, out, progress=progress)
     table, falls = [], {}
@@ -260,9 +260,9 @@ def weight_decay(out, *, epochs=600, weight_decay=1e-3, progress=True):
     for metric in COLLAPSE_METRICS:
         with_wd, without_wd = falls["with_wd", metric], falls["without_wd", metric]
         checks.append((f"{metric} falls {with_wd:.3g}x with weight decay (at least "
-                       f"{ORDERS_FACTOR:g}x: orders of magnitude)", with_wd >= ORDERS_FACTOR))
-        checks.append((f"{metric} stalls without weight decay: falls {without_wd:.3g}x, under "
-                       f"a tenth of the fall with it", without_wd * 10 <= with_wd))
+                       f"{ORDERS_FACTOR:g}x: orders of magnitude)", bool(with_wd >= ORDERS_FACTOR)))
+        checks.append((f"{metric} stalls without weight decay: falls {without_wd:.3g}x there, "
+                       f"less than a tenth of its fall with it", bool(without_wd * 10 <= with_wd)))
     report, held = write_report(
         out, title="Reproduction 2: weight decay drives collapse (Rangamani & Banburski)",
         claim=WEIGHT_DECAY_CLAIM, configs=configs, table=table, checks=checks,
@@ -399,11 +399,11 @@ def imbalanced(out, *, head_depths=(1, 3), progress=True):
         table += rows
         checks.append((f"{name}: class means orthogonal, nc2_orthogonality = "
                        f"{report.nc2_orthogonality:.2e} < {ORTHOGONALITY_TOLERANCE:g}",
-                       report.nc2_orthogonality < ORTHOGONALITY_TOLERANCE))
+                       bool(report.nc2_orthogonality < ORTHOGONALITY_TOLERANCE)))
         worst = max(max(row["error w"], row["error mu"]) for row in rows)
         checks.append((f"{name}: every ||w_c|| and ||mu_c|| within "
                        f"{CLOSED_FORM_TOLERANCE:.0%} of the closed form (worst "
-                       f"{worst:.2%})", worst <= CLOSED_FORM_TOLERANCE))
+                       f"{worst:.2%})", bool(worst <= CLOSED_FORM_TOLERANCE)))
     report, held = write_report(
         out, title="Reproduction 3: imbalanced bias-free MSE (Dang et al. 2023)",
         claim=IMBALANCED_CLAIM, configs=configs, table=table, checks=checks,
@@ -411,7 +411,12 @@ def imbalanced(out, *, head_depths=(1, 3), progress=True):
         notes=("Norms are compared in absolute terms (DESIGN.md states proportionality; with "
                "the loss `||WH - Y||^2/(2N) + lambda_W/2 sum ||W_l||^2 + lambda_H/2 ||H||^2` "
                "the closed form holds exactly). `mu_c` is the uncentred class mean of the free "
-               "features; `w_c` a row of the head's product W_L...W_1.",))
+               "features; `w_c` a row of the head's product W_L...W_1.",
+               "The inner layers of the L=3 head start orthogonal. With PyTorch's default "
+               "(smaller) initialisation the L=3 run instead left the two 50-row classes at "
+               "the zero local minimum (||w_c|| about 0 against 3.96 predicted, for seeds 0, 1 "
+               "and 2): gradient descent can find minority collapse although the closed form's "
+               "non-zero solution has the lower loss.",))
     return Reproduction("imbalanced", IMBALANCED_CLAIM, held, checks, table, report)
 
 
