@@ -1,28 +1,52 @@
-"""Numba CPU kernels for the two streaming passes.
+"""Numba CPU kernels for the two streaming passes, and the threads that run them.
 
-Each kernel adds one chunk's contribution into caller-owned accumulators; the
-caller (``ncfast.accumulators``) owns validation, the GEMM and the merge law.
-Parallel kernels give every thread its own slice of state, indexed by thread,
-and add the slices together serially after the ``prange``: results depend on
-the thread count only through float64 rounding. The caller passes the thread
-count (``numba.get_num_threads()`` inside a kernel would defeat ``cache=True``).
-
-Status codes: kernels never raise. A row with a label outside ``[0, C)`` or a
+Each kernel adds one block's contribution into caller-owned accumulators; the
+caller (``ncfast.accumulators``) owns validation and the merge law. Status
+codes: kernels never raise. A row with a label outside ``[0, C)`` or a
 non-finite value is reported back by index so that Python can name it.
+
+Threads. Both passes split a chunk into one contiguous slice of rows per
+thread (``numba.get_num_threads()``, passed in by the caller) and run each
+slice on a Python thread through serial ``nogil`` kernels, so no thread pool
+is entered per kernel call: pass 1 (``class_sums_chunk``) reads its slice
+once; pass 2 (``residual_chunk``, bound by the float32 GEMM) streams its
+slice in cache-sized blocks through residuals, a single-threaded BLAS call,
+the epilogue and the scatter update, reusing its buffers from block to block.
+Thread-private sums are added together in slice order, so results depend on
+the thread count only through float64 rounding. ``residuals`` (the
+"features" route) is a parallel kernel over rows.
 """
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from numba import njit, prange
+from threadpoolctl import ThreadpoolController
 
 # Fast-math without nnan/ninf, so that the finiteness checks below still work.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 NO_ROW = np.iinfo(np.int64).max
 
+#: Bytes of float32 residuals per pass-2 block: a block's residuals, GEMM
+#: output and float64 products stay in one core's L2 cache.
+BLOCK_BYTES = 512 << 10
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean_sums,
-               num_threads):
-    """Add per-class counts and float64 sums of one chunk.
+# The BLAS libraries loaded with numpy, limited to one thread inside pass 2.
+_BLAS = ThreadpoolController()
+
+
+#: Bounds on the rows of a pass-2 block.
+BLOCK_ROWS_RANGE = (128, 1024)
+
+
+def block_rows(num_features):
+    """Rows per pass-2 block: ``BLOCK_BYTES`` of float32 residuals, within ``BLOCK_ROWS_RANGE``."""
+    return int(np.clip(BLOCK_BYTES // (4 * max(num_features, 1)), *BLOCK_ROWS_RANGE))
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean_sums):
+    """Add per-class counts and float64 sums of a block of rows, on one thread.
 
     Parameters
     ----------
@@ -35,56 +59,111 @@ def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean
     sums : float64 array of shape (C, D), updated in place
     clean_counts, clean_sums : same shapes, updated in place (unused when
         ``clean_labels`` is empty)
-    num_threads : int
-        Number of thread-private slices (``numba.get_num_threads()``).
 
     Returns
     -------
     bad_label_row, bad_value_row : int
-        First row (in the chunk) with a label outside ``[0, C)`` (either label
+        First row (in the block) with a label outside ``[0, C)`` (either label
         array), and first row with a NaN or Inf; ``NO_ROW`` when there is none.
         Bad rows are not added.
     """
     num_rows, num_features = features.shape
     num_classes = counts.shape[0]
     track_clean = clean_labels.shape[0] > 0
-    rows_per_thread = (num_rows + num_threads - 1) // num_threads
-    thread_counts = np.zeros((num_threads, num_classes), np.int64)
-    thread_sums = np.zeros((num_threads, num_classes, num_features))
-    clean_shape = (num_threads if track_clean else 0, num_classes, num_features)
-    thread_clean_counts = np.zeros(clean_shape[:2], np.int64)
-    thread_clean_sums = np.zeros(clean_shape)
-    thread_bad_label = np.full(num_threads, NO_ROW, np.int64)
-    thread_bad_value = np.full(num_threads, NO_ROW, np.int64)
-    for t in prange(num_threads):
-        for i in range(t * rows_per_thread, min(num_rows, (t + 1) * rows_per_thread)):
-            label = labels[i]
-            clean = label
-            if track_clean:
-                clean = clean_labels[i]
-            if label < 0 or label >= num_classes or clean < 0 or clean >= num_classes:
-                thread_bad_label[t] = min(thread_bad_label[t], i)
-                continue
-            row_total = 0.0
-            for j in range(num_features):
-                row_total += features[i, j]
-            if not np.isfinite(row_total):
-                thread_bad_value[t] = min(thread_bad_value[t], i)
-                continue
-            thread_counts[t, label] += 1
-            for j in range(num_features):
-                thread_sums[t, label, j] += features[i, j]
-            if track_clean and clean == label:
-                thread_clean_counts[t, label] += 1
-                for j in range(num_features):
-                    thread_clean_sums[t, label, j] += features[i, j]
-    for t in range(num_threads):
-        counts += thread_counts[t]
-        sums += thread_sums[t]
+    bad_label = NO_ROW
+    bad_value = NO_ROW
+    for i in range(num_rows):
+        label = labels[i]
+        clean = label
         if track_clean:
-            clean_counts += thread_clean_counts[t]
-            clean_sums += thread_clean_sums[t]
-    return thread_bad_label.min(), thread_bad_value.min()
+            clean = clean_labels[i]
+        if label < 0 or label >= num_classes or clean < 0 or clean >= num_classes:
+            bad_label = min(bad_label, i)
+            continue
+        row_total = 0.0
+        for j in range(num_features):
+            row_total += features[i, j]
+        if not np.isfinite(row_total):
+            bad_value = min(bad_value, i)
+            continue
+        counts[label] += 1
+        for j in range(num_features):
+            sums[label, j] += features[i, j]
+        if track_clean and clean == label:
+            clean_counts[label] += 1
+            for j in range(num_features):
+                clean_sums[label, j] += features[i, j]
+    return bad_label, bad_value
+
+
+def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts, clean_sums,
+                     num_threads):
+    """``class_sums`` of one chunk, threaded over contiguous row slices.
+
+    The first slice adds into the given arrays, every other one into
+    thread-private copies that are added afterwards in slice order. (Slices
+    of columns would need no copies, but two cores reading alternate halves
+    of every row pull the whole of it from memory: measured 2.5x slower.)
+    Parameters and returns as ``class_sums``, plus ``num_threads``; bad rows
+    are numbered within the chunk.
+    """
+    totals = (counts, sums, clean_counts, clean_sums)
+
+    def run_slice(index, start, stop):
+        state = totals if index == 0 else tuple(np.zeros_like(total) for total in totals)
+        bad_rows = class_sums(features[start:stop], labels[start:stop],
+                              clean_labels[start:stop] if clean_labels.shape[0] else
+                              clean_labels, *state)
+        return state, [NO_ROW if row == NO_ROW else start + row for row in bad_rows]
+
+    results = _run_slices(run_slice, features.shape[0], num_threads)
+    for state, _ in results[1:]:
+        for total, part in zip(totals, state):
+            total += part
+    return tuple(min(rows) for rows in zip(*(bad_rows for _, bad_rows in results)))
+
+
+def _run_slices(function, length, num_threads):
+    """``function(index, start, stop)`` over contiguous slices of ``range(length)``.
+
+    One thread per slice, at most ``num_threads`` slices. Returns the results
+    in slice order. Kernels called by ``function`` must be ``nogil``; BLAS
+    runs single-threaded.
+    """
+    slice_length = max(1, -(-length // max(num_threads, 1)))
+    slices = [(index, start, min(start + slice_length, length))
+              for index, start in enumerate(range(0, max(length, 1), slice_length))]
+    with _BLAS.limit(limits=1, user_api="blas"):
+        if len(slices) == 1:
+            return [function(*slices[0])]
+        with ThreadPoolExecutor(len(slices)) as pool:
+            return [future.result() for future in
+                    [pool.submit(function, *bounds) for bounds in slices]]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _residual_row(features, labels, label_rows, means, out_residuals, out_sq_norms, i):
+    """Residual and squared norm of row ``i``; return False for a bad row (see ``residuals``)."""
+    num_features = features.shape[1]
+    label = labels[i]
+    row = -1
+    if label >= 0 and label < label_rows.shape[0]:
+        row = label_rows[label]
+    if row < 0:
+        for j in range(num_features):
+            out_residuals[i, j] = 0.0
+        out_sq_norms[i] = -1.0
+        return False
+    sq_norm = 0.0
+    for j in range(num_features):
+        residual = features[i, j] - means[row, j]
+        out_residuals[i, j] = residual
+        sq_norm += residual * residual
+    if not np.isfinite(sq_norm):
+        out_sq_norms[i] = np.nan
+        return False
+    out_sq_norms[i] = sq_norm
+    return True
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -103,35 +182,31 @@ def residuals(features, labels, label_rows, means, out_residuals, out_sq_norms):
         float64, NaN for a row with a non-finite value, -1 for a row whose
         label is out of range or has no mean (its residual is set to zero).
     """
-    num_rows, num_features = features.shape
-    num_classes = label_rows.shape[0]
-    for i in prange(num_rows):
-        label = labels[i]
-        row = -1
-        if label >= 0 and label < num_classes:
-            row = label_rows[label]
-        if row < 0:
-            for j in range(num_features):
-                out_residuals[i, j] = 0.0
-            out_sq_norms[i] = -1.0
-            continue
-        sq_norm = 0.0
-        for j in range(num_features):
-            residual = features[i, j] - means[row, j]
-            out_residuals[i, j] = residual
-            sq_norm += residual * residual
-        out_sq_norms[i] = sq_norm
+    for i in prange(features.shape[0]):
+        _residual_row(features, labels, label_rows, means, out_residuals, out_sq_norms, i)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def block_residuals(features, labels, label_rows, means, out_residuals, out_sq_norms):
+    """``residuals`` on one thread, without the GIL; return the first bad row or ``NO_ROW``."""
+    first_bad = NO_ROW
+    for i in range(features.shape[0]):
+        if not _residual_row(features, labels, label_rows, means, out_residuals, out_sq_norms,
+                             i):
+            first_bad = min(first_bad, i)
+    return first_bad
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_distances,
-             logit_offsets, corrupted, counts, sq_norm_sums, norm_sums, ncc_hits,
-             classifier_hits, totals, num_threads):
-    """Fused pass over the GEMM output: NCC argmin, classifier argmax, tallies.
+             logit_offsets, corrupted, out_mean_products, counts, sq_norm_sums, norm_sums,
+             ncc_hits, classifier_hits, totals):
+    """Fused pass over one block's GEMM output: NCC argmin, classifier argmax, tallies.
 
     With ``z = M~ r`` (first C' columns of ``products``) the squared distance
     to class mean k is ``||r||^2 + 2 (z_y - z_k) + K[y, k]`` (DESIGN.md,
-    pass 2), and the classifier logits are ``W r + (W mu_y + b)``.
+    pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``. The classifier
+    logits are ``W r + (W mu_y + b)``. Runs on one thread, without the GIL.
 
     Parameters
     ----------
@@ -145,72 +220,126 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_di
     logit_offsets : float64 array of shape (C', C_w), ``W mu_a + b``
     corrupted : uint8 array of shape (n,) or (0,); rows whose training label
         is wrong (label-noise runs)
+    out_mean_products : float64 array of shape (n, C'), written: ``z`` in
+        float64, for the scatter ``sum z z^T``
     counts, ncc_hits, classifier_hits : int64 arrays of shape (C,), updated
     sq_norm_sums, norm_sums : float64 arrays of shape (C,), updated with
         ``sum ||r||^2`` and ``sum ||r||`` per class
     totals : int64 array of shape (3,), updated: rows where NCC and
         classifier disagree, corrupted rows, corrupted rows predicted as
         their (noisy) label.
-    num_threads : int
-        Number of thread-private slices (``numba.get_num_threads()``).
     """
-    num_rows = products.shape[0]
     num_means = present_classes.shape[0]
     num_logits = logit_offsets.shape[1]
-    num_classes = counts.shape[0]
     has_corrupted = corrupted.shape[0] > 0
-    rows_per_thread = (num_rows + num_threads - 1) // num_threads
-    thread_counts = np.zeros((num_threads, num_classes), np.int64)
-    thread_sq_sums = np.zeros((num_threads, num_classes))
-    thread_norm_sums = np.zeros((num_threads, num_classes))
-    thread_ncc_hits = np.zeros((num_threads, num_classes), np.int64)
-    thread_classifier_hits = np.zeros((num_threads, num_classes), np.int64)
-    thread_totals = np.zeros((num_threads, 3), np.int64)
-    for t in prange(num_threads):
-        for i in range(t * rows_per_thread, min(num_rows, (t + 1) * rows_per_thread)):
-            label = labels[i]
-            row = label_rows[label]
-            sq_norm = sq_norms[i]
-            thread_counts[t, label] += 1
-            thread_sq_sums[t, label] += sq_norm
-            thread_norm_sums[t, label] += np.sqrt(sq_norm)
+    scores = np.empty(num_means)
+    logits = np.empty(num_logits)
+    for i in range(products.shape[0]):
+        label = labels[i]
+        row = label_rows[label]
+        sq_norm = sq_norms[i]
+        counts[label] += 1
+        sq_norm_sums[label] += sq_norm
+        norm_sums[label] += np.sqrt(sq_norm)
 
-            own = np.float64(products[i, row])
-            best_k = 0
-            best_distance = np.inf
-            for k in range(num_means):
-                distance = (sq_norm + 2.0 * (own - np.float64(products[i, k]))
-                            + mean_sq_distances[row, k])
-                if distance < best_distance:
-                    best_distance = distance
-                    best_k = k
-            ncc_prediction = present_classes[best_k]
-            if ncc_prediction == label:
-                thread_ncc_hits[t, label] += 1
-            prediction = ncc_prediction
+        # Minimum first (a reduction that vectorizes), then its first index.
+        best_score = np.inf
+        for k in range(num_means):
+            product = np.float64(products[i, k])
+            out_mean_products[i, k] = product
+            scores[k] = mean_sq_distances[row, k] - 2.0 * product
+            best_score = min(best_score, scores[k])
+        best_k = 0
+        while scores[best_k] != best_score:
+            best_k += 1
+        ncc_prediction = present_classes[best_k]
+        if ncc_prediction == label:
+            ncc_hits[label] += 1
+        prediction = ncc_prediction
 
-            if num_logits > 0:
-                best_c = 0
-                best_logit = -np.inf
-                for c in range(num_logits):
-                    logit = np.float64(products[i, num_means + c]) + logit_offsets[row, c]
-                    if logit > best_logit:
-                        best_logit = logit
-                        best_c = c
-                prediction = best_c
-                if best_c == label:
-                    thread_classifier_hits[t, label] += 1
-                if best_c != ncc_prediction:
-                    thread_totals[t, 0] += 1
+        if num_logits > 0:
+            best_logit = -np.inf
+            for c in range(num_logits):
+                logits[c] = np.float64(products[i, num_means + c]) + logit_offsets[row, c]
+                best_logit = max(best_logit, logits[c])
+            best_c = 0
+            while logits[best_c] != best_logit:
+                best_c += 1
+            prediction = best_c
+            if best_c == label:
+                classifier_hits[label] += 1
+            if best_c != ncc_prediction:
+                totals[0] += 1
 
-            if has_corrupted and corrupted[i]:
-                thread_totals[t, 1] += 1
-                if prediction == label:
-                    thread_totals[t, 2] += 1
-    for t in range(num_threads):
-        counts += thread_counts[t]
-        sq_norm_sums += thread_sq_sums[t]
-        norm_sums += thread_norm_sums[t]
-        ncc_hits += thread_ncc_hits[t]
-        classifier_hits += thread_classifier_hits[t]
-        totals += thread_totals[t]
+        if has_corrupted and corrupted[i]:
+            totals[1] += 1
+            if prediction == label:
+                totals[2] += 1
+
+
+def residual_chunk(features, labels, corrupted, label_rows, present_classes, means,
+                   projection_t, mean_sq_distances, logit_offsets, sums, out_sq_norms,
+                   num_threads):
+    """Pass 2 of one chunk on the "classes" route (C' <= D), threaded over row slices.
+
+    Each of ``num_threads`` threads streams a contiguous slice of the rows in
+    blocks of ``block_rows(D)`` (the last one padded with zero rows, so that
+    BLAS computes every row the same way), reusing its buffers:
+    ``block_residuals``, one single-threaded float32 GEMM
+    ``Z = R [M~^T | W^T]``, ``epilogue``, and the float64 rank-k update
+    ``S += z z^T`` (numpy calls BLAS syrk for ``a.T @ a``). Thread-private
+    sums are added to ``sums`` in slice order, and only when no row is bad.
+
+    Parameters
+    ----------
+    features, labels, corrupted : the chunk (see ``epilogue``)
+    label_rows, present_classes, means, mean_sq_distances, logit_offsets :
+        the geometry (see ``residuals`` and ``epilogue``)
+    projection_t : float32 array of shape (D, C' + C_w), ``[M~^T | W^T]``
+    sums : tuple of arrays
+        ``(scatter, counts, sq_norm_sums, norm_sums, ncc_hits,
+        classifier_hits, totals)``, updated in place; ``scatter`` has shape
+        (C', C').
+    out_sq_norms : float64 array of shape (n,), zeros; written as by
+        ``residuals`` up to each slice's first bad block.
+    num_threads : int
+
+    Returns
+    -------
+    bool
+        True when every row was good and ``sums`` were updated; False when
+        some row was bad (``out_sq_norms`` flags it) and nothing was added.
+    """
+    num_rows, num_features = features.shape
+    rows = block_rows(num_features)
+
+    def run_slice(index, start, stop):
+        partial = tuple(np.zeros_like(total) for total in sums)
+        scatter = partial[0]
+        # Every GEMM has the same shape (the last block is padded), so each
+        # row's products are the same however the rows are chunked or split.
+        residual_buffer = np.zeros((rows, num_features), np.float32)
+        products = np.empty((rows, projection_t.shape[1]), np.float32)
+        mean_products = np.empty((rows, present_classes.shape[0]))
+        for first in range(start, stop, rows):
+            last = min(first + rows, stop)
+            size = last - first
+            if block_residuals(features[first:last], labels[first:last], label_rows, means,
+                               residual_buffer[:size], out_sq_norms[first:last]) != NO_ROW:
+                return None
+            np.matmul(residual_buffer, projection_t, out=products)
+            z = mean_products[:size]
+            epilogue(products[:size], out_sq_norms[first:last], labels[first:last], label_rows,
+                     present_classes, mean_sq_distances, logit_offsets,
+                     corrupted[first:last] if corrupted.shape[0] else corrupted, z,
+                     *partial[1:])
+            scatter += z.T @ z
+        return partial
+
+    partials = _run_slices(run_slice, num_rows, num_threads)
+    if any(partial is None for partial in partials):
+        return False
+    for partial in partials:
+        for total, part in zip(sums, partial):
+            total += part
+    return True

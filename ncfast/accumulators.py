@@ -35,10 +35,15 @@ def _raise_bad_rows(chunk_offset, bad_label_row, bad_value_row, num_classes, lab
         )
     if bad_value_row != cpu.NO_ROW:
         row = features[bad_value_row]
-        kind = "NaN" if np.isnan(row).any() else "Inf"
+        if np.isnan(row).any() or np.isinf(row).any():
+            kind = "NaN" if np.isnan(row).any() else "Inf"
+            raise ValueError(
+                f"features row {chunk_offset + bad_value_row} contains {kind}; every value must "
+                "be finite: drop or repair such rows (e.g. np.isfinite(features).all(axis=1))"
+            )
         raise ValueError(
-            f"features row {chunk_offset + bad_value_row} contains {kind}; every value must be "
-            "finite: drop or repair such rows (e.g. np.isfinite(features).all(axis=1))"
+            f"features row {chunk_offset + bad_value_row} holds values so large (max |x| = "
+            f"{np.abs(row).max():.3g}) that their float64 sums overflow; rescale the features"
         )
 
 
@@ -126,7 +131,7 @@ class ClassSums:
             clean_labels, clean_counts, clean_sums = _NO_CLEAN
         else:
             clean_counts, clean_sums = self.clean_counts, self.clean_sums
-        bad_label_row, bad_value_row = cpu.class_sums(
+        bad_label_row, bad_value_row = cpu.class_sums_chunk(
             features, labels, clean_labels, self.counts, self.sums, clean_counts, clean_sums,
             numba.get_num_threads())
         _raise_bad_rows(row_offset, bad_label_row, bad_value_row, self.num_classes, labels,
@@ -299,33 +304,33 @@ class ResidualStats:
         num_rows = features.shape[0]
         if num_rows == 0:
             return self
-        residuals = np.empty(features.shape, np.float32)
-        sq_norms = np.empty(num_rows)
-        cpu.residuals(features, labels, geometry.label_rows, self._present_means, residuals,
-                      sq_norms)
-        if not (sq_norms >= 0).all():
-            self._raise_bad_row(features, labels, sq_norms, row_offset)
         if corrupted is None:
             corrupted = np.empty(0, np.uint8)
         else:
             corrupted = np.ascontiguousarray(corrupted, dtype=np.uint8)
             if corrupted.shape != (num_rows,):
                 raise ValueError(f"corrupted has shape {corrupted.shape}; expected ({num_rows},)")
+        sq_norms = np.zeros(num_rows)
         if self.route == "classes":
-            products = residuals @ self._projection_t
-            cpu.epilogue(products, sq_norms, labels, geometry.label_rows, geometry.present,
-                         geometry.mean_sq_distances, self._logit_offsets, corrupted,
-                         self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
-                         self.classifier_hits, self.totals, numba.get_num_threads())
-            mean_products = products[:, :geometry.present.size].astype(np.float64)
-            self.scatter += mean_products.T @ mean_products
-        else:
-            ncc_predictions, classifier_predictions = self._predict_by_class_tiles(features)
-            tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
-                        self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
-                        self.classifier_hits, self.totals, numba.get_num_threads())
-            residuals64 = residuals.astype(np.float64)
-            self.scatter += residuals64.T @ residuals64
+            # Residuals, GEMM, epilogue and scatter fused per cache-sized block.
+            if not cpu.residual_chunk(
+                    features, labels, corrupted, geometry.label_rows, geometry.present,
+                    self._present_means, self._projection_t, geometry.mean_sq_distances,
+                    self._logit_offsets, tuple(getattr(self, name) for name in self._SUMS),
+                    sq_norms, numba.get_num_threads()):
+                self._raise_bad_row(features, labels, sq_norms, row_offset)
+            return self
+        residuals = np.empty(features.shape, np.float32)
+        cpu.residuals(features, labels, geometry.label_rows, self._present_means, residuals,
+                      sq_norms)
+        if not (sq_norms >= 0).all():
+            self._raise_bad_row(features, labels, sq_norms, row_offset)
+        ncc_predictions, classifier_predictions = self._predict_by_class_tiles(features)
+        tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
+                    self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
+                    self.classifier_hits, self.totals, numba.get_num_threads())
+        residuals64 = residuals.astype(np.float64)
+        self.scatter += residuals64.T @ residuals64
         return self
 
     def _predict_by_class_tiles(self, features):
