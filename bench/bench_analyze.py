@@ -3,8 +3,9 @@
 Writes a features file (default 2,000,000 × 512 float32, 4.1 GB) with labels,
 weights and bias, warms the page cache, then measures in separate processes:
 
-- numpy: ``np.load`` of the whole file, and ``np.fromfile`` in 8 MiB blocks
-  (the rates this machine reads it);
+- numpy: ``np.load`` of the whole file, and ``np.fromfile`` in 8 MiB blocks,
+  each summed (the rates this machine reads it);
+- the ncfast reader alone (``ncfast.readers``), the same blocks summed;
 - ncfast: ``ncfast.analyze.analyze`` of the file with the classifier (two
   streaming passes), checked against ``ncfast.collapse`` on the same file;
 
@@ -70,7 +71,22 @@ with open(sys.argv[1], "rb") as stream:
                        np.lib.format.read_array_header_2_0)(stream)
     block_items = (8 << 20) // dtype.itemsize
     while (block := np.fromfile(stream, dtype=dtype, count=block_items)).size:
-        checksum += float(block[0])
+        checksum += float(block.sum(dtype=np.float64))
+elapsed = time.perf_counter() - start
+print(json.dumps({"seconds": elapsed, "checksum": checksum, "peak_rss": peak_rss()}))
+"""
+
+# The reader ``analyze`` streams through, alone: the same 8 MiB blocks, summed the same way.
+NCFAST_READER = PEAK_RSS + """
+import json, sys, time
+import numpy as np
+from ncfast.readers import read_file
+start = time.perf_counter()
+(features,) = read_file(sys.argv[1]).values()
+block_rows = (8 << 20) // (4 * features.shape[1])
+checksum = 0.0
+for first in range(0, features.num_rows, block_rows):
+    checksum += float(features.rows(first, first + block_rows).sum(dtype=np.float64))
 elapsed = time.perf_counter() - start
 print(json.dumps({"seconds": elapsed, "checksum": checksum, "peak_rss": peak_rss()}))
 """
@@ -154,7 +170,8 @@ def main():
         run_child(NUMPY_READ, path)  # warm the page cache
         best = {}
         for name, code, argument in (("numpy np.load (1 read)", NUMPY_READ, path),
-                                     ("numpy np.fromfile, 8 MiB blocks", NUMPY_BLOCKS, path),
+                                     ("numpy np.fromfile blocks + sum", NUMPY_BLOCKS, path),
+                                     ("ncfast reader blocks + sum", NCFAST_READER, path),
                                      ("ncfast analyze (2 passes)", NCFAST_ANALYZE, folder)):
             runs = [run_child(code, argument) for _ in range(args.repeats)]
             best[name] = min(runs, key=lambda run: run["seconds"])
@@ -162,11 +179,14 @@ def main():
         ncfast_best = best["ncfast analyze (2 passes)"]
         print(f"{'':34}{'seconds':>9}{'GB/s':>9}{'peak RSS':>14}")
         for name, run in best.items():
-            passes = 2 if name.startswith("ncfast") else 1
+            passes = 2 if name.startswith("ncfast analyze") else 1
             print(f"{name:34}{run['seconds']:9.2f}{passes * size / run['seconds'] / 1e9:9.2f}"
                   f"{run['worst_rss'] / 2**30:10.2f} GiB")
+        reader_rate = size / best["ncfast reader blocks + sum"]["seconds"]
+        blocks_rate = size / best["numpy np.fromfile blocks + sum"]["seconds"]
+        print(f"ncfast reader / numpy block reads: {reader_rate / blocks_rate:.0%}")
         ncfast_rate = 2 * size / ncfast_best["seconds"]  # bytes streamed over both passes
-        for name in ("numpy np.load (1 read)", "numpy np.fromfile, 8 MiB blocks"):
+        for name in ("numpy np.load (1 read)", "numpy np.fromfile blocks + sum"):
             numpy_rate = size / best[name]["seconds"]
             print(f"ncfast read rate / {name}: {ncfast_rate / numpy_rate:.0%} (bar: >= 70%); "
                   f"file per whole analysis: {best[name]['seconds'] / ncfast_best['seconds']:.0%}")
