@@ -1,0 +1,4 @@
+"""``python -m bench``: see ``bench.suite``."""
+from bench.suite import main
+
+main()

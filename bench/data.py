@@ -1,0 +1,44 @@
+"""Synthetic features for the benchmarks: Gaussian classes near collapse."""
+import numpy as np
+
+#: Rows generated per step (bounds the float64 scratch of the generator).
+_STEP_ROWS = 1 << 16
+
+
+def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, seed=0):
+    """Float32 features of balanced Gaussian classes, and a nearly self-dual classifier.
+
+    Row ``i`` is ``mu_{y_i} + 0.5 e_i`` with random class means of norm about
+    ``4 sqrt(D)`` and standard normal noise ``e_i``: collapsed enough that the
+    nearest class centre is right almost always, spread enough that NC1 is
+    far from zero.
+
+    Parameters
+    ----------
+    num_rows, num_features, num_classes : int
+    classifier : bool
+        Also return a classifier: ``W`` the class means plus noise, ``b`` small.
+    seed : int
+
+    Returns
+    -------
+    features : float32 array of shape (num_rows, num_features)
+    labels : int64 array of shape (num_rows,)
+    weights : float64 array of shape (num_classes, num_features), or None
+    bias : float64 array of shape (num_classes,), or None
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, num_rows)
+    means = 4.0 * rng.standard_normal((num_classes, num_features), dtype=np.float32)
+    features = np.empty((num_rows, num_features), np.float32)
+    for start in range(0, num_rows, _STEP_ROWS):
+        stop = min(start + _STEP_ROWS, num_rows)
+        rng.standard_normal((stop - start, num_features), dtype=np.float32,
+                            out=features[start:stop])
+        features[start:stop] *= 0.5
+        features[start:stop] += means[labels[start:stop]]
+    if not classifier:
+        return features, labels, None, None
+    weights = means + rng.standard_normal(means.shape, dtype=np.float32)
+    bias = 0.1 * rng.standard_normal(num_classes)
+    return features, labels, weights.astype(np.float64), bias

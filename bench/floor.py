@@ -1,0 +1,113 @@
+"""The floor of the machine: memory read bandwidth and sgemm rate, measured now.
+
+ncfast reads the features twice and does one float32 GEMM of ``2·N·D·k``
+flops in pass 2 (k = C, or 2C with a classifier; DESIGN.md). No
+implementation can beat, per pass, the larger of the time to read the bytes
+at the machine's read bandwidth and the time of its flops at the machine's
+best sgemm rate; the floor of a run is that bound summed over the two passes.
+"""
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+#: Side of the square sgemm that measures the machine's peak rate.
+SQUARE_SIDE = 4096
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _read_rows(rows):
+    """Read every value of a 2-D float32 array once; the row sums keep the reads alive."""
+    num_rows, num_columns = rows.shape
+    row_sums = np.empty(num_rows, np.float32)
+    for i in prange(num_rows):
+        total = np.float32(0.0)
+        for j in range(num_columns):
+            total += rows[i, j]
+        row_sums[i] = total
+    return row_sums.sum()
+
+
+def _best_seconds(function, repeats):
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def read_bandwidth(array, repeats=3):
+    """Bytes per second at which every thread together reads ``array`` once.
+
+    Parameters
+    ----------
+    array : float32 array of shape (n, D), C-contiguous, much larger than the caches
+    repeats : int
+        The best of this many reads counts.
+    """
+    _read_rows(array[:64])
+    return array.nbytes / _best_seconds(lambda: _read_rows(array), repeats)
+
+
+def sgemm_rate(num_features, num_outputs, rows=1 << 16, repeats=3):
+    """Best float32 GEMM rate of numpy's BLAS, flop/s, and the shape that reached it.
+
+    Measures a square ``SQUARE_SIDE`` GEMM and the tall-skinny shape of
+    pass 2 (``rows × D`` times ``D × k``), every BLAS thread; the larger
+    rate is the machine's.
+
+    Returns
+    -------
+    rate : float
+    shape : str
+    """
+    rng = np.random.default_rng(0)
+    rates = {}
+    for label, (m, k, n) in {
+            f"{SQUARE_SIDE}^3": (SQUARE_SIDE, SQUARE_SIDE, SQUARE_SIDE),
+            f"{rows}x{num_features}x{num_outputs}": (rows, num_features, num_outputs)}.items():
+        left = rng.standard_normal((m, k), dtype=np.float32)
+        right = rng.standard_normal((k, n), dtype=np.float32)
+        out = np.empty((m, n), np.float32)
+        np.matmul(left, right, out=out)
+        rates[label] = 2.0 * m * k * n / _best_seconds(
+            lambda: np.matmul(left, right, out=out), repeats)
+    shape = max(rates, key=rates.get)
+    return rates[shape], shape
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Machine rates and the floor they give a problem size.
+
+    Attributes
+    ----------
+    bandwidth : float
+        Read bandwidth, bytes/s.
+    sgemm : float
+        Best sgemm rate, flop/s.
+    sgemm_shape : str
+        The GEMM shape that reached it.
+    """
+
+    bandwidth: float
+    sgemm: float
+    sgemm_shape: str
+
+    def seconds(self, num_rows, num_features, num_outputs, itemsize=4):
+        """Floor of the two passes: ``read + max(read, GEMM)``.
+
+        Parameters
+        ----------
+        num_rows, num_features : int
+        num_outputs : int
+            Columns of the pass-2 GEMM (C, or 2C with a classifier).
+        itemsize : int
+            Bytes per feature value.
+        """
+        read = num_rows * num_features * itemsize / self.bandwidth
+        gemm = 2.0 * num_rows * num_features * num_outputs / self.sgemm
+        return read + max(read, gemm)
+

@@ -1,0 +1,126 @@
+"""Per-stage profile of ncfast's two passes on one size.
+
+Times each stage of pass 2 the way ``ncfast.kernels.cpu.residual_chunk`` runs
+it (one thread, BLAS limited to one thread, cache-sized blocks), and both
+passes end to end with every thread::
+
+    python -m bench.profile --rows 1000000 --features 512 --classes 100
+
+Stage times are summed over the blocks of one thread; with T threads the pass
+takes about their total divided by T.
+"""
+import argparse
+import time
+
+import numba
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from bench.data import collapsed_features
+from ncfast.accumulators import ClassSums, ResidualStats
+from ncfast.geometry import Geometry
+from ncfast.inputs import default_chunk_rows
+from ncfast.kernels import cpu
+
+
+def _best(function, repeats):
+    """Least wall time of ``repeats`` calls, in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def stage_times(features, labels, stats):
+    """Seconds per pass-2 stage on one thread, summed over all blocks.
+
+    Returns
+    -------
+    dict
+        ``residuals``, ``gemm``, ``epilogue``, ``scatter`` in seconds.
+    """
+    geometry = stats.geometry
+    num_rows, num_features = features.shape
+    block = cpu.block_rows(num_features)
+    residual_rows = np.empty((block, num_features), np.float32)
+    products = np.empty((block, stats._projection_t.shape[1]), np.float32)
+    mean_products = np.empty((block, geometry.present.size))
+    sq_norms = np.empty(block)
+    partial = tuple(np.zeros_like(getattr(stats, name)) for name in stats._SUMS)
+    corrupted = np.empty(0, np.uint8)
+    totals = dict.fromkeys(("residuals", "gemm", "epilogue", "scatter"), 0.0)
+    with threadpool_limits(1, user_api="blas"):
+        for first in range(0, num_rows, block):
+            last = min(first + block, num_rows)
+            size = last - first
+            marks = [time.perf_counter()]
+            cpu.block_residuals(features[first:last], labels[first:last], geometry.label_rows,
+                                stats._present_means, residual_rows[:size], sq_norms[:size])
+            marks.append(time.perf_counter())
+            np.matmul(residual_rows[:size], stats._projection_t, out=products[:size])
+            marks.append(time.perf_counter())
+            cpu.epilogue(products[:size], sq_norms[:size], labels[first:last],
+                         geometry.label_rows, geometry.present, geometry.mean_sq_distances,
+                         stats._logit_offsets, corrupted, mean_products[:size], *partial[1:])
+            marks.append(time.perf_counter())
+            partial[0].__iadd__(mean_products[:size].T @ mean_products[:size])
+            marks.append(time.perf_counter())
+            for name, begin, end in zip(totals, marks, marks[1:]):
+                totals[name] += end - begin
+    return totals
+
+
+def pass_times(features, labels, num_classes, weights, bias, repeats):
+    """Best seconds of pass 1 and pass 2 over ``repeats`` runs, every thread."""
+    chunk = default_chunk_rows(features.shape[1])
+    chunks = [(features[start:start + chunk], labels[start:start + chunk])
+              for start in range(0, len(features), chunk)]
+    sums = ClassSums(num_classes, features.shape[1])
+
+    def pass1():
+        nonlocal sums
+        sums = ClassSums(num_classes, features.shape[1])
+        for rows, row_labels in chunks:
+            sums.update(rows, row_labels)
+
+    first = _best(pass1, repeats)
+    geometry = Geometry.from_class_sums(sums.counts, sums.sums)
+
+    def pass2():
+        stats = ResidualStats(geometry, weights=weights, bias=bias)
+        for rows, row_labels in chunks:
+            stats.update(rows, row_labels)
+
+    return first, _best(pass2, repeats), geometry
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--features", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--no-classifier", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    features, labels, weights, bias = collapsed_features(
+        args.rows, args.features, args.classes, classifier=not args.no_classifier)
+    warm = slice(0, 4096)
+    pass_times(features[warm], labels[warm], args.classes, weights, bias, 1)
+    first, second, geometry = pass_times(features, labels, args.classes, weights, bias,
+                                         args.repeats)
+    stats = ResidualStats(geometry, weights=weights, bias=bias)
+    stages = min((stage_times(features, labels, stats) for _ in range(args.repeats)),
+                 key=lambda times: sum(times.values()))
+    print(f"N={args.rows} D={args.features} C={args.classes} "
+          f"classifier={not args.no_classifier} threads={numba.get_num_threads()} "
+          f"block={cpu.block_rows(args.features)} rows "
+          f"chunk={default_chunk_rows(args.features)} rows")
+    print(f"pass 1 (class sums): {first:.3f} s   pass 2: {second:.3f} s")
+    print("pass 2 stages on one thread: " + "  ".join(
+        f"{name} {seconds:.3f} s" for name, seconds in stages.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""``python -m bench``: ncfast, the textbook route and the torch route against the floor.
+
+For every size, in one run on one machine: each route's result is checked
+against the textbook route on the first rows, then each is timed on the
+whole input (best of a few runs after warming the JIT), beside the floor of
+the machine (``bench.floor``) measured in the same run. Also: a fit of
+ncfast's time against N, ncfast on one thread against all, and peak memory
+beyond the input (``bench.memory``, in fresh processes). Prints a table and
+writes JSON with the machine's facts to ``bench/results/``.
+"""
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numba
+import numpy as np
+import psutil
+import threadpoolctl
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import ncfast
+from bench.data import collapsed_features
+from bench.floor import SQUARE_SIDE, Floor, read_bandwidth, sgemm_rate
+from bench.memory import peak_extra_bytes
+from bench.routes import ROUTES, WARM_ROWS, check, thread_limit
+
+GRID_ROWS = (10_000, 100_000, 1_000_000, 4_000_000)
+GRID_FEATURES = (128, 512, 2048)
+GRID_CLASSES = (10, 100, 1000)
+#: Issue 2's size: N=1e6, D=512, C=100, float32, with a classifier.
+HEADLINE = (1_000_000, 512, 100)
+QUICK_SIZES = ((100_000, 512, 100), HEADLINE)
+#: Rows for the fit of time against N (D and C of the headline).
+SCALING_ROWS = (100_000, 1_000_000, 4_000_000)
+#: Inputs larger than this fraction of the machine's memory are skipped.
+INPUT_MEMORY_FRACTION = 0.4
+#: Work ``N·D·(D + C)`` above which a slow route runs on leading rows only and
+#: its time is scaled to N (both routes are linear in N).
+FULL_RUN_WORK = {"textbook": 3.5e11, "torch": 2e12}
+#: Rows of the correctness check of every route against the textbook route.
+CHECK_ROWS = 20_000
+#: Bytes of the array that measures the machine's read bandwidth.
+BANDWIDTH_BYTES = 1 << 30
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Row:
+    """One size's measurements; times in seconds, ``None`` where not run."""
+
+    rows: int
+    features: int
+    classes: int
+    classifier: bool
+    floor: float
+    seconds: dict = field(default_factory=dict)
+    sampled_rows: dict = field(default_factory=dict)
+    peak_extra_bytes: dict = field(default_factory=dict)
+
+    @property
+    def input_bytes(self):
+        return 4 * self.rows * self.features
+
+
+def parse_sizes(text):
+    """``"1e6x512x100,1e5x512x100"`` → ``[(1000000, 512, 100), (100000, 512, 100)]``."""
+    sizes = []
+    for item in text.split(","):
+        rows, features, classes = (int(float(part)) for part in item.lower().split("x"))
+        sizes.append((rows, features, classes))
+    return sizes
+
+
+def _best_seconds(function, repeats):
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _machine():
+    cpu_model = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo
+                              if line.startswith("model name")), cpu_model)
+    return {
+        "cpu": cpu_model,
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "memory_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_threads": numba.get_num_threads(),
+        "torch": torch.__version__,
+        "ncfast": ncfast.__version__,
+        "blas": threadpoolctl.threadpool_info(),
+        "openblas_env": {name: value for name, value in os.environ.items()
+                         if name.startswith("OPENBLAS")},
+    }
+
+
+class Bench:
+    """One benchmark run: the machine's rates, then one ``Row`` per size."""
+
+    def __init__(self, repeats, memory_sizes, console):
+        self.repeats = repeats
+        self.memory_sizes = memory_sizes
+        self.console = console
+        scratch = np.ones((BANDWIDTH_BYTES // (4 * 1024), 1024), np.float32)
+        self.bandwidth = read_bandwidth(scratch, repeats=5)
+        del scratch
+        self.square_sgemm, _ = sgemm_rate(SQUARE_SIDE, SQUARE_SIDE, rows=SQUARE_SIDE)
+        self._skinny = {}
+
+    def floor(self, num_features, num_outputs):
+        """``Floor`` with the better of the square and pass 2's own sgemm rate."""
+        key = (num_features, num_outputs)
+        if key not in self._skinny:
+            self._skinny[key] = sgemm_rate(num_features, num_outputs)
+        rate, shape = max(self._skinny[key], (self.square_sgemm, f"{SQUARE_SIDE}^3"))
+        return Floor(self.bandwidth, rate, shape)
+
+    def measure(self, size, classifiers, routes):
+        """Check, time and (for ``memory_sizes``) weigh every route on one size."""
+        num_rows, num_features, num_classes = size
+        features, labels, weights, bias = collapsed_features(num_rows, num_features,
+                                                             num_classes)
+        rows = []
+        for classifier in classifiers:
+            clf_weights, clf_bias = (weights, bias) if classifier else (None, None)
+            outputs = num_classes * (2 if classifier else 1)
+            row = Row(num_rows, num_features, num_classes, classifier,
+                      self.floor(num_features, outputs).seconds(num_rows, num_features, outputs))
+            checked = slice(0, min(num_rows, CHECK_ROWS))
+            reference = ROUTES["textbook"](features[checked], labels[checked], num_classes,
+                                           clf_weights, clf_bias)
+            for name in routes:
+                run = ROUTES[name]
+                if name != "textbook":
+                    check(name, run(features[checked], labels[checked], num_classes,
+                                    clf_weights, clf_bias), reference)
+                work = num_rows * num_features * (num_features + num_classes)
+                sampled = num_rows
+                if work > FULL_RUN_WORK.get(name, np.inf):
+                    sampled = max(CHECK_ROWS, int(num_rows * FULL_RUN_WORK[name] / work))
+                warm = min(sampled, WARM_ROWS)
+                run(features[:warm], labels[:warm], num_classes, clf_weights, clf_bias)
+                repeats = self.repeats if name == "ncfast" else 1
+                seconds = _best_seconds(
+                    lambda: run(features[:sampled], labels[:sampled], num_classes, clf_weights,
+                                clf_bias), repeats)
+                row.seconds[name] = seconds * num_rows / sampled
+                row.sampled_rows[name] = sampled
+                if size in self.memory_sizes and sampled == num_rows:
+                    row.peak_extra_bytes[name] = peak_extra_bytes(
+                        name, num_rows, num_features, num_classes, classifier)
+            rows.append(row)
+            self.console.print(_row_line(row))
+        return rows, (features, labels, weights, bias)
+
+
+def _row_line(row):
+    times = "  ".join(f"{name} {seconds:.3f}s" for name, seconds in row.seconds.items())
+    return (f"N={row.rows} D={row.features} C={row.classes} classifier={row.classifier}: "
+            f"{times}  floor {row.floor:.3f}s")
+
+
+def scaling_exponent(rows):
+    """Fitted exponent of ncfast's time against N (least squares on logs), or None."""
+    points = [(row.rows, row.seconds["ncfast"]) for row in rows
+              if SCALING_ROWS[0] <= row.rows <= SCALING_ROWS[-1] and "ncfast" in row.seconds]
+    if len({rows for rows, _ in points}) < 2:
+        return None
+    logs = np.log(np.array(points))
+    return float(np.polyfit(logs[:, 0], logs[:, 1], 1)[0])
+
+
+def _format_seconds(row, name):
+    if name not in row.seconds:
+        return "-"
+    mark = "~" if row.sampled_rows[name] < row.rows else ""
+    return f"{mark}{row.seconds[name]:.3f}"
+
+
+def render(rows, console):
+    """The side-by-side table; ``~`` marks a time scaled up from leading rows."""
+    table = Table(title="ncfast vs textbook vs torch route vs floor (seconds, both passes)")
+    for header in ("N", "D", "C", "W", "ncfast s", "textbook s", "torch s", "floor s",
+                   "ncfast/floor", "textbook/ncfast", "torch/ncfast", "ncfast extra mem"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        fast = row.seconds.get("ncfast")
+        ratios = [f"{row.seconds[name] / fast:.1f}x" if fast and name in row.seconds else "-"
+                  for name in ("textbook", "torch")]
+        memory = row.peak_extra_bytes.get("ncfast")
+        table.add_row(
+            f"{row.rows:.0e}", str(row.features), str(row.classes),
+            "yes" if row.classifier else "no",
+            *(_format_seconds(row, name) for name in ("ncfast", "textbook", "torch")),
+            f"{row.floor:.3f}", f"{fast / row.floor:.2f}x" if fast else "-", *ratios,
+            "-" if memory is None else f"{100 * memory / row.input_bytes:.1f}%")
+    console.print(table)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only N x D x C in {QUICK_SIZES}, with a classifier")
+    parser.add_argument("--sizes", type=parse_sizes,
+                        help="comma-separated NxDxC, e.g. 1e6x512x100,1e5x128x10")
+    parser.add_argument("--classifier", choices=("both", "with", "without"), default="both")
+    parser.add_argument("--routes", default="ncfast,textbook,torch",
+                        help="comma-separated subset of " + ",".join(ROUTES))
+    parser.add_argument("--repeats", type=int, default=3, help="ncfast runs per size (best)")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
+    parser.add_argument("--no-threads", action="store_true", help="skip the 1-thread run")
+    args = parser.parse_args(argv)
+    console = Console(width=160)
+    if args.sizes:
+        sizes = args.sizes
+    elif args.quick:
+        sizes = list(QUICK_SIZES)
+    else:
+        sizes = [(n, d, c) for n in GRID_ROWS for d in GRID_FEATURES for c in GRID_CLASSES]
+    limit = INPUT_MEMORY_FRACTION * psutil.virtual_memory().total
+    skipped = [size for size in sizes if 4 * size[0] * size[1] > limit]
+    sizes = [size for size in sizes if size not in skipped]
+    classifiers = {"both": (True, False), "with": (True,), "without": (False,)}[
+        "with" if args.quick else args.classifier]
+    routes = args.routes.split(",")
+    memory_sizes = () if args.no_memory else (
+        {HEADLINE, (SCALING_ROWS[-1],) + HEADLINE[1:]} & set(sizes))
+    load_before = os.getloadavg()
+    bench = Bench(args.repeats, memory_sizes, console)
+    console.print(f"read bandwidth {bench.bandwidth / 1e9:.1f} GB/s, square sgemm "
+                  f"{bench.square_sgemm / 1e9:.0f} GFLOP/s, load average {load_before}")
+    rows, threads = [], None
+    for size in sizes:
+        size_rows, data = bench.measure(size, classifiers, routes)
+        rows += size_rows
+        if size == HEADLINE and not args.no_threads and "ncfast" in routes:
+            features, labels, weights, bias = data
+            with thread_limit(1):
+                ROUTES["ncfast"](features[:WARM_ROWS], labels[:WARM_ROWS], size[2], weights,
+                                 bias)
+                one = _best_seconds(lambda: ROUTES["ncfast"](features, labels, size[2],
+                                                             weights, bias), args.repeats)
+            every = next(row for row in size_rows if row.classifier).seconds["ncfast"]
+            threads = {"threads": numba.get_num_threads(), "one_thread_seconds": one,
+                       "all_threads_seconds": every, "speedup": one / every}
+        del data
+    render(rows, console)
+    exponent = scaling_exponent([row for row in rows if row.classifier]
+                                if any(row.classifier for row in rows) else rows)
+    if exponent is not None:
+        console.print(f"ncfast time ~ N^{exponent:.3f} (fit over N in "
+                      f"[{SCALING_ROWS[0]:.0e}, {SCALING_ROWS[-1]:.0e}])")
+    if threads:
+        console.print(f"ncfast at the headline size: 1 thread {threads['one_thread_seconds']:.3f}"
+                      f" s, {threads['threads']} threads {threads['all_threads_seconds']:.3f} s"
+                      f" ({threads['speedup']:.2f}x)")
+    if skipped:
+        console.print(f"skipped (input over {INPUT_MEMORY_FRACTION:.0%} of memory): {skipped}")
+    console.print("~: time of the leading rows (see sampled_rows in the JSON) scaled to N")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"bench-{stamp}.json"
+    path.write_text(json.dumps({
+        "machine": _machine(),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "read_bandwidth_bytes_per_s": bench.bandwidth,
+        "square_sgemm_flops": bench.square_sgemm,
+        "rows": [asdict(row) | {"input_bytes": row.input_bytes} for row in rows],
+        "scaling_exponent": exponent,
+        "threads": threads,
+        "skipped": skipped,
+        "command": ["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)],
+    }, indent=1, default=str))
+    console.print(f"wrote {path}")

@@ -1,0 +1,91 @@
+"""The accumulator route of the public torch neural-collapse library, written from its description.
+
+Pass 1 accumulates class sums with a one-hot matmul per batch. Pass 2, per
+batch: the D×D within-class covariance ``(X - M[y])^T (X - M[y])``; the
+per-class squared residual norms through the one-hot matrix again; NCC
+decisions from broadcast distances ``||x||^2 + ||mu||^2 - 2 x.mu``; and the
+classifier's argmax. Finally a D×D pseudo-inverse of ``Sigma_B``. Float32
+throughout, the library's default accumulator dtype.
+"""
+import numpy as np
+import torch
+
+
+def torch_collapse(features, labels, *, num_classes, weights=None, bias=None,
+                   batch_size=8192):
+    """NC1, its trace form, CDNV, NCC accuracy and the classifier's NC4 and accuracy.
+
+    Parameters
+    ----------
+    features : float32 array of shape (n_samples, n_features)
+        Viewed by torch without a copy.
+    labels : int array of shape (n_samples,)
+    num_classes : int
+    weights : array of shape (C, n_features), optional
+    bias : array of shape (C,), optional
+    batch_size : int
+        Rows per accumulator update (a data loader's batch).
+
+    Returns
+    -------
+    dict
+        ``nc1``, ``nc1_trace``, ``cdnv``, ``ncc_accuracy``, and with a
+        classifier ``nc4`` and ``accuracy``.
+    """
+    rows = torch.from_numpy(features)
+    targets = torch.from_numpy(np.asarray(labels, np.int64))
+    num_rows, num_features = rows.shape
+    classes = torch.arange(num_classes)
+    counts = torch.zeros(num_classes)
+    totals = torch.zeros(num_classes, num_features)
+    for start in range(0, num_rows, batch_size):
+        batch, batch_labels = rows[start:start + batch_size], targets[start:start + batch_size]
+        one_hot = (batch_labels[:, None] == classes).to(torch.float32)
+        counts += one_hot.sum(dim=0)
+        totals += one_hot.T @ batch
+    means = totals / counts[:, None]
+    global_mean = means.mean(dim=0)
+
+    covariance = torch.zeros(num_features, num_features)
+    sq_norm_sums = torch.zeros(num_classes)
+    mean_sq_norms = (means ** 2).sum(dim=1)
+    ncc_hits = 0
+    classifier_hits = disagreements = 0
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        bias = torch.zeros(num_classes) if bias is None else torch.as_tensor(
+            bias, dtype=torch.float32)
+    for start in range(0, num_rows, batch_size):
+        batch, batch_labels = rows[start:start + batch_size], targets[start:start + batch_size]
+        one_hot = (batch_labels[:, None] == classes).to(torch.float32)
+        residuals = batch - means[batch_labels]
+        covariance += residuals.T @ residuals
+        sq_norm_sums += (one_hot.T @ residuals ** 2).sum(dim=1)
+        distances = ((batch ** 2).sum(dim=1, keepdim=True) + mean_sq_norms[None, :]
+                     - 2.0 * batch @ means.T)
+        ncc_predictions = distances.argmin(dim=1)
+        ncc_hits += int((ncc_predictions == batch_labels).sum())
+        if weights is not None:
+            predictions = (batch @ weights.T + bias).argmax(dim=1)
+            classifier_hits += int((predictions == batch_labels).sum())
+            disagreements += int((predictions != ncc_predictions).sum())
+
+    centred = means - global_mean
+    within = covariance / num_rows
+    between = centred.T @ centred / num_classes
+    nc1 = torch.trace(within @ torch.linalg.pinv(between, hermitian=True)) / num_classes
+    variances = sq_norm_sums / counts
+    mean_distances = torch.cdist(means, means) ** 2
+    pairs = torch.triu_indices(num_classes, num_classes, offset=1)
+    cdnv = ((variances[pairs[0]] + variances[pairs[1]])
+            / (2.0 * mean_distances[pairs[0], pairs[1]])).mean()
+    result = {
+        "nc1": float(nc1),
+        "nc1_trace": float(torch.trace(within) / torch.trace(between)),
+        "cdnv": float(cdnv),
+        "ncc_accuracy": ncc_hits / num_rows,
+    }
+    if weights is not None:
+        result["nc4"] = disagreements / num_rows
+        result["accuracy"] = classifier_hits / num_rows
+    return result
