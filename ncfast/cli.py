@@ -3,6 +3,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 
 def build_parser():
@@ -25,7 +26,7 @@ def main(argv=None):
     try:
         return args.handler(args, console)
     except (ValueError, TypeError, OSError) as error:
-        console.print(f"[red]ncfast {args.command}: {error}[/red]")
+        console.print(f"[red]ncfast {args.command}: {escape(str(error))}[/red]", highlight=False)
         return 1
 
 

@@ -252,6 +252,8 @@ def test_cli_one_line_errors_for_bad_arguments(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "run"), "--labels", "labels.npy",
                  "--no-progress"]) == 1
     assert "--labels applies to feature files" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "part[1].safetensors")]) == 1
+    assert "part[1].safetensors: no such state file" in capsys.readouterr().out
 
 
 def _shards(case, count):
