@@ -26,7 +26,8 @@ def main(argv=None):
     try:
         return args.handler(args, console)
     except (ValueError, TypeError, OSError) as error:
-        console.print(f"[red]ncfast {args.command}: {escape(str(error))}[/red]", highlight=False)
+        console.print(f"[red]ncfast {args.command}: {escape(str(error))}[/red]",
+                      highlight=False, soft_wrap=True)  # one line, names intact
         return 1
 
 
