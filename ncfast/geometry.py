@@ -28,12 +28,17 @@ def symmetric_pinv(matrix, rtol=PINV_RTOL):
     pinv : float64 array of shape (k, k)
     rank : int
         Number of eigenvalues kept.
+    condition : float
+        Largest over smallest kept eigenvalue: rounding in what the
+        pseudo-inverse multiplies is amplified up to this much.
     """
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
     cutoff = rtol * max(eigenvalues.max(initial=0.0), 0.0)
     keep = eigenvalues > cutoff
     kept_vectors = eigenvectors[:, keep]
-    return (kept_vectors / eigenvalues[keep]) @ kept_vectors.T, int(keep.sum())
+    kept_values = eigenvalues[keep]
+    return ((kept_vectors / kept_values) @ kept_vectors.T, int(keep.sum()),
+            float(kept_values.max() / kept_values.min()))
 
 
 def route_for(num_means, num_features):

@@ -128,21 +128,23 @@ def within_class_nc1(geometry, stats, pinv_rtol):
     nc1, nc1_trace : float
     rank : int
         Numerical rank of the pseudo-inverted matrix (Gram or Sigma_B).
+    condition : float
+        Its condition number over the kept eigenvalues.
     """
     num_rows = stats.num_rows
     num_means = geometry.present.size
     if stats.route == "classes":
         # z_i = M~ r_i gives r_i^T Sigma_B^+ r_i = C ||Gram^+ z_i||^2, so
         # nc1 = Tr(Gram^+ S Gram^+) / N with S = sum z z^T (DESIGN.md, pass 2).
-        gram_pinv, rank = symmetric_pinv(geometry.gram, pinv_rtol)
+        gram_pinv, rank, condition = symmetric_pinv(geometry.gram, pinv_rtol)
         nc1 = np.sum((gram_pinv @ stats.scatter) * gram_pinv) / num_rows
     else:
         between = geometry.centred.T @ geometry.centred / num_means
-        between_pinv, rank = symmetric_pinv(between, pinv_rtol)
+        between_pinv, rank, condition = symmetric_pinv(between, pinv_rtol)
         nc1 = np.sum(stats.scatter * between_pinv) / num_rows / num_means
     within_trace = stats.sq_norm_sums.sum() / num_rows
     between_trace = geometry.centred_sq_norms.sum() / num_means
-    return float(nc1), float(within_trace / between_trace), rank
+    return float(nc1), float(within_trace / between_trace), rank, condition
 
 
 def _cdnv(geometry, variances, tile):
@@ -191,7 +193,7 @@ def collapse_metrics(geometry, stats, *, pinv_rtol, tile=PAIR_TILE):
     """
     num_rows = stats.num_rows
     centred = geometry.centred
-    nc1, nc1_trace, rank = within_class_nc1(geometry, stats, pinv_rtol)
+    nc1, nc1_trace, rank, condition = within_class_nc1(geometry, stats, pinv_rtol)
     variances = _per_class(stats.sq_norm_sums, stats.counts)
     equinorm = _std_over_mean(np.sqrt(geometry.centred_sq_norms))
     equiangular, maxangle, energy = _cosine_metrics(centred, tile)
@@ -210,6 +212,7 @@ def collapse_metrics(geometry, stats, *, pinv_rtol, tile=PAIR_TILE):
         "gnc2": energy,
         "ncc_accuracy": float(stats.ncc_hits.sum() / num_rows),
         "rank": rank,
+        "pinv_condition": condition,
         "route": stats.route,
         "class_counts": stats.counts.copy(),
         "class_variances": variances,
@@ -278,7 +281,7 @@ def noise_metrics(main_stats, clean_geometry, clean_stats, corrupted_stats, *, p
     # about sqrt(eps) times the mean distance (README, "Metrics").
     distance_variances = clean_stats.sq_norm_sums[measured] / counts - mean_distances ** 2
     result["dilation"] = float(np.mean(np.sqrt(np.maximum(distance_variances, 0.0))) / scale)
-    nc1_clean, nc1_trace_clean, _ = within_class_nc1(clean_geometry, clean_stats, pinv_rtol)
+    nc1_clean, nc1_trace_clean, _, _ = within_class_nc1(clean_geometry, clean_stats, pinv_rtol)
     result["nc1_clean"] = nc1_clean
     result["nc1_trace_clean"] = nc1_trace_clean
     return result

@@ -59,6 +59,9 @@ class CollapseReport:
         Classes that have a mean; class-pair metrics run over these.
     rank : int
         Numerical rank of the pseudo-inverted between-class matrix.
+    pinv_condition : float
+        Its largest over smallest kept eigenvalue; NC1's relative rounding
+        error grows with it (about 1e-16 times it).
     route : {"classes", "features"}
         Whether NC1 used the C×C or the D×D scatter.
     """
@@ -69,6 +72,7 @@ class CollapseReport:
     means: np.ndarray
     present_classes: np.ndarray
     rank: int
+    pinv_condition: float
     route: str
     pinv_rtol: float
     global_mean: str

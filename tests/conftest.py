@@ -1,9 +1,16 @@
 """Shared fixtures: comparing two reports field by field."""
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI runs the same examples every time, so that a red run is reproducible.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 #: Two analyses of the same rows agree to this relative error (issue 2).
 RELATIVE_TOLERANCE = 1e-10
@@ -11,6 +18,13 @@ RELATIVE_TOLERANCE = 1e-10
 #: Values both this small are zero up to rounding (e.g. the NC2 metrics of two
 #: classes, which vanish exactly in theory) and are not compared relatively.
 ROUNDING_ZERO = 1e-12
+
+
+#: Fields that go through the pseudo-inverse: float64 rounding in the sums
+#: (which changes with chunking and merge order) is amplified up to the
+#: condition number of the kept spectrum, so their tolerance grows with it.
+CONDITIONED_FIELDS = ("nc1", "pinv_condition")
+CONDITIONED_RTOL = 1e-15
 
 
 def _value_mismatch(name, actual, expected, rtol):
@@ -42,8 +56,10 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
     """Every field of two ``CollapseReport``s that differs beyond ``rtol`` relative.
 
     Integer and string fields must be equal; float fields and arrays must agree
-    to ``rtol`` relative error, with NaN in the same places; values that are
-    both within ``ROUNDING_ZERO`` of zero agree.
+    to ``rtol`` relative error (``CONDITIONED_FIELDS``: at least
+    ``CONDITIONED_RTOL`` times the pseudo-inverse's condition number), with NaN
+    in the same places; values that are both within ``ROUNDING_ZERO`` of zero
+    agree.
 
     Returns
     -------
@@ -52,8 +68,11 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
     """
     mismatches = []
     for item in dataclasses.fields(expected):
+        field_rtol = rtol
+        if item.name in CONDITIONED_FIELDS:
+            field_rtol = max(rtol, CONDITIONED_RTOL * expected.pinv_condition)
         mismatch = _value_mismatch(item.name, getattr(actual, item.name),
-                                   getattr(expected, item.name), rtol)
+                                   getattr(expected, item.name), field_rtol)
         if mismatch is not None:
             mismatches.append(mismatch)
     return mismatches
