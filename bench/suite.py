@@ -60,7 +60,7 @@ class Row:
     features: int
     classes: int
     classifier: bool
-    floor: float
+    floor: float = None
     seconds: dict = field(default_factory=dict)
     sampled_rows: dict = field(default_factory=dict)
     peak_extra_bytes: dict = field(default_factory=dict)
@@ -68,6 +68,11 @@ class Row:
     @property
     def input_bytes(self):
         return 4 * self.rows * self.features
+
+    @property
+    def outputs(self):
+        """Columns of pass 2's GEMM: C, or 2C with a classifier."""
+        return self.classes * (2 if self.classifier else 1)
 
 
 def parse_sizes(text):
@@ -112,25 +117,32 @@ def _machine():
 
 
 class Bench:
-    """One benchmark run: the machine's rates, then one ``Row`` per size."""
+    """One benchmark run: one ``Row`` per size, and the best machine rates seen.
+
+    The machine may be shared, so the read bandwidth and the square sgemm
+    rate are measured again before every size, with pass 2's own GEMM shape;
+    every row's floor uses the best rates of the whole run (``floor``).
+    """
 
     def __init__(self, repeats, memory_sizes, console):
         self.repeats = repeats
         self.memory_sizes = memory_sizes
         self.console = console
-        scratch = np.ones((BANDWIDTH_BYTES // (4 * 1024), 1024), np.float32)
-        self.bandwidth = read_bandwidth(scratch, repeats=5)
-        del scratch
-        self.square_sgemm, _ = sgemm_rate(SQUARE_SIDE, SQUARE_SIDE, rows=SQUARE_SIDE)
-        self._skinny = {}
+        self.bandwidth = 0.0
+        self.sgemm = (0.0, "")
 
-    def floor(self, num_features, num_outputs):
-        """``Floor`` with the better of the square and pass 2's own sgemm rate."""
-        key = (num_features, num_outputs)
-        if key not in self._skinny:
-            self._skinny[key] = sgemm_rate(num_features, num_outputs)
-        rate, shape = max(self._skinny[key], (self.square_sgemm, f"{SQUARE_SIDE}^3"))
-        return Floor(self.bandwidth, rate, shape)
+    def measure_rates(self, num_features, num_outputs):
+        """Measure the read bandwidth and both sgemm rates now; keep the best."""
+        scratch = np.ones((BANDWIDTH_BYTES // (4 * 1024), 1024), np.float32)
+        self.bandwidth = max(self.bandwidth, read_bandwidth(scratch, repeats=5))
+        del scratch
+        square = sgemm_rate(SQUARE_SIDE, SQUARE_SIDE, rows=SQUARE_SIDE)[0]
+        self.sgemm = max(self.sgemm, (square, f"{SQUARE_SIDE}^3"),
+                         sgemm_rate(num_features, num_outputs))
+
+    def floor(self):
+        """``Floor`` at the best rates measured so far."""
+        return Floor(self.bandwidth, *self.sgemm)
 
     def measure(self, size, classifiers, routes):
         """Check, time and (for ``memory_sizes``) weigh every route on one size."""
@@ -140,9 +152,8 @@ class Bench:
         rows = []
         for classifier in classifiers:
             clf_weights, clf_bias = (weights, bias) if classifier else (None, None)
-            outputs = num_classes * (2 if classifier else 1)
-            row = Row(num_rows, num_features, num_classes, classifier,
-                      self.floor(num_features, outputs).seconds(num_rows, num_features, outputs))
+            row = Row(num_rows, num_features, num_classes, classifier)
+            self.measure_rates(num_features, row.outputs)
             checked = slice(0, min(num_rows, CHECK_ROWS))
             reference = ROUTES["textbook"](features[checked], labels[checked], num_classes,
                                            clf_weights, clf_bias)
@@ -174,7 +185,7 @@ class Bench:
 def _row_line(row):
     times = "  ".join(f"{name} {seconds:.3f}s" for name, seconds in row.seconds.items())
     return (f"N={row.rows} D={row.features} C={row.classes} classifier={row.classifier}: "
-            f"{times}  floor {row.floor:.3f}s")
+            f"{times}  (load {os.getloadavg()[0]:.1f})")
 
 
 def scaling_exponent(rows):
@@ -244,23 +255,31 @@ def main(argv=None):
         {HEADLINE, (SCALING_ROWS[-1],) + HEADLINE[1:]} & set(sizes))
     load_before = os.getloadavg()
     bench = Bench(args.repeats, memory_sizes, console)
-    console.print(f"read bandwidth {bench.bandwidth / 1e9:.1f} GB/s, square sgemm "
-                  f"{bench.square_sgemm / 1e9:.0f} GFLOP/s, load average {load_before}")
+    console.print(f"load average {load_before}")
     rows, threads = [], None
     for size in sizes:
         size_rows, data = bench.measure(size, classifiers, routes)
         rows += size_rows
         if size == HEADLINE and not args.no_threads and "ncfast" in routes:
             features, labels, weights, bias = data
-            with thread_limit(1):
-                ROUTES["ncfast"](features[:WARM_ROWS], labels[:WARM_ROWS], size[2], weights,
-                                 bias)
-                one = _best_seconds(lambda: ROUTES["ncfast"](features, labels, size[2],
-                                                             weights, bias), args.repeats)
-            every = next(row for row in size_rows if row.classifier).seconds["ncfast"]
+
+            def headline():
+                ROUTES["ncfast"](features, labels, size[2], weights, bias)
+
+            # Alternate one and all threads, so that both see the same load.
+            one = every = np.inf
+            for _ in range(args.repeats):
+                with thread_limit(1):
+                    one = min(one, _best_seconds(headline, 1))
+                every = min(every, _best_seconds(headline, 1))
             threads = {"threads": numba.get_num_threads(), "one_thread_seconds": one,
                        "all_threads_seconds": every, "speedup": one / every}
         del data
+    floor = bench.floor()
+    for row in rows:
+        row.floor = floor.seconds(row.rows, row.features, row.outputs)
+    console.print(f"floor rates (best of the run): read {floor.bandwidth / 1e9:.1f} GB/s, sgemm "
+                  f"{floor.sgemm / 1e9:.0f} GFLOP/s ({floor.sgemm_shape})")
     render(rows, console)
     exponent = scaling_exponent([row for row in rows if row.classifier]
                                 if any(row.classifier for row in rows) else rows)
@@ -280,8 +299,9 @@ def main(argv=None):
     path.write_text(json.dumps({
         "machine": _machine(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
-        "read_bandwidth_bytes_per_s": bench.bandwidth,
-        "square_sgemm_flops": bench.square_sgemm,
+        "read_bandwidth_bytes_per_s": floor.bandwidth,
+        "sgemm_flops": floor.sgemm,
+        "sgemm_shape": floor.sgemm_shape,
         "rows": [asdict(row) | {"input_bytes": row.input_bytes} for row in rows],
         "scaling_exponent": exponent,
         "threads": threads,
