@@ -17,7 +17,7 @@ must agree to 1e-10 relative (the blocks and kernel chunks are the same). The
 issue's bar: the Dask run takes at most 30% longer than the faster single
 process.
 
-Run: ``.venv/bin/python bench/bench_dask.py [--gigabytes 8] [--dir DIR] [--keep]``
+Run: ``.venv/bin/python -m bench.bench_dask [--gigabytes 8] [--dir DIR] [--keep]``
 (the data is deleted afterwards unless ``--keep``).
 """
 import argparse
@@ -29,6 +29,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from bench.memory import peak_memory, reset_peak_memory
 
 NUM_FEATURES = 256
 NUM_CLASSES = 100
@@ -96,21 +98,6 @@ def warm_kernels():
     rng = np.random.default_rng(0)
     ncfast.collapse(rng.standard_normal((512, 8)).astype(np.float32), np.arange(512) % 4,
                     weights=rng.standard_normal((4, 8)))
-
-
-def reset_peak_memory():
-    """Restart the kernel's record of this process's peak resident memory."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def peak_memory():
-    """Peak resident bytes of this process since the last ``reset_peak_memory``."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM")
 
 
 def _single_process(folder, answers):

@@ -10,11 +10,11 @@ import argparse
 import time
 
 import numpy as np
-import psutil
 from rich.console import Console
 from rich.table import Table
 
 import ncfast
+from bench.memory import peak_memory, reset_peak_memory, resident_memory
 
 
 def synthetic_vocabulary(num_rows, num_features, num_classes, *, seed=0, block=1 << 18):
@@ -38,21 +38,6 @@ def synthetic_vocabulary(num_rows, num_features, num_classes, *, seed=0, block=1
     return features, labels
 
 
-def reset_peak_rss():
-    """Restart the kernel's peak-RSS count (VmHWM) at the current RSS (Linux)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def peak_rss_bytes():
-    """Peak resident set size since the last ``reset_peak_rss`` (VmHWM, Linux)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM line in /proc/self/status")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
@@ -65,12 +50,12 @@ def main(argv=None):
 
     features, labels = synthetic_vocabulary(args.rows, args.features, args.classes)
     input_bytes = features.nbytes + labels.nbytes
-    rss_with_input = psutil.Process().memory_info().rss
-    reset_peak_rss()
+    rss_with_input = resident_memory()
+    reset_peak_memory()
     start = time.perf_counter()
     report = ncfast.collapse(features, labels, num_classes=args.classes)
     seconds = time.perf_counter() - start
-    beyond_input = max(peak_rss_bytes() - rss_with_input, 0)
+    beyond_input = max(peak_memory() - rss_with_input, 0)
     dense_grid = args.classes ** 2 * 4
 
     table = Table(title=f"ncfast, many classes: N={args.rows:,} × D={args.features} × "

@@ -25,6 +25,22 @@ def _status_bytes(field):
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def resident_memory():
+    """Resident bytes of this process now (Linux)."""
+    return _status_bytes("VmRSS")
+
+
+def reset_peak_memory():
+    """Restart the kernel's record of this process's peak resident memory (Linux)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def peak_memory():
+    """Peak resident bytes of this process since the last ``reset_peak_memory``."""
+    return _status_bytes("VmHWM")
+
+
 def peak_extra_bytes(route, num_rows, num_features, num_classes, classifier, threads=None):
     """Peak resident bytes beyond the input while ``route`` runs, from a subprocess."""
     command = [sys.executable, "-m", "bench.memory", route, str(num_rows), str(num_features),
@@ -50,11 +66,10 @@ def main(argv=None):
         run = ROUTES[args.route]
         warm = min(args.rows, WARM_ROWS)
         run(features[:warm], labels[:warm], args.classes, weights, bias)
-        before = _status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
+        before = resident_memory()
+        reset_peak_memory()
         run(features, labels, args.classes, weights, bias)
-        peak = _status_bytes("VmHWM")
+        peak = peak_memory()
     print(json.dumps({"route": args.route, "input_bytes": features.nbytes,
                       "rss_before_bytes": before, "peak_extra_bytes": peak - before}))
 

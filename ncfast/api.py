@@ -61,9 +61,7 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
     -------
     CollapseReport
     """
-    if empty_classes not in EMPTY_CLASS_POLICIES:
-        raise ValueError(
-            f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+    check_empty_class_policy(empty_classes)
     from ncfast import cuda  # imports no CuPy until the GPU is used
     if cuda.runs_on_gpu(device, features):
         return cuda.collapse_on_gpu(
@@ -87,11 +85,8 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
             raise ValueError(
                 "clean_labels needs the clean-row means of these features, so it cannot be "
                 "combined with means=; measure label noise on the training features")
-        geometry = _geometry_from_given_means(means, num_classes, global_mean)
-        if geometry.num_features != _num_features(source):
-            raise ValueError(
-                f"means has {geometry.num_features} features per class but the features have "
-                f"{_num_features(source)} columns; pass the means of the same layer")
+        geometry = geometry_from_means_option(means, num_classes, _num_features(source),
+                                              global_mean)
 
     residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
     for chunk in source:
@@ -276,7 +271,18 @@ def _check_empty_classes(counts, policy):
     warnings.warn(message, stacklevel=4)
 
 
-def _geometry_from_given_means(means, num_classes, global_mean):
+def geometry_from_means_option(means, num_classes, num_features, global_mean):
+    """The ``Geometry`` of ``collapse``'s ``means=`` option, checked against the data.
+
+    Parameters
+    ----------
+    means : array of shape (C, D) or CollapseReport
+        Class means to measure against (a report brings its row counts, for
+        ``global_mean="samples"``).
+    num_classes, num_features : int
+        C and D of the features being measured.
+    global_mean : {"classes", "samples"}
+    """
     counts = None
     if isinstance(means, CollapseReport):
         means, counts = means.means, means.mean_counts
@@ -285,4 +291,15 @@ def _geometry_from_given_means(means, num_classes, global_mean):
         raise ValueError(
             f"means has shape {means.shape}; expected (num_classes, n_features) with "
             f"num_classes={num_classes}")
+    if means.shape[1] != num_features:
+        raise ValueError(
+            f"means has {means.shape[1]} features per class but the features have "
+            f"{num_features} columns; pass the means of the same layer")
     return Geometry.from_means(means, counts, global_mean=global_mean)
+
+
+def check_empty_class_policy(empty_classes):
+    """Refuse an ``empty_classes`` option outside ``EMPTY_CLASS_POLICIES``."""
+    if empty_classes not in EMPTY_CLASS_POLICIES:
+        raise ValueError(
+            f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")

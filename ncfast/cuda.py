@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ncfast.accumulators import ClassSums, _raise_bad_rows
-from ncfast.api import (ResidualPass, _chunks_carry_clean_labels, _geometry_from_given_means,
+from ncfast.api import (ResidualPass, _chunks_carry_clean_labels, geometry_from_means_option,
                         _num_features, _resolve_num_classes, finalize_pass1)
 from ncfast.geometry import PINV_RTOL
 from ncfast.kernels.cpu import NO_ROW
@@ -613,11 +613,8 @@ def collapse_on_gpu(features, labels=None, *, num_classes=None, weights=None, bi
                 raise ValueError(
                     "clean_labels needs the clean-row means of these features, so it cannot be "
                     "combined with means=; measure label noise on the training features")
-            geometry = _geometry_from_given_means(means, num_classes, global_mean)
-            if geometry.num_features != source.num_features:
-                raise ValueError(
-                    f"means has {geometry.num_features} features per class but the features "
-                    f"have {source.num_features} columns; pass the means of the same layer")
+            geometry = geometry_from_means_option(means, num_classes, source.num_features,
+                                                  global_mean)
         residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
         device_pass = DeviceResidualPass(residual_pass)
         # GPU-resident chunks alternate between two streams, so that the bandwidth-bound

@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 
 from ncfast.accumulators import ClassSums
-from ncfast.api import (EMPTY_CLASS_POLICIES, ResidualPass, _geometry_from_given_means,
+from ncfast.api import (ResidualPass, check_empty_class_policy, geometry_from_means_option,
                         _resolve_num_classes, finalize_pass1)
 from ncfast.geometry import PINV_RTOL
 from ncfast.inputs import ArraySource, check_features, check_labels
@@ -86,9 +86,7 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     -------
     CollapseReport
     """
-    if empty_classes not in EMPTY_CLASS_POLICIES:
-        raise ValueError(
-            f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+    check_empty_class_policy(empty_classes)
     if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
         raise ValueError(f"split_every must be an int of at least 2; found {split_every!r}")
     if clean_labels is not None and means is not None:
@@ -111,11 +109,8 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
         geometry, clean_geometry = finalize_pass1(class_sums, global_mean=global_mean,
                                                   empty_classes=empty_classes)
     else:
-        geometry = _geometry_from_given_means(means, num_classes, global_mean)
-        if geometry.num_features != features.shape[1]:
-            raise ValueError(
-                f"means has {geometry.num_features} features per class but the features have "
-                f"{features.shape[1]} columns; pass the means of the same layer")
+        geometry = geometry_from_means_option(means, num_classes, features.shape[1],
+                                              global_mean)
 
     residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
     empty_pass = dask.delayed(residual_pass, name=f"ncfast-empty-pass2-{uuid.uuid4().hex}")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ncfast.accumulators import ClassSums, _check_classifier
-from ncfast.api import (EMPTY_CLASS_POLICIES, ResidualPass, _geometry_from_given_means,
+from ncfast.api import (ResidualPass, check_empty_class_policy, geometry_from_means_option,
                         finalize_pass1)
 from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL
 from ncfast.inputs import ArraySource
@@ -64,9 +64,7 @@ class DistributedCollapse:
     def __init__(self, num_classes, num_features, *, weights=None, bias=None, means=None,
                  label_noise=False, global_mean="classes", chunk_size=None,
                  empty_classes="warn", pinv_rtol=PINV_RTOL, group=None):
-        if empty_classes not in EMPTY_CLASS_POLICIES:
-            raise ValueError(
-                f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+        check_empty_class_policy(empty_classes)
         if global_mean not in GLOBAL_MEANS:
             raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
         if label_noise and means is not None:
@@ -87,11 +85,8 @@ class DistributedCollapse:
             self.residual_pass = None
         else:
             self.class_sums = None
-            geometry = _geometry_from_given_means(means, num_classes, global_mean)
-            if geometry.num_features != num_features:
-                raise ValueError(
-                    f"means has {geometry.num_features} features per class, not "
-                    f"num_features={num_features}; pass the means of the same layer")
+            geometry = geometry_from_means_option(means, num_classes, num_features,
+                                                  global_mean)
             self.residual_pass = ResidualPass(geometry, weights=self._classifier[0],
                                               bias=self._classifier[1])
 
