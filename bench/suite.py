@@ -189,9 +189,14 @@ def _row_line(row):
 
 
 def scaling_exponent(rows):
-    """Fitted exponent of ncfast's time against N (least squares on logs), or None."""
+    """Exponent of ncfast's time against N at the headline's D and C, with a classifier.
+
+    Least squares on logs over the rows with N in ``SCALING_ROWS``' range;
+    None with fewer than two such N.
+    """
     points = [(row.rows, row.seconds["ncfast"]) for row in rows
-              if SCALING_ROWS[0] <= row.rows <= SCALING_ROWS[-1] and "ncfast" in row.seconds]
+              if (row.features, row.classes) == HEADLINE[1:] and row.classifier
+              and SCALING_ROWS[0] <= row.rows <= SCALING_ROWS[-1] and "ncfast" in row.seconds]
     if len({rows for rows, _ in points}) < 2:
         return None
     logs = np.log(np.array(points))
@@ -281,11 +286,10 @@ def main(argv=None):
     console.print(f"floor rates (best of the run): read {floor.bandwidth / 1e9:.1f} GB/s, sgemm "
                   f"{floor.sgemm / 1e9:.0f} GFLOP/s ({floor.sgemm_shape})")
     render(rows, console)
-    exponent = scaling_exponent([row for row in rows if row.classifier]
-                                if any(row.classifier for row in rows) else rows)
+    exponent = scaling_exponent(rows)
     if exponent is not None:
-        console.print(f"ncfast time ~ N^{exponent:.3f} (fit over N in "
-                      f"[{SCALING_ROWS[0]:.0e}, {SCALING_ROWS[-1]:.0e}])")
+        console.print(f"ncfast time ~ N^{exponent:.3f} (D={HEADLINE[1]}, C={HEADLINE[2]}, with "
+                      f"a classifier, N in [{SCALING_ROWS[0]:.0e}, {SCALING_ROWS[-1]:.0e}])")
     if threads:
         console.print(f"ncfast at the headline size: 1 thread {threads['one_thread_seconds']:.3f}"
                       f" s, {threads['threads']} threads {threads['all_threads_seconds']:.3f} s"
