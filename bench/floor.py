@@ -29,7 +29,8 @@ def _read_rows(rows):
     return row_sums.sum()
 
 
-def _best_seconds(function, repeats):
+def best_seconds(function, repeats):
+    """Shortest wall time of ``repeats`` calls of ``function()``, in seconds."""
     best = np.inf
     for _ in range(repeats):
         start = time.perf_counter()
@@ -48,7 +49,7 @@ def read_bandwidth(array, repeats=3):
         The best of this many reads counts.
     """
     _read_rows(array[:64])
-    return array.nbytes / _best_seconds(lambda: _read_rows(array), repeats)
+    return array.nbytes / best_seconds(lambda: _read_rows(array), repeats)
 
 
 def sgemm_rate(num_features, num_outputs, rows=1 << 16, repeats=3):
@@ -72,7 +73,7 @@ def sgemm_rate(num_features, num_outputs, rows=1 << 16, repeats=3):
         right = rng.standard_normal((k, n), dtype=np.float32)
         out = np.empty((m, n), np.float32)
         np.matmul(left, right, out=out)
-        rates[label] = 2.0 * m * k * n / _best_seconds(
+        rates[label] = 2.0 * m * k * n / best_seconds(
             lambda: np.matmul(left, right, out=out), repeats)
     shape = max(rates, key=rates.get)
     return rates[shape], shape

@@ -15,7 +15,6 @@ import os
 import pathlib
 import platform
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import numba
@@ -28,7 +27,7 @@ from rich.table import Table
 
 import ncfast
 from bench.data import collapsed_features
-from bench.floor import SQUARE_SIDE, Floor, read_bandwidth, sgemm_rate
+from bench.floor import SQUARE_SIDE, Floor, best_seconds, read_bandwidth, sgemm_rate
 from bench.memory import peak_extra_bytes
 from bench.routes import ROUTES, WARM_ROWS, check, thread_limit
 
@@ -82,15 +81,6 @@ def parse_sizes(text):
         rows, features, classes = (int(float(part)) for part in item.lower().split("x"))
         sizes.append((rows, features, classes))
     return sizes
-
-
-def _best_seconds(function, repeats):
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _machine():
@@ -169,7 +159,7 @@ class Bench:
                 warm = min(sampled, WARM_ROWS)
                 run(features[:warm], labels[:warm], num_classes, clf_weights, clf_bias)
                 repeats = self.repeats if name == "ncfast" else 1
-                seconds = _best_seconds(
+                seconds = best_seconds(
                     lambda: run(features[:sampled], labels[:sampled], num_classes, clf_weights,
                                 clf_bias), repeats)
                 row.seconds[name] = seconds * num_rows / sampled
@@ -275,8 +265,8 @@ def main(argv=None):
             one = every = np.inf
             for _ in range(args.repeats):
                 with thread_limit(1):
-                    one = min(one, _best_seconds(headline, 1))
-                every = min(every, _best_seconds(headline, 1))
+                    one = min(one, best_seconds(headline, 1))
+                every = min(every, best_seconds(headline, 1))
             threads = {"threads": numba.get_num_threads(), "one_thread_seconds": one,
                        "all_threads_seconds": every, "speedup": one / every}
         del data
