@@ -65,11 +65,12 @@ def metric_figure(rows, metric):
         return None
     figure = Figure(figsize=(5.5, 4.0))
     axes = figure.add_subplot()
-    layers = sorted({key[1] for key in curves})
-    colours = {layer: f"C{index % 10}" for index, layer in enumerate(layers)}
+    # One colour per run and layer; the split (train/test) sets the line style.
+    sources_and_layers = sorted({key[:2] for key in curves})
+    colours = {pair: f"C{index % 10}" for index, pair in enumerate(sources_and_layers)}
     many_sources = len({key[0] for key in curves}) > 1
     for key, (epochs, values) in sorted(curves.items()):
-        axes.plot(epochs, values, SPLIT_STYLES.get(key[2], ":"), color=colours[key[1]],
+        axes.plot(epochs, values, SPLIT_STYLES.get(key[2], ":"), color=colours[key[:2]],
                   marker="o", markersize=3, linewidth=1.5, label=_line_label(key, many_sources))
     every_value = np.concatenate([values for _, values in curves.values()])
     every_epoch = np.concatenate([epochs for epochs, _ in curves.values()])
