@@ -198,6 +198,42 @@ def block_residuals(features, labels, label_rows, means, out_residuals, out_sq_n
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
+def tally_row(label, sq_norm, ncc_prediction, classifier_prediction, corrupted_row, counts,
+              sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
+    """Add one row's spread and predictions to the per-class tallies.
+
+    Parameters
+    ----------
+    label : int
+    sq_norm : float, ``||r||^2``
+    ncc_prediction : int, nearest class centre
+    classifier_prediction : int, classifier argmax, or -1 without a classifier
+    corrupted_row : bool, the row's training label is known to be wrong
+    counts, ncc_hits, classifier_hits : int64 arrays of shape (C,), updated
+    sq_norm_sums, norm_sums : float64 arrays of shape (C,), updated
+    totals : int64 array of shape (3,), updated: NCC/classifier
+        disagreements, corrupted rows, corrupted rows predicted as their
+        (noisy) label (by the classifier if there is one, else by NCC)
+    """
+    counts[label] += 1
+    sq_norm_sums[label] += sq_norm
+    norm_sums[label] += np.sqrt(sq_norm)
+    if ncc_prediction == label:
+        ncc_hits[label] += 1
+    prediction = ncc_prediction
+    if classifier_prediction >= 0:
+        if classifier_prediction != ncc_prediction:
+            totals[0] += 1
+        prediction = classifier_prediction
+        if prediction == label:
+            classifier_hits[label] += 1
+    if corrupted_row:
+        totals[1] += 1
+        if prediction == label:
+            totals[2] += 1
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_distances,
              logit_offsets, corrupted, out_mean_products, counts, sq_norm_sums, norm_sums,
              ncc_hits, classifier_hits, totals):
@@ -235,12 +271,7 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_di
     scores = np.empty(num_means)
     logits = np.empty(num_logits)
     for i in range(products.shape[0]):
-        label = labels[i]
-        row = label_rows[label]
-        sq_norm = sq_norms[i]
-        counts[label] += 1
-        sq_norm_sums[label] += sq_norm
-        norm_sums[label] += np.sqrt(sq_norm)
+        row = label_rows[labels[i]]
 
         # Minimum first (a reduction that vectorizes), then its first index.
         best_score = np.inf
@@ -252,11 +283,8 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_di
         best_k = 0
         while scores[best_k] != best_score:
             best_k += 1
-        ncc_prediction = present_classes[best_k]
-        if ncc_prediction == label:
-            ncc_hits[label] += 1
-        prediction = ncc_prediction
 
+        best_c = -1
         if num_logits > 0:
             best_logit = -np.inf
             for c in range(num_logits):
@@ -265,16 +293,10 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_di
             best_c = 0
             while logits[best_c] != best_logit:
                 best_c += 1
-            prediction = best_c
-            if best_c == label:
-                classifier_hits[label] += 1
-            if best_c != ncc_prediction:
-                totals[0] += 1
 
-        if has_corrupted and corrupted[i]:
-            totals[1] += 1
-            if prediction == label:
-                totals[2] += 1
+        tally_row(labels[i], sq_norms[i], present_classes[best_k], best_c,
+                  has_corrupted and corrupted[i] != 0, counts, sq_norm_sums, norm_sums,
+                  ncc_hits, classifier_hits, totals)
 
 
 def residual_chunk(features, labels, corrupted, label_rows, present_classes, means,

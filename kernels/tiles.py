@@ -10,7 +10,7 @@ best per row, so memory stays O(chunk × tile).
 import numpy as np
 from numba import njit, prange
 
-from ncfast.kernels.cpu import FASTMATH
+from ncfast.kernels.cpu import FASTMATH, tally_row
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -105,23 +105,11 @@ def tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted, 
     thread_totals = np.zeros((num_threads, 3), np.int64)
     for t in prange(num_threads):
         for i in range(t * rows_per_thread, min(num_rows, (t + 1) * rows_per_thread)):
-            label = labels[i]
-            thread_counts[t, label] += 1
-            thread_sq_sums[t, label] += sq_norms[i]
-            thread_norm_sums[t, label] += np.sqrt(sq_norms[i])
-            prediction = ncc_predictions[i]
-            if prediction == label:
-                thread_ncc_hits[t, label] += 1
-            if has_classifier:
-                if classifier_predictions[i] != prediction:
-                    thread_totals[t, 0] += 1
-                prediction = classifier_predictions[i]
-                if prediction == label:
-                    thread_classifier_hits[t, label] += 1
-            if has_corrupted and corrupted[i]:
-                thread_totals[t, 1] += 1
-                if prediction == label:
-                    thread_totals[t, 2] += 1
+            tally_row(labels[i], sq_norms[i], ncc_predictions[i],
+                      classifier_predictions[i] if has_classifier else -1,
+                      has_corrupted and corrupted[i] != 0, thread_counts[t], thread_sq_sums[t],
+                      thread_norm_sums[t], thread_ncc_hits[t], thread_classifier_hits[t],
+                      thread_totals[t])
     for t in range(num_threads):
         counts += thread_counts[t]
         sq_norm_sums += thread_sq_sums[t]
