@@ -5,7 +5,7 @@ import numpy as np
 
 from ncfast.accumulators import ClassSums, ResidualStats
 from ncfast.geometry import PINV_RTOL, Geometry
-from ncfast.inputs import as_source, host_array
+from ncfast.inputs import as_source, carries_clean_labels, host_array, num_features_of
 from ncfast.metrics import collapse_metrics, noise_metrics
 from ncfast.report import CollapseReport
 
@@ -69,12 +69,12 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
             clean_labels=clean_labels, global_mean=global_mean, chunk_size=chunk_size,
             empty_classes=empty_classes, pinv_rtol=pinv_rtol)
     source = as_source(features, labels, clean_labels, chunk_size=chunk_size)
-    num_classes = _resolve_num_classes(num_classes, source, means)
-    has_noise = clean_labels is not None or _chunks_carry_clean_labels(source)
+    num_classes = resolve_num_classes(num_classes, source, means)
+    has_noise = clean_labels is not None or carries_clean_labels(source)
 
     clean_geometry = None
     if means is None:
-        class_sums = ClassSums(num_classes, _num_features(source), track_clean=has_noise)
+        class_sums = ClassSums(num_classes, num_features_of(source), track_clean=has_noise)
         for chunk in source:
             class_sums.update(chunk.features, chunk.labels, chunk.clean_labels,
                               row_offset=chunk.offset)
@@ -85,7 +85,7 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
             raise ValueError(
                 "clean_labels needs the clean-row means of these features, so it cannot be "
                 "combined with means=; measure label noise on the training features")
-        geometry = geometry_from_means_option(means, num_classes, _num_features(source),
+        geometry = geometry_from_means_option(means, num_classes, num_features_of(source),
                                               global_mean)
 
     residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
@@ -228,22 +228,8 @@ class ResidualPass:
             mean_counts=geometry.counts, **result)
 
 
-def _num_features(source):
-    if source.num_features is None:  # a chunk source: peek at its first chunk
-        next(iter(source), None)
-    if source.num_features is None:
-        raise ValueError("the chunk source yielded no chunks; pass at least one row per class")
-    return source.num_features
-
-
-def _chunks_carry_clean_labels(source):
-    if not hasattr(source, "chunks"):
-        return False
-    first = next(iter(source), None)
-    return first is not None and first.clean_labels is not None
-
-
-def _resolve_num_classes(num_classes, source, means):
+def resolve_num_classes(num_classes, source, means):
+    """C from the option, the given means, or the largest label of ``source`` + 1."""
     if num_classes is None and means is not None:
         num_classes = len(means.means if isinstance(means, CollapseReport) else means)
     if num_classes is None:

@@ -24,13 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ncfast.accumulators import ClassSums, _raise_bad_rows
-from ncfast.api import (ResidualPass, _chunks_carry_clean_labels, geometry_from_means_option,
-                        _num_features, _resolve_num_classes, finalize_pass1)
+from ncfast.api import (ResidualPass, finalize_pass1, geometry_from_means_option,
+                        resolve_num_classes)
 from ncfast.geometry import PINV_RTOL
 from ncfast.kernels.cpu import NO_ROW
 from ncfast.inputs import (KERNEL_DTYPES, Chunk, _is_torch_tensor, as_source,
-                           check_chunk_size, check_features, check_labels, to_kernel_features,
-                           to_kernel_labels)
+                           carries_clean_labels, check_chunk_size, check_features, check_labels,
+                           num_features_of, to_kernel_features, to_kernel_labels)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -301,7 +301,7 @@ class StreamedSource:
         # Rows of an array in page-locked memory are copied in place, chunk by chunk.
         self.page_locked = (_page_locked(getattr(self.host, "features", None)), False, False)
         if chunk_size is None:
-            self.host.chunk_size = _rows_for(STREAM_CHUNK_BYTES, 4 * _num_features(self.host))
+            self.host.chunk_size = _rows_for(STREAM_CHUNK_BYTES, 4 * num_features_of(self.host))
         self.device = cupy.cuda.Device()
         self.copy_stream = cupy.cuda.Stream(non_blocking=True)
         self.compute_stream = cupy.cuda.Stream(non_blocking=True)
@@ -309,7 +309,7 @@ class StreamedSource:
 
     @property
     def num_features(self):
-        return _num_features(self.host)
+        return num_features_of(self.host)
 
     def chunks(self, work_row_bytes=None):
         """Chunks of device rows, copied through the pinned buffers (the argument, used by
@@ -594,11 +594,11 @@ def collapse_on_gpu(features, labels=None, *, num_classes=None, weights=None, bi
     if is_device_array(features):
         source = ResidentSource(features, labels, clean_labels, chunk_size=chunk_size)
         has_noise = clean_labels is not None
-        num_classes = _resolve_num_classes(num_classes, source, means)
+        num_classes = resolve_num_classes(num_classes, source, means)
     else:
         source = StreamedSource(features, labels, clean_labels, chunk_size=chunk_size)
-        has_noise = clean_labels is not None or _chunks_carry_clean_labels(source.host)
-        num_classes = _resolve_num_classes(num_classes, source.host, means)
+        has_noise = clean_labels is not None or carries_clean_labels(source.host)
+        num_classes = resolve_num_classes(num_classes, source.host, means)
     stream = source.compute_stream or cupy.cuda.get_current_stream()
     with source.device, stream:
         clean_geometry = None

@@ -22,8 +22,8 @@ import dask.array as da
 import numpy as np
 
 from ncfast.accumulators import ClassSums
-from ncfast.api import (ResidualPass, check_empty_class_policy, geometry_from_means_option,
-                        _resolve_num_classes, finalize_pass1)
+from ncfast.api import (ResidualPass, check_empty_class_policy, finalize_pass1,
+                        geometry_from_means_option, resolve_num_classes)
 from ncfast.geometry import PINV_RTOL
 from ncfast.inputs import ArraySource, check_features, check_labels
 
@@ -98,7 +98,7 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     if num_classes is None and means is None:
         label_arrays = [array for array in (labels, clean_labels) if array is not None]
         num_classes = int(max(compute(*(array.max() for array in label_arrays)))) + 1
-    num_classes = _resolve_num_classes(num_classes, None, means)
+    num_classes = resolve_num_classes(num_classes, None, means)
     blocks = _row_blocks(features, labels, clean_labels)
 
     clean_geometry = None

@@ -290,6 +290,23 @@ def is_chunk_source(features, labels):
     return hasattr(features, "__iter__")
 
 
+def num_features_of(source):
+    """Columns of a source's rows; a chunk source is peeked at (its first chunk read)."""
+    if source.num_features is None:
+        next(iter(source), None)
+    if source.num_features is None:
+        raise ValueError("the chunk source yielded no chunks; pass at least one row per class")
+    return source.num_features
+
+
+def carries_clean_labels(source):
+    """True when a chunk source's chunks are ``(features, labels, clean_labels)``."""
+    if not isinstance(source, IterableSource):
+        return False
+    first = next(iter(source), None)
+    return first is not None and first.clean_labels is not None
+
+
 def as_source(features, labels, clean_labels=None, *, chunk_size=None):
     """The chunk stream for ``collapse``'s inputs."""
     if is_chunk_source(features, labels):
