@@ -138,13 +138,6 @@ class ClassSums:
                         features, clean_labels)
         return self
 
-    def means(self):
-        """Class means, shape (C, D); NaN rows for classes without rows."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = self.sums / self.counts[:, None]
-        means[self.counts == 0] = np.nan
-        return means
-
     def _check_compatible(self, other):
         if not isinstance(other, ClassSums):
             raise TypeError(f"cannot merge ClassSums with {type(other).__name__}")
