@@ -16,9 +16,9 @@ from bench.data import collapsed_features
 from bench.routes import ROUTES, check
 
 SIZES = [(20_000, 128, 10), (100_000, 512, 100)]
-LIBS = ("ncfast", "textbook", "torch")
+LIBS = ("ncfast", "textbook", "torch", "torch-gemm")
 #: Rounds per benchmark; the textbook and torch routes are slow.
-ROUNDS = {"ncfast": 3, "textbook": 1, "torch": 1}
+ROUNDS = {"ncfast": 3, "textbook": 1, "torch": 1, "torch-gemm": 1}
 
 
 @functools.cache
