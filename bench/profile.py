@@ -46,7 +46,8 @@ def stage_times(features, labels, stats):
     block = cpu.block_rows(num_features)
     residual_rows = np.empty((block, num_features), np.float32)
     products = np.empty((block, stats._projection_t.shape[1]), np.float32)
-    mean_products = np.empty((block, geometry.present.size))
+    mean_products = np.empty((block * cpu.SCATTER_BLOCKS, geometry.present.size))
+    filled = 0
     sq_norms = np.empty(block)
     partial = tuple(np.zeros_like(getattr(stats, name)) for name in stats._SUMS)
     corrupted = np.empty(0, np.uint8)
@@ -63,9 +64,13 @@ def stage_times(features, labels, stats):
             marks.append(time.perf_counter())
             cpu.epilogue(products[:size], sq_norms[:size], labels[first:last],
                          geometry.label_rows, geometry.present, geometry.mean_sq_distances,
-                         stats._logit_offsets, corrupted, mean_products[:size], *partial[1:])
+                         stats._logit_offsets, corrupted, mean_products[filled:filled + size],
+                         *partial[1:])
             marks.append(time.perf_counter())
-            partial[0].__iadd__(mean_products[:size].T @ mean_products[:size])
+            filled += size
+            if filled == len(mean_products) or last == num_rows:
+                partial[0].__iadd__(mean_products[:filled].T @ mean_products[:filled])
+                filled = 0
             marks.append(time.perf_counter())
             for name, begin, end in zip(totals, marks, marks[1:]):
                 totals[name] += end - begin

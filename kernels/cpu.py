@@ -7,17 +7,23 @@ non-finite value is reported back by index so that Python can name it.
 
 Threads. Both passes split a chunk into one contiguous slice of rows per
 thread (``numba.get_num_threads()``, passed in by the caller) and run each
-slice on a Python thread through serial ``nogil`` kernels, so no thread pool
-is entered per kernel call: pass 1 (``class_sums_chunk``) reads its slice
+slice on one of the module's worker threads (created once, and again in a
+forked child) through serial ``nogil`` kernels, so no thread pool is entered
+per kernel call: pass 1 (``class_sums_chunk``) reads its slice
 once; pass 2 (``residual_chunk``, bound by the float32 GEMM) streams its
 slice in cache-sized blocks through residuals, a single-threaded BLAS call,
-the epilogue and the scatter update, reusing its buffers from block to block.
+the epilogue and the scatter update, in buffers each worker thread keeps from
+call to call.
 Thread-private sums are added together in slice order, so results depend on
 the thread count only through float64 rounding. ``residuals`` (the
 "features" route) is a parallel kernel over rows.
 """
+import contextlib
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
@@ -34,6 +40,27 @@ BLOCK_BYTES = 512 << 10
 # The BLAS libraries loaded with numpy, limited to one thread inside pass 2.
 _BLAS = ThreadpoolController()
 
+#: The main thread's dense algebra (geometry, classifier offsets, metrics) up
+#: to this many flops runs on one BLAS thread. After a multithreaded call
+#: OpenBLAS's idle threads spin for about 0.1 s (measured: 0.1 s of CPU after
+#: one 200×200 matmul), taking a core from the pass that follows; work this
+#: small gains less than that from a second thread.
+ONE_THREAD_DENSE_FLOPS = 2e9
+
+
+def dense_blas(flops):
+    """Context for the main thread's dense algebra of about ``flops`` flops.
+
+    One BLAS thread up to ``ONE_THREAD_DENSE_FLOPS``, every thread beyond.
+    """
+    if flops <= ONE_THREAD_DENSE_FLOPS:
+        return _BLAS.limit(limits=1, user_api="blas")
+    return contextlib.nullcontext()
+
+
+#: Pass-2 blocks whose float64 ``z`` rows are gathered for one scatter update:
+#: BLAS reaches a higher rate on ``z^T z`` over 1024 rows than over 256.
+SCATTER_BLOCKS = 4
 
 #: Bounds on the rows of a pass-2 block.
 BLOCK_ROWS_RANGE = (128, 1024)
@@ -123,12 +150,63 @@ def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts,
     return tuple(min(rows) for rows in zip(*(bad_rows for _, bad_rows in results)))
 
 
+_workers = None
+_workers_lock = threading.Lock()
+_thread_buffers = threading.local()
+
+
+def _forget_workers():
+    """In a forked child the parent's worker threads do not exist: start afresh."""
+    global _workers, _workers_lock
+    _workers, _workers_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_workers)
+
+
+def _worker_pool():
+    """The module's worker threads, one per thread Numba may use, created on first use.
+
+    Threads started per chunk cost about 0.4 ms each time, and a new thread
+    starts with cold buffers; these live as long as the process.
+    """
+    global _workers
+    with _workers_lock:
+        if _workers is None:
+            _workers = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS,
+                                          thread_name_prefix="ncfast")
+        return _workers
+
+
+def thread_buffer(name, shape, dtype):
+    """A scratch array of the calling thread's, kept from call to call.
+
+    Parameters
+    ----------
+    name : str
+        Which of the thread's buffers.
+    shape : tuple of int
+    dtype : numpy dtype
+
+    Returns
+    -------
+    ndarray
+        Uninitialised on first use or when the shape or dtype changed;
+        otherwise as the thread's last use left it.
+    """
+    buffer = getattr(_thread_buffers, name, None)
+    if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+        buffer = np.empty(shape, dtype)
+        setattr(_thread_buffers, name, buffer)
+    return buffer
+
+
 def _run_slices(function, length, num_threads):
     """``function(index, start, stop)`` over contiguous slices of ``range(length)``.
 
-    One thread per slice, at most ``num_threads`` slices. Returns the results
-    in slice order. Kernels called by ``function`` must be ``nogil``; BLAS
-    runs single-threaded.
+    One worker thread per slice, at most ``num_threads`` slices. Returns the
+    results in slice order. Kernels called by ``function`` must be ``nogil``;
+    BLAS runs single-threaded.
     """
     slice_length = max(1, -(-length // max(num_threads, 1)))
     slices = [(index, start, min(start + slice_length, length))
@@ -136,9 +214,9 @@ def _run_slices(function, length, num_threads):
     with _BLAS.limit(limits=1, user_api="blas"):
         if len(slices) == 1:
             return [function(*slices[0])]
-        with ThreadPoolExecutor(len(slices)) as pool:
-            return [future.result() for future in
-                    [pool.submit(function, *bounds) for bounds in slices]]
+        pool = _worker_pool()
+        return [future.result() for future in
+                [pool.submit(function, *bounds) for bounds in slices]]
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -233,6 +311,40 @@ def tally_row(label, sq_norm, ncc_prediction, classifier_prediction, corrupted_r
             totals[2] += 1
 
 
+#: Running minima that ``first_argmin`` keeps side by side: one vector register of float64.
+ARGMIN_LANES = 8
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def first_argmin(values, lane_minima):
+    """Index of the first smallest value of ``values`` (which holds no NaN).
+
+    A single running minimum is a chain of dependent compares, one per value;
+    ``ARGMIN_LANES`` independent ones form a loop that vectorizes. The
+    minimum's first index is then found by a scan.
+
+    Parameters
+    ----------
+    values : float64 array of shape (n,), n >= 1
+    lane_minima : float64 array of shape (ARGMIN_LANES,), scratch
+    """
+    num_values = values.shape[0]
+    lane_minima[:] = np.inf
+    full = num_values - num_values % ARGMIN_LANES
+    for start in range(0, full, ARGMIN_LANES):
+        for lane in range(ARGMIN_LANES):
+            lane_minima[lane] = min(lane_minima[lane], values[start + lane])
+    smallest = np.inf
+    for lane in range(ARGMIN_LANES):
+        smallest = min(smallest, lane_minima[lane])
+    for k in range(full, num_values):
+        smallest = min(smallest, values[k])
+    index = 0
+    while values[index] != smallest:
+        index += 1
+    return index
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_distances,
              logit_offsets, corrupted, out_mean_products, counts, sq_norm_sums, norm_sums,
@@ -242,7 +354,8 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_di
     With ``z = M~ r`` (first C' columns of ``products``) the squared distance
     to class mean k is ``||r||^2 + 2 (z_y - z_k) + K[y, k]`` (DESIGN.md,
     pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``. The classifier
-    logits are ``W r + (W mu_y + b)``. Runs on one thread, without the GIL.
+    logits are ``W r + (W mu_y + b)``; their first argmax is the first argmin
+    of their negation. Runs on one thread, without the GIL.
 
     Parameters
     ----------
@@ -269,30 +382,22 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_di
     num_logits = logit_offsets.shape[1]
     has_corrupted = corrupted.shape[0] > 0
     scores = np.empty(num_means)
-    logits = np.empty(num_logits)
+    negated_logits = np.empty(num_logits)
+    lane_minima = np.empty(ARGMIN_LANES)
     for i in range(products.shape[0]):
         row = label_rows[labels[i]]
-
-        # Minimum first (a reduction that vectorizes), then its first index.
-        best_score = np.inf
         for k in range(num_means):
             product = np.float64(products[i, k])
             out_mean_products[i, k] = product
             scores[k] = mean_sq_distances[row, k] - 2.0 * product
-            best_score = min(best_score, scores[k])
-        best_k = 0
-        while scores[best_k] != best_score:
-            best_k += 1
+        best_k = first_argmin(scores, lane_minima)
 
         best_c = -1
         if num_logits > 0:
-            best_logit = -np.inf
             for c in range(num_logits):
-                logits[c] = np.float64(products[i, num_means + c]) + logit_offsets[row, c]
-                best_logit = max(best_logit, logits[c])
-            best_c = 0
-            while logits[best_c] != best_logit:
-                best_c += 1
+                negated_logits[c] = -(np.float64(products[i, num_means + c])
+                                      + logit_offsets[row, c])
+            best_c = first_argmin(negated_logits, lane_minima)
 
         tally_row(labels[i], sq_norms[i], present_classes[best_k], best_c,
                   has_corrupted and corrupted[i] != 0, counts, sq_norm_sums, norm_sums,
@@ -308,8 +413,9 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
     blocks of ``block_rows(D)`` (the last one padded with zero rows, so that
     BLAS computes every row the same way), reusing its buffers:
     ``block_residuals``, one single-threaded float32 GEMM
-    ``Z = R [M~^T | W^T]``, ``epilogue``, and the float64 rank-k update
-    ``S += z z^T`` (numpy calls BLAS syrk for ``a.T @ a``). Thread-private
+    ``Z = R [M~^T | W^T]`` and ``epilogue``; the float64 rank-k update
+    ``S += z z^T`` (numpy calls BLAS syrk for ``a.T @ a``) runs once per
+    ``SCATTER_BLOCKS`` blocks. Thread-private
     sums are added to ``sums`` in slice order, and only when no row is bad.
 
     Parameters
@@ -340,22 +446,28 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
         scatter = partial[0]
         # Every GEMM has the same shape (the last block is padded), so each
         # row's products are the same however the rows are chunked or split.
-        residual_buffer = np.zeros((rows, num_features), np.float32)
-        products = np.empty((rows, projection_t.shape[1]), np.float32)
-        mean_products = np.empty((rows, present_classes.shape[0]))
+        residual_buffer = thread_buffer("residuals", (rows, num_features), np.float32)
+        products = thread_buffer("products", (rows, projection_t.shape[1]), np.float32)
+        mean_products = thread_buffer(
+            "mean_products", (rows * SCATTER_BLOCKS, present_classes.shape[0]), np.float64)
+        filled = 0
         for first in range(start, stop, rows):
             last = min(first + rows, stop)
             size = last - first
+            residual_buffer[size:] = 0.0
             if block_residuals(features[first:last], labels[first:last], label_rows, means,
                                residual_buffer[:size], out_sq_norms[first:last]) != NO_ROW:
                 return None
             np.matmul(residual_buffer, projection_t, out=products)
-            z = mean_products[:size]
             epilogue(products[:size], out_sq_norms[first:last], labels[first:last], label_rows,
                      present_classes, mean_sq_distances, logit_offsets,
-                     corrupted[first:last] if corrupted.shape[0] else corrupted, z,
-                     *partial[1:])
-            scatter += z.T @ z
+                     corrupted[first:last] if corrupted.shape[0] else corrupted,
+                     mean_products[filled:filled + size], *partial[1:])
+            filled += size
+            if filled == mean_products.shape[0] or last == stop:
+                z = mean_products[:filled]
+                scatter += z.T @ z
+                filled = 0
         return partial
 
     partials = _run_slices(run_slice, num_rows, num_threads)

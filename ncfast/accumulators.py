@@ -247,7 +247,8 @@ class ResidualStats:
             self._logit_offsets = np.zeros((num_means, 0))
             if self.weights is not None:
                 projection = np.concatenate([projection, self.weights])
-                self._logit_offsets = self._present_means @ self.weights.T + self.bias
+                with cpu.dense_blas(2.0 * num_means * num_classes * num_features):
+                    self._logit_offsets = self._present_means @ self.weights.T + self.bias
             self._projection_t = np.ascontiguousarray(projection.T, dtype=np.float32)
         else:
             self._centred_t = np.ascontiguousarray(geometry.centred.T, dtype=np.float32)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ncfast.kernels.cpu import dense_blas
+
 #: Eigenvalues below this fraction of the largest are cut in pseudo-inverses.
 PINV_RTOL = 1e-10
 
@@ -158,7 +160,8 @@ class Geometry:
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
         gram = mean_sq_distances = None
         if route_for(present.size, means.shape[1]) == "classes":
-            gram = centred @ centred.T
+            with dense_blas(2.0 * present.size ** 2 * means.shape[1]):
+                gram = centred @ centred.T
             mean_sq_distances = pair_sq_distances(centred_sq_norms, centred_sq_norms, gram)
             np.fill_diagonal(mean_sq_distances, 0.0)
         digest = hashlib.sha1(np.ascontiguousarray(means).tobytes())

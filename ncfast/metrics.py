@@ -11,6 +11,7 @@ so none is ever held whole (many classes: C in the tens of thousands).
 import numpy as np
 
 from ncfast.geometry import pair_sq_distances, symmetric_pinv
+from ncfast.kernels.cpu import dense_blas
 
 
 #: Classes per side of a pair tile: each tile is one (tile × tile) float64 GEMM block.
@@ -191,6 +192,15 @@ def collapse_metrics(geometry, stats, *, pinv_rtol, tile=PAIR_TILE):
         Scalar metrics (None where not defined: classifier metrics without a
         classifier) and per-class arrays of shape (C,).
     """
+    num_means, num_features = geometry.present.size, geometry.num_features
+    # About ten C'×D×C' pair-tile products and a min(C', D)-sized eigendecomposition.
+    flops = 20.0 * num_means ** 2 * num_features + 10.0 * min(num_means, num_features) ** 3
+    with dense_blas(flops):
+        return _metrics(geometry, stats, pinv_rtol, tile)
+
+
+def _metrics(geometry, stats, pinv_rtol, tile):
+    """``collapse_metrics`` with BLAS threads already chosen."""
     num_rows = stats.num_rows
     centred = geometry.centred
     nc1, nc1_trace, rank, condition = within_class_nc1(geometry, stats, pinv_rtol)
