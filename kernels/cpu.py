@@ -32,6 +32,7 @@ from threadpoolctl import ThreadpoolController
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 NO_ROW = np.iinfo(np.int64).max
+FLOAT64_MAX = np.finfo(np.float64).max
 
 #: Bytes of float32 residuals per pass-2 block: a block's residuals, GEMM
 #: output and float64 products stay in one core's L2 cache.
@@ -92,7 +93,9 @@ def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean
     bad_label_row, bad_value_row : int
         First row (in the block) with a label outside ``[0, C)`` (either label
         array), and first row with a NaN or Inf; ``NO_ROW`` when there is none.
-        Bad rows are not added.
+        A row with a bad label is skipped; a row with a bad value is added
+        (one read of each row), so the sums are only usable when there is
+        none: ``class_sums_chunk`` then discards them.
     """
     num_rows, num_features = features.shape
     num_classes = counts.shape[0]
@@ -107,15 +110,16 @@ def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean
         if label < 0 or label >= num_classes or clean < 0 or clean >= num_classes:
             bad_label = min(bad_label, i)
             continue
+        counts[label] += 1
         row_total = 0.0
         for j in range(num_features):
-            row_total += features[i, j]
-        if not np.isfinite(row_total):
+            value = np.float64(features[i, j])
+            sums[label, j] += value
+            row_total += value
+        # Not np.isfinite: under these fast-math flags LLVM drops that test of a
+        # sum it also stores (measured); a NaN or Inf fails this comparison.
+        if not abs(row_total) <= FLOAT64_MAX:
             bad_value = min(bad_value, i)
-            continue
-        counts[label] += 1
-        for j in range(num_features):
-            sums[label, j] += features[i, j]
         if track_clean and clean == label:
             clean_counts[label] += 1
             for j in range(num_features):
@@ -125,29 +129,32 @@ def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean
 
 def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts, clean_sums,
                      num_threads):
-    """``class_sums`` of one chunk, threaded over contiguous row slices.
+    """``class_sums`` of one chunk, threaded over contiguous row slices; all or nothing.
 
-    The first slice adds into the given arrays, every other one into
-    thread-private copies that are added afterwards in slice order. (Slices
-    of columns would need no copies, but two cores reading alternate halves
-    of every row pull the whole of it from memory: measured 2.5x slower.)
-    Parameters and returns as ``class_sums``, plus ``num_threads``; bad rows
-    are numbered within the chunk.
+    Each slice adds into thread-private copies, which are added to the
+    given arrays in slice order
+    only when no row of the chunk is bad: a chunk that fails leaves the state
+    as it was. (Slices of columns would need no copies, but two cores reading
+    alternate halves of every row pull the whole of it from memory: measured
+    2.5x slower.) Parameters and returns as ``class_sums``, plus
+    ``num_threads``; bad rows are numbered within the chunk.
     """
     totals = (counts, sums, clean_counts, clean_sums)
 
     def run_slice(index, start, stop):
-        state = totals if index == 0 else tuple(np.zeros_like(total) for total in totals)
+        state = tuple(np.zeros_like(total) for total in totals)
         bad_rows = class_sums(features[start:stop], labels[start:stop],
                               clean_labels[start:stop] if clean_labels.shape[0] else
                               clean_labels, *state)
         return state, [NO_ROW if row == NO_ROW else start + row for row in bad_rows]
 
     results = _run_slices(run_slice, features.shape[0], num_threads)
-    for state, _ in results[1:]:
-        for total, part in zip(totals, state):
-            total += part
-    return tuple(min(rows) for rows in zip(*(bad_rows for _, bad_rows in results)))
+    bad_rows = tuple(min(rows) for rows in zip(*(bad_rows for _, bad_rows in results)))
+    if bad_rows == (NO_ROW, NO_ROW):
+        for state, _ in results:
+            for total, part in zip(totals, state):
+                total += part
+    return bad_rows
 
 
 _workers = None

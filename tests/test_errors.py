@@ -152,6 +152,35 @@ def test_non_finite_row_in_a_later_source_chunk_names_the_row(case):
         ncfast.collapse(chunks, num_classes=NUM_CLASSES)
 
 
+@pytest.mark.parametrize("num_features", [NUM_FEATURES, 2], ids=["classes-route", "features-route"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "label"])
+def test_a_chunk_with_a_bad_row_leaves_the_states_as_they_were(bad, num_features):
+    """An update that raises adds nothing, so a caller may skip the chunk and go on."""
+    case = gaussian_classes(num_rows=NUM_ROWS, num_features=num_features,
+                            num_classes=NUM_CLASSES)
+    features, labels = case["features"], case["labels"].copy()
+    if bad == "label":
+        labels[15] = NUM_CLASSES
+    else:
+        features = with_bad_value(features, [15], np.nan if bad == "nan" else np.inf)
+    sums = ncfast.ClassSums(NUM_CLASSES, num_features).update(features[:10], labels[:10])
+    stats = ncfast.ResidualStats(ncfast.Geometry.from_class_sums(sums.counts, sums.sums),
+                                 weights=case["weights"], bias=case["bias"])
+    stats.update(features[:10], labels[:10])
+    before = [array.copy() for array in (sums.counts, sums.sums, *stats_arrays(stats))]
+    with pytest.raises(ValueError, match="row 15"):
+        sums.update(features[10:], labels[10:], row_offset=10)
+    with pytest.raises(ValueError, match="row 15"):
+        stats.update(features[10:], labels[10:], row_offset=10)
+    after = (sums.counts, sums.sums, *stats_arrays(stats))
+    assert all(np.array_equal(old, new) for old, new in zip(before, after, strict=True))
+
+
+def stats_arrays(stats):
+    """The sums a ``ResidualStats`` accumulates."""
+    return [getattr(stats, name) for name in stats._SUMS]
+
+
 # --- too little data ------------------------------------------------------------------------
 
 def test_empty_input(case):
