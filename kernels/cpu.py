@@ -72,6 +72,17 @@ def block_rows(num_features):
     return int(np.clip(BLOCK_BYTES // (4 * max(num_features, 1)), *BLOCK_ROWS_RANGE))
 
 
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def finite(value):
+    """Whether a float64 is neither NaN nor infinite.
+
+    Not ``np.isfinite``: inside these fast-math kernels LLVM dropped that test
+    of a sum the loop also stores (found by the NaN tests), and it cost a
+    fifth of the residual kernel's time; NaN and Inf fail this comparison.
+    """
+    return abs(value) <= FLOAT64_MAX
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean_sums):
     """Add per-class counts and float64 sums of a block of rows, on one thread.
@@ -116,9 +127,7 @@ def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean
             value = np.float64(features[i, j])
             sums[label, j] += value
             row_total += value
-        # Not np.isfinite: under these fast-math flags LLVM drops that test of a
-        # sum it also stores (measured); a NaN or Inf fails this comparison.
-        if not abs(row_total) <= FLOAT64_MAX:
+        if not finite(row_total):
             bad_value = min(bad_value, i)
         if track_clean and clean == label:
             clean_counts[label] += 1
@@ -226,7 +235,7 @@ def _run_slices(function, length, num_threads):
                 [pool.submit(function, *bounds) for bounds in slices]]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _residual_row(features, labels, label_rows, means, out_residuals, out_sq_norms, i):
     """Residual and squared norm of row ``i``; return False for a bad row (see ``residuals``)."""
     num_features = features.shape[1]
@@ -244,7 +253,7 @@ def _residual_row(features, labels, label_rows, means, out_residuals, out_sq_nor
         residual = features[i, j] - means[row, j]
         out_residuals[i, j] = residual
         sq_norm += residual * residual
-    if not np.isfinite(sq_norm):
+    if not finite(sq_norm):
         out_sq_norms[i] = np.nan
         return False
     out_sq_norms[i] = sq_norm
@@ -282,7 +291,7 @@ def block_residuals(features, labels, label_rows, means, out_residuals, out_sq_n
     return first_bad
 
 
-@njit(nogil=True, cache=True, fastmath=FASTMATH)
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
 def tally_row(label, sq_norm, ncc_prediction, classifier_prediction, corrupted_row, counts,
               sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
     """Add one row's spread and predictions to the per-class tallies.
@@ -318,37 +327,41 @@ def tally_row(label, sq_norm, ncc_prediction, classifier_prediction, corrupted_r
             totals[2] += 1
 
 
-#: Running minima that ``first_argmin`` keeps side by side: one vector register of float64.
-ARGMIN_LANES = 8
+#: Values that ``first_argmin`` screens with one vector compare: a vector
+#: register of float64.
+ARGMIN_GROUP = 8
 
 
-@njit(nogil=True, cache=True, fastmath=FASTMATH)
-def first_argmin(values, lane_minima):
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def first_argmin(values):
     """Index of the first smallest value of ``values`` (which holds no NaN).
 
-    A single running minimum is a chain of dependent compares, one per value;
-    ``ARGMIN_LANES`` independent ones form a loop that vectorizes. The
-    minimum's first index is then found by a scan.
+    A running minimum over single values is a chain of dependent, poorly
+    predicted branches. Here each group of ``ARGMIN_GROUP`` values is
+    screened against the running minimum by one vector compare, and only a
+    group holding a smaller value is scanned (a few groups per call).
 
     Parameters
     ----------
     values : float64 array of shape (n,), n >= 1
-    lane_minima : float64 array of shape (ARGMIN_LANES,), scratch
     """
     num_values = values.shape[0]
-    lane_minima[:] = np.inf
-    full = num_values - num_values % ARGMIN_LANES
-    for start in range(0, full, ARGMIN_LANES):
-        for lane in range(ARGMIN_LANES):
-            lane_minima[lane] = min(lane_minima[lane], values[start + lane])
-    smallest = np.inf
-    for lane in range(ARGMIN_LANES):
-        smallest = min(smallest, lane_minima[lane])
-    for k in range(full, num_values):
-        smallest = min(smallest, values[k])
+    smallest = values[0]
     index = 0
-    while values[index] != smallest:
-        index += 1
+    full = num_values - num_values % ARGMIN_GROUP
+    for start in range(0, full, ARGMIN_GROUP):
+        smaller = False
+        for k in range(start, start + ARGMIN_GROUP):
+            smaller |= values[k] < smallest
+        if smaller:
+            for k in range(start, start + ARGMIN_GROUP):
+                if values[k] < smallest:
+                    smallest = values[k]
+                    index = k
+    for k in range(full, num_values):
+        if values[k] < smallest:
+            smallest = values[k]
+            index = k
     return index
 
 
@@ -390,21 +403,20 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_di
     has_corrupted = corrupted.shape[0] > 0
     scores = np.empty(num_means)
     negated_logits = np.empty(num_logits)
-    lane_minima = np.empty(ARGMIN_LANES)
     for i in range(products.shape[0]):
         row = label_rows[labels[i]]
         for k in range(num_means):
             product = np.float64(products[i, k])
             out_mean_products[i, k] = product
             scores[k] = mean_sq_distances[row, k] - 2.0 * product
-        best_k = first_argmin(scores, lane_minima)
+        best_k = first_argmin(scores)
 
         best_c = -1
         if num_logits > 0:
             for c in range(num_logits):
                 negated_logits[c] = -(np.float64(products[i, num_means + c])
                                       + logit_offsets[row, c])
-            best_c = first_argmin(negated_logits, lane_minima)
+            best_c = first_argmin(negated_logits)
 
         tally_row(labels[i], sq_norms[i], present_classes[best_k], best_c,
                   has_corrupted and corrupted[i] != 0, counts, sq_norm_sums, norm_sums,
