@@ -47,10 +47,10 @@ def _raise_bad_rows(chunk_offset, bad_label_row, bad_value_row, num_classes, lab
         )
 
 
-def _chunk_arrays(features, labels, num_features, clean_labels=None):
-    """Kernel-ready arrays of one chunk, with shapes checked."""
+def _chunk_arrays(features, labels, num_features, clean_labels=None, row_offset=0):
+    """Kernel-ready arrays of one chunk (first row ``row_offset``), with shapes checked."""
     features = to_kernel_features(features)
-    labels = to_kernel_labels(labels)
+    labels = to_kernel_labels(labels, row_offset=row_offset)
     if features.ndim != 2 or features.shape[1] != num_features:
         raise ValueError(
             f"chunk features have shape {features.shape}; this accumulator expects "
@@ -62,7 +62,7 @@ def _chunk_arrays(features, labels, num_features, clean_labels=None):
             "one label per row"
         )
     if clean_labels is not None:
-        clean_labels = to_kernel_labels(clean_labels, "clean_labels")
+        clean_labels = to_kernel_labels(clean_labels, "clean_labels", row_offset)
         if clean_labels.shape != labels.shape:
             raise ValueError(
                 f"chunk clean_labels have shape {clean_labels.shape}, labels {labels.shape}; "
@@ -124,7 +124,7 @@ class ClassSums:
             Index of the chunk's first row in the whole input (error messages).
         """
         features, labels, clean_labels = _chunk_arrays(
-            features, labels, self.num_features, clean_labels)
+            features, labels, self.num_features, clean_labels, row_offset)
         if self.track_clean != (clean_labels is not None):
             raise ValueError("clean_labels must be given exactly when the state tracks clean rows")
         if clean_labels is None:
@@ -294,7 +294,8 @@ class ResidualStats:
             Index of the chunk's first row in the whole input (error messages).
         """
         geometry = self.geometry
-        features, labels, _ = _chunk_arrays(features, labels, geometry.num_features)
+        features, labels, _ = _chunk_arrays(features, labels, geometry.num_features,
+                                            row_offset=row_offset)
         num_rows = features.shape[0]
         if num_rows == 0:
             return self

@@ -11,7 +11,6 @@ Requires the ``dask`` extra (``pip install ncfast[dask]``); ``import ncfast``
 never imports Dask.
 """
 import copy
-import dataclasses
 import functools
 import operator
 import threading
@@ -155,8 +154,8 @@ def _block_chunks(features, labels, clean_labels, row_offset, chunk_size):
     """The validated chunks of one block, offsets counted from the first row of the input."""
     if features.shape[0] == 0:
         return
-    for chunk in ArraySource(features, labels, clean_labels, chunk_size=chunk_size):
-        yield dataclasses.replace(chunk, offset=row_offset + chunk.offset)
+    yield from ArraySource(features, labels, clean_labels, chunk_size=chunk_size,
+                           row_offset=row_offset)
 
 
 def pass1_block(features, labels, clean_labels, row_offset, *, num_classes, chunk_size):

@@ -182,21 +182,34 @@ def to_kernel_features(block):
     return np.ascontiguousarray(block)
 
 
-def to_kernel_labels(block, what="labels"):
-    """An int64 numpy array of the labels in ``block``."""
+def to_kernel_labels(block, what="labels", row_offset=0):
+    """An int64 numpy array of the labels in ``block``.
+
+    ``row_offset`` is the index of the block's first row in the whole input,
+    for naming a bad row.
+    """
     if _is_torch_tensor(block):
         block = block.numpy()
     block = np.asarray(block)
     if block.dtype == np.uint64 and block.size and block.max() > np.iinfo(np.int64).max:
-        raise ValueError(f"{what} holds {block.max()}, beyond any class index")
+        row = int(np.argmax(block > np.iinfo(np.int64).max))
+        name = what.replace("_", " ").removesuffix("s")
+        raise ValueError(f"row {row_offset + row} has {name} {block[row]}, beyond any class "
+                         "index: labels must be class indices in [0, num_classes)")
     return np.ascontiguousarray(block, dtype=np.int64)
 
 
 class ArraySource:
-    """Chunks of in-memory or memory-mapped arrays, re-iterable."""
+    """Chunks of in-memory or memory-mapped arrays, re-iterable.
+
+    ``row_offset`` is the index of the arrays' first row in the whole input
+    (when they are one part of a chunk source): chunk offsets and error
+    messages count from it.
+    """
 
     def __init__(self, features, labels, clean_labels=None, *, chunk_size=None,
-                 allow_empty=False):
+                 allow_empty=False, row_offset=0):
+        self.row_offset = row_offset
         self.features = as_array(features, "features")
         self.num_rows, self.num_features = check_features(self.features, allow_empty=allow_empty)
         self.labels = check_labels(as_array(labels, "labels"), self.num_rows)
@@ -211,17 +224,19 @@ class ArraySource:
         top = -1
         for array in (self.labels, self.clean_labels):
             for start in range(0, 0 if array is None else self.num_rows, 1 << 22):
-                top = max(top, int(to_kernel_labels(array[start:start + (1 << 22)]).max()))
+                top = max(top, int(to_kernel_labels(array[start:start + (1 << 22)],
+                                                     row_offset=self.row_offset + start).max()))
         return top
 
     def __iter__(self):
         for start in range(0, self.num_rows, self.chunk_size):
             stop = min(start + self.chunk_size, self.num_rows)
+            offset = self.row_offset + start
             clean = None
             if self.clean_labels is not None:
-                clean = to_kernel_labels(self.clean_labels[start:stop], "clean_labels")
+                clean = to_kernel_labels(self.clean_labels[start:stop], "clean_labels", offset)
             yield Chunk(to_kernel_features(self.features[start:stop]),
-                        to_kernel_labels(self.labels[start:stop]), clean, start)
+                        to_kernel_labels(self.labels[start:stop], row_offset=offset), clean, offset)
 
 
 class IterableSource:
@@ -249,7 +264,8 @@ class IterableSource:
                     f"chunk {index} of the source is a {type(item).__name__}; each chunk must be "
                     "a tuple (features, labels) or (features, labels, clean_labels)"
                 )
-            source = ArraySource(*item, chunk_size=self.chunk_size, allow_empty=True)
+            source = ArraySource(*item, chunk_size=self.chunk_size, allow_empty=True,
+                                 row_offset=offset)
             if index == 0:
                 self.num_features = source.num_features
                 carries_clean_labels = len(item) == 3
@@ -264,9 +280,7 @@ class IterableSource:
                     f"chunk 0 {'has' if carries_clean_labels else 'lacks'} them; every chunk "
                     "must be (features, labels) or every chunk (features, labels, clean_labels)"
                 )
-            for chunk in source:
-                yield Chunk(chunk.features, chunk.labels, chunk.clean_labels,
-                            offset + chunk.offset)
+            yield from source
             offset += source.num_rows
 
 

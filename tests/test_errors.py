@@ -181,6 +181,26 @@ def stats_arrays(stats):
     return [getattr(stats, name) for name in stats._SUMS]
 
 
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("which", ["labels", "clean_labels"])
+def test_uint64_label_beyond_int64_names_its_row(case, chunk_size, which):
+    labels = {"labels": case["labels"].astype(np.uint64),
+              "clean_labels": case["labels"].astype(np.uint64)}
+    labels[which][[9, 14]] = np.iinfo(np.uint64).max
+    name = which.replace("_", " ")[:-1]
+    with pytest.raises(ValueError, match=f"row 9 has {name} 18446744073709551615, beyond any"):
+        ncfast.collapse(case["features"], labels["labels"], clean_labels=labels["clean_labels"],
+                        num_classes=NUM_CLASSES, chunk_size=chunk_size)
+
+
+def test_uint64_label_beyond_int64_in_a_source_chunk_names_its_row(case):
+    labels = case["labels"].astype(np.uint64)
+    labels[12] = 2 ** 63
+    chunks = [(case["features"][:5], labels[:5]), (case["features"][5:], labels[5:])]
+    with pytest.raises(ValueError, match="row 12 has label 9223372036854775808"):
+        ncfast.collapse(chunks, num_classes=NUM_CLASSES)
+
+
 # --- too little data ------------------------------------------------------------------------
 
 def test_empty_input(case):
