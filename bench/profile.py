@@ -7,10 +7,13 @@ passes end to end with every thread::
     python -m bench.profile --rows 1000000 --features 512 --classes 100
 
 Stage times are summed over the blocks of one thread; with T threads the pass
-takes about their total divided by T.
+takes about their total divided by T. Beside them, the pass-2 GEMM alone as
+the pass runs it on every thread (each thread its own slice of rows, one
+single-threaded product per block): the least pass 2 can take with this BLAS.
 """
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -77,6 +80,28 @@ def stage_times(features, labels, stats):
     return totals
 
 
+def gemm_only_seconds(features, projection_t, num_threads, repeats):
+    """Best seconds of pass 2's float32 GEMM alone, on ``num_threads`` threads.
+
+    Each thread multiplies its contiguous slice of ``features`` block by block
+    (``cpu.block_rows`` rows, BLAS on one thread), as ``residual_chunk`` does
+    with the residuals.
+    """
+    block = cpu.block_rows(features.shape[1])
+    slice_rows = -(-len(features) // num_threads)
+
+    def multiply(start):
+        products = np.empty((block, projection_t.shape[1]), np.float32)
+        for first in range(start, min(start + slice_rows, len(features)) - block + 1, block):
+            np.matmul(features[first:first + block], projection_t, out=products)
+
+    def run():
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(num_threads) as pool:
+            list(pool.map(multiply, range(0, len(features), slice_rows)))
+
+    return _best(run, repeats)
+
+
 def pass_times(features, labels, num_classes, weights, bias, repeats):
     """Best seconds of pass 1 and pass 2 over ``repeats`` runs, every thread."""
     chunk = default_chunk_rows(features.shape[1])
@@ -125,6 +150,11 @@ def main(argv=None):
     print(f"pass 1 (class sums): {first:.3f} s   pass 2: {second:.3f} s")
     print("pass 2 stages on one thread: " + "  ".join(
         f"{name} {seconds:.3f} s" for name, seconds in stages.items()))
+    gemm = gemm_only_seconds(features, stats._projection_t, numba.get_num_threads(),
+                             args.repeats)
+    flops = 2.0 * args.rows * args.features * stats._projection_t.shape[1]
+    print(f"pass-2 GEMM alone on {numba.get_num_threads()} threads: {gemm:.3f} s "
+          f"({flops / gemm / 1e9:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":
