@@ -77,8 +77,8 @@ def finite(value):
     """Whether a float64 is neither NaN nor infinite.
 
     Not ``np.isfinite``: inside these fast-math kernels LLVM dropped that test
-    of a sum the loop also stores (found by the NaN tests), and it cost a
-    fifth of the residual kernel's time; NaN and Inf fail this comparison.
+    of a sum whose terms the loop also stores (found by the NaN tests, in
+    ``class_sums``). NaN and Inf fail this comparison.
     """
     return abs(value) <= FLOAT64_MAX
 
@@ -140,13 +140,13 @@ def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts,
                      num_threads):
     """``class_sums`` of one chunk, threaded over contiguous row slices; all or nothing.
 
-    Each slice adds into thread-private copies, which are added to the
-    given arrays in slice order
-    only when no row of the chunk is bad: a chunk that fails leaves the state
-    as it was. (Slices of columns would need no copies, but two cores reading
-    alternate halves of every row pull the whole of it from memory: measured
-    2.5x slower.) Parameters and returns as ``class_sums``, plus
-    ``num_threads``; bad rows are numbered within the chunk.
+    Each slice adds into thread-private copies, which are added to the given
+    arrays in slice order only when no row of the chunk is bad: a chunk that
+    fails leaves the state as it was. (Slices of columns would need no
+    copies, but two cores reading alternate halves of every row pull the
+    whole of it from memory: measured 2.5x slower.) Parameters and returns as
+    ``class_sums``, plus ``num_threads``; bad rows are numbered within the
+    chunk.
     """
     totals = (counts, sums, clean_counts, clean_sums)
 
@@ -430,12 +430,12 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
 
     Each of ``num_threads`` threads streams a contiguous slice of the rows in
     blocks of ``block_rows(D)`` (the last one padded with zero rows, so that
-    BLAS computes every row the same way), reusing its buffers:
-    ``block_residuals``, one single-threaded float32 GEMM
+    BLAS computes every row the same way), in buffers its worker thread
+    keeps: ``block_residuals``, one single-threaded float32 GEMM
     ``Z = R [M~^T | W^T]`` and ``epilogue``; the float64 rank-k update
     ``S += z z^T`` (numpy calls BLAS syrk for ``a.T @ a``) runs once per
-    ``SCATTER_BLOCKS`` blocks. Thread-private
-    sums are added to ``sums`` in slice order, and only when no row is bad.
+    ``SCATTER_BLOCKS`` blocks. Thread-private sums are added to ``sums`` in
+    slice order, and only when no row is bad.
 
     Parameters
     ----------
