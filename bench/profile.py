@@ -13,7 +13,6 @@ single-threaded product per block): the least pass 2 can take with this BLAS.
 """
 import argparse
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -83,23 +82,18 @@ def stage_times(features, labels, stats):
 def gemm_only_seconds(features, projection_t, num_threads, repeats):
     """Best seconds of pass 2's float32 GEMM alone, on ``num_threads`` threads.
 
-    Each thread multiplies its contiguous slice of ``features`` block by block
-    (``cpu.block_rows`` rows, BLAS on one thread), as ``residual_chunk`` does
-    with the residuals.
+    Runs on the pass's own worker threads and row slices (``cpu._run_slices``,
+    BLAS on one thread each), one product per full block of ``cpu.block_rows``
+    rows, as ``residual_chunk`` multiplies the residuals.
     """
     block = cpu.block_rows(features.shape[1])
-    slice_rows = -(-len(features) // num_threads)
 
-    def multiply(start):
+    def multiply(index, start, stop):
         products = np.empty((block, projection_t.shape[1]), np.float32)
-        for first in range(start, min(start + slice_rows, len(features)) - block + 1, block):
+        for first in range(start, stop - block + 1, block):
             np.matmul(features[first:first + block], projection_t, out=products)
 
-    def run():
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(num_threads) as pool:
-            list(pool.map(multiply, range(0, len(features), slice_rows)))
-
-    return _best(run, repeats)
+    return _best(lambda: cpu._run_slices(multiply, len(features), num_threads), repeats)
 
 
 def pass_times(features, labels, num_classes, weights, bias, repeats):
