@@ -41,19 +41,17 @@ def stage_times(features, labels, stats):
     Returns
     -------
     dict
-        ``residuals``, ``gemm``, ``epilogue``, ``scatter`` in seconds.
+        ``residuals``, ``gemm``, ``epilogue`` in seconds.
     """
     geometry = stats.geometry
     num_rows, num_features = features.shape
     block = cpu.block_rows(num_features)
     residual_rows = np.empty((block, num_features), np.float32)
     products = np.empty((block, stats._projection_t.shape[1]), np.float32)
-    mean_products = np.empty((block * cpu.SCATTER_BLOCKS, geometry.present.size))
-    filled = 0
     sq_norms = np.empty(block)
-    partial = tuple(np.zeros_like(getattr(stats, name)) for name in stats._SUMS)
+    partial = tuple(np.zeros_like(getattr(stats, name)) for name in stats.sum_names)
     corrupted = np.empty(0, np.uint8)
-    totals = dict.fromkeys(("residuals", "gemm", "epilogue", "scatter"), 0.0)
+    totals = dict.fromkeys(("residuals", "gemm", "epilogue"), 0.0)
     with threadpool_limits(1, user_api="blas"):
         for first in range(0, num_rows, block):
             last = min(first + block, num_rows)
@@ -65,14 +63,9 @@ def stage_times(features, labels, stats):
             np.matmul(residual_rows[:size], stats._projection_t, out=products[:size])
             marks.append(time.perf_counter())
             cpu.epilogue(products[:size], sq_norms[:size], labels[first:last],
-                         geometry.label_rows, geometry.present, geometry.mean_sq_distances,
-                         stats._logit_offsets, corrupted, mean_products[filled:filled + size],
-                         *partial[1:])
-            marks.append(time.perf_counter())
-            filled += size
-            if filled == len(mean_products) or last == num_rows:
-                partial[0].__iadd__(mean_products[:filled].T @ mean_products[:filled])
-                filled = 0
+                         geometry.label_rows, geometry.present, geometry.ncc_sq_radii,
+                         geometry.mean_sq_distances, stats._eigenvectors_t,
+                         stats._logit_offsets, corrupted, *partial)
             marks.append(time.perf_counter())
             for name, begin, end in zip(totals, marks, marks[1:]):
                 totals[name] += end - begin

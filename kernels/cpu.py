@@ -11,9 +11,8 @@ slice on one of the module's worker threads (created once, and again in a
 forked child) through serial ``nogil`` kernels, so no thread pool is entered
 per kernel call: pass 1 (``class_sums_chunk``) reads its slice
 once; pass 2 (``residual_chunk``, bound by the float32 GEMM) streams its
-slice in cache-sized blocks through residuals, a single-threaded BLAS call,
-the epilogue and the scatter update, in buffers each worker thread keeps from
-call to call.
+slice in cache-sized blocks through residuals, a single-threaded BLAS call
+and the epilogue, in buffers each worker thread keeps from call to call.
 Thread-private sums are added together in slice order, so results depend on
 the thread count only through float64 rounding. ``residuals`` (the
 "features" route) is a parallel kernel over rows.
@@ -34,8 +33,8 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 NO_ROW = np.iinfo(np.int64).max
 FLOAT64_MAX = np.finfo(np.float64).max
 
-#: Bytes of float32 residuals per pass-2 block: a block's residuals, GEMM
-#: output and float64 products stay in one core's L2 cache.
+#: Bytes of float32 residuals per pass-2 block: a block's residuals and GEMM
+#: output stay in one core's L2 cache.
 BLOCK_BYTES = 512 << 10
 
 # The BLAS libraries loaded with numpy, limited to one thread inside pass 2.
@@ -58,10 +57,6 @@ def dense_blas(flops):
         return _BLAS.limit(limits=1, user_api="blas")
     return contextlib.nullcontext()
 
-
-#: Pass-2 blocks whose float64 ``z`` rows are gathered for one scatter update:
-#: BLAS reaches a higher rate on ``z^T z`` over 1024 rows than over 256.
-SCATTER_BLOCKS = 4
 
 #: Bounds on the rows of a pass-2 block.
 BLOCK_ROWS_RANGE = (128, 1024)
@@ -366,31 +361,36 @@ def first_argmin(values):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_distances,
-             logit_offsets, corrupted, out_mean_products, counts, sq_norm_sums, norm_sums,
-             ncc_hits, classifier_hits, totals):
-    """Fused pass over one block's GEMM output: NCC argmin, classifier argmax, tallies.
+def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_radii,
+             mean_sq_distances, eigenvectors_t, logit_offsets, corrupted, eigen_scatter, counts,
+             sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
+    """Fused pass over one block's GEMM output: NC1 scatter, NCC, classifier argmax, tallies.
 
-    With ``z = M~ r`` (first C' columns of ``products``) the squared distance
-    to class mean k is ``||r||^2 + 2 (z_y - z_k) + K[y, k]`` (DESIGN.md,
-    pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``. The classifier
-    logits are ``W r + (W mu_y + b)``; their first argmax is the first argmin
-    of their negation. Runs on one thread, without the GIL.
+    The first C' columns of ``products`` are ``a = V^T z``, the coordinates of
+    ``z = M~ r`` in the Gram eigenbasis ``V``; their squares are summed into
+    ``eigen_scatter`` (all NC1 needs, see ``ResidualStats``). The nearest
+    class centre of a row within ``ncc_sq_radii`` of its own mean is that
+    mean (``Geometry.ncc_sq_radii``); for any other row ``z = V a`` and the
+    squared distance to mean k is ``||r||^2 + 2 (z_y - z_k) + K[y, k]``
+    (DESIGN.md, pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``.
+    The classifier logits are ``W r + (W mu_y + b)``; their first argmax is
+    the first argmin of their negation. Runs on one thread, without the GIL.
 
     Parameters
     ----------
     products : float32 array of shape (n, C' + C_w)
-        ``R [M~^T | W^T]``; ``C_w`` is 0 without a classifier.
+        ``R [M~^T V | W^T]``; ``C_w`` is 0 without a classifier.
     sq_norms : float64 array of shape (n,), ``||r_i||^2``
     labels : int64 array of shape (n,), every label has a mean
     label_rows : int64 array of shape (C,), row of the class in the means
     present_classes : int64 array of shape (C',), class of each mean row
+    ncc_sq_radii : float64 array of shape (C',), see ``Geometry``
     mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``
+    eigenvectors_t : float64 array of shape (C', C'), ``V^T``
     logit_offsets : float64 array of shape (C', C_w), ``W mu_a + b``
     corrupted : uint8 array of shape (n,) or (0,); rows whose training label
         is wrong (label-noise runs)
-    out_mean_products : float64 array of shape (n, C'), written: ``z`` in
-        float64, for the scatter ``sum z z^T``
+    eigen_scatter : float64 array of shape (C',), updated with ``sum a^2``
     counts, ncc_hits, classifier_hits : int64 arrays of shape (C,), updated
     sq_norm_sums, norm_sums : float64 arrays of shape (C,), updated with
         ``sum ||r||^2`` and ``sum ||r||`` per class
@@ -401,15 +401,25 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_di
     num_means = present_classes.shape[0]
     num_logits = logit_offsets.shape[1]
     has_corrupted = corrupted.shape[0] > 0
+    mean_products = np.empty(num_means)
     scores = np.empty(num_means)
     negated_logits = np.empty(num_logits)
     for i in range(products.shape[0]):
         row = label_rows[labels[i]]
-        for k in range(num_means):
-            product = np.float64(products[i, k])
-            out_mean_products[i, k] = product
-            scores[k] = mean_sq_distances[row, k] - 2.0 * product
-        best_k = first_argmin(scores)
+        for j in range(num_means):
+            coordinate = np.float64(products[i, j])
+            eigen_scatter[j] += coordinate * coordinate
+
+        best_k = row
+        if not sq_norms[i] < ncc_sq_radii[row]:
+            mean_products[:] = 0.0
+            for j in range(num_means):
+                coordinate = np.float64(products[i, j])
+                for k in range(num_means):
+                    mean_products[k] += eigenvectors_t[j, k] * coordinate
+            for k in range(num_means):
+                scores[k] = mean_sq_distances[row, k] - 2.0 * mean_products[k]
+            best_k = first_argmin(scores)
 
         best_c = -1
         if num_logits > 0:
@@ -424,29 +434,27 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, mean_sq_di
 
 
 def residual_chunk(features, labels, corrupted, label_rows, present_classes, means,
-                   projection_t, mean_sq_distances, logit_offsets, sums, out_sq_norms,
-                   num_threads):
+                   projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, logit_offsets,
+                   sums, out_sq_norms, num_threads):
     """Pass 2 of one chunk on the "classes" route (C' <= D), threaded over row slices.
 
     Each of ``num_threads`` threads streams a contiguous slice of the rows in
     blocks of ``block_rows(D)`` (the last one padded with zero rows, so that
     BLAS computes every row the same way), in buffers its worker thread
     keeps: ``block_residuals``, one single-threaded float32 GEMM
-    ``Z = R [M~^T | W^T]`` and ``epilogue``; the float64 rank-k update
-    ``S += z z^T`` (numpy calls BLAS syrk for ``a.T @ a``) runs once per
-    ``SCATTER_BLOCKS`` blocks. Thread-private sums are added to ``sums`` in
-    slice order, and only when no row is bad.
+    ``R [M~^T V | W^T]`` and ``epilogue``. Thread-private sums are added to
+    ``sums`` in slice order, and only when no row is bad.
 
     Parameters
     ----------
     features, labels, corrupted : the chunk (see ``epilogue``)
-    label_rows, present_classes, means, mean_sq_distances, logit_offsets :
+    label_rows, present_classes, means, ncc_sq_radii, mean_sq_distances,
+    eigenvectors_t, logit_offsets :
         the geometry (see ``residuals`` and ``epilogue``)
-    projection_t : float32 array of shape (D, C' + C_w), ``[M~^T | W^T]``
+    projection_t : float32 array of shape (D, C' + C_w), ``[M~^T V | W^T]``
     sums : tuple of arrays
-        ``(scatter, counts, sq_norm_sums, norm_sums, ncc_hits,
-        classifier_hits, totals)``, updated in place; ``scatter`` has shape
-        (C', C').
+        ``(eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits,
+        classifier_hits, totals)``, updated in place.
     out_sq_norms : float64 array of shape (n,), zeros; written as by
         ``residuals`` up to each slice's first bad block.
     num_threads : int
@@ -462,14 +470,10 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
 
     def run_slice(index, start, stop):
         partial = tuple(np.zeros_like(total) for total in sums)
-        scatter = partial[0]
         # Every GEMM has the same shape (the last block is padded), so each
         # row's products are the same however the rows are chunked or split.
         residual_buffer = thread_buffer("residuals", (rows, num_features), np.float32)
         products = thread_buffer("products", (rows, projection_t.shape[1]), np.float32)
-        mean_products = thread_buffer(
-            "mean_products", (rows * SCATTER_BLOCKS, present_classes.shape[0]), np.float64)
-        filled = 0
         for first in range(start, stop, rows):
             last = min(first + rows, stop)
             size = last - first
@@ -479,14 +483,9 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
                 return None
             np.matmul(residual_buffer, projection_t, out=products)
             epilogue(products[:size], out_sq_norms[first:last], labels[first:last], label_rows,
-                     present_classes, mean_sq_distances, logit_offsets,
-                     corrupted[first:last] if corrupted.shape[0] else corrupted,
-                     mean_products[filled:filled + size], *partial[1:])
-            filled += size
-            if filled == mean_products.shape[0] or last == stop:
-                z = mean_products[:filled]
-                scatter += z.T @ z
-                filled = 0
+                     present_classes, ncc_sq_radii, mean_sq_distances, eigenvectors_t,
+                     logit_offsets, corrupted[first:last] if corrupted.shape[0] else corrupted,
+                     *partial)
         return partial
 
     partials = _run_slices(run_slice, num_rows, num_threads)

@@ -199,7 +199,9 @@ class ResidualStats:
 
     Built on the ``Geometry`` of pass 1 (and optionally a linear classifier).
     Per chunk: residuals ``R = H - mu_y`` from the float64 means, one float32
-    GEMM ``Z = R [M~^T | W^T]``, then a fused epilogue (DESIGN.md, pass 2).
+    GEMM ``R [M~^T V | W^T]``, then a fused epilogue (DESIGN.md, pass 2, with
+    ``z = M~ r`` taken in the eigenbasis ``V`` of the Gram matrix: see
+    ``eigen_scatter``).
 
     Parameters
     ----------
@@ -214,11 +216,17 @@ class ResidualStats:
     Attributes
     ----------
     route : {"classes", "features"}
-        Scatter kept as the C'×C' matrix ``sum z z^T`` (``z = M~ r``) when
-        C' <= D, else as the D×D matrix ``sum r r^T``: cost N·D·min(C', D).
+        NC1 from the C'×C' scatter ``S = sum z z^T`` (``z = M~ r``) when
+        C' <= D, else from the D×D scatter ``sum r r^T``: cost N·D·min(C', D).
         On the "features" route no C'×C' matrix is formed: predictions run
         over class tiles (``ncfast.kernels.tiles``).
-    scatter : float64 array of shape (C', C') or (D, D)
+    eigen_scatter : float64 array of shape (C',)
+        "classes" route: ``diag(V^T S V) = sum_i (V^T z_i)^2``, ``V`` the
+        Gram eigenvectors (``Geometry.gram_eigenvectors``). NC1 needs only
+        this diagonal (``Tr(Gram^+ S Gram^+) = sum_j (V^T S V)_jj /
+        lambda_j^2``), so no C'×C' update runs per row.
+    scatter : float64 array of shape (D, D)
+        "features" route: ``sum r r^T``.
     counts : int64 array of shape (C,)
     sq_norm_sums, norm_sums : float64 arrays of shape (C,)
         ``sum ||r||^2`` and ``sum ||r||`` per class.
@@ -229,8 +237,7 @@ class ResidualStats:
         Rows flagged corrupted, and those predicted as their (noisy) label.
     """
 
-    _SUMS = ("scatter", "counts", "sq_norm_sums", "norm_sums", "ncc_hits", "classifier_hits",
-             "totals")
+    _TALLIES = ("counts", "sq_norm_sums", "norm_sums", "ncc_hits", "classifier_hits", "totals")
 
     def __init__(self, geometry, *, weights=None, bias=None, class_tile=None):
         if not isinstance(geometry, Geometry):
@@ -243,27 +250,47 @@ class ResidualStats:
         self.class_tile = class_tile
         self._present_means = np.ascontiguousarray(geometry.means[geometry.present])
         if self.route == "classes":
-            projection = geometry.centred
-            self._logit_offsets = np.zeros((num_means, 0))
-            if self.weights is not None:
-                projection = np.concatenate([projection, self.weights])
-                with cpu.dense_blas(2.0 * num_means * num_classes * num_features):
+            # Columns M~^T V: the GEMM gives z = M~ r in the Gram's eigenbasis, V^T z.
+            with cpu.dense_blas(2.0 * num_means * (num_means + num_classes) * num_features):
+                projection_t = geometry.centred.T @ geometry.gram_eigenvectors
+                self._logit_offsets = np.zeros((num_means, 0))
+                if self.weights is not None:
+                    projection_t = np.concatenate([projection_t, self.weights.T], axis=1)
                     self._logit_offsets = self._present_means @ self.weights.T + self.bias
-            self._projection_t = np.ascontiguousarray(projection.T, dtype=np.float32)
+            self._projection_t = np.ascontiguousarray(projection_t, dtype=np.float32)
+            self._eigenvectors_t = np.ascontiguousarray(geometry.gram_eigenvectors.T)
+            self.eigen_scatter = np.zeros(num_means)
         else:
             self._centred_t = np.ascontiguousarray(geometry.centred.T, dtype=np.float32)
             if self.weights is not None:
                 self._weights_t = np.ascontiguousarray(self.weights.T, dtype=np.float32)
                 self._classifier_offsets = self.weights @ geometry.global_mean + self.bias
+            self.scatter = np.zeros((num_features, num_features))
         self._classifier_fingerprint = _classifier_fingerprint(self.weights, self.bias)
-        scatter_size = num_means if self.route == "classes" else num_features
-        self.scatter = np.zeros((scatter_size, scatter_size))
         self.counts = np.zeros(num_classes, np.int64)
         self.sq_norm_sums = np.zeros(num_classes)
         self.norm_sums = np.zeros(num_classes)
         self.ncc_hits = np.zeros(num_classes, np.int64)
         self.classifier_hits = np.zeros(num_classes, np.int64)
         self.totals = np.zeros(3, np.int64)
+
+    @property
+    def sum_names(self):
+        """Names of the arrays that merge by addition: the route's scatter, then the tallies."""
+        return ("eigen_scatter" if self.route == "classes" else "scatter",) + self._TALLIES
+
+    def add_mean_scatter(self, scatter):
+        """Add a scatter ``sum z z^T`` of ``z = M~ r`` summed elsewhere ("classes" route).
+
+        The GPU path sums the C'×C' matrix itself; this keeps its diagonal in
+        the Gram eigenbasis, as pass 2 on the CPU does.
+
+        Parameters
+        ----------
+        scatter : float64 array of shape (C', C')
+        """
+        vectors = self.geometry.gram_eigenvectors
+        self.eigen_scatter += np.einsum("kj,kl,lj->j", vectors, scatter, vectors)
 
     @property
     def disagreements(self):
@@ -307,12 +334,13 @@ class ResidualStats:
                 raise ValueError(f"corrupted has shape {corrupted.shape}; expected ({num_rows},)")
         sq_norms = np.zeros(num_rows)
         if self.route == "classes":
-            # Residuals, GEMM, epilogue and scatter fused per cache-sized block.
+            # Residuals, GEMM and epilogue fused per cache-sized block.
             if not cpu.residual_chunk(
                     features, labels, corrupted, geometry.label_rows, geometry.present,
-                    self._present_means, self._projection_t, geometry.mean_sq_distances,
-                    self._logit_offsets, tuple(getattr(self, name) for name in self._SUMS),
-                    sq_norms, numba.get_num_threads()):
+                    self._present_means, self._projection_t, geometry.ncc_sq_radii,
+                    geometry.mean_sq_distances, self._eigenvectors_t, self._logit_offsets,
+                    tuple(getattr(self, name) for name in self.sum_names), sq_norms,
+                    numba.get_num_threads()):
                 self._raise_bad_row(features, labels, sq_norms, row_offset)
             return self
         residuals = np.empty(features.shape, np.float32)
@@ -388,7 +416,7 @@ class ResidualStats:
 
     def __iadd__(self, other):
         self._check_compatible(other)
-        for name in self._SUMS:
+        for name in self.sum_names:
             getattr(self, name).__iadd__(getattr(other, name))
         return self
 
@@ -406,7 +434,7 @@ class ResidualStats:
         return (other.geometry.fingerprint == self.geometry.fingerprint
                 and other._classifier_fingerprint == self._classifier_fingerprint
                 and all(np.array_equal(getattr(self, name), getattr(other, name))
-                        for name in self._SUMS))
+                        for name in self.sum_names))
 
     def __repr__(self):
         classifier = "" if self.weights is None else ", classifier"

@@ -196,7 +196,7 @@ class ResidualPass:
         list of float64 or int64 arrays
             Each ``ResidualStats``'s scatter, per-class sums and tallies.
         """
-        return [getattr(stats, name) for stats in self._all_stats() for name in stats._SUMS]
+        return [getattr(stats, name) for stats in self._all_stats() for name in stats.sum_names]
 
     def __iadd__(self, other):
         if not isinstance(other, ResidualPass) or other.has_noise != self.has_noise:

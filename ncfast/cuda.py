@@ -427,7 +427,11 @@ class DeviceResidualStats:
         self.present = cupy.asarray(geometry.present)
         self.means = cupy.asarray(host_stats._present_means)
         if self.route == "classes":
-            projection_t = host_stats._projection_t
+            # The device epilogue takes z = M~ r itself (not its eigenbasis
+            # coordinates, as the host does) and sums the C'×C' scatter.
+            projection_t = geometry.centred.T
+            if host_stats.weights is not None:
+                projection_t = np.concatenate([projection_t, host_stats.weights.T], axis=1)
             self.distance_offsets = cupy.asarray(geometry.mean_sq_distances)
             self.logit_offsets = cupy.asarray(host_stats._logit_offsets)
         else:
@@ -441,7 +445,8 @@ class DeviceResidualStats:
             self.centre_rows = cupy.zeros(1, cupy.int64)
         self.projection_t = cupy.asarray(np.ascontiguousarray(projection_t, np.float32))
         num_classes = geometry.num_classes
-        self.scatters = [cupy.zeros(host_stats.scatter.shape) for _ in range(LANES)]
+        scatter_size = self.num_means if self.route == "classes" else geometry.num_features
+        self.scatters = [cupy.zeros((scatter_size, scatter_size)) for _ in range(LANES)]
         self.tallies = {name: cupy.zeros(num_classes, cupy.uint64) for name in
                         ("counts", "ncc_hits", "classifier_hits")}
         self.tallies.update(sq_norm_sums=cupy.zeros(num_classes), norm_sums=cupy.zeros(num_classes),
@@ -515,7 +520,10 @@ class DeviceResidualStats:
         """Add the device sums into ``host_stats`` (waits for the device)."""
         host = self.host_stats
         for scatter in self.scatters:
-            host.scatter += scatter.get()
+            if self.route == "classes":
+                host.add_mean_scatter(scatter.get())
+            else:
+                host.scatter += scatter.get()
         for name in self._TALLIES:
             tally = getattr(host, name)
             tally += self.tallies[name].get().astype(tally.dtype)

@@ -13,6 +13,17 @@ from ncfast.kernels.cpu import dense_blas
 #: Eigenvalues below this fraction of the largest are cut in pseudo-inverses.
 PINV_RTOL = 1e-10
 
+#: A row closer to its class mean than this fraction of the distance from that
+#: mean to the nearest other one is nearest to its own mean: for ``||r|| <= a g``
+#: every other mean is at least ``(1 - a) g`` away (triangle inequality), more
+#: than ``a g`` for ``a < 1/2``. At 0.45 the own mean wins by a factor 1.49 in
+#: squared distance, far beyond rounding, so pass 2 skips such rows' search.
+NCC_RADIUS_FRACTION = 0.45
+
+#: Relative rounding allowed in ``||mu_a - mu_b||^2`` computed from the Gram
+#: matrix (float64 cancellation is about 1e-16 of ``||mu~_a||^2 + ||mu~_b||^2``).
+GRAM_DISTANCE_RTOL = 1e-12
+
 GLOBAL_MEANS = ("classes", "samples")
 
 
@@ -35,12 +46,34 @@ def symmetric_pinv(matrix, rtol=PINV_RTOL):
         pseudo-inverse multiplies is amplified up to this much.
     """
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    cutoff = rtol * max(eigenvalues.max(initial=0.0), 0.0)
-    keep = eigenvalues > cutoff
+    keep, rank, condition = kept_spectrum(eigenvalues, rtol)
     kept_vectors = eigenvectors[:, keep]
+    return (kept_vectors / eigenvalues[keep]) @ kept_vectors.T, rank, condition
+
+
+def kept_spectrum(eigenvalues, rtol=PINV_RTOL):
+    """Which eigenvalues of a symmetric PSD matrix its pseudo-inverse keeps.
+
+    Parameters
+    ----------
+    eigenvalues : float64 array of shape (k,)
+    rtol : float
+        Eigenvalues at or below ``rtol * max eigenvalue`` count as zero.
+
+    Returns
+    -------
+    keep : bool array of shape (k,)
+    rank : int
+        Number of eigenvalues kept.
+    condition : float
+        Largest over smallest kept eigenvalue (see ``symmetric_pinv``).
+    """
+    keep = eigenvalues > rtol * max(eigenvalues.max(initial=0.0), 0.0)
+    if not keep.any():
+        raise ValueError("the class means coincide (their between-class scatter is zero), so "
+                         "NC1 is undefined; check that the labels match the features")
     kept_values = eigenvalues[keep]
-    return ((kept_vectors / kept_values) @ kept_vectors.T, int(keep.sum()),
-            float(kept_values.max() / kept_values.min()))
+    return keep, int(keep.sum()), float(kept_values.max() / kept_values.min())
 
 
 def route_for(num_means, num_features):
@@ -82,8 +115,18 @@ class Geometry:
     centred_sq_norms : float64 array of shape (C',), ``||mu_c - mu_G||^2``
     gram : float64 array of shape (C', C'), ``M~ M~^T``; None on the
         "features" route, which never forms a C'×C' matrix
+    gram_eigenvalues : float64 array of shape (C',), ascending; None on the
+        "features" route
+    gram_eigenvectors : float64 array of shape (C', C'), column ``j`` the unit
+        eigenvector of ``gram_eigenvalues[j]`` (``V``); None on the "features"
+        route. Pass 2 accumulates the scatter of ``z = M~ r`` in this basis.
     mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``;
         None on the "features" route
+    ncc_sq_radii : float64 array of shape (C',)
+        ``(NCC_RADIUS_FRACTION * g_a)^2``, ``g_a`` the distance from mean ``a``
+        to the nearest other mean (less ``GRAM_DISTANCE_RTOL`` rounding): a
+        row of class ``a`` with ``||r||^2`` below it is nearest to its own
+        mean. None on the "features" route.
     fingerprint : str
         Digest of the means and global mean; pass-2 states built on different
         geometries refuse to merge.
@@ -97,7 +140,10 @@ class Geometry:
     centred: np.ndarray
     centred_sq_norms: np.ndarray
     gram: np.ndarray | None
+    gram_eigenvalues: np.ndarray | None
+    gram_eigenvectors: np.ndarray | None
     mean_sq_distances: np.ndarray | None
+    ncc_sq_radii: np.ndarray | None
     fingerprint: str
 
     @property
@@ -158,17 +204,24 @@ class Geometry:
             center = weights @ present_means / weights.sum()
         centred = present_means - center
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
-        gram = mean_sq_distances = None
+        gram = gram_eigenvalues = gram_eigenvectors = mean_sq_distances = ncc_sq_radii = None
         if route_for(present.size, means.shape[1]) == "classes":
             with dense_blas(2.0 * present.size ** 2 * means.shape[1]):
                 gram = centred @ centred.T
+                gram_eigenvalues, gram_eigenvectors = np.linalg.eigh(gram)
             mean_sq_distances = pair_sq_distances(centred_sq_norms, centred_sq_norms, gram)
             np.fill_diagonal(mean_sq_distances, 0.0)
+            gaps = mean_sq_distances - GRAM_DISTANCE_RTOL * (
+                centred_sq_norms[:, None] + centred_sq_norms[None, :])
+            np.fill_diagonal(gaps, np.inf)
+            ncc_sq_radii = NCC_RADIUS_FRACTION ** 2 * np.maximum(gaps.min(axis=1), 0.0)
         digest = hashlib.sha1(np.ascontiguousarray(means).tobytes())
         digest.update(center.tobytes())
         return cls(means=means, counts=None if counts is None else np.asarray(counts, np.int64),
                    present=present, label_rows=label_rows, global_mean=center, centred=centred,
-                   centred_sq_norms=centred_sq_norms, gram=gram, mean_sq_distances=mean_sq_distances,
+                   centred_sq_norms=centred_sq_norms, gram=gram,
+                   gram_eigenvalues=gram_eigenvalues, gram_eigenvectors=gram_eigenvectors,
+                   mean_sq_distances=mean_sq_distances, ncc_sq_radii=ncc_sq_radii,
                    fingerprint=digest.hexdigest())
 
     @classmethod

@@ -10,7 +10,7 @@ so none is ever held whole (many classes: C in the tens of thousands).
 """
 import numpy as np
 
-from ncfast.geometry import pair_sq_distances, symmetric_pinv
+from ncfast.geometry import kept_spectrum, pair_sq_distances, symmetric_pinv
 from ncfast.kernels.cpu import dense_blas
 
 
@@ -136,9 +136,12 @@ def within_class_nc1(geometry, stats, pinv_rtol):
     num_means = geometry.present.size
     if stats.route == "classes":
         # z_i = M~ r_i gives r_i^T Sigma_B^+ r_i = C ||Gram^+ z_i||^2, so
-        # nc1 = Tr(Gram^+ S Gram^+) / N with S = sum z z^T (DESIGN.md, pass 2).
-        gram_pinv, rank, condition = symmetric_pinv(geometry.gram, pinv_rtol)
-        nc1 = np.sum((gram_pinv @ stats.scatter) * gram_pinv) / num_rows
+        # nc1 = Tr(Gram^+ S Gram^+) / N with S = sum z z^T (DESIGN.md, pass 2). With
+        # Gram = V diag(lambda) V^T that is sum_j (V^T S V)_jj / lambda_j^2 over the kept
+        # eigenvalues: only the diagonal of S in the eigenbasis, which pass 2 keeps.
+        eigenvalues = geometry.gram_eigenvalues
+        keep, rank, condition = kept_spectrum(eigenvalues, pinv_rtol)
+        nc1 = np.sum(stats.eigen_scatter[keep] / eigenvalues[keep] ** 2) / num_rows
     else:
         between = geometry.centred.T @ geometry.centred / num_means
         between_pinv, rank, condition = symmetric_pinv(between, pinv_rtol)

@@ -26,7 +26,7 @@ from ncfast.api import ResidualPass
 from ncfast.dumps import write_atomically
 from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL, Geometry
 
-STATE_VERSION = "1"
+STATE_VERSION = "2"
 STATE_KINDS = ("ClassSums", "ResidualStats", "ResidualPass")
 _PASS2_PARTS = ("stats", "clean_stats", "corrupted_stats")
 
@@ -75,7 +75,7 @@ def _state_tensors(state):
     if stats.weights is not None:
         tensors["weights"], tensors["bias"] = stats.weights, stats.bias
     for part, part_stats in parts.items():
-        for name in ResidualStats._SUMS:
+        for name in part_stats.sum_names:
             tensors[f"{part}/{name}"] = getattr(part_stats, name)
     return kind, tensors, metadata
 
@@ -110,7 +110,7 @@ def _load_geometry(path, prefix, tensors, metadata):
 def _fill(path, target, prefix, tensors):
     """Copy the stored sums of ``prefix`` into a fresh state ``target``."""
     names = ("counts", "sums", "clean_counts", "clean_sums") if isinstance(target, ClassSums) \
-        else ResidualStats._SUMS
+        else target.sum_names
     for name in names:
         mine = getattr(target, name)
         if mine is None:

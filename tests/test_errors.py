@@ -178,7 +178,7 @@ def test_a_chunk_with_a_bad_row_leaves_the_states_as_they_were(bad, num_features
 
 def stats_arrays(stats):
     """The sums a ``ResidualStats`` accumulates."""
-    return [getattr(stats, name) for name in stats._SUMS]
+    return [getattr(stats, name) for name in stats.sum_names]
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4])
@@ -224,6 +224,14 @@ def test_one_class_in_all(case):
     labels = np.zeros(NUM_ROWS, np.int64)
     with pytest.raises(ValueError, match="num_classes is 1; .* at least 2 are needed"):
         ncfast.collapse(case["features"], labels)
+
+
+@pytest.mark.parametrize("num_features", [NUM_FEATURES, 2], ids=["classes", "features"])
+def test_coinciding_class_means(case, num_features):
+    """Every class has the same mean: NC1 divides by a zero between-class scatter."""
+    features = np.ones((NUM_ROWS, num_features), np.float32)
+    with pytest.raises(ValueError, match="the class means coincide"):
+        ncfast.collapse(features, case["labels"], num_classes=NUM_CLASSES)
 
 
 def test_classes_without_rows_warn_and_are_left_out(case):

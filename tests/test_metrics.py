@@ -315,3 +315,57 @@ def test_orthogonal_frame_has_zero_orthogonality(num_classes, num_features):
     reference = textbook_collapse(**spread_case)
     assert reference["nc2_orthogonality"] > 1e-4
     assert_matches_textbook(ncfast.collapse(**spread_case), reference)
+
+
+def _rows_around_the_radius(means, seed=0):
+    """Rows of each class on the segment toward its nearest other mean, and in random
+    directions, at fractions of the gap to it on both sides of ``NCC_RADIUS_FRACTION``
+    and of one half (where the other mean becomes the nearer)."""
+    rng = np.random.default_rng(seed)
+    fraction = ncfast.geometry.NCC_RADIUS_FRACTION
+    steps = [0.0, fraction * (1 - 1e-9), fraction * (1 + 1e-9), 0.4999, 0.5001, 0.7, 1.3]
+    rows, labels = [], []
+    for label, mean in enumerate(means):
+        gaps = np.linalg.norm(means - mean, axis=1)
+        gaps[label] = np.inf
+        nearest = int(np.argmin(gaps))
+        toward = means[nearest] - mean
+        directions = [toward / gaps[nearest]] + list(rng.standard_normal((3, means.shape[1])))
+        for direction in directions:
+            direction = direction / np.linalg.norm(direction)
+            rows += [mean + step * gaps[nearest] * direction for step in steps]
+            labels += [label] * len(steps)
+    return np.array(rows), np.array(labels)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["centred", "offset"])
+def test_nearest_centre_on_both_sides_of_the_radius(offset):
+    """Rows inside the radius skip the search (their own mean is nearest); rows beyond it
+    search every mean. Both must agree with the float64 nearest mean of every row."""
+    rng = np.random.default_rng(3)
+    means = rng.standard_normal((6, 20)) + offset
+    means[1] = means[0] + 0.05 * rng.standard_normal(20)  # one close pair
+    features, labels = _rows_around_the_radius(means)
+    report = ncfast.collapse(features, labels, means=means)
+    distances = ((features[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
+    nearest = distances.argmin(axis=1)
+    expected = np.array([(nearest[labels == c] == c).mean() for c in range(6)])
+    np.testing.assert_array_equal(report.class_ncc_accuracy, expected)
+    assert 0 < expected.min() and expected.max() < 1  # both outcomes occur in every class
+
+
+def test_gpu_scatter_in_the_eigenbasis_matches_the_host_pass():
+    """``add_mean_scatter`` (the GPU path's C'×C' scatter, summed on the device) gives the
+    state the host pass accumulates in the Gram eigenbasis."""
+    case = gaussian_classes(num_rows=500, num_features=16, num_classes=5, spread=0.3)
+    sums = ncfast.ClassSums(5, 16)
+    sums.update(case["features"], case["labels"])
+    geometry = ncfast.Geometry.from_class_sums(sums.counts, sums.sums)
+    host = ncfast.ResidualStats(geometry).update(case["features"], case["labels"])
+    residuals = case["features"].astype(np.float64) - geometry.means[case["labels"]]
+    mean_products = residuals @ geometry.centred.T
+    device_like = ncfast.ResidualStats(geometry)
+    device_like.add_mean_scatter(mean_products.T @ mean_products)
+    scale = np.abs(device_like.eigen_scatter).max()
+    np.testing.assert_allclose(host.eigen_scatter, device_like.eigen_scatter, rtol=0,
+                               atol=1e-5 * scale)
