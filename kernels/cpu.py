@@ -5,17 +5,19 @@ caller (``ncfast.accumulators``) owns validation and the merge law. Status
 codes: kernels never raise. A row with a label outside ``[0, C)`` or a
 non-finite value is reported back by index so that Python can name it.
 
-Threads. Both passes split a chunk into one contiguous slice of rows per
-thread (``numba.get_num_threads()``, passed in by the caller) and run each
-slice on one of the module's worker threads (created once, and again in a
-forked child) through serial ``nogil`` kernels, so no thread pool is entered
-per kernel call: pass 1 (``class_sums_chunk``) reads its slice
-once; pass 2 (``residual_chunk``, bound by the float32 GEMM) streams its
-slice in cache-sized blocks through residuals, a single-threaded BLAS call
-and the epilogue, in buffers each worker thread keeps from call to call.
-Thread-private sums are added together in slice order, so results depend on
-the thread count only through float64 rounding. ``residuals`` (the
-"features" route) is a parallel kernel over rows.
+Threads. Both passes run serial ``nogil`` kernels on the module's worker
+threads (created once, and again in a forked child), as many as
+``numba.get_num_threads()`` (passed in by the caller), so no thread pool is
+entered per kernel call. Pass 1 (``class_sums_chunk``) reads one contiguous
+slice of the chunk per thread, once; its thread-private sums are added in
+slice order, so results depend on the thread count only through float64
+rounding. Pass 2 (``residual_chunk``, bound by the float32 GEMM) cuts the
+chunk into tasks of a fixed number of rows that the threads take as they
+finish one; each task streams its rows in cache-sized blocks through
+residuals, a single-threaded BLAS call and the epilogue, all in one compiled
+call, in buffers each worker thread keeps. Task sums are added in task
+order, so pass 2 does not depend on the thread count at all. ``residuals``
+(the "features" route) is a parallel kernel over rows.
 """
 import contextlib
 import os
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (loaded before ThreadpoolController below)
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
@@ -37,7 +40,8 @@ FLOAT64_MAX = np.finfo(np.float64).max
 #: output stay in one core's L2 cache.
 BLOCK_BYTES = 512 << 10
 
-# The BLAS libraries loaded with numpy, limited to one thread inside pass 2.
+# The BLAS libraries loaded with numpy and SciPy (whose BLAS Numba's np.dot
+# calls), limited to one thread inside the passes.
 _BLAS = ThreadpoolController()
 
 #: The main thread's dense algebra (geometry, classifier offsets, metrics) up
@@ -145,14 +149,14 @@ def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts,
     """
     totals = (counts, sums, clean_counts, clean_sums)
 
-    def run_slice(index, start, stop):
+    def run_slice(start, stop):
         state = tuple(np.zeros_like(total) for total in totals)
         bad_rows = class_sums(features[start:stop], labels[start:stop],
                               clean_labels[start:stop] if clean_labels.shape[0] else
                               clean_labels, *state)
         return state, [NO_ROW if row == NO_ROW else start + row for row in bad_rows]
 
-    results = _run_slices(run_slice, features.shape[0], num_threads)
+    results = run_slices(run_slice, features.shape[0], num_threads)
     bad_rows = tuple(min(rows) for rows in zip(*(bad_rows for _, bad_rows in results)))
     if bad_rows == (NO_ROW, NO_ROW):
         for state, _ in results:
@@ -212,22 +216,42 @@ def thread_buffer(name, shape, dtype):
     return buffer
 
 
-def _run_slices(function, length, num_threads):
-    """``function(index, start, stop)`` over contiguous slices of ``range(length)``.
+def run_tasks(function, num_tasks, num_threads):
+    """``function(task)`` for every task in ``range(num_tasks)``, on worker threads.
 
-    One worker thread per slice, at most ``num_threads`` slices. Returns the
-    results in slice order. Kernels called by ``function`` must be ``nogil``;
-    BLAS runs single-threaded.
+    Up to ``num_threads`` worker threads each take the next task as soon as
+    they finish one, so a core slowed by other work does not hold the rest
+    back. Returns the results in task order. Kernels called by ``function``
+    must be ``nogil``; BLAS runs single-threaded.
+    """
+    results = [None] * num_tasks
+    # Under the GIL, next() on a shared range iterator hands each task out once.
+    tasks = iter(range(num_tasks))
+
+    def run():
+        for task in tasks:
+            results[task] = function(task)
+
+    workers = min(max(num_threads, 1), num_tasks)
+    with _BLAS.limit(limits=1, user_api="blas"):
+        if workers <= 1:
+            run()
+        else:
+            pool = _worker_pool()
+            for future in [pool.submit(run) for _ in range(workers)]:
+                future.result()
+    return results
+
+
+def run_slices(function, length, num_threads):
+    """``function(start, stop)`` over ``num_threads`` contiguous slices of ``range(length)``.
+
+    As ``run_tasks``, one task per slice; returns the results in slice order.
     """
     slice_length = max(1, -(-length // max(num_threads, 1)))
-    slices = [(index, start, min(start + slice_length, length))
-              for index, start in enumerate(range(0, max(length, 1), slice_length))]
-    with _BLAS.limit(limits=1, user_api="blas"):
-        if len(slices) == 1:
-            return [function(*slices[0])]
-        pool = _worker_pool()
-        return [future.result() for future in
-                [pool.submit(function, *bounds) for bounds in slices]]
+    starts = range(0, max(length, 1), slice_length)
+    return run_tasks(lambda task: function(starts[task], min(starts[task] + slice_length, length)),
+                     len(starts), num_threads)
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -433,30 +457,86 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
                   ncc_hits, classifier_hits, totals)
 
 
-def residual_chunk(features, labels, corrupted, label_rows, present_classes, means,
-                   projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, logit_offsets,
-                   sums, out_sq_norms, num_threads):
-    """Pass 2 of one chunk on the "classes" route (C' <= D), threaded over row slices.
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def residual_blocks(features, labels, corrupted, label_rows, present_classes, means,
+                    projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, logit_offsets,
+                    residual_buffer, products, out_sq_norms, eigen_scatter, counts, sq_norm_sums,
+                    norm_sums, ncc_hits, classifier_hits, totals):
+    """Pass 2 of some rows on the "classes" route, on one thread, in cache-sized blocks.
 
-    Each of ``num_threads`` threads streams a contiguous slice of the rows in
-    blocks of ``block_rows(D)`` (the last one padded with zero rows, so that
-    BLAS computes every row the same way), in buffers its worker thread
-    keeps: ``block_residuals``, one single-threaded float32 GEMM
-    ``R [M~^T V | W^T]`` and ``epilogue``. Thread-private sums are added to
-    ``sums`` in slice order, and only when no row is bad.
+    Per block of ``residual_buffer.shape[0]`` rows: ``block_residuals``, one
+    float32 GEMM ``R [M~^T V | W^T]`` (BLAS, through ``np.dot``) and
+    ``epilogue``. The last block is padded with zero rows, so that BLAS
+    computes every row the same way however the rows are split.
 
     Parameters
     ----------
-    features, labels, corrupted : the chunk (see ``epilogue``)
+    features, labels, corrupted : the rows (see ``epilogue``)
     label_rows, present_classes, means, ncc_sq_radii, mean_sq_distances,
     eigenvectors_t, logit_offsets :
         the geometry (see ``residuals`` and ``epilogue``)
     projection_t : float32 array of shape (D, C' + C_w), ``[M~^T V | W^T]``
+    residual_buffer : float32 array of shape (b, D), scratch
+    products : float32 array of shape (b, C' + C_w), scratch
+    out_sq_norms : float64 array of shape (n,), written as by ``residuals``
+        up to the first bad block
+    eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits,
+    totals : updated in place (see ``epilogue``)
+
+    Returns
+    -------
+    bool
+        False when a block holds a bad row (flagged in ``out_sq_norms``); the
+        sums are then incomplete.
+    """
+    num_rows = features.shape[0]
+    block = residual_buffer.shape[0]
+    has_corrupted = corrupted.shape[0] > 0
+    for first in range(0, num_rows, block):
+        last = min(first + block, num_rows)
+        size = last - first
+        residual_buffer[size:] = 0.0
+        if block_residuals(features[first:last], labels[first:last], label_rows, means,
+                           residual_buffer[:size], out_sq_norms[first:last]) != NO_ROW:
+            return False
+        np.dot(residual_buffer, projection_t, products)
+        epilogue(products[:size], out_sq_norms[first:last], labels[first:last], label_rows,
+                 present_classes, ncc_sq_radii, mean_sq_distances, eigenvectors_t,
+                 logit_offsets, corrupted[first:last] if has_corrupted else corrupted,
+                 eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits,
+                 totals)
+    return True
+
+
+#: Pass-2 blocks per task: worker threads take tasks of this many blocks as they
+#: finish one, and each task sums into its own small partial state.
+TASK_BLOCKS = 16
+
+
+def residual_chunk(features, labels, corrupted, label_rows, present_classes, means,
+                   projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, logit_offsets,
+                   sums, out_sq_norms, num_threads):
+    """Pass 2 of one chunk on the "classes" route (C' <= D), on worker threads.
+
+    The chunk is cut into tasks of ``TASK_BLOCKS`` blocks of ``block_rows(D)``
+    rows, independent of the thread count; ``num_threads`` worker threads
+    take tasks as they finish one (``run_tasks``) and run
+    ``residual_blocks`` in buffers each worker thread keeps. Each task sums
+    into its own partial state; these are added to ``sums`` in task order,
+    and only when no row is bad, so the result does not depend on the thread
+    count.
+
+    Parameters
+    ----------
+    features, labels, corrupted : the chunk (see ``epilogue``)
+    label_rows, present_classes, means, projection_t, ncc_sq_radii,
+    mean_sq_distances, eigenvectors_t, logit_offsets :
+        see ``residual_blocks``
     sums : tuple of arrays
         ``(eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits,
         classifier_hits, totals)``, updated in place.
     out_sq_norms : float64 array of shape (n,), zeros; written as by
-        ``residuals`` up to each slice's first bad block.
+        ``residuals`` up to each task's first bad block.
     num_threads : int
 
     Returns
@@ -467,28 +547,22 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
     """
     num_rows, num_features = features.shape
     rows = block_rows(num_features)
+    task_rows = rows * TASK_BLOCKS
 
-    def run_slice(index, start, stop):
+    def run_task(task):
+        first, last = task * task_rows, min((task + 1) * task_rows, num_rows)
         partial = tuple(np.zeros_like(total) for total in sums)
-        # Every GEMM has the same shape (the last block is padded), so each
-        # row's products are the same however the rows are chunked or split.
-        residual_buffer = thread_buffer("residuals", (rows, num_features), np.float32)
-        products = thread_buffer("products", (rows, projection_t.shape[1]), np.float32)
-        for first in range(start, stop, rows):
-            last = min(first + rows, stop)
-            size = last - first
-            residual_buffer[size:] = 0.0
-            if block_residuals(features[first:last], labels[first:last], label_rows, means,
-                               residual_buffer[:size], out_sq_norms[first:last]) != NO_ROW:
-                return None
-            np.matmul(residual_buffer, projection_t, out=products)
-            epilogue(products[:size], out_sq_norms[first:last], labels[first:last], label_rows,
-                     present_classes, ncc_sq_radii, mean_sq_distances, eigenvectors_t,
-                     logit_offsets, corrupted[first:last] if corrupted.shape[0] else corrupted,
-                     *partial)
-        return partial
+        good = residual_blocks(
+            features[first:last], labels[first:last],
+            corrupted[first:last] if corrupted.shape[0] else corrupted, label_rows,
+            present_classes, means, projection_t, ncc_sq_radii, mean_sq_distances,
+            eigenvectors_t, logit_offsets,
+            thread_buffer("residuals", (rows, num_features), np.float32),
+            thread_buffer("products", (rows, projection_t.shape[1]), np.float32),
+            out_sq_norms[first:last], *partial)
+        return partial if good else None
 
-    partials = _run_slices(run_slice, num_rows, num_threads)
+    partials = run_tasks(run_task, -(-num_rows // task_rows), num_threads)
     if any(partial is None for partial in partials):
         return False
     for partial in partials:

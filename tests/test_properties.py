@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import ncfast
+from ncfast.kernels import cpu
 from cases import gaussian_classes, with_label_noise
 from conftest import RELATIVE_TOLERANCE
 
@@ -297,6 +298,20 @@ def test_accumulators_do_not_depend_on_thread_count(parameters):
         double = class_sums_of(case), residual_stats_of(case, geometry)
     assert_class_sums_close(double[0], single[0])
     assert_residual_stats_close(double[1], single[1])
+
+
+def test_pass_two_is_bitwise_the_same_on_any_thread_count():
+    """Pass 2 on the "classes" route cuts a chunk into tasks of fixed rows (more than
+    one here) and adds their sums in task order, whichever thread ran them."""
+    case = gaussian_classes(num_rows=40_000, num_features=32, num_classes=5, spread=0.3)
+    geometry = geometry_of(case)
+    assert geometry.route == "classes"
+    assert len(case["features"]) > 2 * cpu.block_rows(32) * cpu.TASK_BLOCKS
+    states = []
+    for count in (1, 2):
+        with numba_threads(count):
+            states.append(residual_stats_of(case, geometry))
+    assert states[0] == states[1]
 
 
 @PROPERTY_SETTINGS
