@@ -20,13 +20,13 @@ order, so pass 2 does not depend on the thread count at all. ``residuals``
 (the "features" route) is a parallel kernel over rows.
 """
 import contextlib
+import importlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  (loaded before ThreadpoolController below)
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
@@ -40,8 +40,9 @@ FLOAT64_MAX = np.finfo(np.float64).max
 #: output stay in one core's L2 cache.
 BLOCK_BYTES = 512 << 10
 
-# The BLAS libraries loaded with numpy and SciPy (whose BLAS Numba's np.dot
-# calls), limited to one thread inside the passes.
+# The BLAS libraries of numpy and SciPy (Numba's np.dot calls SciPy's, so it is
+# loaded first), limited to one thread inside the passes.
+importlib.import_module("scipy.linalg.cython_blas")
 _BLAS = ThreadpoolController()
 
 #: The main thread's dense algebra (geometry, classifier offsets, metrics) up
