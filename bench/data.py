@@ -5,19 +5,28 @@ import numpy as np
 _STEP_ROWS = 1 << 16
 
 
-def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, seed=0):
+#: Within-class standard deviation per feature of ``collapsed_features`` by default.
+SPREAD = 0.5
+
+
+def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, spread=SPREAD,
+                       seed=0):
     """Float32 features of balanced Gaussian classes, and a nearly self-dual classifier.
 
-    Row ``i`` is ``mu_{y_i} + 0.5 e_i`` with random class means of norm about
-    ``4 sqrt(D)`` and standard normal noise ``e_i``: collapsed enough that the
-    nearest class centre is right almost always, spread enough that NC1 is
-    far from zero.
+    Row ``i`` is ``mu_{y_i} + spread e_i`` with random class means of norm
+    about ``4 sqrt(D)`` and standard normal noise ``e_i``. At the default
+    spread the rows are collapsed enough that the nearest class centre is
+    right almost always (and every row lies inside its NCC radius), spread
+    enough that NC1 is far from zero; from a spread of about 3 on, every row
+    lies beyond its radius (ncfast's slower NCC path, as early in training).
 
     Parameters
     ----------
     num_rows, num_features, num_classes : int
     classifier : bool
         Also return a classifier: ``W`` the class means plus noise, ``b`` small.
+    spread : float
+        Standard deviation of each feature within a class.
     seed : int
 
     Returns
@@ -35,7 +44,7 @@ def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, 
         stop = min(start + _STEP_ROWS, num_rows)
         rng.standard_normal((stop - start, num_features), dtype=np.float32,
                             out=features[start:stop])
-        features[start:stop] *= 0.5
+        features[start:stop] *= spread
         features[start:stop] += means[labels[start:stop]]
     if not classifier:
         return features, labels, None, None

@@ -18,7 +18,7 @@ import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from bench.data import collapsed_features
+from bench.data import SPREAD, collapsed_features
 from ncfast.accumulators import ClassSums, ResidualStats
 from ncfast.geometry import Geometry
 from ncfast.inputs import default_chunk_rows
@@ -41,17 +41,21 @@ def stage_times(features, labels, stats):
     Returns
     -------
     dict
-        ``residuals``, ``gemm``, ``epilogue`` in seconds.
+        ``residuals``, ``gemm``, ``far rows`` (gathering the rows beyond their
+        NCC radius and their second GEMM) and ``epilogue``, in seconds.
     """
     geometry = stats.geometry
     num_rows, num_features = features.shape
+    num_means = geometry.present.size
     block = cpu.block_rows(num_features)
     residual_rows = np.empty((block, num_features), np.float32)
     products = np.empty((block, stats._projection_t.shape[1]), np.float32)
+    far_coordinates = np.zeros((block, num_means), np.float32)
+    far_mean_products = np.zeros((block, num_means), np.float32)
     sq_norms = np.empty(block)
     partial = tuple(np.zeros_like(getattr(stats, name)) for name in stats.sum_names)
     corrupted = np.empty(0, np.uint8)
-    totals = dict.fromkeys(("residuals", "gemm", "epilogue"), 0.0)
+    totals = dict.fromkeys(("residuals", "gemm", "far rows", "epilogue"), 0.0)
     with threadpool_limits(1, user_api="blas"):
         for first in range(0, num_rows, block):
             last = min(first + block, num_rows)
@@ -62,10 +66,15 @@ def stage_times(features, labels, stats):
             marks.append(time.perf_counter())
             np.matmul(residual_rows[:size], stats._projection_t, out=products[:size])
             marks.append(time.perf_counter())
+            if cpu.gather_far_rows(products[:size], sq_norms[:size], labels[first:last],
+                                   geometry.label_rows, geometry.ncc_sq_radii,
+                                   far_coordinates) > 0:
+                np.matmul(far_coordinates, stats._eigenvectors_t, out=far_mean_products)
+            marks.append(time.perf_counter())
             cpu.epilogue(products[:size], sq_norms[:size], labels[first:last],
                          geometry.label_rows, geometry.present, geometry.ncc_sq_radii,
-                         geometry.mean_sq_distances, stats._eigenvectors_t,
-                         stats._logit_offsets, corrupted, *partial)
+                         geometry.mean_sq_distances, far_mean_products, stats._logit_offsets,
+                         corrupted, *partial)
             marks.append(time.perf_counter())
             for name, begin, end in zip(totals, marks, marks[1:]):
                 totals[name] += end - begin
@@ -120,9 +129,12 @@ def main(argv=None):
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--no-classifier", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--spread", type=float, default=SPREAD,
+                        help="within-class standard deviation (see bench.data)")
     args = parser.parse_args(argv)
     features, labels, weights, bias = collapsed_features(
-        args.rows, args.features, args.classes, classifier=not args.no_classifier)
+        args.rows, args.features, args.classes, classifier=not args.no_classifier,
+        spread=args.spread)
     warm = slice(0, 4096)
     pass_times(features[warm], labels[warm], args.classes, weights, bias, 1)
     first, second, geometry = pass_times(features, labels, args.classes, weights, bias,

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import ncfast
-from bench.data import collapsed_features
+from bench.data import SPREAD, collapsed_features
 from bench.floor import SQUARE_SIDE, Floor, best_seconds, read_bandwidth, sgemm_rate
 from bench.memory import peak_extra_bytes
 from bench.routes import ROUTES, WARM_ROWS, check, thread_limit
@@ -117,8 +117,9 @@ class Bench:
     every row's floor uses the best rates of the whole run (``floor``).
     """
 
-    def __init__(self, repeats, memory_sizes, console):
+    def __init__(self, repeats, memory_sizes, console, spread=SPREAD):
         self.repeats = repeats
+        self.spread = spread
         self.memory_sizes = memory_sizes
         self.console = console
         self.bandwidth = 0.0
@@ -141,7 +142,7 @@ class Bench:
         """Check, time and (for ``memory_sizes``) weigh every route on one size."""
         num_rows, num_features, num_classes = size
         features, labels, weights, bias = collapsed_features(num_rows, num_features,
-                                                             num_classes)
+                                                             num_classes, spread=self.spread)
         rows = []
         for classifier in classifiers:
             clf_weights, clf_bias = (weights, bias) if classifier else (None, None)
@@ -242,6 +243,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="ncfast runs per size (best)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
     parser.add_argument("--no-threads", action="store_true", help="skip the 1-thread run")
+    parser.add_argument("--spread", type=float, default=SPREAD,
+                        help=f"within-class standard deviation of the synthetic features "
+                        f"(default {SPREAD}: collapsed; 3 or more: every row beyond its NCC "
+                        "radius)")
     args = parser.parse_args(argv)
     console = Console(width=180)
     if args.sizes:
@@ -262,7 +267,7 @@ def main(argv=None):
     memory_sizes = () if args.no_memory else (
         {HEADLINE, (SCALING_ROWS[-1],) + HEADLINE[1:]} & set(sizes))
     load_before = os.getloadavg()
-    bench = Bench(args.repeats, memory_sizes, console)
+    bench = Bench(args.repeats, memory_sizes, console, spread=args.spread)
     console.print(f"load average {load_before}")
     rows, threads = [], None
     for size in sizes:
@@ -313,6 +318,7 @@ def main(argv=None):
         "scaling_exponent": exponent,
         "threads": threads,
         "skipped": skipped,
+        "spread": args.spread,
         "command": ["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)],
     }, indent=1, default=str))
     console.print(f"wrote {path}")

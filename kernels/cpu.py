@@ -385,21 +385,57 @@ def first_argmin(values):
     return index
 
 
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def beyond_radius(sq_norm, sq_radius):
+    """Whether a row must search every class centre: not strictly inside its NCC radius
+    (``Geometry.ncc_sq_radii``); a NaN norm counts as beyond."""
+    return not sq_norm < sq_radius
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def gather_far_rows(products, sq_norms, labels, label_rows, ncc_sq_radii, out_far_coordinates):
+    """Copy the eigenbasis coordinates ``a`` of the rows beyond their NCC radius, in order.
+
+    Parameters
+    ----------
+    products : float32 array of shape (n, C' + C_w), first C' columns ``a``
+    sq_norms, labels, label_rows, ncc_sq_radii : see ``epilogue``
+    out_far_coordinates : float32 array of shape (m >= n, C'); rows
+        ``[0, count)`` written, the rest zeroed when ``count > 0``
+
+    Returns
+    -------
+    count : int
+        Rows beyond their radius.
+    """
+    num_means = out_far_coordinates.shape[1]
+    count = 0
+    for i in range(products.shape[0]):
+        if beyond_radius(sq_norms[i], ncc_sq_radii[label_rows[labels[i]]]):
+            for j in range(num_means):
+                out_far_coordinates[count, j] = products[i, j]
+            count += 1
+    if count > 0:
+        out_far_coordinates[count:] = 0.0
+    return count
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_radii,
-             mean_sq_distances, eigenvectors_t, logit_offsets, corrupted, eigen_scatter, counts,
-             sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
+             mean_sq_distances, far_mean_products, logit_offsets, corrupted, eigen_scatter,
+             counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
     """Fused pass over one block's GEMM output: NC1 scatter, NCC, classifier argmax, tallies.
 
     The first C' columns of ``products`` are ``a = V^T z``, the coordinates of
     ``z = M~ r`` in the Gram eigenbasis ``V``; their squares are summed into
     ``eigen_scatter`` (all NC1 needs, see ``ResidualStats``). The nearest
-    class centre of a row within ``ncc_sq_radii`` of its own mean is that
-    mean (``Geometry.ncc_sq_radii``); for any other row ``z = V a`` and the
-    squared distance to mean k is ``||r||^2 + 2 (z_y - z_k) + K[y, k]``
-    (DESIGN.md, pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``.
-    The classifier logits are ``W r + (W mu_y + b)``; their first argmax is
-    the first argmin of their negation. Runs on one thread, without the GIL.
+    class centre of a row inside its NCC radius is its own mean
+    (``Geometry.ncc_sq_radii``). For the other rows ``far_mean_products``
+    holds ``z = V a`` (``gather_far_rows``, then a GEMM), and the squared
+    distance to mean k is ``||r||^2 + 2 (z_y - z_k) + K[y, k]`` (DESIGN.md,
+    pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``. The classifier
+    logits are ``W r + (W mu_y + b)``; their first argmax is the first argmin
+    of their negation. Runs on one thread, without the GIL.
 
     Parameters
     ----------
@@ -411,7 +447,8 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
     present_classes : int64 array of shape (C',), class of each mean row
     ncc_sq_radii : float64 array of shape (C',), see ``Geometry``
     mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``
-    eigenvectors_t : float64 array of shape (C', C'), ``V^T``
+    far_mean_products : float32 array of shape (m, C'), ``z`` of the rows
+        beyond their radius, in row order
     logit_offsets : float64 array of shape (C', C_w), ``W mu_a + b``
     corrupted : uint8 array of shape (n,) or (0,); rows whose training label
         is wrong (label-noise runs)
@@ -426,9 +463,9 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
     num_means = present_classes.shape[0]
     num_logits = logit_offsets.shape[1]
     has_corrupted = corrupted.shape[0] > 0
-    mean_products = np.empty(num_means)
     scores = np.empty(num_means)
     negated_logits = np.empty(num_logits)
+    far = 0
     for i in range(products.shape[0]):
         row = label_rows[labels[i]]
         for j in range(num_means):
@@ -436,15 +473,11 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
             eigen_scatter[j] += coordinate * coordinate
 
         best_k = row
-        if not sq_norms[i] < ncc_sq_radii[row]:
-            mean_products[:] = 0.0
-            for j in range(num_means):
-                coordinate = np.float64(products[i, j])
-                for k in range(num_means):
-                    mean_products[k] += eigenvectors_t[j, k] * coordinate
+        if beyond_radius(sq_norms[i], ncc_sq_radii[row]):
             for k in range(num_means):
-                scores[k] = mean_sq_distances[row, k] - 2.0 * mean_products[k]
+                scores[k] = mean_sq_distances[row, k] - 2.0 * np.float64(far_mean_products[far, k])
             best_k = first_argmin(scores)
+            far += 1
 
         best_c = -1
         if num_logits > 0:
@@ -461,24 +494,29 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def residual_blocks(features, labels, corrupted, label_rows, present_classes, means,
                     projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, logit_offsets,
-                    residual_buffer, products, out_sq_norms, eigen_scatter, counts, sq_norm_sums,
-                    norm_sums, ncc_hits, classifier_hits, totals):
+                    residual_buffer, products, far_coordinates, far_mean_products, out_sq_norms,
+                    eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits,
+                    totals):
     """Pass 2 of some rows on the "classes" route, on one thread, in cache-sized blocks.
 
-    Per block of ``residual_buffer.shape[0]`` rows: ``block_residuals``, one
-    float32 GEMM ``R [M~^T V | W^T]`` (BLAS, through ``np.dot``) and
-    ``epilogue``. The last block is padded with zero rows, so that BLAS
-    computes every row the same way however the rows are split.
+    Per block of ``b = residual_buffer.shape[0]`` rows: ``block_residuals``;
+    one float32 GEMM ``R [M~^T V | W^T]`` (BLAS, through ``np.dot``); for
+    the rows beyond their NCC radius, if any, ``z = V a`` by a second GEMM
+    (``gather_far_rows``); ``epilogue``. Each GEMM has the same shape for
+    every block (the last block and the far rows are padded with zero rows),
+    so that BLAS computes every row the same way however the rows are split.
 
     Parameters
     ----------
     features, labels, corrupted : the rows (see ``epilogue``)
     label_rows, present_classes, means, ncc_sq_radii, mean_sq_distances,
-    eigenvectors_t, logit_offsets :
+    logit_offsets :
         the geometry (see ``residuals`` and ``epilogue``)
     projection_t : float32 array of shape (D, C' + C_w), ``[M~^T V | W^T]``
+    eigenvectors_t : float32 array of shape (C', C'), ``V^T``
     residual_buffer : float32 array of shape (b, D), scratch
     products : float32 array of shape (b, C' + C_w), scratch
+    far_coordinates, far_mean_products : float32 arrays of shape (b, C'), scratch
     out_sq_norms : float64 array of shape (n,), written as by ``residuals``
         up to the first bad block
     eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits,
@@ -501,8 +539,11 @@ def residual_blocks(features, labels, corrupted, label_rows, present_classes, me
                            residual_buffer[:size], out_sq_norms[first:last]) != NO_ROW:
             return False
         np.dot(residual_buffer, projection_t, products)
+        if gather_far_rows(products[:size], out_sq_norms[first:last], labels[first:last],
+                           label_rows, ncc_sq_radii, far_coordinates) > 0:
+            np.dot(far_coordinates, eigenvectors_t, far_mean_products)
         epilogue(products[:size], out_sq_norms[first:last], labels[first:last], label_rows,
-                 present_classes, ncc_sq_radii, mean_sq_distances, eigenvectors_t,
+                 present_classes, ncc_sq_radii, mean_sq_distances, far_mean_products,
                  logit_offsets, corrupted[first:last] if has_corrupted else corrupted,
                  eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits,
                  totals)
@@ -547,6 +588,7 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
         some row was bad (``out_sq_norms`` flags it) and nothing was added.
     """
     num_rows, num_features = features.shape
+    num_means = present_classes.shape[0]
     rows = block_rows(num_features)
     task_rows = rows * TASK_BLOCKS
 
@@ -560,6 +602,8 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
             eigenvectors_t, logit_offsets,
             thread_buffer("residuals", (rows, num_features), np.float32),
             thread_buffer("products", (rows, projection_t.shape[1]), np.float32),
+            thread_buffer("far_coordinates", (rows, num_means), np.float32),
+            thread_buffer("far_mean_products", (rows, num_means), np.float32),
             out_sq_norms[first:last], *partial)
         return partial if good else None
 

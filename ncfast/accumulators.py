@@ -258,7 +258,7 @@ class ResidualStats:
                     projection_t = np.concatenate([projection_t, self.weights.T], axis=1)
                     self._logit_offsets = self._present_means @ self.weights.T + self.bias
             self._projection_t = np.ascontiguousarray(projection_t, dtype=np.float32)
-            self._eigenvectors_t = np.ascontiguousarray(geometry.gram_eigenvectors.T)
+            self._eigenvectors_t = np.ascontiguousarray(geometry.gram_eigenvectors.T, np.float32)
             self.eigen_scatter = np.zeros(num_means)
         else:
             self._centred_t = np.ascontiguousarray(geometry.centred.T, dtype=np.float32)
