@@ -7,9 +7,12 @@ passes end to end with every thread::
     python -m bench.profile --rows 1000000 --features 512 --classes 100
 
 Stage times are summed over the blocks of one thread; with T threads the pass
-takes about their total divided by T. Beside them, the pass-2 GEMM alone as
-the pass runs it on every thread (each thread its own slice of rows, one
-single-threaded product per block): the least pass 2 can take with this BLAS.
+takes about their total divided by T. Beside them, the full-width GEMM alone
+(every row times ``[M~^T V | W^T]``, the product the floor counts) as the pass
+would run it on every thread (each thread its own slice of rows, one
+single-threaded product per block). Rows inside their NCC and classifier
+radii skip the far-row GEMMs, so on collapsed features pass 2 multiplies only
+``R M~^T V``; ``--spread 4`` makes every row take the full route.
 """
 import argparse
 import time
@@ -41,40 +44,55 @@ def stage_times(features, labels, stats):
     Returns
     -------
     dict
-        ``residuals``, ``gemm``, ``far rows`` (gathering the rows beyond their
-        NCC radius and their second GEMM) and ``epilogue``, in seconds.
+        ``residuals``; ``gemm`` (``R M~^T V``); ``far NCC`` and ``far
+        classifier`` (gathering the rows beyond their NCC or classifier radius
+        and their GEMM); ``epilogue``; in seconds.
     """
     geometry = stats.geometry
     num_rows, num_features = features.shape
     num_means = geometry.present.size
+    num_logits = stats._weights_t.shape[1]
     block = cpu.block_rows(num_features)
-    residual_rows = np.empty((block, num_features), np.float32)
-    products = np.empty((block, stats._projection_t.shape[1]), np.float32)
+    residual_rows = np.zeros((block, num_features), np.float32)
+    products = np.empty((block, num_means), np.float32)
     far_coordinates = np.zeros((block, num_means), np.float32)
     far_mean_products = np.zeros((block, num_means), np.float32)
+    far_residuals = np.zeros((block, num_features), np.float32)
+    far_logits = np.zeros((block, num_logits), np.float32)
     sq_norms = np.empty(block)
     partial = tuple(np.zeros_like(getattr(stats, name)) for name in stats.sum_names)
     corrupted = np.empty(0, np.uint8)
-    totals = dict.fromkeys(("residuals", "gemm", "far rows", "epilogue"), 0.0)
+    totals = dict.fromkeys(("residuals", "gemm", "far NCC", "far classifier", "epilogue"), 0.0)
     with threadpool_limits(1, user_api="blas"):
         for first in range(0, num_rows, block):
             last = min(first + block, num_rows)
             size = last - first
+            block_labels = labels[first:last]
             marks = [time.perf_counter()]
-            cpu.block_residuals(features[first:last], labels[first:last], geometry.label_rows,
+            cpu.block_residuals(features[first:last], block_labels, geometry.label_rows,
                                 stats._present_means, residual_rows[:size], sq_norms[:size])
             marks.append(time.perf_counter())
-            np.matmul(residual_rows[:size], stats._projection_t, out=products[:size])
+            np.matmul(residual_rows, stats._projection_t, out=products)
             marks.append(time.perf_counter())
-            if cpu.gather_far_rows(products[:size], sq_norms[:size], labels[first:last],
-                                   geometry.label_rows, geometry.ncc_sq_radii,
-                                   far_coordinates) > 0:
+            if cpu.gather_rows_beyond(products[:size], sq_norms[:size], block_labels,
+                                      geometry.label_rows, geometry.ncc_sq_radii,
+                                      far_coordinates) > 0:
                 np.matmul(far_coordinates, stats._eigenvectors_t, out=far_mean_products)
             marks.append(time.perf_counter())
-            cpu.epilogue(products[:size], sq_norms[:size], labels[first:last],
-                         geometry.label_rows, geometry.present, geometry.ncc_sq_radii,
-                         geometry.mean_sq_distances, far_mean_products, stats._logit_offsets,
-                         corrupted, *partial)
+            uncertain = num_logits and cpu.count_rows_beyond(
+                sq_norms[:size], block_labels, geometry.label_rows, stats._classifier_sq_radii)
+            if uncertain == size:
+                np.matmul(residual_rows, stats._weights_t, out=far_logits)
+            elif uncertain > 0:
+                cpu.gather_rows_beyond(residual_rows[:size], sq_norms[:size], block_labels,
+                                       geometry.label_rows, stats._classifier_sq_radii,
+                                       far_residuals)
+                np.matmul(far_residuals, stats._weights_t, out=far_logits)
+            marks.append(time.perf_counter())
+            cpu.epilogue(products[:size], sq_norms[:size], block_labels, geometry.label_rows,
+                         geometry.present, geometry.ncc_sq_radii, geometry.mean_sq_distances,
+                         far_mean_products, stats._logit_offsets, stats._mean_predictions,
+                         stats._classifier_sq_radii, far_logits, corrupted, *partial)
             marks.append(time.perf_counter())
             for name, begin, end in zip(totals, marks, marks[1:]):
                 totals[name] += end - begin
@@ -149,11 +167,14 @@ def main(argv=None):
     print(f"pass 1 (class sums): {first:.3f} s   pass 2: {second:.3f} s")
     print("pass 2 stages on one thread: " + "  ".join(
         f"{name} {seconds:.3f} s" for name, seconds in stages.items()))
-    gemm = gemm_only_seconds(features, stats._projection_t, numba.get_num_threads(),
+    # The product the floor counts: every row times [M~^T V | W^T].
+    full_projection_t = np.ascontiguousarray(
+        np.concatenate([stats._projection_t, stats._weights_t], axis=1))
+    gemm = gemm_only_seconds(features, full_projection_t, numba.get_num_threads(),
                              args.repeats)
-    flops = 2.0 * args.rows * args.features * stats._projection_t.shape[1]
-    print(f"pass-2 GEMM alone on {numba.get_num_threads()} threads: {gemm:.3f} s "
-          f"({flops / gemm / 1e9:.0f} GFLOP/s)")
+    flops = 2.0 * args.rows * args.features * full_projection_t.shape[1]
+    print(f"full-width GEMM alone (every row × [M~^T V | W^T]) on {numba.get_num_threads()} "
+          f"threads: {gemm:.3f} s ({flops / gemm / 1e9:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":

@@ -387,60 +387,75 @@ def first_argmin(values):
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
 def beyond_radius(sq_norm, sq_radius):
-    """Whether a row must search every class centre: not strictly inside its NCC radius
-    (``Geometry.ncc_sq_radii``); a NaN norm counts as beyond."""
+    """Whether a row is not strictly inside a radius around its class mean (a NaN norm
+    counts as beyond): it then needs the full computation for that prediction."""
     return not sq_norm < sq_radius
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def gather_far_rows(products, sq_norms, labels, label_rows, ncc_sq_radii, out_far_coordinates):
-    """Copy the eigenbasis coordinates ``a`` of the rows beyond their NCC radius, in order.
+def count_rows_beyond(sq_norms, labels, label_rows, sq_radii):
+    """How many rows lie beyond their class's radius (see ``gather_rows_beyond``)."""
+    count = 0
+    for i in range(sq_norms.shape[0]):
+        if beyond_radius(sq_norms[i], sq_radii[label_rows[labels[i]]]):
+            count += 1
+    return count
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def gather_rows_beyond(values, sq_norms, labels, label_rows, sq_radii, out_rows):
+    """Copy, in order, the rows of ``values`` whose residual lies beyond its class's radius.
 
     Parameters
     ----------
-    products : float32 array of shape (n, C' + C_w), first C' columns ``a``
-    sq_norms, labels, label_rows, ncc_sq_radii : see ``epilogue``
-    out_far_coordinates : float32 array of shape (m >= n, C'); rows
-        ``[0, count)`` written, the rest zeroed when ``count > 0``
+    values : float32 array of shape (n, k); only its first
+        ``out_rows.shape[1]`` columns are copied
+    sq_norms : float64 array of shape (n,), ``||r_i||^2``
+    labels, label_rows : see ``epilogue``
+    sq_radii : float64 array of shape (C',), squared radius per mean row
+    out_rows : float32 array of shape (m >= n, k' <= k); rows ``[0, count)``
+        written, the rest zeroed when ``count > 0`` (the GEMM that follows
+        has one fixed shape)
 
     Returns
     -------
     count : int
-        Rows beyond their radius.
     """
-    num_means = out_far_coordinates.shape[1]
+    width = out_rows.shape[1]
     count = 0
-    for i in range(products.shape[0]):
-        if beyond_radius(sq_norms[i], ncc_sq_radii[label_rows[labels[i]]]):
-            for j in range(num_means):
-                out_far_coordinates[count, j] = products[i, j]
+    for i in range(values.shape[0]):
+        if beyond_radius(sq_norms[i], sq_radii[label_rows[labels[i]]]):
+            for j in range(width):
+                out_rows[count, j] = values[i, j]
             count += 1
     if count > 0:
-        out_far_coordinates[count:] = 0.0
+        out_rows[count:] = 0.0
     return count
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_radii,
-             mean_sq_distances, far_mean_products, logit_offsets, corrupted, eigen_scatter,
-             counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
+             mean_sq_distances, far_mean_products, logit_offsets, mean_predictions,
+             classifier_sq_radii, far_logits, corrupted, eigen_scatter, counts, sq_norm_sums,
+             norm_sums, ncc_hits, classifier_hits, totals):
     """Fused pass over one block's GEMM output: NC1 scatter, NCC, classifier argmax, tallies.
 
-    The first C' columns of ``products`` are ``a = V^T z``, the coordinates of
-    ``z = M~ r`` in the Gram eigenbasis ``V``; their squares are summed into
-    ``eigen_scatter`` (all NC1 needs, see ``ResidualStats``). The nearest
-    class centre of a row inside its NCC radius is its own mean
-    (``Geometry.ncc_sq_radii``). For the other rows ``far_mean_products``
-    holds ``z = V a`` (``gather_far_rows``, then a GEMM), and the squared
-    distance to mean k is ``||r||^2 + 2 (z_y - z_k) + K[y, k]`` (DESIGN.md,
-    pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``. The classifier
-    logits are ``W r + (W mu_y + b)``; their first argmax is the first argmin
-    of their negation. Runs on one thread, without the GIL.
+    ``products`` holds ``a = V^T z``, the coordinates of ``z = M~ r`` in the
+    Gram eigenbasis ``V``; their squares are summed into ``eigen_scatter``
+    (all NC1 needs, see ``ResidualStats``). The nearest class centre of a
+    row inside its NCC radius is its own mean (``Geometry.ncc_sq_radii``).
+    For the other rows ``far_mean_products`` holds ``z = V a``, and the
+    squared distance to mean k is ``||r||^2 + 2 (z_y - z_k) + K[y, k]``
+    (DESIGN.md, pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``.
+    The classifier's prediction of a row inside its classifier radius is
+    that of its class mean (``mean_predictions``); for the other rows
+    ``far_logits`` holds ``W r``, the logits are ``W r + (W mu_y + b)``, and
+    their first argmax is the first argmin of their negation. Runs on one
+    thread, without the GIL.
 
     Parameters
     ----------
-    products : float32 array of shape (n, C' + C_w)
-        ``R [M~^T V | W^T]``; ``C_w`` is 0 without a classifier.
+    products : float32 array of shape (n, C'), ``R M~^T V``
     sq_norms : float64 array of shape (n,), ``||r_i||^2``
     labels : int64 array of shape (n,), every label has a mean
     label_rows : int64 array of shape (C,), row of the class in the means
@@ -448,8 +463,14 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
     ncc_sq_radii : float64 array of shape (C',), see ``Geometry``
     mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``
     far_mean_products : float32 array of shape (m, C'), ``z`` of the rows
-        beyond their radius, in row order
-    logit_offsets : float64 array of shape (C', C_w), ``W mu_a + b``
+        beyond their NCC radius, in row order
+    logit_offsets : float64 array of shape (C', C_w), ``W mu_a + b``; C_w is
+        0 without a classifier
+    mean_predictions : int64 array of shape (C',), first argmax of each row
+        of ``logit_offsets``
+    classifier_sq_radii : float64 array of shape (C',)
+    far_logits : float32 array of shape (m, C_w), ``W r`` of the rows beyond
+        their classifier radius, in row order
     corrupted : uint8 array of shape (n,) or (0,); rows whose training label
         is wrong (label-noise runs)
     eigen_scatter : float64 array of shape (C',), updated with ``sum a^2``
@@ -465,7 +486,7 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
     has_corrupted = corrupted.shape[0] > 0
     scores = np.empty(num_means)
     negated_logits = np.empty(num_logits)
-    far = 0
+    far = uncertain = 0
     for i in range(products.shape[0]):
         row = label_rows[labels[i]]
         for j in range(num_means):
@@ -481,10 +502,13 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
 
         best_c = -1
         if num_logits > 0:
-            for c in range(num_logits):
-                negated_logits[c] = -(np.float64(products[i, num_means + c])
-                                      + logit_offsets[row, c])
-            best_c = first_argmin(negated_logits)
+            best_c = mean_predictions[row]
+            if beyond_radius(sq_norms[i], classifier_sq_radii[row]):
+                for c in range(num_logits):
+                    negated_logits[c] = -(np.float64(far_logits[uncertain, c])
+                                          + logit_offsets[row, c])
+                best_c = first_argmin(negated_logits)
+                uncertain += 1
 
         tally_row(labels[i], sq_norms[i], present_classes[best_k], best_c,
                   has_corrupted and corrupted[i] != 0, counts, sq_norm_sums, norm_sums,
@@ -493,30 +517,34 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def residual_blocks(features, labels, corrupted, label_rows, present_classes, means,
-                    projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, logit_offsets,
-                    residual_buffer, products, far_coordinates, far_mean_products, out_sq_norms,
-                    eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits,
-                    totals):
+                    projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, weights_t,
+                    logit_offsets, mean_predictions, classifier_sq_radii, residual_buffer,
+                    products, far_coordinates, far_mean_products, far_residuals, far_logits,
+                    out_sq_norms, eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits,
+                    classifier_hits, totals):
     """Pass 2 of some rows on the "classes" route, on one thread, in cache-sized blocks.
 
     Per block of ``b = residual_buffer.shape[0]`` rows: ``block_residuals``;
-    one float32 GEMM ``R [M~^T V | W^T]`` (BLAS, through ``np.dot``); for
-    the rows beyond their NCC radius, if any, ``z = V a`` by a second GEMM
-    (``gather_far_rows``); ``epilogue``. Each GEMM has the same shape for
-    every block (the last block and the far rows are padded with zero rows),
+    one float32 GEMM ``R M~^T V`` (BLAS, through ``np.dot``); for the rows
+    beyond their NCC radius, if any, ``z = V a`` by a second GEMM; for the
+    rows beyond their classifier radius, if any, ``W r`` by a third
+    (``gather_rows_beyond``); ``epilogue``. Each GEMM has one shape for every
+    block (the last block and the gathered rows are padded with zero rows),
     so that BLAS computes every row the same way however the rows are split.
 
     Parameters
     ----------
     features, labels, corrupted : the rows (see ``epilogue``)
     label_rows, present_classes, means, ncc_sq_radii, mean_sq_distances,
-    logit_offsets :
-        the geometry (see ``residuals`` and ``epilogue``)
-    projection_t : float32 array of shape (D, C' + C_w), ``[M~^T V | W^T]``
+    logit_offsets, mean_predictions, classifier_sq_radii :
+        the geometry and classifier (see ``residuals`` and ``epilogue``)
+    projection_t : float32 array of shape (D, C'), ``M~^T V``
     eigenvectors_t : float32 array of shape (C', C'), ``V^T``
-    residual_buffer : float32 array of shape (b, D), scratch
-    products : float32 array of shape (b, C' + C_w), scratch
-    far_coordinates, far_mean_products : float32 arrays of shape (b, C'), scratch
+    weights_t : float32 array of shape (D, C_w), ``W^T``
+    residual_buffer, far_residuals : float32 arrays of shape (b, D), scratch
+    products, far_coordinates, far_mean_products : float32 arrays of shape
+        (b, C'), scratch
+    far_logits : float32 array of shape (b, C_w), scratch
     out_sq_norms : float64 array of shape (n,), written as by ``residuals``
         up to the first bad block
     eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits,
@@ -531,22 +559,33 @@ def residual_blocks(features, labels, corrupted, label_rows, present_classes, me
     num_rows = features.shape[0]
     block = residual_buffer.shape[0]
     has_corrupted = corrupted.shape[0] > 0
+    has_classifier = weights_t.shape[1] > 0
     for first in range(0, num_rows, block):
         last = min(first + block, num_rows)
         size = last - first
+        sq_norms = out_sq_norms[first:last]
         residual_buffer[size:] = 0.0
         if block_residuals(features[first:last], labels[first:last], label_rows, means,
-                           residual_buffer[:size], out_sq_norms[first:last]) != NO_ROW:
+                           residual_buffer[:size], sq_norms) != NO_ROW:
             return False
         np.dot(residual_buffer, projection_t, products)
-        if gather_far_rows(products[:size], out_sq_norms[first:last], labels[first:last],
-                           label_rows, ncc_sq_radii, far_coordinates) > 0:
+        if gather_rows_beyond(products[:size], sq_norms, labels[first:last], label_rows,
+                              ncc_sq_radii, far_coordinates) > 0:
             np.dot(far_coordinates, eigenvectors_t, far_mean_products)
-        epilogue(products[:size], out_sq_norms[first:last], labels[first:last], label_rows,
-                 present_classes, ncc_sq_radii, mean_sq_distances, far_mean_products,
-                 logit_offsets, corrupted[first:last] if has_corrupted else corrupted,
-                 eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits,
-                 totals)
+        if has_classifier:
+            uncertain = count_rows_beyond(sq_norms, labels[first:last], label_rows,
+                                          classifier_sq_radii)
+            if uncertain == size:  # the gathered rows would be the block itself
+                np.dot(residual_buffer, weights_t, far_logits)
+            elif uncertain > 0:
+                gather_rows_beyond(residual_buffer[:size], sq_norms, labels[first:last],
+                                   label_rows, classifier_sq_radii, far_residuals)
+                np.dot(far_residuals, weights_t, far_logits)
+        epilogue(products[:size], sq_norms, labels[first:last], label_rows, present_classes,
+                 ncc_sq_radii, mean_sq_distances, far_mean_products, logit_offsets,
+                 mean_predictions, classifier_sq_radii, far_logits,
+                 corrupted[first:last] if has_corrupted else corrupted, eigen_scatter, counts,
+                 sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals)
     return True
 
 
@@ -556,8 +595,9 @@ TASK_BLOCKS = 16
 
 
 def residual_chunk(features, labels, corrupted, label_rows, present_classes, means,
-                   projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, logit_offsets,
-                   sums, out_sq_norms, num_threads):
+                   projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, weights_t,
+                   logit_offsets, mean_predictions, classifier_sq_radii, sums, out_sq_norms,
+                   num_threads):
     """Pass 2 of one chunk on the "classes" route (C' <= D), on worker threads.
 
     The chunk is cut into tasks of ``TASK_BLOCKS`` blocks of ``block_rows(D)``
@@ -572,7 +612,8 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
     ----------
     features, labels, corrupted : the chunk (see ``epilogue``)
     label_rows, present_classes, means, projection_t, ncc_sq_radii,
-    mean_sq_distances, eigenvectors_t, logit_offsets :
+    mean_sq_distances, eigenvectors_t, weights_t, logit_offsets,
+    mean_predictions, classifier_sq_radii :
         see ``residual_blocks``
     sums : tuple of arrays
         ``(eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits,
@@ -599,11 +640,13 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
             features[first:last], labels[first:last],
             corrupted[first:last] if corrupted.shape[0] else corrupted, label_rows,
             present_classes, means, projection_t, ncc_sq_radii, mean_sq_distances,
-            eigenvectors_t, logit_offsets,
+            eigenvectors_t, weights_t, logit_offsets, mean_predictions, classifier_sq_radii,
             thread_buffer("residuals", (rows, num_features), np.float32),
-            thread_buffer("products", (rows, projection_t.shape[1]), np.float32),
+            thread_buffer("products", (rows, num_means), np.float32),
             thread_buffer("far_coordinates", (rows, num_means), np.float32),
             thread_buffer("far_mean_products", (rows, num_means), np.float32),
+            thread_buffer("far_residuals", (rows, num_features), np.float32),
+            thread_buffer("far_logits", (rows, weights_t.shape[1]), np.float32),
             out_sq_norms[first:last], *partial)
         return partial if good else None
 

@@ -251,13 +251,18 @@ class ResidualStats:
         self._present_means = np.ascontiguousarray(geometry.means[geometry.present])
         if self.route == "classes":
             # Columns M~^T V: the GEMM gives z = M~ r in the Gram's eigenbasis, V^T z.
-            with cpu.dense_blas(2.0 * num_means * (num_means + num_classes) * num_features):
-                projection_t = geometry.centred.T @ geometry.gram_eigenvectors
+            with cpu.dense_blas(2.0 * num_means * (num_means + 2 * num_classes) * num_features):
+                self._projection_t = np.ascontiguousarray(
+                    geometry.centred.T @ geometry.gram_eigenvectors, dtype=np.float32)
                 self._logit_offsets = np.zeros((num_means, 0))
+                self._weights_t = np.zeros((num_features, 0), np.float32)
+                self._mean_predictions = np.zeros(num_means, np.int64)
+                self._classifier_sq_radii = np.full(num_means, np.inf)
                 if self.weights is not None:
-                    projection_t = np.concatenate([projection_t, self.weights.T], axis=1)
+                    self._weights_t = np.ascontiguousarray(self.weights.T, dtype=np.float32)
                     self._logit_offsets = self._present_means @ self.weights.T + self.bias
-            self._projection_t = np.ascontiguousarray(projection_t, dtype=np.float32)
+                    self._mean_predictions, self._classifier_sq_radii = _classifier_radii(
+                        self._present_means, self.weights, self._logit_offsets)
             self._eigenvectors_t = np.ascontiguousarray(geometry.gram_eigenvectors.T, np.float32)
             self.eigen_scatter = np.zeros(num_means)
         else:
@@ -338,7 +343,8 @@ class ResidualStats:
             if not cpu.residual_chunk(
                     features, labels, corrupted, geometry.label_rows, geometry.present,
                     self._present_means, self._projection_t, geometry.ncc_sq_radii,
-                    geometry.mean_sq_distances, self._eigenvectors_t, self._logit_offsets,
+                    geometry.mean_sq_distances, self._eigenvectors_t, self._weights_t,
+                    self._logit_offsets, self._mean_predictions, self._classifier_sq_radii,
                     tuple(getattr(self, name) for name in self.sum_names), sq_norms,
                     numba.get_num_threads()):
                 self._raise_bad_row(features, labels, sq_norms, row_offset)
@@ -441,6 +447,59 @@ class ResidualStats:
         return (f"ResidualStats(C={self.geometry.num_classes}, D={self.geometry.num_features}, "
                 f"rows={self.num_rows}, route={self.route!r}{classifier}, "
                 f"ncc_hits={int(self.ncc_hits.sum())})")
+
+
+#: A row whose residual is shorter than this fraction of its class's classifier
+#: radius is predicted as the classifier predicts its class mean (see
+#: ``_classifier_radii``); the rest of the margin absorbs rounding.
+CLASSIFIER_RADIUS_FRACTION = 0.9
+
+#: Relative rounding allowed in float64 logits and weight-row distances.
+CLASSIFIER_RTOL = 1e-12
+
+
+def _classifier_radii(present_means, weights, logit_offsets):
+    """Where the classifier's prediction is that of the class mean.
+
+    At ``h = mu_a + r`` the logits are ``L[a] + W r`` with ``L[a] = W mu_a + b``.
+    Let ``c*`` be the first argmax of ``L[a]``. For every other class c,
+    ``logit_c* - logit_c >= (L[a, c*] - L[a, c]) - ||w_c* - w_c|| ||r||``, so
+    the first argmax stays ``c*`` while ``||r||`` is below the least ratio of
+    the logit gap to the weight-row distance (Cauchy-Schwarz): pass 2 skips
+    the classifier GEMM for such rows. Gaps are shrunk and distances grown by
+    their float64 rounding first, so that the radius errs small.
+
+    Parameters
+    ----------
+    present_means : float64 array of shape (C', D)
+    weights : float64 array of shape (C, D)
+    logit_offsets : float64 array of shape (C', C), ``W mu_a + b``
+
+    Returns
+    -------
+    mean_predictions : int64 array of shape (C',), ``c*`` of each mean
+    sq_radii : float64 array of shape (C',)
+        ``(CLASSIFIER_RADIUS_FRACTION * radius)^2``; inf when no class can
+        overtake ``c*``.
+    """
+    mean_predictions = np.argmax(logit_offsets, axis=1)
+    rows = np.arange(len(present_means))
+    best_logits = logit_offsets[rows, mean_predictions][:, None]
+    weight_norms = np.sqrt(np.einsum("cd,cd->c", weights, weights))
+    mean_norms = np.sqrt(np.einsum("ad,ad->a", present_means, present_means))
+    best_norms = weight_norms[mean_predictions][:, None]
+    logit_rounding = CLASSIFIER_RTOL * (
+        np.abs(best_logits) + np.abs(logit_offsets)
+        + (best_norms + weight_norms[None, :]) * mean_norms[:, None])
+    gaps = np.maximum(best_logits - logit_offsets - logit_rounding, 0.0)
+    weight_gram = weights[mean_predictions] @ weights.T
+    sq_distances = (best_norms ** 2 + weight_norms[None, :] ** 2 - 2.0 * weight_gram
+                    + CLASSIFIER_RTOL * (best_norms ** 2 + weight_norms[None, :] ** 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(sq_distances > 0.0, gaps / np.sqrt(np.maximum(sq_distances, 0.0)),
+                          np.inf)
+    ratios[rows, mean_predictions] = np.inf
+    return mean_predictions, (CLASSIFIER_RADIUS_FRACTION * ratios.min(axis=1)) ** 2
 
 
 def _check_classifier(weights, bias, num_classes, num_features):

@@ -369,3 +369,38 @@ def test_gpu_scatter_in_the_eigenbasis_matches_the_host_pass():
     scale = np.abs(device_like.eigen_scatter).max()
     np.testing.assert_allclose(host.eigen_scatter, device_like.eigen_scatter, rtol=0,
                                atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["centred", "offset"])
+def test_classifier_prediction_on_both_sides_of_its_radius(offset):
+    """Rows inside the classifier radius take their class mean's prediction without the
+    classifier GEMM; the radius is a fraction of the Cauchy-Schwarz bound, at which the
+    nearest rival logit catches up. Rows on both sides of both must match float64."""
+    rng = np.random.default_rng(5)
+    centred_means = rng.standard_normal((6, 20))
+    means = centred_means + offset
+    weights = centred_means + 0.3 * rng.standard_normal((6, 20))  # self-dual-ish
+    bias = 0.1 * rng.standard_normal(6) - weights @ np.full(20, offset)
+    fraction = ncfast.accumulators.CLASSIFIER_RADIUS_FRACTION
+    steps = [0.0, fraction * (1 - 1e-9), fraction * (1 + 1e-9), 0.999, 1.001, 1.5]
+    rows, labels = [], []
+    for label, mean in enumerate(means):
+        logits = weights @ mean + bias
+        best = int(np.argmax(logits))
+        assert best == label
+        distances = np.linalg.norm(weights - weights[best], axis=1)
+        distances[best] = 1.0
+        ratios = (logits[best] - logits) / distances
+        ratios[best] = np.inf
+        rival = int(np.argmin(ratios))
+        toward_rival = (weights[rival] - weights[best]) / distances[rival]
+        for direction in [toward_rival] + list(rng.standard_normal((2, 20))):
+            direction = direction / np.linalg.norm(direction)
+            rows += [mean + step * ratios[rival] * direction for step in steps]
+            labels += [label] * len(steps)
+    features, labels = np.array(rows), np.array(labels)
+    report = ncfast.collapse(features, labels, means=means, weights=weights, bias=bias)
+    predictions = np.argmax(features @ weights.T + bias, axis=1)
+    expected = np.array([(predictions[labels == c] == c).mean() for c in range(6)])
+    np.testing.assert_array_equal(report.class_accuracy, expected)
+    assert expected.max() < 1  # the rows past the bound go to the rival in every class
