@@ -85,14 +85,25 @@ def _angle_metrics(vectors, tile):
     return _std_over_mean(np.linalg.norm(vectors, axis=1)), equiangular, max_angle
 
 
-def _etf_distance(left, right, tile):
-    """``||nrm(left right^T) - E||_F`` in tiles, never forming the C×C product.
+def _product_sq_norm(left, right, tile):
+    """``||left right^T||_F^2`` for (C, D) arrays, from the smaller side.
 
-    ``||left right^T||_F^2 = sum((left^T left) * (right^T right))`` comes from
-    D×D matrices, so one sweep over the tiles suffices.
+    C×C tiles of the product when C <= D; else the D×D matrices:
+    ``sum((left^T left) * (right^T right))``.
     """
+    num_rows, num_features = left.shape
+    if num_rows > num_features:
+        return np.sum((left.T @ left) * (right.T @ right))
+    return sum(np.sum((left[row_start:row_start + tile] @ right[col_start:col_start + tile].T)
+                      ** 2)
+               for row_start in range(0, num_rows, tile)
+               for col_start in range(0, num_rows, tile))
+
+
+def _etf_distance(left, right, tile):
+    """``||nrm(left right^T) - E||_F`` in tiles, never forming the C×C product."""
     num_rows = left.shape[0]
-    scale = np.sqrt(np.sum((left.T @ left) * (right.T @ right)))
+    scale = np.sqrt(_product_sq_norm(left, right, tile))
     etf_scale = np.sqrt(num_rows - 1)
     squared_distance = 0.0
     for row_start in range(0, num_rows, tile):
@@ -107,7 +118,7 @@ def _etf_distance(left, right, tile):
 
 def _orthogonality(uncentred, tile):
     """``||offdiag(nrm(M M^T))||_F`` over pairs, in tiles (Dang et al. 2023)."""
-    scale_sq = np.sum((uncentred.T @ uncentred) ** 2)
+    scale_sq = _product_sq_norm(uncentred, uncentred, tile)
     off_diagonal_sq = sum(2.0 * (dots[pairs] ** 2).sum()
                           for _, _, dots, pairs in _pair_blocks(uncentred, tile))
     return float(np.sqrt(off_diagonal_sq / scale_sq))
