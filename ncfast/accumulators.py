@@ -199,9 +199,11 @@ class ResidualStats:
 
     Built on the ``Geometry`` of pass 1 (and optionally a linear classifier).
     Per chunk: residuals ``R = H - mu_y`` from the float64 means, one float32
-    GEMM ``R [M~^T V | W^T]``, then a fused epilogue (DESIGN.md, pass 2, with
-    ``z = M~ r`` taken in the eigenbasis ``V`` of the Gram matrix: see
-    ``eigen_scatter``).
+    GEMM ``R M~^T V``, then a fused epilogue (DESIGN.md, pass 2, with ``z = M~ r``
+    taken in the eigenbasis ``V`` of the Gram matrix: see ``eigen_scatter``).
+    Rows beyond their NCC radius (``Geometry.ncc_sq_radii``) or classifier
+    radius (``_classifier_radii``) also get ``z = V a`` or ``W r`` from GEMMs of
+    those rows alone (``ncfast.kernels.cpu.residual_blocks``).
 
     Parameters
     ----------
