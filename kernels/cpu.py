@@ -408,12 +408,11 @@ def gather_rows_beyond(values, sq_norms, labels, label_rows, sq_radii, out_rows)
 
     Parameters
     ----------
-    values : float32 array of shape (n, k); only its first
-        ``out_rows.shape[1]`` columns are copied
+    values : float32 array of shape (n, k)
     sq_norms : float64 array of shape (n,), ``||r_i||^2``
     labels, label_rows : see ``epilogue``
     sq_radii : float64 array of shape (C',), squared radius per mean row
-    out_rows : float32 array of shape (m >= n, k' <= k); rows ``[0, count)``
+    out_rows : float32 array of shape (m >= n, k); rows ``[0, count)``
         written, the rest zeroed when ``count > 0`` (the GEMM that follows
         has one fixed shape)
 
@@ -421,12 +420,10 @@ def gather_rows_beyond(values, sq_norms, labels, label_rows, sq_radii, out_rows)
     -------
     count : int
     """
-    width = out_rows.shape[1]
     count = 0
     for i in range(values.shape[0]):
         if beyond_radius(sq_norms[i], sq_radii[label_rows[labels[i]]]):
-            for j in range(width):
-                out_rows[count, j] = values[i, j]
+            out_rows[count, :] = values[i, :]
             count += 1
     if count > 0:
         out_rows[count:] = 0.0

@@ -12,7 +12,7 @@ import hashlib
 import numba
 import numpy as np
 
-from ncfast.geometry import Geometry
+from ncfast.geometry import ROUNDING_RTOL, Geometry, pair_sq_distances
 from ncfast.kernels import cpu, tiles
 from ncfast.inputs import host_array, to_kernel_features, to_kernel_labels
 
@@ -456,9 +456,6 @@ class ResidualStats:
 #: ``_classifier_radii``); the rest of the margin absorbs rounding.
 CLASSIFIER_RADIUS_FRACTION = 0.9
 
-#: Relative rounding allowed in float64 logits and weight-row distances.
-CLASSIFIER_RTOL = 1e-12
-
 
 def _classifier_radii(present_means, weights, logit_offsets):
     """Where the classifier's prediction is that of the class mean.
@@ -487,19 +484,18 @@ def _classifier_radii(present_means, weights, logit_offsets):
     mean_predictions = np.argmax(logit_offsets, axis=1)
     rows = np.arange(len(present_means))
     best_logits = logit_offsets[rows, mean_predictions][:, None]
-    weight_norms = np.sqrt(np.einsum("cd,cd->c", weights, weights))
+    weight_sq_norms = np.einsum("cd,cd->c", weights, weights)
+    best_sq_norms = weight_sq_norms[mean_predictions]
     mean_norms = np.sqrt(np.einsum("ad,ad->a", present_means, present_means))
-    best_norms = weight_norms[mean_predictions][:, None]
-    logit_rounding = CLASSIFIER_RTOL * (
+    logit_rounding = ROUNDING_RTOL * (
         np.abs(best_logits) + np.abs(logit_offsets)
-        + (best_norms + weight_norms[None, :]) * mean_norms[:, None])
+        + (np.sqrt(best_sq_norms)[:, None] + np.sqrt(weight_sq_norms)) * mean_norms[:, None])
     gaps = np.maximum(best_logits - logit_offsets - logit_rounding, 0.0)
-    weight_gram = weights[mean_predictions] @ weights.T
-    sq_distances = (best_norms ** 2 + weight_norms[None, :] ** 2 - 2.0 * weight_gram
-                    + CLASSIFIER_RTOL * (best_norms ** 2 + weight_norms[None, :] ** 2))
+    sq_distances = (
+        pair_sq_distances(best_sq_norms, weight_sq_norms, weights[mean_predictions] @ weights.T)
+        + ROUNDING_RTOL * (best_sq_norms[:, None] + weight_sq_norms))
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(sq_distances > 0.0, gaps / np.sqrt(np.maximum(sq_distances, 0.0)),
-                          np.inf)
+        ratios = np.where(sq_distances > 0.0, gaps / np.sqrt(sq_distances), np.inf)
     ratios[rows, mean_predictions] = np.inf
     return mean_predictions, (CLASSIFIER_RADIUS_FRACTION * ratios.min(axis=1)) ** 2
 

@@ -20,9 +20,10 @@ PINV_RTOL = 1e-10
 #: squared distance, far beyond rounding, so pass 2 skips such rows' search.
 NCC_RADIUS_FRACTION = 0.45
 
-#: Relative rounding allowed in ``||mu_a - mu_b||^2`` computed from the Gram
-#: matrix (float64 cancellation is about 1e-16 of ``||mu~_a||^2 + ||mu~_b||^2``).
-GRAM_DISTANCE_RTOL = 1e-12
+#: Relative float64 rounding allowed where the pass-2 radii subtract large
+#: numbers: distances from Gram matrices (cancellation is about 1e-16 of
+#: ``||a||^2 + ||b||^2``) and logit gaps. Radii are shrunk by it, so they err small.
+ROUNDING_RTOL = 1e-12
 
 GLOBAL_MEANS = ("classes", "samples")
 
@@ -124,7 +125,7 @@ class Geometry:
         None on the "features" route
     ncc_sq_radii : float64 array of shape (C',)
         ``(NCC_RADIUS_FRACTION * g_a)^2``, ``g_a`` the distance from mean ``a``
-        to the nearest other mean (less ``GRAM_DISTANCE_RTOL`` rounding): a
+        to the nearest other mean (less ``ROUNDING_RTOL`` rounding): a
         row of class ``a`` with ``||r||^2`` below it is nearest to its own
         mean. None on the "features" route.
     fingerprint : str
@@ -211,7 +212,7 @@ class Geometry:
                 gram_eigenvalues, gram_eigenvectors = np.linalg.eigh(gram)
             mean_sq_distances = pair_sq_distances(centred_sq_norms, centred_sq_norms, gram)
             np.fill_diagonal(mean_sq_distances, 0.0)
-            gaps = mean_sq_distances - GRAM_DISTANCE_RTOL * (
+            gaps = mean_sq_distances - ROUNDING_RTOL * (
                 centred_sq_norms[:, None] + centred_sq_norms[None, :])
             np.fill_diagonal(gaps, np.inf)
             ncc_sq_radii = NCC_RADIUS_FRACTION ** 2 * np.maximum(gaps.min(axis=1), 0.0)
