@@ -24,6 +24,7 @@ import importlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -431,10 +432,8 @@ def gather_rows_beyond(values, sq_norms, labels, label_rows, sq_radii, out_rows)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_radii,
-             mean_sq_distances, far_mean_products, logit_offsets, mean_predictions,
-             classifier_sq_radii, far_logits, corrupted, eigen_scatter, counts, sq_norm_sums,
-             norm_sums, ncc_hits, classifier_hits, totals):
+def epilogue(products, sq_norms, labels, corrupted, far_mean_products, far_logits, route,
+             sums):
     """Fused pass over one block's GEMM output: NC1 scatter, NCC, classifier argmax, tallies.
 
     ``products`` holds ``a = V^T z``, the coordinates of ``z = M~ r`` in the
@@ -455,73 +454,56 @@ def epilogue(products, sq_norms, labels, label_rows, present_classes, ncc_sq_rad
     products : float32 array of shape (n, C'), ``R M~^T V``
     sq_norms : float64 array of shape (n,), ``||r_i||^2``
     labels : int64 array of shape (n,), every label has a mean
-    label_rows : int64 array of shape (C,), row of the class in the means
-    present_classes : int64 array of shape (C',), class of each mean row
-    ncc_sq_radii : float64 array of shape (C',), see ``Geometry``
-    mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``
-    far_mean_products : float32 array of shape (m, C'), ``z`` of the rows
-        beyond their NCC radius, in row order
-    logit_offsets : float64 array of shape (C', C_w), ``W mu_a + b``; C_w is
-        0 without a classifier
-    mean_predictions : int64 array of shape (C',), first argmax of each row
-        of ``logit_offsets``
-    classifier_sq_radii : float64 array of shape (C',)
-    far_logits : float32 array of shape (m, C_w), ``W r`` of the rows beyond
-        their classifier radius, in row order
     corrupted : uint8 array of shape (n,) or (0,); rows whose training label
         is wrong (label-noise runs)
-    eigen_scatter : float64 array of shape (C',), updated with ``sum a^2``
-    counts, ncc_hits, classifier_hits : int64 arrays of shape (C,), updated
-    sq_norm_sums, norm_sums : float64 arrays of shape (C,), updated with
-        ``sum ||r||^2`` and ``sum ||r||`` per class
-    totals : int64 array of shape (3,), updated: rows where NCC and
-        classifier disagree, corrupted rows, corrupted rows predicted as
-        their (noisy) label.
+    far_mean_products : float32 array of shape (m, C'), ``z`` of the rows
+        beyond their NCC radius, in row order
+    far_logits : float32 array of shape (m, C_w), ``W r`` of the rows beyond
+        their classifier radius, in row order
+    route : ClassesRoute
+        The pass-2 plan's arrays.
+    sums : Pass2Sums
+        Updated: ``eigen_scatter`` with ``sum a^2``, the per-class tallies.
     """
-    num_means = present_classes.shape[0]
-    num_logits = logit_offsets.shape[1]
+    num_means = route.present_classes.shape[0]
+    num_logits = route.logit_offsets.shape[1]
     has_corrupted = corrupted.shape[0] > 0
     scores = np.empty(num_means)
     negated_logits = np.empty(num_logits)
     far = uncertain = 0
     for i in range(products.shape[0]):
-        row = label_rows[labels[i]]
+        row = route.label_rows[labels[i]]
         for j in range(num_means):
             coordinate = np.float64(products[i, j])
-            eigen_scatter[j] += coordinate * coordinate
+            sums.eigen_scatter[j] += coordinate * coordinate
 
         best_k = row
-        if beyond_radius(sq_norms[i], ncc_sq_radii[row]):
+        if beyond_radius(sq_norms[i], route.ncc_sq_radii[row]):
             for k in range(num_means):
-                scores[k] = mean_sq_distances[row, k] - 2.0 * np.float64(far_mean_products[far, k])
+                scores[k] = route.mean_sq_distances[row, k] - 2.0 * np.float64(far_mean_products[far, k])
             best_k = first_argmin(scores)
             far += 1
 
         best_c = -1
         if num_logits > 0:
-            best_c = mean_predictions[row]
-            if beyond_radius(sq_norms[i], classifier_sq_radii[row]):
+            best_c = route.mean_predictions[row]
+            if beyond_radius(sq_norms[i], route.classifier_sq_radii[row]):
                 for c in range(num_logits):
                     negated_logits[c] = -(np.float64(far_logits[uncertain, c])
-                                          + logit_offsets[row, c])
+                                          + route.logit_offsets[row, c])
                 best_c = first_argmin(negated_logits)
                 uncertain += 1
 
-        tally_row(labels[i], sq_norms[i], present_classes[best_k], best_c,
-                  has_corrupted and corrupted[i] != 0, counts, sq_norm_sums, norm_sums,
-                  ncc_hits, classifier_hits, totals)
+        tally_row(labels[i], sq_norms[i], route.present_classes[best_k], best_c,
+                  has_corrupted and corrupted[i] != 0, sums.counts, sums.sq_norm_sums,
+                  sums.norm_sums, sums.ncc_hits, sums.classifier_hits, sums.totals)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def residual_blocks(features, labels, corrupted, label_rows, present_classes, means,
-                    projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, weights_t,
-                    logit_offsets, mean_predictions, classifier_sq_radii, residual_buffer,
-                    products, far_coordinates, far_mean_products, far_residuals, far_logits,
-                    out_sq_norms, eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits,
-                    classifier_hits, totals):
+def residual_blocks(features, labels, corrupted, route, buffers, out_sq_norms, sums):
     """Pass 2 of some rows on the "classes" route, on one thread, in cache-sized blocks.
 
-    Per block of ``b = residual_buffer.shape[0]`` rows: ``block_residuals``;
+    Per block of ``b = buffers.residuals.shape[0]`` rows: ``block_residuals``;
     one float32 GEMM ``R M~^T V`` (BLAS, through ``np.dot``); for the rows
     beyond their NCC radius, if any, ``z = V a`` by a second GEMM; for the
     rows beyond their classifier radius, if any, ``W r`` by a third
@@ -532,20 +514,14 @@ def residual_blocks(features, labels, corrupted, label_rows, present_classes, me
     Parameters
     ----------
     features, labels, corrupted : the rows (see ``epilogue``)
-    label_rows, present_classes, means, ncc_sq_radii, mean_sq_distances,
-    logit_offsets, mean_predictions, classifier_sq_radii :
-        the geometry and classifier (see ``residuals`` and ``epilogue``)
-    projection_t : float32 array of shape (D, C'), ``M~^T V``
-    eigenvectors_t : float32 array of shape (C', C'), ``V^T``
-    weights_t : float32 array of shape (D, C_w), ``W^T``
-    residual_buffer, far_residuals : float32 arrays of shape (b, D), scratch
-    products, far_coordinates, far_mean_products : float32 arrays of shape
-        (b, C'), scratch
-    far_logits : float32 array of shape (b, C_w), scratch
+    route : ClassesRoute
+        The pass-2 plan's arrays.
+    buffers : Pass2Buffers
+        Scratch of ``b`` rows.
     out_sq_norms : float64 array of shape (n,), written as by ``residuals``
         up to the first bad block
-    eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits, classifier_hits,
-    totals : updated in place (see ``epilogue``)
+    sums : Pass2Sums
+        Updated in place (see ``epilogue``).
 
     Returns
     -------
@@ -554,36 +530,108 @@ def residual_blocks(features, labels, corrupted, label_rows, present_classes, me
         sums are then incomplete.
     """
     num_rows = features.shape[0]
-    block = residual_buffer.shape[0]
+    block = buffers.residuals.shape[0]
     has_corrupted = corrupted.shape[0] > 0
-    has_classifier = weights_t.shape[1] > 0
+    has_classifier = route.weights_t.shape[1] > 0
+    residual_buffer = buffers.residuals
     for first in range(0, num_rows, block):
         last = min(first + block, num_rows)
         size = last - first
         sq_norms = out_sq_norms[first:last]
+        block_labels = labels[first:last]
         residual_buffer[size:] = 0.0
-        if block_residuals(features[first:last], labels[first:last], label_rows, means,
+        if block_residuals(features[first:last], block_labels, route.label_rows, route.means,
                            residual_buffer[:size], sq_norms) != NO_ROW:
             return False
-        np.dot(residual_buffer, projection_t, products)
-        if gather_rows_beyond(products[:size], sq_norms, labels[first:last], label_rows,
-                              ncc_sq_radii, far_coordinates) > 0:
-            np.dot(far_coordinates, eigenvectors_t, far_mean_products)
+        np.dot(residual_buffer, route.projection_t, buffers.products)
+        if gather_rows_beyond(buffers.products[:size], sq_norms, block_labels, route.label_rows,
+                              route.ncc_sq_radii, buffers.far_coordinates) > 0:
+            np.dot(buffers.far_coordinates, route.eigenvectors_t, buffers.far_mean_products)
         if has_classifier:
-            uncertain = count_rows_beyond(sq_norms, labels[first:last], label_rows,
-                                          classifier_sq_radii)
+            uncertain = count_rows_beyond(sq_norms, block_labels, route.label_rows,
+                                          route.classifier_sq_radii)
             if uncertain == size:  # the gathered rows would be the block itself
-                np.dot(residual_buffer, weights_t, far_logits)
+                np.dot(residual_buffer, route.weights_t, buffers.far_logits)
             elif uncertain > 0:
-                gather_rows_beyond(residual_buffer[:size], sq_norms, labels[first:last],
-                                   label_rows, classifier_sq_radii, far_residuals)
-                np.dot(far_residuals, weights_t, far_logits)
-        epilogue(products[:size], sq_norms, labels[first:last], label_rows, present_classes,
-                 ncc_sq_radii, mean_sq_distances, far_mean_products, logit_offsets,
-                 mean_predictions, classifier_sq_radii, far_logits,
-                 corrupted[first:last] if has_corrupted else corrupted, eigen_scatter, counts,
-                 sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals)
+                gather_rows_beyond(residual_buffer[:size], sq_norms, block_labels,
+                                   route.label_rows, route.classifier_sq_radii,
+                                   buffers.far_residuals)
+                np.dot(buffers.far_residuals, route.weights_t, buffers.far_logits)
+        epilogue(buffers.products[:size], sq_norms, block_labels,
+                 corrupted[first:last] if has_corrupted else corrupted,
+                 buffers.far_mean_products, buffers.far_logits, route, sums)
     return True
+
+
+class ClassesRoute(NamedTuple):
+    """The pass-2 plan's arrays that the "classes" route kernels read.
+
+    Attributes
+    ----------
+    label_rows : int64 array of shape (C,), row of each class among the means, -1
+    present_classes : int64 array of shape (C',), class of each mean row
+    means : float64 array of shape (C', D)
+    projection_t : float32 array of shape (D, C'), ``M~^T V``
+    ncc_sq_radii : float64 array of shape (C',)
+    mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``
+    eigenvectors_t : float32 array of shape (C', C'), ``V^T``
+    weights_t : float32 array of shape (D, C_w), ``W^T`` (C_w = 0 without a classifier)
+    logit_offsets : float64 array of shape (C', C_w), ``W mu_a + b``
+    mean_predictions : int64 array of shape (C',), first argmax of each row of
+        ``logit_offsets``
+    classifier_sq_radii : float64 array of shape (C',)
+    """
+
+    label_rows: np.ndarray
+    present_classes: np.ndarray
+    means: np.ndarray
+    projection_t: np.ndarray
+    ncc_sq_radii: np.ndarray
+    mean_sq_distances: np.ndarray
+    eigenvectors_t: np.ndarray
+    weights_t: np.ndarray
+    logit_offsets: np.ndarray
+    mean_predictions: np.ndarray
+    classifier_sq_radii: np.ndarray
+
+
+class Pass2Sums(NamedTuple):
+    """The sums pass 2 adds into on the "classes" route (``ResidualStats``'s arrays).
+
+    Attributes
+    ----------
+    eigen_scatter : float64 array of shape (C',), ``sum a^2``
+    counts, ncc_hits, classifier_hits : int64 arrays of shape (C,)
+    sq_norm_sums, norm_sums : float64 arrays of shape (C,), ``sum ||r||^2``, ``sum ||r||``
+    totals : int64 array of shape (3,): rows where NCC and classifier disagree,
+        corrupted rows, corrupted rows predicted as their (noisy) label
+    """
+
+    eigen_scatter: np.ndarray
+    counts: np.ndarray
+    sq_norm_sums: np.ndarray
+    norm_sums: np.ndarray
+    ncc_hits: np.ndarray
+    classifier_hits: np.ndarray
+    totals: np.ndarray
+
+
+class Pass2Buffers(NamedTuple):
+    """Scratch of one pass-2 block of ``b`` rows (float32).
+
+    Attributes
+    ----------
+    residuals, far_residuals : arrays of shape (b, D)
+    products, far_coordinates, far_mean_products : arrays of shape (b, C')
+    far_logits : array of shape (b, C_w)
+    """
+
+    residuals: np.ndarray
+    products: np.ndarray
+    far_coordinates: np.ndarray
+    far_mean_products: np.ndarray
+    far_residuals: np.ndarray
+    far_logits: np.ndarray
 
 
 #: Pass-2 blocks per task: worker threads take tasks of this many blocks as they
@@ -591,10 +639,7 @@ def residual_blocks(features, labels, corrupted, label_rows, present_classes, me
 TASK_BLOCKS = 16
 
 
-def residual_chunk(features, labels, corrupted, label_rows, present_classes, means,
-                   projection_t, ncc_sq_radii, mean_sq_distances, eigenvectors_t, weights_t,
-                   logit_offsets, mean_predictions, classifier_sq_radii, sums, out_sq_norms,
-                   num_threads):
+def residual_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_threads):
     """Pass 2 of one chunk on the "classes" route (C' <= D), on worker threads.
 
     The chunk is cut into tasks of ``TASK_BLOCKS`` blocks of ``block_rows(D)``
@@ -608,13 +653,9 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
     Parameters
     ----------
     features, labels, corrupted : the chunk (see ``epilogue``)
-    label_rows, present_classes, means, projection_t, ncc_sq_radii,
-    mean_sq_distances, eigenvectors_t, weights_t, logit_offsets,
-    mean_predictions, classifier_sq_radii :
-        see ``residual_blocks``
-    sums : tuple of arrays
-        ``(eigen_scatter, counts, sq_norm_sums, norm_sums, ncc_hits,
-        classifier_hits, totals)``, updated in place.
+    route : ClassesRoute
+    sums : Pass2Sums
+        Updated in place.
     out_sq_norms : float64 array of shape (n,), zeros; written as by
         ``residuals`` up to each task's first bad block.
     num_threads : int
@@ -626,25 +667,21 @@ def residual_chunk(features, labels, corrupted, label_rows, present_classes, mea
         some row was bad (``out_sq_norms`` flags it) and nothing was added.
     """
     num_rows, num_features = features.shape
-    num_means = present_classes.shape[0]
+    num_means = route.present_classes.shape[0]
     rows = block_rows(num_features)
     task_rows = rows * TASK_BLOCKS
+    shapes = {"residuals": num_features, "products": num_means, "far_coordinates": num_means,
+              "far_mean_products": num_means, "far_residuals": num_features,
+              "far_logits": route.weights_t.shape[1]}
 
     def run_task(task):
         first, last = task * task_rows, min((task + 1) * task_rows, num_rows)
-        partial = tuple(np.zeros_like(total) for total in sums)
-        good = residual_blocks(
-            features[first:last], labels[first:last],
-            corrupted[first:last] if corrupted.shape[0] else corrupted, label_rows,
-            present_classes, means, projection_t, ncc_sq_radii, mean_sq_distances,
-            eigenvectors_t, weights_t, logit_offsets, mean_predictions, classifier_sq_radii,
-            thread_buffer("residuals", (rows, num_features), np.float32),
-            thread_buffer("products", (rows, num_means), np.float32),
-            thread_buffer("far_coordinates", (rows, num_means), np.float32),
-            thread_buffer("far_mean_products", (rows, num_means), np.float32),
-            thread_buffer("far_residuals", (rows, num_features), np.float32),
-            thread_buffer("far_logits", (rows, weights_t.shape[1]), np.float32),
-            out_sq_norms[first:last], *partial)
+        partial = Pass2Sums(*(np.zeros_like(total) for total in sums))
+        buffers = Pass2Buffers(*(thread_buffer(name, (rows, shapes[name]), np.float32)
+                                 for name in Pass2Buffers._fields))
+        good = residual_blocks(features[first:last], labels[first:last],
+                               corrupted[first:last] if corrupted.shape[0] else corrupted,
+                               route, buffers, out_sq_norms[first:last], partial)
         return partial if good else None
 
     partials = run_tasks(run_task, -(-num_rows // task_rows), num_threads)

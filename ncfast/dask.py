@@ -21,8 +21,8 @@ import dask.array as da
 import numpy as np
 
 from ncfast.accumulators import ClassSums
-from ncfast.api import (ResidualPass, check_empty_class_policy, finalize_pass1,
-                        geometry_from_means_option, resolve_num_classes)
+from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, finalize_pass1,
+                           geometry_from_means_option, resolve_num_classes)
 from ncfast.geometry import PINV_RTOL
 from ncfast.inputs import ArraySource, check_features, check_labels
 
@@ -85,19 +85,16 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     -------
     CollapseReport
     """
-    check_empty_class_policy(empty_classes)
+    check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol)
     if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
         raise ValueError(f"split_every must be an int of at least 2; found {split_every!r}")
     if clean_labels is not None and means is not None:
-        raise ValueError(
-            "clean_labels needs the clean-row means of these features, so it cannot be "
-            "combined with means=; measure label noise on the training features")
+        raise ValueError(NOISE_WITH_MEANS)
     features, labels, clean_labels = _aligned_blocks(features, labels, clean_labels)
     compute = functools.partial(dask.compute, scheduler=scheduler)
-    if num_classes is None and means is None:
-        label_arrays = [array for array in (labels, clean_labels) if array is not None]
-        num_classes = int(max(compute(*(array.max() for array in label_arrays)))) + 1
-    num_classes = resolve_num_classes(num_classes, None, means)
+    num_classes = resolve_num_classes(
+        num_classes, _DaskLabels(labels, clean_labels, compute), means,
+        num_features=features.shape[1], label_noise=clean_labels is not None)
     blocks = _row_blocks(features, labels, clean_labels)
 
     clean_geometry = None
@@ -119,6 +116,25 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     for state_array, total in zip(residual_pass.sum_arrays(), totals):
         state_array += total
     return residual_pass.report(global_mean=global_mean, pinv_rtol=pinv_rtol)
+
+
+class _DaskLabels:
+    """The labels of a Dask analysis, summarized by one ``dask.compute``."""
+
+    def __init__(self, labels, clean_labels, compute):
+        self.arrays = [array for array in (labels, clean_labels) if array is not None]
+        self.compute = compute
+
+    def label_summary(self):
+        """``(largest label, its first row, distinct labels)``, as ``ArraySource``'s."""
+        tops, rows, distinct = [], [], []
+        for array in self.arrays:
+            tops.append(array.max())
+            rows.append(array.argmax())
+            distinct.append(da.unique(array[array >= 0]))
+        tops, rows, distinct = self.compute(tops, rows, distinct)
+        best = int(np.argmax(tops))
+        return int(tops[best]), int(rows[best]), int(np.unique(np.concatenate(distinct)).size)
 
 
 def _aligned_blocks(features, labels, clean_labels):

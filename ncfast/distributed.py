@@ -14,11 +14,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ncfast.accumulators import ClassSums, _check_classifier
-from ncfast.api import (ResidualPass, check_empty_class_policy, geometry_from_means_option,
-                        finalize_pass1)
+from ncfast.accumulators import ClassSums
+from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, finalize_pass1,
+                           geometry_from_means_option)
 from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL
 from ncfast.inputs import ArraySource
+from ncfast.plan import check_classifier
 
 
 class DistributedCollapse:
@@ -64,13 +65,11 @@ class DistributedCollapse:
     def __init__(self, num_classes, num_features, *, weights=None, bias=None, means=None,
                  label_noise=False, global_mean="classes", chunk_size=None,
                  empty_classes="warn", pinv_rtol=PINV_RTOL, group=None):
-        check_empty_class_policy(empty_classes)
+        check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol)
         if global_mean not in GLOBAL_MEANS:
             raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
         if label_noise and means is not None:
-            raise ValueError(
-                "label_noise needs the clean-row means of these features, so it cannot be "
-                "combined with means=; measure label noise on the training features")
+            raise ValueError(NOISE_WITH_MEANS)
         self.label_noise = label_noise
         self.global_mean = global_mean
         self.chunk_size = chunk_size
@@ -78,7 +77,7 @@ class DistributedCollapse:
         self.pinv_rtol = pinv_rtol
         self.group = group
         # Checked now rather than after pass 1; float64 numpy copies.
-        self._classifier = _check_classifier(weights, bias, num_classes, num_features)
+        self._classifier = check_classifier(weights, bias, num_classes, num_features)
         self._report = None
         if means is None:
             self.class_sums = ClassSums(num_classes, num_features, track_clean=label_noise)

@@ -27,6 +27,9 @@ ROUNDING_RTOL = 1e-12
 
 GLOBAL_MEANS = ("classes", "samples")
 
+COINCIDING_MEANS = ("the class means coincide (their between-class scatter is zero), so NC1 is "
+                    "undefined; check that the labels match the features")
+
 
 def symmetric_pinv(matrix, rtol=PINV_RTOL):
     """Pseudo-inverse of a symmetric positive semi-definite matrix.
@@ -71,8 +74,7 @@ def kept_spectrum(eigenvalues, rtol=PINV_RTOL):
     """
     keep = eigenvalues > rtol * max(eigenvalues.max(initial=0.0), 0.0)
     if not keep.any():
-        raise ValueError("the class means coincide (their between-class scatter is zero), so "
-                         "NC1 is undefined; check that the labels match the features")
+        raise ValueError(COINCIDING_MEANS)
     kept_values = eigenvalues[keep]
     return keep, int(keep.sum()), float(kept_values.max() / kept_values.min())
 
@@ -123,11 +125,6 @@ class Geometry:
         route. Pass 2 accumulates the scatter of ``z = M~ r`` in this basis.
     mean_sq_distances : float64 array of shape (C', C'), ``||mu_a - mu_b||^2``;
         None on the "features" route
-    ncc_sq_radii : float64 array of shape (C',)
-        ``(NCC_RADIUS_FRACTION * g_a)^2``, ``g_a`` the distance from mean ``a``
-        to the nearest other mean (less ``ROUNDING_RTOL`` rounding): a
-        row of class ``a`` with ``||r||^2`` below it is nearest to its own
-        mean. None on the "features" route.
     fingerprint : str
         Digest of the means and global mean; pass-2 states built on different
         geometries refuse to merge.
@@ -144,7 +141,6 @@ class Geometry:
     gram_eigenvalues: np.ndarray | None
     gram_eigenvectors: np.ndarray | None
     mean_sq_distances: np.ndarray | None
-    ncc_sq_radii: np.ndarray | None
     fingerprint: str
 
     @property
@@ -181,7 +177,14 @@ class Geometry:
         means = np.array(means, dtype=np.float64)
         if means.ndim != 2:
             raise ValueError(f"means must be 2-D (n_classes, n_features); found shape {means.shape}")
-        has_mean = ~np.isnan(means).any(axis=1)
+        missing = np.isnan(means)
+        has_mean = ~missing.all(axis=1)
+        partial = np.flatnonzero(has_mean & missing.any(axis=1))
+        if partial.size:
+            raise ValueError(
+                f"the mean of class {partial[0]} holds NaN in {int(missing[partial[0]].sum())} of "
+                f"its {means.shape[1]} entries; a class without a mean is a row of NaN only: "
+                "repair the means or set the whole row to NaN")
         if not np.isfinite(means[has_mean]).all():
             raise ValueError("means holds Inf; class means must be finite (NaN rows mark absent classes)")
         present = np.flatnonzero(has_mean)
@@ -205,25 +208,22 @@ class Geometry:
             center = weights @ present_means / weights.sum()
         centred = present_means - center
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
-        gram = gram_eigenvalues = gram_eigenvectors = mean_sq_distances = ncc_sq_radii = None
+        if not (centred_sq_norms > 0).any():
+            raise ValueError(COINCIDING_MEANS)
+        gram = gram_eigenvalues = gram_eigenvectors = mean_sq_distances = None
         if route_for(present.size, means.shape[1]) == "classes":
             with dense_blas(2.0 * present.size ** 2 * means.shape[1]):
                 gram = centred @ centred.T
                 gram_eigenvalues, gram_eigenvectors = np.linalg.eigh(gram)
             mean_sq_distances = pair_sq_distances(centred_sq_norms, centred_sq_norms, gram)
             np.fill_diagonal(mean_sq_distances, 0.0)
-            gaps = mean_sq_distances - ROUNDING_RTOL * (
-                centred_sq_norms[:, None] + centred_sq_norms[None, :])
-            np.fill_diagonal(gaps, np.inf)
-            ncc_sq_radii = NCC_RADIUS_FRACTION ** 2 * np.maximum(gaps.min(axis=1), 0.0)
         digest = hashlib.sha1(np.ascontiguousarray(means).tobytes())
         digest.update(center.tobytes())
         return cls(means=means, counts=None if counts is None else np.asarray(counts, np.int64),
                    present=present, label_rows=label_rows, global_mean=center, centred=centred,
                    centred_sq_norms=centred_sq_norms, gram=gram,
                    gram_eigenvalues=gram_eigenvalues, gram_eigenvectors=gram_eigenvectors,
-                   mean_sq_distances=mean_sq_distances, ncc_sq_radii=ncc_sq_radii,
-                   fingerprint=digest.hexdigest())
+                   mean_sq_distances=mean_sq_distances, fingerprint=digest.hexdigest())
 
     @classmethod
     def from_class_sums(cls, counts, sums, *, global_mean="classes"):

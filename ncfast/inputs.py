@@ -50,7 +50,7 @@ def default_chunk_rows(num_features):
     return int(np.clip(CHUNK_TARGET_BYTES // (4 * max(num_features, 1)), 256, 1 << 20))
 
 
-def _is_torch_tensor(obj):
+def is_torch_tensor(obj):
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.Tensor)
 
@@ -89,7 +89,7 @@ def as_array(obj, what):
     """
     if isinstance(obj, (str, os.PathLike)):
         return _load_npy(obj, what)
-    if _is_torch_tensor(obj):
+    if is_torch_tensor(obj):
         if obj.device.type != "cpu":
             raise ValueError(
                 f"{what} is a torch tensor on {obj.device}; the CPU backend needs host memory: "
@@ -106,7 +106,7 @@ def as_array(obj, what):
 
 def host_array(obj, what):
     """A small array (weights, bias, means) as numpy, copied off torch if need be."""
-    if _is_torch_tensor(obj):
+    if is_torch_tensor(obj):
         obj = obj.detach().cpu()
         return (obj.double() if obj.is_floating_point() else obj).numpy()
     return as_array(obj, what)
@@ -130,7 +130,7 @@ def check_features(features, *, allow_empty=False):
             f"features must be 2-D (n_samples, n_features); found {len(shape)}-D with shape "
             f"{shape}: {hint}"
         )
-    if _is_torch_tensor(features):
+    if is_torch_tensor(features):
         floating = features.is_floating_point()
     else:
         floating = np.issubdtype(features.dtype, np.floating)
@@ -151,7 +151,7 @@ def check_labels(labels, num_rows, what="labels"):
     shape = tuple(labels.shape)
     if len(shape) != 1:
         raise ValueError(f"{what} must be 1-D (n_samples,); found shape {shape}")
-    if _is_torch_tensor(labels):
+    if is_torch_tensor(labels):
         integer = not labels.is_floating_point() and not labels.is_complex() and \
             labels.dtype != sys.modules["torch"].bool
     else:
@@ -171,7 +171,7 @@ def check_labels(labels, num_rows, what="labels"):
 
 def to_kernel_features(block):
     """A C-contiguous float32/float64 numpy array of the rows in ``block``."""
-    if _is_torch_tensor(block):
+    if is_torch_tensor(block):
         torch = sys.modules["torch"]
         if block.dtype not in (torch.float32, torch.float64):
             block = block.float()
@@ -188,7 +188,7 @@ def to_kernel_labels(block, what="labels", row_offset=0):
     ``row_offset`` is the index of the block's first row in the whole input,
     for naming a bad row.
     """
-    if _is_torch_tensor(block):
+    if is_torch_tensor(block):
         block = block.numpy()
     block = np.asarray(block)
     if block.dtype == np.uint64 and block.size and block.max() > np.iinfo(np.int64).max:
@@ -219,14 +219,42 @@ class ArraySource:
                 as_array(clean_labels, "clean_labels"), self.num_rows, "clean_labels")
         self.chunk_size = check_chunk_size(chunk_size, self.num_features)
 
-    def max_label(self):
-        """Largest label (and clean label) present, read in chunks."""
-        top = -1
-        for array in (self.labels, self.clean_labels):
+    def _label_blocks(self):
+        """``(offset, int64 labels)`` blocks of the labels and clean labels, 4M at a time."""
+        for array, what in ((self.labels, "labels"), (self.clean_labels, "clean_labels")):
             for start in range(0, 0 if array is None else self.num_rows, 1 << 22):
-                top = max(top, int(to_kernel_labels(array[start:start + (1 << 22)],
-                                                     row_offset=self.row_offset + start).max()))
-        return top
+                yield start, to_kernel_labels(array[start:start + (1 << 22)], what,
+                                              self.row_offset + start)
+
+    def label_summary(self):
+        """The largest label (and clean label), its first row, and how many classes have rows.
+
+        Read in blocks: the classes with rows are counted in memory O(number of
+        rows), never O(largest label), so that one stray huge label cannot
+        allocate per-class arrays of its size.
+
+        Returns
+        -------
+        max_label : int
+        max_row : int
+            Index (in the whole input) of the first row holding it.
+        num_labelled_classes : int
+            Distinct non-negative values among the labels and clean labels.
+        """
+        max_label, max_row = -1, 0
+        for start, block in self._label_blocks():
+            if block.size and block.max() > max_label:
+                max_label = int(block.max())
+                max_row = self.row_offset + start + int(block.argmax())
+        if max_label + 1 <= 4 * max(self.num_rows, 1 << 16):
+            seen = np.zeros(max_label + 1, bool)
+            for _, block in self._label_blocks():
+                seen[block[block >= 0]] = True
+            return max_label, max_row, int(seen.sum())
+        distinct = np.zeros(0, np.int64)
+        for _, block in self._label_blocks():
+            distinct = np.union1d(distinct, block[block >= 0])
+        return max_label, max_row, int(distinct.size)
 
     def __iter__(self):
         for start in range(0, self.num_rows, self.chunk_size):
@@ -299,7 +327,7 @@ def is_chunk_source(features, labels):
     """True when ``features`` is a re-iterable of chunks rather than an array."""
     if labels is not None:
         return False
-    if isinstance(features, (str, os.PathLike, np.ndarray)) or _is_torch_tensor(features):
+    if isinstance(features, (str, os.PathLike, np.ndarray)) or is_torch_tensor(features):
         return False
     return hasattr(features, "__iter__")
 

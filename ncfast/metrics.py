@@ -1,21 +1,18 @@
-"""Metric algebra: NC1–NC4 and friends from finalized pass states.
+"""Metric algebra: NC1–NC5 and friends from a finished pass 2 and its plan.
 
-Inputs are small float64 matrices (C×C, C×D or D×D) and per-class sums; the
-formulas are DESIGN.md's table. Every backend shares this file.
+Every class-pair quantity comes from the plan's pair sweep (``ncfast.sweep``);
+what is left here is O(C'·D) algebra on the means and the classifier, the
+NC1 pseudo-inverse, and the per-class tallies. Every backend shares this file.
 
 Metrics over pairs or rows of class means use the classes that have a mean
 (``Geometry.present``); the classifier's argmax and ``bias_collapse`` use all
-of its rows. Every C×C quantity is reduced tile by tile from the C×D means,
-so none is ever held whole (many classes: C in the tens of thousands).
+of its rows.
 """
 import numpy as np
 
-from ncfast.geometry import kept_spectrum, pair_sq_distances, symmetric_pinv
+from ncfast.geometry import kept_spectrum, symmetric_pinv
 from ncfast.kernels.cpu import dense_blas
-
-
-#: Classes per side of a pair tile: each tile is one (tile × tile) float64 GEMM block.
-PAIR_TILE = 2048
+from ncfast.sweep import cdnv
 
 
 def _normalized(matrix):
@@ -24,112 +21,6 @@ def _normalized(matrix):
 
 def _std_over_mean(values):
     return float(np.std(values) / np.mean(values))
-
-
-def _unit_rows(vectors):
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
-def _pair_blocks(vectors, tile):
-    """Blocks of ``vectors @ vectors.T`` that cover each pair a < b exactly once.
-
-    Yields
-    ------
-    rows, cols : slice
-    dots : float64 array of shape (rows, cols)
-    pairs : bool array of shape (rows, cols)
-        Entries with a < b (all of an off-diagonal block).
-    """
-    num_rows = vectors.shape[0]
-    for row_start in range(0, num_rows, tile):
-        rows = slice(row_start, min(row_start + tile, num_rows))
-        for col_start in range(row_start, num_rows, tile):
-            cols = slice(col_start, min(col_start + tile, num_rows))
-            dots = vectors[rows] @ vectors[cols].T
-            pairs = np.arange(rows.start, rows.stop)[:, None] < np.arange(cols.start, cols.stop)
-            yield rows, cols, dots, pairs
-
-
-def _pair_count(num_rows):
-    return num_rows * (num_rows - 1) // 2
-
-
-def _cosine_metrics(vectors, tile):
-    """Equiangularity, max-angle and hyperspherical energy of the rows of ``vectors``.
-
-    Over pairs a < b of ``cos = u_a . u_b`` (u unit rows), in tiles:
-    std of cos (Papyan et al.; two sweeps, so no cancellation), mean of
-    ``|cos + 1/(C-1)|`` (Papyan et al.) and mean of ``log 1/||u_a - u_b||``
-    (Wu & Papyan), with ``||u_a - u_b||^2 = 2 - 2 cos``.
-    """
-    units = _unit_rows(vectors)
-    num_pairs = _pair_count(units.shape[0])
-    ideal = -1.0 / (units.shape[0] - 1)
-    cosine_sum = max_angle_sum = energy_sum = 0.0
-    for _, _, cosines, pairs in _pair_blocks(units, tile):
-        cosines = cosines[pairs]
-        cosine_sum += cosines.sum()
-        max_angle_sum += np.abs(cosines - ideal).sum()
-        with np.errstate(divide="ignore"):
-            energy_sum += (-0.5 * np.log(np.maximum(2.0 - 2.0 * cosines, 0.0))).sum()
-    cosine_mean = cosine_sum / num_pairs
-    squared_deviation = sum(((cosines[pairs] - cosine_mean) ** 2).sum()
-                            for _, _, cosines, pairs in _pair_blocks(units, tile))
-    return (float(np.sqrt(squared_deviation / num_pairs)), float(max_angle_sum / num_pairs),
-            float(energy_sum / num_pairs))
-
-
-def _angle_metrics(vectors, tile):
-    """Equinorm, equiangularity and max-angle of the rows of ``vectors`` (Papyan et al.)."""
-    equiangular, max_angle, _ = _cosine_metrics(vectors, tile)
-    return _std_over_mean(np.linalg.norm(vectors, axis=1)), equiangular, max_angle
-
-
-def _product_sq_norm(left, right, tile):
-    """``||left right^T||_F^2`` for (C, D) arrays, from the smaller side.
-
-    C×C tiles of the product when C <= D; else the D×D matrices:
-    ``sum((left^T left) * (right^T right))``.
-    """
-    num_rows, num_features = left.shape
-    if num_rows > num_features:
-        return np.sum((left.T @ left) * (right.T @ right))
-    return sum(np.sum((left[row_start:row_start + tile] @ right[col_start:col_start + tile].T)
-                      ** 2)
-               for row_start in range(0, num_rows, tile)
-               for col_start in range(0, num_rows, tile))
-
-
-def _etf_distance(left, right, tile):
-    """``||nrm(left right^T) - E||_F`` in tiles, never forming the C×C product."""
-    num_rows = left.shape[0]
-    scale = np.sqrt(_product_sq_norm(left, right, tile))
-    etf_scale = np.sqrt(num_rows - 1)
-    squared_distance = 0.0
-    for row_start in range(0, num_rows, tile):
-        rows = np.arange(row_start, min(row_start + tile, num_rows))
-        for col_start in range(0, num_rows, tile):
-            cols = np.arange(col_start, min(col_start + tile, num_rows))
-            etf = ((rows[:, None] == cols[None, :]) - 1.0 / num_rows) / etf_scale
-            block = left[rows] @ right[cols].T / scale
-            squared_distance += ((block - etf) ** 2).sum()
-    return float(np.sqrt(squared_distance))
-
-
-def _orthogonality(uncentred, tile):
-    """``||offdiag(nrm(M M^T))||_F`` over pairs, in tiles (Dang et al. 2023)."""
-    scale_sq = _product_sq_norm(uncentred, uncentred, tile)
-    off_diagonal_sq = sum(2.0 * (dots[pairs] ** 2).sum()
-                          for _, _, dots, pairs in _pair_blocks(uncentred, tile))
-    return float(np.sqrt(off_diagonal_sq / scale_sq))
-
-
-def _mean_pair_distance(geometry, tile):
-    """Mean over pairs a < b of ``||mu_a - mu_b||``."""
-    sq_norms = geometry.centred_sq_norms
-    total = sum(np.sqrt(pair_sq_distances(sq_norms[rows], sq_norms[cols], dots)[pairs]).sum()
-                for rows, cols, dots, pairs in _pair_blocks(geometry.centred, tile))
-    return float(total / _pair_count(sq_norms.size))
 
 
 def within_class_nc1(geometry, stats, pinv_rtol):
@@ -147,40 +38,20 @@ def within_class_nc1(geometry, stats, pinv_rtol):
     num_means = geometry.present.size
     if stats.route == "classes":
         # z_i = M~ r_i gives r_i^T Sigma_B^+ r_i = C ||Gram^+ z_i||^2, so
-        # nc1 = Tr(Gram^+ S Gram^+) / N with S = sum z z^T (DESIGN.md, pass 2). With
+        # nc1 = Tr(Gram^+ S Gram^+) / N with S = sum z z^T. With
         # Gram = V diag(lambda) V^T that is sum_j (V^T S V)_jj / lambda_j^2 over the kept
         # eigenvalues: only the diagonal of S in the eigenbasis, which pass 2 keeps.
         eigenvalues = geometry.gram_eigenvalues
         keep, rank, condition = kept_spectrum(eigenvalues, pinv_rtol)
         nc1 = np.sum(stats.eigen_scatter[keep] / eigenvalues[keep] ** 2) / num_rows
     else:
-        between = geometry.centred.T @ geometry.centred / num_means
-        between_pinv, rank, condition = symmetric_pinv(between, pinv_rtol)
+        with dense_blas(4.0 * num_means * geometry.num_features ** 2):
+            between = geometry.centred.T @ geometry.centred / num_means
+            between_pinv, rank, condition = symmetric_pinv(between, pinv_rtol)
         nc1 = np.sum(stats.scatter * between_pinv) / num_rows / num_means
     within_trace = stats.sq_norm_sums.sum() / num_rows
     between_trace = geometry.centred_sq_norms.sum() / num_means
     return float(nc1), float(within_trace / between_trace), rank, condition
-
-
-def _cdnv(geometry, variances, tile):
-    """Mean over class pairs of ``(s_a^2 + s_b^2) / (2 ||mu_a - mu_b||^2)`` (Galanti et al.).
-
-    Pairs run over classes with a mean and with rows in the measured data.
-    """
-    present_variances = variances[geometry.present]
-    measured = np.isfinite(present_variances)
-    if measured.sum() < 2:
-        return None
-    centred = geometry.centred[measured]
-    sq_norms = geometry.centred_sq_norms[measured]
-    measured_variances = present_variances[measured]
-    total = 0.0
-    for rows, cols, dots, pairs in _pair_blocks(centred, tile):
-        distances = pair_sq_distances(sq_norms[rows], sq_norms[cols], dots)
-        variance_sums = measured_variances[rows][:, None] + measured_variances[cols][None, :]
-        with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 only off the pairs
-            total += (variance_sums / (2.0 * distances))[pairs].sum()
-    return float(total / _pair_count(centred.shape[0]))
 
 
 def _per_class(values, counts):
@@ -188,17 +59,25 @@ def _per_class(values, counts):
         return np.where(counts > 0, values / np.maximum(counts, 1), np.nan)
 
 
-def collapse_metrics(geometry, stats, *, pinv_rtol, tile=PAIR_TILE):
-    """Every metric of DESIGN.md's table from a finished pass 2.
+def _moment_metrics(sweep, name):
+    mean, variance = sweep.moments[name]
+    return float(mean), float(variance)
+
+
+def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
+    """Every scalar and per-class metric of a finished pass 2.
 
     Parameters
     ----------
-    geometry : Geometry
     stats : ResidualStats
-        Built on ``geometry``; carries the classifier, if any.
+        Pass 2 of every row; its plan carries the geometry, the classifier and
+        the pair sweep.
     pinv_rtol : float
-    tile : int
-        Classes per side of a pair tile; results do not depend on it.
+    ood_mean : float64 array of shape (D,), optional
+        Mean of out-of-distribution features: enables ``nc5``.
+    xp : module
+        Array namespace of the backend (the CDNV correction for classes
+        without rows runs there).
 
     Returns
     -------
@@ -206,34 +85,32 @@ def collapse_metrics(geometry, stats, *, pinv_rtol, tile=PAIR_TILE):
         Scalar metrics (None where not defined: classifier metrics without a
         classifier) and per-class arrays of shape (C,).
     """
-    num_means, num_features = geometry.present.size, geometry.num_features
-    # About ten C'×D×C' pair-tile products and a min(C', D)-sized eigendecomposition.
-    flops = 20.0 * num_means ** 2 * num_features + 10.0 * min(num_means, num_features) ** 3
-    with dense_blas(flops):
-        return _metrics(geometry, stats, pinv_rtol, tile)
-
-
-def _metrics(geometry, stats, pinv_rtol, tile):
-    """``collapse_metrics`` with BLAS threads already chosen."""
+    plan = stats.plan
+    geometry, sweep = plan.geometry, plan.sweep
     num_rows = stats.num_rows
     centred = geometry.centred
     nc1, nc1_trace, rank, condition = within_class_nc1(geometry, stats, pinv_rtol)
     variances = _per_class(stats.sq_norm_sums, stats.counts)
-    equinorm = _std_over_mean(np.sqrt(geometry.centred_sq_norms))
-    equiangular, maxangle, energy = _cosine_metrics(centred, tile)
-    uncentred = geometry.means[geometry.present]
+    _, cos_variance = _moment_metrics(sweep, "cos")
+    log_mean, log_variance = _moment_metrics(sweep, "log")
+    riesz_mean, riesz_variance = _moment_metrics(sweep, "riesz")
+    num_pairs = sweep.num_pairs
     mean_norms = np.full(geometry.num_classes, np.nan)
     mean_norms[geometry.present] = np.sqrt(geometry.centred_sq_norms)
     result = {
         "nc1": nc1,
         "nc1_trace": nc1_trace,
-        "cdnv": _cdnv(geometry, variances, tile),
-        "nc2_equinorm": equinorm,
-        "nc2_equiangular": equiangular,
-        "nc2_maxangle": maxangle,
-        "nc2_etf": _etf_distance(centred, centred, tile),
-        "nc2_orthogonality": _orthogonality(uncentred, tile),
-        "gnc2": energy,
+        "cdnv": cdnv(sweep, xp.asarray(centred), variances[geometry.present], xp),
+        "nc2_equinorm": _std_over_mean(np.sqrt(geometry.centred_sq_norms)),
+        "nc2_equiangular": float(np.sqrt(cos_variance)),
+        "nc2_maxangle": float(sweep.sums["maxangle_sum"] / num_pairs),
+        "nc2_etf": sweep.etf_distance(),
+        "nc2_orthogonality": sweep.orthogonality,
+        "gnc2": log_mean,
+        "log_kernel_variance": log_variance,
+        "riesz_kernel_mean": riesz_mean,
+        "riesz_kernel_variance": riesz_variance,
+        "nc5": None if ood_mean is None else ood_orthogonality(geometry, ood_mean),
         "ncc_accuracy": float(stats.ncc_hits.sum() / num_rows),
         "rank": rank,
         "pinv_condition": condition,
@@ -247,42 +124,56 @@ def _metrics(geometry, stats, pinv_rtol, tile):
                        "nc3_etf", "unc3", "nc4", "accuracy", "bias_collapse")
     result.update(dict.fromkeys(classifier_keys))
     result["class_accuracy"] = None
-    if stats.weights is not None:
-        weights = stats.weights[geometry.present]
-        equinorm_w, equiangular_w, maxangle_w = _angle_metrics(weights, tile)
+    if plan.has_classifier:
+        weights = plan.weights[geometry.present]
+        _, cos_w_variance = _moment_metrics(sweep, "cos_w")
         result.update({
-            "nc2_equinorm_w": equinorm_w,
-            "nc2_equiangular_w": equiangular_w,
-            "nc2_maxangle_w": maxangle_w,
+            "nc2_equinorm_w": _std_over_mean(np.linalg.norm(weights, axis=1)),
+            "nc2_equiangular_w": float(np.sqrt(cos_w_variance)),
+            "nc2_maxangle_w": float(sweep.sums["maxangle_w_sum"] / num_pairs),
             "nc3": float(np.sum((_normalized(weights) - _normalized(centred)) ** 2)),
-            "nc3_etf": _etf_distance(weights, centred, tile),
+            "nc3_etf": sweep.etf_distance(classifier=True),
             "unc3": _std_over_mean(np.einsum("cd,cd->c", weights, centred)),
             "nc4": stats.disagreements / num_rows,
             "accuracy": float(stats.classifier_hits.sum() / num_rows),
-            "bias_collapse": float(np.linalg.norm(
-                stats.weights @ geometry.global_mean + stats.bias)),
+            "bias_collapse": float(np.linalg.norm(plan.weights @ geometry.global_mean
+                                                  + plan.bias)),
             "class_accuracy": _per_class(stats.classifier_hits, stats.counts),
         })
     return result
 
 
-def noise_metrics(main_stats, clean_geometry, clean_stats, corrupted_stats, *, pinv_rtol,
-                  tile=PAIR_TILE):
+def ood_orthogonality(geometry, ood_mean):
+    """NC5: mean over classes of ``|cos(mu_c - mu_G, mu_OOD - mu_G)|`` (Ammar et al. 2024).
+
+    Parameters
+    ----------
+    geometry : Geometry
+    ood_mean : float64 array of shape (D,)
+        Mean of the out-of-distribution features, in the same feature space.
+    """
+    direction = np.asarray(ood_mean, dtype=np.float64) - geometry.global_mean
+    direction_norm = np.linalg.norm(direction)
+    if direction_norm == 0.0:
+        raise ValueError("the OOD mean equals the global mean of the class means, so NC5 "
+                         "(the angle between them) is undefined")
+    cosines = geometry.centred @ direction / (np.sqrt(geometry.centred_sq_norms)
+                                              * direction_norm)
+    return float(np.mean(np.abs(cosines)))
+
+
+def noise_metrics(main_stats, clean_stats, corrupted_stats, *, pinv_rtol):
     """Memorization–dilation metrics (Nguyen et al. 2023).
 
     Parameters
     ----------
     main_stats : ResidualStats
         All rows against the noisy-label means, with corrupted rows flagged.
-    clean_geometry : Geometry
-        Means ``mu^_c`` of the clean rows.
     clean_stats : ResidualStats
-        Clean rows against ``clean_geometry``.
+        Clean rows against the clean means ``mu^_c`` (its plan's geometry).
     corrupted_stats : ResidualStats
-        Corrupted rows, labelled with their true class, against ``clean_geometry``.
+        Corrupted rows, labelled with their true class, against the clean means.
     pinv_rtol : float
-    tile : int
-        Classes per side of a pair tile.
 
     Returns
     -------
@@ -290,7 +181,8 @@ def noise_metrics(main_stats, clean_geometry, clean_stats, corrupted_stats, *, p
         ``memorization``, ``memorization_raw``, ``dilation``, ``noise_fit``,
         ``nc1_clean``, ``nc1_trace_clean`` (None where no row defines them).
     """
-    scale = _mean_pair_distance(clean_geometry, tile)
+    clean_geometry = clean_stats.geometry
+    scale = clean_stats.plan.sweep.mean_pair_distance
     result = dict.fromkeys(("memorization", "memorization_raw", "noise_fit"))
     if main_stats.corrupted_rows > 0:
         result["noise_fit"] = main_stats.corrupted_fits / main_stats.corrupted_rows

@@ -17,11 +17,15 @@ METRICS = {
     "nc2_maxangle_w": "mean |cos + 1/(C-1)| between classifier rows",
     "nc2_etf": "||nrm(M M^T) - ETF||_F (Zhu et al.)",
     "nc2_orthogonality": "off-diagonal of nrm of uncentred-mean Gram (Dang et al.)",
-    "gnc2": "hyperspherical energy of unit class means (Wu & Papyan)",
+    "gnc2": "hyperspherical energy of unit class means: mean log kernel (Wu & Papyan; Liu et al.)",
+    "log_kernel_variance": "variance over class pairs of the log kernel -log||u_a - u_b||",
+    "riesz_kernel_mean": "mean over class pairs of the Riesz kernel ||u_a - u_b||^-(D-2)",
+    "riesz_kernel_variance": "variance over class pairs of the Riesz kernel",
     "nc3": "||nrm(W) - nrm(M)||_F^2, self-duality",
     "nc3_etf": "||nrm(W M^T) - ETF||_F (Zhu et al.)",
     "unc3": "std/mean of <w_c, mu_c> (Wu & Papyan)",
     "nc4": "fraction where classifier and nearest class centre disagree",
+    "nc5": "mean |cos| between centred class means and the OOD mean (Ammar et al.)",
     "ncc_accuracy": "nearest-class-centre accuracy",
     "accuracy": "classifier accuracy",
     "bias_collapse": "||W mu_G + b||",
@@ -43,7 +47,7 @@ class CollapseReport:
 
     Scalar metrics are floats, or None where the inputs do not define them
     (classifier metrics without ``weights``, label-noise metrics without
-    ``clean_labels``). ``METRICS`` gives each one's meaning.
+    ``clean_labels``, ``nc5`` without ``ood``). ``METRICS`` gives each one's meaning.
 
     Per-class arrays have shape (C,); ``class_counts`` (n_c) is 0 for a class
     without rows and the others hold NaN there: ``class_variances`` (sigma_c^2, mean squared
@@ -85,6 +89,9 @@ class CollapseReport:
     nc2_etf: float
     nc2_orthogonality: float
     gnc2: float
+    log_kernel_variance: float
+    riesz_kernel_mean: float
+    riesz_kernel_variance: float
     ncc_accuracy: float
     class_counts: np.ndarray
     class_variances: np.ndarray
@@ -97,6 +104,7 @@ class CollapseReport:
     nc3_etf: float | None = None
     unc3: float | None = None
     nc4: float | None = None
+    nc5: float | None = None
     accuracy: float | None = None
     bias_collapse: float | None = None
     class_accuracy: np.ndarray | None = None

@@ -7,7 +7,7 @@ because every state is a set of sums (DESIGN.md). The workflow:
 
 1. each worker: ``ClassSums`` over its rows -> ``save_state``;
 2. ``merge_states`` (or ``ncfast merge``) -> the pass-1 state of all rows,
-   saved again; ``ncfast.api.finalize_pass1`` gives its ``Geometry``;
+   saved again; ``ncfast.engine.finalize_pass1`` gives its ``Geometry``;
 3. each worker: ``ResidualPass(geometry, ...)`` over its rows -> ``save_state``;
 4. ``merge_states`` -> one pass-2 state; ``report_of`` -> ``CollapseReport``.
 
@@ -22,8 +22,8 @@ import os
 import numpy as np
 
 from ncfast.accumulators import ClassSums, ResidualStats
-from ncfast.api import ResidualPass
 from ncfast.dumps import write_atomically
+from ncfast.engine import ResidualPass
 from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL, Geometry
 
 STATE_VERSION = "2"
@@ -40,7 +40,7 @@ def _global_mean_mode(geometry):
         if rebuilt.fingerprint == geometry.fingerprint:
             return mode
     raise ValueError("the state's geometry is not built from its means by Geometry.from_means; "
-                     "build it with Geometry.from_means or ncfast.api.finalize_pass1")
+                     "build it with Geometry.from_means or ncfast.engine.finalize_pass1")
 
 
 def _geometry_tensors(prefix, geometry, tensors, metadata):
@@ -229,5 +229,5 @@ def report_of(state, *, pinv_rtol=PINV_RTOL):
         state = whole
     if not isinstance(state, ResidualPass):
         raise TypeError(f"a report needs a pass-2 state; found {type(state).__name__} (pass 1: "
-                        "build the Geometry with ncfast.api.finalize_pass1 and run pass 2)")
+                        "build the Geometry with ncfast.engine.finalize_pass1 and run pass 2)")
     return state.report(global_mean=_global_mean_mode(state.stats.geometry), pinv_rtol=pinv_rtol)

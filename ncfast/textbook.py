@@ -26,7 +26,8 @@ BATCH_ROWS = 65536
 
 
 def textbook_collapse(features, labels, *, num_classes=None, weights=None, bias=None,
-                      means=None, clean_labels=None, global_mean="classes", pinv_rtol=1e-10):
+                      means=None, clean_labels=None, global_mean="classes", pinv_rtol=1e-10,
+                      ood=None):
     """Every neural-collapse metric of ``ncfast.collapse``, by the textbook route.
 
     Same conventions as ``ncfast.collapse``: metrics over classes and pairs of
@@ -59,6 +60,8 @@ def textbook_collapse(features, labels, *, num_classes=None, weights=None, bias=
     pinv_rtol : float
         Singular values of ``Sigma_B`` at or below this fraction of the
         largest are cut in its pseudo-inverse.
+    ood : array of shape (n_ood, n_features), optional
+        Out-of-distribution rows: adds ``nc5``.
 
     Returns
     -------
@@ -85,6 +88,13 @@ def textbook_collapse(features, labels, *, num_classes=None, weights=None, bias=
         center = _global_mean(class_means, global_mean, counts=mean_counts)
     result, predictions = _collapse_metrics(features, labels, class_means, center, weights,
                                             bias, pinv_rtol)
+    if ood is not None:
+        present = _present(class_means)
+        centred = class_means[present] - center
+        ood_direction = np.mean(np.array(ood, dtype=np.float64), axis=0) - center
+        result["nc5"] = float(np.mean([
+            abs(mean @ ood_direction) / (np.linalg.norm(mean) * np.linalg.norm(ood_direction))
+            for mean in centred]))
     if clean_labels is not None:
         if means is not None:
             raise ValueError("clean_labels needs the clean-row means of these features; "
@@ -145,10 +155,17 @@ def _pair_distances(vectors):
                            for a in range(len(vectors) - 1)])
 
 
-def _hyperspherical_energy(unit_vectors):
-    """Mean over pairs of ``log 1/||u_a - u_b||`` (Wu & Papyan); inf if two coincide."""
+def _kernel_statistics(unit_vectors):
+    """Mean and variance over pairs of the log kernel ``log 1/||u_a - u_b||`` (its mean is
+    the hyperspherical energy of Wu & Papyan) and of the Riesz kernel
+    ``sign(s) ||u_a - u_b||^-s``, ``s = D - 2`` (Liu et al. 2023)."""
+    distances = _pair_distances(unit_vectors)
+    exponent = unit_vectors.shape[1] - 2
     with np.errstate(divide="ignore"):
-        return float(np.mean(-np.log(_pair_distances(unit_vectors))))
+        log_kernel = -np.log(distances)
+        riesz = np.sign(exponent) * distances ** -exponent if exponent else np.ones_like(distances)
+    return (float(np.mean(log_kernel)), float(np.var(log_kernel)), float(np.mean(riesz)),
+            float(np.var(riesz)))
 
 
 def _norm_and_angle_metrics(vectors):
@@ -246,6 +263,7 @@ def _collapse_metrics(features, labels, class_means, center, weights, bias, pinv
     uncentred = class_means[present]
     orthogonality_gram = _normalized(uncentred @ uncentred.T)
     unit_means = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    energy, log_variance, riesz_mean, riesz_variance = _kernel_statistics(unit_means)
     ncc_predictions = _nearest_class_centre(features, class_means)
     mean_norms = np.full(num_classes, np.nan)
     mean_norms[present] = np.linalg.norm(centred, axis=1)
@@ -258,7 +276,10 @@ def _collapse_metrics(features, labels, class_means, center, weights, bias, pinv
         "nc2_etf": float(np.linalg.norm(_normalized(centred @ centred.T) - etf)),
         "nc2_orthogonality": float(np.linalg.norm(
             orthogonality_gram[~np.eye(num_means, dtype=bool)])),
-        "gnc2": _hyperspherical_energy(unit_means),
+        "gnc2": energy,
+        "log_kernel_variance": log_variance,
+        "riesz_kernel_mean": riesz_mean,
+        "riesz_kernel_variance": riesz_variance,
         "ncc_accuracy": float(np.mean(ncc_predictions == labels)),
         "rank": rank,
         "class_counts": np.array([np.sum(labels == c) for c in range(num_classes)], np.int64),

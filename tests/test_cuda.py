@@ -46,7 +46,7 @@ def _keywords(case):
 
 
 def test_importing_ncfast_never_imports_cupy():
-    code = "import sys, ncfast, ncfast.cuda; assert 'cupy' not in sys.modules"
+    code = "import sys, ncfast, ncfast.backends.cuda; assert 'cupy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -165,17 +165,18 @@ def test_results_do_not_depend_on_chunking(chunk_size, small_launches, assert_sa
 @pytest.mark.parametrize("split", [1, 999, 2999])
 def test_pass_states_merge_by_addition(split, small_launches):
     import cupy
-    from ncfast.cuda import DeviceClassSums, ResidentSource
-    from ncfast.inputs import Chunk
+    from ncfast.backends.cuda import DeviceClassSums, ResidentSource
     case = gaussian_classes(num_rows=3000, offset=1e3)
     features, labels = cupy.asarray(case["features"]), cupy.asarray(case["labels"])
     source = ResidentSource(features, labels)
-    whole = DeviceClassSums(5, features.shape[1]).update(
-        Chunk(features, labels, None, 0)).to_host(source)
-    first = DeviceClassSums(5, features.shape[1]).update(
-        Chunk(features[:split], labels[:split], None, 0)).to_host(source)
-    second = DeviceClassSums(5, features.shape[1]).update(
-        Chunk(features[split:], labels[split:], None, split)).to_host(source)
+
+    def host_sums(start, stop):
+        host = ncfast.ClassSums(5, features.shape[1])
+        DeviceClassSums(5, features.shape[1]).update(
+            features[start:stop], labels[start:stop], row_offset=start).add_to_host(host, source)
+        return host
+
+    whole, first, second = host_sums(0, 3000), host_sums(0, split), host_sums(split, 3000)
     merged = first + second
     assert np.array_equal(merged.counts, whole.counts)
     np.testing.assert_allclose(merged.sums, whole.sums, rtol=1e-13)

@@ -4,6 +4,7 @@ import pytest
 
 import ncfast
 from ncfast.metrics import collapse_metrics
+from ncfast.plan import build_plan
 from ncfast.textbook import textbook_collapse
 from cases import gaussian_classes
 
@@ -18,10 +19,10 @@ def _tiled_metrics(case, *, class_tile, pair_tile):
     class_sums = ncfast.ClassSums(case["num_classes"], case["features"].shape[1])
     class_sums.update(case["features"], case["labels"])
     geometry = ncfast.Geometry.from_class_sums(class_sums.counts, class_sums.sums)
-    stats = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"],
-                                 class_tile=class_tile)
+    plan = build_plan(geometry, case["weights"], case["bias"], pair_tile=pair_tile)
+    stats = ncfast.ResidualStats(plan, class_tile=class_tile)
     stats.update(case["features"], case["labels"])
-    return collapse_metrics(geometry, stats, pinv_rtol=1e-10, tile=pair_tile), stats
+    return collapse_metrics(stats, pinv_rtol=1e-10), stats
 
 
 @pytest.mark.parametrize("num_classes, num_features, route", [

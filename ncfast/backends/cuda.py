@@ -1,6 +1,7 @@
-"""GPU backend: the two streaming passes on a CUDA device, through CuPy.
+"""The CUDA backend: the two streaming passes and the pair sweep on a GPU, through CuPy.
 
-``ncfast.collapse(..., device="cuda")`` lands in ``collapse_on_gpu``. Features
+``ncfast.collapse(..., device="cuda")`` (or GPU features) runs the engine
+(``ncfast.engine.run``) on ``cuda_backend()``. Features
 already on a GPU (CuPy arrays; torch CUDA tensors through DLPack, no copy)
 are read in place. Host arrays, memmaps, ``.npy`` paths and chunk sources are
 streamed through pinned buffers on two streams: while the kernels of one chunk
@@ -10,12 +11,17 @@ arrays already in page-locked memory (``torch.Tensor.pin_memory()``, CuPy's
 pinned allocations) are copied from where they are, skipping the staging copy.
 
 The accumulators stay on the device in float64; the host waits once per pass
-(``# synchronize!``) to add them into the same ``ClassSums`` and
-``ResidualStats`` the CPU backend builds, and the shared finalize and metric
-algebra (``ncfast.api.finalize_pass1``, ``ncfast.metrics``) do the rest.
+(``# synchronize!``) to add them into the public ``ClassSums`` and
+``ResidualStats`` the engine holds. The pass-2 state reads the public
+``Pass2Plan`` (``ncfast.plan``); its C'×C' scatter of ``z = M~ r`` (one per
+stream) is turned into the plan's eigen-diagonal by one GEMM on the device
+after the streams' scatters are added. The pair sweep runs on the device
+(``ncfast.sweep.reduce_tile_xp`` with CuPy): only scalars and length-C
+vectors come back.
 
-Importing this module never imports CuPy: backend detection reads
-``sys.modules``, and the kernels (``ncfast.kernels.cuda``) load on first use.
+Importing this module never imports CuPy (the kernels, ``ncfast.kernels.cuda``,
+load on first use): ``ncfast.backends.select_backend`` imports it only when a
+GPU is asked for.
 """
 import os
 import sys
@@ -23,16 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ncfast.accumulators import ClassSums, _raise_bad_rows
-from ncfast.api import (ResidualPass, finalize_pass1, geometry_from_means_option,
-                        resolve_num_classes)
-from ncfast.geometry import PINV_RTOL
+from ncfast import errors
+from ncfast.backends import is_cupy_array, is_torch_cuda_tensor
+from ncfast.backends.cpu import HostSource
+from ncfast.inputs import (KERNEL_DTYPES, Chunk, as_source, check_chunk_size, check_features,
+                           check_labels, is_torch_tensor, to_kernel_features, to_kernel_labels)
 from ncfast.kernels.cpu import NO_ROW
-from ncfast.inputs import (KERNEL_DTYPES, Chunk, _is_torch_tensor, as_source,
-                           carries_clean_labels, check_chunk_size, check_features, check_labels,
-                           num_features_of, to_kernel_features, to_kernel_labels)
-
-DEVICES = ("auto", "cpu", "cuda")
+from ncfast.plan import eigen_diagonal
+from ncfast.sweep import reduce_tile_xp
 
 _CUDA_MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: page-locked host memory
 
@@ -75,49 +79,6 @@ def _cupy():
     return cupy
 
 
-def _torch_cuda_tensor(obj):
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.Tensor) and obj.device.type == "cuda"
-
-
-def _cupy_array(obj):
-    cupy = sys.modules.get("cupy")
-    return cupy is not None and isinstance(obj, cupy.ndarray)
-
-
-def is_device_array(obj):
-    """True for a CuPy array or a torch CUDA tensor (checked without importing either)."""
-    return _cupy_array(obj) or _torch_cuda_tensor(obj)
-
-
-def runs_on_gpu(device, features):
-    """Whether ``collapse`` runs on the GPU for this ``device`` and these features.
-
-    Parameters
-    ----------
-    device : {"auto", "cpu", "cuda"}
-        "auto": where the features are (GPU arrays on their GPU, host data on
-        the CPU); "cuda": on the GPU, streaming host data to it.
-    features : the ``features`` argument of ``collapse``
-
-    Raises
-    ------
-    RuntimeError
-        ``device="cuda"`` without CuPy or without a usable GPU.
-    """
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}; found {device!r}")
-    on_device = is_device_array(features)
-    if device == "cpu" and on_device:
-        raise ValueError(
-            "features are on a GPU but device='cpu'; pass device='cuda' (or 'auto'), or move "
-            "them to host memory (.get() for CuPy, .cpu() for torch)")
-    if device == "cuda" or on_device:
-        _cupy()
-        return True
-    return False
-
-
 def _rows_for(num_bytes, row_bytes):
     return max(1, num_bytes // max(row_bytes, 1))
 
@@ -126,7 +87,7 @@ def _device_features(block):
     """A C-contiguous float32/float64 CuPy array of GPU rows (CuPy or torch), no copy when
     the dtype and layout allow."""
     cupy = sys.modules["cupy"]
-    if _torch_cuda_tensor(block):
+    if is_torch_cuda_tensor(block):
         torch = sys.modules["torch"]
         block = block.detach()
         if block.dtype not in (torch.float32, torch.float64):
@@ -140,9 +101,9 @@ def _device_features(block):
 def _device_labels(labels):
     """Labels (host or GPU, any integer dtype) as a CuPy int64 array."""
     cupy = sys.modules["cupy"]
-    if _torch_cuda_tensor(labels):
+    if is_torch_cuda_tensor(labels):
         labels = cupy.from_dlpack(labels.detach().contiguous())
-    if not _cupy_array(labels):
+    if not is_cupy_array(labels):
         labels = to_kernel_labels(labels)
     return cupy.ascontiguousarray(cupy.asarray(labels, dtype=cupy.int64))
 
@@ -150,14 +111,20 @@ def _device_labels(labels):
 class ResidentSource:
     """Features already on a GPU, read in place in chunks of rows.
 
+    Pass-1 chunks are all rows at once; pass-2 chunks hold ``RESIDUAL_CHUNK_BYTES``
+    of work buffers (``work_row_bytes`` per row, set by the pass-2 states) and
+    alternate between ``LANES`` streams, so that the bandwidth-bound kernels of
+    one overlap the GEMM of the other.
+
     Parameters
     ----------
     features : CuPy array or torch CUDA tensor of shape (n_samples, n_features)
     labels, clean_labels : int arrays of shape (n_samples,), host or GPU
     chunk_size : int, optional
-        Rows per chunk; by default pass 1 reads all rows at once and pass 2
-        sizes its chunks to ``RESIDUAL_CHUNK_BYTES`` of work buffers.
+        Rows per chunk of both passes.
     """
+
+    carries_clean_labels = False
 
     def __init__(self, features, labels, clean_labels=None, *, chunk_size=None):
         cupy = sys.modules["cupy"]
@@ -172,32 +139,52 @@ class ResidentSource:
                 check_labels(clean_labels, self.num_rows, "clean_labels"))
         self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size, 1)
         device = features.device
-        self.device = cupy.cuda.Device(device.index if _torch_cuda_tensor(features) else device.id)
-        self.compute_stream = None  # the caller's current stream: the features' producer's
+        self.device = cupy.cuda.Device(
+            device.index if is_torch_cuda_tensor(features) else device.id)
+        self.work_row_bytes = 4 * self.num_features
 
-    def max_label(self):
-        """Largest label (and clean label)."""
-        labels = [self.labels] + ([] if self.clean_labels is None else [self.clean_labels])
-        return max(int(array.max()) for array in labels)
+    def context(self):
+        """The features' device, and the caller's current stream (the features' producer's)."""
+        return self.device
 
-    def chunks(self, work_row_bytes=None):
-        """Chunks of device rows: all rows when ``work_row_bytes`` is None (pass 1), else
-        rows whose pass-2 work buffers take ``RESIDUAL_CHUNK_BYTES``."""
+    def label_summary(self):
+        """``(largest label, its first row, distinct labels)``, as ``ArraySource``'s."""
+        cupy = sys.modules["cupy"]
+        labels = self.labels if self.clean_labels is None else \
+            cupy.concatenate([self.labels, self.clean_labels])
+        max_label = int(labels.max())  # synchronize!
+        row = int(labels.argmax()) % self.num_rows
+        return max_label, row, int(cupy.unique(labels[labels >= 0]).size)
+
+    def chunks(self, pass_number):
+        """Device chunks of pass ``pass_number``; pass 2's alternate between streams."""
+        cupy = sys.modules["cupy"]
         rows = self.chunk_size
         if rows is None:
-            rows = self.num_rows if work_row_bytes is None else \
-                _rows_for(RESIDUAL_CHUNK_BYTES, work_row_bytes)
-        for start in range(0, self.num_rows, rows):
+            rows = self.num_rows if pass_number == 1 else \
+                _rows_for(RESIDUAL_CHUNK_BYTES, self.work_row_bytes)
+        main = cupy.cuda.get_current_stream()
+        streams = [main]
+        if pass_number == 2:
+            streams += [cupy.cuda.Stream(non_blocking=True) for _ in range(LANES - 1)]
+        ready = main.record()
+        for side in streams[1:]:
+            side.wait_event(ready)
+        for index, start in enumerate(range(0, self.num_rows, rows)):
             stop = min(start + rows, self.num_rows)
             clean = None if self.clean_labels is None else self.clean_labels[start:stop]
-            yield Chunk(_device_features(self.features[start:stop]), self.labels[start:stop],
-                        clean, start)
+            # The consumer's kernels for this chunk are queued on this lane's stream.
+            with streams[index % len(streams)]:
+                yield Chunk(_device_features(self.features[start:stop]),
+                            self.labels[start:stop], clean, start)
+        for side in streams[1:]:
+            main.wait_event(side.record())
 
     def host_row(self, row):
         """Features (1, D), labels (1,) and clean labels (1,) or None of one row, on the host."""
         clean = None if self.clean_labels is None else self.clean_labels[row:row + 1].get()
         features = self.features[row:row + 1]
-        features = features.detach().cpu() if _torch_cuda_tensor(features) else features.get()
+        features = features.detach().cpu() if is_torch_cuda_tensor(features) else features.get()
         return to_kernel_features(features), self.labels[row:row + 1].get(), clean
 
 
@@ -206,7 +193,7 @@ def _page_locked(features):
     page-locked memory, which the GPU copies from where they are (other dtypes are
     converted per chunk into ordinary memory). Asked once per input: the query is slow
     on ordinary memory."""
-    if _is_torch_tensor(features):
+    if is_torch_tensor(features):
         torch = sys.modules["torch"]
         return features.dtype in (torch.float32, torch.float64) and features.is_pinned()
     if not isinstance(features, np.ndarray) or features.dtype not in KERNEL_DTYPES or \
@@ -297,25 +284,38 @@ class StreamedSource:
 
     def __init__(self, features, labels, clean_labels=None, *, chunk_size=None):
         cupy = sys.modules["cupy"]
-        self.host = as_source(features, labels, clean_labels, chunk_size=chunk_size)
+        self.host = HostSource(as_source(features, labels, clean_labels, chunk_size=chunk_size))
         # Rows of an array in page-locked memory are copied in place, chunk by chunk.
-        self.page_locked = (_page_locked(getattr(self.host, "features", None)), False, False)
+        self.page_locked = (_page_locked(getattr(self.host.host, "features", None)), False,
+                            False)
         if chunk_size is None:
-            self.host.chunk_size = _rows_for(STREAM_CHUNK_BYTES, 4 * num_features_of(self.host))
+            self.host.host.chunk_size = _rows_for(STREAM_CHUNK_BYTES, 4 * self.num_features)
         self.device = cupy.cuda.Device()
         self.copy_stream = cupy.cuda.Stream(non_blocking=True)
         self.compute_stream = cupy.cuda.Stream(non_blocking=True)
         self._slots = [_StagingSlot(cupy) for _ in range(STAGING_SLOTS)]
+        self.work_row_bytes = 4 * self.num_features
 
     @property
     def num_features(self):
-        return num_features_of(self.host)
+        return self.host.num_features
 
-    def chunks(self, work_row_bytes=None):
-        """Chunks of device rows, copied through the pinned buffers (the argument, used by
-        ``ResidentSource``, is ignored: the host chunks set the size)."""
+    @property
+    def carries_clean_labels(self):
+        return self.host.carries_clean_labels
+
+    def context(self):
+        """The current device, with the compute stream current."""
+        return _Both(self.device, self.compute_stream)
+
+    def label_summary(self):
+        return self.host.label_summary()
+
+    def chunks(self, pass_number):
+        """Chunks of device rows, copied through the pinned buffers (the host chunks set
+        the size, the same in both passes)."""
         with ThreadPoolExecutor(STAGING_THREADS) as pool:
-            for index, chunk in enumerate(self.host):
+            for index, chunk in enumerate(self.host.chunks(pass_number)):
                 slot = self._slots[index % len(self._slots)]
                 features, labels, clean = slot.upload(
                     (chunk.features, chunk.labels, chunk.clean_labels), self.page_locked, pool,
@@ -326,7 +326,7 @@ class StreamedSource:
 
     def host_row(self, row):
         """Features (1, D), labels (1,) and clean labels (1,) or None of one row."""
-        for chunk in self.host:
+        for chunk in self.host.chunks(2):
             if chunk.offset <= row < chunk.offset + len(chunk.labels):
                 i = row - chunk.offset
                 clean = None if chunk.clean_labels is None else chunk.clean_labels[i:i + 1]
@@ -334,11 +334,26 @@ class StreamedSource:
         raise IndexError(f"row {row} is beyond the source's rows")
 
 
+class _Both:
+    """Two context managers entered together (a device and a stream)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __enter__(self):
+        self.first.__enter__()
+        self.second.__enter__()
+
+    def __exit__(self, *exc):
+        self.second.__exit__(*exc)
+        self.first.__exit__(*exc)
+
+
 def _first_non_finite_row(source):
     """Global index of the first row holding a NaN or Inf, or ``NO_ROW`` (a scan of the
     source, run only when the pass-1 sums show one)."""
     cupy = sys.modules["cupy"]
-    for chunk in source.chunks():
+    for chunk in source.chunks(1):
         bad = ~cupy.isfinite(chunk.features).all(axis=1)
         if bad.any():
             return chunk.offset + int(bad.argmax())
@@ -366,51 +381,50 @@ class DeviceClassSums:
         self.clean_sums = cupy.zeros((num_classes, num_features)) if track_clean else None
         self.bad_label_row = cupy.full(1, NO_ROW, cupy.int64)
 
-    def update(self, chunk):
-        """Add one device ``Chunk`` (clean labels exactly when tracking clean rows)."""
-        codes = self._kernels.cupy.empty(chunk.labels.shape, self._kernels.cupy.int32)
-        self._kernels.label_codes(chunk.labels, chunk.clean_labels, self.num_classes,
-                                  chunk.offset, codes, self.bad_label_row)
-        self._kernels.class_sums(chunk.features, codes, self.counts, self.sums,
-                                 self.clean_counts, self.clean_sums)
+    def update(self, features, labels, clean_labels=None, *, row_offset=0):
+        """Add one chunk of device rows (clean labels exactly when tracking clean rows)."""
+        codes = self._kernels.cupy.empty(labels.shape, self._kernels.cupy.int32)
+        self._kernels.label_codes(labels, clean_labels, self.num_classes, row_offset, codes,
+                                  self.bad_label_row)
+        self._kernels.class_sums(features, codes, self.counts, self.sums, self.clean_counts,
+                                 self.clean_sums)
         return self
 
-    def to_host(self, source):
-        """The equal host ``ClassSums``; raises naming the first bad row, if any.
+    def add_to_host(self, class_sums, source):
+        """Add the device sums into the host ``ClassSums``; raise for the first bad row.
 
         Waits for the device once.
         """
         bad_label_row = int(self.bad_label_row.get()[0])  # synchronize!
-        host = ClassSums(self.num_classes, self.num_features,
-                         track_clean=self.clean_counts is not None)
-        host.counts += self.counts.get().astype(np.int64)
-        host.sums += self.sums.get()
-        if host.track_clean:
-            host.clean_counts += self.clean_counts.get().astype(np.int64)
-            host.clean_sums += self.clean_sums.get()
-        bad_value_row = NO_ROW if np.isfinite(host.sums).all() else _first_non_finite_row(source)
+        counts, sums = self.counts.get().astype(np.int64), self.sums.get()
+        bad_value_row = NO_ROW if np.isfinite(sums).all() else _first_non_finite_row(source)
         row = min(bad_label_row, bad_value_row)
         if row != NO_ROW:
             features, labels, clean = source.host_row(row)
-            _raise_bad_rows(row, 0 if row == bad_label_row else NO_ROW,
-                            0 if row == bad_value_row else NO_ROW, self.num_classes, labels,
-                            features, clean)
-        return host
+            errors.raise_bad_row(row, labels, clean, features, num_classes=self.num_classes)
+        class_sums.counts += counts
+        class_sums.sums += sums
+        if class_sums.track_clean:
+            class_sums.clean_counts += self.clean_counts.get().astype(np.int64)
+            class_sums.clean_sums += self.clean_sums.get()
 
 
 class DeviceResidualStats:
-    """Pass-2 state on the device for one host ``ResidualStats`` (same geometry,
-    classifier and route), added into it by ``add_to_host``.
+    """Pass-2 state on the device for one host ``ResidualStats`` (same plan), added into
+    it by ``add_to_host``.
 
     Per chunk: residuals from the float64 means with ``||r||^2``; one float32
     GEMM against ``[M~^T | W^T]`` (of the residuals on the "classes" route, of
     the centred rows on the "features" route); the fused epilogue; the float64
-    scatter by ``dgemm``.
+    scatter by ``dgemm``, one per stream the chunks arrive on (the per-class
+    tallies are added atomically). On the "classes" route the scatters are
+    of ``z = M~ r``: ``add_to_host`` adds them and keeps the eigen-diagonal
+    ``diag(V^T S V)``, one GEMM on the device.
 
     Parameters
     ----------
     host_stats : ResidualStats
-        Supplies the geometry and the prepared float32/float64 matrices.
+        Its ``plan`` supplies the means, projections and offsets.
     """
 
     _TALLIES = ("counts", "sq_norm_sums", "norm_sums", "ncc_hits", "classifier_hits", "totals")
@@ -420,33 +434,33 @@ class DeviceResidualStats:
         cupy = kernels.cupy
         self._kernels = kernels
         self.host_stats = host_stats
-        geometry = host_stats.geometry
-        self.route = host_stats.route
+        plan = host_stats.plan
+        geometry = plan.geometry
+        self.route = plan.route
         self.num_means = geometry.present.size
         self.label_rows = cupy.asarray(geometry.label_rows)
         self.present = cupy.asarray(geometry.present)
-        self.means = cupy.asarray(host_stats._present_means)
+        self.means = cupy.asarray(plan.present_means)
         if self.route == "classes":
-            # The device epilogue takes z = M~ r itself (not its eigenbasis
-            # coordinates, as the host does) and sums the C'×C' scatter.
+            # The device epilogue takes z = M~ r itself (the host kernels take its
+            # eigenbasis coordinates) and sums the C'×C' scatter.
             projection_t = geometry.centred.T
-            if host_stats.weights is not None:
-                projection_t = np.concatenate([projection_t, host_stats.weights.T], axis=1)
+            if plan.has_classifier:
+                projection_t = np.concatenate([projection_t, plan.weights.T], axis=1)
             self.distance_offsets = cupy.asarray(geometry.mean_sq_distances)
-            self.logit_offsets = cupy.asarray(host_stats._logit_offsets)
+            self.eigenvectors = cupy.asarray(geometry.gram_eigenvectors)
         else:
-            projection_t = host_stats._centred_t
-            self.logit_offsets = cupy.zeros(0)
-            if host_stats.weights is not None:
-                projection_t = np.concatenate([projection_t, host_stats._weights_t], axis=1)
-                self.logit_offsets = cupy.asarray(host_stats._classifier_offsets)
+            projection_t = plan.projection_t
+            if plan.has_classifier:
+                projection_t = np.concatenate([projection_t, plan.weights_t], axis=1)
             self.distance_offsets = cupy.asarray(geometry.centred_sq_norms)
             self.global_mean = cupy.asarray(geometry.global_mean[None, :])
             self.centre_rows = cupy.zeros(1, cupy.int64)
+        self.logit_offsets = cupy.asarray(plan.logit_offsets)
         self.projection_t = cupy.asarray(np.ascontiguousarray(projection_t, np.float32))
+        self.scatter_size = self.num_means if self.route == "classes" else geometry.num_features
+        self.scatters = {}  # stream pointer -> float64 scatter
         num_classes = geometry.num_classes
-        scatter_size = self.num_means if self.route == "classes" else geometry.num_features
-        self.scatters = [cupy.zeros((scatter_size, scatter_size)) for _ in range(LANES)]
         self.tallies = {name: cupy.zeros(num_classes, cupy.uint64) for name in
                         ("counts", "ncc_hits", "classifier_hits")}
         self.tallies.update(sq_norm_sums=cupy.zeros(num_classes), norm_sums=cupy.zeros(num_classes),
@@ -461,7 +475,15 @@ class DeviceResidualStats:
             return 4 * num_features + 4 * width + 8 * self.num_means
         return 16 * num_features + 4 * width
 
-    def update(self, features, labels, *, include=None, corrupted=None, row_offset=0, lane=0):
+    def _scatter(self):
+        """The scatter of the current stream (chunks on different streams add concurrently)."""
+        cupy = self._kernels.cupy
+        stream = cupy.cuda.get_current_stream().ptr
+        if stream not in self.scatters:
+            self.scatters[stream] = cupy.zeros((self.scatter_size, self.scatter_size))
+        return self.scatters[stream]
+
+    def update(self, features, labels, *, include=None, corrupted=None, row_offset=0):
         """Add device rows, on the current stream.
 
         Parameters
@@ -474,10 +496,6 @@ class DeviceResidualStats:
             Rows whose training label is wrong (label noise).
         row_offset : int
             Global index of the first row (bad-row reports).
-        lane : int
-            Which of the ``LANES`` scatter accumulators to add into: chunks
-            updated concurrently on different streams use different lanes
-            (the per-class tallies are added atomically).
         """
         kernels, cupy = self._kernels, self._kernels.cupy
         num_rows, num_features = features.shape
@@ -496,7 +514,7 @@ class DeviceResidualStats:
             kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
                              self.present, self.distance_offsets, True, self.logit_offsets,
                              corrupted, self.tallies, mean_products)
-            kernels.add_gram(mean_products, self.scatters[lane])
+            kernels.add_gram(mean_products, self._scatter())
             return self
         residuals64 = cupy.empty((num_rows, num_features))
         kernels.residuals(features, labels, include, self.label_rows, self.means, row_offset,
@@ -508,7 +526,7 @@ class DeviceResidualStats:
         kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
                          self.present, self.distance_offsets, False, self.logit_offsets,
                          corrupted, self.tallies, None)
-        kernels.add_gram(residuals64, self.scatters[lane])
+        kernels.add_gram(residuals64, self._scatter())
         return self
 
     def first_bad_row(self):
@@ -517,128 +535,75 @@ class DeviceResidualStats:
         return int(self.bad_row.get()[0])
 
     def add_to_host(self):
-        """Add the device sums into ``host_stats`` (waits for the device)."""
+        """Add the device sums into the host ``ResidualStats`` (waits for the device)."""
+        cupy = self._kernels.cupy
         host = self.host_stats
-        for scatter in self.scatters:
-            if self.route == "classes":
-                host.add_mean_scatter(scatter.get())
-            else:
-                host.scatter += scatter.get()
+        scatter = sum(self.scatters.values(), cupy.zeros((self.scatter_size,) * 2))
+        if self.route == "classes":
+            host.eigen_scatter += eigen_diagonal(scatter, self.eigenvectors).get()
+        else:
+            host.scatter += scatter.get()
         for name in self._TALLIES:
             tally = getattr(host, name)
             tally += self.tallies[name].get().astype(tally.dtype)
 
 
-class DeviceResidualPass:
-    """Pass 2 on the device for a host ``ResidualPass``: every row, and with label
-    noise the clean rows and the corrupted rows under their true label, as in
-    ``ResidualPass.update``.
+class CudaBackend:
+    """CuPy kernels and arrays on the current CUDA device (see ``ncfast.backends``)."""
 
-    Parameters
-    ----------
-    residual_pass : ResidualPass
-        The host state the device sums are added into.
-    """
+    name = "cuda"
+    #: Classes per side of a pair-sweep tile: large tiles keep the GPU busy.
+    pair_tile = 4096
 
-    def __init__(self, residual_pass):
-        self.residual_pass = residual_pass
-        self.stats = DeviceResidualStats(residual_pass.stats)
-        self.clean_stats = self.corrupted_stats = None
-        if residual_pass.has_noise:
-            self.clean_stats = DeviceResidualStats(residual_pass.clean_stats)
-            self.corrupted_stats = DeviceResidualStats(residual_pass.corrupted_stats)
+    def __init__(self, cupy):
+        self.xp = cupy
 
-    def _all_stats(self):
-        return [s for s in (self.stats, self.clean_stats, self.corrupted_stats) if s is not None]
+    @staticmethod
+    def map_tasks(function, num_tasks):
+        """Tiles one after another: each one's kernels already fill the device."""
+        return [function(task) for task in range(num_tasks)]
 
-    @property
-    def work_row_bytes(self):
-        return max(stats.work_row_bytes for stats in self._all_stats())
+    def reduce_tile(self, dots, tile, rows, cols):
+        return reduce_tile_xp(self.xp, dots, tile, rows, cols)
 
-    def update(self, chunk, lane=0):
-        """Add one device ``Chunk`` on the current stream, into scatter ``lane``."""
-        if self.clean_stats is None:
-            self.stats.update(chunk.features, chunk.labels, row_offset=chunk.offset, lane=lane)
-            return self
-        corrupted = chunk.labels != chunk.clean_labels
-        self.stats.update(chunk.features, chunk.labels, corrupted=corrupted,
-                          row_offset=chunk.offset, lane=lane)
-        self.clean_stats.update(chunk.features, chunk.labels, include=~corrupted,
-                                row_offset=chunk.offset, lane=lane)
-        # Memorization needs the clean mean of the true class (as ResidualPass.update).
-        measurable = corrupted & (self.clean_stats.label_rows[chunk.clean_labels] >= 0)
-        self.corrupted_stats.update(chunk.features, chunk.clean_labels, include=measurable,
-                                    row_offset=chunk.offset, lane=lane)
-        return self
+    @staticmethod
+    def source(features, labels, clean_labels=None, *, chunk_size=None):
+        """GPU features in place; anything else streamed from the host."""
+        if is_cupy_array(features) or is_torch_cuda_tensor(features):
+            return ResidentSource(features, labels, clean_labels, chunk_size=chunk_size)
+        return StreamedSource(features, labels, clean_labels, chunk_size=chunk_size)
 
-    def add_to_host(self, source, stream):
-        """Add every device sum into the host ``ResidualPass``; raises naming the first bad
-        row, if any. Waits for the device once."""
-        stream.synchronize()  # synchronize!
-        bad_row = min(stats.first_bad_row() for stats in self._all_stats())
-        host_stats = self.residual_pass.stats
+    @staticmethod
+    def pass1_state(class_sums):
+        return DeviceClassSums(class_sums.num_classes, class_sums.num_features,
+                               track_clean=class_sums.track_clean)
+
+    @staticmethod
+    def finish_pass1(state, class_sums, source):
+        state.add_to_host(class_sums, source)
+
+    @staticmethod
+    def pass2_states(residual_pass, source):
+        """Device twins of the host states; pass-2 chunks sized by their work buffers."""
+        states = {part: DeviceResidualStats(stats)
+                  for part, stats in residual_pass.parts().items()}
+        source.work_row_bytes = max(state.work_row_bytes for state in states.values())
+        return states
+
+    def finish_pass2(self, states, residual_pass, source):
+        """Add every device sum into the host states; raise for the first bad row."""
+        self.xp.cuda.get_current_stream().synchronize()  # synchronize!
+        bad_row = min(state.first_bad_row() for state in states.values())
         if bad_row != NO_ROW:
             features, labels, _ = source.host_row(bad_row)
-            label = int(labels[0])
-            label_rows = host_stats.geometry.label_rows
-            has_mean = 0 <= label < label_rows.size and label_rows[label] >= 0
-            host_stats._raise_bad_row(features, labels, np.array([np.nan if has_mean else -1.0]),
-                                      bad_row)
-        for stats in self._all_stats():
-            stats.add_to_host()
-        return self.residual_pass
+            geometry = residual_pass.stats.geometry
+            errors.raise_bad_row(bad_row, labels, None, features,
+                                 num_classes=geometry.num_classes,
+                                 label_rows=geometry.label_rows)
+        for state in states.values():
+            state.add_to_host()
 
 
-def collapse_on_gpu(features, labels=None, *, num_classes=None, weights=None, bias=None,
-                    means=None, clean_labels=None, global_mean="classes", chunk_size=None,
-                    empty_classes="warn", pinv_rtol=PINV_RTOL):
-    """``ncfast.collapse`` on the GPU; same parameters and result (see there).
-
-    Returns
-    -------
-    CollapseReport
-    """
-    cupy = _cupy()
-    if is_device_array(features):
-        source = ResidentSource(features, labels, clean_labels, chunk_size=chunk_size)
-        has_noise = clean_labels is not None
-        num_classes = resolve_num_classes(num_classes, source, means)
-    else:
-        source = StreamedSource(features, labels, clean_labels, chunk_size=chunk_size)
-        has_noise = clean_labels is not None or carries_clean_labels(source.host)
-        num_classes = resolve_num_classes(num_classes, source.host, means)
-    stream = source.compute_stream or cupy.cuda.get_current_stream()
-    with source.device, stream:
-        clean_geometry = None
-        if means is None:
-            class_sums = DeviceClassSums(num_classes, source.num_features, track_clean=has_noise)
-            for chunk in source.chunks():
-                class_sums.update(chunk)
-            geometry, clean_geometry = finalize_pass1(
-                class_sums.to_host(source), global_mean=global_mean, empty_classes=empty_classes)
-        else:
-            if has_noise:
-                raise ValueError(
-                    "clean_labels needs the clean-row means of these features, so it cannot be "
-                    "combined with means=; measure label noise on the training features")
-            geometry = geometry_from_means_option(means, num_classes, source.num_features,
-                                                  global_mean)
-        residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
-        device_pass = DeviceResidualPass(residual_pass)
-        # GPU-resident chunks alternate between two streams, so that the bandwidth-bound
-        # kernels of one overlap the GEMM of the other; streamed chunks arrive in order
-        # on the compute stream.
-        streams = [stream]
-        if isinstance(source, ResidentSource):
-            streams += [cupy.cuda.Stream(non_blocking=True) for _ in range(LANES - 1)]
-        ready = stream.record()
-        for side in streams[1:]:
-            side.wait_event(ready)
-        for index, chunk in enumerate(source.chunks(device_pass.work_row_bytes)):
-            lane = index % len(streams)
-            with streams[lane]:
-                device_pass.update(chunk, lane)
-        for side in streams[1:]:
-            stream.wait_event(side.record())
-        device_pass.add_to_host(source, stream)
-    return residual_pass.report(global_mean=global_mean, pinv_rtol=pinv_rtol)
+def cuda_backend():
+    """The CUDA backend, or a RuntimeError saying why it cannot run here."""
+    return CudaBackend(_cupy())

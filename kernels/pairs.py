@@ -1,0 +1,211 @@
+"""Numba kernel of the pair sweep: one tile of class-pair dot products, reduced in cache.
+
+``ncfast.sweep`` computes, per tile pair ``I <= J`` of classes, one float64 GEMM
+``[M~_I; W_I] [M~_J; W_J]^T`` and hands it here. ``reduce_tile`` turns its
+entries into the sums every class-pair metric needs (``SLOTS`` names them)
+and per-class minima and sums, in one read of the tile. ``ncfast.sweep`` has the
+same reduction in array-namespace form (``reduce_tile_xp``), which the CUDA
+backend runs and the tests compare against this one.
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+from ncfast.kernels.cpu import FASTMATH, FLOAT64_MAX, finite
+
+#: Names of the entries of a tile's sums vector, in order.
+SLOTS = (
+    "pairs",            # pairs a < b in the tile
+    "cos_shift", "cos_sum", "cos_sq_sum",          # cos(mu~_a, mu~_b) - shift, and squared
+    "maxangle_sum",     # |cos + 1/(C'-1)|
+    "log_shift", "log_sum", "log_sq_sum",          # log kernel -log ||u_a - u_b||
+    "riesz_shift", "riesz_sum", "riesz_sq_sum",    # Riesz kernel sign(s) ||u_a - u_b||^-s
+    "distance_sum",     # ||mu_a - mu_b||
+    "etf_residual",     # sum over ordered pairs of (G_ab - etf_scale E_ab)^2, G = M~ M~^T
+    "uncentred_off_sq",  # sum over ordered pairs a != b of (mu_a . mu_b)^2
+    "uncentred_sq",     # the same with a = b included
+    "cos_w_shift", "cos_w_sum", "cos_w_sq_sum",    # cos(w_a, w_b)
+    "maxangle_w_sum",
+    "etf_residual_w",   # sum over ordered pairs of (w_a . mu~_b - etf_scale_w E_ab)^2
+    "log_infinite",     # pairs whose log kernel is +inf (coinciding unit means), not in its sums
+    "riesz_infinite",   # pairs whose Riesz kernel is +inf (coinciding, or beyond float64)
+)
+SLOT = {name: index for index, name in enumerate(SLOTS)}
+
+#: Squared distances between unit class means at or below this are rounding, not
+#: geometry: from a Gram entry, ``2 - 2 cos`` carries an absolute error of a few
+#: float64 eps, so such pairs count as coinciding (an infinite log kernel).
+UNIT_SQ_DISTANCE_FLOOR = 16 * np.finfo(np.float64).eps
+# Where each sum starts (a shifted sum takes three entries: shift, sum, sum of squares).
+PAIRS, COS, MAXANGLE, LOG, RIESZ, DISTANCE, ETF, UNCENTRED_OFF, UNCENTRED, COS_W, \
+    MAXANGLE_W, ETF_W, LOG_INFINITE, RIESZ_INFINITE = (SLOT[name] for name in (
+        "pairs", "cos_shift", "maxangle_sum", "log_shift", "riesz_shift", "distance_sum",
+        "etf_residual", "uncentred_off_sq", "uncentred_sq", "cos_w_shift", "maxangle_w_sum",
+        "etf_residual_w", "log_infinite", "riesz_infinite"))
+
+
+# error_model="numpy": a class mean at the global mean gives NaN cosines (as numpy's
+# division does in the textbook route), not an exception.
+@njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+def reduce_tile(dots, tile, out, row_nearest, col_nearest, row_inverse, col_inverse):
+    """Reduce one tile of class-pair dot products.
+
+    Parameters
+    ----------
+    dots : float64 array of shape (t_I, t_J), or (2 t_I, 2 t_J) with a classifier
+        ``M~_I M~_J^T``; with a classifier the blocks ``[[M~M~, M~W], [WM~, WW]]``.
+    tile : ``ncfast.sweep.TileGeometry``
+        Offsets, sizes and the per-class vectors of the sweep.
+    out : float64 array of shape (len(SLOTS),), zeros, written
+    row_nearest, col_nearest : float64 arrays of shape (t_I,), (t_J,), inf, updated
+        Least ``||mu_a - mu_b||^2`` over the other classes of the tile.
+    row_inverse, col_inverse : float64 arrays of shape (t_I,), (t_J,), zeros, updated
+        Sum over the other classes of the tile of ``1 / (2 ||mu_a - mu_b||^2)``
+        (CDNV's class weights).
+
+    Each shifted sum (cosines, kernels) is taken about the tile's first pair's
+    value: the values of one tile are close, so the sums of squares do not cancel.
+    Per row, one loop without calls (vectorized) and one of ``log``/``exp``.
+    """
+    row_start, col_start = tile.row_start, tile.col_start
+    rows, cols = row_nearest.shape[0], col_nearest.shape[0]
+    diagonal = row_start == col_start
+    num_means = tile.mean_norms.shape[0]
+    ideal = -1.0 / (num_means - 1)
+    etf_diagonal = (1.0 - 1.0 / num_means) / math.sqrt(num_means - 1)
+    etf_off = -1.0 / num_means / math.sqrt(num_means - 1)
+    exponent = tile.riesz_exponent
+    sign = 1.0 if exponent >= 0 else -1.0
+    has_w = tile.weight_norms.shape[0] > 0
+    inverse_norms = 1.0 / tile.mean_norms[col_start:col_start + cols]
+    col_sq_norms = tile.mean_norms[col_start:col_start + cols] ** 2
+    col_offsets = tile.mean_offsets[col_start:col_start + cols] + tile.global_sq_norm
+    unit_sq_distances = np.empty(cols)
+
+    # Shifts: the values of the tile's first pair.
+    first_row, first_col = 0, 1 if diagonal else 0
+    if first_col >= cols:
+        first_row = rows  # a 1×1 diagonal tile has no pair
+    cos_shift = log_shift = riesz_shift = cos_w_shift = 0.0
+    if first_row < rows:
+        cos_shift = dots[0, first_col] / (tile.mean_norms[row_start]
+                                          * tile.mean_norms[col_start + first_col])
+        unit_sq_distance = 2.0 - 2.0 * cos_shift
+        log_shift = -0.5 * math.log(unit_sq_distance) if unit_sq_distance > \
+            UNIT_SQ_DISTANCE_FLOOR else 0.0
+        riesz_shift = sign * math.exp(exponent * log_shift)
+        if not finite(log_shift):
+            log_shift = 0.0
+        if not finite(riesz_shift):
+            riesz_shift = 0.0
+        if has_w:
+            cos_w_shift = dots[rows, cols + first_col] / (
+                tile.weight_norms[row_start] * tile.weight_norms[col_start + first_col])
+
+    pairs = cos_sum = cos_sq_sum = maxangle_sum = log_sum = log_sq_sum = 0.0
+    riesz_sum = riesz_sq_sum = distance_sum = etf_sum = uncentred_off = uncentred = 0.0
+    log_infinite = riesz_infinite = 0.0
+    for i in range(rows):
+        a = row_start + i
+        sq_a = tile.mean_norms[a] ** 2
+        inverse_a = 1.0 / tile.mean_norms[a]
+        offset_a = tile.mean_offsets[a]
+        j_first = 0
+        if diagonal:
+            dot = dots[i, i]
+            residual = dot - tile.etf_scale * etf_diagonal
+            etf_sum += residual * residual
+            uncentred += (dot + offset_a + col_offsets[i]) ** 2
+            j_first = i + 1
+        nearest = row_nearest[i]
+        inverse_sum = 0.0
+        for j in range(j_first, cols):
+            dot = dots[i, j]
+            residual = dot - tile.etf_scale * etf_off
+            etf_sum += 2.0 * residual * residual
+            product = dot + offset_a + col_offsets[j]
+            uncentred_off += 2.0 * product * product
+            sq_distance = max(sq_a + col_sq_norms[j] - 2.0 * dot, 0.0)
+            cosine = dot * inverse_a * inverse_norms[j]
+            unit_sq_distance = 2.0 - 2.0 * cosine
+            unit_sq_distances[j] = unit_sq_distance if unit_sq_distance > UNIT_SQ_DISTANCE_FLOOR \
+                else 0.0
+            cos_sum += cosine - cos_shift
+            cos_sq_sum += (cosine - cos_shift) ** 2
+            maxangle_sum += abs(cosine - ideal)
+            distance_sum += math.sqrt(sq_distance)
+            inverse = 0.5 / sq_distance
+            inverse_sum += inverse
+            col_inverse[j] += inverse
+            nearest = min(nearest, sq_distance)
+            col_nearest[j] = min(col_nearest[j], sq_distance)
+        row_nearest[i] = nearest
+        row_inverse[i] += inverse_sum
+        pairs += cols - j_first
+        for j in range(j_first, cols):
+            if unit_sq_distances[j] == 0.0:  # coinciding unit means: an infinite log kernel
+                log_infinite += 1.0
+                if exponent > 0:
+                    riesz_infinite += 1.0
+                elif exponent == 0:
+                    riesz_sum += 1.0 - riesz_shift
+                    riesz_sq_sum += (1.0 - riesz_shift) ** 2
+                else:
+                    riesz_sum -= riesz_shift
+                    riesz_sq_sum += riesz_shift ** 2
+                continue
+            log_kernel = -0.5 * math.log(unit_sq_distances[j])
+            log_sum += log_kernel - log_shift
+            log_sq_sum += (log_kernel - log_shift) ** 2
+            riesz = sign * math.exp(exponent * log_kernel)
+            if abs(riesz) > FLOAT64_MAX:
+                riesz_infinite += 1.0
+                continue
+            riesz_sum += riesz - riesz_shift
+            riesz_sq_sum += (riesz - riesz_shift) ** 2
+    out[PAIRS] = pairs
+    out[COS], out[COS + 1], out[COS + 2] = cos_shift, cos_sum, cos_sq_sum
+    out[MAXANGLE] = maxangle_sum
+    out[LOG], out[LOG + 1], out[LOG + 2] = log_shift, log_sum, log_sq_sum
+    out[RIESZ], out[RIESZ + 1], out[RIESZ + 2] = riesz_shift, riesz_sum, riesz_sq_sum
+    out[DISTANCE] = distance_sum
+    out[ETF] = etf_sum
+    out[UNCENTRED_OFF] = uncentred_off
+    out[UNCENTRED] = uncentred + uncentred_off
+    out[LOG_INFINITE], out[RIESZ_INFINITE] = log_infinite, riesz_infinite
+    if has_w:
+        _reduce_classifier_blocks(dots, tile, rows, cols, diagonal, ideal, etf_diagonal,
+                                  etf_off, cos_w_shift, out)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+def _reduce_classifier_blocks(dots, tile, rows, cols, diagonal, ideal, etf_diagonal, etf_off,
+                              cos_w_shift, out):
+    """The classifier's part of ``reduce_tile``: cosines of ``w_a, w_b`` over pairs a < b
+    (the WW block) and ``(w_a . mu~_b - etf_scale_w E_ab)^2`` over ordered pairs: the
+    WM~ block, and off the diagonal the M~W block (``w_b . mu~_a``) too."""
+    row_start, col_start = tile.row_start, tile.col_start
+    inverse_norms = 1.0 / tile.weight_norms[col_start:col_start + cols]
+    cos_sum = cos_sq_sum = maxangle_sum = etf_sum = 0.0
+    scaled_off = tile.etf_scale_w * etf_off
+    scaled_diagonal = tile.etf_scale_w * etf_diagonal
+    for i in range(rows):
+        inverse_a = 1.0 / tile.weight_norms[row_start + i]
+        j_first = i + 1 if diagonal else 0
+        for j in range(j_first, cols):
+            cosine = dots[rows + i, cols + j] * inverse_a * inverse_norms[j]
+            cos_sum += cosine - cos_w_shift
+            cos_sq_sum += (cosine - cos_w_shift) ** 2
+            maxangle_sum += abs(cosine - ideal)
+        for j in range(cols):
+            scaled = scaled_diagonal if diagonal and j == i else scaled_off
+            residual = dots[rows + i, j] - scaled
+            etf_sum += residual * residual
+        if not diagonal:
+            for j in range(cols):
+                residual = dots[i, cols + j] - scaled_off
+                etf_sum += residual * residual
+    out[COS_W], out[COS_W + 1], out[COS_W + 2] = cos_w_shift, cos_sum, cos_sq_sum
+    out[MAXANGLE_W] = maxangle_sum
+    out[ETF_W] = etf_sum

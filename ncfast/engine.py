@@ -1,0 +1,417 @@
+"""The engine: one loop for every backend and every way of feeding rows.
+
+``run`` is the whole analysis: resolve C, pass 1, finalize, the pass-2 plan,
+pass 2, the report. ``collapse`` (any backend), ``ncfast.dask``,
+``ncfast.distributed`` and saved states (``ncfast.states``) use its pieces:
+``resolve_num_classes``, ``finalize_pass1``, ``ResidualPass`` (which owns the
+label-noise split of a chunk, ``pass2_updates``) and ``ResidualPass.report``.
+A backend (``ncfast.backends``) supplies the chunks, the states chunks are
+added into, and the pair sweep's tiles.
+"""
+import os
+import sys
+import warnings
+
+import numpy as np
+
+from ncfast.accumulators import ClassSums, ResidualStats
+from ncfast.backends.cpu import CPU
+from ncfast.geometry import PINV_RTOL, Geometry
+from ncfast.inputs import as_array, host_array
+from ncfast.metrics import collapse_metrics, noise_metrics
+from ncfast.plan import build_plan
+from ncfast.report import CollapseReport
+
+EMPTY_CLASS_POLICIES = ("warn", "ignore", "raise")
+
+#: Most per-class float64 state (the C×D pass-1 sums, twice with label noise)
+#: that a given ``num_classes`` may ask for, as a share of the machine's memory.
+CLASS_STATE_MEMORY_SHARE = 0.5
+
+NOISE_WITH_MEANS = ("clean_labels needs the clean-row means of these features, so it cannot be "
+                    "combined with means=; measure label noise on the training features")
+
+
+def check_options(*, empty_classes="warn", pinv_rtol=PINV_RTOL):
+    """Refuse an ``empty_classes`` outside ``EMPTY_CLASS_POLICIES`` or a ``pinv_rtol``
+    that is not a number in (0, 1)."""
+    if empty_classes not in EMPTY_CLASS_POLICIES:
+        raise ValueError(
+            f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+    if isinstance(pinv_rtol, bool) or not isinstance(pinv_rtol, (int, float, np.floating)):
+        raise TypeError(f"pinv_rtol must be a float; found {pinv_rtol!r}")
+    if not 0.0 < pinv_rtol < 1.0:  # NaN fails too
+        raise ValueError(
+            f"pinv_rtol must be in (0, 1), the fraction of the largest eigenvalue below which "
+            f"eigenvalues count as zero; found {pinv_rtol!r} (default {PINV_RTOL})")
+
+
+def _machine_memory():
+    """Bytes of physical memory of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def resolve_num_classes(num_classes, source, means, *, num_features=None, label_noise=False):
+    """C from the option, the given means, or the labels.
+
+    When C is inferred from the labels (largest label + 1) and more than half
+    of the classes it implies would have no row, a stray label is far more
+    likely than a dataset of mostly empty classes: that is an error naming the
+    row, never an allocation sized by the stray value.
+
+    Parameters
+    ----------
+    num_classes : int or None
+    source : object with ``label_summary()`` (see ``ncfast.backends``), or None
+        Read only when C must be inferred.
+    means : array or CollapseReport, or None
+    num_features : int, optional
+        D: a given ``num_classes`` whose per-class sums could not fit in
+        memory is refused.
+    label_noise : bool
+        Pass 1 also keeps clean-row sums (twice the memory).
+
+    Returns
+    -------
+    int
+    """
+    if num_classes is None and means is not None:
+        num_classes = len(means.means if isinstance(means, CollapseReport) else means)
+    if num_classes is None:
+        if source is None:
+            raise ValueError("num_classes is required when the labels cannot be read first")
+        max_label, max_row, labelled = source.label_summary()
+        if max_label + 1 > 2 * labelled:
+            raise ValueError(
+                f"row {max_row} has label {max_label}, but only {labelled} distinct labels occur, "
+                f"so inferring num_classes = {max_label + 1} would leave "
+                f"{max_label + 1 - labelled} classes empty: if that label is a mistake, fix it; "
+                "if the labels are not 0..C-1, remap them (np.unique(labels, "
+                "return_inverse=True)); or pass num_classes= to accept the empty classes")
+        num_classes = max_label + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise TypeError(f"num_classes must be an int; found {num_classes!r}")
+    if num_classes < 2:
+        raise ValueError(
+            f"num_classes is {num_classes}; neural collapse compares classes, so at least 2 are "
+            "needed (labels must be class indices starting at 0)")
+    memory = _machine_memory()
+    if num_features is not None and memory is not None:
+        state_bytes = 8 * num_classes * num_features * (2 if label_noise else 1)
+        if state_bytes > CLASS_STATE_MEMORY_SHARE * memory:
+            raise ValueError(
+                f"num_classes={num_classes} with {num_features} features needs "
+                f"{state_bytes / 2**30:.3g} GiB of per-class float64 sums, more than half of this "
+                f"machine's {memory / 2**30:.3g} GiB: check num_classes (labels must be class "
+                "indices 0..C-1)")
+    return int(num_classes)
+
+
+def _check_empty_classes(counts, policy):
+    empty = np.flatnonzero(counts == 0)
+    if empty.size == 0 or policy == "ignore":
+        return
+    shown = ", ".join(map(str, empty[:20])) + (" ..." if empty.size > 20 else "")
+    message = (f"{empty.size} of {counts.size} classes have no rows ({shown}); metrics cover "
+               "the other classes")
+    if policy == "raise":
+        raise ValueError(message + "; pass empty_classes='warn' to accept this")
+    warnings.warn(message, stacklevel=5)
+
+
+def finalize_pass1(class_sums, *, global_mean="classes", empty_classes="warn"):
+    """Class means of a finished pass 1, checked for empty classes.
+
+    Parameters
+    ----------
+    class_sums : ClassSums
+        The merged pass-1 state of all rows.
+    global_mean : {"classes", "samples"}
+    empty_classes : {"warn", "ignore", "raise"}
+        As in ``ncfast.collapse``.
+
+    Returns
+    -------
+    geometry : Geometry
+        Built on the means of all rows.
+    clean_geometry : Geometry or None
+        Built on the means of the clean rows, when ``class_sums`` tracks them.
+    """
+    if class_sums.counts.sum() == 0:
+        raise ValueError("the input has no rows; pass at least one row per class")
+    _check_empty_classes(class_sums.counts, empty_classes)
+    geometry = Geometry.from_class_sums(class_sums.counts, class_sums.sums,
+                                        global_mean=global_mean)
+    clean_geometry = None
+    if class_sums.track_clean:
+        clean_classes = int((class_sums.clean_counts > 0).sum())
+        if clean_classes < 2:
+            raise ValueError(
+                f"the clean rows (label equal to clean label) cover {clean_classes} class(es); "
+                "memorization and dilation measure distances between clean class means, so "
+                "at least 2 classes need clean rows: check that clean_labels are the true labels")
+        clean_geometry = Geometry.from_class_sums(
+            class_sums.clean_counts, class_sums.clean_sums, global_mean=global_mean)
+    return geometry, clean_geometry
+
+
+def geometry_from_means_option(means, num_classes, num_features, global_mean):
+    """The ``Geometry`` of ``collapse``'s ``means=`` option, checked against the data.
+
+    Parameters
+    ----------
+    means : array of shape (C, D) or CollapseReport
+        Class means to measure against (a report brings its row counts, for
+        ``global_mean="samples"``).
+    num_classes, num_features : int
+        C and D of the features being measured.
+    global_mean : {"classes", "samples"}
+    """
+    counts = None
+    if isinstance(means, CollapseReport):
+        means, counts = means.means, means.mean_counts
+    means = host_array(means, "means")
+    if means.ndim != 2 or means.shape[0] != num_classes:
+        raise ValueError(
+            f"means has shape {means.shape}; expected (num_classes, n_features) with "
+            f"num_classes={num_classes}")
+    if means.shape[1] != num_features:
+        raise ValueError(
+            f"means has {means.shape[1]} features per class but the features have "
+            f"{num_features} columns; pass the means of the same layer")
+    return Geometry.from_means(means, counts, global_mean=global_mean)
+
+
+PARTS = ("stats", "clean_stats", "corrupted_stats")
+
+
+def pass2_updates(chunk, clean_label_rows=None):
+    """How one chunk enters pass 2: ``(part, labels, include, corrupted)`` per state.
+
+    Without label noise every row goes to ``stats``. With it (``chunk`` has
+    clean labels, ``clean_label_rows`` maps classes to clean means), every row
+    goes to ``stats`` with its corrupted flag; the clean rows to
+    ``clean_stats``; and the corrupted rows whose true class has clean rows
+    to ``corrupted_stats`` under their true label (memorization measures them
+    against that class's clean mean). Works on numpy or cupy chunks.
+
+    Returns
+    -------
+    list of (str, int array, bool array or None, bool array or None)
+    """
+    if clean_label_rows is None:
+        return [("stats", chunk.labels, None, None)]
+    if chunk.clean_labels is None:
+        raise ValueError("this analysis measures label noise; pass clean_labels with every row")
+    corrupted = chunk.labels != chunk.clean_labels
+    measurable = corrupted & (clean_label_rows[chunk.clean_labels] >= 0)
+    return [("stats", chunk.labels, None, corrupted),
+            ("clean_stats", chunk.labels, ~corrupted, None),
+            ("corrupted_stats", chunk.clean_labels, measurable, None)]
+
+
+class ResidualPass:
+    """Pass-2 state of one analysis: ``ResidualStats`` of every row and, with
+    label noise, of the clean and the corrupted rows against the clean means.
+
+    The pass-2 plans (``ncfast.plan``) are built once here, on ``backend``.
+    Partial states built from the same geometries merge by ``+=``;
+    ``sum_arrays`` lists what a merge adds, for reductions that move arrays
+    rather than objects (Dask, torch.distributed).
+
+    Parameters
+    ----------
+    geometry : Geometry
+        Class means of all rows (pass 1, or given means).
+    clean_geometry : Geometry, optional
+        Means of the clean rows; enables the label-noise metrics.
+    weights : array of shape (C, D), optional
+    bias : array of shape (C,), optional
+    backend : backend, optional
+        Where the plans' pair sweeps run (the CPU by default).
+
+    Attributes
+    ----------
+    stats : ResidualStats
+        Every row against ``geometry``, corrupted rows flagged.
+    clean_stats, corrupted_stats : ResidualStats or None
+        Clean rows, and corrupted rows under their true label, against
+        ``clean_geometry``.
+    """
+
+    def __init__(self, geometry, clean_geometry=None, *, weights=None, bias=None, backend=CPU):
+        self.stats = ResidualStats(build_plan(geometry, weights, bias, backend=backend))
+        self.clean_stats = self.corrupted_stats = None
+        if clean_geometry is not None:
+            clean_plan = build_plan(clean_geometry, backend=backend)
+            self.clean_stats = ResidualStats(clean_plan)
+            self.corrupted_stats = ResidualStats(clean_plan)
+
+    @property
+    def has_noise(self):
+        return self.clean_stats is not None
+
+    @property
+    def clean_label_rows(self):
+        """Row of each class among the clean means (-1 without one), or None without noise."""
+        return None if self.clean_stats is None else self.clean_stats.geometry.label_rows
+
+    def parts(self):
+        """``{part: ResidualStats}`` of the states this pass has."""
+        return {name: getattr(self, name) for name in PARTS if getattr(self, name) is not None}
+
+    def update(self, chunk):
+        """Add one host ``Chunk`` (clean labels required exactly when ``has_noise``)."""
+        parts = self.parts()
+        for part, labels, include, corrupted in pass2_updates(chunk, self.clean_label_rows):
+            parts[part].update(chunk.features, labels, include=include, corrupted=corrupted,
+                               row_offset=chunk.offset)
+        return self
+
+    def sum_arrays(self):
+        """The arrays a merge adds, in a fixed order (the state's own, not copies).
+
+        Returns
+        -------
+        list of float64 or int64 arrays
+            Each ``ResidualStats``'s scatter, per-class sums and tallies.
+        """
+        return [getattr(stats, name) for stats in self.parts().values()
+                for name in stats.sum_names]
+
+    def __iadd__(self, other):
+        if not isinstance(other, ResidualPass) or other.has_noise != self.has_noise:
+            raise TypeError("cannot merge pass-2 states of different kinds (label noise or not)")
+        for mine, theirs in zip(self.parts().values(), other.parts().values()):
+            mine += theirs
+        return self
+
+    def report(self, *, global_mean, pinv_rtol=PINV_RTOL, ood_mean=None, xp=np):
+        """The ``CollapseReport`` of the merged pass 2 of all rows.
+
+        Parameters
+        ----------
+        global_mean : {"classes", "samples"}
+            The option the geometry was built with (recorded in the report).
+        pinv_rtol : float
+        ood_mean : float64 array of shape (D,), optional
+            Mean of out-of-distribution features (NC5).
+        xp : module
+            The backend's array namespace.
+        """
+        stats, geometry = self.stats, self.stats.geometry
+        if stats.num_rows == 0:
+            raise ValueError("the input has no rows; pass at least one row per class")
+        result = collapse_metrics(stats, pinv_rtol=pinv_rtol, ood_mean=ood_mean, xp=xp)
+        if self.has_noise:
+            result.update(noise_metrics(stats, self.clean_stats, self.corrupted_stats,
+                                        pinv_rtol=pinv_rtol))
+        return CollapseReport(
+            num_samples=stats.num_rows, num_classes=geometry.num_classes,
+            num_features=geometry.num_features, means=geometry.means,
+            present_classes=geometry.present, pinv_rtol=pinv_rtol, global_mean=global_mean,
+            mean_counts=geometry.counts, **result)
+
+
+def ood_mean_of(ood, num_features):
+    """The mean of out-of-distribution features (``collapse``'s ``ood=``), in float64.
+
+    Parameters
+    ----------
+    ood : array of shape (n, D) or (D,), path, tensor or CuPy array
+        OOD feature rows (averaged in blocks, in float64), or their mean.
+    num_features : int
+
+    Returns
+    -------
+    float64 array of shape (D,), on the host
+    """
+    cupy = sys.modules.get("cupy")
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(ood, torch.Tensor):
+        ood = ood.detach()
+        if ood.device.type != "cpu":
+            ood = ood.double().mean(dim=0) if ood.ndim == 2 else ood
+            ood = ood.cpu()
+        ood = ood.double().numpy()
+    elif cupy is not None and isinstance(ood, cupy.ndarray):
+        ood = (ood.astype(cupy.float64).mean(axis=0) if ood.ndim == 2 else ood).get()
+    ood = as_array(ood, "ood")
+    if ood.ndim not in (1, 2) or ood.shape[-1] != num_features:
+        raise ValueError(f"ood has shape {tuple(ood.shape)}; pass OOD features of shape "
+                         f"(n, {num_features}) or their mean, shape ({num_features},)")
+    if not np.issubdtype(ood.dtype, np.floating):
+        raise TypeError(f"ood must be floating point; found dtype {ood.dtype}")
+    if ood.ndim == 2:
+        if ood.shape[0] == 0:
+            raise ValueError("ood has no rows; pass at least one OOD feature row")
+        total = np.zeros(num_features)
+        for start in range(0, ood.shape[0], 1 << 16):
+            total += np.asarray(ood[start:start + (1 << 16)]).sum(axis=0, dtype=np.float64)
+        ood = total / ood.shape[0]
+    ood = np.asarray(ood, dtype=np.float64)
+    if not np.isfinite(ood).all():
+        raise ValueError("ood holds NaN or Inf; OOD features must be finite")
+    return ood
+
+
+def run(backend, source, *, num_classes=None, weights=None, bias=None, means=None,
+        clean_labels_given=False, global_mean="classes", empty_classes="warn",
+        pinv_rtol=PINV_RTOL, ood=None):
+    """The whole analysis on one backend: both passes and the report.
+
+    Parameters
+    ----------
+    backend : backend (``ncfast.backends``)
+    source : the backend's chunk source of the features
+    clean_labels_given : bool
+        ``collapse`` was given ``clean_labels`` (a chunk source may also bring
+        its own).
+    other parameters
+        As in ``ncfast.collapse``.
+
+    Returns
+    -------
+    CollapseReport
+    """
+    check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol)
+    has_noise = clean_labels_given or source.carries_clean_labels
+    if has_noise and means is not None:
+        raise ValueError(NOISE_WITH_MEANS)
+    num_features = source.num_features
+    num_classes = resolve_num_classes(num_classes, source, means, num_features=num_features,
+                                      label_noise=has_noise)
+    ood_mean = None if ood is None else ood_mean_of(ood, num_features)
+
+    with source.context():
+        clean_geometry = None
+        if means is None:
+            class_sums = ClassSums(num_classes, num_features, track_clean=has_noise)
+            state = backend.pass1_state(class_sums)
+            for chunk in source.chunks(1):
+                state.update(chunk.features, chunk.labels, chunk.clean_labels,
+                             row_offset=chunk.offset)
+            backend.finish_pass1(state, class_sums, source)
+            geometry, clean_geometry = finalize_pass1(class_sums, global_mean=global_mean,
+                                                      empty_classes=empty_classes)
+        else:
+            geometry = geometry_from_means_option(means, num_classes, num_features,
+                                                  global_mean)
+
+        residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias,
+                                     backend=backend)
+        states = backend.pass2_states(residual_pass, source)
+        clean_label_rows = residual_pass.clean_label_rows
+        if clean_label_rows is not None:
+            clean_label_rows = backend.xp.asarray(clean_label_rows)
+        for chunk in source.chunks(2):
+            for part, labels, include, corrupted in pass2_updates(chunk, clean_label_rows):
+                states[part].update(chunk.features, labels, include=include,
+                                    corrupted=corrupted, row_offset=chunk.offset)
+        backend.finish_pass2(states, residual_pass, source)
+    return residual_pass.report(global_mean=global_mean, pinv_rtol=pinv_rtol, ood_mean=ood_mean,
+                                xp=backend.xp)
+

@@ -1,0 +1,336 @@
+"""The pair sweep: every class-pair metric from one pass over float64 Gram tiles.
+
+The class-pair metrics (cosines of centred means and of classifier rows, the
+ETF distances, orthogonality, CDNV, the hyperspherical kernels, the mean pair
+distance, each class's nearest other mean) are sums over pairs of classes of
+functions of ``mu~_a . mu~_b``, ``w_a . w_b`` and ``w_a . mu~_b``. For tiles of
+classes ``I <= J`` the sweep computes ``[M~_I; W_I] [M~_J; W_J]^T`` by one
+float64 GEMM and reduces it while it is in cache (``reduce_tile``); nothing of
+size C'×C' is ever held. About ``C'^2 D`` flops (four times that with a
+classifier), each tile computed once.
+
+Written once against an array namespace: the backend (``ncfast.backends``)
+supplies ``xp`` (numpy or cupy), ``map_tasks`` (the CPU runs tiles on the pass
+worker threads) and ``reduce_tile`` (the CPU's fused Numba kernel
+``ncfast.kernels.pairs.reduce_tile``; ``reduce_tile_xp`` here, the same
+reduction in array operations, on the GPU).
+
+Exact identities that avoid a second sweep (Zhu et al. 2021's ETF distance
+``||G/||G||_F - E||_F`` needs ``||G||_F`` before the tiles are read): with
+``s0 = <G, E>``, known from C'×D sums, ``G - s0 E`` is orthogonal to E, so
+``||G||_F^2 = s0^2 + P`` with ``P = ||G - s0 E||_F^2`` summed directly over the
+tiles, and ``||G - sE||^2 = P + (s - s0)^2`` with ``s - s0 = P / (s + s0)``: every
+term positive, no cancellation near collapse.
+"""
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from ncfast.kernels.pairs import (COS, COS_W, DISTANCE, ETF, ETF_W, LOG, LOG_INFINITE,
+                                  MAXANGLE, MAXANGLE_W, PAIRS, RIESZ, RIESZ_INFINITE, SLOTS,
+                                  UNCENTRED, UNCENTRED_OFF, UNIT_SQ_DISTANCE_FLOOR)
+
+#: Classes per side of a CPU pair tile: the tile's float64 products (four blocks
+#: with a classifier) stay in one core's L2 cache.
+PAIR_TILE = 256
+
+
+class TileGeometry(NamedTuple):
+    """What ``reduce_tile`` needs besides the tile's dot products.
+
+    Attributes
+    ----------
+    row_start, col_start : int
+        First class (among the C' with a mean) of the tile's rows and columns.
+    mean_norms : float64 array of shape (C',), ``||mu~_a||``
+    mean_offsets : float64 array of shape (C',), ``mu~_a . mu_G``: with
+        ``global_sq_norm`` they give the uncentred ``mu_a . mu_b``
+    global_sq_norm : float, ``||mu_G||^2``
+    weight_norms : float64 array of shape (C',) (``||w_a||``), or (0,) without
+        a classifier
+    etf_scale, etf_scale_w : float
+        ``<G, E>`` of ``G = M~ M~^T`` and of ``W M~^T``.
+    riesz_exponent : float
+        ``s = D - 2`` of the Riesz kernel ``sign(s) ||u_a - u_b||^-s`` (Liu et al. 2023).
+    """
+
+    row_start: int
+    col_start: int
+    mean_norms: object
+    mean_offsets: object
+    global_sq_norm: float
+    weight_norms: object
+    etf_scale: float
+    etf_scale_w: float
+    riesz_exponent: float
+
+
+@dataclass(frozen=True)
+class PairSweep:
+    """Class-pair sums of one set of class means (and classifier rows).
+
+    Attributes
+    ----------
+    num_means : int
+        C', the classes with a mean.
+    sums : dict of str to float
+        Tile sums (``ncfast.kernels.pairs.SLOTS``), added over the tiles.
+    moments : dict of str to (float, float)
+        Mean and population variance over pairs a < b of ``cos`` (of centred
+        means), ``cos_w`` (of classifier rows), ``log`` and ``riesz`` (kernels
+        on the unit centred means), merged over tiles by Chan's formula.
+    nearest_sq_distances : float64 array of shape (C',)
+        ``min_{b != a} ||mu_a - mu_b||^2`` (host memory).
+    cdnv_weights : float64 array of shape (C',)
+        ``sum_{b != a} 1 / (2 ||mu_a - mu_b||^2)`` (host memory).
+    etf_scale, etf_scale_w : float
+        ``<G, E>`` of ``M~ M~^T`` and ``W M~^T`` (see the module docstring).
+    """
+
+    num_means: int
+    sums: dict
+    moments: dict
+    nearest_sq_distances: np.ndarray
+    cdnv_weights: np.ndarray
+    etf_scale: float
+    etf_scale_w: float
+
+    @property
+    def num_pairs(self):
+        return self.num_means * (self.num_means - 1) // 2
+
+    def etf_distance(self, classifier=False):
+        """``||nrm(G) - E||_F`` for ``G = M~ M~^T``, or ``W M~^T`` with ``classifier``."""
+        residual = self.sums["etf_residual_w" if classifier else "etf_residual"]
+        scale0 = self.etf_scale_w if classifier else self.etf_scale
+        scale = math.sqrt(scale0 * scale0 + residual)
+        gap = residual / (scale + scale0) if scale0 > 0 else scale - scale0
+        return math.sqrt((residual + gap * gap) / (scale * scale))
+
+    @property
+    def orthogonality(self):
+        """``||offdiag(nrm(M M^T))||_F`` of the uncentred means (Dang et al. 2023)."""
+        return math.sqrt(self.sums["uncentred_off_sq"] / self.sums["uncentred_sq"])
+
+    @property
+    def mean_pair_distance(self):
+        return self.sums["distance_sum"] / self.num_pairs
+
+
+def _as_host(array):
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None):
+    """Sweep every pair of classes once.
+
+    Parameters
+    ----------
+    centred : float64 array of shape (C', D), ``M~`` (``backend.xp`` array)
+    global_mean : float64 array of shape (D,), ``mu_G``
+    weights : float64 array of shape (C', D), optional
+        Classifier rows of the same classes, in the same order.
+    backend : CpuBackend or CudaBackend
+        Supplies ``xp``, ``map_tasks``, ``reduce_tile`` and ``pair_tile``.
+    tile : int, optional
+        Classes per side of a tile (default ``backend.pair_tile``); results do
+        not depend on it beyond float64 rounding.
+
+    Returns
+    -------
+    PairSweep
+    """
+    xp = backend.xp
+    num_means, num_features = centred.shape
+    tile = tile or backend.pair_tile
+    mean_norms = xp.sqrt(xp.einsum("cd,cd->c", centred, centred))
+    mean_total = centred.sum(axis=0)
+    etf_norm = math.sqrt(num_means - 1)
+    etf_scale = float(mean_norms @ mean_norms - mean_total @ mean_total / num_means) / etf_norm
+    weight_norms, etf_scale_w = xp.zeros(0), 0.0
+    if weights is not None:
+        weight_norms = xp.sqrt(xp.einsum("cd,cd->c", weights, weights))
+        etf_scale_w = float(xp.einsum("cd,cd->", weights, centred)
+                            - weights.sum(axis=0) @ mean_total / num_means) / etf_norm
+    geometry = TileGeometry(0, 0, mean_norms, centred @ global_mean,
+                            float(global_mean @ global_mean), weight_norms, etf_scale,
+                            etf_scale_w, float(num_features - 2))
+    starts = range(0, num_means, tile)
+    tasks = [(row, col) for row in starts for col in starts if col >= row]
+
+    def stacked(start):
+        stop = min(start + tile, num_means)
+        if weights is None:
+            return centred[start:stop]
+        return xp.concatenate([centred[start:stop], weights[start:stop]])
+
+    def run(task):
+        row_start, col_start = tasks[task]
+        dots = stacked(row_start) @ stacked(col_start).T
+        return backend.reduce_tile(
+            dots, geometry._replace(row_start=row_start, col_start=col_start),
+            min(tile, num_means - row_start), min(tile, num_means - col_start))
+
+    results = backend.map_tasks(run, len(tasks))
+    nearest = xp.full(num_means, np.inf)
+    inverse = xp.zeros(num_means)
+    for (row_start, col_start), (_, row_nearest, col_nearest, row_inverse, col_inverse) in \
+            zip(tasks, results):
+        rows = slice(row_start, row_start + row_nearest.shape[0])
+        cols = slice(col_start, col_start + col_nearest.shape[0])
+        nearest[rows] = xp.minimum(nearest[rows], row_nearest)
+        nearest[cols] = xp.minimum(nearest[cols], col_nearest)
+        inverse[rows] += row_inverse
+        inverse[cols] += col_inverse
+    tile_sums = _as_host(xp.stack([result[0] for result in results]))  # synchronize!
+    sums = dict(zip(SLOTS, tile_sums.sum(axis=0)))
+    moments = {name: _merged_moments(tile_sums, slot, infinite)
+               for name, slot, infinite in (("cos", COS, None), ("log", LOG, LOG_INFINITE),
+                                            ("riesz", RIESZ, RIESZ_INFINITE),
+                                            ("cos_w", COS_W, None))}
+    return PairSweep(num_means, sums, moments, _as_host(nearest), _as_host(inverse),
+                     etf_scale, etf_scale_w)
+
+
+def _merged_moments(tile_sums, slot, infinite_slot=None):
+    """Mean and population variance of one shifted quantity over all tiles.
+
+    Each tile holds ``(shift, sum(x - shift), sum((x - shift)^2))`` over its
+    finite values; tiles are merged in order by Chan et al.'s pairwise update
+    of (count, mean, M2). Any infinite value (``infinite_slot`` counts them)
+    makes the mean infinite and the variance undefined (NaN), as numpy's.
+    """
+    if infinite_slot is not None and tile_sums[:, infinite_slot].sum() > 0:
+        return math.inf, math.nan
+    count = mean = second_moment = 0.0
+    for row in tile_sums:
+        tile_count = row[PAIRS] - (0.0 if infinite_slot is None else row[infinite_slot])
+        if tile_count == 0:
+            continue
+        shift, shifted_sum, shifted_sq_sum = row[slot], row[slot + 1], row[slot + 2]
+        tile_mean = shift + shifted_sum / tile_count
+        tile_second = max(shifted_sq_sum - shifted_sum * shifted_sum / tile_count, 0.0)
+        total = count + tile_count
+        delta = tile_mean - mean
+        mean += delta * tile_count / total
+        second_moment += tile_second + delta * delta * count * tile_count / total
+        count = total
+    if count == 0:
+        return math.nan, math.nan
+    return mean, second_moment / count
+
+
+def reduce_tile_xp(xp, dots, tile, rows, cols):
+    """``ncfast.kernels.pairs.reduce_tile`` in array operations (any array namespace).
+
+    Parameters
+    ----------
+    xp : module, numpy or cupy
+    dots : float64 array of shape (rows, cols) or (2 rows, 2 cols)
+    tile : TileGeometry
+    rows, cols : int
+
+    Returns
+    -------
+    sums : float64 array of shape (len(SLOTS),)
+    row_nearest, col_nearest, row_inverse, col_inverse : float64 arrays
+        As ``reduce_tile`` fills them.
+    """
+    num_means = tile.mean_norms.shape[0]
+    row_ids = xp.arange(tile.row_start, tile.row_start + rows)
+    col_ids = xp.arange(tile.col_start, tile.col_start + cols)
+    same = row_ids[:, None] == col_ids[None, :]
+    pairs = row_ids[:, None] < col_ids[None, :]
+    # Ordered pairs this tile stands for: 2 for a < b, 1 on the diagonal, 0 below it.
+    weight = xp.where(pairs, 2.0, xp.where(same, 1.0, 0.0))
+    etf_norm = math.sqrt(num_means - 1)
+    etf = (same - 1.0 / num_means) / etf_norm
+    ideal = -1.0 / (num_means - 1)
+    mm = dots[:rows, :cols]
+    row_norms, col_norms = tile.mean_norms[row_ids], tile.mean_norms[col_ids]
+    uncentred = (mm + tile.mean_offsets[row_ids][:, None] + tile.mean_offsets[col_ids][None, :]
+                 + tile.global_sq_norm)
+    sums = xp.zeros(len(SLOTS))
+    sums[ETF] = (weight * (mm - tile.etf_scale * etf) ** 2).sum()
+    sums[UNCENTRED] = (weight * uncentred ** 2).sum()
+    sums[UNCENTRED_OFF] = (2.0 * pairs * uncentred ** 2).sum()
+    sq_distances = xp.maximum(row_norms[:, None] ** 2 + col_norms[None, :] ** 2 - 2.0 * mm, 0.0)
+    cosines = (mm / xp.outer(row_norms, col_norms))[pairs]
+    unit_sq_distances = 2.0 - 2.0 * cosines
+    unit_sq_distances[unit_sq_distances <= UNIT_SQ_DISTANCE_FLOOR] = 0.0
+    with np.errstate(divide="ignore"):
+        log_kernel = -0.5 * xp.log(unit_sq_distances)
+        inverse = xp.where(pairs, 0.5 / xp.where(pairs, sq_distances, 1.0), 0.0)
+    exponent = tile.riesz_exponent
+    with np.errstate(over="ignore", invalid="ignore"):
+        riesz = xp.ones_like(log_kernel) if exponent == 0 else \
+            math.copysign(1.0, exponent) * xp.exp(exponent * log_kernel)
+    sums[PAIRS] = cosines.size
+    sums[LOG_INFINITE] = xp.isinf(log_kernel).sum()
+    sums[RIESZ_INFINITE] = xp.isinf(riesz).sum()
+    for slot, values in ((COS, cosines), (LOG, log_kernel[xp.isfinite(log_kernel)]),
+                         (RIESZ, riesz[xp.isfinite(riesz)])):
+        _shifted_sums(xp, sums, slot, values)
+    sums[MAXANGLE] = xp.abs(cosines - ideal).sum()
+    sums[DISTANCE] = xp.sqrt(sq_distances[pairs]).sum()
+    off_pair_distances = xp.where(pairs, sq_distances, np.inf)
+    if tile.weight_norms.shape[0] > 0:
+        ww = dots[rows:, cols:]
+        cosines_w = (ww / xp.outer(tile.weight_norms[row_ids], tile.weight_norms[col_ids]))[pairs]
+        _shifted_sums(xp, sums, COS_W, cosines_w)
+        sums[MAXANGLE_W] = xp.abs(cosines_w - ideal).sum()
+        residual_w = ((dots[rows:, :cols] - tile.etf_scale_w * etf) ** 2).sum()
+        if tile.row_start != tile.col_start:
+            residual_w += ((dots[:rows, cols:] - tile.etf_scale_w * etf) ** 2).sum()
+        sums[ETF_W] = residual_w
+    return (sums, off_pair_distances.min(axis=1), off_pair_distances.min(axis=0),
+            inverse.sum(axis=1), inverse.sum(axis=0))
+
+
+def _shifted_sums(xp, sums, slot, values):
+    """Fill ``(shift, sum(x - shift), sum((x - shift)^2))`` with the first value as shift."""
+    if values.size == 0:
+        return
+    shifted = values - values[0]
+    sums[slot] = values[0]
+    sums[slot + 1] = shifted.sum()
+    sums[slot + 2] = (shifted * shifted).sum()
+
+
+def cdnv(sweep, centred, variances, xp):
+    """Mean over class pairs of ``(s_a^2 + s_b^2) / (2 ||mu_a - mu_b||^2)`` (Galanti et al.).
+
+    By symmetry the sum over pairs is ``sum_a s_a^2 K_a`` with ``K_a`` the
+    sweep's ``cdnv_weights``. Pairs run over classes with rows in the measured
+    data: classes with a mean but no rows (held-out data) are taken out of
+    ``K`` by one small GEMM against the measured classes.
+
+    Parameters
+    ----------
+    sweep : PairSweep
+    centred : float64 array of shape (C', D) (``xp`` array)
+    variances : float64 array of shape (C',), host; NaN for classes without rows
+
+    Returns
+    -------
+    float or None
+        None when fewer than two classes have rows.
+    """
+    measured = np.isfinite(variances)
+    num_measured = int(measured.sum())
+    if num_measured < 2:
+        return None
+    weights = sweep.cdnv_weights[measured]
+    if num_measured < variances.size:
+        unmeasured = xp.asarray(np.flatnonzero(~measured))
+        kept = xp.asarray(np.flatnonzero(measured))
+        sq_norms = xp.einsum("cd,cd->c", centred, centred)
+        sq_distances = xp.maximum(sq_norms[kept][:, None] + sq_norms[unmeasured][None, :]
+                                  - 2.0 * centred[kept] @ centred[unmeasured].T, 0.0)
+        with np.errstate(divide="ignore"):
+            weights = weights - _as_host((0.5 / sq_distances).sum(axis=1))
+    with np.errstate(invalid="ignore"):
+        total = float(variances[measured] @ weights)
+    return total / (num_measured * (num_measured - 1) // 2)
