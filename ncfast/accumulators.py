@@ -165,6 +165,16 @@ class ClassSums:
     def _arrays(self):
         return (self.counts, self.sums, self.clean_counts, self.clean_sums)
 
+    def sum_arrays(self):
+        """The arrays a merge adds, in a fixed order (the state's own, not copies).
+
+        Returns
+        -------
+        list of int64 and float64 arrays
+            Counts and sums, then the clean rows' when tracked.
+        """
+        return [array for array in self._arrays() if array is not None]
+
     def __repr__(self):
         clean = f", clean_rows={int(self.clean_counts.sum())}" if self.track_clean else ""
         return (f"ClassSums(C={self.num_classes}, D={self.num_features}, "

@@ -107,8 +107,7 @@ class DistributedCollapse:
         """Sum pass 1 over the group and build the class means (collective)."""
         if self.class_sums is None:
             raise RuntimeError("pass 1 is already finished (or skipped with means=)")
-        all_reduce_sums([array for array in self.class_sums._arrays() if array is not None],
-                        self.group)
+        all_reduce_sums(self.class_sums.sum_arrays(), self.group)
         geometry, clean_geometry = finalize_pass1(
             self.class_sums, global_mean=self.global_mean, empty_classes=self.empty_classes)
         weights, bias = self._classifier

@@ -1,0 +1,208 @@
+"""The pair sweep against a dense float64 reference, tile by tile and end to end.
+
+The reference forms every C'×C' matrix explicitly (pair differences, unit vectors, the
+ETF Gram) in float64; the sweep never does. Tiles (97, 1000) do not divide C'.
+"""
+import numpy as np
+import pytest
+
+import ncfast
+from cases import gaussian_classes, with_label_noise
+from ncfast.backends.cpu import CPU
+from ncfast.kernels import pairs
+from ncfast.sweep import cdnv, pair_sweep, reduce_tile_xp
+from ncfast.textbook import textbook_collapse
+
+#: The sweep and the dense reference agree to this relative error (float64 sums in
+#: another order; the issue's bound).
+SWEEP_RTOL = 1e-10
+
+
+class NumpyTiles:
+    """The CPU backend with the array-operations reduction (the GPU's), on numpy."""
+
+    xp = np
+    pair_tile = CPU.pair_tile
+    map_tasks = staticmethod(CPU.map_tasks)
+
+    @staticmethod
+    def reduce_tile(dots, tile, rows, cols):
+        return reduce_tile_xp(np, dots, tile, rows, cols)
+
+
+def _pair_differences(vectors):
+    """``||v_a - v_b||`` over pairs a < b in ``np.triu_indices`` order, by explicit differences."""
+    return np.concatenate([np.linalg.norm(vectors[a + 1:] - vectors[a], axis=1)
+                           for a in range(len(vectors) - 1)])
+
+
+def _dense_pair_metrics(means, global_mean, weights=None):
+    """Every sweep quantity from full C'×C' matrices (the obvious float64 route)."""
+    centred = means - global_mean
+    num_means, num_features = centred.shape
+    pairs_a, pairs_b = np.triu_indices(num_means, 1)
+    units = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    cosines = (units @ units.T)[pairs_a, pairs_b]
+    unit_distances = _pair_differences(units)
+    log_kernel = -np.log(unit_distances)
+    exponent = num_features - 2
+    riesz = np.sign(exponent) * unit_distances ** -exponent if exponent else \
+        np.ones_like(unit_distances)
+    distances = _pair_differences(means)
+    etf = (np.eye(num_means) - 1.0 / num_means) / np.sqrt(num_means - 1)
+    gram = centred @ centred.T
+    uncentred_gram = means @ means.T
+    off = ~np.eye(num_means, dtype=bool)
+    sq_distances = np.full((num_means, num_means), np.inf)
+    sq_distances[pairs_a, pairs_b] = sq_distances[pairs_b, pairs_a] = distances ** 2
+    result = {
+        "cos_std": np.std(cosines),
+        "maxangle": np.mean(np.abs(cosines + 1.0 / (num_means - 1))),
+        "log_mean": np.mean(log_kernel), "log_variance": np.var(log_kernel),
+        "riesz_mean": np.mean(riesz), "riesz_variance": np.var(riesz),
+        "etf": np.linalg.norm(gram / np.linalg.norm(gram) - etf),
+        "orthogonality": np.linalg.norm((uncentred_gram / np.linalg.norm(uncentred_gram))[off]),
+        "mean_pair_distance": np.mean(distances),
+        "nearest": sq_distances.min(axis=1),
+        "cdnv_weights": (0.5 / sq_distances).sum(axis=1),
+    }
+    if weights is not None:
+        weight_units = weights / np.linalg.norm(weights, axis=1, keepdims=True)
+        cosines_w = (weight_units @ weight_units.T)[pairs_a, pairs_b]
+        products = weights @ centred.T
+        result.update({
+            "cos_w_std": np.std(cosines_w),
+            "maxangle_w": np.mean(np.abs(cosines_w + 1.0 / (num_means - 1))),
+            "etf_w": np.linalg.norm(products / np.linalg.norm(products) - etf),
+        })
+    return result
+
+
+def _sweep_metrics(sweep):
+    result = {
+        "cos_std": np.sqrt(sweep.moments["cos"][1]),
+        "maxangle": sweep.sums["maxangle_sum"] / sweep.num_pairs,
+        "log_mean": sweep.moments["log"][0], "log_variance": sweep.moments["log"][1],
+        "riesz_mean": sweep.moments["riesz"][0], "riesz_variance": sweep.moments["riesz"][1],
+        "etf": sweep.etf_distance(),
+        "orthogonality": sweep.orthogonality,
+        "mean_pair_distance": sweep.mean_pair_distance,
+        "nearest": sweep.nearest_sq_distances,
+        "cdnv_weights": sweep.cdnv_weights,
+    }
+    if sweep.etf_scale_w:
+        result.update({
+            "cos_w_std": np.sqrt(sweep.moments["cos_w"][1]),
+            "maxangle_w": sweep.sums["maxangle_w_sum"] / sweep.num_pairs,
+            "etf_w": sweep.etf_distance(classifier=True),
+        })
+    return result
+
+
+def _means(num_means, num_features, seed, *, offset=0.0):
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((num_means, num_features)) + offset
+    weights = means - means.mean(axis=0) + 0.3 * rng.standard_normal(means.shape)
+    return means, weights
+
+
+@pytest.mark.parametrize("num_means, num_features", [
+    (3, 16), (257, 300), (257, 32), (2049, 48), (5000, 12)])
+@pytest.mark.parametrize("classifier", [False, True], ids=["no-classifier", "classifier"])
+def test_sweep_equals_the_dense_reference(num_means, num_features, classifier):
+    means, weights = _means(num_means, num_features, seed=num_means, offset=2.0)
+    global_mean = means.mean(axis=0)
+    weights = weights if classifier else None
+    reference = _dense_pair_metrics(means, global_mean, weights)
+    for tile in (97, 1000):
+        sweep = pair_sweep(means - global_mean, global_mean, weights, backend=CPU, tile=tile)
+        for name, value in _sweep_metrics(sweep).items():
+            np.testing.assert_allclose(value, reference[name], rtol=SWEEP_RTOL, atol=0,
+                                       err_msg=f"{name}, tile {tile}")
+
+
+@pytest.mark.parametrize("num_means, num_features", [(3, 2), (40, 1), (130, 7), (300, 300)])
+def test_compiled_tiles_equal_the_array_operations(num_means, num_features):
+    """The Numba kernel (CPU) and ``reduce_tile_xp`` (the GPU's, here on numpy) agree."""
+    means, weights = _means(num_means, num_features, seed=7)
+    global_mean = means.mean(axis=0)
+    compiled = pair_sweep(means - global_mean, global_mean, weights, backend=CPU, tile=29)
+    arrays = pair_sweep(means - global_mean, global_mean, weights, backend=NumpyTiles, tile=29)
+    # Squared distances from Gram entries carry rounding of eps times the squared norms
+    # (fused multiply-adds round differently): absolute for them, relative for the rest.
+    scale = np.max(np.sum((means - global_mean) ** 2, axis=1))
+    for name, value in _sweep_metrics(compiled).items():
+        expected = _sweep_metrics(arrays)[name]
+        if name == "nearest":
+            np.testing.assert_allclose(value, expected, rtol=0, atol=1e-14 * scale, err_msg=name)
+        else:
+            np.testing.assert_allclose(value, expected, rtol=1e-9, err_msg=name)
+
+
+def test_coinciding_unit_means_give_an_infinite_log_kernel():
+    """Two centred means on one ray: the log kernel is +inf and its variance undefined, as
+    numpy's mean and variance of the dense values say; the Riesz kernel too for s > 0."""
+    means = np.array([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    global_mean = np.zeros(3)
+    for backend in (CPU, NumpyTiles):
+        sweep = pair_sweep(means, global_mean, backend=backend, tile=2)
+        assert sweep.moments["log"][0] == np.inf and np.isnan(sweep.moments["log"][1])
+        assert sweep.moments["riesz"][0] == np.inf
+    assert np.isfinite(sweep.moments["cos"]).all()
+
+
+@pytest.mark.parametrize("num_classes, num_features", [(3, 16), (257, 300), (257, 24)])
+@pytest.mark.parametrize("noise", [False, True], ids=["clean", "label-noise"])
+def test_pair_metrics_of_collapse_equal_the_textbook(num_classes, num_features, noise):
+    """End to end, every metric the sweep makes (float64 from the float64 means and
+    spreads) equals the dense textbook to SWEEP_RTOL, with a classifier, on either route."""
+    case = gaussian_classes(num_rows=6 * num_classes, num_features=num_features,
+                            num_classes=num_classes, spread=0.5, seed=num_classes,
+                            dtype=np.float64)
+    keywords = {"weights": case["weights"], "bias": case["bias"]}
+    if noise:
+        case = with_label_noise(case)
+        keywords["clean_labels"] = case["clean_labels"]
+    ood = np.random.default_rng(1).normal(size=(50, num_features)) + 1.0
+    report = ncfast.collapse(case["features"], case["labels"], num_classes=num_classes,
+                             ood=ood, **keywords)
+    reference = textbook_collapse(case["features"], case["labels"], num_classes=num_classes,
+                                  ood=ood, **keywords)
+    names = ["cdnv", "nc2_equiangular", "nc2_maxangle", "nc2_etf", "nc2_orthogonality", "gnc2",
+             "log_kernel_variance", "riesz_kernel_mean", "riesz_kernel_variance", "nc5",
+             "nc2_equiangular_w", "nc2_maxangle_w", "nc3_etf"]
+    if noise:
+        names += ["memorization", "memorization_raw"]
+    for name in names:
+        assert getattr(report, name) == pytest.approx(reference[name], rel=SWEEP_RTOL), name
+
+
+def test_cdnv_leaves_out_classes_without_rows():
+    """Held-out rows of some classes only: pairs run over the classes with rows, the others'
+    terms are taken out of the sweep's class weights by one small GEMM."""
+    means, _ = _means(40, 6, seed=3)
+    global_mean = means.mean(axis=0)
+    centred = means - global_mean
+    sweep = pair_sweep(centred, global_mean, backend=CPU, tile=16)
+    variances = np.random.default_rng(0).uniform(0.5, 2.0, 40)
+    variances[[3, 17, 30]] = np.nan
+    measured = np.flatnonzero(np.isfinite(variances))
+    pairs_a, pairs_b = np.triu_indices(measured.size, 1)
+    a, b = measured[pairs_a], measured[pairs_b]
+    expected = np.mean((variances[a] + variances[b])
+                       / (2.0 * np.sum((means[a] - means[b]) ** 2, axis=1)))
+    assert cdnv(sweep, centred, variances, np) == pytest.approx(expected, rel=SWEEP_RTOL)
+
+
+def test_kernel_logarithm_and_powers_match_numpy():
+    """The sweep's call-free ``log`` and Riesz powers (they vectorize) against numpy."""
+    values = np.concatenate([np.random.default_rng(0).uniform(1e-14, 4.0, 10_000),
+                             [4.0, 2.0, 1.0, 0.5, np.sqrt(2.0), 1e-14]])
+    out, scratch = np.empty_like(values), np.empty_like(values)
+    pairs.logs(values, out, scratch)
+    np.testing.assert_allclose(out, np.log(values), rtol=1e-15, atol=2e-15)
+    for exponent in (-1, 0, 1, 2, 7, 254):
+        pairs.riesz_values(values, float(exponent), out, scratch)
+        expected = np.sign(exponent) * values ** (-exponent / 2) if exponent else \
+            np.ones_like(values)
+        np.testing.assert_allclose(out, expected, rtol=1e-13)
