@@ -173,14 +173,14 @@ def staging_bandwidth(host_rows, nbytes=2 << 30):
     from concurrent.futures import ThreadPoolExecutor
 
     import cupy
-    from ncfast.cuda import STAGING_THREADS, _parallel_copy
+    from ncfast.backends.cuda import STAGING_THREADS, parallel_copy
     rows = host_rows[:nbytes // host_rows[0].nbytes]
     pinned = np.frombuffer(cupy.cuda.alloc_pinned_memory(rows.nbytes), rows.dtype,
                            rows.size).reshape(rows.shape)
     with ThreadPoolExecutor(STAGING_THREADS) as pool:
-        _parallel_copy(pinned, rows, pool)
+        parallel_copy(pinned, rows, pool)
         start = time.perf_counter()
-        _parallel_copy(pinned, rows, pool)
+        parallel_copy(pinned, rows, pool)
         return rows.nbytes / (time.perf_counter() - start)
 
 
@@ -199,7 +199,7 @@ def main():
     args = parser.parse_args()
     import cupy
     import torch
-    from ncfast import cuda as gpu_backend
+    from ncfast.backends import cuda as gpu_backend
     from ncfast.kernels import cuda as kernels
 
     num_rows, num_features, num_classes = args.rows, args.features, args.classes

@@ -48,19 +48,20 @@ def stage_times(features, labels, stats):
         classifier`` (gathering the rows beyond their NCC or classifier radius
         and their GEMM); ``epilogue``; in seconds.
     """
-    geometry = stats.geometry
+    route = stats.plan.classes_route()
     num_rows, num_features = features.shape
-    num_means = geometry.present.size
-    num_logits = stats._weights_t.shape[1]
+    num_means = route.present_classes.shape[0]
+    num_logits = route.weights_t.shape[1]
     block = cpu.block_rows(num_features)
-    residual_rows = np.zeros((block, num_features), np.float32)
-    products = np.empty((block, num_means), np.float32)
-    far_coordinates = np.zeros((block, num_means), np.float32)
-    far_mean_products = np.zeros((block, num_means), np.float32)
-    far_residuals = np.zeros((block, num_features), np.float32)
-    far_logits = np.zeros((block, num_logits), np.float32)
+    buffers = cpu.Pass2Buffers(
+        residuals=np.zeros((block, num_features), np.float32),
+        products=np.empty((block, num_means), np.float32),
+        far_coordinates=np.zeros((block, num_means), np.float32),
+        far_mean_products=np.zeros((block, num_means), np.float32),
+        far_residuals=np.zeros((block, num_features), np.float32),
+        far_logits=np.zeros((block, num_logits), np.float32))
     sq_norms = np.empty(block)
-    partial = tuple(np.zeros_like(getattr(stats, name)) for name in stats.sum_names)
+    partial = cpu.Pass2Sums(*(np.zeros_like(getattr(stats, name)) for name in stats.sum_names))
     corrupted = np.empty(0, np.uint8)
     totals = dict.fromkeys(("residuals", "gemm", "far NCC", "far classifier", "epilogue"), 0.0)
     with threadpool_limits(1, user_api="blas"):
@@ -69,30 +70,29 @@ def stage_times(features, labels, stats):
             size = last - first
             block_labels = labels[first:last]
             marks = [time.perf_counter()]
-            cpu.block_residuals(features[first:last], block_labels, geometry.label_rows,
-                                stats._present_means, residual_rows[:size], sq_norms[:size])
+            cpu.block_residuals(features[first:last], block_labels, route.label_rows,
+                                route.means, buffers.residuals[:size], sq_norms[:size])
             marks.append(time.perf_counter())
-            np.matmul(residual_rows, stats._projection_t, out=products)
+            np.matmul(buffers.residuals, route.projection_t, out=buffers.products)
             marks.append(time.perf_counter())
-            if cpu.gather_rows_beyond(products[:size], sq_norms[:size], block_labels,
-                                      geometry.label_rows, geometry.ncc_sq_radii,
-                                      far_coordinates) > 0:
-                np.matmul(far_coordinates, stats._eigenvectors_t, out=far_mean_products)
+            if cpu.gather_rows_beyond(buffers.products[:size], sq_norms[:size], block_labels,
+                                      route.label_rows, route.ncc_sq_radii,
+                                      buffers.far_coordinates) > 0:
+                np.matmul(buffers.far_coordinates, route.eigenvectors_t,
+                          out=buffers.far_mean_products)
             marks.append(time.perf_counter())
             uncertain = num_logits and cpu.count_rows_beyond(
-                sq_norms[:size], block_labels, geometry.label_rows, stats._classifier_sq_radii)
+                sq_norms[:size], block_labels, route.label_rows, route.classifier_sq_radii)
             if uncertain == size:
-                np.matmul(residual_rows, stats._weights_t, out=far_logits)
+                np.matmul(buffers.residuals, route.weights_t, out=buffers.far_logits)
             elif uncertain > 0:
-                cpu.gather_rows_beyond(residual_rows[:size], sq_norms[:size], block_labels,
-                                       geometry.label_rows, stats._classifier_sq_radii,
-                                       far_residuals)
-                np.matmul(far_residuals, stats._weights_t, out=far_logits)
+                cpu.gather_rows_beyond(buffers.residuals[:size], sq_norms[:size], block_labels,
+                                       route.label_rows, route.classifier_sq_radii,
+                                       buffers.far_residuals)
+                np.matmul(buffers.far_residuals, route.weights_t, out=buffers.far_logits)
             marks.append(time.perf_counter())
-            cpu.epilogue(products[:size], sq_norms[:size], block_labels, geometry.label_rows,
-                         geometry.present, geometry.ncc_sq_radii, geometry.mean_sq_distances,
-                         far_mean_products, stats._logit_offsets, stats._mean_predictions,
-                         stats._classifier_sq_radii, far_logits, corrupted, *partial)
+            cpu.epilogue(buffers.products[:size], sq_norms[:size], block_labels, corrupted,
+                         buffers.far_mean_products, buffers.far_logits, route, partial)
             marks.append(time.perf_counter())
             for name, begin, end in zip(totals, marks, marks[1:]):
                 totals[name] += end - begin
@@ -169,7 +169,7 @@ def main(argv=None):
         f"{name} {seconds:.3f} s" for name, seconds in stages.items()))
     # The product the floor counts: every row times [M~^T V | W^T].
     full_projection_t = np.ascontiguousarray(
-        np.concatenate([stats._projection_t, stats._weights_t], axis=1))
+        np.concatenate([stats.plan.projection_t, stats.plan.weights_t], axis=1))
     gemm = gemm_only_seconds(features, full_projection_t, numba.get_num_threads(),
                              args.repeats)
     flops = 2.0 * args.rows * args.features * full_projection_t.shape[1]

@@ -13,7 +13,6 @@ import numba
 import numpy as np
 
 from ncfast import errors
-from ncfast.geometry import Geometry
 from ncfast.inputs import to_kernel_features, to_kernel_labels
 from ncfast.kernels import cpu, tiles
 from ncfast.kernels.cpu import Pass2Sums

@@ -115,7 +115,7 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     (totals,) = compute(_tree_sum(partial_arrays, _add_arrays, split_every))
     for state_array, total in zip(residual_pass.sum_arrays(), totals):
         state_array += total
-    return residual_pass.report(global_mean=global_mean, pinv_rtol=pinv_rtol)
+    return residual_pass.report(pinv_rtol=pinv_rtol)
 
 
 class _DaskLabels:
@@ -213,7 +213,8 @@ def pass2_block(empty_pass, features, labels, clean_labels, row_offset, *, chunk
     residual_pass = copy.deepcopy(empty_pass)
     with _KERNEL_LOCK:
         for chunk in _block_chunks(features, labels, clean_labels, row_offset, chunk_size):
-            residual_pass.update(chunk)
+            residual_pass.update(chunk.features, chunk.labels, chunk.clean_labels,
+                                   row_offset=chunk.offset)
     return residual_pass.sum_arrays()
 
 

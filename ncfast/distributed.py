@@ -127,7 +127,8 @@ class DistributedCollapse:
         if self._report is not None:
             raise RuntimeError("the report is made; start a new DistributedCollapse")
         for chunk in self._chunks(features, labels, clean_labels):
-            self.residual_pass.update(chunk)
+            self.residual_pass.update(chunk.features, chunk.labels, chunk.clean_labels,
+                                      row_offset=chunk.offset)
 
     def report(self):
         """Sum pass 2 over the group and return the ``CollapseReport`` (collective).
@@ -139,8 +140,7 @@ class DistributedCollapse:
             raise RuntimeError("call finalize_pass1 and update_pass2 before report")
         if self._report is None:
             all_reduce_sums(self.residual_pass.sum_arrays(), self.group)
-            self._report = self.residual_pass.report(global_mean=self.global_mean,
-                                                     pinv_rtol=self.pinv_rtol)
+            self._report = self.residual_pass.report(pinv_rtol=self.pinv_rtol)
         return self._report
 
     def _chunks(self, features, labels, clean_labels):

@@ -17,7 +17,7 @@ import numpy as np
 from ncfast.accumulators import ClassSums, ResidualStats
 from ncfast.backends.cpu import CPU
 from ncfast.geometry import PINV_RTOL, Geometry
-from ncfast.inputs import as_array, host_array
+from ncfast.inputs import as_array, host_array, to_kernel_labels
 from ncfast.metrics import collapse_metrics, noise_metrics
 from ncfast.plan import build_plan
 from ncfast.report import CollapseReport
@@ -188,29 +188,34 @@ def geometry_from_means_option(means, num_classes, num_features, global_mean):
 PARTS = ("stats", "clean_stats", "corrupted_stats")
 
 
-def pass2_updates(chunk, clean_label_rows=None):
+def pass2_updates(labels, clean_labels=None, clean_label_rows=None):
     """How one chunk enters pass 2: ``(part, labels, include, corrupted)`` per state.
 
-    Without label noise every row goes to ``stats``. With it (``chunk`` has
-    clean labels, ``clean_label_rows`` maps classes to clean means), every row
-    goes to ``stats`` with its corrupted flag; the clean rows to
-    ``clean_stats``; and the corrupted rows whose true class has clean rows
+    Without label noise (``clean_label_rows`` None) every row goes to ``stats``.
+    With it, every row goes to ``stats`` with its corrupted flag; the clean rows
+    to ``clean_stats``; and the corrupted rows whose true class has clean rows
     to ``corrupted_stats`` under their true label (memorization measures them
-    against that class's clean mean). Works on numpy or cupy chunks.
+    against that class's clean mean). Works on numpy or cupy labels.
+
+    Parameters
+    ----------
+    labels, clean_labels : int arrays of shape (n,)
+    clean_label_rows : int array of shape (C,), optional
+        Row of each class among the clean means, -1 without one.
 
     Returns
     -------
     list of (str, int array, bool array or None, bool array or None)
     """
     if clean_label_rows is None:
-        return [("stats", chunk.labels, None, None)]
-    if chunk.clean_labels is None:
+        return [("stats", labels, None, None)]
+    if clean_labels is None:
         raise ValueError("this analysis measures label noise; pass clean_labels with every row")
-    corrupted = chunk.labels != chunk.clean_labels
-    measurable = corrupted & (clean_label_rows[chunk.clean_labels] >= 0)
-    return [("stats", chunk.labels, None, corrupted),
-            ("clean_stats", chunk.labels, ~corrupted, None),
-            ("corrupted_stats", chunk.clean_labels, measurable, None)]
+    corrupted = labels != clean_labels
+    measurable = corrupted & (clean_label_rows[clean_labels] >= 0)
+    return [("stats", labels, None, corrupted),
+            ("clean_stats", labels, ~corrupted, None),
+            ("corrupted_stats", clean_labels, measurable, None)]
 
 
 class ResidualPass:
@@ -263,12 +268,28 @@ class ResidualPass:
         """``{part: ResidualStats}`` of the states this pass has."""
         return {name: getattr(self, name) for name in PARTS if getattr(self, name) is not None}
 
-    def update(self, chunk):
-        """Add one host ``Chunk`` (clean labels required exactly when ``has_noise``)."""
+    def update(self, features, labels, clean_labels=None, *, row_offset=0):
+        """Add a chunk of rows (host arrays or tensors).
+
+        Parameters
+        ----------
+        features : array of shape (n, D)
+        labels : int array of shape (n,)
+        clean_labels : int array of shape (n,), required exactly when ``has_noise``
+        row_offset : int
+            Index of the chunk's first row in the whole input (error messages).
+        """
         parts = self.parts()
-        for part, labels, include, corrupted in pass2_updates(chunk, self.clean_label_rows):
-            parts[part].update(chunk.features, labels, include=include, corrupted=corrupted,
-                               row_offset=chunk.offset)
+        if clean_labels is not None and not self.has_noise:
+            raise ValueError("clean_labels were given, but this pass-2 state was built without "
+                             "clean means; build it with the clean geometry of finalize_pass1")
+        if clean_labels is not None:
+            labels = to_kernel_labels(labels, row_offset=row_offset)
+            clean_labels = to_kernel_labels(clean_labels, "clean_labels", row_offset)
+        for part, part_labels, include, corrupted in pass2_updates(labels, clean_labels,
+                                                                   self.clean_label_rows):
+            parts[part].update(features, part_labels, corrupted, include=include,
+                               row_offset=row_offset)
         return self
 
     def sum_arrays(self):
@@ -289,13 +310,11 @@ class ResidualPass:
             mine += theirs
         return self
 
-    def report(self, *, global_mean, pinv_rtol=PINV_RTOL, ood_mean=None, xp=np):
+    def report(self, *, pinv_rtol=PINV_RTOL, ood_mean=None, xp=np):
         """The ``CollapseReport`` of the merged pass 2 of all rows.
 
         Parameters
         ----------
-        global_mean : {"classes", "samples"}
-            The option the geometry was built with (recorded in the report).
         pinv_rtol : float
         ood_mean : float64 array of shape (D,), optional
             Mean of out-of-distribution features (NC5).
@@ -312,8 +331,8 @@ class ResidualPass:
         return CollapseReport(
             num_samples=stats.num_rows, num_classes=geometry.num_classes,
             num_features=geometry.num_features, means=geometry.means,
-            present_classes=geometry.present, pinv_rtol=pinv_rtol, global_mean=global_mean,
-            mean_counts=geometry.counts, **result)
+            present_classes=geometry.present, pinv_rtol=pinv_rtol,
+            global_mean=geometry.global_mean_option, mean_counts=geometry.counts, **result)
 
 
 def ood_mean_of(ood, num_features):
@@ -408,10 +427,10 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
         if clean_label_rows is not None:
             clean_label_rows = backend.xp.asarray(clean_label_rows)
         for chunk in source.chunks(2):
-            for part, labels, include, corrupted in pass2_updates(chunk, clean_label_rows):
-                states[part].update(chunk.features, labels, include=include,
-                                    corrupted=corrupted, row_offset=chunk.offset)
+            for part, labels, include, corrupted in pass2_updates(
+                    chunk.labels, chunk.clean_labels, clean_label_rows):
+                states[part].update(chunk.features, labels, corrupted, include=include,
+                                    row_offset=chunk.offset)
         backend.finish_pass2(states, residual_pass, source)
-    return residual_pass.report(global_mean=global_mean, pinv_rtol=pinv_rtol, ood_mean=ood_mean,
-                                xp=backend.xp)
+    return residual_pass.report(pinv_rtol=pinv_rtol, ood_mean=ood_mean, xp=backend.xp)
 

@@ -128,6 +128,8 @@ class Geometry:
     fingerprint : str
         Digest of the means and global mean; pass-2 states built on different
         geometries refuse to merge.
+    global_mean_option : {"classes", "samples"}
+        How ``global_mean`` was taken (``from_means``'s option).
     """
 
     means: np.ndarray
@@ -142,6 +144,7 @@ class Geometry:
     gram_eigenvectors: np.ndarray | None
     mean_sq_distances: np.ndarray | None
     fingerprint: str
+    global_mean_option: str = "classes"
 
     @property
     def num_classes(self):
@@ -223,7 +226,8 @@ class Geometry:
                    present=present, label_rows=label_rows, global_mean=center, centred=centred,
                    centred_sq_norms=centred_sq_norms, gram=gram,
                    gram_eigenvalues=gram_eigenvalues, gram_eigenvectors=gram_eigenvectors,
-                   mean_sq_distances=mean_sq_distances, fingerprint=digest.hexdigest())
+                   mean_sq_distances=mean_sq_distances, fingerprint=digest.hexdigest(),
+                   global_mean_option=global_mean)
 
     @classmethod
     def from_class_sums(cls, counts, sums, *, global_mean="classes"):

@@ -24,30 +24,18 @@ import numpy as np
 from ncfast.accumulators import ClassSums, ResidualStats
 from ncfast.dumps import write_atomically
 from ncfast.engine import ResidualPass
-from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL, Geometry
+from ncfast.geometry import PINV_RTOL, Geometry
 
 STATE_VERSION = "2"
 STATE_KINDS = ("ClassSums", "ResidualStats", "ResidualPass")
 _PASS2_PARTS = ("stats", "clean_stats", "corrupted_stats")
 
 
-def _global_mean_mode(geometry):
-    """The ``global_mean`` option that rebuilds ``geometry`` from its means exactly."""
-    for mode in GLOBAL_MEANS:
-        if mode == "samples" and geometry.counts is None:
-            continue
-        rebuilt = Geometry.from_means(geometry.means, geometry.counts, global_mean=mode)
-        if rebuilt.fingerprint == geometry.fingerprint:
-            return mode
-    raise ValueError("the state's geometry is not built from its means by Geometry.from_means; "
-                     "build it with Geometry.from_means or ncfast.engine.finalize_pass1")
-
-
 def _geometry_tensors(prefix, geometry, tensors, metadata):
     tensors[f"{prefix}/means"] = geometry.means
     if geometry.counts is not None:
         tensors[f"{prefix}/counts"] = geometry.counts
-    metadata[f"{prefix}/global_mean"] = _global_mean_mode(geometry)
+    metadata[f"{prefix}/global_mean"] = geometry.global_mean_option
     metadata[f"{prefix}/fingerprint"] = geometry.fingerprint
 
 
@@ -230,4 +218,4 @@ def report_of(state, *, pinv_rtol=PINV_RTOL):
     if not isinstance(state, ResidualPass):
         raise TypeError(f"a report needs a pass-2 state; found {type(state).__name__} (pass 1: "
                         "build the Geometry with ncfast.engine.finalize_pass1 and run pass 2)")
-    return state.report(global_mean=_global_mean_mode(state.stats.geometry), pinv_rtol=pinv_rtol)
+    return state.report(pinv_rtol=pinv_rtol)

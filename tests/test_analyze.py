@@ -278,7 +278,7 @@ def test_merge_of_saved_partial_states_equals_one_analysis(tmp_path, capsys):
     for index, shard in enumerate(shards):
         state = ResidualPass(geometry, clean_geometry, weights=case["weights"], bias=case["bias"])
         for chunk in as_source(shard["features"], shard["labels"], shard["clean_labels"]):
-            state.update(chunk)
+            state.update(chunk.features, chunk.labels, chunk.clean_labels, row_offset=chunk.offset)
         pass2_paths.append(tmp_path / f"pass2_{index}.safetensors")
         save_state(pass2_paths[-1], state)
         assert os.path.getsize(pass2_paths[-1]) < 20_000
@@ -299,7 +299,7 @@ def test_states_round_trip_and_refuse_other_means(tmp_path, assert_same_report):
     geometry, _ = finalize_pass1(sums, global_mean="samples")
     state = ResidualPass(geometry, weights=case["weights"])
     for chunk in as_source(case["features"], case["labels"]):
-        state.update(chunk)
+        state.update(chunk.features, chunk.labels, chunk.clean_labels, row_offset=chunk.offset)
     save_state(tmp_path / "pass2.safetensors", state.stats)
     loaded = load_state(tmp_path / "pass2.safetensors")
     assert loaded == state.stats

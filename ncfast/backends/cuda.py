@@ -207,7 +207,7 @@ def _page_locked(features):
     return attributes.type == _CUDA_MEMORY_TYPE_HOST
 
 
-def _parallel_copy(destination, source, pool):
+def parallel_copy(destination, source, pool):
     """``destination[...] = source`` in row blocks on the threads of ``pool`` (numpy
     releases the GIL while copying)."""
     bounds = np.linspace(0, len(source), STAGING_THREADS + 1).astype(int)
@@ -261,7 +261,7 @@ class _StagingSlot:
             host = array
             if not locked:
                 host = self.pinned[window].view(array.dtype).reshape(array.shape)
-                _parallel_copy(host, array, pool)
+                parallel_copy(host, array, pool)
             runtime.memcpyAsync(self.device.data.ptr + start, host.ctypes.data, array.nbytes,
                                 runtime.memcpyHostToDevice, copy_stream.ptr)
             device_views.append(self.device[window].view(array.dtype).reshape(array.shape))
