@@ -54,13 +54,18 @@ _BLAS = ThreadpoolController()
 ONE_THREAD_DENSE_FLOPS = 2e9
 
 
+def one_blas_thread():
+    """Context in which BLAS and LAPACK run on one thread."""
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def dense_blas(flops):
     """Context for the main thread's dense algebra of about ``flops`` flops.
 
     One BLAS thread up to ``ONE_THREAD_DENSE_FLOPS``, every thread beyond.
     """
     if flops <= ONE_THREAD_DENSE_FLOPS:
-        return _BLAS.limit(limits=1, user_api="blas")
+        return one_blas_thread()
     return contextlib.nullcontext()
 
 
@@ -235,7 +240,7 @@ def run_tasks(function, num_tasks, num_threads):
             results[task] = function(task)
 
     workers = min(max(num_threads, 1), num_tasks)
-    with _BLAS.limit(limits=1, user_api="blas"):
+    with one_blas_thread():
         if workers <= 1:
             run()
         else:

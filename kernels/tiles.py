@@ -73,10 +73,14 @@ def largest_in_tile(products, offsets, tile_start, best_logits, best_classes):
                 best_classes[i] = tile_start + c
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted, counts,
-          sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals, num_threads):
-    """Per-class spreads and prediction tallies of one chunk.
+          sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
+    """Per-class spreads and prediction tallies of one chunk, on one thread.
+
+    A few nanoseconds a row: threads would cost more than they save (and with
+    per-thread copies of the per-class arrays, C of them each, far more when C is
+    large).
 
     Parameters
     ----------
@@ -89,31 +93,11 @@ def tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted, 
     sq_norm_sums, norm_sums : float64 arrays of shape (C,), updated
     totals : int64 array of shape (3,), updated: NCC/classifier disagreements,
         corrupted rows, corrupted rows predicted as their (noisy) label
-    num_threads : int
-        Number of thread-private slices.
     """
-    num_rows = labels.shape[0]
-    num_classes = counts.shape[0]
     has_classifier = classifier_predictions.shape[0] > 0
     has_corrupted = corrupted.shape[0] > 0
-    rows_per_thread = (num_rows + num_threads - 1) // num_threads
-    thread_counts = np.zeros((num_threads, num_classes), np.int64)
-    thread_sq_sums = np.zeros((num_threads, num_classes))
-    thread_norm_sums = np.zeros((num_threads, num_classes))
-    thread_ncc_hits = np.zeros((num_threads, num_classes), np.int64)
-    thread_classifier_hits = np.zeros((num_threads, num_classes), np.int64)
-    thread_totals = np.zeros((num_threads, 3), np.int64)
-    for t in prange(num_threads):
-        for i in range(t * rows_per_thread, min(num_rows, (t + 1) * rows_per_thread)):
-            tally_row(labels[i], sq_norms[i], ncc_predictions[i],
-                      classifier_predictions[i] if has_classifier else -1,
-                      has_corrupted and corrupted[i] != 0, thread_counts[t], thread_sq_sums[t],
-                      thread_norm_sums[t], thread_ncc_hits[t], thread_classifier_hits[t],
-                      thread_totals[t])
-    for t in range(num_threads):
-        counts += thread_counts[t]
-        sq_norm_sums += thread_sq_sums[t]
-        norm_sums += thread_norm_sums[t]
-        ncc_hits += thread_ncc_hits[t]
-        classifier_hits += thread_classifier_hits[t]
-        totals += thread_totals[t]
+    for i in range(labels.shape[0]):
+        tally_row(labels[i], sq_norms[i], ncc_predictions[i],
+                  classifier_predictions[i] if has_classifier else -1,
+                  has_corrupted and corrupted[i] != 0, counts, sq_norm_sums, norm_sums,
+                  ncc_hits, classifier_hits, totals)

@@ -187,6 +187,29 @@ def _arrays_equal(a, b):
     return a.shape == b.shape and np.array_equal(a, b)
 
 
+#: Rows per task of the "features" route's D×D scatter: tasks of fixed rows, added in
+#: task order, so that the scatter does not depend on the thread count.
+SCATTER_TASK_ROWS = 4096
+
+
+def _scatter(residuals):
+    """``sum r r^T`` in float64 of float32 residuals (n, D), on the worker threads.
+
+    Each task widens its rows to float64 and multiplies them with one BLAS thread
+    (a multithreaded product spins when other jobs share the cores).
+    """
+    num_rows = residuals.shape[0]
+
+    def task_scatter(task):
+        rows = residuals[task * SCATTER_TASK_ROWS:(task + 1) * SCATTER_TASK_ROWS].astype(
+            np.float64)
+        return rows.T @ rows
+
+    partials = cpu.run_tasks(task_scatter, -(-num_rows // SCATTER_TASK_ROWS),
+                             numba.get_num_threads())
+    return sum(partials[1:], partials[0])
+
+
 class ResidualStats:
     """Pass-2 state: NC1 scatter, per-class spreads and prediction tallies.
 
@@ -359,9 +382,8 @@ class ResidualStats:
             classifier_predictions = self._classifier_by_class_tiles(features)
         tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
                     self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
-                    self.classifier_hits, self.totals, numba.get_num_threads())
-        residuals64 = residuals.astype(np.float64)
-        self.scatter += residuals64.T @ residuals64
+                    self.classifier_hits, self.totals)
+        self.scatter += _scatter(residuals)
         return True
 
     def _tile(self, num_rows):

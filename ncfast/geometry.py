@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncfast.kernels.cpu import dense_blas
+from ncfast.kernels.cpu import dense_blas, one_blas_thread
 
 #: Eigenvalues below this fraction of the largest are cut in pseudo-inverses.
 PINV_RTOL = 1e-10
@@ -49,7 +49,8 @@ def symmetric_pinv(matrix, rtol=PINV_RTOL):
         Largest over smallest kept eigenvalue: rounding in what the
         pseudo-inverse multiplies is amplified up to this much.
     """
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    with one_blas_thread():
+        eigenvalues, eigenvectors = np.linalg.eigh(matrix)
     keep, rank, condition = kept_spectrum(eigenvalues, rtol)
     kept_vectors = eigenvectors[:, keep]
     return (kept_vectors / eigenvalues[keep]) @ kept_vectors.T, rank, condition
@@ -217,6 +218,10 @@ class Geometry:
         if route_for(present.size, means.shape[1]) == "classes":
             with dense_blas(2.0 * present.size ** 2 * means.shape[1]):
                 gram = centred @ centred.T
+            # LAPACK's eigh is mostly small BLAS-2 steps: a second thread gains little and,
+            # on a shared machine, spins (1000×1000: 0.58 s on one thread, 19.5 s on two
+            # with other jobs running).
+            with one_blas_thread():
                 gram_eigenvalues, gram_eigenvectors = np.linalg.eigh(gram)
             mean_sq_distances = pair_sq_distances(centred_sq_norms, centred_sq_norms, gram)
             np.fill_diagonal(mean_sq_distances, 0.0)

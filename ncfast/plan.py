@@ -116,8 +116,15 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     present_means = np.ascontiguousarray(geometry.means[present])
     xp = backend.xp
     present_weights = None if weights is None else xp.asarray(weights[present])
+    classes_route = geometry.route == "classes"
+    # On the "classes" route (C' <= D) finalize formed the Gram matrix already, and the
+    # C'×C' classifier products are no larger than the means: the sweep keeps them, so
+    # the logit offsets and radii need no product of their own (when every class has a mean).
+    every_class = num_means == num_classes
     sweep = pair_sweep(xp.asarray(geometry.centred), xp.asarray(geometry.global_mean),
-                       present_weights, backend=backend, tile=pair_tile)
+                       present_weights, backend=backend, tile=pair_tile,
+                       gram=xp.asarray(geometry.gram) if classes_route else None,
+                       keep_classifier_products=classes_route and every_class)
     sq_norms = geometry.centred_sq_norms
     nearest = sweep.nearest_sq_distances - ROUNDING_RTOL * (sq_norms + sq_norms.max())
     ncc_sq_radii = NCC_RADIUS_FRACTION ** 2 * np.maximum(nearest, 0.0)
@@ -126,16 +133,23 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     if weights is not None:
         weights_t = np.ascontiguousarray(weights.T, dtype=np.float32)
     mean_predictions = np.zeros(num_means, np.int64)
-    if geometry.route == "classes":
+    if classes_route:
         with dense_blas(2.0 * num_means * (num_means + 2 * num_logits) * num_features):
             projection_t = np.ascontiguousarray(geometry.centred.T @ geometry.gram_eigenvectors,
                                                 dtype=np.float32)
             logit_offsets = np.zeros((num_means, 0))
             classifier_sq_radii = np.full(num_means, np.inf)
             if weights is not None:
-                logit_offsets = present_means @ weights.T + bias
+                weight_gram = None
+                if every_class:
+                    # W mu_a + b = W mu~_a + (W mu_G + b), from the sweep's W M~^T.
+                    logit_offsets = (_host(sweep.weight_mean_products).T
+                                     + (weights @ geometry.global_mean + bias))
+                    weight_gram = _host(sweep.weight_gram)
+                else:
+                    logit_offsets = present_means @ weights.T + bias
                 mean_predictions, classifier_sq_radii = classifier_radii(
-                    present_means, weights, logit_offsets)
+                    present_means, weights, logit_offsets, weight_gram)
         eigenvectors_t = np.ascontiguousarray(geometry.gram_eigenvectors.T, np.float32)
     else:
         projection_t = np.ascontiguousarray(geometry.centred.T, dtype=np.float32)
@@ -174,7 +188,11 @@ def _classifier_fingerprint(weights, bias):
     return digest.hexdigest()
 
 
-def classifier_radii(present_means, weights, logit_offsets):
+def _host(array):
+    return array.get() if hasattr(array, "get") else array
+
+
+def classifier_radii(present_means, weights, logit_offsets, weight_gram=None):
     """Where the classifier's prediction is that of the class mean.
 
     At ``h = mu_a + r`` the logits are ``L[a] + W r`` with ``L[a] = W mu_a + b``.
@@ -190,6 +208,8 @@ def classifier_radii(present_means, weights, logit_offsets):
     present_means : float64 array of shape (C', D)
     weights : float64 array of shape (C, D)
     logit_offsets : float64 array of shape (C', C), ``W mu_a + b``
+    weight_gram : float64 array of shape (C, C), optional
+        ``W W^T`` when already formed.
 
     Returns
     -------
@@ -208,9 +228,10 @@ def classifier_radii(present_means, weights, logit_offsets):
         np.abs(best_logits) + np.abs(logit_offsets)
         + (np.sqrt(best_sq_norms)[:, None] + np.sqrt(weight_sq_norms)) * mean_norms[:, None])
     gaps = np.maximum(best_logits - logit_offsets - logit_rounding, 0.0)
-    sq_distances = (
-        pair_sq_distances(best_sq_norms, weight_sq_norms, weights[mean_predictions] @ weights.T)
-        + ROUNDING_RTOL * (best_sq_norms[:, None] + weight_sq_norms))
+    best_products = weight_gram[mean_predictions] if weight_gram is not None else \
+        weights[mean_predictions] @ weights.T
+    sq_distances = (pair_sq_distances(best_sq_norms, weight_sq_norms, best_products)
+                    + ROUNDING_RTOL * (best_sq_norms[:, None] + weight_sq_norms))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = np.where(sq_distances > 0.0, gaps / np.sqrt(sq_distances), np.inf)
     ratios[rows, mean_predictions] = np.inf

@@ -87,6 +87,9 @@ class PairSweep:
         ``sum_{b != a} 1 / (2 ||mu_a - mu_b||^2)`` (host memory).
     etf_scale, etf_scale_w : float
         ``<G, E>`` of ``M~ M~^T`` and ``W M~^T`` (see the module docstring).
+    weight_mean_products, weight_gram : float64 arrays of shape (C', C'), or None
+        ``W M~^T`` and ``W W^T`` (rows of the classes with a mean), when the
+        sweep was asked to keep them.
     """
 
     num_means: int
@@ -96,6 +99,8 @@ class PairSweep:
     cdnv_weights: np.ndarray
     etf_scale: float
     etf_scale_w: float
+    weight_mean_products: object = None
+    weight_gram: object = None
 
     @property
     def num_pairs(self):
@@ -123,7 +128,8 @@ def _as_host(array):
     return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
-def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None):
+def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=None,
+               keep_classifier_products=False):
     """Sweep every pair of classes once.
 
     Parameters
@@ -137,6 +143,14 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None):
     tile : int, optional
         Classes per side of a tile (default ``backend.pair_tile``); results do
         not depend on it beyond float64 rounding.
+    gram : float64 array of shape (C', C'), optional
+        ``M~ M~^T`` when already formed (the "classes" route's finalize): its
+        tiles are read instead of computed, and only the classifier's blocks
+        are multiplied.
+    keep_classifier_products : bool
+        Also return ``W M~^T`` and ``W W^T`` whole (C'×C' each; the "classes"
+        route, where C' <= D, derives the logit offsets and classifier radii
+        from them instead of multiplying again).
 
     Returns
     -------
@@ -160,18 +174,44 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None):
     starts = range(0, num_means, tile)
     tasks = [(row, col) for row in starts for col in starts if col >= row]
 
+    weight_mean_products = weight_gram = None
+    if keep_classifier_products and weights is not None:
+        weight_mean_products = xp.empty((num_means, num_means))
+        weight_gram = xp.empty((num_means, num_means))
+
     def stacked(start):
         stop = min(start + tile, num_means)
         if weights is None:
             return centred[start:stop]
         return xp.concatenate([centred[start:stop], weights[start:stop]])
 
+    def tile_dots(rows, cols):
+        """The tile's dot products: ``[[M~M~, M~W], [WM~, WW]]`` (or ``M~M~`` alone)."""
+        if gram is None:
+            return stacked(rows.start) @ stacked(cols.start).T
+        if weights is None:
+            return gram[rows, cols]
+        num_rows, num_cols = rows.stop - rows.start, cols.stop - cols.start
+        dots = xp.empty((2 * num_rows, 2 * num_cols))
+        dots[:num_rows, :num_cols] = gram[rows, cols]
+        dots[:, num_cols:] = stacked(rows.start) @ weights[cols].T
+        dots[num_rows:, :num_cols] = weights[rows] @ centred[cols].T
+        return dots
+
     def run(task):
         row_start, col_start = tasks[task]
-        dots = stacked(row_start) @ stacked(col_start).T
+        rows = slice(row_start, min(row_start + tile, num_means))
+        cols = slice(col_start, min(col_start + tile, num_means))
+        dots = tile_dots(rows, cols)
+        if weight_gram is not None:  # each task writes its own blocks: no two overlap
+            num_rows, num_cols = rows.stop - rows.start, cols.stop - cols.start
+            weight_mean_products[rows, cols] = dots[num_rows:, :num_cols]
+            weight_mean_products[cols, rows] = dots[:num_rows, num_cols:].T
+            weight_gram[rows, cols] = dots[num_rows:, num_cols:]
+            weight_gram[cols, rows] = dots[num_rows:, num_cols:].T
         return backend.reduce_tile(
             dots, geometry._replace(row_start=row_start, col_start=col_start),
-            min(tile, num_means - row_start), min(tile, num_means - col_start))
+            rows.stop - rows.start, cols.stop - cols.start)
 
     results = backend.map_tasks(run, len(tasks))
     nearest = xp.full(num_means, np.inf)
@@ -191,7 +231,7 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None):
                                             ("riesz", RIESZ, RIESZ_INFINITE),
                                             ("cos_w", COS_W, None))}
     return PairSweep(num_means, sums, moments, _as_host(nearest), _as_host(inverse),
-                     etf_scale, etf_scale_w)
+                     etf_scale, etf_scale_w, weight_mean_products, weight_gram)
 
 
 def _merged_moments(tile_sums, slot, infinite_slot=None):
