@@ -1,4 +1,4 @@
-"""The floor of the machine: memory read bandwidth and sgemm rate, measured now.
+"""The floor of the machine: memory read bandwidth, sgemm rate and the many-classes products.
 
 ncfast reads the features twice and does one float32 GEMM of ``2·N·D·k``
 flops in pass 2 (k = C, or 2C with a classifier; DESIGN.md). No
@@ -112,3 +112,30 @@ class Floor:
         gemm = 2.0 * num_rows * num_features * num_outputs / self.sgemm
         return read + max(read, gemm)
 
+
+#: Columns of one timed tile of the float64 Gram floor, and rows of one timed block
+#: of the float32 NCC GEMM floor: each product stays within a few hundred MiB.
+GRAM_TILE = 2048
+NCC_BLOCK_ROWS = 4096
+
+
+def gram_floor_seconds(means, repeats=2):
+    """Seconds of the float64 C×D @ D×C product, timed tile by tile (every BLAS thread)."""
+    num_classes = means.shape[0]
+    out = np.empty((num_classes, min(GRAM_TILE, num_classes)))
+
+    def product():
+        for start in range(0, num_classes, GRAM_TILE):
+            stop = min(start + GRAM_TILE, num_classes)
+            np.matmul(means, means[start:stop].T, out=out[:, :stop - start])
+
+    return best_seconds(product, repeats)
+
+
+def ncc_floor_seconds(features, means, repeats=2):
+    """Seconds of the float32 N×D @ D×C product, from one timed block of rows scaled to N."""
+    block = np.ascontiguousarray(features[:NCC_BLOCK_ROWS])
+    means_t = np.ascontiguousarray(means.T, dtype=np.float32)
+    out = np.empty((block.shape[0], means.shape[0]), np.float32)
+    seconds = best_seconds(lambda: np.matmul(block, means_t, out=out), repeats)
+    return seconds * features.shape[0] / block.shape[0]
