@@ -483,17 +483,17 @@ class DeviceResidualStats:
             self.scatters[stream] = cupy.zeros((self.scatter_size, self.scatter_size))
         return self.scatters[stream]
 
-    def update(self, features, labels, *, include=None, corrupted=None, row_offset=0):
+    def update(self, features, labels, corrupted=None, *, include=None, row_offset=0):
         """Add device rows, on the current stream.
 
         Parameters
         ----------
         features : cupy float32 or float64 array of shape (n, D)
         labels : cupy int64 array of shape (n,)
-        include : cupy bool array of shape (n,), optional
-            Rows to add; the others contribute nothing.
         corrupted : cupy bool array of shape (n,), optional
             Rows whose training label is wrong (label noise).
+        include : cupy bool array of shape (n,), optional
+            Rows to add; the others contribute nothing.
         row_offset : int
             Global index of the first row (bad-row reports).
         """
