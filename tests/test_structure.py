@@ -93,3 +93,22 @@ def test_no_module_reads_another_modules_private_names():
                     node.attr not in own:
                 offences.append(f"{name}:{node.lineno}: .{node.attr}")
     assert not offences, "private names read across modules:\n" + "\n".join(offences)
+
+
+def test_device_states_take_the_host_states_arguments():
+    """The engine adds chunks into either backend's states with one call: the CUDA
+    backend's states (imported without CuPy) take the CPU states' parameters."""
+    import inspect
+
+    from ncfast.accumulators import ClassSums, ResidualStats
+    from ncfast.backends import cpu, cuda
+
+    for host, device in ((ClassSums.update, cuda.DeviceClassSums.update),
+                         (ResidualStats.update, cuda.DeviceResidualStats.update)):
+        assert inspect.signature(host) == inspect.signature(device), device.__qualname__
+    for name in ("source", "pass1_state", "finish_pass1", "pass2_states", "finish_pass2",
+                 "map_tasks", "reduce_tile"):
+        host_parameters = list(inspect.signature(getattr(cpu.CpuBackend, name)).parameters)
+        device_parameters = list(inspect.signature(getattr(cuda.CudaBackend, name)).parameters)
+        assert [p for p in host_parameters if p != "self"] == \
+            [p for p in device_parameters if p != "self"], name
