@@ -447,7 +447,7 @@ def epilogue(products, sq_norms, labels, corrupted, far_mean_products, far_logit
     row inside its NCC radius is its own mean (``Geometry.ncc_sq_radii``).
     For the other rows ``far_mean_products`` holds ``z = V a``, and the
     squared distance to mean k is ``||r||^2 + 2 (z_y - z_k) + K[y, k]``
-    (DESIGN.md, pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``.
+    (docs/algorithm.md, pass 2): its argmin over k is that of ``K[y, k] - 2 z_k``.
     The classifier's prediction of a row inside its classifier radius is
     that of its class mean (``mean_predictions``); for the other rows
     ``far_logits`` holds ``W r``, the logits are ``W r + (W mu_y + b)``, and

@@ -22,7 +22,7 @@ private state; beyond it the kernels add straight into global memory with
 atomics).
 
 The GEMMs are cuBLAS ``sgemm`` in the default math mode, true float32 (never
-TF32: DESIGN.md's precision rules), and float64 ``dgemm`` for the scatter.
+TF32: docs/algorithm.md's precision rules), and float64 ``dgemm`` for the scatter.
 """
 import functools
 

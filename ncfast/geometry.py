@@ -1,7 +1,7 @@
 """Finalize: class means and the small float64 matrices both passes share.
 
 Everything here is O(C·D + C²·D) or less and runs once per analysis, between
-pass 1 and pass 2 (DESIGN.md, "Finalize").
+pass 1 and pass 2 (docs/algorithm.md, "Finalize").
 """
 import hashlib
 from dataclasses import dataclass

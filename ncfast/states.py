@@ -3,7 +3,7 @@
 Processes or machines that each stream part of the rows save their state
 (``ClassSums`` of pass 1; ``ResidualStats`` or ``ResidualPass`` of pass 2)
 with ``save_state``; ``merge_states`` adds them up, exactly and in any order,
-because every state is a set of sums (DESIGN.md). The workflow:
+because every state is a set of sums (docs/algorithm.md). The workflow:
 
 1. each worker: ``ClassSums`` over its rows -> ``save_state``;
 2. ``merge_states`` (or ``ncfast merge``) -> the pass-1 state of all rows,

@@ -1,6 +1,6 @@
 """The textbook route: neural-collapse metrics the way research scripts compute them.
 
-This is the obvious float64 implementation of DESIGN.md's table, written the way
+This is the obvious float64 implementation of the metrics of docs/metrics.md, written the way
 public neural-collapse scripts do it (Papyan, Han & Donoho 2020 and its
 descendants): every row is loaded into memory as float64; class means come from
 a Python loop over classes; the D×D within-class covariance ``Sigma_W`` is
@@ -242,7 +242,7 @@ def _per_class_fraction(hits, labels, num_classes):
 
 
 def _collapse_metrics(features, labels, class_means, center, weights, bias, pinv_rtol):
-    """DESIGN.md's table on float64 rows, against ``class_means`` (C, D) and ``mu_G`` (D,).
+    """Every metric on float64 rows, against ``class_means`` (C, D) and ``mu_G`` (D,).
 
     Returns
     -------
