@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncfast.harness.training import TrainConfig, check_output_folder, train
+from ncfast.dumps import check_output_folder, write_text_atomically
+from ncfast.harness.training import TrainConfig, train
 
 
 @dataclass
@@ -116,8 +117,7 @@ def write_report(out, *, title, claim, configs, table, checks, plots, notes=()):
     lines += ["", "Plots:", ""]
     lines += [f"![{plot}]({plot})" for plot in plots if os.path.exists(os.path.join(out, plot))]
     path = os.path.join(out, "report.md")
-    with open(path, "w") as stream:
-        stream.write("\n".join(lines) + "\n")
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return path, held
 
 
