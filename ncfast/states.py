@@ -192,9 +192,9 @@ def load_state(path):
     kind = metadata.get("ncfast_state")
     if kind is None:
         names = ", ".join(sorted(tensors)[:4]) + (", ..." if len(tensors) > 4 else "")
-        raise ValueError(f"{path}: a safetensors file without ncfast's state metadata (tensors "
-                         f"{names or 'none'}), e.g. model weights or features, not an ncfast "
-                         f"state; expected {_EXPECTED_STATE}")
+        raise ValueError(f"{path}: not an ncfast state but a safetensors file without its "
+                         f"metadata (tensors {names or 'none'}: model weights or features?); "
+                         f"expected {_EXPECTED_STATE}")
     if kind not in STATE_KINDS or metadata.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: not an ncfast state file of version {STATE_VERSION} "
                          f"(found kind {kind!r}, version {metadata.get('version')!r}); write it "

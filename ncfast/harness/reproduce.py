@@ -66,8 +66,7 @@ def train_and_analyze(configs, out, *, progress=True):
     rows : list of dict
         ``ncfast.analyze`` rows of every run, ``row["run"]`` naming its run.
     """
-    from ncfast.analyze import analyze, scalar_metrics, write_results
-    from ncfast.plots import write_plots
+    from ncfast.analyze import analyze, write_analysis
 
     for config in configs.values():
         config.validate()
@@ -81,8 +80,7 @@ def train_and_analyze(configs, out, *, progress=True):
     run_of_path = {os.path.normpath(result.path): name for name, result in results.items()}
     for row in analysis.rows:
         row["run"] = run_of_path[os.path.normpath(row["source"])]
-    write_results(analysis, out)
-    write_plots(analysis.rows, out, scalar_metrics(analysis.rows))
+    write_analysis(analysis, out)
     return results, analysis.rows
 
 
