@@ -174,12 +174,11 @@ def _per_class(row, key):
                     dtype=float)[row["present_classes"]]
 
 
-def _cosine_panel(figure, grid_cell, matrix, num_means):
+def _cosine_panel(figure, axes, matrix, num_means):
     """Heatmap of the cosines between centred class means, the ETF's value on its colour bar."""
-    axes = figure.add_subplot(grid_cell)
     image = axes.imshow(matrix, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
     etf = -1.0 / (num_means - 1)
-    colorbar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    colorbar = figure.colorbar(image, ax=axes, shrink=0.9)
     colorbar.ax.axhline(etf, color="black", linewidth=2)
     colorbar.set_ticks([-1.0, etf, 0.0, 1.0], labels=["-1", f"ETF {etf:.3g}", "0", "1"])
     axes.set_title("cos between centred class means", fontsize=9)
@@ -187,44 +186,57 @@ def _cosine_panel(figure, grid_cell, matrix, num_means):
     axes.set_ylabel("class")
 
 
-def _cosine_distribution_panel(axes, counts, edges, num_means):
-    """Histogram of the off-diagonal cosines with the simplex ETF's value marked."""
+def _cosine_distribution_panel(axes, cosines, histogram, num_means):
+    """Distribution of the off-diagonal cosines with the simplex ETF's value marked.
+
+    ``cosines`` (the pairs' values) when the row has the matrix, else the stored
+    ``histogram`` ``(counts, edges)``.
+    """
     etf = -1.0 / (num_means - 1)
-    axes.stairs(counts, edges, fill=True, alpha=0.6)
+    if cosines is not None:
+        axes.hist(cosines, bins="auto", alpha=0.7)
+        low, high = min(cosines.min(), etf), max(cosines.max(), etf)
+    else:
+        counts, edges = histogram
+        axes.stairs(counts, edges, fill=True, alpha=0.7)
+        filled = np.flatnonzero(counts)
+        low, high = min(edges[filled[0]], etf), max(edges[filled[-1] + 1], etf)
+    margin = 0.05 * max(high - low, 0.1)
+    axes.set_xlim(max(-1.0, low - margin), min(1.0, high + margin))
     axes.axvline(etf, color="black", linestyle="--", linewidth=1.2,
                  label=f"simplex ETF: -1/(C-1) = {etf:.3g}")
-    axes.set_xlim(-1.0, 1.0)
-    axes.set_xlabel("cos between centred class means (pairs)")
-    axes.set_ylabel("pairs")
+    axes.set_xlabel("cos between centred class means")
+    axes.set_ylabel("class pairs")
     axes.set_title(f"{num_means * (num_means - 1) // 2} class pairs", fontsize=9)
     axes.legend(fontsize=7)
 
 
-def _class_panel(axes, classes, values, label, *, other=None, other_label=None):
-    """One bar per class when they fit, else the distribution over classes."""
-    finite = np.isfinite(values)
+def _class_panel(axes, classes, series, label, value_range=None):
+    """One bar per class (side by side for several series) when they fit, else the
+    distribution over classes (histogram bins over ``value_range`` when given).
+
+    ``series`` is a list of ``(values over classes, name)``.
+    """
     if classes.size <= DRAWN_CLASSES:
-        width = 0.8 if other is None else 0.4
-        axes.bar(np.arange(classes.size) - (0 if other is None else width / 2), values, width,
-                 label=label)
-        if other is not None:
-            axes.bar(np.arange(classes.size) + width / 2, other, width, label=other_label)
-            axes.legend(fontsize=7)
+        width = 0.8 / len(series)
+        for index, (values, name) in enumerate(series):
+            offset = (index - (len(series) - 1) / 2) * width
+            axes.bar(np.arange(classes.size) + offset, values, width, label=name)
         if classes.size <= 20:
             axes.set_xticks(np.arange(classes.size), [str(c) for c in classes], fontsize=7)
+        values = series[0][0]
+        if np.isfinite(values).any():
+            axes.axhline(np.nanmean(values), color="black", linewidth=0.8, linestyle=":")
         axes.set_xlabel("class")
-        if finite.any():
-            axes.axhline(np.mean(values[finite]), color="black", linewidth=0.8, linestyle=":")
         axes.set_ylabel(label)
-        return
-    series = [(values, label)] + ([] if other is None else [(other, other_label)])
-    for series_values, series_label in series:
-        kept = series_values[np.isfinite(series_values)]
-        axes.hist(kept, bins=40, alpha=0.6, label=series_label)
-    axes.set_xlabel(label if other is None else f"{label} / {other_label}")
-    axes.set_ylabel("classes")
-    if other is not None:
-        axes.legend(fontsize=7)
+    else:
+        for values, name in series:
+            axes.hist(values[np.isfinite(values)], bins=40, range=value_range, alpha=0.6,
+                      label=name)
+        axes.set_xlabel(label)
+        axes.set_ylabel("classes")
+    if len(series) > 1:
+        axes.legend(fontsize=7, framealpha=0.9)
 
 
 def snapshot_figure(row, title):
@@ -246,27 +258,28 @@ def snapshot_figure(row, title):
     if classes.size < 2 or (row.get("cosine_matrix") is None
                             and row.get("cosine_histogram") is None):
         return None
-    figure = Figure(figsize=(12.0, 7.5))
-    grid = figure.add_gridspec(2, 6, hspace=0.45, wspace=1.1)
+    figure = Figure(figsize=(12.0, 7.5), layout="constrained")
+    grid = figure.add_gridspec(2, 6)
     if row.get("cosine_matrix") is not None:
         matrix = np.array(row["cosine_matrix"], dtype=float)
-        _cosine_panel(figure, grid[0, 0:3], matrix, classes.size)
-        counts, edges = cosine_histogram(matrix[np.triu_indices(classes.size, 1)])
-    else:
-        counts, edges = (np.array(row["cosine_histogram"][key], dtype=float)
-                         for key in ("counts", "edges"))
-    _cosine_distribution_panel(figure.add_subplot(grid[0, 3:6]), counts, edges, classes.size)
-    _class_panel(figure.add_subplot(grid[1, 0:2]), classes, _per_class(row, "class_variances"),
-                 "variance sigma_c^2")
-    _class_panel(figure.add_subplot(grid[1, 2:4]), classes, _per_class(row, "class_mean_norms"),
-                 "||mu_c - mu_G||")
-    ncc = _per_class(row, "class_ncc_accuracy")
-    classifier = _per_class(row, "class_accuracy")
-    axes = figure.add_subplot(grid[1, 4:6])
-    if classifier is None:
-        _class_panel(axes, classes, ncc, "NCC accuracy")
-    else:
-        _class_panel(axes, classes, classifier, "accuracy", other=ncc, other_label="NCC")
+        _cosine_panel(figure, figure.add_subplot(grid[0, 0:3]), matrix, classes.size)
+        _cosine_distribution_panel(figure.add_subplot(grid[0, 3:6]),
+                                   matrix[np.triu_indices(classes.size, 1)], None, classes.size)
+    else:  # too many classes for a heatmap: their distribution takes the whole row
+        histogram = tuple(np.array(row["cosine_histogram"][key], dtype=float)
+                          for key in ("counts", "edges"))
+        _cosine_distribution_panel(figure.add_subplot(grid[0, :]), None, histogram,
+                                   classes.size)
+    _class_panel(figure.add_subplot(grid[1, 0:2]), classes,
+                 [(_per_class(row, "class_variances"), "variance")],
+                 r"within-class variance $\sigma_c^2$")
+    _class_panel(figure.add_subplot(grid[1, 2:4]), classes,
+                 [(_per_class(row, "class_mean_norms"), "norm")], r"$\|\mu_c - \mu_G\|$")
+    accuracies = [(_per_class(row, "class_ncc_accuracy"), "nearest class centre")]
+    if row.get("class_accuracy") is not None:
+        accuracies.insert(0, (_per_class(row, "class_accuracy"), "classifier"))
+    _class_panel(figure.add_subplot(grid[1, 4:6]), classes, accuracies, "accuracy",
+                 value_range=(0.0, 1.0))
     summary = "  ".join(f"{name} {row[name]:.3g}" for name in ("nc1", "nc2_etf", "nc3")
                         if row.get(name) is not None)
     figure.suptitle(f"{title}\n{classes.size} classes with means; {summary}", fontsize=10)
