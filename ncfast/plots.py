@@ -258,8 +258,9 @@ def snapshot_figure(row, title):
     if classes.size < 2 or (row.get("cosine_matrix") is None
                             and row.get("cosine_histogram") is None):
         return None
-    figure = Figure(figsize=(12.0, 7.5), layout="constrained")
-    grid = figure.add_gridspec(2, 6)
+    figure = Figure(figsize=(12.0, 7.5))
+    grid = figure.add_gridspec(2, 6, left=0.06, right=0.98, bottom=0.08, top=0.9, wspace=1.2,
+                               hspace=0.3)
     if row.get("cosine_matrix") is not None:
         matrix = np.array(row["cosine_matrix"], dtype=float)
         _cosine_panel(figure, figure.add_subplot(grid[0, 0:3]), matrix, classes.size)
