@@ -9,8 +9,21 @@ from hypothesis import settings
 
 # CI runs the same examples every time, so that a red run is reproducible.
 settings.register_profile("ci", derandomize=True, print_blob=True)
-if os.environ.get("CI"):
+# The nightly job (NCFAST_NIGHTLY=1) draws fresh examples, 40 times as many (``examples``).
+settings.register_profile("nightly", print_blob=True)
+NIGHTLY = bool(os.environ.get("NCFAST_NIGHTLY"))
+if NIGHTLY:
+    settings.load_profile("nightly")
+elif os.environ.get("CI"):
     settings.load_profile("ci")
+
+#: How many more examples each property test draws in the nightly job.
+NIGHTLY_FACTOR = 40
+
+
+def examples(count):
+    """A property test's example count: ``count``, or ``NIGHTLY_FACTOR`` times it at night."""
+    return count * NIGHTLY_FACTOR if NIGHTLY else count
 
 #: Two analyses of the same rows agree to this relative error (issue 2).
 RELATIVE_TOLERANCE = 1e-10
