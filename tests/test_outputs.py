@@ -300,9 +300,8 @@ def test_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
     analyze([run], progress=True, use_cache=False)
     printed = capsys.readouterr().err
     lines = printed.splitlines()
-    assert [line.split(":")[1].strip() for line in lines] == ["[1/3] " + os.fspath(run) + " epoch 1",
-                                                              "[2/3] " + os.fspath(run) + " epoch 2",
-                                                              "[3/3] " + os.fspath(run) + " epoch 3"]
+    assert [line.split(": ")[1] for line in lines] == [
+        f"[{epoch}/3] {run} epoch {epoch}" for epoch in (1, 2, 3)]
     assert "\r" not in printed and "bytes" not in printed
     assert lines[-1].endswith("of features read)")
 

@@ -11,7 +11,7 @@ plots), ``metrics.json``/``metrics.csv`` and PNG plots into ``OUT``:
   MSE on scikit-learn digits, with and without weight decay.
 - ``imbalanced`` (Dang et al. 2023): unconstrained features with L=1 and L=3
   bias-free linear heads, MSE, class counts [200, 100, 50, 50], against the
-  closed form of DESIGN.md.
+  closed form in docs/metrics.md.
 """
 import dataclasses
 import os
@@ -286,7 +286,7 @@ ORTHOGONALITY_TOLERANCE = 1e-2
 
 
 def imbalanced_closed_form(class_counts, *, head_depth, weight_decay, feature_decay):
-    """Predicted row norms of ``W = W_L ... W_1`` and of the class means (DESIGN.md).
+    """Predicted row norms of ``W = W_L ... W_1`` and class means (docs/metrics.md).
 
     ``x_c`` is the largest real root of ``b / n_c = L x^{L-1} / (x^L + 1)^2``
     with ``b = L N (N lambda_W^L lambda_H)^{1/L}`` (0 when there is none);
@@ -406,7 +406,7 @@ def imbalanced(out, *, head_depths=(1, 3), progress=True):
         out, title="Reproduction 3: imbalanced bias-free MSE (Dang et al. 2023)",
         claim=IMBALANCED_CLAIM, configs=configs, table=table, checks=checks,
         plots=("nc2_orthogonality.png", "nc1.png"),
-        notes=("Norms are compared in absolute terms (DESIGN.md states proportionality; with "
+        notes=("Norms are compared in absolute terms (docs/metrics.md states proportionality; with "
                "the loss `||WH - Y||^2/(2N) + lambda_W/2 sum ||W_l||^2 + lambda_H/2 ||H||^2` "
                "the closed form holds exactly). `mu_c` is the uncentred class mean of the free "
                "features; `w_c` a row of the head's product W_L...W_1.",
