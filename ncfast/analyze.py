@@ -701,10 +701,7 @@ def write_analysis(analysis, out, metrics=None, *, plots=True):
 
     Parameters
     ----------
-    analysis : Analysis
-    out : str or PathLike
-        Folder; created if missing.
-    metrics : sequence of str, optional
+    analysis, out, metrics :
         As in ``write_results``; the figures are drawn for the same metrics.
     plots : bool
         Draw figures (``ncfast.plots.write_plots``). Either way the figures an

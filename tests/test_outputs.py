@@ -306,6 +306,23 @@ def test_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
     assert lines[-1].endswith("of features read)")
 
 
+def test_progress_bar_counts_checkpoints_and_measures_bytes(monkeypatch):
+    from rich.console import Console
+
+    from ncfast.analyze import _Progress
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stderr is a terminal
+    shown = _Progress(3, 5_000_000, enabled=True)
+    shown.bar.advance(shown.checkpoint_task, 1)
+    shown.read(1_000_000)
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(shown.bar.make_tasks_table(shown.bar.tasks))
+    checkpoints, features = console.file.getvalue().splitlines()
+    assert re.search(r"checkpoints .* 1/3\s*$", checkpoints)
+    assert "bytes" not in checkpoints and "B" not in checkpoints.split()[-1]
+    assert re.search(r"features read .* 1\.0/5\.0 MB", features)
+
+
 def test_training_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
     from test_harness import SMALL
 
