@@ -82,10 +82,12 @@ def magnitude_ratio(report):
 def metric_rtol(name, report):
     """The relative tolerance of one metric (or ``pinv_condition``) of ``report``.
 
-    Float32-GEMM metrics: (D + 1) float32 eps; float64 metrics: ``FLOAT64_RTOL``;
-    both scaled up by the magnitude ratio of the means; whatever goes through the
-    pseudo-inverse is amplified by its condition number (``pinv_condition``, as in
-    ``conftest.CONDITIONED_RTOL``).
+    Float64 metrics: ``FLOAT64_RTOL``, scaled up by the magnitude ratio of the
+    means; whatever goes through the pseudo-inverse is amplified by its
+    condition number (``pinv_condition``, as in ``conftest.CONDITIONED_RTOL``).
+    Float32-GEMM metrics: (D + 1) float32 eps on top, which holds unless the
+    residuals nearly cancel in the directions of the class means
+    (``nc1_rounding_bound`` covers that case).
     """
     if name in CANCELLING_METRICS:
         return REFERENCE_RTOL
@@ -129,25 +131,52 @@ def analytic_zero_floors(case, global_mean="classes"):
     return dict.fromkeys(names, floor)
 
 
-def textbook_pinv_condition(case, global_mean="classes", pinv_rtol=1e-10):
-    """Condition number of the textbook's pseudo-inverted ``Sigma_B`` on a case's rows.
+def textbook_nc1_facts(case, global_mean="classes", pinv_rtol=1e-10):
+    """The condition number NC1's pseudo-inverse should report, and NC1's rounding bounds.
 
-    The largest over the smallest eigenvalue of the D×D ``Sigma_B`` kept by the
-    cut at ``pinv_rtol`` of the largest (``np.linalg.eigvalsh``, class means from
-    a loop over classes, as ``ncfast.textbook`` forms them).
+    From the case's rows in float64, as ``ncfast.textbook`` forms them: class
+    means from a loop over classes, the D×D ``M~^T M~`` and its eigenpairs
+    ``(lambda_j, u_j)`` above ``pinv_rtol`` of the largest (those of the Gram).
+
+    NC1 is ``(1/N) sum_i sum_j (u_j . r_i)^2 / lambda_j``. Rounding a residual to
+    float32 and a D-term float32 product move ``u_j . r_i`` by at most about
+    ``(D + 1) / 2`` float32 eps times ``||r_i||`` (not times ``|u_j . r_i|``, which
+    can be far smaller), so NC1 moves by at most ``(D + 1)`` float32 eps times
+    ``B = (1/N) sum_ij |u_j . r_i| ||r_i|| / lambda_j``, to first order.
+
+    Returns
+    -------
+    dict
+        ``condition`` (largest over smallest kept eigenvalue), ``nc1`` (B of all
+        rows) and, with ``clean_labels``, ``nc1_clean`` (B of the clean rows
+        against their own means).
     """
     features = np.asarray(case["features"], dtype=np.float64)
-    labels = case["labels"]
-    classes = np.unique(labels)
-    means = np.stack([features[labels == c].mean(axis=0) for c in classes])
-    center = means.mean(axis=0) if global_mean == "classes" else features.mean(axis=0)
-    centred = means - center
-    eigenvalues = np.linalg.eigvalsh(centred.T @ centred / len(classes))
-    kept = eigenvalues[eigenvalues > pinv_rtol * eigenvalues.max()]
-    return float(kept.max() / kept.min())
+
+    def spectrum_and_bound(rows, labels):
+        classes = np.unique(labels)
+        means = np.zeros((classes.max() + 1, features.shape[1]))
+        for c in classes:
+            means[c] = rows[labels == c].mean(axis=0)
+        center = means[classes].mean(axis=0) if global_mean == "classes" else rows.mean(axis=0)
+        centred = means[classes] - center
+        eigenvalues, vectors = np.linalg.eigh(centred.T @ centred)
+        kept = eigenvalues > pinv_rtol * eigenvalues.max()
+        residuals = rows - means[labels]
+        projections = np.abs(residuals @ vectors[:, kept])
+        bound = (projections * np.linalg.norm(residuals, axis=1)[:, None]
+                 / eigenvalues[kept]).sum() / len(labels)
+        return eigenvalues[kept], float(bound)
+
+    kept, bound = spectrum_and_bound(features, case["labels"])
+    facts = {"condition": float(kept.max() / kept.min()), "nc1": bound}
+    if "clean_labels" in case:
+        clean = case["labels"] == case["clean_labels"]
+        facts["nc1_clean"] = spectrum_and_bound(features[clean], case["labels"][clean])[1]
+    return facts
 
 
-def assert_matches_textbook(report, reference, *, zero_floors=None, pinv_condition=None):
+def assert_matches_textbook(report, reference, *, zero_floors=None, facts=None):
     """Assert a ``CollapseReport`` agrees with a ``textbook_collapse`` result.
 
     Parameters
@@ -159,8 +188,10 @@ def assert_matches_textbook(report, reference, *, zero_floors=None, pinv_conditi
         ``{name: floor}`` for metrics that are 0 analytically on these inputs
         (``analytic_zero_floors``): both values must be at most the floor
         instead of agreeing to relative error.
-    pinv_condition : float, optional
-        The textbook's condition number (``textbook_pinv_condition``).
+    facts : dict, optional
+        ``textbook_nc1_facts`` of the inputs: ``pinv_condition`` is checked
+        against it, and NC1 is held to its rounding bound (absolute) instead of
+        the relative ``metric_rtol``.
     """
     zero_floors = zero_floors or {}
     expected_metrics = {name: value for name, value in reference.items()
@@ -173,13 +204,18 @@ def assert_matches_textbook(report, reference, *, zero_floors=None, pinv_conditi
         elif name in zero_floors:
             assert max(abs(actual), abs(expected)) <= zero_floors[name], \
                 (name, actual, expected, zero_floors[name])
+        elif facts is not None and name in FLOAT32_METRICS:
+            float64_part = (max(FLOAT64_RTOL * magnitude_ratio(report), CONDITIONED_RTOL)
+                            * report.pinv_condition * abs(expected))
+            bound = (report.num_features + 1) * FLOAT32_EPS * facts[name] + float64_part
+            assert abs(actual - expected) <= bound, (name, actual, expected, bound)
         else:
             assert actual == pytest.approx(expected, rel=metric_rtol(name, report), abs=0), \
                 (name, actual, expected, metric_rtol(name, report))
     assert report.rank == reference["rank"]
-    if pinv_condition is not None:
+    if facts is not None:
         assert report.pinv_condition == pytest.approx(
-            pinv_condition, rel=metric_rtol("pinv_condition", report), abs=0)
+            facts["condition"], rel=metric_rtol("pinv_condition", report), abs=0)
     np.testing.assert_array_equal(report.class_counts, reference["class_counts"])
     np.testing.assert_array_equal(report.class_ncc_accuracy, reference["class_ncc_accuracy"])
     if reference["class_accuracy"] is None:
@@ -233,7 +269,7 @@ def test_every_metric_matches_textbook(name, with_classifier):
     report = ncfast.collapse(**case)
     assert_matches_textbook(report, textbook_collapse(**case),
                             zero_floors=analytic_zero_floors(case),
-                            pinv_condition=textbook_pinv_condition(case))
+                            facts=textbook_nc1_facts(case))
     features_per_row = case["features"].shape[1]
     assert report.route == ("features" if case["num_classes"] > features_per_row else "classes")
 
@@ -245,7 +281,7 @@ def test_random_small_cases_match_textbook(parameters, global_mean):
     report = ncfast.collapse(**case, global_mean=global_mean, empty_classes="ignore")
     assert_matches_textbook(report, textbook_collapse(**case, global_mean=global_mean),
                             zero_floors=analytic_zero_floors(case, global_mean),
-                            pinv_condition=textbook_pinv_condition(case, global_mean))
+                            facts=textbook_nc1_facts(case, global_mean))
 
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
@@ -431,7 +467,7 @@ def test_pinv_condition_of_a_known_spectrum(scales, rank, condition, num_feature
     assert report.rank == rank
     assert report.pinv_condition == pytest.approx(condition, rel=1e-12)
     case = {"features": means[labels], "labels": labels}
-    assert textbook_pinv_condition(case) == pytest.approx(condition, rel=1e-12)
+    assert textbook_nc1_facts(case)["condition"] == pytest.approx(condition, rel=1e-12)
 
 
 def _rows_around_the_radius(means, seed=0):
