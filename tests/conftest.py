@@ -53,22 +53,28 @@ FLOAT32_FLIP_FIELDS = ("nc1", "nc1_clean")
 def geometry_rtol(report):
     """Rounding allowed in every float field, from how close two class means come.
 
-    The metrics take pair distances and angles from Gram entries
-    (``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b``, ``||u_a - u_b||^2 = 2 - 2 cos``),
-    which cancel when two class means nearly coincide: float64 eps times (the
-    largest centred-mean norm over the smallest gap between means) squared. Found
-    by the nightly run: a class holding only rows flipped from another, 3e-3 from it
-    (norms near 8), whose cdnv and gnc2 moved by 4e-10 and 2e-10 between row orders.
+    Centring subtracts means of norm up to ``|mu|`` and the metrics take pair
+    distances and angles from Gram entries (``||a - b||^2 = ||a||^2 + ||b||^2 -
+    2 a.b``, ``||u_a - u_b||^2 = 2 - 2 cos``): both cancel when two class means
+    nearly coincide, by float64 eps times (the largest mean norm, centred or not,
+    over the smallest gap between means) squared. It is also the floor below which
+    values count as zero. Found by the nightly run: a class holding only rows
+    flipped from another, 3e-3 from it (norms near 8), whose cdnv and gnc2 moved by
+    4e-10 and 2e-10 between row orders; two means 1.5e-4 apart near 1.66, whose
+    nc2_equinorm and nc2_etf (0 analytically) came out as 0 or 2e-12.
     """
     means = report.means[report.present_classes]
     gaps = np.sqrt(((means[:, None, :] - means[None, :, :]) ** 2).sum(axis=2))
     smallest_gap = gaps[~np.eye(len(means), dtype=bool)].min()
-    largest_norm = np.nanmax(report.class_mean_norms)
+    largest_norm = max(np.linalg.norm(means, axis=1).max(), np.nanmax(report.class_mean_norms))
     return 4.0 * float(np.finfo(np.float64).eps) * (largest_norm / smallest_gap) ** 2
 
 
-def _value_mismatch(name, actual, expected, rtol):
-    """Describe how ``actual`` differs from ``expected``, or return None when they agree."""
+def _value_mismatch(name, actual, expected, rtol, zero=ROUNDING_ZERO):
+    """Describe how ``actual`` differs from ``expected``, or return None when they agree.
+
+    Values both within ``zero`` of zero agree.
+    """
     if actual is None or expected is None:
         return None if actual is expected else f"{name}: {actual!r} != {expected!r}"
     if isinstance(expected, (str, int, np.integer)):
@@ -82,7 +88,7 @@ def _value_mismatch(name, actual, expected, rtol):
     if not np.array_equal(actual_nan, expected_nan):
         return f"{name}: NaN at different places: {actual} vs {expected}"
     differ = ~expected_nan & (actual != expected)  # equal values (infinities too) agree
-    differ &= (np.abs(actual) > ROUNDING_ZERO) | (np.abs(expected) > ROUNDING_ZERO)
+    differ &= (np.abs(actual) > zero) | (np.abs(expected) > zero)
     actual, expected = actual[differ], expected[differ]
     error = np.abs(actual - expected)
     if (np.isfinite(expected) & (error <= rtol * np.abs(expected))).all():
@@ -99,9 +105,8 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
     to ``rtol`` relative error (``CONDITIONED_FIELDS``: at least
     ``CONDITIONED_RTOL`` times the pseudo-inverse's condition number;
     ``FLOAT32_FLIP_FIELDS`` at least float32 eps times it; every field at least
-    ``geometry_rtol``), with NaN
-    in the same places; values that are both within ``ROUNDING_ZERO`` of zero
-    agree.
+    ``geometry_rtol``), with NaN in the same places; values that are both within
+    ``ROUNDING_ZERO`` (or ``geometry_rtol``) of zero agree.
 
     Returns
     -------
@@ -118,7 +123,8 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
             field_rtol = max(field_rtol,
                              float(np.finfo(np.float32).eps) * expected.pinv_condition)
         mismatch = _value_mismatch(item.name, getattr(actual, item.name),
-                                   getattr(expected, item.name), field_rtol)
+                                   getattr(expected, item.name), field_rtol,
+                                   max(ROUNDING_ZERO, geometry_floor))
         if mismatch is not None:
             mismatches.append(mismatch)
     return mismatches
