@@ -1,7 +1,7 @@
 """The floor of the machine: memory read bandwidth, sgemm rate and the many-classes products.
 
 ncfast reads the features twice and does one float32 GEMM of ``2·N·D·k``
-flops in pass 2 (k = C, or 2C with a classifier; DESIGN.md). No
+flops in pass 2 (k = C, or 2C with a classifier; docs/algorithm.md). No
 implementation can beat, per pass, the larger of the time to read the bytes
 at the machine's read bandwidth and the time of its flops at the machine's
 best sgemm rate; the floor of a run is that bound summed over the two passes.

@@ -15,8 +15,8 @@ from bench.torch_route import torch_collapse
 from ncfast.textbook import textbook_collapse
 
 #: Relative tolerance of each route against the float64 textbook route: ncfast
-#: is held to DESIGN.md's 1e-5; both torch routes accumulate in float32 (their
-#: library's default), and the D×D pseudo-inverse of float32 covariances
+#: is held to the design's 1e-5 (docs/metrics.md); both torch routes accumulate
+#: in float32 (their library's default), and the D×D pseudo-inverse of float32 covariances
 #: loses a few more digits.
 TOLERANCES = {"ncfast": 1e-5, "torch": 1e-2, "torch-gemm": 1e-2}
 

@@ -159,8 +159,8 @@ def reduce_tile(dots, tile, out, row_nearest, col_nearest, row_inverse, col_inve
     exponent = tile.riesz_exponent
     sign = 1.0 if exponent >= 0 else -1.0
     has_w = tile.weight_norms.shape[0] > 0
-    inverse_norms = 1.0 / tile.mean_norms[col_start:col_start + cols]
-    col_sq_norms = tile.mean_norms[col_start:col_start + cols] ** 2
+    col_norms = tile.mean_norms[col_start:col_start + cols]
+    col_sq_norms = col_norms ** 2
     col_offsets = tile.mean_offsets[col_start:col_start + cols] + tile.global_sq_norm
     unit_sq_distances = np.empty(cols)
     log_values, riesz_buffer, scratch = np.empty(cols), np.empty(cols), np.empty(cols)
@@ -188,8 +188,8 @@ def reduce_tile(dots, tile, out, row_nearest, col_nearest, row_inverse, col_inve
     log_infinite = riesz_infinite = 0.0
     for i in range(rows):
         a = row_start + i
-        sq_a = tile.mean_norms[a] ** 2
-        inverse_a = 1.0 / tile.mean_norms[a]
+        norm_a = tile.mean_norms[a]
+        sq_a = norm_a * norm_a
         offset_a = tile.mean_offsets[a]
         j_first = 0
         if diagonal:
@@ -207,7 +207,9 @@ def reduce_tile(dots, tile, out, row_nearest, col_nearest, row_inverse, col_inve
             product = dot + offset_a + col_offsets[j]
             uncentred_off += 2.0 * product * product
             sq_distance = max(sq_a + col_sq_norms[j] - 2.0 * dot, 0.0)
-            cosine = dot * inverse_a * inverse_norms[j]
+            # A division, not products of inverse norms: collinear means then give
+            # cosines of exactly +-1, as unit vectors do.
+            cosine = dot / (norm_a * col_norms[j])
             unit_sq_distance = 2.0 - 2.0 * cosine
             unit_sq_distances[j] = unit_sq_distance if unit_sq_distance > UNIT_SQ_DISTANCE_FLOOR \
                 else 0.0
@@ -263,15 +265,15 @@ def _reduce_classifier_blocks(dots, tile, rows, cols, diagonal, ideal, etf_diago
     (the WW block) and ``(w_a . mu~_b - etf_scale_w E_ab)^2`` over ordered pairs: the
     WM~ block, and off the diagonal the M~W block (``w_b . mu~_a``) too."""
     row_start, col_start = tile.row_start, tile.col_start
-    inverse_norms = 1.0 / tile.weight_norms[col_start:col_start + cols]
+    col_norms = tile.weight_norms[col_start:col_start + cols]
     cos_sum = cos_sq_sum = maxangle_sum = etf_sum = 0.0
     scaled_off = tile.etf_scale_w * etf_off
     scaled_diagonal = tile.etf_scale_w * etf_diagonal
     for i in range(rows):
-        inverse_a = 1.0 / tile.weight_norms[row_start + i]
+        norm_a = tile.weight_norms[row_start + i]
         j_first = i + 1 if diagonal else 0
         for j in range(j_first, cols):
-            cosine = dots[rows + i, cols + j] * inverse_a * inverse_norms[j]
+            cosine = dots[rows + i, cols + j] / (norm_a * col_norms[j])
             cos_sum += cosine - cos_w_shift
             cos_sq_sum += (cosine - cos_w_shift) ** 2
             maxangle_sum += abs(cosine - ideal)

@@ -34,22 +34,40 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 from rich.console import Console
+from rich.filesize import decimal as decimal_size
 from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
-                           TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+                           ProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn)
 
 from ncfast import __version__
 from ncfast.api import collapse
-from ncfast.dumps import MANIFEST, open_run, write_atomically, write_json_atomically
-from ncfast.geometry import PINV_RTOL
+from ncfast.dumps import (MANIFEST, check_output_folder, open_run, write_json_atomically,
+                          write_text_atomically)
+from ncfast.geometry import PINV_RTOL, Geometry
 from ncfast.inputs import check_chunk_size
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
 from ncfast.report import METRICS
 
 #: Bumped when the rows change form; cached rows are also keyed by the ncfast version.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_NAME = "ncfast-cache.json"
+
+#: Classes up to which a row carries the whole matrix of cosines between centred
+#: class means (``cosine_matrix``, drawn as a heatmap); beyond, the histogram of its
+#: off-diagonal entries (``cosine_histogram``). Snapshot figures draw one bar per
+#: class up to this many classes, distributions beyond.
+DRAWN_CLASSES = 100
+
+#: Bins of the cosine histograms, evenly over [-1, 1].
+COSINE_BINS = 40
+
+#: Class means per tile of the cosine histogram (memory: tile × C' float64).
+COSINE_TILE = 512
+
+#: Row keys kept in the cache and in memory but not in ``metrics.json`` (large).
+UNWRITTEN_KEYS = ("cosine_matrix",)
 
 #: Columns of every result row before the metrics.
 ROW_KEYS = ("source", "epoch", "split", "layer", "measured_against", "num_samples",
@@ -361,9 +379,55 @@ def _measure_layer(checkpoint, layer, splits, num_classes, *, chunk_size, global
             anchor = report
         row = {"source": checkpoint.source, "epoch": checkpoint.epoch, "split": split,
                "layer": layer, "measured_against": ANCHOR_SPLIT if anchor is not None else split,
-               **report.to_dict()}
+               **report.to_dict(), **class_mean_cosines(report)}
         rows.append(row)
     return rows
+
+
+def cosine_histogram(cosines):
+    """Counts of cosines in ``COSINE_BINS`` even bins over [-1, 1].
+
+    Returns
+    -------
+    counts : int64 array of shape (COSINE_BINS,)
+    edges : float64 array of shape (COSINE_BINS + 1,)
+    """
+    edges = np.linspace(-1.0, 1.0, COSINE_BINS + 1)
+    bins = np.clip(((np.asarray(cosines) + 1.0) * (COSINE_BINS / 2.0)).astype(np.int64), 0,
+                   COSINE_BINS - 1)
+    return np.bincount(bins.ravel(), minlength=COSINE_BINS), edges
+
+
+def class_mean_cosines(report):
+    """Cosines between the centred class means of a report, for snapshot figures.
+
+    Parameters
+    ----------
+    report : CollapseReport
+
+    Returns
+    -------
+    dict
+        ``{"cosine_matrix": C'×C' nested lists (4 decimals)}`` over the present
+        classes when C' <= ``DRAWN_CLASSES``, else ``{"cosine_histogram":
+        {"edges": [...], "counts": [...]}}`` over the C'(C'-1)/2 pairs (tiles
+        of ``COSINE_TILE`` means, never a C'×C' matrix).
+    """
+    geometry = Geometry.from_means(report.means, report.mean_counts,
+                                   global_mean=report.global_mean)
+    norms = np.sqrt(geometry.centred_sq_norms)
+    units = geometry.centred / np.where(norms > 0, norms, 1.0)[:, None]
+    num_means = units.shape[0]
+    if num_means <= DRAWN_CLASSES:
+        cosines = np.clip(units @ units.T, -1.0, 1.0)
+        return {"cosine_matrix": np.round(cosines, 4).tolist()}
+    counts = np.zeros(COSINE_BINS, np.int64)
+    for start in range(0, num_means, COSINE_TILE):
+        tile = units[start:start + COSINE_TILE] @ units[start:].T
+        later = np.arange(tile.shape[1])[None, :] > np.arange(tile.shape[0])[:, None]
+        tile_counts, edges = cosine_histogram(tile[later])
+        counts += tile_counts
+    return {"cosine_histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
 
 
 def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=None,
@@ -399,31 +463,102 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
     analysis = Analysis(failures=failures)
     settings = {"cache_version": CACHE_VERSION, "ncfast": __version__,
                 "global_mean": global_mean, "pinv_rtol": pinv_rtol}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress,
-                  transient=True) as bar:
-        checkpoint_task = bar.add_task("checkpoints", total=len(checkpoints))
-        byte_task = bar.add_task("features read (2 passes)", total=sum(
-            _feature_bytes(checkpoint, layers) for checkpoint in checkpoints))
-        on_bytes = lambda count: bar.advance(byte_task, count)  # noqa: E731
-        digests = _Digests(lambda path: bar.update(
-            checkpoint_task, description=f"[bold]hashing {os.path.basename(path)}"))
+    total_bytes = sum(_feature_bytes(checkpoint, layers) for checkpoint in checkpoints)
+    with _Progress(len(checkpoints), total_bytes, enabled=progress) as shown:
+        digests = _Digests(shown.hashing)
         for checkpoint in checkpoints:
-            bar.update(checkpoint_task, description=f"[bold]{checkpoint.name}")
-            done = bar.tasks[byte_task].completed
+            shown.start(checkpoint.name)
+            before = (analysis.measured, analysis.cached)
             try:
                 _analyze_checkpoint(checkpoint, analysis, layers=layers, chunk_size=chunk_size,
-                                    settings=settings, use_cache=use_cache, digests=digests,
-                                    on_bytes=on_bytes)
+                                    settings=settings, use_cache=use_cache,
+                                    digests=digests, on_bytes=shown.read)
+                outcome = (f"{analysis.measured - before[0]} layer group(s) measured, "
+                           f"{analysis.cached - before[1]} from cache")
             except (ValueError, TypeError, OSError) as error:
                 analysis.failures.append(Failure(checkpoint.name, _one_line(error)))
+                outcome = "FAILED (reason below)"
             # Cached and failed layer groups count as read, so that the bar ends full.
-            bar.update(byte_task, completed=done + _feature_bytes(checkpoint, layers))
-            bar.advance(checkpoint_task)
+            shown.finish(checkpoint.name, outcome, _feature_bytes(checkpoint, layers))
     analysis.rows.sort(key=lambda row: (row["source"], -1 if row["epoch"] is None
                                         else row["epoch"], row["layer"], row["split"]))
     return analysis
+
+
+class _TaskColumn(ProgressColumn):
+    """A progress column shown only for the byte task (``in_bytes``), or only for the other."""
+
+    def __init__(self, column, *, in_bytes):
+        super().__init__()
+        self.column, self.in_bytes = column, in_bytes
+
+    def render(self, task):
+        shown = bool(task.fields.get("in_bytes")) == self.in_bytes
+        return self.column.render(task) if shown else ""
+
+
+class _Progress:
+    """What ``analyze`` tells while it works, on stderr.
+
+    On a terminal, a rich bar of checkpoints (counted) and features read
+    (bytes); elsewhere (a log file, a pipe), one plain line per checkpoint.
+    """
+
+    def __init__(self, num_checkpoints, total_bytes, *, enabled):
+        console = Console(stderr=True)
+        self.enabled, self.console = enabled, console
+        self.num_checkpoints, self.done = num_checkpoints, 0
+        self.total_bytes, self.finished_bytes = total_bytes, 0
+        self.bar = None
+        if enabled and console.is_terminal:
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(),
+                _TaskColumn(MofNCompleteColumn(), in_bytes=False),
+                *(_TaskColumn(column, in_bytes=True) for column in (
+                    DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())),
+                console=console, transient=True)
+            self.checkpoint_task = self.bar.add_task("checkpoints", total=num_checkpoints)
+            self.byte_task = self.bar.add_task("features read (2 passes)", total=total_bytes,
+                                               in_bytes=True)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exception):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def start(self, name):
+        """A checkpoint begins."""
+        self._describe(f"[bold]{escape(name)}")
+
+    def hashing(self, path):
+        """A file's content digest is being computed (a long read)."""
+        self._describe(f"[bold]hashing {escape(os.path.basename(path))}")
+
+    def read(self, count):
+        """``count`` bytes of features were read."""
+        if self.bar is not None:
+            self.bar.advance(self.byte_task, count)
+
+    def finish(self, name, outcome, checkpoint_bytes):
+        """A checkpoint is done; its bytes count as read whether measured, cached or failed."""
+        self.done += 1
+        self.finished_bytes += checkpoint_bytes
+        if self.bar is not None:
+            self.bar.update(self.byte_task, completed=self.finished_bytes)
+            self.bar.advance(self.checkpoint_task)
+        elif self.enabled:
+            self.console.print(
+                f"ncfast analyze: [{self.done}/{self.num_checkpoints}] {name}: {outcome} "
+                f"({decimal_size(self.finished_bytes)} of {decimal_size(self.total_bytes)} of "
+                "features read)", markup=False, highlight=False, soft_wrap=True)
+
+    def _describe(self, description):
+        if self.bar is not None:
+            self.bar.update(self.checkpoint_task, description=description)
 
 
 def _feature_bytes(checkpoint, layers):
@@ -505,6 +640,33 @@ def scalar_metrics(rows, metrics=None):
     return [name for name in METRICS if any(row.get(name) is not None for row in rows)]
 
 
+def results_document(analysis, metrics=None):
+    """The JSON document of an analysis (``metrics.json``, ``--format json``).
+
+    ``{"rows": [...], "failures": [{"name", "reason"}]}``: each row keeps
+    ``ROW_KEYS``, the asked metrics (default: all), the run facts and
+    per-class lists of ``CollapseReport.to_dict``, and ``cosine_histogram``
+    where the classes are too many for ``cosine_matrix`` (kept in the cache
+    only).
+    """
+    dropped = (set(METRICS) - set(scalar_metrics(analysis.rows, metrics))) | set(UNWRITTEN_KEYS)
+    return {"rows": [{key: value for key, value in row.items() if key not in dropped}
+                     for row in analysis.rows],
+            "failures": [{"name": failure.name, "reason": failure.reason}
+                         for failure in analysis.failures]}
+
+
+def results_csv(analysis, metrics=None):
+    """The CSV text of an analysis: ``ROW_KEYS`` then one column per scalar metric."""
+    names = scalar_metrics(analysis.rows, metrics)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow([*ROW_KEYS, *names])
+    for row in analysis.rows:
+        writer.writerow([_csv_value(row.get(key)) for key in (*ROW_KEYS, *names)])
+    return text.getvalue()
+
+
 def write_results(analysis, out, metrics=None):
     """Write ``metrics.json`` and ``metrics.csv`` into ``out`` (atomically).
 
@@ -525,26 +687,46 @@ def write_results(analysis, out, metrics=None):
     """
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
-    names = scalar_metrics(analysis.rows, metrics)
-    dropped = set(METRICS) - set(names)
-    document = {"rows": [{key: value for key, value in row.items() if key not in dropped}
-                         for row in analysis.rows],
-                "failures": [{"name": failure.name, "reason": failure.reason}
-                             for failure in analysis.failures]}
-    json_path = os.path.join(out, "metrics.json")
-    write_json_atomically(json_path, document)
-    csv_path = os.path.join(out, "metrics.csv")
-
-    def write_csv(stream):
-        text = io.StringIO()
-        writer = csv.writer(text)
-        writer.writerow([*ROW_KEYS, *names])
-        for row in analysis.rows:
-            writer.writerow([_csv_value(row.get(key)) for key in (*ROW_KEYS, *names)])
-        stream.write(text.getvalue().encode())
-
-    write_atomically(csv_path, write_csv)
+    csv_path, json_path = os.path.join(out, "metrics.csv"), os.path.join(out, "metrics.json")
+    write_text_atomically(csv_path, results_csv(analysis, metrics))
+    write_json_atomically(json_path, results_document(analysis, metrics))
     return [json_path, csv_path]
+
+
+def write_analysis(analysis, out, metrics=None, *, plots=True):
+    """Write an analysis into ``out``: results, figures, and no figure of an earlier one.
+
+    Nothing is written when nothing was measured, so that a run whose every
+    input failed leaves the results of an earlier one as they were.
+
+    Parameters
+    ----------
+    analysis, out, metrics :
+        As in ``write_results``; the figures are drawn for the same metrics.
+    plots : bool
+        Draw figures (``ncfast.plots.write_plots``). Either way the figures an
+        earlier analysis left in ``out`` and this one does not draw are removed.
+
+    Returns
+    -------
+    written : list of str
+    removed : list of str
+        Figures of an earlier analysis removed from ``out``.
+
+    Raises
+    ------
+    ValueError
+        No row was measured.
+    """
+    from ncfast.plots import remove_stale_plots, write_plots
+
+    if not analysis.rows:
+        raise ValueError(f"nothing was measured; {os.fspath(out)} is left as it was")
+    written = write_results(analysis, out, metrics)
+    if not plots:
+        return written, remove_stale_plots(os.fspath(out), written)
+    drawn, removed = write_plots(analysis.rows, out, scalar_metrics(analysis.rows, metrics))
+    return written + drawn, removed
 
 
 def _csv_value(value):
@@ -556,6 +738,9 @@ def _csv_value(value):
 #: Metrics the ``analyze`` table shows when ``--metrics`` is not given (files keep all).
 TABLE_METRICS = ("nc1", "nc2_etf", "nc3", "nc4", "ncc_accuracy", "accuracy", "memorization",
                  "dilation")
+
+#: Printed forms of results (``--format``).
+FORMATS = ("table", "csv", "json")
 
 ANALYZE_DESCRIPTION = """\
 Measure neural collapse of every checkpoint x split x layer in run folders (written by
@@ -569,15 +754,28 @@ clean labels exist); other splits against the train means of the same checkpoint
 the classifier against the layer it reads. Results of each checkpoint are cached next to it,
 keyed by the content of its files: rerunning on a growing run measures only new checkpoints.
 
-Writes OUT/metrics.json, OUT/metrics.csv and OUT/METRIC.png (each metric against epoch on a
-log axis; memorization_vs_dilation.png with label noise). Exits with status 1, after
-measuring everything else, when any input is bad."""
+Prints the results (stdout) and writes OUT/metrics.json, OUT/metrics.csv, OUT/METRIC.png (each
+metric against epoch on a log axis, when a run has two checkpoints or more),
+OUT/memorization_vs_dilation.png (label noise) and OUT/snapshot-RUN-epochE-LAYER-SPLIT.png
+(the last checkpoint: cosines between class means against the simplex ETF, per-class
+variance, norm and accuracy). OUT is checked before anything is measured and written only
+when at least one input was measured; figures of those names that an earlier analysis left
+in OUT are removed. Progress, messages and errors go to stderr."""
 
 MERGE_DESCRIPTION = """\
-Merge partial pass states saved by ncfast.states.save_state on several processes or machines.
+Merge partial pass states saved by ncfast.states.save_state on several processes or machines
+(one file per worker and pass; README "Streaming states" shows the workflow).
+
 Pass-1 states (ClassSums) merge into OUT/pass1.safetensors, from which each worker builds the
-class means for pass 2; pass-2 states (ResidualStats, ResidualPass) merge into one report:
-printed, and written to OUT/metrics.json and OUT/metrics.csv."""
+class means for pass 2. Pass-2 states (ResidualStats, ResidualPass) merge into one report:
+printed (stdout) and written to OUT/metrics.json and OUT/metrics.csv.
+
+A pass-2 state records the row count of every class behind the means it was built on. The
+merged pass-2 states must hold exactly those rows: when a worker's state is missing (or one
+is given twice) the merge stops and says which classes fall short, instead of reporting on
+part of the rows. Pass --held-out when the pass-2 rows are other rows than those behind the
+means (held-out features measured against training means). The same file given twice is
+refused."""
 
 
 def add_commands(commands):
@@ -598,6 +796,10 @@ def add_commands(commands):
     parser.add_argument("--out", default="ncfast-analysis", metavar="DIR",
                         help="folder for metrics.json, metrics.csv and the PNG plots "
                              "(default: ./ncfast-analysis)")
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="how the results are printed: a table readable at any width, "
+                             "or the CSV / JSON of metrics.csv / metrics.json "
+                             "(default: %(default)s)")
     parser.add_argument("--chunk-size", type=int, metavar="ROWS",
                         help="rows read per block (default: about 8 MiB of float32 per block); "
                              "bounds memory, results do not depend on it")
@@ -610,7 +812,9 @@ def add_commands(commands):
     parser.add_argument("--no-cache", action="store_true",
                         help="measure everything again; neither read nor write the caches")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide the progress (a bar on a terminal, one line per checkpoint "
+                             "otherwise)")
     parser.set_defaults(handler=run_analyze)
 
     merge = commands.add_parser(
@@ -621,35 +825,105 @@ def add_commands(commands):
     merge.add_argument("--out", default="ncfast-merged", metavar="DIR",
                        help="folder for the merged pass-1 state or the report "
                             "(default: ./ncfast-merged)")
+    merge.add_argument("--held-out", action="store_true",
+                       help="the pass-2 rows are not the rows behind the class means (e.g. "
+                            "test features against training means): skip the check that "
+                            "every worker's state is here")
+    merge.add_argument("--format", choices=FORMATS, default="table",
+                       help="how the report is printed (default: %(default)s)")
     merge.set_defaults(handler=run_merge)
 
 
-def _results_table(rows, metrics, title):
+def _number(value):
+    return "-" if value is None else f"{value:.4g}"
+
+
+def results_tables(rows, metrics, width):
+    """Rich tables of result rows, readable at ``width`` columns.
+
+    No cell wraps inside a number. One row gives a vertical table (metric,
+    value, meaning) titled with its run, epoch, layer and split; several rows
+    give the key columns (run when there are several, epoch, split, layer)
+    and as many metric columns as fit, repeated over further tables for the
+    metrics left.
+
+    Parameters
+    ----------
+    rows : list of dict
+    metrics : sequence of str
+    width : int
+        Columns of the console.
+
+    Returns
+    -------
+    list of rich.table.Table
+    """
+    from rich import box
+    from rich.measure import Measurement
     from rich.table import Table
 
-    table = Table(title=title)
-    many_sources = len({row["source"] for row in rows}) > 1
-    headers = (["source"] if many_sources else []) + ["epoch", "split", "layer", *metrics]
-    for index, header in enumerate(headers):
-        table.add_column(header, overflow="fold",
-                         justify="right" if index >= len(headers) - len(metrics) else "left")
-    for row in rows:
-        cells = ([escape(row["source"])] if many_sources else []) + [
-            "" if row["epoch"] is None else str(row["epoch"]), escape(row["split"]),
-            escape(row["layer"])]
-        cells += ["-" if row.get(name) is None else f"{row[name]:.4g}" for name in metrics]
-        table.add_row(*cells)
-    return table
+    from ncfast.plots import source_labels
+
+    labels = source_labels(row["source"] for row in rows)
+    if len(rows) == 1:
+        (row,) = rows
+        epoch = "" if row["epoch"] is None else f" epoch {row['epoch']}"
+        table = Table(title=escape(f"{labels[row['source']]}{epoch}, {row['layer']} / "
+                                   f"{row['split']}"), box=box.SIMPLE_HEAD, title_justify="left")
+        table.add_column("metric", no_wrap=True)
+        table.add_column("value", justify="right", no_wrap=True)
+        table.add_column("meaning", overflow="fold")
+        for name in metrics:
+            table.add_row(name, _number(row.get(name)), escape(METRICS[name]))
+        return [table]
+    keys = (["run"] if len(labels) > 1 else []) + ["epoch", "split", "layer"]
+    key_cells = [([labels[row["source"]]] if len(labels) > 1 else [])
+                 + ["" if row["epoch"] is None else str(row["epoch"]), row["split"], row["layer"]]
+                 for row in rows]
+
+    def table_of(names):
+        table = Table(box=box.SIMPLE_HEAD)
+        for key in keys:
+            table.add_column(key, overflow="fold", max_width=30 if key == "run" else None)
+        for name in names:
+            table.add_column(name, justify="right", no_wrap=True)
+        for row, cells in zip(rows, key_cells):
+            table.add_row(*map(escape, cells), *(_number(row.get(name)) for name in names))
+        return table
+
+    measuring = Console(width=1 << 16)  # a table's natural width, not clamped to ``width``
+    groups = [[]]
+    for name in metrics:
+        fits = Measurement.get(measuring, measuring.options,
+                               table_of([*groups[-1], name])).maximum <= width
+        if fits or not groups[-1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return [table_of(names) for names in groups]
 
 
-def run_analyze(args, console):
-    """``ncfast analyze``: measure, print the table, write files and plots."""
-    from ncfast.plots import write_plots
+def print_results(analysis, metrics, shown, args, console, title):
+    """Print results on stdout in ``args.format``: a title and tables of the ``shown``
+    metrics, or the CSV / JSON of ``metrics`` (the files' content)."""
+    if args.format == "csv":
+        console.file.write(results_csv(analysis, metrics))
+    elif args.format == "json":
+        console.file.write(json.dumps(results_document(analysis, metrics), indent=1,
+                                      allow_nan=False) + "\n")
+    else:
+        console.print(escape(title), highlight=False, soft_wrap=True)
+        for table in results_tables(analysis.rows, shown, console.width):
+            console.print(table)
 
+
+def run_analyze(args, console, errors):
+    """``ncfast analyze``: check the arguments and --out, measure, print, write."""
     if args.metrics is not None:
         scalar_metrics([], args.metrics)  # reject unknown names before measuring
     if args.chunk_size is not None:
         check_chunk_size(args.chunk_size, 1)
+    check_output_folder(args.out, what="--out folder", create=False)
     analysis = analyze(args.paths, layers=args.layers, chunk_size=args.chunk_size,
                        labels=args.labels, clean_labels=args.clean_labels,
                        weights=args.weights, bias=args.bias, use_cache=not args.no_cache,
@@ -658,43 +932,102 @@ def run_analyze(args, console):
         metrics = scalar_metrics(analysis.rows, args.metrics)
         shown = metrics if args.metrics is not None else [
             name for name in TABLE_METRICS if name in metrics]
-        console.print(_results_table(
-            analysis.rows, shown, f"ncfast: {len(analysis.rows)} measurements "
-            f"({analysis.measured} layer groups measured, {analysis.cached} from cache)"))
-    if analysis.rows or analysis.failures:
-        written = write_results(analysis, args.out, args.metrics)
-        if analysis.rows and not args.no_plots:
-            written += write_plots(analysis.rows, args.out, metrics)
-        console.print(f"wrote {len(written)} files to {escape(args.out)}", highlight=False)
+        print_results(analysis, args.metrics, shown, args, console,
+                      f"ncfast analyze: {len(analysis.rows)} measurements ({analysis.measured} "
+                      f"layer groups measured, {analysis.cached} from cache)")
+        written, removed = write_analysis(analysis, args.out, args.metrics,
+                                          plots=not args.no_plots)
+        stale = f"; removed {len(removed)} figures of an earlier analysis" if removed else ""
+        errors.print(f"ncfast analyze: wrote {len(written)} files to {escape(args.out)}{stale}",
+                     highlight=False, soft_wrap=True)
     for failure in analysis.failures:
         where = "" if failure.name in failure.reason else f" {failure.name}:"
-        console.print(f"[red]ncfast analyze: FAILED{escape(where)} {escape(failure.reason)}[/red]",
-                      soft_wrap=True, highlight=False)
-    if not analysis.rows and not analysis.failures:
-        console.print("[red]ncfast analyze: found no checkpoints to measure[/red]")
+        errors.print(f"[red]ncfast analyze: FAILED{escape(where)} {escape(failure.reason)}[/red]",
+                     soft_wrap=True, highlight=False)
+    if not analysis.rows:
+        found = "measured nothing" if analysis.failures else "found no checkpoints to measure"
+        errors.print(f"[red]ncfast analyze: {found}; {escape(args.out)} is left as it "
+                     "was[/red]", soft_wrap=True, highlight=False)
         return 1
     return 1 if analysis.failures else 0
 
 
-def run_merge(args, console):
+def _refuse_repeated_files(paths):
+    """Raise ValueError when two paths hold the same content (a state counted twice)."""
+    seen = {}
+    for path in map(os.fspath, paths):
+        if not os.path.isfile(path):
+            continue  # load_state words the error
+        digest = file_sha256(path)
+        if digest in seen:
+            raise ValueError(f"{path} holds the same state as {seen[digest]}; merging it twice "
+                             "would count its rows twice: pass each worker's state once")
+        seen[digest] = path
+
+
+def check_pass2_coverage(state):
+    """Compare the rows of a merged pass-2 state with the rows behind its class means.
+
+    Parameters
+    ----------
+    state : ResidualStats or ResidualPass
+
+    Returns
+    -------
+    str
+        A one-line account (rows merged, rows behind the means).
+
+    Raises
+    ------
+    ValueError
+        Some class has another number of rows than its mean was built on: a
+        worker's state is missing, or one was given twice.
+    """
+    stats = getattr(state, "stats", state)
+    expected = stats.geometry.counts
+    merged = stats.counts
+    if expected is None:
+        return (f"{int(merged.sum()):,} rows; the class means carry no row counts, so whether "
+                "every worker's state is here cannot be checked")
+    if np.array_equal(merged, expected):
+        return f"{int(merged.sum()):,} rows, every row behind the class means"
+    differing = np.flatnonzero(merged != expected)
+    shown = ", ".join(f"class {c}: {merged[c]:,} of {expected[c]:,}" for c in differing[:5])
+    more = f" and {differing.size - 5} more classes" if differing.size > 5 else ""
+    problem = ("a worker's state is missing" if (merged <= expected).all()
+               else "a state may be given twice, or belong to another run")
+    raise ValueError(
+        f"the pass-2 states hold {int(merged.sum()):,} rows but the class means were built on "
+        f"{int(expected.sum()):,} ({shown}{more}): {problem}. Pass every worker's pass-2 "
+        "state once; or --held-out if these rows are not the ones behind the means (held-out "
+        "features measured against training means)")
+
+
+def run_merge(args, console, errors):
     """``ncfast merge``: add up state files; save pass 1, or report pass 2."""
     from ncfast.accumulators import ClassSums
     from ncfast.states import merge_states, report_of, save_state
 
+    check_output_folder(args.out, what="--out folder", create=False)
+    _refuse_repeated_files(args.states)
     merged = merge_states(args.states)
-    os.makedirs(args.out, exist_ok=True)
     if isinstance(merged, ClassSums):
+        os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "pass1.safetensors")
         save_state(path, merged)
-        console.print(f"merged {len(args.states)} pass-1 states ({merged!r}) into "
-                      f"{escape(path)}", highlight=False)
+        errors.print(f"ncfast merge: {len(args.states)} pass-1 states, {int(merged.counts.sum()):,}"
+                     f" rows in {int((merged.counts > 0).sum())} of {merged.num_classes} classes"
+                     f" -> {escape(path)}", highlight=False, soft_wrap=True)
         return 0
+    coverage = ("held-out rows (--held-out): not checked against the rows behind the means"
+                if args.held_out else check_pass2_coverage(merged))
     report = report_of(merged)
     row = {"source": "merged", "epoch": None, "split": "merged", "layer": "merged",
            "measured_against": "merged", **report.to_dict()}
     analysis = Analysis(rows=[row])
-    console.print(_results_table(analysis.rows, scalar_metrics(analysis.rows),
-                                 f"ncfast: {len(args.states)} pass-2 states merged"))
+    print_results(analysis, None, scalar_metrics(analysis.rows), args, console,
+                  f"ncfast merge: {len(args.states)} pass-2 states")
     written = write_results(analysis, args.out)
-    console.print(f"wrote {escape(', '.join(written))}", highlight=False)
+    errors.print(f"ncfast merge: {len(args.states)} pass-2 states, {escape(coverage)}; wrote "
+                 f"{escape(', '.join(written))}", highlight=False, soft_wrap=True)
     return 0

@@ -1,14 +1,32 @@
-"""The ``ncfast`` command line."""
+"""The ``ncfast`` command line.
+
+Results go to stdout; progress, messages and errors to stderr, so that
+``ncfast analyze RUN --format csv > results.csv`` keeps a clean file and a
+terminal still shows what went wrong.
+"""
 import argparse
 import sys
 
 from rich.console import Console
 from rich.markup import escape
 
+#: Exit status of every command, shown by ``--help``.
+EXIT_STATUS = """\
+exit status:
+  0    success
+  1    bad input or options; for analyze, some input could not be measured (the others
+       are measured and written); the reason is printed on stderr
+  2    wrong command line (usage error){extra}
+  130  interrupted (Ctrl-C)"""
+
+#: What a command adds to ``EXIT_STATUS``.
+EXTRA_EXIT_STATUS = {"reproduce": ", or the reproduced claim did NOT hold"}
+
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="ncfast", description="Measure neural collapse of trained networks' features.")
+        prog="ncfast", description="Measure neural collapse of trained networks' features.",
+        epilog=EXIT_STATUS.format(extra=""), formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     from ncfast.harness.commands import add_commands as add_harness_commands
 
@@ -16,19 +34,29 @@ def build_parser():
     from ncfast.analyze import add_commands  # analyze, merge
 
     add_commands(commands)
+    for name, command in commands.choices.items():
+        command.epilog = EXIT_STATUS.format(extra=EXTRA_EXIT_STATUS.get(name, ""))
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
 def main(argv=None):
-    """Entry point of the ``ncfast`` console script."""
+    """Entry point of the ``ncfast`` console script.
+
+    Handlers are called as ``handler(args, console, errors)``: ``console``
+    prints results on stdout, ``errors`` messages on stderr.
+    """
     args = build_parser().parse_args(argv)
-    console = Console()
+    console, errors = Console(), Console(stderr=True)
     try:
-        return args.handler(args, console)
+        return args.handler(args, console, errors)
     except (ValueError, TypeError, OSError) as error:
-        console.print(f"[red]ncfast {args.command}: {escape(str(error))}[/red]",
-                      highlight=False, soft_wrap=True)  # one line, names intact
+        errors.print(f"[red]ncfast {args.command}: {escape(str(error))}[/red]",
+                     highlight=False, soft_wrap=True)  # one line, names intact
         return 1
+    except KeyboardInterrupt:
+        errors.print(f"ncfast {args.command}: interrupted", highlight=False)
+        return 130
 
 
 if __name__ == "__main__":

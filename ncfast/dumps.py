@@ -38,7 +38,8 @@ where ``FILE`` is ``{"file": path relative to RUN, "shape": [...], "dtype":
 "float32", "bytes": size, "sha256": content digest}``.
 
 Every array file is written to a temporary name, flushed to disk and renamed
-into place; the manifest is rewritten the same way only after all files of a
+into place, with the permissions ``open()`` would give it (0o666 less the
+umask for a new file); the manifest is rewritten the same way only after all files of a
 checkpoint are in place. A writer interrupted at any point leaves the
 previous manifest, which lists only complete checkpoints, so a reader never
 sees a checkpoint that is partly written; rerunning the writer rewrites it.
@@ -48,6 +49,8 @@ a time.
 import json
 import os
 import re
+import secrets
+import stat
 import tempfile
 from dataclasses import dataclass
 
@@ -75,8 +78,34 @@ def _fsync_directory(path):
         os.close(descriptor)
 
 
+def _create_temporary(folder, name):
+    """Create and open an unused hidden file ``.NAME.RANDOM.tmp`` in ``folder``.
+
+    It is created with mode 0o666 like ``open(path, "w")`` creates a file, so
+    the process's umask (and the folder's default ACL) set its permissions.
+
+    Returns
+    -------
+    descriptor : int
+        Open for writing.
+    path : str
+    """
+    while True:
+        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0),
+                                 0o666)
+        except FileExistsError:
+            continue
+        return descriptor, temporary
+
+
 def write_atomically(path, write):
     """Write a file through a temporary file in the same folder, then rename it.
+
+    The file gets the permissions ``open(path, "w")`` would give it: a file
+    that already exists keeps its mode; a new one gets 0o666 less the umask.
 
     Parameters
     ----------
@@ -86,10 +115,15 @@ def write_atomically(path, write):
         Called with a binary file object open for writing.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        existing_mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        existing_mode = None
+    descriptor, temporary = _create_temporary(folder, os.path.basename(path))
     try:
         with os.fdopen(descriptor, "wb") as stream:
+            if existing_mode is not None:
+                os.chmod(temporary, existing_mode)
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -101,10 +135,47 @@ def write_atomically(path, write):
     _fsync_directory(folder)
 
 
+def write_text_atomically(path, text):
+    """Write a string as UTF-8, atomically (see ``write_atomically``)."""
+    write_atomically(path, lambda stream: stream.write(text.encode()))
+
+
 def write_json_atomically(path, value):
     """Write ``value`` as indented JSON, atomically (see ``write_atomically``)."""
-    text = json.dumps(value, indent=1, allow_nan=False) + "\n"
-    write_atomically(path, lambda stream: stream.write(text.encode()))
+    write_text_atomically(path, json.dumps(value, indent=1, allow_nan=False) + "\n")
+
+
+def check_output_folder(path, *, what="output folder", create=True):
+    """Make sure files can be written into the folder ``path``, or raise ValueError.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    what : str
+        What the folder is, for the message (``"run folder"``).
+    create : bool
+        Create the folder (and its parents) when missing. Without it nothing
+        is created: a missing folder passes when its nearest existing parent
+        is a folder that can be written into.
+    """
+    path = os.fspath(path)
+    probe = path
+    while not create and not os.path.exists(probe):
+        parent = os.path.dirname(os.path.abspath(probe))
+        if parent == os.path.abspath(probe):
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise ValueError(f"cannot write the {what} {path!r}: {probe!r} is a file, not a "
+                         "folder; choose another folder")
+    try:
+        if create:
+            os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write the {what} {path!r}: {error.strerror or error}; "
+                         "choose another folder") from None
 
 
 def _check_name(name, what):

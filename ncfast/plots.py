@@ -1,20 +1,35 @@
-"""PNG figures of an analysis: each metric against epoch, and memorization vs dilation.
+"""PNG figures of an analysis.
 
-In the style of Papyan, Han & Donoho (2020): epoch on a log axis, one line per
-layer and split (train solid, other splits dashed, one colour per layer), the
-metric on a log axis when it is positive and spans more than a decade.
+- ``METRIC.png``: each metric against epoch, in the style of Papyan, Han &
+  Donoho (2020): epoch on a log axis, one line per run, layer and split
+  (train solid, other splits dashed, one colour per run and layer), the
+  metric on a log axis when it is positive and spans more than a decade.
+- ``memorization_vs_dilation.png``: the two label-noise metrics over
+  training (Nguyen et al. 2023).
+- ``snapshot-RUN-epochE-LAYER-SPLIT.png``: one checkpoint (the last of each
+  run, layer and split): the cosines between centred class means beside the
+  simplex ETF's ``-1/(C-1)``, and per-class variance, mean norm and accuracy
+  (distributions instead when there are too many classes to draw one by one).
+
 Figures are drawn with matplotlib's object API (no pyplot state) and written
-atomically.
+atomically. ``write_plots`` also removes figures of these names that an earlier
+analysis left in the folder and this one does not draw, so the folder never
+mixes two analyses.
 """
 import io
 import os
+import re
 
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from ncfast.analyze import DRAWN_CLASSES, cosine_histogram
 from ncfast.dumps import write_atomically
 from ncfast.report import METRICS
+
+NOISE_FIGURE = "memorization_vs_dilation.png"
+SNAPSHOT_PREFIX = "snapshot-"
 
 #: Line style of each split; splits not listed are dotted.
 SPLIT_STYLES = {"train": "-", "test": "--"}
@@ -39,10 +54,32 @@ def _save(figure, path):
     write_atomically(path, lambda stream: stream.write(buffer.getvalue()))
 
 
-def _line_label(key, many_sources):
+def source_labels(sources):
+    """The shortest trailing parts of each path that tell the sources apart.
+
+    ``["/x/a/run", "/x/b/run"]`` gives ``{"/x/a/run": "a/run", "/x/b/run":
+    "b/run"}``; a single source gets its last part.
+
+    Parameters
+    ----------
+    sources : iterable of str
+
+    Returns
+    -------
+    dict of str to str
+    """
+    parts = {source: os.path.normpath(source).split(os.sep) for source in set(sources)}
+    for depth in range(1, max(map(len, parts.values()), default=0) + 1):
+        labels = {source: "/".join(part[-depth:]) for source, part in parts.items()}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {source: source for source in parts}
+
+
+def _line_label(key, labels):
     source, layer, split = key
     label = f"{layer} / {split}"
-    return f"{os.path.basename(os.path.normpath(source))}: {label}" if many_sources else label
+    return f"{labels[source]}: {label}" if len(labels) > 1 else label
 
 
 def metric_figure(rows, metric):
@@ -58,20 +95,21 @@ def metric_figure(rows, metric):
     Returns
     -------
     matplotlib.figure.Figure or None
-        None when no row with an epoch defines the metric.
+        None when no run, layer and split defines the metric at two epochs or
+        more (one checkpoint is drawn by ``snapshot_figure``).
     """
     curves = _curves(rows, metric)
-    if not curves:
+    if all(len(epochs) < 2 for epochs, _ in curves.values()):
         return None
     figure = Figure(figsize=(5.5, 4.0))
     axes = figure.add_subplot()
     # One colour per run and layer; the split (train/test) sets the line style.
     sources_and_layers = sorted({key[:2] for key in curves})
     colours = {pair: f"C{index % 10}" for index, pair in enumerate(sources_and_layers)}
-    many_sources = len({key[0] for key in curves}) > 1
+    labels = source_labels(key[0] for key in curves)
     for key, (epochs, values) in sorted(curves.items()):
         axes.plot(epochs, values, SPLIT_STYLES.get(key[2], ":"), color=colours[key[:2]],
-                  marker="o", markersize=3, linewidth=1.5, label=_line_label(key, many_sources))
+                  marker="o", markersize=3, linewidth=1.5, label=_line_label(key, labels))
     every_value = np.concatenate([values for _, values in curves.values()])
     every_epoch = np.concatenate([epochs for epochs, _ in curves.values()])
     axes.set_xscale("log" if every_epoch.min() > 0 else "symlog")
@@ -103,7 +141,7 @@ def noise_figure(rows):
         return None
     figure = Figure(figsize=(5.5, 4.0))
     axes = figure.add_subplot()
-    many_sources = len({key[0] for key in keys}) > 1
+    labels = source_labels(key[0] for key in keys)
     epochs = np.concatenate([memorization[key][0] for key in keys])
     # One colour scale for every line; logarithmic like the epoch axes of the other figures.
     norm = (LogNorm if epochs.min() > 0 else Normalize)(epochs.min(), max(epochs.max(),
@@ -114,7 +152,7 @@ def noise_figure(rows):
         dilation_epochs, dilated = dilation[key]
         shared, mine, theirs = np.intersect1d(epochs, dilation_epochs, return_indices=True)
         axes.plot(dilated[theirs], memorized[mine], "-", color=f"C{index % 10}", linewidth=1,
-                  label=_line_label(key, many_sources))
+                  label=_line_label(key, labels))
         scatter = axes.scatter(dilated[theirs], memorized[mine], c=shared, cmap="viridis",
                                norm=norm, s=18, zorder=3)
     figure.colorbar(scatter, ax=axes, label="epoch")
@@ -127,8 +165,169 @@ def noise_figure(rows):
     return figure
 
 
+def _per_class(row, key):
+    """A per-class list of a row over its present classes, as floats (NaN for None)."""
+    values = row.get(key)
+    if values is None:
+        return None
+    return np.array([np.nan if value is None else value for value in values],
+                    dtype=float)[row["present_classes"]]
+
+
+def _cosine_panel(figure, axes, matrix, num_means):
+    """Heatmap of the cosines between centred class means, the ETF's value on its colour bar."""
+    image = axes.imshow(matrix, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    etf = -1.0 / (num_means - 1)
+    colorbar = figure.colorbar(image, ax=axes, shrink=0.9)
+    colorbar.ax.axhline(etf, color="black", linewidth=2)
+    colorbar.set_ticks([-1.0, etf, 0.0, 1.0], labels=["-1", f"ETF {etf:.3g}", "0", "1"])
+    axes.set_title("cos between centred class means", fontsize=9)
+    axes.set_xlabel("class")
+    axes.set_ylabel("class")
+
+
+def _cosine_distribution_panel(axes, cosines, histogram, num_means):
+    """Distribution of the off-diagonal cosines with the simplex ETF's value marked.
+
+    ``cosines`` (the pairs' values) when the row has the matrix, else the stored
+    ``histogram`` ``(counts, edges)``.
+    """
+    etf = -1.0 / (num_means - 1)
+    if cosines is not None:
+        axes.hist(cosines, bins="auto", alpha=0.7)
+        low, high = min(cosines.min(), etf), max(cosines.max(), etf)
+    else:
+        counts, edges = histogram
+        axes.stairs(counts, edges, fill=True, alpha=0.7)
+        filled = np.flatnonzero(counts)
+        low, high = min(edges[filled[0]], etf), max(edges[filled[-1] + 1], etf)
+    margin = 0.05 * max(high - low, 0.1)
+    axes.set_xlim(max(-1.0, low - margin), min(1.0, high + margin))
+    axes.axvline(etf, color="black", linestyle="--", linewidth=1.2,
+                 label=f"simplex ETF: -1/(C-1) = {etf:.3g}")
+    axes.set_xlabel("cos between centred class means")
+    axes.set_ylabel("class pairs")
+    axes.set_title(f"{num_means * (num_means - 1) // 2} class pairs", fontsize=9)
+    axes.legend(fontsize=7)
+
+
+def _class_panel(axes, classes, series, label, value_range=None):
+    """One bar per class (side by side for several series) when they fit, else the
+    distribution over classes (histogram bins over ``value_range`` when given).
+
+    ``series`` is a list of ``(values over classes, name)``.
+    """
+    if classes.size <= DRAWN_CLASSES:
+        width = 0.8 / len(series)
+        for index, (values, name) in enumerate(series):
+            offset = (index - (len(series) - 1) / 2) * width
+            axes.bar(np.arange(classes.size) + offset, values, width, label=name)
+        if classes.size <= 20:
+            axes.set_xticks(np.arange(classes.size), [str(c) for c in classes], fontsize=7)
+        values = series[0][0]
+        if np.isfinite(values).any():
+            axes.axhline(np.nanmean(values), color="black", linewidth=0.8, linestyle=":")
+        axes.set_xlabel("class")
+        axes.set_ylabel(label)
+    else:
+        for values, name in series:
+            axes.hist(values[np.isfinite(values)], bins=40, range=value_range, alpha=0.6,
+                      label=name)
+        axes.set_xlabel(label)
+        axes.set_ylabel("classes")
+    if len(series) > 1:
+        axes.legend(fontsize=7, framealpha=0.9)
+
+
+def snapshot_figure(row, title):
+    """One checkpoint's geometry: class-mean cosines against the ETF, per-class bars.
+
+    Parameters
+    ----------
+    row : dict
+        A result row of ``ncfast.analyze.analyze`` (with ``cosine_matrix`` or
+        ``cosine_histogram``, ``present_classes`` and the per-class lists).
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
+        None when the row has fewer than two class means or no cosines.
+    """
+    classes = np.asarray(row.get("present_classes") or [], dtype=np.int64)
+    if classes.size < 2 or (row.get("cosine_matrix") is None
+                            and row.get("cosine_histogram") is None):
+        return None
+    figure = Figure(figsize=(12.0, 7.5))
+    grid = figure.add_gridspec(2, 6, left=0.06, right=0.98, bottom=0.08, top=0.9, wspace=1.2,
+                               hspace=0.3)
+    if row.get("cosine_matrix") is not None:
+        matrix = np.array(row["cosine_matrix"], dtype=float)
+        _cosine_panel(figure, figure.add_subplot(grid[0, 0:3]), matrix, classes.size)
+        _cosine_distribution_panel(figure.add_subplot(grid[0, 3:6]),
+                                   matrix[np.triu_indices(classes.size, 1)], None, classes.size)
+    else:  # too many classes for a heatmap: their distribution takes the whole row
+        histogram = tuple(np.array(row["cosine_histogram"][key], dtype=float)
+                          for key in ("counts", "edges"))
+        _cosine_distribution_panel(figure.add_subplot(grid[0, :]), None, histogram,
+                                   classes.size)
+    _class_panel(figure.add_subplot(grid[1, 0:2]), classes,
+                 [(_per_class(row, "class_variances"), "variance")],
+                 r"within-class variance $\sigma_c^2$")
+    _class_panel(figure.add_subplot(grid[1, 2:4]), classes,
+                 [(_per_class(row, "class_mean_norms"), "norm")], r"$\|\mu_c - \mu_G\|$")
+    accuracies = [(_per_class(row, "class_ncc_accuracy"), "nearest class centre")]
+    if row.get("class_accuracy") is not None:
+        accuracies.insert(0, (_per_class(row, "class_accuracy"), "classifier"))
+    _class_panel(figure.add_subplot(grid[1, 4:6]), classes, accuracies, "accuracy",
+                 value_range=(0.0, 1.0))
+    summary = "  ".join(f"{name} {row[name]:.3g}" for name in ("nc1", "nc2_etf", "nc3")
+                        if row.get(name) is not None)
+    figure.suptitle(f"{title}\n{classes.size} classes with means; {summary}", fontsize=10)
+    return figure
+
+
+def _file_part(text):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "_"
+
+
+def snapshot_rows(rows):
+    """The rows to draw snapshots of: the last epoch of each (source, layer, split).
+
+    Returns
+    -------
+    dict of str to dict
+        File name (``snapshot-RUN[-epochE]-LAYER-SPLIT.png``) -> row.
+    """
+    last = {}
+    for row in rows:
+        key = (row["source"], row["layer"], row["split"])
+        epoch = -1 if row["epoch"] is None else row["epoch"]
+        if key not in last or epoch > last[key][0]:
+            last[key] = (epoch, row)
+    labels = source_labels(key[0] for key in last)
+    named = {}
+    for (source, layer, split), (_, row) in sorted(last.items()):
+        epoch = "" if row["epoch"] is None else f"-epoch{row['epoch']}"
+        named[f"{SNAPSHOT_PREFIX}{_file_part(labels[source])}{epoch}-{_file_part(layer)}-"
+              f"{_file_part(split)}.png"] = row
+    return named
+
+
+def is_plot_name(name):
+    """Whether a file name is one ``write_plots`` writes (and may remove as stale)."""
+    return (name in {f"{metric}.png" for metric in METRICS} or name == NOISE_FIGURE
+            or (name.startswith(SNAPSHOT_PREFIX) and name.endswith(".png")))
+
+
 def write_plots(rows, out, metrics):
-    """Write one PNG per metric (``METRIC.png``) and ``memorization_vs_dilation.png``.
+    """Write the figures of an analysis into ``out``; remove stale ones of earlier analyses.
+
+    One PNG per metric that some run, layer and split has at two epochs or
+    more (``METRIC.png``), ``memorization_vs_dilation.png`` (when a metric of
+    the two is asked for), and a snapshot of the last checkpoint of each run,
+    layer and split. Files of these names in ``out`` that this analysis does
+    not write are removed.
 
     Parameters
     ----------
@@ -139,18 +338,44 @@ def write_plots(rows, out, metrics):
 
     Returns
     -------
-    list of str
-        The files written (metrics no row defines against an epoch are skipped).
+    written : list of str
+    removed : list of str
+        Earlier figures removed.
     """
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
-    written = []
-    figures = [(f"{metric}.png", metric_figure(rows, metric)) for metric in metrics]
+    figures = {f"{metric}.png": lambda metric=metric: metric_figure(rows, metric)
+               for metric in metrics}
     if "memorization" in metrics or "dilation" in metrics:
-        figures.append(("memorization_vs_dilation.png", noise_figure(rows)))
-    for name, figure in figures:
+        figures[NOISE_FIGURE] = lambda: noise_figure(rows)
+    labels = source_labels(row["source"] for row in rows)
+    for name, row in snapshot_rows(rows).items():
+        epoch = "" if row["epoch"] is None else f" epoch {row['epoch']}"
+        title = f"{labels[row['source']]}{epoch}, {row['layer']} / {row['split']}"
+        figures[name] = lambda row=row, title=title: snapshot_figure(row, title)
+    written = []
+    for name, draw in figures.items():
+        figure = draw()
         if figure is not None:
             path = os.path.join(out, name)
             _save(figure, path)
             written.append(path)
-    return written
+    return written, remove_stale_plots(out, written)
+
+
+def remove_stale_plots(out, written):
+    """Remove the figures in ``out`` that ``write_plots`` names but did not write now.
+
+    Returns
+    -------
+    list of str
+        The files removed.
+    """
+    kept = {os.path.basename(path) for path in written}
+    removed = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if is_plot_name(name) and name not in kept and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed

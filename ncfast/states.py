@@ -111,6 +111,41 @@ def _fill(path, target, prefix, tensors):
     return target
 
 
+_EXPECTED_STATE = ("a pass state written by ncfast.states.save_state (one .safetensors file "
+                   "per worker and pass)")
+
+
+def _other_file_kind(path):
+    """What ``path`` is when it is plainly not a state file (a folder, an array, text), else None.
+
+    A state file is safetensors: an 8-byte header length, then a JSON header.
+    """
+    if os.path.isdir(path):
+        states = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
+        hint = (f" holding {len(states)} .safetensors file(s): pass those "
+                f"({os.path.join(path, '*.safetensors')})" if states else "")
+        return f"a folder{hint}"
+    with open(path, "rb") as stream:
+        head = stream.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array (features or labels?), not a state"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a NumPy .npz or a torch checkpoint), not a state"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file, not a state"
+    if len(head) > 8 and head[8:9] == b"{":
+        return None  # safetensors
+    try:
+        first_line = head.decode("utf-8").splitlines()[0].strip()
+    except (UnicodeDecodeError, IndexError):
+        return None  # unknown binary: safetensors' own error says more
+    kind = "JSON" if first_line.startswith(("{", "[")) else "CSV" if "," in first_line else ""
+    return (f"a {kind + ' ' if kind else ''}text file starting {first_line[:40]!r} (results "
+            "such as metrics.csv or metrics.json?), not a state")
+
+
 def load_state(path):
     """Read a state written by ``save_state``.
 
@@ -130,8 +165,11 @@ def load_state(path):
     from safetensors import safe_open
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ValueError(f"{path}: no such state file")
+    found = _other_file_kind(path)
+    if found is not None:
+        raise ValueError(f"{path}: {found}; expected {_EXPECTED_STATE}")
     try:
         with safe_open(path, framework="numpy") as stored:
             metadata = stored.metadata() or {}
@@ -140,6 +178,11 @@ def load_state(path):
         raise ValueError(f"{path}: not a readable state file ({type(error).__name__}: "
                          f"{error}); it may be truncated: save the state again") from None
     kind = metadata.get("ncfast_state")
+    if kind is None:
+        names = ", ".join(sorted(tensors)[:4]) + (", ..." if len(tensors) > 4 else "")
+        raise ValueError(f"{path}: not an ncfast state but a safetensors file without its "
+                         f"metadata (tensors {names or 'none'}: model weights or features?); "
+                         f"expected {_EXPECTED_STATE}")
     if kind not in STATE_KINDS or metadata.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: not an ncfast state file of version {STATE_VERSION} "
                          f"(found kind {kind!r}, version {metadata.get('version')!r}); write it "

@@ -125,7 +125,8 @@ def test_metrics_and_layers_options_select(written_run, tmp_path):
     assert {row["layer"] for row in table} == {"linear1"}
     assert list(table[0])[-2:] == ["nc1", "nc2_etf"]
     assert sorted(name for name in os.listdir(out) if name.endswith(".png")) == [
-        "nc1.png", "nc2_etf.png"]
+        "nc1.png", "nc2_etf.png", "snapshot-run-epoch100-linear1-test.png",
+        "snapshot-run-epoch100-linear1-train.png"]
 
 
 def test_cache_measures_only_new_or_changed_checkpoints(tmp_path):
@@ -199,7 +200,7 @@ def test_a_bad_file_is_reported_by_name_and_the_others_are_kept(tmp_path, break_
     code = main(["analyze", str(good[0]), str(bad), str(good[1]), "--out",
                  str(tmp_path / "out"), "--no-progress", "--no-plots"])
     assert code == 1
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     failed_lines = [line for line in printed.splitlines() if "FAILED" in line]
     assert len(failed_lines) == 1 and "epoch_2.npz" in failed_lines[0]
     assert re.search(message, failed_lines[0]), failed_lines[0]  # "[key]" survives rich markup
@@ -245,15 +246,15 @@ def test_nan_rows_are_named_with_the_file(tmp_path):
 
 def test_cli_one_line_errors_for_bad_arguments(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nothing.npy"), "--no-progress"]) == 1
-    assert "nothing.npy: no such file" in capsys.readouterr().out
+    assert "nothing.npy: no such file" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path), "--metrics", "nc9", "--no-progress"]) == 1
-    assert "unknown metric(s) nc9" in capsys.readouterr().out
+    assert "unknown metric(s) nc9" in capsys.readouterr().err
     RunWriter(tmp_path / "run", config={}, num_classes=CLASSES)
     assert main(["analyze", str(tmp_path / "run"), "--labels", "labels.npy",
                  "--no-progress"]) == 1
-    assert "--labels applies to feature files" in capsys.readouterr().out
+    assert "--labels applies to feature files" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "part[1].safetensors")]) == 1
-    assert "part[1].safetensors: no such state file" in capsys.readouterr().out
+    assert "part[1].safetensors: no such state file" in capsys.readouterr().err
 
 
 def _shards(case, count):
@@ -288,7 +289,7 @@ def test_merge_of_saved_partial_states_equals_one_analysis(tmp_path, capsys):
                                       bias=case["bias"], clean_labels=case["clean_labels"]))
     capsys.readouterr()
     assert main(["merge", str(pass1_paths[0]), str(pass2_paths[0])]) == 1
-    assert "cannot merge with" in capsys.readouterr().out
+    assert "cannot merge with" in capsys.readouterr().err
 
 
 def test_states_round_trip_and_refuse_other_means(tmp_path, assert_same_report):

@@ -88,6 +88,8 @@ def test_npy_path_is_read_in_chunks(large_case, tmp_path):
     np.save(path, large_case["features"])
     file_bytes = path.stat().st_size
     labels = large_case["labels"]
+    # Compiled kernels load on their first call (bookkeeping of their own, not the data's).
+    ncfast.collapse(path, labels, chunk_size=LARGE_CHUNK_SIZE)
     peak = peak_traced_bytes(lambda: ncfast.collapse(path, labels, chunk_size=LARGE_CHUNK_SIZE))
     assert peak < file_bytes / 4, f"peak {peak} bytes while reading a {file_bytes}-byte file"
     in_memory = ncfast.collapse(large_case["features"], labels, chunk_size=LARGE_CHUNK_SIZE)

@@ -2,11 +2,16 @@
 
 ``ncfast.textbook.textbook_collapse`` computes every metric the obvious way
 (all rows in float64, full D×D covariances, ``np.linalg.pinv``, explicit NCC
-distances). ncfast must match it to 1e-5 relative error on every adversarial
-case of ``cases.ADVERSARIAL``, with and without a classifier, on both NC1
+distances). DESIGN.md promises 1e-5 relative error; the tests hold each metric
+to the tolerance its precision rule gives (``metric_rtol``): float32-GEMM
+metrics to (D + 1) float32 epsilons, float64 metrics to 1e-11, both scaled by
+how badly the inputs are conditioned. Every adversarial case of
+``cases.ADVERSARIAL`` is checked, with and without a classifier, on both NC1
 routes, with either global mean, with empty classes and against given means;
-counts and accuracies (ratios of integer tallies) must match exactly. Analytic
-cases (a simplex ETF, an orthogonal frame) must give their exact values.
+random small cases add imbalanced and empty classes; counts and accuracies
+(ratios of integer tallies) must match exactly; ``pinv_condition`` must match
+the condition number of the textbook's ``Sigma_B``. Analytic cases (a simplex
+ETF, an orthogonal frame, a known spectrum) must give their exact values.
 """
 import warnings
 
@@ -17,12 +22,33 @@ from hypothesis import strategies as st
 
 import ncfast
 from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf
+from conftest import CONDITIONED_RTOL, NIGHTLY, examples
 from ncfast.plan import eigen_diagonal
 from ncfast.report import PER_CLASS
 from ncfast.textbook import textbook_collapse
 
-#: ncfast against the textbook route (issue 2, DESIGN.md precision rules).
+#: DESIGN.md's promise: every metric within this relative error of the textbook route.
+#: The tests hold most metrics to far less (``metric_rtol``).
 REFERENCE_RTOL = 1e-5
+
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+#: Metrics whose pass-2 sums go through the float32 GEMM. Each residual is rounded to
+#: float32 once and multiplied in a D-term float32 dot product, whose relative error is
+#: at most about D float32 units of rounding (Higham, Accuracy and Stability, eq. 3.5);
+#: NC1 sums squares of them, which doubles it: (D + 1) float32 eps in all.
+FLOAT32_METRICS = ("nc1", "nc1_clean")
+
+#: The other metrics are float64 algebra on float64 sums and means. They keep at least
+#: 11 of float64's 16 significant digits: sums over at most 1e4 rows lose up to 4 in the
+#: worst case (recursive summation, N float64 units), a ratio of a spread to a mean one
+#: more. (Measured over 3000 random small cases: at most 6e-13.)
+FLOAT64_RTOL = 1e-11
+
+#: Metrics from sums of distances and of squared distances, which cancel when the
+#: distances barely vary (dilation's spread from sums of d and d^2 comes out as 1e-8 of
+#: the distances when it is 0): DESIGN.md's bar.
+CANCELLING_METRICS = ("memorization", "memorization_raw", "dilation")
 
 #: Absolute floor for metrics that are 0 analytically and scale like the rounding
 #: error of O(1) quantities (norm ratios, cosines, normalized Grams): float64 gives
@@ -40,6 +66,39 @@ EXACT_METRICS = ("ncc_accuracy", "accuracy", "nc4", "noise_fit")
 
 #: Float per-class arrays; the integer or tally-ratio ones must match exactly.
 PER_CLASS_FLOATS = ("class_variances", "class_mean_norms")
+
+
+def magnitude_ratio(report):
+    """How far the class means sit from the origin against their spacing (at least 1).
+
+    The centred means, and every metric built on them, carry the rounding of
+    the uncentred means: an offset of 1e3 on means 3 apart costs 3 digits.
+    """
+    means = report.means[report.present_classes]
+    gaps = np.sqrt(((means[:, None, :] - means[None, :, :]) ** 2).sum(axis=2))
+    smallest_gap = gaps[~np.eye(len(means), dtype=bool)].min()
+    return max(1.0, float(np.abs(means).max() / smallest_gap))
+
+
+def metric_rtol(name, report):
+    """The relative tolerance of one metric (or ``pinv_condition``) of ``report``.
+
+    Float64 metrics: ``FLOAT64_RTOL``, scaled up by the magnitude ratio of the
+    means; whatever goes through the pseudo-inverse is amplified by its
+    condition number (``pinv_condition``, as in ``conftest.CONDITIONED_RTOL``).
+    Float32-GEMM metrics: (D + 1) float32 eps on top, which holds unless the
+    residuals nearly cancel in the directions of the class means
+    (``nc1_rounding_bound`` covers that case).
+    """
+    if name in CANCELLING_METRICS:
+        return REFERENCE_RTOL
+    float64_rtol = FLOAT64_RTOL * magnitude_ratio(report)
+    if name == "pinv_condition":
+        return float64_rtol * report.pinv_condition
+    if name in FLOAT32_METRICS:
+        return ((report.num_features + 1) * FLOAT32_EPS
+                + max(float64_rtol, CONDITIONED_RTOL) * report.pinv_condition)
+    return float64_rtol
 
 
 def analytic_zero_floors(case, global_mean="classes"):
@@ -73,7 +132,52 @@ def analytic_zero_floors(case, global_mean="classes"):
     return dict.fromkeys(names, floor)
 
 
-def assert_matches_textbook(report, reference, *, zero_floors=None):
+def textbook_nc1_facts(case, global_mean="classes", pinv_rtol=1e-10):
+    """The condition number NC1's pseudo-inverse should report, and NC1's rounding bounds.
+
+    From the case's rows in float64, as ``ncfast.textbook`` forms them: class
+    means from a loop over classes, the D×D ``M~^T M~`` and its eigenpairs
+    ``(lambda_j, u_j)`` above ``pinv_rtol`` of the largest (those of the Gram).
+
+    NC1 is ``(1/N) sum_i sum_j (u_j . r_i)^2 / lambda_j``. Rounding a residual to
+    float32 and a D-term float32 product move ``u_j . r_i`` by at most about
+    ``(D + 1) / 2`` float32 eps times ``||r_i||`` (not times ``|u_j . r_i|``, which
+    can be far smaller), so NC1 moves by at most ``(D + 1)`` float32 eps times
+    ``B = (1/N) sum_ij |u_j . r_i| ||r_i|| / lambda_j``, to first order.
+
+    Returns
+    -------
+    dict
+        ``condition`` (largest over smallest kept eigenvalue), ``nc1`` (B of all
+        rows) and, with ``clean_labels``, ``nc1_clean`` (B of the clean rows
+        against their own means).
+    """
+    features = np.asarray(case["features"], dtype=np.float64)
+
+    def spectrum_and_bound(rows, labels):
+        classes = np.unique(labels)
+        means = np.zeros((classes.max() + 1, features.shape[1]))
+        for c in classes:
+            means[c] = rows[labels == c].mean(axis=0)
+        center = means[classes].mean(axis=0) if global_mean == "classes" else rows.mean(axis=0)
+        centred = means[classes] - center
+        eigenvalues, vectors = np.linalg.eigh(centred.T @ centred)
+        kept = eigenvalues > pinv_rtol * eigenvalues.max()
+        residuals = rows - means[labels]
+        projections = np.abs(residuals @ vectors[:, kept])
+        bound = (projections * np.linalg.norm(residuals, axis=1)[:, None]
+                 / eigenvalues[kept]).sum() / len(labels)
+        return eigenvalues[kept], float(bound)
+
+    kept, bound = spectrum_and_bound(features, case["labels"])
+    facts = {"condition": float(kept.max() / kept.min()), "nc1": bound}
+    if "clean_labels" in case:
+        clean = case["labels"] == case["clean_labels"]
+        facts["nc1_clean"] = spectrum_and_bound(features[clean], case["labels"][clean])[1]
+    return facts
+
+
+def assert_matches_textbook(report, reference, *, zero_floors=None, facts=None):
     """Assert a ``CollapseReport`` agrees with a ``textbook_collapse`` result.
 
     Parameters
@@ -85,6 +189,10 @@ def assert_matches_textbook(report, reference, *, zero_floors=None):
         ``{name: floor}`` for metrics that are 0 analytically on these inputs
         (``analytic_zero_floors``): both values must be at most the floor
         instead of agreeing to relative error.
+    facts : dict, optional
+        ``textbook_nc1_facts`` of the inputs: ``pinv_condition`` is checked
+        against it, and NC1 is held to its rounding bound (absolute) instead of
+        the relative ``metric_rtol``.
     """
     zero_floors = zero_floors or {}
     expected_metrics = {name: value for name, value in reference.items()
@@ -97,9 +205,19 @@ def assert_matches_textbook(report, reference, *, zero_floors=None):
         elif name in zero_floors:
             assert max(abs(actual), abs(expected)) <= zero_floors[name], \
                 (name, actual, expected, zero_floors[name])
+        elif facts is not None and name in FLOAT32_METRICS:
+            float64_part = (max(FLOAT64_RTOL * magnitude_ratio(report), CONDITIONED_RTOL)
+                            * report.pinv_condition * abs(expected))
+            bound = (report.num_features + 1) * FLOAT32_EPS * facts[name] + float64_part
+            assert abs(actual - expected) <= bound, (name, actual, expected, bound)
         else:
-            assert actual == pytest.approx(expected, rel=REFERENCE_RTOL, abs=0, nan_ok=True), name
+            assert actual == pytest.approx(expected, rel=metric_rtol(name, report), abs=0,
+                                           nan_ok=True), \
+                (name, actual, expected, metric_rtol(name, report))
     assert report.rank == reference["rank"]
+    if facts is not None:
+        assert report.pinv_condition == pytest.approx(
+            facts["condition"], rel=metric_rtol("pinv_condition", report), abs=0)
     np.testing.assert_array_equal(report.class_counts, reference["class_counts"])
     np.testing.assert_array_equal(report.class_ncc_accuracy, reference["class_ncc_accuracy"])
     if reference["class_accuracy"] is None:
@@ -108,18 +226,24 @@ def assert_matches_textbook(report, reference, *, zero_floors=None):
         np.testing.assert_array_equal(report.class_accuracy, reference["class_accuracy"])
     for name in PER_CLASS_FLOATS:
         np.testing.assert_allclose(getattr(report, name), reference[name],
-                                   rtol=REFERENCE_RTOL, atol=0, err_msg=name)
+                                   rtol=metric_rtol(name, report), atol=0, err_msg=name)
 
 
-#: Random small cases: reproducible (derandomized), no deadline for the JIT.
-RANDOM_CASE_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+#: Random small cases: reproducible (derandomized) but in the nightly job, no deadline
+#: for the JIT; 40 examples (``conftest.examples``: 40 times more at night).
+RANDOM_CASE_SETTINGS = settings(max_examples=examples(40), deadline=None,
+                                derandomize=not NIGHTLY)
 
 
 @st.composite
 def small_gaussian_cases(draw):
-    """Keywords of a small ``cases.gaussian_classes`` case: any C <= 7, D >= 1, both routes."""
+    """Keywords of a small ``cases.gaussian_classes`` case: any C <= 7, D >= 1, both routes.
+
+    A third of the cases have drawn class counts (0 to 40 rows each, at least two
+    classes with rows): imbalanced, and empty classes.
+    """
     num_classes = draw(st.integers(2, 7))
-    return {
+    parameters = {
         "num_rows": draw(st.integers(num_classes, 60)),
         "num_features": draw(st.integers(1, 20)),
         "num_classes": num_classes,
@@ -129,6 +253,11 @@ def small_gaussian_cases(draw):
         "dtype": draw(st.sampled_from([np.float32, np.float64])),
         "seed": draw(st.integers(0, 2**32 - 1)),
     }
+    if draw(st.integers(0, 2)) == 0:
+        counts = draw(st.lists(st.integers(0, 40), min_size=num_classes, max_size=num_classes)
+                      .filter(lambda counts: sum(count > 0 for count in counts) >= 2))
+        parameters["class_counts"] = counts
+    return parameters
 
 
 def _without_classifier(case):
@@ -141,7 +270,8 @@ def test_every_metric_matches_textbook(name, with_classifier):
     case = gaussian_classes(**ADVERSARIAL[name], classifier=with_classifier)
     report = ncfast.collapse(**case)
     assert_matches_textbook(report, textbook_collapse(**case),
-                            zero_floors=analytic_zero_floors(case))
+                            zero_floors=analytic_zero_floors(case),
+                            facts=textbook_nc1_facts(case))
     features_per_row = case["features"].shape[1]
     assert report.route == ("features" if case["num_classes"] > features_per_row else "classes")
 
@@ -150,9 +280,10 @@ def test_every_metric_matches_textbook(name, with_classifier):
 @given(parameters=small_gaussian_cases(), global_mean=st.sampled_from(["classes", "samples"]))
 def test_random_small_cases_match_textbook(parameters, global_mean):
     case = gaussian_classes(**parameters)
-    report = ncfast.collapse(**case, global_mean=global_mean)
+    report = ncfast.collapse(**case, global_mean=global_mean, empty_classes="ignore")
     assert_matches_textbook(report, textbook_collapse(**case, global_mean=global_mean),
-                            zero_floors=analytic_zero_floors(case, global_mean))
+                            zero_floors=analytic_zero_floors(case, global_mean),
+                            facts=textbook_nc1_facts(case, global_mean))
 
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
@@ -316,6 +447,29 @@ def test_orthogonal_frame_has_zero_orthogonality(num_classes, num_features):
     reference = textbook_collapse(**spread_case)
     assert reference["nc2_orthogonality"] > 1e-4
     assert_matches_textbook(ncfast.collapse(**spread_case), reference)
+
+
+@pytest.mark.parametrize("scales, rank, condition", [
+    ((1.0, 10.0), 2, 100.0),             # eigenvalues 2 and 200 of the Gram
+    ((1.0, 3.0, 1e3), 3, 1e6),
+    ((1.0, 1e-6), 1, 1.0),               # 2e-12 of the largest: below pinv_rtol, cut
+])
+@pytest.mark.parametrize("num_features", [8, 4], ids=["classes_route", "features_route"])
+def test_pinv_condition_of_a_known_spectrum(scales, rank, condition, num_features):
+    """Classes in pairs at +a_j e_j and -a_j e_j: the means sum to 0 and the Gram of the
+    centred means has eigenvalues 2 a_j^2 (and zeros), so its kept rank and condition
+    number are known exactly."""
+    pairs = len(scales)
+    means = np.zeros((2 * pairs, num_features))
+    for j, scale in enumerate(scales):
+        means[2 * j, j], means[2 * j + 1, j] = scale, -scale
+    labels = np.repeat(np.arange(2 * pairs), 3)
+    report = ncfast.collapse(means[labels], labels)
+    assert report.route == ("classes" if 2 * pairs <= num_features else "features")
+    assert report.rank == rank
+    assert report.pinv_condition == pytest.approx(condition, rel=1e-12)
+    case = {"features": means[labels], "labels": labels}
+    assert textbook_nc1_facts(case)["condition"] == pytest.approx(condition, rel=1e-12)
 
 
 def _rows_around_the_radius(means, seed=0):

@@ -18,11 +18,11 @@ from hypothesis.extra.numpy import arrays
 import ncfast
 from ncfast.kernels import cpu
 from cases import gaussian_classes, with_label_noise
-from conftest import RELATIVE_TOLERANCE
+from conftest import RELATIVE_TOLERANCE, examples
 
 # Failing examples print as short parameter dicts, so shrinking and explaining
-# them would buy little and cost minutes.
-PROPERTY_SETTINGS = settings(max_examples=25, deadline=None,
+# them would buy little and cost minutes. 25 examples (1000 in the nightly job).
+PROPERTY_SETTINGS = settings(max_examples=examples(25), deadline=None,
                              phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 #: Public fields of the pass-2 state that merge by addition; the route's
@@ -37,9 +37,10 @@ def feature_sets(draw):
     """A small Gaussian feature set (``cases.gaussian_classes``).
 
     Shapes cover both NC1 routes (C <= D and C > D); the set may carry a
-    classifier, float64 features and noisy labels (which may leave a class
-    without rows, but never fewer than two classes with clean rows). Drawn as
-    the generator's keywords, so that a failing example prints short.
+    classifier, float64 features, noisy labels, and (a third of the sets)
+    drawn class counts: imbalanced, with empty classes, but never fewer than
+    two classes with (clean) rows. Drawn as the generator's keywords, so that
+    a failing example prints short.
     """
     num_classes = draw(st.integers(2, 7))
     parameters = {
@@ -52,7 +53,12 @@ def feature_sets(draw):
         "seed": draw(st.integers(0, 2**32 - 1)),
         "noise_seed": draw(st.none() | st.integers(0, 2**32 - 1)),
     }
+    if draw(st.integers(0, 2)) == 0:
+        parameters["class_counts"] = draw(
+            st.lists(st.integers(0, 30), min_size=num_classes, max_size=num_classes)
+            .filter(lambda counts: sum(count > 0 for count in counts) >= 2))
     case = make_case(**parameters)
+    assume(np.unique(case["labels"]).size >= 2)
     if "clean_labels" in case:
         clean_rows = case["labels"] == case["clean_labels"]
         assume(np.unique(case["labels"][clean_rows]).size >= 2)

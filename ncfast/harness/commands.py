@@ -126,7 +126,7 @@ def config_from_args(args):
     return TrainConfig(**options)
 
 
-def run_train(args, console):
+def run_train(args, console, errors):
     """``ncfast train``: validate, train, summarise."""
     from ncfast.harness.training import train
 
@@ -144,7 +144,7 @@ def run_train(args, console):
     return 0
 
 
-def run_demo(args, console):
+def run_demo(args, console, errors):
     """``ncfast demo``: train both runs, print the side-by-side table."""
     from rich.table import Table
 
@@ -169,7 +169,7 @@ def run_demo(args, console):
     return 0
 
 
-def run_reproduce(args, console):
+def run_reproduce(args, console, errors):
     """``ncfast reproduce NAME``: run one reproduction, print its verdict."""
     from ncfast.harness.reproduce import REPRODUCTIONS
 

@@ -9,6 +9,7 @@ dilation).
 import dataclasses
 import os
 
+from ncfast.dumps import write_text_atomically
 from ncfast.harness.reproduce import final_row, markdown_table, train_and_analyze
 from ncfast.harness.training import TrainConfig
 
@@ -71,8 +72,8 @@ def demo(out, *, epochs=DEMO_CONFIG.epochs, noise=DEMO_CONFIG.noise, smoothing=0
                                            for name in configs}})
     table.append({"metric": "terminal phase from epoch",
                   **{name: result.terminal_epoch for name, result in results.items()}})
-    with open(os.path.join(out, "demo.md"), "w") as stream:
-        stream.write(f"# ncfast demo: MNIST-1D, {noise:.0%} symmetric label noise, "
-                     f"cross-entropy vs label smoothing (alpha {smoothing:g})\n\n"
-                     f"{markdown_table(table)}\n")
+    write_text_atomically(os.path.join(out, "demo.md"),
+                          f"# ncfast demo: MNIST-1D, {noise:.0%} symmetric label noise, "
+                          f"cross-entropy vs label smoothing (alpha {smoothing:g})\n\n"
+                          f"{markdown_table(table)}\n")
     return table

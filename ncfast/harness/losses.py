@@ -22,7 +22,7 @@ def check_loss_options(name, smoothing):
 
 def one_hot_mse(logits, labels):
     """``||logits - onehot(y)||^2 / (2 B)``: half the squared error summed over classes,
-    averaged over the batch (the convention of DESIGN.md's closed form).
+    averaged over the batch (the convention of the closed form in docs/metrics.md).
 
     Parameters
     ----------

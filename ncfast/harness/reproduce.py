@@ -11,7 +11,7 @@ plots), ``metrics.json``/``metrics.csv`` and PNG plots into ``OUT``:
   MSE on scikit-learn digits, with and without weight decay.
 - ``imbalanced`` (Dang et al. 2023): unconstrained features with L=1 and L=3
   bias-free linear heads, MSE, class counts [200, 100, 50, 50], against the
-  closed form of DESIGN.md.
+  closed form in docs/metrics.md.
 """
 import dataclasses
 import os
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncfast.harness.training import TrainConfig, check_output_folder, train
+from ncfast.dumps import check_output_folder, write_text_atomically
+from ncfast.harness.training import TrainConfig, train
 
 
 @dataclass
@@ -65,8 +66,7 @@ def train_and_analyze(configs, out, *, progress=True):
     rows : list of dict
         ``ncfast.analyze`` rows of every run, ``row["run"]`` naming its run.
     """
-    from ncfast.analyze import analyze, scalar_metrics, write_results
-    from ncfast.plots import write_plots
+    from ncfast.analyze import analyze, write_analysis
 
     for config in configs.values():
         config.validate()
@@ -80,8 +80,7 @@ def train_and_analyze(configs, out, *, progress=True):
     run_of_path = {os.path.normpath(result.path): name for name, result in results.items()}
     for row in analysis.rows:
         row["run"] = run_of_path[os.path.normpath(row["source"])]
-    write_results(analysis, out)
-    write_plots(analysis.rows, out, scalar_metrics(analysis.rows))
+    write_analysis(analysis, out)
     return results, analysis.rows
 
 
@@ -116,8 +115,7 @@ def write_report(out, *, title, claim, configs, table, checks, plots, notes=()):
     lines += ["", "Plots:", ""]
     lines += [f"![{plot}]({plot})" for plot in plots if os.path.exists(os.path.join(out, plot))]
     path = os.path.join(out, "report.md")
-    with open(path, "w") as stream:
-        stream.write("\n".join(lines) + "\n")
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return path, held
 
 
@@ -288,7 +286,7 @@ ORTHOGONALITY_TOLERANCE = 1e-2
 
 
 def imbalanced_closed_form(class_counts, *, head_depth, weight_decay, feature_decay):
-    """Predicted row norms of ``W = W_L ... W_1`` and of the class means (DESIGN.md).
+    """Predicted row norms of ``W = W_L ... W_1`` and class means (docs/metrics.md).
 
     ``x_c`` is the largest real root of ``b / n_c = L x^{L-1} / (x^L + 1)^2``
     with ``b = L N (N lambda_W^L lambda_H)^{1/L}`` (0 when there is none);
@@ -408,7 +406,7 @@ def imbalanced(out, *, head_depths=(1, 3), progress=True):
         out, title="Reproduction 3: imbalanced bias-free MSE (Dang et al. 2023)",
         claim=IMBALANCED_CLAIM, configs=configs, table=table, checks=checks,
         plots=("nc2_orthogonality.png", "nc1.png"),
-        notes=("Norms are compared in absolute terms (DESIGN.md states proportionality; with "
+        notes=("Norms are compared in absolute terms (docs/metrics.md states proportionality; with "
                "the loss `||WH - Y||^2/(2N) + lambda_W/2 sum ||W_l||^2 + lambda_H/2 ||H||^2` "
                "the closed form holds exactly). `mu_c` is the uncentred class mean of the free "
                "features; `w_c` a row of the head's product W_L...W_1.",

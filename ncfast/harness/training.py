@@ -13,11 +13,12 @@ import dataclasses
 import io
 import math
 import os
-import tempfile
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ncfast.dumps import check_output_folder
 from ncfast.harness.datasets import check_dataset_options, load_dataset
 from ncfast.harness.losses import check_loss_options
 from ncfast.harness.noise import check_noise_options
@@ -207,17 +208,6 @@ def log_spaced_epochs(epochs, count):
     return [int(epoch) for epoch in points]
 
 
-def check_output_folder(path):
-    """Create ``path`` if needed and prove it writable, or raise ValueError."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise ValueError(f"cannot write the run folder {os.fspath(path)!r}: "
-                         f"{error.strerror or error}") from None
-
-
 def train(config, out, *, progress=True, threads=1):
     """Train one run and dump its features into the run folder ``out``.
 
@@ -250,7 +240,7 @@ def train(config, out, *, progress=True, threads=1):
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int; found {threads!r}")
     out = os.fspath(out)
-    check_output_folder(out)
+    check_output_folder(out, what="run folder")
 
     import torch
 
@@ -307,9 +297,11 @@ def _train(config, out, progress):
 
     dump_epochs = log_spaced_epochs(config.epochs, config.checkpoints)
     batch_size = config.batch_size or train_targets.numel()
+    description = f"{config.model}/{config.loss} noise={config.noise:g}"
+    # A bar on a terminal; in a log (not a terminal) one plain line per dumped checkpoint.
+    bar_shown = progress and sys.stderr.isatty()
     bar = tqdm(range(start_epoch + 1, config.epochs + 1), initial=start_epoch,
-               total=config.epochs, desc=f"{config.model}/{config.loss} noise={config.noise:g}",
-               unit="epoch", disable=not progress)
+               total=config.epochs, desc=description, unit="epoch", disable=not bar_shown)
     accuracies = {}
     for epoch in bar:
         loss, accuracy = _train_epoch(model, loss_function, optimizer, train_inputs,
@@ -318,6 +310,9 @@ def _train(config, out, progress):
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.4f}")
         if epoch not in dump_epochs:
             continue
+        if progress and not bar_shown:
+            print(f"{description}: epoch {epoch}/{config.epochs}, loss {loss:.4f}, train "
+                  f"accuracy {accuracy:.4f}; dumping features", file=sys.stderr, flush=True)
         dumped, accuracies = _extract(model, splits)
         if epoch not in writer.checkpoints():
             writer.write_checkpoint(

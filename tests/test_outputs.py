@@ -1,0 +1,375 @@
+"""What ncfast writes and prints: permissions, never losing results, stderr, readable output.
+
+Every file follows the umask (as ``open()`` would create it) while staying
+atomic; a failed analysis leaves an earlier one's results as they were; figures
+of an earlier analysis do not linger; errors and progress go to stderr, results
+to stdout, in tables that fit 80 columns or as CSV / JSON; an incomplete set
+of worker states does not merge silently.
+"""
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import stat
+
+import numpy as np
+import pytest
+
+from cases import gaussian_classes, with_label_noise
+from ncfast import ClassSums, Geometry, ResidualStats, collapse
+from ncfast.analyze import DRAWN_CLASSES, analyze
+from ncfast.cli import main
+from ncfast.dumps import RunWriter, write_atomically
+from ncfast.plots import metric_figure, source_labels
+from ncfast.states import load_state, save_state
+
+CLASSES = 4
+
+
+@contextlib.contextmanager
+def umask(mask):
+    """Run the block under ``mask``, restoring the previous umask after."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _write_run(path, epochs=(1, 10), *, noise=True, num_classes=CLASSES, num_features=6):
+    """A run folder: train (noisy labels when ``noise``) and test splits, one layer."""
+    writer = RunWriter(path, config={"noise": noise}, num_classes=num_classes)
+    for epoch in epochs:
+        train = gaussian_classes(300, num_features, num_classes, spread=1.0 / epoch, seed=epoch)
+        test = gaussian_classes(100, num_features, num_classes, spread=1.0 / epoch, seed=epoch,
+                                rows_seed=epoch + 100, classifier=False)
+        labels, clean = train["labels"], None
+        if noise:
+            noisy = with_label_noise(train, rate=0.2, seed=epoch)
+            labels, clean = noisy["labels"], noisy["clean_labels"]
+        writer.write_checkpoint(
+            epoch, {"train": {"features": {"penultimate": train["features"]}, "labels": labels,
+                              "clean_labels": clean},
+                    "test": {"features": {"penultimate": test["features"]},
+                             "labels": test["labels"]}},
+            weights=train["weights"], bias=train["bias"])
+    return str(path)
+
+
+def _analyze_cli(*arguments):
+    return main(["analyze", *map(str, arguments), "--no-progress"])
+
+
+# --- permissions ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o027, 0o077])
+def test_new_files_get_the_permissions_open_gives_under_the_umask(tmp_path, mask):
+    with umask(mask):
+        write_atomically(str(tmp_path / "new.bin"), lambda stream: stream.write(b"x"))
+        with open(tmp_path / "by_open.bin", "wb"):
+            pass
+    assert _mode(tmp_path / "new.bin") == 0o666 & ~mask == _mode(tmp_path / "by_open.bin")
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
+
+
+def test_a_rewritten_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "shared.json"
+    path.write_text("old")
+    os.chmod(path, 0o640)
+    with umask(0o077):
+        write_atomically(str(path), lambda stream: stream.write(b"new"))
+    assert path.read_text() == "new" and _mode(path) == 0o640
+
+
+def test_every_file_of_a_run_an_analysis_and_a_state_follows_the_umask(tmp_path):
+    with umask(0o022):
+        run = _write_run(tmp_path / "run")
+        assert _analyze_cli(run, "--out", tmp_path / "out", "--metrics", "nc1") == 0
+        save_state(tmp_path / "state.safetensors", ClassSums(3, 2))
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path)
+             for name in names]
+    assert any(name.endswith("ncfast-cache.json") for name in files)
+    assert any(name.endswith(".png") for name in files)
+    assert {path: oct(_mode(path)) for path in files} == {path: oct(0o644) for path in files}
+
+
+# --- a failed analysis never overwrites a good one ------------------------------------------
+
+def _folder_state(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_a_typo_leaves_the_results_of_an_earlier_analysis_as_they_were(tmp_path, capsys):
+    run = _write_run(tmp_path / "run1")
+    out = tmp_path / "an1"
+    assert _analyze_cli(run, "--out", out, "--metrics", "nc1") == 0
+    before = _folder_state(out)
+    assert "metrics.json" in before and any(name.endswith(".png") for name in before)
+    capsys.readouterr()
+    assert _analyze_cli(tmp_path / "run1_typo", "--out", out) == 1
+    printed = capsys.readouterr()
+    assert _folder_state(out) == before
+    assert printed.out == ""
+    assert "run1_typo" in printed.err and "left as it was" in printed.err
+    assert "wrote" not in printed.err
+
+
+def test_an_unwritable_out_is_refused_before_anything_is_measured(tmp_path, capsys):
+    run = _write_run(tmp_path / "run", epochs=(1,))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert _analyze_cli(run, "--out", blocker / "out") == 1
+    assert "cannot write the --out folder" in capsys.readouterr().err
+    caches = [name for _, _, names in os.walk(run) for name in names if "cache" in name]
+    assert caches == []  # nothing was measured (measuring writes the cache)
+
+
+def test_figures_of_an_earlier_analysis_are_removed(tmp_path, capsys):
+    out = tmp_path / "out"
+    metrics = ("--metrics", "nc1", "memorization")
+    assert _analyze_cli(_write_run(tmp_path / "noisy"), "--out", out, *metrics) == 0
+    assert {"memorization.png", "memorization_vs_dilation.png"} <= set(os.listdir(out))
+    capsys.readouterr()
+    assert _analyze_cli(_write_run(tmp_path / "clean", noise=False), "--out", out, *metrics) == 0
+    names = set(os.listdir(out))
+    assert not any(name.startswith("memorization") or "noisy" in name for name in names)
+    assert "snapshot-clean-epoch10-penultimate-train.png" in names
+    removed = re.search(r"removed (\d+) figures of an earlier analysis", capsys.readouterr().err)
+    assert removed and int(removed.group(1)) >= 4
+    assert _analyze_cli(tmp_path / "clean", "--out", out, "--no-plots") == 0
+    assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json"]
+
+
+def test_the_count_of_files_written_is_the_files_there(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "notes").mkdir(parents=True)
+    assert _analyze_cli(_write_run(tmp_path / "run"), "--out", out, "--metrics", "nc1") == 0
+    written = int(re.search(r"wrote (\d+) files", capsys.readouterr().err).group(1))
+    assert written == len(os.listdir(out)) - 1  # all but the user's own folder
+
+
+# --- stderr, exit status ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["analyze", "merge", "train", "demo", "reproduce"])
+def test_help_documents_the_exit_status(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "exit status:" in printed
+    for line in ("  0 ", "  1 ", "  2 ", "  130 "):
+        assert line in printed
+
+
+def test_errors_go_to_stderr(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "run"), "--noise", "1.5", "--no-progress"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == "" and "noise" in printed.err
+
+
+# --- merge of worker states -------------------------------------------------------------------
+
+@pytest.fixture
+def worker_states(tmp_path):
+    """Three workers' pass-2 states built on the means of all their rows."""
+    case = gaussian_classes(600, 8, CLASSES, seed=3)
+    shards = np.array_split(np.arange(600), 3)
+    pass1 = ClassSums(CLASSES, 8)
+    for rows in shards:
+        pass1 += ClassSums(CLASSES, 8).update(case["features"][rows], case["labels"][rows])
+    geometry = Geometry.from_class_sums(pass1.counts, pass1.sums)
+    paths = []
+    for index, rows in enumerate(shards):
+        state = ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
+        state.update(case["features"][rows], case["labels"][rows])
+        paths.append(str(tmp_path / f"pass2-{index}.safetensors"))
+        save_state(paths[-1], state)
+    return case, paths
+
+
+def test_merge_of_every_worker_says_so(worker_states, tmp_path, capsys):
+    case, paths = worker_states
+    assert main(["merge", *paths, "--out", str(tmp_path / "merged")]) == 0
+    printed = capsys.readouterr()
+    assert "600 rows, every row behind the class means" in printed.err
+    (row,) = json.loads((tmp_path / "merged/metrics.json").read_text())["rows"]
+    assert row["nc1"] == pytest.approx(collapse(**case).nc1, rel=1e-10)
+
+
+def test_merge_of_one_worker_of_three_is_refused(worker_states, tmp_path, capsys):
+    _, paths = worker_states
+    out = tmp_path / "merged"
+    assert main(["merge", paths[0], "--out", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == "" and not out.exists()
+    assert re.search(r"the pass-2 states hold 200 rows but the class means were built on 600 "
+                     r"\(class 0: \d+ of \d+", printed.err)
+    assert "a worker's state is missing" in printed.err and "--held-out" in printed.err
+    assert main(["merge", paths[0], "--out", str(out), "--held-out"]) == 0
+    assert "held-out rows" in capsys.readouterr().err
+
+
+def test_merge_refuses_a_state_given_twice(worker_states, tmp_path, capsys):
+    _, paths = worker_states
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(open(paths[1], "rb").read())
+    assert main(["merge", *paths, str(copy), "--out", str(tmp_path / "merged")]) == 1
+    assert "holds the same state as" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: path.write_text("source,epoch,split\nrun,1,train\n"),
+     r"a CSV text file starting 'source,epoch,split'"),
+    (lambda path: path.mkdir(), r"a folder; expected a pass state"),
+    (lambda path: np.save(path, np.zeros(3)), r"a NumPy \.npy array"),
+])
+def test_state_files_of_another_kind_say_what_they_are(tmp_path, make, message):
+    path = tmp_path / "thing.npy"
+    make(path)
+    with pytest.raises(ValueError, match=message):
+        load_state(path)
+    with pytest.raises(ValueError, match="expected a pass state written by "
+                                         r"ncfast.states.save_state"):
+        load_state(path)
+
+
+def test_a_folder_of_states_names_them(tmp_path):
+    save_state(tmp_path / "pass1-0.safetensors", ClassSums(3, 2))
+    with pytest.raises(ValueError, match=r"holding 1 \.safetensors file\(s\): pass those"):
+        load_state(tmp_path)
+
+
+# --- printed results --------------------------------------------------------------------------
+
+def test_tables_fit_80_columns_without_breaking_a_number(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    first, second = tmp_path / "a/run", tmp_path / "b/run"
+    _write_run(first), _write_run(second)
+    assert _analyze_cli(first, second, "--out", tmp_path / "out", "--no-plots") == 0
+    printed = capsys.readouterr().out
+    assert max(map(len, printed.splitlines())) <= 80
+    document = json.loads((tmp_path / "out/metrics.json").read_text())
+    for row in document["rows"]:
+        for name in ("nc1", "nc2_etf", "memorization", "accuracy"):
+            if row[name] is not None:
+                assert re.search(rf"(^|\s){re.escape(f'{row[name]:.4g}')}(\s|$)", printed,
+                                 re.MULTILINE), (name, row[name])
+    assert re.search(r"^\s+a/run\s+1\s+test\s+penultimate", printed, re.MULTILINE)
+    assert re.search(r"^\s+b/run\s+10\s+train\s+penultimate", printed, re.MULTILINE)
+
+
+def test_one_row_prints_vertically(worker_states, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    _, paths = worker_states
+    assert main(["merge", *paths, "--out", str(tmp_path / "merged")]) == 0
+    printed = capsys.readouterr().out
+    assert max(map(len, printed.splitlines())) <= 80
+    (row,) = json.loads((tmp_path / "merged/metrics.json").read_text())["rows"]
+    for name in ("nc1", "nc2_equiangular_w", "bias_collapse", "ncc_accuracy"):
+        assert re.search(rf"^\s+{name}\s+{re.escape(f'{row[name]:.4g}')}\s", printed,
+                         re.MULTILINE), name
+
+
+@pytest.mark.parametrize("command", ["analyze", "merge"])
+def test_csv_and_json_formats_print_the_files(worker_states, tmp_path, capsys, command):
+    _, paths = worker_states
+    out = tmp_path / "out"
+    inputs = [_write_run(tmp_path / "run")] if command == "analyze" else paths
+    for form in ("csv", "json"):
+        arguments = [command, *inputs, "--out", str(out), "--format", form]
+        assert main(arguments + (["--no-progress", "--no-plots"] if command == "analyze"
+                                 else [])) == 0
+        printed = capsys.readouterr().out
+        if form == "csv":
+            assert list(csv.reader(io.StringIO(printed))) == list(
+                csv.reader(io.StringIO((out / "metrics.csv").read_text())))
+        else:
+            assert json.loads(printed) == json.loads((out / "metrics.json").read_text())
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+def test_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
+    run = _write_run(tmp_path / "run", epochs=(1, 2, 3))
+    analyze([run], progress=True, use_cache=False)
+    printed = capsys.readouterr().err
+    lines = printed.splitlines()
+    assert [line.split(": ")[1] for line in lines] == [
+        f"[{epoch}/3] {run} epoch {epoch}" for epoch in (1, 2, 3)]
+    assert "\r" not in printed and "bytes" not in printed
+    assert lines[-1].endswith("of features read)")
+
+
+def test_progress_bar_counts_checkpoints_and_measures_bytes(monkeypatch):
+    from rich.console import Console
+
+    from ncfast.analyze import _Progress
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stderr is a terminal
+    shown = _Progress(3, 5_000_000, enabled=True)
+    shown.bar.advance(shown.checkpoint_task, 1)
+    shown.read(1_000_000)
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(shown.bar.make_tasks_table(shown.bar.tasks))
+    checkpoints, features = console.file.getvalue().splitlines()
+    assert re.search(r"checkpoints .* 1/3\s*$", checkpoints)
+    assert "bytes" not in checkpoints and "B" not in checkpoints.split()[-1]
+    assert re.search(r"features read .* 1\.0/5\.0 MB", features)
+
+
+def test_training_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
+    from test_harness import SMALL
+
+    from ncfast.harness.training import train
+
+    train(SMALL, tmp_path / "run", progress=True)
+    printed = capsys.readouterr().err
+    assert "\r" not in printed
+    assert re.findall(r"epoch (\d+)/2, loss", printed) == ["1", "2"]
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+def test_legends_tell_runs_of_the_same_name_apart():
+    rows = [{"source": f"/data/{owner}/run", "epoch": epoch, "split": "train",
+             "layer": "penultimate", "nc1": 1.0 / epoch} for owner in "ab" for epoch in (1, 2)]
+    labels = [text.get_text() for text in metric_figure(rows, "nc1").axes[0].get_legend()
+              .get_texts()]
+    assert labels == ["a/run: penultimate / train", "b/run: penultimate / train"]
+    assert source_labels(["/x/run", "/y/z/run", "/y/w/run"]) == {
+        "/x/run": "x/run", "/y/z/run": "z/run", "/y/w/run": "w/run"}
+
+
+def _centred_cosines(features, labels):
+    means = np.stack([features[labels == c].mean(axis=0) for c in np.unique(labels)])
+    centred = means - means.mean(axis=0)
+    units = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    return units @ units.T
+
+
+@pytest.mark.parametrize("num_classes", [5, DRAWN_CLASSES + 20])
+def test_a_single_snapshot_gets_its_figures(tmp_path, num_classes):
+    case = gaussian_classes(20 * num_classes, 12, num_classes, seed=5)
+    np.save(tmp_path / "features.npy", case["features"])
+    np.save(tmp_path / "labels.npy", case["labels"])
+    out = tmp_path / "out"
+    assert _analyze_cli(tmp_path / "features.npy", "--labels", tmp_path / "labels.npy",
+                        "--out", out) == 0
+    assert sorted(name for name in os.listdir(out) if name.endswith(".png")) == [
+        "snapshot-features.npy-features-train.png"]
+    (row,) = analyze([tmp_path / "features.npy"], labels=tmp_path / "labels.npy",
+                     progress=False).rows
+    cosines = _centred_cosines(case["features"].astype(np.float64), case["labels"])
+    pairs = cosines[np.triu_indices(num_classes, 1)]
+    if num_classes <= DRAWN_CLASSES:
+        np.testing.assert_allclose(row["cosine_matrix"], cosines, rtol=0, atol=5e-5)
+    else:
+        assert "cosine_matrix" not in row
+        counts, _ = np.histogram(pairs, bins=np.linspace(-1, 1, 41))
+        np.testing.assert_array_equal(row["cosine_histogram"]["counts"], counts)
