@@ -305,6 +305,12 @@ class _ForwardPasses:
                 "either in every batch or as clean_labels=")
         if self.clean_labels is not None:
             clean = self.clean_labels[offset:offset + len(labels)]
+            if len(clean) < len(labels):
+                raise ValueError(f"clean_labels has {len(self.clean_labels)} entries but the "
+                                 f"loader yields more rows; pass one per row")
+        if clean is not None and len(clean) != len(labels):
+            raise ValueError(f"batch {index} has {len(labels)} labels but {len(clean)} clean "
+                             "labels; pass one of each per row")
         return inputs, labels, clean
 
 
