@@ -482,16 +482,13 @@ class _Measurement:
         if not chunks:
             raise ValueError("the loader yielded no rows; pass at least one row per class")
         weights, bias = self._classifier(name)
-        features = chunks[0][0]
-        if features.is_cuda and importlib.util.find_spec("cupy") is not None:
-            # One device array, read in place by the GPU backend.
-            clean = [chunk[2] for chunk in chunks]
-            return collapse(torch.cat([chunk[0] for chunk in chunks]),
-                            torch.cat([chunk[1] for chunk in chunks]),
-                            clean_labels=None if clean[0] is None else torch.cat(clean),
-                            num_classes=self.monitor.num_classes, weights=weights, bias=bias)
-        host = [tuple(part.cpu() for part in chunk if part is not None) for chunk in chunks]
-        return collapse(host, num_classes=self.monitor.num_classes, weights=weights, bias=bias)
+        options = {"num_classes": self.monitor.num_classes, "weights": weights, "bias": bias}
+        if chunks[0][0].is_cuda:  # one device array, read in place by the GPU backend
+            clean = None if chunks[0][2] is None else torch.cat([chunk[2] for chunk in chunks])
+            return collapse(measurable(torch.cat([chunk[0] for chunk in chunks])),
+                            torch.cat([chunk[1] for chunk in chunks]), clean_labels=clean,
+                            **options)
+        return collapse([_noise(chunk) for chunk in chunks], **options)
 
 
 class _LocalPasses:
@@ -523,6 +520,15 @@ class _LocalPasses:
 
     def report(self):
         return self.residual_pass.report(global_mean="classes")
+
+
+def measurable(features):
+    """Features where ``ncfast.collapse`` reads them: a CUDA tensor stays on its GPU when
+    CuPy is installed (the GPU backend reads it in place through DLPack), else it is
+    copied to the host."""
+    if features.is_cuda and importlib.util.find_spec("cupy") is None:
+        return features.cpu()
+    return features
 
 
 def _noise(chunk):

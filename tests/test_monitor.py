@@ -301,3 +301,85 @@ def test_cuda_model_gives_the_cpu_report(memory_budget):
                              memory_budget=memory_budget).measure()
     for name, value in expected.metrics().items():
         assert getattr(report, name) == pytest.approx(value, rel=1e-3, abs=1e-6), name
+
+
+# --- Under DDP: two gloo ranks equal one process -------------------------------------------
+
+WORLD_SIZE = 2
+
+#: Batches of ``make_data``'s rows per rank (an uneven split, and a rank without rows).
+RANK_BATCHES = {"uneven": (6, 4), "idle_rank": (10, 0)}
+
+
+def _rank_batches(split, rank):
+    """This rank's batches of (images, noisy, clean): consecutive slices of the rows."""
+    images, noisy, clean = make_data()
+    all_batches = batches(images, noisy, clean, size=60)
+    counts = RANK_BATCHES[split]
+    return all_batches[sum(counts[:rank]):sum(counts[:rank + 1])]
+
+
+def _run_rank(rank, port, out_dir):
+    """One process of the group: the monitor on a DDP-wrapped model (held and streamed,
+    two layers, label noise) and the torchmetrics metric, per split of the rows."""
+    import pickle
+
+    import torch.distributed as dist
+
+    from ncfast.torchmetrics import NeuralCollapse
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        model = make_model()
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        results = {}
+        for split in RANK_BATCHES:
+            loader = _rank_batches(split, rank)
+            for memory_budget in (ncfast_torch.DEFAULT_MEMORY_BUDGET, 0):
+                results[split, memory_budget] = CollapseMonitor(
+                    wrapped, ["block", "module.fc"], loader,
+                    memory_budget=memory_budget).measure()
+            metric = NeuralCollapse(NUM_CLASSES, classifier=model.fc, label_noise=True)
+            for images, noisy, clean in loader:
+                metric.update(torch.from_numpy(by_hand(model, images)["fc"]), noisy, clean)
+            results[split, "torchmetrics"] = {name: value.item()
+                                              for name, value in metric.compute().items()}
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as handle:
+            pickle.dump(results, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    """What each of two gloo ranks measured, from one spawn."""
+    import pickle
+    import socket
+
+    import torch.multiprocessing as torch_mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out_dir = tmp_path_factory.mktemp("ranks")
+    torch_mp.spawn(_run_rank, args=(port, str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [pickle.loads((out_dir / f"rank{rank}.pkl").read_bytes())
+            for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("split", RANK_BATCHES)
+def test_two_ddp_ranks_equal_one_process(rank_results, split, assert_same_report):
+    model = make_model()
+    all_batches = [batch for rank in range(WORLD_SIZE) for batch in _rank_batches(split, rank)]
+    expected = CollapseMonitor(model, ["block", "fc"], all_batches).measure()
+    assert expected["fc"].memorization is not None
+    for results in rank_results:
+        for memory_budget in (ncfast_torch.DEFAULT_MEMORY_BUDGET, 0):
+            for layer in ("block", "fc"):
+                assert_same_report(results[split, memory_budget][
+                    "module.fc" if layer == "fc" else layer], expected[layer])
+        metrics = expected["fc"].metrics()
+        assert results[split, "torchmetrics"].keys() == metrics.keys()
+        for name, value in metrics.items():
+            assert results[split, "torchmetrics"][name] == pytest.approx(value, rel=1e-10), name
