@@ -53,9 +53,9 @@ def fit(callbacks, tmp_path, epochs):
                                          batch_size=50, shuffle=True)
     module = Classifier()
     trainer = lightning.Trainer(
-        max_epochs=epochs, callbacks=callbacks, accelerator="cpu", devices=1, logger=lightning.loggers.CSVLogger(
-            tmp_path), enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, log_every_n_steps=1)
+        max_epochs=epochs, callbacks=callbacks, accelerator="cpu", devices=1,
+        logger=lightning.loggers.CSVLogger(tmp_path), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)
     trainer.fit(module, loader)
     return module, trainer
 

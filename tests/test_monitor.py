@@ -278,8 +278,8 @@ def _rows():
                              classifier={"inner": None}).measure(), ValueError, "ran twice"),
     (lambda: CollapseMonitor(CallsTwice(), "unused", _rows()).measure(), ValueError,
      "did not run"),
-    (lambda: CollapseMonitor(nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 2)), "0",
-                             [(torch.zeros(6, 2, dtype=torch.long), torch.zeros(6, dtype=torch.long))],
+    (lambda: CollapseMonitor(nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 2)),
+                             "0", [(torch.zeros(6, 2, dtype=int), torch.zeros(6, dtype=int))],
                              num_classes=2).measure(), TypeError, "floating-point features"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", []).measure(), ValueError, "no rows"),
 ])
