@@ -3,13 +3,9 @@
 Requires Lightning (``pip install "ncfast[lightning]"``); ``import ncfast``
 never imports it.
 """
-try:
-    from lightning.pytorch.callbacks import Callback
-except ImportError as error:
-    raise ImportError(f"ncfast.lightning needs Lightning ({error}): pip install "
-                      "'ncfast[lightning]'") from None
+from ncfast.torch import DEFAULT_MEMORY_BUDGET, CollapseMonitor, import_extra
 
-from ncfast.torch import DEFAULT_MEMORY_BUDGET, CollapseMonitor
+Callback = import_extra("lightning.pytorch", "lightning").Callback
 
 
 class NeuralCollapse(Callback):

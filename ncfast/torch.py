@@ -522,6 +522,16 @@ class _LocalPasses:
         return self.residual_pass.report(global_mean="classes")
 
 
+def import_extra(name, extra):
+    """Import module ``name`` for ``ncfast.<extra>``, or raise an ImportError naming the
+    extra that installs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError(f"ncfast.{extra} needs {name} ({error}): pip install "
+                          f"'ncfast[{extra}]'") from None
+
+
 def measurable(features):
     """Features where ``ncfast.collapse`` reads them: a CUDA tensor stays on its GPU when
     CuPy is installed (the GPU backend reads it in place through DLPack), else it is

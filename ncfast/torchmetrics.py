@@ -3,17 +3,14 @@
 Requires torchmetrics (``pip install "ncfast[torchmetrics]"``); ``import ncfast``
 never imports it.
 """
-try:
-    import torchmetrics
-except ImportError as error:
-    raise ImportError(f"ncfast.torchmetrics needs torchmetrics ({error}): pip install "
-                      "'ncfast[torchmetrics]'") from None
 import torch
 from torch import nn
-from torchmetrics.utilities import dim_zero_cat
 
 from ncfast.api import collapse
-from ncfast.torch import measurable
+from ncfast.torch import import_extra, measurable
+
+torchmetrics = import_extra("torchmetrics", "torchmetrics")
+dim_zero_cat = import_extra("torchmetrics.utilities", "torchmetrics").dim_zero_cat
 
 
 class NeuralCollapse(torchmetrics.Metric):
