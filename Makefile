@@ -11,7 +11,7 @@ $(BIN)/ncfast: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[test,bench,io,harness,dask]"
+	$(BIN)/pip install --quiet -e ".[test,bench,io,harness,dask,lightning,torchmetrics]"
 	touch $@
 
 setup: $(BIN)/ncfast

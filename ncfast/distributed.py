@@ -193,10 +193,13 @@ def all_reduce_sums(arrays, group=None):
     arrays : list of float64 or int64 numpy arrays
         Every rank passes arrays of the same shapes in the same order.
     group : ProcessGroup, optional
+        Without an initialised process group (a single process) nothing is reduced.
     """
     unsupported = {str(array.dtype) for array in arrays} - {"float64", "int64"}
     if unsupported:
         raise TypeError(f"all_reduce_sums sums float64 and int64 arrays; found {unsupported}")
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # one process, no group: its sums are the totals
     on_cuda = dist.get_backend(group) == "nccl"
     for dtype in (np.float64, np.int64):
         same_dtype = [array for array in arrays if array.dtype == dtype]

@@ -384,7 +384,7 @@ def _train_epoch(model, loss_function, optimizer, inputs, targets, batch_size, s
 
 
 def _extract(model, splits):
-    """Features of every layer for each split, in eval mode.
+    """Features of every layer for each split, in eval mode (``ncfast.torch.capture``).
 
     Parameters
     ----------
@@ -402,24 +402,32 @@ def _extract(model, splits):
     """
     import torch
 
-    model.eval()
+    from ncfast.torch import capture
+
+    modules = _layer_modules(model)
     dumped, accuracies = {}, {}
-    with torch.no_grad():
-        for split, (inputs, labels, clean_labels) in splits.items():
-            layers, predictions = {}, []
-            for batch in inputs.split(EXTRACT_BATCH):
-                batch_layers = model.layers(batch)
-                predictions.append(model.classifier(batch_layers["penultimate"]).argmax(dim=1))
-                for name, features in batch_layers.items():
-                    layers.setdefault(name, []).append(features)
-            predicted = torch.cat(predictions).numpy()
-            dumped[split] = {"features": {name: torch.cat(parts).numpy()
-                                          for name, parts in layers.items()},
-                             "labels": labels, "clean_labels": clean_labels}
-            accuracies[split] = float(np.mean(predicted == labels))
-            if clean_labels is not None:
-                accuracies[f"{split}_clean"] = float(np.mean(predicted == clean_labels))
+    for split, (inputs, labels, clean_labels) in splits.items():
+        batches = list(zip(inputs.split(EXTRACT_BATCH),
+                           torch.from_numpy(labels).split(EXTRACT_BATCH)))
+        captured = capture(model, list(modules.values()), batches).features
+        with torch.no_grad():
+            predicted = model.classifier(captured["classifier"]).argmax(dim=1).numpy()
+        dumped[split] = {"features": {name: captured[module].numpy()
+                                      for name, module in modules.items()},
+                         "labels": labels, "clean_labels": clean_labels}
+        accuracies[split] = float(np.mean(predicted == labels))
+        if clean_labels is not None:
+            accuracies[f"{split}_clean"] = float(np.mean(predicted == clean_labels))
     return dumped, accuracies
+
+
+def _layer_modules(model):
+    """``{layer: module}``: the module of ``model`` whose input is each layer that
+    ``Network.layers`` names (the trunk output feeds ``head.0``, ``linear{i}`` feeds
+    ``head.{i}``, the penultimate features feed the classifier)."""
+    modules = {"trunk": "head.0"} if len(model.head) else {}
+    modules.update({f"linear{index}": f"head.{index}" for index in range(1, len(model.head))})
+    return modules | {"penultimate": "classifier"}
 
 
 def _numpy(parameter):

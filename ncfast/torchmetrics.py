@@ -1,0 +1,137 @@
+"""Neural collapse as a torchmetrics ``Metric``, for code that computes metrics that way.
+
+Requires torchmetrics (``pip install "ncfast[torchmetrics]"``); ``import ncfast``
+never imports it.
+"""
+import torch
+from torch import nn
+
+from ncfast.api import collapse
+from ncfast.torch import import_extra, measurable
+
+torchmetrics = import_extra("torchmetrics", "torchmetrics")
+dim_zero_cat = import_extra("torchmetrics.utilities", "torchmetrics").dim_zero_cat
+
+
+class NeuralCollapse(torchmetrics.Metric):
+    """Neural-collapse metrics of the features passed to ``update``.
+
+    ::
+
+        metric = NeuralCollapse(num_classes=10, classifier=model.fc)
+        for inputs, labels in loader:
+            metric.update(penultimate_features(inputs), labels)
+        metric.compute()        # {"nc1": tensor(...), "nc2_etf": ..., ...}
+
+    Memory: the two passes need the class means before the residuals, so the
+    metric holds every row it is given until ``reset()``: N×D values in the
+    metric's dtype (float32 unless ``set_dtype``: 4·N·D bytes, e.g. 102 MB
+    for 50,000 × 512) on the features' device, plus 8 bytes per label.
+    ``compute_on_cpu=True`` (a torchmetrics option) moves them to host memory
+    after each ``update``. Across processes the states sync the torchmetrics
+    way (``"cat"``): at ``compute`` every process receives every process's
+    rows, so each holds the rows of all of them. ``ncfast.torch.CollapseMonitor``
+    streams instead, holding nothing beyond a memory budget.
+
+    Parameters
+    ----------
+    num_classes : int
+        C; labels are class indices in [0, C).
+    classifier : nn.Linear, optional
+        Enables NC3, NC4 and accuracy; its weight and bias are read at each
+        ``compute``. The metric refers to it without owning it: it is not a
+        submodule, so the metric never moves or saves it.
+    label_noise : bool
+        ``update`` takes the clean labels too (memorization, dilation, ...).
+    **kwargs
+        torchmetrics options (``compute_on_cpu``, ``sync_on_compute``, ...).
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, num_classes, *, classifier=None, label_noise=False, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int of at least 2; found {num_classes!r}")
+        if classifier is not None and not isinstance(classifier, nn.Linear):
+            raise TypeError(f"classifier must be an nn.Linear; found {type(classifier).__name__}")
+        if classifier is not None and classifier.out_features != num_classes:
+            raise ValueError(f"classifier has {classifier.out_features} outputs but num_classes "
+                             f"is {num_classes}")
+        self.num_classes = num_classes
+        self.label_noise = label_noise
+        # Set past nn.Module.__setattr__, which would register it as a submodule.
+        object.__setattr__(self, "classifier", classifier)
+        # Rows are kept flattened (1-D states), so that a process without rows, whose
+        # states torchmetrics sends as empty 1-D tensors, can be gathered with the others.
+        self.add_state("features", default=[], dist_reduce_fx="cat")
+        self.add_state("num_features", default=torch.tensor(0), dist_reduce_fx="max")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+        if label_noise:
+            self.add_state("clean_labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, features, labels, clean_labels=None):
+        """Add a batch of rows.
+
+        Parameters
+        ----------
+        features : tensor of shape (n, D)
+        labels : int tensor of shape (n,)
+        clean_labels : int tensor of shape (n,)
+            Required exactly when the metric was built with ``label_noise=True``.
+        """
+        if features.ndim != 2:
+            raise ValueError(f"features must be 2-D (n, D); found shape {tuple(features.shape)}: "
+                             "flatten them with features.reshape(len(features), -1)")
+        if not features.is_floating_point():
+            raise TypeError(f"features must be floating point; found dtype {features.dtype}")
+        if self.label_noise != (clean_labels is not None):
+            raise ValueError("pass clean_labels with every update exactly when label_noise=True")
+        if int(self.num_features) not in (0, features.shape[1]):
+            raise ValueError(f"features have {features.shape[1]} columns but earlier updates "
+                             f"had {int(self.num_features)}")
+        rows = {"labels": labels} if clean_labels is None else \
+            {"labels": labels, "clean_labels": clean_labels}
+        for name, values in rows.items():
+            values = torch.as_tensor(values, device=features.device)
+            if values.shape != (len(features),) or values.is_floating_point():
+                raise ValueError(f"{name} must be integers of shape ({len(features)},); found "
+                                 f"dtype {values.dtype}, shape {tuple(values.shape)}")
+            getattr(self, name).append(values.long())
+        self.features.append(features.detach().to(self.dtype).reshape(-1))
+        self.num_features = torch.tensor(features.shape[1], device=features.device)
+
+    def sync(self, *args, **kwargs):
+        """torchmetrics' ``Metric.sync``; a process without rows first adds zero-row
+        states of the right dtypes (torchmetrics would send float labels)."""
+        if isinstance(self.labels, list) and not self.labels:
+            self.features.append(torch.empty(0, dtype=self.dtype, device=self.device))
+            self.labels.append(torch.empty(0, dtype=torch.int64, device=self.device))
+            if self.label_noise:
+                self.clean_labels.append(torch.empty(0, dtype=torch.int64, device=self.device))
+        super().sync(*args, **kwargs)
+
+    def compute(self):
+        """The scalar metrics of every row added since the last ``reset``.
+
+        Returns
+        -------
+        dict of str to float64 tensor
+            ``CollapseReport.metrics()``: the metrics defined for these inputs.
+        """
+        labels = dim_zero_cat(self.labels)
+        if len(labels) == 0:
+            raise ValueError("NeuralCollapse.compute() before any update(); add rows first")
+        features = measurable(dim_zero_cat(self.features).reshape(len(labels), -1))
+        clean = dim_zero_cat(self.clean_labels) if self.label_noise else None
+        weights = bias = None
+        if self.classifier is not None:
+            weights = self.classifier.weight.detach()
+            bias = None if self.classifier.bias is None else self.classifier.bias.detach()
+        report = collapse(features, labels.to(features.device),
+                          clean_labels=None if clean is None else clean.to(features.device),
+                          num_classes=self.num_classes, weights=weights, bias=bias)
+        return {name: torch.tensor(value, dtype=torch.float64)
+                for name, value in report.metrics().items()}

@@ -1,0 +1,385 @@
+"""``ncfast.torch``: collapse measured through forward hooks (issue 16).
+
+A small CNN with BatchNorm and Dropout (so eval mode matters) runs over a
+loader; every report must equal ``ncfast.collapse`` of the same features
+extracted by hand in eval mode, whichever route (rows held after one forward
+pass, or streamed through two), and the model must come back as it was.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import ncfast  # noqa: E402
+import ncfast.torch as ncfast_torch  # noqa: E402
+from ncfast.textbook import textbook_collapse  # noqa: E402
+from ncfast.torch import CollapseMonitor, capture  # noqa: E402
+from test_metrics import assert_matches_textbook  # noqa: E402
+
+NUM_CLASSES = 4
+NUM_ROWS = 600
+
+
+class SmallNet(nn.Module):
+    """8x8 images → conv maps (the input of ``block``: 4x8x8 = 256 features) → 16
+    features (the input of ``fc``) → logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(96, 16), nn.ReLU(), nn.Dropout(0.5))
+        self.fc = nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, inputs):
+        return self.fc(self.head(self.block(self.stem(inputs))))
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    model = SmallNet()
+    # Running statistics away from their initial values, so that eval and train differ.
+    with torch.no_grad():
+        model(torch.randn(64, 1, 8, 8) * 2 + 1)
+    return model
+
+
+def make_data(seed=0):
+    """Images whose class shifts their mean, noisy labels and the clean ones."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, NUM_CLASSES, (NUM_ROWS,), generator=generator)
+    images = torch.randn(NUM_ROWS, 1, 8, 8, generator=generator) + clean[:, None, None, None]
+    flip = torch.rand(NUM_ROWS, generator=generator) < 0.2
+    noisy = torch.where(flip, (clean + 1) % NUM_CLASSES, clean)
+    return images, noisy, clean
+
+
+def batches(*arrays, size=64):
+    """A list of batch tuples, the last one short."""
+    return list(zip(*(array.split(size) for array in arrays)))
+
+
+def by_hand(model, images):
+    """Eval-mode inputs of ``block`` (flattened) and ``fc``, as numpy arrays."""
+    model.eval()
+    with torch.no_grad():
+        stem = model.stem(images)
+        penultimate = model.head(model.block(stem))
+    return {"block": stem.reshape(len(images), -1).numpy(), "fc": penultimate.numpy()}
+
+
+def hand_report(model, images, labels, layer="fc", clean_labels=None):
+    features = by_hand(model, images)[layer]
+    classifier = {"weights": model.fc.weight, "bias": model.fc.bias} if layer == "fc" else {}
+    return ncfast.collapse(features, labels.numpy(), num_classes=NUM_CLASSES,
+                           clean_labels=None if clean_labels is None else clean_labels.numpy(),
+                           **classifier)
+
+
+def hooks_of(model):
+    return sum(len(module._forward_pre_hooks) + len(module._forward_hooks)
+               for module in model.modules())
+
+
+def test_measure_equals_collapse_of_features_extracted_by_hand(assert_same_report):
+    model = make_model()
+    images, labels, _ = make_data()
+    report = CollapseMonitor(model, "fc", batches(images, labels)).measure()
+    assert_same_report(report, hand_report(model, images, labels))
+    assert report.accuracy is not None and report.nc3 is not None
+
+
+def test_measure_matches_the_float64_textbook_route():
+    model = make_model()
+    images, labels, _ = make_data()
+    report = CollapseMonitor(model, "fc", batches(images, labels)).measure()
+    features = by_hand(model, images)["fc"]
+    reference = textbook_collapse(features, labels.numpy(), num_classes=NUM_CLASSES,
+                                  weights=model.fc.weight.detach().double().numpy(),
+                                  bias=model.fc.bias.detach().double().numpy())
+    assert_matches_textbook(report, reference)
+
+
+@pytest.mark.parametrize("memory_budget", [ncfast_torch.DEFAULT_MEMORY_BUDGET, 0, 3000],
+                         ids=["held", "streamed", "overflow-midway"])
+def test_one_pass_and_two_pass_capture_give_the_same_report(memory_budget, monkeypatch,
+                                                            assert_same_report):
+    """Held rows, two streamed passes, and a switch to streaming in the middle of pass 1
+    (chunks of 32 rows; 3000 bytes hold one chunk of ``fc`` only) all equal the hand
+    extraction, for two layers at once, with label noise."""
+    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width: 32)
+    model = make_model()
+    images, noisy, clean = make_data()
+    reports = CollapseMonitor(model, ["block", "fc"], batches(images, noisy, clean, size=50),
+                              num_classes=NUM_CLASSES, memory_budget=memory_budget).measure()
+    assert set(reports) == {"block", "fc"}
+    assert reports["block"].num_features == 256 and reports["block"].nc3 is None
+    for layer in ("block", "fc"):
+        assert_same_report(reports[layer], hand_report(model, images, noisy, layer, clean))
+    assert reports["fc"].memorization is not None
+
+
+def test_clean_labels_array_equals_a_loader_of_triples(assert_same_report):
+    model = make_model()
+    images, noisy, clean = make_data()
+    from_array = CollapseMonitor(model, "fc", batches(images, noisy),
+                                 clean_labels=clean.numpy()).measure()
+    from_triples = CollapseMonitor(model, "fc", batches(images, noisy, clean)).measure()
+    expected = hand_report(model, images, noisy, clean_labels=clean)
+    assert_same_report(from_array, expected)
+    assert_same_report(from_triples, expected)
+    assert expected.dilation is not None
+
+
+def test_data_loader_with_ddp_style_names(assert_same_report):
+    model = make_model()
+    images, labels, _ = make_data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
+                                         batch_size=100, shuffle=True)
+    report = CollapseMonitor(model, "module.fc", loader, classifier="fc").measure()
+    assert_same_report(report, hand_report(model, images, labels), rtol=1e-9)
+
+
+def test_model_state_and_hooks_are_restored_after_measure():
+    model = make_model()
+    model.train()
+    model.stem[1].eval()  # a frozen BatchNorm inside a training model
+    images, labels, _ = make_data()
+    modes = [module.training for module in model.modules()]
+    monitor = CollapseMonitor(model, ["block", "fc"], batches(images, labels),
+                              memory_budget=0)
+    monitor.measure()
+    assert [module.training for module in model.modules()] == modes
+    assert hooks_of(model) == 0
+    assert torch.is_grad_enabled()
+
+
+class FailOnSecondRun:
+    """A loader that raises in its second iteration (the streamed route's pass 2)."""
+
+    def __init__(self, batch_list):
+        self.batch_list = batch_list
+        self.runs = 0
+
+    def __iter__(self):
+        self.runs += 1
+        for index, batch in enumerate(self.batch_list):
+            if self.runs == 2 and index == 3:
+                raise OSError("disk went away")
+            yield batch
+
+
+@pytest.mark.parametrize("failure", ["forward", "label", "second pass"])
+def test_model_state_and_hooks_are_restored_when_measure_raises(failure):
+    model = make_model()
+    model.train()
+    images, labels, _ = make_data()
+    loader = batches(images, labels)
+    expected_error, memory_budget = RuntimeError, ncfast_torch.DEFAULT_MEMORY_BUDGET
+    if failure == "forward":  # a batch with two channels: the first convolution raises
+        loader[2] = (torch.zeros(64, 2, 8, 8), loader[2][1])
+    elif failure == "label":
+        loader[1] = (loader[1][0], torch.full((64,), 7))
+        expected_error = ValueError
+    else:
+        loader, expected_error, memory_budget = FailOnSecondRun(loader), OSError, 0
+    monitor = CollapseMonitor(model, ["block", "fc"], loader, memory_budget=memory_budget)
+    with pytest.raises(expected_error):
+        monitor.measure()
+    assert all(module.training for module in model.modules())
+    assert hooks_of(model) == 0
+    assert torch.is_grad_enabled()
+
+
+def test_step_measures_every_nth_call():
+    model = make_model()
+    images, labels, _ = make_data()
+    monitor = CollapseMonitor(model, "fc", batches(images, labels), every=2)
+    results = [monitor.step() for _ in range(5)]
+    assert [result is None for result in results] == [True, False, True, False, True]
+    assert [step for step, _ in monitor.history] == [2, 4]
+    assert monitor.history[0][1].nc1 == results[1].nc1
+
+
+def test_capture_returns_the_features_extracted_by_hand():
+    model = make_model()
+    model.train()
+    images, noisy, clean = make_data()
+    captured = capture(model, ["block", "fc"], batches(images, noisy, clean))
+    expected = by_hand(model, images)
+    for layer in ("block", "fc"):
+        np.testing.assert_array_equal(captured.features[layer].numpy(), expected[layer])
+    assert torch.equal(captured.labels, noisy) and torch.equal(captured.clean_labels, clean)
+
+
+class Shrinking:
+    """A loader that yields one batch fewer each time: the two passes see different rows."""
+
+    def __init__(self, batch_list):
+        self.batch_list = batch_list
+
+    def __iter__(self):
+        batch_list, self.batch_list = self.batch_list, self.batch_list[:-1]
+        return iter(batch_list)
+
+
+def test_streamed_route_refuses_a_loader_that_changes_between_passes():
+    model = make_model()
+    images, labels, _ = make_data()
+    monitor = CollapseMonitor(model, "fc", Shrinking(batches(images, labels)), memory_budget=0)
+    with pytest.raises(ValueError, match="different rows in the two forward passes"):
+        monitor.measure()
+
+
+class CallsTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 2)
+        self.unused = nn.Linear(8, 2)
+
+    def forward(self, inputs):
+        return self.fc(self.inner(self.inner(inputs)))
+
+
+def _rows():
+    return [(torch.randn(6, 8), torch.tensor([0, 1, 0, 1, 0, 1]))]
+
+
+@pytest.mark.parametrize("make_monitor, error, message", [
+    (lambda: CollapseMonitor(CallsTwice(), "nope", _rows()), ValueError,
+     "no module 'nope'; its modules are: inner, fc, unused"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", iter(_rows())), TypeError, "one-shot"),
+    (lambda: CollapseMonitor(CallsTwice(), "inner", _rows(), num_classes=2), ValueError,
+     r"classifier={'inner': None}"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), classifier={"fc": None}), ValueError,
+     "pass num_classes="),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), classifier=nn.ReLU()), TypeError,
+     "must be an nn.Linear; found ReLU"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), every=0), ValueError, "every"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), memory_budget=-1), ValueError,
+     "memory_budget"),
+    (lambda: CollapseMonitor(
+        CallsTwice(), "fc",
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_rows()[0]), shuffle=True),
+        clean_labels=np.zeros(6, int)), ValueError, "this loader shuffles"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), clean_labels=np.zeros(5, int)).measure(),
+     ValueError, "clean_labels has 5 entries but the loader yields more rows"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), clean_labels=np.zeros(7, int)).measure(),
+     ValueError, "clean_labels has 7 entries but the loader yielded 6 rows"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", [(*_rows()[0], torch.zeros(5, dtype=int))]
+                             ).measure(), ValueError, "6 labels but 5 clean labels"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", [{"x": 1}]).measure(), TypeError,
+     "batch 0 of the loader is a dict"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", [(torch.randn(6, 8), torch.zeros(6))]).measure(),
+     TypeError, "integer class indices"),
+    (lambda: CollapseMonitor(CallsTwice(), "inner", _rows(), num_classes=2,
+                             classifier={"inner": None}).measure(), ValueError, "ran twice"),
+    (lambda: CollapseMonitor(CallsTwice(), "unused", _rows()).measure(), ValueError,
+     "did not run"),
+    (lambda: CollapseMonitor(nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 2)),
+                             "0", [(torch.zeros(6, 2, dtype=int), torch.zeros(6, dtype=int))],
+                             num_classes=2).measure(), TypeError, "floating-point features"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", []).measure(), ValueError, "no rows"),
+])
+def test_misuse_is_refused_with_a_clear_message(make_monitor, error, message):
+    with pytest.raises(error, match=message):
+        make_monitor()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("memory_budget", [ncfast_torch.DEFAULT_MEMORY_BUDGET, 0])
+def test_cuda_model_gives_the_cpu_report(memory_budget):
+    """Held rows stay on the GPU (measured there when CuPy is installed); streamed rows
+    are copied to the host chunk by chunk. Either way the CPU report, to float32 GEMM
+    rounding of the two devices' forward passes."""
+    model = make_model()
+    images, labels, _ = make_data()
+    expected = CollapseMonitor(model, "fc", batches(images, labels)).measure()
+    report = CollapseMonitor(model.cuda(), "fc", batches(images, labels),
+                             memory_budget=memory_budget).measure()
+    for name, value in expected.metrics().items():
+        assert getattr(report, name) == pytest.approx(value, rel=1e-3, abs=1e-6), name
+
+
+# --- Under DDP: two gloo ranks equal one process -------------------------------------------
+
+WORLD_SIZE = 2
+
+#: Batches of ``make_data``'s rows per rank (an uneven split, and a rank without rows).
+RANK_BATCHES = {"uneven": (6, 4), "idle_rank": (10, 0)}
+
+
+def _rank_batches(split, rank):
+    """This rank's batches of (images, noisy, clean): consecutive slices of the rows."""
+    images, noisy, clean = make_data()
+    all_batches = batches(images, noisy, clean, size=60)
+    counts = RANK_BATCHES[split]
+    return all_batches[sum(counts[:rank]):sum(counts[:rank + 1])]
+
+
+def _run_rank(rank, port, out_dir):
+    """One process of the group: the monitor on a DDP-wrapped model (held and streamed,
+    two layers, label noise) and the torchmetrics metric, per split of the rows."""
+    import pickle
+
+    import torch.distributed as dist
+
+    from ncfast.torchmetrics import NeuralCollapse
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        model = make_model()
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        results = {}
+        for split in RANK_BATCHES:
+            loader = _rank_batches(split, rank)
+            for memory_budget in (ncfast_torch.DEFAULT_MEMORY_BUDGET, 0):
+                results[split, memory_budget] = CollapseMonitor(
+                    wrapped, ["block", "module.fc"], loader,
+                    memory_budget=memory_budget).measure()
+            metric = NeuralCollapse(NUM_CLASSES, classifier=model.fc, label_noise=True)
+            for images, noisy, clean in loader:
+                metric.update(torch.from_numpy(by_hand(model, images)["fc"]), noisy, clean)
+            results[split, "torchmetrics"] = {name: value.item()
+                                              for name, value in metric.compute().items()}
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as handle:
+            pickle.dump(results, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    """What each of two gloo ranks measured, from one spawn."""
+    import pickle
+    import socket
+
+    import torch.multiprocessing as torch_mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out_dir = tmp_path_factory.mktemp("ranks")
+    torch_mp.spawn(_run_rank, args=(port, str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [pickle.loads((out_dir / f"rank{rank}.pkl").read_bytes())
+            for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("split", RANK_BATCHES)
+def test_two_ddp_ranks_equal_one_process(rank_results, split, assert_same_report):
+    model = make_model()
+    all_batches = [batch for rank in range(WORLD_SIZE) for batch in _rank_batches(split, rank)]
+    expected = CollapseMonitor(model, ["block", "fc"], all_batches).measure()
+    assert expected["fc"].memorization is not None
+    for results in rank_results:
+        for memory_budget in (ncfast_torch.DEFAULT_MEMORY_BUDGET, 0):
+            for layer in ("block", "fc"):
+                assert_same_report(results[split, memory_budget][
+                    "module.fc" if layer == "fc" else layer], expected[layer])
+        metrics = expected["fc"].metrics()
+        assert results[split, "torchmetrics"].keys() == metrics.keys()
+        for name, value in metrics.items():
+            assert results[split, "torchmetrics"][name] == pytest.approx(value, rel=1e-10), name
