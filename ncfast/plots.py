@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from ncfast.analyze import DRAWN_CLASSES, cosine_histogram
+from ncfast.analyze import DRAWN_CLASSES
 from ncfast.dumps import write_atomically
 from ncfast.report import METRICS
 

@@ -125,7 +125,7 @@ def test_cli_reports_a_bad_option_in_one_line_and_exits_1(tmp_path):
         [sys.executable, "-m", "ncfast", "train", str(tmp_path / "run"), "--noise", "1.2",
          "--no-progress"], capture_output=True, text=True)
     assert done.returncode == 1
-    assert "noise rate must lie in [0, 1); found 1.2" in done.stdout
+    assert "noise rate must lie in [0, 1); found 1.2" in done.stderr and done.stdout == ""
     assert not (tmp_path / "run").exists()
 
 

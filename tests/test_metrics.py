@@ -61,6 +61,10 @@ LINEAR_ZERO = 1e-13
 #: The same for metrics quadratic in such errors (NC1, its trace form, CDNV, NC3).
 QUADRATIC_ZERO = LINEAR_ZERO ** 2
 
+#: Metrics with the units of the features (the others are ratios, cosines or counts,
+#: whose rounding near 0 is ``LINEAR_ZERO`` in absolute terms).
+DIMENSIONAL_METRICS = ("bias_collapse", "memorization_raw")
+
 #: Fractions of integer tallies: both routes divide the same integers.
 EXACT_METRICS = ("ncc_accuracy", "accuracy", "nc4", "noise_fit")
 
@@ -211,7 +215,8 @@ def assert_matches_textbook(report, reference, *, zero_floors=None, facts=None):
             bound = (report.num_features + 1) * FLOAT32_EPS * facts[name] + float64_part
             assert abs(actual - expected) <= bound, (name, actual, expected, bound)
         else:
-            assert actual == pytest.approx(expected, rel=metric_rtol(name, report), abs=0,
+            floor = 0.0 if name in DIMENSIONAL_METRICS else LINEAR_ZERO * magnitude_ratio(report)
+            assert actual == pytest.approx(expected, rel=metric_rtol(name, report), abs=floor,
                                            nan_ok=True), \
                 (name, actual, expected, metric_rtol(name, report))
     assert report.rank == reference["rank"]
