@@ -33,7 +33,8 @@ def _curves(rows, metric):
             for key, points in curves.items()}
 
 
-def _save(figure, path):
+def save_figure(figure, path):
+    """Write a matplotlib figure to ``path`` as a PNG (120 dpi), atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     write_atomically(path, lambda stream: stream.write(buffer.getvalue()))
@@ -151,6 +152,6 @@ def write_plots(rows, out, metrics):
     for name, figure in figures:
         if figure is not None:
             path = os.path.join(out, name)
-            _save(figure, path)
+            save_figure(figure, path)
             written.append(path)
     return written
