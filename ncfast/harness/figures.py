@@ -26,11 +26,33 @@ def _errors(spreads):
     return [spread.std if np.isfinite(spread.std) else 0.0 for spread in spreads]
 
 
-def _log_axis_if_spread(axes, values, axis="y"):
-    """Logarithmic axis when every value is positive and they span more than a decade."""
+def _value_axis(axes, values):
+    """Log y axis for positive values spanning more than a decade; "symlog" when zeros join
+    them (linear up to the smallest positive value); linear otherwise."""
     values = np.asarray([value for value in values if np.isfinite(value)], dtype=float)
-    if values.size and values.min() > 0 and values.max() > 10 * values.min():
-        (axes.set_yscale if axis == "y" else axes.set_xscale)("log")
+    positive = values[values > 0]
+    if positive.size == 0 or positive.max() <= 10 * positive.min() or (values < 0).any():
+        return
+    if positive.size == values.size:
+        axes.set_yscale("log")
+    else:
+        axes.set_yscale("symlog", linthresh=positive.min())
+
+
+def _metric_panels(metrics, title, draw):
+    """A 2×2 figure, one panel per metric (up to 4): ``draw(axes, metric)`` fills each."""
+    figure = Figure(figsize=(9.0, 6.6))
+    panels = figure.subplots(2, 2).ravel()
+    for axes, metric in zip(panels, metrics):
+        draw(axes, metric)
+        axes.grid(True, which="both", alpha=0.3)
+    for axes in panels[len(metrics):]:
+        axes.set_visible(False)
+    panels[0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.92, hspace=0.3,
+                           wspace=0.25)
+    return figure
 
 
 def memorization_dilation_figure(points, lines):
@@ -125,9 +147,7 @@ def collapse_curves_figure(curves, metrics, *, title):
     -------
     Figure
     """
-    figure = Figure(figsize=(9.0, 6.6))
-    panels = figure.subplots(2, 2).ravel()
-    for axes, metric in zip(panels, metrics):
+    def draw(axes, metric):
         every_value = []
         for index, (label, (epochs, values)) in enumerate(curves.items()):
             seeds = np.asarray(values[metric], dtype=float)
@@ -138,20 +158,11 @@ def collapse_curves_figure(curves, metrics, *, title):
                               alpha=0.2, linewidth=0)
             every_value.extend(seeds.ravel())
         axes.set_xscale("log")
-        _log_axis_if_spread(axes, every_value)
-        if min(every_value, default=1.0) <= 0 < max(every_value, default=0.0):
-            positive = [value for value in every_value if value > 0]
-            axes.set_yscale("symlog", linthresh=min(positive))
+        _value_axis(axes, every_value)
         axes.set_xlabel("epoch")
         axes.set_ylabel(metric)
-        axes.grid(True, which="both", alpha=0.3)
-    for axes in panels[len(metrics):]:
-        axes.set_visible(False)
-    panels[0].legend(fontsize=7)
-    figure.suptitle(title, fontsize=10)
-    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.92, hspace=0.3,
-                           wspace=0.25)
-    return figure
+
+    return _metric_panels(metrics, title, draw)
 
 
 def parameter_figure(series, metrics, *, xlabel, title):
@@ -172,12 +183,10 @@ def parameter_figure(series, metrics, *, xlabel, title):
         The parameter axis is linear up to its smallest positive value and
         logarithmic beyond ("symlog"), so that 0 has a place.
     """
-    figure = Figure(figsize=(9.0, 6.6))
-    panels = figure.subplots(2, 2).ravel()
-    parameters = sorted({x for group in series.values() for points in group.values()
-                         for x, _ in points})
-    positive = [x for x in parameters if x > 0]
-    for axes, metric in zip(panels, metrics):
+    positive = [x for group in series.values() for points in group.values()
+                for x, _ in points if x > 0]
+
+    def draw(axes, metric):
         every_value = []
         for index, (label, group) in enumerate(series.items()):
             points = group[metric]
@@ -188,17 +197,11 @@ def parameter_figure(series, metrics, *, xlabel, title):
             every_value.extend(means)
         if positive:
             axes.set_xscale("symlog", linthresh=min(positive))
-        _log_axis_if_spread(axes, every_value)
+        _value_axis(axes, every_value)
         axes.set_xlabel(xlabel)
         axes.set_ylabel(f"{metric} (last epoch)")
-        axes.grid(True, which="both", alpha=0.3)
-    for axes in panels[len(metrics):]:
-        axes.set_visible(False)
-    panels[0].legend(fontsize=7)
-    figure.suptitle(title, fontsize=10)
-    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.92, hspace=0.3,
-                           wspace=0.25)
-    return figure
+
+    return _metric_panels(metrics, title, draw)
 
 
 def predicted_figure(points, *, title):

@@ -11,6 +11,7 @@ interrupted grid, rerun, ends with the same results as an uninterrupted one.
 ``ncfast.analyze`` (cached next to each checkpoint, so also only once).
 """
 import dataclasses
+import json
 import multiprocessing
 import os
 import time
@@ -121,6 +122,7 @@ class GridTiming:
     trained, reused : int
         Runs trained by this call, and runs read back finished.
     workers : int
+        Training processes asked for (fewer start when fewer runs are left).
     device : str
     cpus : int
         CPUs this process may run on.
@@ -217,7 +219,7 @@ def run_grid(runs, out, *, workers=None, device="cpu", progress=True):
     paths = {run.name: os.path.join(out, RUNS_FOLDER, run.name) for run in runs}
     records = {run.name: _finished(run, paths[run.name]) for run in runs}
     left = [run for run in runs if records[run.name] is None]
-    workers = max(1, min(workers or available_cpus(), len(left)))
+    workers = workers or available_cpus()
 
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -228,7 +230,7 @@ def run_grid(runs, out, *, workers=None, device="cpu", progress=True):
                   disable=not progress) as bar:
         task = bar.add_task(f"runs ({workers} worker{'s' * (workers > 1)}, {device})",
                             total=len(runs), completed=len(runs) - len(left))
-        for record in _train_runs(left, paths, workers, device):
+        for record in _train_runs(left, paths, min(workers, len(left)), device):
             records[record.run.name] = record
             bar.advance(task)
     timing = GridTiming(
@@ -240,7 +242,7 @@ def run_grid(runs, out, *, workers=None, device="cpu", progress=True):
 
 def _train_runs(runs, paths, workers, device):
     """Yield the RunRecord of each run as it finishes."""
-    if workers == 1:
+    if workers <= 1:
         for run in runs:
             yield train_run(run, paths[run.name], device)
         return
@@ -282,8 +284,6 @@ def train_run(run, path, device):
 
 def _finished(run, path):
     """The RunRecord of a run folder whose run finished with this config, else None."""
-    import json
-
     try:
         with open(os.path.join(path, RESULT_FILE)) as stream:
             stored = json.load(stream)
@@ -329,6 +329,37 @@ def measure_runs(paths, out, *, progress=True):
         row["run"] = run_of_path[os.path.normpath(row["source"])]
     write_results(analysis, out)
     return analysis.rows
+
+
+def run_and_measure(settings, seeds, out, *, workers, device, progress):
+    """Train every setting with every seed (:func:`run_grid`) and measure the runs.
+
+    Parameters
+    ----------
+    settings : dict of str to TrainConfig
+    seeds : int
+    out : str
+    workers : int or None
+    device : str
+    progress : bool
+
+    Returns
+    -------
+    runs : list of GridRun
+    records : dict of str to RunRecord
+    timing : GridTiming
+    rows : list of dict
+        :func:`measure_runs` rows.
+    measured_at : float
+        ``time.perf_counter()`` when measuring began (what follows is
+        measuring and reporting).
+    """
+    runs = seeded_runs(settings, seeds)
+    records, timing = run_grid(runs, out, workers=workers, device=device, progress=progress)
+    measured_at = time.perf_counter()
+    rows = measure_runs({name: record.path for name, record in records.items()}, out,
+                        progress=progress)
+    return runs, records, timing, rows, measured_at
 
 
 def run_rows(rows, run, *, split="train", layer="penultimate"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncfast.harness.grid import measure_runs, pick_grid, run_grid, seeded_runs
+from ncfast.harness.grid import pick_grid, run_and_measure
 from ncfast.harness.reports import (VERDICT_WORDS, Reproduction, Statement, markdown_table,
                                     reproduce_command, statement_verdict, write_report)
 from ncfast.harness.training import TRAINING_STATE, TrainConfig
@@ -218,19 +218,20 @@ def imbalanced(out, *, grid="quick", seeds=None, workers=None, device="auto",
     """
     spec = pick_grid(GRIDS, grid)
     seeds = spec.seeds if seeds is None else seeds
-    runs = seeded_runs(settings(spec), seeds)
-    records, timing = run_grid(runs, out, workers=workers, device=device, progress=progress)
-    measuring = time.perf_counter()
-    measure_runs({name: record.path for name, record in records.items()}, out,
-                 progress=progress)
+    runs, records, timing, _, measuring = run_and_measure(
+        settings(spec), seeds, out, workers=workers, device=device, progress=progress)
 
-    class_rows, statements, figure_points = [], [], {}
+    class_rows, statements, figure_points, run_values = [], [], {}, {}
     for setting, config in settings(spec).items():
-        measured = [measure_imbalanced(records[run.name].path, run.config)
-                    for run in runs if run.setting == setting]
+        names = [run.name for run in runs if run.setting == setting]
+        measured = [measure_imbalanced(records[name].path, records[name].run.config)
+                    for name in names]
+        for name, (report, table) in zip(names, measured):
+            run_values[name] = {
+                "nc2_orthogonality": report.nc2_orthogonality,
+                "worst error": max(max(row["error w"], row["error mu"]) for row in table)}
         orthogonality = Spread.of(report.nc2_orthogonality for report, _ in measured)
-        worst = Spread.of(max(max(row["error w"], row["error mu"]) for row in table)
-                          for _, table in measured)
+        worst = Spread.of(run_values[name]["worst error"] for name in names)
         checks = (below(orthogonality, ORTHOGONALITY_TOLERANCE),
                   below(worst, CLOSED_FORM_TOLERANCE))
         statements.append(Statement(
@@ -287,7 +288,7 @@ def imbalanced(out, *, grid="quick", seeds=None, workers=None, device="auto",
         verdict=f"the claim {VERDICT_WORDS[verdict]} on this grid.",
         statements=statements, scope=spec.scope, grid_lines=grid_lines,
         sections=[("Per class (mean ± std over seeds)", markdown_table(class_rows))],
-        plots=list(plots), records=records, timing=timing,
+        plots=list(plots), records=records, run_values=run_values, timing=timing,
         measure_seconds=time.perf_counter() - measuring,
         notes=["Norms are compared in absolute terms (DESIGN.md states proportionality; with "
                "the loss above the closed form holds exactly). `μ_c` is the uncentred class "

@@ -141,7 +141,7 @@ def _runtime_lines(timing, records, measure_seconds):
 
 
 def write_report(out, *, title, claim, command, verdict, statements, scope, grid_lines,
-                 sections, plots, records, timing, measure_seconds, notes=()):
+                 sections, plots, records, run_values, timing, measure_seconds, notes=()):
     """Write ``out/report.md`` atomically; returns its path.
 
     Parameters
@@ -162,6 +162,9 @@ def write_report(out, *, title, claim, command, verdict, statements, scope, grid
     plots : sequence of str
         PNG files in ``out`` (missing ones are skipped).
     records : dict of str to RunRecord
+    run_values : dict of str to dict
+        Run name to the values of that run the verdicts read (columns of the
+        runs table).
     timing : GridTiming
     measure_seconds : float
     notes : sequence of str
@@ -199,7 +202,8 @@ def write_report(out, *, title, claim, command, verdict, statements, scope, grid
                   "seed": record.run.seed,
                   "terminal epoch": record.terminal_epoch,
                   "train acc": record.train_accuracy, "test acc": record.test_accuracy,
-                  "seconds": round(record.seconds, 1), "device": record.device}
+                  **run_values[name], "seconds": round(record.seconds, 1),
+                  "CPU seconds": round(record.cpu_seconds, 1), "device": record.device}
                   for name, record in records.items()]),
               "", "<details><summary>The <code>ncfast train</code> command of each run"
               "</summary>", "", "```bash",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncfast.harness.grid import measure_runs, pick_grid, run_grid, run_rows, seeded_runs
+from ncfast.harness.grid import pick_grid, run_and_measure, run_rows
 from ncfast.harness.reports import (VERDICT_WORDS, Reproduction, Statement, markdown_table,
                                     reproduce_command, statement_verdict, write_report)
 from ncfast.harness.training import TrainConfig
@@ -140,19 +140,19 @@ def weight_decay(out, *, grid="quick", seeds=None, workers=None, device="auto",
     """
     spec = pick_grid(GRIDS, grid)
     seeds = spec.seeds if seeds is None else seeds
-    runs = seeded_runs(settings(spec), seeds)
-    records, timing = run_grid(runs, out, workers=workers, device=device, progress=progress)
-    measuring = time.perf_counter()
-    rows = measure_runs({name: record.path for name, record in records.items()}, out,
-                        progress=progress)
+    runs, records, timing, rows, measuring = run_and_measure(
+        settings(spec), seeds, out, workers=workers, device=device, progress=progress)
 
     # Per setting: seeds' values at the start of the terminal phase and at the last epoch.
-    cells = {}
+    cells, run_values = {}, {}
     for base in spec.datasets:
         for decay in spec.decays:
             setting = setting_name(base, decay)
             names = [run.name for run in runs if run.setting == setting]
             histories = {name: run_rows(rows, name) for name in names}
+            run_values.update({name: {f"{metric} last": history[-1][metric]
+                                      for metric in METRICS}
+                               for name, history in histories.items()})
             terminal = {name: records[name].terminal_epoch for name in names}
             started = {name: next(row for row in histories[name] if row["epoch"] == epoch)
                        for name, epoch in terminal.items() if epoch is not None}
@@ -260,7 +260,7 @@ def weight_decay(out, *, grid="quick", seeds=None, workers=None, device="auto",
                    "Per metric: last-epoch mean with weight decay minus without, twice its "
                    "standard error, and the verdict on \"lower with weight decay\".\n\n"
                    + markdown_table(lower_table))],
-        plots=plots, records=records, timing=timing,
+        plots=plots, records=records, run_values=run_values, timing=timing,
         measure_seconds=time.perf_counter() - measuring,
         notes=["A comparison where both sides are exactly 0 in every seed (NC4 once the "
                "classifier agrees with the nearest class mean everywhere) cannot be lower; it "
