@@ -37,6 +37,7 @@ def _value_axis(axes, values):
         axes.set_yscale("log")
     else:
         axes.set_yscale("symlog", linthresh=positive.min())
+        axes.set_ylim(bottom=0.0)
 
 
 def _metric_panels(metrics, title, draw):
