@@ -280,7 +280,7 @@ def test_reproduce_cli_refuses_a_bad_seed_count_before_training(tmp_path):
                            "--seeds", "0", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True)
     assert done.returncode == 1
-    assert "seeds must be a positive int" in done.stdout
+    assert "seeds must be a positive int" in done.stdout + done.stderr
     assert not (tmp_path / "out").exists()
 
 
