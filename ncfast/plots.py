@@ -48,7 +48,8 @@ def _curves(rows, metric):
             for key, points in curves.items()}
 
 
-def _save(figure, path):
+def save_figure(figure, path):
+    """Write a matplotlib figure to ``path`` as a PNG (120 dpi), atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     write_atomically(path, lambda stream: stream.write(buffer.getvalue()))
@@ -358,7 +359,7 @@ def write_plots(rows, out, metrics):
         figure = draw()
         if figure is not None:
             path = os.path.join(out, name)
-            _save(figure, path)
+            save_figure(figure, path)
             written.append(path)
     return written, remove_stale_plots(out, written)
 

@@ -71,6 +71,33 @@ def test_mnist1d_is_generated_locally_with_the_asked_size():
     np.testing.assert_array_equal(np.random.get_state()[1], state)  # global state untouched
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_balanced_dataset_keeps_as_many_rows_of_each_class_as_its_smallest(seed):
+    full = load_dataset("digits", seed=seed)
+    balanced = load_dataset("digits", balanced=True, seed=seed)
+    for inputs, labels, all_inputs, all_labels in (
+            (balanced.x_train, balanced.y_train, full.x_train, full.y_train),
+            (balanced.x_test, balanced.y_test, full.x_test, full.y_test)):
+        counts = np.bincount(all_labels, minlength=10)
+        np.testing.assert_array_equal(np.bincount(labels, minlength=10),
+                                      np.full(10, counts.min()))
+        # every kept row is an original row with its own label, in the original order
+        where = {row.tobytes(): index for index, row in enumerate(all_inputs)}
+        kept = [where[row.tobytes()] for row in inputs]
+        assert kept == sorted(kept)
+        np.testing.assert_array_equal(all_labels[kept], labels)
+
+
+def test_balancing_a_split_that_lacks_a_class_is_refused():
+    from ncfast.harness.datasets import Dataset, balance_classes
+
+    data = Dataset(np.zeros((4, 2), np.float32), np.array([0, 0, 1, 1]),
+                   np.zeros((2, 2), np.float32), np.array([0, 0]), 2, "toy")
+    with pytest.raises(ValueError, match=r"cannot balance the test split of toy: class\(es\) "
+                                         r"\[1\] have no rows there"):
+        balance_classes(data)
+
+
 def test_npz_dataset_reads_x_and_y(tmp_path):
     path = tmp_path / "data.npz"
     np.savez(path, x=np.arange(60, dtype=np.float64).reshape(20, 3), y=np.arange(20) % 2)
@@ -94,11 +121,24 @@ def test_npz_dataset_reads_x_and_y(tmp_path):
     ({"smoothing": 0.1}, "smoothing applies to the 'ls' loss only"),
     ({"feature_decay": 0.1}, "applies to the unconstrained-features model"),
     ({"epochs": 0}, "epochs must be at least 1"),
+    ({"class_counts": (100, 50, 50), "num_samples": None, "num_classes": None,
+      "balanced": True}, "class_counts sets unequal classes"),
 ])
 def test_bad_options_raise_before_anything_is_written(tmp_path, changes, message):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
         train(dataclasses.replace(SMALL, **changes), out, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "unknown torch device 'tpu'"), ("meta", "device must be a cpu or cuda device"),
+    pytest.param("cuda", "torch sees no CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a GPU"))])
+def test_unusable_device_is_refused_before_anything_is_written(tmp_path, device, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train(SMALL, out, progress=False, device=device)
     assert not out.exists()
 
 

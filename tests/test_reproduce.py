@@ -1,22 +1,195 @@
-"""Reproductions: the imbalanced closed form, claim 3 end to end, reports, the CLI."""
+"""Reproductions: the grids they run, tiny end-to-end grids, the closed form, reports, CLI."""
+import dataclasses
+import json
+import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from ncfast.harness.reproduce import (CLOSED_FORM_TOLERANCE, REPRODUCTIONS,
-                                      imbalanced, imbalanced_closed_form, markdown_table)
+from ncfast.harness import TrainConfig
+from ncfast.harness import imbalanced as claim_imbalanced
+from ncfast.harness import memorization, weight_decay
+from ncfast.harness.imbalanced import imbalanced_closed_form
+from ncfast.harness.reports import markdown_table, train_command
+from ncfast.harness.reproduce import GRIDS, REPRODUCTIONS
+from ncfast.harness.verdicts import CONTRADICTED, HELD, UNDECIDED, Spread, combine, compare
 
 COUNTS = (200, 100, 50, 50)
+VERDICTS = (HELD, CONTRADICTED, UNDECIDED)
+PNG = b"\x89PNG\r\n\x1a\n"
 
+
+# --- the grids ---------------------------------------------------------------------------
+
+def test_every_reproduction_has_a_quick_and_a_full_grid_of_valid_runs():
+    assert set(GRIDS) == set(REPRODUCTIONS)
+    for name, grids in GRIDS.items():
+        assert set(grids) == {"quick", "full"}, name
+        for size, spec in grids.items():
+            assert spec.seeds >= (3 if size == "quick" else 5), (name, size)
+            assert spec.scope, (name, size)
+    for spec in memorization.GRIDS.values():
+        for config in memorization.settings(spec).values():
+            config.validate()
+    for spec in weight_decay.GRIDS.values():
+        for config in weight_decay.settings(spec).values():
+            config.validate()
+
+
+def test_memorization_grids_span_the_papers_noise_and_smoothing():
+    for spec in memorization.GRIDS.values():
+        assert {("symmetric", 0.0), ("symmetric", 0.2), ("symmetric", 0.4)} <= set(spec.noises)
+        assert 0.0 in spec.smoothings and max(spec.smoothings) >= 0.5
+    assert any(kind == "pair" for kind, _ in memorization.FULL.noises)
+    settings = memorization.settings(memorization.QUICK)
+    assert settings["symmetric0.4_alpha0"].loss == "ce"
+    assert settings["symmetric0.4_alpha0.3"] == dataclasses.replace(
+        memorization.QUICK.base, loss="ls", smoothing=0.3, noise=0.4)
+
+
+def test_weight_decay_grids_are_the_papers_setting():
+    for spec in weight_decay.GRIDS.values():
+        assert 0.0 in spec.decays and len(spec.decays) >= 3
+        assert {config.dataset for config in spec.datasets} == {"digits", "mnist1d"}
+        for config in spec.datasets:
+            assert (config.model, config.loss, config.bias, config.batch_norm,
+                    config.balanced) == ("mlp", "mse", False, False, True)
+
+
+#: Input length of each dataset the weight-decay grids train on.
+INPUT_LENGTHS = {"digits": 64, "mnist1d": 40}
+
+
+@pytest.mark.parametrize("config", [*weight_decay.QUICK.datasets,
+                                    *weight_decay.FULL.datasets])
+def test_weight_decay_network_is_positively_homogeneous(config):
+    torch = pytest.importorskip("torch")
+    from ncfast.harness.models import build_model
+
+    torch.manual_seed(0)
+    length = INPUT_LENGTHS[config.dataset]
+    model = build_model(config.model, input_shape=(length,), num_classes=10, num_train=50,
+                        width=config.width, depth=config.depth, batch_norm=config.batch_norm,
+                        bias=config.bias).double()
+    assert not [name for name, _ in model.named_parameters() if "bias" in name]
+    assert not [module for module in model.modules()
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    inputs = torch.rand(50, length, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(inputs)
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+        scaled = model(inputs)
+    layers = config.depth + 1  # f(c θ) = c^L f(θ) for L linear layers
+    torch.testing.assert_close(scaled, 1.5 ** layers * logits, rtol=1e-10, atol=1e-12)
+
+
+# --- tiny end-to-end grids ---------------------------------------------------------------
+
+TINY_NOISE = memorization.MemorizationGrid(
+    base=TrainConfig(dataset="gaussian", num_samples=150, num_features=6, num_classes=3,
+                     width=16, depth=1, epochs=8, batch_size=32, checkpoints=2),
+    noises=(("symmetric", 0.0), ("symmetric", 0.4), ("pair", 0.4)), smoothings=(0.0, 0.3),
+    seeds=2, scope="A test grid.")
+
+
+def _final_train_rows(out):
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    last = {}
+    for row in rows:
+        if row["split"] == "train" and row["layer"] == "penultimate":
+            name = row["source"].rstrip("/").rsplit("/", 1)[-1]
+            if row["epoch"] >= last.get(name, {"epoch": -1})["epoch"]:
+                last[name] = row
+    return last
+
+
+def test_memorization_reproduction_decides_each_statement_from_its_table(tmp_path, monkeypatch):
+    outcome = memorization.memorization_dilation(str(tmp_path), grid=TINY_NOISE, workers=1,
+                                                 progress=False)
+    assert [statement.key for statement in outcome.statements] == ["M1", "M2", "M3", "M4"]
+    assert all(statement.verdict in VERDICTS for statement in outcome.statements)
+    assert outcome.verdict == combine(statement.verdict for statement in outcome.statements)
+    assert len(outcome.tables["settings"]) == 6 and len(outcome.tables["comparisons"]) == 2
+    assert [row["noisy runs"] for row in outcome.tables["lines"]] == [4, 4]
+    for key, column in (("M2", "M2 memorization LS − CE"), ("M3", "M3 dilation LS − CE"),
+                        ("M4", "M4 test acc LS − CE")):
+        cells = [row[column].rsplit(": ", 1)[1] for row in outcome.tables["comparisons"]]
+        assert next(statement.verdict for statement in outcome.statements
+                    if statement.key == key) == combine(cells)
+
+    # The table's spreads are those of the measured rows, recomputed here.
+    last = _final_train_rows(tmp_path)
+    plain, smooth = (Spread.of(last[f"symmetric0.4_alpha{alpha}_seed{seed}"]["memorization"]
+                               for seed in (0, 1)) for alpha in ("0", "0.3"))
+    row = next(row for row in outcome.tables["settings"]
+               if row["noise"] == "symmetric 40%" and row["α"] == 0.3)
+    assert row["memorization"] == str(smooth)
+    assert outcome.tables["comparisons"][0]["M2 memorization LS − CE"] == str(
+        compare(smooth, plain, claimed="lower"))
+
+    report = (tmp_path / "report.md").read_text()
+    for text in ("## Verdicts", "What this grid can and cannot decide", "A test grid.",
+                 "**Comparison rule.**", "## Runtime", "symmetric0.4_alpha0.3_seed1",
+                 "--noise 0.4 --noise-kind pair", "--seed 1", "Load average"):
+        assert text in report, text
+    for plot in ("memorization_vs_dilation.png", "test_accuracy_vs_alpha.png",
+                 "memorization_vs_alpha.png", "dilation_vs_alpha.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == PNG
+        assert f"]({plot})" in report
+
+    from ncfast.harness import training
+
+    monkeypatch.setattr(training, "_train_epoch", None)  # a rerun trains nothing
+    again = memorization.memorization_dilation(str(tmp_path), grid=TINY_NOISE, workers=1,
+                                               progress=False)
+    assert again.tables == outcome.tables
+    assert "read back finished from an earlier command: 12" in \
+        (tmp_path / "report.md").read_text()
+
+
+TINY_DECAY = weight_decay.WeightDecayGrid(
+    datasets=(weight_decay.homogeneous_config("gaussian", width=16, depth=2, epochs=12,
+                                              checkpoints=4, num_samples=160, num_features=6,
+                                              num_classes=4),),
+    decays=(0.0, 1e-3), seeds=2, scope="A test grid.")
+
+
+def test_weight_decay_reproduction_compares_against_no_weight_decay(tmp_path):
+    outcome = weight_decay.weight_decay(str(tmp_path), grid=TINY_DECAY, workers=1,
+                                        progress=False)
+    assert [statement.key for statement in outcome.statements] == ["W1 gaussian",
+                                                                    "W2 gaussian"]
+    assert len(outcome.tables["falls"]) == 2 and len(outcome.tables["lowers"]) == 1
+    last = _final_train_rows(tmp_path)
+    for metric in weight_decay.METRICS:
+        with_decay = Spread.of(last[f"gaussian_wd0.001_seed{seed}"][metric] for seed in (0, 1))
+        without = Spread.of(last[f"gaussian_wd0_seed{seed}"][metric] for seed in (0, 1))
+        expected = "both 0" if weight_decay._both_zero(with_decay, without) else \
+            str(compare(with_decay, without, claimed="lower"))
+        assert outcome.tables["lowers"][0][metric] == expected
+    report = (tmp_path / "report.md").read_text()
+    assert "--balanced" in report and "--no-bias" in report and "--loss mse" in report
+    for plot in ("nc_vs_epoch_gaussian.png", "final_vs_weight_decay.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == PNG
+
+
+def test_metrics_at_zero_in_every_seed_are_not_compared():
+    zeros = Spread.of([0.0, 0.0])
+    assert weight_decay._compared(zeros, zeros) is None
+    assert weight_decay._compared(zeros, Spread.of([0.1, 0.1])).verdict == HELD
+
+
+# --- claim 3: the closed form ------------------------------------------------------------
 
 def test_closed_form_for_one_layer_is_dang_et_al_explicit_formula():
-    weight_decay, feature_decay = 5e-3, 2e-3
+    weight_decay_, feature_decay = 5e-3, 2e-3
     weight_norms, mean_norms = imbalanced_closed_form(
-        COUNTS, head_depth=1, weight_decay=weight_decay, feature_decay=feature_decay)
+        COUNTS, head_depth=1, weight_decay=weight_decay_, feature_decay=feature_decay)
     counts, num_rows = np.array(COUNTS, dtype=float), sum(COUNTS)
-    s_squared = np.sqrt(counts * feature_decay / weight_decay) - num_rows * feature_decay
+    s_squared = np.sqrt(counts * feature_decay / weight_decay_) - num_rows * feature_decay
     np.testing.assert_allclose(weight_norms ** 2, s_squared, rtol=1e-9)
     np.testing.assert_allclose(mean_norms ** 2,
                                s_squared / (s_squared + num_rows * feature_decay) ** 2,
@@ -44,24 +217,53 @@ def test_minority_classes_without_a_root_collapse_to_zero():
     assert weight_norms[0] > 0 and weight_norms[1] == 0 and mean_norms[1] == 0
 
 
+def test_head_read_from_the_training_state_is_the_trained_models(tmp_path):
+    pytest.importorskip("torch")
+    from ncfast.harness import train
+
+    config = claim_imbalanced.imbalanced_config(3, epochs=5)
+    result = train(config, tmp_path / "run", progress=False)
+    np.testing.assert_array_equal(claim_imbalanced.trained_head(str(tmp_path / "run"), config),
+                                  result.model.end_to_end_weights().detach().numpy())
+
+
 def test_claim_3_unconstrained_features_match_the_closed_form(tmp_path):
-    outcome = imbalanced(str(tmp_path), progress=False)
-    assert outcome.held, outcome.checks
-    assert len(outcome.table) == 2 * len(COUNTS)
-    for row in outcome.table:
-        assert row["error w"] <= CLOSED_FORM_TOLERANCE and row["error mu"] <= \
-            CLOSED_FORM_TOLERANCE, row
+    spec = dataclasses.replace(claim_imbalanced.QUICK, depths=(1,), seeds=2)
+    outcome = claim_imbalanced.imbalanced(str(tmp_path), grid=spec, workers=1, progress=False)
+    assert outcome.held, outcome.statements
+    assert len(outcome.tables["classes"]) == len(COUNTS)
     report = (tmp_path / "report.md").read_text()
     assert "the claim held" in report and "| L | class | n_c |" in report
-    for plot in ("nc2_orthogonality.png", "nc1.png"):
-        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("weight_norms.png", "mean_norms.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == PNG
 
+
+# --- reports and the command line --------------------------------------------------------
 
 def test_markdown_table_formats_floats_and_missing_values():
     table = markdown_table([{"run": "a", "x": 0.123456, "y": None}, {"run": "b", "x": 2.0,
                                                                       "y": 3}])
     assert table.splitlines() == ["| run | x | y |", "|---|---|---|", "| a | 0.1235 | - |",
                                   "| b | 2 | 3 |"]
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"batch_norm": True, "loss": "ls", "smoothing": 0.2, "noise": 0.3, "noise_kind": "pair"},
+    {"dataset": "gaussian", "class_counts": (5, 3), "model": "ufm", "head_depth": 3,
+     "bias": False, "loss": "mse", "batch_size": None, "feature_decay": 0.01},
+    {"dataset": "digits", "balanced": True, "bias": False, "loss": "mse", "weight_decay": 0.0},
+])
+def test_report_train_commands_rebuild_the_same_config(changes):
+    from ncfast.cli import build_parser
+    from ncfast.harness.commands import config_from_args
+
+    config = TrainConfig(**changes)
+    words = train_command(config, "runs/x").split()
+    assert words[:3] == ["ncfast", "train", "runs/x"]
+    assert config_from_args(build_parser().parse_args(words[1:])) == config
+    on_gpu = train_command(config, "runs/x", device="cuda").split()
+    assert on_gpu[-2:] == ["--device", "cuda"]
+    assert build_parser().parse_args(on_gpu[1:]).device == "cuda"
 
 
 def test_reproduce_cli_lists_the_reproductions_and_refuses_others():
@@ -73,18 +275,39 @@ def test_reproduce_cli_lists_the_reproductions_and_refuses_others():
         assert name in done.stderr
 
 
-@pytest.mark.parametrize("changes", [
-    {}, {"batch_norm": True, "loss": "ls", "smoothing": 0.2, "noise": 0.3, "noise_kind": "pair"},
-    {"dataset": "gaussian", "class_counts": (5, 3), "model": "ufm", "head_depth": 3,
-     "bias": False, "loss": "mse", "batch_size": None, "feature_decay": 0.01},
-])
-def test_report_train_commands_rebuild_the_same_config(changes):
-    from ncfast.cli import build_parser
-    from ncfast.harness import TrainConfig
-    from ncfast.harness.commands import config_from_args
-    from ncfast.harness.reproduce import train_command
+def test_reproduce_cli_refuses_a_bad_seed_count_before_training(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ncfast", "reproduce", "imbalanced",
+                           "--seeds", "0", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "seeds must be a positive int" in done.stdout + done.stderr
+    assert not (tmp_path / "out").exists()
 
-    config = TrainConfig(**changes)
-    words = train_command(config, "runs/x").split()
-    assert words[:3] == ["ncfast", "train", "runs/x"]
-    assert config_from_args(build_parser().parse_args(words[1:])) == config
+
+@pytest.mark.parametrize("verdict, status", [(HELD, 0), (CONTRADICTED, 2), (UNDECIDED, 3)])
+def test_reproduce_cli_passes_its_options_and_exits_by_the_verdict(monkeypatch, capsys,
+                                                                   verdict, status):
+    from ncfast.cli import main
+    from ncfast.harness import reproduce
+    from ncfast.harness.reports import Reproduction, Statement
+
+    calls = []
+
+    def fake(out, **options):
+        calls.append((out, options))
+        statement = Statement("X1", "a statement", verdict, "the evidence")
+        return Reproduction("imbalanced", "a claim", verdict, [statement], f"{out}/report.md",
+                            {})
+
+    monkeypatch.setitem(reproduce.REPRODUCTIONS, "imbalanced", fake)
+    assert main(["reproduce", "imbalanced", "--grid", "full", "--seeds", "4", "--workers", "3",
+                 "--device", "cpu", "--out", "somewhere", "--no-progress"]) == status
+    assert calls == [("somewhere", {"grid": "full", "seeds": 4, "workers": 3, "device": "cpu",
+                                    "progress": False})]
+    printed = capsys.readouterr().out
+    assert f"{verdict.upper()} X1: a statement (the evidence)" in printed
+    assert "somewhere/report.md" in printed
+
+
+def test_spread_strings_in_reports_show_mean_and_std():
+    assert str(Spread.of([0.5, 0.7])) == f"0.6 ± {math.sqrt(0.02):.2g}"

@@ -45,7 +45,7 @@ class Dataset:
 
 
 def load_dataset(name, *, num_samples=None, num_features=None, num_classes=None,
-                 class_counts=None, path=None, test_fraction=0.2, seed=0):
+                 class_counts=None, path=None, test_fraction=0.2, balanced=False, seed=0):
     """Build or load one dataset by name.
 
     Parameters
@@ -68,6 +68,9 @@ def load_dataset(name, *, num_samples=None, num_features=None, num_classes=None,
         Share of rows held out as the test split where the source has none
         (digits, npz without ``x_test``); Gaussian test rows are drawn in the
         same class proportions, this share of the training count.
+    balanced : bool
+        Keep in each split as many rows of every class as its smallest class
+        has (:func:`balance_classes`).
     seed : int
 
     Returns
@@ -76,23 +79,61 @@ def load_dataset(name, *, num_samples=None, num_features=None, num_classes=None,
     """
     check_dataset_options(name, num_samples=num_samples, num_features=num_features,
                           num_classes=num_classes, class_counts=class_counts, path=path,
-                          test_fraction=test_fraction)
+                          test_fraction=test_fraction, balanced=balanced)
     if name == "mnist1d":
-        return _mnist1d(num_samples or 5000, seed)
-    if name == "digits":
+        data = _mnist1d(num_samples or 5000, seed)
+    elif name == "digits":
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        return _split("digits", digits.data / 16.0, digits.target, test_fraction, seed)
-    if name == "gaussian":
-        return gaussian_mixture(num_samples=num_samples or 1000, num_features=num_features or 32,
+        data = _split("digits", digits.data / 16.0, digits.target, test_fraction, seed)
+    elif name == "gaussian":
+        data = gaussian_mixture(num_samples=num_samples or 1000, num_features=num_features or 32,
                                 num_classes=num_classes, class_counts=class_counts,
                                 test_fraction=test_fraction, seed=seed)
-    return _npz(path, test_fraction, seed)
+    else:
+        data = _npz(path, test_fraction, seed)
+    return balance_classes(data, seed=seed) if balanced else data
+
+
+def balance_classes(data, *, seed=0):
+    """The dataset with every class cut to the row count of its split's smallest class.
+
+    Rows kept are drawn at random (``seed``) and stay in their original order.
+
+    Parameters
+    ----------
+    data : Dataset
+    seed : int
+
+    Returns
+    -------
+    Dataset
+        Each split holds ``C * min_c n_c`` rows, ``min_c n_c`` of every class.
+
+    Raises
+    ------
+    ValueError
+        When a class has no row in a split (nothing would be left of it).
+    """
+    rng = np.random.default_rng(seed)
+    splits = []
+    for split, inputs, labels in (("train", data.x_train, data.y_train),
+                                  ("test", data.x_test, data.y_test)):
+        counts = np.bincount(labels, minlength=data.num_classes)
+        if counts.min() == 0:
+            raise ValueError(
+                f"cannot balance the {split} split of {data.name}: class(es) "
+                f"{np.flatnonzero(counts == 0).tolist()} have no rows there")
+        kept = np.sort(np.concatenate([
+            rng.choice(np.flatnonzero(labels == label), size=counts.min(), replace=False)
+            for label in range(data.num_classes)]))
+        splits += [inputs[kept], labels[kept]]
+    return Dataset(*splits, data.num_classes, data.name)
 
 
 def check_dataset_options(name, *, num_samples=None, num_features=None, num_classes=None,
-                          class_counts=None, path=None, test_fraction=0.2):
+                          class_counts=None, path=None, test_fraction=0.2, balanced=False):
     """Raise ValueError for options :func:`load_dataset` cannot honour, without loading."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -122,6 +163,9 @@ def check_dataset_options(name, *, num_samples=None, num_features=None, num_clas
             raise ValueError(
                 f"class_counts sum to {sum(class_counts)} but num_samples is {num_samples}; "
                 "give one of them, or make them agree")
+        if balanced:
+            raise ValueError("class_counts sets unequal classes and balanced asks for equal "
+                             "ones; give one of them")
     if name == "npz":
         if path is None:
             raise ValueError("the npz dataset needs a path to a .npz file with arrays x and y")

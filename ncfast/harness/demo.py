@@ -10,7 +10,8 @@ import dataclasses
 import os
 
 from ncfast.dumps import write_text_atomically
-from ncfast.harness.reproduce import final_row, markdown_table, train_and_analyze
+from ncfast.harness.grid import final_row, train_and_analyze
+from ncfast.harness.reports import markdown_table
 from ncfast.harness.training import TrainConfig
 
 #: Rows of the demo's table: (label, split, metric key of an analysis row).

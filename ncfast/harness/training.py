@@ -40,7 +40,7 @@ class TrainConfig:
     Attributes
     ----------
     dataset : {"mnist1d", "digits", "gaussian", "npz"}
-    num_samples, num_features, num_classes, class_counts, data_path
+    num_samples, num_features, num_classes, class_counts, data_path, balanced
         Dataset options (see ``ncfast.harness.datasets.load_dataset``).
     model : {"mlp", "cnn", "ufm"}
     width : int
@@ -82,6 +82,7 @@ class TrainConfig:
     num_classes: int | None = None
     class_counts: tuple | None = None
     data_path: str | None = None
+    balanced: bool = False
     model: str = "mlp"
     width: int = 256
     depth: int = 3
@@ -123,7 +124,8 @@ class TrainConfig:
             raise TypeError(f"class_counts must be integers; found {self.class_counts!r}")
         check_dataset_options(self.dataset, num_samples=self.num_samples,
                               num_features=self.num_features, num_classes=self.num_classes,
-                              class_counts=self.class_counts, path=self.data_path)
+                              class_counts=self.class_counts, path=self.data_path,
+                              balanced=self.balanced)
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         check_loss_options(self.loss, self.smoothing)
@@ -154,8 +156,8 @@ class TrainConfig:
 #: Type of each option (ints are accepted where floats are).
 OPTION_TYPES = {
     "dataset": (str,), "num_samples": (int,), "num_features": (int,), "num_classes": (int,),
-    "class_counts": (tuple, list), "data_path": (str,), "model": (str,), "width": (int,),
-    "depth": (int,), "head_depth": (int,), "batch_norm": (bool,), "bias": (bool,),
+    "class_counts": (tuple, list), "data_path": (str,), "balanced": (bool,), "model": (str,),
+    "width": (int,), "depth": (int,), "head_depth": (int,), "batch_norm": (bool,), "bias": (bool,),
     "loss": (str,), "smoothing": (float, int), "noise": (float, int), "noise_kind": (str,),
     "epochs": (int,), "batch_size": (int,), "lr": (float, int), "momentum": (float, int),
     "weight_decay": (float, int), "feature_decay": (float, int), "feature_lr": (float, int),
@@ -208,7 +210,7 @@ def log_spaced_epochs(epochs, count):
     return [int(epoch) for epoch in points]
 
 
-def train(config, out, *, progress=True, threads=1):
+def train(config, out, *, progress=True, threads=1, device="cpu"):
     """Train one run and dump its features into the run folder ``out``.
 
     Parameters
@@ -223,6 +225,10 @@ def train(config, out, *, progress=True, threads=1):
         Torch CPU threads while training (restored afterwards). The harness's
         models are small: their GEMMs run fastest on one thread, and several
         threads on busy cores can be tens of times slower.
+    device : str
+        Torch device to train on ("cpu", "cuda", "cuda:1"). Features and
+        weights are dumped from the host either way; only CPU training is
+        bitwise reproducible.
 
     Returns
     -------
@@ -239,6 +245,7 @@ def train(config, out, *, progress=True, threads=1):
     config.validate()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int; found {threads!r}")
+    device = check_device(device)
     out = os.fspath(out)
     check_output_folder(out, what="run folder")
 
@@ -247,12 +254,28 @@ def train(config, out, *, progress=True, threads=1):
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _train(config, out, progress)
+        return _train(config, out, progress, device)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(config, out, progress):
+def check_device(device):
+    """The ``torch.device`` named ``device``, or ValueError when torch cannot use it."""
+    import torch
+
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown torch device {device!r} ({error}); use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a cpu or cuda device; found {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu")
+    return device
+
+
+def _train(config, out, progress, device):
     import torch
     from tqdm.auto import tqdm
 
@@ -264,22 +287,22 @@ def _train(config, out, progress):
     data = load_dataset(config.dataset, num_samples=config.num_samples,
                         num_features=config.num_features, num_classes=config.num_classes,
                         class_counts=config.class_counts, path=config.data_path,
-                        seed=config.seed)
+                        balanced=config.balanced, seed=config.seed)
     noisy_labels = corrupt_labels(data.y_train, config.noise, num_classes=data.num_classes,
                                   kind=config.noise_kind, seed=config.seed)
     torch.manual_seed(config.seed)
     model = build_model(config.model, input_shape=data.input_shape,
                         num_classes=data.num_classes, num_train=data.y_train.size,
                         width=config.width, depth=config.depth, head_depth=config.head_depth,
-                        batch_norm=config.batch_norm, bias=config.bias)
+                        batch_norm=config.batch_norm, bias=config.bias).to(device)
     writer = RunWriter(out, config=config.to_dict(), num_classes=data.num_classes)
 
     clean_labels = data.y_train if config.noise > 0 else None
-    splits = {"train": (_inputs(config, data.x_train), noisy_labels, clean_labels)}
+    splits = {"train": (_inputs(config, data.x_train).to(device), noisy_labels, clean_labels)}
     if config.model != "ufm":  # free features exist for the training rows only
-        splits["test"] = (torch.from_numpy(data.x_test), data.y_test, None)
+        splits["test"] = (torch.from_numpy(data.x_test).to(device), data.y_test, None)
     train_inputs = splits["train"][0]
-    train_targets = torch.from_numpy(noisy_labels)
+    train_targets = torch.from_numpy(noisy_labels).to(device)
     loss_function = make_loss(config.loss, config.smoothing)
     optimizer = _optimizer(config, model, num_train=train_targets.numel())
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -288,7 +311,8 @@ def _train(config, out, progress):
     state_path = os.path.join(out, TRAINING_STATE)
     start_epoch, terminal_epoch = 0, None
     if os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=True)
+        # On the host: the shuffling state must stay there; the loads below move the rest.
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -370,7 +394,7 @@ def _train_epoch(model, loss_function, optimizer, inputs, targets, batch_size, s
     import torch
 
     model.train()
-    order = torch.randperm(targets.numel(), generator=shuffling)
+    order = torch.randperm(targets.numel(), generator=shuffling).to(targets.device)
     total_loss = correct = 0.0
     for batch in order.split(batch_size):
         logits = model(inputs[batch])
@@ -411,8 +435,8 @@ def _extract(model, splits):
                            torch.from_numpy(labels).split(EXTRACT_BATCH)))
         captured = capture(model, list(modules.values()), batches).features
         with torch.no_grad():
-            predicted = model.classifier(captured["classifier"]).argmax(dim=1).numpy()
-        dumped[split] = {"features": {name: captured[module].numpy()
+            predicted = model.classifier(captured["classifier"]).argmax(dim=1).cpu().numpy()
+        dumped[split] = {"features": {name: captured[module].cpu().numpy()
                                       for name, module in modules.items()},
                          "labels": labels, "clean_labels": clean_labels}
         accuracies[split] = float(np.mean(predicted == labels))
@@ -431,4 +455,4 @@ def _layer_modules(model):
 
 
 def _numpy(parameter):
-    return parameter.detach().numpy().copy()
+    return parameter.detach().cpu().numpy().copy()
