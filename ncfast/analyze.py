@@ -48,17 +48,11 @@ from ncfast.dumps import (MANIFEST, check_output_folder, open_run, write_json_at
 from ncfast.geometry import PINV_RTOL, Geometry
 from ncfast.inputs import check_chunk_size
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
-from ncfast.report import METRICS
+from ncfast.report import DRAWN_CLASSES, METRICS
 
 #: Bumped when the rows change form; cached rows are also keyed by the ncfast version.
 CACHE_VERSION = 2
 CACHE_NAME = "ncfast-cache.json"
-
-#: Classes up to which a row carries the whole matrix of cosines between centred
-#: class means (``cosine_matrix``, drawn as a heatmap); beyond, the histogram of its
-#: off-diagonal entries (``cosine_histogram``). Snapshot figures draw one bar per
-#: class up to this many classes, distributions beyond.
-DRAWN_CLASSES = 100
 
 #: Bins of the cosine histograms, evenly over [-1, 1].
 COSINE_BINS = 40

@@ -24,9 +24,8 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from ncfast.analyze import DRAWN_CLASSES
 from ncfast.dumps import write_atomically
-from ncfast.report import METRICS
+from ncfast.report import DRAWN_CLASSES, METRICS
 
 NOISE_FIGURE = "memorization_vs_dilation.png"
 SNAPSHOT_PREFIX = "snapshot-"

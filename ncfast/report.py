@@ -37,6 +37,12 @@ METRICS = {
     "nc1_trace_clean": "nc1_trace of the clean rows",
 }
 
+#: Classes up to which a row carries the whole matrix of cosines between centred
+#: class means (``cosine_matrix``, drawn as a heatmap); beyond, the histogram of its
+#: off-diagonal entries (``cosine_histogram``). Snapshot figures draw one bar per
+#: class up to this many classes, distributions beyond.
+DRAWN_CLASSES = 100
+
 PER_CLASS = ("class_counts", "class_variances", "class_mean_norms", "class_ncc_accuracy",
              "class_accuracy")
 

@@ -12,7 +12,6 @@ import math
 import torch
 from torch import nn
 
-from ncfast.harness.training import MODELS
 
 
 class Network(nn.Module):
@@ -171,5 +170,6 @@ def build_model(name, *, input_shape, num_classes, num_train, width=256, depth=3
     elif name == "ufm":
         trunk = FreeFeatures(num_train, width)
     else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        # TrainConfig.validate names the choices; only a direct call lands here.
+        raise ValueError(f"unknown model {name!r}")
     return Network(trunk, width=width, num_classes=num_classes, head_depth=head_depth, bias=bias)
