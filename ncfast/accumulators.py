@@ -373,63 +373,46 @@ class ResidualStats:
                       residuals, sq_norms)
         if not (sq_norms >= 0).all():
             return False
+        centred = np.empty(features.shape, np.float32)
+        tiles.centre_rows(features, geometry.global_mean, centred)
         ncc_predictions = labels.copy()
         far = np.flatnonzero(~(sq_norms < self.plan.ncc_sq_radii[geometry.label_rows[labels]]))
         if far.size:
-            ncc_predictions[far] = self._nearest_by_class_tiles(features[far])
+            scores, rows = np.full(far.size, np.inf), np.zeros(far.size, np.int64)
+            self._fold_class_tiles(centred[far], self.plan.projection_t,
+                                   geometry.centred_sq_norms, tiles.nearest_in_tile, scores,
+                                   rows)
+            ncc_predictions[far] = geometry.present[rows]
         classifier_predictions = np.empty(0, np.int64)
         if self.weights is not None:
-            classifier_predictions = self._classifier_by_class_tiles(features)
+            logits = np.full(len(labels), -np.inf)
+            classifier_predictions = np.zeros(len(labels), np.int64)
+            self._fold_class_tiles(centred, self.plan.weights_t, self.plan.logit_offsets,
+                                   tiles.largest_in_tile, logits, classifier_predictions)
         tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
                     self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
                     self.classifier_hits, self.totals)
         self.scatter += _scatter(residuals)
         return True
 
-    def _tile(self, num_rows):
-        return self.class_tile or int(np.clip(TILE_BYTES // (4 * num_rows), 64, 1 << 16))
+    def _fold_class_tiles(self, centred, columns_t, offsets, fold, best, best_index):
+        """Fold ``centred @ columns_t`` into a running best per row, one class tile at a time.
 
-    def _nearest_by_class_tiles(self, features):
-        """Nearest class centre of rows over class tiles ("features" route).
-
-        Returns
-        -------
-        int64 array of shape (n,)
+        Parameters
+        ----------
+        centred : float32 array of shape (n, D), ``h - mu_G``
+        columns_t : float32 array of shape (D, k), centred means or ``W^T``
+        offsets : float64 array of shape (k,), added to each column's products
+        fold : ``ncfast.kernels.tiles.nearest_in_tile`` or ``largest_in_tile``
+        best, best_index : arrays of shape (n,), updated
         """
-        geometry = self.geometry
-        num_rows = features.shape[0]
-        centred = np.empty(features.shape, np.float32)
-        tiles.centre_rows(features, geometry.global_mean, centred)
-        tile = self._tile(num_rows)
-        best_scores = np.full(num_rows, np.inf)
-        best_rows = np.zeros(num_rows, np.int64)
-        for start in range(0, geometry.present.size, tile):
-            stop = min(start + tile, geometry.present.size)
-            tiles.nearest_in_tile(centred @ self.plan.projection_t[:, start:stop],
-                                  geometry.centred_sq_norms[start:stop], start, best_scores,
-                                  best_rows)
-        return geometry.present[best_rows]
-
-    def _classifier_by_class_tiles(self, features):
-        """Classifier argmax of rows over class tiles ("features" route).
-
-        Returns
-        -------
-        int64 array of shape (n,)
-        """
-        geometry = self.geometry
-        num_rows = features.shape[0]
-        centred = np.empty(features.shape, np.float32)
-        tiles.centre_rows(features, geometry.global_mean, centred)
-        tile = self._tile(num_rows)
-        best_logits = np.full(num_rows, -np.inf)
-        predictions = np.zeros(num_rows, np.int64)
-        for start in range(0, geometry.num_classes, tile):
-            stop = min(start + tile, geometry.num_classes)
-            tiles.largest_in_tile(centred @ self.plan.weights_t[:, start:stop],
-                                  self.plan.logit_offsets[start:stop], start, best_logits,
-                                  predictions)
-        return predictions
+        num_columns = columns_t.shape[1]
+        tile = self.class_tile or int(np.clip(TILE_BYTES // (4 * max(len(centred), 1)), 64,
+                                              1 << 16))
+        for start in range(0, num_columns, tile):
+            stop = min(start + tile, num_columns)
+            fold(centred @ columns_t[:, start:stop], offsets[start:stop], start, best,
+                 best_index)
 
     def _check_compatible(self, other):
         if not isinstance(other, ResidualStats):

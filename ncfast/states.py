@@ -7,7 +7,7 @@ because every state is a set of sums (docs/algorithm.md). The workflow:
 
 1. each worker: ``ClassSums`` over its rows -> ``save_state``;
 2. ``merge_states`` (or ``ncfast merge``) -> the pass-1 state of all rows,
-   saved again; ``ncfast.engine.finalize_pass1`` gives its ``Geometry``;
+   saved again; ``ncfast.finalize_pass1`` gives its ``Geometry`` (and, with label noise, the clean rows' one);
 3. each worker: ``ResidualPass(geometry, ...)`` over its rows -> ``save_state``;
 4. ``merge_states`` -> one pass-2 state; ``report_of`` -> ``CollapseReport``.
 
