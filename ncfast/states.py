@@ -7,7 +7,8 @@ because every state is a set of sums (docs/algorithm.md). The workflow:
 
 1. each worker: ``ClassSums`` over its rows -> ``save_state``;
 2. ``merge_states`` (or ``ncfast merge``) -> the pass-1 state of all rows,
-   saved again; ``ncfast.finalize_pass1`` gives its ``Geometry`` (and, with label noise, the clean rows' one);
+   saved again; ``ncfast.finalize_pass1`` gives its ``Geometry`` (and the clean
+   rows' one, with label noise);
 3. each worker: ``ResidualPass(geometry, ...)`` over its rows -> ``save_state``;
 4. ``merge_states`` -> one pass-2 state; ``report_of`` -> ``CollapseReport``.
 
@@ -260,5 +261,5 @@ def report_of(state, *, pinv_rtol=PINV_RTOL):
         state = whole
     if not isinstance(state, ResidualPass):
         raise TypeError(f"a report needs a pass-2 state; found {type(state).__name__} (pass 1: "
-                        "build the Geometry with ncfast.engine.finalize_pass1 and run pass 2)")
+                        "build the Geometry with ncfast.finalize_pass1 and run pass 2)")
     return state.report(pinv_rtol=pinv_rtol)
