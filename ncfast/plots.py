@@ -82,6 +82,10 @@ def _line_label(key, labels):
     return f"{labels[source]}: {label}" if len(labels) > 1 else label
 
 
+#: Values a logarithmic metric axis may span.
+LOG_AXIS_RANGE = (1e-250, 1e250)
+
+
 def metric_figure(rows, metric):
     """One metric against epoch, one line per (source, layer, split).
 
@@ -114,7 +118,10 @@ def metric_figure(rows, metric):
     every_epoch = np.concatenate([epochs for epochs, _ in curves.values()])
     axes.set_xscale("log" if every_epoch.min() > 0 else "symlog")
     positive = every_value[np.isfinite(every_value)]
-    if positive.size and positive.min() > 0 and positive.max() > 10 * positive.min():
+    # A log axis whose range nears float64's own (Riesz kernels of wide layers) makes
+    # matplotlib's tick formatter overflow: such a metric keeps a linear axis.
+    if positive.size and LOG_AXIS_RANGE[0] < positive.min() and \
+            positive.max() < LOG_AXIS_RANGE[1] and positive.max() > 10 * positive.min():
         axes.set_yscale("log")
     axes.set_xlabel("epoch")
     axes.set_ylabel(metric)

@@ -373,3 +373,14 @@ def test_a_single_snapshot_gets_its_figures(tmp_path, num_classes):
         assert "cosine_matrix" not in row
         counts, _ = np.histogram(pairs, bins=np.linspace(-1, 1, 41))
         np.testing.assert_array_equal(row["cosine_histogram"]["counts"], counts)
+
+
+def test_metric_spanning_float64s_range_is_drawn_on_a_linear_axis(tmp_path):
+    """A Riesz kernel of a wide layer can go from 1e-300 to inf between checkpoints: the
+    figure is still drawn (a log axis there made matplotlib's tick formatter overflow)."""
+    from ncfast.plots import metric_figure, save_figure
+    rows = [{"source": "run", "layer": "penultimate", "split": "train", "epoch": epoch,
+             "riesz_kernel_mean": value}
+            for epoch, value in ((1, 1e-300), (2, 1e300), (4, float("inf")))]
+    save_figure(metric_figure(rows, "riesz_kernel_mean"), str(tmp_path / "riesz.png"))
+    assert (tmp_path / "riesz.png").stat().st_size > 0
