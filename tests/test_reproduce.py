@@ -88,9 +88,10 @@ def test_weight_decay_network_is_positively_homogeneous(config):
 
 # --- tiny end-to-end grids ---------------------------------------------------------------
 
+#: Every run reaches the terminal phase (zero error on its noisy labels) at epoch 60.
 TINY_NOISE = memorization.MemorizationGrid(
-    base=TrainConfig(dataset="gaussian", num_samples=150, num_features=6, num_classes=3,
-                     width=16, depth=1, epochs=8, batch_size=32, checkpoints=2),
+    base=TrainConfig(dataset="gaussian", num_samples=150, num_features=32, num_classes=3,
+                     width=64, depth=2, epochs=60, batch_size=32, lr=0.1, checkpoints=2),
     noises=(("symmetric", 0.0), ("symmetric", 0.4), ("pair", 0.4)), smoothings=(0.0, 0.3),
     seeds=2, scope="A test grid.")
 
@@ -114,9 +115,11 @@ def test_memorization_reproduction_decides_each_statement_from_its_table(tmp_pat
     assert outcome.verdict == combine(statement.verdict for statement in outcome.statements)
     assert len(outcome.tables["settings"]) == 6 and len(outcome.tables["comparisons"]) == 2
     assert [row["noisy runs"] for row in outcome.tables["lines"]] == [4, 4]
+    assert all(row["in terminal phase"] == "2/2" for row in outcome.tables["settings"])
     for key, column in (("M2", "M2 memorization LS − CE"), ("M3", "M3 dilation LS − CE"),
                         ("M4", "M4 test acc LS − CE")):
         cells = [row[column].rsplit(": ", 1)[1] for row in outcome.tables["comparisons"]]
+        assert all(row["counted"] == "yes" for row in outcome.tables["comparisons"])
         assert next(statement.verdict for statement in outcome.statements
                     if statement.key == key) == combine(cells)
 
@@ -150,9 +153,22 @@ def test_memorization_reproduction_decides_each_statement_from_its_table(tmp_pat
         (tmp_path / "report.md").read_text()
 
 
+def test_runs_short_of_the_terminal_phase_are_shown_but_not_counted(tmp_path):
+    short = dataclasses.replace(TINY_NOISE, base=dataclasses.replace(TINY_NOISE.base, epochs=2))
+    outcome = memorization.memorization_dilation(str(tmp_path), grid=short, workers=1,
+                                                 progress=False)
+    assert all(row["counted"] == "no" for row in outcome.tables["comparisons"])
+    assert outcome.tables["lines"] == []
+    for statement in outcome.statements:
+        assert statement.verdict == UNDECIDED
+    assert "not counted (a seed short of the terminal phase): symmetric 40% α=0.3, pair 40% " \
+        "α=0.3" in outcome.statements[1].evidence
+
+
+#: Zero training error by epoch 12 of 40 in every run.
 TINY_DECAY = weight_decay.WeightDecayGrid(
-    datasets=(weight_decay.homogeneous_config("gaussian", width=16, depth=2, epochs=12,
-                                              checkpoints=4, num_samples=160, num_features=6,
+    datasets=(weight_decay.homogeneous_config("gaussian", width=64, depth=2, epochs=40,
+                                              checkpoints=4, num_samples=160, num_features=32,
                                               num_classes=4),),
     decays=(0.0, 1e-3), seeds=2, scope="A test grid.")
 
@@ -163,6 +179,9 @@ def test_weight_decay_reproduction_compares_against_no_weight_decay(tmp_path):
     assert [statement.key for statement in outcome.statements] == ["W1 gaussian",
                                                                     "W2 gaussian"]
     assert len(outcome.tables["falls"]) == 2 and len(outcome.tables["lowers"]) == 1
+    assert [row["counted"] for row in outcome.tables["falls"]] == ["no", "yes"]  # λ = 0: shown
+    assert outcome.tables["lowers"][0]["counted"] == "yes"
+    assert "not counted" not in outcome.statements[0].evidence
     last = _final_train_rows(tmp_path)
     for metric in weight_decay.METRICS:
         with_decay = Spread.of(last[f"gaussian_wd0.001_seed{seed}"][metric] for seed in (0, 1))
@@ -174,6 +193,19 @@ def test_weight_decay_reproduction_compares_against_no_weight_decay(tmp_path):
     assert "--balanced" in report and "--no-bias" in report and "--loss mse" in report
     for plot in ("nc_vs_epoch_gaussian.png", "final_vs_weight_decay.png"):
         assert (tmp_path / plot).read_bytes()[:8] == PNG
+
+
+def test_weight_decays_short_of_the_terminal_phase_are_not_counted(tmp_path):
+    short = dataclasses.replace(TINY_DECAY, datasets=(
+        dataclasses.replace(TINY_DECAY.datasets[0], epochs=3),))
+    outcome = weight_decay.weight_decay(str(tmp_path), grid=short, workers=1, progress=False)
+    assert outcome.tables["lowers"][0]["counted"] == "no"
+    for statement in outcome.statements:
+        assert statement.verdict == UNDECIDED
+        assert statement.evidence.endswith("outside the claim's setting (not every seed past "
+                                           "zero training error by 50% of its epochs): λ = 0, "
+                                           "0.001")
+    assert "It held in full in none of the 1 settings" in (tmp_path / "report.md").read_text()
 
 
 def test_metrics_at_zero_in_every_seed_are_not_compared():
@@ -245,6 +277,7 @@ def test_markdown_table_formats_floats_and_missing_values():
                                                                       "y": 3}])
     assert table.splitlines() == ["| run | x | y |", "|---|---|---|", "| a | 0.1235 | - |",
                                   "| b | 2 | 3 |"]
+    assert markdown_table([]) == "(none)"
 
 
 @pytest.mark.parametrize("changes", [

@@ -69,7 +69,10 @@ class Reproduction:
 
 
 def markdown_table(table):
-    """A GitHub markdown table of a list of dicts with the same keys (floats to 4 digits)."""
+    """A GitHub markdown table of a list of dicts with the same keys (floats to 4 digits);
+    ``"(none)"`` for an empty list."""
+    if not table:
+        return "(none)"
     headers = list(table[0])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in table:

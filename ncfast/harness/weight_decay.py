@@ -89,7 +89,9 @@ FULL = WeightDecayGrid(
     scope="Weight decay 0 and 1e-5 to 3e-3, a bias-free ReLU MLP of 3 hidden layers of 256, "
           "2,000 epochs, 5 seeds, on digits and on 4,000 MNIST-1D training samples "
           "(balanced). Settings whose runs do not reach zero training error by half their "
-          "epochs are reported as outside the claim's setting.")
+          "epochs are outside the claim's setting and not counted: in a CPU trial (digits, "
+          "seed 0) λ = 3e-3 left 2 of 1,330 rows unfitted after 2,000 epochs; it stays in the "
+          "grid to show where the setting ends.")
 
 GRIDS = {"quick": QUICK, "full": FULL}
 
@@ -171,20 +173,30 @@ def weight_decay(out, *, grid="quick", seeds=None, workers=None, device="auto",
     falls, lowers, shown, statements = [], [], [], []
     for base in spec.datasets:
         plain = cells[base.dataset, 0.0]
+        # The claim's setting: every seed well past zero training error (with and without
+        # weight decay, for the comparison of the two).
+        outside = [decay for decay in spec.decays
+                   if cells[base.dataset, decay]["well past"] < seeds]
         for decay in spec.decays:
             cell = cells[base.dataset, decay]
             fall = {metric: _compared(cell["final"][metric], cell["start"][metric])
                     for metric in METRICS}
-            falls.append({"dataset": base.dataset, "λ": decay, **fall})
+            falls.append({"dataset": base.dataset, "λ": decay, "counted": decay not in outside
+                          and decay > 0, **fall})
             if decay == 0:
                 continue
             lower = {metric: _compared(cell["final"][metric], plain["final"][metric])
                      for metric in METRICS}
-            lowers.append({"dataset": base.dataset, "λ": decay, **lower})
+            lowers.append({"dataset": base.dataset, "λ": decay,
+                           "counted": not {0.0, decay} & set(outside), **lower})
             counted = [comparison.verdict for comparison in (*fall.values(), *lower.values())
                        if comparison is not None]
-            if cell["well past"] == seeds and counted and combine(counted) == HELD:
+            if falls[-1]["counted"] and lowers[-1]["counted"] and counted \
+                    and combine(counted) == HELD:
                 shown.append(f"{base.dataset} λ={decay:g}")
+        excluded = (f"; not counted, outside the claim's setting (not every seed past zero "
+                    f"training error by {TERMINAL_BY:.0%} of its epochs): λ = "
+                    f"{', '.join(f'{decay:g}' for decay in outside)}" if outside else "")
         for key, table, text in (
                 ("W1", falls, "with weight decay, NC1–NC4 fall during the terminal phase (last "
                               "epoch lower than at the first checkpoint of zero training "
@@ -192,15 +204,15 @@ def weight_decay(out, *, grid="quick", seeds=None, workers=None, device="auto",
                 ("W2", lowers, "weight decay is necessary: NC1–NC4 end lower with weight "
                                "decay than without, at every λ > 0")):
             verdicts = [row[metric].verdict for row in table
-                        if row["dataset"] == base.dataset and row["λ"] > 0
+                        if row["dataset"] == base.dataset and row["counted"]
                         for metric in METRICS if row[metric] is not None]
             statements.append(Statement(f"{key} {base.dataset}", f"On {base.dataset}: {text}",
                                         combine(verdicts),
-                                        f"(λ, metric) comparisons: {tally(verdicts)}"))
+                                        f"(λ, metric) comparisons: {tally(verdicts)}{excluded}"))
     verdict = statement_verdict(statements)
     settings_count = len(spec.datasets) * (len(spec.decays) - 1)
-    headline = (f"the claim {VERDICT_WORDS[verdict]} over the whole grid (every λ > 0 on "
-                f"every dataset). "
+    headline = (f"the claim {VERDICT_WORDS[verdict]} over the whole grid (every λ > 0 in "
+                f"the claim's setting, on every dataset). "
                 + (f"Settings where it held in full (every seed well past zero training "
                    f"error; every counted comparison of NC1–NC4 held): {', '.join(shown)} "
                    f"({len(shown)} of {settings_count})." if shown else
@@ -216,11 +228,11 @@ def weight_decay(out, *, grid="quick", seeds=None, workers=None, device="auto",
         f"well past (by {TERMINAL_BY:.0%})": f"{cell['well past']}/{seeds}",
         **{f"{metric} last": str(cell["final"][metric]) for metric in METRICS}}
         for (dataset, decay), cell in cells.items()]
-    fall_table = [{"dataset": row["dataset"], "λ": row["λ"], **{
+    fall_table = [{"dataset": row["dataset"], "λ": row["λ"], "counted": _yes(row["counted"]), **{
         metric: f"{cells[row['dataset'], row['λ']]['start'][metric]} → "
                 f"{cells[row['dataset'], row['λ']]['final'][metric]}: "
                 + _verdict_text(row[metric]) for metric in METRICS}} for row in falls]
-    lower_table = [{"dataset": row["dataset"], "λ": row["λ"],
+    lower_table = [{"dataset": row["dataset"], "λ": row["λ"], "counted": _yes(row["counted"]),
                     **{metric: _difference_text(row[metric]) for metric in METRICS}}
                    for row in lowers]
     base = spec.datasets[0]
@@ -265,9 +277,13 @@ def weight_decay(out, *, grid="quick", seeds=None, workers=None, device="auto",
         notes=["A comparison where both sides are exactly 0 in every seed (NC4 once the "
                "classifier agrees with the nearest class mean everywhere) cannot be lower; it "
                "is shown as \"both 0\" and not counted.",
-               f"A setting shows the claim in full when every seed reached zero training error "
-               f"by {TERMINAL_BY:.0%} of its epochs and every counted W1 and W2 comparison of "
-               "its four metrics held."])
+               f"The claim's setting is a network trained well past zero training error: a "
+               f"weight decay whose seeds did not all reach it by {TERMINAL_BY:.0%} of their "
+               "epochs (or, for W2, whose comparison λ = 0 did not) is outside it; its "
+               "comparisons are shown but not counted (column \"counted\"; λ = 0 in W1 is "
+               "shown for reference).",
+               "A setting shows the claim in full when it is in the claim's setting and every "
+               "counted W1 and W2 comparison of its four metrics held."])
     tables = {"settings": settings_table, "falls": fall_table, "lowers": lower_table}
     return Reproduction("weight-decay", CLAIM, verdict, statements, report, tables)
 
@@ -284,6 +300,10 @@ def _epochs(epochs, seeds):
     if not epochs:
         return f"never (0/{seeds})"
     return f"{int(np.median(epochs))} (median; {len(epochs)}/{seeds} reached it)"
+
+
+def _yes(counted):
+    return "yes" if counted else "no"
 
 
 def _verdict_text(comparison):
