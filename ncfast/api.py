@@ -58,7 +58,6 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
     -------
     CollapseReport
     """
-    engine.check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol)
     backend = select_backend(device, features)
     source = backend.source(features, labels, clean_labels, chunk_size=chunk_size)
     return engine.run(backend, source, num_classes=num_classes, weights=weights, bias=bias,

@@ -15,7 +15,7 @@ from ncfast.backends.cpu import CPU
 from ncfast.geometry import NCC_RADIUS_FRACTION, ROUNDING_RTOL, Geometry, pair_sq_distances
 from ncfast.inputs import host_array
 from ncfast.kernels.cpu import ClassesRoute, dense_blas
-from ncfast.sweep import PairSweep, pair_sweep
+from ncfast.sweep import PairSweep, pair_sweep, to_host
 
 #: A row whose residual is shorter than this fraction of its class's classifier
 #: radius is predicted as the classifier predicts its class mean (see
@@ -143,9 +143,9 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
                 weight_gram = None
                 if every_class:
                     # W mu_a + b = W mu~_a + (W mu_G + b), from the sweep's W M~^T.
-                    logit_offsets = (_host(sweep.weight_mean_products).T
+                    logit_offsets = (to_host(sweep.weight_mean_products).T
                                      + (weights @ geometry.global_mean + bias))
-                    weight_gram = _host(sweep.weight_gram)
+                    weight_gram = to_host(sweep.weight_gram)
                 else:
                     logit_offsets = present_means @ weights.T + bias
                 mean_predictions, classifier_sq_radii = classifier_radii(
@@ -186,10 +186,6 @@ def _classifier_fingerprint(weights, bias):
     digest = hashlib.sha1(weights.tobytes())
     digest.update(bias.tobytes())
     return digest.hexdigest()
-
-
-def _host(array):
-    return array.get() if hasattr(array, "get") else array
 
 
 def classifier_radii(present_means, weights, logit_offsets, weight_gram=None):

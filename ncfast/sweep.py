@@ -124,7 +124,8 @@ class PairSweep:
         return self.sums["distance_sum"] / self.num_pairs
 
 
-def _as_host(array):
+def to_host(array):
+    """A numpy array of ``array`` (copied off the GPU for a CuPy array)."""
     return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
@@ -224,13 +225,13 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
         nearest[cols] = xp.minimum(nearest[cols], col_nearest)
         inverse[rows] += row_inverse
         inverse[cols] += col_inverse
-    tile_sums = _as_host(xp.stack([result[0] for result in results]))  # synchronize!
+    tile_sums = to_host(xp.stack([result[0] for result in results]))  # synchronize!
     sums = dict(zip(SLOTS, tile_sums.sum(axis=0)))
     moments = {name: _merged_moments(tile_sums, slot, infinite)
                for name, slot, infinite in (("cos", COS, None), ("log", LOG, LOG_INFINITE),
                                             ("riesz", RIESZ, RIESZ_INFINITE),
                                             ("cos_w", COS_W, None))}
-    return PairSweep(num_means, sums, moments, _as_host(nearest), _as_host(inverse),
+    return PairSweep(num_means, sums, moments, to_host(nearest), to_host(inverse),
                      etf_scale, etf_scale_w, weight_mean_products, weight_gram)
 
 
@@ -370,7 +371,7 @@ def cdnv(sweep, centred, variances, xp):
         sq_distances = xp.maximum(sq_norms[kept][:, None] + sq_norms[unmeasured][None, :]
                                   - 2.0 * centred[kept] @ centred[unmeasured].T, 0.0)
         with np.errstate(divide="ignore"):
-            weights = weights - _as_host((0.5 / sq_distances).sum(axis=1))
+            weights = weights - to_host((0.5 / sq_distances).sum(axis=1))
     with np.errstate(invalid="ignore"):
         total = float(variances[measured] @ weights)
     return total / (num_measured * (num_measured - 1) // 2)
