@@ -46,14 +46,15 @@ class Pass2Plan:
         the nearest other mean (from the sweep, less its float64 rounding): a
         row of class a with ``||r||^2`` below it is nearest to its own mean.
     weights_t : float32 array of shape (D, C_w), ``W^T`` (C_w = 0 without a classifier)
-    logit_offsets : float64 array
+    logit_offsets : float64 array, C-contiguous
         "classes" route: shape (C', C_w), ``W mu_a + b``; "features" route:
         shape (C_w,), ``W mu_G + b`` (logits of centred rows).
     mean_predictions : int64 array of shape (C',)
-        First argmax of each mean's logits ("classes" route; zeros otherwise).
+        First argmax of each mean's logits (zeros where the radii are 0).
     classifier_sq_radii : float64 array of shape (C',)
-        A row inside takes its mean's prediction (``classifier_radii``); 0 on
-        the "features" route, where every row is multiplied by ``W``.
+        A row inside takes its mean's prediction (``classifier_radii``). On
+        the "features" route they are 0, so that every row is multiplied by
+        ``W``, unless pass 1 counted ``RADII_ROWS_PER_MEAN`` rows per mean.
     classifier_fingerprint : str
         Digest of the classifier ("" without one); states built with
         different classifiers refuse to merge.
@@ -143,8 +144,9 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
                 weight_gram = None
                 if every_class:
                     # W mu_a + b = W mu~_a + (W mu_G + b), from the sweep's W M~^T.
-                    logit_offsets = (to_host(sweep.weight_mean_products).T
-                                     + (weights @ geometry.global_mean + bias))
+                    logit_offsets = np.ascontiguousarray(
+                        to_host(sweep.weight_mean_products).T
+                        + (weights @ geometry.global_mean + bias))
                     weight_gram = to_host(sweep.weight_gram)
                 else:
                     logit_offsets = present_means @ weights.T + bias
@@ -156,6 +158,9 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         eigenvectors_t = np.zeros((0, 0), np.float32)
         logit_offsets = np.zeros(0) if weights is None else weights @ geometry.global_mean + bias
         classifier_sq_radii = np.zeros(num_means)
+        if weights is not None and _radii_pay_off(geometry):
+            mean_predictions, classifier_sq_radii = tiled_classifier_radii(
+                present_means, weights, bias)
     return Pass2Plan(geometry=geometry, weights=weights, bias=bias, sweep=sweep,
                      present_means=present_means, projection_t=projection_t,
                      eigenvectors_t=eigenvectors_t, ncc_sq_radii=ncc_sq_radii,
@@ -232,6 +237,50 @@ def classifier_radii(present_means, weights, logit_offsets, weight_gram=None):
         ratios = np.where(sq_distances > 0.0, gaps / np.sqrt(sq_distances), np.inf)
     ratios[rows, mean_predictions] = np.inf
     return mean_predictions, (CLASSIFIER_RADIUS_FRACTION * ratios.min(axis=1)) ** 2
+
+
+#: On the "features" route the classifier radii cost two float64 products of the
+#: C'×D means with the C×D classifier (``tiled_classifier_radii``) and save pass 2
+#: one float32 product of each collapsed row with it: they are computed when the
+#: rows number at least this many per mean.
+RADII_ROWS_PER_MEAN = 32
+
+#: Bytes of one tile of mean logits in ``tiled_classifier_radii``.
+RADII_TILE_BYTES = 64 << 20
+
+
+def _radii_pay_off(geometry):
+    """Whether the "features" route's classifier radii cost less than they can save."""
+    if geometry.counts is None:
+        return False
+    return int(geometry.counts.sum()) >= RADII_ROWS_PER_MEAN * geometry.present.size
+
+
+def tiled_classifier_radii(present_means, weights, bias):
+    """``classifier_radii`` over tiles of means, holding no C'×C matrix (the "features" route).
+
+    Parameters
+    ----------
+    present_means : float64 array of shape (C', D)
+    weights : float64 array of shape (C, D)
+    bias : float64 array of shape (C,)
+
+    Returns
+    -------
+    mean_predictions : int64 array of shape (C',)
+    sq_radii : float64 array of shape (C',)
+    """
+    num_means, num_features = present_means.shape
+    num_classes = weights.shape[0]
+    tile = max(1, RADII_TILE_BYTES // (8 * num_classes))
+    mean_predictions = np.empty(num_means, np.int64)
+    sq_radii = np.empty(num_means)
+    with dense_blas(4.0 * num_means * num_classes * num_features):
+        for start in range(0, num_means, tile):
+            means = present_means[start:start + tile]
+            mean_predictions[start:start + tile], sq_radii[start:start + tile] = \
+                classifier_radii(means, weights, means @ weights.T + bias)
+    return mean_predictions, sq_radii
 
 
 def check_classifier(weights, bias, num_classes, num_features):

@@ -4,6 +4,7 @@ import pytest
 
 import ncfast
 from ncfast.metrics import collapse_metrics
+from ncfast import plan as plan_module
 from ncfast.plan import build_plan
 from ncfast.textbook import textbook_collapse
 from cases import gaussian_classes
@@ -63,3 +64,36 @@ def test_features_route_holds_no_class_by_class_matrix():
     largest = max(np.asarray(value).size for value in vars(stats).values()
                   if isinstance(value, np.ndarray))
     assert largest <= 600 * 8, "a pass-2 state array grew beyond C×D"
+
+
+@pytest.mark.parametrize("spread", [0.05, 3.0])
+def test_features_route_classifier_radii_change_no_prediction(spread, monkeypatch):
+    """With enough rows per mean the "features" route skips the classifier product of
+    rows inside their classifier radius; every tally stays that of the full product."""
+    num_classes, num_features = 40, 8
+    case = gaussian_classes(num_rows=40 * num_classes, num_features=num_features,
+                            num_classes=num_classes, spread=spread, seed=5)
+    class_sums = ncfast.ClassSums(num_classes, num_features)
+    class_sums.update(case["features"], case["labels"])
+    geometry = ncfast.Geometry.from_class_sums(class_sums.counts, class_sums.sums)
+    assert geometry.route == "features"
+    monkeypatch.setattr(plan_module, "RADII_TILE_BYTES", 8 * num_classes * 7)  # tiles of 7 means
+    with_radii = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
+    monkeypatch.setattr(plan_module, "RADII_ROWS_PER_MEAN", 10 ** 9)
+    without = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
+    assert (without.plan.classifier_sq_radii == 0).all()
+    dense_predictions, dense_radii = plan_module.classifier_radii(
+        with_radii.plan.present_means, case["weights"],
+        with_radii.plan.present_means @ case["weights"].T + case["bias"])
+    np.testing.assert_array_equal(with_radii.plan.mean_predictions, dense_predictions)
+    np.testing.assert_allclose(with_radii.plan.classifier_sq_radii, dense_radii, rtol=1e-12)
+    for stats in (with_radii, without):
+        stats.update(case["features"], case["labels"])
+    inside = (with_radii.sq_norm_sums / with_radii.counts
+              < with_radii.plan.classifier_sq_radii).mean()
+    assert inside > 0.5 if spread < 1 else inside == 0.0
+    for name in ("classifier_hits", "ncc_hits", "totals"):
+        np.testing.assert_array_equal(getattr(with_radii, name), getattr(without, name), name)
+    reference = textbook_collapse(case["features"], case["labels"], num_classes=num_classes,
+                                  weights=case["weights"], bias=case["bias"])
+    assert collapse_metrics(with_radii, pinv_rtol=1e-10)["accuracy"] == reference["accuracy"]
