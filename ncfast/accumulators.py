@@ -218,6 +218,21 @@ def _scatter(residuals):
     return sum(partials[1:], partials[0])
 
 
+def _centred_rows(features, rows, global_mean):
+    """``h - mu_G`` of the given rows of a chunk, float32 (all rows without a copy first).
+
+    Parameters
+    ----------
+    features : array of shape (n, D)
+    rows : int64 array of shape (m,), ascending
+    global_mean : float64 array of shape (D,)
+    """
+    selected = features if rows.size == features.shape[0] else features[rows]
+    centred = np.empty(selected.shape, np.float32)
+    tiles.centre_rows(selected, global_mean, centred)
+    return centred
+
+
 class ResidualStats:
     """Pass-2 state: NC1 scatter, per-class spreads and prediction tallies.
 
@@ -375,35 +390,33 @@ class ResidualStats:
 
     def _update_features_route(self, features, labels, corrupted, sq_norms):
         """"features" route pass 2 of one chunk; False (nothing added) for a bad row."""
-        geometry = self.geometry
+        geometry, plan = self.geometry, self.plan
         residuals = np.empty(features.shape, np.float32)
-        cpu.residuals(features, labels, geometry.label_rows, self.plan.present_means,
-                      residuals, sq_norms)
+        cpu.residuals(features, labels, geometry.label_rows, plan.present_means, residuals,
+                      sq_norms)
         if not (sq_norms >= 0).all():
             return False
-        centred = np.empty(features.shape, np.float32)
-        tiles.centre_rows(features, geometry.global_mean, centred)
+        mean_rows = geometry.label_rows[labels]
         ncc_predictions = labels.copy()
-        far = np.flatnonzero(~(sq_norms < self.plan.ncc_sq_radii[geometry.label_rows[labels]]))
+        far = np.flatnonzero(~(sq_norms < plan.ncc_sq_radii[mean_rows]))
+        centred = _centred_rows(features, far, geometry.global_mean)
         if far.size:
             scores, rows = np.full(far.size, np.inf), np.zeros(far.size, np.int64)
-            self._fold_class_tiles(centred[far], self.plan.projection_t,
-                                   geometry.centred_sq_norms, tiles.nearest_in_tile, scores,
-                                   rows)
+            self._fold_class_tiles(centred, plan.projection_t, geometry.centred_sq_norms,
+                                   tiles.nearest_in_tile, scores, rows)
             ncc_predictions[far] = geometry.present[rows]
         classifier_predictions = np.empty(0, np.int64)
         if self.weights is not None:
             # Rows inside their classifier radius take their mean's prediction.
-            mean_rows = geometry.label_rows[labels]
-            classifier_predictions = self.plan.mean_predictions[mean_rows]
-            uncertain = np.flatnonzero(~(sq_norms < self.plan.classifier_sq_radii[mean_rows]))
+            classifier_predictions = plan.mean_predictions[mean_rows]
+            uncertain = np.flatnonzero(~(sq_norms < plan.classifier_sq_radii[mean_rows]))
             if uncertain.size:
                 logits = np.full(uncertain.size, -np.inf)
                 predictions = np.zeros(uncertain.size, np.int64)
-                self._fold_class_tiles(centred if uncertain.size == len(labels) else
-                                       centred[uncertain], self.plan.weights_t,
-                                       self.plan.logit_offsets, tiles.largest_in_tile, logits,
-                                       predictions)
+                if uncertain.size != far.size or (uncertain != far).any():  # else: the far rows, centred above
+                    centred = _centred_rows(features, uncertain, geometry.global_mean)
+                self._fold_class_tiles(centred, plan.weights_t, plan.logit_offsets,
+                                       tiles.largest_in_tile, logits, predictions)
                 classifier_predictions[uncertain] = predictions
         tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
                     self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
