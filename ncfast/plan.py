@@ -159,7 +159,7 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         logit_offsets = np.zeros(0) if weights is None else weights @ geometry.global_mean + bias
         classifier_sq_radii = np.zeros(num_means)
         if weights is not None and _radii_pay_off(geometry):
-            mean_predictions, classifier_sq_radii = tiled_classifier_radii(
+            mean_predictions, classifier_sq_radii = bounded_classifier_radii(
                 present_means, weights, bias)
     return Pass2Plan(geometry=geometry, weights=weights, bias=bias, sweep=sweep,
                      present_means=present_means, projection_t=projection_t,
@@ -239,13 +239,14 @@ def classifier_radii(present_means, weights, logit_offsets, weight_gram=None):
     return mean_predictions, (CLASSIFIER_RADIUS_FRACTION * ratios.min(axis=1)) ** 2
 
 
-#: On the "features" route the classifier radii cost two float64 products of the
-#: C'×D means with the C×D classifier (``tiled_classifier_radii``) and save pass 2
-#: one float32 product of each collapsed row with it: they are computed when the
-#: rows number at least this many per mean.
-RADII_ROWS_PER_MEAN = 32
+#: On the "features" route the classifier radii cost one float32 product of the
+#: C'×D means with the C×D classifier (``bounded_classifier_radii``) and save pass 2
+#: the product of each collapsed row with it: they are computed when pass 1 counted
+#: at least this many rows per mean (far from collapse they then cost at most a
+#: quarter of the classifier's pass-2 product).
+RADII_ROWS_PER_MEAN = 4
 
-#: Bytes of one tile of mean logits in ``tiled_classifier_radii``.
+#: Bytes of one tile of float32 mean logits in ``bounded_classifier_radii``.
 RADII_TILE_BYTES = 64 << 20
 
 
@@ -256,8 +257,19 @@ def _radii_pay_off(geometry):
     return int(geometry.counts.sum()) >= RADII_ROWS_PER_MEAN * geometry.present.size
 
 
-def tiled_classifier_radii(present_means, weights, bias):
-    """``classifier_radii`` over tiles of means, holding no C'×C matrix (the "features" route).
+def bounded_classifier_radii(present_means, weights, bias):
+    """Classifier radii from each mean's two largest logits (the "features" route).
+
+    For ``c*`` the first argmax of ``L[a] = W mu_a + b`` and any other class c,
+    ``||w_c* - w_c|| <= ||w_c*|| + max_c ||w_c||``, so the bound of
+    ``classifier_radii`` gives the radius ``(L[a, c*] - L2[a]) / (||w_c*|| +
+    max_c ||w_c||)`` with ``L2`` the second largest logit: one pass over tiles
+    of float32 logits ``M W^T``, no C'×C matrix and no product with
+    ``W[c*]``. Each logit is within ``(gamma_D + 2u) ||w_c|| ||mu_a||`` of its
+    exact value (u the float32 unit roundoff, ``gamma_D = D u / (1 - D u)``
+    the bound of a D-term float32 dot product in any order, ``2u`` the rounding
+    of both factors to float32; Higham 2002, eq. 3.5); the gaps are shrunk by
+    twice that, so the radii err small.
 
     Parameters
     ----------
@@ -267,20 +279,39 @@ def tiled_classifier_radii(present_means, weights, bias):
 
     Returns
     -------
-    mean_predictions : int64 array of shape (C',)
+    mean_predictions : int64 array of shape (C',), ``c*`` of each mean
     sq_radii : float64 array of shape (C',)
+        ``(CLASSIFIER_RADIUS_FRACTION * radius)^2``
     """
     num_means, num_features = present_means.shape
     num_classes = weights.shape[0]
-    tile = max(1, RADII_TILE_BYTES // (8 * num_classes))
+    if num_classes < 2:
+        return np.zeros(num_means, np.int64), np.full(num_means, np.inf)
+    unit = np.finfo(np.float32).eps / 2
+    rounding = num_features * unit / (1 - num_features * unit) + 2 * unit
+    weight_norms = np.sqrt(np.einsum("cd,cd->c", weights, weights))
+    mean_norms = np.sqrt(np.einsum("ad,ad->a", present_means, present_means))
+    weights_t = np.ascontiguousarray(weights.T, dtype=np.float32)
+    tile = max(1, RADII_TILE_BYTES // (4 * num_classes))
     mean_predictions = np.empty(num_means, np.int64)
-    sq_radii = np.empty(num_means)
-    with dense_blas(4.0 * num_means * num_classes * num_features):
+    gaps = np.empty(num_means)
+    with dense_blas(2.0 * num_means * num_classes * num_features):
         for start in range(0, num_means, tile):
-            means = present_means[start:start + tile]
-            mean_predictions[start:start + tile], sq_radii[start:start + tile] = \
-                classifier_radii(means, weights, means @ weights.T + bias)
-    return mean_predictions, sq_radii
+            stop = min(start + tile, num_means)
+            logits = (present_means[start:stop].astype(np.float32) @ weights_t).astype(
+                np.float64) + bias
+            best = np.argmax(logits, axis=1)
+            rows = np.arange(stop - start)
+            best_logits = logits[rows, best]
+            logits[rows, best] = -np.inf
+            gaps[start:stop] = best_logits - logits.max(axis=1)
+            mean_predictions[start:stop] = best
+    distance_bounds = weight_norms[mean_predictions] + weight_norms.max()
+    gaps = np.maximum(gaps - 2.0 * rounding * distance_bounds * mean_norms
+                      - ROUNDING_RTOL * np.abs(bias).max(), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        radii = np.where(distance_bounds > 0.0, gaps / distance_bounds, np.inf)
+    return mean_predictions, (CLASSIFIER_RADIUS_FRACTION * radii) ** 2
 
 
 def check_classifier(weights, bias, num_classes, num_features):

@@ -77,16 +77,19 @@ def test_features_route_classifier_radii_change_no_prediction(spread, monkeypatc
     class_sums.update(case["features"], case["labels"])
     geometry = ncfast.Geometry.from_class_sums(class_sums.counts, class_sums.sums)
     assert geometry.route == "features"
-    monkeypatch.setattr(plan_module, "RADII_TILE_BYTES", 8 * num_classes * 7)  # tiles of 7 means
+    monkeypatch.setattr(plan_module, "RADII_TILE_BYTES", 4 * num_classes * 7)  # tiles of 7 means
     with_radii = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
     monkeypatch.setattr(plan_module, "RADII_ROWS_PER_MEAN", 10 ** 9)
     without = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
     assert (without.plan.classifier_sq_radii == 0).all()
+    # The bound never exceeds the classes route's radius, and agrees on the prediction.
     dense_predictions, dense_radii = plan_module.classifier_radii(
         with_radii.plan.present_means, case["weights"],
         with_radii.plan.present_means @ case["weights"].T + case["bias"])
-    np.testing.assert_array_equal(with_radii.plan.mean_predictions, dense_predictions)
-    np.testing.assert_allclose(with_radii.plan.classifier_sq_radii, dense_radii, rtol=1e-12)
+    bounded = with_radii.plan.classifier_sq_radii > 0
+    assert (with_radii.plan.classifier_sq_radii <= dense_radii).all()
+    np.testing.assert_array_equal(with_radii.plan.mean_predictions[bounded],
+                                  dense_predictions[bounded])
     for stats in (with_radii, without):
         stats.update(case["features"], case["labels"])
     inside = (with_radii.sq_norm_sums / with_radii.counts
@@ -97,3 +100,21 @@ def test_features_route_classifier_radii_change_no_prediction(spread, monkeypatc
     reference = textbook_collapse(case["features"], case["labels"], num_classes=num_classes,
                                   weights=case["weights"], bias=case["bias"])
     assert collapse_metrics(with_radii, pinv_rtol=1e-10)["accuracy"] == reference["accuracy"]
+
+
+def test_bounded_classifier_radii_hold_and_refuse_ties():
+    rng = np.random.default_rng(11)
+    means = rng.normal(size=(30, 6)) * 3.0
+    weights = means + 0.3 * rng.normal(size=means.shape)
+    bias = 0.1 * rng.normal(size=30)
+    weights[7], bias[7] = weights[3], bias[3]  # two classes with the same logits: no radius
+    predictions, sq_radii = plan_module.bounded_classifier_radii(means, weights, bias)
+    logits = means @ weights.T + bias
+    tied = np.isin(np.argmax(logits, axis=1), (3, 7))
+    assert tied.any() and (sq_radii[tied] == 0).all()
+    assert (sq_radii[~tied] > 0).all()
+    for mean, prediction, sq_radius in zip(means[~tied], predictions[~tied], sq_radii[~tied]):
+        directions = rng.normal(size=(200, 6))
+        directions *= np.sqrt(sq_radius) / np.linalg.norm(directions, axis=1, keepdims=True)
+        moved = (mean + directions * rng.uniform(0, 1, (200, 1))) @ weights.T + bias
+        assert (np.argmax(moved, axis=1) == prediction).all()
