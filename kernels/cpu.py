@@ -551,8 +551,12 @@ def residual_blocks(features, labels, corrupted, route, buffers, out_sq_norms, s
                            residual_buffer[:size], sq_norms) != NO_ROW:
             return False
         np.dot(residual_buffer, route.projection_t, buffers.products)
-        if gather_rows_beyond(buffers.products[:size], sq_norms, block_labels, route.label_rows,
-                              route.ncc_sq_radii, buffers.far_coordinates) > 0:
+        far = count_rows_beyond(sq_norms, block_labels, route.label_rows, route.ncc_sq_radii)
+        if far == size:  # the gathered rows would be the block itself
+            np.dot(buffers.products, route.eigenvectors_t, buffers.far_mean_products)
+        elif far > 0:
+            gather_rows_beyond(buffers.products[:size], sq_norms, block_labels,
+                               route.label_rows, route.ncc_sq_radii, buffers.far_coordinates)
             np.dot(buffers.far_coordinates, route.eigenvectors_t, buffers.far_mean_products)
         if has_classifier:
             uncertain = count_rows_beyond(sq_norms, block_labels, route.label_rows,
