@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ncfast
+from ncfast.kernels import cpu
 from cases import gaussian_classes, with_label_noise
 
 NUM_ROWS, NUM_FEATURES, NUM_CLASSES = 20, 4, 3
@@ -174,6 +175,33 @@ def test_a_chunk_with_a_bad_row_leaves_the_states_as_they_were(bad, num_features
         stats.update(features[10:], labels[10:], row_offset=10)
     after = (sums.counts, sums.sums, *stats_arrays(stats))
     assert all(np.array_equal(old, new) for old, new in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("num_classes", [3, 400])
+def test_a_failed_chunk_leaves_no_trace_in_later_chunks(num_classes):
+    """Pass 1's staging arrays (kept by each worker thread) are zeroed after a failed
+    chunk too, whether it touched most classes (zeroed whole) or few (by row)."""
+    case = gaussian_classes(num_rows=600, num_features=8, num_classes=num_classes, seed=2)
+    features, labels = case["features"], case["labels"]
+    bad = with_bad_value(features, [5], np.nan)
+    expected = ncfast.ClassSums(num_classes, 8).update(features, labels)
+    sums = ncfast.ClassSums(num_classes, 8)
+    with pytest.raises(ValueError, match="row 5"):
+        sums.update(bad[:300], labels[:300])
+    sums.update(features[:300], labels[:300]).update(features[300:], labels[300:])
+    np.testing.assert_array_equal(sums.counts, expected.counts)
+    np.testing.assert_allclose(sums.sums, expected.sums, rtol=1e-12)
+
+
+def test_a_thread_asked_twice_in_one_chunk_gets_fresh_staging_arrays():
+    totals = (np.zeros(4, np.int64), np.zeros((4, 3)))
+    first = cpu.staging_arrays(totals)
+    first.arrays[1][2] = 7.0
+    second = cpu.staging_arrays(totals)
+    assert second is not first and not second.arrays[1].any()
+    first.arrays[1][2] = 0.0
+    first.in_use = second.in_use = False
+    assert cpu.staging_arrays(totals) is first
 
 
 def stats_arrays(stats):
