@@ -14,19 +14,21 @@ from ncfast.kernels.cpu import FASTMATH, tally_row
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def centre_rows(features, global_mean, out_centred):
-    """``h~ = h - mu_G`` in float64, stored as float32.
+def centre_rows(features, rows, global_mean, out_centred):
+    """``h~ = h - mu_G`` of some rows in float64, stored as float32.
 
     Parameters
     ----------
     features : array of shape (n, D), float32 or float64
+    rows : int64 array of shape (m,), the rows to centre
     global_mean : float64 array of shape (D,)
-    out_centred : float32 array of shape (n, D), written
+    out_centred : float32 array of shape (m, D), written: row k is row ``rows[k]`` centred
     """
-    num_rows, num_features = features.shape
-    for i in prange(num_rows):
+    num_features = features.shape[1]
+    for k in prange(rows.shape[0]):
+        i = rows[k]
         for j in range(num_features):
-            out_centred[i, j] = features[i, j] - global_mean[j]
+            out_centred[k, j] = features[i, j] - global_mean[j]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

@@ -219,17 +219,20 @@ def _scatter(residuals):
 
 
 def _centred_rows(features, rows, global_mean):
-    """``h - mu_G`` of the given rows of a chunk, float32 (all rows without a copy first).
+    """``h - mu_G`` of the given rows of a chunk, float32, in the calling thread's scratch.
 
     Parameters
     ----------
     features : array of shape (n, D)
-    rows : int64 array of shape (m,), ascending
+    rows : int64 array of shape (m,)
     global_mean : float64 array of shape (D,)
+
+    Returns
+    -------
+    float32 array of shape (m, D), valid until the thread's next call
     """
-    selected = features if rows.size == features.shape[0] else features[rows]
-    centred = np.empty(selected.shape, np.float32)
-    tiles.centre_rows(selected, global_mean, centred)
+    centred = cpu.thread_buffer("centred_rows", (rows.size, features.shape[1]), np.float32)
+    tiles.centre_rows(features, rows, global_mean, centred)
     return centred
 
 
@@ -391,7 +394,7 @@ class ResidualStats:
     def _update_features_route(self, features, labels, corrupted, sq_norms):
         """"features" route pass 2 of one chunk; False (nothing added) for a bad row."""
         geometry, plan = self.geometry, self.plan
-        residuals = np.empty(features.shape, np.float32)
+        residuals = cpu.thread_buffer("features_residuals", features.shape, np.float32)
         cpu.residuals(features, labels, geometry.label_rows, plan.present_means, residuals,
                       sq_norms)
         if not (sq_norms >= 0).all():
@@ -438,10 +441,12 @@ class ResidualStats:
         num_columns = columns_t.shape[1]
         tile = self.class_tile or int(np.clip(TILE_BYTES // (4 * max(len(centred), 1)), 64,
                                               1 << 16))
+        products = cpu.thread_buffer("tile_products", (len(centred), tile), np.float32)
         for start in range(0, num_columns, tile):
             stop = min(start + tile, num_columns)
-            fold(centred @ columns_t[:, start:stop], offsets[start:stop], start, best,
-                 best_index)
+            tile_products = products[:, :stop - start]
+            np.matmul(centred, columns_t[:, start:stop], out=tile_products)
+            fold(tile_products, offsets[start:stop], start, best, best_index)
 
     def _check_compatible(self, other):
         if not isinstance(other, ResidualStats):
