@@ -5,7 +5,7 @@ matrix exists. Rows are centred, ``h~ = h - mu_G``, and each class tile is
 one float32 GEMM; since ``||h - mu_k||^2 = ||h~||^2 - 2 h~.mu~_k + ||mu~_k||^2``,
 the nearest centre is the argmin of ``||mu~_k||^2 - 2 h~.mu~_k``, and the
 logits are ``W h~ + (W mu_G + b)``. Each kernel folds one tile into a running
-best per row, so memory stays O(chunk × tile).
+best per row, on the worker threads, so memory stays O(rows of a task × tile) per thread.
 """
 import numpy as np
 from numba import njit, prange
@@ -31,7 +31,7 @@ def centre_rows(features, rows, global_mean, out_centred):
             out_centred[k, j] = features[i, j] - global_mean[j]
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def nearest_in_tile(products, mean_sq_norms, tile_start, best_scores, best_rows):
     """Fold one class tile into the running nearest class mean of each row.
 
@@ -45,7 +45,7 @@ def nearest_in_tile(products, mean_sq_norms, tile_start, best_scores, best_rows)
     best_rows : int64 array of shape (n,), updated: the argmin's index
     """
     num_rows, tile_size = products.shape
-    for i in prange(num_rows):
+    for i in range(num_rows):
         for k in range(tile_size):
             score = mean_sq_norms[k] - 2.0 * np.float64(products[i, k])
             if score < best_scores[i]:
@@ -53,7 +53,7 @@ def nearest_in_tile(products, mean_sq_norms, tile_start, best_scores, best_rows)
                 best_rows[i] = tile_start + k
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def largest_in_tile(products, offsets, tile_start, best_logits, best_classes):
     """Fold one class tile into the running classifier argmax of each row.
 
@@ -67,7 +67,7 @@ def largest_in_tile(products, offsets, tile_start, best_logits, best_classes):
     best_classes : int64 array of shape (n,), updated: the argmax class
     """
     num_rows, tile_size = products.shape
-    for i in prange(num_rows):
+    for i in range(num_rows):
         for c in range(tile_size):
             logit = np.float64(products[i, c]) + offsets[c]
             if logit > best_logits[i]:

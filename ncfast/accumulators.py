@@ -18,8 +18,10 @@ from ncfast.kernels import cpu, tiles
 from ncfast.kernels.cpu import Pass2Sums
 from ncfast.plan import Pass2Plan, build_plan
 
-#: Bytes of one float32 chunk × class-tile GEMM output on the "features" route.
-TILE_BYTES = 32 << 20
+#: Rows of a task of the "features" route's tiled search, and classes per tile:
+#: a task's float32 products of one tile (2 MiB) stay in the caches for the fold.
+FOLD_TASK_ROWS = 512
+FOLD_TILE_COLUMNS = 1024
 
 
 def _raise_bad_rows(row_offset, bad_label_row, bad_value_row, num_classes, labels, features,
@@ -430,6 +432,12 @@ class ResidualStats:
     def _fold_class_tiles(self, centred, columns_t, offsets, fold, best, best_index):
         """Fold ``centred @ columns_t`` into a running best per row, one class tile at a time.
 
+        Tasks of ``FOLD_TASK_ROWS`` rows run on the worker threads, each
+        multiplying its rows by one class tile after another on one BLAS
+        thread and folding the products while they are in cache (a
+        multithreaded product per tile left its threads spinning beside the
+        fold). Each row's best does not depend on how rows are split.
+
         Parameters
         ----------
         centred : float32 array of shape (n, D), ``h - mu_G``
@@ -438,15 +446,20 @@ class ResidualStats:
         fold : ``ncfast.kernels.tiles.nearest_in_tile`` or ``largest_in_tile``
         best, best_index : arrays of shape (n,), updated
         """
-        num_columns = columns_t.shape[1]
-        tile = self.class_tile or int(np.clip(TILE_BYTES // (4 * max(len(centred), 1)), 64,
-                                              1 << 16))
-        products = cpu.thread_buffer("tile_products", (len(centred), tile), np.float32)
-        for start in range(0, num_columns, tile):
-            stop = min(start + tile, num_columns)
-            tile_products = products[:, :stop - start]
-            np.matmul(centred, columns_t[:, start:stop], out=tile_products)
-            fold(tile_products, offsets[start:stop], start, best, best_index)
+        num_rows, num_columns = len(centred), columns_t.shape[1]
+        tile = self.class_tile or FOLD_TILE_COLUMNS
+
+        def fold_task(task):
+            rows = slice(task * FOLD_TASK_ROWS, min((task + 1) * FOLD_TASK_ROWS, num_rows))
+            task_rows = centred[rows]
+            products = cpu.thread_buffer("tile_products", (FOLD_TASK_ROWS, tile), np.float32)
+            for start in range(0, num_columns, tile):
+                stop = min(start + tile, num_columns)
+                tile_products = products[:len(task_rows), :stop - start]
+                np.matmul(task_rows, columns_t[:, start:stop], out=tile_products)
+                fold(tile_products, offsets[start:stop], start, best[rows], best_index[rows])
+
+        cpu.run_tasks(fold_task, -(-num_rows // FOLD_TASK_ROWS), numba.get_num_threads())
 
     def _check_compatible(self, other):
         if not isinstance(other, ResidualStats):
