@@ -106,30 +106,6 @@ def route_for(num_means, num_features):
     return "classes" if num_means <= num_features else "features"
 
 
-def mean_sq_distances_of(gram, sq_norms):
-    """``||mu_a - mu_b||^2 = ||mu~_a||^2 + ||mu~_b||^2 - 2 mu~_a . mu~_b``, clipped at 0, with
-    a zero diagonal, formed in place in one new C'×C' array.
-
-    Centring first removes the common offset, so the cancellation is only that of
-    the between-class spread.
-
-    Parameters
-    ----------
-    gram : float64 array of shape (C', C'), ``M~ M~^T``
-    sq_norms : float64 array of shape (C',), its diagonal as ``||mu~_a||^2``
-
-    Returns
-    -------
-    float64 array of shape (C', C')
-    """
-    distances = gram * -2.0
-    distances += sq_norms[:, None]
-    distances += sq_norms[None, :]
-    np.maximum(distances, 0.0, out=distances)
-    np.fill_diagonal(distances, 0.0)
-    return distances
-
-
 @dataclass(frozen=True, eq=False)
 class Geometry:
     """Class means of one analysis and what pass 2 derives from them.
@@ -162,9 +138,10 @@ class Geometry:
     global_mean_option : {"classes", "samples"}
         How ``global_mean`` was taken (``from_means``'s option).
 
-    The eigendecomposition of the Gram and the fingerprint are computed on first
-    use: ``build_plan`` runs the eigendecomposition on one worker thread beside
-    the pair sweep's tiles, and only merges and saved states read the fingerprint.
+    The eigendecomposition of the Gram, the distances and the fingerprint are
+    computed on first use: ``build_plan`` computes the first two on the worker
+    threads beside the pair sweep's tiles, and only merges and saved states read
+    the fingerprint.
     """
 
     means: np.ndarray
@@ -175,7 +152,6 @@ class Geometry:
     centred: np.ndarray
     centred_sq_norms: np.ndarray
     gram: np.ndarray | None
-    mean_sq_distances: np.ndarray | None
     global_mean_option: str = "classes"
 
     @property
@@ -216,6 +192,19 @@ class Geometry:
     @property
     def gram_eigenvectors(self):
         return self.gram_spectrum[1]
+
+    @cached_property
+    def mean_sq_distances(self):
+        if self.gram is None:
+            return None
+        # ||mu_a - mu_b||^2 = ||mu~_a||^2 + ||mu~_b||^2 - 2 mu~_a . mu~_b: centring first removes
+        # the common offset, so the cancellation is only that of the between-class spread.
+        distances = self.gram * -2.0
+        distances += self.centred_sq_norms[:, None]
+        distances += self.centred_sq_norms[None, :]
+        np.maximum(distances, 0.0, out=distances)
+        np.fill_diagonal(distances, 0.0)
+        return distances
 
     @cached_property
     def fingerprint(self):
@@ -277,15 +266,13 @@ class Geometry:
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
         if not (centred_sq_norms > 0).any():
             raise ValueError(COINCIDING_MEANS)
-        gram = mean_sq_distances = None
+        gram = None
         if route_for(present.size, means.shape[1]) == "classes":
             with dense_blas(2.0 * present.size ** 2 * means.shape[1]):
                 gram = centred @ centred.T
-            mean_sq_distances = mean_sq_distances_of(gram, centred_sq_norms)
         return cls(means=means, counts=None if counts is None else np.asarray(counts, np.int64),
                    present=present, label_rows=label_rows, global_mean=center, centred=centred,
-                   centred_sq_norms=centred_sq_norms, gram=gram,
-                   mean_sq_distances=mean_sq_distances, global_mean_option=global_mean)
+                   centred_sq_norms=centred_sq_norms, gram=gram, global_mean_option=global_mean)
 
     @classmethod
     def from_class_sums(cls, counts, sums, *, global_mean="classes"):

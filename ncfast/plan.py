@@ -143,10 +143,11 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         weights_t[...] = weights.T
 
     # Beside the sweep's tiles, on the same worker threads: the eigendecomposition of the
-    # Gram (LAPACK on one thread, the longest task, so first) and the float32 copy of W^T.
+    # Gram (LAPACK on one thread, the longest task, so first), the distances between the
+    # means and the float32 copy of W^T.
     alongside = []
     if classes_route:
-        alongside.append(lambda: geometry.gram_spectrum)
+        alongside += [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
     if weights is not None:
         alongside.append(transpose_weights)
     # On the "classes" route (C' <= D) finalize formed the Gram matrix already, and the

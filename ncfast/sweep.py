@@ -212,7 +212,8 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
         num_rows, num_cols = rows.stop - rows.start, cols.stop - cols.start
         dots = xp.empty((2 * num_rows, 2 * num_cols))
         dots[:num_rows, :num_cols] = gram[rows, cols]
-        dots[:, num_cols:] = stacked(rows.start) @ weights[cols].T
+        dots[:num_rows, num_cols:] = centred[rows] @ weights[cols].T
+        dots[num_rows:, num_cols:] = weights[rows] @ weights[cols].T
         dots[num_rows:, :num_cols] = (dots[:num_rows, num_cols:].T if diagonal
                                       else weights[rows] @ centred[cols].T)
         return dots
