@@ -128,7 +128,7 @@ def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
             "nc2_equinorm_w": _std_over_mean(sweep.weight_norms),
             "nc2_equiangular_w": float(np.sqrt(cos_w_variance)),
             "nc2_maxangle_w": float(sweep.sums["maxangle_w_sum"] / num_pairs),
-            "nc3": self_duality(plan, sweep.weight_norms),
+            "nc3": self_duality(plan),
             "nc3_etf": sweep.etf_distance(classifier=True),
             "unc3": _std_over_mean(sweep.weight_mean_dots),
             "nc4": stats.disagreements / num_rows,
@@ -139,14 +139,13 @@ def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
     return result
 
 
-def self_duality(plan, weight_norms):
+def self_duality(plan):
     """NC3 ``||nrm(W') - nrm(M~)||_F^2``, W' the classifier rows of the classes with a mean.
 
     Parameters
     ----------
     plan : Pass2Plan
-        With a classifier.
-    weight_norms : float64 array of shape (C',), ``||w_a||`` of the rows of W'
+        With a classifier; its sweep holds the row norms of W'.
 
     Returns
     -------
@@ -156,7 +155,7 @@ def self_duality(plan, weight_norms):
     weights = plan.weights
     if geometry.present.size < geometry.num_classes:
         weights = weights[geometry.present]
-    weight_sq_total = float(weight_norms @ weight_norms)
+    weight_sq_total = float(plan.sweep.weight_norms @ plan.sweep.weight_norms)
     # ||W'/a - M~/b||^2 = ||W' - (a/b) M~||^2 / a^2 (a, b the Frobenius norms): one scaled
     # copy of M~, and the difference taken entry by entry (no cancellation near collapse).
     difference = geometry.centred * math.sqrt(weight_sq_total / geometry.centred_sq_norms.sum())

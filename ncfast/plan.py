@@ -143,8 +143,8 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         weights_t[...] = weights.T
 
     # Beside the sweep's tiles, on the same worker threads: the eigendecomposition of the
-    # Gram (LAPACK on one thread, the longest task, so first), the distances between the
-    # means and the float32 copy of W^T.
+    # Gram (LAPACK on one thread, the longest task, so first) and the distances between
+    # the means (the geometry computes both when first read), and the float32 copy of W^T.
     alongside = []
     if classes_route:
         alongside += [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
