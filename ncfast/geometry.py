@@ -7,9 +7,10 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
+import numba
 import numpy as np
 
-from ncfast.kernels.cpu import dense_blas, one_blas_thread
+from ncfast.kernels.cpu import one_blas_thread, run_tasks
 
 #: Eigenvalues below this fraction of the largest are cut in pseudo-inverses.
 PINV_RTOL = 1e-10
@@ -25,6 +26,10 @@ NCC_RADIUS_FRACTION = 0.45
 #: numbers: distances from Gram matrices (cancellation is about 1e-16 of
 #: ``||a||^2 + ||b||^2``) and logit gaps. Radii are shrunk by it, so they err small.
 ROUNDING_RTOL = 1e-12
+
+#: Rows of the Gram per worker task (``centred_gram``): the tasks of its upper triangle
+#: shrink from row block to row block, and small blocks keep the threads balanced.
+GRAM_ROWS = 128
 
 GLOBAL_MEANS = ("classes", "samples")
 
@@ -99,6 +104,38 @@ def kept_spectrum(eigenvalues, rtol=PINV_RTOL):
         raise ValueError(COINCIDING_MEANS)
     kept_values = eigenvalues[keep]
     return keep, int(keep.sum()), float(kept_values.max() / kept_values.min())
+
+
+def centred_gram(centred):
+    """The Gram ``M~ M~^T`` of the centred means, exactly symmetric.
+
+    Row blocks of its upper triangle (a symmetric product on the diagonal block) run on
+    the worker threads, one BLAS thread each: OpenBLAS's own threads spin for about
+    0.1 s after a multithreaded call (``ncfast.kernels.cpu.ONE_THREAD_DENSE_FLOPS``),
+    which would take a core from the eigendecomposition and the pair sweep that follow.
+
+    Parameters
+    ----------
+    centred : float64 array of shape (C', D)
+
+    Returns
+    -------
+    float64 array of shape (C', C')
+    """
+    num_means = centred.shape[0]
+    gram = np.empty((num_means, num_means))
+    starts = range(0, num_means, GRAM_ROWS)
+
+    def row_block(task):
+        rows = slice(starts[task], min(starts[task] + GRAM_ROWS, num_means))
+        later = slice(rows.stop, num_means)
+        gram[rows, rows] = centred[rows] @ centred[rows].T
+        products = centred[rows] @ centred[later].T
+        gram[rows, later] = products
+        gram[later, rows] = products.T
+
+    run_tasks(row_block, len(starts), numba.get_num_threads())
+    return gram
 
 
 def route_for(num_means, num_features):
@@ -268,8 +305,7 @@ class Geometry:
             raise ValueError(COINCIDING_MEANS)
         gram = None
         if route_for(present.size, means.shape[1]) == "classes":
-            with dense_blas(2.0 * present.size ** 2 * means.shape[1]):
-                gram = centred @ centred.T
+            gram = centred_gram(centred)
         return cls(means=means, counts=None if counts is None else np.asarray(counts, np.int64),
                    present=present, label_rows=label_rows, global_mean=center, centred=centred,
                    centred_sq_norms=centred_sq_norms, gram=gram, global_mean_option=global_mean)

@@ -1,14 +1,15 @@
-"""The pass-2 plan against dense float64: the eigenbasis projection, the logit offsets and
-the classifier radii, with every class present (products kept by the sweep) and without.
+"""Finalize's Gram and the pass-2 plan against dense float64: the eigenbasis projection,
+the logit offsets and the classifier radii, with every class present (products kept by
+the sweep) and without.
 
-C' = 257, D = 300: the "classes" route, with sweep tiles (97) and projection tasks
-(``PROJECTION_ROWS``) that do not divide the sizes.
+C' = 257, D = 300: the "classes" route, with Gram row blocks (``GRAM_ROWS``), sweep tiles
+(97) and projection tasks (``PROJECTION_ROWS``) that do not divide the sizes.
 """
 import numpy as np
 import pytest
 
 import ncfast
-from ncfast.geometry import ROUNDING_RTOL, Geometry
+from ncfast.geometry import ROUNDING_RTOL, Geometry, centred_gram
 from ncfast.plan import CLASSIFIER_RADIUS_FRACTION, build_plan, classifier_radii
 
 NUM_CLASSES, NUM_FEATURES = 257, 300
@@ -40,6 +41,15 @@ def _dense_classifier_sq_radii(present_means, weights, logit_offsets):
         ratios = np.where(sq_distances > 0.0, gaps / np.sqrt(sq_distances), np.inf)
     ratios[rows, predictions] = np.inf
     return predictions, (CLASSIFIER_RADIUS_FRACTION * ratios.min(axis=1)) ** 2
+
+
+@pytest.mark.parametrize("num_means", [1, 2, 257])
+def test_gram_in_row_blocks_is_the_symmetric_product(num_means):
+    centred = np.random.default_rng(num_means).standard_normal((num_means, NUM_FEATURES))
+    gram = centred_gram(centred)
+    expected = centred @ centred.T
+    np.testing.assert_allclose(gram, expected, rtol=0, atol=1e-14 * np.abs(expected).max())
+    np.testing.assert_array_equal(gram, gram.T)
 
 
 @pytest.mark.parametrize("absent", [(), (4, 100)], ids=["every-class", "absent-classes"])
