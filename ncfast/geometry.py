@@ -64,10 +64,11 @@ def symmetric_pinv(matrix, rtol=PINV_RTOL):
 def symmetric_eigh(matrix):
     """Eigenvalues (ascending) and unit eigenvectors of a symmetric matrix, on one BLAS thread.
 
-    LAPACK's ``syevd`` is mostly small BLAS-2 steps: a second thread gains little
-    and, on a shared machine, spins (1000×1000: 0.27 s on one thread, 0.93 s on
-    two with other jobs running). numpy's ``eigh`` releases the GIL (SciPy's
-    does not), so other threads keep working meanwhile.
+    LAPACK's ``syevd`` is mostly small BLAS-2 steps, and its second thread spins
+    when other jobs share the cores (1000×1000 on 2 cores: 0.25 s on one thread and
+    0.15 s on two at a load of 2; 0.34 s and 0.93 s at a load of 4). One thread, with
+    other work on the other cores, is the robust choice: numpy's ``eigh`` releases
+    the GIL (SciPy's does not), so other threads keep working meanwhile.
 
     Parameters
     ----------
