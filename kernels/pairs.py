@@ -1,4 +1,4 @@
-"""Numba kernel of the pair sweep: one tile of class-pair dot products, reduced in cache.
+"""Numba kernels over pairs of classes: the pair sweep's tiles and the classifier radii.
 
 ``ncfast.sweep`` computes, per tile pair ``I <= J`` of classes, one float64 GEMM
 ``[M~_I; W_I] [M~_J; W_J]^T`` and hands it here. ``reduce_tile`` turns its
@@ -6,6 +6,9 @@ entries into the sums every class-pair metric needs (``SLOTS`` names them)
 and per-class minima and sums, in one read of the tile. ``ncfast.sweep`` has the
 same reduction in array-namespace form (``reduce_tile_xp``), which the CUDA
 backend runs and the tests compare against this one.
+
+``classifier_sq_radii`` reduces the (class mean, class) logit gaps of the pass-2
+plan (``ncfast.plan.classifier_radii``) in one read.
 """
 import math
 
@@ -288,3 +291,54 @@ def _reduce_classifier_blocks(dots, tile, rows, cols, diagonal, ideal, etf_diago
     out[COS_W], out[COS_W + 1], out[COS_W + 2] = cos_w_shift, cos_sum, cos_sq_sum
     out[MAXANGLE_W] = maxangle_sum
     out[ETF_W] = etf_sum
+
+
+@njit(nogil=True, cache=True)
+def classifier_sq_radii(logit_offsets, mean_predictions, weight_products, product_rows,
+                        weight_sq_norms, mean_norms, rounding_rtol, fraction, out):
+    """Squared classifier radii of the class means (``ncfast.plan.classifier_radii``).
+
+    For mean a with prediction ``c* = mean_predictions[a]``, the radius is the least over
+    classes ``c != c*`` of the logit gap over the weight-row distance (Cauchy-Schwarz),
+    the gap shrunk and the squared distance grown by their float64 rounding::
+
+        gap = max(L[a, c*] - L[a, c] - rtol (|L[a, c*]| + |L[a, c]|
+                                             + (||w_c*|| + ||w_c||) ||mu_a||), 0)
+        sq_distance = max(||w_c*||^2 + ||w_c||^2 - 2 w_c* . w_c, 0)
+                      + rtol (||w_c*||^2 + ||w_c||^2)
+
+    skipping classes at distance 0; ``out[a] = (fraction * least ratio)^2``, inf when
+    no class is left.
+
+    Parameters
+    ----------
+    logit_offsets : float64 array of shape (C', C), ``L[a] = W mu_a + b``
+    mean_predictions : int64 array of shape (C',), first argmax of each row of ``L``
+    weight_products : float64 array of shape (k, C)
+        Row ``product_rows[a]`` holds ``w_c* . w_c`` for every c.
+    product_rows : int64 array of shape (C',)
+    weight_sq_norms : float64 array of shape (C,), ``||w_c||^2``
+    mean_norms : float64 array of shape (C',), ``||mu_a||``
+    rounding_rtol, fraction : float
+    out : float64 array of shape (C',), written
+    """
+    num_logits = logit_offsets.shape[1]
+    weight_norms = np.sqrt(weight_sq_norms)
+    for a in range(logit_offsets.shape[0]):
+        best_class = mean_predictions[a]
+        best = logit_offsets[a, best_class]
+        best_sq_norm = weight_sq_norms[best_class]
+        best_norm = weight_norms[best_class]
+        products = weight_products[product_rows[a]]
+        least = np.inf
+        for c in range(num_logits):
+            logit = logit_offsets[a, c]
+            rounding = rounding_rtol * (abs(best) + abs(logit)
+                                        + (best_norm + weight_norms[c]) * mean_norms[a])
+            gap = max(best - logit - rounding, 0.0)
+            sq_norm_sum = best_sq_norm + weight_sq_norms[c]
+            sq_distance = (max(sq_norm_sum - 2.0 * products[c], 0.0)
+                           + rounding_rtol * sq_norm_sum)
+            if c != best_class and sq_distance > 0.0:
+                least = min(least, gap / math.sqrt(sq_distance))
+        out[a] = (fraction * least) ** 2

@@ -5,10 +5,12 @@ pass 1 and pass 2 (docs/algorithm.md, "Finalize").
 """
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
+import numba
 import numpy as np
 
-from ncfast.kernels.cpu import dense_blas, one_blas_thread
+from ncfast.kernels.cpu import one_blas_thread, run_tasks
 
 #: Eigenvalues below this fraction of the largest are cut in pseudo-inverses.
 PINV_RTOL = 1e-10
@@ -24,6 +26,10 @@ NCC_RADIUS_FRACTION = 0.45
 #: numbers: distances from Gram matrices (cancellation is about 1e-16 of
 #: ``||a||^2 + ||b||^2``) and logit gaps. Radii are shrunk by it, so they err small.
 ROUNDING_RTOL = 1e-12
+
+#: Rows of the Gram per worker task (``centred_gram``): the tasks of its upper triangle
+#: shrink from row block to row block, and small blocks keep the threads balanced.
+GRAM_ROWS = 128
 
 GLOBAL_MEANS = ("classes", "samples")
 
@@ -49,11 +55,32 @@ def symmetric_pinv(matrix, rtol=PINV_RTOL):
         Largest over smallest kept eigenvalue: rounding in what the
         pseudo-inverse multiplies is amplified up to this much.
     """
-    with one_blas_thread():
-        eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    eigenvalues, eigenvectors = symmetric_eigh(matrix)
     keep, rank, condition = kept_spectrum(eigenvalues, rtol)
     kept_vectors = eigenvectors[:, keep]
     return (kept_vectors / eigenvalues[keep]) @ kept_vectors.T, rank, condition
+
+
+def symmetric_eigh(matrix):
+    """Eigenvalues (ascending) and unit eigenvectors of a symmetric matrix, on one BLAS thread.
+
+    LAPACK's ``syevd`` is mostly small BLAS-2 steps, and its second thread spins
+    when other jobs share the cores (1000×1000 on 2 cores: 0.25 s on one thread and
+    0.15 s on two at a load of 2; 0.34 s and 0.93 s at a load of 4). One thread, with
+    other work on the other cores, is the robust choice: numpy's ``eigh`` releases
+    the GIL (SciPy's does not), so other threads keep working meanwhile.
+
+    Parameters
+    ----------
+    matrix : float64 array of shape (k, k)
+
+    Returns
+    -------
+    eigenvalues : float64 array of shape (k,)
+    eigenvectors : float64 array of shape (k, k), column ``j`` that of ``eigenvalues[j]``
+    """
+    with one_blas_thread():
+        return np.linalg.eigh(matrix)
 
 
 def kept_spectrum(eigenvalues, rtol=PINV_RTOL):
@@ -80,24 +107,41 @@ def kept_spectrum(eigenvalues, rtol=PINV_RTOL):
     return keep, int(keep.sum()), float(kept_values.max() / kept_values.min())
 
 
-def route_for(num_means, num_features):
-    """The cheaper side for NC1: "classes" (C'×C') when C' <= D, else "features" (D×D)."""
-    return "classes" if num_means <= num_features else "features"
+def centred_gram(centred):
+    """The Gram ``M~ M~^T`` of the centred means, exactly symmetric.
 
-
-def pair_sq_distances(sq_norms_a, sq_norms_b, dots):
-    """``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` for blocks of centred means, clipped at 0.
+    Row blocks of its upper triangle (a symmetric product on the diagonal block) run on
+    the worker threads, one BLAS thread each: OpenBLAS's own threads spin for about
+    0.1 s after a multithreaded call (``ncfast.kernels.cpu.ONE_THREAD_DENSE_FLOPS``),
+    which would take a core from the eigendecomposition and the pair sweep that follow.
 
     Parameters
     ----------
-    sq_norms_a : array of shape (m,)
-    sq_norms_b : array of shape (k,)
-    dots : array of shape (m, k), ``a . b``
+    centred : float64 array of shape (C', D)
 
-    Centring first removes the common offset, so the cancellation is only
-    that of the between-class spread.
+    Returns
+    -------
+    float64 array of shape (C', C')
     """
-    return np.maximum(sq_norms_a[:, None] + sq_norms_b[None, :] - 2.0 * dots, 0.0)
+    num_means = centred.shape[0]
+    gram = np.empty((num_means, num_means))
+    starts = range(0, num_means, GRAM_ROWS)
+
+    def row_block(task):
+        rows = slice(starts[task], min(starts[task] + GRAM_ROWS, num_means))
+        later = slice(rows.stop, num_means)
+        gram[rows, rows] = centred[rows] @ centred[rows].T
+        products = centred[rows] @ centred[later].T
+        gram[rows, later] = products
+        gram[later, rows] = products.T
+
+    run_tasks(row_block, len(starts), numba.get_num_threads())
+    return gram
+
+
+def route_for(num_means, num_features):
+    """The cheaper side for NC1: "classes" (C'×C') when C' <= D, else "features" (D×D)."""
+    return "classes" if num_means <= num_features else "features"
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,6 +175,11 @@ class Geometry:
         geometries refuse to merge.
     global_mean_option : {"classes", "samples"}
         How ``global_mean`` was taken (``from_means``'s option).
+
+    The eigendecomposition of the Gram, the distances and the fingerprint are
+    computed on first use: ``build_plan`` computes the first two on the worker
+    threads beside the pair sweep's tiles, and only merges and saved states read
+    the fingerprint.
     """
 
     means: np.ndarray
@@ -141,10 +190,6 @@ class Geometry:
     centred: np.ndarray
     centred_sq_norms: np.ndarray
     gram: np.ndarray | None
-    gram_eigenvalues: np.ndarray | None
-    gram_eigenvectors: np.ndarray | None
-    mean_sq_distances: np.ndarray | None
-    fingerprint: str
     global_mean_option: str = "classes"
 
     @property
@@ -162,6 +207,48 @@ class Geometry:
         NC1 costs N·D·min(C', D) either way; the route picks the smaller side.
         """
         return route_for(self.present.size, self.num_features)
+
+    @property
+    def present_means(self):
+        """float64 array of shape (C', D), C-contiguous: the means of the classes that have one."""
+        if self.present.size == self.num_classes:
+            return self.means
+        return self.means[self.present]
+
+    @cached_property
+    def gram_spectrum(self):
+        """``(gram_eigenvalues, gram_eigenvectors)``, computed on first use; (None, None) on
+        the "features" route."""
+        if self.gram is None:
+            return None, None
+        return symmetric_eigh(self.gram)
+
+    @property
+    def gram_eigenvalues(self):
+        return self.gram_spectrum[0]
+
+    @property
+    def gram_eigenvectors(self):
+        return self.gram_spectrum[1]
+
+    @cached_property
+    def mean_sq_distances(self):
+        if self.gram is None:
+            return None
+        # ||mu_a - mu_b||^2 = ||mu~_a||^2 + ||mu~_b||^2 - 2 mu~_a . mu~_b: centring first removes
+        # the common offset, so the cancellation is only that of the between-class spread.
+        distances = self.gram * -2.0
+        distances += self.centred_sq_norms[:, None]
+        distances += self.centred_sq_norms[None, :]
+        np.maximum(distances, 0.0, out=distances)
+        np.fill_diagonal(distances, 0.0)
+        return distances
+
+    @cached_property
+    def fingerprint(self):
+        digest = hashlib.sha1(np.ascontiguousarray(self.means).tobytes())
+        digest.update(self.global_mean.tobytes())
+        return digest.hexdigest()
 
     @classmethod
     def from_means(cls, means, counts=None, *, global_mean="classes"):
@@ -181,16 +268,19 @@ class Geometry:
         means = np.array(means, dtype=np.float64)
         if means.ndim != 2:
             raise ValueError(f"means must be 2-D (n_classes, n_features); found shape {means.shape}")
-        missing = np.isnan(means)
-        has_mean = ~missing.all(axis=1)
-        partial = np.flatnonzero(has_mean & missing.any(axis=1))
-        if partial.size:
-            raise ValueError(
-                f"the mean of class {partial[0]} holds NaN in {int(missing[partial[0]].sum())} of "
-                f"its {means.shape[1]} entries; a class without a mean is a row of NaN only: "
-                "repair the means or set the whole row to NaN")
-        if not np.isfinite(means[has_mean]).all():
-            raise ValueError("means holds Inf; class means must be finite (NaN rows mark absent classes)")
+        has_mean = np.isfinite(means).all(axis=1)
+        if not has_mean.all():
+            missing = np.isnan(means[~has_mean])
+            partial = np.flatnonzero(~has_mean)[~missing.all(axis=1) & missing.any(axis=1)]
+            if partial.size:
+                raise ValueError(
+                    f"the mean of class {partial[0]} holds NaN in "
+                    f"{int(np.isnan(means[partial[0]]).sum())} of its {means.shape[1]} entries; "
+                    "a class without a mean is a row of NaN only: repair the means or set the "
+                    "whole row to NaN")
+            if not missing.all():
+                raise ValueError(
+                    "means holds Inf; class means must be finite (NaN rows mark absent classes)")
         present = np.flatnonzero(has_mean)
         if present.size < 2:
             raise ValueError(
@@ -199,7 +289,7 @@ class Geometry:
             )
         label_rows = np.full(means.shape[0], -1, np.int64)
         label_rows[present] = np.arange(present.size)
-        present_means = means[present]
+        present_means = means if present.size == means.shape[0] else means[present]
         if global_mean == "classes":
             center = present_means.mean(axis=0)
         else:
@@ -214,25 +304,12 @@ class Geometry:
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
         if not (centred_sq_norms > 0).any():
             raise ValueError(COINCIDING_MEANS)
-        gram = gram_eigenvalues = gram_eigenvectors = mean_sq_distances = None
+        gram = None
         if route_for(present.size, means.shape[1]) == "classes":
-            with dense_blas(2.0 * present.size ** 2 * means.shape[1]):
-                gram = centred @ centred.T
-            # LAPACK's eigh is mostly small BLAS-2 steps: a second thread gains little and,
-            # on a shared machine, spins (1000×1000: 0.58 s on one thread, 19.5 s on two
-            # with other jobs running).
-            with one_blas_thread():
-                gram_eigenvalues, gram_eigenvectors = np.linalg.eigh(gram)
-            mean_sq_distances = pair_sq_distances(centred_sq_norms, centred_sq_norms, gram)
-            np.fill_diagonal(mean_sq_distances, 0.0)
-        digest = hashlib.sha1(np.ascontiguousarray(means).tobytes())
-        digest.update(center.tobytes())
+            gram = centred_gram(centred)
         return cls(means=means, counts=None if counts is None else np.asarray(counts, np.int64),
                    present=present, label_rows=label_rows, global_mean=center, centred=centred,
-                   centred_sq_norms=centred_sq_norms, gram=gram,
-                   gram_eigenvalues=gram_eigenvalues, gram_eigenvectors=gram_eigenvectors,
-                   mean_sq_distances=mean_sq_distances, fingerprint=digest.hexdigest(),
-                   global_mean_option=global_mean)
+                   centred_sq_norms=centred_sq_norms, gram=gram, global_mean_option=global_mean)
 
     @classmethod
     def from_class_sums(cls, counts, sums, *, global_mean="classes"):

@@ -8,15 +8,13 @@ Metrics over pairs or rows of class means use the classes that have a mean
 (``Geometry.present``); the classifier's argmax and ``bias_collapse`` use all
 of its rows.
 """
+import math
+
 import numpy as np
 
 from ncfast.geometry import kept_spectrum, symmetric_pinv
 from ncfast.kernels.cpu import dense_blas
 from ncfast.sweep import cdnv
-
-
-def _normalized(matrix):
-    return matrix / np.linalg.norm(matrix)
 
 
 def _std_over_mean(values):
@@ -125,22 +123,44 @@ def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
     result.update(dict.fromkeys(classifier_keys))
     result["class_accuracy"] = None
     if plan.has_classifier:
-        weights = plan.weights[geometry.present]
         _, cos_w_variance = _moment_metrics(sweep, "cos_w")
         result.update({
-            "nc2_equinorm_w": _std_over_mean(np.linalg.norm(weights, axis=1)),
+            "nc2_equinorm_w": _std_over_mean(sweep.weight_norms),
             "nc2_equiangular_w": float(np.sqrt(cos_w_variance)),
             "nc2_maxangle_w": float(sweep.sums["maxangle_w_sum"] / num_pairs),
-            "nc3": float(np.sum((_normalized(weights) - _normalized(centred)) ** 2)),
+            "nc3": self_duality(plan),
             "nc3_etf": sweep.etf_distance(classifier=True),
-            "unc3": _std_over_mean(np.einsum("cd,cd->c", weights, centred)),
+            "unc3": _std_over_mean(sweep.weight_mean_dots),
             "nc4": stats.disagreements / num_rows,
             "accuracy": float(stats.classifier_hits.sum() / num_rows),
-            "bias_collapse": float(np.linalg.norm(plan.weights @ geometry.global_mean
-                                                  + plan.bias)),
+            "bias_collapse": float(np.linalg.norm(plan.global_logits)),
             "class_accuracy": _per_class(stats.classifier_hits, stats.counts),
         })
     return result
+
+
+def self_duality(plan):
+    """NC3 ``||nrm(W') - nrm(M~)||_F^2``, W' the classifier rows of the classes with a mean.
+
+    Parameters
+    ----------
+    plan : Pass2Plan
+        With a classifier; its sweep holds the row norms of W'.
+
+    Returns
+    -------
+    float
+    """
+    geometry = plan.geometry
+    weights = plan.weights
+    if geometry.present.size < geometry.num_classes:
+        weights = weights[geometry.present]
+    weight_sq_total = float(plan.sweep.weight_norms @ plan.sweep.weight_norms)
+    # ||W'/a - M~/b||^2 = ||W' - (a/b) M~||^2 / a^2 (a, b the Frobenius norms): one scaled
+    # copy of M~, and the difference taken entry by entry (no cancellation near collapse).
+    difference = geometry.centred * math.sqrt(weight_sq_total / geometry.centred_sq_norms.sum())
+    np.subtract(weights, difference, out=difference)
+    return float(np.einsum("cd,cd->", difference, difference) / weight_sq_total)
 
 
 def ood_orthogonality(geometry, ood_mean):

@@ -8,19 +8,26 @@ of pass 2 is derived anywhere else.
 """
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
+import numba
 import numpy as np
 
 from ncfast.backends.cpu import CPU
-from ncfast.geometry import NCC_RADIUS_FRACTION, ROUNDING_RTOL, Geometry, pair_sq_distances
+from ncfast.geometry import NCC_RADIUS_FRACTION, ROUNDING_RTOL, Geometry
 from ncfast.inputs import host_array
-from ncfast.kernels.cpu import ClassesRoute, dense_blas
+from ncfast.kernels import pairs
+from ncfast.kernels.cpu import ClassesRoute, dense_blas, run_tasks
 from ncfast.sweep import PairSweep, pair_sweep, to_host
 
 #: A row whose residual is shorter than this fraction of its class's classifier
 #: radius is predicted as the classifier predicts its class mean (see
 #: ``classifier_radii``); the rest of the margin absorbs rounding.
 CLASSIFIER_RADIUS_FRACTION = 0.9
+
+#: Rows of ``M~^T V`` per host task: a fixed size, so that the projection pass 2
+#: multiplies by does not depend on the number of threads.
+PROJECTION_ROWS = 256
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,7 +42,7 @@ class Pass2Plan:
     sweep : PairSweep
         The class-pair sums of the means (and the classifier rows of the
         classes with a mean).
-    present_means : float64 array of shape (C', D), C-contiguous
+    present_means : float64 array of shape (C', D), C-contiguous (``Geometry.present_means``)
     projection_t : float32 array of shape (D, C')
         "classes" route: ``M~^T V`` (``V`` the Gram eigenvectors), so that the
         GEMM gives ``a = V^T z`` with ``z = M~ r``; "features" route: ``M~^T``.
@@ -46,9 +53,10 @@ class Pass2Plan:
         the nearest other mean (from the sweep, less its float64 rounding): a
         row of class a with ``||r||^2`` below it is nearest to its own mean.
     weights_t : float32 array of shape (D, C_w), ``W^T`` (C_w = 0 without a classifier)
+    global_logits : float64 array of shape (C_w,), ``W mu_G + b``
     logit_offsets : float64 array, C-contiguous
         "classes" route: shape (C', C_w), ``W mu_a + b``; "features" route:
-        shape (C_w,), ``W mu_G + b`` (logits of centred rows).
+        ``global_logits`` (logits of centred rows).
     mean_predictions : int64 array of shape (C',)
         First argmax of each mean's logits (zeros where the radii are 0).
     classifier_sq_radii : float64 array of shape (C',)
@@ -56,8 +64,8 @@ class Pass2Plan:
         the "features" route they are 0, so that every row is multiplied by
         ``W``, unless pass 1 counted ``RADII_ROWS_PER_MEAN`` rows per mean.
     classifier_fingerprint : str
-        Digest of the classifier ("" without one); states built with
-        different classifiers refuse to merge.
+        Digest of the classifier ("" without one), computed on first use;
+        states built with different classifiers refuse to merge.
     """
 
     geometry: Geometry
@@ -69,14 +77,22 @@ class Pass2Plan:
     eigenvectors_t: np.ndarray
     ncc_sq_radii: np.ndarray
     weights_t: np.ndarray
+    global_logits: np.ndarray
     logit_offsets: np.ndarray
     mean_predictions: np.ndarray
     classifier_sq_radii: np.ndarray
-    classifier_fingerprint: str
 
     @property
     def route(self):
         return self.geometry.route
+
+    @cached_property
+    def classifier_fingerprint(self):
+        if self.weights is None:
+            return ""
+        digest = hashlib.sha1(self.weights.tobytes())
+        digest.update(self.bias.tobytes())
+        return digest.hexdigest()
 
     @property
     def has_classifier(self):
@@ -114,49 +130,60 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     weights, bias = check_classifier(weights, bias, num_classes, num_features)
     present = geometry.present
     num_means = present.size
-    present_means = np.ascontiguousarray(geometry.means[present])
+    every_class = num_means == num_classes
+    present_means = geometry.present_means
     xp = backend.xp
-    present_weights = None if weights is None else xp.asarray(weights[present])
+    present_weights = None
+    if weights is not None:
+        present_weights = xp.asarray(weights if every_class else weights[present])
     classes_route = geometry.route == "classes"
+    num_logits = 0 if weights is None else num_classes
+    weights_t = np.empty((num_features, num_logits), np.float32)
+
+    def transpose_weights():
+        weights_t[...] = weights.T
+
+    # Beside the sweep's tiles, on the same worker threads: the eigendecomposition of the
+    # Gram (LAPACK on one thread, the longest task, so first) and the distances between
+    # the means (the geometry computes both when first read), and the float32 copy of W^T.
+    alongside = []
+    if classes_route:
+        alongside += [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
+    if weights is not None:
+        alongside.append(transpose_weights)
     # On the "classes" route (C' <= D) finalize formed the Gram matrix already, and the
     # C'×C' classifier products are no larger than the means: the sweep keeps them, so
     # the logit offsets and radii need no product of their own (when every class has a mean).
-    every_class = num_means == num_classes
     sweep = pair_sweep(xp.asarray(geometry.centred), xp.asarray(geometry.global_mean),
                        present_weights, backend=backend, tile=pair_tile,
                        gram=xp.asarray(geometry.gram) if classes_route else None,
-                       keep_classifier_products=classes_route and every_class)
+                       keep_classifier_products=classes_route and every_class,
+                       alongside=alongside)
     sq_norms = geometry.centred_sq_norms
     nearest = sweep.nearest_sq_distances - ROUNDING_RTOL * (sq_norms + sq_norms.max())
     ncc_sq_radii = NCC_RADIUS_FRACTION ** 2 * np.maximum(nearest, 0.0)
-    num_logits = 0 if weights is None else num_classes
-    weights_t = np.zeros((num_features, 0), np.float32)
-    if weights is not None:
-        weights_t = np.ascontiguousarray(weights.T, dtype=np.float32)
+    global_logits = np.zeros(0) if weights is None else weights @ geometry.global_mean + bias
     mean_predictions = np.zeros(num_means, np.int64)
     if classes_route:
-        with dense_blas(2.0 * num_means * (num_means + 2 * num_logits) * num_features):
-            projection_t = np.ascontiguousarray(geometry.centred.T @ geometry.gram_eigenvectors,
-                                                dtype=np.float32)
-            logit_offsets = np.zeros((num_means, 0))
-            classifier_sq_radii = np.full(num_means, np.inf)
-            if weights is not None:
-                weight_gram = None
-                if every_class:
-                    # W mu_a + b = W mu~_a + (W mu_G + b), from the sweep's W M~^T.
-                    logit_offsets = np.ascontiguousarray(
-                        to_host(sweep.weight_mean_products).T
-                        + (weights @ geometry.global_mean + bias))
-                    weight_gram = to_host(sweep.weight_gram)
-                else:
-                    logit_offsets = present_means @ weights.T + bias
-                mean_predictions, classifier_sq_radii = classifier_radii(
-                    present_means, weights, logit_offsets, weight_gram)
+        projection_t = gram_projection(geometry.centred, geometry.gram_eigenvectors)
         eigenvectors_t = np.ascontiguousarray(geometry.gram_eigenvectors.T, np.float32)
+        logit_offsets = np.zeros((num_means, 0))
+        classifier_sq_radii = np.full(num_means, np.inf)
+        if weights is not None:
+            weight_gram = None
+            if every_class:
+                # W mu_a + b = W mu~_a + (W mu_G + b), from the sweep's M~ W^T.
+                logit_offsets = to_host(sweep.mean_weight_products) + global_logits
+                weight_gram = to_host(sweep.weight_gram)
+            else:
+                with dense_blas(2.0 * num_means * num_logits * num_features):
+                    logit_offsets = present_means @ weights.T + bias
+            mean_predictions, classifier_sq_radii = classifier_radii(
+                present_means, weights, logit_offsets, weight_gram)
     else:
         projection_t = np.ascontiguousarray(geometry.centred.T, dtype=np.float32)
         eigenvectors_t = np.zeros((0, 0), np.float32)
-        logit_offsets = np.zeros(0) if weights is None else weights @ geometry.global_mean + bias
+        logit_offsets = global_logits
         classifier_sq_radii = np.zeros(num_means)
         if weights is not None and _radii_pay_off(geometry):
             mean_predictions, classifier_sq_radii = bounded_classifier_radii(
@@ -164,9 +191,35 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     return Pass2Plan(geometry=geometry, weights=weights, bias=bias, sweep=sweep,
                      present_means=present_means, projection_t=projection_t,
                      eigenvectors_t=eigenvectors_t, ncc_sq_radii=ncc_sq_radii,
-                     weights_t=weights_t, logit_offsets=logit_offsets,
-                     mean_predictions=mean_predictions, classifier_sq_radii=classifier_sq_radii,
-                     classifier_fingerprint=_classifier_fingerprint(weights, bias))
+                     weights_t=weights_t, global_logits=global_logits,
+                     logit_offsets=logit_offsets, mean_predictions=mean_predictions,
+                     classifier_sq_radii=classifier_sq_radii)
+
+
+def gram_projection(centred, eigenvectors):
+    """``M~^T V`` rounded to float32: pass 2's GEMM of the residuals by it gives ``V^T M~ r``.
+
+    A float64 GEMM per ``PROJECTION_ROWS`` rows, on the worker threads.
+
+    Parameters
+    ----------
+    centred : float64 array of shape (C', D), ``M~``
+    eigenvectors : float64 array of shape (C', C'), ``V``
+
+    Returns
+    -------
+    float32 array of shape (D, C')
+    """
+    num_features = centred.shape[1]
+    projection_t = np.empty((num_features, eigenvectors.shape[1]), np.float32)
+    starts = range(0, num_features, PROJECTION_ROWS)
+
+    def project(task):
+        rows = slice(starts[task], starts[task] + PROJECTION_ROWS)
+        projection_t[rows] = centred[:, rows].T @ eigenvectors
+
+    run_tasks(project, len(starts), numba.get_num_threads())
+    return projection_t
 
 
 def eigen_diagonal(scatter, eigenvectors):
@@ -183,14 +236,6 @@ def eigen_diagonal(scatter, eigenvectors):
     float64 array of shape (C',)
     """
     return ((scatter @ eigenvectors) * eigenvectors).sum(axis=0)
-
-
-def _classifier_fingerprint(weights, bias):
-    if weights is None:
-        return ""
-    digest = hashlib.sha1(weights.tobytes())
-    digest.update(bias.tobytes())
-    return digest.hexdigest()
 
 
 def classifier_radii(present_means, weights, logit_offsets, weight_gram=None):
@@ -220,23 +265,19 @@ def classifier_radii(present_means, weights, logit_offsets, weight_gram=None):
         overtake ``c*``.
     """
     mean_predictions = np.argmax(logit_offsets, axis=1)
-    rows = np.arange(len(present_means))
-    best_logits = logit_offsets[rows, mean_predictions][:, None]
-    weight_sq_norms = np.einsum("cd,cd->c", weights, weights)
-    best_sq_norms = weight_sq_norms[mean_predictions]
-    mean_norms = np.sqrt(np.einsum("ad,ad->a", present_means, present_means))
-    logit_rounding = ROUNDING_RTOL * (
-        np.abs(best_logits) + np.abs(logit_offsets)
-        + (np.sqrt(best_sq_norms)[:, None] + np.sqrt(weight_sq_norms)) * mean_norms[:, None])
-    gaps = np.maximum(best_logits - logit_offsets - logit_rounding, 0.0)
-    best_products = weight_gram[mean_predictions] if weight_gram is not None else \
-        weights[mean_predictions] @ weights.T
-    sq_distances = (pair_sq_distances(best_sq_norms, weight_sq_norms, best_products)
-                    + ROUNDING_RTOL * (best_sq_norms[:, None] + weight_sq_norms))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(sq_distances > 0.0, gaps / np.sqrt(sq_distances), np.inf)
-    ratios[rows, mean_predictions] = np.inf
-    return mean_predictions, (CLASSIFIER_RADIUS_FRACTION * ratios.min(axis=1)) ** 2
+    if weight_gram is None:
+        with dense_blas(2.0 * len(present_means) * weights.size):
+            weight_products = weights[mean_predictions] @ weights.T
+        product_rows = np.arange(len(present_means))
+    else:
+        weight_products, product_rows = weight_gram, mean_predictions
+    sq_radii = np.empty(len(present_means))
+    pairs.classifier_sq_radii(
+        logit_offsets, mean_predictions, weight_products, product_rows,
+        np.einsum("cd,cd->c", weights, weights),
+        np.sqrt(np.einsum("ad,ad->a", present_means, present_means)),
+        ROUNDING_RTOL, CLASSIFIER_RADIUS_FRACTION, sq_radii)
+    return mean_predictions, sq_radii
 
 
 #: On the "features" route the classifier radii cost one float32 product of the

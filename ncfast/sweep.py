@@ -87,9 +87,13 @@ class PairSweep:
         ``sum_{b != a} 1 / (2 ||mu_a - mu_b||^2)`` (host memory).
     etf_scale, etf_scale_w : float
         ``<G, E>`` of ``M~ M~^T`` and ``W M~^T`` (see the module docstring).
-    weight_mean_products, weight_gram : float64 arrays of shape (C', C'), or None
-        ``W M~^T`` and ``W W^T`` (rows of the classes with a mean), when the
-        sweep was asked to keep them.
+    weight_norms : float64 array of shape (C',), ``||w_a||`` (host memory); (0,)
+        without a classifier
+    weight_mean_dots : float64 array of shape (C',), ``w_a . mu~_a`` (host
+        memory); (0,) without a classifier
+    mean_weight_products, weight_gram : float64 arrays of shape (C', C'), or None
+        ``M~ W^T`` (entry ``[a, c]`` is ``mu~_a . w_c``) and ``W W^T`` (rows of
+        the classes with a mean), when the sweep was asked to keep them.
     """
 
     num_means: int
@@ -99,7 +103,9 @@ class PairSweep:
     cdnv_weights: np.ndarray
     etf_scale: float
     etf_scale_w: float
-    weight_mean_products: object = None
+    weight_norms: np.ndarray
+    weight_mean_dots: np.ndarray
+    mean_weight_products: object = None
     weight_gram: object = None
 
     @property
@@ -130,7 +136,7 @@ def to_host(array):
 
 
 def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=None,
-               keep_classifier_products=False):
+               keep_classifier_products=False, alongside=()):
     """Sweep every pair of classes once.
 
     Parameters
@@ -149,9 +155,13 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
         tiles are read instead of computed, and only the classifier's blocks
         are multiplied.
     keep_classifier_products : bool
-        Also return ``W M~^T`` and ``W W^T`` whole (C'×C' each; the "classes"
+        Also return ``M~ W^T`` and ``W W^T`` whole (C'×C' each; the "classes"
         route, where C' <= D, derives the logit offsets and classifier radii
         from them instead of multiplying again).
+    alongside : sequence of callables, optional
+        Work of the caller's, run (results discarded) on the backend's worker
+        threads before the tiles, which fill the other threads meanwhile: the
+        plan's eigendecomposition of the Gram, which LAPACK runs on one thread.
 
     Returns
     -------
@@ -164,10 +174,11 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
     mean_total = centred.sum(axis=0)
     etf_norm = math.sqrt(num_means - 1)
     etf_scale = float(mean_norms @ mean_norms - mean_total @ mean_total / num_means) / etf_norm
-    weight_norms, etf_scale_w = xp.zeros(0), 0.0
+    weight_norms, weight_mean_dots, etf_scale_w = xp.zeros(0), xp.zeros(0), 0.0
     if weights is not None:
         weight_norms = xp.sqrt(xp.einsum("cd,cd->c", weights, weights))
-        etf_scale_w = float(xp.einsum("cd,cd->", weights, centred)
+        weight_mean_dots = xp.einsum("cd,cd->c", weights, centred)
+        etf_scale_w = float(weight_mean_dots.sum()
                             - weights.sum(axis=0) @ mean_total / num_means) / etf_norm
     geometry = TileGeometry(0, 0, mean_norms, centred @ global_mean,
                             float(global_mean @ global_mean), weight_norms, etf_scale,
@@ -175,9 +186,9 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
     starts = range(0, num_means, tile)
     tasks = [(row, col) for row in starts for col in starts if col >= row]
 
-    weight_mean_products = weight_gram = None
+    mean_weight_products = weight_gram = None
     if keep_classifier_products and weights is not None:
-        weight_mean_products = xp.empty((num_means, num_means))
+        mean_weight_products = xp.empty((num_means, num_means))
         weight_gram = xp.empty((num_means, num_means))
 
     def stacked(start):
@@ -187,34 +198,46 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
         return xp.concatenate([centred[start:stop], weights[start:stop]])
 
     def tile_dots(rows, cols):
-        """The tile's dot products: ``[[M~M~, M~W], [WM~, WW]]`` (or ``M~M~`` alone)."""
+        """The tile's dot products: ``[[M~M~, M~W], [WM~, WW]]`` (or ``M~M~`` alone).
+
+        On a diagonal tile the lower-left block is the transpose of the upper-right
+        one, and ``A @ A.T`` of one array is a symmetric product (half the flops).
+        """
+        diagonal = rows == cols
         if gram is None:
-            return stacked(rows.start) @ stacked(cols.start).T
+            row_block = stacked(rows.start)
+            return row_block @ (row_block if diagonal else stacked(cols.start)).T
         if weights is None:
             return gram[rows, cols]
         num_rows, num_cols = rows.stop - rows.start, cols.stop - cols.start
         dots = xp.empty((2 * num_rows, 2 * num_cols))
         dots[:num_rows, :num_cols] = gram[rows, cols]
-        dots[:, num_cols:] = stacked(rows.start) @ weights[cols].T
-        dots[num_rows:, :num_cols] = weights[rows] @ centred[cols].T
+        dots[:num_rows, num_cols:] = centred[rows] @ weights[cols].T
+        dots[num_rows:, num_cols:] = weights[rows] @ weights[cols].T
+        dots[num_rows:, :num_cols] = (dots[:num_rows, num_cols:].T if diagonal
+                                      else weights[rows] @ centred[cols].T)
         return dots
 
     def run(task):
-        row_start, col_start = tasks[task]
+        if task < len(alongside):
+            alongside[task]()
+            return None
+        row_start, col_start = tasks[task - len(alongside)]
         rows = slice(row_start, min(row_start + tile, num_means))
         cols = slice(col_start, min(col_start + tile, num_means))
         dots = tile_dots(rows, cols)
         if weight_gram is not None:  # each task writes its own blocks: no two overlap
             num_rows, num_cols = rows.stop - rows.start, cols.stop - cols.start
-            weight_mean_products[rows, cols] = dots[num_rows:, :num_cols]
-            weight_mean_products[cols, rows] = dots[:num_rows, num_cols:].T
+            mean_weight_products[rows, cols] = dots[:num_rows, num_cols:]
             weight_gram[rows, cols] = dots[num_rows:, num_cols:]
-            weight_gram[cols, rows] = dots[num_rows:, num_cols:].T
+            if rows != cols:
+                mean_weight_products[cols, rows] = dots[num_rows:, :num_cols].T
+                weight_gram[cols, rows] = dots[num_rows:, num_cols:].T
         return backend.reduce_tile(
             dots, geometry._replace(row_start=row_start, col_start=col_start),
             rows.stop - rows.start, cols.stop - cols.start)
 
-    results = backend.map_tasks(run, len(tasks))
+    results = backend.map_tasks(run, len(alongside) + len(tasks))[len(alongside):]
     nearest = xp.full(num_means, np.inf)
     inverse = xp.zeros(num_means)
     for (row_start, col_start), (_, row_nearest, col_nearest, row_inverse, col_inverse) in \
@@ -232,7 +255,8 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
                                             ("riesz", RIESZ, RIESZ_INFINITE),
                                             ("cos_w", COS_W, None))}
     return PairSweep(num_means, sums, moments, to_host(nearest), to_host(inverse),
-                     etf_scale, etf_scale_w, weight_mean_products, weight_gram)
+                     etf_scale, etf_scale_w, to_host(weight_norms), to_host(weight_mean_dots),
+                     mean_weight_products, weight_gram)
 
 
 def _merged_moments(tile_sums, slot, infinite_slot=None):

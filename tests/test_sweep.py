@@ -121,6 +121,33 @@ def test_sweep_equals_the_dense_reference(num_means, num_features, classifier):
                                        err_msg=f"{name}, tile {tile}")
 
 
+@pytest.mark.parametrize("backend", [CPU, NumpyTiles], ids=["compiled", "arrays"])
+def test_sweep_of_a_given_gram_keeps_the_classifier_products(backend):
+    """The "classes" route's sweep: Gram tiles read, only the classifier's blocks multiplied
+    (a diagonal tile's lower-left block as the transpose of its upper-right one); it keeps
+    ``M~ W^T`` and ``W W^T`` and runs the caller's work beside the tiles."""
+    means, weights = _means(257, 300, seed=11, offset=2.0)
+    global_mean = means.mean(axis=0)
+    centred = means - global_mean
+    reference = _dense_pair_metrics(means, global_mean, weights)
+    ran = []
+    sweep = pair_sweep(centred, global_mean, weights, backend=backend, tile=97,
+                       gram=centred @ centred.T, keep_classifier_products=True,
+                       alongside=[lambda: ran.append("first"), lambda: ran.append("second")])
+    assert sorted(ran) == ["first", "second"]
+    for name, value in _sweep_metrics(sweep).items():
+        np.testing.assert_allclose(value, reference[name], rtol=SWEEP_RTOL, atol=0, err_msg=name)
+    mean_weight_products = centred @ weights.T
+    np.testing.assert_allclose(sweep.mean_weight_products, mean_weight_products, rtol=0,
+                               atol=1e-13 * np.abs(mean_weight_products).max())
+    weight_gram = weights @ weights.T
+    np.testing.assert_allclose(sweep.weight_gram, weight_gram, rtol=0,
+                               atol=1e-13 * np.abs(weight_gram).max())
+    np.testing.assert_allclose(sweep.weight_norms, np.linalg.norm(weights, axis=1), rtol=1e-14)
+    np.testing.assert_allclose(sweep.weight_mean_dots, np.einsum("cd,cd->c", weights, centred),
+                               rtol=1e-12)
+
+
 @pytest.mark.parametrize("num_means, num_features", [(3, 2), (40, 1), (130, 7), (300, 300)])
 def test_compiled_tiles_equal_the_array_operations(num_means, num_features):
     """The Numba kernel (CPU) and ``reduce_tile_xp`` (the GPU's, here on numpy) agree."""

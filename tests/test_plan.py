@@ -1,0 +1,126 @@
+"""Finalize's Gram and the pass-2 plan against dense float64: the eigenbasis projection,
+the logit offsets and the classifier radii, with every class present (products kept by
+the sweep) and without.
+
+C' = 257, D = 300: the "classes" route, with Gram row blocks (``GRAM_ROWS``), sweep tiles
+(97) and projection tasks (``PROJECTION_ROWS``) that do not divide the sizes.
+"""
+import numpy as np
+import pytest
+
+import ncfast
+from ncfast.geometry import ROUNDING_RTOL, Geometry, centred_gram
+from ncfast.plan import CLASSIFIER_RADIUS_FRACTION, build_plan, classifier_radii
+
+NUM_CLASSES, NUM_FEATURES = 257, 300
+
+
+def _means_and_classifier(seed=0, *, absent=()):
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((NUM_CLASSES, NUM_FEATURES)) + 3.0
+    weights = means - means.mean(axis=0) + 0.3 * rng.standard_normal(means.shape)
+    bias = 0.1 * rng.standard_normal(NUM_CLASSES)
+    means[list(absent)] = np.nan
+    return means, weights, bias
+
+
+def _dense_classifier_sq_radii(present_means, weights, logit_offsets):
+    """The Cauchy-Schwarz radii (``classifier_radii``) from explicit C'×C arrays."""
+    predictions = np.argmax(logit_offsets, axis=1)
+    rows = np.arange(len(present_means))
+    best = logit_offsets[rows, predictions][:, None]
+    weight_norms = np.linalg.norm(weights, axis=1)
+    best_norms = weight_norms[predictions][:, None]
+    mean_norms = np.linalg.norm(present_means, axis=1)[:, None]
+    gaps = np.maximum(best - logit_offsets - ROUNDING_RTOL * (
+        np.abs(best) + np.abs(logit_offsets) + (best_norms + weight_norms) * mean_norms), 0.0)
+    sq_norm_sums = best_norms ** 2 + weight_norms ** 2
+    sq_distances = (np.maximum(sq_norm_sums - 2.0 * weights[predictions] @ weights.T, 0.0)
+                    + ROUNDING_RTOL * sq_norm_sums)
+    with np.errstate(divide="ignore"):
+        ratios = np.where(sq_distances > 0.0, gaps / np.sqrt(sq_distances), np.inf)
+    ratios[rows, predictions] = np.inf
+    return predictions, (CLASSIFIER_RADIUS_FRACTION * ratios.min(axis=1)) ** 2
+
+
+@pytest.mark.parametrize("num_means", [1, 2, 257])
+def test_gram_in_row_blocks_is_the_symmetric_product(num_means):
+    centred = np.random.default_rng(num_means).standard_normal((num_means, NUM_FEATURES))
+    gram = centred_gram(centred)
+    expected = centred @ centred.T
+    np.testing.assert_allclose(gram, expected, rtol=0, atol=1e-14 * np.abs(expected).max())
+    np.testing.assert_array_equal(gram, gram.T)
+
+
+@pytest.mark.parametrize("absent", [(), (4, 100)], ids=["every-class", "absent-classes"])
+def test_plan_arrays_equal_dense_float64(absent):
+    means, weights, bias = _means_and_classifier(absent=absent)
+    geometry = Geometry.from_means(means)
+    plan = build_plan(geometry, weights, bias, pair_tile=97)
+    assert plan.route == "classes"
+    present_means = means[geometry.present]
+    eigenvalues, eigenvectors = np.linalg.eigh(geometry.centred @ geometry.centred.T)
+    np.testing.assert_allclose(geometry.gram_eigenvalues, eigenvalues,
+                               rtol=0, atol=1e-12 * eigenvalues.max())
+    # Eigenvectors are defined up to sign: compare M~^T V through the plan's own V.
+    projection = geometry.centred.T @ geometry.gram_eigenvectors
+    np.testing.assert_allclose(plan.projection_t, projection, rtol=2.0 ** -23,
+                               atol=1e-12 * np.abs(projection).max())
+    np.testing.assert_array_equal(plan.eigenvectors_t,
+                                  geometry.gram_eigenvectors.T.astype(np.float32))
+    np.testing.assert_array_equal(plan.weights_t, weights.T.astype(np.float32))
+    np.testing.assert_allclose(plan.global_logits, weights @ geometry.global_mean + bias,
+                               rtol=1e-12)
+    logit_offsets = present_means @ weights.T + bias
+    np.testing.assert_allclose(plan.logit_offsets, logit_offsets, rtol=0,
+                               atol=1e-12 * np.abs(logit_offsets).max())
+    predictions, sq_radii = _dense_classifier_sq_radii(present_means, weights, logit_offsets)
+    np.testing.assert_array_equal(plan.mean_predictions, predictions)
+    np.testing.assert_allclose(plan.classifier_sq_radii, sq_radii, rtol=1e-9)
+
+
+def test_plan_eigendecomposition_is_the_geometrys_own():
+    """The plan's eigenvectors are those the report reads (computed once, on first use)."""
+    means, weights, bias = _means_and_classifier(seed=1)
+    geometry = Geometry.from_means(means)
+    plan = build_plan(geometry, weights, bias)
+    assert geometry.gram_spectrum is geometry.gram_spectrum
+    np.testing.assert_array_equal(plan.eigenvectors_t,
+                                  geometry.gram_eigenvectors.T.astype(np.float32))
+
+
+def test_classifier_radii_with_the_gram_and_without():
+    """Radii from a given ``W W^T`` (the sweep's) and from the rows they need agree with the
+    dense bound, with a duplicated classifier row and a mean whose rivals tie; a rival at
+    distance 0 is skipped, and with none left the radius is inf."""
+    means, weights, bias = _means_and_classifier(seed=2)
+    weights[7] = weights[3]  # a duplicated row: distance 0 to class 3's row
+    logit_offsets = means @ weights.T + bias
+    logit_offsets[5] = -1e3  # one logit above all the others, which are equal
+    logit_offsets[5, 11] = 0.0
+    predictions, expected = _dense_classifier_sq_radii(means, weights, logit_offsets)
+    for weight_gram in (None, weights @ weights.T):
+        mean_predictions, sq_radii = classifier_radii(means, weights, logit_offsets,
+                                                      weight_gram)
+        np.testing.assert_array_equal(mean_predictions, predictions)
+        np.testing.assert_allclose(sq_radii, expected, rtol=1e-9)
+    two_means, zero_weights = np.eye(2), np.zeros((2, 2))
+    _, sq_radii = classifier_radii(two_means, zero_weights, np.array([[1.0, 0.0], [1.0, 0.0]]))
+    assert np.isinf(sq_radii).all()  # W r = 0: nothing overtakes the bias's prediction
+
+
+def test_fingerprints_are_digests_of_the_means_and_the_classifier():
+    """Computed on first use, equal for equal inputs, different for different ones."""
+    means, weights, bias = _means_and_classifier(seed=3)
+    first, second = Geometry.from_means(means), Geometry.from_means(means.copy())
+    assert first.fingerprint == second.fingerprint
+    assert Geometry.from_means(means + 1e-9).fingerprint != first.fingerprint
+    plan = build_plan(first, weights, bias)
+    assert plan.classifier_fingerprint == build_plan(second, weights.copy(),
+                                                     bias.copy()).classifier_fingerprint
+    assert build_plan(first, weights, bias + 1e-9).classifier_fingerprint != \
+        plan.classifier_fingerprint
+    assert build_plan(first).classifier_fingerprint == ""
+    stats = ncfast.ResidualStats(plan)
+    with pytest.raises(ValueError, match="different classifiers"):
+        stats += ncfast.ResidualStats(build_plan(first, weights, bias + 1e-9))
