@@ -10,7 +10,7 @@ from functools import cached_property
 import numba
 import numpy as np
 
-from ncfast.kernels.cpu import one_blas_thread, run_tasks
+from ncfast.kernels.cpu import dense_blas, one_blas_thread, run_tasks
 
 #: Eigenvalues below this fraction of the largest are cut in pseudo-inverses.
 PINV_RTOL = 1e-10
@@ -299,7 +299,8 @@ class Geometry:
                     "ClassSums or report as means=, or use global_mean='classes'"
                 )
             weights = np.asarray(counts, dtype=np.float64)[present]
-            center = weights @ present_means / weights.sum()
+            with dense_blas(2.0 * present_means.size):
+                center = weights @ present_means / weights.sum()
         centred = present_means - center
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
         if not (centred_sq_norms > 0).any():

@@ -177,8 +177,9 @@ def ood_orthogonality(geometry, ood_mean):
     if direction_norm == 0.0:
         raise ValueError("the OOD mean equals the global mean of the class means, so NC5 "
                          "(the angle between them) is undefined")
-    cosines = geometry.centred @ direction / (np.sqrt(geometry.centred_sq_norms)
-                                              * direction_norm)
+    with dense_blas(2.0 * geometry.centred.size):
+        products = geometry.centred @ direction
+    cosines = products / (np.sqrt(geometry.centred_sq_norms) * direction_norm)
     return float(np.mean(np.abs(cosines)))
 
 

@@ -162,7 +162,10 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     sq_norms = geometry.centred_sq_norms
     nearest = sweep.nearest_sq_distances - ROUNDING_RTOL * (sq_norms + sq_norms.max())
     ncc_sq_radii = NCC_RADIUS_FRACTION ** 2 * np.maximum(nearest, 0.0)
-    global_logits = np.zeros(0) if weights is None else weights @ geometry.global_mean + bias
+    global_logits = np.zeros(0)
+    if weights is not None:
+        with dense_blas(2.0 * weights.size):
+            global_logits = weights @ geometry.global_mean + bias
     mean_predictions = np.zeros(num_means, np.int64)
     if classes_route:
         projection_t = gram_projection(geometry.centred, geometry.gram_eigenvectors)

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ncfast.kernels.cpu import dense_blas
 from ncfast.kernels.pairs import (COS, COS_W, DISTANCE, ETF, ETF_W, LOG, LOG_INFINITE,
                                   MAXANGLE, MAXANGLE_W, PAIRS, RIESZ, RIESZ_INFINITE, SLOTS,
                                   UNCENTRED, UNCENTRED_OFF, UNIT_SQ_DISTANCE_FLOOR)
@@ -180,7 +181,9 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
         weight_mean_dots = xp.einsum("cd,cd->c", weights, centred)
         etf_scale_w = float(weight_mean_dots.sum()
                             - weights.sum(axis=0) @ mean_total / num_means) / etf_norm
-    geometry = TileGeometry(0, 0, mean_norms, centred @ global_mean,
+    with dense_blas(2.0 * num_means * num_features):
+        mean_offsets = centred @ global_mean
+    geometry = TileGeometry(0, 0, mean_norms, mean_offsets,
                             float(global_mean @ global_mean), weight_norms, etf_scale,
                             etf_scale_w, float(num_features - 2))
     starts = range(0, num_means, tile)

@@ -43,6 +43,20 @@ def _dense_classifier_sq_radii(present_means, weights, logit_offsets):
     return predictions, (CLASSIFIER_RADIUS_FRACTION * ratios.min(axis=1)) ** 2
 
 
+def test_means_with_a_partial_nan_row_or_inf_are_refused():
+    """A class without a mean is a row of NaN only; NaN rows are absent classes."""
+    means, _, _ = _means_and_classifier(absent=(0,))
+    means[3, [5, 9]] = np.nan
+    with pytest.raises(ValueError, match="class 3 holds NaN in 2 of its 300 entries"):
+        Geometry.from_means(means)
+    means[3] = 1.0
+    means[6, 2] = np.inf
+    with pytest.raises(ValueError, match="holds Inf"):
+        Geometry.from_means(means)
+    means[6, 2] = 0.0
+    assert Geometry.from_means(means).present.tolist() == list(range(1, NUM_CLASSES))
+
+
 @pytest.mark.parametrize("num_means", [1, 2, 257])
 def test_gram_in_row_blocks_is_the_symmetric_product(num_means):
     centred = np.random.default_rng(num_means).standard_normal((num_means, NUM_FEATURES))
