@@ -14,7 +14,7 @@ import numpy as np
 
 from ncfast import errors
 from ncfast.inputs import to_kernel_features, to_kernel_labels
-from ncfast.kernels import cpu, tiles
+from ncfast.kernels import cpu, narrow, tiles
 from ncfast.kernels.cpu import Pass2Sums
 from ncfast.plan import Pass2Plan, build_plan
 
@@ -187,6 +187,11 @@ def _arrays_equal(a, b):
     return a.shape == b.shape and np.array_equal(a, b)
 
 
+#: Most columns ``C' + C_w`` (means, classifier rows) that pass 2 on the "classes" route
+#: multiplies without BLAS (``ncfast.kernels.narrow``); wider products go to BLAS.
+NARROW_COLUMNS = 32
+
+
 #: Rows per task of the "features" route's D×D scatter: tasks of fixed rows, added in
 #: task order, so that the scatter does not depend on the thread count.
 SCATTER_TASK_ROWS = 4096
@@ -349,11 +354,13 @@ class ResidualStats:
             corrupted = np.empty(0, np.uint8)
         sq_norms = np.zeros(num_rows)
         if self.route == "classes":
-            # Residuals, GEMM and epilogue fused per cache-sized block.
-            good = cpu.residual_chunk(
-                features, labels, corrupted, self.plan.classes_route(),
-                Pass2Sums(*(getattr(self, name) for name in self.sum_names)), sq_norms,
-                numba.get_num_threads())
+            # Residuals, products and epilogue fused per cache-sized block.
+            route = self.plan.classes_route()
+            num_columns = route.present_classes.shape[0] + route.weights_t.shape[1]
+            chunk = narrow.narrow_chunk if num_columns <= NARROW_COLUMNS else cpu.residual_chunk
+            good = chunk(features, labels, corrupted, route,
+                         Pass2Sums(*(getattr(self, name) for name in self.sum_names)), sq_norms,
+                         numba.get_num_threads())
         else:
             good = self._update_features_route(features, labels, corrupted, sq_norms)
         if not good:
