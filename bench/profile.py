@@ -1,8 +1,10 @@
 """Per-stage profile of ncfast's two passes on one size.
 
-Times each stage of pass 2 the way ``ncfast.kernels.cpu.residual_chunk`` runs
-it (one thread, BLAS limited to one thread, cache-sized blocks), and both
-passes end to end with every thread::
+Times each stage of pass 2 the way the size's kernel runs it, on one thread:
+``ncfast.kernels.cpu.residual_chunk`` (BLAS limited to one thread,
+cache-sized blocks) or, for few columns, ``ncfast.kernels.narrow.narrow_chunk``
+(tiles of rows, no BLAS); both passes end to end with every thread; and
+``ncfast.collapse`` against the floor of reading the features twice::
 
     python -m bench.profile --rows 1000000 --features 512 --classes 100
 
@@ -11,8 +13,8 @@ takes about their total divided by T. Beside them, the full-width GEMM alone
 (every row times ``[M~^T V | W^T]``, the product the floor counts) as the pass
 would run it on every thread (each thread its own slice of rows, one
 single-threaded product per block). Rows inside their NCC and classifier
-radii skip the far-row GEMMs, so on collapsed features pass 2 multiplies only
-``R M~^T V``; ``--spread 4`` makes every row take the full route.
+radii skip the far-row products, so on collapsed features pass 2 multiplies
+only by ``M~^T V``; ``--spread 4`` makes every row take the full route.
 """
 import argparse
 import time
@@ -21,11 +23,13 @@ import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+import ncfast
 from bench.data import SPREAD, collapsed_features
-from ncfast.accumulators import ClassSums, ResidualStats
+from bench.floor import best_seconds, read_bandwidth
+from ncfast.accumulators import NARROW_COLUMNS, ClassSums, ResidualStats
 from ncfast.geometry import Geometry
 from ncfast.inputs import default_chunk_rows
-from ncfast.kernels import cpu
+from ncfast.kernels import cpu, narrow
 
 
 def _best(function, repeats):
@@ -38,8 +42,76 @@ def _best(function, repeats):
     return min(times)
 
 
+def uses_narrow_kernel(stats):
+    """Whether pass 2 of ``stats`` runs ``ncfast.kernels.narrow`` (as ``ResidualStats.update``
+    chooses)."""
+    route = stats.plan.classes_route()
+    return (stats.route == "classes"
+            and route.present_classes.shape[0] + route.weights_t.shape[1] <= NARROW_COLUMNS)
+
+
+def narrow_stage_times(features, labels, stats):
+    """Seconds per stage of ``narrow.narrow_blocks`` on one thread, summed over all rows.
+
+    Each stage runs on a whole block of ``narrow.BLOCK_ROWS`` rows at a time
+    (the kernel interleaves them tile by tile), and the classifier's rows are
+    multiplied for a whole block when one of its rows lies beyond its radius.
+
+    Returns
+    -------
+    dict
+        ``residuals``; ``products`` (with ``M~^T V``, and ``W``); ``far rows``
+        (``z = V a`` and the logits of the rows beyond their radii);
+        ``epilogue``; in seconds.
+    """
+    route = stats.plan.classes_route()
+    num_rows, num_features = features.shape
+    num_means = route.present_classes.shape[0]
+    num_logits = route.weights_t.shape[1]
+    columns = narrow.padded_columns(route)
+    mean_columns = columns[:-(-num_means // narrow.COLUMN_GROUP) * narrow.COLUMN_GROUP]
+    block = narrow.BLOCK_ROWS
+    residuals = np.zeros((block, num_features), np.float32)
+    products = np.zeros((block, columns.shape[0]), np.float32)
+    far_coordinates = np.zeros((block, num_means), np.float32)
+    far_mean_products = np.zeros((block, num_means), np.float32)
+    far_logits = np.zeros((block, num_logits), np.float32)
+    sq_norms = np.empty(block)
+    partial = cpu.Pass2Sums(*(np.zeros_like(getattr(stats, name)) for name in stats.sum_names))
+    corrupted = np.empty(0, np.uint8)
+    totals = dict.fromkeys(("residuals", "products", "far rows", "epilogue"), 0.0)
+    for first in range(0, num_rows, block):
+        size = min(block, num_rows - first)
+        block_labels = labels[first:first + size]
+        marks = [time.perf_counter()]
+        residuals[size:] = 0.0
+        cpu.block_residuals(features[first:first + size], block_labels, route.label_rows,
+                            route.means, residuals[:size], sq_norms[:size])
+        marks.append(time.perf_counter())
+        uncertain = num_logits and cpu.count_rows_beyond(
+            sq_norms[:size], block_labels, route.label_rows, route.classifier_sq_radii)
+        narrow.block_products(residuals, columns if uncertain else mean_columns, products)
+        marks.append(time.perf_counter())
+        coordinates = products[:size, :num_means]
+        far_rows, far = narrow.rows_beyond(coordinates, sq_norms[:size], block_labels,
+                                           route.label_rows, route.ncc_sq_radii, far_coordinates)
+        narrow.mean_products(far_rows[:far], route.eigenvectors_t, far_mean_products)
+        logits = products[:size, num_means:num_means + num_logits]
+        if num_logits:
+            logits, _ = narrow.rows_beyond(logits, sq_norms[:size], block_labels,
+                                           route.label_rows, route.classifier_sq_radii,
+                                           far_logits)
+        marks.append(time.perf_counter())
+        cpu.epilogue(coordinates, sq_norms[:size], block_labels, corrupted, far_mean_products,
+                     logits, route, partial)
+        marks.append(time.perf_counter())
+        for name, begin, end in zip(totals, marks, marks[1:]):
+            totals[name] += end - begin
+    return totals
+
+
 def stage_times(features, labels, stats):
-    """Seconds per pass-2 stage on one thread, summed over all blocks.
+    """Seconds per pass-2 stage of the BLAS kernel on one thread, summed over all blocks.
 
     Returns
     -------
@@ -140,6 +212,14 @@ def pass_times(features, labels, num_classes, weights, bias, repeats):
     return first, _best(pass2, repeats), geometry
 
 
+def collapse_and_floor(features, labels, weights, bias, repeats):
+    """Best seconds of ``ncfast.collapse``, and the floor of reading the features twice
+    (``2 × nbytes / read_bandwidth``), measured one after the other."""
+    total = best_seconds(lambda: ncfast.collapse(features, labels, weights=weights, bias=bias),
+                         repeats)
+    return total, 2 * features.nbytes / read_bandwidth(features, repeats)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -157,13 +237,17 @@ def main(argv=None):
     pass_times(features[warm], labels[warm], args.classes, weights, bias, 1)
     first, second, geometry = pass_times(features, labels, args.classes, weights, bias,
                                          args.repeats)
+    total, floor = collapse_and_floor(features, labels, weights, bias, args.repeats)
     stats = ResidualStats(geometry, weights=weights, bias=bias)
-    stages = min((stage_times(features, labels, stats) for _ in range(args.repeats)),
+    kernel_stage_times = narrow_stage_times if uses_narrow_kernel(stats) else stage_times
+    stages = min((kernel_stage_times(features, labels, stats) for _ in range(args.repeats)),
                  key=lambda times: sum(times.values()))
     print(f"N={args.rows} D={args.features} C={args.classes} "
           f"classifier={not args.no_classifier} threads={numba.get_num_threads()} "
           f"block={cpu.block_rows(args.features)} rows "
-          f"chunk={default_chunk_rows(args.features)} rows")
+          f"chunk={default_chunk_rows(args.features)} rows "
+          f"pass-2 kernel={'narrow' if uses_narrow_kernel(stats) else 'BLAS'}")
+    print(f"collapse: {total:.3f} s = {total / floor:.2f}x the two-read floor of {floor:.3f} s")
     print(f"pass 1 (class sums): {first:.3f} s   pass 2: {second:.3f} s")
     print("pass 2 stages on one thread: " + "  ".join(
         f"{name} {seconds:.3f} s" for name, seconds in stages.items()))

@@ -14,7 +14,7 @@ import numpy as np
 
 from ncfast import errors
 from ncfast.inputs import to_kernel_features, to_kernel_labels
-from ncfast.kernels import cpu, tiles
+from ncfast.kernels import cpu, narrow, tiles
 from ncfast.kernels.cpu import Pass2Sums
 from ncfast.plan import Pass2Plan, build_plan
 
@@ -189,6 +189,15 @@ def _arrays_equal(a, b):
     return a.shape == b.shape and np.array_equal(a, b)
 
 
+#: Most columns ``C' + C_w`` (means, classifier rows) that pass 2 on the "classes" route
+#: multiplies without BLAS (``ncfast.kernels.narrow``); wider products go to BLAS.
+#: Measured (D = 512, one thread, both kernels on the same 2048 rows in turn, 100 rounds,
+#: median ratio of CPU times at spreads 0.5 and 4, ``bench.data``): the narrow kernel took
+#: 0.84-0.97 of BLAS's time at 10-20 columns, 0.86-1.04 at 24, 0.94-1.07 at 32, 0.91-1.08
+#: at 40 and 1.02-1.04 at 48-64.
+NARROW_COLUMNS = 32
+
+
 #: Rows per task of the "features" route's D×D scatter: tasks of fixed rows, added in
 #: task order, so that the scatter does not depend on the thread count.
 SCATTER_TASK_ROWS = 4096
@@ -246,7 +255,9 @@ class ResidualStats:
     residuals ``R = H - mu_y`` from the float64 means, one float32 GEMM
     ``R M~^T V``, then a fused epilogue; rows beyond their NCC radius or
     classifier radius also get ``z = V a`` or ``W r`` from GEMMs of those rows
-    alone (``ncfast.kernels.cpu.residual_blocks``). On the "features" route
+    alone (``ncfast.kernels.cpu.residual_blocks``); with at most
+    ``NARROW_COLUMNS`` means and classifier rows the same without BLAS
+    (``ncfast.kernels.narrow``). On the "features" route
     (C' > D): residuals and the D×D scatter, and the nearest class centre and
     classifier argmax over class tiles (``ncfast.kernels.tiles``), the tiled
     search only for rows beyond their NCC radius.
@@ -377,11 +388,13 @@ class ResidualStats:
             corrupted = np.empty(0, np.uint8)
         sq_norms = np.zeros(num_rows)
         if self.route == "classes":
-            # Residuals, GEMM and epilogue fused per cache-sized block.
-            good = cpu.residual_chunk(
-                features, labels, corrupted, self.plan.classes_route(),
-                Pass2Sums(*(getattr(self, name) for name in self.sum_names)), sq_norms,
-                numba.get_num_threads())
+            # Residuals, products and epilogue fused per cache-sized block.
+            route = self.plan.classes_route()
+            num_columns = route.present_classes.shape[0] + route.weights_t.shape[1]
+            chunk = narrow.narrow_chunk if num_columns <= NARROW_COLUMNS else cpu.residual_chunk
+            good = chunk(features, labels, corrupted, route,
+                         Pass2Sums(*(getattr(self, name) for name in self.sum_names)), sq_norms,
+                         numba.get_num_threads())
         else:
             good = self._update_features_route(features, labels, corrupted, sq_norms)
         if not good:

@@ -1,0 +1,254 @@
+"""Pass 2 of the "classes" route for few classes: one read of each row, no BLAS.
+
+With few means (C') and classifier rows (C_w), pass 2 multiplies each
+residual by only ``C' + C_w`` columns: it is bound by reading the rows, and
+BLAS, whose kernels are built for wide products, spends more time than the
+read on products this narrow (docs/algorithm.md, pass 2). Here each worker
+thread takes a task of rows and streams it in blocks of ``BLOCK_ROWS`` rows:
+their residuals (``ncfast.kernels.cpu.block_residuals``) stay in the core's
+L1 cache, a compiled product multiplies them by the columns two rows and
+four columns at a time, and the block goes on through the classes route's
+own far-row gathers and epilogue. Every row is multiplied by the same code
+whatever block it falls in, so results do not depend on the chunking; tasks
+have a fixed number of rows and are added in task order, so they do not
+depend on the thread count.
+"""
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from ncfast.kernels.cpu import (
+    FASTMATH, NO_ROW, TASK_BLOCKS, Pass2Sums, block_residuals, block_rows, count_rows_beyond,
+    epilogue, gather_rows_beyond, run_tasks, thread_buffer)
+
+#: Rows whose float32 residuals are multiplied together (``block_products``): they stay
+#: in L1 (2 KiB a row at D = 512) while the columns are swept. Even: rows go in pairs.
+TILE_ROWS = 8
+
+#: Rows per call of the epilogue (a multiple of ``TILE_ROWS``): the far-row gathers and
+#: the epilogue's scratch arrays are set up once per block, not per tile.
+BLOCK_ROWS = 64
+
+#: Columns multiplied in one sweep over a pair of rows (the columns are padded to a multiple).
+COLUMN_GROUP = 4
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def block_products(rows, columns, out):
+    """``out = rows @ columns.T`` in float32, two rows and ``COLUMN_GROUP`` columns at a time.
+
+    Each group's eight dot products share their loads of the two rows and
+    four columns and vectorize along D, so the product is bound by the
+    core's multiply-adds, not its loads. Every row is computed by the same
+    instructions, in either place of a pair.
+
+    Parameters
+    ----------
+    rows : float32 array of shape (b, D), b even
+    columns : float32 array of shape (k, D), k a multiple of ``COLUMN_GROUP``
+    out : float32 array of shape (b, k), written
+    """
+    num_rows, length = rows.shape
+    for k in range(0, columns.shape[0], COLUMN_GROUP):
+        for i in range(0, num_rows, 2):
+            first0 = first1 = first2 = first3 = np.float32(0.0)
+            second0 = second1 = second2 = second3 = np.float32(0.0)
+            for j in range(length):
+                first, second = rows[i, j], rows[i + 1, j]
+                column0, column1 = columns[k, j], columns[k + 1, j]
+                column2, column3 = columns[k + 2, j], columns[k + 3, j]
+                first0 += first * column0
+                first1 += first * column1
+                first2 += first * column2
+                first3 += first * column3
+                second0 += second * column0
+                second1 += second * column1
+                second2 += second * column2
+                second3 += second * column3
+            out[i, k], out[i, k + 1], out[i, k + 2], out[i, k + 3] = (
+                first0, first1, first2, first3)
+            out[i + 1, k], out[i + 1, k + 1], out[i + 1, k + 2], out[i + 1, k + 3] = (
+                second0, second1, second2, second3)
+
+
+def padded_columns(route):
+    """``[(M~^T V)^T; W]``: the columns every row is multiplied by, one per row.
+
+    Returns
+    -------
+    float32 array of shape (k, D)
+        The C' columns of ``M~^T V`` (the coordinates ``a``), then the C_w
+        classifier rows, then zero rows up to a multiple of ``COLUMN_GROUP``.
+    """
+    columns = np.concatenate([route.projection_t.T, route.weights_t.T])
+    padded = np.zeros((-(-columns.shape[0] // COLUMN_GROUP) * COLUMN_GROUP, columns.shape[1]),
+                      np.float32)
+    padded[:columns.shape[0]] = columns
+    return padded
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def mean_products(coordinates, eigenvectors_t, out):
+    """``z = V a`` of each row, in float32: the products of the residual with every centred
+    mean (see ``ncfast.kernels.cpu.epilogue``).
+
+    Parameters
+    ----------
+    coordinates : float32 array of shape (m, C'), ``a`` of each row
+    eigenvectors_t : float32 array of shape (C', C'), ``V^T``
+    out : float32 array of shape (>= m, C'), rows ``[0, m)`` written
+    """
+    num_means = eigenvectors_t.shape[0]
+    for i in range(coordinates.shape[0]):
+        out[i, :] = 0.0
+        for j in range(num_means):
+            coordinate = coordinates[i, j]
+            for k in range(num_means):
+                out[i, k] += coordinate * eigenvectors_t[j, k]
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def rows_beyond(values, sq_norms, labels, label_rows, sq_radii, out_rows):
+    """The rows of ``values`` beyond their class's radius, in order, and how many.
+
+    ``values`` itself when every row is beyond, else those rows copied into
+    ``out_rows`` (``ncfast.kernels.cpu.gather_rows_beyond``, which see for the
+    parameters).
+
+    Returns
+    -------
+    rows : float32 array of shape (m, k), a view
+    count : int
+    """
+    count = count_rows_beyond(sq_norms, labels, label_rows, sq_radii)
+    if count == values.shape[0]:
+        return values, count
+    if count > 0:
+        gather_rows_beyond(values, sq_norms, labels, label_rows, sq_radii, out_rows)
+    return out_rows[:, :values.shape[1]], count
+
+
+class NarrowBuffers(NamedTuple):
+    """Scratch of one thread (float32): a tile of ``TILE_ROWS`` rows, a block of ``BLOCK_ROWS``.
+
+    Attributes
+    ----------
+    residuals : array of shape (TILE_ROWS, D)
+    products : array of shape (BLOCK_ROWS, k), the block times ``padded_columns``
+    far_coordinates, far_mean_products : arrays of shape (BLOCK_ROWS, C')
+    far_logits : array of shape (BLOCK_ROWS, C_w)
+    """
+
+    residuals: np.ndarray
+    products: np.ndarray
+    far_coordinates: np.ndarray
+    far_mean_products: np.ndarray
+    far_logits: np.ndarray
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def narrow_blocks(features, labels, corrupted, route, columns, buffers, out_sq_norms, sums):
+    """Pass 2 of some rows on the "classes" route, on one thread, without BLAS.
+
+    Per tile of ``TILE_ROWS`` rows: ``block_residuals``, then the products
+    with ``columns`` (``block_products``): the coordinates
+    ``a = (M~^T V)^T r``, and ``W r`` too when some row of the tile lies
+    beyond its classifier radius (the last tile is padded with zero rows).
+    Per block of ``BLOCK_ROWS`` rows: ``z = V a`` of the rows beyond their
+    NCC radius, if any, and ``epilogue`` with those and the logits of the
+    rows beyond their classifier radius (``rows_beyond``).
+
+    Parameters
+    ----------
+    features, labels, corrupted : the rows (see ``ncfast.kernels.cpu.epilogue``)
+    route : ClassesRoute
+    columns : float32 array of shape (k, D), ``padded_columns(route)``
+    buffers : NarrowBuffers
+    out_sq_norms : float64 array of shape (n,), written as by
+        ``ncfast.kernels.cpu.residuals`` up to the first bad tile
+    sums : Pass2Sums
+        Updated in place (see ``epilogue``).
+
+    Returns
+    -------
+    bool
+        False when a tile holds a bad row (flagged in ``out_sq_norms``); the
+        sums are then incomplete.
+    """
+    num_rows = features.shape[0]
+    num_means = route.present_classes.shape[0]
+    num_logits = route.weights_t.shape[1]
+    # The columns of the coordinates alone, in whole groups.
+    mean_columns = columns[:-(-num_means // COLUMN_GROUP) * COLUMN_GROUP]
+    tile = buffers.residuals.shape[0]
+    block = buffers.products.shape[0]
+    residuals = buffers.residuals
+    has_corrupted = corrupted.shape[0] > 0
+    coordinates = buffers.products[:, :num_means]
+    logits = buffers.products[:, num_means:num_means + num_logits]
+    for first in range(0, num_rows, block):
+        size = min(block, num_rows - first)
+        sq_norms = out_sq_norms[first:first + size]
+        block_labels = labels[first:first + size]
+        for start in range(0, size, tile):
+            stop = min(start + tile, size)
+            # Rows past the end multiply as zeros (their products are never read).
+            residuals[stop - start:] = 0.0
+            if block_residuals(features[first + start:first + stop], block_labels[start:stop],
+                               route.label_rows, route.means, residuals[:stop - start],
+                               sq_norms[start:stop]) != NO_ROW:
+                return False
+            tile_columns = mean_columns
+            if num_logits > 0 and count_rows_beyond(
+                    sq_norms[start:stop], block_labels[start:stop], route.label_rows,
+                    route.classifier_sq_radii) > 0:
+                tile_columns = columns
+            block_products(residuals, tile_columns, buffers.products[start:start + tile])
+        far_coordinates, far = rows_beyond(coordinates[:size], sq_norms, block_labels,
+                                           route.label_rows, route.ncc_sq_radii,
+                                           buffers.far_coordinates)
+        mean_products(far_coordinates[:far], route.eigenvectors_t, buffers.far_mean_products)
+        far_logits = logits
+        if num_logits > 0:
+            far_logits, _ = rows_beyond(logits[:size], sq_norms, block_labels, route.label_rows,
+                                        route.classifier_sq_radii, buffers.far_logits)
+        epilogue(coordinates[:size], sq_norms, block_labels,
+                 corrupted[first:first + size] if has_corrupted else corrupted,
+                 buffers.far_mean_products, far_logits, route, sums)
+    return True
+
+
+def narrow_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_threads):
+    """Pass 2 of one chunk on the "classes" route for few columns, on worker threads.
+
+    As ``ncfast.kernels.cpu.residual_chunk`` (same tasks of rows, same
+    parameters and returns), with ``narrow_blocks`` in place of BLAS blocks.
+    """
+    num_rows, num_features = features.shape
+    num_means = route.present_classes.shape[0]
+    columns = padded_columns(route)
+    task_rows = block_rows(num_features) * TASK_BLOCKS
+    shapes = {"residuals": (TILE_ROWS, num_features),
+              "products": (BLOCK_ROWS, columns.shape[0]),
+              "far_coordinates": (BLOCK_ROWS, num_means),
+              "far_mean_products": (BLOCK_ROWS, num_means),
+              "far_logits": (BLOCK_ROWS, route.weights_t.shape[1])}
+
+    def run_task(task):
+        first, last = task * task_rows, min((task + 1) * task_rows, num_rows)
+        partial = Pass2Sums(*(np.zeros_like(total) for total in sums))
+        buffers = NarrowBuffers(*(thread_buffer("narrow_" + name, shapes[name], np.float32)
+                                  for name in NarrowBuffers._fields))
+        good = narrow_blocks(features[first:last], labels[first:last],
+                             corrupted[first:last] if corrupted.shape[0] else corrupted,
+                             route, columns, buffers, out_sq_norms[first:last], partial)
+        return partial if good else None
+
+    partials = run_tasks(run_task, -(-num_rows // task_rows), num_threads)
+    if any(partial is None for partial in partials):
+        return False
+    for partial in partials:
+        for total, part in zip(sums, partial):
+            total += part
+    return True

@@ -1,0 +1,211 @@
+"""Pass 2 without BLAS for few classes (``ncfast.kernels.narrow``) against the BLAS route.
+
+``ResidualStats.update`` sends the "classes" route to ``narrow.narrow_chunk``
+when ``C' + C_w <= accumulators.NARROW_COLUMNS``, else to
+``cpu.residual_chunk`` (BLAS). The ``pass2_kernel`` fixture runs a test on one
+of them: both must match the float64 textbook, agree with each other to float32
+rounding, not depend on the chunking, the thread count or the row order, and
+report bad rows alike.
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+
+import ncfast
+from cases import ADVERSARIAL, gaussian_classes, with_label_noise
+from ncfast import accumulators
+from ncfast.kernels import cpu, narrow
+from ncfast.textbook import textbook_collapse
+from test_metrics import (RANDOM_CASE_SETTINGS, REFERENCE_RTOL, analytic_zero_floors,
+                          assert_matches_textbook, small_gaussian_cases, textbook_nc1_facts)
+from test_properties import numba_threads
+
+#: The adversarial cases on the "classes" route (C' <= D), where the two kernels differ.
+CLASSES_ROUTE_CASES = [name for name in ADVERSARIAL if name != "classes_exceed_features"]
+
+#: ``NARROW_COLUMNS`` that sends every "classes" route pass 2 to each kernel.
+KERNEL_COLUMNS = {"narrow": 1 << 30, "blas": -1}
+
+
+def use_kernel(monkeypatch, kernel):
+    monkeypatch.setattr(accumulators, "NARROW_COLUMNS", KERNEL_COLUMNS[kernel])
+
+
+@pytest.fixture(params=list(KERNEL_COLUMNS))
+def pass2_kernel(request, monkeypatch):
+    """Run the test with the "classes" route's pass 2 on one kernel (its name)."""
+    use_kernel(monkeypatch, request.param)
+    return request.param
+
+
+def reports_of_both_kernels(monkeypatch, case, **options):
+    """``ncfast.collapse`` of a case with each kernel: ``{kernel: report}``."""
+    reports = {}
+    for kernel in KERNEL_COLUMNS:
+        use_kernel(monkeypatch, kernel)
+        reports[kernel] = ncfast.collapse(**case, **options)
+    return reports
+
+
+def noisy(case, noise):
+    """The case with label noise the network resisted or fit, or as it is."""
+    if noise is None:
+        return case
+    return with_label_noise(case, 0.2, memorized=noise == "memorized")
+
+
+@pytest.mark.parametrize("noise", [None, "resisted", "memorized"])
+@pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
+@pytest.mark.parametrize("name", CLASSES_ROUTE_CASES)
+def test_both_kernels_match_textbook_and_each_other(monkeypatch, assert_same_report, name,
+                                                    with_classifier, noise):
+    case = noisy(gaussian_classes(**ADVERSARIAL[name], classifier=with_classifier), noise)
+    reports = reports_of_both_kernels(monkeypatch, case)
+    reference = textbook_collapse(**case)
+    facts = textbook_nc1_facts(case) if noise is None else None
+    for report in reports.values():
+        assert report.route == "classes"
+        assert_matches_textbook(report, reference, zero_floors=analytic_zero_floors(case),
+                                facts=facts)
+    assert_same_report(reports["narrow"], reports["blas"], rtol=REFERENCE_RTOL)
+
+
+@RANDOM_CASE_SETTINGS
+@given(parameters=small_gaussian_cases())
+def test_random_small_cases_match_on_both_kernels(parameters):
+    case = gaussian_classes(**parameters)
+    reference = textbook_collapse(**case)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        reports = reports_of_both_kernels(monkeypatch, case, empty_classes="ignore")
+    for report in reports.values():
+        assert_matches_textbook(report, reference, zero_floors=analytic_zero_floors(case),
+                                facts=textbook_nc1_facts(case))
+
+
+@pytest.mark.parametrize("num_features", [37, 512])
+@pytest.mark.parametrize("with_classifier", [False, True], ids=["ncc", "classifier"])
+def test_rows_on_both_sides_of_the_radii_and_wide_rows(monkeypatch, assert_same_report,
+                                                       num_features, with_classifier):
+    """Blocks where every row, some rows or no row lies beyond the NCC and classifier
+    radii, with D not a multiple of the vector width, and the 512 features of the
+    issue; empty and imbalanced classes."""
+    case = gaussian_classes(num_features=num_features, num_classes=10,
+                            class_counts=[300, 0, 40, 1, 200, 250, 0, 90, 120, 60],
+                            classifier=with_classifier)
+    labels = case["labels"]
+    means = np.stack([case["features"][labels == c].mean(axis=0) if (labels == c).any()
+                      else np.zeros(num_features) for c in range(10)])
+    present = means[np.unique(labels)]
+    gaps = np.linalg.norm(present[:, None] - present[None], axis=2)
+    nearest_gap = gaps[gaps > 0].min()
+    # Runs of collapsed rows (inside both radii) between runs of rows spread so far
+    # that some are nearer another mean.
+    scale = np.where((np.arange(len(labels)) // 50) % 3 == 0, 1e-3, 0.4) * nearest_gap
+    noise = np.random.default_rng(7).standard_normal(case["features"].shape)
+    case["features"] = (means[labels] + scale[:, None] * noise).astype(np.float32)
+    reports = reports_of_both_kernels(monkeypatch, case, empty_classes="ignore")
+    reference = textbook_collapse(**case)
+    for report in reports.values():
+        assert_matches_textbook(report, reference, facts=textbook_nc1_facts(case))
+    assert_same_report(reports["narrow"], reports["blas"], rtol=REFERENCE_RTOL)
+    assert 0.5 < reports["narrow"].ncc_accuracy < 1.0  # both outcomes occur
+
+
+def test_the_default_sends_few_columns_to_the_narrow_kernel(monkeypatch):
+    calls = []
+    for module, name in ((narrow, "narrow_chunk"), (cpu, "residual_chunk")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, kernel=kernel, name=name:
+                            calls.append(name) or kernel(*args))
+    for num_classes in (accumulators.NARROW_COLUMNS // 2, accumulators.NARROW_COLUMNS // 2 + 1):
+        case = gaussian_classes(num_rows=200, num_features=64, num_classes=num_classes)
+        ncfast.collapse(**case)
+    assert calls == ["narrow_chunk", "residual_chunk"]
+
+
+# --- the product --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length", [1, 8, 37, 512])
+def test_block_products_are_float32_products_and_the_same_in_either_place_of_a_pair(length):
+    rng = np.random.default_rng(length)
+    rows = rng.standard_normal((narrow.TILE_ROWS, length)).astype(np.float32)
+    columns = rng.standard_normal((3 * narrow.COLUMN_GROUP, length)).astype(np.float32)
+    out = np.empty((narrow.TILE_ROWS, columns.shape[0]), np.float32)
+    narrow.block_products(rows, columns, out)
+    exact = rows.astype(np.float64) @ columns.T.astype(np.float64)
+    scale = np.abs(rows).astype(np.float64) @ np.abs(columns).T.astype(np.float64)
+    assert (np.abs(out - exact) <= length * np.finfo(np.float32).eps * scale).all()
+    shifted = np.empty_like(out)
+    narrow.block_products(np.roll(rows, 1, axis=0), columns, shifted)
+    np.testing.assert_array_equal(np.roll(shifted, -1, axis=0), out)
+
+
+# --- independence of the chunking, threads and row order ------------------------------------
+
+def whole_case(num_rows=3000, **keywords):
+    """A case of more rows than one pass-2 task, with a classifier and label noise."""
+    case = gaussian_classes(num_rows=num_rows, num_features=24, num_classes=6, spread=1.5,
+                            **keywords)
+    return with_label_noise(case, 0.1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_report_does_not_depend_on_chunk_size(pass2_kernel, assert_same_report, chunk_size):
+    case = whole_case(num_rows=1200)
+    assert_same_report(ncfast.collapse(**case, chunk_size=chunk_size), ncfast.collapse(**case))
+
+
+def test_report_does_not_depend_on_row_order(pass2_kernel, assert_same_report):
+    case = whole_case()
+    order = np.random.default_rng(3).permutation(len(case["labels"]))
+    shuffled = {key: value[order] if key in ("features", "labels", "clean_labels") else value
+                for key, value in case.items()}
+    assert_same_report(ncfast.collapse(**shuffled), ncfast.collapse(**case))
+
+
+def test_pass_two_is_bitwise_the_same_on_any_thread_count(pass2_kernel):
+    case = whole_case(num_rows=40_000)
+    sums = ncfast.ClassSums(6, 24).update(case["features"], case["labels"])
+    geometry = ncfast.Geometry.from_class_sums(sums.counts, sums.sums)
+    assert len(case["labels"]) > 2 * cpu.block_rows(24) * cpu.TASK_BLOCKS
+    corrupted = case["labels"] != case["clean_labels"]
+    states = []
+    for count in (1, 2):
+        with numba_threads(count):
+            state = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
+            states.append(state.update(case["features"], case["labels"], corrupted))
+    assert states[0] == states[1]
+
+
+# --- bad rows -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 100])
+@pytest.mark.parametrize("value, kind", [(np.nan, "NaN"), (np.inf, "Inf")])
+def test_non_finite_held_out_row_names_the_first_bad_row(pass2_kernel, chunk_size, value, kind):
+    """Against given means pass 1 is skipped: pass 2 must find the first bad row."""
+    case = whole_case(num_rows=600)
+    features = case["features"].copy()
+    features[[130, 140, 400], 3] = value
+    with pytest.raises(ValueError, match=f"features row 130 contains {kind}"):
+        ncfast.collapse(features, case["labels"], means=ncfast.collapse(**case).means,
+                        weights=case["weights"], bias=case["bias"], chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("label, message", [(5, "row 70 has label 5, a class without a mean"),
+                                            (9, r"row 70 has label 9, outside \[0, 6\)")])
+def test_bad_labels_name_the_row_and_leave_the_state_as_it_was(pass2_kernel, label, message):
+    case = whole_case(num_rows=600)
+    without_five = case["labels"] != 5
+    sums = ncfast.ClassSums(6, 24).update(case["features"][without_five],
+                                          case["labels"][without_five])
+    geometry = ncfast.Geometry.from_class_sums(sums.counts, sums.sums)
+    stats = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
+    features, labels = case["features"][without_five], case["labels"][without_five]
+    stats.update(features[:50], labels[:50])
+    before = [getattr(stats, name).copy() for name in stats.sum_names]
+    labels = labels.copy()
+    labels[[70, 90]] = label
+    with pytest.raises(ValueError, match=message):
+        stats.update(features[50:], labels[50:], row_offset=50)
+    assert all(np.array_equal(old, getattr(stats, name))
+               for old, name in zip(before, stats.sum_names, strict=True))
