@@ -1,0 +1,82 @@
+"""Issue 18's grid (``bench.bench_shapes``): its verdict, its floor's flops and a tiny run."""
+import json
+import math
+
+import pytest
+
+pytest.importorskip("torch")
+
+from bench import bench_shapes, floor  # noqa: E402
+from bench.suite import parse_sizes  # noqa: E402
+
+
+@pytest.mark.parametrize("ncfast_seconds, floor_seconds, limit, expected", [
+    (3.0, 2.0, 1.5, (True, False)),    # 1.5x its floor: at the far limit, past 1.25x
+    (3.0001, 2.0, 1.5, (False, False)),
+    (1.2, 1.0, 1.2, (True, True)),     # at the collapsed limit
+    (1.2001, 1.0, 1.2, (False, True)),
+    (5.0, 4.0, 1.5, (True, True)),     # floor/ncfast = 0.8: exactly the torch share
+    (5.0001, 4.0, 1.5, (True, False)),
+    (0.5, 1.0, 1.2, (True, True)),     # under the floor (it counts no overhead)
+])
+def test_verdict_at_and_past_each_limit(ncfast_seconds, floor_seconds, limit, expected):
+    assert bench_shapes.verdict(ncfast_seconds, floor_seconds, limit) == expected
+
+
+def test_torch_target_is_the_issue_inequality_for_any_torch_time():
+    for ncfast_seconds, floor_seconds in [(5.0, 4.0), (6.0, 4.0), (4.4, 4.0), (30.0, 2.0)]:
+        meets_torch = bench_shapes.verdict(ncfast_seconds, floor_seconds, 1.5)[1]
+        for torch_seconds in (7.0, 50.0, 3e3):
+            lead, allowed = torch_seconds / ncfast_seconds, torch_seconds / floor_seconds
+            assert meets_torch == (lead >= bench_shapes.TORCH_SHARE * allowed - 1e-12)
+
+
+@pytest.mark.parametrize("num_classes, spread, limit", [
+    (10, "collapsed", 1.5), (32, "far", 1.5), (33, "collapsed", 1.2), (1000, "far", 1.5)])
+def test_floor_limit(num_classes, spread, limit):
+    assert bench_shapes.floor_limit(num_classes, spread) == limit
+
+
+def test_unavoidable_flops_of_each_route():
+    flops = bench_shapes.unavoidable_flops
+    # Classes route (C' <= D): the NC1 projection, plus the classifier far from collapse.
+    assert flops(100, 2048, 1000, 1000, collapsed=True) == 2 * 100 * 2048 * 1000
+    assert flops(100, 2048, 900, 1000, collapsed=False) == 2 * 100 * 2048 * 1900
+    # Features route (C' > D): the D x D scatter, plus NCC distances and logits far away.
+    assert flops(100, 64, 1000, 1000, collapsed=True) == 100 * 64 ** 2
+    assert flops(100, 64, 1000, 1000, collapsed=False) == 100 * 64 ** 2 + 2 * 100 * 64 * 2000
+    # Skinny: nothing beyond the reads.
+    assert flops(100, 512, 10, 10, collapsed=False) == 0.0
+
+
+def test_shape_names_are_what_shapes_takes():
+    for shape in bench_shapes.SHAPES:
+        assert parse_sizes(bench_shapes.shape_text(shape)) == [shape]
+
+
+def test_tiny_scaled_run_writes_finite_rows(tmp_path, monkeypatch):
+    # Machine rates on small arrays: the numbers are not the point here.
+    monkeypatch.setattr(floor, "BANDWIDTH_BYTES", 1 << 22)
+    monkeypatch.setattr(bench_shapes, "SQUARE_SIDE", 128)
+    monkeypatch.setattr(bench_shapes, "SGEMM_ROWS", 256)
+    monkeypatch.setattr(bench_shapes, "RESULTS", tmp_path)
+    # Issue 18's skinny shape, and two small GEMM-bound ones: the classes route (C' <= D)
+    # and the features route (C' > D).
+    path = bench_shapes.main(["--shapes", "1e6x512x10,1e5x64x40,2e5x64x100", "--scale", "1000",
+                              "--repeats", "1", "--torch-rows", "150"])
+    document = json.loads(path.read_text())
+    assert document["scale"] == 1000
+    assert path.with_suffix(".png").stat().st_size > 0
+    rows = document["rows"]
+    assert [(row["shape"], row["spread"], row["rows"], row["route"]) for row in rows] == [
+        ("1e6x512x10", "collapsed", 1000, "classes"), ("1e6x512x10", "far", 1000, "classes"),
+        ("1e5x64x40", "collapsed", 100, "classes"), ("1e5x64x40", "far", 100, "classes"),
+        ("2e5x64x100", "collapsed", 200, "features"), ("2e5x64x100", "far", 200, "features")]
+    for row in rows:
+        for key in ("ncfast_seconds", "floor_seconds", "floor_read_seconds", "torch_seconds",
+                    "ncfast/floor", "torch/floor", "torch/ncfast"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert row["torch_scaled"] == (row["rows"] > 150)
+        assert (row["meets_floor"], row["meets_torch"]) == bench_shapes.verdict(
+            row["ncfast_seconds"], row["floor_seconds"], row["limit"])
+    assert [row["gemm_flops"] > 0 for row in rows] == [False, False, True, True, True, True]
