@@ -14,19 +14,21 @@ row inside its NCC and classifier radii) and **far** from collapse
 (``spread=4``, an early checkpoint: every row beyond them). Per row of the
 table, in one run:
 
-1. **Check.** ncfast and the torch route on the first ``CHECK_ROWS`` rows
-   against the float64 textbook route (``bench.routes.check``), so that no
-   wrong answer is timed; this also warms every JIT. The first C rows hold
-   one row of each class (``collapsed_features(every_class=True)``).
+1. **Check.** ncfast and the torch route on the leading rows
+   (``CHECK_ROWS``) against the float64 textbook route
+   (``bench.routes.check``), so that no wrong answer is timed; this also
+   warms every JIT.
 2. **ncfast**: ``ncfast.collapse``, best of ``--repeats``.
 3. **torch**: the accumulator route of the public torch library
    (``bench.torch_route.torch_collapse(..., ncc="gemm")``), once, on at most
    ``--torch-rows`` leading rows; a time scaled up to N (the route's passes
    are linear in N; its finish, a D×D pseudo-inverse and C×C distances, is
    then counted N/n times, well under a second at C ≤ 1000) is marked ``~``.
-   The route's finish holds about ``TORCH_PAIR_BYTES``·C² bytes (C×C
-   distances, an index pair per class pair); where that exceeds
-   ``TORCH_MEMORY_SHARE`` of the memory available, the route is not run.
+   The route is not run where it cannot be: where a class has no rows in
+   the rows it gets (its NCC takes the NaN mean of such a class: scaled
+   runs), or where its finish, about ``TORCH_PAIR_BYTES``·C² bytes (C×C
+   distances, an index pair per class pair), exceeds ``TORCH_MEMORY_SHARE``
+   of the memory available (the vocabulary on a 23 GiB machine).
 4. **Floor** (``bench.floor.Floor.bound``): both passes read the rows
    (``N·D·4`` bytes each) at the best read rate of the run (every thread
    summing a ``BANDWIDTH_BYTES`` array), and pass 2 also does the GEMM flops
@@ -79,6 +81,7 @@ from bench.data import SPREAD, collapsed_features
 from bench.floor import (SQUARE_SIDE, Floor, best_seconds, gemm_rate, machine_read_bandwidth)
 from bench.machine import machine_facts, utc_stamp
 from bench.routes import ROUTES, check
+from bench.suite import CHECK_ROWS as SUITE_CHECK_ROWS
 from bench.suite import RESULTS, parse_sizes
 from ncfast.dumps import write_json_atomically
 from ncfast.geometry import route_for
@@ -103,9 +106,12 @@ SKINNY_LIMIT = 1.5
 #: The share of the floor's lead over the torch route that ncfast must reach.
 TORCH_SHARE = 0.8
 
-#: Rows of the check against the textbook route. At C = 32,000 they hold about 5,500
-#: classes, more than D = 4096, so the check takes the "features" route as the timed run does.
-CHECK_ROWS = 6000
+#: Leading rows of the check against the textbook route, by ncfast's route. On the
+#: classes route as many as ``python -m bench`` checks: every one of C ≤ 1000 classes has
+#: rows there. On the features route fewer, as the textbook route's cost grows as C'·D²:
+#: at C = 32,000 these hold about 5,500 classes, more than D = 4096, so the check takes the
+#: features route as the timed run does.
+CHECK_ROWS = {"classes": SUITE_CHECK_ROWS, "features": 6000}
 #: Rows of the GEMM whose rate is the shape's own.
 SGEMM_ROWS = 16384
 #: Bytes per C² that ``torch_collapse``'s finish holds at once: the C×C float32
@@ -267,7 +273,7 @@ class ShapesRun:
         collapsed = spread == "collapsed"
         self.progress.update(task, description=f"{shape_text(shape)} {spread}: data")
         features, labels, weights, bias = collapsed_features(
-            num_rows, num_features, num_classes, spread=SPREADS[spread], every_class=True)
+            num_rows, num_features, num_classes, spread=SPREADS[spread])
         num_means = int(np.count_nonzero(np.bincount(labels, minlength=num_classes)))
         row = Row(shape_text(shape), SHAPES.get(shape, ""), num_rows, num_features, num_classes,
                   spread, num_means, route_for(num_means, num_features), features.nbytes,
@@ -284,13 +290,9 @@ class ShapesRun:
             row.own_sgemm_shape = f"{SGEMM_ROWS}x{num_features}x{columns}"
         self.progress.advance(task)
 
-        torch_bytes = TORCH_PAIR_BYTES * num_classes ** 2
-        available = psutil.virtual_memory().available
-        if torch_bytes > TORCH_MEMORY_SHARE * available:
-            row.torch_skipped = (f"its C×C finish needs about {torch_bytes / 2**30:.1f} GiB, "
-                                 f"{available / 2**30:.1f} GiB available")
+        checked = slice(0, min(num_rows, CHECK_ROWS[row.route]))
+        row.torch_skipped = self.torch_obstacle(labels, checked, num_classes)
         self.step(task, row, "check against the textbook route")
-        checked = slice(0, min(num_rows, CHECK_ROWS))
         arguments = (features[checked], labels[checked], num_classes, weights, bias)
         reference = ROUTES["textbook"](*arguments)
         check("ncfast", ROUTES["ncfast"](*arguments), reference)
@@ -312,6 +314,27 @@ class ShapesRun:
             row.torch_seconds = seconds * num_rows / row.torch_rows
         self.progress.advance(task)
         return row
+
+    def torch_obstacle(self, labels, checked, num_classes):
+        """Why the torch route cannot run on this input, or None.
+
+        Parameters
+        ----------
+        labels : int array of shape (N,)
+        checked : slice
+            The leading rows of the check.
+        num_classes : int
+        """
+        shortest = min(checked.stop, self.torch_rows)
+        if np.count_nonzero(np.bincount(labels[:shortest], minlength=num_classes)) < num_classes:
+            return (f"a class has no rows in the first {shortest:,} rows (its NCC would take "
+                    "the NaN mean)")
+        finish_bytes = TORCH_PAIR_BYTES * num_classes ** 2
+        available = psutil.virtual_memory().available
+        if finish_bytes > TORCH_MEMORY_SHARE * available:
+            return (f"its C×C finish needs about {finish_bytes / 2**30:.1f} GiB, "
+                    f"{available / 2**30:.1f} GiB available")
+        return None
 
     def finish(self, row):
         """Give ``row`` its floor at the run's best rates, and its verdict."""

@@ -10,7 +10,7 @@ SPREAD = 0.5
 
 
 def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, spread=SPREAD,
-                       seed=0, every_class=False):
+                       seed=0):
     """Float32 features of balanced Gaussian classes, and a nearly self-dual classifier.
 
     Row ``i`` is ``mu_{y_i} + spread e_i`` with random class means of norm
@@ -28,10 +28,6 @@ def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, 
     spread : float
         Standard deviation of each feature within a class.
     seed : int
-    every_class : bool
-        Make the first C rows one of each class, so that every leading slice of
-        at least C rows holds every class (the torch route's NCC fails on the
-        NaN means of classes without rows).
 
     Returns
     -------
@@ -42,8 +38,6 @@ def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, 
     """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, num_rows)
-    if every_class:
-        labels[:num_classes] = np.arange(num_classes)[:num_rows]
     means = 4.0 * rng.standard_normal((num_classes, num_features), dtype=np.float32)
     features = np.empty((num_rows, num_features), np.float32)
     for start in range(0, num_rows, _STEP_ROWS):
