@@ -217,6 +217,7 @@ class Row:
     torch_seconds: float = None
     torch_rows: int = None
     torch_skipped: str = None
+    check_failed: str = None
     floor_read_seconds: float = None
     floor_gemm_seconds: float = None
     floor_seconds: float = None
@@ -231,10 +232,10 @@ class Row:
 
     def ratios(self):
         """``{"ncfast/floor": …, "torch/floor": …, "torch/ncfast": …}``, None where not run."""
-        torch = self.torch_seconds
-        return {"ncfast/floor": self.ncfast_seconds / self.floor_seconds,
+        fast, torch = self.ncfast_seconds, self.torch_seconds
+        return {"ncfast/floor": None if fast is None else fast / self.floor_seconds,
                 "torch/floor": None if torch is None else torch / self.floor_seconds,
-                "torch/ncfast": None if torch is None else torch / self.ncfast_seconds}
+                "torch/ncfast": None if None in (fast, torch) else torch / fast}
 
 
 class ShapesRun:
@@ -295,14 +296,22 @@ class ShapesRun:
         self.step(task, row, "check against the textbook route")
         arguments = (features[checked], labels[checked], num_classes, weights, bias)
         reference = ROUTES["textbook"](*arguments)
-        check("ncfast", ROUTES["ncfast"](*arguments), reference)
+        try:
+            check("ncfast", ROUTES["ncfast"](*arguments), reference)
+        except AssertionError as error:
+            row.check_failed = str(error)
         if row.torch_skipped is None:
-            check("torch-gemm", ROUTES["torch-gemm"](*arguments), reference)
+            try:
+                check("torch-gemm", ROUTES["torch-gemm"](*arguments), reference)
+            except AssertionError as error:
+                row.torch_skipped = f"its check failed: {error}"
         self.progress.advance(task)
 
-        self.step(task, row, f"ncfast, best of {self.repeats}")
-        row.ncfast_seconds = best_seconds(
-            lambda: ROUTES["ncfast"](features, labels, num_classes, weights, bias), self.repeats)
+        if row.check_failed is None:
+            self.step(task, row, f"ncfast, best of {self.repeats}")
+            row.ncfast_seconds = best_seconds(
+                lambda: ROUTES["ncfast"](features, labels, num_classes, weights, bias),
+                self.repeats)
         self.progress.advance(task)
 
         if row.torch_skipped is None:
@@ -346,8 +355,9 @@ class ShapesRun:
         row.floor_seconds = floor.bound(row.read_bytes, row.gemm_flops)
         row.floor_sgemm = sgemm
         row.limit = floor_limit(row.classes, row.spread)
-        row.meets_floor, row.meets_torch = verdict(row.ncfast_seconds, row.floor_seconds,
-                                                   row.limit)
+        if row.ncfast_seconds is not None:
+            row.meets_floor, row.meets_torch = verdict(row.ncfast_seconds, row.floor_seconds,
+                                                       row.limit)
 
 
 #: Steps of ``ShapesRun.measure``, for the progress bar.
@@ -355,16 +365,18 @@ STEPS_PER_ROW = 5
 
 
 def _verdict_text(row):
+    if row.check_failed:
+        return "check failed (not timed)"
     misses = ([] if row.meets_floor else [f">{row.limit:g}x floor"]) + (
         [] if row.meets_torch else [f"lead <{TORCH_SHARE:g}"])
     return "pass" if not misses else "miss: " + ", ".join(misses)
 
 
-def _seconds_text(row):
-    """The torch route's seconds, ``~`` when scaled up from leading rows, ``-`` when not run."""
-    if row.torch_seconds is None:
+def _seconds_text(seconds, scaled=False):
+    """Seconds to 3 digits, ``~`` when scaled up from leading rows, ``-`` when not run."""
+    if seconds is None:
         return "-"
-    return ("~" if row.torch_scaled else "") + f"{row.torch_seconds:.3g}"
+    return ("~" if scaled else "") + f"{seconds:.3g}"
 
 
 def _ratio_text(value):
@@ -382,10 +394,11 @@ def render(rows, scale, console):
         table.add_column(header, justify="left" if header in ("what", "verdict") else "right")
     for row in rows:
         table.add_row(row.shape, row.name, f"{row.rows:,}", row.spread,
-                      f"{row.classes_with_rows:,}", row.route, f"{row.ncfast_seconds:.3g}",
+                      f"{row.classes_with_rows:,}", row.route, _seconds_text(row.ncfast_seconds),
                       f"{row.floor_seconds:.3g}", f"{row.floor_read_seconds:.3g}",
                       f"{row.gemm_flops:.3g}", f"{row.floor_gemm_seconds:.3g}",
-                      _seconds_text(row), *(_ratio_text(value) for value in row.ratios().values()),
+                      _seconds_text(row.torch_seconds, row.torch_scaled),
+                      *(_ratio_text(value) for value in row.ratios().values()),
                       _verdict_text(row))
     console.print(table)
 
@@ -396,14 +409,17 @@ def plot(rows, scale):
     axes = figure.subplots()
     positions = np.arange(len(rows))
     width = 0.27
-    axes.bar(positions - width, [row.ncfast_seconds for row in rows], width, label="ncfast")
-    axes.bar(positions, [row.floor_seconds for row in rows], width, label="floor")
-    torch_rows = [(position, row) for position, row in zip(positions, rows)
-                  if row.torch_seconds is not None]
-    axes.bar([position + width for position, _ in torch_rows],
-             [row.torch_seconds for _, row in torch_rows], width, label="torch (hatched: ~)",
-             hatch=[("//" if row.torch_scaled else "") for _, row in torch_rows])
-    axes.set_xticks(positions, [f"{row.shape}\n{row.spread}" for row in rows], fontsize=8)
+    for offset, label, seconds, hatches in (
+            (-width, "ncfast", [row.ncfast_seconds for row in rows], None),
+            (0.0, "floor", [row.floor_seconds for row in rows], None),
+            (width, "torch (hatched: ~)", [row.torch_seconds for row in rows],
+             ["//" if row.torch_scaled else "" for row in rows])):
+        run = [index for index, value in enumerate(seconds) if value is not None]
+        axes.bar(positions[run] + offset, [seconds[index] for index in run], width, label=label,
+                 hatch=None if hatches is None else [hatches[index] for index in run])
+    axes.set_xticks(positions, [
+        f"{row.shape}\n{row.spread}" + ("" if row.torch_seconds else "\n(no torch)")
+        for row in rows], fontsize=8)
     axes.set_yscale("log")
     axes.set_ylabel("seconds, both passes")
     axes.set_title("ncfast, floor and torch route" + (
@@ -451,8 +467,9 @@ def main(argv=None):
                     row = run.measure(shape, round(shape[0] / args.scale), spread, task)
                     rows.append(row)
                     progress.console.print(
-                        f"{row.shape} {spread}: ncfast {row.ncfast_seconds:.3g} s, torch "
-                        f"{_seconds_text(row)} s (load {os.getloadavg()[0]:.1f})")
+                        f"{row.shape} {spread}: ncfast {_seconds_text(row.ncfast_seconds)} s, "
+                        f"torch {_seconds_text(row.torch_seconds, row.torch_scaled)} s "
+                        f"(load {os.getloadavg()[0]:.1f})")
     for row in rows:
         run.finish(row)
     console.print(f"floor rates (best of the run): read {run.bandwidth / 1e9:.1f} GB/s, "
@@ -464,6 +481,9 @@ def main(argv=None):
                   f"collapsed, ≤ {SKINNY_LIMIT:g} at C ≤ {SKINNY_CLASSES}; and torch/ncfast ≥ "
                   f"{TORCH_SHARE:g}·torch/floor (that is, ncfast/floor ≤ {1 / TORCH_SHARE:g})")
     for row in rows:
+        if row.check_failed:
+            console.print(f"[red]ncfast's check failed on {row.shape} {row.spread}, not timed: "
+                          f"{row.check_failed}")
         if row.torch_skipped:
             console.print(f"torch route not run on {row.shape} {row.spread}: "
                           f"{row.torch_skipped}")

@@ -91,3 +91,17 @@ def test_torch_route_is_not_run_where_a_class_has_no_rows(quick_rates):
     assert row["classes_with_rows"] < 1000 and math.isfinite(row["ncfast_seconds"])
     assert row["torch_seconds"] is None and row["torch/ncfast"] is None
     assert "no rows" in row["torch_skipped"]
+
+
+def test_a_row_whose_check_fails_is_not_timed(quick_rates, monkeypatch):
+    def failing_check(name, result, reference):
+        raise AssertionError(f"{name}: made up")
+
+    monkeypatch.setattr(bench_shapes, "check", failing_check)
+    path = bench_shapes.main(["--shapes", "1e6x64x10", "--scale", "1000", "--spreads", "far",
+                              "--repeats", "1"])
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["check_failed"] == "ncfast: made up"
+    assert row["torch_skipped"] == "its check failed: torch-gemm: made up"
+    assert row["ncfast_seconds"] is None and row["ncfast/floor"] is None
+    assert row["meets_floor"] is None and math.isfinite(row["floor_seconds"])
