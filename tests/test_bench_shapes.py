@@ -50,8 +50,9 @@ def test_unavoidable_flops_of_each_route():
 
 
 def test_shape_names_are_what_shapes_takes():
-    for shape in bench_shapes.SHAPES:
+    for shape in [*bench_shapes.SHAPES, (120_000, 64, 10), (123_456, 64, 10)]:
         assert parse_sizes(bench_shapes.shape_text(shape)) == [shape]
+    assert bench_shapes.shape_text((200_000, 4096, 32_000)) == "2e5x4096x32000"
 
 
 @pytest.fixture
