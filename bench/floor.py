@@ -14,6 +14,8 @@ from numba import njit, prange
 
 #: Side of the square sgemm that measures the machine's peak rate.
 SQUARE_SIDE = 4096
+#: Bytes of the array that measures the machine's read bandwidth: far larger than the caches.
+BANDWIDTH_BYTES = 1 << 30
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -52,6 +54,23 @@ def read_bandwidth(array, repeats=3):
     return array.nbytes / best_seconds(lambda: _read_rows(array), repeats)
 
 
+def machine_read_bandwidth(repeats=5):
+    """Bytes per second at which every thread reads a fresh ``BANDWIDTH_BYTES`` float32 array."""
+    scratch = np.ones((BANDWIDTH_BYTES // (4 * 1024), 1024), np.float32)
+    return read_bandwidth(scratch, repeats)
+
+
+def gemm_rate(rows, inner, columns, repeats=3):
+    """Float32 flop/s of numpy's BLAS, every thread, on ``rows × inner`` by ``inner × columns``."""
+    rng = np.random.default_rng(0)
+    left = rng.standard_normal((rows, inner), dtype=np.float32)
+    right = rng.standard_normal((inner, columns), dtype=np.float32)
+    out = np.empty((rows, columns), np.float32)
+    np.matmul(left, right, out=out)
+    return 2.0 * rows * inner * columns / best_seconds(
+        lambda: np.matmul(left, right, out=out), repeats)
+
+
 def sgemm_rate(num_features, num_outputs, rows=1 << 16, repeats=3):
     """Best float32 GEMM rate of numpy's BLAS, flop/s, and the shape that reached it.
 
@@ -64,17 +83,9 @@ def sgemm_rate(num_features, num_outputs, rows=1 << 16, repeats=3):
     rate : float
     shape : str
     """
-    rng = np.random.default_rng(0)
-    rates = {}
-    for label, (m, k, n) in {
-            f"{SQUARE_SIDE}^3": (SQUARE_SIDE, SQUARE_SIDE, SQUARE_SIDE),
-            f"{rows}x{num_features}x{num_outputs}": (rows, num_features, num_outputs)}.items():
-        left = rng.standard_normal((m, k), dtype=np.float32)
-        right = rng.standard_normal((k, n), dtype=np.float32)
-        out = np.empty((m, n), np.float32)
-        np.matmul(left, right, out=out)
-        rates[label] = 2.0 * m * k * n / best_seconds(
-            lambda: np.matmul(left, right, out=out), repeats)
+    rates = {label: gemm_rate(*shape, repeats=repeats) for label, shape in {
+        f"{SQUARE_SIDE}^3": (SQUARE_SIDE, SQUARE_SIDE, SQUARE_SIDE),
+        f"{rows}x{num_features}x{num_outputs}": (rows, num_features, num_outputs)}.items()}
     shape = max(rates, key=rates.get)
     return rates[shape], shape
 
@@ -108,8 +119,20 @@ class Floor:
         itemsize : int
             Bytes per feature value.
         """
-        read = num_rows * num_features * itemsize / self.bandwidth
-        gemm = 2.0 * num_rows * num_features * num_outputs / self.sgemm
+        return self.bound(num_rows * num_features * itemsize,
+                          2.0 * num_rows * num_features * num_outputs)
+
+    def terms(self, pass_bytes, flops):
+        """Seconds to read one pass's bytes, and seconds of ``flops`` at the sgemm rate."""
+        return pass_bytes / self.bandwidth, flops / self.sgemm
+
+    def bound(self, pass_bytes, flops):
+        """Floor of two passes over ``pass_bytes`` each, the second also doing ``flops``.
+
+        Pass 1 reads; pass 2 reads and multiplies, at best overlapped:
+        ``read + max(read, GEMM)``.
+        """
+        read, gemm = self.terms(pass_bytes, flops)
         return read + max(read, gemm)
 
 

@@ -9,25 +9,21 @@ beyond the input (``bench.memory``, in fresh processes). Prints a table and
 writes JSON with the machine's facts to ``bench/results/``.
 """
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 from dataclasses import asdict, dataclass, field
 
 import numba
 import numpy as np
 import psutil
-import threadpoolctl
-import torch
 from rich.console import Console
 from rich.table import Table
 
-import ncfast
 from bench.data import SPREAD, collapsed_features
-from bench.floor import SQUARE_SIDE, Floor, best_seconds, read_bandwidth, sgemm_rate
+from bench.floor import SQUARE_SIDE, Floor, best_seconds, machine_read_bandwidth, sgemm_rate
+from bench.machine import machine_facts, utc_stamp
 from bench.memory import peak_extra_bytes
 from bench.routes import ROUTES, WARM_ROWS, check, thread_limit
 
@@ -49,8 +45,6 @@ INPUT_MEMORY_FRACTION = 0.4
 FULL_RUN_WORK = {"textbook": 3.5e11, "torch": 1e11, "torch-gemm": 2e12}
 #: Rows of the correctness check of every route against the textbook route.
 CHECK_ROWS = 20_000
-#: Bytes of the array that measures the machine's read bandwidth.
-BANDWIDTH_BYTES = 1 << 30
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -86,29 +80,6 @@ def parse_sizes(text):
     return sizes
 
 
-def _machine():
-    cpu_model = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                              if line.startswith("model name")), cpu_model)
-    return {
-        "cpu": cpu_model,
-        "logical_cores": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "memory_bytes": psutil.virtual_memory().total,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "numba_threads": numba.get_num_threads(),
-        "torch": torch.__version__,
-        "ncfast": ncfast.__version__,
-        "blas": threadpoolctl.threadpool_info(),
-        "openblas_env": {name: value for name, value in os.environ.items()
-                         if name.startswith("OPENBLAS")},
-    }
-
-
 class Bench:
     """One benchmark run: one ``Row`` per size, and the best machine rates seen.
 
@@ -127,9 +98,7 @@ class Bench:
 
     def measure_rates(self, num_features, num_outputs):
         """Measure the read bandwidth and both sgemm rates now; keep the best."""
-        scratch = np.ones((BANDWIDTH_BYTES // (4 * 1024), 1024), np.float32)
-        self.bandwidth = max(self.bandwidth, read_bandwidth(scratch, repeats=5))
-        del scratch
+        self.bandwidth = max(self.bandwidth, machine_read_bandwidth())
         square = sgemm_rate(SQUARE_SIDE, SQUARE_SIDE, rows=SQUARE_SIDE)[0]
         self.sgemm = max(self.sgemm, (square, f"{SQUARE_SIDE}^3"),
                          sgemm_rate(num_features, num_outputs))
@@ -306,10 +275,9 @@ def main(argv=None):
         console.print(f"skipped (input over {INPUT_MEMORY_FRACTION:.0%} of memory): {skipped}")
     console.print("~: time of the leading rows (see sampled_rows in the JSON) scaled to N")
     RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS / f"bench-{stamp}.json"
+    path = RESULTS / f"bench-{utc_stamp()}.json"
     path.write_text(json.dumps({
-        "machine": _machine(),
+        "machine": machine_facts(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "read_bandwidth_bytes_per_s": floor.bandwidth,
         "sgemm_flops": floor.sgemm,

@@ -1,0 +1,108 @@
+"""Issue 18's grid (``bench.bench_shapes``): its verdict, its floor's flops and a tiny run."""
+import json
+import math
+
+import pytest
+
+pytest.importorskip("torch")
+
+from bench import bench_shapes, floor  # noqa: E402
+from bench.suite import parse_sizes  # noqa: E402
+
+
+@pytest.mark.parametrize("ncfast_seconds, floor_seconds, limit, expected", [
+    (3.0, 2.0, 1.5, (True, False)),    # 1.5x its floor: at the far limit, past 1.25x
+    (3.0001, 2.0, 1.5, (False, False)),
+    (1.2, 1.0, 1.2, (True, True)),     # at the collapsed limit
+    (1.2001, 1.0, 1.2, (False, True)),
+    (5.0, 4.0, 1.5, (True, True)),     # floor/ncfast = 0.8: exactly the torch share
+    (5.0001, 4.0, 1.5, (True, False)),
+    (0.5, 1.0, 1.2, (True, True)),     # under the floor (it counts no overhead)
+])
+def test_verdict_at_and_past_each_limit(ncfast_seconds, floor_seconds, limit, expected):
+    assert bench_shapes.verdict(ncfast_seconds, floor_seconds, limit) == expected
+
+
+def test_torch_target_is_the_issue_inequality_for_any_torch_time():
+    for ncfast_seconds, floor_seconds in [(5.0, 4.0), (6.0, 4.0), (4.4, 4.0), (30.0, 2.0)]:
+        meets_torch = bench_shapes.verdict(ncfast_seconds, floor_seconds, 1.5)[1]
+        for torch_seconds in (7.0, 50.0, 3e3):
+            lead, allowed = torch_seconds / ncfast_seconds, torch_seconds / floor_seconds
+            assert meets_torch == (lead >= bench_shapes.TORCH_SHARE * allowed - 1e-12)
+
+
+@pytest.mark.parametrize("num_classes, spread, limit", [
+    (10, "collapsed", 1.5), (32, "far", 1.5), (33, "collapsed", 1.2), (1000, "far", 1.5)])
+def test_floor_limit(num_classes, spread, limit):
+    assert bench_shapes.floor_limit(num_classes, spread) == limit
+
+
+def test_unavoidable_flops_of_each_route():
+    flops = bench_shapes.unavoidable_flops
+    # Classes route (C' <= D): the NC1 projection, plus the classifier far from collapse.
+    assert flops(100, 2048, 1000, 1000, collapsed=True) == 2 * 100 * 2048 * 1000
+    assert flops(100, 2048, 900, 1000, collapsed=False) == 2 * 100 * 2048 * 1900
+    # Features route (C' > D): the D x D scatter, plus NCC distances and logits far away.
+    assert flops(100, 64, 1000, 1000, collapsed=True) == 100 * 64 ** 2
+    assert flops(100, 64, 1000, 1000, collapsed=False) == 100 * 64 ** 2 + 2 * 100 * 64 * 2000
+    # Skinny: nothing beyond the reads.
+    assert flops(100, 512, 10, 10, collapsed=False) == 0.0
+
+
+def test_shape_names_are_what_shapes_takes():
+    for shape in [*bench_shapes.SHAPES, (120_000, 64, 10), (123_456, 64, 10)]:
+        assert parse_sizes(bench_shapes.shape_text(shape)) == [shape]
+    assert bench_shapes.shape_text((200_000, 4096, 32_000)) == "2e5x4096x32000"
+
+
+@pytest.fixture
+def quick_rates(tmp_path, monkeypatch):
+    """Machine rates on small arrays (the numbers are not the point here); results in tmp_path."""
+    monkeypatch.setattr(floor, "BANDWIDTH_BYTES", 1 << 22)
+    monkeypatch.setattr(bench_shapes, "SQUARE_SIDE", 128)
+    monkeypatch.setattr(bench_shapes, "SGEMM_ROWS", 256)
+    monkeypatch.setattr(bench_shapes, "RESULTS", tmp_path)
+
+
+def test_tiny_scaled_run_writes_finite_rows(quick_rates):
+    # Issue 18's skinny shape, and a small GEMM-bound one on the features route (C' > D).
+    path = bench_shapes.main(["--shapes", "1e6x512x10,1e6x64x100", "--scale", "1000",
+                              "--repeats", "1", "--torch-rows", "800"])
+    document = json.loads(path.read_text())
+    assert document["scale"] == 1000
+    assert path.with_suffix(".png").stat().st_size > 0
+    rows = document["rows"]
+    assert [(row["shape"], row["spread"], row["rows"], row["route"]) for row in rows] == [
+        ("1e6x512x10", "collapsed", 1000, "classes"), ("1e6x512x10", "far", 1000, "classes"),
+        ("1e6x64x100", "collapsed", 1000, "features"), ("1e6x64x100", "far", 1000, "features")]
+    for row in rows:
+        for key in ("ncfast_seconds", "floor_seconds", "floor_read_seconds", "torch_seconds",
+                    "ncfast/floor", "torch/floor", "torch/ncfast"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert row["torch_scaled"] and row["torch_rows"] == 800
+        assert (row["meets_floor"], row["meets_torch"]) == bench_shapes.verdict(
+            row["ncfast_seconds"], row["floor_seconds"], row["limit"])
+    assert [row["gemm_flops"] > 0 for row in rows] == [False, False, True, True]
+
+
+def test_torch_route_is_not_run_where_a_class_has_no_rows(quick_rates):
+    path = bench_shapes.main(["--shapes", "1e5x64x1000", "--scale", "1000", "--spreads", "far",
+                              "--repeats", "1"])
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["classes_with_rows"] < 1000 and math.isfinite(row["ncfast_seconds"])
+    assert row["torch_seconds"] is None and row["torch/ncfast"] is None
+    assert "no rows" in row["torch_skipped"]
+
+
+def test_a_row_whose_check_fails_is_not_timed(quick_rates, monkeypatch):
+    def failing_check(name, result, reference):
+        raise AssertionError(f"{name}: made up")
+
+    monkeypatch.setattr(bench_shapes, "check", failing_check)
+    path = bench_shapes.main(["--shapes", "1e6x64x10", "--scale", "1000", "--spreads", "far",
+                              "--repeats", "1"])
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["check_failed"] == "ncfast: made up"
+    assert row["torch_skipped"] == "its check failed: torch-gemm: made up"
+    assert row["ncfast_seconds"] is None and row["ncfast/floor"] is None
+    assert row["meets_floor"] is None and math.isfinite(row["floor_seconds"])
