@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 import ncfast
 from bench.data import SPREAD, collapsed_features
 from bench.floor import best_seconds, read_bandwidth
-from ncfast.accumulators import NARROW_COLUMNS, ClassSums, ResidualStats
+from ncfast.accumulators import ClassSums, ResidualStats, runs_narrow_kernel
 from ncfast.geometry import Geometry
 from ncfast.inputs import default_chunk_rows
 from ncfast.kernels import cpu, narrow
@@ -40,14 +40,6 @@ def _best(function, repeats):
         function()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def uses_narrow_kernel(stats):
-    """Whether pass 2 of ``stats`` runs ``ncfast.kernels.narrow`` (as ``ResidualStats.update``
-    chooses)."""
-    route = stats.plan.classes_route()
-    return (stats.route == "classes"
-            and route.present_classes.shape[0] + route.weights_t.shape[1] <= NARROW_COLUMNS)
 
 
 def narrow_stage_times(features, labels, stats):
@@ -239,14 +231,15 @@ def main(argv=None):
                                          args.repeats)
     total, floor = collapse_and_floor(features, labels, weights, bias, args.repeats)
     stats = ResidualStats(geometry, weights=weights, bias=bias)
-    kernel_stage_times = narrow_stage_times if uses_narrow_kernel(stats) else stage_times
+    narrow_kernel = stats.route == "classes" and runs_narrow_kernel(stats.plan.classes_route())
+    kernel_stage_times = narrow_stage_times if narrow_kernel else stage_times
     stages = min((kernel_stage_times(features, labels, stats) for _ in range(args.repeats)),
                  key=lambda times: sum(times.values()))
     print(f"N={args.rows} D={args.features} C={args.classes} "
           f"classifier={not args.no_classifier} threads={numba.get_num_threads()} "
           f"block={cpu.block_rows(args.features)} rows "
           f"chunk={default_chunk_rows(args.features)} rows "
-          f"pass-2 kernel={'narrow' if uses_narrow_kernel(stats) else 'BLAS'}")
+          f"pass-2 kernel={'narrow' if narrow_kernel else 'BLAS'}")
     print(f"collapse: {total:.3f} s = {total / floor:.2f}x the two-read floor of {floor:.3f} s")
     print(f"pass 1 (class sums): {first:.3f} s   pass 2: {second:.3f} s")
     print("pass 2 stages on one thread: " + "  ".join(

@@ -189,13 +189,22 @@ def _arrays_equal(a, b):
     return a.shape == b.shape and np.array_equal(a, b)
 
 
-#: Most columns ``C' + C_w`` (means, classifier rows) that pass 2 on the "classes" route
-#: multiplies without BLAS (``ncfast.kernels.narrow``); wider products go to BLAS.
-#: Measured (D = 512, one thread, both kernels on the same 2048 rows in turn, 100 rounds,
-#: median ratio of CPU times at spreads 0.5 and 4, ``bench.data``): the narrow kernel took
-#: 0.84-0.97 of BLAS's time at 10-20 columns, 0.86-1.04 at 24, 0.94-1.07 at 32, 0.91-1.08
-#: at 40 and 1.02-1.04 at 48-64.
+#: Most columns ``C' + C_w`` (means, classifier rows), and fewest features D, for which
+#: pass 2 on the "classes" route multiplies without BLAS (``ncfast.kernels.narrow``); other
+#: shapes go to BLAS. Measured (one thread, both kernels on the same rows in turn, 60-100
+#: rounds, median ratio of CPU times at spreads 0.5 and 4, ``bench.data``): at D = 512 the
+#: narrow kernel took 0.84-0.97 of BLAS's time at 10-20 columns, 0.86-1.04 at 24,
+#: 0.94-1.07 at 32, 0.91-1.08 at 40 and 1.02-1.04 at 48-64; at 10-20 columns it took
+#: 0.74-0.89 at D = 4096, 0.94-1.03 at D = 256, 1.02-1.23 at D = 128 and 1.25-1.33 at
+#: D = 64 (its fixed costs per row and per tile of rows outweigh BLAS's).
 NARROW_COLUMNS = 32
+NARROW_MIN_FEATURES = 512
+
+
+def runs_narrow_kernel(route):
+    """Whether pass 2 of a ``ClassesRoute`` runs ``ncfast.kernels.narrow`` rather than BLAS."""
+    num_columns = route.present_classes.shape[0] + route.weights_t.shape[1]
+    return num_columns <= NARROW_COLUMNS and route.means.shape[1] >= NARROW_MIN_FEATURES
 
 
 #: Rows per task of the "features" route's D×D scatter: tasks of fixed rows, added in
@@ -255,8 +264,8 @@ class ResidualStats:
     residuals ``R = H - mu_y`` from the float64 means, one float32 GEMM
     ``R M~^T V``, then a fused epilogue; rows beyond their NCC radius or
     classifier radius also get ``z = V a`` or ``W r`` from GEMMs of those rows
-    alone (``ncfast.kernels.cpu.residual_blocks``); with at most
-    ``NARROW_COLUMNS`` means and classifier rows the same without BLAS
+    alone (``ncfast.kernels.cpu.residual_blocks``); with few means and
+    classifier rows (``runs_narrow_kernel``) the same without BLAS
     (``ncfast.kernels.narrow``). On the "features" route
     (C' > D): residuals and the D×D scatter, and the nearest class centre and
     classifier argmax over class tiles (``ncfast.kernels.tiles``), the tiled
@@ -390,8 +399,7 @@ class ResidualStats:
         if self.route == "classes":
             # Residuals, products and epilogue fused per cache-sized block.
             route = self.plan.classes_route()
-            num_columns = route.present_classes.shape[0] + route.weights_t.shape[1]
-            chunk = narrow.narrow_chunk if num_columns <= NARROW_COLUMNS else cpu.residual_chunk
+            chunk = narrow.narrow_chunk if runs_narrow_kernel(route) else cpu.residual_chunk
             good = chunk(features, labels, corrupted, route,
                          Pass2Sums(*(getattr(self, name) for name in self.sum_names)), sq_norms,
                          numba.get_num_threads())

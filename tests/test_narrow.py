@@ -1,11 +1,11 @@
 """Pass 2 without BLAS for few classes (``ncfast.kernels.narrow``) against the BLAS route.
 
 ``ResidualStats.update`` sends the "classes" route to ``narrow.narrow_chunk``
-when ``C' + C_w <= accumulators.NARROW_COLUMNS``, else to
+for few columns and wide rows (``accumulators.runs_narrow_kernel``), else to
 ``cpu.residual_chunk`` (BLAS). The ``pass2_kernel`` fixture runs a test on one
-of them: both must match the float64 textbook, agree with each other to float32
-rounding, not depend on the chunking, the thread count or the row order, and
-report bad rows alike.
+of them whatever the shape: both must match the float64 textbook, agree with
+each other to float32 rounding, not depend on the chunking, the thread count or
+the row order, and report bad rows alike.
 """
 import numpy as np
 import pytest
@@ -23,15 +23,18 @@ from test_properties import numba_threads
 #: The adversarial cases on the "classes" route (C' <= D), where the two kernels differ.
 CLASSES_ROUTE_CASES = [name for name in ADVERSARIAL if name != "classes_exceed_features"]
 
-#: ``NARROW_COLUMNS`` that sends every "classes" route pass 2 to each kernel.
-KERNEL_COLUMNS = {"narrow": 1 << 30, "blas": -1}
+#: ``NARROW_COLUMNS`` and ``NARROW_MIN_FEATURES`` that send every "classes" route pass 2
+#: to each kernel.
+KERNEL_LIMITS = {"narrow": (1 << 30, 0), "blas": (-1, 0)}
 
 
 def use_kernel(monkeypatch, kernel):
-    monkeypatch.setattr(accumulators, "NARROW_COLUMNS", KERNEL_COLUMNS[kernel])
+    columns, features = KERNEL_LIMITS[kernel]
+    monkeypatch.setattr(accumulators, "NARROW_COLUMNS", columns)
+    monkeypatch.setattr(accumulators, "NARROW_MIN_FEATURES", features)
 
 
-@pytest.fixture(params=list(KERNEL_COLUMNS))
+@pytest.fixture(params=list(KERNEL_LIMITS))
 def pass2_kernel(request, monkeypatch):
     """Run the test with the "classes" route's pass 2 on one kernel (its name)."""
     use_kernel(monkeypatch, request.param)
@@ -41,7 +44,7 @@ def pass2_kernel(request, monkeypatch):
 def reports_of_both_kernels(monkeypatch, case, **options):
     """``ncfast.collapse`` of a case with each kernel: ``{kernel: report}``."""
     reports = {}
-    for kernel in KERNEL_COLUMNS:
+    for kernel in KERNEL_LIMITS:
         use_kernel(monkeypatch, kernel)
         reports[kernel] = ncfast.collapse(**case, **options)
     return reports
@@ -111,16 +114,20 @@ def test_rows_on_both_sides_of_the_radii_and_wide_rows(monkeypatch, assert_same_
     assert 0.5 < reports["narrow"].ncc_accuracy < 1.0  # both outcomes occur
 
 
-def test_the_default_sends_few_columns_to_the_narrow_kernel(monkeypatch):
+@pytest.mark.parametrize("num_classes, num_features, kernel", [
+    (accumulators.NARROW_COLUMNS // 2, accumulators.NARROW_MIN_FEATURES, "narrow_chunk"),
+    (accumulators.NARROW_COLUMNS // 2 + 1, accumulators.NARROW_MIN_FEATURES, "residual_chunk"),
+    (accumulators.NARROW_COLUMNS // 2, accumulators.NARROW_MIN_FEATURES - 1, "residual_chunk")])
+def test_the_default_sends_few_columns_of_wide_rows_to_the_narrow_kernel(
+        monkeypatch, num_classes, num_features, kernel):
     calls = []
     for module, name in ((narrow, "narrow_chunk"), (cpu, "residual_chunk")):
-        kernel = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *args, kernel=kernel, name=name:
-                            calls.append(name) or kernel(*args))
-    for num_classes in (accumulators.NARROW_COLUMNS // 2, accumulators.NARROW_COLUMNS // 2 + 1):
-        case = gaussian_classes(num_rows=200, num_features=64, num_classes=num_classes)
-        ncfast.collapse(**case)
-    assert calls == ["narrow_chunk", "residual_chunk"]
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, original=original, name=name:
+                            calls.append(name) or original(*args))
+    ncfast.collapse(**gaussian_classes(num_rows=200, num_features=num_features,
+                                       num_classes=num_classes))
+    assert calls == [kernel]
 
 
 # --- the product --------------------------------------------------------------------------
