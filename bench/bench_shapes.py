@@ -52,6 +52,13 @@ route is ncfast's, ``ncfast.geometry.route_for``):
 - **C ≤ 32** (``SKINNY_CLASSES``): the GEMM is skinny and hides under the
   read; the floor is the two reads.
 
+Plus, on every route, the report's class-pair metrics (cosines, CDNV, the ETF
+distances of the means and of ``W``) need the float64 Gram of the stacked
+``[M~; W]`` (2C' rows): ``(2C')²·D`` flops (the symmetric half of the
+product) at the run's best square float64 GEMM rate. It grows with C², not N,
+and is the fixed cost issue 18 allows ("beyond the pair sweep"); the table
+shows it as its own term.
+
 Verdict, the issue's targets (``verdict``): ncfast at most ``FLOOR_LIMITS``
 times its floor (1.5× far from collapse, 1.2× collapsed, 1.5× the two-read
 floor at C ≤ 32); and ahead of the torch route by at least ``TORCH_SHARE``
@@ -219,6 +226,7 @@ class Row:
     route: str
     read_bytes: int
     gemm_flops: float
+    pair_flops: float = 0.0
     own_sgemm: float = None
     own_sgemm_shape: str = None
     ncfast_seconds: float = None
@@ -228,6 +236,7 @@ class Row:
     check_failed: str = None
     floor_read_seconds: float = None
     floor_gemm_seconds: float = None
+    floor_pair_seconds: float = None
     floor_seconds: float = None
     floor_sgemm: float = None
     limit: float = None
@@ -261,6 +270,7 @@ class ShapesRun:
         self.progress = progress
         self.bandwidth = 0.0
         self.square_sgemm = 0.0
+        self.square_dgemm = 0.0
 
     def step(self, task, row, what):
         self.progress.update(task, description=f"{row.shape} {row.spread}: {what}")
@@ -286,13 +296,16 @@ class ShapesRun:
         num_means = int(np.count_nonzero(np.bincount(labels, minlength=num_classes)))
         row = Row(shape_text(shape), SHAPES.get(shape, ""), num_rows, num_features, num_classes,
                   spread, num_means, route_for(num_means, num_features), features.nbytes,
-                  unavoidable_flops(num_rows, num_features, num_means, num_classes, collapsed))
+                  unavoidable_flops(num_rows, num_features, num_means, num_classes, collapsed),
+                  pair_flops=float(2 * num_means) ** 2 * num_features)
         self.progress.advance(task)
 
         self.step(task, row, "machine rates")
         self.bandwidth = max(self.bandwidth, machine_read_bandwidth())
         self.square_sgemm = max(self.square_sgemm,
                                 gemm_rate(SQUARE_SIDE, SQUARE_SIDE, SQUARE_SIDE))
+        self.square_dgemm = max(self.square_dgemm, gemm_rate(
+            SQUARE_SIDE // 2, SQUARE_SIDE // 2, SQUARE_SIDE // 2, dtype=np.float64))
         if row.gemm_flops:
             columns = own_gemm_columns(num_features, num_means, num_classes, collapsed)
             row.own_sgemm = gemm_rate(SGEMM_ROWS, num_features, columns)
@@ -360,7 +373,8 @@ class ShapesRun:
         floor = Floor(self.bandwidth, sgemm, shape)
         row.floor_read_seconds, row.floor_gemm_seconds = floor.terms(row.read_bytes,
                                                                      row.gemm_flops)
-        row.floor_seconds = floor.bound(row.read_bytes, row.gemm_flops)
+        row.floor_pair_seconds = row.pair_flops / self.square_dgemm
+        row.floor_seconds = floor.bound(row.read_bytes, row.gemm_flops) + row.floor_pair_seconds
         row.floor_sgemm = sgemm
         row.limit = floor_limit(row.classes, row.spread)
         if row.ncfast_seconds is not None:
@@ -397,7 +411,7 @@ def render(rows, scale, console):
     table = Table(title=f"ncfast, its floor and the torch route on issue 18's shapes "
                         f"(seconds, both passes){scaled}")
     for header in ("shape", "N", "spread", "C'", "route", "ncfast s", "floor s", "read s",
-                   "GEMM flops", "GEMM s", "torch s", "ncfast/floor", "torch/floor",
+                   "GEMM flops", "GEMM s", "pairs s", "torch s", "ncfast/floor", "torch/floor",
                    "torch/ncfast", "verdict"):
         table.add_column(header, justify="left" if header in ("shape", "verdict") else "right")
     for row in rows:
@@ -405,6 +419,7 @@ def render(rows, scale, console):
                       f"{row.classes_with_rows:,}", row.route, _seconds_text(row.ncfast_seconds),
                       f"{row.floor_seconds:.3g}", f"{row.floor_read_seconds:.3g}",
                       f"{row.gemm_flops:.3g}", f"{row.floor_gemm_seconds:.3g}",
+                      f"{row.floor_pair_seconds:.3g}",
                       _seconds_text(row.torch_seconds, row.torch_scaled),
                       *(_ratio_text(value) for value in row.ratios().values()),
                       _verdict_text(row))
@@ -481,12 +496,14 @@ def main(argv=None):
     for row in rows:
         run.finish(row)
     console.print(f"floor rates (best of the run): read {run.bandwidth / 1e9:.1f} GB/s, "
-                  f"square sgemm {run.square_sgemm / 1e9:.0f} GFLOP/s; each row's GEMM at the "
+                  f"square sgemm {run.square_sgemm / 1e9:.0f} GFLOP/s, square dgemm "
+                  f"{run.square_dgemm / 1e9:.0f} GFLOP/s; each row's GEMM at the "
                   "larger of that and its own shape's rate (JSON: own_sgemm)")
     render(rows, args.scale, console)
     console.print("read s: one pass over the rows; GEMM s: the flops at the row's sgemm rate; "
-                  "floor = read + max(read, GEMM). ~: torch time of the leading torch_rows rows "
-                  "scaled to N.\nverdict: floor, ncfast/floor ≤ "
+                  "pairs s: the float64 Gram of [M~; W] at the square dgemm rate; "
+                  "floor = read + max(read, GEMM) + pairs. ~: torch time of the leading "
+                  "torch_rows rows scaled to N.\nverdict: floor, ncfast/floor ≤ "
                   f"{FLOOR_LIMITS['far']:g} far, ≤ {FLOOR_LIMITS['collapsed']:g} collapsed, ≤ "
                   f"{SKINNY_LIMIT:g} at C ≤ {SKINNY_CLASSES}; lead, torch/ncfast ≥ "
                   f"{TORCH_SHARE:g}·torch/floor (that is, ncfast/floor ≤ {1 / TORCH_SHARE:g})")
@@ -511,6 +528,7 @@ def main(argv=None):
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "read_bandwidth_bytes_per_s": run.bandwidth,
         "square_sgemm_flops": run.square_sgemm,
+        "square_dgemm_flops": run.square_dgemm,
         "rows": [dataclasses.asdict(row) | row.ratios() | {"torch_scaled": row.torch_scaled}
                  for row in rows],
         "command": ["python", "-m", "bench.bench_shapes",

@@ -60,12 +60,13 @@ def machine_read_bandwidth(repeats=5):
     return read_bandwidth(scratch, repeats)
 
 
-def gemm_rate(rows, inner, columns, repeats=3):
-    """Float32 flop/s of numpy's BLAS, every thread, on ``rows × inner`` by ``inner × columns``."""
+def gemm_rate(rows, inner, columns, repeats=3, dtype=np.float32):
+    """Flop/s of numpy's BLAS, every thread, on ``rows × inner`` by ``inner × columns``
+    (float32 by default)."""
     rng = np.random.default_rng(0)
-    left = rng.standard_normal((rows, inner), dtype=np.float32)
-    right = rng.standard_normal((inner, columns), dtype=np.float32)
-    out = np.empty((rows, columns), np.float32)
+    left = rng.standard_normal((rows, inner), dtype=dtype)
+    right = rng.standard_normal((inner, columns), dtype=dtype)
+    out = np.empty((rows, columns), dtype)
     np.matmul(left, right, out=out)
     return 2.0 * rows * inner * columns / best_seconds(
         lambda: np.matmul(left, right, out=out), repeats)
