@@ -441,7 +441,7 @@ def plot(rows, scale):
         axes.bar(positions[run] + offset, [seconds[index] for index in run], width, label=label,
                  hatch=None if hatches is None else [hatches[index] for index in run])
     axes.set_xticks(positions, [
-        f"{row.shape}\n{row.spread}" + ("" if row.torch_seconds else "\n(no torch)")
+        f"{row.shape}\n{row.spread}" + ("" if row.torch_seconds is not None else "\n(no torch)")
         for row in rows], fontsize=8)
     axes.set_yscale("log")
     axes.set_ylabel("seconds, both passes")
@@ -513,11 +513,11 @@ def main(argv=None):
                       "the rows; these ratios say nothing about the full shapes")
     for row in rows:
         if row.check_failed:
-            console.print(f"[red]ncfast's check failed on {row.shape} {row.spread}, not timed: "
-                          f"{row.check_failed}")
+            console.print(f"ncfast's check failed on {row.shape} {row.spread}, not timed: "
+                          f"{row.check_failed}", style="red", markup=False)
         if row.torch_skipped:
             console.print(f"torch route not run on {row.shape} {row.spread}: "
-                          f"{row.torch_skipped}")
+                          f"{row.torch_skipped}", markup=False)
 
     RESULTS.mkdir(exist_ok=True)
     stamp = utc_stamp()
