@@ -45,9 +45,11 @@ def _best(function, repeats):
 def narrow_stage_times(features, labels, stats):
     """Seconds per stage of ``narrow.narrow_blocks`` on one thread, summed over all rows.
 
-    Each stage runs on a whole block of ``narrow.BLOCK_ROWS`` rows at a time
-    (the kernel interleaves them tile by tile), and the classifier's rows are
-    multiplied for a whole block when one of its rows lies beyond its radius.
+    Each stage runs on a block of ``cpu.block_rows(D)`` rows at a time, as
+    ``stage_times`` does (the kernel interleaves them tile by tile, and calls
+    the epilogue every ``narrow.BLOCK_ROWS`` rows; calls from Python per tile
+    would cost more than the tile), and the classifier's rows are multiplied
+    for a whole block when one of its rows lies beyond its radius.
 
     Returns
     -------
@@ -62,7 +64,7 @@ def narrow_stage_times(features, labels, stats):
     num_logits = route.weights_t.shape[1]
     columns = narrow.padded_columns(route)
     mean_columns = columns[:-(-num_means // narrow.COLUMN_GROUP) * narrow.COLUMN_GROUP]
-    block = narrow.BLOCK_ROWS
+    block = cpu.block_rows(num_features)
     residuals = np.zeros((block, num_features), np.float32)
     products = np.zeros((block, columns.shape[0]), np.float32)
     far_coordinates = np.zeros((block, num_means), np.float32)

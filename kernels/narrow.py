@@ -99,13 +99,22 @@ def mean_products(coordinates, eigenvectors_t, out):
     eigenvectors_t : float32 array of shape (C', C'), ``V^T``
     out : float32 array of shape (>= m, C'), rows ``[0, m)`` written
     """
-    num_means = eigenvectors_t.shape[0]
-    for i in range(coordinates.shape[0]):
+    num_rows, num_means = coordinates.shape[0], eigenvectors_t.shape[0]
+    # Rows in pairs: each row's sum is a chain through ``out``, and two chains overlap.
+    for i in range(0, num_rows - 1, 2):
         out[i, :] = 0.0
+        out[i + 1, :] = 0.0
         for j in range(num_means):
-            coordinate = coordinates[i, j]
+            first, second = coordinates[i, j], coordinates[i + 1, j]
             for k in range(num_means):
-                out[i, k] += coordinate * eigenvectors_t[j, k]
+                out[i, k] += first * eigenvectors_t[j, k]
+                out[i + 1, k] += second * eigenvectors_t[j, k]
+    if num_rows % 2:
+        last = num_rows - 1
+        out[last, :] = 0.0
+        for j in range(num_means):
+            for k in range(num_means):
+                out[last, k] += coordinates[last, j] * eigenvectors_t[j, k]
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)

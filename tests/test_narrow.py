@@ -147,6 +147,22 @@ def test_block_products_are_float32_products_and_the_same_in_either_place_of_a_p
     np.testing.assert_array_equal(np.roll(shifted, -1, axis=0), out)
 
 
+@pytest.mark.parametrize("num_means", [2, 3, 10, 17, 32])
+def test_mean_products_are_float32_products_and_the_same_alone_or_in_a_pair(num_means):
+    rng = np.random.default_rng(num_means)
+    coordinates = rng.standard_normal((7, num_means)).astype(np.float32)
+    eigenvectors_t = rng.standard_normal((num_means, num_means)).astype(np.float32)
+    out = np.empty((7, num_means), np.float32)
+    narrow.mean_products(coordinates, eigenvectors_t, out)
+    exact = coordinates.astype(np.float64) @ eigenvectors_t.astype(np.float64)
+    scale = np.abs(coordinates).astype(np.float64) @ np.abs(eigenvectors_t).astype(np.float64)
+    assert (np.abs(out - exact) <= num_means * np.finfo(np.float32).eps * scale).all()
+    for row in range(7):
+        alone = np.empty((1, num_means), np.float32)
+        narrow.mean_products(coordinates[row:row + 1], eigenvectors_t, alone)
+        np.testing.assert_array_equal(alone[0], out[row])
+
+
 # --- independence of the chunking, threads and row order ------------------------------------
 
 def whole_case(num_rows=3000, **keywords):
