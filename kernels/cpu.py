@@ -748,15 +748,42 @@ def residual_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_t
               "far_mean_products": num_means, "far_residuals": num_features,
               "far_logits": route.weights_t.shape[1]}
 
+    def run_rows(first, last, partial):
+        buffers = Pass2Buffers(*(thread_buffer(name, (rows, shapes[name]), np.float32)
+                                 for name in Pass2Buffers._fields))
+        return residual_blocks(features[first:last], labels[first:last],
+                               corrupted[first:last] if corrupted.shape[0] else corrupted,
+                               route, buffers, out_sq_norms[first:last], partial)
+
+    return run_pass2_tasks(run_rows, num_rows, task_rows, sums, num_threads)
+
+
+def run_pass2_tasks(run_rows, num_rows, task_rows, sums, num_threads):
+    """Pass 2 of a chunk in tasks of ``task_rows`` rows on worker threads; all or nothing.
+
+    Each task sums into its own zeroed ``Pass2Sums``; the partial sums are
+    added to ``sums`` in task order, and only when every task succeeded, so
+    the result does not depend on the thread count.
+
+    Parameters
+    ----------
+    run_rows : callable
+        ``run_rows(first, last, partial)`` adds rows ``[first, last)`` into
+        ``partial`` and returns False for a bad row.
+    num_rows, task_rows : int
+    sums : Pass2Sums
+        Updated in place.
+    num_threads : int
+
+    Returns
+    -------
+    bool
+        False when some task found a bad row (nothing added).
+    """
     def run_task(task):
         first, last = task * task_rows, min((task + 1) * task_rows, num_rows)
         partial = Pass2Sums(*(np.zeros_like(total) for total in sums))
-        buffers = Pass2Buffers(*(thread_buffer(name, (rows, shapes[name]), np.float32)
-                                 for name in Pass2Buffers._fields))
-        good = residual_blocks(features[first:last], labels[first:last],
-                               corrupted[first:last] if corrupted.shape[0] else corrupted,
-                               route, buffers, out_sq_norms[first:last], partial)
-        return partial if good else None
+        return partial if run_rows(first, last, partial) else None
 
     partials = run_tasks(run_task, -(-num_rows // task_rows), num_threads)
     if any(partial is None for partial in partials):

@@ -19,8 +19,8 @@ import numpy as np
 from numba import njit
 
 from ncfast.kernels.cpu import (
-    FASTMATH, NO_ROW, TASK_BLOCKS, Pass2Sums, block_residuals, block_rows, count_rows_beyond,
-    epilogue, gather_rows_beyond, run_tasks, thread_buffer)
+    FASTMATH, NO_ROW, TASK_BLOCKS, block_residuals, block_rows, count_rows_beyond, epilogue,
+    gather_rows_beyond, run_pass2_tasks, thread_buffer)
 
 #: Rows whose float32 residuals are multiplied together (``block_products``): they stay
 #: in L1 (2 KiB a row at D = 512) while the columns are swept. Even: rows go in pairs.
@@ -244,20 +244,11 @@ def narrow_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_thr
               "far_mean_products": (BLOCK_ROWS, num_means),
               "far_logits": (BLOCK_ROWS, route.weights_t.shape[1])}
 
-    def run_task(task):
-        first, last = task * task_rows, min((task + 1) * task_rows, num_rows)
-        partial = Pass2Sums(*(np.zeros_like(total) for total in sums))
+    def run_rows(first, last, partial):
         buffers = NarrowBuffers(*(thread_buffer("narrow_" + name, shapes[name], np.float32)
                                   for name in NarrowBuffers._fields))
-        good = narrow_blocks(features[first:last], labels[first:last],
+        return narrow_blocks(features[first:last], labels[first:last],
                              corrupted[first:last] if corrupted.shape[0] else corrupted,
                              route, columns, buffers, out_sq_norms[first:last], partial)
-        return partial if good else None
 
-    partials = run_tasks(run_task, -(-num_rows // task_rows), num_threads)
-    if any(partial is None for partial in partials):
-        return False
-    for partial in partials:
-        for total, part in zip(sums, partial):
-            total += part
-    return True
+    return run_pass2_tasks(run_rows, num_rows, task_rows, sums, num_threads)
