@@ -8,10 +8,10 @@ non-finite value is reported back by index so that Python can name it.
 Threads. Both passes run serial ``nogil`` kernels on the module's worker
 threads (created once, and again in a forked child), as many as
 ``numba.get_num_threads()`` (passed in by the caller), so no thread pool is
-entered per kernel call. Pass 1 (``class_sums_chunk``) reads one contiguous
-slice of the chunk per thread, once; its thread-private sums are added in
-slice order, so results depend on the thread count only through float64
-rounding. Pass 2 (``residual_chunk``, bound by the float32 GEMM) cuts the
+entered per kernel call. Pass 1 (``class_sums_chunk``) orders a chunk's rows
+by class and cuts them into tasks of fixed rows; each class's rows are summed
+in cache and added once per chunk, so pass 1 does not depend on the thread
+count at all. Pass 2 (``residual_chunk``, bound by the float32 GEMM) cuts the
 chunk into tasks of a fixed number of rows that the threads take as they
 finish one; each task streams its rows in cache-sized blocks through
 residuals, a single-threaded BLAS call and the epilogue, all in one compiled
@@ -91,9 +91,242 @@ def finite(value):
     return abs(value) <= FLOAT64_MAX
 
 
+@njit(nogil=True, cache=True)
+def first_bad_label(labels, clean_labels, num_classes):
+    """First row whose label (or clean label, when given) lies outside ``[0, C)``.
+
+    Parameters
+    ----------
+    labels : int64 array of shape (n,)
+    clean_labels : int64 array of shape (n,) or (0,)
+    num_classes : int
+
+    Returns
+    -------
+    int
+        The row, or ``NO_ROW``.
+    """
+    track_clean = clean_labels.shape[0] > 0
+    for i in range(labels.shape[0]):
+        if labels[i] < 0 or labels[i] >= num_classes:
+            return i
+        if track_clean and (clean_labels[i] < 0 or clean_labels[i] >= num_classes):
+            return i
+    return NO_ROW
+
+
+@njit(nogil=True, cache=True)
+def first_non_finite_row(features):
+    """First row holding a NaN or an infinity, or ``NO_ROW``."""
+    for i in range(features.shape[0]):
+        for j in range(features.shape[1]):
+            if not finite(np.float64(features[i, j])):
+                return i
+    return NO_ROW
+
+
+#: Pass 1 reads a task's rows in their own order when the classes have on average at
+#: least this many rows in a task; with more classes it orders the chunk's rows by class
+#: first, so that each class's rows are summed in cache and its row of the sums touched
+#: once per chunk, not once per task. (Rows read out of order cost 2.3x the time of one
+#: read at D = 512 and 10 classes, measured.)
+PIECE_MIN_ROWS = 8
+
+#: With few classes, pass 1's tasks hold at least this many rows per class (whole
+#: pass-2 tasks), so that adding each task's per-class sums costs little beside the read.
+TASK_CLASS_ROWS = 64
+
+
+def pass1_task_rows(num_features, num_classes):
+    """Rows per pass-1 task: ``task_rows(D)``, or with few classes (at least
+    ``PIECE_MIN_ROWS`` rows per class in such a task) the multiple of it that holds
+    ``TASK_CLASS_ROWS`` rows per class. Independent of the thread count."""
+    rows = task_rows(num_features)
+    if num_classes * PIECE_MIN_ROWS > rows:
+        return rows
+    return rows * -(-num_classes * TASK_CLASS_ROWS // rows)
+
+
+#: Float64 columns of the pieces' scratch rows are padded to whole cache lines, so that
+#: two threads never write one line.
+PIECE_ALIGN = 8
+
+
+class ChunkPieces(NamedTuple):
+    """How pass 1 cuts a chunk (``class_pieces``): tasks of ``pass1_task_rows(D, C)`` positions
+    of ``order``, and pieces, the rows of one class in one task, numbered by class, then
+    task.
+
+    Attributes
+    ----------
+    order : int64 array of shape (n,), row read at each position
+    row_pieces : int64 array of shape (n,), piece of the row at each position
+    classes : int64 array of shape (P,), class of each piece
+    counts : int64 array of shape (P,), rows of each piece
+    clean_counts : int64 array of shape (P,) or (0,), rows of each piece whose label
+        equals their clean label (when clean labels are given)
+    task_starts : int64 array of shape (T + 1,), where each task's pieces begin in
+        ``task_pieces``
+    task_pieces : int64 array of shape (P,), the pieces, task by task
+    """
+
+    order: np.ndarray
+    row_pieces: np.ndarray
+    classes: np.ndarray
+    counts: np.ndarray
+    clean_counts: np.ndarray
+    task_starts: np.ndarray
+    task_pieces: np.ndarray
+
+
+@njit(cache=True)
+def class_pieces(labels, clean_labels, num_classes, rows_per_task):
+    """Cut a chunk into tasks and pieces (``ChunkPieces``' fields, in order).
+
+    With few classes (at least ``PIECE_MIN_ROWS`` rows per class and task on
+    average) the rows are read in their own order; otherwise ``order`` sorts
+    them by class (a stable counting sort), so that a class's rows are
+    consecutive and span as few tasks as possible.
+
+    Parameters
+    ----------
+    labels : int64 array of shape (n,), every label in ``[0, C)``
+    clean_labels : int64 array of shape (n,) or (0,)
+    num_classes, rows_per_task : int
+    """
+    num_rows = labels.shape[0]
+    num_tasks = -(-num_rows // rows_per_task)
+    order = np.arange(num_rows)
+    if num_classes * PIECE_MIN_ROWS > rows_per_task:
+        class_starts = np.zeros(num_classes + 1, np.int64)
+        for i in range(num_rows):
+            class_starts[labels[i] + 1] += 1
+        for c in range(num_classes):
+            class_starts[c + 1] += class_starts[c]
+        for i in range(num_rows):
+            order[class_starts[labels[i]]] = i
+            class_starts[labels[i]] += 1
+    # Pieces by (class, task): on few classes a table (C × T <= n / PIECE_MIN_ROWS),
+    # on sorted rows each run of one class within one task.
+    row_pieces = np.empty(num_rows, np.int64)
+    classes = np.empty(num_rows, np.int64)
+    piece_tasks = np.empty(num_rows, np.int64)
+    num_pieces = 0
+    if num_classes * PIECE_MIN_ROWS <= rows_per_task:
+        piece_index = np.full((num_classes, num_tasks), -1, np.int64)
+        for k in range(num_rows):
+            piece_index[labels[k], k // rows_per_task] = 0
+        for c in range(num_classes):
+            for task in range(num_tasks):
+                if piece_index[c, task] == 0:
+                    piece_index[c, task] = num_pieces
+                    classes[num_pieces] = c
+                    piece_tasks[num_pieces] = task
+                    num_pieces += 1
+        for k in range(num_rows):
+            row_pieces[k] = piece_index[labels[k], k // rows_per_task]
+    else:
+        for k in range(num_rows):
+            label = labels[order[k]]
+            if k % rows_per_task == 0 or label != classes[num_pieces - 1]:
+                classes[num_pieces] = label
+                piece_tasks[num_pieces] = k // rows_per_task
+                num_pieces += 1
+            row_pieces[k] = num_pieces - 1
+    counts = np.zeros(num_pieces, np.int64)
+    clean_counts = np.zeros(num_pieces if clean_labels.shape[0] > 0 else 0, np.int64)
+    for k in range(num_rows):
+        counts[row_pieces[k]] += 1
+        if clean_labels.shape[0] > 0 and clean_labels[order[k]] == labels[order[k]]:
+            clean_counts[row_pieces[k]] += 1
+    task_starts = np.zeros(num_tasks + 1, np.int64)
+    for piece in range(num_pieces):
+        task_starts[piece_tasks[piece] + 1] += 1
+    for task in range(num_tasks):
+        task_starts[task + 1] += task_starts[task]
+    task_pieces = np.empty(num_pieces, np.int64)
+    filled = task_starts[:-1].copy()
+    for piece in range(num_pieces):
+        task_pieces[filled[piece_tasks[piece]]] = piece
+        filled[piece_tasks[piece]] += 1
+    return (order, row_pieces, classes[:num_pieces], counts, clean_counts, task_starts,
+            task_pieces)
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean_sums):
-    """Add per-class counts and float64 sums of a block of rows, on one thread.
+def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, out_sums,
+               out_clean_sums):
+    """Float64 sums, per piece, of one task's rows (``ChunkPieces``), on one thread; the
+    task's pieces are written whole.
+
+    Parameters
+    ----------
+    features : array of shape (n, D), float32 or float64
+    labels : int64 array of shape (n,)
+    clean_labels : int64 array of shape (n,) or (0,)
+        When non-empty, the rows whose label equals their clean label are also
+        summed into ``out_clean_sums``.
+    pieces : ChunkPieces
+    task, rows_per_task : int
+    out_sums : float64 array of shape (P, >= D)
+    out_clean_sums : same shape, or (0, >= D) without clean labels
+
+    Returns
+    -------
+    int
+        First row (in the chunk) of the task with a NaN or Inf, or ``NO_ROW``.
+    """
+    num_rows, num_features = features.shape
+    track_clean = clean_labels.shape[0] > 0
+    for k in range(pieces.task_starts[task], pieces.task_starts[task + 1]):
+        out_sums[pieces.task_pieces[k], :] = 0.0
+        if track_clean:
+            out_clean_sums[pieces.task_pieces[k], :] = 0.0
+    bad_value = NO_ROW
+    for k in range(task * rows_per_task, min((task + 1) * rows_per_task, num_rows)):
+        i = pieces.order[k]
+        piece = pieces.row_pieces[k]
+        row_total = 0.0
+        for j in range(num_features):
+            value = np.float64(features[i, j])
+            out_sums[piece, j] += value
+            row_total += value
+        if not finite(row_total):
+            bad_value = min(bad_value, i)
+        if track_clean and clean_labels[i] == labels[i]:
+            for j in range(num_features):
+                out_clean_sums[piece, j] += features[i, j]
+    return bad_value
+
+
+@njit(nogil=True, cache=True)
+def add_pieces(pieces, first_piece, last_piece, piece_sums, piece_clean_sums, counts, sums,
+               clean_counts, clean_sums):
+    """Add pieces ``[first_piece, last_piece)`` into their classes' counts and sums, in
+    piece order (the clean ones too when ``clean_counts`` is non-empty)."""
+    num_features = sums.shape[1]
+    track_clean = clean_counts.shape[0] > 0
+    for piece in range(first_piece, last_piece):
+        label = pieces.classes[piece]
+        counts[label] += pieces.counts[piece]
+        sums[label, :] += piece_sums[piece, :num_features]
+        if track_clean:
+            clean_counts[label] += pieces.clean_counts[piece]
+            clean_sums[label, :] += piece_clean_sums[piece, :num_features]
+
+
+def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts, clean_sums,
+                     num_threads):
+    """Add per-class counts and float64 sums of one chunk, on worker threads; all or nothing.
+
+    The chunk is cut into tasks of ``pass1_task_rows(D, C)`` rows, and each task into
+    pieces of one class (``class_pieces``; with many classes the rows are
+    ordered by class first). The worker threads sum the pieces into scratch
+    kept from chunk to chunk (at most twice the chunk's bytes); only when no
+    row of the chunk is bad are the pieces added to the given arrays, each
+    class's in task order, by tasks of whole classes. So a chunk that fails
+    leaves the state as it was, and the result does not depend on the thread
+    count at all.
 
     Parameters
     ----------
@@ -104,131 +337,44 @@ def class_sums(features, labels, clean_labels, counts, sums, clean_counts, clean
         added to ``clean_counts`` and ``clean_sums``.
     counts : int64 array of shape (C,), updated in place
     sums : float64 array of shape (C, D), updated in place
-    clean_counts, clean_sums : same shapes, updated in place (unused when
+    clean_counts, clean_sums : same shapes, updated in place (empty when
         ``clean_labels`` is empty)
+    num_threads : int
 
     Returns
     -------
     bad_label_row, bad_value_row : int
-        First row (in the block) with a label outside ``[0, C)`` (either label
-        array), and first row with a NaN or Inf; ``NO_ROW`` when there is none.
-        A row with a bad label is skipped; a row with a bad value is added
-        (one read of each row), so the sums are only usable when there is
-        none: ``class_sums_chunk`` then discards them.
+        First row (in the chunk) with a label outside ``[0, C)`` (either label
+        array), and first row before it with a NaN or Inf; ``NO_ROW`` when
+        there is none. Nothing is added when either is a row.
     """
     num_rows, num_features = features.shape
-    num_classes = counts.shape[0]
-    track_clean = clean_labels.shape[0] > 0
-    bad_label = NO_ROW
-    bad_value = NO_ROW
-    for i in range(num_rows):
-        label = labels[i]
-        clean = label
-        if track_clean:
-            clean = clean_labels[i]
-        if label < 0 or label >= num_classes or clean < 0 or clean >= num_classes:
-            bad_label = min(bad_label, i)
-            continue
-        counts[label] += 1
-        row_total = 0.0
-        for j in range(num_features):
-            value = np.float64(features[i, j])
-            sums[label, j] += value
-            row_total += value
-        if not finite(row_total):
-            bad_value = min(bad_value, i)
-        if track_clean and clean == label:
-            clean_counts[label] += 1
-            for j in range(num_features):
-                clean_sums[label, j] += features[i, j]
-    return bad_label, bad_value
-
-
-def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts, clean_sums,
-                     num_threads):
-    """``class_sums`` of one chunk, threaded over contiguous row slices; all or nothing.
-
-    Each slice adds into zeroed arrays of its worker thread's
-    (``staging_arrays``), which are added to the given arrays in slice order
-    only when no row of the chunk is bad: a chunk that fails leaves the state
-    as it was. Only the classes a slice has rows of are added and zeroed
-    again when they are fewer than half of them, so that with many classes a
-    chunk costs its rows, not C × D. (Slices of columns would need no
-    copies, but two cores reading alternate halves of every row pull the
-    whole of it from memory: measured 2.5x slower.) Parameters and returns as
-    ``class_sums``, plus ``num_threads``; bad rows are numbered within the
-    chunk.
-    """
-    totals = (counts, sums, clean_counts, clean_sums)
-
-    def run_slice(start, stop):
-        staged = staging_arrays(totals)
-        bad_rows = class_sums(features[start:stop], labels[start:stop],
-                              clean_labels[start:stop] if clean_labels.shape[0] else
-                              clean_labels, *staged.arrays)
-        return staged, [NO_ROW if row == NO_ROW else start + row for row in bad_rows]
-
-    results = run_slices(run_slice, features.shape[0], num_threads)
-    bad_rows = tuple(min(rows) for rows in zip(*(bad_rows for _, bad_rows in results)))
-    for staged, _ in results:
-        # Every row added counts, and a clean row is a row of its class.
-        touched = np.flatnonzero(staged.arrays[0])
-        rows = slice(None) if 2 * touched.size > counts.shape[0] else touched
-        for total, part in zip(totals, staged.arrays):
-            if total.shape[0] == 0:  # clean rows not tracked
-                continue
-            if bad_rows == (NO_ROW, NO_ROW):
-                total[rows] += part[rows]
-            part[rows] = 0
-        staged.in_use = False
-    return bad_rows
-
-
-class Staging:
-    """Zeroed arrays a worker thread adds one slice of a chunk into (``staging_arrays``).
-
-    Attributes
-    ----------
-    arrays : tuple of arrays
-    in_use : bool
-        Holding a slice that is not yet added (and zeroed again).
-    """
-
-    def __init__(self, arrays):
-        self.arrays = arrays
-        self.in_use = False
-
-
-def staging_arrays(totals):
-    """Zeroed arrays shaped as ``totals``, kept by the calling thread from chunk to chunk.
-
-    A fresh array is written page by page, and in a virtual machine each first
-    write of a page costs microseconds (measured: 0.3 s for the 2,000 rows of
-    a 32,000 × 4096 float64 copy), so each worker thread keeps its own and the
-    caller zeroes the rows it used. A thread asked again while its arrays hold
-    a slice not yet added (it ran two slices of one chunk) gets fresh ones.
-
-    Parameters
-    ----------
-    totals : tuple of arrays
-        The state's arrays (shapes and dtypes).
-
-    Returns
-    -------
-    Staging
-        Marked in use; the caller adds it, zeroes it and clears ``in_use``.
-    """
-    staged = getattr(_thread_buffers, "staging", None)
-    fits = staged is not None and not staged.in_use and all(
-        part.shape == total.shape and part.dtype == total.dtype
-        for part, total in zip(staged.arrays, totals))
-    if not fits:
-        staged = Staging(tuple(np.zeros(total.shape, total.dtype) for total in totals))
-        if getattr(_thread_buffers, "staging", None) is None or \
-                not _thread_buffers.staging.in_use:
-            _thread_buffers.staging = staged
-    staged.in_use = True
-    return staged
+    bad_label = first_bad_label(labels, clean_labels, counts.shape[0])
+    if bad_label != NO_ROW:
+        return bad_label, first_non_finite_row(features[:bad_label])
+    rows_per_task = pass1_task_rows(num_features, counts.shape[0])
+    pieces = ChunkPieces(*class_pieces(labels, clean_labels, counts.shape[0], rows_per_task))
+    num_pieces = pieces.classes.shape[0]
+    columns = -(-num_features // PIECE_ALIGN) * PIECE_ALIGN
+    piece_sums = thread_buffer("piece_sums", (num_pieces, columns), np.float64)
+    piece_clean_sums = thread_buffer("piece_clean_sums", (pieces.clean_counts.shape[0], columns),
+                                     np.float64)
+    bad_value = min(run_tasks(lambda task: sum_pieces(features, labels, clean_labels, pieces,
+                                                      task, rows_per_task, piece_sums,
+                                                      piece_clean_sums),
+                              pieces.task_starts.shape[0] - 1, num_threads), default=NO_ROW)
+    if bad_value == NO_ROW:
+        # Tasks of about as many classes, each adding all the pieces of its classes: one
+        # per TASK_BYTES of pieces (handing a task to another thread costs about 0.1 ms).
+        class_firsts = np.flatnonzero(np.diff(pieces.classes, prepend=-1))
+        num_tasks = min(-(-piece_sums.nbytes // TASK_BYTES), 4 * max(num_threads, 1))
+        step = max(1, -(-class_firsts.size // max(num_tasks, 1)))
+        add_starts = np.append(class_firsts[::step], num_pieces)
+        run_tasks(lambda task: add_pieces(pieces, add_starts[task], add_starts[task + 1],
+                                          piece_sums, piece_clean_sums, counts, sums,
+                                          clean_counts, clean_sums),
+                  add_starts.size - 1, num_threads)
+    return NO_ROW, bad_value
 
 
 _workers = None
@@ -707,17 +853,29 @@ class Pass2Buffers(NamedTuple):
     far_logits: np.ndarray
 
 
-#: Pass-2 blocks per task: worker threads take tasks of this many blocks as they
-#: finish one, and each task sums into its own small partial state. A chunk of
-#: 64 MiB then holds at least 4 tasks, so that the threads finish it together.
-TASK_BLOCKS = 8
+#: Bytes of float32 features per pass-2 task, and at most blocks per task: worker
+#: threads take tasks as they finish one, and each task sums into its own small partial
+#: state. A chunk of 64 MiB then holds at least 16 tasks, so that the threads finish it
+#: together (at D = 2048, tasks of 16 MiB left one core idle for 0.03 s of each 0.28 s
+#: chunk on average, and the short last chunk ran on one core).
+TASK_BYTES = 4 << 20
+MAX_TASK_BLOCKS = 8
+
+
+def task_rows(num_features):
+    """Rows per pass-2 task: whole blocks of ``block_rows(D)`` rows, at least one, at most
+    ``MAX_TASK_BLOCKS``, and no more than ``TASK_BYTES`` of float32 features beyond one
+    block. Independent of the thread count."""
+    rows = block_rows(num_features)
+    return rows * int(np.clip(TASK_BYTES // (4 * max(num_features, 1) * rows), 1,
+                              MAX_TASK_BLOCKS))
 
 
 def residual_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_threads):
     """Pass 2 of one chunk on the "classes" route (C' <= D), on worker threads.
 
-    The chunk is cut into tasks of ``TASK_BLOCKS`` blocks of ``block_rows(D)``
-    rows, independent of the thread count; ``num_threads`` worker threads
+    The chunk is cut into tasks of ``task_rows(D)`` rows (whole blocks of
+    ``block_rows(D)`` rows), independent of the thread count; ``num_threads`` worker threads
     take tasks as they finish one (``run_tasks``) and run
     ``residual_blocks`` in buffers each worker thread keeps. Each task sums
     into its own partial state; these are added to ``sums`` in task order,
@@ -743,7 +901,6 @@ def residual_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_t
     num_rows, num_features = features.shape
     num_means = route.present_classes.shape[0]
     rows = block_rows(num_features)
-    task_rows = rows * TASK_BLOCKS
     shapes = {"residuals": num_features, "products": num_means, "far_coordinates": num_means,
               "far_mean_products": num_means, "far_residuals": num_features,
               "far_logits": route.weights_t.shape[1]}
@@ -755,11 +912,11 @@ def residual_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_t
                                corrupted[first:last] if corrupted.shape[0] else corrupted,
                                route, buffers, out_sq_norms[first:last], partial)
 
-    return run_pass2_tasks(run_rows, num_rows, task_rows, sums, num_threads)
+    return run_pass2_tasks(run_rows, num_rows, task_rows(num_features), sums, num_threads)
 
 
-def run_pass2_tasks(run_rows, num_rows, task_rows, sums, num_threads):
-    """Pass 2 of a chunk in tasks of ``task_rows`` rows on worker threads; all or nothing.
+def run_pass2_tasks(run_rows, num_rows, rows_per_task, sums, num_threads):
+    """Pass 2 of a chunk in tasks of ``rows_per_task`` rows on worker threads; all or nothing.
 
     Each task sums into its own zeroed ``Pass2Sums``; the partial sums are
     added to ``sums`` in task order, and only when every task succeeded, so
@@ -770,7 +927,7 @@ def run_pass2_tasks(run_rows, num_rows, task_rows, sums, num_threads):
     run_rows : callable
         ``run_rows(first, last, partial)`` adds rows ``[first, last)`` into
         ``partial`` and returns False for a bad row.
-    num_rows, task_rows : int
+    num_rows, rows_per_task : int
     sums : Pass2Sums
         Updated in place.
     num_threads : int
@@ -781,11 +938,11 @@ def run_pass2_tasks(run_rows, num_rows, task_rows, sums, num_threads):
         False when some task found a bad row (nothing added).
     """
     def run_task(task):
-        first, last = task * task_rows, min((task + 1) * task_rows, num_rows)
+        first, last = task * rows_per_task, min((task + 1) * rows_per_task, num_rows)
         partial = Pass2Sums(*(np.zeros_like(total) for total in sums))
         return partial if run_rows(first, last, partial) else None
 
-    partials = run_tasks(run_task, -(-num_rows // task_rows), num_threads)
+    partials = run_tasks(run_task, -(-num_rows // rows_per_task), num_threads)
     if any(partial is None for partial in partials):
         return False
     for partial in partials:

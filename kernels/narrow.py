@@ -19,8 +19,8 @@ import numpy as np
 from numba import njit
 
 from ncfast.kernels.cpu import (
-    FASTMATH, NO_ROW, TASK_BLOCKS, block_residuals, block_rows, count_rows_beyond, epilogue,
-    gather_rows_beyond, run_pass2_tasks, thread_buffer)
+    FASTMATH, NO_ROW, block_residuals, count_rows_beyond, epilogue,
+    gather_rows_beyond, run_pass2_tasks, task_rows, thread_buffer)
 
 #: Rows whose float32 residuals are multiplied together (``block_products``): they stay
 #: in L1 (2 KiB a row at D = 512) while the columns are swept. Even: rows go in pairs.
@@ -237,7 +237,6 @@ def narrow_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_thr
     num_rows, num_features = features.shape
     num_means = route.present_classes.shape[0]
     columns = padded_columns(route)
-    task_rows = block_rows(num_features) * TASK_BLOCKS
     shapes = {"residuals": (TILE_ROWS, num_features),
               "products": (BLOCK_ROWS, columns.shape[0]),
               "far_coordinates": (BLOCK_ROWS, num_means),
@@ -251,4 +250,4 @@ def narrow_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_thr
                              corrupted[first:last] if corrupted.shape[0] else corrupted,
                              route, columns, buffers, out_sq_norms[first:last], partial)
 
-    return run_pass2_tasks(run_rows, num_rows, task_rows, sums, num_threads)
+    return run_pass2_tasks(run_rows, num_rows, task_rows(num_features), sums, num_threads)

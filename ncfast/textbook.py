@@ -18,6 +18,7 @@ It shares no code with ``ncfast.metrics``, ``ncfast.geometry`` or
 ``ncfast.accumulators``, so that a mistake there cannot hide here.
 """
 import numpy as np
+from scipy.spatial.distance import cdist, pdist
 
 from ncfast.report import CollapseReport
 
@@ -148,11 +149,11 @@ def _normalized(matrix):
 def _pair_distances(vectors):
     """``||v_a - v_b||`` for every pair a < b of the rows of ``vectors`` (k, D).
 
-    Explicit differences, one row against the rows after it. Returns a float64
-    array of shape (k (k - 1) / 2,), pairs in ``np.triu_indices(k, 1)`` order.
+    Explicit differences, summed in float64 (SciPy's ``pdist``, compiled, with
+    no Gram-matrix identity). Returns a float64 array of shape
+    (k (k - 1) / 2,), pairs in ``np.triu_indices(k, 1)`` order.
     """
-    return np.concatenate([np.linalg.norm(vectors[a + 1:] - vectors[a], axis=1)
-                           for a in range(len(vectors) - 1)])
+    return pdist(np.asarray(vectors, dtype=np.float64), "euclidean")
 
 
 def _kernel_statistics(unit_vectors):
@@ -218,16 +219,15 @@ def _nc1(within, centred, pinv_rtol):
 def _nearest_class_centre(features, class_means):
     """NCC prediction of every row: argmin over classes with a mean of ``||h - mu_c||^2``.
 
-    The squared distances are explicit (``h - mu_c``, squared and summed), for
-    batches of ``BATCH_ROWS`` rows and one class mean at a time.
+    The squared distances are explicit (``h - mu_c``, squared and summed in
+    float64 by SciPy's compiled ``cdist``, with no Gram-matrix identity), for
+    batches of ``BATCH_ROWS`` rows.
     """
     present = _present(class_means)
     predictions = np.empty(len(features), np.int64)
     for start in range(0, len(features), BATCH_ROWS):
-        batch = features[start:start + BATCH_ROWS]
-        sq_distances = np.empty((len(batch), len(present)))
-        for k, c in enumerate(present):
-            sq_distances[:, k] = np.sum((batch - class_means[c]) ** 2, axis=1)
+        batch = np.asarray(features[start:start + BATCH_ROWS], dtype=np.float64)
+        sq_distances = cdist(batch, class_means[present], "sqeuclidean")
         predictions[start:start + len(batch)] = present[np.argmin(sq_distances, axis=1)]
     return predictions
 

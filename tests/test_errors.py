@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import ncfast
-from ncfast.kernels import cpu
 from cases import gaussian_classes, with_label_noise
 
 NUM_ROWS, NUM_FEATURES, NUM_CLASSES = 20, 4, 3
@@ -179,8 +178,8 @@ def test_a_chunk_with_a_bad_row_leaves_the_states_as_they_were(bad, num_features
 
 @pytest.mark.parametrize("num_classes", [3, 400])
 def test_a_failed_chunk_leaves_no_trace_in_later_chunks(num_classes):
-    """Pass 1's staging arrays (kept by each worker thread) are zeroed after a failed
-    chunk too, whether it touched most classes (zeroed whole) or few (by row)."""
+    """Pass 1's scratch (kept from chunk to chunk) carries nothing of a failed chunk
+    into the next, whether it had few classes or about one row per class."""
     case = gaussian_classes(num_rows=600, num_features=8, num_classes=num_classes, seed=2)
     features, labels = case["features"], case["labels"]
     bad = with_bad_value(features, [5], np.nan)
@@ -191,17 +190,6 @@ def test_a_failed_chunk_leaves_no_trace_in_later_chunks(num_classes):
     sums.update(features[:300], labels[:300]).update(features[300:], labels[300:])
     np.testing.assert_array_equal(sums.counts, expected.counts)
     np.testing.assert_allclose(sums.sums, expected.sums, rtol=1e-12)
-
-
-def test_a_thread_asked_twice_in_one_chunk_gets_fresh_staging_arrays():
-    totals = (np.zeros(4, np.int64), np.zeros((4, 3)))
-    first = cpu.staging_arrays(totals)
-    first.arrays[1][2] = 7.0
-    second = cpu.staging_arrays(totals)
-    assert second is not first and not second.arrays[1].any()
-    first.arrays[1][2] = 0.0
-    first.in_use = second.in_use = False
-    assert cpu.staging_arrays(totals) is first
 
 
 def stats_arrays(stats):

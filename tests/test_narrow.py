@@ -190,7 +190,7 @@ def test_pass_two_is_bitwise_the_same_on_any_thread_count(pass2_kernel):
     case = whole_case(num_rows=40_000)
     sums = ncfast.ClassSums(6, 24).update(case["features"], case["labels"])
     geometry = ncfast.Geometry.from_class_sums(sums.counts, sums.sums)
-    assert len(case["labels"]) > 2 * cpu.block_rows(24) * cpu.TASK_BLOCKS
+    assert len(case["labels"]) > 2 * cpu.task_rows(24)
     corrupted = case["labels"] != case["clean_labels"]
     states = []
     for count in (1, 2):

@@ -316,13 +316,39 @@ def test_accumulators_do_not_depend_on_thread_count(parameters):
     assert_residual_stats_close(double[1], single[1])
 
 
+@pytest.mark.parametrize("num_classes", [2, 3000])
+def test_pass_one_is_bitwise_the_same_on_any_thread_count(num_classes):
+    """Pass 1 sums each class's rows in row order within fixed tasks of sorted rows (a
+    class spans several tasks with 2 classes; most classes have one row with 3000),
+    whichever thread ran them; with clean labels too."""
+    case = with_label_noise(gaussian_classes(num_rows=40_000, num_features=32,
+                                             num_classes=num_classes, spread=0.3))
+    assert len(case["features"]) > 4 * cpu.task_rows(32)
+    states = []
+    for count in (1, 2):
+        with numba_threads(count):
+            states.append(ncfast.ClassSums(num_classes, 32, track_clean=True).update(
+                case["features"], case["labels"], case["clean_labels"]))
+    assert states[0] == states[1]
+    labels, clean = case["labels"], case["clean_labels"]
+    features = case["features"].astype(np.float64)
+    for c in (0, num_classes - 1):
+        np.testing.assert_allclose(states[0].sums[c], features[labels == c].sum(axis=0),
+                                   rtol=1e-12, atol=1e-12)
+        kept = (labels == c) & (clean == c)
+        np.testing.assert_allclose(states[0].clean_sums[c], features[kept].sum(axis=0),
+                                   rtol=1e-12, atol=1e-12)
+        assert states[0].clean_counts[c] == kept.sum()
+    np.testing.assert_array_equal(states[0].counts, np.bincount(labels, minlength=num_classes))
+
+
 def test_pass_two_is_bitwise_the_same_on_any_thread_count():
     """Pass 2 on the "classes" route cuts a chunk into tasks of fixed rows (more than
     one here) and adds their sums in task order, whichever thread ran them."""
     case = gaussian_classes(num_rows=40_000, num_features=32, num_classes=5, spread=0.3)
     geometry = geometry_of(case)
     assert geometry.route == "classes"
-    assert len(case["features"]) > 2 * cpu.block_rows(32) * cpu.TASK_BLOCKS
+    assert len(case["features"]) > 2 * cpu.task_rows(32)
     states = []
     for count in (1, 2):
         with numba_threads(count):
