@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ncfast
+from ncfast.kernels import cpu
 from cases import gaussian_classes, with_label_noise
 
 NUM_ROWS, NUM_FEATURES, NUM_CLASSES = 20, 4, 3
@@ -131,6 +132,22 @@ def test_non_finite_row_names_the_first_bad_row(case, value, kind, chunk_size):
         ncfast.collapse(features, case["labels"], chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("num_classes", [3, 2000], ids=["rows-in-order", "rows-by-class"])
+@pytest.mark.parametrize("nan_row, label_row, first", [(5, 9, "features row 5 contains NaN"),
+                                                       (9, 5, "row 5 has label")])
+def test_pass_one_names_the_first_bad_row_of_either_kind(num_classes, nan_row, label_row,
+                                                         first):
+    """Pass 1 reads the rows of many classes sorted by class, and checks labels before
+    values; the error still names the row that comes first."""
+    assert (num_classes * cpu.PIECE_MIN_ROWS > cpu.task_rows(8)) == (num_classes > 3)
+    case = gaussian_classes(num_rows=600, num_features=8, num_classes=num_classes, seed=3)
+    features = with_bad_value(case["features"], [nan_row, 300], np.nan)
+    labels = case["labels"].copy()
+    labels[label_row] = num_classes
+    with pytest.raises(ValueError, match=first):
+        ncfast.ClassSums(num_classes, 8).update(features, labels)
+
+
 def test_non_finite_torch_row_names_the_row(case):
     features = torch.from_numpy(with_bad_value(case["features"], [6], np.nan))
     with pytest.raises(ValueError, match="features row 6 contains NaN"):
@@ -176,7 +193,7 @@ def test_a_chunk_with_a_bad_row_leaves_the_states_as_they_were(bad, num_features
     assert all(np.array_equal(old, new) for old, new in zip(before, after, strict=True))
 
 
-@pytest.mark.parametrize("num_classes", [3, 400])
+@pytest.mark.parametrize("num_classes", [3, 2000])
 def test_a_failed_chunk_leaves_no_trace_in_later_chunks(num_classes):
     """Pass 1's scratch (kept from chunk to chunk) carries nothing of a failed chunk
     into the next, whether it had few classes or about one row per class."""
