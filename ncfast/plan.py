@@ -190,7 +190,7 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         classifier_sq_radii = np.zeros(num_means)
         if weights is not None and _radii_pay_off(geometry):
             mean_predictions, classifier_sq_radii = bounded_classifier_radii(
-                present_means, weights, bias)
+                present_means, weights, weights_t, bias)
     return Pass2Plan(geometry=geometry, weights=weights, bias=bias, sweep=sweep,
                      present_means=present_means, projection_t=projection_t,
                      eigenvectors_t=eigenvectors_t, ncc_sq_radii=ncc_sq_radii,
@@ -301,7 +301,7 @@ def _radii_pay_off(geometry):
     return int(geometry.counts.sum()) >= RADII_ROWS_PER_MEAN * geometry.present.size
 
 
-def bounded_classifier_radii(present_means, weights, bias):
+def bounded_classifier_radii(present_means, weights, weights_t, bias):
     """Classifier radii from each mean's two largest logits (the "features" route).
 
     For ``c*`` the first argmax of ``L[a] = W mu_a + b`` and any other class c,
@@ -319,6 +319,7 @@ def bounded_classifier_radii(present_means, weights, bias):
     ----------
     present_means : float64 array of shape (C', D)
     weights : float64 array of shape (C, D)
+    weights_t : float32 array of shape (D, C), ``W^T`` (the plan's)
     bias : float64 array of shape (C,)
 
     Returns
@@ -335,7 +336,6 @@ def bounded_classifier_radii(present_means, weights, bias):
     rounding = num_features * unit / (1 - num_features * unit) + 2 * unit
     weight_norms = np.sqrt(np.einsum("cd,cd->c", weights, weights))
     mean_norms = np.sqrt(np.einsum("ad,ad->a", present_means, present_means))
-    weights_t = np.ascontiguousarray(weights.T, dtype=np.float32)
     tile = max(1, RADII_TILE_BYTES // (4 * num_classes))
     mean_predictions = np.empty(num_means, np.int64)
     gaps = np.empty(num_means)

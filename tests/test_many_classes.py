@@ -108,7 +108,8 @@ def test_bounded_classifier_radii_hold_and_refuse_ties():
     weights = means + 0.3 * rng.normal(size=means.shape)
     bias = 0.1 * rng.normal(size=30)
     weights[7], bias[7] = weights[3], bias[3]  # two classes with the same logits: no radius
-    predictions, sq_radii = plan_module.bounded_classifier_radii(means, weights, bias)
+    predictions, sq_radii = plan_module.bounded_classifier_radii(
+        means, weights, weights.T.astype(np.float32), bias)
     logits = means @ weights.T + bias
     tied = np.isin(np.argmax(logits, axis=1), (3, 7))
     assert tied.any() and (sq_radii[tied] == 0).all()
