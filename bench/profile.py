@@ -168,18 +168,21 @@ def stage_times(features, labels, stats):
 def gemm_only_seconds(features, projection_t, num_threads, repeats):
     """Best seconds of pass 2's float32 GEMM alone, on ``num_threads`` threads.
 
-    Runs on the pass's own worker threads and row slices (``cpu.run_slices``,
-    BLAS on one thread each), one product per full block of ``cpu.block_rows``
-    rows, as ``residual_chunk`` multiplies the residuals.
+    Runs on the pass's own worker threads (``cpu.run_tasks``, BLAS on one
+    thread each), one contiguous slice of rows per thread, one product per full
+    block of ``cpu.block_rows`` rows, as ``residual_chunk`` multiplies the
+    residuals.
     """
     block = cpu.block_rows(features.shape[1])
+    slice_rows = -(-len(features) // num_threads)
 
-    def multiply(start, stop):
+    def multiply(task):
         products = np.empty((block, projection_t.shape[1]), np.float32)
-        for first in range(start, stop - block + 1, block):
+        stop = min((task + 1) * slice_rows, len(features))
+        for first in range(task * slice_rows, stop - block + 1, block):
             np.matmul(features[first:first + block], projection_t, out=products)
 
-    return _best(lambda: cpu.run_slices(multiply, len(features), num_threads), repeats)
+    return _best(lambda: cpu.run_tasks(multiply, num_threads, num_threads), repeats)
 
 
 def pass_times(features, labels, num_classes, weights, bias, repeats):

@@ -196,8 +196,9 @@ def class_pieces(labels, clean_labels, num_classes, rows_per_task):
     """
     num_rows = labels.shape[0]
     num_tasks = -(-num_rows // rows_per_task)
+    by_class = num_classes * PIECE_MIN_ROWS > rows_per_task
     order = np.arange(num_rows)
-    if num_classes * PIECE_MIN_ROWS > rows_per_task:
+    if by_class:
         class_starts = np.zeros(num_classes + 1, np.int64)
         for i in range(num_rows):
             class_starts[labels[i] + 1] += 1
@@ -212,7 +213,7 @@ def class_pieces(labels, clean_labels, num_classes, rows_per_task):
     classes = np.empty(num_rows, np.int64)
     piece_tasks = np.empty(num_rows, np.int64)
     num_pieces = 0
-    if num_classes * PIECE_MIN_ROWS <= rows_per_task:
+    if not by_class:
         piece_index = np.full((num_classes, num_tasks), -1, np.int64)
         for k in range(num_rows):
             piece_index[labels[k], k // rows_per_task] = 0
@@ -458,17 +459,6 @@ def run_tasks(function, num_tasks, num_threads):
             for future in [pool.submit(run) for _ in range(workers)]:
                 future.result()
     return results
-
-
-def run_slices(function, length, num_threads):
-    """``function(start, stop)`` over ``num_threads`` contiguous slices of ``range(length)``.
-
-    As ``run_tasks``, one task per slice; returns the results in slice order.
-    """
-    slice_length = max(1, -(-length // max(num_threads, 1)))
-    starts = range(0, max(length, 1), slice_length)
-    return run_tasks(lambda task: function(starts[task], min(starts[task] + slice_length, length)),
-                     len(starts), num_threads)
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
