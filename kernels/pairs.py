@@ -11,6 +11,7 @@ backend runs and the tests compare against this one.
 plan (``ncfast.plan.classifier_radii``) in one read.
 """
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -121,6 +122,38 @@ def riesz_values(unit_sq_distances, exponent, out, scratch):
         if power > 0:
             for j in range(count):
                 scratch[j] *= scratch[j]
+
+class TileSide(NamedTuple):
+    """Per-class results of one side (the rows or the columns) of a sweep tile.
+
+    Attributes
+    ----------
+    nearest : float64 array of shape (t,), inf, updated
+        Least ``||mu_a - mu_b||^2`` over the other classes of the tile.
+    inverse : float64 array of shape (t,), zeros, updated
+        Sum over the other classes of the tile of ``1 / (2 ||mu_a - mu_b||^2)``
+        (CDNV's class weights).
+    top_logits : float64 array of shape (t, 2), -inf, updated
+        With a classifier, the largest and second largest of the logits
+        ``w_c . mu~_a + global_logits[c]`` of mean a over the tile's other side's
+        classes c (equal when two classes tie); (0, 2) without.
+    top_classes : int64 array of shape (t,), updated
+        The first class (among the C' with a mean) of the largest logit.
+    """
+
+    nearest: np.ndarray
+    inverse: np.ndarray
+    top_logits: np.ndarray
+    top_classes: np.ndarray
+
+    @classmethod
+    def empty(cls, size, classifier, xp=np):
+        """A side of ``size`` classes before any tile: inf, zeros, -inf, -1 (``xp`` arrays)."""
+        logit_rows = size if classifier else 0
+        return cls(xp.full(size, np.inf), xp.zeros(size), xp.full((logit_rows, 2), -np.inf),
+                   xp.full(logit_rows, -1, np.int64))
+
+
 # Where each sum starts (a shifted sum takes three entries: shift, sum, sum of squares).
 PAIRS, COS, MAXANGLE, LOG, RIESZ, DISTANCE, ETF, UNCENTRED_OFF, UNCENTRED, COS_W, \
     MAXANGLE_W, ETF_W, LOG_INFINITE, RIESZ_INFINITE = (SLOT[name] for name in (
@@ -132,7 +165,7 @@ PAIRS, COS, MAXANGLE, LOG, RIESZ, DISTANCE, ETF, UNCENTRED_OFF, UNCENTRED, COS_W
 # error_model="numpy": a class mean at the global mean gives NaN cosines (as numpy's
 # division does in the textbook route), not an exception.
 @njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
-def reduce_tile(dots, tile, out, row_nearest, col_nearest, row_inverse, col_inverse):
+def reduce_tile(dots, tile, out, row_side, col_side):
     """Reduce one tile of class-pair dot products.
 
     Parameters
@@ -142,17 +175,16 @@ def reduce_tile(dots, tile, out, row_nearest, col_nearest, row_inverse, col_inve
     tile : ``ncfast.sweep.TileGeometry``
         Offsets, sizes and the per-class vectors of the sweep.
     out : float64 array of shape (len(SLOTS),), zeros, written
-    row_nearest, col_nearest : float64 arrays of shape (t_I,), (t_J,), inf, updated
-        Least ``||mu_a - mu_b||^2`` over the other classes of the tile.
-    row_inverse, col_inverse : float64 arrays of shape (t_I,), (t_J,), zeros, updated
-        Sum over the other classes of the tile of ``1 / (2 ||mu_a - mu_b||^2)``
-        (CDNV's class weights).
+    row_side, col_side : TileSide
+        Of the t_I classes of the rows and the t_J of the columns (``TileSide.empty``).
 
     Each shifted sum (cosines, kernels) is taken about the tile's first pair's
     value: the values of one tile are close, so the sums of squares do not cancel.
     Per row, loops without calls (vectorized): products, then the kernels.
     """
     row_start, col_start = tile.row_start, tile.col_start
+    row_nearest, col_nearest = row_side.nearest, col_side.nearest
+    row_inverse, col_inverse = row_side.inverse, col_side.inverse
     rows, cols = row_nearest.shape[0], col_nearest.shape[0]
     diagonal = row_start == col_start
     num_means = tile.mean_norms.shape[0]
@@ -259,6 +291,11 @@ def reduce_tile(dots, tile, out, row_nearest, col_nearest, row_inverse, col_inve
     if has_w:
         _reduce_classifier_blocks(dots, tile, rows, cols, diagonal, ideal, etf_diagonal,
                                   etf_off, cos_w_shift, out)
+        _top_logits(dots[:rows, cols:], tile.global_logits[col_start:col_start + cols],
+                    col_start, row_side)
+        if not diagonal:  # on the diagonal the M~W block holds every (mean, class) pair
+            _top_logits(dots[rows:, :cols].T, tile.global_logits[row_start:row_start + rows],
+                        row_start, col_side)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -291,6 +328,23 @@ def _reduce_classifier_blocks(dots, tile, rows, cols, diagonal, ideal, etf_diago
     out[COS_W], out[COS_W + 1], out[COS_W + 2] = cos_w_shift, cos_sum, cos_sq_sum
     out[MAXANGLE_W] = maxangle_sum
     out[ETF_W] = etf_sum
+
+
+@njit(nogil=True, cache=True)
+def _top_logits(mean_weight_dots, global_logits, first_class, side):
+    """Fold ``mean_weight_dots[i, j] + global_logits[j]`` (mean i, class ``first_class + j``)
+    into each mean's two largest logits and first argmax (classes in ascending order)."""
+    for i in range(mean_weight_dots.shape[0]):
+        best, second = side.top_logits[i, 0], side.top_logits[i, 1]
+        best_class = side.top_classes[i]
+        for j in range(mean_weight_dots.shape[1]):
+            logit = mean_weight_dots[i, j] + global_logits[j]
+            if logit > best:
+                best, second, best_class = logit, best, first_class + j
+            elif logit > second:
+                second = logit
+        side.top_logits[i, 0], side.top_logits[i, 1] = best, second
+        side.top_classes[i] = best_class
 
 
 @njit(nogil=True, cache=True)

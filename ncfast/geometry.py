@@ -37,30 +37,6 @@ COINCIDING_MEANS = ("the class means coincide (their between-class scatter is ze
                     "undefined; check that the labels match the features")
 
 
-def symmetric_pinv(matrix, rtol=PINV_RTOL):
-    """Pseudo-inverse of a symmetric positive semi-definite matrix.
-
-    Parameters
-    ----------
-    matrix : float64 array of shape (k, k)
-    rtol : float
-        Eigenvalues at or below ``rtol * max eigenvalue`` count as zero.
-
-    Returns
-    -------
-    pinv : float64 array of shape (k, k)
-    rank : int
-        Number of eigenvalues kept.
-    condition : float
-        Largest over smallest kept eigenvalue: rounding in what the
-        pseudo-inverse multiplies is amplified up to this much.
-    """
-    eigenvalues, eigenvectors = symmetric_eigh(matrix)
-    keep, rank, condition = kept_spectrum(eigenvalues, rtol)
-    kept_vectors = eigenvectors[:, keep]
-    return (kept_vectors / eigenvalues[keep]) @ kept_vectors.T, rank, condition
-
-
 def symmetric_eigh(matrix):
     """Eigenvalues (ascending) and unit eigenvectors of a symmetric matrix, on one BLAS thread.
 
@@ -98,7 +74,8 @@ def kept_spectrum(eigenvalues, rtol=PINV_RTOL):
     rank : int
         Number of eigenvalues kept.
     condition : float
-        Largest over smallest kept eigenvalue (see ``symmetric_pinv``).
+        Largest over smallest kept eigenvalue: rounding in what the pseudo-inverse
+        multiplies is amplified up to this much.
     """
     keep = eigenvalues > rtol * max(eigenvalues.max(initial=0.0), 0.0)
     if not keep.any():
@@ -176,10 +153,11 @@ class Geometry:
     global_mean_option : {"classes", "samples"}
         How ``global_mean`` was taken (``from_means``'s option).
 
-    The eigendecomposition of the Gram, the distances and the fingerprint are
-    computed on first use: ``build_plan`` computes the first two on the worker
-    threads beside the pair sweep's tiles, and only merges and saved states read
-    the fingerprint.
+    The eigendecompositions (``gram_spectrum`` on the "classes" route,
+    ``between_spectrum`` of the D×D ``Sigma_B`` on the "features" route), the
+    distances and the fingerprint are computed on first use: ``build_plan``
+    computes the first three on the worker threads beside the pair sweep's
+    tiles, and only merges and saved states read the fingerprint.
     """
 
     means: np.ndarray
@@ -222,6 +200,17 @@ class Geometry:
         if self.gram is None:
             return None, None
         return symmetric_eigh(self.gram)
+
+    @cached_property
+    def between_spectrum(self):
+        """Eigenvalues (ascending) and unit eigenvectors of the D×D ``Sigma_B = M~^T M~ / C'``
+        on the "features" route, computed on first use; (None, None) on the "classes" route.
+        """
+        if self.route != "features":
+            return None, None
+        with one_blas_thread():
+            between = self.centred.T @ self.centred / self.present.size
+        return symmetric_eigh(between)
 
     @property
     def gram_eigenvalues(self):

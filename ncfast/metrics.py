@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ncfast.geometry import kept_spectrum, symmetric_pinv
+from ncfast.geometry import kept_spectrum
 from ncfast.kernels.cpu import dense_blas
 from ncfast.sweep import cdnv
 
@@ -43,10 +43,14 @@ def within_class_nc1(geometry, stats, pinv_rtol):
         keep, rank, condition = kept_spectrum(eigenvalues, pinv_rtol)
         nc1 = np.sum(stats.eigen_scatter[keep] / eigenvalues[keep] ** 2) / num_rows
     else:
-        with dense_blas(4.0 * num_means * geometry.num_features ** 2):
-            between = geometry.centred.T @ geometry.centred / num_means
-            between_pinv, rank, condition = symmetric_pinv(between, pinv_rtol)
-        nc1 = np.sum(stats.scatter * between_pinv) / num_rows / num_means
+        # Sigma_B = U diag(lambda) U^T (D×D, computed beside the pair sweep) gives
+        # Tr(S Sigma_B^+) = sum_j u_j^T S u_j / lambda_j over the kept eigenvalues.
+        eigenvalues, eigenvectors = geometry.between_spectrum
+        keep, rank, condition = kept_spectrum(eigenvalues, pinv_rtol)
+        kept_vectors = eigenvectors[:, keep]
+        with dense_blas(2.0 * geometry.num_features ** 2 * rank):
+            projected = np.einsum("dj,dj->j", stats.scatter @ kept_vectors, kept_vectors)
+        nc1 = np.sum(projected / eigenvalues[keep]) / num_rows / num_means
     within_trace = stats.sq_norm_sums.sum() / num_rows
     between_trace = geometry.centred_sq_norms.sum() / num_means
     return float(nc1), float(within_trace / between_trace), rank, condition

@@ -18,7 +18,7 @@ from ncfast.geometry import NCC_RADIUS_FRACTION, ROUNDING_RTOL, Geometry
 from ncfast.inputs import host_array
 from ncfast.kernels import pairs
 from ncfast.kernels.cpu import ClassesRoute, dense_blas, run_tasks
-from ncfast.sweep import PairSweep, pair_sweep, to_host
+from ncfast.sweep import PairSweep, merge_top_logits, pair_sweep, to_host, top_two_logits
 
 #: A row whose residual is shorter than this fraction of its class's classifier
 #: radius is predicted as the classifier predicts its class mean (see
@@ -60,9 +60,8 @@ class Pass2Plan:
     mean_predictions : int64 array of shape (C',)
         First argmax of each mean's logits (zeros where the radii are 0).
     classifier_sq_radii : float64 array of shape (C',)
-        A row inside takes its mean's prediction (``classifier_radii``). On
-        the "features" route they are 0, so that every row is multiplied by
-        ``W``, unless pass 1 counted ``RADII_ROWS_PER_MEAN`` rows per mean.
+        A row inside takes its mean's prediction (``classifier_radii``; on
+        the "features" route ``bounded_classifier_radii``); 0 without a classifier.
     classifier_fingerprint : str
         Digest of the classifier ("" without one), computed on first use;
         states built with different classifiers refuse to merge.
@@ -145,27 +144,32 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
 
     # Beside the sweep's tiles, on the same worker threads: the eigendecomposition of the
     # Gram (LAPACK on one thread, the longest task, so first) and the distances between
-    # the means (the geometry computes both when first read), and the float32 copy of W^T.
-    alongside = []
+    # the means, or on the "features" route that of Sigma_B, which the report's NC1 reads
+    # (the geometry computes each when first read); and the float32 copy of W^T.
+    alongside = [lambda: geometry.between_spectrum]
     if classes_route:
-        alongside += [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
+        alongside = [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
     if weights is not None:
         alongside.append(transpose_weights)
     # On the "classes" route (C' <= D) finalize formed the Gram matrix already, and the
     # C'×C' classifier products are no larger than the means: the sweep keeps them, so
     # the logit offsets and radii need no product of their own (when every class has a mean).
+    global_logits = np.zeros(0)
+    if weights is not None:
+        with dense_blas(2.0 * weights.size):
+            global_logits = weights @ geometry.global_mean + bias
+    present_global_logits = None
+    if weights is not None:
+        present_global_logits = xp.asarray(global_logits if every_class
+                                           else global_logits[present])
     sweep = pair_sweep(xp.asarray(geometry.centred), xp.asarray(geometry.global_mean),
-                       present_weights, backend=backend, tile=pair_tile,
+                       present_weights, present_global_logits, backend=backend, tile=pair_tile,
                        gram=xp.asarray(geometry.gram) if classes_route else None,
                        keep_classifier_products=classes_route and every_class,
                        alongside=alongside)
     sq_norms = geometry.centred_sq_norms
     nearest = sweep.nearest_sq_distances - ROUNDING_RTOL * (sq_norms + sq_norms.max())
     ncc_sq_radii = NCC_RADIUS_FRACTION ** 2 * np.maximum(nearest, 0.0)
-    global_logits = np.zeros(0)
-    if weights is not None:
-        with dense_blas(2.0 * weights.size):
-            global_logits = weights @ geometry.global_mean + bias
     mean_predictions = np.zeros(num_means, np.int64)
     if classes_route:
         projection_t = gram_projection(geometry.centred, geometry.gram_eigenvectors)
@@ -188,9 +192,9 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         eigenvectors_t = np.zeros((0, 0), np.float32)
         logit_offsets = global_logits
         classifier_sq_radii = np.zeros(num_means)
-        if weights is not None and _radii_pay_off(geometry):
+        if weights is not None:
             mean_predictions, classifier_sq_radii = bounded_classifier_radii(
-                present_means, weights, weights_t, bias)
+                geometry, sweep, weights, bias)
     return Pass2Plan(geometry=geometry, weights=weights, bias=bias, sweep=sweep,
                      present_means=present_means, projection_t=projection_t,
                      eigenvectors_t=eigenvectors_t, ncc_sq_radii=ncc_sq_radii,
@@ -283,43 +287,34 @@ def classifier_radii(present_means, weights, logit_offsets, weight_gram=None):
     return mean_predictions, sq_radii
 
 
-#: On the "features" route the classifier radii cost one float32 product of the
-#: C'×D means with the C×D classifier (``bounded_classifier_radii``) and save pass 2
-#: the product of each collapsed row with it: they are computed when pass 1 counted
-#: at least this many rows per mean (far from collapse they then cost at most a
-#: quarter of the classifier's pass-2 product).
-RADII_ROWS_PER_MEAN = 4
-
-#: Bytes of one tile of float32 mean logits in ``bounded_classifier_radii``.
-RADII_TILE_BYTES = 64 << 20
+#: Bytes of one tile of float64 logits of the means with the classes that have no
+#: mean, in ``bounded_classifier_radii``.
+ABSENT_LOGITS_TILE_BYTES = 64 << 20
 
 
-def _radii_pay_off(geometry):
-    """Whether the "features" route's classifier radii cost less than they can save."""
-    if geometry.counts is None:
-        return False
-    return int(geometry.counts.sum()) >= RADII_ROWS_PER_MEAN * geometry.present.size
-
-
-def bounded_classifier_radii(present_means, weights, weights_t, bias):
+def bounded_classifier_radii(geometry, sweep, weights, bias):
     """Classifier radii from each mean's two largest logits (the "features" route).
 
     For ``c*`` the first argmax of ``L[a] = W mu_a + b`` and any other class c,
     ``||w_c* - w_c|| <= ||w_c*|| + max_c ||w_c||``, so the bound of
     ``classifier_radii`` gives the radius ``(L[a, c*] - L2[a]) / (||w_c*|| +
-    max_c ||w_c||)`` with ``L2`` the second largest logit: one pass over tiles
-    of float32 logits ``M W^T``, no C'×C matrix and no product with
-    ``W[c*]``. Each logit is within ``(gamma_D + 2u) ||w_c|| ||mu_a||`` of its
-    exact value (u the float32 unit roundoff, ``gamma_D = D u / (1 - D u)``
-    the bound of a D-term float32 dot product in any order, ``2u`` the rounding
-    of both factors to float32; Higham 2002, eq. 3.5); the gaps are shrunk by
-    twice that, so the radii err small.
+    max_c ||w_c||)`` with ``L2`` the second largest logit: no C'×C matrix and
+    no product with ``W[c*]``. The pair sweep found both logits over the
+    classes with a mean (its float64 ``M~ W^T`` blocks); the classes without
+    one are multiplied here, over tiles of means. Each float64 logit is within
+    ``rtol (||w_c|| (||mu~_a|| + ||mu_G||) + |b_c|)`` of its exact value, with
+    ``rtol = ROUNDING_RTOL + gamma_D`` (``gamma_D = D u / (1 - D u)`` the
+    bound of a D-term dot product in any order, u the float64 unit roundoff;
+    Higham 2002, eq. 3.5): the gaps are shrunk by twice that, so the radii err
+    small.
 
     Parameters
     ----------
-    present_means : float64 array of shape (C', D)
+    geometry : Geometry
+    sweep : PairSweep
+        Of the centred means and the classifier rows of the classes with a
+        mean, with ``W mu_G + b`` as its global logits.
     weights : float64 array of shape (C, D)
-    weights_t : float32 array of shape (D, C), ``W^T`` (the plan's)
     bias : float64 array of shape (C,)
 
     Returns
@@ -328,31 +323,28 @@ def bounded_classifier_radii(present_means, weights, weights_t, bias):
     sq_radii : float64 array of shape (C',)
         ``(CLASSIFIER_RADIUS_FRACTION * radius)^2``
     """
-    num_means, num_features = present_means.shape
-    num_classes = weights.shape[0]
-    if num_classes < 2:
-        return np.zeros(num_means, np.int64), np.full(num_means, np.inf)
-    unit = np.finfo(np.float32).eps / 2
-    rounding = num_features * unit / (1 - num_features * unit) + 2 * unit
+    present = geometry.present
+    num_means, num_features = geometry.centred.shape
+    top_logits = sweep.top_logits.copy()
+    mean_predictions = present[sweep.top_classes]
+    absent = np.setdiff1d(np.arange(weights.shape[0]), present)
+    if absent.size:
+        absent_weights_t = weights[absent].T
+        tile = max(1, ABSENT_LOGITS_TILE_BYTES // (8 * absent.size))
+        with dense_blas(2.0 * num_means * absent.size * num_features):
+            for start in range(0, num_means, tile):
+                span = slice(start, min(start + tile, num_means))
+                tile_top, best_columns = top_two_logits(
+                    np, geometry.present_means[span] @ absent_weights_t, bias[absent])
+                merge_top_logits(np, top_logits[span], mean_predictions[span], tile_top,
+                                 absent[best_columns])
+    unit = np.finfo(np.float64).eps / 2
+    rounding = ROUNDING_RTOL + num_features * unit / (1 - num_features * unit)
     weight_norms = np.sqrt(np.einsum("cd,cd->c", weights, weights))
-    mean_norms = np.sqrt(np.einsum("ad,ad->a", present_means, present_means))
-    tile = max(1, RADII_TILE_BYTES // (4 * num_classes))
-    mean_predictions = np.empty(num_means, np.int64)
-    gaps = np.empty(num_means)
-    with dense_blas(2.0 * num_means * num_classes * num_features):
-        for start in range(0, num_means, tile):
-            stop = min(start + tile, num_means)
-            logits = (present_means[start:stop].astype(np.float32) @ weights_t).astype(
-                np.float64) + bias
-            best = np.argmax(logits, axis=1)
-            rows = np.arange(stop - start)
-            best_logits = logits[rows, best]
-            logits[rows, best] = -np.inf
-            gaps[start:stop] = best_logits - logits.max(axis=1)
-            mean_predictions[start:stop] = best
+    mean_norms = np.sqrt(geometry.centred_sq_norms) + np.linalg.norm(geometry.global_mean)
     distance_bounds = weight_norms[mean_predictions] + weight_norms.max()
-    gaps = np.maximum(gaps - 2.0 * rounding * distance_bounds * mean_norms
-                      - ROUNDING_RTOL * np.abs(bias).max(), 0.0)
+    gaps = np.maximum(top_logits[:, 0] - top_logits[:, 1] - 2.0 * rounding
+                      * (distance_bounds * mean_norms + np.abs(bias).max()), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         radii = np.where(distance_bounds > 0.0, gaps / distance_bounds, np.inf)
     return mean_predictions, (CLASSIFIER_RADIUS_FRACTION * radii) ** 2

@@ -31,7 +31,7 @@ import numpy as np
 from ncfast.kernels.cpu import dense_blas
 from ncfast.kernels.pairs import (COS, COS_W, DISTANCE, ETF, ETF_W, LOG, LOG_INFINITE,
                                   MAXANGLE, MAXANGLE_W, PAIRS, RIESZ, RIESZ_INFINITE, SLOTS,
-                                  UNCENTRED, UNCENTRED_OFF, UNIT_SQ_DISTANCE_FLOOR)
+                                  UNCENTRED, UNCENTRED_OFF, UNIT_SQ_DISTANCE_FLOOR, TileSide)
 
 #: Classes per side of a CPU pair tile: the tile's float64 products (four blocks
 #: with a classifier) stay in one core's L2 cache.
@@ -51,6 +51,8 @@ class TileGeometry(NamedTuple):
     global_sq_norm : float, ``||mu_G||^2``
     weight_norms : float64 array of shape (C',) (``||w_a||``), or (0,) without
         a classifier
+    global_logits : float64 array of shape (C',), ``w_c . mu_G + b_c``, or (0,)
+        without a classifier: the logits of mean a are ``w_c . mu~_a`` plus these
     etf_scale, etf_scale_w : float
         ``<G, E>`` of ``G = M~ M~^T`` and of ``W M~^T``.
     riesz_exponent : float
@@ -63,6 +65,7 @@ class TileGeometry(NamedTuple):
     mean_offsets: object
     global_sq_norm: float
     weight_norms: object
+    global_logits: object
     etf_scale: float
     etf_scale_w: float
     riesz_exponent: float
@@ -92,6 +95,11 @@ class PairSweep:
         without a classifier
     weight_mean_dots : float64 array of shape (C',), ``w_a . mu~_a`` (host
         memory); (0,) without a classifier
+    top_logits : float64 array of shape (C', 2), or (0, 2) without a classifier
+        The largest and second largest logit ``w_c . mu_a + b_c`` of each mean a
+        over the classes c with a mean (host memory).
+    top_classes : int64 array of shape (C',), or (0,)
+        The first of those classes (among the C') with the largest logit.
     mean_weight_products, weight_gram : float64 arrays of shape (C', C'), or None
         ``M~ W^T`` (entry ``[a, c]`` is ``mu~_a . w_c``) and ``W W^T`` (rows of
         the classes with a mean), when the sweep was asked to keep them.
@@ -106,6 +114,8 @@ class PairSweep:
     etf_scale_w: float
     weight_norms: np.ndarray
     weight_mean_dots: np.ndarray
+    top_logits: np.ndarray
+    top_classes: np.ndarray
     mean_weight_products: object = None
     weight_gram: object = None
 
@@ -136,8 +146,8 @@ def to_host(array):
     return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
-def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=None,
-               keep_classifier_products=False, alongside=()):
+def pair_sweep(centred, global_mean, weights=None, global_logits=None, *, backend, tile=None,
+               gram=None, keep_classifier_products=False, alongside=()):
     """Sweep every pair of classes once.
 
     Parameters
@@ -146,6 +156,9 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
     global_mean : float64 array of shape (D,), ``mu_G``
     weights : float64 array of shape (C', D), optional
         Classifier rows of the same classes, in the same order.
+    global_logits : float64 array of shape (C',), optional
+        ``W mu_G + b`` of those rows (zeros by default: no bias, ``mu_G = 0``);
+        with it the sweep also finds each mean's two largest logits.
     backend : CpuBackend or CudaBackend
         Supplies ``xp``, ``map_tasks``, ``reduce_tile`` and ``pair_tile``.
     tile : int, optional
@@ -176,6 +189,9 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
     etf_norm = math.sqrt(num_means - 1)
     etf_scale = float(mean_norms @ mean_norms - mean_total @ mean_total / num_means) / etf_norm
     weight_norms, weight_mean_dots, etf_scale_w = xp.zeros(0), xp.zeros(0), 0.0
+    if weights is not None and global_logits is None:
+        global_logits = xp.zeros(num_means)
+    global_logits = xp.zeros(0) if weights is None else xp.asarray(global_logits, dtype=float)
     if weights is not None:
         weight_norms = xp.sqrt(xp.einsum("cd,cd->c", weights, weights))
         weight_mean_dots = xp.einsum("cd,cd->c", weights, centred)
@@ -184,8 +200,8 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
     with dense_blas(2.0 * num_means * num_features):
         mean_offsets = centred @ global_mean
     geometry = TileGeometry(0, 0, mean_norms, mean_offsets,
-                            float(global_mean @ global_mean), weight_norms, etf_scale,
-                            etf_scale_w, float(num_features - 2))
+                            float(global_mean @ global_mean), weight_norms, global_logits,
+                            etf_scale, etf_scale_w, float(num_features - 2))
     starts = range(0, num_means, tile)
     tasks = [(row, col) for row in starts for col in starts if col >= row]
 
@@ -194,31 +210,29 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
         mean_weight_products = xp.empty((num_means, num_means))
         weight_gram = xp.empty((num_means, num_means))
 
-    def stacked(start):
-        stop = min(start + tile, num_means)
-        if weights is None:
-            return centred[start:stop]
-        return xp.concatenate([centred[start:stop], weights[start:stop]])
-
     def tile_dots(rows, cols):
         """The tile's dot products: ``[[M~M~, M~W], [WM~, WW]]`` (or ``M~M~`` alone).
 
-        On a diagonal tile the lower-left block is the transpose of the upper-right
-        one, and ``A @ A.T`` of one array is a symmetric product (half the flops).
+        Each block is its own product into its quarter (stacking ``[M~_I; W_I]``
+        first would copy four times the tile's inputs). On a diagonal tile the
+        lower-left block is the transpose of the upper-right one, and ``A @ A.T``
+        of one array is a symmetric product (half the flops).
         """
         diagonal = rows == cols
-        if gram is None:
-            row_block = stacked(rows.start)
-            return row_block @ (row_block if diagonal else stacked(cols.start)).T
+        row_means = centred[rows]
+        col_means = row_means if diagonal else centred[cols]
         if weights is None:
-            return gram[rows, cols]
+            return gram[rows, cols] if gram is not None else row_means @ col_means.T
+        row_weights = weights[rows]
+        col_weights = row_weights if diagonal else weights[cols]
         num_rows, num_cols = rows.stop - rows.start, cols.stop - cols.start
         dots = xp.empty((2 * num_rows, 2 * num_cols))
-        dots[:num_rows, :num_cols] = gram[rows, cols]
-        dots[:num_rows, num_cols:] = centred[rows] @ weights[cols].T
-        dots[num_rows:, num_cols:] = weights[rows] @ weights[cols].T
+        dots[:num_rows, :num_cols] = gram[rows, cols] if gram is not None else \
+            row_means @ col_means.T
+        dots[:num_rows, num_cols:] = row_means @ col_weights.T
+        dots[num_rows:, num_cols:] = row_weights @ col_weights.T
         dots[num_rows:, :num_cols] = (dots[:num_rows, num_cols:].T if diagonal
-                                      else weights[rows] @ centred[cols].T)
+                                      else row_weights @ col_means.T)
         return dots
 
     def run(task):
@@ -241,25 +255,79 @@ def pair_sweep(centred, global_mean, weights=None, *, backend, tile=None, gram=N
             rows.stop - rows.start, cols.stop - cols.start)
 
     results = backend.map_tasks(run, len(alongside) + len(tasks))[len(alongside):]
-    nearest = xp.full(num_means, np.inf)
-    inverse = xp.zeros(num_means)
-    for (row_start, col_start), (_, row_nearest, col_nearest, row_inverse, col_inverse) in \
-            zip(tasks, results):
-        rows = slice(row_start, row_start + row_nearest.shape[0])
-        cols = slice(col_start, col_start + col_nearest.shape[0])
-        nearest[rows] = xp.minimum(nearest[rows], row_nearest)
-        nearest[cols] = xp.minimum(nearest[cols], col_nearest)
-        inverse[rows] += row_inverse
-        inverse[cols] += col_inverse
+    merged = TileSide.empty(num_means, weights is not None, xp)
+    for (row_start, col_start), (_, row_side, col_side) in zip(tasks, results):
+        _merge_side(xp, merged, row_start, row_side)
+        _merge_side(xp, merged, col_start, col_side)
     tile_sums = to_host(xp.stack([result[0] for result in results]))  # synchronize!
     sums = dict(zip(SLOTS, tile_sums.sum(axis=0)))
     moments = {name: _merged_moments(tile_sums, slot, infinite)
                for name, slot, infinite in (("cos", COS, None), ("log", LOG, LOG_INFINITE),
                                             ("riesz", RIESZ, RIESZ_INFINITE),
                                             ("cos_w", COS_W, None))}
-    return PairSweep(num_means, sums, moments, to_host(nearest), to_host(inverse),
-                     etf_scale, etf_scale_w, to_host(weight_norms), to_host(weight_mean_dots),
-                     mean_weight_products, weight_gram)
+    return PairSweep(num_means, sums, moments, to_host(merged.nearest),
+                     to_host(merged.inverse), etf_scale, etf_scale_w, to_host(weight_norms),
+                     to_host(weight_mean_dots), to_host(merged.top_logits),
+                     to_host(merged.top_classes), mean_weight_products, weight_gram)
+
+
+def _merge_side(xp, merged, start, side):
+    """Fold one tile side's per-class results into the sweep's, classes from ``start`` on.
+
+    Each tile side covers its own classes of the other side, so the nearest
+    distances take the least, the CDNV weights add, and the top logits merge.
+    """
+    span = slice(start, start + side.nearest.shape[0])
+    merged.nearest[span] = xp.minimum(merged.nearest[span], side.nearest)
+    merged.inverse[span] += side.inverse
+    if side.top_logits.shape[0] > 0:
+        merge_top_logits(xp, merged.top_logits[span], merged.top_classes[span],
+                         side.top_logits, side.top_classes)
+
+
+def top_two_logits(xp, products, offsets):
+    """Each row's two largest of ``products + offsets`` and the first column of the largest.
+
+    Parameters
+    ----------
+    xp : module, numpy or cupy
+    products : float64 array of shape (t, u), u >= 1
+    offsets : float64 array of shape (u,)
+
+    Returns
+    -------
+    top_logits : float64 array of shape (t, 2), largest and second largest (-inf for u = 1)
+    best_columns : int64 array of shape (t,)
+    """
+    logits = products + offsets[None, :]
+    best_columns = xp.argmax(logits, axis=1)
+    rows = xp.arange(logits.shape[0])
+    best = logits[rows, best_columns]
+    logits[rows, best_columns] = -np.inf
+    return xp.stack([best, logits.max(axis=1)], axis=1), best_columns
+
+
+def merge_top_logits(xp, top_logits, top_classes, other_logits, other_classes):
+    """Merge, in place, two largest logits over two disjoint sets of classes.
+
+    The larger best wins, and on a tie the smaller class (a first argmax over
+    all classes); the second is the largest of both seconds and the smaller best.
+
+    Parameters
+    ----------
+    xp : module, numpy or cupy
+    top_logits : float64 array of shape (t, 2), updated
+    top_classes : int64 array of shape (t,), updated
+    other_logits : float64 array of shape (t, 2)
+    other_classes : int64 array of shape (t,)
+    """
+    best, other_best = top_logits[:, 0], other_logits[:, 0]
+    other_wins = (other_best > best) | ((other_best == best) & (other_classes < top_classes))
+    second = xp.maximum(xp.maximum(top_logits[:, 1], other_logits[:, 1]),
+                        xp.minimum(best, other_best))
+    top_classes[...] = xp.where(other_wins, other_classes, top_classes)
+    top_logits[:, 0] = xp.maximum(best, other_best)
+    top_logits[:, 1] = second
 
 
 def _merged_moments(tile_sums, slot, infinite_slot=None):
@@ -303,7 +371,7 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
     Returns
     -------
     sums : float64 array of shape (len(SLOTS),)
-    row_nearest, col_nearest, row_inverse, col_inverse : float64 arrays
+    row_side, col_side : TileSide
         As ``reduce_tile`` fills them.
     """
     num_means = tile.mean_norms.shape[0]
@@ -344,7 +412,18 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
     sums[MAXANGLE] = xp.abs(cosines - ideal).sum()
     sums[DISTANCE] = xp.sqrt(sq_distances[pairs]).sum()
     off_pair_distances = xp.where(pairs, sq_distances, np.inf)
-    if tile.weight_norms.shape[0] > 0:
+    classifier = tile.weight_norms.shape[0] > 0
+    row_logits = col_logits = TileSide.empty(0, False, xp)[2:]
+    if classifier:
+        top, best_columns = top_two_logits(xp, dots[:rows, cols:], tile.global_logits[col_ids])
+        row_logits = top, best_columns + tile.col_start
+    if classifier and tile.row_start != tile.col_start:  # the diagonal's M~W block has all
+        top, best_columns = top_two_logits(xp, dots[rows:, :cols].T,
+                                           tile.global_logits[row_ids])
+        col_logits = top, best_columns + tile.row_start
+    row_side = TileSide(off_pair_distances.min(axis=1), inverse.sum(axis=1), *row_logits)
+    col_side = TileSide(off_pair_distances.min(axis=0), inverse.sum(axis=0), *col_logits)
+    if classifier:
         ww = dots[rows:, cols:]
         cosines_w = (ww / xp.outer(tile.weight_norms[row_ids], tile.weight_norms[col_ids]))[pairs]
         _shifted_sums(xp, sums, COS_W, cosines_w)
@@ -353,8 +432,7 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
         if tile.row_start != tile.col_start:
             residual_w += ((dots[:rows, cols:] - tile.etf_scale_w * etf) ** 2).sum()
         sums[ETF_W] = residual_w
-    return (sums, off_pair_distances.min(axis=1), off_pair_distances.min(axis=0),
-            inverse.sum(axis=1), inverse.sum(axis=0))
+    return sums, row_side, col_side
 
 
 def _shifted_sums(xp, sums, slot, values):

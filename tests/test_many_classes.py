@@ -1,4 +1,6 @@
 """Many classes: tiled pair metrics and class-tiled predictions equal the dense route."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -77,11 +79,9 @@ def test_features_route_classifier_radii_change_no_prediction(spread, monkeypatc
     class_sums.update(case["features"], case["labels"])
     geometry = ncfast.Geometry.from_class_sums(class_sums.counts, class_sums.sums)
     assert geometry.route == "features"
-    monkeypatch.setattr(plan_module, "RADII_TILE_BYTES", 4 * num_classes * 7)  # tiles of 7 means
     with_radii = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
-    monkeypatch.setattr(plan_module, "RADII_ROWS_PER_MEAN", 10 ** 9)
-    without = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
-    assert (without.plan.classifier_sq_radii == 0).all()
+    without = ncfast.ResidualStats(dataclasses.replace(
+        with_radii.plan, classifier_sq_radii=np.zeros_like(with_radii.plan.classifier_sq_radii)))
     # The bound never exceeds the classes route's radius, and agrees on the prediction.
     dense_predictions, dense_radii = plan_module.classifier_radii(
         with_radii.plan.present_means, case["weights"],
@@ -102,20 +102,39 @@ def test_features_route_classifier_radii_change_no_prediction(spread, monkeypatc
     assert collapse_metrics(with_radii, pinv_rtol=1e-10)["accuracy"] == reference["accuracy"]
 
 
-def test_bounded_classifier_radii_hold_and_refuse_ties():
+@pytest.mark.parametrize("absent", [(), (2, 7, 19)], ids=["every-class", "absent-classes"])
+def test_bounded_classifier_radii_hold_and_refuse_ties(absent, monkeypatch):
+    """The "features" route's radii from the sweep's top logits (tiles of 7 classes) and,
+    for classes without a mean, from tiles of 4 means: each holds, and a tie gives none."""
     rng = np.random.default_rng(11)
-    means = rng.normal(size=(30, 6)) * 3.0
+    num_classes, num_features = 30, 6
+    means = rng.normal(size=(num_classes, num_features)) * 3.0
     weights = means + 0.3 * rng.normal(size=means.shape)
-    bias = 0.1 * rng.normal(size=30)
+    bias = 0.1 * rng.normal(size=num_classes)
     weights[7], bias[7] = weights[3], bias[3]  # two classes with the same logits: no radius
-    predictions, sq_radii = plan_module.bounded_classifier_radii(
-        means, weights, weights.T.astype(np.float32), bias)
-    logits = means @ weights.T + bias
+    counts = np.ones(num_classes, np.int64)
+    counts[list(absent)] = 0
+    geometry = ncfast.Geometry.from_class_sums(counts, means * counts[:, None])
+    assert geometry.route == "features"
+    monkeypatch.setattr(plan_module, "ABSENT_LOGITS_TILE_BYTES", 8 * max(len(absent), 1) * 4)
+    plan = build_plan(geometry, weights, bias, pair_tile=7)
+    present_means = geometry.present_means
+    logits = present_means @ weights.T + bias
     tied = np.isin(np.argmax(logits, axis=1), (3, 7))
-    assert tied.any() and (sq_radii[tied] == 0).all()
-    assert (sq_radii[~tied] > 0).all()
-    for mean, prediction, sq_radius in zip(means[~tied], predictions[~tied], sq_radii[~tied]):
-        directions = rng.normal(size=(200, 6))
+    assert tied.any() and (plan.classifier_sq_radii[tied] == 0).all()
+    assert (plan.classifier_sq_radii[~tied] > 0).all()
+    np.testing.assert_array_equal(plan.mean_predictions[~tied], np.argmax(logits, axis=1)[~tied])
+    norms = np.linalg.norm(weights, axis=1)
+    for mean_logits, mean, prediction, sq_radius in zip(
+            logits[~tied], present_means[~tied], plan.mean_predictions[~tied],
+            plan.classifier_sq_radii[~tied]):
+        directions = rng.normal(size=(200, num_features))
         directions *= np.sqrt(sq_radius) / np.linalg.norm(directions, axis=1, keepdims=True)
         moved = (mean + directions * rng.uniform(0, 1, (200, 1))) @ weights.T + bias
         assert (np.argmax(moved, axis=1) == prediction).all()
+        # The radius is the bound with ||w_c* - w_c|| <= ||w_c*|| + max ||w|| (less rounding).
+        gap = mean_logits[prediction] - np.delete(mean_logits, prediction).max()
+        bound = gap / (norms[prediction] + norms.max())
+        np.testing.assert_allclose(np.sqrt(sq_radius),
+                                   plan_module.CLASSIFIER_RADIUS_FRACTION * bound, rtol=1e-9)
+

@@ -121,6 +121,30 @@ def test_sweep_equals_the_dense_reference(num_means, num_features, classifier):
                                        err_msg=f"{name}, tile {tile}")
 
 
+@pytest.mark.parametrize("num_means", [3, 257, 2049])
+@pytest.mark.parametrize("backend", [CPU, NumpyTiles], ids=["compiled", "arrays"])
+def test_sweep_finds_each_means_two_largest_logits(num_means, backend):
+    """Each mean's largest and second largest ``w_c . mu~_a + g_c`` over tiles of 97 classes
+    (merged across tiles and from both off-diagonal blocks), and the first class of the
+    largest. Small integers make every logit exact in any order, so ties are exact: the
+    first argmax must win them, as numpy's does."""
+    rng = np.random.default_rng(num_means)
+    centred = rng.integers(-6, 7, (num_means, 24)).astype(float)
+    weights = rng.integers(-6, 7, (num_means, 24)).astype(float)
+    global_logits = rng.integers(-20, 21, num_means).astype(float)
+    twin = num_means // 2
+    weights[twin] = 3.0 * centred[0]  # the largest logit of mean 0 at least
+    weights[-1], global_logits[-1] = weights[twin], global_logits[twin]  # tiles apart
+    sweep = pair_sweep(centred, np.zeros(24), weights, global_logits, backend=backend, tile=97)
+    logits = centred @ weights.T + global_logits
+    np.testing.assert_array_equal(sweep.top_logits, -np.sort(-logits, axis=1)[:, :2])
+    np.testing.assert_array_equal(sweep.top_classes, np.argmax(logits, axis=1))
+    tied = np.argmax(logits, axis=1) == twin
+    assert tied.any() and (sweep.top_logits[tied, 0] == sweep.top_logits[tied, 1]).all()
+    without = pair_sweep(centred, np.zeros(24), backend=backend, tile=97)
+    assert without.top_logits.shape == (0, 2) and without.top_classes.shape == (0,)
+
+
 @pytest.mark.parametrize("backend", [CPU, NumpyTiles], ids=["compiled", "arrays"])
 def test_sweep_of_a_given_gram_keeps_the_classifier_products(backend):
     """The "classes" route's sweep: Gram tiles read, only the classifier's blocks multiplied

@@ -30,11 +30,11 @@ class CpuBackend:
     def reduce_tile(dots, tile, rows, cols):
         """One sweep tile through ``ncfast.kernels.pairs.reduce_tile``."""
         sums = np.zeros(len(pairs.SLOTS))
-        row_nearest, col_nearest = np.full(rows, np.inf), np.full(cols, np.inf)
-        row_inverse, col_inverse = np.zeros(rows), np.zeros(cols)
-        pairs.reduce_tile(np.ascontiguousarray(dots), tile, sums, row_nearest, col_nearest,
-                          row_inverse, col_inverse)
-        return sums, row_nearest, col_nearest, row_inverse, col_inverse
+        classifier = tile.weight_norms.shape[0] > 0
+        row_side = pairs.TileSide.empty(rows, classifier)
+        col_side = pairs.TileSide.empty(cols, classifier)
+        pairs.reduce_tile(np.ascontiguousarray(dots), tile, sums, row_side, col_side)
+        return sums, row_side, col_side
 
     @staticmethod
     def source(features, labels, clean_labels=None, *, chunk_size=None):
