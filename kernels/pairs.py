@@ -1,9 +1,9 @@
 """Numba kernels over pairs of classes: the pair sweep's tiles and the classifier radii.
 
-``ncfast.sweep`` computes, per tile pair ``I <= J`` of classes, one float64 GEMM
-``[M~_I; W_I] [M~_J; W_J]^T`` and hands it here. ``reduce_tile`` turns its
+``ncfast.sweep`` computes, per tile pair ``I <= J`` of classes, the float64 products
+``[M~_I; W_I] [M~_J; W_J]^T`` and hands them here. ``reduce_tile`` turns their
 entries into the sums every class-pair metric needs (``SLOTS`` names them)
-and per-class minima and sums, in one read of the tile. ``ncfast.sweep`` has the
+and per-class minima, sums and top logits (``TileSide``), in one read of the tile. ``ncfast.sweep`` has the
 same reduction in array-namespace form (``reduce_tile_xp``), which the CUDA
 backend runs and the tests compare against this one.
 
@@ -122,6 +122,7 @@ def riesz_values(unit_sq_distances, exponent, out, scratch):
         if power > 0:
             for j in range(count):
                 scratch[j] *= scratch[j]
+
 
 class TileSide(NamedTuple):
     """Per-class results of one side (the rows or the columns) of a sweep tile.

@@ -151,17 +151,15 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         alongside = [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
     if weights is not None:
         alongside.append(transpose_weights)
-    # On the "classes" route (C' <= D) finalize formed the Gram matrix already, and the
-    # C'×C' classifier products are no larger than the means: the sweep keeps them, so
-    # the logit offsets and radii need no product of their own (when every class has a mean).
-    global_logits = np.zeros(0)
+    global_logits, present_global_logits = np.zeros(0), None
     if weights is not None:
         with dense_blas(2.0 * weights.size):
             global_logits = weights @ geometry.global_mean + bias
-    present_global_logits = None
-    if weights is not None:
         present_global_logits = xp.asarray(global_logits if every_class
                                            else global_logits[present])
+    # On the "classes" route (C' <= D) finalize formed the Gram matrix already, and the
+    # C'×C' classifier products are no larger than the means: the sweep keeps them, so
+    # the logit offsets and radii need no product of their own (when every class has a mean).
     sweep = pair_sweep(xp.asarray(geometry.centred), xp.asarray(geometry.global_mean),
                        present_weights, present_global_logits, backend=backend, tile=pair_tile,
                        gram=xp.asarray(geometry.gram) if classes_route else None,

@@ -2,11 +2,12 @@
 
 The class-pair metrics (cosines of centred means and of classifier rows, the
 ETF distances, orthogonality, CDNV, the hyperspherical kernels, the mean pair
-distance, each class's nearest other mean) are sums over pairs of classes of
-functions of ``mu~_a . mu~_b``, ``w_a . w_b`` and ``w_a . mu~_b``. For tiles of
-classes ``I <= J`` the sweep computes ``[M~_I; W_I] [M~_J; W_J]^T`` by one
-float64 GEMM and reduces it while it is in cache (``reduce_tile``); nothing of
-size C'×C' is ever held. About ``C'^2 D`` flops (four times that with a
+distance, each class's nearest other mean; with a classifier, each mean's two
+largest logits) are sums, minima or maxima over pairs of classes of functions
+of ``mu~_a . mu~_b``, ``w_a . w_b`` and ``w_a . mu~_b``. For tiles of classes
+``I <= J`` the sweep computes ``[M~_I; W_I] [M~_J; W_J]^T`` by float64 GEMMs
+(one per block) and reduces it while it is in cache (``reduce_tile``); nothing
+of size C'×C' is ever held. About ``C'^2 D`` flops (four times that with a
 classifier), each tile computed once.
 
 Written once against an array namespace: the backend (``ncfast.backends``)
