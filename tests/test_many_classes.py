@@ -69,9 +69,9 @@ def test_features_route_holds_no_class_by_class_matrix():
 
 
 @pytest.mark.parametrize("spread", [0.05, 3.0])
-def test_features_route_classifier_radii_change_no_prediction(spread, monkeypatch):
-    """With enough rows per mean the "features" route skips the classifier product of
-    rows inside their classifier radius; every tally stays that of the full product."""
+def test_features_route_classifier_radii_change_no_prediction(spread):
+    """The "features" route skips the classifier product of rows inside their classifier
+    radius; every tally stays that of the full product (the same plan with radii 0)."""
     num_classes, num_features = 40, 8
     case = gaussian_classes(num_rows=40 * num_classes, num_features=num_features,
                             num_classes=num_classes, spread=spread, seed=5)
