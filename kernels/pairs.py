@@ -135,9 +135,9 @@ class TileSide(NamedTuple):
         Sum over the other classes of the tile of ``1 / (2 ||mu_a - mu_b||^2)``
         (CDNV's class weights).
     top_logits : float64 array of shape (t, 2), -inf, updated
-        With a classifier, the largest and second largest of the logits
-        ``w_c . mu~_a + global_logits[c]`` of mean a over the tile's other side's
-        classes c (equal when two classes tie); (0, 2) without.
+        When the sweep is given global logits, the largest and second largest of
+        the logits ``w_c . mu~_a + global_logits[c]`` of mean a over the tile's
+        other side's classes c (equal when two classes tie); (0, 2) otherwise.
     top_classes : int64 array of shape (t,), updated
         The first class (among the C' with a mean) of the largest logit.
     """
@@ -148,9 +148,10 @@ class TileSide(NamedTuple):
     top_classes: np.ndarray
 
     @classmethod
-    def empty(cls, size, classifier, xp=np):
-        """A side of ``size`` classes before any tile: inf, zeros, -inf, -1 (``xp`` arrays)."""
-        logit_rows = size if classifier else 0
+    def empty(cls, size, logits, xp=np):
+        """A side of ``size`` classes before any tile: inf, zeros, -inf, -1 (``xp`` arrays);
+        without ``logits``, no rows of top logits."""
+        logit_rows = size if logits else 0
         return cls(xp.full(size, np.inf), xp.zeros(size), xp.full((logit_rows, 2), -np.inf),
                    xp.full(logit_rows, -1, np.int64))
 
@@ -292,6 +293,7 @@ def reduce_tile(dots, tile, out, row_side, col_side):
     if has_w:
         _reduce_classifier_blocks(dots, tile, rows, cols, diagonal, ideal, etf_diagonal,
                                   etf_off, cos_w_shift, out)
+    if tile.global_logits.shape[0] > 0:
         _top_logits(dots[:rows, cols:], tile.global_logits[col_start:col_start + cols],
                     col_start, row_side)
         if not diagonal:  # on the diagonal the M~W block holds every (mean, class) pair

@@ -155,6 +155,7 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     if weights is not None:
         with dense_blas(2.0 * weights.size):
             global_logits = weights @ geometry.global_mean + bias
+    if weights is not None and not classes_route:  # the top logits give the radii
         present_global_logits = xp.asarray(global_logits if every_class
                                            else global_logits[present])
     # On the "classes" route (C' <= D) finalize formed the Gram matrix already, and the
@@ -325,7 +326,7 @@ def bounded_classifier_radii(geometry, sweep, weights, bias):
     num_means, num_features = geometry.centred.shape
     top_logits = sweep.top_logits.copy()
     mean_predictions = present[sweep.top_classes]
-    absent = np.setdiff1d(np.arange(weights.shape[0]), present)
+    absent = np.flatnonzero(geometry.label_rows < 0)
     if absent.size:
         absent_weights_t = weights[absent].T
         tile = max(1, ABSENT_LOGITS_TILE_BYTES // (8 * absent.size))

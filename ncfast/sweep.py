@@ -53,7 +53,8 @@ class TileGeometry(NamedTuple):
     weight_norms : float64 array of shape (C',) (``||w_a||``), or (0,) without
         a classifier
     global_logits : float64 array of shape (C',), ``w_c . mu_G + b_c``, or (0,)
-        without a classifier: the logits of mean a are ``w_c . mu~_a`` plus these
+        when the sweep is not to find the top logits: the logits of mean a are
+        ``w_c . mu~_a`` plus these
     etf_scale, etf_scale_w : float
         ``<G, E>`` of ``G = M~ M~^T`` and of ``W M~^T``.
     riesz_exponent : float
@@ -96,7 +97,7 @@ class PairSweep:
         without a classifier
     weight_mean_dots : float64 array of shape (C',), ``w_a . mu~_a`` (host
         memory); (0,) without a classifier
-    top_logits : float64 array of shape (C', 2), or (0, 2) without a classifier
+    top_logits : float64 array of shape (C', 2), or (0, 2) without global logits
         The largest and second largest logit ``w_c . mu_a + b_c`` of each mean a
         over the classes c with a mean (host memory).
     top_classes : int64 array of shape (C',), or (0,)
@@ -158,8 +159,8 @@ def pair_sweep(centred, global_mean, weights=None, global_logits=None, *, backen
     weights : float64 array of shape (C', D), optional
         Classifier rows of the same classes, in the same order.
     global_logits : float64 array of shape (C',), optional
-        ``W mu_G + b`` of those rows (zeros by default: no bias, ``mu_G = 0``);
-        with it the sweep also finds each mean's two largest logits.
+        ``W mu_G + b`` of those rows (with ``weights`` only): the sweep then also
+        finds each mean's two largest logits.
     backend : CpuBackend or CudaBackend
         Supplies ``xp``, ``map_tasks``, ``reduce_tile`` and ``pair_tile``.
     tile : int, optional
@@ -190,9 +191,8 @@ def pair_sweep(centred, global_mean, weights=None, global_logits=None, *, backen
     etf_norm = math.sqrt(num_means - 1)
     etf_scale = float(mean_norms @ mean_norms - mean_total @ mean_total / num_means) / etf_norm
     weight_norms, weight_mean_dots, etf_scale_w = xp.zeros(0), xp.zeros(0), 0.0
-    if weights is not None and global_logits is None:
-        global_logits = xp.zeros(num_means)
-    global_logits = xp.zeros(0) if weights is None else xp.asarray(global_logits, dtype=float)
+    finds_logits = global_logits is not None
+    global_logits = xp.asarray(global_logits) if finds_logits else xp.zeros(0)
     if weights is not None:
         weight_norms = xp.sqrt(xp.einsum("cd,cd->c", weights, weights))
         weight_mean_dots = xp.einsum("cd,cd->c", weights, centred)
@@ -256,7 +256,7 @@ def pair_sweep(centred, global_mean, weights=None, global_logits=None, *, backen
             rows.stop - rows.start, cols.stop - cols.start)
 
     results = backend.map_tasks(run, len(alongside) + len(tasks))[len(alongside):]
-    merged = TileSide.empty(num_means, weights is not None, xp)
+    merged = TileSide.empty(num_means, finds_logits, xp)
     for (row_start, col_start), (_, row_side, col_side) in zip(tasks, results):
         _merge_side(xp, merged, row_start, row_side)
         _merge_side(xp, merged, col_start, col_side)
@@ -413,18 +413,18 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
     sums[MAXANGLE] = xp.abs(cosines - ideal).sum()
     sums[DISTANCE] = xp.sqrt(sq_distances[pairs]).sum()
     off_pair_distances = xp.where(pairs, sq_distances, np.inf)
-    classifier = tile.weight_norms.shape[0] > 0
-    row_logits = col_logits = TileSide.empty(0, False, xp)[2:]
-    if classifier:
+    no_logits = TileSide.empty(0, False, xp)
+    row_logits = col_logits = no_logits.top_logits, no_logits.top_classes
+    if tile.global_logits.shape[0] > 0:
         top, best_columns = top_two_logits(xp, dots[:rows, cols:], tile.global_logits[col_ids])
         row_logits = top, best_columns + tile.col_start
-    if classifier and tile.row_start != tile.col_start:  # the diagonal's M~W block has all
-        top, best_columns = top_two_logits(xp, dots[rows:, :cols].T,
-                                           tile.global_logits[row_ids])
-        col_logits = top, best_columns + tile.row_start
+        if tile.row_start != tile.col_start:  # the diagonal's M~W block has every pair
+            top, best_columns = top_two_logits(xp, dots[rows:, :cols].T,
+                                               tile.global_logits[row_ids])
+            col_logits = top, best_columns + tile.row_start
     row_side = TileSide(off_pair_distances.min(axis=1), inverse.sum(axis=1), *row_logits)
     col_side = TileSide(off_pair_distances.min(axis=0), inverse.sum(axis=0), *col_logits)
-    if classifier:
+    if tile.weight_norms.shape[0] > 0:
         ww = dots[rows:, cols:]
         cosines_w = (ww / xp.outer(tile.weight_norms[row_ids], tile.weight_norms[col_ids]))[pairs]
         _shifted_sums(xp, sums, COS_W, cosines_w)

@@ -141,8 +141,9 @@ def test_sweep_finds_each_means_two_largest_logits(num_means, backend):
     np.testing.assert_array_equal(sweep.top_classes, np.argmax(logits, axis=1))
     tied = np.argmax(logits, axis=1) == twin
     assert tied.any() and (sweep.top_logits[tied, 0] == sweep.top_logits[tied, 1]).all()
-    without = pair_sweep(centred, np.zeros(24), backend=backend, tile=97)
-    assert without.top_logits.shape == (0, 2) and without.top_classes.shape == (0,)
+    for without in (pair_sweep(centred, np.zeros(24), backend=backend, tile=97),
+                    pair_sweep(centred, np.zeros(24), weights, backend=backend, tile=97)):
+        assert without.top_logits.shape == (0, 2) and without.top_classes.shape == (0,)
 
 
 @pytest.mark.parametrize("backend", [CPU, NumpyTiles], ids=["compiled", "arrays"])

@@ -30,9 +30,9 @@ class CpuBackend:
     def reduce_tile(dots, tile, rows, cols):
         """One sweep tile through ``ncfast.kernels.pairs.reduce_tile``."""
         sums = np.zeros(len(pairs.SLOTS))
-        classifier = tile.weight_norms.shape[0] > 0
-        row_side = pairs.TileSide.empty(rows, classifier)
-        col_side = pairs.TileSide.empty(cols, classifier)
+        logits = tile.global_logits.shape[0] > 0
+        row_side = pairs.TileSide.empty(rows, logits)
+        col_side = pairs.TileSide.empty(cols, logits)
         pairs.reduce_tile(np.ascontiguousarray(dots), tile, sums, row_side, col_side)
         return sums, row_side, col_side
 
