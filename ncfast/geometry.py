@@ -186,9 +186,10 @@ class Geometry:
         """
         return route_for(self.present.size, self.num_features)
 
-    @property
+    @cached_property
     def present_means(self):
-        """float64 array of shape (C', D), C-contiguous: the means of the classes that have one."""
+        """float64 array of shape (C', D), C-contiguous: the means of the classes that have one
+        (a copy, made once, when some class has none)."""
         if self.present.size == self.num_classes:
             return self.means
         return self.means[self.present]

@@ -10,10 +10,11 @@ of its rows.
 """
 import math
 
+import numba
 import numpy as np
 
 from ncfast.geometry import kept_spectrum
-from ncfast.kernels.cpu import dense_blas
+from ncfast.kernels.cpu import TASK_BYTES, dense_blas, run_tasks
 from ncfast.sweep import cdnv
 
 
@@ -146,6 +147,10 @@ def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
 def self_duality(plan):
     """NC3 ``||nrm(W') - nrm(M~)||_F^2``, W' the classifier rows of the classes with a mean.
 
+    Summed over tasks of ``TASK_BYTES`` of rows on the worker threads (no C'×D
+    temporary), each task's sum added in task order, so that the result does
+    not depend on the thread count.
+
     Parameters
     ----------
     plan : Pass2Plan
@@ -156,15 +161,21 @@ def self_duality(plan):
     float
     """
     geometry = plan.geometry
-    weights = plan.weights
-    if geometry.present.size < geometry.num_classes:
-        weights = weights[geometry.present]
+    present, centred = geometry.present, geometry.centred
     weight_sq_total = float(plan.sweep.weight_norms @ plan.sweep.weight_norms)
-    # ||W'/a - M~/b||^2 = ||W' - (a/b) M~||^2 / a^2 (a, b the Frobenius norms): one scaled
+    # ||W'/a - M~/b||^2 = ||W' - (a/b) M~||^2 / a^2 (a, b the Frobenius norms): a scaled
     # copy of M~, and the difference taken entry by entry (no cancellation near collapse).
-    difference = geometry.centred * math.sqrt(weight_sq_total / geometry.centred_sq_norms.sum())
-    np.subtract(weights, difference, out=difference)
-    return float(np.einsum("cd,cd->", difference, difference) / weight_sq_total)
+    scale = math.sqrt(weight_sq_total / geometry.centred_sq_norms.sum())
+    rows_per_task = max(1, TASK_BYTES // (8 * geometry.num_features))
+
+    def task_sum(task):
+        rows = slice(task * rows_per_task, (task + 1) * rows_per_task)
+        difference = centred[rows] * scale
+        np.subtract(plan.weights[present[rows]], difference, out=difference)
+        return float(np.einsum("cd,cd->", difference, difference))
+
+    partial_sums = run_tasks(task_sum, -(-present.size // rows_per_task), numba.get_num_threads())
+    return sum(partial_sums) / weight_sq_total
 
 
 def ood_orthogonality(geometry, ood_mean):

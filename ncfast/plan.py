@@ -138,15 +138,21 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     classes_route = geometry.route == "classes"
     num_logits = 0 if weights is None else num_classes
     weights_t = np.empty((num_features, num_logits), np.float32)
+    # On the "features" route pass 2 multiplies the rows by M~^T (float32).
+    projection_t = None if classes_route else np.empty((num_features, num_means), np.float32)
 
     def transpose_weights():
         weights_t[...] = weights.T
 
+    def transpose_means():
+        projection_t[...] = geometry.centred.T
+
     # Beside the sweep's tiles, on the same worker threads: the eigendecomposition of the
     # Gram (LAPACK on one thread, the longest task, so first) and the distances between
     # the means, or on the "features" route that of Sigma_B, which the report's NC1 reads
-    # (the geometry computes each when first read); and the float32 copy of W^T.
-    alongside = [lambda: geometry.between_spectrum]
+    # (the geometry computes each when first read), with the float32 copy of M~^T; and the
+    # float32 copy of W^T.
+    alongside = [lambda: geometry.between_spectrum, transpose_means]
     if classes_route:
         alongside = [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
     if weights is not None:
@@ -187,7 +193,6 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
             mean_predictions, classifier_sq_radii = classifier_radii(
                 present_means, weights, logit_offsets, weight_gram)
     else:
-        projection_t = np.ascontiguousarray(geometry.centred.T, dtype=np.float32)
         eigenvectors_t = np.zeros((0, 0), np.float32)
         logit_offsets = global_logits
         classifier_sq_radii = np.zeros(num_means)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+from ncfast.accumulators import SCATTER_SPLIT_RTOL
+
 # CI runs the same examples every time, so that a red run is reproducible.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 # The nightly job (NCFAST_NIGHTLY=1) draws fresh examples, 40 times as many (``examples``).
@@ -46,7 +48,10 @@ CONDITIONED_RTOL = 1e-15
 #: report's condition stands in for the clean rows'). Found by hypothesis: 15
 #: rows, 7 classes, a kept eigenvalue ratio of 7e-9, nc1 differing by 5e-6
 #: between row orders; and, in the nightly run, nc1_clean of 53 rows differing
-#: by 2e-9 between thread counts at a condition of a few.
+#: by 2e-9 between thread counts at a condition of a few. On the "features" route
+#: the D×D scatter is a float32 product per task of rows, so rows split differently
+#: agree to ``SCATTER_SPLIT_RTOL`` times the condition instead (found by hypothesis:
+#: 46 rows, D = 1, chunks of 1 and 45 rows against one of 46, nc1_clean 1.3e-7 apart).
 FLOAT32_FLIP_FIELDS = ("nc1", "nc1_clean")
 
 
@@ -104,7 +109,8 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
     Integer and string fields must be equal; float fields and arrays must agree
     to ``rtol`` relative error (``CONDITIONED_FIELDS``: at least
     ``CONDITIONED_RTOL`` times the pseudo-inverse's condition number;
-    ``FLOAT32_FLIP_FIELDS`` at least float32 eps times it; every field at least
+    ``FLOAT32_FLIP_FIELDS`` at least float32 eps times it, ``SCATTER_SPLIT_RTOL`` times
+    it on the "features" route; every field at least
     ``geometry_rtol``), with NaN in the same places; values that are both within
     ``ROUNDING_ZERO`` (or ``geometry_rtol``) of zero agree.
 
@@ -120,8 +126,10 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
         if item.name in CONDITIONED_FIELDS:
             field_rtol = max(field_rtol, CONDITIONED_RTOL * expected.pinv_condition)
         if item.name in FLOAT32_FLIP_FIELDS:
-            field_rtol = max(field_rtol,
-                             float(np.finfo(np.float32).eps) * expected.pinv_condition)
+            flip_rtol = float(np.finfo(np.float32).eps)
+            if expected.route == "features":
+                flip_rtol = SCATTER_SPLIT_RTOL
+            field_rtol = max(field_rtol, flip_rtol * expected.pinv_condition)
         mismatch = _value_mismatch(item.name, getattr(actual, item.name),
                                    getattr(expected, item.name), field_rtol,
                                    max(ROUNDING_ZERO, geometry_floor))
