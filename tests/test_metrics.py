@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import ncfast
 from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf
 from conftest import CONDITIONED_RTOL, NIGHTLY, examples
+from ncfast import metrics
 from ncfast.plan import eigen_diagonal
 from ncfast.report import PER_CLASS
 from ncfast.textbook import textbook_collapse
@@ -334,6 +335,16 @@ def test_empty_classes_warn_and_match_textbook():
     np.testing.assert_array_equal(report.present_classes, [0, 2, 3, 5])
     assert report.class_accuracy[0] == 0.0
     assert np.isnan(report.class_variances[[1, 4]]).all()
+
+
+def test_self_duality_over_tasks_of_rows_matches_textbook(monkeypatch):
+    """NC3 summed over tasks of 3 class means (4 means with a row: tasks of 3 and 1, the
+    classifier rows of the classes without one skipped) equals the textbook's."""
+    case = _case_with_empty_classes()
+    monkeypatch.setattr(metrics, "TASK_BYTES", 8 * case["features"].shape[1] * 3)
+    with pytest.warns(UserWarning, match="classes have no rows"):
+        report = ncfast.collapse(**case)
+    assert report.nc3 == pytest.approx(textbook_collapse(**case)["nc3"], rel=1e-10)
 
 
 def test_empty_classes_raise_when_asked():
