@@ -75,6 +75,65 @@ def geometry_rtol(report):
     return 4.0 * float(np.finfo(np.float64).eps) * (largest_norm / smallest_gap) ** 2
 
 
+def smallest_unit_gap(report):
+    """Smallest positive distance between two unit centred means (inf if none): where the
+    log and Riesz kernels are largest and most sensitive. Means that share a direction
+    exactly (every pair but opposite ones at D = 1) are left out: their kernels are
+    infinite either way."""
+    units = centred_means(report)
+    norms = np.linalg.norm(units, axis=1, keepdims=True)
+    units = units[norms[:, 0] > 0] / norms[norms[:, 0] > 0]  # a mean at mu_G has no direction
+    gaps = np.sqrt(((units[:, None, :] - units[None, :, :]) ** 2).sum(axis=2))
+    gaps = gaps[gaps > 0]
+    return gaps.min() if gaps.size else np.inf
+
+
+def kernel_amplification(name, report):
+    """How much a kernel metric magnifies the relative rounding of a squared distance
+    between unit centred means; None for the other metrics.
+
+    The kernels of the distance d between unit centred means (Liu et al. 2023):
+    ``-1/2 log d^2`` takes a relative error of d^2 once (its variance twice),
+    ``d^-s`` (s = D - 2) |s|/2 times (its variance |s| times).
+    """
+    exponent = abs(report.num_features - 2)
+    return {"gnc2": 1.0, "log_kernel_variance": 2.0, "riesz_kernel_mean": exponent / 2,
+            "riesz_kernel_variance": exponent}.get(name)
+
+
+def kernel_rtol(name, report):
+    """Rounding allowed in a kernel metric between two analyses of the same rows (0 for
+    the other metrics).
+
+    Means off by float64 eps times the largest mean norm R move the unit centred
+    means by eps R / m (m the smallest centred norm), and a squared distance d^2
+    between them by ``2 eps R / (m d)`` relatively; forming ``2 - 2 cos`` adds ``eps /
+    d^2``. Found by the nightly run: 12 rows, D = 48, two means 0.01 apart near 24
+    (unit distance 6.4e-4, Riesz kernel mean 8.9e145), which moved by 1.3e-8
+    between chunk sizes; three means of 23 rows with label noise, gnc2 and the log
+    kernel's variance 1.5e-10 and 3.4e-10 apart between chunk orders.
+    """
+    amplification = kernel_amplification(name, report)
+    if amplification is None:
+        return 0.0
+    gap = smallest_unit_gap(report)
+    present_norms = report.class_mean_norms[report.present_classes]
+    positions = (np.linalg.norm(report.means[report.present_classes], axis=1).max()
+                 / present_norms[present_norms > 0].min())
+    return amplification * 4.0 * float(np.finfo(np.float64).eps) * (
+        1 + 2 * positions / gap + gap ** -2)
+
+
+def centred_means(report):
+    """``mu_c - mu_G`` of the classes with a mean, as the report's ``global_mean`` centres them."""
+    means = report.means[report.present_classes]
+    if report.global_mean == "samples":
+        counts = report.class_counts if report.mean_counts is None else report.mean_counts
+        weights = np.asarray(counts, np.float64)[report.present_classes]
+        return means - weights @ means / weights.sum()
+    return means - means.mean(axis=0)
+
+
 def _value_mismatch(name, actual, expected, rtol, zero=ROUNDING_ZERO):
     """Describe how ``actual`` differs from ``expected``, or return None when they agree.
 
@@ -110,7 +169,7 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
     to ``rtol`` relative error (``CONDITIONED_FIELDS``: at least
     ``CONDITIONED_RTOL`` times the pseudo-inverse's condition number;
     ``FLOAT32_FLIP_FIELDS`` at least float32 eps times it, ``SCATTER_SPLIT_RTOL`` times
-    it on the "features" route; every field at least
+    it on the "features" route; the kernels' fields ``kernel_rtol``; every field at least
     ``geometry_rtol``), with NaN in the same places; values that are both within
     ``ROUNDING_ZERO`` (or ``geometry_rtol``) of zero agree.
 
@@ -125,6 +184,7 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
         field_rtol = max(rtol, geometry_floor)
         if item.name in CONDITIONED_FIELDS:
             field_rtol = max(field_rtol, CONDITIONED_RTOL * expected.pinv_condition)
+        field_rtol = max(field_rtol, kernel_rtol(item.name, expected))
         if item.name in FLOAT32_FLIP_FIELDS:
             flip_rtol = float(np.finfo(np.float32).eps)
             if expected.route == "features":

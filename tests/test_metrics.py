@@ -14,6 +14,7 @@ the condition number of the textbook's ``Sigma_B``. Analytic cases (a simplex
 ETF, an orthogonal frame, a known spectrum) must give their exact values.
 """
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -22,8 +23,11 @@ from hypothesis import strategies as st
 
 import ncfast
 from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf
-from conftest import CONDITIONED_RTOL, NIGHTLY, examples
+from conftest import (CONDITIONED_RTOL, NIGHTLY, centred_means, examples,
+                      kernel_amplification, smallest_unit_gap)
 from ncfast import metrics
+from ncfast.accumulators import SCATTER_TASK_ROWS
+from ncfast.geometry import route_for
 from ncfast.plan import eigen_diagonal
 from ncfast.report import PER_CLASS
 from ncfast.textbook import textbook_collapse
@@ -85,6 +89,84 @@ def magnitude_ratio(report):
     return max(1.0, float(np.abs(means).max() / smallest_gap))
 
 
+class DecisionTies(NamedTuple):
+    """Rows whose NCC or classifier decision float32 rounding may flip (``decision_ties``).
+
+    Attributes
+    ----------
+    ncc, classifier : bool arrays of shape (n,)
+    labels : int array of shape (n,)
+    deciding : bool array of shape (n,), the ties of the rule ``noise_fit`` reads (the
+        classifier's when there is one, else NCC's)
+    corrupted : bool array of shape (n,), rows whose label is not their clean label
+    """
+
+    ncc: np.ndarray
+    classifier: np.ndarray
+    labels: np.ndarray
+    deciding: np.ndarray
+    corrupted: np.ndarray
+
+
+def _top_two_gap(scores):
+    """Largest minus second largest score of each row (inf with one column)."""
+    if scores.shape[1] < 2:
+        return np.full(scores.shape[0], np.inf)
+    top_two = -np.partition(-scores, 1, axis=1)[:, :2]
+    return top_two[:, 0] - top_two[:, 1]
+
+
+def decision_ties(case, report):
+    """The rows of ``case`` whose float64 NCC or classifier margin is within float32 rounding.
+
+    ncfast scores the class centres and the classifier's logits from float32
+    products of the residual (on the "features" route the centred row) with
+    the centred means and W, then (on the "classes" route) of those with the
+    Gram eigenvectors. Each score is then within ``(D + C' + 2)`` float32 eps
+    of its exact value (Higham 2002, eq. 3.5), relative to ``(||h - mu_G|| +
+    max ||mu~||)`` times ``2 ||M~||_F`` for the squared distances and ``max
+    ||w||`` for the logits: a row whose two best float64 scores are closer than
+    twice that may be decided either way. Found by the nightly run: two class
+    means 3e-5 apart at D = 1 (a class made of three flipped rows), rows spread
+    1e-4 around them, whose NCC accuracies differed by 3 of 20 rows.
+    """
+    features = np.asarray(case["features"], np.float64)
+    means = report.means[report.present_classes]
+    centred = centred_means(report)
+    row_scale = (np.linalg.norm(features - (means[0] - centred[0]), axis=1)
+                 + np.linalg.norm(centred, axis=1).max())
+    # Twice the rounding of one score, less its last factor (2 ||M~||_F or max ||w||).
+    slack = 2 * (features.shape[1] + len(means) + 2) * FLOAT32_EPS * row_scale
+    sq_distances = ((features[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
+    ncc = _top_two_gap(-sq_distances) <= slack * 2 * np.linalg.norm(centred)
+    classifier = np.zeros(len(features), bool)
+    if case.get("weights") is not None:
+        logits = features @ case["weights"].T + case["bias"]
+        classifier = _top_two_gap(logits) <= slack * np.linalg.norm(case["weights"], axis=1).max()
+    labels = case["labels"]
+    corrupted = labels != case.get("clean_labels", labels)
+    return DecisionTies(ncc, classifier, labels,
+                        classifier if case.get("weights") is not None else ncc, corrupted)
+
+
+def tally_allowance(name, ties):
+    """How far an exact tally metric may move when the rows in ``ties`` go either way."""
+    if name == "noise_fit":
+        return (ties.deciding & ties.corrupted).sum() / max(ties.corrupted.sum(), 1)
+    either = {"ncc_accuracy": ties.ncc, "accuracy": ties.classifier,
+              "nc4": ties.ncc | ties.classifier}[name]
+    return either.sum() / len(either)
+
+
+def assert_class_tallies_match(actual, expected, class_ties, labels):
+    """Per-class fractions equal, but for each class's rows in ``class_ties``."""
+    counts = np.bincount(labels, minlength=len(expected))
+    allowed = np.bincount(labels, weights=class_ties, minlength=len(expected))
+    both_nan = np.isnan(actual) & np.isnan(expected)
+    difference = np.abs(np.where(both_nan, 0.0, actual - expected))
+    assert (difference <= allowed / np.maximum(counts, 1)).all(), (actual, expected, allowed)
+
+
 def metric_rtol(name, report):
     """The relative tolerance of one metric (or ``pinv_condition``) of ``report``.
 
@@ -103,6 +185,13 @@ def metric_rtol(name, report):
     if name in FLOAT32_METRICS:
         return ((report.num_features + 1) * FLOAT32_EPS
                 + max(float64_rtol, CONDITIONED_RTOL) * report.pinv_condition)
+    amplification = kernel_amplification(name, report)
+    if amplification is not None:
+        # Positions off by float64_rtol move d^2 by up to (1 + 1/d)^2 times that, relatively
+        # (found by the nightly run: 13 rows, D = 11, unit means 5e-5 apart, the Riesz
+        # kernel's mean 9e-7 off the textbook's).
+        unit_rtol = float64_rtol * (1 + 1 / smallest_unit_gap(report)) ** 2
+        return max(float64_rtol, amplification * unit_rtol)
     return float64_rtol
 
 
@@ -144,18 +233,23 @@ def textbook_nc1_facts(case, global_mean="classes", pinv_rtol=1e-10):
     means from a loop over classes, the D×D ``M~^T M~`` and its eigenpairs
     ``(lambda_j, u_j)`` above ``pinv_rtol`` of the largest (those of the Gram).
 
-    NC1 is ``(1/N) sum_i sum_j (u_j . r_i)^2 / lambda_j``. Rounding a residual to
-    float32 and a D-term float32 product move ``u_j . r_i`` by at most about
-    ``(D + 1) / 2`` float32 eps times ``||r_i||`` (not times ``|u_j . r_i|``, which
-    can be far smaller), so NC1 moves by at most ``(D + 1)`` float32 eps times
-    ``B = (1/N) sum_ij |u_j . r_i| ||r_i|| / lambda_j``, to first order.
+    NC1 is ``(1/N) sum_i sum_j (u_j . r_i)^2 / lambda_j``. On the "classes" route,
+    rounding a residual to float32 and a D-term float32 product move ``u_j . r_i``
+    by at most about ``(D + 1) / 2`` float32 eps times ``||r_i||`` (not times
+    ``|u_j . r_i|``, which can be far smaller), so NC1 moves by at most ``(D + 1)``
+    float32 eps times ``B = (1/N) sum_ij |u_j . r_i| ||r_i|| / lambda_j``, to first
+    order. On the "features" route the D×D scatter is a float32 sum over a task of
+    n rows (``SCATTER_TASK_ROWS`` at most), each entry within ``(n + 2)`` float32 eps
+    of ``sum_i |r_ia| |r_ib|``, so NC1 moves by at most ``(n + 2)`` float32 eps times
+    ``(1/N) sum_ij (|u_j| . |r_i|)^2 / lambda_j`` (found by the nightly run: 10 rows
+    with label noise at a condition of 5.7e9, NC1 6.5 against the textbook's 2.3).
 
     Returns
     -------
     dict
-        ``condition`` (largest over smallest kept eigenvalue), ``nc1`` (B of all
-        rows) and, with ``clean_labels``, ``nc1_clean`` (B of the clean rows
-        against their own means).
+        ``condition`` (largest over smallest kept eigenvalue), ``nc1`` (the bound's
+        factor for all rows, on their route) and, with ``clean_labels``,
+        ``nc1_clean`` (that of the clean rows against their own means).
     """
     features = np.asarray(case["features"], dtype=np.float64)
 
@@ -169,10 +263,15 @@ def textbook_nc1_facts(case, global_mean="classes", pinv_rtol=1e-10):
         eigenvalues, vectors = np.linalg.eigh(centred.T @ centred)
         kept = eigenvalues > pinv_rtol * eigenvalues.max()
         residuals = rows - means[labels]
-        projections = np.abs(residuals @ vectors[:, kept])
-        bound = (projections * np.linalg.norm(residuals, axis=1)[:, None]
-                 / eigenvalues[kept]).sum() / len(labels)
-        return eigenvalues[kept], float(bound)
+        if route_for(classes.size, features.shape[1]) == "classes":
+            projections = np.abs(residuals @ vectors[:, kept])
+            bound = (features.shape[1] + 1) * (
+                projections * np.linalg.norm(residuals, axis=1)[:, None] / eigenvalues[kept])
+        else:
+            task_rows = min(len(labels), SCATTER_TASK_ROWS)
+            bound = (task_rows + 2) * (
+                (np.abs(residuals) @ np.abs(vectors[:, kept])) ** 2 / eigenvalues[kept])
+        return eigenvalues[kept], FLOAT32_EPS * float(bound.sum()) / len(labels)
 
     kept, bound = spectrum_and_bound(features, case["labels"])
     facts = {"condition": float(kept.max() / kept.min()), "nc1": bound}
@@ -182,7 +281,7 @@ def textbook_nc1_facts(case, global_mean="classes", pinv_rtol=1e-10):
     return facts
 
 
-def assert_matches_textbook(report, reference, *, zero_floors=None, facts=None):
+def assert_matches_textbook(report, reference, *, zero_floors=None, facts=None, ties=None):
     """Assert a ``CollapseReport`` agrees with a ``textbook_collapse`` result.
 
     Parameters
@@ -198,6 +297,9 @@ def assert_matches_textbook(report, reference, *, zero_floors=None, facts=None):
         ``textbook_nc1_facts`` of the inputs: ``pinv_condition`` is checked
         against it, and NC1 is held to its rounding bound (absolute) instead of
         the relative ``metric_rtol``.
+    ties : DecisionTies, optional
+        ``decision_ties`` of the inputs: the tallies may differ by these rows
+        (``tally_allowance``); without it they must be equal.
     """
     zero_floors = zero_floors or {}
     expected_metrics = {name: value for name, value in reference.items()
@@ -206,14 +308,16 @@ def assert_matches_textbook(report, reference, *, zero_floors=None, facts=None):
     for name, expected in expected_metrics.items():
         actual = getattr(report, name)
         if name in EXACT_METRICS:
-            assert actual == expected, name
+            if actual != expected:
+                allowed = 0.0 if ties is None else tally_allowance(name, ties)
+                assert abs(actual - expected) <= allowed, (name, actual, expected, allowed)
         elif name in zero_floors:
             assert max(abs(actual), abs(expected)) <= zero_floors[name], \
                 (name, actual, expected, zero_floors[name])
         elif facts is not None and name in FLOAT32_METRICS:
             float64_part = (max(FLOAT64_RTOL * magnitude_ratio(report), CONDITIONED_RTOL)
                             * report.pinv_condition * abs(expected))
-            bound = (report.num_features + 1) * FLOAT32_EPS * facts[name] + float64_part
+            bound = facts[name] + float64_part
             assert abs(actual - expected) <= bound, (name, actual, expected, bound)
         else:
             floor = 0.0 if name in DIMENSIONAL_METRICS else LINEAR_ZERO * magnitude_ratio(report)
@@ -225,11 +329,19 @@ def assert_matches_textbook(report, reference, *, zero_floors=None, facts=None):
         assert report.pinv_condition == pytest.approx(
             facts["condition"], rel=metric_rtol("pinv_condition", report), abs=0)
     np.testing.assert_array_equal(report.class_counts, reference["class_counts"])
-    np.testing.assert_array_equal(report.class_ncc_accuracy, reference["class_ncc_accuracy"])
+    if ties is None:
+        np.testing.assert_array_equal(report.class_ncc_accuracy,
+                                      reference["class_ncc_accuracy"])
+    else:
+        assert_class_tallies_match(report.class_ncc_accuracy, reference["class_ncc_accuracy"],
+                                   ties.ncc, ties.labels)
     if reference["class_accuracy"] is None:
         assert report.class_accuracy is None
-    else:
+    elif ties is None:
         np.testing.assert_array_equal(report.class_accuracy, reference["class_accuracy"])
+    else:
+        assert_class_tallies_match(report.class_accuracy, reference["class_accuracy"],
+                                   ties.classifier, ties.labels)
     for name in PER_CLASS_FLOATS:
         np.testing.assert_allclose(getattr(report, name), reference[name],
                                    rtol=metric_rtol(name, report), atol=0, err_msg=name)
@@ -289,7 +401,8 @@ def test_random_small_cases_match_textbook(parameters, global_mean):
     report = ncfast.collapse(**case, global_mean=global_mean, empty_classes="ignore")
     assert_matches_textbook(report, textbook_collapse(**case, global_mean=global_mean),
                             zero_floors=analytic_zero_floors(case, global_mean),
-                            facts=textbook_nc1_facts(case, global_mean))
+                            facts=textbook_nc1_facts(case, global_mean),
+                            ties=decision_ties(case, report))
 
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
