@@ -70,8 +70,10 @@ class CollapseReport:
     rank : int
         Numerical rank of the pseudo-inverted between-class matrix.
     pinv_condition : float
-        Its largest over smallest kept eigenvalue; NC1's relative rounding
-        error grows with it (about 1e-16 times it).
+        Its largest over smallest kept eigenvalue. NC1's rounding grows with
+        it: the float64 part by about 1e-16 times it, the float32 products of
+        pass 2 by up to about 1e-7 times it where the residuals have little
+        energy along the weakest kept directions (docs/metrics.md, "Precision").
     route : {"classes", "features"}
         Whether NC1 used the C×C or the D×D scatter.
     """
