@@ -3,9 +3,10 @@
 ``ncfast.sweep`` computes, per tile pair ``I <= J`` of classes, the float64 products
 ``[M~_I; W_I] [M~_J; W_J]^T`` and hands them here. ``reduce_tile`` turns their
 entries into the sums every class-pair metric needs (``SLOTS`` names them)
-and per-class minima, sums and top logits (``TileSide``), in one read of the tile. ``ncfast.sweep`` has the
-same reduction in array-namespace form (``reduce_tile_xp``), which the CUDA
-backend runs and the tests compare against this one.
+and per-class minima, sums and top logits (``TileSide``), in one read of the
+tile. ``ncfast.sweep`` has the same reduction in array-namespace form
+(``reduce_tile_xp``), which the CUDA backend runs and the tests compare
+against this one.
 
 ``classifier_sq_radii`` reduces the (class mean, class) logit gaps of the pass-2
 plan (``ncfast.plan.classifier_radii``) in one read.

@@ -152,18 +152,18 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     # the means, or on the "features" route that of Sigma_B, which the report's NC1 reads
     # (the geometry computes each when first read), with the float32 copy of M~^T; and the
     # float32 copy of W^T.
-    alongside = [lambda: geometry.between_spectrum, transpose_means]
     if classes_route:
         alongside = [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
-    if weights is not None:
-        alongside.append(transpose_weights)
+    else:
+        alongside = [lambda: geometry.between_spectrum, transpose_means]
     global_logits, present_global_logits = np.zeros(0), None
     if weights is not None:
+        alongside.append(transpose_weights)
         with dense_blas(2.0 * weights.size):
             global_logits = weights @ geometry.global_mean + bias
-    if weights is not None and not classes_route:  # the top logits give the radii
-        present_global_logits = xp.asarray(global_logits if every_class
-                                           else global_logits[present])
+        if not classes_route:  # the top logits give the radii
+            present_global_logits = xp.asarray(global_logits if every_class
+                                               else global_logits[present])
     # On the "classes" route (C' <= D) finalize formed the Gram matrix already, and the
     # C'×C' classifier products are no larger than the means: the sweep keeps them, so
     # the logit offsets and radii need no product of their own (when every class has a mean).

@@ -222,14 +222,14 @@ def pair_sweep(centred, global_mean, weights=None, global_logits=None, *, backen
         diagonal = rows == cols
         row_means = centred[rows]
         col_means = row_means if diagonal else centred[cols]
+        mean_dots = gram[rows, cols] if gram is not None else row_means @ col_means.T
         if weights is None:
-            return gram[rows, cols] if gram is not None else row_means @ col_means.T
+            return mean_dots
         row_weights = weights[rows]
         col_weights = row_weights if diagonal else weights[cols]
         num_rows, num_cols = rows.stop - rows.start, cols.stop - cols.start
         dots = xp.empty((2 * num_rows, 2 * num_cols))
-        dots[:num_rows, :num_cols] = gram[rows, cols] if gram is not None else \
-            row_means @ col_means.T
+        dots[:num_rows, :num_cols] = mean_dots
         dots[:num_rows, num_cols:] = row_means @ col_weights.T
         dots[num_rows:, num_cols:] = row_weights @ col_weights.T
         dots[num_rows:, :num_cols] = (dots[:num_rows, num_cols:].T if diagonal
