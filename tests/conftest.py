@@ -69,8 +69,7 @@ def geometry_rtol(report):
     nc2_equinorm and nc2_etf (0 analytically) came out as 0 or 2e-12.
     """
     means = report.means[report.present_classes]
-    gaps = np.sqrt(((means[:, None, :] - means[None, :, :]) ** 2).sum(axis=2))
-    smallest_gap = gaps[~np.eye(len(means), dtype=bool)].min()
+    smallest_gap = pair_gaps(means).min()
     largest_norm = max(np.linalg.norm(means, axis=1).max(), np.nanmax(report.class_mean_norms))
     return 4.0 * float(np.finfo(np.float64).eps) * (largest_norm / smallest_gap) ** 2
 
@@ -83,9 +82,15 @@ def smallest_unit_gap(report):
     units = centred_means(report)
     norms = np.linalg.norm(units, axis=1, keepdims=True)
     units = units[norms[:, 0] > 0] / norms[norms[:, 0] > 0]  # a mean at mu_G has no direction
-    gaps = np.sqrt(((units[:, None, :] - units[None, :, :]) ** 2).sum(axis=2))
+    gaps = pair_gaps(units)
     gaps = gaps[gaps > 0]
     return gaps.min() if gaps.size else np.inf
+
+
+def pair_gaps(vectors):
+    """Distances between every two different rows of ``vectors`` (k, D), as a flat array."""
+    gaps = np.sqrt(((vectors[:, None, :] - vectors[None, :, :]) ** 2).sum(axis=2))
+    return gaps[~np.eye(len(vectors), dtype=bool)]
 
 
 def kernel_amplification(name, report):
