@@ -48,7 +48,10 @@ route is ncfast's, ``ncfast.geometry.route_for``):
 - **features route** (C' > D): NC1's D×D scatter, ``N·D²`` (a symmetric
   rank-k update: half of ``2·N·D²``); far from collapse also the NCC
   distances and logits of every row, ``2·N·D·(C' + C_w)``; collapsed only the
-  scatter. Own GEMM shape: ``k = D``.
+  scatter. Own GEMM shape: ``k = D``. ncfast itself does ``2·N·D²`` here: it
+  multiplies the residuals by the eigenvectors of ``Sigma_B``, because a float32
+  scatter loses NC1 along directions where the residuals are small
+  (docs/algorithm.md, "The features route"); the floor keeps the scatter's flops.
 - **C ≤ 32** (``SKINNY_CLASSES``): the GEMM is skinny and hides under the
   read; the floor is the two reads.
 

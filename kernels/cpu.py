@@ -713,8 +713,9 @@ def residual_blocks(features, labels, corrupted, route, buffers, out_sq_norms, s
     beyond their NCC radius, if any, ``z = V a`` by a second GEMM; for the
     rows beyond their classifier radius, if any, ``W r`` by a third
     (``gather_rows_beyond``); ``epilogue``. Each GEMM has one shape for every
-    block (the last block and the gathered rows are padded with zero rows),
-    so that BLAS computes every row the same way however the rows are split.
+    block (the last block and the gathered rows are padded with zero rows):
+    BLAS rounds different shapes differently (and a row by its place in the
+    block, which only the chunking moves).
 
     Parameters
     ----------
@@ -770,6 +771,37 @@ def residual_blocks(features, labels, corrupted, route, buffers, out_sq_norms, s
                  corrupted[first:last] if has_corrupted else corrupted,
                  buffers.far_mean_products, buffers.far_logits, route, sums)
     return True
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def add_coordinate_squares(residuals, basis, block, products, out_sums):
+    """Add ``sum_i (r_i . u_j)^2`` for every column ``u_j`` of ``basis``, on one thread.
+
+    The "features" route's NC1 state: the squared coordinates of the residuals
+    in the eigenbasis of ``Sigma_B``, each from one float32 GEMM per block of
+    ``b = block.shape[0]`` rows (BLAS, through ``np.dot``) and summed in
+    float64. The last block is padded with zero rows, so that every GEMM has
+    one shape (as in ``residual_blocks``).
+
+    Parameters
+    ----------
+    residuals : float32 array of shape (n, D)
+    basis : float32 array of shape (D, K), C-contiguous
+    block : float32 array of shape (b, D), scratch
+    products : float32 array of shape (b, K), scratch
+    out_sums : float64 array of shape (K,), updated in place
+    """
+    num_rows = residuals.shape[0]
+    block_size = block.shape[0]
+    for first in range(0, num_rows, block_size):
+        size = min(block_size, num_rows - first)
+        block[:size] = residuals[first:first + size]
+        block[size:] = 0.0
+        np.dot(block, basis, products)
+        for i in range(size):
+            for j in range(products.shape[1]):
+                coordinate = np.float64(products[i, j])
+                out_sums[j] += coordinate * coordinate
 
 
 class ClassesRoute(NamedTuple):

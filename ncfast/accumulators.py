@@ -1,7 +1,7 @@
 """Streaming accumulators of the two passes.
 
-Every state is a set of sums (counts, float64 sums, scatter matrices, hit
-counts), so states from chunks, threads, files or workers merge by ``+``,
+Every state is a set of sums (counts, float64 sums, sums of squared
+coordinates, hit counts), so states from chunks, threads, files or workers merge by ``+``,
 in any order. Means exist only after finalize (``ncfast.geometry``).
 
 ``ClassSums`` is pass 1; ``ResidualStats`` is pass 2 and is built on the
@@ -207,33 +207,38 @@ def runs_narrow_kernel(route):
     return num_columns <= NARROW_COLUMNS and route.means.shape[1] >= NARROW_MIN_FEATURES
 
 
-#: Rows per task of the "features" route's D×D scatter: tasks of fixed rows, added in
-#: task order, so that the scatter does not depend on the thread count.
-SCATTER_TASK_ROWS = 4096
-#: How far the "features" route's scatter of the same rows may move, relative to
-#: its largest entry, when the rows are split into chunks or states differently.
-SCATTER_SPLIT_RTOL = 1e-6
+def _eigen_coordinate_squares(residuals, basis):
+    """``sum_i (r_i . u_j)^2`` for every column ``u_j`` of ``basis``, on the worker threads.
 
+    Tasks of ``cpu.task_rows(D)`` rows (whole blocks of ``cpu.block_rows(D)``)
+    each run ``cpu.add_coordinate_squares`` into their own float64 sums, which
+    are added in task order: the result does not depend on the thread count.
+    Rows split differently agree to float64 rounding and to about one float32
+    rounding of each row's coordinates (BLAS rounds a row by its place in a block).
 
-def _scatter(residuals):
-    """``sum r r^T`` of float32 residuals (n, D), summed in float64, on the worker threads.
+    Parameters
+    ----------
+    residuals : float32 array of shape (n, D)
+    basis : float32 array of shape (D, K)
 
-    Each task's ``SCATTER_TASK_ROWS`` rows are multiplied by one float32
-    symmetric rank-k update (numpy's ``R^T @ R``) on one BLAS thread (a
-    multithreaded product spins when other jobs share the cores), and the
-    tasks' products are added in float64: the precision rule of the "classes"
-    route, a float32 GEMM with float64 sums. Measured at D = 768: within 3e-7
-    of the float64 product, in 0.6 of its time. Partial states of rows split
-    differently therefore agree to float32 rounding of a task's sum, not to
-    float64 rounding (``SCATTER_SPLIT_RTOL``).
+    Returns
+    -------
+    float64 array of shape (K,)
     """
-    num_rows = residuals.shape[0]
+    num_rows, num_features = residuals.shape
+    rows_per_task = cpu.task_rows(num_features)
+    block = cpu.block_rows(num_features)
 
-    def task_scatter(task):
-        rows = residuals[task * SCATTER_TASK_ROWS:(task + 1) * SCATTER_TASK_ROWS]
-        return (rows.T @ rows).astype(np.float64)
+    def task_squares(task):
+        sums = np.zeros(basis.shape[1])
+        cpu.add_coordinate_squares(
+            residuals[task * rows_per_task:(task + 1) * rows_per_task], basis,
+            cpu.thread_buffer("coordinate_block", (block, num_features), np.float32),
+            cpu.thread_buffer("coordinate_products", (block, basis.shape[1]), np.float32),
+            sums)
+        return sums
 
-    partials = cpu.run_tasks(task_scatter, -(-num_rows // SCATTER_TASK_ROWS),
+    partials = cpu.run_tasks(task_squares, -(-num_rows // rows_per_task),
                              numba.get_num_threads())
     return sum(partials[1:], partials[0])
 
@@ -257,7 +262,7 @@ def _centred_rows(features, rows, global_mean):
 
 
 class ResidualStats:
-    """Pass-2 state: NC1 scatter, per-class spreads and prediction tallies.
+    """Pass-2 state: NC1's squared eigen-coordinates, per-class spreads and prediction tallies.
 
     Built on a ``Pass2Plan`` (or a ``Geometry`` and optional classifier, whose
     plan it then builds). Per chunk on the "classes" route (C' <= D):
@@ -267,9 +272,11 @@ class ResidualStats:
     alone (``ncfast.kernels.cpu.residual_blocks``); with few means and
     classifier rows (``runs_narrow_kernel``) the same without BLAS
     (``ncfast.kernels.narrow``). On the "features" route
-    (C' > D): residuals and the D×D scatter, and the nearest class centre and
-    classifier argmax over class tiles (``ncfast.kernels.tiles``), the tiled
-    search only for rows beyond their NCC radius.
+    (C' > D): residuals, one float32 GEMM ``R U`` by the eigenvectors of
+    ``Sigma_B`` (``ncfast.kernels.cpu.add_coordinate_squares``), and the
+    nearest class centre and classifier argmax over class tiles
+    (``ncfast.kernels.tiles``), the tiled search only for rows beyond their NCC
+    radius.
 
     Parameters
     ----------
@@ -285,14 +292,19 @@ class ResidualStats:
     ----------
     plan : Pass2Plan
     route : {"classes", "features"}
-        NC1 from the eigen-diagonal of the C'×C' scatter of ``z = M~ r`` when
-        C' <= D, else from the D×D scatter ``sum r r^T``: cost N·D·min(C', D).
-    eigen_scatter : float64 array of shape (C',)
-        "classes" route: ``diag(V^T S V) = sum_i (V^T z_i)^2`` with
-        ``S = sum z z^T`` and ``V`` the Gram eigenvectors. NC1 needs only this
-        diagonal (``Tr(Gram^+ S Gram^+) = sum_j (V^T S V)_jj / lambda_j^2``).
-    scatter : float64 array of shape (D, D)
-        "features" route: ``sum r r^T``.
+        NC1 from the residuals' coordinates in the eigenbasis of the C'×C' Gram
+        (of ``z = M~ r``) when C' <= D, else of the D×D ``Sigma_B``: cost
+        N·D·min(C', D).
+    eigen_scatter : float64 array of shape (C',) or (D,)
+        NC1 needs only the diagonal of a scatter in an eigenbasis, summed from
+        each row's coordinates. "classes" route, shape (C',):
+        ``diag(V^T S V) = sum_i (V^T z_i)^2`` with ``S = sum z z^T`` and ``V``
+        the Gram eigenvectors (``Tr(Gram^+ S Gram^+) = sum_j (V^T S V)_jj /
+        lambda_j^2``). "features" route, shape (D,): ``sum_i (U^T r_i)^2`` with
+        ``U`` the eigenvectors of ``Sigma_B`` (``Tr(S Sigma_B^+) = sum_j
+        (U^T S U)_jj / lambda_j`` with ``S = sum r r^T``). Each coordinate is
+        rounded once, so NC1's rounding does not grow with the energy of the
+        other directions, as that of a float32 ``S`` would.
     counts : int64 array of shape (C,)
     sq_norm_sums, norm_sums : float64 arrays of shape (C,)
         ``sum ||r||^2`` and ``sum ||r||`` per class.
@@ -315,10 +327,8 @@ class ResidualStats:
         geometry = self.plan.geometry
         num_classes, num_features = geometry.num_classes, geometry.num_features
         self.class_tile = class_tile
-        if self.route == "classes":
-            self.eigen_scatter = np.zeros(geometry.present.size)
-        else:
-            self.scatter = np.zeros((num_features, num_features))
+        self.eigen_scatter = np.zeros(geometry.present.size if self.route == "classes"
+                                      else num_features)
         self.counts = np.zeros(num_classes, np.int64)
         self.sq_norm_sums = np.zeros(num_classes)
         self.norm_sums = np.zeros(num_classes)
@@ -344,8 +354,8 @@ class ResidualStats:
 
     @property
     def sum_names(self):
-        """Names of the arrays that merge by addition: the route's scatter, then the tallies."""
-        return ("eigen_scatter" if self.route == "classes" else "scatter",) + self._TALLIES
+        """Names of the arrays that merge by addition: NC1's state, then the tallies."""
+        return ("eigen_scatter",) + self._TALLIES
 
     @property
     def disagreements(self):
@@ -447,7 +457,7 @@ class ResidualStats:
         tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
                     self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
                     self.classifier_hits, self.totals)
-        self.scatter += _scatter(residuals)
+        self.eigen_scatter += _eigen_coordinate_squares(residuals, plan.between_basis)
         return True
 
     def _fold_class_tiles(self, centred, columns_t, offsets, fold, best, best_index):

@@ -37,7 +37,7 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
         mu_G as the mean of the class means, or of all rows.
     chunk_size : int, optional
         Rows per chunk; chosen from the row width by default. Results do not
-        depend on it beyond float64 rounding.
+        depend on it beyond rounding (README, "Metrics").
     empty_classes : {"warn", "ignore", "raise"}
         What to do when some of the C classes have no rows: metrics run over
         the present classes, with a warning naming the others, silently, or

@@ -46,9 +46,9 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     on a multiple of ``chunk_size``, the kernels see the same chunks as
     ``ncfast.collapse(..., chunk_size=chunk_size)`` and the reports differ
     only by the order of the float64 sums; other block sizes change which rows
-    share a float32 GEMM call, whose rounding BLAS may vary with the call's
-    shape (NC1 and the other scatter metrics then agree to float32 rounding
-    averaged over the rows, about 1e-9 relative on test data).
+    share a float32 GEMM call and where in it, whose rounding BLAS may vary
+    with the call's shape and a row's place (NC1 then agrees to float32
+    rounding averaged over the rows, about 1e-9 relative on test data).
 
     Parameters
     ----------

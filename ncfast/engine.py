@@ -298,7 +298,7 @@ class ResidualPass:
         Returns
         -------
         list of float64 or int64 arrays
-            Each ``ResidualStats``'s scatter, per-class sums and tallies.
+            Each ``ResidualStats``'s NC1 eigen-diagonal, per-class sums and tallies.
         """
         return [getattr(stats, name) for stats in self.parts().values()
                 for name in stats.sum_names]

@@ -45,13 +45,11 @@ def within_class_nc1(geometry, stats, pinv_rtol):
         nc1 = np.sum(stats.eigen_scatter[keep] / eigenvalues[keep] ** 2) / num_rows
     else:
         # Sigma_B = U diag(lambda) U^T (D×D, computed beside the pair sweep) gives
-        # Tr(S Sigma_B^+) = sum_j u_j^T S u_j / lambda_j over the kept eigenvalues.
-        eigenvalues, eigenvectors = geometry.between_spectrum
+        # Tr(S Sigma_B^+) = sum_j u_j^T S u_j / lambda_j over the kept eigenvalues, and
+        # u_j^T S u_j = sum_i (u_j . r_i)^2 is what pass 2 keeps.
+        eigenvalues = geometry.between_spectrum[0]
         keep, rank, condition = kept_spectrum(eigenvalues, pinv_rtol)
-        kept_vectors = eigenvectors[:, keep]
-        with dense_blas(2.0 * geometry.num_features ** 2 * rank):
-            projected = np.einsum("dj,dj->j", stats.scatter @ kept_vectors, kept_vectors)
-        nc1 = np.sum(projected / eigenvalues[keep]) / num_rows / num_means
+        nc1 = np.sum(stats.eigen_scatter[keep] / eigenvalues[keep]) / num_rows / num_means
     within_trace = stats.sq_norm_sums.sum() / num_rows
     between_trace = geometry.centred_sq_norms.sum() / num_means
     return float(nc1), float(within_trace / between_trace), rank, condition

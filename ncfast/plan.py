@@ -48,6 +48,10 @@ class Pass2Plan:
         GEMM gives ``a = V^T z`` with ``z = M~ r``; "features" route: ``M~^T``.
     eigenvectors_t : float32 array of shape (C', C'), ``V^T``; (0, 0) on the
         "features" route
+    between_basis : float32 array of shape (D, D)
+        "features" route: ``U``, the unit eigenvectors of ``Sigma_B`` as columns
+        (``Geometry.between_spectrum``), so that pass 2's GEMM ``R U`` gives each
+        residual's coordinates, whose squares NC1 sums; (0, 0) on the "classes" route.
     ncc_sq_radii : float64 array of shape (C',)
         ``(NCC_RADIUS_FRACTION * g_a)^2``, ``g_a`` the distance from mean a to
         the nearest other mean (from the sweep, less its float64 rounding): a
@@ -74,6 +78,7 @@ class Pass2Plan:
     present_means: np.ndarray
     projection_t: np.ndarray
     eigenvectors_t: np.ndarray
+    between_basis: np.ndarray
     ncc_sq_radii: np.ndarray
     weights_t: np.ndarray
     global_logits: np.ndarray
@@ -138,8 +143,11 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     classes_route = geometry.route == "classes"
     num_logits = 0 if weights is None else num_classes
     weights_t = np.empty((num_features, num_logits), np.float32)
-    # On the "features" route pass 2 multiplies the rows by M~^T (float32).
+    # On the "features" route pass 2 multiplies the rows by M~^T and the residuals by
+    # Sigma_B's eigenvectors (float32).
     projection_t = None if classes_route else np.empty((num_features, num_means), np.float32)
+    between_basis = np.empty((0, 0) if classes_route else (num_features, num_features),
+                             np.float32)
 
     def transpose_weights():
         weights_t[...] = weights.T
@@ -147,15 +155,18 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     def transpose_means():
         projection_t[...] = geometry.centred.T
 
+    def round_between_basis():
+        between_basis[...] = geometry.between_spectrum[1]
+
     # Beside the sweep's tiles, on the same worker threads: the eigendecomposition of the
     # Gram (LAPACK on one thread, the longest task, so first) and the distances between
-    # the means, or on the "features" route that of Sigma_B, which the report's NC1 reads
-    # (the geometry computes each when first read), with the float32 copy of M~^T; and the
-    # float32 copy of W^T.
+    # the means, or on the "features" route that of Sigma_B (the geometry computes each
+    # when first read) rounded to float32 for pass 2, with the float32 copy of M~^T; and
+    # the float32 copy of W^T.
     if classes_route:
         alongside = [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
     else:
-        alongside = [lambda: geometry.between_spectrum, transpose_means]
+        alongside = [round_between_basis, transpose_means]
     global_logits, present_global_logits = np.zeros(0), None
     if weights is not None:
         alongside.append(transpose_weights)
@@ -201,7 +212,8 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
                 geometry, sweep, weights, bias)
     return Pass2Plan(geometry=geometry, weights=weights, bias=bias, sweep=sweep,
                      present_means=present_means, projection_t=projection_t,
-                     eigenvectors_t=eigenvectors_t, ncc_sq_radii=ncc_sq_radii,
+                     eigenvectors_t=eigenvectors_t, between_basis=between_basis,
+                     ncc_sq_radii=ncc_sq_radii,
                      weights_t=weights_t, global_logits=global_logits,
                      logit_offsets=logit_offsets, mean_predictions=mean_predictions,
                      classifier_sq_radii=classifier_sq_radii)
@@ -234,17 +246,19 @@ def gram_projection(centred, eigenvectors):
 
 
 def eigen_diagonal(scatter, eigenvectors):
-    """``diag(V^T S V)``: the NC1 state of a C'×C' scatter ``S`` of ``z = M~ r`` (any
-    array namespace; one GEMM).
+    """``diag(V^T S V)``: the NC1 state (``ResidualStats.eigen_scatter``) of a scatter
+    ``S`` (any array namespace; one GEMM).
 
     Parameters
     ----------
-    scatter : float64 array of shape (C', C')
-    eigenvectors : float64 array of shape (C', C'), ``V`` (``Geometry.gram_eigenvectors``)
+    scatter : float64 array of shape (K, K)
+        "classes" route: of ``z = M~ r`` (K = C'); "features" route: of ``r`` (K = D).
+    eigenvectors : float64 array of shape (K, K)
+        ``Geometry.gram_eigenvectors``, or ``Geometry.between_spectrum``'s.
 
     Returns
     -------
-    float64 array of shape (C',)
+    float64 array of shape (K,)
     """
     return ((scatter @ eigenvectors) * eigenvectors).sum(axis=0)
 

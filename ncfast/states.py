@@ -27,7 +27,9 @@ from ncfast.dumps import write_atomically
 from ncfast.engine import ResidualPass
 from ncfast.geometry import PINV_RTOL, Geometry
 
-STATE_VERSION = "2"
+#: Version 3: the "features" route's NC1 state is ``eigen_scatter`` (D,), no longer a D×D
+#: ``scatter``.
+STATE_VERSION = "3"
 STATE_KINDS = ("ClassSums", "ResidualStats", "ResidualPass")
 _PASS2_PARTS = ("stats", "clean_stats", "corrupted_stats")
 

@@ -109,6 +109,23 @@ def with_label_noise(case, rate=0.2, seed=1, *, memorized=False):
     return {**case, "labels": flipped, "clean_labels": original}
 
 
+def with_flat_directions(case, count=3, scale=1e-4, seed=2):
+    """The case with ``count`` directions within the span of its class means shrunk by
+    ``scale`` about the global mean: nearly dead units mixed by a rotation, so that
+    ``Sigma_B`` (or the Gram of the means) is ill-conditioned along directions that
+    no feature axis shows.
+    """
+    rng = np.random.default_rng(seed)
+    features = np.asarray(case["features"], dtype=np.float64)
+    labels = case["labels"]
+    means = np.stack([features[labels == c].mean(axis=0) for c in np.unique(labels)])
+    centred = means - means.mean(axis=0)
+    directions = np.linalg.qr(centred.T @ rng.normal(size=(len(means), count)))[0]
+    deviations = features - features.mean(axis=0)
+    flat = features - (1.0 - scale) * (deviations @ directions) @ directions.T
+    return {**case, "features": flat.astype(case["features"].dtype)}
+
+
 #: The adversarial cases every metric is checked on (name -> generator keywords).
 ADVERSARIAL = {
     "gaussian": {},

@@ -16,7 +16,7 @@ from ncfast.engine import ResidualPass, finalize_pass1
 from ncfast.cli import main
 from ncfast.dumps import RunWriter
 from ncfast.inputs import as_source
-from ncfast.states import load_state, merge_states, report_of, save_state
+from ncfast.states import STATE_VERSION, load_state, merge_states, report_of, save_state
 
 CLASSES, EPOCHS, LAYERS = 4, (1, 10, 100), ("penultimate", "linear1")
 RTOL = 1e-9
@@ -315,6 +315,12 @@ def test_states_round_trip_and_refuse_other_means(tmp_path, assert_same_report):
     save_file({"sums": np.zeros((3, 6))}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="plain.safetensors: not an ncfast state"):
         load_state(tmp_path / "plain.safetensors")
+    # Version 2 kept the "features" route's D×D scatter: refused, not misread.
+    save_file({"sums": np.zeros((3, 6))}, tmp_path / "old.safetensors",
+              metadata={"ncfast_state": "ResidualStats", "version": "2"})
+    with pytest.raises(ValueError, match="old.safetensors: not an ncfast state file of "
+                                         f"version {STATE_VERSION} .*version '2'"):
+        load_state(tmp_path / "old.safetensors")
     with open(tmp_path / "pass2.safetensors", "r+b") as stream:
         stream.truncate(500)
     with pytest.raises(ValueError, match="pass2.safetensors: not a readable state file"):

@@ -103,6 +103,21 @@ def test_plan_eigendecomposition_is_the_geometrys_own():
                                   geometry.gram_eigenvectors.T.astype(np.float32))
 
 
+def test_features_route_plan_rounds_sigma_b_eigenvectors():
+    """On the "features" route pass 2 multiplies by the float32 eigenvectors of the report's
+    own Sigma_B; on the "classes" route there are none."""
+    means, weights, bias = _means_and_classifier(seed=3)
+    geometry = Geometry.from_means(means[:, :40])
+    plan = build_plan(geometry, weights[:, :40], bias)
+    assert plan.route == "features"
+    eigenvalues, eigenvectors = geometry.between_spectrum
+    np.testing.assert_array_equal(plan.between_basis, eigenvectors.astype(np.float32))
+    centred = geometry.centred
+    np.testing.assert_allclose(eigenvectors * eigenvalues, centred.T @ centred @ eigenvectors
+                               / NUM_CLASSES, rtol=0, atol=1e-12 * eigenvalues.max())
+    assert build_plan(Geometry.from_means(means)).between_basis.shape == (0, 0)
+
+
 def test_classifier_radii_with_the_gram_and_without():
     """Radii from a given ``W W^T`` (the sweep's) and from the rows they need agree with the
     dense bound, with a duplicated classifier row and a mean whose rivals tie; a rival at

@@ -13,9 +13,10 @@ pinned allocations) are copied from where they are, skipping the staging copy.
 The accumulators stay on the device in float64; the host waits once per pass
 (``# synchronize!``) to add them into the public ``ClassSums`` and
 ``ResidualStats`` the engine holds. The pass-2 state reads the public
-``Pass2Plan`` (``ncfast.plan``); its C'×C' scatter of ``z = M~ r`` (one per
-stream) is turned into the plan's eigen-diagonal by one GEMM on the device
-after the streams' scatters are added. The pair sweep runs on the device
+``Pass2Plan`` (``ncfast.plan``); its float64 scatter (one per stream: C'×C' of
+``z = M~ r``, or D×D of ``r`` on the "features" route) is turned into the
+eigen-diagonal the host state keeps by one GEMM on the device after the
+streams' scatters are added. The pair sweep runs on the device
 (``ncfast.sweep.reduce_tile_xp`` with CuPy): only scalars and length-C
 vectors come back.
 
@@ -417,9 +418,10 @@ class DeviceResidualStats:
     GEMM against ``[M~^T | W^T]`` (of the residuals on the "classes" route, of
     the centred rows on the "features" route); the fused epilogue; the float64
     scatter by ``dgemm``, one per stream the chunks arrive on (the per-class
-    tallies are added atomically). On the "classes" route the scatters are
-    of ``z = M~ r``: ``add_to_host`` adds them and keeps the eigen-diagonal
-    ``diag(V^T S V)``, one GEMM on the device.
+    tallies are added atomically), of ``z = M~ r`` on the "classes" route and
+    of ``r`` on the "features" route: ``add_to_host`` adds them and keeps the
+    eigen-diagonal ``diag(V^T S V)`` in the eigenbasis of the Gram or of
+    ``Sigma_B`` (``ResidualStats.eigen_scatter``), one GEMM on the device.
 
     Parameters
     ----------
@@ -454,6 +456,7 @@ class DeviceResidualStats:
             if plan.has_classifier:
                 projection_t = np.concatenate([projection_t, plan.weights_t], axis=1)
             self.distance_offsets = cupy.asarray(geometry.centred_sq_norms)
+            self.eigenvectors = cupy.asarray(geometry.between_spectrum[1])
             self.global_mean = cupy.asarray(geometry.global_mean[None, :])
             self.centre_rows = cupy.zeros(1, cupy.int64)
         self.logit_offsets = cupy.asarray(plan.logit_offsets)
@@ -539,10 +542,7 @@ class DeviceResidualStats:
         cupy = self._kernels.cupy
         host = self.host_stats
         scatter = sum(self.scatters.values(), cupy.zeros((self.scatter_size,) * 2))
-        if self.route == "classes":
-            host.eigen_scatter += eigen_diagonal(scatter, self.eigenvectors).get()
-        else:
-            host.scatter += scatter.get()
+        host.eigen_scatter += eigen_diagonal(scatter, self.eigenvectors).get()
         for name in self._TALLIES:
             tally = getattr(host, name)
             tally += self.tallies[name].get().astype(tally.dtype)
