@@ -1,8 +1,8 @@
 """Streaming accumulators of the two passes.
 
 Every state is a set of sums (counts, float64 sums, sums of squared
-coordinates, hit counts), so states from chunks, threads, files or workers merge by ``+``,
-in any order. Means exist only after finalize (``ncfast.geometry``).
+coordinates, hit counts), so states from chunks, threads, files or workers
+merge by ``+``, in any order. Means exist only after finalize (``ncfast.geometry``).
 
 ``ClassSums`` is pass 1; ``ResidualStats`` is pass 2 and is built on the
 ``Pass2Plan`` of the ``Geometry`` that pass 1 finalized (and, optionally, a

@@ -44,8 +44,9 @@ CONDITIONED_RTOL = 1e-15
 #: in their last bit (another summation order), a residual's float32 rounding can
 #: flip, and BLAS rounds a row's product by its place in a block (OpenBLAS: rows in
 #: groups of 6, from 8 columns), which another chunking or row order moves; the
-#: pseudo-inverse magnifies that one float32 ulp up to the condition number. So nc1 and nc1_clean are compared to ``float32 eps × condition`` (the
-#: report's condition stands in for the clean rows'). Found by hypothesis: 15
+#: pseudo-inverse magnifies that one float32 ulp up to the condition number. So
+#: nc1 and nc1_clean are compared to ``float32 eps × condition`` (the report's
+#: condition stands in for the clean rows'). Found by hypothesis: 15
 #: rows, 7 classes, a kept eigenvalue ratio of 7e-9, nc1 differing by 5e-6
 #: between row orders; and, in the nightly run, nc1_clean of 53 rows differing
 #: by 2e-9 between thread counts at a condition of a few.
