@@ -9,7 +9,7 @@ import numpy as np
 
 def gaussian_classes(num_rows=3000, num_features=32, num_classes=5, *, spread=1.0,
                      offset=0.0, class_counts=None, relu=False, classifier=True,
-                     dtype=np.float32, seed=0, rows_seed=None):
+                     dtype=np.float32, seed=0, rows_seed=None, flat_scale=None):
     """Gaussian class clouds around random means.
 
     Parameters
@@ -34,6 +34,9 @@ def gaussian_classes(num_rows=3000, num_features=32, num_classes=5, *, spread=1.
         ``seed``: a held-out set of the same classes. The classifier then
         differs from the one of ``seed``'s case; measure held-out rows with the
         training case's classifier.
+    flat_scale : float, optional
+        Shrink three directions of the class means' span by this factor
+        (``with_flat_directions``).
     """
     rng = np.random.default_rng(seed)
     class_means = rng.normal(size=(num_classes, num_features)) * 3.0
@@ -52,6 +55,8 @@ def gaussian_classes(num_rows=3000, num_features=32, num_classes=5, *, spread=1.
         # A classifier near the class means, so that accuracy and NC3 are informative.
         case["weights"] = class_means + 0.3 * rng.normal(size=class_means.shape)
         case["bias"] = 0.1 * rng.normal(size=num_classes)
+    if flat_scale is not None:
+        case = with_flat_directions(case, scale=flat_scale)
     return case
 
 
@@ -136,4 +141,9 @@ ADVERSARIAL = {
     "two_classes": {"num_classes": 2},
     "single_row_classes": {"num_classes": 6, "class_counts": [1, 1, 50, 60, 1, 70]},
     "float64": {"dtype": np.float64},
+    # Nearly dead units mixed by a rotation: pinv_condition about 3e6.
+    "flat_directions_1e-3": {"num_features": 16, "num_classes": 6, "offset": 3.0,
+                             "flat_scale": 1e-3},
+    "flat_directions_classes_exceed_features": {"num_features": 16, "num_classes": 40,
+                                                "offset": 3.0, "flat_scale": 1e-3},
 }

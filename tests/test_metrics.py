@@ -22,8 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ncfast
-from cases import (ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf,
-                   with_flat_directions)
+from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf
 from conftest import (CONDITIONED_RTOL, NIGHTLY, centred_means, examples,
                       kernel_amplification, pair_gaps, smallest_unit_gap)
 from ncfast import metrics
@@ -405,9 +404,8 @@ def test_nc1_with_nearly_flat_directions_matches_textbook(num_classes):
     summed, rounds each entry relative to ``||r||^2`` (1e6 times that coordinate's
     square): NC1 2.4e-3 off on this case, and already 4.6e-5 off at a 100-fold shrink.
     """
-    case = with_flat_directions(gaussian_classes(num_rows=6000, num_features=16,
-                                                 num_classes=num_classes, offset=3.0),
-                                scale=1e-3)
+    case = gaussian_classes(num_rows=6000, num_features=16, num_classes=num_classes,
+                            offset=3.0, flat_scale=1e-3)
     report = ncfast.collapse(**case)
     reference = textbook_collapse(**case)
     assert report.route == ("classes" if num_classes <= 16 else "features")
