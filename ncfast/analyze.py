@@ -50,8 +50,10 @@ from ncfast.inputs import check_chunk_size
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
 from ncfast.report import DRAWN_CLASSES, METRICS
 
-#: Bumped when the rows change form; cached rows are also keyed by the ncfast version.
-CACHE_VERSION = 2
+#: Bumped when the rows change form or what a metric's value is (3: the "features"
+#: route's NC1 from exact eigen-coordinates, no longer a float32 scatter); cached rows are
+#: also keyed by the ncfast version.
+CACHE_VERSION = 3
 CACHE_NAME = "ncfast-cache.json"
 
 #: Bins of the cosine histograms, evenly over [-1, 1].

@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from cases import gaussian_classes, with_label_noise
 from ncfast import ClassSums, collapse
+import ncfast.analyze as analyze_module
 from ncfast.analyze import analyze
 from ncfast.engine import ResidualPass, finalize_pass1
 from ncfast.cli import main
@@ -129,7 +130,7 @@ def test_metrics_and_layers_options_select(written_run, tmp_path):
         "snapshot-run-epoch100-linear1-train.png"]
 
 
-def test_cache_measures_only_new_or_changed_checkpoints(tmp_path):
+def test_cache_measures_only_new_or_changed_checkpoints(tmp_path, monkeypatch):
     path = tmp_path / "run"
     writer = RunWriter(path, config={}, num_classes=CLASSES)
     for epoch in (1, 2):
@@ -152,6 +153,10 @@ def test_cache_measures_only_new_or_changed_checkpoints(tmp_path):
     np.save(changed, features[::-1].copy())
     after_edit = analyze([path], progress=False)
     assert (after_edit.measured, after_edit.cached) == (1, 5)
+    # Rows cached by an ncfast whose metrics differed are measured again.
+    monkeypatch.setattr(analyze_module, "CACHE_VERSION", analyze_module.CACHE_VERSION + 1)
+    newer = analyze([path], progress=False)
+    assert (newer.measured, newer.cached) == (6, 0)
 
 
 def _write_npz(path, rows=120, **overrides):
