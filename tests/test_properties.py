@@ -368,6 +368,24 @@ def test_pass_two_is_bitwise_the_same_on_any_thread_count(num_features, num_clas
     assert states[0] == states[1]
 
 
+@pytest.mark.parametrize("num_features, num_classes", [(32, 12), (12, 40)],
+                         ids=["classes", "features"])
+def test_wide_products_agree_across_chunkings(num_features, num_classes):
+    """With 8 or more columns BLAS rounds a row by its place in a block, which another
+    chunking moves: the states still agree, to the float32 bound of
+    ``assert_residual_stats_close``, and the tallies exactly (no row is near a tie)."""
+    case = with_label_noise(gaussian_classes(num_rows=3000, num_features=num_features,
+                                             num_classes=num_classes, spread=0.8))
+    geometry = geometry_of(case)
+    whole = residual_stats_of(case, geometry)
+    for chunk in (7, 1001):
+        chunked = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
+        for start in range(0, 3000, chunk):
+            rows = slice(start, start + chunk)
+            chunked += residual_stats_of(case, geometry, rows)
+        assert_residual_stats_close(chunked, whole)
+
+
 def test_coordinate_squares_are_float32_products():
     """Each row's coordinates are one float32 product, within about D eps of float64
     whether it shares a block or is padded alone; their squares are summed in float64."""
