@@ -780,14 +780,15 @@ def add_coordinate_squares(residuals, basis, block, products, out_sums):
     The "features" route's NC1 state: the squared coordinates of the residuals
     in the eigenbasis of ``Sigma_B``, each from one float32 GEMM per block of
     ``b = block.shape[0]`` rows (BLAS, through ``np.dot``) and summed in
-    float64. The last block is padded with zero rows, so that every GEMM has
+    float64. Whole blocks are multiplied where they lie; the last block is
+    copied into ``block`` and padded with zero rows, so that every GEMM has
     one shape (as in ``residual_blocks``).
 
     Parameters
     ----------
     residuals : float32 array of shape (n, D)
     basis : float32 array of shape (D, K), C-contiguous
-    block : float32 array of shape (b, D), scratch
+    block : float32 array of shape (b, D), scratch for the last block
     products : float32 array of shape (b, K), scratch
     out_sums : float64 array of shape (K,), updated in place
     """
@@ -795,9 +796,12 @@ def add_coordinate_squares(residuals, basis, block, products, out_sums):
     block_size = block.shape[0]
     for first in range(0, num_rows, block_size):
         size = min(block_size, num_rows - first)
-        block[:size] = residuals[first:first + size]
-        block[size:] = 0.0
-        np.dot(block, basis, products)
+        if size == block_size:
+            np.dot(residuals[first:first + size], basis, products)
+        else:
+            block[:size] = residuals[first:first + size]
+            block[size:] = 0.0
+            np.dot(block, basis, products)
         for i in range(size):
             for j in range(products.shape[1]):
                 coordinate = np.float64(products[i, j])
