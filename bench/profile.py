@@ -1,20 +1,26 @@
 """Per-stage profile of ncfast's two passes on one size.
 
 Times each stage of pass 2 the way the size's kernel runs it, on one thread:
-``ncfast.kernels.cpu.residual_chunk`` (BLAS limited to one thread,
-cache-sized blocks) or, for few columns, ``ncfast.kernels.narrow.narrow_chunk``
-(tiles of rows, no BLAS); both passes end to end with every thread; and
-``ncfast.collapse`` against the floor of reading the features twice::
+on the "classes" route (C' <= D) ``ncfast.kernels.cpu.residual_chunk`` (BLAS
+limited to one thread, cache-sized blocks) or, for few columns,
+``ncfast.kernels.narrow.narrow_chunk`` (tiles of rows, no BLAS); on the
+"features" route (C' > D) the residuals, their coordinates in the eigenbasis of
+``Sigma_B`` (NC1) and the tiled NCC and classifier searches of the far rows;
+both passes end to end with every thread; and ``ncfast.collapse`` against the
+floor of reading the features twice::
 
     python -m bench.profile --rows 1000000 --features 512 --classes 100
+    python -m bench.profile --rows 200000 --features 768 --classes 1000
 
 Stage times are summed over the blocks of one thread; with T threads the pass
 takes about their total divided by T. Beside them, the full-width GEMM alone
-(every row times ``[M~^T V | W^T]``, the product the floor counts) as the pass
-would run it on every thread (each thread its own slice of rows, one
-single-threaded product per block). Rows inside their NCC and classifier
-radii skip the far-row products, so on collapsed features pass 2 multiplies
-only by ``M~^T V``; ``--spread 4`` makes every row take the full route.
+(every row times ``[M~^T V | W^T]``, or ``[M~^T | W^T]`` on the "features"
+route: the product the floor counts far from collapse) as the pass would run it
+on every thread (each thread its own slice of rows, one single-threaded product
+per block). Rows inside their NCC and classifier radii skip the far-row
+products, so on collapsed features pass 2 multiplies only by ``M~^T V`` (or,
+on the "features" route, by ``Sigma_B``'s eigenvectors); ``--spread 4`` makes
+every row take the full route.
 """
 import argparse
 import time
@@ -26,10 +32,11 @@ from threadpoolctl import threadpool_limits
 import ncfast
 from bench.data import SPREAD, collapsed_features
 from bench.floor import best_seconds, read_bandwidth
-from ncfast.accumulators import ClassSums, ResidualStats, runs_narrow_kernel
+from ncfast.accumulators import (ClassSums, ResidualStats, _centred_rows,
+                                 _eigen_coordinate_squares, runs_narrow_kernel)
 from ncfast.geometry import Geometry
 from ncfast.inputs import default_chunk_rows
-from ncfast.kernels import cpu, narrow
+from ncfast.kernels import cpu, narrow, tiles
 
 
 def _best(function, repeats):
@@ -165,6 +172,76 @@ def stage_times(features, labels, stats):
     return totals
 
 
+def features_stage_times(features, labels, stats):
+    """Seconds per pass-2 stage of the "features" route (C' > D) on one thread, summed over
+    the chunks of ``default_chunk_rows(D)`` rows.
+
+    Each stage calls the function the route runs (``ResidualStats._update_features_route``),
+    with Numba and BLAS limited to one thread.
+
+    Returns
+    -------
+    dict
+        ``residuals`` (``cpu.residuals``); ``coordinates`` (``R U``, the NC1 state,
+        ``_eigen_coordinate_squares``); ``far NCC`` and ``far classifier``
+        (centring the rows beyond their radius and folding their products with
+        the centred means or ``W`` tile by tile); ``tally``; in seconds.
+    """
+    geometry, plan = stats.geometry, stats.plan
+    chunk = default_chunk_rows(features.shape[1])
+    totals = dict.fromkeys(("residuals", "coordinates", "far NCC", "far classifier", "tally"),
+                           0.0)
+    tallies = [np.zeros_like(getattr(stats, name)) for name in
+               ("counts", "sq_norm_sums", "norm_sums", "ncc_hits", "classifier_hits", "totals")]
+    corrupted = np.empty(0, np.uint8)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            for first in range(0, len(features), chunk):
+                rows, row_labels = features[first:first + chunk], labels[first:first + chunk]
+                num_rows = len(rows)
+                marks = [time.perf_counter()]
+                residuals = np.empty(rows.shape, np.float32)
+                sq_norms = np.empty(num_rows)
+                cpu.residuals(rows, row_labels, geometry.label_rows, plan.present_means,
+                              residuals, sq_norms)
+                marks.append(time.perf_counter())
+                _eigen_coordinate_squares(residuals, plan.between_basis)
+                marks.append(time.perf_counter())
+                mean_rows = geometry.label_rows[row_labels]
+                ncc_predictions = row_labels.copy()
+                far = np.flatnonzero(~(sq_norms < plan.ncc_sq_radii[mean_rows]))
+                if far.size:
+                    scores, nearest = np.full(far.size, np.inf), np.zeros(far.size, np.int64)
+                    stats._fold_class_tiles(_centred_rows(rows, far, geometry.global_mean),
+                                            plan.projection_t, geometry.centred_sq_norms,
+                                            tiles.nearest_in_tile, scores, nearest)
+                    ncc_predictions[far] = geometry.present[nearest]
+                marks.append(time.perf_counter())
+                classifier_predictions = np.empty(0, np.int64)
+                if stats.weights is not None:
+                    classifier_predictions = plan.mean_predictions[mean_rows]
+                    uncertain = np.flatnonzero(~(sq_norms < plan.classifier_sq_radii[mean_rows]))
+                    if uncertain.size:
+                        logits = np.full(uncertain.size, -np.inf)
+                        predictions = np.zeros(uncertain.size, np.int64)
+                        stats._fold_class_tiles(
+                            _centred_rows(rows, uncertain, geometry.global_mean),
+                            plan.weights_t, plan.logit_offsets, tiles.largest_in_tile, logits,
+                            predictions)
+                        classifier_predictions[uncertain] = predictions
+                marks.append(time.perf_counter())
+                tiles.tally(sq_norms, row_labels, ncc_predictions, classifier_predictions,
+                            corrupted, *tallies)
+                marks.append(time.perf_counter())
+                for name, begin, end in zip(totals, marks, marks[1:]):
+                    totals[name] += end - begin
+    finally:
+        numba.set_num_threads(threads)
+    return totals
+
+
 def gemm_only_seconds(features, projection_t, num_threads, repeats):
     """Best seconds of pass 2's float32 GEMM alone, on ``num_threads`` threads.
 
@@ -236,26 +313,32 @@ def main(argv=None):
                                          args.repeats)
     total, floor = collapse_and_floor(features, labels, weights, bias, args.repeats)
     stats = ResidualStats(geometry, weights=weights, bias=bias)
-    narrow_kernel = stats.route == "classes" and runs_narrow_kernel(stats.plan.classes_route())
-    kernel_stage_times = narrow_stage_times if narrow_kernel else stage_times
+    if stats.route == "features":
+        kernel, kernel_stage_times = "features (BLAS)", features_stage_times
+    elif runs_narrow_kernel(stats.plan.classes_route()):
+        kernel, kernel_stage_times = "narrow", narrow_stage_times
+    else:
+        kernel, kernel_stage_times = "BLAS", stage_times
     stages = min((kernel_stage_times(features, labels, stats) for _ in range(args.repeats)),
                  key=lambda times: sum(times.values()))
     print(f"N={args.rows} D={args.features} C={args.classes} "
           f"classifier={not args.no_classifier} threads={numba.get_num_threads()} "
           f"block={cpu.block_rows(args.features)} rows "
           f"chunk={default_chunk_rows(args.features)} rows "
-          f"pass-2 kernel={'narrow' if narrow_kernel else 'BLAS'}")
+          f"route={stats.route} pass-2 kernel={kernel}")
     print(f"collapse: {total:.3f} s = {total / floor:.2f}x the two-read floor of {floor:.3f} s")
     print(f"pass 1 (class sums): {first:.3f} s   pass 2: {second:.3f} s")
     print("pass 2 stages on one thread: " + "  ".join(
         f"{name} {seconds:.3f} s" for name, seconds in stages.items()))
-    # The product the floor counts: every row times [M~^T V | W^T].
+    # The product the floor counts far from collapse: every row times [M~^T V | W^T]
+    # ("classes" route) or [M~^T | W^T] ("features" route: the centred means).
     full_projection_t = np.ascontiguousarray(
         np.concatenate([stats.plan.projection_t, stats.plan.weights_t], axis=1))
     gemm = gemm_only_seconds(features, full_projection_t, numba.get_num_threads(),
                              args.repeats)
     flops = 2.0 * args.rows * args.features * full_projection_t.shape[1]
-    print(f"full-width GEMM alone (every row × [M~^T V | W^T]) on {numba.get_num_threads()} "
+    means = "M~^T V" if stats.route == "classes" else "M~^T"
+    print(f"full-width GEMM alone (every row × [{means} | W^T]) on {numba.get_num_threads()} "
           f"threads: {gemm:.3f} s ({flops / gemm / 1e9:.0f} GFLOP/s)")
 
 
