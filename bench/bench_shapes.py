@@ -31,12 +31,14 @@ row of the table, in one run:
    runs), or where its finish, about ``TORCH_PAIR_BYTES``·C² bytes (C×C
    distances, an index pair per class pair), exceeds ``TORCH_MEMORY_SHARE``
    of the memory available (the vocabulary on a 23 GiB machine).
-4. **Floor** (``bench.floor.Floor.bound``): both passes read the rows
+4. **Floor** (``ShapesRun.finish``): both passes read the rows
    (``N·D·4`` bytes each) at the best read rate of the run (every thread
    summing a ``BANDWIDTH_BYTES`` array), and pass 2 also does the GEMM flops
    its route cannot avoid, at the larger of the run's best square sgemm rate
    (``SQUARE_SIDE``³) and the rate of the shape's own GEMM
    (``SGEMM_ROWS × D × k``, k below); per pass ``read + max(read, GEMM)``.
+   On the features route NC1's part of the GEMM may instead be a float64
+   scatter at the run's square float64 rate, whichever is faster (below).
 
 Unavoidable flops (C' the classes with rows, C_w = C the rows of ``W``; the
 route is ncfast's, ``ncfast.geometry.route_for``):
@@ -45,15 +47,21 @@ route is ncfast's, ``ncfast.geometry.route_for``):
   projection and the classifier's logits of every row; collapsed ``2·N·D·C'``,
   since a row inside its classifier radius is predicted from its class mean.
   Own GEMM shape: ``k = C' + C_w`` or ``C'``.
-- **features route** (C' > D): NC1's D×D scatter, ``N·D²`` (a symmetric
-  rank-k update: half of ``2·N·D²``); far from collapse also the NCC
-  distances and logits of every row, ``2·N·D·(C' + C_w)``; collapsed only the
-  scatter. Own GEMM shape: ``k = D``. ncfast itself does ``2·N·D²`` here: it
-  multiplies the residuals by the eigenvectors of ``Sigma_B``, because a float32
-  scatter loses NC1 along directions where the residuals are small
-  (docs/algorithm.md, "The features route"); the floor keeps the scatter's flops.
-- **C ≤ 32** (``SKINNY_CLASSES``): the GEMM is skinny and hides under the
-  read; the floor is the two reads.
+- **features route** (C' > D): NC1 needs the within-class scatter along
+  each eigenvector of ``Sigma_B``, in float64 (a float32 D×D scatter ``RᵀR``
+  loses NC1 along directions where the residuals are small, and the precision
+  rules of docs/algorithm.md keep scatter matrices in float64). Two routes
+  give it: the residuals' coordinates in that eigenbasis, ``2·N·D²`` float32
+  flops (what ncfast does), or a float64 scatter, ``N·D²`` flops at the float64
+  rate (``Row.scatter_flops``); the floor takes whichever is faster at the
+  run's rates. Far from collapse also the NCC distances and logits of every
+  row, ``2·N·D·(C' + C_w)``. Own GEMM shape: ``k = D``. (Until 2026-11-29 the
+  floor counted a float32 scatter, ``N·D²`` at the float32 rate.)
+- **C ≤ 32** (``SKINNY_CLASSES``): issue 18 sets this target against the two
+  reads alone, and the floor is those. The skinny GEMM does not always hide
+  under a read: at 1,000,000 × 512 × 10 far from collapse its
+  ``2·N·D·(C' + C_w)`` = 2.0e10 flops take 0.11 s at 177 GFLOP/s, more than a
+  read of the rows (0.08 s at 26 GB/s).
 
 Plus, on every route, the report's class-pair metrics (cosines, CDNV, the ETF
 distances of the means and of ``W``) need the float64 Gram of the stacked
@@ -161,8 +169,16 @@ def unavoidable_flops(num_rows, num_features, num_means, num_classes, collapsed)
     every_row = 2.0 * num_rows * num_features * (num_means + num_classes)
     if route_for(num_means, num_features) == "classes":
         return 2.0 * num_rows * num_features * num_means if collapsed else every_row
-    scatter = float(num_rows) * num_features ** 2
-    return scatter if collapsed else scatter + every_row
+    coordinates = 2.0 * num_rows * num_features ** 2
+    return coordinates if collapsed else coordinates + every_row
+
+
+def float64_scatter_flops(num_rows, num_features, num_means):
+    """Flops of the float64 D×D scatter that can stand in for the "features" route's
+    ``2·N·D²`` float32 coordinates (module docstring): ``N·D²``, 0 on the "classes" route."""
+    if route_for(num_means, num_features) == "classes":
+        return 0.0
+    return float(num_rows) * num_features ** 2
 
 
 def shape_text(shape):
@@ -230,6 +246,7 @@ class Row:
     read_bytes: int
     gemm_flops: float
     pair_flops: float = 0.0
+    scatter_flops: float = 0.0
     own_sgemm: float = None
     own_sgemm_shape: str = None
     ncfast_seconds: float = None
@@ -300,7 +317,8 @@ class ShapesRun:
         row = Row(shape_text(shape), SHAPES.get(shape, ""), num_rows, num_features, num_classes,
                   spread, num_means, route_for(num_means, num_features), features.nbytes,
                   unavoidable_flops(num_rows, num_features, num_means, num_classes, collapsed),
-                  pair_flops=float(2 * num_means) ** 2 * num_features)
+                  pair_flops=float(2 * num_means) ** 2 * num_features,
+                  scatter_flops=float64_scatter_flops(num_rows, num_features, num_means))
         self.progress.advance(task)
 
         self.step(task, row, "machine rates")
@@ -373,11 +391,13 @@ class ShapesRun:
         """Give ``row`` its floor at the run's best rates, and its verdict."""
         sgemm, shape = max((self.square_sgemm, f"{SQUARE_SIDE}^3"),
                            (row.own_sgemm or 0.0, row.own_sgemm_shape))
-        floor = Floor(self.bandwidth, sgemm, shape)
-        row.floor_read_seconds, row.floor_gemm_seconds = floor.terms(row.read_bytes,
-                                                                     row.gemm_flops)
+        read, gemm = Floor(self.bandwidth, sgemm, shape).terms(row.read_bytes, row.gemm_flops)
+        if row.scatter_flops:  # the faster of NC1's float32 coordinates and a float64 scatter
+            coordinates = 2.0 * row.scatter_flops
+            gemm += min(0.0, row.scatter_flops / self.square_dgemm - coordinates / sgemm)
+        row.floor_read_seconds, row.floor_gemm_seconds = read, gemm
         row.floor_pair_seconds = row.pair_flops / self.square_dgemm
-        row.floor_seconds = floor.bound(row.read_bytes, row.gemm_flops) + row.floor_pair_seconds
+        row.floor_seconds = read + max(read, gemm) + row.floor_pair_seconds
         row.floor_sgemm = sgemm
         row.limit = floor_limit(row.classes, row.spread)
         if row.ncfast_seconds is not None:
@@ -503,7 +523,9 @@ def main(argv=None):
                   f"{run.square_dgemm / 1e9:.0f} GFLOP/s; each row's GEMM at the "
                   "larger of that and its own shape's rate (JSON: own_sgemm)")
     render(rows, args.scale, console)
-    console.print("read s: one pass over the rows; GEMM s: the flops at the row's sgemm rate; "
+    console.print("read s: one pass over the rows; GEMM s: the flops at the row's sgemm rate "
+                  "(features route: NC1's part as a float64 scatter at the dgemm rate where "
+                  "that is faster); "
                   "pairs s: the float64 Gram of [M~; W] at the square dgemm rate; "
                   "floor = read + max(read, GEMM) + pairs. ~: torch time of the leading "
                   "torch_rows rows scaled to N.\nverdict: floor, ncfast/floor ≤ "

@@ -42,11 +42,29 @@ def test_unavoidable_flops_of_each_route():
     # Classes route (C' <= D): the NC1 projection, plus the classifier far from collapse.
     assert flops(100, 2048, 1000, 1000, collapsed=True) == 2 * 100 * 2048 * 1000
     assert flops(100, 2048, 900, 1000, collapsed=False) == 2 * 100 * 2048 * 1900
-    # Features route (C' > D): the D x D scatter, plus NCC distances and logits far away.
-    assert flops(100, 64, 1000, 1000, collapsed=True) == 100 * 64 ** 2
-    assert flops(100, 64, 1000, 1000, collapsed=False) == 100 * 64 ** 2 + 2 * 100 * 64 * 2000
+    # Features route (C' > D): NC1's coordinates in Sigma_B's eigenbasis (a float64
+    # scatter costs as much), plus NCC distances and logits far away.
+    assert flops(100, 64, 1000, 1000, collapsed=True) == 2 * 100 * 64 ** 2
+    assert flops(100, 64, 1000, 1000, collapsed=False) == 2 * 100 * 64 ** 2 + 2 * 100 * 64 * 2000
     # Skinny: nothing beyond the reads.
     assert flops(100, 512, 10, 10, collapsed=False) == 0.0
+
+
+@pytest.mark.parametrize("dgemm, nc1_seconds", [
+    (40e9, 2 * 1000 * 64 ** 2 / 100e9),  # float64 under half the float32 rate: coordinates
+    (60e9, 1000 * 64 ** 2 / 60e9),       # float64 above half of it: a float64 scatter
+])
+def test_features_route_floor_takes_the_faster_float64_nc1(dgemm, nc1_seconds):
+    far_flops = 2 * 1000 * 64 * 200
+    row = bench_shapes.Row("1e3x64x100", "", 1000, 64, 100, "far", 100, "features",
+                           1000 * 64 * 4, bench_shapes.unavoidable_flops(1000, 64, 100, 100, False),
+                           scatter_flops=bench_shapes.float64_scatter_flops(1000, 64, 100))
+    run = bench_shapes.ShapesRun(repeats=1, torch_rows=0, progress=None)
+    run.bandwidth, run.square_sgemm, run.square_dgemm = 1e12, 100e9, dgemm
+    run.finish(row)
+    assert row.floor_gemm_seconds == pytest.approx(far_flops / 100e9 + nc1_seconds)
+    assert row.floor_seconds == pytest.approx(row.floor_read_seconds + row.floor_gemm_seconds)
+    assert bench_shapes.float64_scatter_flops(1000, 64, 50) == 0.0  # classes route
 
 
 def test_shape_names_are_what_shapes_takes():
