@@ -182,14 +182,14 @@ def features_stage_times(features, labels, stats):
     Returns
     -------
     dict
-        ``residuals`` (``cpu.residuals``); ``coordinates`` (``R U``, the NC1 state,
-        ``_eigen_coordinate_squares``); ``far NCC`` and ``far classifier``
+        ``residuals and coordinates`` (per block the residuals and ``R U``, the NC1
+        state, ``_eigen_coordinate_squares``); ``far NCC`` and ``far classifier``
         (centring the rows beyond their radius and folding their products with
         the centred means or ``W`` tile by tile); ``tally``; in seconds.
     """
     geometry, plan = stats.geometry, stats.plan
     chunk = default_chunk_rows(features.shape[1])
-    totals = dict.fromkeys(("residuals", "coordinates", "far NCC", "far classifier", "tally"),
+    totals = dict.fromkeys(("residuals and coordinates", "far NCC", "far classifier", "tally"),
                            0.0)
     tallies = [np.zeros_like(getattr(stats, name)) for name in
                ("counts", "sq_norm_sums", "norm_sums", "ncc_hits", "classifier_hits", "totals")]
@@ -202,12 +202,9 @@ def features_stage_times(features, labels, stats):
                 rows, row_labels = features[first:first + chunk], labels[first:first + chunk]
                 num_rows = len(rows)
                 marks = [time.perf_counter()]
-                residuals = np.empty(rows.shape, np.float32)
-                sq_norms = np.empty(num_rows)
-                cpu.residuals(rows, row_labels, geometry.label_rows, plan.present_means,
-                              residuals, sq_norms)
-                marks.append(time.perf_counter())
-                _eigen_coordinate_squares(residuals, plan.between_basis)
+                sq_norms = np.zeros(num_rows)
+                _eigen_coordinate_squares(rows, row_labels, geometry.label_rows,
+                                          plan.present_means, plan.between_basis, sq_norms)
                 marks.append(time.perf_counter())
                 mean_rows = geometry.label_rows[row_labels]
                 ncc_predictions = row_labels.copy()

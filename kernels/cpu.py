@@ -16,8 +16,8 @@ chunk into tasks of a fixed number of rows that the threads take as they
 finish one; each task streams its rows in cache-sized blocks through
 residuals, a single-threaded BLAS call and the epilogue, all in one compiled
 call, in buffers each worker thread keeps. Task sums are added in task
-order, so pass 2 does not depend on the thread count at all. ``residuals``
-(the "features" route) is a parallel kernel over rows.
+order, so pass 2 does not depend on the thread count at all. On the "features"
+route the tasks run ``coordinate_blocks`` the same way.
 """
 import contextlib
 import importlib
@@ -463,7 +463,8 @@ def run_tasks(function, num_tasks, num_threads):
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _residual_row(features, labels, label_rows, means, out_residuals, out_sq_norms, i):
-    """Residual and squared norm of row ``i``; return False for a bad row (see ``residuals``)."""
+    """Residual and squared norm of row ``i``; return False for a bad row (see
+    ``block_residuals``)."""
     num_features = features.shape[1]
     label = labels[i]
     row = -1
@@ -486,9 +487,10 @@ def _residual_row(features, labels, label_rows, means, out_residuals, out_sq_nor
     return True
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def residuals(features, labels, label_rows, means, out_residuals, out_sq_norms):
-    """Residuals ``r_i = h_i - mu_{y_i}`` from float64 means, with ``||r_i||^2``.
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def block_residuals(features, labels, label_rows, means, out_residuals, out_sq_norms):
+    """Residuals ``r_i = h_i - mu_{y_i}`` from float64 means, with ``||r_i||^2``, on one
+    thread without the GIL.
 
     Parameters
     ----------
@@ -501,14 +503,12 @@ def residuals(features, labels, label_rows, means, out_residuals, out_sq_norms):
     out_sq_norms : float64 array of shape (n,), written: ``||r_i||^2`` in
         float64, NaN for a row with a non-finite value, -1 for a row whose
         label is out of range or has no mean (its residual is set to zero).
+
+    Returns
+    -------
+    int
+        The first bad row, or ``NO_ROW``.
     """
-    for i in prange(features.shape[0]):
-        _residual_row(features, labels, label_rows, means, out_residuals, out_sq_norms, i)
-
-
-@njit(nogil=True, cache=True, fastmath=FASTMATH)
-def block_residuals(features, labels, label_rows, means, out_residuals, out_sq_norms):
-    """``residuals`` on one thread, without the GIL; return the first bad row or ``NO_ROW``."""
     first_bad = NO_ROW
     for i in range(features.shape[0]):
         if not _residual_row(features, labels, label_rows, means, out_residuals, out_sq_norms,
@@ -724,7 +724,7 @@ def residual_blocks(features, labels, corrupted, route, buffers, out_sq_norms, s
         The pass-2 plan's arrays.
     buffers : Pass2Buffers
         Scratch of ``b`` rows.
-    out_sq_norms : float64 array of shape (n,), written as by ``residuals``
+    out_sq_norms : float64 array of shape (n,), written as by ``block_residuals``
         up to the first bad block
     sums : Pass2Sums
         Updated in place (see ``epilogue``).
@@ -774,38 +774,49 @@ def residual_blocks(features, labels, corrupted, route, buffers, out_sq_norms, s
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def add_coordinate_squares(residuals, basis, block, products, out_sums):
-    """Add ``sum_i (r_i . u_j)^2`` for every column ``u_j`` of ``basis``, on one thread.
+def coordinate_blocks(features, labels, label_rows, means, basis, block, products,
+                      out_sq_norms, out_sums):
+    """Pass 2's NC1 state of some rows on the "features" route, on one thread.
 
-    The "features" route's NC1 state: the squared coordinates of the residuals
-    in the eigenbasis of ``Sigma_B``, each from one float32 GEMM per block of
-    ``b = block.shape[0]`` rows (BLAS, through ``np.dot``) and summed in
-    float64. Whole blocks are multiplied where they lie; the last block is
-    copied into ``block`` and padded with zero rows, so that every GEMM has
-    one shape (as in ``residual_blocks``).
+    Per block of ``b = block.shape[0]`` rows: ``block_residuals`` into
+    ``block`` (the last block padded with zero rows, so that every GEMM has
+    one shape, as in ``residual_blocks``), one float32 GEMM by ``basis`` (BLAS,
+    through ``np.dot``), and the squares of the products summed in float64:
+    ``sum_i (r_i . u_j)^2`` for every column ``u_j`` of ``basis``, the
+    residuals' squared coordinates in the eigenbasis of ``Sigma_B``.
 
     Parameters
     ----------
-    residuals : float32 array of shape (n, D)
+    features : array of shape (n, D), float32 or float64
+    labels : int64 array of shape (n,)
+    label_rows, means : as for ``block_residuals``
     basis : float32 array of shape (D, K), C-contiguous
-    block : float32 array of shape (b, D), scratch for the last block
+    block : float32 array of shape (b, D), scratch
     products : float32 array of shape (b, K), scratch
+    out_sq_norms : float64 array of shape (n,), written as by ``block_residuals``
+        up to the first bad block
     out_sums : float64 array of shape (K,), updated in place
+
+    Returns
+    -------
+    int
+        The first bad row (``out_sums`` then incomplete), or ``NO_ROW``.
     """
-    num_rows = residuals.shape[0]
+    num_rows = features.shape[0]
     block_size = block.shape[0]
     for first in range(0, num_rows, block_size):
         size = min(block_size, num_rows - first)
-        if size == block_size:
-            np.dot(residuals[first:first + size], basis, products)
-        else:
-            block[:size] = residuals[first:first + size]
-            block[size:] = 0.0
-            np.dot(block, basis, products)
+        block[size:] = 0.0
+        bad = block_residuals(features[first:first + size], labels[first:first + size],
+                              label_rows, means, block[:size], out_sq_norms[first:first + size])
+        if bad != NO_ROW:
+            return first + bad
+        np.dot(block, basis, products)
         for i in range(size):
             for j in range(products.shape[1]):
                 coordinate = np.float64(products[i, j])
                 out_sums[j] += coordinate * coordinate
+    return NO_ROW
 
 
 class ClassesRoute(NamedTuple):
@@ -915,7 +926,7 @@ def residual_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_t
     sums : Pass2Sums
         Updated in place.
     out_sq_norms : float64 array of shape (n,), zeros; written as by
-        ``residuals`` up to each task's first bad block.
+        ``block_residuals`` up to each task's first bad block.
     num_threads : int
 
     Returns

@@ -175,7 +175,7 @@ def narrow_blocks(features, labels, corrupted, route, columns, buffers, out_sq_n
     columns : float32 array of shape (k, D), ``padded_columns(route)``
     buffers : NarrowBuffers
     out_sq_norms : float64 array of shape (n,), written as by
-        ``ncfast.kernels.cpu.residuals`` up to the first bad tile
+        ``ncfast.kernels.cpu.block_residuals`` up to the first bad tile
     sums : Pass2Sums
         Updated in place (see ``epilogue``).
 

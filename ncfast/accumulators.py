@@ -207,39 +207,48 @@ def runs_narrow_kernel(route):
     return num_columns <= NARROW_COLUMNS and route.means.shape[1] >= NARROW_MIN_FEATURES
 
 
-def _eigen_coordinate_squares(residuals, basis):
-    """``sum_i (r_i . u_j)^2`` for every column ``u_j`` of ``basis``, on the worker threads.
+def _eigen_coordinate_squares(features, labels, label_rows, means, basis, out_sq_norms):
+    """Residuals of a chunk and ``sum_i (r_i . u_j)^2`` for every column ``u_j`` of
+    ``basis``, on the worker threads.
 
     Tasks of ``cpu.task_rows(D)`` rows (whole blocks of ``cpu.block_rows(D)``)
-    each run ``cpu.add_coordinate_squares`` into their own float64 sums, which
-    are added in task order: the result does not depend on the thread count.
-    Rows split differently agree to float64 rounding and to about one float32
+    each run ``cpu.coordinate_blocks`` into their own float64 sums, which are
+    added in task order: the result does not depend on the thread count. Rows
+    split differently agree to float64 rounding and to about one float32
     rounding of each row's coordinates (BLAS rounds a row by its place in a block).
 
     Parameters
     ----------
-    residuals : float32 array of shape (n, D)
+    features : array of shape (n, D)
+    labels : int64 array of shape (n,)
+    label_rows : int64 array of shape (C,)
+    means : float64 array of shape (C', D)
     basis : float32 array of shape (D, K)
+    out_sq_norms : float64 array of shape (n,), zeros; written as by
+        ``cpu.block_residuals`` up to each task's first bad block
 
     Returns
     -------
-    float64 array of shape (K,)
+    float64 array of shape (K,), or None when some row was bad
     """
-    num_rows, num_features = residuals.shape
+    num_rows, num_features = features.shape
     rows_per_task = cpu.task_rows(num_features)
     block = cpu.block_rows(num_features)
 
     def task_squares(task):
+        rows = slice(task * rows_per_task, (task + 1) * rows_per_task)
         sums = np.zeros(basis.shape[1])
-        cpu.add_coordinate_squares(
-            residuals[task * rows_per_task:(task + 1) * rows_per_task], basis,
+        bad = cpu.coordinate_blocks(
+            features[rows], labels[rows], label_rows, means, basis,
             cpu.thread_buffer("coordinate_block", (block, num_features), np.float32),
             cpu.thread_buffer("coordinate_products", (block, basis.shape[1]), np.float32),
-            sums)
-        return sums
+            out_sq_norms[rows], sums)
+        return sums if bad == cpu.NO_ROW else None
 
     partials = cpu.run_tasks(task_squares, -(-num_rows // rows_per_task),
                              numba.get_num_threads())
+    if any(partial is None for partial in partials):
+        return None
     return sum(partials[1:], partials[0])
 
 
@@ -272,8 +281,8 @@ class ResidualStats:
     alone (``ncfast.kernels.cpu.residual_blocks``); with few means and
     classifier rows (``runs_narrow_kernel``) the same without BLAS
     (``ncfast.kernels.narrow``). On the "features" route
-    (C' > D): residuals, one float32 GEMM ``R U`` by the eigenvectors of
-    ``Sigma_B`` (``ncfast.kernels.cpu.add_coordinate_squares``), and the
+    (C' > D): residuals and one float32 GEMM ``R U`` by the eigenvectors of
+    ``Sigma_B`` per block (``ncfast.kernels.cpu.coordinate_blocks``), and the
     nearest class centre and classifier argmax over class tiles
     (``ncfast.kernels.tiles``), the tiled search only for rows beyond their NCC
     radius.
@@ -427,10 +436,10 @@ class ResidualStats:
     def _update_features_route(self, features, labels, corrupted, sq_norms):
         """"features" route pass 2 of one chunk; False (nothing added) for a bad row."""
         geometry, plan = self.geometry, self.plan
-        residuals = cpu.thread_buffer("features_residuals", features.shape, np.float32)
-        cpu.residuals(features, labels, geometry.label_rows, plan.present_means, residuals,
-                      sq_norms)
-        if not (sq_norms >= 0).all():
+        eigen_scatter = _eigen_coordinate_squares(features, labels, geometry.label_rows,
+                                                  plan.present_means, plan.between_basis,
+                                                  sq_norms)
+        if eigen_scatter is None:
             return False
         mean_rows = geometry.label_rows[labels]
         ncc_predictions = labels.copy()
@@ -457,7 +466,7 @@ class ResidualStats:
         tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
                     self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
                     self.classifier_hits, self.totals)
-        self.eigen_scatter += _eigen_coordinate_squares(residuals, plan.between_basis)
+        self.eigen_scatter += eigen_scatter
         return True
 
     def _fold_class_tiles(self, centred, columns_t, offsets, fold, best, best_index):

@@ -395,11 +395,18 @@ def test_coordinate_squares_are_float32_products():
     basis = np.linalg.qr(rng.standard_normal((num_features, num_features)))[0].astype(np.float32)
     block = np.empty((block_rows, num_features), np.float32)
     products = np.empty((block_rows, num_features), np.float32)
+    # One class whose mean is zero: the residuals are the rows themselves.
+    labels, label_rows, means = np.zeros(num_rows, np.int64), np.zeros(1, np.int64), \
+        np.zeros((1, num_features))
+    sq_norms = np.empty(num_rows)
     together = np.zeros(num_features)
-    cpu.add_coordinate_squares(residuals, basis, block, products, together)
+    assert cpu.coordinate_blocks(residuals, labels, label_rows, means, basis, block, products,
+                                 sq_norms, together) == cpu.NO_ROW
+    np.testing.assert_allclose(sq_norms, (residuals.astype(np.float64) ** 2).sum(axis=1))
     alone = np.zeros(num_features)
     for row in range(num_rows):
-        cpu.add_coordinate_squares(residuals[row:row + 1], basis, block, products, alone)
+        cpu.coordinate_blocks(residuals[row:row + 1], labels[row:row + 1], label_rows, means,
+                              basis, block, products, sq_norms[row:row + 1], alone)
     exact = ((residuals.astype(np.float64) @ basis.astype(np.float64)) ** 2).sum(axis=0)
     scale = (np.abs(residuals).astype(np.float64) @ np.abs(basis).astype(np.float64)) ** 2
     bound = 3 * num_features * np.finfo(np.float32).eps * scale.sum(axis=0)
