@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from threadpoolctl import ThreadpoolController
 
 # Fast-math without nnan/ninf, so that the finiteness checks below still work.
