@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import ncfast
 from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf
-from conftest import (CONDITIONED_RTOL, NIGHTLY, centred_means, examples,
+from conftest import (CONDITIONED_RTOL, NIGHTLY, centred_means, examples, geometry_rtol,
                       kernel_amplification, pair_gaps, smallest_unit_gap)
 from ncfast import metrics
 from ncfast.plan import eigen_diagonal
@@ -175,7 +175,11 @@ def metric_rtol(name, report):
     """
     if name in CANCELLING_METRICS:
         return REFERENCE_RTOL
-    float64_rtol = FLOAT64_RTOL * magnitude_ratio(report)
+    # Pair distances from Gram entries cancel quadratically when two means nearly
+    # coincide (``geometry_rtol``). Found by the nightly run: with label noise, three
+    # classes of 6 classes at D = 7 whose means lie 1.1e-4 to 3.5e-4 apart near norm 8;
+    # cdnv 5.9e-7 off the textbook's, past the linear magnitude ratio's 4.8e-7.
+    float64_rtol = max(FLOAT64_RTOL * magnitude_ratio(report), geometry_rtol(report))
     if name == "pinv_condition":
         return float64_rtol * report.pinv_condition
     if name in FLOAT32_METRICS:
