@@ -32,8 +32,8 @@ from threadpoolctl import threadpool_limits
 import ncfast
 from bench.data import SPREAD, collapsed_features
 from bench.floor import best_seconds, read_bandwidth
-from ncfast.accumulators import (ClassSums, ResidualStats, _centred_rows,
-                                 _eigen_coordinate_squares, runs_narrow_kernel)
+from ncfast.accumulators import (ClassSums, ResidualStats, _eigen_coordinate_squares,
+                                 runs_narrow_kernel)
 from ncfast.geometry import Geometry
 from ncfast.inputs import default_chunk_rows
 from ncfast.kernels import cpu, narrow, tiles
@@ -206,28 +206,10 @@ def features_stage_times(features, labels, stats):
                 _eigen_coordinate_squares(rows, row_labels, geometry.label_rows,
                                           plan.present_means, plan.between_basis, sq_norms)
                 marks.append(time.perf_counter())
-                mean_rows = geometry.label_rows[row_labels]
-                ncc_predictions = row_labels.copy()
-                far = np.flatnonzero(~(sq_norms < plan.ncc_sq_radii[mean_rows]))
-                if far.size:
-                    scores, nearest = np.full(far.size, np.inf), np.zeros(far.size, np.int64)
-                    stats._fold_class_tiles(_centred_rows(rows, far, geometry.global_mean),
-                                            plan.projection_t, geometry.centred_sq_norms,
-                                            tiles.nearest_in_tile, scores, nearest)
-                    ncc_predictions[far] = geometry.present[nearest]
+                far, centred, ncc_predictions = stats._nearest_centres(rows, row_labels, sq_norms)
                 marks.append(time.perf_counter())
-                classifier_predictions = np.empty(0, np.int64)
-                if stats.weights is not None:
-                    classifier_predictions = plan.mean_predictions[mean_rows]
-                    uncertain = np.flatnonzero(~(sq_norms < plan.classifier_sq_radii[mean_rows]))
-                    if uncertain.size:
-                        logits = np.full(uncertain.size, -np.inf)
-                        predictions = np.zeros(uncertain.size, np.int64)
-                        stats._fold_class_tiles(
-                            _centred_rows(rows, uncertain, geometry.global_mean),
-                            plan.weights_t, plan.logit_offsets, tiles.largest_in_tile, logits,
-                            predictions)
-                        classifier_predictions[uncertain] = predictions
+                classifier_predictions = stats._classifier_predictions(rows, row_labels, sq_norms,
+                                                                       far, centred)
                 marks.append(time.perf_counter())
                 tiles.tally(sq_norms, row_labels, ncc_predictions, classifier_predictions,
                             corrupted, *tallies)

@@ -441,33 +441,58 @@ class ResidualStats:
                                                   sq_norms)
         if eigen_scatter is None:
             return False
-        mean_rows = geometry.label_rows[labels]
-        ncc_predictions = labels.copy()
-        far = np.flatnonzero(~(sq_norms < plan.ncc_sq_radii[mean_rows]))
-        centred = _centred_rows(features, far, geometry.global_mean)
-        if far.size:
-            scores, rows = np.full(far.size, np.inf), np.zeros(far.size, np.int64)
-            self._fold_class_tiles(centred, plan.projection_t, geometry.centred_sq_norms,
-                                   tiles.nearest_in_tile, scores, rows)
-            ncc_predictions[far] = geometry.present[rows]
-        classifier_predictions = np.empty(0, np.int64)
-        if self.weights is not None:
-            # Rows inside their classifier radius take their mean's prediction.
-            classifier_predictions = plan.mean_predictions[mean_rows]
-            uncertain = np.flatnonzero(~(sq_norms < plan.classifier_sq_radii[mean_rows]))
-            if uncertain.size:
-                logits = np.full(uncertain.size, -np.inf)
-                predictions = np.zeros(uncertain.size, np.int64)
-                if uncertain.size != far.size or (uncertain != far).any():  # else: the far rows, centred above
-                    centred = _centred_rows(features, uncertain, geometry.global_mean)
-                self._fold_class_tiles(centred, plan.weights_t, plan.logit_offsets,
-                                       tiles.largest_in_tile, logits, predictions)
-                classifier_predictions[uncertain] = predictions
+        far, centred, ncc_predictions = self._nearest_centres(features, labels, sq_norms)
+        classifier_predictions = self._classifier_predictions(features, labels, sq_norms, far,
+                                                              centred)
         tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
                     self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
                     self.classifier_hits, self.totals)
         self.eigen_scatter += eigen_scatter
         return True
+
+    def _nearest_centres(self, features, labels, sq_norms):
+        """"features" route: each row's nearest class centre, searched over class tiles
+        for the rows beyond their NCC radius.
+
+        Returns
+        -------
+        far : int64 array of shape (m,), the rows beyond their radius
+        centred : float32 array of shape (m, D), ``h - mu_G`` of those rows (thread scratch)
+        predictions : int64 array of shape (n,)
+        """
+        geometry, plan = self.geometry, self.plan
+        predictions = labels.copy()
+        far = np.flatnonzero(~(sq_norms < plan.ncc_sq_radii[geometry.label_rows[labels]]))
+        centred = _centred_rows(features, far, geometry.global_mean)
+        if far.size:
+            scores, rows = np.full(far.size, np.inf), np.zeros(far.size, np.int64)
+            self._fold_class_tiles(centred, plan.projection_t, geometry.centred_sq_norms,
+                                   tiles.nearest_in_tile, scores, rows)
+            predictions[far] = geometry.present[rows]
+        return far, centred, predictions
+
+    def _classifier_predictions(self, features, labels, sq_norms, far, centred):
+        """"features" route: each row's classifier argmax (empty without a classifier).
+
+        Rows inside their classifier radius take their mean's prediction; the
+        others are searched over tiles of ``W^T``, reusing ``centred`` (the rows
+        ``far``, from ``_nearest_centres``) when they are the same rows.
+        """
+        if self.weights is None:
+            return np.empty(0, np.int64)
+        geometry, plan = self.geometry, self.plan
+        mean_rows = geometry.label_rows[labels]
+        predictions = plan.mean_predictions[mean_rows]
+        uncertain = np.flatnonzero(~(sq_norms < plan.classifier_sq_radii[mean_rows]))
+        if uncertain.size:
+            logits = np.full(uncertain.size, -np.inf)
+            classes = np.zeros(uncertain.size, np.int64)
+            if uncertain.size != far.size or (uncertain != far).any():
+                centred = _centred_rows(features, uncertain, geometry.global_mean)
+            self._fold_class_tiles(centred, plan.weights_t, plan.logit_offsets,
+                                   tiles.largest_in_tile, logits, classes)
+            predictions[uncertain] = classes
+        return predictions
 
     def _fold_class_tiles(self, centred, columns_t, offsets, fold, best, best_index):
         """Fold ``centred @ columns_t`` into a running best per row, one class tile at a time.
