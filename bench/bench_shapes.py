@@ -31,7 +31,7 @@ row of the table, in one run:
    runs), or where its finish, about ``TORCH_PAIR_BYTES``·C² bytes (C×C
    distances, an index pair per class pair), exceeds ``TORCH_MEMORY_SHARE``
    of the memory available (the vocabulary on a 23 GiB machine).
-4. **Floor** (``ShapesRun.finish``): both passes read the rows
+4. **Floor** (``bench.floor.Floor.bound``): both passes read the rows
    (``N·D·4`` bytes each) at the best read rate of the run (every thread
    summing a ``BANDWIDTH_BYTES`` array), and pass 2 also does the GEMM flops
    its route cannot avoid, at the larger of the run's best square sgemm rate
@@ -391,13 +391,14 @@ class ShapesRun:
         """Give ``row`` its floor at the run's best rates, and its verdict."""
         sgemm, shape = max((self.square_sgemm, f"{SQUARE_SIDE}^3"),
                            (row.own_sgemm or 0.0, row.own_sgemm_shape))
-        read, gemm = Floor(self.bandwidth, sgemm, shape).terms(row.read_bytes, row.gemm_flops)
-        if row.scatter_flops:  # the faster of NC1's float32 coordinates and a float64 scatter
-            coordinates = 2.0 * row.scatter_flops
-            gemm += min(0.0, row.scatter_flops / self.square_dgemm - coordinates / sgemm)
-        row.floor_read_seconds, row.floor_gemm_seconds = read, gemm
+        floor = Floor(self.bandwidth, sgemm, shape)
+        flops = row.gemm_flops
+        if row.scatter_flops:  # NC1 as a float64 scatter, in float32 flops, where it is faster
+            flops += min(0.0, row.scatter_flops * sgemm / self.square_dgemm
+                         - 2.0 * row.scatter_flops)
+        row.floor_read_seconds, row.floor_gemm_seconds = floor.terms(row.read_bytes, flops)
         row.floor_pair_seconds = row.pair_flops / self.square_dgemm
-        row.floor_seconds = read + max(read, gemm) + row.floor_pair_seconds
+        row.floor_seconds = floor.bound(row.read_bytes, flops) + row.floor_pair_seconds
         row.floor_sgemm = sgemm
         row.limit = floor_limit(row.classes, row.spread)
         if row.ncfast_seconds is not None:

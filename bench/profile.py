@@ -204,7 +204,8 @@ def features_stage_times(features, labels, stats):
                 marks = [time.perf_counter()]
                 sq_norms = np.zeros(num_rows)
                 _eigen_coordinate_squares(rows, row_labels, geometry.label_rows,
-                                          plan.present_means, plan.between_basis, sq_norms)
+                                          plan.present_means, plan.between_basis, sq_norms,
+                                          np.zeros(features.shape[1]))
                 marks.append(time.perf_counter())
                 far, centred, ncc_predictions = stats._nearest_centres(rows, row_labels, sq_norms)
                 marks.append(time.perf_counter())

@@ -872,6 +872,17 @@ class Pass2Sums(NamedTuple):
     totals: np.ndarray
 
 
+class CoordinateSums(NamedTuple):
+    """The sum pass 2 adds into on the "features" route (``ResidualStats.eigen_scatter``).
+
+    Attributes
+    ----------
+    eigen_scatter : float64 array of shape (D,), ``sum_i (U^T r_i)^2``
+    """
+
+    eigen_scatter: np.ndarray
+
+
 class Pass2Buffers(NamedTuple):
     """Scratch of one pass-2 block of ``b`` rows (float32).
 
@@ -955,7 +966,7 @@ def residual_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_t
 def run_pass2_tasks(run_rows, num_rows, rows_per_task, sums, num_threads):
     """Pass 2 of a chunk in tasks of ``rows_per_task`` rows on worker threads; all or nothing.
 
-    Each task sums into its own zeroed ``Pass2Sums``; the partial sums are
+    Each task sums into its own zeroed copy of ``sums``; the partial sums are
     added to ``sums`` in task order, and only when every task succeeded, so
     the result does not depend on the thread count.
 
@@ -965,7 +976,7 @@ def run_pass2_tasks(run_rows, num_rows, rows_per_task, sums, num_threads):
         ``run_rows(first, last, partial)`` adds rows ``[first, last)`` into
         ``partial`` and returns False for a bad row.
     num_rows, rows_per_task : int
-    sums : Pass2Sums
+    sums : Pass2Sums or CoordinateSums
         Updated in place.
     num_threads : int
 
@@ -976,7 +987,7 @@ def run_pass2_tasks(run_rows, num_rows, rows_per_task, sums, num_threads):
     """
     def run_task(task):
         first, last = task * rows_per_task, min((task + 1) * rows_per_task, num_rows)
-        partial = Pass2Sums(*(np.zeros_like(total) for total in sums))
+        partial = type(sums)(*(np.zeros_like(total) for total in sums))
         return partial if run_rows(first, last, partial) else None
 
     partials = run_tasks(run_task, -(-num_rows // rows_per_task), num_threads)

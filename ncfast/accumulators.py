@@ -207,15 +207,17 @@ def runs_narrow_kernel(route):
     return num_columns <= NARROW_COLUMNS and route.means.shape[1] >= NARROW_MIN_FEATURES
 
 
-def _eigen_coordinate_squares(features, labels, label_rows, means, basis, out_sq_norms):
-    """Residuals of a chunk and ``sum_i (r_i . u_j)^2`` for every column ``u_j`` of
-    ``basis``, on the worker threads.
+def _eigen_coordinate_squares(features, labels, label_rows, means, basis, out_sq_norms,
+                              out_sums):
+    """Add the chunk's ``sum_i (r_i . u_j)^2`` for every column ``u_j`` of ``basis`` into
+    ``out_sums``, on the worker threads; all or nothing.
 
     Tasks of ``cpu.task_rows(D)`` rows (whole blocks of ``cpu.block_rows(D)``)
     each run ``cpu.coordinate_blocks`` into their own float64 sums, which are
-    added in task order: the result does not depend on the thread count. Rows
-    split differently agree to float64 rounding and to about one float32
-    rounding of each row's coordinates (BLAS rounds a row by its place in a block).
+    added in task order (``cpu.run_pass2_tasks``): the result does not depend
+    on the thread count. Rows split differently agree to float64 rounding and
+    to about one float32 rounding of each row's coordinates (BLAS rounds a row
+    by its place in a block).
 
     Parameters
     ----------
@@ -226,30 +228,25 @@ def _eigen_coordinate_squares(features, labels, label_rows, means, basis, out_sq
     basis : float32 array of shape (D, K)
     out_sq_norms : float64 array of shape (n,), zeros; written as by
         ``cpu.block_residuals`` up to each task's first bad block
+    out_sums : float64 array of shape (K,), updated in place
 
     Returns
     -------
-    float64 array of shape (K,), or None when some row was bad
+    bool
+        False when some row was bad (nothing added).
     """
-    num_rows, num_features = features.shape
-    rows_per_task = cpu.task_rows(num_features)
+    num_features = features.shape[1]
     block = cpu.block_rows(num_features)
 
-    def task_squares(task):
-        rows = slice(task * rows_per_task, (task + 1) * rows_per_task)
-        sums = np.zeros(basis.shape[1])
-        bad = cpu.coordinate_blocks(
-            features[rows], labels[rows], label_rows, means, basis,
+    def run_rows(first, last, partial):
+        return cpu.coordinate_blocks(
+            features[first:last], labels[first:last], label_rows, means, basis,
             cpu.thread_buffer("coordinate_block", (block, num_features), np.float32),
             cpu.thread_buffer("coordinate_products", (block, basis.shape[1]), np.float32),
-            out_sq_norms[rows], sums)
-        return sums if bad == cpu.NO_ROW else None
+            out_sq_norms[first:last], partial.eigen_scatter) == cpu.NO_ROW
 
-    partials = cpu.run_tasks(task_squares, -(-num_rows // rows_per_task),
-                             numba.get_num_threads())
-    if any(partial is None for partial in partials):
-        return None
-    return sum(partials[1:], partials[0])
+    return cpu.run_pass2_tasks(run_rows, features.shape[0], cpu.task_rows(num_features),
+                               cpu.CoordinateSums(out_sums), numba.get_num_threads())
 
 
 def _centred_rows(features, rows, global_mean):
@@ -436,10 +433,10 @@ class ResidualStats:
     def _update_features_route(self, features, labels, corrupted, sq_norms):
         """"features" route pass 2 of one chunk; False (nothing added) for a bad row."""
         geometry, plan = self.geometry, self.plan
-        eigen_scatter = _eigen_coordinate_squares(features, labels, geometry.label_rows,
-                                                  plan.present_means, plan.between_basis,
-                                                  sq_norms)
-        if eigen_scatter is None:
+        # Every bad row is found here, before anything is added.
+        if not _eigen_coordinate_squares(features, labels, geometry.label_rows,
+                                         plan.present_means, plan.between_basis, sq_norms,
+                                         self.eigen_scatter):
             return False
         far, centred, ncc_predictions = self._nearest_centres(features, labels, sq_norms)
         classifier_predictions = self._classifier_predictions(features, labels, sq_norms, far,
@@ -447,7 +444,6 @@ class ResidualStats:
         tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
                     self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
                     self.classifier_hits, self.totals)
-        self.eigen_scatter += eigen_scatter
         return True
 
     def _nearest_centres(self, features, labels, sq_norms):

@@ -42,8 +42,8 @@ def test_unavoidable_flops_of_each_route():
     # Classes route (C' <= D): the NC1 projection, plus the classifier far from collapse.
     assert flops(100, 2048, 1000, 1000, collapsed=True) == 2 * 100 * 2048 * 1000
     assert flops(100, 2048, 900, 1000, collapsed=False) == 2 * 100 * 2048 * 1900
-    # Features route (C' > D): NC1's coordinates in Sigma_B's eigenbasis (a float64
-    # scatter costs as much), plus NCC distances and logits far away.
+    # Features route (C' > D): NC1's coordinates in Sigma_B's eigenbasis (the floor may
+    # take a float64 scatter instead: the test below), plus NCC distances and logits far away.
     assert flops(100, 64, 1000, 1000, collapsed=True) == 2 * 100 * 64 ** 2
     assert flops(100, 64, 1000, 1000, collapsed=False) == 2 * 100 * 64 ** 2 + 2 * 100 * 64 * 2000
     # Skinny: nothing beyond the reads.
