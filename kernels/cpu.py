@@ -37,6 +37,13 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 NO_ROW = np.iinfo(np.int64).max
 FLOAT64_MAX = np.finfo(np.float64).max
 
+#: A row farther than this from its class mean is refused as too large: pass 2
+#: multiplies float32 residuals by vectors no longer than about 1e14 (built from
+#: centred means and classifier rows whose entries are at most 1e10,
+#: ``ncfast.geometry.SCALE_RANGE``), and the products must stay inside float32's 3.4e38.
+MAX_RESIDUAL_NORM = 1e20
+MAX_RESIDUAL_SQ_NORM = MAX_RESIDUAL_NORM ** 2
+
 #: Bytes of float32 residuals per pass-2 block: a block's residuals and GEMM
 #: output stay in one core's L2 cache.
 BLOCK_BYTES = 512 << 10
@@ -480,7 +487,7 @@ def _residual_row(features, labels, label_rows, means, out_residuals, out_sq_nor
         residual = features[i, j] - means[row, j]
         out_residuals[i, j] = residual
         sq_norm += residual * residual
-    if not finite(sq_norm):
+    if not sq_norm <= MAX_RESIDUAL_SQ_NORM:  # NaN, Inf, or beyond float32's products
         out_sq_norms[i] = np.nan
         return False
     out_sq_norms[i] = sq_norm
@@ -501,7 +508,8 @@ def block_residuals(features, labels, label_rows, means, out_residuals, out_sq_n
     means : float64 array of shape (C', D)
     out_residuals : float32 array of shape (n, D), written
     out_sq_norms : float64 array of shape (n,), written: ``||r_i||^2`` in
-        float64, NaN for a row with a non-finite value, -1 for a row whose
+        float64, NaN for a row with a non-finite value or farther than
+        ``MAX_RESIDUAL_NORM`` from its mean, -1 for a row whose
         label is out of range or has no mean (its residual is set to zero).
 
     Returns

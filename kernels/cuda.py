@@ -50,6 +50,7 @@ CUDA_SOURCE = r"""
 #define NCFAST_ROWS_IN_FLIGHT 32
 #define NCFAST_CLEAN_BIT (1 << 30)  // in a pass-1 row code: the clean label agrees
 #define NCFAST_INFINITY __longlong_as_double(0x7ff0000000000000LL)  // NVRTC has no HUGE_VAL
+#define NCFAST_MAX_RESIDUAL_SQ_NORM 1e40  // ncfast.kernels.cpu.MAX_RESIDUAL_SQ_NORM
 
 // Pass 1, first: one int32 code per row, the label with NCFAST_CLEAN_BIT set when
 // the clean label agrees (label-noise runs), or -1 for a label (or clean label)
@@ -244,7 +245,7 @@ __global__ void ncfast_residuals(
         }
         sq_norm = ncfast_warp_sum(sq_norm);
         if (lane == 0) {
-            if (!isfinite(sq_norm)) {
+            if (!(sq_norm <= NCFAST_MAX_RESIDUAL_SQ_NORM)) {  // NaN, Inf or too large
                 sq_norm = nan("");
                 if (bad_row != nullptr) atomicMin(bad_row, row_offset + i);
             }

@@ -13,7 +13,8 @@ import numba
 import numpy as np
 
 from ncfast import errors
-from ncfast.inputs import to_kernel_features, to_kernel_labels
+from ncfast.inputs import (as_array, check_features, check_labels, to_kernel_features,
+                           to_kernel_labels)
 from ncfast.kernels import cpu, narrow, tiles
 from ncfast.kernels.cpu import Pass2Sums
 from ncfast.plan import Pass2Plan, build_plan
@@ -41,27 +42,37 @@ def _raise_bad_rows(row_offset, bad_label_row, bad_value_row, num_classes, label
 
 
 def _chunk_arrays(features, labels, num_features, clean_labels=None, row_offset=0):
-    """Kernel-ready arrays of one chunk (first row ``row_offset``), with shapes checked."""
-    features = to_kernel_features(features)
-    labels = to_kernel_labels(labels, row_offset=row_offset)
-    if features.ndim != 2 or features.shape[1] != num_features:
+    """Kernel-ready arrays of one chunk (first row ``row_offset``), with shapes and dtypes
+    checked as ``ncfast.collapse`` checks its inputs."""
+    features, labels = as_array(features, "features"), as_array(labels, "labels")
+    num_rows, chunk_features = check_features(features, allow_empty=True)
+    if chunk_features != num_features:
         raise ValueError(
-            f"chunk features have shape {features.shape}; this accumulator expects "
+            f"chunk features have shape {tuple(features.shape)}; this accumulator expects "
             f"(n, {num_features})"
         )
-    if labels.shape != (features.shape[0],):
-        raise ValueError(
-            f"chunk labels have shape {labels.shape} for {features.shape[0]} feature rows; pass "
-            "one label per row"
-        )
+    labels = to_kernel_labels(check_labels(labels, num_rows), row_offset=row_offset)
     if clean_labels is not None:
+        clean_labels = check_labels(as_array(clean_labels, "clean_labels"), num_rows,
+                                    "clean_labels")
         clean_labels = to_kernel_labels(clean_labels, "clean_labels", row_offset)
-        if clean_labels.shape != labels.shape:
-            raise ValueError(
-                f"chunk clean_labels have shape {clean_labels.shape}, labels {labels.shape}; "
-                "pass one clean label per row"
-            )
-    return features, labels, clean_labels
+    return to_kernel_features(features), labels, clean_labels
+
+
+def _row_flags(flags, num_rows, what):
+    """A per-row mask (bool, or integers 0/1) as a uint8 array of shape (n,), checked."""
+    flags = np.asarray(as_array(flags, what))
+    if flags.dtype != np.bool_ and not (
+            np.issubdtype(flags.dtype, np.integer)
+            and (flags.size == 0 or (flags.min() >= 0 and flags.max() <= 1))):
+        raise TypeError(f"{what} must be a boolean mask of the rows; found dtype {flags.dtype}"
+                        + ("" if flags.dtype.kind not in "iu" else
+                           f" with values in [{flags.min()}, {flags.max()}]")
+                        + ": for row indices pass np.isin(np.arange(n), indices)")
+    if flags.shape != (num_rows,):
+        raise ValueError(f"{what} has shape {flags.shape}; expected ({num_rows},), one flag per "
+                         "row of the chunk")
+    return np.ascontiguousarray(flags, dtype=np.uint8)
 
 
 # Zero-size stand-ins for the clean-row arrays when label noise is not tracked.
@@ -398,12 +409,10 @@ class ResidualStats:
                                             row_offset=row_offset)
         num_rows = features.shape[0]
         if corrupted is not None:
-            corrupted = np.ascontiguousarray(corrupted, dtype=np.uint8)
-            if corrupted.shape != (num_rows,):
-                raise ValueError(f"corrupted has shape {corrupted.shape}; expected ({num_rows},)")
+            corrupted = _row_flags(corrupted, num_rows, "corrupted")
         row_numbers = None
         if include is not None:
-            row_numbers = np.flatnonzero(include)
+            row_numbers = np.flatnonzero(_row_flags(include, num_rows, "include"))
             features, labels = features[row_numbers], labels[row_numbers]
             corrupted = None if corrupted is None else corrupted[row_numbers]
             num_rows = row_numbers.size

@@ -17,7 +17,7 @@ import numpy as np
 from ncfast.accumulators import ClassSums, ResidualStats
 from ncfast.backends.cpu import CPU
 from ncfast.geometry import PINV_RTOL, Geometry
-from ncfast.inputs import as_array, host_array, to_kernel_labels
+from ncfast.inputs import as_array, host_array, plain_tensor, to_kernel_labels
 from ncfast.metrics import collapse_metrics, noise_metrics
 from ncfast.plan import build_plan
 from ncfast.report import CollapseReport
@@ -79,7 +79,7 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
     int
     """
     if num_classes is None and means is not None:
-        num_classes = len(means.means if isinstance(means, CollapseReport) else means)
+        num_classes = means_and_counts(means)[0].shape[0]
     if num_classes is None:
         if source is None:
             raise ValueError("num_classes is required when the labels cannot be read first")
@@ -94,6 +94,7 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
         num_classes = max_label + 1
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
         raise TypeError(f"num_classes must be an int; found {num_classes!r}")
+    num_classes = int(num_classes)  # a numpy integer would wrap in the memory check below
     if num_classes < 2:
         raise ValueError(
             f"num_classes is {num_classes}; neural collapse compares classes, so at least 2 are "
@@ -107,7 +108,7 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
                 f"{state_bytes / 2**30:.3g} GiB of per-class float64 sums, more than half of this "
                 f"machine's {memory / 2**30:.3g} GiB: check num_classes (labels must be class "
                 "indices 0..C-1)")
-    return int(num_classes)
+    return num_classes
 
 
 def _check_empty_classes(counts, policy):
@@ -158,6 +159,58 @@ def finalize_pass1(class_sums, *, global_mean="classes", empty_classes="warn"):
     return geometry, clean_geometry
 
 
+#: How a re-iterable source gives both passes the same rows.
+SAME_ROWS_FIX = ("it must yield the same rows each time it is iterated (no shuffling with "
+                 "drop_last, no random sampling), or pass the features as one array")
+
+
+def check_same_rows(first_counts, second_counts, *, source, fix):
+    """Refuse a pass 2 over other rows than pass 1's (a source read twice).
+
+    Parameters
+    ----------
+    first_counts, second_counts : int arrays of shape (C,)
+        Rows per class read by pass 1 and by pass 2.
+    source : str
+        What was read ("the chunk source", "the loader").
+    fix : str
+        How to give the same rows twice.
+    """
+    first_counts, second_counts = np.asarray(first_counts), np.asarray(second_counts)
+    if not np.array_equal(first_counts, second_counts):
+        raise ValueError(
+            f"{source} yielded different rows in the two passes (rows per class "
+            f"{first_counts.tolist()}, then {second_counts.tolist()}); the class means would "
+            f"not be those of the rows measured: {fix}")
+
+
+def means_and_counts(means):
+    """``collapse``'s ``means=`` option as host arrays.
+
+    Parameters
+    ----------
+    means : array-like or ``.npy`` path of shape (C, D), or CollapseReport
+
+    Returns
+    -------
+    means : array of shape (C, D)
+    counts : int64 array of shape (C,), or None
+        The report's rows per class; None for plain means.
+    """
+    if isinstance(means, CollapseReport):
+        return means.means, means.mean_counts
+    if isinstance(means, ClassSums):
+        raise TypeError(
+            "means= takes class means of shape (num_classes, n_features) or a CollapseReport; "
+            "found a ClassSums: pass the training rows' CollapseReport, or "
+            "class_sums.sums / class_sums.counts[:, None]")
+    array = host_array(means, "means")
+    if array.ndim != 2:
+        raise ValueError(
+            f"means has shape {array.shape}; expected (num_classes, n_features)")
+    return array, None
+
+
 def geometry_from_means_option(means, num_classes, num_features, global_mean):
     """The ``Geometry`` of ``collapse``'s ``means=`` option, checked against the data.
 
@@ -170,11 +223,8 @@ def geometry_from_means_option(means, num_classes, num_features, global_mean):
         C and D of the features being measured.
     global_mean : {"classes", "samples"}
     """
-    counts = None
-    if isinstance(means, CollapseReport):
-        means, counts = means.means, means.mean_counts
-    means = host_array(means, "means")
-    if means.ndim != 2 or means.shape[0] != num_classes:
+    means, counts = means_and_counts(means)
+    if means.shape[0] != num_classes:
         raise ValueError(
             f"means has shape {means.shape}; expected (num_classes, n_features) with "
             f"num_classes={num_classes}")
@@ -351,7 +401,7 @@ def ood_mean_of(ood, num_features):
     cupy = sys.modules.get("cupy")
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(ood, torch.Tensor):
-        ood = ood.detach()
+        ood = plain_tensor(ood, "ood")
         if ood.device.type != "cpu":
             ood = ood.double().mean(dim=0) if ood.ndim == 2 else ood
             ood = ood.cpu()
@@ -432,5 +482,8 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
                 states[part].update(chunk.features, labels, corrupted, include=include,
                                     row_offset=chunk.offset)
         backend.finish_pass2(states, residual_pass, source)
+        if means is None:
+            check_same_rows(class_sums.counts, residual_pass.stats.counts,
+                            source="the chunk source", fix=SAME_ROWS_FIX)
     return residual_pass.report(pinv_rtol=pinv_rtol, ood_mean=ood_mean, xp=backend.xp)
 

@@ -7,13 +7,16 @@ what was found and how to fix it.
 """
 import numpy as np
 
+from ncfast.kernels.cpu import MAX_RESIDUAL_NORM
+
 #: A label outside ``[0, num_classes)``.
 LABEL = "label"
 #: A clean label outside ``[0, num_classes)``.
 CLEAN_LABEL = "clean label"
 #: A label inside ``[0, num_classes)`` whose class has no mean (pass 2 on given means).
 NO_MEAN = "no mean"
-#: A NaN or Inf value, or values so large that their float64 sums overflow.
+#: A NaN or Inf value, or values too large (float64 sums overflow, or the row lies
+#: beyond ``MAX_RESIDUAL_NORM`` of its class mean).
 NON_FINITE = "non-finite"
 
 LABEL_HINT = "labels must be class indices in [0, num_classes)"
@@ -55,8 +58,10 @@ def bad_row_error(kind, row, *, label=None, num_classes=None, values=None):
             f"features row {row} contains {found}; every value must be finite: drop or repair "
             "such rows (e.g. np.isfinite(features).all(axis=1))")
     return ValueError(
-        f"features row {row} holds values so large (max |x| = {np.abs(values).max():.3g}) that "
-        "their float64 sums overflow; rescale the features")
+        f"features row {row} holds values too large to measure (max |x| = "
+        f"{np.abs(values).max():.3g}): its float64 sums must stay finite, and its distance to its "
+        f"class mean below {MAX_RESIDUAL_NORM:.0e} (ncfast's pass 2 computes in float32); "
+        "rescale the features, or drop the row")
 
 
 def label_kind(label, clean_label, num_classes, label_rows=None):

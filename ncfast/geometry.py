@@ -4,6 +4,7 @@ Everything here is O(C·D + C²·D) or less and runs once per analysis, between
 pass 1 and pass 2 (docs/algorithm.md, "Finalize").
 """
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -32,6 +33,14 @@ ROUNDING_RTOL = 1e-12
 GRAM_ROWS = 128
 
 GLOBAL_MEANS = ("classes", "samples")
+
+#: The largest entry of the centred class means, and of a classifier's weights unless
+#: they are all zero, must lie in this range. Pass 2 multiplies float32 residuals by
+#: them (and by vectors built from them), and float32 holds 1.2e-38 to 3.4e38: inputs
+#: scaled far beyond it would give products that overflow, or underflow to zero,
+#: silently. The metrics do not depend on the scale of the features, nor the
+#: predictions on a common scale of the weights and bias.
+SCALE_RANGE = (1e-10, 1e10)
 
 COINCIDING_MEANS = ("the class means coincide (their between-class scatter is zero), so NC1 is "
                     "undefined; check that the labels match the features")
@@ -119,6 +128,28 @@ def centred_gram(centred):
 def route_for(num_means, num_features):
     """The cheaper side for NC1: "classes" (C'×C') when C' <= D, else "features" (D×D)."""
     return "classes" if num_means <= num_features else "features"
+
+
+def check_between_scale(centred):
+    """Refuse centred class means that coincide, or whose scale float32 cannot hold
+    (``SCALE_RANGE``).
+
+    Parameters
+    ----------
+    centred : float64 array of shape (C', D), the means less the global mean
+    """
+    largest = float(np.abs(centred).max())  # no squares: 1e200 means must not overflow here
+    if largest == 0.0:
+        raise ValueError(COINCIDING_MEANS)
+    low, high = SCALE_RANGE
+    if not low <= largest <= high:
+        factor = (f" (e.g. multiply them, and a classifier's bias, by "
+                  f"{10.0 ** -round(math.log10(largest)):g})" if math.isfinite(largest) else "")
+        raise ValueError(
+            f"the class means differ from their global mean by up to {largest:.3g} per "
+            f"feature; ncfast's pass 2 computes in float32, which needs that between {low:g} "
+            f"and {high:g}: rescale the features{factor}; the metrics do not depend on the "
+            "scale")
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,20 +316,20 @@ class Geometry:
         else:
             if counts is None:
                 raise ValueError(
-                    "global_mean='samples' needs the row count of each class; pass the training "
-                    "ClassSums or report as means=, or use global_mean='classes'"
+                    "global_mean='samples' needs the row count of each class: pass counts= "
+                    "(the training ClassSums' counts), or to collapse() the training report as "
+                    "means=; or use global_mean='classes'"
                 )
             weights = np.asarray(counts, dtype=np.float64)[present]
             with dense_blas(2.0 * present_means.size):
                 center = weights @ present_means / weights.sum()
         centred = present_means - center
+        check_between_scale(centred)
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
-        if not (centred_sq_norms > 0).any():
-            raise ValueError(COINCIDING_MEANS)
         gram = None
         if route_for(present.size, means.shape[1]) == "classes":
             gram = centred_gram(centred)
-        return cls(means=means, counts=None if counts is None else np.asarray(counts, np.int64),
+        return cls(means=means, counts=None if counts is None else np.array(counts, np.int64),
                    present=present, label_rows=label_rows, global_mean=center, centred=centred,
                    centred_sq_norms=centred_sq_norms, gram=gram, global_mean_option=global_mean)
 

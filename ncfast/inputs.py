@@ -55,6 +55,15 @@ def is_torch_tensor(obj):
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+def plain_tensor(tensor, what):
+    """A torch tensor as dense values numpy can view: detached, with any lazy negation or
+    conjugation applied; a sparse (or other non-strided) tensor is refused."""
+    if tensor.layout != sys.modules["torch"].strided:
+        raise TypeError(f"{what} is a {tensor.layout} torch tensor; pass dense values "
+                        "(tensor.to_dense())")
+    return tensor.detach().resolve_conj().resolve_neg()
+
+
 def _load_npy(path, what):
     """Memory-map a ``.npy`` file, turning every failure into a clear ValueError."""
     path = os.fspath(path)
@@ -95,7 +104,7 @@ def as_array(obj, what):
                 f"{what} is a torch tensor on {obj.device}; the CPU backend needs host memory: "
                 "move it with .cpu()"
             )
-        return obj.detach()
+        return plain_tensor(obj, what)
     if isinstance(obj, np.ndarray):
         return obj
     array = np.asarray(obj)
@@ -107,7 +116,7 @@ def as_array(obj, what):
 def host_array(obj, what):
     """A small array (weights, bias, means) as numpy, copied off torch if need be."""
     if is_torch_tensor(obj):
-        obj = obj.detach().cpu()
+        obj = plain_tensor(obj, what).cpu()
         return (obj.double() if obj.is_floating_point() else obj).numpy()
     return as_array(obj, what)
 

@@ -19,7 +19,9 @@ from ncfast.sweep import cdnv
 
 
 def _std_over_mean(values):
-    return float(np.std(values) / np.mean(values))
+    """Coefficient of variation; NaN when the mean is 0 (e.g. a zero classifier)."""
+    mean = np.mean(values)
+    return float(np.std(values) / mean) if mean != 0 else math.nan
 
 
 def within_class_nc1(geometry, stats, pinv_rtol):
@@ -161,6 +163,8 @@ def self_duality(plan):
     geometry = plan.geometry
     present, centred = geometry.present, geometry.centred
     weight_sq_total = float(plan.sweep.weight_norms @ plan.sweep.weight_norms)
+    if weight_sq_total == 0.0:  # W' = 0 (e.g. a zero-initialised layer): no direction
+        return math.nan
     # ||W'/a - M~/b||^2 = ||W' - (a/b) M~||^2 / a^2 (a, b the Frobenius norms): a scaled
     # copy of M~, and the difference taken entry by entry (no cancellation near collapse).
     scale = math.sqrt(weight_sq_total / geometry.centred_sq_norms.sum())

@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from ncfast.backends.cpu import CPU
-from ncfast.geometry import NCC_RADIUS_FRACTION, ROUNDING_RTOL, Geometry
+from ncfast.geometry import NCC_RADIUS_FRACTION, ROUNDING_RTOL, SCALE_RANGE, Geometry
 from ncfast.inputs import host_array
 from ncfast.kernels import pairs
 from ncfast.kernels.cpu import ClassesRoute, dense_blas, run_tasks
@@ -394,4 +394,10 @@ def check_classifier(weights, bias, num_classes, num_features):
         bias = bias.astype(np.float64)
     if not (np.isfinite(weights).all() and np.isfinite(bias).all()):
         raise ValueError("weights or bias contain NaN or Inf; the classifier must be finite")
+    largest, (low, high) = float(np.abs(weights).max()), SCALE_RANGE
+    if largest != 0.0 and not low <= largest <= high:
+        raise ValueError(
+            f"weights has entries up to {largest:.3g}; ncfast's pass 2 multiplies them in "
+            f"float32, which needs the largest between {low:g} and {high:g}: rescale weights "
+            "and bias by one factor (the predictions do not change)")
     return weights, bias

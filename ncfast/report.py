@@ -139,6 +139,14 @@ class CollapseReport:
             result[item.name] = _json_safe(getattr(self, item.name))
         return result
 
+    def __eq__(self, other):
+        """Equal when every field is: arrays entry by entry, NaN equal to NaN (a metric
+        undefined in both)."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(_same_value(getattr(self, item.name), getattr(other, item.name))
+                   for item in fields(self))
+
     def __repr__(self):
         head = (f"CollapseReport(N={self.num_samples}, C={self.num_classes}, "
                 f"D={self.num_features}, classes with means={self.present_classes.size}, "
@@ -147,6 +155,12 @@ class CollapseReport:
         width = max(map(len, metrics))
         rows = [f"  {name:<{width}}  {_format(value)}" for name, value in metrics.items()]
         return "\n".join([head, *rows])
+
+
+def _same_value(first, second):
+    if isinstance(first, (np.ndarray, float)) and isinstance(second, (np.ndarray, float)):
+        return np.array_equal(first, second, equal_nan=True)
+    return type(first) is type(second) and first == second
 
 
 def _format(value):

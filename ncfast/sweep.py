@@ -130,6 +130,8 @@ class PairSweep:
         residual = self.sums["etf_residual_w" if classifier else "etf_residual"]
         scale0 = self.etf_scale_w if classifier else self.etf_scale
         scale = math.sqrt(scale0 * scale0 + residual)
+        if scale == 0.0:  # G = 0 (a zero classifier): nrm(G) is undefined
+            return math.nan
         gap = residual / (scale + scale0) if scale0 > 0 else scale - scale0
         return math.sqrt((residual + gap * gap) / (scale * scale))
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from ncfast.api import collapse
 from ncfast.distributed import DistributedCollapse
+from ncfast.engine import check_same_rows
 from ncfast.inputs import default_chunk_rows
 
 #: Bytes of captured features (all layers, per process) that ``measure`` holds
@@ -419,12 +420,10 @@ class _Measurement:
         if self.streaming:
             second_counts = passes.forward_pass(
                 lambda name, chunk: self.analyses[name].update_pass2(*_noise(chunk)))
-            if not np.array_equal(first_counts, second_counts):
-                raise ValueError(
-                    "the loader yielded different rows in the two forward passes (rows per "
-                    f"class {first_counts.tolist()}, then {second_counts.tolist()}); the "
-                    "streamed route needs the same rows each time: no random augmentation, "
-                    "no drop_last with shuffling; or raise memory_budget to hold them")
+            check_same_rows(first_counts, second_counts, source="the loader",
+                            fix="the streamed route needs the same rows in both forward "
+                                "passes: no random augmentation, no drop_last with shuffling; "
+                                "or raise memory_budget to hold them")
         else:
             for name in passes.names:
                 for chunk in self.held[name]:

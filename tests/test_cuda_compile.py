@@ -47,3 +47,13 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
          "-o", str(tmp_path / "ncfast_kernels.o")],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cuda_residual_limit_is_the_cpu_one():
+    """The CUDA source spells out the row-size limit the CPU kernels take from Python."""
+    from ncfast.kernels.cpu import MAX_RESIDUAL_SQ_NORM
+
+    source = ast.literal_eval(_module_constants(KERNELS_FILE, {"CUDA_SOURCE"})["CUDA_SOURCE"])
+    defined = [line.split()[2] for line in source.splitlines()
+               if line.startswith("#define NCFAST_MAX_RESIDUAL_SQ_NORM ")]
+    assert [float(value) for value in defined] == [MAX_RESIDUAL_SQ_NORM]

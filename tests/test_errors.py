@@ -380,3 +380,141 @@ def test_inputs_are_not_modified_when_a_row_is_bad(case):
     with pytest.raises(ValueError, match="row 17"):
         ncfast.collapse(features, labels, chunk_size=4)
     assert (digest(features), digest(labels)) == before
+
+
+# --- magnitudes float32 cannot carry --------------------------------------------------------
+
+@pytest.mark.parametrize("scale", [1e19, 1e-25, 1e160], ids=["overflow", "underflow", "huge"])
+def test_features_beyond_float32s_scale_are_refused(case, scale):
+    """Scaled by 1e19 the float32 products overflowed (NC1 inf, wrong NCC accuracy), by
+    1e-25 they underflowed (NC1 0), by 1e160 the Gram's eigendecomposition failed."""
+    features = case["features"].astype(np.float64) * scale
+    with pytest.raises(ValueError, match=r"the class means differ from their global mean by up "
+                                         r"to .* between 1e-10 and 1e\+10: rescale"):
+        ncfast.collapse(features, case["labels"])
+
+
+def test_given_means_beyond_float32s_scale_are_refused(case):
+    means = ncfast.collapse(case["features"], case["labels"]).means
+    with pytest.raises(ValueError, match="rescale the features"):
+        ncfast.collapse(case["features"], case["labels"], means=means * 1e12)
+
+
+@pytest.mark.parametrize("value", [3e38, 1e21])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_too_far_from_its_mean_names_the_row(case, dtype, value):
+    """A finite row whose float32 residual products could overflow, measured against
+    given means (float32 values near 3e38 made NCC accuracy silently wrong). Among the
+    rows of its own means it would move its class mean out of range instead."""
+    means = ncfast.collapse(case["features"], case["labels"]).means
+    features = with_bad_value(case["features"].astype(dtype), [7, 9], value)
+    with pytest.raises(ValueError, match=r"features row 7 holds values too large to measure "
+                                         rf"\(max \|x\| = {value:.3g}\)".replace("+", r"\+")):
+        ncfast.collapse(features, case["labels"], means=means)
+
+
+@pytest.mark.parametrize("scale", [1e12, 1e-14])
+def test_classifier_beyond_float32s_scale_is_refused(case, scale):
+    with pytest.raises(ValueError, match="weights has entries up to .*rescale weights and bias"):
+        ncfast.collapse(case["features"], case["labels"], weights=case["weights"] * scale,
+                        bias=case["bias"] * scale)
+
+
+# --- chunk sources and options --------------------------------------------------------------
+
+class ShuffledDropLast:
+    """Batches of 8 rows in a new order on each iteration, the last partial batch dropped:
+    the two passes read different rows."""
+
+    def __init__(self, features, labels):
+        self.features, self.labels, self.epoch = features, labels, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        order = np.random.default_rng(self.epoch).permutation(len(self.labels))
+        whole = len(order) // 8 * 8
+        return iter([(self.features[order[i:i + 8]], self.labels[order[i:i + 8]])
+                     for i in range(0, whole, 8)])
+
+
+def test_chunk_source_yielding_other_rows_in_pass_two(case):
+    with pytest.raises(ValueError, match=r"the chunk source yielded different rows in the two "
+                                         r"passes \(rows per class \[.*\], then \[.*\]\)"):
+        ncfast.collapse(ShuffledDropLast(case["features"], case["labels"]),
+                        num_classes=NUM_CLASSES)
+
+
+def test_means_from_a_file_give_the_class_count(case, tmp_path):
+    """C was inferred from len() of the path string."""
+    means = ncfast.collapse(case["features"], case["labels"]).means
+    path = tmp_path / "class_means_with_a_long_file_name.npy"
+    np.save(path, means)
+    assert ncfast.collapse(case["features"], case["labels"], means=str(path)).num_classes == \
+        NUM_CLASSES
+
+
+def test_class_sums_as_means(case):
+    class_sums = ncfast.ClassSums(NUM_CLASSES, NUM_FEATURES)
+    class_sums.update(case["features"], case["labels"])
+    with pytest.raises(TypeError, match="found a ClassSums: pass the training rows' "
+                                        "CollapseReport"):
+        ncfast.collapse(case["features"], case["labels"], means=class_sums)
+
+
+def test_numpy_integer_class_count_too_large_for_memory(case):
+    """``8 * C * D`` wrapped around in int64 and let an exabyte allocation through."""
+    with pytest.raises(ValueError, match="needs .* GiB of per-class float64 sums"):
+        ncfast.collapse(case["features"], case["labels"], num_classes=np.int64(2 ** 58))
+
+
+# --- the streaming accumulators check chunks as collapse checks inputs -----------------------
+
+@pytest.mark.parametrize("labels, error", [
+    (lambda labels: labels + 0.9, "labels must be integer class indices; found dtype float64"),
+    (lambda labels: labels > 1, "labels must be integer class indices; found dtype bool"),
+])
+def test_accumulators_refuse_labels_that_are_not_integers(case, labels, error):
+    with pytest.raises(TypeError, match=error):
+        ncfast.ClassSums(NUM_CLASSES, NUM_FEATURES).update(case["features"],
+                                                            labels(case["labels"]))
+    geometry = ncfast.collapse(case["features"], case["labels"]).means
+    stats = ncfast.ResidualStats(ncfast.Geometry.from_means(geometry))
+    with pytest.raises(TypeError, match=error):
+        stats.update(case["features"], labels(case["labels"]))
+
+
+def test_accumulators_refuse_text_features(case):
+    with pytest.raises(TypeError, match="features must be floating point; found dtype <U3"):
+        ncfast.ClassSums(NUM_CLASSES, NUM_FEATURES).update(
+            np.full((NUM_ROWS, NUM_FEATURES), "1.5"), case["labels"])
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("include", np.ones(10, bool), ValueError),
+    ("include", np.array([0, 1, 2]), TypeError),
+    ("corrupted", np.full(NUM_ROWS, 256), TypeError),
+    ("corrupted", np.ones(NUM_ROWS, np.float64), TypeError),
+])
+def test_row_masks_of_the_wrong_shape_or_kind(case, option, value, error):
+    """A short mask added its first rows, row indices were read as a mask, 256 wrapped
+    to 0 (not corrupted)."""
+    geometry = ncfast.Geometry.from_means(ncfast.collapse(case["features"], case["labels"]).means)
+    stats = ncfast.ResidualStats(geometry)
+    with pytest.raises(error, match=f"{option} (has shape|must be a boolean mask)"):
+        stats.update(case["features"], case["labels"], **{option: value})
+    assert stats.num_rows == 0
+
+
+def test_lazily_negated_torch_features_are_read(case):
+    """``z.conj().imag`` is a float tensor with torch's negative bit set: numpy() refused it."""
+    negated = torch.complex(torch.zeros(NUM_ROWS, NUM_FEATURES),
+                            -torch.from_numpy(case["features"])).conj().imag
+    assert negated.is_neg()
+    report = ncfast.collapse(negated, case["labels"])
+    assert report.nc1 == ncfast.collapse(case["features"], case["labels"]).nc1
+
+
+def test_sparse_torch_features(case):
+    with pytest.raises(TypeError, match="features is a torch.sparse_coo torch tensor; pass "
+                                        r"dense values \(tensor.to_dense\(\)\)"):
+        ncfast.collapse(torch.from_numpy(case["features"]).to_sparse(), case["labels"])

@@ -252,3 +252,16 @@ def test_re_iterable_chunk_source(case, reference, tmp_path, assert_same_report)
     report = chunked_collapse(source, None, case, num_classes=case["num_classes"])
     assert_same_report(report, reference, rtol=0)
     assert source.times_iterated >= 2
+
+
+def test_reports_compare_by_value():
+    """``==`` raised on the report's arrays; now equal fields (NaN equal to NaN) make equal
+    reports, and a pickled copy equals its original."""
+    import pickle
+
+    case = gaussian_classes(num_rows=300, num_features=8, num_classes=4, classifier=False)
+    report = ncfast.collapse(case["features"], case["labels"])
+    assert report == pickle.loads(pickle.dumps(report))
+    assert report == ncfast.collapse(case["features"].copy(), case["labels"].copy())
+    assert report != ncfast.collapse(case["features"][:-1], case["labels"][:-1])
+    assert report != report.to_dict()

@@ -13,6 +13,7 @@ random small cases add imbalanced and empty classes; counts and accuracies
 the condition number of the textbook's ``Sigma_B``. Analytic cases (a simplex
 ETF, an orthogonal frame, a known spectrum) must give their exact values.
 """
+import math
 import warnings
 from typing import NamedTuple
 
@@ -698,3 +699,36 @@ def test_classifier_prediction_on_both_sides_of_its_radius(offset):
     expected = np.array([(predictions[labels == c] == c).mean() for c in range(6)])
     np.testing.assert_array_equal(report.class_accuracy, expected)
     assert expected.max() < 1  # the rows past the bound go to the rival in every class
+
+
+def test_zero_classifier_leaves_its_directions_undefined():
+    """A zero-initialised last layer (epoch 0): the classifier's shape metrics are NaN,
+    as in the textbook, its predictions are the first class everywhere, and nothing warns."""
+    case = gaussian_classes(num_rows=300, num_features=8, num_classes=4)
+    case["weights"] = np.zeros_like(case["weights"])
+    case["bias"] = np.zeros_like(case["bias"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = ncfast.collapse(**case)
+    for name in ("nc2_equinorm_w", "nc2_equiangular_w", "nc3", "nc3_etf", "unc3"):
+        assert math.isnan(getattr(report, name)), name
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reference = textbook_collapse(**case)
+    assert_matches_textbook(report, reference)
+    assert report.accuracy == np.mean(case["labels"] == 0)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e9])
+def test_features_at_the_ends_of_the_scale_range_match_textbook(scale):
+    """Centred means up to 1e10 (or down to 1e-10) per feature are measured as at unit
+    scale: float32 products stay far from overflow and underflow."""
+    case = gaussian_classes(num_rows=400, num_features=8, num_classes=4, spread=0.3,
+                            dtype=np.float64)
+    case["features"] = case["features"] * scale
+    case["bias"] = case["bias"] * scale
+    report = ncfast.collapse(**case)
+    assert_matches_textbook(report, textbook_collapse(**case))
+    unit = ncfast.collapse(**{**case, "features": case["features"] / scale,
+                              "bias": case["bias"] / scale})
+    for name in ("nc1", "cdnv", "nc2_etf", "nc3", "ncc_accuracy", "accuracy"):
+        assert getattr(report, name) == pytest.approx(getattr(unit, name), rel=1e-6), name

@@ -228,7 +228,7 @@ def test_streamed_route_refuses_a_loader_that_changes_between_passes():
     model = make_model()
     images, labels, _ = make_data()
     monitor = CollapseMonitor(model, "fc", Shrinking(batches(images, labels)), memory_budget=0)
-    with pytest.raises(ValueError, match="different rows in the two forward passes"):
+    with pytest.raises(ValueError, match="the loader yielded different rows in the two passes"):
         monitor.measure()
 
 

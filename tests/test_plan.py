@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import ncfast
+from cases import gaussian_classes
 from ncfast.geometry import ROUNDING_RTOL, Geometry, centred_gram
 from ncfast.plan import CLASSIFIER_RADIUS_FRACTION, build_plan, classifier_radii
 
@@ -153,3 +154,15 @@ def test_fingerprints_are_digests_of_the_means_and_the_classifier():
     stats = ncfast.ResidualStats(plan)
     with pytest.raises(ValueError, match="different classifiers"):
         stats += ncfast.ResidualStats(build_plan(first, weights, bias + 1e-9))
+
+
+def test_geometry_keeps_its_own_counts():
+    """The geometry shared the ClassSums' counts: rows added after finalizing changed the
+    report's mean_counts (and global_mean='samples' of a reuse) behind its means' back."""
+    case = gaussian_classes(num_rows=300, num_features=8, num_classes=4)
+    class_sums = ncfast.ClassSums(4, 8)
+    class_sums.update(case["features"][:150], case["labels"][:150])
+    geometry = Geometry.from_class_sums(class_sums.counts, class_sums.sums)
+    counts = geometry.counts.copy()
+    class_sums.update(case["features"][150:], case["labels"][150:])
+    np.testing.assert_array_equal(geometry.counts, counts)
