@@ -200,7 +200,8 @@ def to_kernel_labels(block, what="labels", row_offset=0):
     if is_torch_tensor(block):
         block = block.numpy()
     block = np.asarray(block)
-    if block.dtype == np.uint64 and block.size and block.max() > np.iinfo(np.int64).max:
+    if block.dtype.kind == "u" and block.dtype.itemsize == 8 and block.size and \
+            block.max() > np.iinfo(np.int64).max:  # either byte order
         row = int(np.argmax(block > np.iinfo(np.int64).max))
         name = what.replace("_", " ").removesuffix("s")
         raise ValueError(f"row {row_offset + row} has {name} {block[row]}, beyond any class "

@@ -1,8 +1,8 @@
 """Read arrays from the files researchers already have, lazily and in row blocks.
 
 Formats: ``.npy`` and ``.npz`` members stored uncompressed (memory-mapped,
-pages released block by block), compressed ``.npz`` members (streamed
-sequentially), safetensors
+pages released block by block; a member's CRC-32 is checked as its rows are
+read in order), compressed ``.npz`` members (streamed sequentially), safetensors
 (``safe_open`` slices), torch ``.pt``/``.pth`` (``torch.load(weights_only=True,
 mmap=True)``: a tensor, or a dict of tensors, possibly nested) and HDF5
 (``h5py`` datasets, possibly in groups). Nothing is loaded whole: a
@@ -16,17 +16,20 @@ array is: ``[SPLIT/]features[/LAYER]``, ``[SPLIT/]labels``,
 the parts; SPLIT defaults to ``train``, LAYER to ``features``). See
 ``file_layout``.
 """
+import errno
 import hashlib
 import mmap
 import os
+import pickle
 import re
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ncfast.inputs import as_array
+from ncfast.inputs import as_array, plain_tensor
 
 #: File suffix -> format name.
 FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors", ".pt": "torch",
@@ -42,6 +45,12 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32",
                        "F64": "float64", "I8": "int8", "I16": "int16", "I32": "int32",
                        "I64": "int64", "U8": "uint8", "U16": "uint16", "U32": "uint32",
                        "U64": "uint64", "BOOL": "bool"}
+#: errno of an OSError met opening or reading a file -> what it means and how to fix it.
+_OS_ERROR_HINTS = {
+    errno.ENOENT: "no such file; check the path",
+    errno.EISDIR: "is a directory, not a file; pass one of the files in it",
+    errno.EACCES: "permission denied; make the file readable, and its folders searchable, by "
+                  "this user"}
 
 
 def file_sha256(path, on_bytes=None):
@@ -108,11 +117,11 @@ class StoredArray:
 
     @property
     def is_float(self):
-        return self.dtype in ("float16", "bfloat16", "float32", "float64")
+        return self.dtype == "bfloat16" or _dtype_kind(self.dtype) == "f"
 
     @property
     def is_integer(self):
-        return re.fullmatch(r"u?int\d+", self.dtype) is not None
+        return _dtype_kind(self.dtype) in ("i", "u")
 
     def rows(self, start, stop):
         """Rows ``[start, stop)`` as a numpy array (bfloat16 becomes float32)."""
@@ -123,9 +132,7 @@ class StoredArray:
                 self._handle = self._open()
             return self._handle[start:stop]
         except Exception as error:  # third-party readers raise their own types on bad files
-            raise ValueError(
-                f"{self.name}: cannot read rows {start}:{stop} ({type(error).__name__}: "
-                f"{error}); the file may be truncated or corrupt: re-save it") from None
+            raise _read_error(self.name, f"cannot read rows {start}:{stop}", error) from None
 
     def read(self):
         """The whole array, copied into memory (for small arrays: labels, weights, bias).
@@ -147,6 +154,44 @@ class StoredArray:
         self._handle = None
 
 
+def _dtype_kind(name):
+    """numpy's kind code of a dtype name (``"f"``, ``"i"``, ``"u"``, ...); None when numpy
+    has no such dtype (``"bfloat16"``, torch's float8 types)."""
+    try:
+        return np.dtype(name).kind
+    except TypeError:
+        return None
+
+
+def _read_error(name, failed, error):
+    """``error``, met reading ``name``, as a one-line ValueError saying how to fix it.
+
+    Parameters
+    ----------
+    name : str
+        The file, with the key for an array in it, as messages name it.
+    failed : str
+        What failed, said when a reader finds the content damaged
+        (``"not a readable npz file"``).
+    error : Exception
+
+    Returns
+    -------
+    ValueError
+        ``error`` itself when it is ncfast's own (it names the file).
+    """
+    if isinstance(error, ValueError) and name in str(error):
+        return error
+    if isinstance(error, OSError) and error.errno is not None:  # the system's, not the content's
+        hint = _OS_ERROR_HINTS.get(
+            error.errno, f"cannot be opened or read ({error.strerror}); check the path and the "
+            "file system")
+        return ValueError(f"{name}: {hint}")
+    message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())  # no colour codes
+    return ValueError(f"{name}: {failed} ({type(error).__name__}: {message}); it may be "
+                      "truncated or corrupt: re-save it")
+
+
 def read_file(path):
     """Every array in a file, as ``{key: StoredArray}`` (key None for one-array files).
 
@@ -159,11 +204,14 @@ def read_file(path):
     Raises
     ------
     ValueError
-        The file is missing, of an unknown suffix, truncated or corrupt.
+        The file is missing, unreadable, of an unknown suffix, truncated or
+        corrupt.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+    try:
+        open(path, "rb").close()
+    except OSError as error:
+        raise _read_error(path, "cannot open it", error) from None
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in FORMATS:
         raise ValueError(
@@ -173,11 +221,7 @@ def read_file(path):
     try:
         return reader(path)
     except Exception as error:  # third-party loaders raise their own types on corrupt files
-        if isinstance(error, ValueError) and path in str(error):
-            raise  # already names the file
-        raise ValueError(
-            f"{path}: not a readable {FORMATS[suffix]} file ({type(error).__name__}: {error}); "
-            "it may be truncated or corrupt: re-save it") from None
+        raise _read_error(path, f"not a readable {FORMATS[suffix]} file", error) from None
 
 
 class _MappedRows:
@@ -279,8 +323,8 @@ def _read_npz(path):
                     f"{path} [{key}]: the array is Fortran-ordered or holds objects; re-save "
                     "it C-ordered with numpy.savez (np.ascontiguousarray)")
             if info.compress_type == zipfile.ZIP_STORED:
-                offset = _member_data_offset(path, info) + header_bytes
-                opener = _bind(_MappedRows, path, dtype, shape, offset)
+                opener = _bind(_StoredMemberRows, path, key, dtype, shape,
+                               _member_data_offset(path, info), header_bytes, info.CRC)
             else:
                 opener = _bind(_SequentialRows, path, info.filename, dtype, shape, header_bytes)
             arrays[key] = StoredArray(path, key, tuple(shape), str(dtype), opener)
@@ -297,6 +341,38 @@ def _member_data_offset(path, info):
     name_length = int.from_bytes(header[26:28], "little")
     extra_length = int.from_bytes(header[28:30], "little")
     return info.header_offset + 30 + name_length + extra_length
+
+
+class _StoredMemberRows(_MappedRows):
+    """Row slices of an uncompressed ``.npz`` member, memory-mapped, checked against its CRC-32.
+
+    Blocks handed out in order from the first row extend a running CRC-32 of
+    the member (its ``.npy`` header included); the block that completes the
+    member raises if the archive records another, before the consumer sees
+    it. One pass in row order (``read``, a pass of ``collapse``) thus checks
+    the member without reading it again; blocks out of order are not checked.
+    """
+
+    def __init__(self, path, key, dtype, shape, member_offset, header_bytes, recorded_crc):
+        super().__init__(path, dtype, shape, member_offset + header_bytes)
+        self.name, self.recorded_crc = f"{path} [{key}]", recorded_crc
+        self.crc = zlib.crc32(self.mapping[member_offset:self.offset])
+        self.checked_until = self.offset  # the CRC covers the member up to this byte
+        self._check_if_complete()
+
+    def __getitem__(self, rows):
+        self._check_if_complete()  # a member found corrupt stays refused
+        block = super().__getitem__(rows)
+        if self.held is not None and self.held[0] == self.checked_until:
+            self.crc = zlib.crc32(block, self.crc)
+            self.checked_until = self.held[1]
+            self._check_if_complete()
+        return block
+
+    def _check_if_complete(self):
+        if self.checked_until == self.size and self.crc != self.recorded_crc:
+            raise ValueError(f"{self.name}: the member's bytes do not match the CRC-32 that the "
+                             "archive records: the file is corrupt; re-save it")
 
 
 class _SequentialRows:
@@ -378,13 +454,13 @@ def _bind(factory, *args):
 
 
 class _TorchRows:
-    """Row slices of a memory-mapped torch tensor, as numpy."""
+    """Row slices of a memory-mapped torch tensor, as numpy (a parameter's too, detached)."""
 
     def __init__(self, tensor):
         self.tensor = tensor
 
     def __getitem__(self, rows):
-        block = self.tensor[rows]
+        block = plain_tensor(self.tensor[rows], "the tensor")
         if block.dtype in (sys.modules["torch"].bfloat16,):
             block = block.float()
         return block.numpy()
@@ -395,6 +471,15 @@ def _read_torch(path):
 
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if refused is None:
+            raise
+        raise ValueError(
+            f"{path}: holds objects other than tensors ({refused[1]}), which ncfast does not "
+            "load: it reads .pt files with torch.load(weights_only=True), which runs no code "
+            "from the file; re-save the arrays as torch tensors (torch.from_numpy) or as "
+            ".npz/.safetensors") from None
     except RuntimeError as error:
         if "mmap" not in str(error):
             raise
@@ -405,6 +490,11 @@ def _read_torch(path):
     _flatten_tensors(loaded, None, tensors, torch)
     if not tensors:
         raise ValueError(f"{path}: holds no tensors; save a tensor or a dict of tensors")
+    for key, tensor in tensors.items():
+        if tensor.layout != torch.strided:
+            name = path if key is None else f"{path} [{key}]"
+            raise ValueError(f"{name}: is a {tensor.layout} tensor; re-save it dense "
+                             "(tensor.to_dense())")
     return {key: StoredArray(path, key, tuple(tensor.shape), str(tensor.dtype).split(".")[-1],
                              _bind(_TorchRows, tensor))
             for key, tensor in tensors.items()}

@@ -216,9 +216,10 @@ def stats_arrays(stats):
 
 @pytest.mark.parametrize("chunk_size", [None, 4])
 @pytest.mark.parametrize("which", ["labels", "clean_labels"])
-def test_uint64_label_beyond_int64_names_its_row(case, chunk_size, which):
-    labels = {"labels": case["labels"].astype(np.uint64),
-              "clean_labels": case["labels"].astype(np.uint64)}
+@pytest.mark.parametrize("dtype", ["<u8", ">u8"])
+def test_uint64_label_beyond_int64_names_its_row(case, chunk_size, which, dtype):
+    labels = {"labels": case["labels"].astype(dtype),
+              "clean_labels": case["labels"].astype(dtype)}
     labels[which][[9, 14]] = np.iinfo(np.uint64).max
     name = which.replace("_", " ")[:-1]
     with pytest.raises(ValueError, match=f"row 9 has {name} 18446744073709551615, beyond any"):

@@ -1,4 +1,5 @@
 """Readers: every format round-trips, streams in row blocks, and fails with the file's name."""
+import errno
 import os
 import zipfile
 
@@ -9,7 +10,9 @@ import torch
 from safetensors.numpy import save_file as save_safetensors
 from safetensors.torch import save_file as save_torch_safetensors
 
-from ncfast.readers import _MappedRows, _SequentialRows, file_layout, file_sha256, read_file
+from ncfast import readers
+from ncfast.readers import (_MappedRows, _member_data_offset, _SequentialRows, file_layout,
+                            file_sha256, read_file)
 
 ROWS, WIDTH, CLASSES = 50, 6, 3
 
@@ -129,6 +132,19 @@ def test_bfloat16_tensors_are_read_as_float32(tmp_path):
         np.testing.assert_array_equal(block, values[1:3].float().numpy())
 
 
+def test_torch_parameters_and_lazily_negated_tensors_are_read_as_their_values(tmp_path):
+    layer = torch.nn.Linear(WIDTH, CLASSES)  # parameters require grad
+    complex_values = torch.randn(4, 3, dtype=torch.complex64)
+    negated = torch.randn(4, 3, dtype=torch.complex64).conj().imag  # the negative bit set
+    torch.save({"weights": layer.weight, "bias": layer.bias, "negated": negated,
+                "conjugated": complex_values.conj()}, tmp_path / "model.pt")
+    stored = read_file(tmp_path / "model.pt")
+    for key, values in (("weights", layer.weight), ("bias", layer.bias), ("negated", negated),
+                        ("conjugated", complex_values.conj())):
+        np.testing.assert_array_equal(stored[key].rows(0, 2),
+                                      values[:2].detach().resolve_conj().resolve_neg().numpy())
+
+
 @pytest.mark.parametrize("kind", ["npz", "safetensors", "torch_flat", "hdf5"])
 def test_truncated_files_fail_naming_the_file(tmp_path, arrays, kind):
     path = _write(tmp_path, kind, arrays)
@@ -139,6 +155,33 @@ def test_truncated_files_fail_naming_the_file(tmp_path, arrays, kind):
         for split in layout.splits.values():  # formats that open lazily fail on reading
             for features in split.features.values():
                 features.read()
+
+
+def test_corrupt_stored_npz_member_fails_naming_it(tmp_path):
+    labels = np.arange(3000) % CLASSES  # 24 kB: past zipfile's 4 KiB read-ahead, which checks
+    np.savez(tmp_path / "corrupt.npz", features=np.ones((3000, 2), np.float32), labels=labels)
+    with zipfile.ZipFile(tmp_path / "corrupt.npz") as archive:
+        info = archive.getinfo("labels.npy")
+    member_end = _member_data_offset(tmp_path / "corrupt.npz", info) + info.file_size
+    with open(tmp_path / "corrupt.npz", "r+b") as stream:
+        stream.seek(member_end - 8 * (3000 - 2000))  # labels[2000]: 2 -> 0, still a class
+        stream.write(b"\x00")
+    stored = read_file(tmp_path / "corrupt.npz")["labels"]
+    corrupt = r"corrupt.npz \[labels\]: .* CRC-32 .*: the file is corrupt"
+    with pytest.raises(ValueError, match=corrupt):
+        for start in range(0, 3000, 700):
+            stored.rows(start, start + 700)
+    with pytest.raises(ValueError, match=corrupt):  # the member stays refused
+        stored.rows(0, 10)
+    stored.close()
+    with pytest.raises(ValueError, match=corrupt):
+        stored.read()
+    np.testing.assert_array_equal(read_file(tmp_path / "corrupt.npz")["features"].read(), 1)
+
+    from ncfast.analyze import analyze
+
+    analysis = analyze([tmp_path / "corrupt.npz"], progress=False, use_cache=False)
+    assert analysis.rows == [] and "the file is corrupt" in analysis.failures[0].reason
 
 
 def test_truncated_npy_fails_naming_the_file(tmp_path, arrays):
@@ -161,6 +204,34 @@ def test_garbage_and_unknown_files_fail_naming_the_file(tmp_path):
         read_file(tmp_path / "notes.txt")
     with pytest.raises(ValueError, match="missing.npy: no such file"):
         read_file(tmp_path / "missing.npy")
+
+
+def test_paths_that_cannot_be_opened_say_why(tmp_path, monkeypatch):
+    (tmp_path / "labels_dir").mkdir()
+    with pytest.raises(ValueError, match="labels_dir: is a directory, not a file"):
+        read_file(tmp_path / "labels_dir")
+    np.save(tmp_path / "locked.npy", np.zeros(3))
+
+    def refuse(path, *args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(readers, "open", refuse, raising=False)  # as if run without root
+    with pytest.raises(ValueError, match="locked.npy: permission denied; make the file") as error:
+        read_file(tmp_path / "locked.npy")
+    assert "corrupt" not in str(error.value)
+
+
+def test_torch_files_of_other_objects_are_refused_in_one_line(tmp_path):
+    torch.save({"features": np.zeros((4, 3), np.float32)}, tmp_path / "numpy.pt")
+    with pytest.raises(ValueError, match=r"numpy.pt: holds objects other than tensors "
+                                         r"\(numpy\..*weights_only=True") as error:
+        read_file(tmp_path / "numpy.pt")
+    message = str(error.value)
+    assert "torch.from_numpy" in message and "\n" not in message and "\x1b" not in message
+    assert "weights_only=False" not in message and "corrupt" not in message
+    torch.save({"features": torch.eye(3).to_sparse()}, tmp_path / "sparse.pt")
+    with pytest.raises(ValueError, match=r"sparse.pt \[features\]: is a torch.sparse_coo tensor"):
+        read_file(tmp_path / "sparse.pt")
 
 
 def test_files_without_features_say_how_to_name_arrays(tmp_path):
@@ -204,3 +275,19 @@ def test_every_format_analyses_like_the_arrays_it_holds(tmp_path, arrays, kind):
                         (("train", "linear1"), linear1)):
         for name, value in report.metrics().items():
             assert rows[key][name] == pytest.approx(value, rel=1e-9), (key, name)
+
+
+@pytest.mark.parametrize("kind", ["npz", "npz_compressed", "hdf5"])
+def test_big_endian_arrays_analyse_like_native_ones(tmp_path, arrays, kind):
+    from ncfast.analyze import analyze
+
+    swapped = {key: value.astype(value.dtype.newbyteorder(">")) for key, value in arrays.items()}
+    (tmp_path / "big").mkdir()
+    stored = file_layout(_write(tmp_path / "big", kind, swapped))
+    assert stored.splits["train"].labels.is_integer and stored.weights.is_float
+    native, big = (analyze([_write(folder, kind, values)], progress=False, use_cache=False)
+                   for folder, values in ((tmp_path, arrays), (tmp_path / "big", swapped)))
+    assert big.failures == [] and len(big.rows) == len(native.rows) == 3
+    for native_row, big_row in zip(native.rows, big.rows):
+        assert {key: value for key, value in big_row.items() if key != "source"} == \
+            {key: value for key, value in native_row.items() if key != "source"}
