@@ -16,8 +16,12 @@ A state file is a safetensors file (no pickle): the state's arrays, and for
 pass 2 the class means it was built on (and the clean-row means, with label
 noise) and the classifier, so a loaded state refuses to merge with one built
 on other means. Metadata: ``ncfast_state`` (the kind), ``version``,
-``global_mean`` and the geometry fingerprints, checked on loading.
+``global_mean``, the geometry fingerprints and ``digest``, the sha256 of the
+whole state, checked on loading, which also refuses arrays no pass could have
+summed (negative counts, non-finite sums, more hits than rows...).
 """
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -27,9 +31,15 @@ from ncfast.dumps import write_atomically
 from ncfast.engine import ResidualPass
 from ncfast.geometry import PINV_RTOL, Geometry
 
-#: Version 3: the "features" route's NC1 state is ``eigen_scatter`` (D,), no longer a D×D
-#: ``scatter``.
-STATE_VERSION = "3"
+#: Version 4: metadata ``digest`` (``_state_digest``). Version 3: the "features" route's NC1
+#: state is ``eigen_scatter`` (D,), no longer a D×D ``scatter``.
+STATE_VERSION = "4"
+#: Version-3 files, written before the digest, still load with their arrays checked against
+#: the invariants only: workers' states saved before an upgrade stay mergeable instead of
+#: costing another pass over their rows, and are checked more than when they were written.
+UNDIGESTED_STATE_VERSION = "3"
+_DIGEST_KEY = "digest"
+_CORRUPT = "the file is corrupt: save the state again, or re-run the worker that wrote it"
 STATE_KINDS = ("ClassSums", "ResidualStats", "ResidualPass")
 _PASS2_PARTS = ("stats", "clean_stats", "corrupted_stats")
 
@@ -71,8 +81,22 @@ def _state_tensors(state):
     return kind, tensors, metadata
 
 
+def _state_digest(tensors, metadata):
+    """sha256 (hex) of a state: its metadata (less the digest), then its tensors' names,
+    dtypes, shapes and little-endian bytes, in name order."""
+    arrays = {name: np.ascontiguousarray(tensors[name], tensors[name].dtype.newbyteorder("<"))
+              for name in sorted(tensors)}
+    header = {"metadata": {key: value for key, value in metadata.items() if key != _DIGEST_KEY},
+              "tensors": [[name, array.dtype.str, list(array.shape)]
+                          for name, array in arrays.items()]}
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for array in arrays.values():
+        digest.update(array.data)  # no copy of the (possibly large) sums
+    return digest.hexdigest()
+
+
 def save_state(path, state):
-    """Write a pass state to a safetensors file, atomically.
+    """Write a pass state to a safetensors file, atomically, with its digest.
 
     Parameters
     ----------
@@ -83,18 +107,40 @@ def save_state(path, state):
     from safetensors.numpy import save
 
     kind, tensors, metadata = _state_tensors(state)
+    tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     metadata.update({"ncfast_state": kind, "version": STATE_VERSION})
-    data = save({name: np.ascontiguousarray(array) for name, array in tensors.items()},
-                metadata=metadata)
+    metadata[_DIGEST_KEY] = _state_digest(tensors, metadata)
+    data = save(tensors, metadata=metadata)
     write_atomically(os.fspath(path), lambda stream: stream.write(data))
 
 
+def _check_digest(path, tensors, metadata):
+    """Refuse a state whose tensors or metadata differ from those it was saved with."""
+    if metadata["version"] == UNDIGESTED_STATE_VERSION:
+        return
+    if _DIGEST_KEY not in metadata:
+        raise ValueError(f"{path}: a version-{STATE_VERSION} state without its digest; "
+                         f"{_CORRUPT}")
+    if metadata[_DIGEST_KEY] != _state_digest(tensors, metadata):
+        raise ValueError(f"{path}: the state's arrays or metadata do not match the digest they "
+                         f"were saved with; {_CORRUPT}")
+
+
 def _load_geometry(path, prefix, tensors, metadata):
-    geometry = Geometry.from_means(tensors[f"{prefix}/means"], tensors.get(f"{prefix}/counts"),
-                                   global_mean=metadata[f"{prefix}/global_mean"])
+    means, counts = tensors[f"{prefix}/means"], tensors.get(f"{prefix}/counts")
+    if counts is not None and (counts.dtype != np.int64 or counts.shape != means.shape[:1]):
+        raise ValueError(f"{path}: {prefix}/counts has shape {counts.shape} {counts.dtype}, "
+                         f"expected {means.shape[:1]} int64, one count per class mean; "
+                         f"{_CORRUPT}")
+    try:
+        geometry = Geometry.from_means(means, counts,
+                                       global_mean=metadata[f"{prefix}/global_mean"])
+    except ValueError as error:
+        raise ValueError(f"{path}: the stored {prefix} is unusable ({error}); {_CORRUPT}") \
+            from None
     if geometry.fingerprint != metadata[f"{prefix}/fingerprint"]:
-        raise ValueError(f"{path}: the stored class means do not match their fingerprint; the "
-                         "file is corrupt: save the state again")
+        raise ValueError(f"{path}: the stored class means do not match their fingerprint; "
+                         f"{_CORRUPT}")
     return geometry
 
 
@@ -109,7 +155,7 @@ def _fill(path, target, prefix, tensors):
         stored = tensors[f"{prefix}{name}"]
         if stored.shape != mine.shape or stored.dtype != mine.dtype:
             raise ValueError(f"{path}: {prefix}{name} has shape {stored.shape} {stored.dtype}, "
-                             f"expected {mine.shape} {mine.dtype}; the file is corrupt")
+                             f"expected {mine.shape} {mine.dtype}; {_CORRUPT}")
         mine[...] = stored
     return target
 
@@ -149,8 +195,127 @@ def _other_file_kind(path):
             "such as metrics.csv or metrics.json?), not a state")
 
 
+def _incomplete_state(path, name):
+    return ValueError(f"{path}: the state file lacks {name!r}; it is incomplete or corrupt: "
+                      "save the state again")
+
+
+def _stored_state(path, kind, tensors, metadata):
+    """The state of kind ``kind`` that ``tensors`` hold (KeyError for a missing tensor)."""
+    if kind == "ClassSums":
+        sums = tensors["sums"]
+        if sums.ndim != 2:
+            raise ValueError(f"{path}: sums has shape {sums.shape}, expected 2-D (classes, "
+                             f"features); {_CORRUPT}")
+        state = ClassSums(sums.shape[0], sums.shape[1], track_clean="clean_sums" in tensors)
+        return _fill(path, state, "", tensors)
+    geometry = _load_geometry(path, "geometry", tensors, metadata)
+    clean_geometry = None
+    if kind == "ResidualPass" and "clean_geometry/means" in tensors:
+        clean_geometry = _load_geometry(path, "clean_geometry", tensors, metadata)
+    classifier = {"weights": tensors.get("weights"), "bias": tensors.get("bias")}
+    try:
+        state = ResidualStats(geometry, **classifier) if kind == "ResidualStats" \
+            else ResidualPass(geometry, clean_geometry, **classifier)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: the stored classifier is unusable ({error}); {_CORRUPT}") \
+            from None
+    parts = {"stats": state} if kind == "ResidualStats" else state.parts()
+    for part, part_stats in parts.items():
+        _fill(path, part_stats, f"{part}/", tensors)
+    return state
+
+
+def _class_sums_invariants(state):
+    """``_invariants`` of a ``ClassSums``."""
+    checks = []
+    for counts_name, sums_name in (("counts", "sums"), ("clean_counts", "clean_sums")):
+        counts, sums = getattr(state, counts_name), getattr(state, sums_name)
+        if counts is not None:
+            checks += [(counts_name, counts, counts < 0, "negative"),
+                       (sums_name, sums, ~np.isfinite(sums), "not finite"),
+                       (sums_name, sums, (counts == 0)[:, None] & (sums != 0),
+                        "nonzero in a class without rows")]
+    if state.track_clean:
+        checks.append(("clean_counts", state.clean_counts, state.clean_counts > state.counts,
+                       "more than the class's rows (counts)"))
+    return checks
+
+
+def _residual_stats_invariants(stats, prefix):
+    """``_invariants`` of a ``ResidualStats`` stored under ``prefix``."""
+    counts, totals = stats.counts, stats.totals
+    no_rows, no_classifier = counts == 0, stats.weights is None
+    # eigen_scatter may be below 0: the GPU's diag(V^T S V) rounds a direction without energy.
+    checks = [(f"{prefix}eigen_scatter", stats.eigen_scatter, ~np.isfinite(stats.eigen_scatter),
+               "not finite"),
+              (f"{prefix}counts", counts, counts < 0, "negative"),
+              (f"{prefix}counts", counts, ~no_rows & (stats.geometry.label_rows < 0),
+               "nonzero in a class without a mean")]
+    for name in ("sq_norm_sums", "norm_sums"):
+        sums = getattr(stats, name)
+        checks += [(f"{prefix}{name}", sums, ~(np.isfinite(sums) & (sums >= 0)),
+                    "negative or not finite"),
+                   (f"{prefix}{name}", sums, no_rows & (sums != 0),
+                    "nonzero in a class without rows")]
+    for name in ("ncc_hits", "classifier_hits"):
+        hits = getattr(stats, name)
+        checks.append((f"{prefix}{name}", hits, (hits < 0) | (hits > counts),
+                       "negative or more than the class's rows (counts)"))
+    disagreements, corrupted_rows, corrupted_fits = totals
+    return checks + [
+        (f"{prefix}classifier_hits", stats.classifier_hits,
+         no_classifier & (stats.classifier_hits != 0), "nonzero without a classifier"),
+        (f"{prefix}totals", totals, totals < 0, "negative"),
+        (f"{prefix}totals[0] (disagreements)", disagreements,
+         (disagreements > stats.num_rows) | (no_classifier & (disagreements != 0)),
+         "more than the rows, or nonzero without a classifier"),
+        (f"{prefix}totals[1] (corrupted rows)", corrupted_rows,
+         corrupted_rows > stats.num_rows, "more than the rows"),
+        (f"{prefix}totals[2] (corrupted fits)", corrupted_fits, corrupted_fits > corrupted_rows,
+         "more than the corrupted rows (totals[1])")]
+
+
+def _invariants(state):
+    """What the arrays of a state that passes summed satisfy.
+
+    Returns
+    -------
+    list of (str, array, bool array, str)
+        ``(name, values, bad, problem)``: ``bad`` marks the entries of
+        ``values`` that break the rule, and ``problem`` says how.
+    """
+    if isinstance(state, ClassSums):
+        return _class_sums_invariants(state)
+    if isinstance(state, ResidualStats):
+        return _residual_stats_invariants(state, "stats/")
+    checks = [check for part, stats in state.parts().items()
+              for check in _residual_stats_invariants(stats, f"{part}/")]
+    if state.has_noise:
+        # Clean rows keep their label (their rows of each class are some of stats'); corrupted
+        # rows go to corrupted_stats under their true label.
+        stats, clean, corrupted = state.stats, state.clean_stats, state.corrupted_stats
+        checks += [("clean_stats/counts", clean.counts, clean.counts > stats.counts,
+                    "more than the class's rows (stats/counts)"),
+                   ("the sum of corrupted_stats/counts", corrupted.num_rows,
+                    corrupted.num_rows > stats.corrupted_rows,
+                    "more than the corrupted rows (stats/totals[1])")]
+    return checks
+
+
+def _check_invariants(path, state):
+    """Refuse a state holding arrays that no pass could have summed."""
+    for name, values, bad, problem in _invariants(state):
+        bad = np.asarray(bad)
+        if bad.any():
+            index = np.unravel_index(np.flatnonzero(bad)[0], bad.shape)
+            where = f"[{', '.join(map(str, index))}]" if index else ""
+            raise ValueError(f"{path}: {name}{where} is {np.asarray(values)[index]}, "
+                             f"{problem}; {_CORRUPT}")
+
+
 def load_state(path):
-    """Read a state written by ``save_state``.
+    """Read a state written by ``save_state``, verified against its digest and invariants.
 
     Parameters
     ----------
@@ -163,7 +328,8 @@ def load_state(path):
     Raises
     ------
     ValueError
-        The file is missing, not a state file, truncated or corrupt.
+        The file is missing, not a state file, truncated or corrupt (its digest
+        does not match, or it holds arrays no pass could have summed).
     """
     from safetensors import safe_open
 
@@ -186,30 +352,25 @@ def load_state(path):
         raise ValueError(f"{path}: not an ncfast state but a safetensors file without its "
                          f"metadata (tensors {names or 'none'}: model weights or features?); "
                          f"expected {_EXPECTED_STATE}")
-    if kind not in STATE_KINDS or metadata.get("version") != STATE_VERSION:
+    if kind not in STATE_KINDS or \
+            metadata.get("version") not in (STATE_VERSION, UNDIGESTED_STATE_VERSION):
         raise ValueError(f"{path}: not an ncfast state file of version {STATE_VERSION} "
                          f"(found kind {kind!r}, version {metadata.get('version')!r}); write it "
                          "with ncfast.states.save_state")
+    _check_digest(path, tensors, metadata)
     try:
-        if kind == "ClassSums":
-            sums = tensors["sums"]
-            state = ClassSums(sums.shape[0], sums.shape[1], track_clean="clean_sums" in tensors)
-            return _fill(path, state, "", tensors)
-        geometry = _load_geometry(path, "geometry", tensors, metadata)
-        classifier = {"weights": tensors.get("weights"), "bias": tensors.get("bias")}
-        if kind == "ResidualStats":
-            return _fill(path, ResidualStats(geometry, **classifier), "stats/", tensors)
-        clean_geometry = None
-        if "clean_geometry/means" in tensors:
-            clean_geometry = _load_geometry(path, "clean_geometry", tensors, metadata)
-        state = ResidualPass(geometry, clean_geometry, **classifier)
-        for part in _PASS2_PARTS:
-            if getattr(state, part) is not None:
-                _fill(path, getattr(state, part), f"{part}/", tensors)
-        return state
+        state = _stored_state(path, kind, tensors, metadata)
     except KeyError as error:
-        raise ValueError(f"{path}: the state file lacks {error}; it is incomplete or corrupt: "
-                         "save the state again") from None
+        raise _incomplete_state(path, error.args[0]) from None
+    expected = set(_state_tensors(state)[1])
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing:
+        raise _incomplete_state(path, missing[0])
+    if unexpected:
+        raise ValueError(f"{path}: holds tensors a {kind} state does not have "
+                         f"({', '.join(unexpected)}); {_CORRUPT}")
+    _check_invariants(path, state)
+    return state
 
 
 def merge_states(paths):

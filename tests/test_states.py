@@ -1,0 +1,232 @@
+"""Saved pass states: a file whose bytes changed, or that holds arrays no pass could have
+summed, is refused by name instead of merging into wrong results.
+
+``save_state`` stores a digest of the whole state; ``load_state`` verifies it,
+and checks every array against the invariants of ``ClassSums`` and
+``ResidualStats`` (the only check of version-3 files, written before the digest).
+"""
+import json
+import struct
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from cases import gaussian_classes, with_label_noise
+from ncfast import ClassSums, ResidualStats
+from ncfast.cli import main
+from ncfast.engine import ResidualPass, finalize_pass1
+from ncfast.states import STATE_VERSION, UNDIGESTED_STATE_VERSION, load_state, save_state
+
+CLASSES, FEATURES = 3, 6
+CORRUPT = "the file is corrupt: save the state again, or re-run the worker that wrote it"
+
+
+def _noisy_case():
+    return with_label_noise(gaussian_classes(300, FEATURES, CLASSES, seed=4), rate=0.25)
+
+
+@pytest.fixture
+def pass1_path(tmp_path):
+    """A worker's pass-1 state with clean-row sums."""
+    case = _noisy_case()
+    sums = ClassSums(CLASSES, FEATURES, track_clean=True)
+    sums.update(case["features"], case["labels"], case["clean_labels"])
+    save_state(tmp_path / "pass1-0.safetensors", sums)
+    return tmp_path / "pass1-0.safetensors"
+
+
+@pytest.fixture
+def pass2_path(tmp_path):
+    """A worker's pass-2 state with a classifier and label noise (three parts)."""
+    case = _noisy_case()
+    sums = ClassSums(CLASSES, FEATURES, track_clean=True)
+    sums.update(case["features"], case["labels"], case["clean_labels"])
+    state = ResidualPass(*finalize_pass1(sums), weights=case["weights"], bias=case["bias"])
+    state.update(case["features"], case["labels"], case["clean_labels"])
+    save_state(tmp_path / "pass2-0.safetensors", state)
+    return tmp_path / "pass2-0.safetensors"
+
+
+def _read(path):
+    with safe_open(path, framework="numpy") as stored:
+        return {name: stored.get_tensor(name) for name in stored.keys()}, stored.metadata()
+
+
+def _tensor_names(path):
+    return sorted(_read(path)[0])
+
+
+def _flip_byte(path, name):
+    """Flip every bit of one byte in the middle of tensor ``name``'s data, in place."""
+    data = bytearray(path.read_bytes())
+    (header_size,) = struct.unpack("<Q", data[:8])
+    start, stop = json.loads(data[8:8 + header_size])[name]["data_offsets"]
+    data[8 + header_size + (start + stop) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _rewrite(path, change, *, version=STATE_VERSION):
+    """Rewrite the state file with ``change(tensors, metadata)`` applied, keeping its digest,
+    or as a version-3 file without one."""
+    tensors, metadata = _read(path)
+    change(tensors, metadata)
+    if version == UNDIGESTED_STATE_VERSION:
+        metadata.pop("digest", None)
+    save_file(tensors, path, metadata={**metadata, "version": version})
+
+
+def _set(name, make):
+    """A ``change`` for ``_rewrite`` that sets tensor ``name`` to ``make(tensors)``."""
+    return lambda tensors, metadata: tensors.__setitem__(name, make(tensors))
+
+
+def _plus_one(name, index=0):
+    def make(tensors):
+        changed = tensors[name].copy()
+        changed[index] += 1
+        return changed
+    return make
+
+
+# --- the digest ------------------------------------------------------------------------------
+
+def test_a_saved_state_carries_its_digest_and_loads_unchanged(pass1_path, pass2_path):
+    for path in (pass1_path, pass2_path):
+        _, metadata = _read(path)
+        assert metadata["version"] == STATE_VERSION and len(metadata["digest"]) == 64
+        again = path.with_name("again.safetensors")
+        save_state(again, load_state(path))
+        assert _read(again)[1]["digest"] == metadata["digest"]
+
+
+@pytest.mark.parametrize("which", ["pass1", "pass2"])
+def test_one_flipped_byte_in_any_tensor_is_refused(pass1_path, pass2_path, which):
+    path = pass1_path if which == "pass1" else pass2_path
+    original = path.read_bytes()
+    for name in _tensor_names(path):
+        path.write_bytes(original)
+        _flip_byte(path, name)
+        with pytest.raises(ValueError, match=rf"{path.name}: the state's arrays or metadata do "
+                                             rf"not match the digest .*{CORRUPT}"):
+            load_state(path)
+
+
+@pytest.mark.parametrize("change", [
+    lambda tensors, metadata: metadata.__setitem__("geometry/global_mean", "samples"),
+    lambda tensors, metadata: tensors.__setitem__("stats/counts", tensors["stats/counts"] + 1),
+    lambda tensors, metadata: tensors.pop("clean_stats/norm_sums"),
+    lambda tensors, metadata: tensors.__setitem__("extra", np.zeros(2)),
+], ids=["metadata", "in-range counts", "a tensor removed", "a tensor added"])
+def test_any_change_to_a_saved_state_is_refused(pass2_path, change):
+    _rewrite(pass2_path, change)
+    with pytest.raises(ValueError, match=f"pass2-0.safetensors: the state's arrays or metadata "
+                                         f"do not match the digest .*{CORRUPT}"):
+        load_state(pass2_path)
+
+
+def test_a_current_state_without_its_digest_is_refused(pass1_path):
+    _rewrite(pass1_path, lambda tensors, metadata: metadata.pop("digest"))
+    with pytest.raises(ValueError, match=f"pass1-0.safetensors: a version-{STATE_VERSION} "
+                                         f"state without its digest; {CORRUPT}"):
+        load_state(pass1_path)
+
+
+def test_merge_refuses_a_flipped_worker_state_and_writes_nothing(pass1_path, tmp_path, capsys):
+    case = gaussian_classes(90, FEATURES, CLASSES, seed=6)
+    other = tmp_path / "pass1-1.safetensors"
+    save_state(other, ClassSums(CLASSES, FEATURES, track_clean=True).update(
+        case["features"], case["labels"], case["labels"]))
+    _flip_byte(pass1_path, "counts")
+    out = tmp_path / "merged"
+    assert main(["merge", str(pass1_path), str(other), "--out", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert "pass1-0.safetensors: the state's arrays or metadata do not match" in printed.err
+    assert printed.out == "" and not out.exists()
+
+
+# --- version-3 states, written before the digest: the invariants -----------------------------
+
+def test_a_version_3_state_still_loads(pass1_path, pass2_path, tmp_path, capsys):
+    saved_pass1, saved_pass2 = load_state(pass1_path), load_state(pass2_path)
+    for path in (pass1_path, pass2_path):
+        _rewrite(path, lambda tensors, metadata: None, version=UNDIGESTED_STATE_VERSION)
+    assert load_state(pass1_path) == saved_pass1
+    loaded_pass2 = load_state(pass2_path)
+    assert all(getattr(loaded_pass2, part) == getattr(saved_pass2, part)
+               for part in ("stats", "clean_stats", "corrupted_stats"))
+    assert main(["merge", str(pass1_path), "--out", str(tmp_path / "merged")]) == 0
+    assert _read(tmp_path / "merged/pass1.safetensors")[1]["version"] == STATE_VERSION
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("sums", lambda t: t["sums"][:, 0].copy()),
+     r"sums has shape \(3,\), expected 2-D \(classes, features\)"),
+    (_set("counts", lambda t: t["counts"].astype(np.float64)),
+     r"counts has shape \(3,\) float64, expected \(3,\) int64"),
+    (_set("counts", lambda t: -t["counts"]), r"counts\[0\] is -\d+, negative"),
+    (_set("sums", lambda t: np.full_like(t["sums"], np.nan)), r"sums\[0, 0\] is nan, not finite"),
+    (_set("counts", lambda t: np.zeros_like(t["counts"])),
+     r"sums\[0, 0\] is \S+, nonzero in a class without rows"),
+    (_set("clean_counts", lambda t: t["counts"] + 1),
+     r"clean_counts\[0\] is \d+, more than the class's rows \(counts\)"),
+    (_set("extra", lambda t: np.zeros(2)),
+     r"holds tensors a ClassSums state does not have \(extra\)"),
+], ids=["sums 1-D", "counts float", "counts negative", "sums NaN", "sums without rows",
+        "more clean rows than rows", "extra tensor"])
+def test_impossible_pass1_arrays_are_refused(pass1_path, change, message):
+    _rewrite(pass1_path, change, version=UNDIGESTED_STATE_VERSION)
+    with pytest.raises(ValueError, match=f"pass1-0.safetensors: {message}; {CORRUPT}"):
+        load_state(pass1_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("stats/counts", lambda t: -t["stats/counts"]), r"stats/counts\[0\] is -\d+, negative"),
+    (_set("stats/eigen_scatter", lambda t: np.full_like(t["stats/eigen_scatter"], np.inf)),
+     r"stats/eigen_scatter\[0\] is inf, not finite"),
+    (_set("stats/sq_norm_sums", lambda t: -t["stats/sq_norm_sums"]),
+     r"stats/sq_norm_sums\[0\] is -\S+, negative or not finite"),
+    (_set("clean_stats/norm_sums", lambda t: np.full_like(t["clean_stats/norm_sums"], np.nan)),
+     r"clean_stats/norm_sums\[0\] is nan, negative or not finite"),
+    (_set("stats/ncc_hits", lambda t: t["stats/counts"] + 1),
+     r"stats/ncc_hits\[0\] is \d+, negative or more than the class's rows \(counts\)"),
+    (_set("stats/totals", lambda t: t["stats/totals"] * [1, 1, 0]
+          + [0, 0, t["stats/totals"][1] + 1]),
+     r"stats/totals\[2\] \(corrupted fits\) is \d+, more than the corrupted rows"),
+    (_set("clean_stats/counts", _plus_one("stats/counts")),
+     r"clean_stats/counts\[0\] is \d+, more than the class's rows \(stats/counts\)"),
+    (_set("corrupted_stats/counts", lambda t: t["corrupted_stats/counts"] + t["stats/totals"][1]),
+     r"the sum of corrupted_stats/counts is \d+, more than the corrupted rows"),
+    (_set("geometry/counts", lambda t: t["geometry/counts"][:2].copy()),
+     r"geometry/counts has shape \(2,\) int64, expected \(3,\) int64"),
+    (_set("geometry/means", lambda t: t["geometry/means"][:, 0].copy()),
+     r"the stored geometry is unusable \(means must be 2-D"),
+    (_set("weights", lambda t: np.full_like(t["weights"], np.nan)),
+     r"the stored classifier is unusable \(weights or bias contain NaN"),
+    (lambda tensors, metadata: tensors.pop("bias"), None),
+], ids=["counts negative", "eigen_scatter inf", "sq_norm_sums negative", "norm_sums NaN",
+        "more hits than rows", "more corrupted fits than corrupted rows",
+        "more clean rows than rows", "more corrupted rows measured than flagged",
+        "geometry counts short", "means 1-D", "weights NaN", "bias missing"])
+def test_impossible_pass2_arrays_are_refused(pass2_path, change, message):
+    _rewrite(pass2_path, change, version=UNDIGESTED_STATE_VERSION)
+    if message is None:
+        message = "the state file lacks 'bias'; it is incomplete or corrupt"
+    else:
+        message += f".*; {CORRUPT}"
+    with pytest.raises(ValueError, match=f"pass2-0.safetensors: {message}"):
+        load_state(pass2_path)
+
+
+def test_classifier_tallies_without_a_classifier_are_refused(tmp_path):
+    case = gaussian_classes(120, FEATURES, CLASSES, seed=5)
+    geometry, _ = finalize_pass1(ClassSums(CLASSES, FEATURES).update(case["features"],
+                                                                     case["labels"]))
+    path = tmp_path / "pass2.safetensors"
+    save_state(path, ResidualStats(geometry).update(case["features"], case["labels"]))
+    _rewrite(path, _set("stats/classifier_hits", lambda t: np.ones_like(t["stats/counts"])),
+             version=UNDIGESTED_STATE_VERSION)
+    with pytest.raises(ValueError, match=r"pass2.safetensors: stats/classifier_hits\[0\] is 1, "
+                                         "nonzero without a classifier"):
+        load_state(path)
