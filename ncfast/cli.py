@@ -7,9 +7,6 @@ terminal still shows what went wrong.
 import argparse
 import sys
 
-from rich.console import Console
-from rich.markup import escape
-
 #: Exit status of every command, shown by ``--help``.
 EXIT_STATUS = """\
 exit status:
@@ -44,19 +41,31 @@ def main(argv=None):
     """Entry point of the ``ncfast`` console script.
 
     Handlers are called as ``handler(args, console, errors)``: ``console``
-    prints results on stdout, ``errors`` messages on stderr.
+    prints results on stdout, ``errors`` messages on stderr. Ctrl-C at any
+    point, the imports of the commands included, exits with status 130.
     """
-    args = build_parser().parse_args(argv)
+    command = "ncfast"
+    try:
+        args = build_parser().parse_args(argv)
+        command = f"ncfast {args.command}"
+        return _run_command(args, command)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_command(args, command):
+    """Call the handler of ``args``; print an error it raises as one line, status 1."""
+    from rich.console import Console
+    from rich.markup import escape
+
     console, errors = Console(), Console(stderr=True)
     try:
         return args.handler(args, console, errors)
     except (ValueError, TypeError, OSError) as error:
-        errors.print(f"[red]ncfast {args.command}: {escape(str(error))}[/red]",
-                     highlight=False, soft_wrap=True)  # one line, names intact
+        errors.print(f"[red]{command}: {escape(str(error))}[/red]", highlight=False,
+                     soft_wrap=True)  # one line, names intact
         return 1
-    except KeyboardInterrupt:
-        errors.print(f"ncfast {args.command}: interrupted", highlight=False)
-        return 130
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ file, and a ``manifest.json`` that says what is there::
                    "test": {...}}}]}
 
 where ``FILE`` is ``{"file": path relative to RUN, "shape": [...], "dtype":
-"float32", "bytes": size, "sha256": content digest}``.
+"float32", "bytes": size, "sha256": content digest}``. Every path in the
+manifest stays inside RUN, symbolic links followed; ``read_manifest`` refuses
+a manifest that breaks the schema or points outside.
 
 Every array file is written to a temporary name, flushed to disk and renamed
 into place, with the permissions ``open()`` would give it (0o666 less the
@@ -49,6 +51,7 @@ a time.
 import json
 import os
 import re
+import reprlib
 import secrets
 import stat
 import tempfile
@@ -145,6 +148,18 @@ def write_json_atomically(path, value):
     write_text_atomically(path, json.dumps(value, indent=1, allow_nan=False) + "\n")
 
 
+def _nearest_existing(path):
+    """``path`` itself or its nearest parent that exists; a broken symbolic link exists."""
+    probe = path
+    while True:
+        try:
+            os.lstat(probe)
+            return probe
+        except FileNotFoundError:
+            # Parents as given (the message shows them), then the current folder's.
+            probe = os.path.dirname(probe) or os.path.dirname(os.path.abspath(probe))
+
+
 def check_output_folder(path, *, what="output folder", create=True):
     """Make sure files can be written into the folder ``path``, or raise ValueError.
 
@@ -159,18 +174,20 @@ def check_output_folder(path, *, what="output folder", create=True):
         is a folder that can be written into.
     """
     path = os.fspath(path)
-    probe = path
-    while not create and not os.path.exists(probe):
-        parent = os.path.dirname(os.path.abspath(probe))
-        if parent == os.path.abspath(probe):
-            break
-        probe = parent
-    if os.path.exists(probe) and not os.path.isdir(probe):
-        raise ValueError(f"cannot write the {what} {path!r}: {probe!r} is a file, not a "
-                         "folder; choose another folder")
+    if not path:
+        raise ValueError(f"the {what} is an empty name; name a folder (e.g. 'results')")
     try:
+        probe = _nearest_existing(path)
+        if os.path.islink(probe) and not os.path.exists(probe):
+            raise ValueError(f"cannot write the {what} {path!r}: {probe!r} is a broken "
+                             f"symbolic link (to {os.readlink(probe)!r}); point it at a folder "
+                             "or choose another folder")
+        if not os.path.isdir(probe):
+            raise ValueError(f"cannot write the {what} {path!r}: {probe!r} is a file, not a "
+                             "folder; choose another folder")
         if create:
             os.makedirs(path, exist_ok=True)
+            probe = path
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as error:
@@ -419,6 +436,9 @@ def _plan_checkpoint(splits, weights, bias, classifier_layer, num_classes):
 def read_manifest(path):
     """Load and check a run folder's ``manifest.json``.
 
+    Every field's type and structure is checked, and every path in it must
+    lead inside the run folder, so that readers can trust the manifest.
+
     Parameters
     ----------
     path : str or PathLike
@@ -428,15 +448,22 @@ def read_manifest(path):
     -------
     dict
         The manifest (schema in the module docstring).
+
+    Raises
+    ------
+    ValueError
+        The manifest is missing, not JSON, of another format or version, or
+        malformed; the message names the manifest and the field.
     """
-    manifest_path = os.path.join(os.fspath(path), MANIFEST)
+    path = os.fspath(path)
+    manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise ValueError(f"{os.fspath(path)}: no {MANIFEST}; a run folder is written by "
+        raise ValueError(f"{path}: no {MANIFEST}; a run folder is written by "
                          "ncfast.dumps.RunWriter")
     try:
         with open(manifest_path, encoding="utf-8") as stream:
             manifest = json.load(stream)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad JSON or UTF-8
         raise ValueError(f"{manifest_path}: not readable JSON ({error}); the file is corrupt: "
                          "restore it or rewrite the run") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -445,10 +472,174 @@ def read_manifest(path):
     if manifest.get("version") != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: format version {manifest.get('version')!r}; this "
                          f"ncfast reads version {FORMAT_VERSION}: upgrade ncfast")
-    missing = {"config", "num_classes", "class_names", "checkpoints"} - set(manifest)
-    if missing:
-        raise ValueError(f"{manifest_path}: missing keys {sorted(missing)}")
+    _ManifestCheck(manifest_path, path).run(manifest)
     return manifest
+
+
+#: What ``_ManifestCheck.value`` finds for a key that is not there.
+_MISSING = object()
+
+_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+#: Shows what a manifest holds in a message: strings (paths) whole, nesting and long lists cut.
+_FOUND_REPR = reprlib.Repr()
+_FOUND_REPR.maxstring = _FOUND_REPR.maxother = 200
+
+#: The dtypes of features (float) and labels (int) that a manifest may record.
+_DTYPE_PATTERN = re.compile(r"float(16|32|64|96|128)|bfloat16|u?int(8|16|32|64)")
+
+
+def _is_count(value, minimum=0):
+    """Whether ``value`` is a JSON integer (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_relative_path(value):
+    return isinstance(value, str) and value != "" and "\0" not in value \
+        and not os.path.isabs(value) and not os.path.splitdrive(value)[0]
+
+
+class _ManifestCheck:
+    """The checks of one manifest's fields; each refusal names the manifest and the field.
+
+    Fields are named as in ``checkpoints[0].splits["train"].labels.shape``.
+
+    Parameters
+    ----------
+    manifest_path : str
+    run_path : str
+        The run folder, which every path in the manifest must lead into.
+    """
+
+    def __init__(self, manifest_path, run_path):
+        self.manifest_path = manifest_path
+        self.run_path = run_path
+        self.run_root = os.path.realpath(run_path)
+
+    def refuse(self, field, found, expected):
+        found = "missing" if found is _MISSING else _FOUND_REPR.repr(found)
+        raise ValueError(f"{self.manifest_path}: {field} is {found}, expected {expected}; the "
+                         "manifest was edited or corrupted: restore it or rewrite the run")
+
+    def value(self, mapping, key, field, accept, expected):
+        """``mapping[key]``, the manifest's ``field``, refused unless ``accept(value)``."""
+        value = mapping.get(key, _MISSING)
+        if value is _MISSING or not accept(value):
+            self.refuse(field, value, expected)
+        return value
+
+    def path_inside(self, mapping, key, field):
+        """``mapping[key]``: a relative path that stays inside the run folder, normalised.
+
+        Symbolic links are followed: one leading out of the run folder is refused.
+        """
+        relative = self.value(mapping, key, field, _is_relative_path,
+                              "a path relative to the run folder")
+        resolved = os.path.realpath(os.path.join(self.run_path, relative))
+        if os.path.commonpath([self.run_root, resolved]) != self.run_root:
+            self.refuse(field, relative, f"a path inside the run folder {self.run_root!r}, "
+                        f"not one leading to {resolved!r}")
+        return os.path.normpath(relative)
+
+    def file_entry(self, mapping, key, field, *, num_rows, ndim, optional=False):
+        """Check the file entry ``mapping[key]`` of an array of ``ndim`` dimensions and
+        ``num_rows`` rows; ``optional``: it may be null."""
+        entry = self.value(mapping, key, field,
+                           lambda value: isinstance(value, dict) or optional and value is None,
+                           ("null or " if optional else "") + "a file entry {file, shape, "
+                           "dtype, bytes, sha256}")
+        if entry is None:
+            return
+        self.path_inside(entry, "file", f"{field}.file")
+        shape = self.value(entry, "shape", f"{field}.shape",
+                           lambda value: isinstance(value, list) and len(value) == ndim
+                           and all(_is_count(size) for size in value),
+                           f"a list of {ndim} ints >= 0")
+        if shape[0] != num_rows:
+            self.refuse(f"{field}.shape", shape, f"{num_rows} rows")
+        self.value(entry, "dtype", f"{field}.dtype",
+                   lambda value: isinstance(value, str) and _DTYPE_PATTERN.fullmatch(value),
+                   "a float or int dtype name ('float32', 'int64')")
+        self.value(entry, "bytes", f"{field}.bytes", _is_count, "an int >= 0")
+        self.value(entry, "sha256", f"{field}.sha256",
+                   lambda value: isinstance(value, str) and _SHA256_PATTERN.fullmatch(value),
+                   "a SHA-256 digest (64 lowercase hex digits)")
+
+    def name(self, value, field, what):
+        """Refuse a split or layer name that cannot be a file name."""
+        if not _NAME_PATTERN.fullmatch(value):
+            self.refuse(field, value, f"{what} names of letters, digits, '_', '-' and '.'")
+
+    def run(self, manifest):
+        """Check the whole manifest (a dict with the right format and version)."""
+        self.value(manifest, "config", "config", lambda value: True, "the run's configuration")
+        num_classes = self.value(manifest, "num_classes", "num_classes",
+                                 lambda value: _is_count(value, 2), "an int >= 2")
+        self.value(manifest, "class_names", "class_names",
+                   lambda value: value is None or isinstance(value, list)
+                   and len(value) == num_classes and all(isinstance(name, str) for name in value),
+                   f"null or a list of {num_classes} strings")
+        checkpoints = self.value(manifest, "checkpoints", "checkpoints",
+                                 lambda value: isinstance(value, list), "a list")
+        folders = {}
+        for index, entry in enumerate(checkpoints):
+            field = f"checkpoints[{index}]"
+            if not isinstance(entry, dict):
+                self.refuse(field, entry, "an object")
+            self.checkpoint(entry, field, num_classes,
+                            checkpoints[index - 1]["epoch"] if index else None)
+            folder = self.path_inside(entry, "path", f"{field}.path")
+            if folder in folders:
+                self.refuse(f"{field}.path", entry["path"],
+                            f"a folder of its own, not that of {folders[folder]}")
+            folders[folder] = field
+
+    def checkpoint(self, entry, field, num_classes, previous_epoch):
+        """Check one checkpoint entry but its ``path``."""
+        self.value(entry, "epoch", f"{field}.epoch",
+                   lambda value: _is_count(value) and (previous_epoch is None
+                                                       or value > previous_epoch),
+                   "an int >= 0" + ("" if previous_epoch is None else
+                                    f" after the previous checkpoint's {previous_epoch} "
+                                    "(ascending, each epoch once)"))
+        splits = self.value(entry, "splits", f"{field}.splits",
+                            lambda value: isinstance(value, dict) and value,
+                            "an object of one or more splits")
+        layers = set()
+        for split, arrays in splits.items():
+            self.name(split, f"{field}.splits", "split")
+            where = f"{field}.splits[{json.dumps(split)}]"
+            if not isinstance(arrays, dict):
+                self.refuse(where, arrays, "an object {num_rows, labels, clean_labels, "
+                            "features}")
+            num_rows = self.value(arrays, "num_rows", f"{where}.num_rows", _is_count,
+                                  "an int >= 0")
+            self.file_entry(arrays, "labels", f"{where}.labels", num_rows=num_rows, ndim=1)
+            self.file_entry(arrays, "clean_labels", f"{where}.clean_labels", num_rows=num_rows,
+                            ndim=1, optional=True)
+            features = self.value(arrays, "features", f"{where}.features",
+                                  lambda value: isinstance(value, dict) and value,
+                                  "an object of one or more layers")
+            for layer in features:
+                self.name(layer, f"{where}.features", "layer")
+                self.file_entry(features, layer, f"{where}.features[{json.dumps(layer)}]",
+                                num_rows=num_rows, ndim=2)
+            layers.update(features)
+        classifier = self.value(entry, "classifier", f"{field}.classifier",
+                                lambda value: value is None or isinstance(value, dict),
+                                "null or an object {weights, bias}")
+        if classifier is None:
+            self.value(entry, "classifier_layer", f"{field}.classifier_layer",
+                       lambda value: value is None or isinstance(value, str),
+                       "null or a layer name")
+            return
+        self.value(entry, "classifier_layer", f"{field}.classifier_layer",
+                   lambda value: isinstance(value, str) and value in layers,
+                   f"the layer the classifier reads, one of {sorted(layers)}")
+        self.file_entry(classifier, "weights", f"{field}.classifier.weights",
+                        num_rows=num_classes, ndim=2)
+        self.file_entry(classifier, "bias", f"{field}.classifier.bias", num_rows=num_classes,
+                        ndim=1, optional=True)
 
 
 @dataclass
@@ -510,14 +701,9 @@ class _LazyNpy(StoredArray):
                              f"{self.shape}; the file was replaced: rewrite the checkpoint")
 
 
-def _lazy(run_path, entry, manifest_path, what):
-    if entry is None:
-        return None
-    if not isinstance(entry, dict) or not {"file", "shape", "dtype", "bytes", "sha256"} <= \
-            set(entry):
-        raise ValueError(f"{manifest_path}: {what} is not a file entry "
-                         "{file, shape, dtype, bytes, sha256}")
-    return _LazyNpy(run_path, entry)
+def _lazy(run_path, entry):
+    """The ``_LazyNpy`` of a checked file entry, or None for a null one."""
+    return None if entry is None else _LazyNpy(run_path, entry)
 
 
 def open_run(path):
@@ -537,28 +723,17 @@ def open_run(path):
     """
     path = os.fspath(path)
     manifest = read_manifest(path)
-    manifest_path = os.path.join(path, MANIFEST)
     checkpoints, folders = [], {}
     for entry in manifest["checkpoints"]:
-        try:
-            epoch = entry["epoch"]
-            splits = {}
-            for split, arrays in entry["splits"].items():
-                where = f"epoch {epoch} split {split!r}"
-                splits[split] = SplitArrays(
-                    {layer: _lazy(path, item, manifest_path, f"{where} layer {layer!r}")
-                     for layer, item in arrays["features"].items()},
-                    _lazy(path, arrays["labels"], manifest_path, f"{where} labels"),
-                    _lazy(path, arrays["clean_labels"], manifest_path, f"{where} clean_labels"))
-            classifier = entry["classifier"] or {}
-            checkpoints.append(CheckpointArrays(
-                splits,
-                _lazy(path, classifier.get("weights"), manifest_path, f"epoch {epoch} weights"),
-                _lazy(path, classifier.get("bias"), manifest_path, f"epoch {epoch} bias"),
-                entry["classifier_layer"], epoch, manifest["num_classes"]))
-            folders[epoch] = os.path.join(path, entry["path"])
-        except (KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"{manifest_path}: malformed checkpoint entry ({error!r}); the "
-                             "manifest was edited or corrupted") from None
+        splits = {split: SplitArrays({layer: _lazy(path, item)
+                                      for layer, item in arrays["features"].items()},
+                                     _lazy(path, arrays["labels"]),
+                                     _lazy(path, arrays["clean_labels"]))
+                  for split, arrays in entry["splits"].items()}
+        classifier = entry["classifier"] or {}
+        checkpoints.append(CheckpointArrays(
+            splits, _lazy(path, classifier.get("weights")), _lazy(path, classifier.get("bias")),
+            entry["classifier_layer"], entry["epoch"], manifest["num_classes"]))
+        folders[entry["epoch"]] = os.path.join(path, entry["path"])
     return Run(path, manifest["config"], manifest["num_classes"], manifest["class_names"],
                checkpoints, folders)

@@ -170,3 +170,106 @@ def test_config_must_be_json(tmp_path):
     with pytest.raises(TypeError, match="JSON-serialisable"):
         RunWriter(tmp_path / "run", config={"model": object()}, num_classes=CLASSES)
     assert not (tmp_path / "run").exists()
+
+
+def test_deeply_nested_json_is_an_unreadable_manifest(tmp_path):
+    (tmp_path / MANIFEST).write_text('{"format": "ncfast-run", "x": ' + "[" * 100_000
+                                     + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="manifest.json: not readable JSON"):
+        open_run(tmp_path)
+
+
+def _edit_manifest(run, change):
+    manifest = json.loads((run / MANIFEST).read_text())
+    change(manifest)
+    (run / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _first(manifest):
+    return manifest["checkpoints"][0]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: _first(m).update(epoch="1"), r"checkpoints\[0\]\.epoch is '1', expected an int"),
+    (lambda m: _first(m)["splits"]["train"]["features"]["penultimate"].update(shape="120x6"),
+     r'checkpoints\[0\]\.splits\["train"\]\.features\["penultimate"\]\.shape is \'120x6\''),
+    (lambda m: _first(m).update(splits={}), r"checkpoints\[0\]\.splits is \{\}, expected an "
+                                            "object of one or more splits"),
+    (lambda m: _first(m)["splits"]["test"].pop("labels"),
+     r'checkpoints\[0\]\.splits\["test"\]\.labels is missing'),
+    (lambda m: _first(m)["splits"]["test"]["labels"].update(shape=[19]),
+     r'splits\["test"\]\.labels\.shape is \[19\], expected 20 rows'),
+    (lambda m: _first(m)["splits"]["test"]["labels"].update(sha256=None), r"sha256 is None"),
+    (lambda m: _first(m)["splits"]["train"]["labels"].update(dtype="object"),
+     r"dtype is 'object', expected a float or int dtype"),
+    (lambda m: _first(m).update(classifier_layer="nonexistent"),
+     r"classifier_layer is 'nonexistent', expected the layer the classifier reads"),
+    (lambda m: m["checkpoints"][1].update(epoch=1), r"checkpoints\[1\]\.epoch is 1, expected "
+                                                    "an int >= 0 after the previous"),
+    (lambda m: m["checkpoints"][1].update(path=_first(m)["path"] + "/"),
+     r"checkpoints\[1\]\.path is .*, expected a folder of its own, not that of checkpoints\[0\]"),
+    (lambda m: m.update(num_classes=True), "num_classes is True, expected an int >= 2"),
+    (lambda m: m.update(class_names=["a"]), r"class_names is \['a'\], expected null or a list "
+                                            "of 3 strings"),
+    (lambda m: m.update(checkpoints={}), r"checkpoints is \{\}, expected a list"),
+], ids=["epoch-string", "shape-string", "no-splits", "labels-missing", "rows-differ",
+        "sha256-null", "dtype-object", "classifier-layer-unknown", "epoch-repeated",
+        "folder-shared", "num-classes-bool", "class-names-short", "checkpoints-object"])
+def test_malformed_manifests_are_refused_naming_the_field(tmp_path, change, message):
+    writer = RunWriter(tmp_path / "run", config={}, num_classes=CLASSES)
+    for epoch in (1, 2):
+        writer.write_checkpoint(epoch, _splits(epoch), **_classifier(epoch))
+    _edit_manifest(tmp_path / "run", change)
+    with pytest.raises(ValueError, match=r"run/manifest.json: " + ".*" + message):
+        open_run(tmp_path / "run")
+    with pytest.raises(ValueError, match=message):  # nor is such a run resumed
+        RunWriter(tmp_path / "run", config={}, num_classes=CLASSES)
+
+
+@pytest.mark.parametrize("field", ["path", "file"])
+@pytest.mark.parametrize("where", ["absolute", "parent", "symlink"])
+def test_manifest_paths_must_stay_inside_the_run_folder(tmp_path, field, where):
+    run = tmp_path / "run"
+    RunWriter(run, config={}, num_classes=CLASSES).write_checkpoint(0, _splits(0))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "labels.npy").write_bytes((run / "checkpoints/epoch_000000/train/labels.npy")
+                                         .read_bytes())
+    target = {"absolute": str(outside), "parent": "../outside", "symlink": "link"}[where]
+    if where == "symlink":
+        os.symlink(outside, run / "link")
+    if field == "path":
+        _edit_manifest(run, lambda manifest: _first(manifest).update(path=target))
+        expected = r"checkpoints\[0\]\.path"
+    else:
+        _edit_manifest(run, lambda manifest: _first(manifest)["splits"]["train"]["labels"]
+                       .update(file=f"{target}/labels.npy"))
+        expected = r'checkpoints\[0\]\.splits\["train"\]\.labels\.file'
+    inside = "relative to" if where == "absolute" else "inside"
+    with pytest.raises(ValueError, match=rf"manifest.json: {expected} is .*expected a path "
+                                         rf"{inside} the run folder"):
+        open_run(run)
+
+
+def test_a_link_inside_the_run_folder_may_be_followed(tmp_path):
+    run = tmp_path / "run"
+    RunWriter(run, config={}, num_classes=CLASSES).write_checkpoint(0, _splits(0))
+    os.symlink("checkpoints/epoch_000000", run / "latest")
+    _edit_manifest(run, lambda manifest: _first(manifest).update(path="latest"))
+    assert open_run(run).folders[0] == os.path.join(str(run), "latest")
+
+
+@pytest.mark.parametrize("create", [False, True])
+def test_output_folders_that_cannot_be_created_are_refused_up_front(tmp_path, monkeypatch,
+                                                                    create):
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "nonexistent" / "target", "dangling")
+    with pytest.raises(ValueError, match="the --out folder is an empty name"):
+        dumps.check_output_folder("", what="--out folder", create=create)
+    for path in ("dangling", "dangling/inner"):
+        with pytest.raises(ValueError, match=f"cannot write the --out folder '{path}': .*"
+                                             "'dangling' is a broken symbolic link"):
+            dumps.check_output_folder(path, what="--out folder", create=create)
+    assert sorted(os.listdir(tmp_path)) == ["dangling"]
+    dumps.check_output_folder("new/folder", what="--out folder", create=create)
+    assert (tmp_path / "new" / "folder").is_dir() == create

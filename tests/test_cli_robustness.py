@@ -1,0 +1,86 @@
+"""The command line against hostile input: --out folders that cannot be created, run
+manifests that point outside their run folder, Ctrl-C before a command has started.
+
+Each is refused (or reported) up front, with a one-line message and the documented
+exit status, before anything is measured or written.
+"""
+import json
+import os
+
+import pytest
+
+from cases import gaussian_classes
+from ncfast import ClassSums
+from ncfast.cli import main
+from ncfast.dumps import MANIFEST, RunWriter
+from ncfast.states import save_state
+
+CLASSES = 3
+FEATURES = 4
+
+
+def _write_run(path):
+    """A run folder of one checkpoint, one split, one layer and a classifier."""
+    case = gaussian_classes(60, FEATURES, CLASSES, seed=1)
+    RunWriter(path, config={}, num_classes=CLASSES).write_checkpoint(
+        1, {"train": {"features": {"penultimate": case["features"]}, "labels": case["labels"]}},
+        weights=case["weights"], bias=case["bias"])
+    return path
+
+
+def _caches(folder):
+    return [name for _, _, names in os.walk(folder) for name in names if "cache" in name]
+
+
+@pytest.mark.parametrize("out", ["", "dangling", "dangling/results"])
+def test_analyze_refuses_an_out_it_cannot_create_before_measuring(tmp_path, monkeypatch, capsys,
+                                                                  out):
+    monkeypatch.chdir(tmp_path)
+    run = _write_run(tmp_path / "run")
+    os.symlink(tmp_path / "nonexistent", "dangling")
+    assert main(["analyze", str(run), "--out", out, "--no-progress"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err.startswith("ncfast analyze: ") and "--out folder" in printed.err
+    assert _caches(run) == []  # nothing was measured (measuring writes the cache)
+
+
+@pytest.mark.parametrize("out", ["", "dangling"])
+def test_merge_refuses_an_out_it_cannot_create(tmp_path, monkeypatch, capsys, out):
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "nonexistent", "dangling")
+    case = gaussian_classes(60, FEATURES, CLASSES, seed=1)
+    save_state("pass1.safetensors",
+               ClassSums(CLASSES, FEATURES).update(case["features"], case["labels"]))
+    assert main(["merge", "pass1.safetensors", "--out", out]) == 1
+    printed = capsys.readouterr().err
+    assert printed.startswith("ncfast merge: ") and "--out folder" in printed
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "pass1.safetensors"]
+
+
+@pytest.mark.parametrize("path", ["../victim", "VICTIM"])
+def test_analyze_writes_nothing_where_a_manifest_points_outside_its_run(tmp_path, capsys, path):
+    run = _write_run(tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    path = path.replace("VICTIM", str(victim))  # an absolute path
+    manifest = json.loads((run / MANIFEST).read_text())
+    manifest["checkpoints"][0]["path"] = path
+    (run / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["analyze", str(run), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert f"manifest.json: checkpoints[0].path is {path!r}" in capsys.readouterr().err
+    assert os.listdir(victim) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_commands_are_imported_exits_130(monkeypatch, capsys):
+    def interrupted(commands):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ncfast.harness.commands.add_commands", interrupted)
+    try:
+        status = main(["analyze", "run", "--out", "out"])
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt while building the parser escaped main()")
+    assert status == 130
+    assert capsys.readouterr().err == "ncfast: interrupted\n"
