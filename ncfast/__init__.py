@@ -5,14 +5,32 @@ streaming and merging partial states yourself, the pass-1 state
 ``ClassSums``, ``finalize_pass1`` (its ``Geometry``), the pass-2 states
 ``ResidualStats`` (one set of rows) and ``ResidualPass`` (with label noise),
 whose ``report`` gives the ``CollapseReport``.
+
+The names load on first use (PEP 562): ``import ncfast`` is instant, so the
+command line answers ``--help`` and Ctrl-C at once, before numpy, Numba and
+the kernels load.
 """
-from ncfast.accumulators import ClassSums, ResidualStats
-from ncfast.api import collapse
-from ncfast.engine import ResidualPass, finalize_pass1
-from ncfast.geometry import Geometry
-from ncfast.report import METRICS, CollapseReport
+import importlib
 
 __version__ = "0.1.0"
 
+#: Public name -> the module that defines it.
+_PUBLIC = {"collapse": "ncfast.api", "CollapseReport": "ncfast.report",
+           "METRICS": "ncfast.report", "ClassSums": "ncfast.accumulators",
+           "ResidualStats": "ncfast.accumulators", "ResidualPass": "ncfast.engine",
+           "finalize_pass1": "ncfast.engine", "Geometry": "ncfast.geometry"}
+
 __all__ = ["collapse", "CollapseReport", "ClassSums", "ResidualStats", "ResidualPass",
            "finalize_pass1", "Geometry", "METRICS", "__version__"]
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'ncfast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

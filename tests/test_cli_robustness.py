@@ -6,6 +6,8 @@ exit status, before anything is measured or written.
 """
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -84,3 +86,13 @@ def test_ctrl_c_while_the_commands_are_imported_exits_130(monkeypatch, capsys):
         pytest.fail("a KeyboardInterrupt while building the parser escaped main()")
     assert status == 130
     assert capsys.readouterr().err == "ncfast: interrupted\n"
+
+
+def test_the_command_line_loads_without_numpy_or_numba():
+    """``import ncfast`` loads its names on first use, so the console script reaches its
+    Ctrl-C handling (and ``--help``) before the seconds numpy, Numba and the kernels take."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, ncfast.cli; print(sorted(m for m in sys.modules "
+                               "if m.split('.')[0] in ('numpy', 'numba', 'torch', 'scipy')))"],
+        capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
