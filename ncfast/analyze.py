@@ -19,11 +19,17 @@ still measured.
 to the checkpoint (``ncfast-cache.json`` in a run's checkpoint folder,
 ``FILE.ncfast-cache.json`` beside a single file), keyed by the SHA-256 of
 every input file's content and the analysis settings, so re-running on a
-growing run measures only new checkpoints. A digest the run manifest recorded
-is trusted while the file keeps its size and is not newer than the manifest;
-a file's digest computed here is remembered in its cache with the file's size
-and modification time. Anything else is hashed again.
+growing run measures only new checkpoints. A file's digest is computed once
+and remembered in its cache with the file's size, modification time and
+status-change time (``st_ctime``, which every write, replacement, rename into
+place or ``cp -p`` sets to the present): a file whose three differ is hashed
+again. A digest the run manifest recorded is trusted for a file not yet
+remembered whose size is the recorded one and whose status has not changed
+since the manifest was last written. A cache is used only when it is exactly
+what ncfast wrote (its recorded digest of its content matches); any other cache
+(edited, corrupt, of another cache version) is treated as missing and rewritten.
 """
+import contextlib
 import csv
 import hashlib
 import io
@@ -31,6 +37,9 @@ import json
 import math
 import os
 import re
+import signal
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -43,17 +52,18 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 
 from ncfast import __version__
 from ncfast.api import collapse
-from ncfast.dumps import (MANIFEST, check_output_folder, open_run, write_json_atomically,
-                          write_text_atomically)
+from ncfast.dumps import (MANIFEST, check_output_folder, open_run, write_atomically,
+                          write_json_atomically, write_text_atomically)
 from ncfast.geometry import PINV_RTOL, Geometry
 from ncfast.inputs import check_chunk_size
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
 from ncfast.report import DRAWN_CLASSES, METRICS
 
-#: Bumped when the rows change form or what a metric's value is (3: the "features"
-#: route's NC1 from exact eigen-coordinates, no longer a float32 scatter); cached rows are
-#: also keyed by the ncfast version.
-CACHE_VERSION = 3
+#: Bumped when the cache's layout, the rows' form or what a metric's value is changes (3: the
+#: "features" route's NC1 from exact eigen-coordinates, no longer a float32 scatter; 4: the
+#: cache records its own digest, and file stamps the status-change time); a cache of another
+#: version is not used. Cached rows are also keyed by the ncfast version.
+CACHE_VERSION = 4
 CACHE_NAME = "ncfast-cache.json"
 
 #: Bins of the cosine histograms, evenly over [-1, 1].
@@ -85,7 +95,7 @@ class Checkpoint:
         JSON file where its results are cached.
     manifest_time_ns : int or None
         Modification time of the run manifest (digests it records are trusted
-        for files not newer than it).
+        for files whose status has not changed since).
     """
 
     source: str
@@ -183,7 +193,7 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
                                           if value is not None})
             checkpoints.append(Checkpoint(path, arrays, f"{path}.{CACHE_NAME}"))
         except (ValueError, TypeError, OSError) as error:
-            failures.append(Failure(path, str(error)))
+            failures.append(Failure(path, _one_line(error)))
     return checkpoints, failures
 
 
@@ -205,31 +215,39 @@ def _attach_extras(path, arrays, extras):
 
 
 class _Digests:
-    """SHA-256 of input files: recorded ones reused when still valid, others computed once."""
+    """SHA-256 of input files, each computed at most once and remembered with its stamp.
+
+    A file's stamp is its size, modification and status-change times: any write,
+    replacement or ``cp -p`` over it sets the status-change time to the present,
+    which ``utime`` cannot set back, so a remembered digest is reused only while
+    its stamp holds. A file not remembered yet takes the digest the run manifest recorded
+    when its size is the recorded one and its status has not changed since the
+    manifest was written; else it is hashed.
+    """
 
     def __init__(self, on_hashing):
         self.on_hashing = on_hashing
         self.known = {}
 
     def __call__(self, array, checkpoint, remembered):
+        """The digest of ``array``'s file, remembered in ``remembered`` (a cache's digests)."""
         path = array.path
         if path in self.known:
             return self.known[path]
         status = os.stat(path)
-        recorded = array.recorded_sha256
-        if recorded is not None and status.st_size == getattr(array, "recorded_bytes", -1) \
-                and status.st_mtime_ns <= checkpoint.manifest_time_ns:
-            digest = recorded
+        stamp = [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
+        name = os.path.relpath(path, os.path.dirname(os.path.abspath(checkpoint.cache_path)))
+        entry = remembered.get(name)
+        if entry is not None and entry["stamp"] == stamp:
+            digest = entry["sha256"]
+        elif entry is None and array.recorded_sha256 is not None \
+                and status.st_size == getattr(array, "recorded_bytes", -1) \
+                and status.st_ctime_ns <= checkpoint.manifest_time_ns:
+            digest = array.recorded_sha256
         else:
-            stamp = [status.st_size, status.st_mtime_ns]
-            name = os.path.relpath(path, os.path.dirname(os.path.abspath(checkpoint.cache_path)))
-            entry = remembered.get(name)
-            if entry is not None and entry["stamp"] == stamp:
-                digest = entry["sha256"]
-            else:
-                self.on_hashing(path)
-                digest = file_sha256(path)
-                remembered[name] = {"stamp": stamp, "sha256": digest}
+            self.on_hashing(path)
+            digest = file_sha256(path)
+        remembered[name] = {"stamp": stamp, "sha256": digest}
         self.known[path] = digest
         return digest
 
@@ -268,6 +286,9 @@ def _check_arrays(checkpoint, layers):
     arrays = checkpoint.arrays
     by_layer = {}
     for split, split_arrays in arrays.splits.items():
+        if not split_arrays.features:
+            raise ValueError(f"{checkpoint.name}: split {split!r} has labels but no features; "
+                             f"store them as '{split}/features[/LAYER]'")
         if split_arrays.labels is None:
             raise ValueError(f"{checkpoint.source}: split {split!r} has no labels; pass "
                              "--labels FILE or store a 'labels' array with the features")
@@ -303,6 +324,9 @@ def _check_arrays(checkpoint, layers):
         if len(array.shape) != expected or not array.is_float:
             raise TypeError(f"{array.name}: the classifier must be float, {expected}-D; found "
                             f"{array.dtype} of shape {array.shape}")
+    if arrays.bias is not None and arrays.weights is None:
+        raise ValueError(f"{arrays.bias.name}: a classifier bias without weights; store the "
+                         "'weights' (C, D) beside it (with --bias, pass --weights FILE too)")
     if not by_layer:
         found = sorted({layer for split in arrays.splits.values() for layer in split.features})
         raise ValueError(f"{checkpoint.source}: none of the layers {sorted(layers)} is here "
@@ -325,21 +349,36 @@ def _num_classes(checkpoint):
     return top + 1
 
 
+def _cache_digest(cache):
+    """SHA-256 of a cache's results and digests, and of ``CACHE_VERSION``."""
+    content = [CACHE_VERSION, cache["results"], cache["digests"]]
+    return hashlib.sha256(json.dumps(content, sort_keys=True, allow_nan=False).encode()
+                          ).hexdigest()
+
+
 def _load_cache(path):
+    """The cache at ``path``: ``{"results": {key: rows}, "digests": {file: entry}}``.
+
+    A cache file is valid when it is what ``_save_cache`` wrote: ``results``,
+    ``digests`` and ``sha256``, the digest of the other two. Anything else (no
+    file, not JSON, nested too deep to parse, edited, corrupt, another cache
+    version) gives an empty cache, which measuring then rewrites.
+    """
     try:
         with open(path, encoding="utf-8") as stream:
             cache = json.load(stream)
-    except (OSError, ValueError):
-        return {"results": {}, "digests": {}}
-    if not isinstance(cache, dict) or not isinstance(cache.get("results"), dict):
-        return {"results": {}, "digests": {}}
-    cache.setdefault("digests", {})
-    return cache
+        if isinstance(cache, dict) and set(cache) == {"results", "digests", "sha256"} \
+                and cache["sha256"] == _cache_digest(cache):
+            return {"results": cache["results"], "digests": cache["digests"]}
+    except (OSError, ValueError, RecursionError):
+        pass
+    return {"results": {}, "digests": {}}
 
 
 def _save_cache(path, cache):
+    """Write a cache (see ``_load_cache``) atomically; warn when it cannot be written."""
     try:
-        write_json_atomically(path, cache)
+        write_json_atomically(path, {**cache, "sha256": _cache_digest(cache)})
     except OSError as error:
         warnings.warn(f"{path}: cannot write the analysis cache ({error}); results are not "
                       "cached", stacklevel=2)
@@ -564,8 +603,14 @@ def _feature_bytes(checkpoint, layers):
                    if (layers is None or layer in layers) and features.is_float)
 
 
+#: ANSI escape sequences and other control characters, dropped from one-line messages.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f]")
+
+
 def _one_line(error):
-    return " ".join(str(error).split())
+    """An error's message on one line of plain text (third-party messages span lines and
+    carry terminal escapes)."""
+    return " ".join(_CONTROL.sub(" ", str(error)).split())
 
 
 def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, use_cache,
@@ -574,6 +619,7 @@ def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, u
     num_classes = _num_classes(checkpoint)
     arrays = checkpoint.arrays
     cache = _load_cache(checkpoint.cache_path) if use_cache else None
+    saved_digests = None if cache is None else dict(cache["digests"])
     for layer, splits in by_layer.items():
         key = None
         if use_cache:
@@ -607,6 +653,9 @@ def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, u
         if use_cache:
             cache["results"][key] = rows
             _save_cache(checkpoint.cache_path, cache)
+            saved_digests = dict(cache["digests"])
+    if use_cache and cache["digests"] != saved_digests:
+        _save_cache(checkpoint.cache_path, cache)  # digests computed for cached rows
 
 
 def _with_source(row, checkpoint):
@@ -695,6 +744,17 @@ def write_analysis(analysis, out, metrics=None, *, plots=True):
     Nothing is written when nothing was measured, so that a run whose every
     input failed leaves the results of an earlier one as they were.
 
+    Every figure is drawn first, into a hidden folder ``.ncfast-figures-*`` in
+    ``out``; only when all are drawn are the results and figures written into
+    ``out`` (each file atomically: it holds either its old or its new content)
+    and the figures of an earlier analysis removed. Ctrl-C or an error while
+    drawing leaves ``out`` as it was; Ctrl-C during the final writes is held
+    until they are done (when called from the main thread). What can still
+    leave ``out`` mixed, some files of the earlier analysis beside new ones: an
+    error during the final writes (a full disk) or the process killed then
+    (SIGKILL, SIGTERM, power loss). A process killed while drawing leaves its
+    hidden folder behind.
+
     Parameters
     ----------
     analysis, out, metrics :
@@ -716,13 +776,45 @@ def write_analysis(analysis, out, metrics=None, *, plots=True):
     """
     from ncfast.plots import remove_stale_plots, write_plots
 
+    out = os.fspath(out)
     if not analysis.rows:
-        raise ValueError(f"nothing was measured; {os.fspath(out)} is left as it was")
-    written = write_results(analysis, out, metrics)
-    if not plots:
-        return written, remove_stale_plots(os.fspath(out), written)
-    drawn, removed = write_plots(analysis.rows, out, scalar_metrics(analysis.rows, metrics))
-    return written + drawn, removed
+        raise ValueError(f"nothing was measured; {out} is left as it was")
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".ncfast-figures-", dir=out) as drawing:
+        drawn = []
+        if plots:
+            drawn, _ = write_plots(analysis.rows, drawing, scalar_metrics(analysis.rows, metrics))
+        with _ctrl_c_held():
+            written = write_results(analysis, out, metrics)
+            for figure in drawn:
+                with open(figure, "rb") as stream:
+                    png = stream.read()
+                path = os.path.join(out, os.path.basename(figure))
+                write_atomically(path, lambda target: target.write(png))
+                written.append(path)
+            removed = remove_stale_plots(out, written)
+    return written, removed
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold Ctrl-C (SIGINT) while the block runs; one pressed meanwhile is raised after it.
+
+    Only the main thread can set a signal handler: elsewhere, or when Python
+    did not install the present handler, the block runs as it would.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda number, frame: pressed.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        signal.raise_signal(signal.SIGINT)
 
 
 def _csv_value(value):
@@ -748,7 +840,10 @@ ncfast.dumps.RunWriter, with a manifest.json) and feature files (.npy, .npz, .sa
 The train split is measured against its own class means (with memorization and dilation when
 clean labels exist); other splits against the train means of the same checkpoint and layer;
 the classifier against the layer it reads. Results of each checkpoint are cached next to it,
-keyed by the content of its files: rerunning on a growing run measures only new checkpoints.
+keyed by the SHA-256 of its files' content and the settings: rerunning on a growing run
+measures only new checkpoints. A file is hashed once; its digest is reused while the file keeps
+its size, modification time and status-change time (ctime), which any edit or replacement of
+the file changes (cp -p included). A cache file edited or corrupted is ignored and rewritten.
 
 Prints the results (stdout) and writes OUT/metrics.json, OUT/metrics.csv, OUT/METRIC.png (each
 metric against epoch on a log axis, when a run has two checkpoints or more),
@@ -756,7 +851,8 @@ OUT/memorization_vs_dilation.png (label noise) and OUT/snapshot-RUN-epochE-LAYER
 (the last checkpoint: cosines between class means against the simplex ETF, per-class
 variance, norm and accuracy). OUT is checked before anything is measured and written only
 when at least one input was measured; figures of those names that an earlier analysis left
-in OUT are removed. Progress, messages and errors go to stderr."""
+in OUT are removed. Every figure is drawn before any file in OUT is replaced, so Ctrl-C while
+drawing leaves OUT as it was. Progress, messages and errors go to stderr."""
 
 MERGE_DESCRIPTION = """\
 Merge partial pass states saved by ncfast.states.save_state on several processes or machines

@@ -581,6 +581,10 @@ class CheckpointArrays:
     num_classes: int | None = None
 
 
+_ARRAY_NAMES = ("name arrays '[split/]features[/layer]', '[split/]labels', "
+                "'[split/]clean_labels', 'weights', 'bias'")
+
+
 def file_layout(path):
     """Read a file and sort its arrays into splits, layers and a classifier.
 
@@ -625,10 +629,11 @@ def file_layout(path):
             entry.clean_labels = array
     if not any(split.features for split in splits.values()):
         found = ", ".join(repr(key) for key in arrays) or "nothing"
-        raise ValueError(
-            f"{os.fspath(path)}: found no features (keys: {found}); name arrays "
-            "'[split/]features[/layer]', '[split/]labels', '[split/]clean_labels', 'weights', "
-            "'bias'")
+        raise ValueError(f"{os.fspath(path)}: found no features (keys: {found}); {_ARRAY_NAMES}")
+    if unknown:  # a misspelt clean-labels or weights array would drop its metrics silently
+        shown = ", ".join(repr(key) for key in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ValueError(f"{os.fspath(path)}: holds arrays ncfast does not read ({shown}); "
+                         f"{_ARRAY_NAMES} (re-save the file without other arrays)")
     weights = classifier.get("weights")
     return CheckpointArrays(splits, weights, classifier.get("bias"),
                             _classifier_layer(path, splits, weights))

@@ -3,6 +3,8 @@ import csv
 import json
 import os
 import re
+import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from ncfast.engine import ResidualPass, finalize_pass1
 from ncfast.cli import main
 from ncfast.dumps import RunWriter
 from ncfast.inputs import as_source
+from ncfast.readers import file_sha256
 from ncfast.states import STATE_VERSION, load_state, merge_states, report_of, save_state
 
 CLASSES, EPOCHS, LAYERS = 4, (1, 10, 100), ("penultimate", "linear1")
@@ -212,14 +215,17 @@ def test_a_bad_file_is_reported_by_name_and_the_others_are_kept(tmp_path, break_
     assert len(json.loads((tmp_path / "out/metrics.json").read_text())["rows"]) == 2
 
 
-def _run_with_three_checkpoints(tmp_path):
-    path = tmp_path / "run"
+def _write_run(path, epochs):
     writer = RunWriter(path, config={}, num_classes=CLASSES)
-    for epoch in (1, 2, 3):
+    for epoch in epochs:
         splits, weights, bias = _checkpoint(epoch)
         writer.write_checkpoint(epoch, splits, weights=weights, bias=bias,
                                 classifier_layer="penultimate")
     return path
+
+
+def _run_with_three_checkpoints(tmp_path):
+    return _write_run(tmp_path / "run", (1, 2, 3))
 
 
 def test_missing_and_truncated_run_files_are_named_and_others_kept(tmp_path):
@@ -347,3 +353,179 @@ def test_run_files_replaced_after_writing_are_named(tmp_path, relative, replacem
     assert str(replaced) in failure.reason
     assert re.search(message, failure.reason), failure.reason
     assert {row["epoch"] for row in analysis.rows} == {1, 3}
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+def _deeply_nested(document):
+    return '{"results": {}, "digests": {}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+@pytest.mark.parametrize("malform", [
+    lambda document: json.dumps({"results": {}, "digests": []}),
+    lambda document: json.dumps({"results": {}, "digests": None}),
+    lambda document: json.dumps({**document, "digests": {"epoch_1.npz": "x"}}),
+    lambda document: json.dumps({**document, "note": float("nan")}),
+    lambda document: json.dumps({**document, "results": {
+        key: [{**row, "nc1": float("nan")} for row in rows]
+        for key, rows in document["results"].items()}}),
+    lambda document: json.dumps({**document,
+                                 "results": dict.fromkeys(document["results"], [{}])}),
+    lambda document: json.dumps({**document,
+                                 "results": dict.fromkeys(document["results"], "junk")}),
+    lambda document: json.dumps(document).replace('"nc1": ', '"nc1": 1e3 + '),  # not JSON
+    _deeply_nested,
+], ids=["digests list", "digests null", "digest a string", "NaN beside", "NaN in a row",
+        "row empty", "rows a string", "not JSON", "nested 100,000 deep"])
+def test_a_malformed_cache_is_measured_again_and_rewritten(tmp_path, malform):
+    path = tmp_path / "epoch_1.npz"
+    _write_npz(path)
+    first = analyze([path], progress=False)
+    cache = tmp_path / "epoch_1.npz.ncfast-cache.json"
+    cache.write_text(malform(json.loads(cache.read_text())))
+    again = analyze([path], progress=False)
+    assert again.failures == [] and (again.measured, again.cached) == (1, 0)
+    assert again.rows == first.rows
+    rewritten = analyze([path], progress=False)
+    assert (rewritten.measured, rewritten.cached) == (0, 1) and rewritten.rows == first.rows
+
+
+def test_a_file_replaced_by_an_older_one_of_the_same_size_is_measured_again(tmp_path,
+                                                                             monkeypatch):
+    path = _run_with_three_checkpoints(tmp_path)
+    assert analyze([path], progress=False).measured == 6
+    # cp -p: epoch 3's features, of epoch 1's size, keeping their (older than the manifest) mtime
+    replaced = path / "checkpoints/epoch_000001/train/features/penultimate.npy"
+    shutil.copy2(path / "checkpoints/epoch_000003/train/features/penultimate.npy", replaced)
+    after = analyze([path], progress=False)
+    assert (after.measured, after.cached) == (1, 5)
+    assert after.rows == analyze([path], progress=False, use_cache=False).rows
+    # A file whose status changed but not its content is hashed once, then known again.
+    hashed = []
+    monkeypatch.setattr(analyze_module, "file_sha256",
+                        lambda file: hashed.append(file) or file_sha256(file))
+    os.chmod(replaced, 0o640)
+    for _ in range(2):
+        assert analyze([path], progress=False).cached == 6
+        assert len(hashed) == 1 and os.path.samefile(hashed[0], replaced)
+
+
+# --- inputs refused, and the others kept ----------------------------------------------------
+
+def test_a_split_with_labels_but_no_features_is_refused(tmp_path):
+    case = gaussian_classes(60, 4, 3, seed=1)
+    path = tmp_path / "dump.npz"
+    np.savez(path, **{"train/features": case["features"], "train/labels": case["labels"],
+                      "test/labels": case["labels"]})
+    analysis = analyze([path], progress=False, use_cache=False)
+    (failure,) = analysis.failures
+    assert analysis.rows == []
+    assert f"{path}: split 'test' has labels but no features" in failure.reason
+
+
+def test_arrays_of_names_ncfast_does_not_read_are_refused_by_name(tmp_path):
+    case = with_label_noise(gaussian_classes(60, 4, 3, seed=1), rate=0.2)
+    path = tmp_path / "dump.npz"
+    np.savez(path, **{"train/features": case["features"], "train/labels": case["labels"],
+                      "train/clean_label": case["clean_labels"], "test/feats": case["features"]})
+    (failure,) = analyze([path], progress=False, use_cache=False).failures
+    assert "holds arrays ncfast does not read ('train/clean_label', 'test/feats')" in \
+        failure.reason
+
+
+def test_a_bias_without_weights_is_refused(tmp_path):
+    case = gaussian_classes(60, 4, 3, seed=1)
+    np.savez(tmp_path / "dump.npz", features=case["features"], labels=case["labels"],
+             bias=case["bias"])
+    for name in ("features", "labels", "bias"):
+        np.save(tmp_path / f"{name}.npy", case[name])
+    analysis = analyze([tmp_path / "dump.npz"], progress=False, use_cache=False)
+    assert re.search(r"dump\.npz \[bias\]: a classifier bias without weights",
+                     analysis.failures[0].reason)
+    analysis = analyze([tmp_path / "features.npy"], labels=tmp_path / "labels.npy",
+                       bias=tmp_path / "bias.npy", progress=False, use_cache=False)
+    assert "bias.npy: a classifier bias without weights" in analysis.failures[0].reason
+    assert "--weights FILE" in analysis.failures[0].reason
+
+
+@pytest.mark.parametrize("malform, field", [
+    (lambda checkpoint: checkpoint.__setitem__("epoch", "1"), "epoch"),
+    (lambda checkpoint: checkpoint["splits"]["train"]["features"]["penultimate"].__setitem__(
+        "shape", "120x6"), "shape"),
+    (lambda checkpoint: checkpoint.__setitem__("splits", {}), "splits"),
+])
+def test_a_malformed_manifest_fails_its_run_and_the_others_are_written(tmp_path, capsys,
+                                                                      malform, field):
+    good = _run_with_three_checkpoints(tmp_path / "good")
+    bad = _run_with_three_checkpoints(tmp_path / "bad")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    malform(manifest["checkpoints"][0])
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    assert main(["analyze", str(good), str(bad), "--out", str(out), "--no-progress",
+                 "--no-plots"]) == 1
+    (failed,) = [line for line in capsys.readouterr().err.splitlines() if "FAILED" in line]
+    assert f"{bad / 'manifest.json'}: " in failed and field in failed
+    document = json.loads((out / "metrics.json").read_text())
+    assert {row["source"] for row in document["rows"]} == {str(good)}
+
+
+def test_every_failure_is_one_line_of_plain_text(tmp_path):
+    name = tmp_path / "two\nlines \x1b[1mbold\x1b[0m.npz"
+    (failure,) = analyze([name], progress=False).failures
+    assert "\n" not in failure.reason and "\x1b" not in failure.reason
+    assert "two lines bold" in failure.reason
+
+
+# --- writing OUT ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, 130), (OSError(28, "No space"), 1)])
+def test_a_write_stopped_while_drawing_leaves_out_as_it_was(tmp_path, monkeypatch, stop,
+                                                            status):
+    import ncfast.plots as plots
+
+    out = tmp_path / "out"
+    assert main(["analyze", str(_run_with_three_checkpoints(tmp_path)), "--out", str(out),
+                 "--no-progress"]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    later = _write_run(tmp_path / "later", (1, 2))
+    save_figure, saved = plots.save_figure, []
+
+    def save_two_then_stop(figure, path):
+        if len(saved) == 2:
+            raise stop
+        saved.append(path)
+        save_figure(figure, path)
+
+    monkeypatch.setattr(plots, "save_figure", save_two_then_stop)
+    assert main(["analyze", str(later), "--out", str(out), "--no-progress"]) == status
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    monkeypatch.setattr(plots, "save_figure", save_figure)
+    assert main(["analyze", str(later), "--out", str(out), "--no-progress"]) == 0
+    names = set(os.listdir(out))
+    assert "snapshot-later-epoch2-linear1-test.png" in names
+    assert not any(name.startswith("snapshot-run-") or name.startswith(".") for name in names)
+    assert {row["source"] for row in json.loads((out / "metrics.json").read_text())["rows"]} \
+        == {str(later)}
+
+
+def test_ctrl_c_during_the_final_writes_is_held_until_they_are_done(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert main(["analyze", str(_run_with_three_checkpoints(tmp_path)), "--out", str(out),
+                 "--no-progress", "--metrics", "nc1"]) == 0
+    later = _write_run(tmp_path / "later", (1, 2))
+    write_atomically = analyze_module.write_atomically
+
+    def press_ctrl_c_then_write(path, write):
+        os.kill(os.getpid(), signal.SIGINT)
+        write_atomically(path, write)
+
+    monkeypatch.setattr(analyze_module, "write_atomically", press_ctrl_c_then_write)
+    assert main(["analyze", str(later), "--out", str(out), "--no-progress", "--metrics",
+                 "nc1"]) == 130
+    assert sorted(os.listdir(out)) == [
+        "metrics.csv", "metrics.json", "nc1.png", *(f"snapshot-later-epoch2-{layer}-{split}.png"
+                                                    for layer in ("linear1", "penultimate")
+                                                    for split in ("test", "train"))]
+    assert {row["source"] for row in json.loads((out / "metrics.json").read_text())["rows"]} \
+        == {str(later)}
