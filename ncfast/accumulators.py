@@ -62,9 +62,8 @@ def _chunk_arrays(features, labels, num_features, clean_labels=None, row_offset=
 def _row_flags(flags, num_rows, what):
     """A per-row mask (bool, or integers 0/1) as a uint8 array of shape (n,), checked."""
     flags = np.asarray(as_array(flags, what))
-    if flags.dtype != np.bool_ and not (
-            np.issubdtype(flags.dtype, np.integer)
-            and (flags.size == 0 or (flags.min() >= 0 and flags.max() <= 1))):
+    if flags.size and flags.dtype != np.bool_ and not (
+            np.issubdtype(flags.dtype, np.integer) and flags.min() >= 0 and flags.max() <= 1):
         raise TypeError(f"{what} must be a boolean mask of the rows; found dtype {flags.dtype}"
                         + ("" if flags.dtype.kind not in "iu" else
                            f" with values in [{flags.min()}, {flags.max()}]")

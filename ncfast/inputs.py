@@ -165,7 +165,7 @@ def check_labels(labels, num_rows, what="labels"):
             labels.dtype != sys.modules["torch"].bool
     else:
         integer = np.issubdtype(labels.dtype, np.integer)
-    if not integer:
+    if not integer and shape[0] > 0:  # no labels at all (np.asarray([]) is float) hold no class
         raise TypeError(
             f"{what} must be integer class indices; found dtype {_dtype_name(labels)}: convert "
             "with .astype(np.int64) (one-hot labels: labels.argmax(axis=1))"

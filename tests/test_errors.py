@@ -519,3 +519,14 @@ def test_sparse_torch_features(case):
     with pytest.raises(TypeError, match="features is a torch.sparse_coo torch tensor; pass "
                                         r"dense values \(tensor.to_dense\(\)\)"):
         ncfast.collapse(torch.from_numpy(case["features"]).to_sparse(), case["labels"])
+
+
+def test_an_empty_chunk_may_give_its_labels_and_masks_as_empty_lists(case):
+    """``np.asarray([])`` is float64: an empty last chunk built from lists is no error."""
+    class_sums = ncfast.ClassSums(NUM_CLASSES, NUM_FEATURES)
+    class_sums.update(case["features"], case["labels"])
+    class_sums.update(case["features"][:0], [])
+    stats = ncfast.ResidualStats(ncfast.Geometry.from_class_sums(class_sums.counts,
+                                                                 class_sums.sums))
+    stats.update(case["features"][:0], [], [], include=[])
+    assert class_sums.counts.sum() == NUM_ROWS and stats.num_rows == 0
