@@ -160,8 +160,15 @@ def finalize_pass1(class_sums, *, global_mean="classes", empty_classes="warn"):
 
 
 #: How a re-iterable source gives both passes the same rows.
-SAME_ROWS_FIX = ("it must yield the same rows each time it is iterated (no shuffling with "
-                 "drop_last, no random sampling), or pass the features as one array")
+SAME_ROWS_FIX = ("it must yield the same rows each time it is iterated (no random "
+                 "augmentation, no shuffling with drop_last, no random sampling), or pass the "
+                 "features as one array")
+
+#: The class sums of a source's rows, summed again in pass 2, may differ from pass 1's by
+#: rounding alone: float64 sums of the same rows in another order or chunking, or of rows a
+#: float32 model computed again (a nondeterministic GPU forward rounds each value
+#: differently), stay far below this fraction of ``check_same_class_sums``'s scale.
+SAME_ROWS_RTOL = 1e-6
 
 
 def check_same_rows(first_counts, second_counts, *, source, fix):
@@ -182,6 +189,38 @@ def check_same_rows(first_counts, second_counts, *, source, fix):
             f"{source} yielded different rows in the two passes (rows per class "
             f"{first_counts.tolist()}, then {second_counts.tolist()}); the class means would "
             f"not be those of the rows measured: {fix}")
+
+
+def check_same_class_sums(first, second, sq_norm_sums, *, source, fix):
+    """Refuse a pass 2 over other rows than pass 1's, even with the same rows per class.
+
+    A source read twice with random augmentation yields other rows of the same
+    counts; their class sums differ from pass 1's. The rows of class c sum to
+    ``S_c`` either way up to rounding, which stays below ``SAME_ROWS_RTOL`` times
+    ``max_j |S_cj| + sqrt(n_c sum_i ||r_i||^2)``, a bound on ``sum_i |h_ij|``
+    for every feature j (Cauchy-Schwarz on the residuals ``r_i = h_i - mu_c``).
+
+    Parameters
+    ----------
+    first, second : ClassSums
+        The rows read by pass 1, and the same sums of the rows read by pass 2.
+    sq_norm_sums : float64 array of shape (C,)
+        ``sum_i ||r_i||^2`` per class, from pass 2.
+    source, fix : str
+        As for ``check_same_rows``.
+    """
+    check_same_rows(first.counts, second.counts, source=source, fix=fix)
+    scales = np.abs(first.sums).max(axis=1, initial=0.0) + np.sqrt(
+        first.counts * np.maximum(np.asarray(sq_norm_sums, np.float64), 0.0))
+    differences = np.abs(second.sums - first.sums).max(axis=1, initial=0.0)
+    differing = np.flatnonzero(~(differences <= SAME_ROWS_RTOL * scales))
+    if differing.size:
+        label = int(differing[0])
+        raise ValueError(
+            f"{source} yielded other rows in the two passes: the {int(first.counts[label])} "
+            f"rows of class {label} sum differently (by up to {differences[label]:.3g}, where "
+            f"rounding stays below {SAME_ROWS_RTOL * scales[label]:.3g}); the class means "
+            f"would not be those of the rows measured: {fix}")
 
 
 def means_and_counts(means):
@@ -476,13 +515,26 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
         clean_label_rows = residual_pass.clean_label_rows
         if clean_label_rows is not None:
             clean_label_rows = backend.xp.asarray(clean_label_rows)
+        # A chunk source iterated again may yield other rows (random augmentation): its
+        # pass 2 sums its rows by class too, for check_same_class_sums.
+        rows_again = None
+        if means is None and source.rereads:
+            rows_again = ClassSums(num_classes, num_features)
+            rows_again_state = backend.pass1_state(rows_again)
         for chunk in source.chunks(2):
             for part, labels, include, corrupted in pass2_updates(
                     chunk.labels, chunk.clean_labels, clean_label_rows):
                 states[part].update(chunk.features, labels, corrupted, include=include,
                                     row_offset=chunk.offset)
+            if rows_again is not None:
+                rows_again_state.update(chunk.features, chunk.labels, None,
+                                        row_offset=chunk.offset)
         backend.finish_pass2(states, residual_pass, source)
-        if means is None:
+        if rows_again is not None:
+            backend.finish_pass1(rows_again_state, rows_again, source)
+            check_same_class_sums(class_sums, rows_again, residual_pass.stats.sq_norm_sums,
+                                  source="the chunk source", fix=SAME_ROWS_FIX)
+        elif means is None:
             check_same_rows(class_sums.counts, residual_pass.stats.counts,
                             source="the chunk source", fix=SAME_ROWS_FIX)
     return residual_pass.report(pinv_rtol=pinv_rtol, ood_mean=ood_mean, xp=backend.xp)

@@ -445,6 +445,83 @@ def test_chunk_source_yielding_other_rows_in_pass_two(case):
                         num_classes=NUM_CLASSES)
 
 
+class Reread:
+    """A chunk source that yields ``rows(epoch)`` in batches of 64 rows, ``epoch`` counting
+    its iterations from 1."""
+
+    def __init__(self, rows, labels):
+        self.rows, self.labels, self.epoch = rows, labels, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        features, labels = self.rows(self.epoch), self.labels
+        return iter([(features[i:i + 64], labels[i:i + 64]) for i in range(0, len(labels), 64)])
+
+
+def test_chunk_source_with_random_augmentation_is_refused():
+    """Other rows with the same rows per class (a loader with random augmentation) were
+    measured silently: pass 2's residuals were taken from the means of other rows."""
+    data = gaussian_classes(num_rows=3000, num_features=32, num_classes=5, spread=0.1)
+    features, labels = data["features"], data["labels"]
+
+    def augmented(epoch):
+        noise = np.random.default_rng(epoch).standard_normal(features.shape, np.float32)
+        return features + np.float32(0.01) * noise
+
+    with pytest.raises(ValueError, match=r"the chunk source yielded other rows in the two "
+                                         r"passes: the \d+ rows of class \d sum differently .*"
+                                         r"no random augmentation"):
+        ncfast.collapse(Reread(augmented, labels), num_classes=5)
+
+
+def test_chunk_source_swapping_rows_of_equal_counts_is_refused():
+    """One pass reads one row of class 0 twice and another not at all: same rows per class
+    (the iterations alternate; pass 1 and pass 2 are two in a row)."""
+    data = gaussian_classes(num_rows=300, num_features=8, num_classes=3)
+    features, labels = data["features"], data["labels"]
+    first, second = np.flatnonzero(labels == 0)[:2]
+    swapped = features.copy()
+    swapped[second] = features[first]
+    source = Reread(lambda epoch: features if epoch % 2 else swapped, labels)
+    with pytest.raises(ValueError, match="yielded other rows in the two passes: the .* rows "
+                                         "of class 0 sum differently"):
+        ncfast.collapse(source, num_classes=3)
+
+
+@pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (1e4, 1e-3)])
+def test_chunk_source_rounding_differently_is_accepted(offset, spread):
+    """The same rows in another order each time, or computed again by a float32 model that
+    rounds differently (a nondeterministic GPU forward: one float32 rounding each), are the
+    same rows; also with a large common offset and a tiny spread."""
+    data = gaussian_classes(num_rows=3000, num_features=32, num_classes=5, offset=offset,
+                            spread=spread)
+    features, labels = data["features"], data["labels"]
+    expected = ncfast.collapse(features, labels)
+
+    def shuffled(epoch):
+        order = np.random.default_rng(epoch).permutation(len(labels))
+        return features[order], labels[order]
+
+    class Shuffled(Reread):
+        def __iter__(self):
+            self.epoch += 1
+            rows, row_labels = shuffled(self.epoch)
+            return iter([(rows[i:i + 64], row_labels[i:i + 64])
+                         for i in range(0, len(labels), 64)])
+
+    report = ncfast.collapse(Shuffled(None, None), num_classes=5)
+    assert report.nc1 == pytest.approx(expected.nc1, rel=1e-9)
+
+    def rerounded(epoch):
+        ulps = np.random.default_rng(epoch).integers(-1, 2, features.shape)
+        return np.where(ulps > 0, np.nextafter(features, np.float32(np.inf)),
+                        np.where(ulps < 0, np.nextafter(features, np.float32(-np.inf)),
+                                 features)).astype(np.float32)
+
+    # Accepted; at the offset one float32 rounding is as large as the spread, so NC1 moves.
+    ncfast.collapse(Reread(rerounded, labels), num_classes=5)
+
+
 def test_means_from_a_file_give_the_class_count(case, tmp_path):
     """C was inferred from len() of the path string."""
     means = ncfast.collapse(case["features"], case["labels"]).means

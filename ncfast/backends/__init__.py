@@ -7,7 +7,9 @@ A backend supplies only what differs by device (see ``ncfast.engine``):
   ``reduce_tile(dots, tile, rows, cols)``: the pair sweep's tiles
   (``ncfast.sweep``);
 - ``source(features, labels, clean_labels, chunk_size)``: a chunk source for
-  its inputs (``max_label``, ``num_features``, ``chunks(pass_number)``);
+  its inputs (``max_label``, ``num_features``, ``chunks(pass_number)``, and
+  ``rereads``: whether each pass iterates a chunk source again, whose rows pass 2
+  then also sums by class to compare with pass 1's);
 - ``pass1_state(class_sums)`` / ``pass2_states(residual_pass)``: states that
   pass-1 and pass-2 chunks are added into (the public host states themselves
   on the CPU, device twins on the GPU), with ``update`` methods;

@@ -9,7 +9,7 @@ import contextlib
 import numba
 import numpy as np
 
-from ncfast.inputs import as_source, carries_clean_labels, num_features_of
+from ncfast.inputs import IterableSource, as_source, carries_clean_labels, num_features_of
 from ncfast.kernels import cpu, pairs
 from ncfast.sweep import PAIR_TILE
 
@@ -78,6 +78,11 @@ class HostSource:
     def carries_clean_labels(self):
         """Whether the chunks bring clean labels of their own (chunk sources)."""
         return carries_clean_labels(self.host)
+
+    @property
+    def rereads(self):
+        """Whether each pass iterates a chunk source again, which may yield other rows."""
+        return isinstance(self.host, IterableSource)
 
     def label_summary(self):
         """``(largest label, its first row, classes with rows)``; see ``ArraySource``.

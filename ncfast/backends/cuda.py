@@ -126,6 +126,7 @@ class ResidentSource:
     """
 
     carries_clean_labels = False
+    rereads = False
 
     def __init__(self, features, labels, clean_labels=None, *, chunk_size=None):
         cupy = sys.modules["cupy"]
@@ -304,6 +305,10 @@ class StreamedSource:
     @property
     def carries_clean_labels(self):
         return self.host.carries_clean_labels
+
+    @property
+    def rereads(self):
+        return self.host.rereads
 
     def context(self):
         """The current device, with the compute stream current."""
