@@ -2,8 +2,9 @@
 
 Each rank of a DDP job feeds its own batches; the pass states are sums, so
 each pass ends with one ``all_reduce`` of two flat buffers (the float64 sums
-and the int64 counts), and every rank then holds the same class means and,
-at the end, the same ``CollapseReport``. No feature row leaves its rank.
+and the int64 counts), after one of four ints that checks that the ranks'
+states have the same shapes, and every rank then holds the same class means
+and, at the end, the same ``CollapseReport``. No feature row leaves its rank.
 
 Requires torch (``import ncfast`` never imports it). Works with any backend
 that sums float64 and int64 tensors: ``gloo`` (CPU buffers) and ``nccl``
@@ -15,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from ncfast.accumulators import ClassSums
-from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, finalize_pass1,
-                           geometry_from_means_option)
+from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, check_same_class_sums,
+                           finalize_pass1, geometry_from_means_option)
 from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL
 from ncfast.inputs import ArraySource
 from ncfast.plan import check_classifier
@@ -60,7 +61,18 @@ class DistributedCollapse:
         As in ``ncfast.collapse``.
     group : ProcessGroup, optional
         The ranks that share the rows; the default group when None.
+
+    Attributes
+    ----------
+    same_rows_source, same_rows_fix : str
+        How ``report`` names the rows and the fix when pass 2 read other rows
+        than pass 1: pass 2 sums its rows by class again, and ``report`` compares
+        those sums, over all ranks, with pass 1's (``check_same_class_sums``).
     """
+
+    same_rows_source = "the batches given to update_pass2"
+    same_rows_fix = ("give update_pass2 the rows given to update_pass1, in any order (no random "
+                     "augmentation, no drop_last with shuffling)")
 
     def __init__(self, num_classes, num_features, *, weights=None, bias=None, means=None,
                  label_noise=False, global_mean="classes", chunk_size=None,
@@ -79,6 +91,11 @@ class DistributedCollapse:
         # Checked now rather than after pass 1; float64 numpy copies.
         self._classifier = check_classifier(weights, bias, num_classes, num_features)
         self._report = None
+        # Rows fed on this rank in the current pass: bad rows are named by their index
+        # among them.
+        self._rows_fed = 0
+        # After pass 1: its sums over the group, and those of pass 2's rows on this rank.
+        self._pass1_sums = self._rows_again = None
         if means is None:
             self.class_sums = ClassSums(num_classes, num_features, track_clean=label_noise)
             self.residual_pass = None
@@ -97,11 +114,18 @@ class DistributedCollapse:
         features : tensor or array of shape (n, D)
         labels : int tensor or array of shape (n,)
         clean_labels : int tensor or array of shape (n,), required with ``label_noise``
+
+        Raises
+        ------
+        ValueError
+            For a bad row (a label outside ``[0, C)``, a NaN, ...), named by its
+            index among the rows this rank has fed to the pass.
         """
         if self.class_sums is None:
             raise RuntimeError("pass 1 is finished (or skipped with means=); call update_pass2")
         for chunk in self._chunks(features, labels, clean_labels):
-            self.class_sums.update(chunk.features, chunk.labels, chunk.clean_labels)
+            self.class_sums.update(chunk.features, chunk.labels, chunk.clean_labels,
+                                   row_offset=chunk.offset)
 
     def finalize_pass1(self):
         """Sum pass 1 over the group and build the class means (collective)."""
@@ -112,7 +136,9 @@ class DistributedCollapse:
             self.class_sums, global_mean=self.global_mean, empty_classes=self.empty_classes)
         weights, bias = self._classifier
         self.residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
-        self.class_sums = None
+        self._pass1_sums, self.class_sums = self.class_sums, None
+        self._rows_again = ClassSums(self._pass1_sums.num_classes, self._pass1_sums.num_features)
+        self._rows_fed = 0
 
     def update_pass2(self, features, labels, clean_labels=None):
         """Add a local batch to pass 2 (the same rows as pass 1, in any order).
@@ -129,17 +155,32 @@ class DistributedCollapse:
         for chunk in self._chunks(features, labels, clean_labels):
             self.residual_pass.update(chunk.features, chunk.labels, chunk.clean_labels,
                                       row_offset=chunk.offset)
+            if self._rows_again is not None:
+                self._rows_again.update(chunk.features, chunk.labels, row_offset=chunk.offset)
 
     def report(self):
         """Sum pass 2 over the group and return the ``CollapseReport`` (collective).
 
         Every rank receives the same report; later calls return it again
         without communicating.
+
+        Raises
+        ------
+        ValueError
+            On every rank, when the ranks' pass-2 rows, summed by class, are not
+            those of pass 1 (``same_rows_source``).
         """
         if self.residual_pass is None:
             raise RuntimeError("call finalize_pass1 and update_pass2 before report")
         if self._report is None:
-            all_reduce_sums(self.residual_pass.sum_arrays(), self.group)
+            arrays = self.residual_pass.sum_arrays()
+            if self._rows_again is not None:
+                arrays += self._rows_again.sum_arrays()
+            all_reduce_sums(arrays, self.group)
+            if self._rows_again is not None:
+                check_same_class_sums(self._pass1_sums, self._rows_again,
+                                      self.residual_pass.stats.sq_norm_sums,
+                                      source=self.same_rows_source, fix=self.same_rows_fix)
             self._report = self.residual_pass.report(pinv_rtol=self.pinv_rtol)
         return self._report
 
@@ -148,8 +189,10 @@ class DistributedCollapse:
             raise ValueError("pass clean_labels with every batch exactly when label_noise=True")
         if len(features) == 0:
             return iter(())
-        return iter(ArraySource(_on_host(features), _on_host(labels), _on_host(clean_labels),
-                                chunk_size=self.chunk_size))
+        source = ArraySource(_on_host(features), _on_host(labels), _on_host(clean_labels),
+                             chunk_size=self.chunk_size, row_offset=self._rows_fed)
+        self._rows_fed += source.num_rows
+        return iter(source)
 
 
 def collapse(batches, *, num_classes, num_features, group=None, **options):
@@ -194,6 +237,12 @@ def all_reduce_sums(arrays, group=None):
         Every rank passes arrays of the same shapes in the same order.
     group : ProcessGroup, optional
         Without an initialised process group (a single process) nothing is reduced.
+
+    Raises
+    ------
+    ValueError
+        On every rank, when the ranks' arrays differ in shape (checked first, by
+        one small ``all_reduce``).
     """
     unsupported = {str(array.dtype) for array in arrays} - {"float64", "int64"}
     if unsupported:
@@ -201,6 +250,7 @@ def all_reduce_sums(arrays, group=None):
     if not (dist.is_available() and dist.is_initialized()):
         return  # one process, no group: its sums are the totals
     on_cuda = dist.get_backend(group) == "nccl"
+    _check_same_shapes(arrays, group, on_cuda)
     for dtype in (np.float64, np.int64):
         same_dtype = [array for array in arrays if array.dtype == dtype]
         if not same_dtype:
@@ -214,6 +264,34 @@ def all_reduce_sums(arrays, group=None):
         for array in same_dtype:
             array[...] = flat[start:start + array.size].reshape(array.shape)
             start += array.size
+
+
+def _check_same_shapes(arrays, group, on_cuda):
+    """Refuse, on every rank, arrays whose shapes differ between the ranks.
+
+    Summing buffers of different sizes aborts the process (gloo) or hangs; so
+    the ranks first take the maximum of each rank's sizes and of their
+    negatives, one ``all_reduce`` of fixed length, and every rank raises the
+    same error when they differ.
+
+    Raises
+    ------
+    ValueError
+        Naming this rank's shapes and the range of sizes over the ranks.
+    """
+    shapes = [tuple(array.shape) for array in arrays]
+    # The hash of a tuple of ints is the same in every process (no hash randomisation).
+    sizes = [sum(array.size for array in arrays), hash(tuple(shapes)) % (1 << 62)]
+    extremes = torch.tensor(sizes + [-size for size in sizes], dtype=torch.int64)
+    if on_cuda:
+        extremes = extremes.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    largest, smallest = extremes[:2].tolist(), [-value for value in extremes[2:].tolist()]
+    if largest != smallest:
+        raise ValueError(
+            f"the ranks hold states of different shapes (this rank's arrays: {shapes}; from "
+            f"{smallest[0]} to {largest[0]} values over the ranks): build DistributedCollapse "
+            "with the same num_classes, num_features and label_noise on every rank")
 
 
 def _on_host(array):

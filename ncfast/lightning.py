@@ -66,9 +66,19 @@ class NeuralCollapse(Callback):
         if loader is None:
             raise ValueError("the trainer has no training dataloader; pass loader= to "
                              "NeuralCollapse")
+        if self.loader is None and isinstance(loader, (dict, list, tuple)):
+            raise ValueError(f"the trainer has {len(loader)} training dataloaders; pass the "
+                             "one to measure as loader= to NeuralCollapse")
         monitor = CollapseMonitor(pl_module, self.layer, loader, device=pl_module.device,
                                   **self.monitor_options)
-        result = monitor.measure()
+        # The trainer casts each batch to the module's precision ("16-true", "bf16-true",
+        # "64-true") before its forward; the measured forward passes need the same.
+        handle = pl_module.register_forward_pre_hook(
+            lambda module, inputs: trainer.precision_plugin.convert_input(inputs))
+        try:
+            result = monitor.measure()
+        finally:
+            handle.remove()
         self.history.append((trainer.current_epoch, result))
         reports = result if isinstance(result, dict) else {None: result}
         logged = {}

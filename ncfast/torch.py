@@ -34,6 +34,12 @@ from ncfast.inputs import default_chunk_rows
 #: for the one-pass route; beyond it the passes stream.
 DEFAULT_MEMORY_BUDGET = 2 << 30
 
+#: How the streamed route's two forward passes give the same rows (checked by the rows per
+#: class, then by their sums per class).
+STREAMED_ROWS_FIX = ("the streamed route needs the same rows in both forward passes: no "
+                     "random augmentation, no drop_last with shuffling; or raise memory_budget "
+                     "to hold them")
+
 
 @dataclass(frozen=True)
 class CapturedFeatures:
@@ -224,9 +230,7 @@ class _ForwardPasses:
         self.device = torch.device(device) if device is not None else _model_device(self.model)
         self.clean_labels = None
         if clean_labels is not None:
-            sampler = getattr(loader, "sampler", None)
-            if isinstance(sampler, torch.utils.data.RandomSampler) or \
-                    getattr(sampler, "shuffle", False):
+            if _shuffles(loader):
                 raise ValueError(
                     "clean_labels follow the loader's order, but this loader shuffles; pass a "
                     "loader without shuffling, or one that yields (inputs, labels, clean_labels)")
@@ -347,7 +351,7 @@ class _LayerRows:
                 f"the input of module {self.name!r} has shape {tuple(features.shape)} for a "
                 f"batch of {len(labels)} labels; hook a module whose input has one row per "
                 "sample, batch first")
-        self._add(features.reshape(len(features), -1), labels, clean)
+        self._add(features.flatten(1), labels, clean)
 
     def check_ran(self):
         if self.batch_labels is not None:
@@ -421,9 +425,7 @@ class _Measurement:
             second_counts = passes.forward_pass(
                 lambda name, chunk: self.analyses[name].update_pass2(*_noise(chunk)))
             check_same_rows(first_counts, second_counts, source="the loader",
-                            fix="the streamed route needs the same rows in both forward "
-                                "passes: no random augmentation, no drop_last with shuffling; "
-                                "or raise memory_budget to hold them")
+                            fix=STREAMED_ROWS_FIX)
         else:
             for name in passes.names:
                 for chunk in self.held[name]:
@@ -450,6 +452,7 @@ class _Measurement:
         # In one process (no process group) DistributedCollapse reduces nothing.
         analysis = DistributedCollapse(self.monitor.num_classes, width, weights=weights,
                                        bias=bias, label_noise=label_noise)
+        analysis.same_rows_source, analysis.same_rows_fix = "the loader", STREAMED_ROWS_FIX
         for chunk in self.held[name]:
             analysis.update_pass1(*_noise(chunk))
         if self.streaming:
@@ -532,10 +535,25 @@ def _cpu_labels(labels, what):
         labels = labels.detach().cpu()
     else:
         labels = torch.as_tensor(np.asarray(labels))
-    if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+    # No labels at all (np.asarray([]) is float64) hold no wrong class.
+    not_integer = labels.is_floating_point() or labels.dtype == torch.bool
+    if labels.ndim != 1 or (not_integer and len(labels)):
         raise TypeError(f"{what} of a batch must be a 1-D tensor of integer class indices; "
-                        f"found dtype {labels.dtype}, shape {tuple(labels.shape)}")
+                        f"found dtype {labels.dtype}, shape {tuple(labels.shape)} (one-hot "
+                        "labels: labels.argmax(dim=1))")
     return labels.long()
+
+
+def _shuffles(loader):
+    """Whether a ``DataLoader`` draws its rows in a random order (its sampler, or that of
+    its batch sampler, is a random one or one that shuffles)."""
+    data = torch.utils.data
+    random_samplers = (data.RandomSampler, data.SubsetRandomSampler, data.WeightedRandomSampler)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        if isinstance(sampler, random_samplers) or getattr(sampler, "shuffle", False):
+            return True
+    return False
 
 
 def _unwrapped(model):
@@ -615,5 +633,5 @@ def _resolve_num_classes(num_classes, classifiers):
             raise ValueError(
                 f"layer {name!r} is measured with an nn.Linear of {count} outputs as its "
                 f"classifier, but num_classes is {num_classes}; pass classifier={{{name!r}: "
-                "None}} to measure it without one")
+                "None} to measure it without one")
     return num_classes

@@ -40,7 +40,8 @@ class NeuralCollapse(torchmetrics.Metric):
     classifier : nn.Linear, optional
         Enables NC3, NC4 and accuracy; its weight and bias are read at each
         ``compute``. The metric refers to it without owning it: it is not a
-        submodule, so the metric never moves or saves it.
+        submodule, so the metric never moves or saves it, and deep copies of
+        the metric (``clone()``, also within a copied model) refer to the same one.
     label_noise : bool
         ``update`` takes the clean labels too (memorization, dilation, ...).
     **kwargs
@@ -62,8 +63,7 @@ class NeuralCollapse(torchmetrics.Metric):
                              f"is {num_classes}")
         self.num_classes = num_classes
         self.label_noise = label_noise
-        # Set past nn.Module.__setattr__, which would register it as a submodule.
-        object.__setattr__(self, "classifier", classifier)
+        self._classifier = _Shared(classifier)
         # Rows are kept flattened (1-D states), so that a process without rows, whose
         # states torchmetrics sends as empty 1-D tensors, can be gathered with the others.
         self.add_state("features", default=[], dist_reduce_fx="cat")
@@ -72,8 +72,14 @@ class NeuralCollapse(torchmetrics.Metric):
         if label_noise:
             self.add_state("clean_labels", default=[], dist_reduce_fx="cat")
 
+    @property
+    def classifier(self):
+        """The ``nn.Linear`` given at construction (shared by copies of the metric), or None."""
+        return self._classifier.target
+
     def update(self, features, labels, clean_labels=None):
-        """Add a batch of rows.
+        """Add a batch of rows (copied: a buffer reused for the next batch does not
+        change them).
 
         Parameters
         ----------
@@ -82,6 +88,9 @@ class NeuralCollapse(torchmetrics.Metric):
         clean_labels : int tensor of shape (n,)
             Required exactly when the metric was built with ``label_noise=True``.
         """
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features must be a torch tensor; found {type(features).__name__}: "
+                            "convert with torch.as_tensor(features)")
         if features.ndim != 2:
             raise ValueError(f"features must be 2-D (n, D); found shape {tuple(features.shape)}: "
                              "flatten them with features.reshape(len(features), -1)")
@@ -96,11 +105,13 @@ class NeuralCollapse(torchmetrics.Metric):
             {"labels": labels, "clean_labels": clean_labels}
         for name, values in rows.items():
             values = torch.as_tensor(values, device=features.device)
-            if values.shape != (len(features),) or values.is_floating_point():
+            # No labels at all (torch.as_tensor([]) is float) hold no wrong class.
+            not_integer = values.is_floating_point() or values.dtype == torch.bool
+            if values.shape != (len(features),) or (not_integer and len(values)):
                 raise ValueError(f"{name} must be integers of shape ({len(features)},); found "
                                  f"dtype {values.dtype}, shape {tuple(values.shape)}")
-            getattr(self, name).append(values.long())
-        self.features.append(features.detach().to(self.dtype).reshape(-1))
+            getattr(self, name).append(values.to(torch.int64, copy=True))
+        self.features.append(features.detach().to(self.dtype, copy=True).reshape(-1))
         self.num_features = torch.tensor(features.shape[1], device=features.device)
 
     def sync(self, *args, **kwargs):
@@ -113,6 +124,34 @@ class NeuralCollapse(torchmetrics.Metric):
                 self.clean_labels.append(torch.empty(0, dtype=torch.int64, device=self.device))
         super().sync(*args, **kwargs)
 
+    def forward(self, features, labels, clean_labels=None):
+        """Add a batch of rows (``update``) and return the metrics of that batch alone.
+
+        Unlike torchmetrics' default ``forward``, which resets the state to measure
+        the batch and then merges the earlier rows back, the batch is measured from
+        its own rows: a batch that cannot be measured alone leaves every row in
+        place, a batch of another width is refused as ``update`` refuses it, and
+        classes without rows in the batch are not warned about. With
+        ``dist_sync_on_step=True`` torchmetrics' ``forward`` runs.
+
+        Returns
+        -------
+        dict of str to float64 tensor
+            As ``compute``, of this batch's rows; empty when fewer than two
+            classes have rows in it (a short last batch, say).
+        """
+        if self.dist_sync_on_step:
+            return super().forward(features, labels, clean_labels)
+        self.update(features, labels, clean_labels)
+        labels = self.labels[-1]
+        present = labels[(labels >= 0) & (labels < self.num_classes)].unique()
+        self._forward_cache = {}
+        if len(present) >= 2:
+            self._forward_cache = self._metrics(
+                self.features[-1].reshape(len(labels), -1), labels,
+                self.clean_labels[-1] if self.label_noise else None, empty_classes="ignore")
+        return self._forward_cache
+
     def compute(self):
         """The scalar metrics of every row added since the last ``reset``.
 
@@ -124,14 +163,35 @@ class NeuralCollapse(torchmetrics.Metric):
         labels = dim_zero_cat(self.labels)
         if len(labels) == 0:
             raise ValueError("NeuralCollapse.compute() before any update(); add rows first")
-        features = measurable(dim_zero_cat(self.features).reshape(len(labels), -1))
         clean = dim_zero_cat(self.clean_labels) if self.label_noise else None
+        return self._metrics(dim_zero_cat(self.features).reshape(len(labels), -1), labels,
+                             clean)
+
+    def _metrics(self, features, labels, clean, **options):
+        """``CollapseReport.metrics()`` of these rows as float64 tensors; ``options`` go
+        to ``ncfast.collapse``."""
+        features = measurable(features)
         weights = bias = None
         if self.classifier is not None:
             weights = self.classifier.weight.detach()
             bias = None if self.classifier.bias is None else self.classifier.bias.detach()
         report = collapse(features, labels.to(features.device),
                           clean_labels=None if clean is None else clean.to(features.device),
-                          num_classes=self.num_classes, weights=weights, bias=bias)
+                          num_classes=self.num_classes, weights=weights, bias=bias, **options)
         return {name: torch.tensor(value, dtype=torch.float64)
                 for name, value in report.metrics().items()}
+
+
+class _Shared:
+    """Holds an object that deep copies of its holder share instead of copying.
+
+    ``Metric.clone()`` and ``MetricCollection.clone(prefix=...)`` deep-copy a
+    metric; its classifier must stay the model's own, whose weights train on.
+    (Pickling copies it, as it copies the model.)
+    """
+
+    def __init__(self, target):
+        self.target = target
+
+    def __deepcopy__(self, memo):
+        return self

@@ -51,6 +51,32 @@ CASES = {
 }
 
 
+#: Arguments of ``collapse`` that differ between the ranks: their states differ in shape.
+MISMATCHES = {
+    "mismatched_classes": lambda rank: {
+        "batches": [(torch.zeros(2, 4), torch.tensor([0, 1]))], "num_classes": 3 + rank},
+    "mismatched_label_noise": lambda rank: {
+        "batches": [(torch.zeros(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]))[:3 - rank]],
+        "num_classes": 3, "label_noise": rank == 0},
+}
+
+
+def _augmented_on_rank_one(rank):
+    """Rank 1 adds noise to its rows in pass 2 (random augmentation): the same rows per
+    class, other rows."""
+    case = gaussian_classes(num_rows=600)
+    batches = _rank_batches(case, rank, (2, 2))
+    analysis = DistributedCollapse(case["num_classes"], case["features"].shape[1])
+    for batch in batches:
+        analysis.update_pass1(*batch)
+    analysis.finalize_pass1()
+    for features, labels in batches:
+        if rank == 1:
+            features = features + 0.01 * torch.randn(features.shape)
+        analysis.update_pass2(features, labels)
+    analysis.report()
+
+
 def _run_rank(rank, port, out_dir):
     """One process of the group: every case, class API and function API."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -74,6 +100,15 @@ def _run_rank(rank, port, out_dir):
             reports[name + "_function"] = collapse(
                 batches, num_classes=case["num_classes"], num_features=num_features,
                 label_noise=noisy)
+        for name, mismatch in MISMATCHES.items():
+            try:
+                collapse(num_features=4, **mismatch(rank))
+            except ValueError as error:
+                reports[name] = str(error)
+        try:
+            _augmented_on_rank_one(rank)
+        except ValueError as error:
+            reports["augmented_on_rank_one"] = str(error)
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as handle:
             pickle.dump(reports, handle)
     finally:
@@ -123,3 +158,40 @@ def test_misuse_is_refused_before_any_communication():
         analysis.update_pass1(torch.zeros(2, 4), torch.tensor([0, 5]))
     with pytest.raises(TypeError, match="one-shot iterator"):
         collapse((batch for batch in []), num_classes=3, num_features=4)
+
+
+@pytest.mark.parametrize("name", MISMATCHES)
+def test_ranks_with_states_of_other_shapes_all_raise(rank_reports, name):
+    """Summing buffers of different sizes aborted the processes (gloo)."""
+    for reports in rank_reports:
+        assert "the ranks hold states of different shapes" in reports[name]
+        assert "the same num_classes, num_features and label_noise on every rank" in reports[name]
+
+
+def test_other_rows_in_pass_two_on_one_rank_raise_on_every_rank(rank_reports):
+    """Pass 2's rows are summed by class again and compared over the group, so every rank
+    raises, not only the one that read other rows (which would leave the others waiting)."""
+    for reports in rank_reports:
+        assert reports["augmented_on_rank_one"].startswith(
+            "the batches given to update_pass2 yielded other rows in the two passes: the ")
+
+
+def test_bad_rows_are_named_by_their_index_among_the_rows_fed():
+    """Each batch counted its rows from 0, so an error named a row of the batch."""
+    features = torch.arange(60.0).reshape(15, 4)
+    labels = torch.arange(15) % 3
+    bad_labels = labels.clone()
+    bad_labels[12] = 7
+    analysis = DistributedCollapse(3, 4, chunk_size=4)
+    with pytest.raises(ValueError, match="row 12 has label 7"):
+        for start in (0, 5, 10):
+            analysis.update_pass1(features[start:start + 5], bad_labels[start:start + 5])
+    analysis = DistributedCollapse(3, 4, chunk_size=4)
+    for start in (0, 5, 10):
+        analysis.update_pass1(features[start:start + 5], labels[start:start + 5])
+    analysis.finalize_pass1()
+    bad_features = features.clone()
+    bad_features[8, 1] = float("nan")
+    with pytest.raises(ValueError, match="features row 8 contains NaN"):
+        for start in (0, 5, 10):
+            analysis.update_pass2(bad_features[start:start + 5], labels[start:start + 5])

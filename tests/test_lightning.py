@@ -104,6 +104,45 @@ def test_callback_logs_what_collapse_gives_on_features_extracted_by_hand(tmp_pat
                                                                              rel=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_callback_measures_a_module_of_another_precision(precision, assert_same_report):
+    """The trainer casts each batch to a "true" precision's dtype; the measured forward
+    passes ran the float32 batches into the module and raised a dtype mismatch."""
+    inputs, labels = gaussian_rows()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels),
+                                         batch_size=50)
+    callback = NeuralCollapseCallback("fc")
+    module = Classifier()
+    trainer = lightning.Trainer(
+        max_epochs=1, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
+        precision=precision, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False)
+    trainer.fit(module, loader)
+    assert not module._forward_pre_hooks
+    module.eval()
+    with torch.no_grad():
+        penultimate = module.trunk(inputs.to(module.fc.weight.dtype))
+    assert_same_report(callback.history[0][1], ncfast.collapse(
+        penultimate, labels, weights=module.fc.weight, bias=module.fc.bias))
+
+
+class TwoLoaders(Classifier):
+    def training_step(self, batch, batch_index):
+        return super().training_step(batch["first"], batch_index)
+
+
+def test_callback_refuses_several_training_dataloaders():
+    inputs, labels = gaussian_rows()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels),
+                                         batch_size=50)
+    trainer = lightning.Trainer(
+        max_epochs=1, callbacks=[NeuralCollapseCallback("fc")], accelerator="cpu", devices=1,
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False)
+    with pytest.raises(ValueError, match="the trainer has 2 training dataloaders; pass the one"):
+        trainer.fit(TwoLoaders(), {"first": loader, "second": loader})
+
+
 def test_callback_refuses_a_bad_period():
     with pytest.raises(ValueError, match="every_n_epochs must be a positive int"):
         NeuralCollapseCallback("fc", every_n_epochs=0)
@@ -133,6 +172,64 @@ def test_metric_returns_what_collapse_gives_on_all_updates():
         num_classes=NUM_CLASSES).nc1, rel=1e-10)
 
 
+def test_forward_adds_the_batch_and_returns_the_metrics_of_its_rows():
+    """torchmetrics' ``forward`` reset the state to measure the batch: a batch of one
+    class raised and left only its own rows in the metric, and a batch of another width
+    was merged into the rows."""
+    features, labels = gaussian_rows(300)
+    metric = NeuralCollapseMetric(NUM_CLASSES)
+    batch_metrics = metric(features[:200], labels[:200])
+    expected = ncfast.collapse(features[:200].numpy(), labels[:200].numpy(),
+                               num_classes=NUM_CLASSES)
+    assert batch_metrics.keys() == expected.metrics().keys()
+    assert batch_metrics["nc1"].item() == pytest.approx(expected.nc1, rel=1e-10)
+    one_class = labels[200:] == labels[200]
+    assert metric(features[200:][one_class], labels[200:][one_class]) == {}
+    with pytest.raises(ValueError, match="9 columns but earlier updates had 8"):
+        metric(torch.zeros(4, 9), torch.arange(4) % NUM_CLASSES)
+    metric.update(features[200:][~one_class], labels[200:][~one_class])
+    in_order = [features[:200], features[200:][one_class], features[200:][~one_class]]
+    label_order = [labels[:200], labels[200:][one_class], labels[200:][~one_class]]
+    expected = ncfast.collapse(torch.cat(in_order).numpy(), torch.cat(label_order).numpy())
+    for name, value in expected.metrics().items():
+        assert metric.compute()[name].item() == pytest.approx(value, rel=1e-10), name
+
+
+def test_metric_keeps_its_own_copy_of_the_rows():
+    """Rows passed in a buffer that the next batch overwrites were held by reference:
+    every batch read as the last one."""
+    features, labels = gaussian_rows(400)
+    classifier = nn.Linear(8, NUM_CLASSES)
+    metric = NeuralCollapseMetric(NUM_CLASSES, classifier=classifier)
+    feature_buffer, label_buffer = torch.empty(100, 8), np.empty(100, np.int64)
+    for start in range(0, 400, 100):
+        feature_buffer.copy_(features[start:start + 100])
+        label_buffer[:] = labels[start:start + 100].numpy()
+        metric.update(feature_buffer, label_buffer)
+    metric.update(torch.zeros(0, 8), [])  # no rows, their labels an empty (float) list
+    expected = ncfast.collapse(features.numpy(), labels.numpy(), weights=classifier.weight,
+                               bias=classifier.bias)
+    computed = metric.compute()
+    for name, value in expected.metrics().items():
+        assert computed[name].item() == pytest.approx(value, rel=1e-10), name
+
+
+def test_a_clone_of_the_metric_reads_the_same_classifier():
+    """``clone()`` (a deep copy, as ``MetricCollection.clone(prefix=...)`` makes) copied
+    the classifier, whose weights then stayed those of the moment of the copy."""
+    features, labels = gaussian_rows(300)
+    classifier = nn.Linear(8, NUM_CLASSES)
+    clone = NeuralCollapseMetric(NUM_CLASSES, classifier=classifier).clone()
+    assert clone.classifier is classifier
+    with torch.no_grad():  # the model trains on
+        classifier.weight.copy_(torch.randn(NUM_CLASSES, 8))
+    clone.update(features, labels)
+    expected = ncfast.collapse(features.numpy(), labels.numpy(), weights=classifier.weight,
+                               bias=classifier.bias)
+    assert clone.compute()["accuracy"].item() == pytest.approx(expected.accuracy, rel=1e-10)
+    assert clone.compute()["nc3"].item() == pytest.approx(expected.nc3, rel=1e-10)
+
+
 def test_metric_does_not_own_the_classifier():
     classifier = nn.Linear(8, NUM_CLASSES)
     metric = NeuralCollapseMetric(NUM_CLASSES, classifier=classifier)
@@ -150,6 +247,10 @@ def test_metric_does_not_own_the_classifier():
      ValueError, "must be 2-D"),
     (lambda: NeuralCollapseMetric(3).update(torch.zeros(4, 2), torch.zeros(4)), ValueError,
      "labels must be integers"),
+    (lambda: NeuralCollapseMetric(3).update(torch.zeros(4, 2), torch.zeros(4, dtype=bool)),
+     ValueError, "labels must be integers"),
+    (lambda: NeuralCollapseMetric(3).update(np.zeros((4, 2)), torch.zeros(4, dtype=int)),
+     TypeError, r"features must be a torch tensor; found ndarray: convert with torch.as_tensor"),
     (lambda: NeuralCollapseMetric(3).update(torch.zeros(4, 2), torch.zeros(4, dtype=int),
                                             torch.zeros(4, dtype=int)), ValueError,
      "exactly when label_noise=True"),

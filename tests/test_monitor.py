@@ -213,6 +213,32 @@ def test_capture_returns_the_features_extracted_by_hand():
     assert torch.equal(captured.labels, noisy) and torch.equal(captured.clean_labels, clean)
 
 
+@pytest.mark.parametrize("memory_budget", [ncfast_torch.DEFAULT_MEMORY_BUDGET, 0],
+                         ids=["held", "streamed"])
+def test_a_batch_without_rows_adds_nothing(memory_budget, assert_same_report):
+    """A batch of zero rows (its labels an empty list) ran through the model, then its
+    features failed to reshape to (0, -1)."""
+    model = make_model()
+    images, labels, _ = make_data()
+    loader = batches(images, labels)
+    loader.insert(3, (images[:0], []))
+    report = CollapseMonitor(model, "fc", loader, memory_budget=memory_budget).measure()
+    assert_same_report(report, hand_report(model, images, labels))
+
+
+@pytest.mark.parametrize("memory_budget", [ncfast_torch.DEFAULT_MEMORY_BUDGET, 0],
+                         ids=["held", "streamed"])
+def test_a_bad_row_is_named_by_its_index_in_the_loader(memory_budget, monkeypatch):
+    """The streamed route named a row by its index in its chunk of 32."""
+    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width: 32)
+    model = make_model()
+    images, labels, _ = make_data()
+    labels[300] = NUM_CLASSES + 3
+    monitor = CollapseMonitor(model, "fc", batches(images, labels), memory_budget=memory_budget)
+    with pytest.raises(ValueError, match=f"row 300 has label {NUM_CLASSES + 3}, outside"):
+        monitor.measure()
+
+
 class Shrinking:
     """A loader that yields one batch fewer each time: the two passes see different rows."""
 
@@ -229,6 +255,30 @@ def test_streamed_route_refuses_a_loader_that_changes_between_passes():
     images, labels, _ = make_data()
     monitor = CollapseMonitor(model, "fc", Shrinking(batches(images, labels)), memory_budget=0)
     with pytest.raises(ValueError, match="the loader yielded different rows in the two passes"):
+        monitor.measure()
+
+
+class Augmenting:
+    """A loader that adds fresh noise to the images on each iteration (random augmentation):
+    the same rows per class, other rows."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels, self.epoch = images, labels, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        generator = torch.Generator().manual_seed(self.epoch)
+        noise = torch.randn(self.images.shape, generator=generator)
+        return iter(batches(self.images + 0.1 * noise, self.labels))
+
+
+def test_streamed_route_refuses_a_loader_with_random_augmentation():
+    model = make_model()
+    images, labels, _ = make_data()
+    monitor = CollapseMonitor(model, "fc", Augmenting(images, labels), num_classes=NUM_CLASSES,
+                              memory_budget=0)
+    with pytest.raises(ValueError, match="the loader yielded other rows in the two passes: .* "
+                                         "no random augmentation"):
         monitor.measure()
 
 
@@ -252,7 +302,7 @@ def _rows():
      "no module 'nope'; its modules are: inner, fc, unused"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", iter(_rows())), TypeError, "one-shot"),
     (lambda: CollapseMonitor(CallsTwice(), "inner", _rows(), num_classes=2), ValueError,
-     r"classifier={'inner': None}"),
+     r"pass classifier=\{'inner': None\} to measure it without one"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), classifier={"fc": None}), ValueError,
      "pass num_classes="),
     (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), classifier=nn.ReLU()), TypeError,
@@ -286,6 +336,21 @@ def _rows():
 def test_misuse_is_refused_with_a_clear_message(make_monitor, error, message):
     with pytest.raises(error, match=message):
         make_monitor()
+
+
+@pytest.mark.parametrize("sampling", [
+    lambda: {"sampler": torch.utils.data.SubsetRandomSampler(range(6))},
+    lambda: {"sampler": torch.utils.data.WeightedRandomSampler(torch.ones(6), 6)},
+    lambda: {"batch_sampler": torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(range(6)), 2, drop_last=False)},
+], ids=["subset-random", "weighted-random", "random-batch-sampler"])
+def test_clean_labels_are_refused_with_a_loader_that_draws_rows_at_random(sampling):
+    """Only ``shuffle=True`` was caught: these paired each row with another row's clean
+    label, and measured memorization on that."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_rows()[0]),
+                                         **sampling())
+    with pytest.raises(ValueError, match="this loader shuffles"):
+        CollapseMonitor(CallsTwice(), "fc", loader, clean_labels=np.zeros(6, int))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
