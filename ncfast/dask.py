@@ -128,7 +128,7 @@ class _DaskLabels:
     def label_summary(self):
         """``(largest label, its first row, distinct labels)``, as ``ArraySource``'s."""
         tops, rows, distinct = [], [], []
-        for array in self.arrays:
+        for array in map(_without_empty_blocks, self.arrays):
             tops.append(array.max())
             rows.append(array.argmax())
             distinct.append(da.unique(array[array >= 0]))
@@ -137,20 +137,30 @@ class _DaskLabels:
         return int(tops[best]), int(rows[best]), int(np.unique(np.concatenate(distinct)).size)
 
 
+def _without_empty_blocks(array):
+    """A 1-D dask array without its blocks of no rows (Dask's max and argmax refuse them)."""
+    return array.rechunk((tuple(size for size in array.chunks[0] if size),))
+
+
+def _with_known_sizes(array, what):
+    """``array`` unchanged; a ValueError if Dask does not know its block sizes."""
+    if any(np.isnan(size) for size in array.shape):
+        raise ValueError(
+            f"{what} has unknown block sizes (shape {array.shape}); call "
+            f"{what}.compute_chunk_sizes() first")
+    return array
+
+
 def _aligned_blocks(features, labels, clean_labels):
     """Features with whole rows per block; labels rechunked to the same row blocks."""
-    features = da.asarray(features)
-    if any(np.isnan(size) for size in features.shape):
-        raise ValueError(
-            f"features has unknown block sizes (shape {features.shape}); call "
-            "features.compute_chunk_sizes() first")
+    features = _with_known_sizes(da.asarray(features), "features")
     num_rows, _ = check_features(features)
     if features.numblocks[1] > 1:
         features = features.rechunk({1: -1})
     aligned = []
     for array, what in ((labels, "labels"), (clean_labels, "clean_labels")):
         if array is not None:
-            array = check_labels(da.asarray(array), num_rows, what)
+            array = check_labels(_with_known_sizes(da.asarray(array), what), num_rows, what)
             array = array.rechunk((features.chunks[0],))
         aligned.append(array)
     return features, *aligned

@@ -165,6 +165,25 @@ def test_errors_name_the_row_of_the_whole_input():
         ncfast.dask.collapse(unknown, labels, scheduler="sync")
     with pytest.raises(ValueError, match="labels has 999 entries"):
         ncfast.dask.collapse(features, labels[:999], scheduler="sync")
+    dask_labels = da.from_array(case["labels"], chunks=300)
+    of_unknown_length = dask_labels[dask_labels >= 0]
+    with pytest.raises(ValueError, match=r"^labels has unknown block sizes .* call "
+                                         r"labels\.compute_chunk_sizes\(\) first"):
+        ncfast.dask.collapse(features, of_unknown_length, scheduler="sync")
+    with pytest.raises(ValueError, match=r"^clean_labels has unknown block sizes"):
+        ncfast.dask.collapse(features, case["labels"], clean_labels=of_unknown_length,
+                             scheduler="sync")
+
+
+def test_empty_blocks_with_num_classes_inferred(assert_same_report):
+    """Blocks of no rows, first and last: the label summary skips them."""
+    case = with_label_noise(gaussian_classes(num_rows=1000, num_classes=3), rate=0.1)
+    features = da.from_array(case["features"], chunks=((0, 400, 0, 600, 0), 32))
+    report = ncfast.dask.collapse(features, case["labels"], clean_labels=case["clean_labels"],
+                                  chunk_size=CHUNK_SIZE, scheduler="sync")
+    assert_same_report(report, ncfast.collapse(case["features"], case["labels"],
+                                               clean_labels=case["clean_labels"],
+                                               chunk_size=CHUNK_SIZE))
 
 
 def test_import_ncfast_needs_neither_dask_nor_torch():

@@ -106,6 +106,52 @@ def test_npz_dataset_reads_x_and_y(tmp_path):
     assert data.num_classes == 2
 
 
+#: Rows of a good npz dataset: 3 classes, 6 inputs, one test split.
+X, Y = np.random.default_rng(0).normal(size=(60, 6)), np.arange(60) % 3
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": X[:0], "y": Y[:0]}, "x and y hold no rows"),
+    ({"x": X[:, 0], "y": Y}, r"x must be a real-valued array of shape \(n, \.\.\.\).*x\[:, None\]"),
+    ({"x": X + 1j, "y": Y}, "x must be a real-valued array .* found dtype complex128"),
+    ({"x": np.where(np.arange(60)[:, None] == 7, np.nan, X), "y": Y},
+     "x row 7 holds NaN, Inf or a value beyond float32"),
+    ({"x": X, "y": np.where(np.arange(60) == 5, 10**9, Y)},
+     "the labels reach 1000000000 but only 4 distinct labels occur"),
+    ({"x": X, "y": Y, "x_test": X[:10]}, "holds x_test but no y_test; give both"),
+    ({"x": X, "y": Y, "x_test": X[:10, :4], "y_test": Y[:10]},
+     r"x_test rows have shape \(4,\) but x rows have shape \(6,\)"),
+    ({"x": X, "y": Y, "x_test": X[:10], "y_test": np.full(10, 3)},
+     r"the test split of npz holds class\(es\) \[3\] without training rows"),
+    ({"x": X, "y": np.zeros(60, np.int64)}, r"holds rows of 1 class\(es\)"),
+    ({"x": X[:1], "y": Y[:1]}, r"holds rows of 0 class\(es\)"),
+])
+def test_npz_dataset_that_cannot_be_trained_and_measured_is_refused(tmp_path, arrays, message):
+    """Each used to train (and dump what analyze refuses), or fail deep inside numpy or torch."""
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=message):
+        load_dataset("npz", path=str(path))
+
+
+def test_npz_dataset_path_to_another_format_is_refused(tmp_path):
+    for path, write in ((tmp_path / "x.npy", lambda path: np.save(path, X)),
+                        (tmp_path / "text.npz", lambda path: path.write_text("x,y\n"))):
+        write(path)
+        with pytest.raises(ValueError, match="is not a .npz archive; write one with np.savez"):
+            load_dataset("npz", path=str(path))
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("mnist1d", {"num_samples": 5}, "num_samples must be at least 10 for mnist1d"),
+    ("mnist1d", {"num_samples": 12}, r"the test split of mnist1d holds class\(es\) \[6, 7\]"),
+    ("gaussian", {"num_samples": 3}, r"num_samples \(3\) must be at least num_classes \(4\)"),
+])
+def test_too_few_samples_for_every_class_are_refused(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset(name, **options)
+
+
 # --- bad options fail before training ----------------------------------------------------
 
 @pytest.mark.parametrize("changes, message", [
@@ -123,6 +169,11 @@ def test_npz_dataset_reads_x_and_y(tmp_path):
     ({"epochs": 0}, "epochs must be at least 1"),
     ({"class_counts": (100, 50, 50), "num_samples": None, "num_classes": None,
       "balanced": True}, "class_counts sets unequal classes"),
+    ({"lr": float("inf")}, "lr must be positive and finite; found inf"),
+    ({"weight_decay": float("nan")}, "weight_decay must be non-negative and finite; found nan"),
+    ({"model": "ufm", "feature_lr": float("inf")}, "feature_lr must be non-negative and finite"),
+    ({"seed": -1}, r"seed must lie in \[0, 2\*\*32\); found -1"),
+    ({"seed": 2**32}, r"seed must lie in \[0, 2\*\*32\); found 4294967296"),
 ])
 def test_bad_options_raise_before_anything_is_written(tmp_path, changes, message):
     out = tmp_path / "run"
@@ -140,6 +191,36 @@ def test_unusable_device_is_refused_before_anything_is_written(tmp_path, device,
     with pytest.raises(ValueError, match=message):
         train(SMALL, out, progress=False, device=device)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("batch_size", [1, 199])
+def test_batch_norm_batch_of_one_row_is_refused_before_training(tmp_path, batch_size):
+    """200 rows in batches of 199 leave one row, which torch's BatchNorm1d refuses mid-run."""
+    config = dataclasses.replace(SMALL, batch_norm=True, batch_size=batch_size)
+    with pytest.raises(ValueError, match=f"batch_norm needs at least 2 rows in every batch, "
+                                         f"but batch_size {batch_size} leaves a batch of 1 row "
+                                         "of the 200 training rows"):
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_noise_that_corrupts_every_row_is_refused_before_training(tmp_path):
+    """round(0.999 * 200) = 200 rows corrupted: no clean rows for analyze's noise metrics."""
+    with pytest.raises(ValueError, match=r"noise 0.999 leaves uncorrupted rows in 0 class\(es\) "
+                                         "of the 200 training rows"):
+        train(dataclasses.replace(SMALL, noise=0.999), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_corrupt_training_state_is_refused_in_one_line(tmp_path):
+    """A truncated training_state.pt used to raise torch's RuntimeError from deep inside."""
+    out = tmp_path / "run"
+    train(SMALL, out, progress=False)
+    state = out / training.TRAINING_STATE
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueError, match="training_state.pt: not a readable training state of "
+                                         "this run .*delete it to train the run again"):
+        train(SMALL, out, progress=False)
 
 
 def test_option_of_the_wrong_type_raises_type_error(tmp_path):

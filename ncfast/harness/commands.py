@@ -124,8 +124,8 @@ def add_train_options(parser):
                         help="log-spaced epochs at which features are dumped, the last being "
                              "--epochs (default: %(default)s)")
     output.add_argument("--seed", type=int, default=DEFAULTS.seed,
-                        help="seed of data, noise, initialisation and shuffling "
-                             "(default: %(default)s)")
+                        help="seed of data, noise, initialisation and shuffling, in "
+                             "[0, 2**32) (default: %(default)s)")
 
 
 def config_from_args(args):

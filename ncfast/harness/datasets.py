@@ -4,6 +4,7 @@ Every loader returns a :class:`Dataset` of float32 inputs and int64 labels,
 split into train and test, built from numpy only (torch is not needed here).
 """
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,12 @@ DATASETS = ("mnist1d", "digits", "gaussian", "npz")
 OPTION_DATASETS = {"num_samples": ("mnist1d", "gaussian"), "num_features": ("gaussian",),
                    "num_classes": ("gaussian",), "class_counts": ("gaussian",),
                    "path": ("npz",)}
+
+#: Classes of MNIST-1D: it generates ``num_samples // MNIST1D_CLASSES`` samples of each.
+MNIST1D_CLASSES = 10
+
+#: Classes of the Gaussian mixture when neither ``num_classes`` nor ``class_counts`` is given.
+GAUSSIAN_CLASSES = 4
 
 
 @dataclass(frozen=True)
@@ -86,14 +93,47 @@ def load_dataset(name, *, num_samples=None, num_features=None, num_classes=None,
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        data = _split("digits", digits.data / 16.0, digits.target, test_fraction, seed)
+        data = _split("digits", digits.data / 16.0, digits.target,
+                      _num_classes("digits", digits.target), test_fraction, seed)
     elif name == "gaussian":
         data = gaussian_mixture(num_samples=num_samples or 1000, num_features=num_features or 32,
                                 num_classes=num_classes, class_counts=class_counts,
                                 test_fraction=test_fraction, seed=seed)
     else:
         data = _npz(path, test_fraction, seed)
-    return balance_classes(data, seed=seed) if balanced else data
+    return check_splits(balance_classes(data, seed=seed) if balanced else data)
+
+
+def check_splits(data):
+    """``data`` unchanged if a run can train on it and measure both splits.
+
+    Parameters
+    ----------
+    data : Dataset
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    ValueError
+        When the train split has rows of fewer than 2 classes, or the test
+        split holds a class without training rows (it has no train mean to
+        be measured against).
+    """
+    trained = np.unique(data.y_train)
+    if trained.size < 2:
+        raise ValueError(
+            f"the train split of {data.name} holds rows of {trained.size} class(es); neural "
+            "collapse compares classes, so at least 2 need training rows: give more samples")
+    untrained = np.setdiff1d(data.y_test, trained)
+    if untrained.size:
+        raise ValueError(
+            f"the test split of {data.name} holds class(es) {untrained.tolist()} without "
+            "training rows, which have no train mean to measure the test rows against: give "
+            "more samples, or drop those test rows")
+    return data
 
 
 def balance_classes(data, *, seed=0):
@@ -144,6 +184,16 @@ def check_dataset_options(name, *, num_samples=None, num_features=None, num_clas
             raise ValueError(f"{option} must be a positive integer; found {value}")
     if num_classes is not None and num_classes < 2:
         raise ValueError(f"num_classes must be at least 2; found {num_classes}")
+    if name == "mnist1d" and num_samples is not None and num_samples < MNIST1D_CLASSES:
+        raise ValueError(
+            f"num_samples must be at least {MNIST1D_CLASSES} for mnist1d, which generates "
+            f"num_samples // {MNIST1D_CLASSES} samples of each of its {MNIST1D_CLASSES} "
+            f"classes; found {num_samples}")
+    if name == "gaussian" and class_counts is None and num_samples is not None and \
+            num_samples < (num_classes or GAUSSIAN_CLASSES):
+        raise ValueError(
+            f"num_samples ({num_samples}) must be at least num_classes "
+            f"({num_classes or GAUSSIAN_CLASSES}): every class needs a training row")
     given = {"num_samples": num_samples, "num_features": num_features,
              "num_classes": num_classes, "class_counts": class_counts, "path": path}
     for option, value in given.items():
@@ -171,6 +221,9 @@ def check_dataset_options(name, *, num_samples=None, num_features=None, num_clas
             raise ValueError("the npz dataset needs a path to a .npz file with arrays x and y")
         if not os.path.isfile(path):
             raise ValueError(f"dataset file {path!r} does not exist")
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"dataset file {path!r} is not a .npz archive; write one with "
+                             "np.savez(path, x=inputs, y=labels)")
 
 
 def gaussian_mixture(*, num_samples=1000, num_features=32, num_classes=None, class_counts=None,
@@ -196,7 +249,7 @@ def gaussian_mixture(*, num_samples=1000, num_features=32, num_classes=None, cla
         Inputs of shape (n, num_features).
     """
     if class_counts is None:
-        num_classes = num_classes or 4
+        num_classes = num_classes or GAUSSIAN_CLASSES
         class_counts = np.full(num_classes, num_samples // num_classes)
         class_counts[: num_samples % num_classes] += 1
     class_counts = np.asarray(class_counts, dtype=np.int64)
@@ -238,14 +291,18 @@ def _npz(path, test_fraction, seed):
                 f"dataset file {path!r} lacks array(s) {sorted(missing)}; it holds "
                 f"{sorted(archive.files)}")
         arrays = {key: archive[key] for key in archive.files}
-    if "x_test" in arrays and "y_test" in arrays:
-        x_train, y_train = _checked_pair(path, arrays["x"], arrays["y"], "x", "y")
-        x_test, y_test = _checked_pair(path, arrays["x_test"], arrays["y_test"], "x_test",
-                                       "y_test")
-        num_classes = int(max(y_train.max(), y_test.max())) + 1
-        return Dataset(x_train, y_train, x_test, y_test, num_classes, "npz")
-    return _split("npz", *_checked_pair(path, arrays["x"], arrays["y"], "x", "y"),
-                  test_fraction, seed)
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        given, missing = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
+        raise ValueError(f"dataset file {path!r} holds {given} but no {missing}; give both "
+                         "(a test split) or neither (20% of x is held out)")
+    x_train, y_train = _checked_pair(path, arrays["x"], arrays["y"], "x", "y")
+    if "x_test" not in arrays:
+        return _split("npz", x_train, y_train, _num_classes(path, y_train), test_fraction, seed)
+    x_test, y_test = _checked_pair(path, arrays["x_test"], arrays["y_test"], "x_test", "y_test")
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise ValueError(f"{path!r}: x_test rows have shape {x_test.shape[1:]} but x rows have "
+                         f"shape {x_train.shape[1:]}; both splits need inputs of one shape")
+    return Dataset(x_train, y_train, x_test, y_test, _num_classes(path, y_train, y_test), "npz")
 
 
 def _checked_pair(path, inputs, labels, inputs_key, labels_key):
@@ -253,21 +310,58 @@ def _checked_pair(path, inputs, labels, inputs_key, labels_key):
         raise ValueError(
             f"{path!r}: {labels_key} must be a 1-D integer array; found dtype {labels.dtype}, "
             f"shape {labels.shape}")
+    real = inputs.dtype.kind in "biuf"
+    if not real or inputs.ndim < 2:
+        raise ValueError(
+            f"{path!r}: {inputs_key} must be a real-valued array of shape (n, ...) with one "
+            f"row per sample; found dtype {inputs.dtype}, shape {inputs.shape}"
+            f"{' (one value per sample: use x[:, None])' if real and inputs.ndim == 1 else ''}")
     if inputs.shape[0] != labels.shape[0]:
         raise ValueError(
             f"{path!r}: {inputs_key} has {inputs.shape[0]} rows but {labels_key} has "
             f"{labels.shape[0]} labels")
+    if labels.size == 0:
+        raise ValueError(f"{path!r}: {inputs_key} and {labels_key} hold no rows")
     if labels.min() < 0:
         raise ValueError(f"{path!r}: {labels_key} holds negative labels; use 0..C-1")
-    return inputs.astype(np.float32), labels.astype(np.int64)
+    inputs = inputs.astype(np.float32)
+    finite = np.isfinite(inputs.reshape(len(inputs), -1)).all(axis=1)
+    if not finite.all():
+        raise ValueError(
+            f"{path!r}: {inputs_key} row {np.flatnonzero(~finite)[0]} holds NaN, Inf or a value "
+            "beyond float32; every input must be finite: drop or repair such rows")
+    return inputs, labels.astype(np.int64)
 
 
-def _split(name, inputs, labels, test_fraction, seed):
-    """Random train/test split of one labelled array."""
+def _num_classes(source, *label_arrays):
+    """C = the largest label + 1, refused when most of those classes would have no row.
+
+    Parameters
+    ----------
+    source : str
+        The file (or dataset) the labels come from, for the error.
+    *label_arrays : int arrays
+        Every split's labels.
+
+    Returns
+    -------
+    int
+    """
+    labels = np.concatenate(label_arrays)
+    largest, distinct = int(labels.max()), np.unique(labels).size
+    if largest + 1 > 2 * distinct:
+        raise ValueError(
+            f"{source!r}: the labels reach {largest} but only {distinct} distinct labels occur, "
+            f"so {largest + 1 - distinct} of the {largest + 1} classes would be empty: remap "
+            "them to 0..C-1 (np.unique(y, return_inverse=True))")
+    return largest + 1
+
+
+def _split(name, inputs, labels, num_classes, test_fraction, seed):
+    """Random train/test split of one labelled array of ``num_classes`` classes."""
     order = np.random.default_rng(seed).permutation(labels.size)
     num_test = max(1, int(round(labels.size * test_fraction)))
     test, train = order[:num_test], order[num_test:]
     inputs = inputs.astype(np.float32)
     labels = labels.astype(np.int64)
-    return Dataset(inputs[train], labels[train], inputs[test], labels[test],
-                   int(labels.max()) + 1, name)
+    return Dataset(inputs[train], labels[train], inputs[test], labels[test], num_classes, name)

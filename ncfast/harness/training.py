@@ -13,6 +13,7 @@ import dataclasses
 import io
 import math
 import os
+import pickle
 import sys
 from dataclasses import dataclass, field
 
@@ -31,6 +32,9 @@ TRAINING_STATE = "training_state.pt"
 
 #: Rows per forward pass when features are extracted.
 EXTRACT_BATCH = 4096
+
+#: Seeds lie in [0, SEED_LIMIT): MNIST-1D seeds numpy's legacy generator, which takes no more.
+SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class TrainConfig:
     checkpoints : int
         Log-spaced epochs at which features are dumped (the last is ``epochs``).
     seed : int
+        In [0, 2**32).
     """
 
     dataset: str = "mnist1d"
@@ -136,14 +141,16 @@ class TrainConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (or None for full batch); found "
                              f"{self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive; found {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be positive and finite; found {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1); found {self.momentum}")
         for name in ("weight_decay", "feature_decay", "feature_lr"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be non-negative; found {value}")
+            if value is not None and not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be non-negative and finite; found {value}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must lie in [0, 2**32); found {self.seed}")
         if self.model != "ufm":
             for name in ("feature_decay", "feature_lr"):
                 if getattr(self, name) is not None:
@@ -288,8 +295,10 @@ def _train(config, out, progress, device):
                         num_features=config.num_features, num_classes=config.num_classes,
                         class_counts=config.class_counts, path=config.data_path,
                         balanced=config.balanced, seed=config.seed)
+    check_batches(config, data.y_train.size)
     noisy_labels = corrupt_labels(data.y_train, config.noise, num_classes=data.num_classes,
                                   kind=config.noise_kind, seed=config.seed)
+    check_clean_rows(config.noise, data.y_train, noisy_labels)
     torch.manual_seed(config.seed)
     model = build_model(config.model, input_shape=data.input_shape,
                         num_classes=data.num_classes, num_train=data.y_train.size,
@@ -311,13 +320,7 @@ def _train(config, out, progress, device):
     state_path = os.path.join(out, TRAINING_STATE)
     start_epoch, terminal_epoch = 0, None
     if os.path.exists(state_path):
-        # On the host: the shuffling state must stay there; the loads below move the rest.
-        state = torch.load(state_path, weights_only=True, map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        shuffling.set_state(state["shuffling"])
-        start_epoch, terminal_epoch = state["epoch"], state["terminal_epoch"]
+        start_epoch, terminal_epoch = _resume(state_path, model, optimizer, schedule, shuffling)
 
     dump_epochs = log_spaced_epochs(config.epochs, config.checkpoints)
     batch_size = config.batch_size or train_targets.numel()
@@ -358,6 +361,79 @@ def _train(config, out, progress, device):
                        clean_train_accuracy=accuracies.get("train_clean", accuracies["train"]),
                        test_accuracy=accuracies.get("test"), terminal_epoch=terminal_epoch,
                        dumped_epochs=writer.checkpoints())
+
+
+def check_batches(config, num_train):
+    """Raise ValueError when the MLP's BatchNorm would be given a batch of one row.
+
+    BatchNorm cannot normalise a single row in training mode (a convolution's
+    BatchNorm can: it also averages over positions).
+
+    Parameters
+    ----------
+    config : TrainConfig
+    num_train : int
+        Training rows.
+    """
+    if config.model != "mlp" or not config.batch_norm:
+        return
+    batch_size = config.batch_size or num_train
+    if 1 in (min(batch_size, num_train), num_train % batch_size):
+        raise ValueError(
+            f"batch_norm needs at least 2 rows in every batch, but batch_size {batch_size} "
+            f"leaves a batch of 1 row of the {num_train} training rows; choose another batch "
+            "size")
+
+
+def check_clean_rows(noise, clean_labels, noisy_labels):
+    """Raise ValueError when label noise leaves uncorrupted rows in fewer than 2 classes.
+
+    The label-noise metrics that ``ncfast analyze`` measures on a noisy run
+    (memorization, dilation) compare the means of the clean rows' classes.
+
+    Parameters
+    ----------
+    noise : float
+        The noise rate (0: nothing to check).
+    clean_labels, noisy_labels : int arrays of shape (N,)
+    """
+    clean_classes = np.unique(clean_labels[noisy_labels == clean_labels]).size
+    if noise > 0 and clean_classes < 2:
+        raise ValueError(
+            f"noise {noise} leaves uncorrupted rows in {clean_classes} class(es) of the "
+            f"{clean_labels.size} training rows, and the label-noise metrics compare the means "
+            "of at least 2 classes' clean rows: lower the noise rate or give more samples")
+
+
+def _resume(state_path, model, optimizer, schedule, shuffling):
+    """Load the saved training state into the training objects.
+
+    Returns
+    -------
+    epoch, terminal_epoch : int, int or None
+        The epoch the state was saved after, and the terminal epoch seen by then.
+
+    Raises
+    ------
+    ValueError
+        When the file cannot be read as this run's training state.
+    """
+    import torch
+
+    try:
+        # On the host: the shuffling state must stay there; the loads below move the rest.
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        shuffling.set_state(state["shuffling"])
+        return state["epoch"], state["terminal_epoch"]
+    except (RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{state_path}: not a readable training state of this run ({reason}); the file "
+            "is corrupt: delete it to train the run again from its start (the checkpoints "
+            "dumped so far are kept)") from None
 
 
 def _inputs(config, rows):
