@@ -339,22 +339,28 @@ def _merged_moments(tile_sums, slot, infinite_slot=None):
     Each tile holds ``(shift, sum(x - shift), sum((x - shift)^2))`` over its
     finite values; tiles are merged in order by Chan et al.'s pairwise update
     of (count, mean, M2). Any infinite value (``infinite_slot`` counts them)
-    makes the mean infinite and the variance undefined (NaN), as numpy's.
+    makes the mean infinite and the variance undefined (NaN), as numpy's. Finite
+    values whose squares exceed float64 (a Riesz kernel of nearly coinciding
+    means) have an infinite variance. Python floats: an overflow to inf is
+    that result, not a warning.
     """
     if infinite_slot is not None and tile_sums[:, infinite_slot].sum() > 0:
         return math.inf, math.nan
     count = mean = second_moment = 0.0
-    for row in tile_sums:
+    for row in tile_sums.tolist():
         tile_count = row[PAIRS] - (0.0 if infinite_slot is None else row[infinite_slot])
         if tile_count == 0:
             continue
         shift, shifted_sum, shifted_sq_sum = row[slot], row[slot + 1], row[slot + 2]
         tile_mean = shift + shifted_sum / tile_count
-        tile_second = max(shifted_sq_sum - shifted_sum * shifted_sum / tile_count, 0.0)
+        # (sum d)^2 / n <= sum d^2, so only an overflowed sum of squares overflows here.
+        tile_second = math.inf if math.isinf(shifted_sq_sum) else \
+            max(shifted_sq_sum - shifted_sum * (shifted_sum / tile_count), 0.0)
         total = count + tile_count
         delta = tile_mean - mean
         mean += delta * tile_count / total
-        second_moment += tile_second + delta * delta * count * tile_count / total
+        # The weight first: it is 0 for the first tile, whose delta may square beyond float64.
+        second_moment += tile_second + delta * (count * tile_count / total) * delta
         count = total
     if count == 0:
         return math.nan, math.nan

@@ -3,6 +3,8 @@
 The reference forms every C'×C' matrix explicitly (pair differences, unit vectors, the
 ETF Gram) in float64; the sweep never does. Tiles (97, 1000) do not divide C'.
 """
+import warnings
+
 import numpy as np
 import pytest
 
@@ -201,6 +203,25 @@ def test_coinciding_unit_means_give_an_infinite_log_kernel():
         assert sweep.moments["log"][0] == np.inf and np.isnan(sweep.moments["log"][1])
         assert sweep.moments["riesz"][0] == np.inf
     assert np.isfinite(sweep.moments["cos"]).all()
+
+
+def test_riesz_kernel_beyond_float64s_squares_has_an_infinite_variance():
+    """Two unit means 1e-4 apart at D = 41 (s = 39): a Riesz value near 1e156, finite,
+    whose square exceeds float64. The variance is inf (numpy's np.var says so too), the
+    mean finite; the merge of the tiles warned of overflow and gave NaN."""
+    means = np.eye(41)[:4].copy()
+    means[1] = means[0] + 1e-4 * np.eye(41)[1]
+    global_mean = np.zeros(41)
+    with np.errstate(over="ignore"):  # the dense variance overflows, as it should
+        dense = _dense_pair_metrics(means, global_mean)
+    assert dense["riesz_variance"] == np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for backend in (CPU, NumpyTiles):
+            riesz_mean, riesz_variance = pair_sweep(means, global_mean, backend=backend,
+                                                    tile=2).moments["riesz"]
+            assert riesz_mean == pytest.approx(dense["riesz_mean"], rel=1e-6)
+            assert riesz_variance == np.inf
 
 
 @pytest.mark.parametrize("num_classes, num_features", [(3, 16), (257, 300), (257, 24)])
