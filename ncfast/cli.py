@@ -63,9 +63,22 @@ def _run_command(args, command):
     try:
         return args.handler(args, console, errors)
     except (ValueError, TypeError, OSError) as error:
-        errors.print(f"[red]{command}: {escape(str(error))}[/red]", highlight=False,
-                     soft_wrap=True)  # one line, names intact
-        return 1
+        message = str(error)
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        message = (f"not enough memory for the sizes asked for ({str(error).splitlines()[0]}); "
+                   "ask for smaller ones")
+    errors.print(f"[red]{command}: {escape(message)}[/red]", highlight=False,
+                 soft_wrap=True)  # one line, names intact
+    return 1
+
+
+def _out_of_memory(error):
+    """Whether an error is a failed allocation: numpy's MemoryError, or torch's
+    ``RuntimeError`` from its CPU allocator (``OutOfMemoryError`` on a GPU)."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or \
+        "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,13 @@ def test_the_command_line_loads_without_numpy_or_numba():
                                "if m.split('.')[0] in ('numpy', 'numba', 'torch', 'scipy')))"],
         capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+@pytest.mark.parametrize("sizes", [["--dataset", "gaussian", "--num-features", "1000000000"],
+                                   ["--width", "1000000000"]], ids=["numpy", "torch"])
+def test_sizes_beyond_memory_are_one_line(tmp_path, capsys, sizes):
+    """numpy's MemoryError and torch's allocator error printed tracebacks."""
+    assert main(["train", *sizes, "--epochs", "1", "--no-progress", str(tmp_path / "run")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("ncfast train: not enough memory for the sizes asked for (")
+    assert error.count("\n") == 1 and "Traceback" not in error
