@@ -203,6 +203,19 @@ def _check_name(name, what):
     return name
 
 
+def _difference(written, given):
+    """``written`` and ``given`` in words: for two dicts, only the entries that differ."""
+    if not (isinstance(written, dict) and isinstance(given, dict)):
+        return f"{written!r}, now {given!r}"
+
+    def shown(config, name):
+        return repr(config[name]) if name in config else "not set"
+
+    return "; ".join(f"{name}: {shown(written, name)}, now {shown(given, name)}"
+                     for name in sorted(set(written) | set(given), key=str)
+                     if (name in written, written.get(name)) != (name in given, given.get(name)))
+
+
 def _json_config(config, what):
     try:
         return json.loads(json.dumps(config, allow_nan=False))
@@ -254,8 +267,8 @@ class RunWriter:
                 if existing[key] != manifest[key]:
                     raise ValueError(
                         f"{manifest_path}: this run folder was written with a different {key} "
-                        f"({existing[key]!r}, now {manifest[key]!r}); write to a new folder, "
-                        "or pass the same config to resume")
+                        f"({_difference(existing[key], manifest[key])}); write to a new "
+                        "folder, or pass the same config to resume")
             self._manifest = existing
             return
         if os.path.isdir(self.path) and any(

@@ -80,8 +80,9 @@ def test_resuming_keeps_checkpoints_and_refuses_another_run(tmp_path):
     assert resumed.checkpoints() == [3]
     resumed.write_checkpoint(4, _splits(4))
     assert [item.epoch for item in open_run(tmp_path / "run").checkpoints] == [3, 4]
-    with pytest.raises(ValueError, match=r"manifest.json: .*different config"):
-        RunWriter(tmp_path / "run", config={"seed": 2}, num_classes=CLASSES)
+    with pytest.raises(ValueError, match=r"manifest.json: .*different config \(seed: 1, now "
+                                         r"2; width: not set, now 8\); write to a new folder"):
+        RunWriter(tmp_path / "run", config={"seed": 2, "width": 8}, num_classes=CLASSES)
     with pytest.raises(ValueError, match="different num_classes"):
         RunWriter(tmp_path / "run", config={"seed": 1}, num_classes=4)
     with pytest.raises(ValueError, match="epoch 3 is already written"):
