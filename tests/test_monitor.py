@@ -269,7 +269,7 @@ class Augmenting:
         self.epoch += 1
         generator = torch.Generator().manual_seed(self.epoch)
         noise = torch.randn(self.images.shape, generator=generator)
-        return iter(batches(self.images + 0.1 * noise, self.labels))
+        return iter(batches(self.images + 0.5 * noise, self.labels))
 
 
 def test_streamed_route_refuses_a_loader_with_random_augmentation():
