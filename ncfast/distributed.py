@@ -66,8 +66,8 @@ class DistributedCollapse:
     ----------
     same_rows_source, same_rows_fix : str
         How ``report`` names the rows and the fix when pass 2 read other rows
-        than pass 1: pass 2 sums its rows by class again, and ``report`` compares
-        those sums, over all ranks, with pass 1's (``check_same_class_sums``).
+        than pass 1: pass 2 counts and sums its rows by class again, and ``report``
+        compares those, over all ranks, with pass 1's (``check_same_class_sums``).
     """
 
     same_rows_source = "the batches given to update_pass2"

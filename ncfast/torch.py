@@ -35,7 +35,7 @@ from ncfast.inputs import default_chunk_rows
 DEFAULT_MEMORY_BUDGET = 2 << 30
 
 #: How the streamed route's two forward passes give the same rows (checked by the rows per
-#: class, then by their sums per class).
+#: class, then by their class means).
 STREAMED_ROWS_FIX = ("the streamed route needs the same rows in both forward passes: no "
                      "random augmentation, no drop_last with shuffling; or raise memory_budget "
                      "to hold them")

@@ -61,9 +61,9 @@ MISMATCHES = {
 }
 
 
-def _augmented_on_rank_one(rank):
-    """Rank 1 adds noise to its rows in pass 2 (random augmentation): the same rows per
-    class, other rows."""
+def _shifted_on_rank_one(rank):
+    """Rank 1 shifts its rows in pass 2 (a model in another mode): the same rows per class,
+    other rows, whose class means move."""
     case = gaussian_classes(num_rows=600)
     batches = _rank_batches(case, rank, (2, 2))
     analysis = DistributedCollapse(case["num_classes"], case["features"].shape[1])
@@ -72,7 +72,7 @@ def _augmented_on_rank_one(rank):
     analysis.finalize_pass1()
     for features, labels in batches:
         if rank == 1:
-            features = features + 0.5 * torch.randn(features.shape)
+            features = features + 0.5
         analysis.update_pass2(features, labels)
     analysis.report()
 
@@ -106,9 +106,9 @@ def _run_rank(rank, port, out_dir):
             except ValueError as error:
                 reports[name] = str(error)
         try:
-            _augmented_on_rank_one(rank)
+            _shifted_on_rank_one(rank)
         except ValueError as error:
-            reports["augmented_on_rank_one"] = str(error)
+            reports["shifted_on_rank_one"] = str(error)
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as handle:
             pickle.dump(reports, handle)
     finally:
@@ -172,9 +172,9 @@ def test_other_rows_in_pass_two_on_one_rank_raise_on_every_rank(rank_reports):
     """Pass 2's rows are summed by class again and compared over the group, so every rank
     raises, not only the one that read other rows (which would leave the others waiting)."""
     for reports in rank_reports:
-        assert reports["augmented_on_rank_one"].startswith(
-            "the batches given to update_pass2 yielded other rows in the two passes: summed "
-            "by class, they differ by ")
+        assert reports["shifted_on_rank_one"].startswith(
+            "the batches given to update_pass2 yielded other rows in the two passes: their "
+            "class means differ from pass 1's")
 
 
 def test_bad_rows_are_named_by_their_index_among_the_rows_fed():

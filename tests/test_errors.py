@@ -447,7 +447,7 @@ def test_chunk_source_yielding_other_rows_in_pass_two(case):
 
 class Reread:
     """A chunk source that yields ``rows(epoch)`` in batches of 64 rows, ``epoch`` counting
-    its iterations from 1."""
+    its iterations from 1 (the iterations alternate: pass 1 and pass 2 are two in a row)."""
 
     def __init__(self, rows, labels):
         self.rows, self.labels, self.epoch = rows, labels, 0
@@ -458,56 +458,55 @@ class Reread:
         return iter([(features[i:i + 64], labels[i:i + 64]) for i in range(0, len(labels), 64)])
 
 
-def test_chunk_source_with_random_augmentation_is_refused():
-    """Other rows with the same rows per class (a loader with random augmentation) were
-    measured silently: pass 2's residuals were taken from the means of other rows."""
-    data = gaussian_classes(num_rows=3000, num_features=32, num_classes=5, spread=0.1)
-    features, labels = data["features"], data["labels"]
+def _spread_case(**options):
+    data = gaussian_classes(num_rows=3000, num_features=32, num_classes=5, **options)
+    return data["features"], data["labels"]
+
+
+def test_chunk_source_whose_class_means_move_is_refused():
+    """Pass 2's rows shifted by a fifth of the spread (a model in another mode, rows that
+    changed between the passes), with the same rows per class, were measured silently:
+    its residuals were taken from the means of other rows."""
+    features, labels = _spread_case(spread=0.1)
+    shift = np.float32(0.02) * np.random.default_rng(1).standard_normal(32, np.float32)
+    source = Reread(lambda epoch: features + shift * (epoch % 2), labels)
+    with pytest.raises(ValueError, match=r"the chunk source yielded other rows in the two "
+                                         r"passes: their class means differ from pass 1's by "
+                                         r"enough to add \d\.\d+ times the within-class "
+                                         r"scatter .*a model in the same mode"):
+        ncfast.collapse(source, num_classes=5)
+
+
+def test_chunk_source_with_random_augmentation_measures_its_own_rows():
+    """Noise on every row in each pass (random augmentation) leaves the class means nearly
+    as they were: accepted, and the report is that of pass 2's rows measured in one pass
+    (to the share of the scatter the check allows), not that of pass 1's."""
+    features, labels = _spread_case(spread=0.1)
 
     def augmented(epoch):
         noise = np.random.default_rng(epoch).standard_normal(features.shape, np.float32)
-        return features + np.float32(0.01) * noise
+        return features + np.float32(0.05) * noise
 
-    with pytest.raises(ValueError, match=r"the chunk source yielded other rows in the two "
-                                         r"passes: summed by class, they differ by 0\.\d+ times "
-                                         r"the rows' within-class spread.*no random augmentation"):
-        ncfast.collapse(Reread(augmented, labels), num_classes=5)
-
-
-def test_chunk_source_repeating_rows_in_place_of_others_is_refused():
-    """One pass reads 20 rows of class 0 twice and 20 others not at all: the same rows per
-    class (the iterations alternate; pass 1 and pass 2 are two in a row)."""
-    data = gaussian_classes(num_rows=300, num_features=8, num_classes=3)
-    features, labels = data["features"], data["labels"]
-    rows = np.flatnonzero(labels == 0)[:40]
-    repeated = features.copy()
-    repeated[rows[20:]] = features[rows[:20]]
-    source = Reread(lambda epoch: features if epoch % 2 else repeated, labels)
-    with pytest.raises(ValueError, match="yielded other rows in the two passes: summed by "
-                                         "class, they differ by"):
-        ncfast.collapse(source, num_classes=3)
+    source = Reread(augmented, labels)
+    report = ncfast.collapse(source, num_classes=5)
+    pass_two_rows = augmented(source.epoch)
+    assert report.nc1 == pytest.approx(ncfast.collapse(pass_two_rows, labels).nc1, rel=0.02)
+    assert report.nc1 > 1.1 * ncfast.collapse(features, labels).nc1
 
 
 @pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (1e4, 1e-3)])
-def test_chunk_source_in_another_order_is_accepted(offset, spread):
-    """The same rows in another order each time are the same rows, also with a large common
-    offset and a tiny spread (float64 sums in another order); and rows a float32 model
-    computes again with other roundings (one float32 rounding each, a nondeterministic GPU
-    forward) where the rounding is far below the spread."""
-    data = gaussian_classes(num_rows=3000, num_features=32, num_classes=5, offset=offset,
-                            spread=spread)
-    features, labels = data["features"], data["labels"]
+def test_chunk_source_in_another_order_or_rounded_otherwise_is_accepted(offset, spread):
+    """The same rows in another order each time (float64 sums in another order), also with
+    a large common offset and a tiny spread; and rows a model computes again with other
+    roundings (one float32 rounding each way; at the offset as large as the spread)."""
+    features, labels = _spread_case(offset=offset, spread=spread)
     expected = ncfast.collapse(features, labels)
-
-    def shuffled(epoch):
-        order = np.random.default_rng(epoch).permutation(len(labels))
-        return features[order], labels[order]
 
     class Shuffled(Reread):
         def __iter__(self):
             self.epoch += 1
-            rows, row_labels = shuffled(self.epoch)
-            return iter([(rows[i:i + 64], row_labels[i:i + 64])
+            order = np.random.default_rng(self.epoch).permutation(len(labels))
+            return iter([(features[order[i:i + 64]], labels[order[i:i + 64]])
                          for i in range(0, len(labels), 64)])
 
     report = ncfast.collapse(Shuffled(None, None), num_classes=5)
@@ -519,24 +518,7 @@ def test_chunk_source_in_another_order_is_accepted(offset, spread):
                         np.where(ulps < 0, np.nextafter(features, np.float32(-np.inf)),
                                  features)).astype(np.float32)
 
-    if offset == 0.0:
-        report = ncfast.collapse(Reread(rerounded, labels), num_classes=5)
-        assert report.nc1 == pytest.approx(expected.nc1, rel=1e-5)
-
-
-def test_chunk_source_rounding_by_as_much_as_the_spread_is_refused():
-    """At an offset of 1e4 a float32 rounding (1e-3) is as large as the spread: rows rounded
-    otherwise in pass 2 would add that much to the residuals."""
-    data = gaussian_classes(num_rows=3000, num_features=32, num_classes=5, offset=1e4,
-                            spread=1e-3)
-    features, labels = data["features"], data["labels"]
-
-    def rerounded(epoch):
-        up = np.random.default_rng(epoch).integers(0, 2, features.shape) > 0
-        return np.where(up, np.nextafter(features, np.float32(np.inf)), features)
-
-    with pytest.raises(ValueError, match="yielded other rows in the two passes"):
-        ncfast.collapse(Reread(rerounded, labels), num_classes=5)
+    ncfast.collapse(Reread(rerounded, labels), num_classes=5)
 
 
 def test_means_from_a_file_give_the_class_count(case, tmp_path):
