@@ -521,8 +521,8 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
         clean_label_rows = residual_pass.clean_label_rows
         if clean_label_rows is not None:
             clean_label_rows = backend.xp.asarray(clean_label_rows)
-        # A chunk source iterated again may yield other rows (random augmentation): its
-        # pass 2 sums its rows by class too, for check_same_class_sums.
+        # A chunk source iterated again may yield other rows (a model in another mode, rows
+        # that changed): its pass 2 sums its rows by class too, for check_same_class_sums.
         rows_again = None
         if means is None and source.rereads:
             rows_again = ClassSums(num_classes, num_features)
