@@ -155,17 +155,23 @@ def check_features(features, *, allow_empty=False):
     return shape
 
 
+def holds_class_indices(labels):
+    """Whether a 1-D numpy array or torch tensor of labels has an integer dtype, or holds no
+    label at all (``np.asarray([])`` is float64, and no label is no wrong class)."""
+    if len(labels) == 0:
+        return True
+    if is_torch_tensor(labels):
+        return not labels.is_floating_point() and not labels.is_complex() and \
+            labels.dtype != sys.modules["torch"].bool
+    return np.issubdtype(labels.dtype, np.integer)
+
+
 def check_labels(labels, num_rows, what="labels"):
     """Check rank, dtype and length of a label array; return it unchanged."""
     shape = tuple(labels.shape)
     if len(shape) != 1:
         raise ValueError(f"{what} must be 1-D (n_samples,); found shape {shape}")
-    if is_torch_tensor(labels):
-        integer = not labels.is_floating_point() and not labels.is_complex() and \
-            labels.dtype != sys.modules["torch"].bool
-    else:
-        integer = np.issubdtype(labels.dtype, np.integer)
-    if not integer and shape[0] > 0:  # no labels at all (np.asarray([]) is float) hold no class
+    if not holds_class_indices(labels):
         raise TypeError(
             f"{what} must be integer class indices; found dtype {_dtype_name(labels)}: convert "
             "with .astype(np.int64) (one-hot labels: labels.argmax(axis=1))"

@@ -28,7 +28,7 @@ from torch import nn
 from ncfast.api import collapse
 from ncfast.distributed import DistributedCollapse
 from ncfast.engine import check_same_rows
-from ncfast.inputs import default_chunk_rows
+from ncfast.inputs import default_chunk_rows, holds_class_indices
 
 #: Bytes of captured features (all layers, per process) that ``measure`` holds
 #: for the one-pass route; beyond it the passes stream.
@@ -535,9 +535,7 @@ def _cpu_labels(labels, what):
         labels = labels.detach().cpu()
     else:
         labels = torch.as_tensor(np.asarray(labels))
-    # No labels at all (np.asarray([]) is float64) hold no wrong class.
-    not_integer = labels.is_floating_point() or labels.dtype == torch.bool
-    if labels.ndim != 1 or (not_integer and len(labels)):
+    if labels.ndim != 1 or not holds_class_indices(labels):
         raise TypeError(f"{what} of a batch must be a 1-D tensor of integer class indices; "
                         f"found dtype {labels.dtype}, shape {tuple(labels.shape)} (one-hot "
                         "labels: labels.argmax(dim=1))")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ncfast.api import collapse
+from ncfast.inputs import holds_class_indices
 from ncfast.torch import import_extra, measurable
 
 torchmetrics = import_extra("torchmetrics", "torchmetrics")
@@ -105,9 +106,7 @@ class NeuralCollapse(torchmetrics.Metric):
             {"labels": labels, "clean_labels": clean_labels}
         for name, values in rows.items():
             values = torch.as_tensor(values, device=features.device)
-            # No labels at all (torch.as_tensor([]) is float) hold no wrong class.
-            not_integer = values.is_floating_point() or values.dtype == torch.bool
-            if values.shape != (len(features),) or (not_integer and len(values)):
+            if values.shape != (len(features),) or not holds_class_indices(values):
                 raise ValueError(f"{name} must be integers of shape ({len(features)},); found "
                                  f"dtype {values.dtype}, shape {tuple(values.shape)}")
             getattr(self, name).append(values.to(torch.int64, copy=True))
