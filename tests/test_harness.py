@@ -134,6 +134,18 @@ def test_npz_dataset_that_cannot_be_trained_and_measured_is_refused(tmp_path, ar
         load_dataset("npz", path=str(path))
 
 
+def test_dataset_failing_to_load_leaves_no_run_folder(tmp_path):
+    """The run folder used to be made before the dataset loaded, and stayed empty."""
+    path = tmp_path / "data.npz"
+    np.savez(path, x=X[:0], y=Y[:0])
+    out = tmp_path / "parent" / "run"
+    config = dataclasses.replace(SMALL, dataset="npz", data_path=str(path), num_samples=None,
+                                 num_features=None, num_classes=None)
+    with pytest.raises(ValueError, match="x and y hold no rows"):
+        train(config, out, progress=False)
+    assert not (tmp_path / "parent").exists()
+
+
 def test_npz_dataset_path_to_another_format_is_refused(tmp_path):
     for path, write in ((tmp_path / "x.npy", lambda path: np.save(path, X)),
                         (tmp_path / "text.npz", lambda path: path.write_text("x,y\n"))):

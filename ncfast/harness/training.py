@@ -224,8 +224,8 @@ def train(config, out, *, progress=True, threads=1, device="cpu"):
     ----------
     config : TrainConfig
     out : str or PathLike
-        Run folder; created if missing. An existing run folder of the same
-        config is resumed from its last checkpoint.
+        Run folder; created once the dataset has loaded. An existing run
+        folder of the same config is resumed from its last checkpoint.
     progress : bool
         Show a progress bar with the running loss and accuracy.
     threads : int
@@ -254,7 +254,7 @@ def train(config, out, *, progress=True, threads=1, device="cpu"):
         raise ValueError(f"threads must be a positive int; found {threads!r}")
     device = check_device(device)
     out = os.fspath(out)
-    check_output_folder(out, what="run folder")
+    check_output_folder(out, what="run folder", create=False)
 
     import torch
 
