@@ -90,7 +90,9 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
                 f"so inferring num_classes = {max_label + 1} would leave "
                 f"{max_label + 1 - labelled} classes empty: if that label is a mistake, fix it; "
                 "if the labels are not 0..C-1, remap them (np.unique(labels, "
-                "return_inverse=True)); or pass num_classes= to accept the empty classes")
+                "return_inverse=True))" + ("" if _class_state_bytes_beyond_memory(
+                    max_label + 1, num_features, label_noise) else
+                    "; or pass num_classes= to accept the empty classes"))
         num_classes = max_label + 1
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
         raise TypeError(f"num_classes must be an int; found {num_classes!r}")
@@ -99,16 +101,24 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
         raise ValueError(
             f"num_classes is {num_classes}; neural collapse compares classes, so at least 2 are "
             "needed (labels must be class indices starting at 0)")
-    memory = _machine_memory()
-    if num_features is not None and memory is not None:
-        state_bytes = 8 * num_classes * num_features * (2 if label_noise else 1)
-        if state_bytes > CLASS_STATE_MEMORY_SHARE * memory:
-            raise ValueError(
-                f"num_classes={num_classes} with {num_features} features needs "
-                f"{state_bytes / 2**30:.3g} GiB of per-class float64 sums, more than half of this "
-                f"machine's {memory / 2**30:.3g} GiB: check num_classes (labels must be class "
-                "indices 0..C-1)")
+    state_bytes = _class_state_bytes_beyond_memory(num_classes, num_features, label_noise)
+    if state_bytes:
+        raise ValueError(
+            f"num_classes={num_classes} with {num_features} features needs "
+            f"{state_bytes / 2**30:.3g} GiB of per-class float64 sums, more than half of this "
+            f"machine's {_machine_memory() / 2**30:.3g} GiB: check num_classes (labels must be "
+            "class indices 0..C-1)")
     return num_classes
+
+
+def _class_state_bytes_beyond_memory(num_classes, num_features, label_noise):
+    """Bytes of pass 1's per-class sums when more than ``CLASS_STATE_MEMORY_SHARE`` of
+    this machine's memory, else 0 (also when D or the memory is unknown)."""
+    memory = _machine_memory()
+    if num_features is None or memory is None:
+        return 0
+    state_bytes = 8 * num_classes * num_features * (2 if label_noise else 1)
+    return state_bytes if state_bytes > CLASS_STATE_MEMORY_SHARE * memory else 0
 
 
 def _check_empty_classes(counts, policy):

@@ -173,6 +173,11 @@ def test_errors_name_the_row_of_the_whole_input():
     with pytest.raises(ValueError, match=r"^clean_labels has unknown block sizes"):
         ncfast.dask.collapse(features, case["labels"], clean_labels=of_unknown_length,
                              scheduler="sync")
+    huge = case["labels"].astype(np.uint64)
+    huge[731] = 2 ** 63 + 5
+    with pytest.raises(ValueError, match=r"row 731 has label 9223372036854775813, but only 4 "
+                                         r"distinct .*return_inverse=True\)\)$"):
+        ncfast.dask.collapse(features, huge, scheduler="sync")
 
 
 def test_empty_blocks_with_num_classes_inferred(assert_same_report):

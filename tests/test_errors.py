@@ -235,6 +235,19 @@ def test_uint64_label_beyond_int64_in_a_source_chunk_names_its_row(case):
         ncfast.collapse(chunks, num_classes=NUM_CLASSES)
 
 
+@pytest.mark.parametrize("stray, hint", [(40, True), (10 ** 15, False)],
+                         ids=["fits", "beyond-memory"])
+def test_stray_label_with_num_classes_inferred_names_its_row(case, stray, hint):
+    """Inferring C = stray + 1 would leave most classes empty: an error naming the row. It
+    offers num_classes= only where the per-class sums of that many classes would fit."""
+    labels = case["labels"].copy()
+    labels[[6, 11]] = stray
+    with pytest.raises(ValueError, match=f"row 6 has label {stray}, but only 4 distinct labels "
+                                         "occur") as error:
+        ncfast.collapse(case["features"], labels)
+    assert ("pass num_classes= to accept the empty classes" in str(error.value)) == hint
+
+
 # --- too little data ------------------------------------------------------------------------
 
 def test_empty_input(case):
