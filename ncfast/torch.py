@@ -17,6 +17,7 @@ features themselves (``ncfast train`` dumps them).
 Requires torch (``import ncfast`` never imports it; this module does).
 """
 import importlib.util
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -73,8 +74,8 @@ def capture(model, layer, loader, *, device=None, clean_labels=None):
     loader : re-iterable of (inputs, labels) or (inputs, labels, clean_labels)
         A ``DataLoader``, a list of batches, ...; ``model(inputs)`` runs on each.
     device : torch.device or str, optional
-        Where the inputs are moved; by default the device of the model's
-        first parameter.
+        Where the inputs (a tensor, or the tensors in a dict, list or tuple)
+        are moved; by default the device of the model's first parameter.
     clean_labels : int array of shape (N,), optional
         True labels of the loader's rows, in the loader's order.
 
@@ -129,7 +130,8 @@ class CollapseMonitor:
     every : int
         ``step()`` measures at every ``every``-th call.
     device : torch.device or str, optional
-        Where the inputs are moved; by default the model's device.
+        Where the inputs (a tensor, or the tensors in a dict, list or tuple)
+        are moved; by default the model's device.
     clean_labels : int array of shape (N,), optional
         True labels of the loader's rows in the loader's order (a loader
         that does not shuffle): enables memorization, dilation and the other
@@ -273,7 +275,7 @@ class _ForwardPasses:
                 inputs, labels, clean = self._split(batch, index, offset)
                 for rows in layers.values():
                     rows.expect(labels, clean)
-                self.model(inputs.to(self.device) if isinstance(inputs, torch.Tensor) else inputs)
+                self.model(_on_device(inputs, self.device))
                 for rows in layers.values():
                     rows.check_ran()
                 offset += len(labels)
@@ -576,6 +578,20 @@ def find_module(model, name):
     names = [key for key in modules if key]
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     raise ValueError(f"the model has no module {name!r}; its modules are: {shown}")
+
+
+def _on_device(inputs, device):
+    """``inputs`` with every tensor in it moved to ``device``: a tensor, or the tensors
+    inside dicts, lists and tuples (e.g. a tokenizer's ``{"input_ids": ..., ...}``),
+    nested; anything else as it is."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return type(inputs)({key: _on_device(value, device) for key, value in inputs.items()})
+    if isinstance(inputs, (list, tuple)):
+        moved = [_on_device(value, device) for value in inputs]
+        return type(inputs)(*moved) if hasattr(inputs, "_fields") else type(inputs)(moved)
+    return inputs
 
 
 def _model_device(model):

@@ -213,6 +213,33 @@ def test_capture_returns_the_features_extracted_by_hand():
     assert torch.equal(captured.labels, noisy) and torch.equal(captured.clean_labels, clean)
 
 
+class DictInputs(nn.Module):
+    """A model fed a dict holding a tensor and a list of tensors, as tokenizers give; it
+    records their devices, and runs ``SmallNet`` on zeros of the images' shape on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+        self.devices = []
+
+    def forward(self, inputs):
+        self.devices.append({inputs["images"].device.type, inputs["extra"][0].device.type,
+                             type(inputs["extra"]).__name__, inputs["name"]})
+        return self.net(torch.zeros(inputs["images"].shape))
+
+
+def test_tensors_inside_dict_and_list_inputs_are_moved_to_the_device():
+    """Only a bare tensor used to be moved: a dict of inputs reached a model on another
+    device unmoved. The ``meta`` device stands in for a GPU (its tensors hold no values)."""
+    model = DictInputs()
+    images, noisy, _ = make_data()
+    loader = [({"images": part, "extra": (part[:1],), "name": "kept"}, labels)
+              for part, labels in batches(images, noisy)]
+    captured = capture(model, "net.fc", loader, device="meta")
+    assert model.devices == [{"meta", "tuple", "kept"}] * len(loader)
+    assert captured.features["net.fc"].shape == (NUM_ROWS, 16)
+
+
 @pytest.mark.parametrize("memory_budget", [ncfast_torch.DEFAULT_MEMORY_BUDGET, 0],
                          ids=["held", "streamed"])
 def test_a_batch_without_rows_adds_nothing(memory_budget, assert_same_report):
