@@ -43,6 +43,14 @@ SLOT = {name: index for index, name in enumerate(SLOTS)}
 #: float64 eps, so such pairs count as coinciding (an infinite log kernel).
 UNIT_SQ_DISTANCE_FLOOR = 16 * np.finfo(np.float64).eps
 
+#: Squared distances between centred means below this share of ``||mu~_a||^2 + ||mu~_b||^2``
+#: are taken from the means' difference, not from the Gram entry: ``||a||^2 + ||b||^2 -
+#: 2 a.b`` carries an absolute error of a few float64 eps of that sum (more for long
+#: GEMM dot products), which 1 / d^2 (CDNV) would magnify without bound as two means
+#: close in. Beyond the share it costs at most about 1e-13 of d^2 (times the dot
+#: product's length in eps, at worst); pairs this close are rare, each costs D flops.
+CLOSE_SQ_DISTANCE_SHARE = 1e-2
+
 # The kernels' logarithm, without calls so that its loops vectorize (with
 # error_model="numpy": Numba's default checks every division for zero, a branch
 # that stops vectorization): Numba's
@@ -123,6 +131,21 @@ def riesz_values(unit_sq_distances, exponent, out, scratch):
         if power > 0:
             for j in range(count):
                 scratch[j] *= scratch[j]
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def pair_sq_distance(dot, sq_norm_sum, means, a, b):
+    """``||mu_a - mu_b||^2`` from the Gram entry ``dot = mu~_a . mu~_b`` and ``sq_norm_sum =
+    ||mu~_a||^2 + ||mu~_b||^2`` of the centred means, or, when below
+    ``CLOSE_SQ_DISTANCE_SHARE`` of ``sq_norm_sum``, from the rows ``a, b`` of the
+    uncentred ``means`` (whose difference is exact when they are close); never negative."""
+    sq_distance = sq_norm_sum - 2.0 * dot
+    if sq_distance < CLOSE_SQ_DISTANCE_SHARE * sq_norm_sum:
+        sq_distance = 0.0
+        for k in range(means.shape[1]):
+            difference = means[a, k] - means[b, k]
+            sq_distance += difference * difference
+    return max(sq_distance, 0.0)
 
 
 class TileSide(NamedTuple):
@@ -244,7 +267,8 @@ def reduce_tile(dots, tile, out, row_side, col_side):
             etf_sum += 2.0 * residual * residual
             product = dot + offset_a + col_offsets[j]
             uncentred_off += 2.0 * product * product
-            sq_distance = max(sq_a + col_sq_norms[j] - 2.0 * dot, 0.0)
+            sq_distance = pair_sq_distance(dot, sq_a + col_sq_norms[j], tile.means, a,
+                                           col_start + j)
             # A division, not products of inverse norms: collinear means then give
             # cosines of exactly +-1, as unit vectors do.
             cosine = dot / (norm_a * col_norms[j])

@@ -287,6 +287,11 @@ def geometry_from_means_option(means, num_classes, num_features, global_mean):
         raise ValueError(
             f"means has {means.shape[1]} features per class but the features have "
             f"{num_features} columns; pass the means of the same layer")
+    if global_mean == "samples" and counts is None:
+        raise ValueError(
+            "global_mean='samples' weighs each class mean by its training rows, which an "
+            "array of means does not carry: pass the training report (a CollapseReport) as "
+            "means=, or use global_mean='classes'")
     return Geometry.from_means(means, counts, global_mean=global_mean)
 
 

@@ -317,8 +317,7 @@ class Geometry:
             if counts is None:
                 raise ValueError(
                     "global_mean='samples' needs the row count of each class: pass counts= "
-                    "(the training ClassSums' counts), or to collapse() the training report as "
-                    "means=; or use global_mean='classes'"
+                    "(the training ClassSums' counts), or use global_mean='classes'"
                 )
             weights = np.asarray(counts, dtype=np.float64)[present]
             with dense_blas(2.0 * present_means.size):

@@ -9,6 +9,7 @@ Metrics over pairs or rows of class means use the classes that have a mean
 of its rows.
 """
 import math
+import warnings
 
 import numba
 import numpy as np
@@ -103,7 +104,8 @@ def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
     result = {
         "nc1": nc1,
         "nc1_trace": nc1_trace,
-        "cdnv": cdnv(sweep, xp.asarray(centred), variances[geometry.present], xp),
+        "cdnv": cdnv(sweep, xp.asarray(centred), xp.asarray(geometry.present_means),
+                     variances[geometry.present], xp),
         "nc2_equinorm": _std_over_mean(np.sqrt(geometry.centred_sq_norms)),
         "nc2_equiangular": float(np.sqrt(cos_variance)),
         "nc2_maxangle": float(sweep.sums["maxangle_sum"] / num_pairs),
@@ -224,6 +226,12 @@ def noise_metrics(main_stats, clean_stats, corrupted_stats, *, pinv_rtol):
     result = dict.fromkeys(("memorization", "memorization_raw", "noise_fit"))
     if main_stats.corrupted_rows > 0:
         result["noise_fit"] = main_stats.corrupted_fits / main_stats.corrupted_rows
+    left_out = main_stats.corrupted_rows - corrupted_stats.num_rows
+    if left_out > 0:
+        warnings.warn(
+            f"memorization leaves out {left_out} of {main_stats.corrupted_rows} corrupted rows: "
+            "their true classes have no clean rows, so no clean mean to measure them from "
+            "(noise_fit counts them)", stacklevel=2)
     if corrupted_stats.num_rows > 0:
         memorization_raw = corrupted_stats.norm_sums.sum() / corrupted_stats.num_rows
         result["memorization_raw"] = float(memorization_raw)

@@ -30,9 +30,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ncfast.kernels.cpu import dense_blas
-from ncfast.kernels.pairs import (COS, COS_W, DISTANCE, ETF, ETF_W, LOG, LOG_INFINITE,
-                                  MAXANGLE, MAXANGLE_W, PAIRS, RIESZ, RIESZ_INFINITE, SLOTS,
-                                  UNCENTRED, UNCENTRED_OFF, UNIT_SQ_DISTANCE_FLOOR, TileSide)
+from ncfast.kernels.pairs import (CLOSE_SQ_DISTANCE_SHARE, COS, COS_W, DISTANCE, ETF, ETF_W,
+                                  LOG, LOG_INFINITE, MAXANGLE, MAXANGLE_W, PAIRS, RIESZ,
+                                  RIESZ_INFINITE, SLOTS, UNCENTRED, UNCENTRED_OFF,
+                                  UNIT_SQ_DISTANCE_FLOOR, TileSide)
 
 #: Classes per side of a CPU pair tile: the tile's float64 products (four blocks
 #: with a classifier) stay in one core's L2 cache.
@@ -46,6 +47,8 @@ class TileGeometry(NamedTuple):
     ----------
     row_start, col_start : int
         First class (among the C' with a mean) of the tile's rows and columns.
+    means : float64 array of shape (C', D), the uncentred ``M̄``: the distance of two
+        close means is taken from their difference (``ncfast.kernels.pairs.pair_sq_distance``)
     mean_norms : float64 array of shape (C',), ``||mu~_a||``
     mean_offsets : float64 array of shape (C',), ``mu~_a . mu_G``: with
         ``global_sq_norm`` they give the uncentred ``mu_a . mu_b``
@@ -63,6 +66,7 @@ class TileGeometry(NamedTuple):
 
     row_start: int
     col_start: int
+    means: object
     mean_norms: object
     mean_offsets: object
     global_sq_norm: float
@@ -150,13 +154,14 @@ def to_host(array):
     return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
-def pair_sweep(centred, global_mean, weights=None, global_logits=None, *, backend, tile=None,
+def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend, tile=None,
                gram=None, keep_classifier_products=False, alongside=()):
     """Sweep every pair of classes once.
 
     Parameters
     ----------
-    centred : float64 array of shape (C', D), ``M~`` (``backend.xp`` array)
+    means : float64 array of shape (C', D), ``M̄`` (``backend.xp`` array): the class means,
+        centred here (``M~ = M̄ - mu_G``)
     global_mean : float64 array of shape (D,), ``mu_G``
     weights : float64 array of shape (C', D), optional
         Classifier rows of the same classes, in the same order.
@@ -186,8 +191,9 @@ def pair_sweep(centred, global_mean, weights=None, global_logits=None, *, backen
     PairSweep
     """
     xp = backend.xp
-    num_means, num_features = centred.shape
+    num_means, num_features = means.shape
     tile = tile or backend.pair_tile
+    centred = means - global_mean
     mean_norms = xp.sqrt(xp.einsum("cd,cd->c", centred, centred))
     mean_total = centred.sum(axis=0)
     etf_norm = math.sqrt(num_means - 1)
@@ -202,7 +208,7 @@ def pair_sweep(centred, global_mean, weights=None, global_logits=None, *, backen
                             - weights.sum(axis=0) @ mean_total / num_means) / etf_norm
     with dense_blas(2.0 * num_means * num_features):
         mean_offsets = centred @ global_mean
-    geometry = TileGeometry(0, 0, mean_norms, mean_offsets,
+    geometry = TileGeometry(0, 0, means, mean_norms, mean_offsets,
                             float(global_mean @ global_mean), weight_norms, global_logits,
                             etf_scale, etf_scale_w, float(num_features - 2))
     starts = range(0, num_means, tile)
@@ -401,7 +407,8 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
     sums[ETF] = (weight * (mm - tile.etf_scale * etf) ** 2).sum()
     sums[UNCENTRED] = (weight * uncentred ** 2).sum()
     sums[UNCENTRED_OFF] = (2.0 * pairs * uncentred ** 2).sum()
-    sq_distances = xp.maximum(row_norms[:, None] ** 2 + col_norms[None, :] ** 2 - 2.0 * mm, 0.0)
+    sq_distances = pair_sq_distances(xp, mm, row_norms ** 2, col_norms ** 2, tile.means,
+                                     row_ids, col_ids, pairs)
     cosines = (mm / xp.outer(row_norms, col_norms))[pairs]
     unit_sq_distances = 2.0 - 2.0 * cosines
     unit_sq_distances[unit_sq_distances <= UNIT_SQ_DISTANCE_FLOOR] = 0.0
@@ -444,6 +451,39 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
     return sums, row_side, col_side
 
 
+#: Pairs whose means' differences ``pair_sq_distances`` forms at once (bounds its scratch).
+_CLOSE_PAIRS_STEP = 4096
+
+
+def pair_sq_distances(xp, dots, row_sq_norms, col_sq_norms, means, row_ids, col_ids, mask):
+    """``||mu~_a - mu~_b||^2`` for rows ``a`` and columns ``b`` of a block of Gram entries
+    ``dots``: ``ncfast.kernels.pairs.pair_sq_distance`` in array operations (close pairs
+    from the means' difference), for the entries where ``mask`` holds (the others from the
+    Gram entries alone).
+
+    Parameters
+    ----------
+    xp : module, numpy or cupy
+    dots : float64 array of shape (r, c), ``M~_rows M~_cols^T``
+    row_sq_norms, col_sq_norms : float64 arrays of shape (r,), (c,)
+    means : float64 array of shape (C', D), the uncentred class means
+    row_ids, col_ids : int arrays of shape (r,), (c,), rows of ``means``
+    mask : bool array of shape (r, c)
+
+    Returns
+    -------
+    float64 array of shape (r, c), never negative
+    """
+    sq_norm_sums = row_sq_norms[:, None] + col_sq_norms[None, :]
+    sq_distances = sq_norm_sums - 2.0 * dots
+    rows, cols = xp.nonzero(mask & (sq_distances < CLOSE_SQ_DISTANCE_SHARE * sq_norm_sums))
+    for start in range(0, int(rows.size), _CLOSE_PAIRS_STEP):
+        part = slice(start, start + _CLOSE_PAIRS_STEP)
+        differences = means[row_ids[rows[part]]] - means[col_ids[cols[part]]]
+        sq_distances[rows[part], cols[part]] = xp.einsum("pd,pd->p", differences, differences)
+    return xp.maximum(sq_distances, 0.0)
+
+
 def _shifted_sums(xp, sums, slot, values):
     """Fill ``(shift, sum(x - shift), sum((x - shift)^2))`` with the first value as shift."""
     if values.size == 0:
@@ -454,18 +494,20 @@ def _shifted_sums(xp, sums, slot, values):
     sums[slot + 2] = (shifted * shifted).sum()
 
 
-def cdnv(sweep, centred, variances, xp):
+def cdnv(sweep, centred, means, variances, xp):
     """Mean over class pairs of ``(s_a^2 + s_b^2) / (2 ||mu_a - mu_b||^2)`` (Galanti et al.).
 
     By symmetry the sum over pairs is ``sum_a s_a^2 K_a`` with ``K_a`` the
     sweep's ``cdnv_weights``. Pairs run over classes with rows in the measured
     data: classes with a mean but no rows (held-out data) are taken out of
-    ``K`` by one small GEMM against the measured classes.
+    ``K`` by one small GEMM against the measured classes, and a class whose
+    ``K_a`` that would take more than half of is summed again over the measured
+    classes alone (a difference of nearly equal sums would keep only their rounding).
 
     Parameters
     ----------
     sweep : PairSweep
-    centred : float64 array of shape (C', D) (``xp`` array)
+    centred, means : float64 arrays of shape (C', D), ``M~`` and ``M̄`` (``xp`` arrays)
     variances : float64 array of shape (C',), host; NaN for classes without rows
 
     Returns
@@ -479,13 +521,49 @@ def cdnv(sweep, centred, variances, xp):
         return None
     weights = sweep.cdnv_weights[measured]
     if num_measured < variances.size:
-        unmeasured = xp.asarray(np.flatnonzero(~measured))
-        kept = xp.asarray(np.flatnonzero(measured))
+        kept = np.flatnonzero(measured)
         sq_norms = xp.einsum("cd,cd->c", centred, centred)
-        sq_distances = xp.maximum(sq_norms[kept][:, None] + sq_norms[unmeasured][None, :]
-                                  - 2.0 * centred[kept] @ centred[unmeasured].T, 0.0)
-        with np.errstate(divide="ignore"):
-            weights = weights - to_host((0.5 / sq_distances).sum(axis=1))
+        removed = _inverse_sums(xp, centred, means, sq_norms, kept, np.flatnonzero(~measured))
+        remade = ~np.isfinite(removed) | ~(removed <= 0.5 * weights)
+        with np.errstate(invalid="ignore"):  # inf - inf: remade
+            weights = weights - removed
+        if remade.any():
+            weights[remade] = _inverse_sums(xp, centred, means, sq_norms, kept[remade], kept)
     with np.errstate(invalid="ignore"):
         total = float(variances[measured] @ weights)
     return total / (num_measured * (num_measured - 1) // 2)
+
+
+#: Entries of ``_inverse_sums``' blocks of squared distances (bounds its scratch).
+_INVERSE_BLOCK = 1 << 22
+
+
+def _inverse_sums(xp, centred, means, sq_norms, rows, cols):
+    """``sum_{b in cols, b != a} 1 / (2 ||mu~_a - mu~_b||^2)`` for each class ``a`` of ``rows``.
+
+    Parameters
+    ----------
+    xp : module
+    centred, means : float64 arrays of shape (C', D), ``M~`` and ``M̄``
+    sq_norms : float64 array of shape (C',), ``||mu~_a||^2``
+    rows, cols : int64 arrays (host) of indices into ``centred``
+
+    Returns
+    -------
+    float64 array of shape (len(rows),), host
+    """
+    sums = np.zeros(rows.size)
+    col_ids = xp.asarray(cols)
+    step = max(1, _INVERSE_BLOCK // max(cols.size, 1))
+    for start in range(0, rows.size, step):
+        block = rows[start:start + step]
+        row_ids = xp.asarray(block)
+        others = xp.asarray(block[:, None] != cols[None, :])
+        with dense_blas(2.0 * block.size * cols.size * centred.shape[1]):
+            dots = centred[row_ids] @ centred[col_ids].T
+        sq_distances = pair_sq_distances(xp, dots, sq_norms[row_ids], sq_norms[col_ids],
+                                         means, row_ids, col_ids, others)
+        with np.errstate(divide="ignore"):
+            inverse = xp.where(others, 0.5 / xp.where(others, sq_distances, 1.0), 0.0)
+        sums[start:start + block.size] = to_host(inverse.sum(axis=1))
+    return sums

@@ -546,8 +546,11 @@ def test_held_out_global_mean_of_samples_uses_training_counts():
     report = ncfast.collapse(**held_out, means=train_report, global_mean="samples")
     assert_matches_textbook(
         report, textbook_collapse(**held_out, means=train_report, global_mean="samples"))
-    with pytest.raises(ValueError, match="global_mean='samples' needs the row count"):
+    with pytest.raises(ValueError, match=r"an array of means does not carry: pass the training "
+                                         r"report \(a CollapseReport\) as means="):
         ncfast.collapse(**held_out, means=train_report.means, global_mean="samples")
+    with pytest.raises(ValueError, match="global_mean='samples' needs the row count"):
+        ncfast.Geometry.from_means(train_report.means, global_mean="samples")
 
 
 ETF_SHAPES = [(2, 3), (5, 12), (10, 10), (3, 200)]

@@ -131,8 +131,16 @@ def test_corrupted_rows_of_a_class_without_clean_rows(with_classifier):
     case = _single_row_class_relabelled(
         _noisy_case("single_row_classes", with_classifier=with_classifier))
     assert not np.any((case["clean_labels"] == 0) & (case["labels"] == 0))
-    with pytest.warns(UserWarning, match=r"1 of 6 classes have no rows \(0\)"):
+    corrupted = case["labels"] != case["clean_labels"]
+    has_clean_rows = np.bincount(case["clean_labels"][~corrupted], minlength=6) > 0
+    left_out = int(np.sum(corrupted & ~has_clean_rows[case["clean_labels"]]))
+    assert left_out > 0
+    with pytest.warns(UserWarning) as caught:
         report = ncfast.collapse(**case)
+    messages = [str(warning.message) for warning in caught]
+    assert any("1 of 6 classes have no rows (0)" in message for message in messages)
+    assert f"memorization leaves out {left_out} of {corrupted.sum()} corrupted rows: their " \
+           "true classes have no clean rows" in "\n".join(messages)
     assert_matches_textbook(report, textbook_collapse(**case))
 
 
@@ -142,7 +150,8 @@ def test_noise_fit_defined_when_no_corrupted_row_is_measurable(with_classifier):
     case = _single_row_class_relabelled(
         gaussian_classes(**ADVERSARIAL["single_row_classes"], classifier=with_classifier))
     assert np.sum(case["labels"] != case["clean_labels"]) == 1
-    with pytest.warns(UserWarning, match=r"1 of 6 classes have no rows \(0\)"):
+    with pytest.warns(UserWarning, match=r"1 of 6 classes have no rows \(0\)"), \
+            pytest.warns(UserWarning, match="memorization leaves out 1 of 1 corrupted rows"):
         report = ncfast.collapse(**case)
     reference = textbook_collapse(**case)
     assert "memorization" not in reference and "noise_fit" in reference
