@@ -375,13 +375,17 @@ def _load_cache(path):
     return {"results": {}, "digests": {}}
 
 
-def _save_cache(path, cache):
-    """Write a cache (see ``_load_cache``) atomically; warn when it cannot be written."""
+def _save_cache(path, cache, errors):
+    """Write a cache (see ``_load_cache``) atomically; warn when it cannot be written, once
+    per reason in ``errors`` (a set, updated), not once per checkpoint."""
     try:
         write_json_atomically(path, {**cache, "sha256": _cache_digest(cache)})
     except OSError as error:
-        warnings.warn(f"{path}: cannot write the analysis cache ({error}); results are not "
-                      "cached", stacklevel=2)
+        reason = error.strerror or str(error)
+        if reason not in errors:
+            errors.add(reason)
+            warnings.warn(f"cannot write analysis caches beside the checkpoints ({reason}, "
+                          f"first {path}); results are not cached", stacklevel=2)
 
 
 def _measure_layer(checkpoint, layer, splits, num_classes, *, chunk_size, global_mean,
@@ -402,14 +406,19 @@ def _measure_layer(checkpoint, layer, splits, num_classes, *, chunk_size, global
         blocks = _RowBlocks(features, split_arrays.labels, clean,
                             check_chunk_size(chunk_size, features.shape[1]), on_bytes)
         try:
-            report = collapse(blocks, num_classes=num_classes, means=anchor,
-                              global_mean=global_mean, pinv_rtol=pinv_rtol, **classifier)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report = collapse(blocks, num_classes=num_classes, means=anchor,
+                                  global_mean=global_mean, pinv_rtol=pinv_rtol, **classifier)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{features.name}: {error}") from None
         finally:
             for array in (features, split_arrays.labels, clean):
                 if array is not None:
                     array.close()
+        for warning in caught:  # say which features they are about
+            warnings.warn(f"{features.name}: {warning.message}", warning.category,
+                          stacklevel=2)
         if split == ANCHOR_SPLIT:
             anchor = report
         row = {"source": checkpoint.source, "epoch": checkpoint.epoch, "split": split,
@@ -501,13 +510,15 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
     total_bytes = sum(_feature_bytes(checkpoint, layers) for checkpoint in checkpoints)
     with _Progress(len(checkpoints), total_bytes, enabled=progress) as shown:
         digests = _Digests(shown.hashing)
+        cache_errors = set()  # why caches could not be written: each said once
         for checkpoint in checkpoints:
             shown.start(checkpoint.name)
             before = (analysis.measured, analysis.cached)
             try:
                 _analyze_checkpoint(checkpoint, analysis, layers=layers, chunk_size=chunk_size,
                                     settings=settings, use_cache=use_cache,
-                                    digests=digests, on_bytes=shown.read)
+                                    digests=digests, on_bytes=shown.read,
+                                    cache_errors=cache_errors)
                 outcome = (f"{analysis.measured - before[0]} layer group(s) measured, "
                            f"{analysis.cached - before[1]} from cache")
             except (ValueError, TypeError, OSError) as error:
@@ -614,7 +625,7 @@ def _one_line(error):
 
 
 def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, use_cache,
-                        digests, on_bytes):
+                        digests, on_bytes, cache_errors):
     by_layer = _check_arrays(checkpoint, layers)
     num_classes = _num_classes(checkpoint)
     arrays = checkpoint.arrays
@@ -652,10 +663,10 @@ def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, u
         analysis.measured += 1
         if use_cache:
             cache["results"][key] = rows
-            _save_cache(checkpoint.cache_path, cache)
+            _save_cache(checkpoint.cache_path, cache, cache_errors)
             saved_digests = dict(cache["digests"])
     if use_cache and cache["digests"] != saved_digests:
-        _save_cache(checkpoint.cache_path, cache)  # digests computed for cached rows
+        _save_cache(checkpoint.cache_path, cache, cache_errors)  # digests of cached rows
 
 
 def _with_source(row, checkpoint):
@@ -882,7 +893,8 @@ def add_commands(commands):
     parser.add_argument("--metrics", nargs="+", metavar="METRIC",
                         help="metrics to show, write and plot (default: the table shows "
                              f"{', '.join(TABLE_METRICS)}; files and plots every metric the "
-                             f"data define); choose from: {', '.join(METRICS)}")
+                             "data define); choose from: "
+                             f"{', '.join(name for name in METRICS if name != 'nc5')}")
     parser.add_argument("--layers", nargs="+", metavar="LAYER",
                         help="measure only these layers (default: every layer)")
     parser.add_argument("--out", default="ncfast-analysis", metavar="DIR",
@@ -1013,9 +1025,13 @@ def run_analyze(args, console, errors):
     """``ncfast analyze``: check the arguments and --out, measure, print, write."""
     if args.metrics is not None:
         scalar_metrics([], args.metrics)  # reject unknown names before measuring
+        if "nc5" in args.metrics:
+            raise ValueError("nc5 needs out-of-distribution rows, which ncfast analyze does not "
+                             "read: measure it in Python, ncfast.collapse(..., ood=ood_rows)")
     if args.chunk_size is not None:
         check_chunk_size(args.chunk_size, 1)
     check_output_folder(args.out, what="--out folder", create=False)
+    _check_paths_exist(args)
     analysis = analyze(args.paths, layers=args.layers, chunk_size=args.chunk_size,
                        labels=args.labels, clean_labels=args.clean_labels,
                        weights=args.weights, bias=args.bias, use_cache=not args.no_cache,
@@ -1027,11 +1043,21 @@ def run_analyze(args, console, errors):
         print_results(analysis, args.metrics, shown, args, console,
                       f"ncfast analyze: {len(analysis.rows)} measurements ({analysis.measured} "
                       f"layer groups measured, {analysis.cached} from cache)")
-        written, removed = write_analysis(analysis, args.out, args.metrics,
-                                          plots=not args.no_plots)
-        stale = f"; removed {len(removed)} figures of an earlier analysis" if removed else ""
-        errors.print(f"ncfast analyze: wrote {len(written)} files to {escape(args.out)}{stale}",
-                     highlight=False, soft_wrap=True)
+        earlier = [name for name in ("metrics.json", "metrics.csv")
+                   if os.path.exists(os.path.join(args.out, name))]
+        if analysis.failures and earlier:
+            errors.print(
+                f"[red]ncfast analyze: {escape(args.out)} holds an earlier analysis "
+                f"({', '.join(earlier)}), left as it was: {len(analysis.failures)} input(s) "
+                "failed (below). The measured checkpoints are cached: fix or leave out the "
+                "failed inputs and run again, or write to a new --out[/red]",
+                soft_wrap=True, highlight=False)
+        else:
+            written, removed = write_analysis(analysis, args.out, args.metrics,
+                                              plots=not args.no_plots)
+            stale = f"; removed {len(removed)} figures of an earlier analysis" if removed else ""
+            errors.print(f"ncfast analyze: wrote {len(written)} files to "
+                         f"{escape(args.out)}{stale}", highlight=False, soft_wrap=True)
     for failure in analysis.failures:
         where = "" if failure.name in failure.reason else f" {failure.name}:"
         errors.print(f"[red]ncfast analyze: FAILED{escape(where)} {escape(failure.reason)}[/red]",
@@ -1042,6 +1068,19 @@ def run_analyze(args, console, errors):
                      "was[/red]", soft_wrap=True, highlight=False)
         return 1
     return 1 if analysis.failures else 0
+
+
+def _check_paths_exist(args):
+    """Raise ValueError, before anything is measured, for a PATH or option file that does
+    not exist (a typo would otherwise show only after every other input was measured)."""
+    options = [(f"--{name.replace('_', '-')}", getattr(args, name))
+               for name in ("labels", "clean_labels", "weights", "bias")]
+    for what, path in [("", path) for path in args.paths] + options:
+        if path is not None and not os.path.exists(path):
+            broken = " (a broken symbolic link)" if os.path.islink(path) else ""
+            raise ValueError(f"{what + ' ' if what else ''}{path}: no such file or folder"
+                             f"{broken}; check the path (nothing was measured; {args.out} is "
+                             "left as it was)")
 
 
 def _refuse_repeated_files(paths):

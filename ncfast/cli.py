@@ -6,13 +6,15 @@ terminal still shows what went wrong.
 """
 import argparse
 import sys
+import warnings
 
 #: Exit status of every command, shown by ``--help``.
 EXIT_STATUS = """\
 exit status:
   0    success
   1    bad input or options; for analyze, some input could not be measured (the others
-       are measured and written); the reason is printed on stderr
+       are measured, and written unless --out holds an earlier analysis); the reason is
+       printed on stderr
   2    wrong command line (usage error){extra}
   130  interrupted (Ctrl-C)"""
 
@@ -60,8 +62,15 @@ def _run_command(args, command):
     from rich.markup import escape
 
     console, errors = Console(), Console(stderr=True)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        errors.print(f"[yellow]{command}: warning: {escape(str(message))}[/yellow]",
+                     highlight=False, soft_wrap=True)
+
     try:
-        return args.handler(args, console, errors)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning  # one line, without Python's source lines
+            return args.handler(args, console, errors)
     except (ValueError, TypeError, OSError) as error:
         message = str(error)
     except (MemoryError, RuntimeError) as error:

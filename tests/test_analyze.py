@@ -260,8 +260,12 @@ def test_cli_one_line_errors_for_bad_arguments(tmp_path, capsys):
     assert "nothing.npy: no such file" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path), "--metrics", "nc9", "--no-progress"]) == 1
     assert "unknown metric(s) nc9" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path), "--metrics", "nc1", "nc5", "--no-progress"]) == 1
+    assert "nc5 needs out-of-distribution rows, which ncfast analyze does not read" in \
+        capsys.readouterr().err
     RunWriter(tmp_path / "run", config={}, num_classes=CLASSES)
-    assert main(["analyze", str(tmp_path / "run"), "--labels", "labels.npy",
+    np.save(tmp_path / "labels.npy", np.zeros(3, np.int64))
+    assert main(["analyze", str(tmp_path / "run"), "--labels", str(tmp_path / "labels.npy"),
                  "--no-progress"]) == 1
     assert "--labels applies to feature files" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "part[1].safetensors")]) == 1
@@ -468,6 +472,77 @@ def test_a_malformed_manifest_fails_its_run_and_the_others_are_written(tmp_path,
     assert f"{bad / 'manifest.json'}: " in failed and field in failed
     document = json.loads((out / "metrics.json").read_text())
     assert {row["source"] for row in document["rows"]} == {str(good)}
+
+
+def test_a_typo_in_one_path_stops_the_run_before_it_measures(tmp_path, capsys, monkeypatch):
+    """A missing path among good ones used to be reported after every other input was
+    measured, and the partial results replaced an earlier analysis in --out."""
+    import ncfast.analyze as analyze_module
+
+    good = _run_with_three_checkpoints(tmp_path / "good")
+    out = tmp_path / "out"
+    for path, option in ((tmp_path / "typo", []),
+                         (tmp_path / "labels.npy", ["--labels", str(tmp_path / "labels.npy")])):
+        measured = []
+        monkeypatch.setattr(analyze_module, "analyze",
+                            lambda *args, **kwargs: measured.append(args) or None)
+        paths = [str(good)] + ([str(path)] if not option else [])
+        assert main(["analyze", *paths, *option, "--out", str(out), "--no-progress"]) == 1
+        error = capsys.readouterr().err
+        assert f"{path.name}: no such file or folder; check the path (nothing was measured" \
+               in error, error
+        assert measured == [] and not out.exists()
+
+
+def test_an_input_failing_later_leaves_an_earlier_analysis_as_it_was(tmp_path, capsys):
+    good = _run_with_three_checkpoints(tmp_path / "good")
+    second = _write_run(tmp_path / "second", (1, 2))
+    out = tmp_path / "out"
+    assert main(["analyze", str(good), str(second), "--out", str(out), "--no-progress",
+                 "--no-plots"]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    (second / "manifest.json").write_text("{")
+    assert main(["analyze", str(good), str(second), "--out", str(out), "--no-progress",
+                 "--no-plots"]) == 1
+    error = capsys.readouterr().err
+    assert "holds an earlier analysis (metrics.json, metrics.csv), left as it was: 1 input(s) " \
+           "failed" in error and "FAILED" in error
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_caches_that_cannot_be_written_give_one_warning_line(tmp_path, capsys, monkeypatch):
+    """A read-only run folder: Python's warning (with a source line) came once per
+    checkpoint; the command line prints one line."""
+    import ncfast.analyze as analyze_module
+
+    write_json = analyze_module.write_json_atomically
+
+    def read_only_caches(path, document):
+        if str(path).endswith("ncfast-cache.json"):
+            raise OSError(30, "Read-only file system", str(path))
+        write_json(path, document)
+
+    monkeypatch.setattr(analyze_module, "write_json_atomically", read_only_caches)
+    run = _run_with_three_checkpoints(tmp_path)
+    assert main(["analyze", str(run), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--no-plots"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    (line,) = warned
+    assert line.startswith("ncfast analyze: warning: cannot write analysis caches beside the "
+                           "checkpoints (Read-only file system, first ") and \
+        line.endswith("ncfast-cache.json); results are not cached")
+
+
+def test_a_warning_of_collapse_names_its_features_in_one_line(tmp_path, capsys):
+    path = tmp_path / "epoch_1.npz"
+    labels = np.arange(120) % 3
+    _write_npz(path, labels=np.where(labels == 1, 3, labels),
+               weights=np.ones((4, 5)), bias=np.zeros(4))
+    assert main(["analyze", str(path), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--no-plots"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert warned == [f"ncfast analyze: warning: {path} [features]: 1 of 4 classes have no "
+                      "rows (1); metrics cover the other classes"]
 
 
 def test_every_failure_is_one_line_of_plain_text(tmp_path):
