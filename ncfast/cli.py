@@ -18,8 +18,9 @@ exit status:
   2    wrong command line (usage error){extra}
   130  interrupted (Ctrl-C)"""
 
-#: What a command adds to ``EXIT_STATUS``.
-EXTRA_EXIT_STATUS = {"reproduce": ", or the reproduced claim did NOT hold"}
+#: What a command adds to ``EXIT_STATUS`` (``ncfast.harness.commands.REPRODUCE_EXIT``).
+EXTRA_EXIT_STATUS = {"reproduce": "\n  3    the reproduced claim is undecided"
+                                  "\n  4    the reproduced claim did NOT hold"}
 
 
 def build_parser():

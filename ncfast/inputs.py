@@ -72,6 +72,12 @@ def _load_npy(path, what):
     try:
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
+        if "pickle" in str(error) or "Python objects" in str(error):
+            # Not numpy's advice to load it unsafely: a pickle can run code.
+            raise ValueError(
+                f"{what} file {path!r} is not a numeric .npy array (it holds pickled Python "
+                "objects, or is not a .npy file at all); ncfast does not unpickle files: save "
+                "the array with numpy.save as numbers") from None
         raise ValueError(
             f"{what} file {path!r} is not a readable .npy array file ({error}); it may be "
             "truncated or of another format: re-save it with numpy.save"

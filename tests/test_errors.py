@@ -308,12 +308,18 @@ def test_truncated_npy_file(case, tmp_path):
         ncfast.collapse(path, case["labels"])
 
 
-def test_file_that_is_not_an_npy_array(case, tmp_path):
+@pytest.mark.parametrize("write", [
+    lambda path: path.write_text("row,feature\n0,1.5\n"),
+    lambda path: np.save(path, np.array([{"row": 1}], dtype=object)),
+], ids=["text", "objects"])
+def test_file_that_is_not_a_numeric_npy_array(case, tmp_path, write):
+    """numpy's own message advised loading the file unsafely (allow_pickle=)."""
     path = tmp_path / "features.npy"
-    path.write_text("row,feature\n0,1.5\n")
-    with pytest.raises(ValueError, match="features file .*features.npy' is not a readable "
-                                         ".npy array file"):
+    write(path)
+    with pytest.raises(ValueError, match="features file .*features.npy' is not a numeric .npy "
+                                         "array .* ncfast does not unpickle files") as error:
         ncfast.collapse(path, case["labels"])
+    assert "allow_pickle" not in str(error.value)
 
 
 def test_npz_archive_instead_of_npy_file(case, tmp_path):

@@ -317,7 +317,7 @@ def test_reproduce_cli_refuses_a_bad_seed_count_before_training(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("verdict, status", [(HELD, 0), (CONTRADICTED, 2), (UNDECIDED, 3)])
+@pytest.mark.parametrize("verdict, status", [(HELD, 0), (CONTRADICTED, 4), (UNDECIDED, 3)])
 def test_reproduce_cli_passes_its_options_and_exits_by_the_verdict(monkeypatch, capsys,
                                                                    verdict, status):
     from ncfast.cli import main

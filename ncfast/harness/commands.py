@@ -182,8 +182,9 @@ def run_demo(args, console, errors):
     return 0
 
 
-#: Exit status of ``ncfast reproduce`` for each verdict of the claim.
-REPRODUCE_EXIT = {"held": 0, "contradicted": 2, "undecided": 3}
+#: Exit status of ``ncfast reproduce`` for each verdict of the claim (2 is argparse's usage
+#: error, 1 any other error).
+REPRODUCE_EXIT = {"held": 0, "contradicted": 4, "undecided": 3}
 
 
 def run_reproduce(args, console, errors):

@@ -219,6 +219,8 @@ def check_dataset_options(name, *, num_samples=None, num_features=None, num_clas
     if name == "npz":
         if path is None:
             raise ValueError("the npz dataset needs a path to a .npz file with arrays x and y")
+        if os.path.isdir(path):
+            raise ValueError(f"dataset file {path!r} is a folder; give the .npz file in it")
         if not os.path.isfile(path):
             raise ValueError(f"dataset file {path!r} does not exist")
         if not zipfile.is_zipfile(path):
