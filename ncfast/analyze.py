@@ -222,7 +222,8 @@ class _Digests:
     which ``utime`` cannot set back, so a remembered digest is reused only while
     its stamp holds. A file not remembered yet takes the digest the run manifest recorded
     when its size is the recorded one and its status has not changed since the
-    manifest was written; else it is hashed.
+    manifest was written; else it is hashed, and a run-folder file whose digest is not
+    the recorded one is an error (changed or corrupted since the checkpoint was written).
     """
 
     def __init__(self, on_hashing):
@@ -247,6 +248,11 @@ class _Digests:
         else:
             self.on_hashing(path)
             digest = file_sha256(path)
+            if array.recorded_sha256 is not None and digest != array.recorded_sha256:
+                raise ValueError(
+                    f"{path}: its content does not match the SHA-256 the run manifest recorded "
+                    "when the checkpoint was written (the file was changed or corrupted since); "
+                    "restore it, or write the checkpoint again")
         remembered[name] = {"stamp": stamp, "sha256": digest}
         self.known[path] = digest
         return digest
@@ -631,23 +637,31 @@ def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, u
     arrays = checkpoint.arrays
     cache = _load_cache(checkpoint.cache_path) if use_cache else None
     saved_digests = None if cache is None else dict(cache["digests"])
+    remembered = cache["digests"] if use_cache else {}
+
+    def digest(array):
+        # Without a cache, only run-folder files are hashed (when changed since their
+        # manifest), to check them against the digests it recorded.
+        if use_cache or array.recorded_sha256 is not None:
+            return digests(array, checkpoint, remembered)
+        return None
+
     for layer, splits in by_layer.items():
+        inputs = {}
+        for split in splits:
+            split_arrays = arrays.splits[split]
+            for role, array in (("features", split_arrays.features[layer]),
+                                ("labels", split_arrays.labels),
+                                ("clean_labels", split_arrays.clean_labels)):
+                if array is not None:
+                    inputs[f"{split}/{role}"] = [digest(array), array.key]
+        if layer == arrays.classifier_layer:
+            for role in ("weights", "bias"):
+                array = getattr(arrays, role)
+                if array is not None:
+                    inputs[role] = [digest(array), array.key]
         key = None
         if use_cache:
-            inputs = {}
-            for split in splits:
-                split_arrays = arrays.splits[split]
-                for role, array in (("features", split_arrays.features[layer]),
-                                    ("labels", split_arrays.labels),
-                                    ("clean_labels", split_arrays.clean_labels)):
-                    if array is not None:
-                        inputs[f"{split}/{role}"] = [digests(array, checkpoint, cache["digests"]),
-                                                     array.key]
-            if layer == arrays.classifier_layer:
-                for role in ("weights", "bias"):
-                    array = getattr(arrays, role)
-                    if array is not None:
-                        inputs[role] = [digests(array, checkpoint, cache["digests"]), array.key]
             key = hashlib.sha256(json.dumps(
                 {"inputs": inputs, "num_classes": num_classes, "layer": layer, **settings},
                 sort_keys=True).encode()).hexdigest()

@@ -394,17 +394,24 @@ def test_a_malformed_cache_is_measured_again_and_rewritten(tmp_path, malform):
     assert (rewritten.measured, rewritten.cached) == (0, 1) and rewritten.rows == first.rows
 
 
-def test_a_file_replaced_by_an_older_one_of_the_same_size_is_measured_again(tmp_path,
-                                                                             monkeypatch):
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "no-cache"])
+def test_a_run_file_replaced_by_another_of_the_same_size_is_refused(tmp_path, monkeypatch,
+                                                                    use_cache):
+    """cp -p of epoch 3's features over epoch 1's (same size, an mtime older than the
+    manifest): their digest is not the one the manifest recorded. It used to be measured
+    (the bit flip of a label too), as if the run had written it."""
     path = _run_with_three_checkpoints(tmp_path)
     assert analyze([path], progress=False).measured == 6
-    # cp -p: epoch 3's features, of epoch 1's size, keeping their (older than the manifest) mtime
     replaced = path / "checkpoints/epoch_000001/train/features/penultimate.npy"
+    original = replaced.read_bytes()
     shutil.copy2(path / "checkpoints/epoch_000003/train/features/penultimate.npy", replaced)
-    after = analyze([path], progress=False)
-    assert (after.measured, after.cached) == (1, 5)
-    assert after.rows == analyze([path], progress=False, use_cache=False).rows
-    # A file whose status changed but not its content is hashed once, then known again.
+    after = analyze([path], progress=False, use_cache=use_cache)
+    (failure,) = after.failures
+    assert f"{replaced}: its content does not match the SHA-256 the run manifest recorded" \
+        in failure.reason
+    assert {row["epoch"] for row in after.rows} == {2, 3}
+    # Restored, and a file whose status changed but not its content: hashed once, then known.
+    replaced.write_bytes(original)
     hashed = []
     monkeypatch.setattr(analyze_module, "file_sha256",
                         lambda file: hashed.append(file) or file_sha256(file))
