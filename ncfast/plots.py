@@ -47,11 +47,28 @@ def _curves(rows, metric):
             for key, points in curves.items()}
 
 
+#: The PNG ``Software`` text of every figure ncfast draws: only files carrying it are ever
+#: removed as stale (a figure of the user's own by the same name is left alone).
+FIGURE_SOFTWARE = "ncfast analyze"
+
+
 def save_figure(figure, path):
-    """Write a matplotlib figure to ``path`` as a PNG (120 dpi), atomically."""
+    """Write a matplotlib figure to ``path`` as a PNG (120 dpi, ``FIGURE_SOFTWARE``),
+    atomically."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    figure.savefig(buffer, format="png", dpi=120, metadata={"Software": FIGURE_SOFTWARE})
     write_atomically(path, lambda stream: stream.write(buffer.getvalue()))
+
+
+def drawn_by_ncfast(path):
+    """Whether the PNG at ``path`` carries ``FIGURE_SOFTWARE`` (False for any other file)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("Software") == FIGURE_SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def source_labels(sources):
@@ -371,7 +388,8 @@ def write_plots(rows, out, metrics):
 
 
 def remove_stale_plots(out, written):
-    """Remove the figures in ``out`` that ``write_plots`` names but did not write now.
+    """Remove the figures in ``out`` that ``write_plots`` names and an ncfast drew
+    (``drawn_by_ncfast``) but that it did not write now.
 
     Returns
     -------
@@ -382,7 +400,8 @@ def remove_stale_plots(out, written):
     removed = []
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
-        if is_plot_name(name) and name not in kept and os.path.isfile(path):
+        if is_plot_name(name) and name not in kept and os.path.isfile(path) \
+                and drawn_by_ncfast(path):
             os.remove(path)
             removed.append(path)
     return removed

@@ -146,6 +146,26 @@ def test_figures_of_an_earlier_analysis_are_removed(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json"]
 
 
+def test_the_users_own_figures_of_those_names_are_kept(tmp_path, capsys):
+    """Stale figures were removed by name alone: the user's own nc1.png went with them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = tmp_path / "out"
+    out.mkdir()
+    figure = plt.figure()
+    for name in ("accuracy.png", "snapshot-mine.png"):
+        figure.savefig(out / name)
+    plt.close(figure)
+    (out / "nc1_trace.png").write_text("not even a PNG")
+    own = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert _analyze_cli(_write_run(tmp_path / "run"), "--out", out, "--metrics", "nc1") == 0
+    assert "removed" not in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in own} == own
+
+
 def test_the_count_of_files_written_is_the_files_there(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "notes").mkdir(parents=True)
