@@ -177,11 +177,11 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
     for path in map(os.fspath, paths):
         try:
             if os.path.isdir(path):
+                run = open_run(path)  # first: a folder that is not a run is named as such
                 given = [name for name, value in extras.items() if value is not None]
                 if given:
                     raise ValueError(f"{path}: a run folder has its own labels and classifier; "
                                      f"--{given[0].replace('_', '-')} applies to feature files")
-                run = open_run(path)
                 manifest_time = os.stat(os.path.join(path, MANIFEST)).st_mtime_ns
                 checkpoints.extend(
                     Checkpoint(path, arrays, os.path.join(run.folders[arrays.epoch], CACHE_NAME),
@@ -409,6 +409,14 @@ def _measure_layer(checkpoint, layer, splits, num_classes, *, chunk_size, global
         split_arrays = arrays.splits[split]
         features = split_arrays.features[layer]
         clean = split_arrays.clean_labels if split == ANCHOR_SPLIT else None
+        if features.num_rows == 0:
+            if anchor is None:
+                raise ValueError(f"{features.name}: holds no rows; save the features of at "
+                                 "least one row per class")
+            # A split without rows (an empty test set) leaves the others measured.
+            warnings.warn(f"{features.name}: holds no rows; the {split} split is left out",
+                          stacklevel=2)
+            continue
         blocks = _RowBlocks(features, split_arrays.labels, clean,
                             check_chunk_size(chunk_size, features.shape[1]), on_bytes)
         try:
@@ -417,7 +425,8 @@ def _measure_layer(checkpoint, layer, splits, num_classes, *, chunk_size, global
                 report = collapse(blocks, num_classes=num_classes, means=anchor,
                                   global_mean=global_mean, pinv_rtol=pinv_rtol, **classifier)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{features.name}: {error}") from None
+            named = str(error).startswith(features.name)  # the reader's errors name it
+            raise ValueError(str(error) if named else f"{features.name}: {error}") from None
         finally:
             for array in (features, split_arrays.labels, clean):
                 if array is not None:
@@ -1067,8 +1076,15 @@ def run_analyze(args, console, errors):
                 "failed inputs and run again, or write to a new --out[/red]",
                 soft_wrap=True, highlight=False)
         else:
-            written, removed = write_analysis(analysis, args.out, args.metrics,
-                                              plots=not args.no_plots)
+            try:
+                written, removed = write_analysis(analysis, args.out, args.metrics,
+                                                  plots=not args.no_plots)
+            except OSError as error:
+                raise ValueError(
+                    f"cannot write the results into {args.out} ({error.strerror or error}"
+                    f"{': ' + error.filename if error.filename else ''}); free space or choose "
+                    "another --out, and run again (the measured checkpoints are cached)"
+                ) from None
             stale = f"; removed {len(removed)} figures of an earlier analysis" if removed else ""
             errors.print(f"ncfast analyze: wrote {len(written)} files to "
                          f"{escape(args.out)}{stale}", highlight=False, soft_wrap=True)

@@ -150,12 +150,16 @@ def test_cache_measures_only_new_or_changed_checkpoints(tmp_path, monkeypatch):
                             classifier_layer="penultimate")
     grown = analyze([path], progress=False)
     assert (grown.measured, grown.cached) == (2, 4)
-    # Same size, new content, written after the manifest: its layer group is measured again.
+    # Same size, new content, written after the manifest: not what the run wrote, refused.
     changed = path / "checkpoints/epoch_000001/test/features/linear1.npy"
     features = np.load(changed)
     np.save(changed, features[::-1].copy())
     after_edit = analyze([path], progress=False)
-    assert (after_edit.measured, after_edit.cached) == (1, 5)
+    (failure,) = after_edit.failures
+    assert "does not match the SHA-256 the run manifest recorded" in failure.reason
+    assert (after_edit.measured, after_edit.cached) == (0, 5)  # epoch 1 penultimate: cached
+    np.save(changed, features)  # the bytes the run wrote again: cached as before
+    assert analyze([path], progress=False).cached == 6
     # Rows cached by an ncfast whose metrics differed are measured again.
     monkeypatch.setattr(analyze_module, "CACHE_VERSION", analyze_module.CACHE_VERSION + 1)
     newer = analyze([path], progress=False)
@@ -244,14 +248,15 @@ def test_missing_and_truncated_run_files_are_named_and_others_kept(tmp_path):
 
 
 def test_nan_rows_are_named_with_the_file(tmp_path):
-    path = _run_with_three_checkpoints(tmp_path)
-    poisoned = path / "checkpoints/epoch_000002/train/features/penultimate.npy"
-    features = np.load(poisoned)
+    paths = [tmp_path / f"epoch_{epoch}.npz" for epoch in (1, 2, 3)]
+    for path in paths:
+        case = _write_npz(path)
+    features = case["features"].copy()
     features[17, 2] = np.nan
-    np.save(poisoned, features)
-    analysis = analyze([path], progress=False, use_cache=False)
+    _write_npz(paths[1], features=features)
+    analysis = analyze(paths, progress=False, use_cache=False)
     (failure,) = analysis.failures
-    assert str(poisoned) in failure.reason and "row 17 contains NaN" in failure.reason
+    assert str(paths[1]) in failure.reason and "row 17 contains NaN" in failure.reason
     assert {row["epoch"] for row in analysis.rows} == {1, 3}
 
 
@@ -423,6 +428,23 @@ def test_a_run_file_replaced_by_another_of_the_same_size_is_refused(tmp_path, mo
 
 # --- inputs refused, and the others kept ----------------------------------------------------
 
+def test_a_split_without_rows_is_left_out_and_the_others_measured(tmp_path, capsys):
+    """An empty test split failed the whole checkpoint with the engine's wording ("the chunk
+    source yielded no chunks"); empty train features are named as such."""
+    case = gaussian_classes(60, 4, 3, seed=1)
+    path = tmp_path / "dump.npz"
+    np.savez(path, **{"features": case["features"], "labels": case["labels"],
+                      "test/features": case["features"][:0], "test/labels": case["labels"][:0]})
+    assert main(["analyze", str(path), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--no-plots", "--no-cache"]) == 0
+    assert f"warning: {path} [test/features]: holds no rows; the test split is left out" in \
+        capsys.readouterr().err
+    np.savez(path, features=case["features"][:0], labels=case["labels"][:0])
+    (failure,) = analyze([path], progress=False, use_cache=False).failures
+    assert f"{path} [features]: holds no rows; save the features of at least one row" in \
+        failure.reason
+
+
 def test_a_split_with_labels_but_no_features_is_refused(tmp_path):
     case = gaussian_classes(60, 4, 3, seed=1)
     path = tmp_path / "dump.npz"
@@ -562,8 +584,8 @@ def test_every_failure_is_one_line_of_plain_text(tmp_path):
 # --- writing OUT ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, 130), (OSError(28, "No space"), 1)])
-def test_a_write_stopped_while_drawing_leaves_out_as_it_was(tmp_path, monkeypatch, stop,
-                                                            status):
+def test_a_write_stopped_while_drawing_leaves_out_as_it_was(tmp_path, monkeypatch, capsys,
+                                                            stop, status):
     import ncfast.plots as plots
 
     out = tmp_path / "out"
@@ -580,8 +602,12 @@ def test_a_write_stopped_while_drawing_leaves_out_as_it_was(tmp_path, monkeypatc
         save_figure(figure, path)
 
     monkeypatch.setattr(plots, "save_figure", save_two_then_stop)
+    capsys.readouterr()
     assert main(["analyze", str(later), "--out", str(out), "--no-progress"]) == status
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    if status == 1:  # it said which folder, and what to do
+        assert f"cannot write the results into {out} (No space); free space or choose another " \
+               "--out" in capsys.readouterr().err
     monkeypatch.setattr(plots, "save_figure", save_figure)
     assert main(["analyze", str(later), "--out", str(out), "--no-progress"]) == 0
     names = set(os.listdir(out))
