@@ -38,6 +38,7 @@ import math
 import os
 import re
 import signal
+import stat
 import tempfile
 import threading
 import warnings
@@ -368,9 +369,12 @@ def _load_cache(path):
     A cache file is valid when it is what ``_save_cache`` wrote: ``results``,
     ``digests`` and ``sha256``, the digest of the other two. Anything else (no
     file, not JSON, nested too deep to parse, edited, corrupt, another cache
-    version) gives an empty cache, which measuring then rewrites.
+    version, not a regular file: a named pipe would block ``open``) gives an empty cache,
+    which measuring then rewrites.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return {"results": {}, "digests": {}}
         with open(path, encoding="utf-8") as stream:
             cache = json.load(stream)
         if isinstance(cache, dict) and set(cache) == {"results", "digests", "sha256"} \

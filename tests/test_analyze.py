@@ -399,6 +399,17 @@ def test_a_malformed_cache_is_measured_again_and_rewritten(tmp_path, malform):
     assert (rewritten.measured, rewritten.cached) == (0, 1) and rewritten.rows == first.rows
 
 
+def test_a_named_pipe_as_the_cache_is_ignored_and_replaced(tmp_path):
+    """open() of a FIFO waits for a writer: the analysis hung."""
+    path = tmp_path / "epoch_1.npz"
+    _write_npz(path)
+    cache = tmp_path / "epoch_1.npz.ncfast-cache.json"
+    os.mkfifo(cache)
+    analysis = analyze([path], progress=False)
+    assert analysis.failures == [] and analysis.measured == 1
+    assert cache.is_file() and analyze([path], progress=False).cached == 1
+
+
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "no-cache"])
 def test_a_run_file_replaced_by_another_of_the_same_size_is_refused(tmp_path, monkeypatch,
                                                                     use_cache):
