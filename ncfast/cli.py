@@ -24,9 +24,12 @@ EXTRA_EXIT_STATUS = {"reproduce": "\n  3    the reproduced claim is undecided"
 
 
 def build_parser():
+    from ncfast import __version__
+
     parser = argparse.ArgumentParser(
         prog="ncfast", description="Measure neural collapse of trained networks' features.",
         epilog=EXIT_STATUS.format(extra=""), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ncfast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     from ncfast.harness.commands import add_commands as add_harness_commands
 
@@ -37,7 +40,17 @@ def build_parser():
     for name, command in commands.choices.items():
         command.epilog = EXIT_STATUS.format(extra=EXTRA_EXIT_STATUS.get(name, ""))
         command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.set_defaults(command_parser=command)
     return parser
+
+
+def parse_command_line(argv=None):
+    """Parsed arguments; an option the command does not know is its own usage error (argparse
+    would show the top-level usage instead of the command's)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv=None):
@@ -49,7 +62,7 @@ def main(argv=None):
     """
     command = "ncfast"
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_command_line(argv)
         command = f"ncfast {args.command}"
         return _run_command(args, command)
     except KeyboardInterrupt:

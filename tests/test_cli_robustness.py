@@ -106,3 +106,26 @@ def test_sizes_beyond_memory_are_one_line(tmp_path, capsys, sizes):
     error = capsys.readouterr().err
     assert error.startswith("ncfast train: not enough memory for the sizes asked for (")
     assert error.count("\n") == 1 and "Traceback" not in error
+
+
+@pytest.mark.parametrize("words, command", [
+    (["merge", "state.safetensors", "--bogus"], "merge"),
+    (["analyze", "run", "-v"], "analyze"),
+    (["train", "out", "--bogus", "3"], "train"),
+])
+def test_an_option_the_command_does_not_know_shows_the_commands_usage(capsys, words, command):
+    """argparse printed the top-level usage (``ncfast [-h] {train,...}``) instead."""
+    with pytest.raises(SystemExit) as stop:
+        main(words)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"usage: ncfast {command} ")
+    assert f"ncfast {command}: error: unrecognized arguments: {' '.join(words[2:])}" in error
+
+
+def test_version():
+    from ncfast import __version__
+
+    done = subprocess.run([sys.executable, "-m", "ncfast", "--version"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"ncfast {__version__}"
