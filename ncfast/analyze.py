@@ -199,14 +199,21 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
 
 
 def _attach_extras(path, arrays, extras):
-    """Give a single-file checkpoint the labels and classifier passed separately."""
+    """Give a single-file checkpoint the labels and classifier passed separately; refused
+    where the file holds that array already, or (labels) several splits of rows."""
     for what, extra_path in extras.items():
-        array = _single_array(os.fspath(extra_path), what.replace("_", "-"))
-        if what in ("weights", "bias"):
-            setattr(arrays, what, array)
-            continue
-        for split in arrays.splits.values():
-            setattr(split, what, array)
+        option = "--" + what.replace("_", "-")
+        holders = [arrays] if what in ("weights", "bias") else list(arrays.splits.values())
+        if any(getattr(holder, what) is not None for holder in holders):
+            raise ValueError(f"{path}: holds its own {what.replace('_', ' ')}; {option} applies "
+                             "to files that lack them (leave it out, or drop the array from "
+                             "the file)")
+        if len(holders) > 1:
+            raise ValueError(f"{path}: holds the splits {sorted(arrays.splits)}; {option} gives "
+                             "one array for the rows of a single split")
+        array = _single_array(os.fspath(extra_path), option[2:])
+        for holder in holders:
+            setattr(holder, what, array)
     if arrays.weights is not None and arrays.classifier_layer is None:
         layers = {layer for split in arrays.splits.values() for layer in split.features}
         if len(layers) != 1:
@@ -937,7 +944,8 @@ def add_commands(commands):
     for name, what in (("labels", "labels"), ("clean-labels", "true labels (label noise)"),
                        ("weights", "classifier weights (C, D)"), ("bias", "classifier bias")):
         parser.add_argument(f"--{name}", metavar="FILE",
-                            help=f"file of the {what}, for feature files that lack them")
+                            help=f"file of the {what}, for feature files that lack them "
+                                 "(refused for a file that holds them)")
     parser.add_argument("--global-mean", choices=("classes", "samples"), default="classes",
                         help="global mean as the mean of class means (default) or of all rows")
     parser.add_argument("--no-cache", action="store_true",

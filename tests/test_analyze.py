@@ -260,6 +260,22 @@ def test_nan_rows_are_named_with_the_file(tmp_path):
     assert {row["epoch"] for row in analysis.rows} == {1, 3}
 
 
+def test_separate_arrays_for_a_file_that_holds_them_are_refused(tmp_path):
+    """--weights silently replaced the file's own classifier, and --labels gave every split
+    of a file the same labels."""
+    path = tmp_path / "dump.npz"
+    case = _write_npz(path)
+    np.save(tmp_path / "weights.npy", -case["weights"])
+    np.save(tmp_path / "labels.npy", case["labels"])
+    (failure,) = analyze([path], weights=tmp_path / "weights.npy", progress=False).failures
+    assert f"{path}: holds its own weights; --weights applies to files that lack them" in \
+        failure.reason
+    np.savez(path, **{"train/features": case["features"], "test/features": case["features"]})
+    (failure,) = analyze([path], labels=tmp_path / "labels.npy", progress=False).failures
+    assert f"{path}: holds the splits ['test', 'train']; --labels gives one array" in \
+        failure.reason
+
+
 def test_cli_one_line_errors_for_bad_arguments(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nothing.npy"), "--no-progress"]) == 1
     assert "nothing.npy: no such file" in capsys.readouterr().err
