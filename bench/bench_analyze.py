@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from bench.data import existing_folder
+
 # Child processes: each prints one JSON line with its timing and peak RSS. Peak RSS is
 # VmHWM of the child's own address space: getrusage's ru_maxrss survives fork and exec, so
 # it would report the parent's peak.
@@ -154,7 +156,8 @@ def main():
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--features", type=int, default=512)
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--dir", default=None, help="folder for the data (default: a temp dir)")
+    parser.add_argument("--dir", default=None, type=existing_folder,
+                        help="existing folder for the data (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     parser.add_argument("--keep", action="store_true", help="keep the data file")
     args = parser.parse_args()

@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from bench.data import existing_folder
 from bench.memory import peak_memory, reset_peak_memory
 
 NUM_FEATURES = 256
@@ -167,7 +168,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gigabytes", type=float, default=8.0,
                         help="size of the float32 features (default 8)")
-    parser.add_argument("--dir", default=None, help="folder for the data (default: a temp dir)")
+    parser.add_argument("--dir", default=None, type=existing_folder,
+                        help="existing folder for the data (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the data afterwards")
     args = parser.parse_args(argv)
     num_rows = int(args.gigabytes * 1e9) // (4 * NUM_FEATURES)

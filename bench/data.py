@@ -1,4 +1,7 @@
 """Synthetic features for the benchmarks: Gaussian classes near collapse."""
+import argparse
+import os
+
 import numpy as np
 
 #: Rows generated per step (bounds the float64 scratch of the generator).
@@ -51,3 +54,11 @@ def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, 
     weights = means + rng.standard_normal(means.shape, dtype=np.float32)
     bias = 0.1 * rng.standard_normal(num_classes)
     return features, labels, weights.astype(np.float64), bias
+
+
+def existing_folder(path):
+    """``--dir``'s argparse type: a folder that exists (a usage error otherwise, not a
+    traceback from ``tempfile``)."""
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is not an existing folder")
+    return path

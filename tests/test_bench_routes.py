@@ -1,4 +1,7 @@
 """The benchmark's torch routes (``bench.torch_route``) against the textbook route."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -46,3 +49,12 @@ def test_unknown_ncc_variant_is_refused(problem):
     (features, labels, num_classes, _, _), _ = problem
     with pytest.raises(ValueError, match="ncc must be one of"):
         torch_route.torch_collapse(features, labels, num_classes=num_classes, ncc="cdist")
+
+
+def test_bench_dir_options_refuse_a_missing_folder(tmp_path):
+    """``--dir /nonexistent`` ended in tempfile's traceback."""
+    for module in ("bench.bench_analyze", "bench.bench_dask"):
+        done = subprocess.run([sys.executable, "-m", module, "--dir", str(tmp_path / "none")],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert f"argument --dir: '{tmp_path / 'none'}' is not an existing folder" in done.stderr
