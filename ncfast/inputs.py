@@ -7,7 +7,10 @@ without a copy), and re-iterable sources of ``(features, labels)`` or
 chunks are views, or copies where a dtype or layout must change.
 """
 import os
+import re
+import stat
 import sys
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +20,15 @@ KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 #: Bytes of float32 rows per chunk that the automatic chunk size aims at.
 CHUNK_TARGET_BYTES = 64 << 20
+
+#: Characters of another library's error message that ncfast's messages quote at most.
+QUOTED_MESSAGE_CHARS = 300
+
+#: ``stat`` test -> what a path that is not a regular file is.
+_SPECIAL_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"))
 
 
 @dataclass(frozen=True)
@@ -64,14 +76,62 @@ def plain_tensor(tensor, what):
     return tensor.detach().resolve_conj().resolve_neg()
 
 
+def file_problem(path):
+    """Why ``path`` cannot be read as a file of arrays, or None when it is a non-empty regular
+    file (symbolic links are followed).
+
+    Checked before opening: opening a named pipe blocks until something writes to it, and a
+    device can be read forever. A path that cannot be examined gives None: opening it then
+    reports the system's error.
+
+    Returns
+    -------
+    str or None
+        A phrase to follow the file's name: ``"is a named pipe (FIFO), not a regular file;
+        ..."``, saying how to fix it.
+    """
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISDIR(status.st_mode):
+        return "is a directory, not a file; pass one of the files in it"
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((kind for is_kind, kind in _SPECIAL_FILE_KINDS if is_kind(status.st_mode)),
+                    "a special file")
+        return (f"is {kind}, not a regular file, and reading it could wait forever; write the "
+                "arrays to a file and pass that")
+    if status.st_size == 0:
+        return "is empty (0 bytes): it was not written, or not completely; write it again"
+    return None
+
+
+def printable_line(message):
+    """Another library's error message as one line of printable ASCII text.
+
+    Runs of whitespace become one space, colour codes are dropped, other characters are
+    escaped (``\\xd8``: a damaged file's bytes echoed in the message), and a message longer
+    than ``QUOTED_MESSAGE_CHARS`` is cut.
+    """
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(message)).split())
+    text = "".join(character if character.isprintable() else repr(character)[1:-1]
+                   for character in text.encode("ascii", "backslashreplace").decode("ascii"))
+    if len(text) > QUOTED_MESSAGE_CHARS:
+        text = text[:QUOTED_MESSAGE_CHARS - 3] + "..."
+    return text
+
+
 def _load_npy(path, what):
     """Memory-map a ``.npy`` file, turning every failure into a clear ValueError."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"{what} file {path!r} does not exist")
+    problem = file_problem(path)
+    if problem is not None:
+        raise ValueError(f"{what} file {path!r} {problem}")
     try:
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         if "pickle" in str(error) or "Python objects" in str(error):
             # Not numpy's advice to load it unsafely: a pickle can run code.
             raise ValueError(
@@ -79,16 +139,17 @@ def _load_npy(path, what):
                 "objects, or is not a .npy file at all); ncfast does not unpickle files: save "
                 "the array with numpy.save as numbers") from None
         raise ValueError(
-            f"{what} file {path!r} is not a readable .npy array file ({error}); it may be "
-            "truncated or of another format: re-save it with numpy.save"
+            f"{what} file {path!r} is not a readable .npy array file "
+            f"({printable_line(error)}); it may be truncated, corrupt or of another format: "
+            "re-save it with numpy.save"
         ) from None
     if not isinstance(loaded, np.ndarray):
         names = ", ".join(loaded.files)
         loaded.close()
         raise ValueError(
-            f"{what} file {path!r} is a .npz archive of several arrays ({names}), not one "
-            ".npy array: pass one of them, e.g. np.load(path, mmap_mode='r')[name], or use "
-            "`ncfast analyze`, which reads archives"
+            f"{what} file {path!r} is a .npz archive of arrays ({names}), not one .npy array: "
+            "rename it with the .npz suffix, which `ncfast analyze` reads, or, in Python, pass "
+            "one of its arrays: np.load(path)[name]"
         )
     return loaded
 

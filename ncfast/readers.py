@@ -8,12 +8,17 @@ mmap=True)``: a tensor, or a dict of tensors, possibly nested) and HDF5
 (``h5py`` datasets, possibly in groups). Nothing is loaded whole: a
 ``StoredArray`` reads the rows it is asked for, so files larger than memory
 stream through ``ncfast.collapse`` one chunk at a time. Every failure to read
-becomes a ``ValueError`` that names the file and says how to fix it.
+becomes a ``ValueError`` that names the file and says how to fix it; a path
+that is not a regular file (a named pipe, a device) is refused before it is
+opened, and a memory-mapped file cut short while it is read is an error, not
+a crash.
 
 Keys inside a file (``.npz``, safetensors, torch dicts, HDF5) say what each
 array is: ``[SPLIT/]features[/LAYER]``, ``[SPLIT/]labels``,
 ``[SPLIT/]clean_labels``, ``weights`` and ``bias`` (``/`` or ``.`` separate
-the parts; SPLIT defaults to ``train``, LAYER to ``features``). See
+the parts; SPLIT defaults to ``train``, LAYER to ``features``). Two keys
+naming the same array (``features`` and ``train/features``), and the
+classifier's under a prefix (``fc/weights``), are refused. See
 ``file_layout``.
 """
 import errno
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ncfast.inputs import as_array, plain_tensor
+from ncfast.inputs import as_array, file_problem, plain_tensor, printable_line
 
 #: File suffix -> format name.
 FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors", ".pt": "torch",
@@ -48,7 +53,6 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32",
 #: errno of an OSError met opening or reading a file -> what it means and how to fix it.
 _OS_ERROR_HINTS = {
     errno.ENOENT: "no such file; check the path",
-    errno.EISDIR: "is a directory, not a file; pass one of the files in it",
     errno.EACCES: "permission denied; make the file readable, and its folders searchable, by "
                   "this user"}
 
@@ -129,6 +133,9 @@ class StoredArray:
         start = min(start, stop)
         try:
             if self._handle is None:
+                problem = file_problem(self.path)  # it may have been replaced since read_file
+                if problem is not None:
+                    raise ValueError(f"{self.name}: {problem}")
                 self._handle = self._open()
             return self._handle[start:stop]
         except Exception as error:  # third-party readers raise their own types on bad files
@@ -187,9 +194,8 @@ def _read_error(name, failed, error):
             error.errno, f"cannot be opened or read ({error.strerror}); check the path and the "
             "file system")
         return ValueError(f"{name}: {hint}")
-    message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())  # no colour codes
-    return ValueError(f"{name}: {failed} ({type(error).__name__}: {message}); it may be "
-                      "truncated or corrupt: re-save it")
+    return ValueError(f"{name}: {failed} ({type(error).__name__}: {printable_line(error)}); it "
+                      "may be truncated or corrupt: re-save it")
 
 
 def read_file(path):
@@ -204,10 +210,14 @@ def read_file(path):
     Raises
     ------
     ValueError
-        The file is missing, unreadable, of an unknown suffix, truncated or
-        corrupt.
+        The file is missing, unreadable, empty, not a regular file (a named
+        pipe: opening it would wait for a writer), of an unknown suffix,
+        truncated or corrupt.
     """
     path = os.fspath(path)
+    problem = file_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
     try:
         open(path, "rb").close()
     except OSError as error:
@@ -231,9 +241,25 @@ class _MappedRows:
     is asked for, the pages of the previous one are released with
     ``madvise(MADV_DONTNEED)``, so resident memory stays at about one block
     whatever the file size; a view still held re-reads the file if touched.
+    Before each block the file's size is checked (one ``fstat``): touching
+    pages of a mapping past the end of a file that was cut short since it was
+    mapped kills the process (SIGBUS), whereas a file shorter than its header
+    says is an error naming it. A file cut between that check and the
+    reading of the block still kills it.
+
+    Parameters
+    ----------
+    path : str
+    dtype : numpy.dtype
+    shape : tuple of int
+    offset : int
+        Byte offset of the array's first row.
+    name : str, optional
+        The array as messages name it (default: ``path``).
     """
 
-    def __init__(self, path, dtype, shape, offset):
+    def __init__(self, path, dtype, shape, offset, name=None):
+        self.name = path if name is None else name
         self.dtype, self.shape, self.offset = dtype, tuple(shape), offset
         self.row_bytes = dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
         self.size = offset + self.row_bytes * self.shape[0]
@@ -255,6 +281,12 @@ class _MappedRows:
         count = max(stop - start, 0)
         if self.mapping is None or count == 0:
             return np.empty((count, *self.shape[1:]), self.dtype)
+        file_bytes = self.mapping.size()  # the mapped file's size now
+        if file_bytes < self.size:
+            raise ValueError(
+                f"{self.name}: became shorter while being read ({file_bytes} bytes, the header "
+                f"needs {self.size}): was it rewritten during the analysis? Run it again once "
+                "the file is complete")
         begin = self.offset + start * self.row_bytes
         self.held = (begin, begin + count * self.row_bytes)
         items = count * self.row_bytes // self.dtype.itemsize
@@ -354,8 +386,8 @@ class _StoredMemberRows(_MappedRows):
     """
 
     def __init__(self, path, key, dtype, shape, member_offset, header_bytes, recorded_crc):
-        super().__init__(path, dtype, shape, member_offset + header_bytes)
-        self.name, self.recorded_crc = f"{path} [{key}]", recorded_crc
+        super().__init__(path, dtype, shape, member_offset + header_bytes, f"{path} [{key}]")
+        self.recorded_crc = recorded_crc
         self.crc = zlib.crc32(self.mapping[member_offset:self.offset])
         self.checked_until = self.offset  # the CRC covers the member up to this byte
         self._check_if_complete()
@@ -484,10 +516,17 @@ def _read_torch(path):
         if "mmap" not in str(error):
             raise
         raise ValueError(
-            f"{path}: saved in torch's legacy format, which cannot be memory-mapped ({error}); "
-            "re-save it with torch.save (torch >= 1.6 zip format)") from None
+            f"{path}: saved in torch's legacy format, which cannot be memory-mapped "
+            f"({printable_line(error)}); re-save it with torch.save (torch >= 1.6 zip "
+            "format)") from None
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+        # torch's zip reader seeking past the end of a cut file, not the file system
+        raise ValueError(f"{path}: not a readable torch file (its zip archive ends early or is "
+                         "damaged); it may be truncated or corrupt: re-save it") from None
     tensors = {}
-    _flatten_tensors(loaded, None, tensors, torch)
+    _flatten_tensors(path, loaded, None, tensors, torch)
     if not tensors:
         raise ValueError(f"{path}: holds no tensors; save a tensor or a dict of tensors")
     for key, tensor in tensors.items():
@@ -500,13 +539,28 @@ def _read_torch(path):
             for key, tensor in tensors.items()}
 
 
-def _flatten_tensors(value, prefix, tensors, torch):
+def _flatten_tensors(path, value, prefix, tensors, torch):
+    """Gather the tensors of a loaded ``.pt`` object into ``tensors``, keyed by their path in
+    nested dicts (``"train/features"``).
+
+    Lists and tuples, and values other than tensors and dicts under a key that names an array
+    (``features``, ``labels``, ``clean_labels``, ``weights``, ``bias``), are refused: dropped,
+    they would leave out what they hold without a word. Other values (``"epoch": 5``) are
+    ignored.
+    """
     if isinstance(value, torch.Tensor):
         tensors[prefix] = value
     elif isinstance(value, dict):
         for key, item in value.items():
-            _flatten_tensors(item, str(key) if prefix is None else f"{prefix}/{key}", tensors,
-                             torch)
+            _flatten_tensors(path, item, str(key) if prefix is None else f"{prefix}/{key}",
+                             tensors, torch)
+    elif isinstance(value, (list, tuple)) or (prefix is not None and any(
+            part in _ROLES for part in _key_parts(prefix))):
+        name = path if prefix is None else f"{path} [{prefix}]"
+        raise ValueError(
+            f"{name}: is a {type(value).__name__}, not a tensor; ncfast reads tensors, alone or "
+            "in dicts: save it as one tensor (torch.stack(values) for a list of tensors, "
+            "torch.tensor(values) for numbers)")
 
 
 def _read_hdf5(path):
@@ -585,6 +639,20 @@ _ARRAY_NAMES = ("name arrays '[split/]features[/layer]', '[split/]labels', "
                 "'[split/]clean_labels', 'weights', 'bias'")
 
 
+def _key_parts(key):
+    """The parts of an array's key: split on ``/`` and ``.``, empty parts dropped."""
+    return [part for part in re.split(r"[./]", key) if part]
+
+
+def _slot_name(split, role, layer):
+    """What an array's (split, role, layer) is, in words (``"the train split's labels"``)."""
+    if split is None:
+        return f"the classifier's {role}"
+    what = role.replace("_", " ")
+    return f"the {split} split's {what}" + ("" if layer in (None, "features") else
+                                            f" of layer {layer!r}")
+
+
 def file_layout(path):
     """Read a file and sort its arrays into splits, layers and a classifier.
 
@@ -592,8 +660,10 @@ def file_layout(path):
     ``labels``, ``clean_labels``, ``weights``, ``bias``) decides what an array
     is, the parts before it name the split (default ``train``) and, for
     features, the parts after it name the layer (default ``features``). A file
-    holding one unnamed array (``.npy``, a bare torch tensor) gives features
-    without labels: the caller supplies them.
+    holds one classifier, read by every split: its arrays are named
+    ``weights`` and ``bias`` alone. A file holding one unnamed array
+    (``.npy``, a bare torch tensor) gives features without labels: the caller
+    supplies them.
 
     Parameters
     ----------
@@ -604,35 +674,68 @@ def file_layout(path):
     CheckpointArrays
         ``classifier_layer`` is the one layer whose width matches the
         weights, when there are weights.
+
+    Raises
+    ------
+    ValueError
+        Beyond ``read_file``'s: no features; an array of another name; two
+        keys naming the same array (``features`` and ``train/features``,
+        ``features/a.b`` and ``features/a/b``); parts after ``labels`` or
+        ``clean_labels``, or around ``weights`` or ``bias`` (``fc/weights``,
+        ``test/bias``).
     """
     arrays = read_file(path)
     if list(arrays) == [None]:
         return CheckpointArrays({"train": SplitArrays({"features": arrays[None]}, None)})
+    path = os.fspath(path)
     splits, classifier, unknown = {}, {}, []
+    slots = {}  # (split, role, layer) -> the key naming it; split None for the classifier
     for key, array in arrays.items():
-        parts = [part for part in re.split(r"[./]", key) if part]
+        parts = _key_parts(key)
         roles = [index for index, part in enumerate(parts) if part in _ROLES]
         if not roles:
             unknown.append(key)
             continue
         index = roles[0]
-        role, split = parts[index], ".".join(parts[:index]) or "train"
+        role, split, after = parts[index], ".".join(parts[:index]) or "train", \
+            ".".join(parts[index + 1:])
         if role in ("weights", "bias"):
+            if len(parts) > 1:
+                raise ValueError(
+                    f"{path}: key {key!r} names the classifier's {role} with other parts; a "
+                    "file holds one classifier, read by every split, named 'weights' and "
+                    f"'bias': rename it {role!r} (and leave out any other classifier)")
+            slot = (None, role, None)
+        elif role == "features":
+            slot = (split, role, after or "features")
+        elif after:
+            raise ValueError(
+                f"{path}: key {key!r} has parts after {role!r}; a split has one {role!r} "
+                f"array, for all its layers, named '[split/]{role}': rename it "
+                f"{'/'.join(parts[:index + 1])!r}")
+        else:
+            slot = (split, role, None)
+        if slot in slots:
+            raise ValueError(f"{path}: keys {slots[slot]!r} and {key!r} both name "
+                             f"{_slot_name(*slot)}; keep one")
+        slots[slot] = key
+        split, _, layer = slot
+        if split is None:
             classifier[role] = array
             continue
         entry = splits.setdefault(split, SplitArrays({}, None))
         if role == "features":
-            entry.features[".".join(parts[index + 1:]) or "features"] = array
+            entry.features[layer] = array
         elif role == "labels":
             entry.labels = array
         else:
             entry.clean_labels = array
     if not any(split.features for split in splits.values()):
         found = ", ".join(repr(key) for key in arrays) or "nothing"
-        raise ValueError(f"{os.fspath(path)}: found no features (keys: {found}); {_ARRAY_NAMES}")
+        raise ValueError(f"{path}: found no features (keys: {found}); {_ARRAY_NAMES}")
     if unknown:  # a misspelt clean-labels or weights array would drop its metrics silently
         shown = ", ".join(repr(key) for key in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise ValueError(f"{os.fspath(path)}: holds arrays ncfast does not read ({shown}); "
+        raise ValueError(f"{path}: holds arrays ncfast does not read ({shown}); "
                          f"{_ARRAY_NAMES} (re-save the file without other arrays)")
     weights = classifier.get("weights")
     return CheckpointArrays(splits, weights, classifier.get("bias"),

@@ -5,6 +5,8 @@ chunks (memory maps, ``.npy`` paths, torch tensors, other layouts, byte
 orders and label dtypes), the report must be identical. Half-precision rows
 are compared with the report of their float32 upcast.
 """
+import os
+import signal
 import tracemalloc
 
 import numpy as np
@@ -95,6 +97,48 @@ def test_npy_path_is_read_in_chunks(large_case, tmp_path):
     in_memory = ncfast.collapse(large_case["features"], labels, chunk_size=LARGE_CHUNK_SIZE)
     assert ncfast.collapse(path, labels, chunk_size=LARGE_CHUNK_SIZE).to_dict() == \
         in_memory.to_dict()
+
+
+
+@pytest.fixture
+def fail_instead_of_hanging():
+    """Turn a call blocked for 10 s (opening a named pipe) into a failure."""
+    def interrupt(*_):
+        raise TimeoutError("blocked for 10 s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_npy_paths_that_are_not_regular_files_are_refused_before_opening(
+        case, tmp_path, fail_instead_of_hanging):
+    """Opening a named pipe waited forever for a writer."""
+    os.mkfifo(tmp_path / "pipe.npy")
+    with pytest.raises(ValueError, match=r"features file .*pipe.npy' is a named pipe \(FIFO\), "
+                                         "not a regular file"):
+        ncfast.collapse(tmp_path / "pipe.npy", case["labels"])
+    np.save(tmp_path / "labels.npy", case["labels"])
+    os.symlink(tmp_path / "pipe.npy", tmp_path / "linked.npy")
+    with pytest.raises(ValueError, match="labels file .*linked.npy' is a named pipe"):
+        ncfast.collapse(case["features"], tmp_path / "linked.npy")
+    (tmp_path / "folder.npy").mkdir()
+    with pytest.raises(ValueError, match="folder.npy' is a directory, not a file"):
+        ncfast.collapse(tmp_path / "folder.npy", case["labels"])
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.npy' is empty \(0 bytes\)"):
+        ncfast.collapse(tmp_path / "empty.npy", case["labels"])
+
+
+def test_npz_archive_named_npy_is_told_to_be_renamed(case, tmp_path):
+    """It was told to use ``ncfast analyze``, which reads a .npy name as a .npy file."""
+    np.savez(tmp_path / "archive.npz", features=case["features"])
+    os.rename(tmp_path / "archive.npz", tmp_path / "archive.npy")
+    with pytest.raises(ValueError, match=r"archive.npy' is a .npz archive of arrays \(features\), "
+                                         "not one .npy array: rename it with the .npz suffix"):
+        ncfast.collapse(tmp_path / "archive.npy", case["labels"])
 
 
 # --- torch ----------------------------------------------------------------------------------

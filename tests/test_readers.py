@@ -291,3 +291,129 @@ def test_big_endian_arrays_analyse_like_native_ones(tmp_path, arrays, kind):
     for native_row, big_row in zip(native.rows, big.rows):
         assert {key: value for key, value in big_row.items() if key != "source"} == \
             {key: value for key, value in native_row.items() if key != "source"}
+
+
+@pytest.mark.parametrize("keys, named", [
+    (("features", "train/features"), "the train split's features"),
+    (("features/a.b", "features/a/b"), "the train split's features of layer 'a.b'"),
+    (("labels", "train/labels"), "the train split's labels"),
+    (("test.clean_labels", "test/clean_labels"), "the test split's clean labels"),
+], ids=["features", "layer", "labels", "clean_labels"])
+def test_keys_naming_the_same_array_are_refused(tmp_path, keys, named):
+    """One of the two replaced the other without a word."""
+    first, second = keys
+    arrays = {"features": np.ones((4, 2), np.float32), "labels": np.arange(4), first: np.zeros(4),
+              second: np.ones(4)}
+    np.savez(tmp_path / "twice.npz", **arrays)
+    with pytest.raises(ValueError, match=f"twice.npz: keys '{first}' and '{second}' both name "
+                                         f"{named}; keep one"):
+        file_layout(tmp_path / "twice.npz")
+
+
+@pytest.mark.parametrize("keys, refused", [
+    (("fc/weights", "head/weights"), "key 'fc/weights' names the classifier's weights"),
+    (("test/weights",), "key 'test/weights' names the classifier's weights"),
+    (("train.bias",), "key 'train.bias' names the classifier's bias"),
+    (("weights/fc",), "key 'weights/fc' names the classifier's weights"),
+    (("weights", "/weights"), "keys 'weights' and '/weights' both name the classifier's weights"),
+    (("labels/noisy",), "key 'labels/noisy' has parts after 'labels'.* rename it 'labels'"),
+], ids=["two_heads", "split_prefix", "train_prefix", "suffix", "twice", "labels_suffix"])
+def test_classifier_keys_other_than_weights_and_bias_are_refused(tmp_path, keys, refused):
+    """Several classifiers, or one under a split's name, were read as the file's one."""
+    arrays = {"features": np.ones((4, 2), np.float32), "labels": np.arange(4),
+              **{key: np.eye(3, 2) for key in keys}}
+    np.savez(tmp_path / "heads.npz", **arrays)
+    with pytest.raises(ValueError, match=f"heads.npz: {refused}"):
+        file_layout(tmp_path / "heads.npz")
+
+
+@pytest.mark.parametrize("value, key, found", [
+    ([torch.arange(4)], "clean_labels", "list"),
+    ((torch.eye(3, 2),), "weights", "tuple"),
+    ([0.5, 0.25], "history", "list"),
+    (3, "train/labels", "int"),
+], ids=["list_of_tensors", "tuple", "list_elsewhere", "number_as_labels"])
+def test_torch_values_other_than_tensors_are_refused(tmp_path, value, key, found):
+    """They were dropped: the metrics they feed were left out without a word."""
+    features, labels = torch.ones(4, 2), torch.arange(4)
+    torch.save({"features": features, "labels": labels, key: value}, tmp_path / "lists.pt")
+    with pytest.raises(ValueError, match=fr"lists.pt \[{key}\]: is a {found}, not a tensor; .*"
+                                         r"torch.stack"):
+        read_file(tmp_path / "lists.pt")
+    torch.save({"features": features, "labels": labels, "epoch": 5, "name": "run"},
+               tmp_path / "scalars.pt")
+    assert set(read_file(tmp_path / "scalars.pt")) == {"features", "labels"}
+
+
+@pytest.fixture
+def fail_instead_of_hanging():
+    """Turn a call blocked for 10 s (opening a named pipe) into a failure."""
+    import signal
+
+    def interrupt(*_):
+        raise TimeoutError("blocked for 10 s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_named_pipes_are_refused_before_opening(tmp_path, fail_instead_of_hanging):
+    """Opening one waited forever for a writer."""
+    os.mkfifo(tmp_path / "pipe.npy")
+    os.symlink(tmp_path / "pipe.npy", tmp_path / "link.npz")
+    for name in ("pipe.npy", "link.npz"):
+        with pytest.raises(ValueError, match=f"{name}: is a named pipe \\(FIFO\\), not a regular "
+                                             "file"):
+            file_layout(tmp_path / name)
+    np.save(tmp_path / "features.npy", np.ones((4, 2), np.float32))
+    os.symlink(tmp_path / "features.npy", tmp_path / "linked.npy")
+    (array,) = read_file(tmp_path / "linked.npy").values()
+    np.testing.assert_array_equal(array.read(), 1)
+    os.replace(tmp_path / "pipe.npy", tmp_path / "features.npy")  # after read_file, before rows
+    with pytest.raises(ValueError, match="linked.npy: is a named pipe"):
+        array.rows(0, 2)
+
+
+def test_npy_cut_short_while_read_is_an_error_not_a_crash(tmp_path):
+    """Touching the mapped pages past the new end killed the process (SIGBUS).
+
+    The blocks are not touched here: without the check the test fails instead of crashing.
+    """
+    np.save(tmp_path / "features.npy", np.ones((100_000, 4), np.float32))
+    (array,) = read_file(tmp_path / "features.npy").values()
+    array.rows(0, 1000)
+    os.truncate(tmp_path / "features.npy", 4096)
+    with pytest.raises(ValueError, match=r"features.npy: became shorter while being read \(4096 "
+                                         r"bytes, the header needs 1600128\): was it rewritten"):
+        array.rows(50_000, 51_000)
+    array.close()
+
+
+def test_damaged_files_are_told_in_one_printable_line(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt: is empty \(0 bytes\)"):
+        read_file(tmp_path / "empty.pt")
+    rng = np.random.default_rng(0)  # cut at half, torch's zip reader fails with EINVAL
+    torch.save({"features": torch.from_numpy(rng.normal(size=(400, 16)).astype(np.float32)),
+                "labels": torch.from_numpy(rng.integers(0, 4, 400))}, tmp_path / "half.pt")
+    os.truncate(tmp_path / "half.pt", os.path.getsize(tmp_path / "half.pt") // 2)
+    with pytest.raises(ValueError, match="half.pt: not a readable torch file .* truncated or "
+                                         "corrupt") as error:
+        read_file(tmp_path / "half.pt")
+    assert "file system" not in str(error.value)
+    np.savez(tmp_path / "archive.npz", features=np.ones((4, 2), np.float32))
+    os.rename(tmp_path / "archive.npz", tmp_path / "archive.npy")
+    with pytest.raises(ValueError, match="archive.npy' is a .npz archive .* rename it with the "
+                                         ".npz suffix, which `ncfast analyze` reads"):
+        read_file(tmp_path / "archive.npy")
+    np.save(tmp_path / "flipped.npy", np.ones((4, 2), np.float32))
+    header = bytearray((tmp_path / "flipped.npy").read_bytes())
+    header[20] ^= 0xFF  # the descr's opening quote
+    (tmp_path / "flipped.npy").write_bytes(header)
+    with pytest.raises(ValueError, match="flipped.npy' is not a readable .npy") as error:
+        read_file(tmp_path / "flipped.npy")
+    message = str(error.value)
+    assert message.isascii() and message.isprintable() and "  " not in message
