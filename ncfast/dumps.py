@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncfast.inputs import as_array, check_features, check_labels
+from ncfast.inputs import as_array, check_features, check_labels, file_problem
 from ncfast.readers import (CheckpointArrays, SplitArrays, StoredArray, file_sha256,
                             open_npy_rows)
 
@@ -704,9 +704,12 @@ class _LazyNpy(StoredArray):
 
     def check(self):
         """Check that the file exists and matches the manifest's shape and dtype."""
-        if not os.path.isfile(self.path):
+        if not os.path.exists(self.path):
             raise ValueError(f"{self.path}: listed in the run manifest but missing; restore "
                              "the file or rewrite the checkpoint")
+        problem = file_problem(self.path)
+        if problem is not None:
+            raise ValueError(f"{self.path}: listed in the run manifest, but {problem}")
         stored = as_array(self.path, "array")
         if stored.shape != self.shape or str(stored.dtype) != self.dtype:
             raise ValueError(f"{self.path}: holds a {stored.dtype} array of shape "
