@@ -17,8 +17,12 @@ pass 2 the class means it was built on (and the clean-row means, with label
 noise) and the classifier, so a loaded state refuses to merge with one built
 on other means. Metadata: ``ncfast_state`` (the kind), ``version``,
 ``global_mean``, the geometry fingerprints and ``digest``, the sha256 of the
-whole state, checked on loading, which also refuses arrays no pass could have
-summed (negative counts, non-finite sums, more hits than rows...).
+whole state, checked on loading whenever the file has one, whatever its version.
+Loading also refuses arrays no pass could have summed: each out of its range
+(negative counts, non-finite sums, more hits than rows...), or two that break an
+identity of the sums (``eigen_scatter`` beyond what ``sq_norm_sums`` allow,
+``norm_sums`` against ``sq_norm_sums``, tallies against each other): the only
+check of version-3 states, written before the digest.
 """
 import hashlib
 import json
@@ -34,9 +38,10 @@ from ncfast.geometry import PINV_RTOL, Geometry
 #: Version 4: metadata ``digest`` (``_state_digest``). Version 3: the "features" route's NC1
 #: state is ``eigen_scatter`` (D,), no longer a D×D ``scatter``.
 STATE_VERSION = "4"
-#: Version-3 files, written before the digest, still load with their arrays checked against
-#: the invariants only: workers' states saved before an upgrade stay mergeable instead of
-#: costing another pass over their rows, and are checked more than when they were written.
+#: Version-3 files, written before the digest, still load without one, their arrays checked
+#: against the invariants and identities of the sums only: workers' states saved before an
+#: upgrade stay mergeable instead of costing another pass over their rows, and are checked
+#: more than when they were written. A version-3 file that carries a digest is verified.
 UNDIGESTED_STATE_VERSION = "3"
 _DIGEST_KEY = "digest"
 _CORRUPT = "the file is corrupt: save the state again, or re-run the worker that wrote it"
@@ -115,10 +120,14 @@ def save_state(path, state):
 
 
 def _check_digest(path, tensors, metadata):
-    """Refuse a state whose tensors or metadata differ from those it was saved with."""
-    if metadata["version"] == UNDIGESTED_STATE_VERSION:
-        return
+    """Refuse a state whose tensors or metadata differ from those it was saved with.
+
+    Only a state of ``UNDIGESTED_STATE_VERSION`` may lack the digest; one that
+    carries it is verified whatever its version (the digest covers the version).
+    """
     if _DIGEST_KEY not in metadata:
+        if metadata["version"] == UNDIGESTED_STATE_VERSION:
+            return
         raise ValueError(f"{path}: a version-{STATE_VERSION} state without its digest; "
                          f"{_CORRUPT}")
     if metadata[_DIGEST_KEY] != _state_digest(tensors, metadata):
@@ -246,7 +255,6 @@ def _residual_stats_invariants(stats, prefix):
     """``_invariants`` of a ``ResidualStats`` stored under ``prefix``."""
     counts, totals = stats.counts, stats.totals
     no_rows, no_classifier = counts == 0, stats.weights is None
-    # eigen_scatter may be below 0: the GPU's diag(V^T S V) rounds a direction without energy.
     checks = [(f"{prefix}eigen_scatter", stats.eigen_scatter, ~np.isfinite(stats.eigen_scatter),
                "not finite"),
               (f"{prefix}counts", counts, counts < 0, "negative"),
@@ -276,8 +284,18 @@ def _residual_stats_invariants(stats, prefix):
          "more than the corrupted rows (totals[1])")]
 
 
+def _pass2_parts(state):
+    """``({prefix: ResidualStats}, {prefix: Geometry})`` of a pass-2 state, as stored."""
+    if isinstance(state, ResidualStats):
+        return {"stats/": state}, {"geometry/": state.geometry}
+    geometries = {"geometry/": state.stats.geometry}
+    if state.has_noise:
+        geometries["clean_geometry/"] = state.clean_stats.geometry
+    return {f"{part}/": stats for part, stats in state.parts().items()}, geometries
+
+
 def _invariants(state):
-    """What the arrays of a state that passes summed satisfy.
+    """The range of each array of a state that passes summed.
 
     Returns
     -------
@@ -287,11 +305,12 @@ def _invariants(state):
     """
     if isinstance(state, ClassSums):
         return _class_sums_invariants(state)
-    if isinstance(state, ResidualStats):
-        return _residual_stats_invariants(state, "stats/")
-    checks = [check for part, stats in state.parts().items()
-              for check in _residual_stats_invariants(stats, f"{part}/")]
-    if state.has_noise:
+    parts, geometries = _pass2_parts(state)
+    checks = [(f"{prefix}counts", geometry.counts, geometry.counts < 0, "negative")
+              for prefix, geometry in geometries.items() if geometry.counts is not None]
+    checks += [check for prefix, stats in parts.items()
+               for check in _residual_stats_invariants(stats, prefix)]
+    if isinstance(state, ResidualPass) and state.has_noise:
         # Clean rows keep their label (their rows of each class are some of stats'); corrupted
         # rows go to corrupted_stats under their true label.
         stats, clean, corrupted = state.stats, state.clean_stats, state.corrupted_stats
@@ -303,15 +322,142 @@ def _invariants(state):
     return checks
 
 
+def _eigen_scatter_limits(stats):
+    """The values of ``eigen_scatter`` that rows with these ``sq_norm_sums`` can give.
+
+    ``eigen_scatter[j]`` is ``sum_i (p_j . r_i)^2`` over the rows, for orthogonal
+    columns ``p_j``: on the "features" route the unit eigenvectors of
+    ``Sigma_B``, on the "classes" route ``M~^T v_j``, whose squared norm is the
+    Gram eigenvalue ``lambda_j`` (docs/algorithm.md, pass 2). With
+    ``s_j = ||p_j||^2`` and ``T = sum_i ||r_i||^2``, the sum of ``sq_norm_sums``,
+    Cauchy-Schwarz gives ``0 <= eigen_scatter[j] <= s_j T``, and their sum
+    ``sum_i ||P^T r_i||^2`` is at most ``max_j s_j T``. The limits returned are
+    these, widened by the rounding of the passes.
+
+    Parameters
+    ----------
+    stats : ResidualStats
+        Its sums in range (``_invariants``).
+
+    Returns
+    -------
+    lowest : float
+        Least value of an entry.
+    highest : float64 array of shape (K,)
+        Largest value of each entry.
+    highest_sum : float
+        Largest value of their sum.
+    """
+    geometry = stats.geometry
+    num_rows, num_features = stats.num_rows, geometry.num_features
+    num_coordinates = stats.eigen_scatter.size
+    column_sq_norms = np.ones(num_coordinates) if stats.route == "features" \
+        else np.maximum(geometry.gram_eigenvalues, 0.0)
+    column_norms_total = np.sqrt(column_sq_norms.sum())
+    # Rounding. A coordinate is a float32 dot product of D terms, the residual and the column
+    # each rounded to float32 from float64, and a column (on the GPU each product z = M~ r,
+    # which V then rotates) is a float64 sum of C' terms. An n-term sum is off by at most
+    # n 2^-24 (float64: n 2^-53) of the sum of its terms' magnitudes (Higham's gamma_n), so a
+    # row's coordinates are within float32_slack sqrt(sum_j s_j) ||r_i|| of P^T r_i, and
+    # within underflow more where float32 underflows (2^-150 a rounding).
+    float32_slack = (num_features + geometry.present.size + 4) * 2.0 ** -24
+    underflow = (num_features + num_coordinates) ** 1.5 * (1.0 + column_norms_total) * 2.0 ** -150
+    # Then sqrt(eigen_scatter[j]) <= amplitudes[j] by Minkowski's inequality over the rows.
+    amplitudes = (np.sqrt(column_sq_norms) + float32_slack * column_norms_total) \
+        * np.sqrt(stats.sq_norm_sums.sum()) + np.sqrt(num_rows) * underflow
+    largest = amplitudes.max(initial=0.0) ** 2
+    # The float64 sums over the N rows (eigen_scatter's, and T's, whose terms sum D squares)
+    # and the GPU's diag(V^T S V) (2K terms more) are off by at most float64_slack of their
+    # terms' sum, at most largest: an entry by that, twice over with T's, their sum K times.
+    float64_slack = (num_rows + num_features + 2 * num_coordinates) * 2.0 ** -53
+    rounding = 2.0 * float64_slack * largest
+    return (-rounding, amplitudes ** 2 + rounding,
+            largest * (1.0 + (num_coordinates + 2) * float64_slack))
+
+
+def _residual_stats_identities(stats, prefix):
+    """``_identities`` of a ``ResidualStats`` stored under ``prefix``."""
+    counts, scatter = stats.counts, stats.eigen_scatter
+    lowest, highest, highest_sum = _eigen_scatter_limits(stats)
+    allowed = f"the sum of {prefix}sq_norm_sums allows"
+    checks = [(f"{prefix}eigen_scatter", scatter, scatter < lowest,
+               "below 0 by more than rounding (a sum of squares)"),
+              (f"{prefix}eigen_scatter", scatter, scatter > highest,
+               f"more than {allowed} for its coordinate"),
+              (f"the sum of {prefix}eigen_scatter", scatter.sum(), scatter.sum() > highest_sum,
+               f"more than {allowed}")]
+    # Per class, sum ||r|| <= sqrt(n sum ||r||^2) <= sqrt(n) sum ||r|| (Cauchy-Schwarz, and
+    # ||r|| >= 0). The float64 sums of n terms, the square roots and this check's products
+    # round by at most (1.5 n + 6) 2^-53 of a side: 4 (n + 4) 2^-53 bounds it.
+    slack = 1.0 + 4.0 * (counts + 4.0) * 2.0 ** -53
+    norm_sums, root_sq_norm_sums = stats.norm_sums, np.sqrt(stats.sq_norm_sums)
+    checks += [(f"{prefix}norm_sums", norm_sums,
+                norm_sums > np.sqrt(counts) * root_sq_norm_sums * slack,
+                f"more than sqrt({prefix}counts * {prefix}sq_norm_sums) (Cauchy-Schwarz)"),
+               (f"{prefix}sq_norm_sums", stats.sq_norm_sums,
+                root_sq_norm_sums > norm_sums * slack,
+                f"more than {prefix}norm_sums squared (a sum of squares is at most the "
+                "square of the sum)")]
+    num_rows = stats.num_rows
+    disagreements, corrupted_rows, corrupted_fits = stats.totals
+    ncc_hits, classifier_hits = stats.ncc_hits, stats.classifier_hits
+    if stats.weights is not None:
+        # A row of class c counts in ncc_hits[c] but not in classifier_hits[c] (or the other
+        # way) only where the two predictions differ, and where they differ one is wrong.
+        checks += [(f"{prefix}totals[0] (disagreements)", disagreements,
+                    disagreements < np.abs(ncc_hits - classifier_hits).sum(),
+                    "fewer than the rows counted in only one of ncc_hits and classifier_hits"),
+                   (f"{prefix}totals[0] (disagreements)", disagreements,
+                    disagreements > 2 * num_rows - ncc_hits.sum() - classifier_hits.sum(),
+                    "more than the rows that the classifier or the nearest class centre "
+                    "predicts wrong (counts less ncc_hits, and less classifier_hits)")]
+    # A corrupted row fits when it is predicted as its label: by the classifier if there is
+    # one, else by the nearest class centre.
+    hits_name, hits = ("ncc_hits", ncc_hits) if stats.weights is None \
+        else ("classifier_hits", classifier_hits)
+    return checks + [
+        (f"{prefix}totals[2] (corrupted fits)", corrupted_fits, corrupted_fits > hits.sum(),
+         f"more than the rows predicted as their label (the sum of {prefix}{hits_name})"),
+        (f"{prefix}totals[1] - totals[2] (corrupted rows not fitted)",
+         corrupted_rows - corrupted_fits, corrupted_rows - corrupted_fits > num_rows - hits.sum(),
+         f"more than the rows not predicted as their label (counts less {prefix}{hits_name})")]
+
+
+def _identities(state):
+    """What the arrays of a state that passes summed satisfy together.
+
+    Checked once ``_invariants`` hold: each array is in range.
+
+    Returns
+    -------
+    list of (str, array, bool array, str)
+        As ``_invariants``.
+    """
+    if isinstance(state, ClassSums):
+        return []
+    parts, _ = _pass2_parts(state)
+    checks = [check for prefix, stats in parts.items()
+              for check in _residual_stats_identities(stats, prefix)]
+    if isinstance(state, ResidualPass) and state.has_noise:
+        # Every row is clean (in clean_stats) or corrupted (flagged in stats).
+        stats, clean = state.stats, state.clean_stats
+        checks.append(("the sum of stats/counts", stats.num_rows,
+                       stats.num_rows != clean.num_rows + stats.corrupted_rows,
+                       "not the clean rows (the sum of clean_stats/counts) plus the corrupted "
+                       "rows (stats/totals[1])"))
+    return checks
+
+
 def _check_invariants(path, state):
     """Refuse a state holding arrays that no pass could have summed."""
-    for name, values, bad, problem in _invariants(state):
-        bad = np.asarray(bad)
-        if bad.any():
-            index = np.unravel_index(np.flatnonzero(bad)[0], bad.shape)
-            where = f"[{', '.join(map(str, index))}]" if index else ""
-            raise ValueError(f"{path}: {name}{where} is {np.asarray(values)[index]}, "
-                             f"{problem}; {_CORRUPT}")
+    for rules in (_invariants, _identities):
+        for name, values, bad, problem in rules(state):
+            bad = np.asarray(bad)
+            if bad.any():
+                index = np.unravel_index(np.flatnonzero(bad)[0], bad.shape)
+                where = f"[{', '.join(map(str, index))}]" if index else ""
+                raise ValueError(f"{path}: {name}{where} is {np.asarray(values)[index]}, "
+                                 f"{problem}; {_CORRUPT}")
 
 
 def load_state(path):

@@ -1,9 +1,10 @@
 """Saved pass states: a file whose bytes changed, or that holds arrays no pass could have
 summed, is refused by name instead of merging into wrong results.
 
-``save_state`` stores a digest of the whole state; ``load_state`` verifies it,
-and checks every array against the invariants of ``ClassSums`` and
-``ResidualStats`` (the only check of version-3 files, written before the digest).
+``save_state`` stores a digest of the whole state; ``load_state`` verifies it
+whenever a file carries one, and checks every array against the invariants of
+``ClassSums`` and ``ResidualStats``, and the arrays against the identities
+between them (the only check of version-3 files, written before the digest).
 """
 import json
 import struct
@@ -133,6 +134,17 @@ def test_a_current_state_without_its_digest_is_refused(pass1_path):
         load_state(pass1_path)
 
 
+def test_a_digest_is_checked_whatever_the_version(pass2_path):
+    """Arrays edited consistently, and the version set to 3, in a state that keeps its digest."""
+    tensors, metadata = _read(pass2_path)
+    for name in ("stats/sq_norm_sums", "stats/eigen_scatter"):
+        tensors[name] = tensors[name] * 50
+    save_file(tensors, pass2_path, metadata={**metadata, "version": UNDIGESTED_STATE_VERSION})
+    with pytest.raises(ValueError, match="pass2-0.safetensors: the state's arrays or metadata "
+                                         f"do not match the digest .*{CORRUPT}"):
+        load_state(pass2_path)
+
+
 def test_merge_refuses_a_flipped_worker_state_and_writes_nothing(pass1_path, tmp_path, capsys):
     case = gaussian_classes(90, FEATURES, CLASSES, seed=6)
     other = tmp_path / "pass1-1.safetensors"
@@ -229,4 +241,150 @@ def test_classifier_tallies_without_a_classifier_are_refused(tmp_path):
              version=UNDIGESTED_STATE_VERSION)
     with pytest.raises(ValueError, match=r"pass2.safetensors: stats/classifier_hits\[0\] is 1, "
                                          "nonzero without a classifier"):
+        load_state(path)
+
+
+# --- version-3 states: identities between the sums ------------------------------------------
+
+def _pass2_state(num_classes, num_features, features, labels, *, corrupted=None,
+                 weights=None, bias=None):
+    """A ``ResidualStats`` of ``features`` against the means of their classes."""
+    sums = ClassSums(num_classes, num_features).update(features, labels)
+    geometry, _ = finalize_pass1(sums)
+    return ResidualStats(geometry, weights=weights, bias=bias).update(features, labels,
+                                                                      corrupted)
+
+
+@pytest.fixture(params=["classes", "features"])
+def route_path(request, tmp_path):
+    """A pass-2 state with a classifier, on the route of the parameter (C' <= D or not)."""
+    num_classes, num_features = (CLASSES, FEATURES) if request.param == "classes" else (8, 3)
+    case = gaussian_classes(400, num_features, num_classes, seed=7)
+    state = _pass2_state(num_classes, num_features, case["features"], case["labels"],
+                         weights=case["weights"], bias=case["bias"])
+    assert state.route == request.param
+    save_state(tmp_path / "pass2.safetensors", state)
+    return tmp_path / "pass2.safetensors"
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("stats/eigen_scatter", lambda t: t["stats/eigen_scatter"] * -1e6),
+     r"stats/eigen_scatter\[\d\] is -\S+, below 0 by more than rounding"),
+    (_set("stats/eigen_scatter", lambda t: t["stats/eigen_scatter"] * 50),
+     r"stats/eigen_scatter\[\d\] is \S+, more than the sum of stats/sq_norm_sums allows for "
+     "its coordinate"),
+    (_set("stats/sq_norm_sums", lambda t: t["stats/sq_norm_sums"] / 50),
+     r"stats/eigen_scatter\[\d\] is \S+, more than the sum of stats/sq_norm_sums allows"),
+], ids=["negative", "50 times", "residuals 50 times smaller"])
+def test_eigen_scatter_beyond_what_the_residuals_allow_is_refused(route_path, change, message):
+    _rewrite(route_path, change, version=UNDIGESTED_STATE_VERSION)
+    with pytest.raises(ValueError, match=f"pass2.safetensors: {message}.*; {CORRUPT}"):
+        load_state(route_path)
+
+
+@pytest.mark.parametrize("route_path", ["features"], indirect=True)
+def test_an_eigen_scatter_whose_sum_exceeds_the_residuals_is_refused(route_path):
+    """Half the squared norms in each of the 3 unit directions: each entry possible, not all."""
+    _rewrite(route_path, _set("stats/eigen_scatter", lambda t: np.full_like(
+        t["stats/eigen_scatter"], t["stats/sq_norm_sums"].sum() / 2)),
+        version=UNDIGESTED_STATE_VERSION)
+    with pytest.raises(ValueError, match=r"pass2.safetensors: the sum of stats/eigen_scatter is "
+                                         r"\S+, more than the sum of stats/sq_norm_sums allows"):
+        load_state(route_path)
+
+
+@pytest.mark.parametrize("route, num_classes, num_features",
+                         [("classes", 3, 6), ("classes", 10, 600), ("features", 8, 3)])
+def test_states_at_the_limits_of_the_identities_load(tmp_path, route, num_classes,
+                                                     num_features):
+    """Every residual along one eigen-direction: its coordinate is as large as the residuals
+    allow, up to rounding (the classes route's float32 coordinates exceed it by about 1e-7)."""
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(num_classes, num_features)) * 3.0
+    centred = means - means.mean(axis=0)
+    if route == "classes":
+        direction = centred.T @ np.linalg.eigh(centred @ centred.T)[1][:, -1]
+    else:
+        direction = np.linalg.eigh(centred.T @ centred)[1][:, 0]
+    direction /= np.linalg.norm(direction)
+    labels = np.repeat(np.arange(num_classes), 4)
+    # Offsets of zero mean per class keep the class means.
+    offsets = np.tile([1.0, -1.0, 2.0, -2.0], num_classes)
+    features = (means[labels] + offsets[:, None] * direction).astype(np.float32)
+    state = _pass2_state(num_classes, num_features, features, labels)
+    assert state.route == route
+    scale = state.geometry.gram_eigenvalues[-1] if route == "classes" else 1.0
+    ratio = state.eigen_scatter.max() / (scale * state.sq_norm_sums.sum())
+    assert ratio == pytest.approx(1.0, abs=1e-6)
+    save_state(tmp_path / "pass2.safetensors", state)
+    _rewrite(tmp_path / "pass2.safetensors", lambda tensors, metadata: None,
+             version=UNDIGESTED_STATE_VERSION)
+    load_state(tmp_path / "pass2.safetensors")
+
+
+def test_rows_at_one_distance_from_their_mean_load(tmp_path):
+    """Cauchy-Schwarz at equality, sum ||r|| = sqrt(n sum ||r||^2), up to float64 rounding."""
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(CLASSES, FEATURES)) * 3.0
+    labels = np.repeat(np.arange(CLASSES), 2 * FEATURES)
+    axes = np.tile(np.concatenate([np.eye(FEATURES), -np.eye(FEATURES)]), (CLASSES, 1))
+    state = _pass2_state(CLASSES, FEATURES, means[labels] + 0.37 * axes, labels)
+    assert state.norm_sums ** 2 == pytest.approx(state.counts * state.sq_norm_sums, rel=1e-14)
+    save_state(tmp_path / "pass2.safetensors", state)
+    _rewrite(tmp_path / "pass2.safetensors", lambda tensors, metadata: None,
+             version=UNDIGESTED_STATE_VERSION)
+    load_state(tmp_path / "pass2.safetensors")
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("clean_stats/norm_sums", lambda t: t["clean_stats/norm_sums"] * 2),
+     r"clean_stats/norm_sums\[0\] is \S+, more than sqrt\(clean_stats/counts \* "
+     r"clean_stats/sq_norm_sums\) \(Cauchy-Schwarz\)"),
+    (_set("stats/sq_norm_sums", lambda t: t["stats/sq_norm_sums"] * 1e5),
+     r"stats/sq_norm_sums\[0\] is \S+, more than stats/norm_sums squared"),
+    (_set("stats/totals", lambda t: t["stats/totals"] * [0, 1, 1]),
+     r"stats/totals\[0\] \(disagreements\) is 0, fewer than the rows counted in only one of "
+     r"ncc_hits and classifier_hits"),
+    (_set("stats/totals", lambda t: t["stats/totals"] * [0, 1, 1]
+          + [t["stats/counts"].sum(), 0, 0]),
+     r"stats/totals\[0\] \(disagreements\) is \d+, more than the rows that the classifier "
+     r"or the nearest class centre predicts wrong"),
+    (_set("stats/counts", _plus_one("stats/counts")),
+     r"the sum of stats/counts is \d+, not the clean rows \(the sum of clean_stats/counts\) "
+     r"plus the corrupted rows \(stats/totals\[1\]\)"),
+    (_set("geometry/counts", lambda t: -t["geometry/counts"]),
+     r"geometry/counts\[0\] is -\d+, negative"),
+], ids=["norm_sums beyond Cauchy-Schwarz", "sq_norm_sums beyond norm_sums squared",
+        "too few disagreements", "too many disagreements", "rows neither clean nor corrupted",
+        "mean counts negative"])
+def test_pass2_arrays_that_break_an_identity_are_refused(pass2_path, change, message):
+    _rewrite(pass2_path, change, version=UNDIGESTED_STATE_VERSION)
+    with pytest.raises(ValueError, match=f"pass2-0.safetensors: {message}.*; {CORRUPT}"):
+        load_state(pass2_path)
+
+
+def _every_corrupted_row_fits_and_no_row_hits(tensors, metadata):
+    disagreements, corrupted_rows, _ = tensors["stats/totals"]
+    tensors["stats/totals"] = np.array([disagreements, corrupted_rows, corrupted_rows])
+    tensors["stats/ncc_hits"] = np.zeros_like(tensors["stats/ncc_hits"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (_every_corrupted_row_fits_and_no_row_hits,
+     r"stats/totals\[2\] \(corrupted fits\) is \d+, more than the rows predicted as their "
+     r"label \(the sum of stats/ncc_hits\)"),
+    (_set("stats/totals", lambda t: t["stats/totals"] * [1, 0, 1]
+          + [0, t["stats/counts"].sum(), 0]),
+     r"stats/totals\[1\] - totals\[2\] \(corrupted rows not fitted\) is \d+, more than the "
+     r"rows not predicted as their label \(counts less stats/ncc_hits\)"),
+], ids=["more fits than hits", "more misfits than misses"])
+def test_corrupted_fits_that_break_the_hits_are_refused(tmp_path, change, message):
+    """Without a classifier a corrupted row fits when its nearest class centre is its label."""
+    case = _noisy_case()
+    corrupted = case["labels"] != case["clean_labels"]
+    path = tmp_path / "pass2.safetensors"
+    save_state(path, _pass2_state(CLASSES, FEATURES, case["features"], case["labels"],
+                                  corrupted=corrupted))
+    _rewrite(path, change, version=UNDIGESTED_STATE_VERSION)
+    with pytest.raises(ValueError, match=f"pass2.safetensors: {message}.*; {CORRUPT}"):
         load_state(path)
