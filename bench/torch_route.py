@@ -18,7 +18,6 @@ The NCC distances come in two variants (``ncc``), both benchmark routes:
     ``||x||^2 + ||mu||^2 - 2 x.mu``: the formula the library's code actually
     uses, one GEMM per batch; the stronger baseline.
 """
-import numpy as np
 import torch
 
 #: Bytes of float32 scratch the broadcast NCC distances may hold at once: the
@@ -74,13 +73,14 @@ NCC_DISTANCES = {"broadcast": broadcast_distances, "gemm": gemm_distances}
 
 
 def torch_collapse(features, labels, *, num_classes, weights=None, bias=None,
-                   batch_size=8192, ncc="broadcast"):
+                   batch_size=8192, ncc="broadcast", device="cpu"):
     """NC1, its trace form, CDNV, NCC accuracy and the classifier's NC4 and accuracy.
 
     Parameters
     ----------
     features : float32 array of shape (n_samples, n_features)
-        Viewed by torch without a copy.
+        Viewed by torch without a copy where it lives on ``device`` already (a numpy
+        array on the CPU, a CuPy array on the GPU), else copied there once.
     labels : int array of shape (n_samples,)
     num_classes : int
     weights : array of shape (C, n_features), optional
@@ -90,6 +90,8 @@ def torch_collapse(features, labels, *, num_classes, weights=None, bias=None,
     ncc : {"broadcast", "gemm"}
         How the NCC distances are computed: ``broadcast_distances`` (the
         issue's description) or ``gemm_distances`` (the library's formula).
+    device : str
+        Torch device the route runs on ("cpu", "cuda").
 
     Returns
     -------
@@ -100,12 +102,12 @@ def torch_collapse(features, labels, *, num_classes, weights=None, bias=None,
     if ncc not in NCC_DISTANCES:
         raise ValueError(f"ncc must be one of {sorted(NCC_DISTANCES)}, not {ncc!r}")
     ncc_distances = NCC_DISTANCES[ncc]
-    rows = torch.from_numpy(features)
-    targets = torch.from_numpy(np.asarray(labels, np.int64))
+    rows = torch.as_tensor(features, device=device)
+    targets = torch.as_tensor(labels, device=device).to(torch.int64)
     num_rows, num_features = rows.shape
-    classes = torch.arange(num_classes)
-    counts = torch.zeros(num_classes)
-    totals = torch.zeros(num_classes, num_features)
+    classes = torch.arange(num_classes, device=device)
+    counts = torch.zeros(num_classes, device=device)
+    totals = torch.zeros(num_classes, num_features, device=device)
     for start in range(0, num_rows, batch_size):
         batch, batch_labels = rows[start:start + batch_size], targets[start:start + batch_size]
         one_hot = (batch_labels[:, None] == classes).to(torch.float32)
@@ -114,14 +116,14 @@ def torch_collapse(features, labels, *, num_classes, weights=None, bias=None,
     means = totals / counts[:, None]
     global_mean = means.mean(dim=0)
 
-    covariance = torch.zeros(num_features, num_features)
-    sq_norm_sums = torch.zeros(num_classes)
+    covariance = torch.zeros(num_features, num_features, device=device)
+    sq_norm_sums = torch.zeros(num_classes, device=device)
     ncc_hits = 0
     classifier_hits = disagreements = 0
     if weights is not None:
-        weights = torch.as_tensor(weights, dtype=torch.float32)
-        bias = torch.zeros(num_classes) if bias is None else torch.as_tensor(
-            bias, dtype=torch.float32)
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        bias = torch.zeros(num_classes, device=device) if bias is None else torch.as_tensor(
+            bias, dtype=torch.float32, device=device)
     for start in range(0, num_rows, batch_size):
         batch, batch_labels = rows[start:start + batch_size], targets[start:start + batch_size]
         one_hot = (batch_labels[:, None] == classes).to(torch.float32)
