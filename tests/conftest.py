@@ -2,6 +2,7 @@
 import dataclasses
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -207,3 +208,16 @@ def assert_same_report():
         assert not mismatches, "reports differ:\n" + "\n".join(mismatches)
 
     return check
+
+
+@pytest.fixture
+def fail_instead_of_hanging():
+    """Turn a call blocked for 10 s (opening a named pipe) into a failure."""
+    def interrupt(*_):
+        raise TimeoutError("blocked for 10 s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

@@ -415,7 +415,7 @@ def test_a_malformed_cache_is_measured_again_and_rewritten(tmp_path, malform):
     assert (rewritten.measured, rewritten.cached) == (0, 1) and rewritten.rows == first.rows
 
 
-def test_a_named_pipe_in_place_of_a_run_file_is_named(tmp_path):
+def test_a_named_pipe_in_place_of_a_run_file_is_named(tmp_path, fail_instead_of_hanging):
     """It was reported as missing from the run folder."""
     path = _run_with_three_checkpoints(tmp_path)
     replaced = path / "checkpoints/epoch_000002/train/labels.npy"
@@ -426,7 +426,7 @@ def test_a_named_pipe_in_place_of_a_run_file_is_named(tmp_path):
         failure.reason
 
 
-def test_a_named_pipe_as_the_cache_is_ignored_and_replaced(tmp_path):
+def test_a_named_pipe_as_the_cache_is_ignored_and_replaced(tmp_path, fail_instead_of_hanging):
     """open() of a FIFO waits for a writer: the analysis hung."""
     path = tmp_path / "epoch_1.npz"
     _write_npz(path)

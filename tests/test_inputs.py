@@ -6,7 +6,6 @@ orders and label dtypes), the report must be identical. Half-precision rows
 are compared with the report of their float32 upcast.
 """
 import os
-import signal
 import tracemalloc
 
 import numpy as np
@@ -98,19 +97,6 @@ def test_npy_path_is_read_in_chunks(large_case, tmp_path):
     assert ncfast.collapse(path, labels, chunk_size=LARGE_CHUNK_SIZE).to_dict() == \
         in_memory.to_dict()
 
-
-
-@pytest.fixture
-def fail_instead_of_hanging():
-    """Turn a call blocked for 10 s (opening a named pipe) into a failure."""
-    def interrupt(*_):
-        raise TimeoutError("blocked for 10 s")
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def test_npy_paths_that_are_not_regular_files_are_refused_before_opening(

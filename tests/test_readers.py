@@ -345,21 +345,6 @@ def test_torch_values_other_than_tensors_are_refused(tmp_path, value, key, found
     assert set(read_file(tmp_path / "scalars.pt")) == {"features", "labels"}
 
 
-@pytest.fixture
-def fail_instead_of_hanging():
-    """Turn a call blocked for 10 s (opening a named pipe) into a failure."""
-    import signal
-
-    def interrupt(*_):
-        raise TimeoutError("blocked for 10 s")
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
 def test_named_pipes_are_refused_before_opening(tmp_path, fail_instead_of_hanging):
     """Opening one waited forever for a writer."""
     os.mkfifo(tmp_path / "pipe.npy")
