@@ -344,3 +344,41 @@ def test_reproduce_cli_passes_its_options_and_exits_by_the_verdict(monkeypatch, 
 
 def test_spread_strings_in_reports_show_mean_and_std():
     assert str(Spread.of([0.5, 0.7])) == f"0.6 ± {math.sqrt(0.02):.2g}"
+
+
+def _report_of_undecided(tmp_path, seeds, grid):
+    from ncfast.harness.grid import GridRun, GridTiming, RunRecord
+    from ncfast.harness.reports import Statement, reproduce_command, write_report
+
+    records = {}
+    for setting in ("a", "b"):
+        for seed in range(seeds):
+            run = GridRun(setting, seed, dataclasses.replace(TrainConfig(), seed=seed))
+            records[run.name] = RunRecord(run, str(tmp_path / "runs" / run.name), 1.0, 1.0, 0.5,
+                                          3, 1.0, 1.0, "cpu", True)
+    timing = GridTiming(1.0, len(records), 0, 1, "cpu", 2, (0.0,) * 3, (0.0,) * 3)
+    statement = Statement("X1", "a is lower than b", UNDECIDED,
+                          "cells: 0 held, 0 contradicted, 1 undecided of 1")
+    path = write_report(str(tmp_path), title="T", claim="a claim",
+                        command=reproduce_command("imbalanced", grid=grid, seeds=seeds,
+                                                  workers=1, device="cpu", out=str(tmp_path)),
+                        verdict="undecided.", statements=[statement], scope="A test grid.",
+                        grid_lines=[], sections=[], plots=[], records=records,
+                        run_values={name: {} for name in records}, timing=timing,
+                        measure_seconds=0.0)
+    return open(path).read()
+
+
+def test_report_says_why_a_statement_is_undecided(tmp_path):
+    # One seed a setting: no standard error at all, so not "within two standard errors".
+    text = _report_of_undecided(tmp_path, 1, "quick")
+    assert "could not decide X1: with 1 seed in a setting no two settings can be compared" in \
+        text
+    assert "within two standard errors" not in text.split("**Comparison rule.**")[0]
+    # More seeds: within two standard errors or not counted; the full grid is suggested only
+    # when this was not it.
+    text = _report_of_undecided(tmp_path, 2, "quick")
+    assert "within two standard errors, or not counted" in text
+    assert "more seeds or the full grid (`--grid full`) may decide them." in text
+    text = _report_of_undecided(tmp_path, 2, "full")
+    assert "`--grid full`) may decide" not in text and "more seeds may decide them." in text

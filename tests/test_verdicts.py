@@ -15,7 +15,9 @@ def test_spread_is_mean_and_sample_std_of_the_finite_values():
     assert spread.mean == pytest.approx(7 / 3)
     assert spread.std == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1))
     assert spread.standard_error == pytest.approx(spread.std / math.sqrt(3))
-    assert str(spread) == f"{7 / 3:.4g} ± {spread.std:.2g}"
+    assert spread.left_out == 2
+    assert str(spread) == f"{7 / 3:.4g} ± {spread.std:.2g} (3 of 5 seeds finite)"
+    assert str(Spread.of([1.0, 2.0, 4.0])) == f"{7 / 3:.4g} ± {spread.std:.2g}"
 
 
 def test_one_value_has_no_spread_and_nothing_has_no_mean():
@@ -104,3 +106,30 @@ def test_a_statement_holds_when_every_comparison_holds(verdicts, expected):
 def test_tally_counts_each_verdict():
     assert tally([HELD, HELD, UNDECIDED, CONTRADICTED]) == \
         "2 held, 1 contradicted, 1 undecided of 4"
+
+
+@pytest.mark.parametrize("missing", [None, math.nan, math.inf, -math.inf])
+def test_a_seed_without_a_finite_value_leaves_the_comparison_undecided(missing):
+    # The rule's mean is over all K seeds: with one not finite it is not finite either, so
+    # the comparison is not decided from the other seeds (which alone would hold).
+    short, full = Spread.of([1.0, 1.01, missing]), Spread.of([2.0, 2.01, 2.02])
+    assert short.count == 2 and short.left_out == 1
+    for a, b, claimed in ((short, full, "lower"), (full, short, "higher")):
+        comparison = compare(a, b, claimed=claimed)
+        assert comparison.verdict == UNDECIDED and comparison.left_out == 1
+        assert str(comparison).endswith("; 1 seed value not finite): undecided")
+    assert below(short, 5.0).verdict == UNDECIDED
+    assert below(Spread.of([1.0, 1.01, 1.02]), 5.0).verdict == HELD
+
+
+@pytest.mark.parametrize("difference, standard_error, verdict", [
+    (0.0996, 0.04975, CONTRADICTED),  # beyond 2 SE = 0.0995: once shown as "2 SE 0.1"
+    (-0.0996, 0.04975, HELD),
+    (0.0951, 0.0477, UNDECIDED)])  # within 2 SE = 0.0954: once shown as "2 SE 0.095"
+def test_a_shown_comparison_never_contradicts_its_verdict(difference, standard_error, verdict):
+    comparison = compare(Spread(difference, standard_error * math.sqrt(2), 2),
+                         Spread(0.0, 0.0, 2), claimed="lower")
+    assert comparison.verdict == verdict
+    shown, bound = str(comparison).split(": ")[0].split(" (2 SE ")
+    shown, bound = abs(float(shown)), float(bound.rstrip(")"))
+    assert (shown > bound) if verdict != UNDECIDED else (shown <= bound), str(comparison)

@@ -36,7 +36,7 @@ OUT/report.md (claim, verdict per statement, what the grid can and cannot decide
 tables, figures, runtime, every run with its seed and command), OUT/metrics.json,
 OUT/metrics.csv and PNG figures. Rerunning the same command on the same OUT resumes: finished
 runs are read back, an interrupted one continues from its last checkpoint.
-Exits 0 if the claim held, 2 if it did not, 3 if the grid could not decide it.
+Exits 0 if the claim held, 4 if it did not, 3 if the grid could not decide it.
   memorization-dilation  Nguyen et al. 2023: symmetric label noise 0/0.2/0.4 (and pair-flip
                          in the full grid) x label smoothing alpha 0 to 0.5 x seeds, MLP on
                          MNIST-1D (quick: 36 runs)

@@ -5,7 +5,8 @@ bias-free linear head of depth L; the square loss with weight decay on the
 head and on the features is minimised full-batch on imbalanced classes. The
 class means should become orthogonal and the row norms of the head's product
 ``W = W_L ... W_1`` and of the class means should follow the closed form of
-docs/metrics.md, for every seed.
+docs/metrics.md: the worst relative error over the classes, averaged over the seeds, is
+held below a tolerance by two standard errors.
 """
 import os
 import time
@@ -229,7 +230,9 @@ def imbalanced(out, *, grid="quick", seeds=None, workers=None, device="auto",
         for name, (report, table) in zip(names, measured):
             run_values[name] = {
                 "nc2_orthogonality": report.nc2_orthogonality,
-                "worst error": max(max(row["error w"], row["error mu"]) for row in table)}
+                # np.max, not max: a NaN error (a closed form of 0) must not be skipped.
+                "worst error": float(np.max([[row["error w"], row["error mu"]]
+                                             for row in table]))}
         orthogonality = Spread.of(report.nc2_orthogonality for report, _ in measured)
         worst = Spread.of(run_values[name]["worst error"] for name in names)
         checks = (below(orthogonality, ORTHOGONALITY_TOLERANCE),
@@ -237,8 +240,9 @@ def imbalanced(out, *, grid="quick", seeds=None, workers=None, device="auto",
         statements.append(Statement(
             f"I L={config.head_depth}",
             f"L = {config.head_depth}: the class means are orthogonal (nc2_orthogonality < "
-            f"{ORTHOGONALITY_TOLERANCE:g}) and every ‖w_c‖ and ‖μ_c‖ is within "
-            f"{CLOSED_FORM_TOLERANCE:.0%} of the closed form",
+            f"{ORTHOGONALITY_TOLERANCE:g}) and ‖w_c‖ and ‖μ_c‖ follow the closed form: the "
+            f"worst relative error over the classes is below {CLOSED_FORM_TOLERANCE:.0%} (its "
+            "mean over the seeds)",
             combine(check.verdict for check in checks),
             f"nc2_orthogonality {orthogonality}: {checks[0].verdict}; worst relative error "
             f"{worst}: {checks[1].verdict}"))

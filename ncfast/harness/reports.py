@@ -5,6 +5,7 @@ grid can and cannot decide, how long it took and on what, and lists every
 run with its seed, its folder and the ``ncfast train`` command that
 reproduces it alone.
 """
+import collections
 import datetime
 import os
 import statistics
@@ -143,6 +144,20 @@ def _runtime_lines(timing, records, measure_seconds):
     ]
 
 
+def _undecided_reason(records, command):
+    """Why statements were left undecided, as the grid that ran can say it."""
+    per_setting = collections.Counter(record.run.setting for record in records.values())
+    fewest = min(per_setting.values(), default=0)
+    if fewest < 2:
+        return (f"with {fewest} seed{'' if fewest == 1 else 's'} in a setting no two "
+                "settings can be compared (the rule needs 2 seeds a side); more seeds "
+                "(`--seeds`) may decide them.")
+    larger = "" if command and "--grid full" in command else " or the full grid (`--grid full`)"
+    return ("none of their comparisons was contradicted but not all held: the others are "
+            "within two standard errors, or not counted (their evidence says which); more "
+            f"seeds{larger} may decide them.")
+
+
 def write_report(out, *, title, claim, command, verdict, statements, scope, grid_lines,
                  sections, plots, records, run_values, timing, measure_seconds, notes=()):
     """Write ``out/report.md`` atomically; returns its path.
@@ -184,9 +199,8 @@ def write_report(out, *, title, claim, command, verdict, statements, scope, grid
              "", f"**Verdict: {verdict}**", "",
              f"**What this grid can and cannot decide.** {scope}"]
     if undecided:
-        lines[-1] += (f" In this run it could not decide {', '.join(undecided)}: the "
-                      "differences there are within two standard errors; more seeds or the "
-                      "full grid (`--grid full`) may decide them.")
+        lines[-1] += f" In this run it could not decide {', '.join(undecided)}: " + \
+            _undecided_reason(records, command)
     lines += ["", "## Grid", "", *grid_lines, "", f"**Comparison rule.** {RULE}", ""]
     for heading, body in sections:
         lines += [f"## {heading}", "", body, ""]

@@ -32,8 +32,9 @@ RULE = (
     "against its standard error SE = sqrt(s_A²/K_A + s_B²/K_B): the comparison **held** "
     "when the difference exceeds 2 SE in the claimed direction, was **contradicted** when "
     "it exceeds 2 SE the other way, and is **undecided** otherwise (so is any comparison "
-    "with fewer than 2 seeds a side). A value against a tolerance uses SE = s/sqrt(K) the "
-    "same way; a relation over runs uses the least-squares slope and its standard error. "
+    "with fewer than 2 seeds a side, or with a seed whose value is not finite). A value "
+    "against a tolerance uses SE = s/sqrt(K) the same way; a relation over runs uses the "
+    "least-squares slope and its standard error. "
     "A statement made of several comparisons held when every one held, was contradicted "
     "when any one was, and is undecided otherwise.")
 
@@ -48,21 +49,31 @@ class Spread:
     std : float
         Sample standard deviation (``ddof=1``); NaN for fewer than 2 values.
     count : int
+        Finite values the mean and std are of.
+    left_out : int
+        Values left out: None, NaN or ±inf (a seed without a finite value). A
+        comparison with a side that left any out is undecided (:func:`compare`):
+        the rule's mean is over all K seeds, and it is not finite when one of
+        them is not.
     """
 
     mean: float
     std: float
     count: int
+    left_out: int = 0
 
     @classmethod
     def of(cls, values):
-        """The spread of a sequence of finite numbers (None and NaN are left out)."""
-        values = np.array([value for value in values if value is not None], dtype=np.float64)
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            return cls(math.nan, math.nan, 0)
-        std = float(values.std(ddof=1)) if values.size > 1 else math.nan
-        return cls(float(values.mean()), std, int(values.size))
+        """The spread of the finite values of a sequence (None, NaN and ±inf are left out and
+        counted in ``left_out``)."""
+        values = np.array([math.nan if value is None else value for value in values],
+                          dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        left_out = int(values.size - finite.size)
+        if finite.size == 0:
+            return cls(math.nan, math.nan, 0, left_out)
+        std = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
+        return cls(float(finite.mean()), std, int(finite.size), left_out)
 
     @property
     def standard_error(self):
@@ -72,7 +83,10 @@ class Spread:
     def __str__(self):
         if self.count == 0:
             return "-"
-        return f"{self.mean:.4g} ± {self.std:.2g}" if self.count > 1 else f"{self.mean:.4g}"
+        text = f"{self.mean:.4g} ± {self.std:.2g}" if self.count > 1 else f"{self.mean:.4g}"
+        if self.left_out:
+            text += f" ({self.count} of {self.count + self.left_out} seeds finite)"
+        return text
 
 
 @dataclass(frozen=True)
@@ -85,24 +99,33 @@ class Comparison:
         Claimed side minus the other (``a - b``, or ``mean - tolerance``).
     standard_error : float
     verdict : {"held", "contradicted", "undecided"}
+    left_out : int
+        Seeds' values left out of the sides' spreads (None, NaN, ±inf); when
+        any were, the verdict is undecided.
     """
 
     difference: float
     standard_error: float
     verdict: str
+    left_out: int = 0
 
     def __str__(self):
-        return f"{self.difference:+.3g} (2 SE {STANDARD_ERRORS * self.standard_error:.2g}): " \
-               f"{self.verdict}"
+        # The same significant digits on both sides of the comparison: rounding them alike
+        # never shows a difference below its 2 SE beside "held" (nor beyond it beside
+        # "undecided").
+        missing = (f"; {self.left_out} seed value{'s' if self.left_out > 1 else ''} not "
+                   "finite" if self.left_out else "")
+        return f"{self.difference:+.3g} (2 SE {STANDARD_ERRORS * self.standard_error:.3g}" \
+               f"{missing}): {self.verdict}"
 
 
-def _decide(difference, standard_error, claimed):
+def _decide(difference, standard_error, claimed, left_out=0):
     """The verdict on ``difference`` being ``claimed`` ("lower": < 0, "higher": > 0)."""
     if claimed not in ("lower", "higher"):
         raise ValueError(f"claimed must be 'lower' or 'higher'; found {claimed!r}")
-    if not (math.isfinite(difference) and math.isfinite(standard_error)) \
+    if left_out or not (math.isfinite(difference) and math.isfinite(standard_error)) \
             or abs(difference) <= STANDARD_ERRORS * standard_error:
-        return Comparison(difference, standard_error, UNDECIDED)
+        return Comparison(difference, standard_error, UNDECIDED, left_out)
     agrees = difference < 0 if claimed == "lower" else difference > 0
     return Comparison(difference, standard_error, HELD if agrees else CONTRADICTED)
 
@@ -118,9 +141,11 @@ def compare(a, b, *, claimed):
     Returns
     -------
     Comparison
-        Of ``a.mean - b.mean`` against ``sqrt(se_a^2 + se_b^2)``.
+        Of ``a.mean - b.mean`` against ``sqrt(se_a^2 + se_b^2)``; undecided when
+        either side left out a seed's value (``Spread.left_out``).
     """
-    return _decide(a.mean - b.mean, math.hypot(a.standard_error, b.standard_error), claimed)
+    return _decide(a.mean - b.mean, math.hypot(a.standard_error, b.standard_error), claimed,
+                   a.left_out + b.left_out)
 
 
 def below(spread, tolerance):
@@ -129,9 +154,10 @@ def below(spread, tolerance):
     Returns
     -------
     Comparison
-        Of ``mean - tolerance`` against the standard error of the mean.
+        Of ``mean - tolerance`` against the standard error of the mean; undecided
+        when a seed's value was left out (``Spread.left_out``).
     """
-    return _decide(spread.mean - tolerance, spread.standard_error, "lower")
+    return _decide(spread.mean - tolerance, spread.standard_error, "lower", spread.left_out)
 
 
 @dataclass(frozen=True)
