@@ -68,7 +68,7 @@ def symmetric_eigh(matrix):
         return np.linalg.eigh(matrix)
 
 
-def kept_spectrum(eigenvalues, rtol=PINV_RTOL):
+def kept_spectrum(eigenvalues, rtol=PINV_RTOL, max_rank=None):
     """Which eigenvalues of a symmetric PSD matrix its pseudo-inverse keeps.
 
     Parameters
@@ -76,6 +76,12 @@ def kept_spectrum(eigenvalues, rtol=PINV_RTOL):
     eigenvalues : float64 array of shape (k,)
     rtol : float
         Eigenvalues at or below ``rtol * max eigenvalue`` count as zero.
+    max_rank : int, optional
+        The matrix's rank is known to be at most this: only that many of the largest
+        eigenvalues may be kept. (Centred class means span at most C' - 1 directions;
+        the eigenvalue of the direction centring removed is rounding, about 1e-17 of
+        the largest, and a small ``rtol`` or a large common offset of the features
+        would keep it, its ``1 / lambda`` swamping NC1.)
 
     Returns
     -------
@@ -87,6 +93,8 @@ def kept_spectrum(eigenvalues, rtol=PINV_RTOL):
         multiplies is amplified up to this much.
     """
     keep = eigenvalues > rtol * max(eigenvalues.max(initial=0.0), 0.0)
+    if max_rank is not None and keep.sum() > max_rank:
+        keep[np.argsort(eigenvalues)[:eigenvalues.size - max_rank]] = False
     if not keep.any():
         raise ValueError(COINCIDING_MEANS)
     kept_values = eigenvalues[keep]

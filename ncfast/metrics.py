@@ -44,14 +44,14 @@ def within_class_nc1(geometry, stats, pinv_rtol):
         # Gram = V diag(lambda) V^T that is sum_j (V^T S V)_jj / lambda_j^2 over the kept
         # eigenvalues: only the diagonal of S in the eigenbasis, which pass 2 keeps.
         eigenvalues = geometry.gram_eigenvalues
-        keep, rank, condition = kept_spectrum(eigenvalues, pinv_rtol)
+        keep, rank, condition = kept_spectrum(eigenvalues, pinv_rtol, num_means - 1)
         nc1 = np.sum(stats.eigen_scatter[keep] / eigenvalues[keep] ** 2) / num_rows
     else:
         # Sigma_B = U diag(lambda) U^T (D×D, computed beside the pair sweep) gives
         # Tr(S Sigma_B^+) = sum_j u_j^T S u_j / lambda_j over the kept eigenvalues, and
         # u_j^T S u_j = sum_i (u_j . r_i)^2 is what pass 2 keeps.
         eigenvalues = geometry.between_spectrum[0]
-        keep, rank, condition = kept_spectrum(eigenvalues, pinv_rtol)
+        keep, rank, condition = kept_spectrum(eigenvalues, pinv_rtol, num_means - 1)
         nc1 = np.sum(stats.eigen_scatter[keep] / eigenvalues[keep]) / num_rows / num_means
     within_trace = stats.sq_norm_sums.sum() / num_rows
     between_trace = geometry.centred_sq_norms.sum() / num_means

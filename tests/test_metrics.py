@@ -594,6 +594,24 @@ def test_orthogonal_frame_has_zero_orthogonality(num_classes, num_features):
     assert_matches_textbook(ncfast.collapse(**spread_case), reference)
 
 
+@pytest.mark.parametrize("num_features", [16, 3], ids=["classes_route", "features_route"])
+def test_the_direction_centring_removes_is_never_pseudo_inverted(num_features):
+    """The centred means' Gram has a null direction whose eigenvalue is rounding (about 1e-17
+    of the largest). A small pinv_rtol, or a common offset of 1e7 on float64 features,
+    kept it: rank C' and NC1 13x or 2e8x too large."""
+    rng = np.random.default_rng(3)
+    num_classes = 5
+    labels = np.arange(2000) % num_classes
+    means = rng.normal(size=(num_classes, num_features))
+    features = 1e-4 * (means[labels] + 0.2 * rng.normal(size=(2000, num_features)))
+    reference = ncfast.collapse(features, labels)
+    assert reference.rank == min(num_classes - 1, num_features)
+    for report in (ncfast.collapse(features, labels, pinv_rtol=1e-20),
+                   ncfast.collapse(features + 1e7, labels)):
+        assert report.rank == reference.rank
+        assert report.nc1 == pytest.approx(reference.nc1, rel=1e-3)
+
+
 @pytest.mark.parametrize("scales, rank, condition", [
     ((1.0, 10.0), 2, 100.0),             # eigenvalues 2 and 200 of the Gram
     ((1.0, 3.0, 1e3), 3, 1e6),
