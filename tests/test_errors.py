@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ncfast
+from ncfast import engine
 from ncfast.kernels import cpu
 from cases import gaussian_classes, with_label_noise
 
@@ -555,6 +556,16 @@ def test_class_sums_as_means(case):
     with pytest.raises(TypeError, match="found a ClassSums: pass the training rows' "
                                         "CollapseReport"):
         ncfast.collapse(case["features"], case["labels"], means=class_sums)
+
+
+def test_class_count_whose_means_would_not_fit_is_refused(case, monkeypatch):
+    """The guard counted the sums alone, but making the class means from them holds about
+    four copies: 10**8 classes at D = 8 (6 GB of sums on a 24 GiB machine) passed it and
+    ran out of memory. Here 0.3 GiB of sums on a machine of 1 GiB."""
+    monkeypatch.setattr(engine, "_machine_memory", lambda: 2 ** 30)
+    with pytest.raises(ValueError, match=r"num_classes=10000000 with 4 features needs 0.298 GiB "
+                                         r"of per-class float64 sums, and about 4 times that"):
+        ncfast.collapse(case["features"], case["labels"], num_classes=10 ** 7)
 
 
 def test_numpy_integer_class_count_too_large_for_memory(case):
