@@ -271,6 +271,9 @@ def means_and_counts(means):
     if array.ndim != 2:
         raise ValueError(
             f"means has shape {array.shape}; expected (num_classes, n_features)")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"means must be floating point (class means); found dtype "
+                        f"{array.dtype}: pass the training report, or its .means")
     return array, None
 
 

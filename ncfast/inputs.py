@@ -69,7 +69,14 @@ def is_torch_tensor(obj):
 
 def plain_tensor(tensor, what):
     """A torch tensor as dense values numpy can view: detached, with any lazy negation or
-    conjugation applied; a sparse (or other non-strided) tensor is refused."""
+    conjugation applied; a sparse, nested (or other non-strided) tensor, or one on the meta
+    device, is refused."""
+    if tensor.is_nested:
+        raise TypeError(f"{what} is a nested torch tensor; pass one dense tensor "
+                        "(torch.cat of its parts, or tensor.to_padded_tensor)")
+    if tensor.device.type == "meta":
+        raise ValueError(f"{what} is a torch tensor on the meta device, which holds no values; "
+                         "pass a tensor with data")
     if tensor.layout != sys.modules["torch"].strided:
         raise TypeError(f"{what} is a {tensor.layout} torch tensor; pass dense values "
                         "(tensor.to_dense())")
@@ -172,6 +179,13 @@ def as_array(obj, what):
                 "move it with .cpu()"
             )
         return plain_tensor(obj, what)
+    if isinstance(obj, np.ma.MaskedArray):
+        if np.ma.is_masked(obj):
+            raise ValueError(
+                f"{what} is a masked array with {int(np.ma.count_masked(obj))} masked entries; "
+                "ncfast reads every value: drop the masked rows, or fill them "
+                "(array.filled(value)), and pass a plain array")
+        return obj.data
     if isinstance(obj, np.ndarray):
         return obj
     array = np.asarray(obj)

@@ -47,7 +47,9 @@ PER_CLASS = ("class_counts", "class_variances", "class_mean_norms", "class_ncc_a
              "class_accuracy")
 
 
-@dataclass(frozen=True, repr=False)
+# eq=False: the class's own __eq__ compares the arrays, and no field-wise __hash__ is made
+# (a report holds arrays: hash(report) names the report as unhashable).
+@dataclass(frozen=True, repr=False, eq=False)
 class CollapseReport:
     """Neural-collapse metrics of one set of features.
 

@@ -636,3 +636,33 @@ def test_an_empty_chunk_may_give_its_labels_and_masks_as_empty_lists(case):
                                                                  class_sums.sums))
     stats.update(case["features"][:0], [], [], include=[])
     assert class_sums.counts.sum() == NUM_ROWS and stats.num_rows == 0
+
+
+def test_a_report_is_unhashable_by_its_own_name(case):
+    """hash(report) failed on a numpy field ("unhashable type: 'numpy.ndarray'")."""
+    with pytest.raises(TypeError, match="unhashable type: 'CollapseReport'"):
+        hash(ncfast.collapse(case["features"], case["labels"]))
+
+
+@pytest.mark.parametrize("option, value, error, message", [
+    ("weights", lambda case: torch.tensor(case["weights"]).to("meta"), ValueError,
+     "weights is a torch tensor on the meta device, which holds no values"),
+    ("ood", lambda case: torch.zeros(3, NUM_FEATURES, device="meta"), ValueError,
+     "ood is a torch tensor on the meta device"),
+    ("features", lambda case: torch.nested.nested_tensor([torch.zeros(2, NUM_FEATURES)]),
+     TypeError, "features is a nested torch tensor; pass one dense tensor"),
+    ("means", lambda case: np.round(case["weights"]).astype(np.int64), TypeError,
+     "means must be floating point .* found dtype int64"),
+    ("means", lambda case: case["weights"] > 0, TypeError, "found dtype bool"),
+    ("features", lambda case: np.ma.masked_array(
+        case["features"], mask=np.broadcast_to(np.arange(NUM_ROWS)[:, None] == 3,
+                                               case["features"].shape)),
+     ValueError, "features is a masked array with 4 masked entries; ncfast reads every value"),
+], ids=["weights-meta", "ood-meta", "nested", "int-means", "bool-means", "masked"])
+def test_inputs_without_usable_values_are_refused(case, option, value, error, message):
+    """Torch's errors (meta: "Cannot copy out of meta tensor"; nested: "Internal error"), or
+    silently wrong numbers: integer means, a masked row's value measured."""
+    inputs = {"features": case["features"], "labels": case["labels"]}
+    inputs[option] = value(case)
+    with pytest.raises(error, match=message):
+        ncfast.collapse(**inputs)
