@@ -133,7 +133,8 @@ class CollapseReport:
         return {name: getattr(self, name) for name in METRICS if getattr(self, name) is not None}
 
     def to_dict(self):
-        """JSON-safe dict: scalars, per-class lists and run facts (NaN becomes None)."""
+        """JSON-safe dict: scalars, per-class lists and run facts (NaN and ±inf, which strict
+        JSON has no numbers for, become None)."""
         result = {}
         for item in fields(self):
             if item.name in ("means", "mean_counts"):
