@@ -44,7 +44,8 @@ def bad_row_error(kind, row, *, label=None, num_classes=None, values=None):
     if kind in (LABEL, CLEAN_LABEL):
         return ValueError(
             f"row {row} has {kind} {label}, outside [0, {num_classes}): {LABEL_HINT}; pass "
-            "num_classes= if there are more classes")
+            "num_classes= if there are more classes (and, with means=, a row of means for "
+            "each)")
     if kind == NO_MEAN:
         return ValueError(
             f"row {row} has label {label}, a class without a mean (no training rows); measure "
