@@ -98,6 +98,9 @@ class ClassSums:
     """
 
     def __init__(self, num_classes, num_features, *, track_clean=False):
+        for name, value in (("num_classes", num_classes), ("num_features", num_features)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int; found {value!r}")
         self.counts = np.zeros(num_classes, np.int64)
         self.sums = np.zeros((num_classes, num_features))
         self.clean_counts = np.zeros(num_classes, np.int64) if track_clean else None
@@ -167,6 +170,13 @@ class ClassSums:
         merged += self
         merged += other
         return merged
+
+    def __radd__(self, other):
+        """``0 + state``: the start of ``sum(states)``."""
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self + ClassSums(self.num_classes, self.num_features,
+                                    track_clean=self.track_clean)
+        return NotImplemented
 
     def __eq__(self, other):
         if not isinstance(other, ClassSums):

@@ -159,6 +159,7 @@ def finalize_pass1(class_sums, *, global_mean="classes", empty_classes="warn"):
     clean_geometry : Geometry or None
         Built on the means of the clean rows, when ``class_sums`` tracks them.
     """
+    check_options(empty_classes=empty_classes)
     if class_sums.counts.sum() == 0:
         raise ValueError("the input has no rows; pass at least one row per class")
     _check_empty_classes(class_sums.counts, empty_classes)

@@ -666,3 +666,17 @@ def test_inputs_without_usable_values_are_refused(case, option, value, error, me
     inputs[option] = value(case)
     with pytest.raises(error, match=message):
         ncfast.collapse(**inputs)
+
+
+def test_pass_one_states_take_sizes_and_options_they_can_use(case):
+    """ClassSums(0, 8) and ClassSums(5, 0) were made; finalize_pass1 took any empty_classes;
+    sum() of states failed on 0 + ClassSums."""
+    for sizes, name in (((0, 8), "num_classes"), ((5, 0), "num_features"),
+                        ((True, 3), "num_classes"), ((2.0, 3), "num_classes")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            ncfast.ClassSums(*sizes)
+    class_sums = ncfast.ClassSums(NUM_CLASSES, NUM_FEATURES)
+    class_sums.update(case["features"], case["labels"])
+    with pytest.raises(ValueError, match="empty_classes must be one of"):
+        ncfast.finalize_pass1(class_sums, empty_classes="nope")
+    assert sum([class_sums, class_sums]) == class_sums + class_sums
