@@ -38,7 +38,6 @@ import math
 import os
 import re
 import signal
-import stat
 import tempfile
 import threading
 import warnings
@@ -56,7 +55,7 @@ from ncfast.api import collapse
 from ncfast.dumps import (MANIFEST, check_output_folder, open_run, write_atomically,
                           write_json_atomically, write_text_atomically)
 from ncfast.geometry import PINV_RTOL, Geometry
-from ncfast.inputs import check_chunk_size
+from ncfast.inputs import check_chunk_size, file_problem, one_line
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
 from ncfast.report import DRAWN_CLASSES, METRICS
 
@@ -194,7 +193,7 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
                                           if value is not None})
             checkpoints.append(Checkpoint(path, arrays, f"{path}.{CACHE_NAME}"))
         except (ValueError, TypeError, OSError) as error:
-            failures.append(Failure(path, _one_line(error)))
+            failures.append(Failure(path, one_line(error)))
     return checkpoints, failures
 
 
@@ -380,7 +379,7 @@ def _load_cache(path):
     which measuring then rewrites.
     """
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        if file_problem(path) is not None:
             return {"results": {}, "digests": {}}
         with open(path, encoding="utf-8") as stream:
             cache = json.load(stream)
@@ -548,7 +547,7 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
                 outcome = (f"{analysis.measured - before[0]} layer group(s) measured, "
                            f"{analysis.cached - before[1]} from cache")
             except (ValueError, TypeError, OSError) as error:
-                analysis.failures.append(Failure(checkpoint.name, _one_line(error)))
+                analysis.failures.append(Failure(checkpoint.name, one_line(error)))
                 outcome = "FAILED (reason below)"
             # Cached and failed layer groups count as read, so that the bar ends full.
             shown.finish(checkpoint.name, outcome, _feature_bytes(checkpoint, layers))
@@ -638,16 +637,6 @@ def _feature_bytes(checkpoint, layers):
     return 2 * sum(features.nbytes for split in checkpoint.arrays.splits.values()
                    for layer, features in split.features.items()
                    if (layers is None or layer in layers) and features.is_float)
-
-
-#: ANSI escape sequences and other control characters, dropped from one-line messages.
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f]")
-
-
-def _one_line(error):
-    """An error's message on one line of plain text (third-party messages span lines and
-    carry terminal escapes)."""
-    return " ".join(_CONTROL.sub(" ", str(error)).split())
 
 
 def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, use_cache,

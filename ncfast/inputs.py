@@ -113,16 +113,24 @@ def file_problem(path):
     return None
 
 
+#: Terminal escape sequences and other control characters, which ``one_line`` drops.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f]")
+
+
+def one_line(message):
+    """A message (or an error) on one line of plain text: terminal escapes and control
+    characters become spaces, runs of whitespace one space (third-party messages span
+    lines and carry colour codes)."""
+    return " ".join(_CONTROL.sub(" ", str(message)).split())
+
+
 def printable_line(message):
     """Another library's error message as one line of printable ASCII text.
 
-    Runs of whitespace become one space, colour codes are dropped, other characters are
-    escaped (``\\xd8``: a damaged file's bytes echoed in the message), and a message longer
-    than ``QUOTED_MESSAGE_CHARS`` is cut.
+    ``one_line``, with other characters escaped (``\\xd8``: a damaged file's bytes echoed
+    in the message), and a message longer than ``QUOTED_MESSAGE_CHARS`` cut.
     """
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(message)).split())
-    text = "".join(character if character.isprintable() else repr(character)[1:-1]
-                   for character in text.encode("ascii", "backslashreplace").decode("ascii"))
+    text = one_line(message).encode("ascii", "backslashreplace").decode("ascii")
     if len(text) > QUOTED_MESSAGE_CHARS:
         text = text[:QUOTED_MESSAGE_CHARS - 3] + "..."
     return text
