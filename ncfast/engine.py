@@ -89,7 +89,7 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
         if source is None:
             raise ValueError("num_classes is required when the labels cannot be read first")
         max_label, max_row, labelled = source.label_summary()
-        if max_label + 1 > 2 * labelled:
+        if mostly_empty(max_label, labelled):
             raise ValueError(
                 f"row {max_row} has label {max_label}, but only {labelled} distinct labels occur, "
                 f"so inferring num_classes = {max_label + 1} would leave "
@@ -115,6 +115,13 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
             f"than half of this machine's {_machine_memory() / 2**30:.3g} GiB: check "
             "num_classes (labels must be class indices 0..C-1)")
     return num_classes
+
+
+def mostly_empty(max_label, labelled):
+    """Whether C = ``max_label + 1`` inferred from labels of ``labelled`` distinct values
+    would leave more than half of the classes without a row (a stray label is then far
+    more likely than a dataset of mostly empty classes)."""
+    return max_label + 1 > 2 * labelled
 
 
 def _class_state_bytes_beyond_memory(num_classes, num_features, label_noise):

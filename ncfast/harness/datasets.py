@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ncfast.engine import mostly_empty
+
 #: Names accepted by :func:`load_dataset`.
 DATASETS = ("mnist1d", "digits", "gaussian", "npz")
 
@@ -351,7 +353,7 @@ def _num_classes(source, *label_arrays):
     """
     labels = np.concatenate(label_arrays)
     largest, distinct = int(labels.max()), np.unique(labels).size
-    if largest + 1 > 2 * distinct:
+    if mostly_empty(largest, distinct):
         raise ValueError(
             f"{source!r}: the labels reach {largest} but only {distinct} distinct labels occur, "
             f"so {largest + 1 - distinct} of the {largest + 1} classes would be empty: remap "
