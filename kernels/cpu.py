@@ -444,26 +444,43 @@ def thread_buffer(name, shape, dtype):
 def run_tasks(function, num_tasks, num_threads):
     """``function(task)`` for every task in ``range(num_tasks)``, on worker threads.
 
-    Up to ``num_threads`` worker threads each take the next task as soon as
-    they finish one, so a core slowed by other work does not hold the rest
-    back. Returns the results in task order. Kernels called by ``function``
-    must be ``nogil``; BLAS runs single-threaded.
+    Each of up to ``num_threads`` worker threads takes the tasks of its own
+    contiguous span of ``range(num_tasks)`` in order, then helps with the
+    span that has the most tasks left, from its end, so a core slowed by other
+    work does not hold the rest back. Tasks are rows in order, so each thread
+    streams its own region of memory: two threads summing 1e6 × 512 float32
+    rows by class in alternate tasks of 4 MiB took 0.16 s, each its own half 0.13 s.
+    Returns the results in task order. Kernels called by ``function`` must be
+    ``nogil``; BLAS runs single-threaded.
     """
     results = [None] * num_tasks
-    # Under the GIL, next() on a shared range iterator hands each task out once.
-    tasks = iter(range(num_tasks))
+    workers = min(max(num_threads, 1), num_tasks)
+    bounds = [num_tasks * worker // max(workers, 1) for worker in range(workers + 1)]
+    fronts, backs = bounds[:-1], bounds[1:]
+    lock = threading.Lock()
 
-    def run():
-        for task in tasks:
+    def next_task(worker):
+        with lock:
+            if fronts[worker] < backs[worker]:
+                fronts[worker] += 1
+                return fronts[worker] - 1
+            span = max(range(workers), key=lambda other: backs[other] - fronts[other])
+            if fronts[span] < backs[span]:
+                backs[span] -= 1
+                return backs[span]
+            return None
+
+    def run(worker):
+        while (task := next_task(worker)) is not None:
             results[task] = function(task)
 
-    workers = min(max(num_threads, 1), num_tasks)
     with one_blas_thread():
         if workers <= 1:
-            run()
+            for task in range(num_tasks):
+                results[task] = function(task)
         else:
             pool = _worker_pool()
-            for future in [pool.submit(run) for _ in range(workers)]:
+            for future in [pool.submit(run, worker) for worker in range(workers)]:
                 future.result()
     return results
 
@@ -910,8 +927,8 @@ class Pass2Buffers(NamedTuple):
 
 
 #: Bytes of float32 features per pass-2 task, and at most blocks per task: worker
-#: threads take tasks as they finish one, and each task sums into its own small partial
-#: state. A chunk of 64 MiB then holds at least 16 tasks, so that the threads finish it
+#: threads take tasks as ``run_tasks`` hands them out, and each task sums into its own
+#: small partial state. A chunk of 64 MiB then holds at least 16 tasks, so that the threads finish it
 #: together (at D = 2048, tasks of 16 MiB left one core idle for 0.03 s of each 0.28 s
 #: chunk on average, and the short last chunk ran on one core).
 TASK_BYTES = 4 << 20
@@ -932,7 +949,7 @@ def residual_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_t
 
     The chunk is cut into tasks of ``task_rows(D)`` rows (whole blocks of
     ``block_rows(D)`` rows), independent of the thread count; ``num_threads`` worker threads
-    take tasks as they finish one (``run_tasks``) and run
+    take tasks as ``run_tasks`` hands them out and run
     ``residual_blocks`` in buffers each worker thread keeps. Each task sums
     into its own partial state; these are added to ``sums`` in task order,
     and only when no row is bad, so the result does not depend on the thread

@@ -6,7 +6,10 @@ within 1e-10 relative error, however the rows are chunked, ordered, spread
 over threads or split into partial states merged in any order (issue 2).
 Integer fields (counts, hit tallies) must be equal exactly.
 """
+import collections
 import contextlib
+import threading
+import time
 
 import numba
 import numpy as np
@@ -366,6 +369,40 @@ def test_pass_two_is_bitwise_the_same_on_any_thread_count(num_features, num_clas
         with numba_threads(count):
             states.append(residual_stats_of(case, geometry))
     assert states[0] == states[1]
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("num_tasks", [0, 1, 2, 5, 17])
+def test_worker_threads_run_every_task_once(num_tasks, num_threads):
+    """``cpu.run_tasks`` returns every task's result in task order, each task run once,
+    with more or fewer threads than tasks (the pool may hold fewer threads than asked)."""
+    runs = collections.Counter()
+    lock = threading.Lock()
+
+    def square(task):
+        with lock:
+            runs[task] += 1
+        return task * task
+
+    assert cpu.run_tasks(square, num_tasks, num_threads) == [t * t for t in range(num_tasks)]
+    assert runs == collections.Counter(range(num_tasks))
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two worker threads")
+def test_worker_threads_help_a_slow_one():
+    """Each thread starts on its own contiguous span of tasks; one that finishes takes
+    the tasks left at the end of the slow one's span."""
+    threads_of = {}
+
+    def work(task):
+        threads_of[task] = threading.get_ident()
+        if task < 4:  # the first thread's span is slow
+            time.sleep(0.2)
+        return task
+
+    assert cpu.run_tasks(work, 8, 2) == list(range(8))
+    assert threads_of[0] == threads_of[1]  # the span's own thread starts from its front
+    assert threads_of[3] != threads_of[0]  # the other took its last task
 
 
 @pytest.mark.parametrize("num_features, num_classes", [(32, 12), (12, 40)],
