@@ -24,7 +24,7 @@ from ncfast.accumulators import ClassSums
 from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, finalize_pass1,
                            geometry_from_means_option, resolve_num_classes)
 from ncfast.geometry import PINV_RTOL
-from ncfast.inputs import ArraySource, check_features, check_labels
+from ncfast.inputs import ArraySource, LabelSummary, check_features, check_labels
 
 #: Blocks whose states one reduction task adds together.
 SPLIT_EVERY = 8
@@ -126,15 +126,17 @@ class _DaskLabels:
         self.compute = compute
 
     def label_summary(self):
-        """``(largest label, its first row, distinct labels)``, as ``ArraySource``'s."""
+        """``ncfast.inputs.LabelSummary``, as ``ArraySource``'s."""
         tops, rows, distinct = [], [], []
         for array in map(_without_empty_blocks, self.arrays):
             tops.append(array.max())
             rows.append(array.argmax())
             distinct.append(da.unique(array[array >= 0]))
         tops, rows, distinct = self.compute(tops, rows, distinct)
-        best = int(np.argmax(tops))
-        return int(tops[best]), int(rows[best]), int(np.unique(np.concatenate(distinct)).size)
+        best = int(np.argmax(tops))  # the labels come first: a tie names a label
+        return LabelSummary(int(tops[best]), int(rows[best]),
+                            "label" if best == 0 else "clean label",
+                            int(np.unique(np.concatenate(distinct)).size))
 
 
 def _without_empty_blocks(array):

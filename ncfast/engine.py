@@ -88,10 +88,11 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
     if num_classes is None:
         if source is None:
             raise ValueError("num_classes is required when the labels cannot be read first")
-        max_label, max_row, labelled = source.label_summary()
+        max_label, max_row, max_kind, labelled = source.label_summary()
         if mostly_empty(max_label, labelled):
             raise ValueError(
-                f"row {max_row} has label {max_label}, but only {labelled} distinct labels occur, "
+                f"row {max_row} has {max_kind} {max_label}, but only {labelled} distinct labels "
+                "occur, "
                 f"so inferring num_classes = {max_label + 1} would leave "
                 f"{max_label + 1 - labelled} classes empty: if that label is a mistake, fix it; "
                 "if the labels are not 0..C-1, remap them (np.unique(labels, "

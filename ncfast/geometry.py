@@ -138,6 +138,32 @@ def route_for(num_means, num_features):
     return "classes" if num_means <= num_features else "features"
 
 
+def _checked_counts(counts, num_classes):
+    """Rows per class as an int64 array of shape (C,); a ValueError for anything else.
+
+    Parameters
+    ----------
+    counts : array-like of shape (C,), whole non-negative numbers
+    num_classes : int, C
+    """
+    values = np.asarray(counts)
+    if values.dtype == object or not (np.issubdtype(values.dtype, np.integer)
+                                      or np.issubdtype(values.dtype, np.floating)
+                                      or values.dtype == bool):
+        raise TypeError(f"counts must be whole numbers of rows per class; found dtype "
+                        f"{values.dtype}")
+    if values.shape != (num_classes,):
+        raise ValueError(f"counts must hold one row count per class, shape ({num_classes},); "
+                         f"found shape {values.shape}")
+    with np.errstate(invalid="ignore"):
+        bad = ~((values >= 0) & (values == np.round(values)) & (values < 2 ** 62))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"counts must be whole numbers of rows, 0 or more; class {first} "
+                         f"has {values[first].item()!r}")
+    return values.astype(np.int64)
+
+
 def check_between_scale(centred):
     """Refuse centred class means that coincide, or whose scale float32 cannot hold
     (``SCALE_RANGE``).
@@ -310,6 +336,8 @@ class Geometry:
             if not missing.all():
                 raise ValueError(
                     "means holds Inf; class means must be finite (NaN rows mark absent classes)")
+        if counts is not None:
+            counts = _checked_counts(counts, means.shape[0])
         present = np.flatnonzero(has_mean)
         if present.size < 2:
             raise ValueError(
@@ -327,7 +355,12 @@ class Geometry:
                     "global_mean='samples' needs the row count of each class: pass counts= "
                     "(the training ClassSums' counts), or use global_mean='classes'"
                 )
-            weights = np.asarray(counts, dtype=np.float64)[present]
+            weights = counts[present].astype(np.float64)
+            if not weights.sum() > 0:
+                raise ValueError(
+                    "global_mean='samples' weighs each class mean by its row count, but the "
+                    "classes with a mean have 0 rows in counts; pass the row counts the means "
+                    "came from, or use global_mean='classes'")
             with dense_blas(2.0 * present_means.size):
                 center = weights @ present_means / weights.sum()
         centred = present_means - center
@@ -336,13 +369,17 @@ class Geometry:
         gram = None
         if route_for(present.size, means.shape[1]) == "classes":
             gram = centred_gram(centred)
-        return cls(means=means, counts=None if counts is None else np.array(counts, np.int64),
+        return cls(means=means, counts=counts,
                    present=present, label_rows=label_rows, global_mean=center, centred=centred,
                    centred_sq_norms=centred_sq_norms, gram=gram, global_mean_option=global_mean)
 
     @classmethod
     def from_class_sums(cls, counts, sums, *, global_mean="classes"):
         """Build the geometry from pass-1 counts (C,) and float64 sums (C, D)."""
+        sums = np.asarray(sums, dtype=np.float64)
+        if sums.ndim != 2:
+            raise ValueError(f"sums must be 2-D (n_classes, n_features); found shape {sums.shape}")
+        counts = _checked_counts(counts, sums.shape[0])
         with np.errstate(invalid="ignore", divide="ignore"):
             means = sums / counts[:, None]
         means[counts == 0] = np.nan

@@ -12,6 +12,7 @@ import stat
 import sys
 import zipfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,6 +30,27 @@ _SPECIAL_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"),
                        (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket"))
+
+
+class LabelSummary(NamedTuple):
+    """What C is inferred from (``label_summary`` of a source; ``engine.resolve_num_classes``).
+
+    Attributes
+    ----------
+    max_label : int
+        The largest label or clean label.
+    max_row : int
+        Index (in the whole input) of the first row holding it.
+    max_kind : str
+        "label", or "clean label" when only a clean label holds it.
+    labelled : int
+        Distinct non-negative values among the labels and clean labels.
+    """
+
+    max_label: int
+    max_row: int
+    max_kind: str
+    labelled: int
 
 
 @dataclass(frozen=True)
@@ -325,11 +347,13 @@ class ArraySource:
         self.chunk_size = check_chunk_size(chunk_size, self.num_features)
 
     def _label_blocks(self):
-        """``(offset, int64 labels)`` blocks of the labels and clean labels, 4M at a time."""
+        """``(kind, offset, int64 labels)`` blocks of the labels and clean labels, 4M at a
+        time (``kind``: "label" or "clean label")."""
         for array, what in ((self.labels, "labels"), (self.clean_labels, "clean_labels")):
             for start in range(0, 0 if array is None else self.num_rows, 1 << 22):
-                yield start, to_kernel_labels(array[start:start + (1 << 22)], what,
-                                              self.row_offset + start)
+                yield (what[:-1].replace("_", " "), start,
+                       to_kernel_labels(array[start:start + (1 << 22)], what,
+                                        self.row_offset + start))
 
     def label_summary(self):
         """The largest label (and clean label), its first row, and how many classes have rows.
@@ -340,26 +364,23 @@ class ArraySource:
 
         Returns
         -------
-        max_label : int
-        max_row : int
-            Index (in the whole input) of the first row holding it.
-        num_labelled_classes : int
-            Distinct non-negative values among the labels and clean labels.
+        LabelSummary
         """
-        max_label, max_row = -1, 0
-        for start, block in self._label_blocks():
+        max_label, max_row, max_kind = -1, 0, "label"
+        for kind, start, block in self._label_blocks():
             if block.size and block.max() > max_label:
                 max_label = int(block.max())
                 max_row = self.row_offset + start + int(block.argmax())
+                max_kind = kind
         if max_label + 1 <= 4 * max(self.num_rows, 1 << 16):
             seen = np.zeros(max_label + 1, bool)
-            for _, block in self._label_blocks():
+            for _, _, block in self._label_blocks():
                 seen[block[block >= 0]] = True
-            return max_label, max_row, int(seen.sum())
+            return LabelSummary(max_label, max_row, max_kind, int(seen.sum()))
         distinct = np.zeros(0, np.int64)
-        for _, block in self._label_blocks():
+        for _, _, block in self._label_blocks():
             distinct = np.union1d(distinct, block[block >= 0])
-        return max_label, max_row, int(distinct.size)
+        return LabelSummary(max_label, max_row, max_kind, int(distinct.size))
 
     def __iter__(self):
         for start in range(0, self.num_rows, self.chunk_size):

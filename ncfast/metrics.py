@@ -25,6 +25,14 @@ def _std_over_mean(values):
     return float(np.std(values) / mean) if mean != 0 else math.nan
 
 
+def _norm(values):
+    """Euclidean norm without overflow in its squares (a bias of 1e200 has norm 1e200)."""
+    largest = float(np.max(np.abs(values), initial=0.0))
+    if largest == 0.0 or not math.isfinite(largest):
+        return largest
+    return largest * float(np.linalg.norm(values / largest))
+
+
 def within_class_nc1(geometry, stats, pinv_rtol):
     """NC1 ``Tr(Sigma_W Sigma_B^+)/C`` and ``Tr Sigma_W / Tr Sigma_B``.
 
@@ -140,7 +148,7 @@ def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
             "unc3": _std_over_mean(sweep.weight_mean_dots),
             "nc4": stats.disagreements / num_rows,
             "accuracy": float(stats.classifier_hits.sum() / num_rows),
-            "bias_collapse": float(np.linalg.norm(plan.global_logits)),
+            "bias_collapse": _norm(plan.global_logits),
             "class_accuracy": _per_class(stats.classifier_hits, stats.counts),
         })
     return result

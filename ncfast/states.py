@@ -285,13 +285,10 @@ def _residual_stats_invariants(stats, prefix):
 
 
 def _pass2_parts(state):
-    """``({prefix: ResidualStats}, {prefix: Geometry})`` of a pass-2 state, as stored."""
+    """``{prefix: ResidualStats}`` of a pass-2 state, as stored."""
     if isinstance(state, ResidualStats):
-        return {"stats/": state}, {"geometry/": state.geometry}
-    geometries = {"geometry/": state.stats.geometry}
-    if state.has_noise:
-        geometries["clean_geometry/"] = state.clean_stats.geometry
-    return {f"{part}/": stats for part, stats in state.parts().items()}, geometries
+        return {"stats/": state}
+    return {f"{part}/": stats for part, stats in state.parts().items()}
 
 
 def _invariants(state):
@@ -305,11 +302,9 @@ def _invariants(state):
     """
     if isinstance(state, ClassSums):
         return _class_sums_invariants(state)
-    parts, geometries = _pass2_parts(state)
-    checks = [(f"{prefix}counts", geometry.counts, geometry.counts < 0, "negative")
-              for prefix, geometry in geometries.items() if geometry.counts is not None]
-    checks += [check for prefix, stats in parts.items()
-               for check in _residual_stats_invariants(stats, prefix)]
+    parts = _pass2_parts(state)
+    checks = [check for prefix, stats in parts.items()
+              for check in _residual_stats_invariants(stats, prefix)]
     if isinstance(state, ResidualPass) and state.has_noise:
         # Clean rows keep their label (their rows of each class are some of stats'); corrupted
         # rows go to corrupted_stats under their true label.
@@ -435,7 +430,7 @@ def _identities(state):
     """
     if isinstance(state, ClassSums):
         return []
-    parts, _ = _pass2_parts(state)
+    parts = _pass2_parts(state)
     checks = [check for prefix, stats in parts.items()
               for check in _residual_stats_identities(stats, prefix)]
     if isinstance(state, ResidualPass) and state.has_noise:

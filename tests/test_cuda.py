@@ -205,6 +205,25 @@ def test_bad_rows_raise_the_cpu_errors(placement, small_launches):
 
 
 @requires_gpu
+def test_stray_label_inferred_on_the_gpu_is_named_as_on_the_cpu():
+    """Device arrays summarize their labels on the device: the same error as the CPU's,
+    a stray clean label named as such."""
+    import cupy
+    case = gaussian_classes(num_rows=500)
+    for which in ("labels", "clean_labels"):
+        labels = {"labels": case["labels"].copy(), "clean_labels": case["labels"].copy()}
+        labels[which][[321, 400]] = 90
+        with pytest.raises(ValueError, match="but only 6 distinct") as cpu_error:
+            ncfast.collapse(case["features"], **labels)
+        with pytest.raises(ValueError) as gpu_error:
+            ncfast.collapse(cupy.asarray(case["features"]),
+                            **{name: cupy.asarray(value) for name, value in labels.items()},
+                            device="cuda")
+        assert str(gpu_error.value) == str(cpu_error.value)
+        assert ("clean label 90" in str(gpu_error.value)) == (which == "clean_labels")
+
+
+@requires_gpu
 def test_gpu_arrays_refuse_device_cpu():
     import cupy
     case = gaussian_classes(num_rows=50)

@@ -178,6 +178,10 @@ def test_errors_name_the_row_of_the_whole_input():
     with pytest.raises(ValueError, match=r"row 731 has label 9223372036854775813, but only 4 "
                                          r"distinct .*return_inverse=True\)\)$"):
         ncfast.dask.collapse(features, huge, scheduler="sync")
+    clean = case["labels"].copy()
+    clean[[402, 731]] = 50
+    with pytest.raises(ValueError, match="row 402 has clean label 50, but only 4 distinct"):
+        ncfast.dask.collapse(features, case["labels"], clean_labels=clean, scheduler="sync")
 
 
 def test_empty_blocks_with_num_classes_inferred(assert_same_report):

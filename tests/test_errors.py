@@ -249,6 +249,14 @@ def test_stray_label_with_num_classes_inferred_names_its_row(case, stray, hint):
     assert ("pass num_classes= to accept the empty classes" in str(error.value)) == hint
 
 
+def test_stray_clean_label_with_num_classes_inferred_is_named_a_clean_label(case):
+    """The stray value was in the clean labels, but the error said "row 6 has label"."""
+    clean = case["labels"].copy()
+    clean[[6, 11]] = 40
+    with pytest.raises(ValueError, match="row 6 has clean label 40, but only 4 distinct"):
+        ncfast.collapse(case["features"], case["labels"], clean_labels=clean)
+
+
 # --- too little data ------------------------------------------------------------------------
 
 def test_empty_input(case):
@@ -680,3 +688,48 @@ def test_pass_one_states_take_sizes_and_options_they_can_use(case):
     with pytest.raises(ValueError, match="empty_classes must be one of"):
         ncfast.finalize_pass1(class_sums, empty_classes="nope")
     assert sum([class_sums, class_sums]) == class_sums + class_sums
+
+
+@pytest.mark.parametrize("counts, error, message", [
+    (lambda counts: counts[:-1], ValueError, r"one row count per class, shape \(3,\); found "
+                                             r"shape \(2,\)"),
+    (lambda counts: np.where(np.arange(counts.size) == 2, -3, counts), ValueError,
+     "0 or more; class 2 has -3"),
+    (lambda counts: counts + 0.5, ValueError, "whole numbers of rows, 0 or more; class 0"),
+    (lambda counts: np.where(np.arange(counts.size) == 1, np.nan, counts), ValueError,
+     "class 1 has nan"),
+    (lambda counts: counts.astype(str), TypeError, "found dtype <U"),
+], ids=["short", "negative", "fraction", "nan", "text"])
+def test_geometry_refuses_counts_it_cannot_use(case, counts, error, message):
+    """Geometry.from_class_sums and from_means took negative and fractional counts, and
+    counts of the wrong length ended in an IndexError."""
+    class_sums = ncfast.ClassSums(NUM_CLASSES, NUM_FEATURES).update(case["features"],
+                                                                    case["labels"])
+    wrong = counts(class_sums.counts)
+    with pytest.raises(error, match=message):
+        ncfast.Geometry.from_class_sums(wrong, class_sums.sums)
+    means = class_sums.sums / class_sums.counts[:, None]
+    with pytest.raises(error, match=message):
+        ncfast.Geometry.from_means(means, wrong, global_mean="samples")
+
+
+def test_geometry_weighs_means_by_counts_only_when_some_class_has_rows(case):
+    """Counts of 0 for every class with a mean gave a NaN global mean."""
+    means = ncfast.collapse(case["features"], case["labels"]).means
+    with pytest.raises(ValueError, match="classes with a mean have 0 rows in counts"):
+        ncfast.Geometry.from_means(means, np.zeros(NUM_CLASSES, np.int64),
+                                   global_mean="samples")
+    geometry = ncfast.Geometry.from_means(means, np.arange(NUM_CLASSES) + 1.0,
+                                          global_mean="samples")
+    assert geometry.counts.dtype == np.int64
+
+
+def test_huge_bias_gives_its_own_norm_as_bias_collapse(case):
+    """A bias of 1e200 gave bias_collapse = inf: its squares overflowed."""
+    bias = np.array([1e200, -1e200, 3e199])
+    report = ncfast.collapse(case["features"], case["labels"], weights=case["weights"],
+                             bias=bias)
+    logits = case["weights"] @ case["features"].astype(np.float64).mean(axis=0) + bias
+    assert report.bias_collapse == pytest.approx(np.sqrt(np.sum((logits / 1e200) ** 2)) * 1e200,
+                                                 rel=1e-12)
+    assert report.accuracy == pytest.approx(np.mean(case["labels"] == 0))

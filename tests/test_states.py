@@ -353,7 +353,8 @@ def test_rows_at_one_distance_from_their_mean_load(tmp_path):
      r"the sum of stats/counts is \d+, not the clean rows \(the sum of clean_stats/counts\) "
      r"plus the corrupted rows \(stats/totals\[1\]\)"),
     (_set("geometry/counts", lambda t: -t["geometry/counts"]),
-     r"geometry/counts\[0\] is -\d+, negative"),
+     r"the stored geometry is unusable \(counts must be whole numbers of rows, 0 or more; "
+     r"class 0 has -\d+\)"),
 ], ids=["norm_sums beyond Cauchy-Schwarz", "sq_norm_sums beyond norm_sums squared",
         "too few disagreements", "too many disagreements", "rows neither clean nor corrupted",
         "mean counts negative"])

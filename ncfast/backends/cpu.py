@@ -85,7 +85,7 @@ class HostSource:
         return isinstance(self.host, IterableSource)
 
     def label_summary(self):
-        """``(largest label, its first row, classes with rows)``; see ``ArraySource``.
+        """``ncfast.inputs.LabelSummary`` of the labels; see ``ArraySource``.
 
         Raises
         ------

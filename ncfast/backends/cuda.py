@@ -33,8 +33,9 @@ import numpy as np
 from ncfast import errors
 from ncfast.backends import is_cupy_array, is_torch_cuda_tensor
 from ncfast.backends.cpu import HostSource
-from ncfast.inputs import (KERNEL_DTYPES, Chunk, as_source, check_chunk_size, check_features,
-                           check_labels, is_torch_tensor, to_kernel_features, to_kernel_labels)
+from ncfast.inputs import (KERNEL_DTYPES, Chunk, LabelSummary, as_source, check_chunk_size,
+                           check_features, check_labels, is_torch_tensor, to_kernel_features,
+                           to_kernel_labels)
 from ncfast.kernels.cpu import NO_ROW
 from ncfast.plan import eigen_diagonal
 from ncfast.sweep import reduce_tile_xp
@@ -150,13 +151,15 @@ class ResidentSource:
         return self.device
 
     def label_summary(self):
-        """``(largest label, its first row, distinct labels)``, as ``ArraySource``'s."""
+        """``ncfast.inputs.LabelSummary``, as ``ArraySource``'s."""
         cupy = sys.modules["cupy"]
         labels = self.labels if self.clean_labels is None else \
             cupy.concatenate([self.labels, self.clean_labels])
         max_label = int(labels.max())  # synchronize!
-        row = int(labels.argmax()) % self.num_rows
-        return max_label, row, int(cupy.unique(labels[labels >= 0]).size)
+        first = int(labels.argmax())
+        return LabelSummary(max_label, first % self.num_rows,
+                            "label" if first < self.num_rows else "clean label",
+                            int(cupy.unique(labels[labels >= 0]).size))
 
     def chunks(self, pass_number):
         """Device chunks of pass ``pass_number``; pass 2's alternate between streams."""
