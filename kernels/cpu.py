@@ -31,6 +31,8 @@ import numpy as np
 from numba import njit
 from threadpoolctl import ThreadpoolController
 
+from ncfast.kernels.blas import sgemm
+
 # Fast-math without nnan/ninf, so that the finiteness checks below still work.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -48,8 +50,8 @@ MAX_RESIDUAL_SQ_NORM = MAX_RESIDUAL_NORM ** 2
 #: output stay in one core's L2 cache.
 BLOCK_BYTES = 512 << 10
 
-# The BLAS libraries of numpy and SciPy (Numba's np.dot calls SciPy's, so it is
-# loaded first), limited to one thread inside the passes.
+# The BLAS libraries of numpy and SciPy (the kernels' GEMMs call numpy's, ``blas.sgemm``;
+# Numba's np.dot, SciPy's, so it is loaded first), limited to one thread inside the passes.
 importlib.import_module("scipy.linalg.cython_blas")
 _BLAS = ThreadpoolController()
 
@@ -734,7 +736,7 @@ def residual_blocks(features, labels, corrupted, route, buffers, out_sq_norms, s
     """Pass 2 of some rows on the "classes" route, on one thread, in cache-sized blocks.
 
     Per block of ``b = buffers.residuals.shape[0]`` rows: ``block_residuals``;
-    one float32 GEMM ``R M~^T V`` (BLAS, through ``np.dot``); for the rows
+    one float32 GEMM ``R M~^T V`` (BLAS, ``blas.sgemm``); for the rows
     beyond their NCC radius, if any, ``z = V a`` by a second GEMM; for the
     rows beyond their classifier radius, if any, ``W r`` by a third
     (``gather_rows_beyond``); ``epilogue``. Each GEMM has one shape for every
@@ -774,24 +776,24 @@ def residual_blocks(features, labels, corrupted, route, buffers, out_sq_norms, s
         if block_residuals(features[first:last], block_labels, route.label_rows, route.means,
                            residual_buffer[:size], sq_norms) != NO_ROW:
             return False
-        np.dot(residual_buffer, route.projection_t, buffers.products)
+        sgemm(residual_buffer, route.projection_t, buffers.products)
         far = count_rows_beyond(sq_norms, block_labels, route.label_rows, route.ncc_sq_radii)
         if far == size:  # the gathered rows would be the block itself
-            np.dot(buffers.products, route.eigenvectors_t, buffers.far_mean_products)
+            sgemm(buffers.products, route.eigenvectors_t, buffers.far_mean_products)
         elif far > 0:
             gather_rows_beyond(buffers.products[:size], sq_norms, block_labels,
                                route.label_rows, route.ncc_sq_radii, buffers.far_coordinates)
-            np.dot(buffers.far_coordinates, route.eigenvectors_t, buffers.far_mean_products)
+            sgemm(buffers.far_coordinates, route.eigenvectors_t, buffers.far_mean_products)
         if has_classifier:
             uncertain = count_rows_beyond(sq_norms, block_labels, route.label_rows,
                                           route.classifier_sq_radii)
             if uncertain == size:  # the gathered rows would be the block itself
-                np.dot(residual_buffer, route.weights_t, buffers.far_logits)
+                sgemm(residual_buffer, route.weights_t, buffers.far_logits)
             elif uncertain > 0:
                 gather_rows_beyond(residual_buffer[:size], sq_norms, block_labels,
                                    route.label_rows, route.classifier_sq_radii,
                                    buffers.far_residuals)
-                np.dot(buffers.far_residuals, route.weights_t, buffers.far_logits)
+                sgemm(buffers.far_residuals, route.weights_t, buffers.far_logits)
         epilogue(buffers.products[:size], sq_norms, block_labels,
                  corrupted[first:last] if has_corrupted else corrupted,
                  buffers.far_mean_products, buffers.far_logits, route, sums)
@@ -806,7 +808,7 @@ def coordinate_blocks(features, labels, label_rows, means, basis, block, product
     Per block of ``b = block.shape[0]`` rows: ``block_residuals`` into
     ``block`` (the last block padded with zero rows, so that every GEMM has
     one shape, as in ``residual_blocks``), one float32 GEMM by ``basis`` (BLAS,
-    through ``np.dot``), and the squares of the products summed in float64:
+    ``blas.sgemm``), and the squares of the products summed in float64:
     ``sum_i (r_i . u_j)^2`` for every column ``u_j`` of ``basis``, the
     residuals' squared coordinates in the eigenbasis of ``Sigma_B``.
 
@@ -836,7 +838,7 @@ def coordinate_blocks(features, labels, label_rows, means, basis, block, product
                               label_rows, means, block[:size], out_sq_norms[first:first + size])
         if bad != NO_ROW:
             return first + bad
-        np.dot(block, basis, products)
+        sgemm(block, basis, products)
         for i in range(size):
             for j in range(products.shape[1]):
                 coordinate = np.float64(products[i, j])

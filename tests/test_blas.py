@@ -1,0 +1,57 @@
+"""``ncfast.kernels.blas``: the float32 GEMM of the pass-2 kernels (numpy's BLAS, or the
+compiled fallback through Numba's ``np.dot``)."""
+import ctypes
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from ncfast.kernels import blas
+
+SHAPES = [(5, 7, 3), (256, 64, 10), (1, 1, 1), (0, 4, 3), (4, 0, 3), (4, 3, 0)]
+
+
+def _product(m, k, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((m, k), dtype=np.float32),
+            rng.standard_normal((k, n), dtype=np.float32))
+
+
+@pytest.mark.parametrize("m, k, n", SHAPES)
+def test_sgemm_is_the_float32_product(m, k, n):
+    rows, matrix = _product(m, k, n)
+    out = np.full((m, n), np.nan, np.float32)
+    blas.sgemm(rows, matrix, out)
+    reference = rows.astype(np.float64) @ matrix.astype(np.float64)
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5 * np.sqrt(max(k, 1)))
+
+
+def test_sgemm_refuses_shapes_that_do_not_match():
+    rows, matrix = _product(4, 3, 2)
+    out = np.zeros((4, 2), np.float32)
+    for wrong in ((rows, matrix[:2], out), (rows, matrix, out[:3]),
+                  (rows, matrix, np.zeros((4, 3), np.float32))):
+        with pytest.raises(ValueError, match="shapes of rows, matrix and out do not match"):
+            blas.sgemm(*wrong)
+    assert not out.any()
+
+
+def test_sgemm_calls_the_blas_that_numpy_bundles_when_it_has_one():
+    package = os.path.dirname(np.__file__)
+    bundled = glob.glob(os.path.join(package + ".libs", "libscipy_openblas64_*"))
+    assert blas.SOURCE == ("numpy" if bundled else "numba")
+    assert (blas.numpy_sgemm_address() is not None) == bool(bundled)
+
+
+@pytest.mark.parametrize("m, k, n", SHAPES[:4])
+def test_fallback_is_the_float32_product(m, k, n):
+    """The fallback, called as a C function with the arguments ``sgemm`` passes."""
+    rows, matrix = _product(m, k, n, seed=1)
+    out = np.full((m, n), np.nan, np.float32)
+    pointer = ctypes.POINTER(ctypes.c_float)
+    blas._numba_sgemm.ctypes(101, 111, 111, m, n, k, 1.0, rows.ctypes.data_as(pointer), k,
+                             matrix.ctypes.data_as(pointer), n, 0.0,
+                             out.ctypes.data_as(pointer), n)
+    np.testing.assert_allclose(out, rows.astype(np.float64) @ matrix.astype(np.float64),
+                               rtol=1e-5, atol=1e-5 * np.sqrt(k))
