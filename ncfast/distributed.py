@@ -218,14 +218,55 @@ def collapse(batches, *, num_classes, num_features, group=None, **options):
         raise TypeError(
             "batches is a one-shot iterator (e.g. a generator), but the analysis reads the "
             "batches twice; pass a list or another re-iterable")
-    analysis = DistributedCollapse(num_classes, num_features, group=group, **options)
+    analysis = on_every_rank(
+        lambda: DistributedCollapse(num_classes, num_features, group=group, **options), group,
+        "setting up the analysis")
     if options.get("means") is None:
-        for batch in batches:
-            analysis.update_pass1(*batch)
+        on_every_rank(lambda: [analysis.update_pass1(*batch) for batch in batches], group,
+                      "pass 1")
         analysis.finalize_pass1()
-    for batch in batches:
-        analysis.update_pass2(*batch)
+    on_every_rank(lambda: [analysis.update_pass2(*batch) for batch in batches], group, "pass 2")
     return analysis.report()
+
+
+def on_every_rank(work, group, what):
+    """``work()`` on this rank, then one ``all_reduce`` that tells every rank which failed.
+
+    A rank whose ``work`` raised would never reach the next collective, and
+    the others would wait in it until the backend's timeout (30 minutes and
+    more). So every rank reports here whether its ``work`` raised: that rank
+    raises its own error, and the others a ``ValueError`` naming it.
+
+    Parameters
+    ----------
+    work : callable
+        This rank's share, without collectives.
+    group : ProcessGroup or None
+    what : str
+        The step, for the other ranks' error ("pass 1").
+
+    Returns
+    -------
+    The result of ``work()``.
+    """
+    failure = result = None
+    try:
+        result = work()
+    except Exception as error:  # any failure must reach the other ranks
+        failure = error
+    if dist.is_available() and dist.is_initialized():
+        failed = torch.zeros(dist.get_world_size(group), dtype=torch.int64,
+                             device=_reduce_device(group))
+        failed[dist.get_rank(group)] = failure is not None
+        dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=group)
+        ranks = np.flatnonzero(failed.cpu().numpy()).tolist()
+        if failure is None and ranks:
+            raise ValueError(
+                f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of the group "
+                f"failed in {what} (its error says why), so this rank stops too")
+    if failure is not None:
+        raise failure
+    return result
 
 
 def all_reduce_sums(arrays, group=None):
@@ -249,15 +290,14 @@ def all_reduce_sums(arrays, group=None):
         raise TypeError(f"all_reduce_sums sums float64 and int64 arrays; found {unsupported}")
     if not (dist.is_available() and dist.is_initialized()):
         return  # one process, no group: its sums are the totals
-    on_cuda = dist.get_backend(group) == "nccl"
-    _check_same_shapes(arrays, group, on_cuda)
+    device = _reduce_device(group)
+    _check_same_shapes(arrays, group, device)
     for dtype in (np.float64, np.int64):
         same_dtype = [array for array in arrays if array.dtype == dtype]
         if not same_dtype:
             continue
         flat = torch.from_numpy(np.concatenate([array.ravel() for array in same_dtype]))
-        if on_cuda:
-            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+        flat = flat.to(device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat = flat.cpu().numpy()
         start = 0
@@ -266,7 +306,15 @@ def all_reduce_sums(arrays, group=None):
             start += array.size
 
 
-def _check_same_shapes(arrays, group, on_cuda):
+def _reduce_device(group):
+    """Where the group's collectives take their tensors: the current CUDA device for
+    ``nccl``, the host otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_same_shapes(arrays, group, device):
     """Refuse, on every rank, arrays whose shapes differ between the ranks.
 
     Summing buffers of different sizes aborts the process (gloo) or hangs; so
@@ -282,9 +330,8 @@ def _check_same_shapes(arrays, group, on_cuda):
     shapes = [tuple(array.shape) for array in arrays]
     # The hash of a tuple of ints is the same in every process (no hash randomisation).
     sizes = [sum(array.size for array in arrays), hash(tuple(shapes)) % (1 << 62)]
-    extremes = torch.tensor(sizes + [-size for size in sizes], dtype=torch.int64)
-    if on_cuda:
-        extremes = extremes.to(torch.device("cuda", torch.cuda.current_device()))
+    extremes = torch.tensor(sizes + [-size for size in sizes], dtype=torch.int64,
+                            device=device)
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
     largest, smallest = extremes[:2].tolist(), [-value for value in extremes[2:].tolist()]
     if largest != smallest:

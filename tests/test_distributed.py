@@ -6,6 +6,7 @@ rank none at all in one case); every rank's report must equal
 kernel chunks in both runs, so only the order of the float64 sums differs
 (<= 1e-10 relative).
 """
+import datetime
 import pickle
 import socket
 
@@ -77,10 +78,36 @@ def _shifted_on_rank_one(rank):
     analysis.report()
 
 
+def _bad_row_on_rank_one(rank, step):
+    """Rank 1 finds a bad row in one pass of ``collapse`` (rank 0 none): rank 0 used to wait
+    for it in the collective at the pass's end."""
+    case = gaussian_classes(num_rows=600)
+    batches = _rank_batches(case, rank, (2, 2))
+    if rank == 1:
+        features = batches[1][0].clone()
+        features[7, 2] = float("nan")
+        bad_batch = (features, batches[1][1])
+        batches = [batches[0], bad_batch] if step == "pass1" else _TwoPasses(batches, bad_batch)
+    collapse(batches, num_classes=case["num_classes"], num_features=case["features"].shape[1])
+
+
+class _TwoPasses:
+    """Batches whose readings after the first complete one replace the last batch."""
+
+    def __init__(self, batches, second_last):
+        self.batches, self.second_last, self.completed = batches, second_last, 0
+
+    def __iter__(self):
+        yield from (self.batches if self.completed == 0 else
+                    self.batches[:-1] + [self.second_last])
+        self.completed += 1
+
+
 def _run_rank(rank, port, out_dir):
     """One process of the group: every case, class API and function API."""
+    # A rank left waiting in a collective fails after a minute, not gloo's 30.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE)
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
     try:
         reports = {}
         for name, (make_case, batch_counts) in CASES.items():
@@ -109,6 +136,11 @@ def _run_rank(rank, port, out_dir):
             _shifted_on_rank_one(rank)
         except ValueError as error:
             reports["shifted_on_rank_one"] = str(error)
+        for step in ("pass1", "pass2"):
+            try:
+                _bad_row_on_rank_one(rank, step)
+            except ValueError as error:
+                reports[f"bad_row_on_rank_one_{step}"] = str(error)
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as handle:
             pickle.dump(reports, handle)
     finally:
@@ -175,6 +207,17 @@ def test_other_rows_in_pass_two_on_one_rank_raise_on_every_rank(rank_reports):
         assert reports["shifted_on_rank_one"].startswith(
             "the batches given to update_pass2 yielded other rows in the two passes: their "
             "class means differ from pass 1's")
+
+
+@pytest.mark.parametrize("step", ["pass1", "pass2"])
+def test_a_bad_row_on_one_rank_stops_every_rank(rank_reports, step):
+    """The rank with the bad row raises its own error; the other one names it, where it
+    used to wait in the pass's all_reduce until gloo's timeout."""
+    rank0, rank1 = (reports[f"bad_row_on_rank_one_{step}"] for reports in rank_reports)
+    first_batch = _rank_batches(gaussian_classes(num_rows=600), 1, (2, 2))[0]
+    assert f"features row {len(first_batch[0]) + 7} contains NaN" in rank1
+    assert rank0 == (f"rank 1 of the group failed in {step.replace('pass', 'pass ')} (its error "
+                     "says why), so this rank stops too")
 
 
 def test_bad_rows_are_named_by_their_index_among_the_rows_fed():
