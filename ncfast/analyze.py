@@ -549,7 +549,7 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
             except (ValueError, TypeError, OSError) as error:
                 analysis.failures.append(Failure(checkpoint.name, one_line(error)))
                 outcome = "FAILED (reason below)"
-            # Cached and failed layer groups count as read, so that the bar ends full.
+            # Cached and failed layer groups count as done, so that the bar ends full.
             shown.finish(checkpoint.name, outcome, _feature_bytes(checkpoint, layers))
     analysis.rows.sort(key=lambda row: (row["source"], -1 if row["epoch"] is None
                                         else row["epoch"], row["layer"], row["split"]))
@@ -571,15 +571,17 @@ class _TaskColumn(ProgressColumn):
 class _Progress:
     """What ``analyze`` tells while it works, on stderr.
 
-    On a terminal, a rich bar of checkpoints (counted) and features read
-    (bytes); elsewhere (a log file, a pipe), one plain line per checkpoint.
+    On a terminal, a rich bar of checkpoints (counted) and features done
+    (bytes: read, or their checkpoint's layer groups came from the cache or
+    failed, so that the bar ends full); elsewhere (a log file, a pipe), one
+    plain line per checkpoint, with the bytes done and those really read.
     """
 
     def __init__(self, num_checkpoints, total_bytes, *, enabled):
         console = Console(stderr=True)
         self.enabled, self.console = enabled, console
         self.num_checkpoints, self.done = num_checkpoints, 0
-        self.total_bytes, self.finished_bytes = total_bytes, 0
+        self.total_bytes, self.finished_bytes, self.read_bytes = total_bytes, 0, 0
         self.bar = None
         if enabled and console.is_terminal:
             self.bar = Progress(
@@ -589,7 +591,7 @@ class _Progress:
                     DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())),
                 console=console, transient=True)
             self.checkpoint_task = self.bar.add_task("checkpoints", total=num_checkpoints)
-            self.byte_task = self.bar.add_task("features read (2 passes)", total=total_bytes,
+            self.byte_task = self.bar.add_task("features done (2 passes)", total=total_bytes,
                                                in_bytes=True)
 
     def __enter__(self):
@@ -611,11 +613,12 @@ class _Progress:
 
     def read(self, count):
         """``count`` bytes of features were read."""
+        self.read_bytes += count
         if self.bar is not None:
             self.bar.advance(self.byte_task, count)
 
     def finish(self, name, outcome, checkpoint_bytes):
-        """A checkpoint is done; its bytes count as read whether measured, cached or failed."""
+        """A checkpoint is done; its bytes count as done whether measured, cached or failed."""
         self.done += 1
         self.finished_bytes += checkpoint_bytes
         if self.bar is not None:
@@ -625,7 +628,8 @@ class _Progress:
             self.console.print(
                 f"ncfast analyze: [{self.done}/{self.num_checkpoints}] {name}: {outcome} "
                 f"({decimal_size(self.finished_bytes)} of {decimal_size(self.total_bytes)} of "
-                "features read)", markup=False, highlight=False, soft_wrap=True)
+                f"features done, {decimal_size(self.read_bytes)} read)", markup=False,
+                highlight=False, soft_wrap=True)
 
     def _describe(self, description):
         if self.bar is not None:
@@ -996,8 +1000,10 @@ def results_tables(rows, metrics, width):
     if len(rows) == 1:
         (row,) = rows
         epoch = "" if row["epoch"] is None else f" epoch {row['epoch']}"
-        table = Table(title=escape(f"{labels[row['source']]}{epoch}, {row['layer']} / "
-                                   f"{row['split']}"), box=box.SIMPLE_HEAD, title_justify="left")
+        where = " / ".join(part for part in (row["layer"], row["split"]) if part)
+        table = Table(title=escape(f"{labels[row['source']]}{epoch}" + (f", {where}" if where
+                                                                       else "")),
+                      box=box.SIMPLE_HEAD, title_justify="left")
         table.add_column("metric", no_wrap=True)
         table.add_column("value", justify="right", no_wrap=True)
         table.add_column("meaning", overflow="fold")
@@ -1184,8 +1190,9 @@ def run_merge(args, console, errors):
     coverage = ("held-out rows (--held-out): not checked against the rows behind the means"
                 if args.held_out else check_pass2_coverage(merged))
     report = report_of(merged)
-    row = {"source": "merged", "epoch": None, "split": "merged", "layer": "merged",
-           "measured_against": "merged", **report.to_dict()}
+    # Pass-2 states carry no layer or split: the row names its merge alone.
+    row = {"source": "merged", "epoch": None, "split": "",
+           "layer": "", "measured_against": "merged", **report.to_dict()}
     analysis = Analysis(rows=[row])
     print_results(analysis, None, scalar_metrics(analysis.rows), args, console,
                   f"ncfast merge: {len(args.states)} pass-2 states")

@@ -290,6 +290,8 @@ def test_one_row_prints_vertically(worker_states, tmp_path, capsys, monkeypatch)
     assert main(["merge", *paths, "--out", str(tmp_path / "merged")]) == 0
     printed = capsys.readouterr().out
     assert max(map(len, printed.splitlines())) <= 80
+    # The merged states carry no layer or split ("merged, merged / merged" before).
+    assert re.search(r"^ *merged *$", printed, re.MULTILINE)
     (row,) = json.loads((tmp_path / "merged/metrics.json").read_text())["rows"]
     for name in ("nc1", "nc2_equiangular_w", "bias_collapse", "ncc_accuracy"):
         assert re.search(rf"^\s+{name}\s+{re.escape(f'{row[name]:.4g}')}\s", printed,
@@ -323,7 +325,11 @@ def test_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
     assert [line.split(": ")[1] for line in lines] == [
         f"[{epoch}/3] {run} epoch {epoch}" for epoch in (1, 2, 3)]
     assert "\r" not in printed and "bytes" not in printed
-    assert lines[-1].endswith("of features read)")
+    assert re.search(r"of features done, [\d.]+ [kM]B read\)$", lines[-1])
+    # From the cache nothing is read, though the checkpoints are done.
+    analyze([run], progress=True)
+    analyze([run], progress=True)
+    assert capsys.readouterr().err.splitlines()[-1].endswith("of features done, 0 bytes read)")
 
 
 def test_progress_bar_counts_checkpoints_and_measures_bytes(monkeypatch):
@@ -340,7 +346,7 @@ def test_progress_bar_counts_checkpoints_and_measures_bytes(monkeypatch):
     checkpoints, features = console.file.getvalue().splitlines()
     assert re.search(r"checkpoints .* 1/3\s*$", checkpoints)
     assert "bytes" not in checkpoints and "B" not in checkpoints.split()[-1]
-    assert re.search(r"features read .* 1\.0/5\.0 MB", features)
+    assert re.search(r"features done .* 1\.0/5\.0 MB", features)
 
 
 def test_training_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
