@@ -55,3 +55,40 @@ def test_fallback_is_the_float32_product(m, k, n):
                              out.ctypes.data_as(pointer), n)
     np.testing.assert_allclose(out, rows.astype(np.float64) @ matrix.astype(np.float64),
                                rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+FALLBACK_SCRIPT = """
+import glob, json, sys
+glob.glob = lambda *args, **kwargs: []  # numpy's bundled BLAS is not found
+sys.path.insert(0, "tests")
+import ncfast
+from ncfast.kernels import blas
+from cases import gaussian_classes
+case = gaussian_classes(num_rows=4000, num_features=64, num_classes=30)
+report = ncfast.collapse(case["features"], case["labels"], weights=case["weights"],
+                         bias=case["bias"])
+print(json.dumps({"source": blas.SOURCE, "nc1": report.nc1, "nc1_trace": report.nc1_trace,
+                  "ncc_accuracy": report.ncc_accuracy, "accuracy": report.accuracy}))
+"""
+
+
+def test_kernels_run_on_the_fallback_where_numpy_bundles_no_blas():
+    """Another process where numpy's BLAS is not found: the same kernels (from Numba's
+    cache or compiled afresh) call the fallback, and give the same report."""
+    import json
+    import subprocess
+    import sys
+
+    from cases import gaussian_classes
+
+    import ncfast
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=root, check=True,
+                          capture_output=True, text=True)
+    fallback = json.loads(done.stdout)
+    assert fallback.pop("source") == "numba"
+    case = gaussian_classes(num_rows=4000, num_features=64, num_classes=30)
+    report = ncfast.collapse(case["features"], case["labels"], weights=case["weights"],
+                             bias=case["bias"])
+    for name, value in fallback.items():
+        assert value == pytest.approx(getattr(report, name), rel=1e-5), name
