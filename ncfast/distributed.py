@@ -261,9 +261,11 @@ def on_every_rank(work, group, what):
         dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=group)
         ranks = np.flatnonzero(failed.cpu().numpy()).tolist()
         if failure is None and ranks:
+            several = len(ranks) > 1
             raise ValueError(
-                f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of the group "
-                f"failed in {what} (its error says why), so this rank stops too")
+                f"rank{'s' if several else ''} {', '.join(map(str, ranks))} of the group "
+                f"failed in {what} ({'their errors say' if several else 'its error says'} "
+                "why), so this rank stops too")
     if failure is not None:
         raise failure
     return result

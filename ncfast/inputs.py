@@ -349,11 +349,11 @@ class ArraySource:
     def _label_blocks(self):
         """``(kind, offset, int64 labels)`` blocks of the labels and clean labels, 4M at a
         time (``kind``: "label" or "clean label")."""
-        for array, what in ((self.labels, "labels"), (self.clean_labels, "clean_labels")):
+        for array, what, kind in ((self.labels, "labels", "label"),
+                                  (self.clean_labels, "clean_labels", "clean label")):
             for start in range(0, 0 if array is None else self.num_rows, 1 << 22):
-                yield (what[:-1].replace("_", " "), start,
-                       to_kernel_labels(array[start:start + (1 << 22)], what,
-                                        self.row_offset + start))
+                yield kind, start, to_kernel_labels(array[start:start + (1 << 22)], what,
+                                                    self.row_offset + start)
 
     def label_summary(self):
         """The largest label (and clean label), its first row, and how many classes have rows.
