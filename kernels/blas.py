@@ -63,9 +63,10 @@ def numpy_sgemm_address():
     return None
 
 
+_numpy_address = numpy_sgemm_address()
 #: Which BLAS ``sgemm`` calls: "numpy" (its bundled OpenBLAS) or "numba" (the fallback).
-SOURCE = "numpy" if numpy_sgemm_address() is not None else "numba"
-llvm.add_symbol(SYMBOL, numpy_sgemm_address() or _numba_sgemm.address)
+SOURCE = "numba" if _numpy_address is None else "numpy"
+llvm.add_symbol(SYMBOL, _numba_sgemm.address if _numpy_address is None else _numpy_address)
 
 
 def _is_packed_float32(array_type):
