@@ -46,9 +46,12 @@ FLOAT64_MAX = np.finfo(np.float64).max
 MAX_RESIDUAL_NORM = 1e20
 MAX_RESIDUAL_SQ_NORM = MAX_RESIDUAL_NORM ** 2
 
-#: Bytes of float32 residuals per pass-2 block: a block's residuals and GEMM
-#: output stay in one core's L2 cache.
-BLOCK_BYTES = 512 << 10
+#: Bytes of float32 residuals per pass-2 block (within ``BLOCK_ROWS_RANGE``): BLAS packs
+#: the D × C' right-hand side once per call, so more rows a call spread that cost. Against
+#: 512 KiB (blocks a core's L2 would hold), 8 MiB took 2-9% less time at 1e5 × 2048 × 1000
+#: (collapsed and far), 4e4 × 4096 × 1000 and 3e5 × 768 × 1000, and the same at
+#: 1e6 × 512 × 100, in two alternated rounds on a machine with 2 MiB of L2 per core.
+BLOCK_BYTES = 8 << 20
 
 # The BLAS libraries of numpy and SciPy (the kernels' GEMMs call numpy's, ``blas.sgemm``;
 # Numba's np.dot, SciPy's, so it is loaded first), limited to one thread inside the passes.
@@ -930,7 +933,8 @@ class Pass2Buffers(NamedTuple):
 
 #: Bytes of float32 features per pass-2 task, and at most blocks per task: worker
 #: threads take tasks as ``run_tasks`` hands them out, and each task sums into its own
-#: small partial state. A chunk of 64 MiB then holds at least 16 tasks, so that the threads finish it
+#: small partial state. A chunk of 64 MiB then holds at least 8 tasks (one block of up to
+#: ``BLOCK_BYTES`` each where blocks are that large), so that the threads finish it
 #: together (at D = 2048, tasks of 16 MiB left one core idle for 0.03 s of each 0.28 s
 #: chunk on average, and the short last chunk ran on one core).
 TASK_BYTES = 4 << 20
