@@ -21,6 +21,7 @@ import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 #: The symbol the kernels call: ``cblas_sgemm`` with 64-bit integers.
@@ -78,7 +79,8 @@ def _is_packed_float32(array_type):
 def _call_sgemm(typingctx, rows, matrix, out):
     """``out = rows @ matrix`` by one call of ``SYMBOL``."""
     if not all(map(_is_packed_float32, (rows, matrix, out))):
-        return None
+        raise TypingError(f"sgemm takes C-contiguous 2-D float32 arrays; found {rows}, "
+                          f"{matrix}, {out}")
 
     def codegen(context, builder, signature, args):
         int32, int64, float32 = ir.IntType(32), ir.IntType(64), ir.FloatType()

@@ -19,6 +19,7 @@ call, in buffers each worker thread keeps. Task sums are added in task
 order, so pass 2 does not depend on the thread count at all. On the "features"
 route the tasks run ``coordinate_blocks`` the same way.
 """
+import concurrent.futures
 import contextlib
 import importlib
 import os
@@ -66,9 +67,34 @@ _BLAS = ThreadpoolController()
 ONE_THREAD_DENSE_FLOPS = 2e9
 
 
+_one_thread_lock = threading.Lock()
+_one_thread_users = 0
+_one_thread_limit = None
+
+
+@contextlib.contextmanager
 def one_blas_thread():
-    """Context in which BLAS and LAPACK run on one thread."""
-    return _BLAS.limit(limits=1, user_api="blas")
+    """Context in which BLAS and LAPACK run on one thread.
+
+    The limit is the process's, so contexts entered from several threads at
+    once (Dask's threaded scheduler runs passes side by side) share it: the
+    first sets it and the last to leave restores the thread counts found
+    before. Each restoring its own entry's counts left BLAS on one thread for
+    the rest of the process whenever two overlapped.
+    """
+    global _one_thread_users, _one_thread_limit
+    with _one_thread_lock:
+        if _one_thread_users == 0:
+            _one_thread_limit = _BLAS.limit(limits=1, user_api="blas")
+        _one_thread_users += 1
+    try:
+        yield
+    finally:
+        with _one_thread_lock:
+            _one_thread_users -= 1
+            if _one_thread_users == 0:
+                _one_thread_limit.restore_original_limits()
+                _one_thread_limit = None
 
 
 def dense_blas(flops):
@@ -396,9 +422,11 @@ _thread_buffers = threading.local()
 
 
 def _forget_workers():
-    """In a forked child the parent's worker threads do not exist: start afresh."""
-    global _workers, _workers_lock
+    """In a forked child the parent's worker threads do not exist: start afresh (the
+    one-thread BLAS contexts they were in too)."""
+    global _workers, _workers_lock, _one_thread_lock, _one_thread_users, _one_thread_limit
     _workers, _workers_lock = None, threading.Lock()
+    _one_thread_lock, _one_thread_users, _one_thread_limit = threading.Lock(), 0, None
 
 
 os.register_at_fork(after_in_child=_forget_workers)
@@ -455,17 +483,22 @@ def run_tasks(function, num_tasks, num_threads):
     work does not hold the rest back. Tasks are rows in order, so each thread
     streams its own region of memory: two threads summing 1e6 × 512 float32
     rows by class in alternate tasks of 4 MiB took 0.16 s, each its own half 0.13 s.
-    Returns the results in task order. Kernels called by ``function`` must be
-    ``nogil``; BLAS runs single-threaded.
+    Returns the results in task order. When a task raises, the workers take
+    no further task, and the first error is raised once every worker has
+    stopped. Kernels called by ``function`` must be ``nogil``; BLAS runs
+    single-threaded.
     """
     results = [None] * num_tasks
     workers = min(max(num_threads, 1), num_tasks)
     bounds = [num_tasks * worker // max(workers, 1) for worker in range(workers + 1)]
     fronts, backs = bounds[:-1], bounds[1:]
+    failed = False
     lock = threading.Lock()
 
     def next_task(worker):
         with lock:
+            if failed:
+                return None
             if fronts[worker] < backs[worker]:
                 fronts[worker] += 1
                 return fronts[worker] - 1
@@ -476,8 +509,14 @@ def run_tasks(function, num_tasks, num_threads):
             return None
 
     def run(worker):
-        while (task := next_task(worker)) is not None:
-            results[task] = function(task)
+        nonlocal failed
+        try:
+            while (task := next_task(worker)) is not None:
+                results[task] = function(task)
+        except BaseException:
+            with lock:
+                failed = True  # the other workers take no further task
+            raise
 
     with one_blas_thread():
         if workers <= 1:
@@ -485,7 +524,11 @@ def run_tasks(function, num_tasks, num_threads):
                 results[task] = function(task)
         else:
             pool = _worker_pool()
-            for future in [pool.submit(run, worker) for worker in range(workers)]:
+            futures = [pool.submit(run, worker) for worker in range(workers)]
+            # Every worker has stopped before the first error (if any) is raised: none
+            # writes into the caller's buffers after it regains control.
+            concurrent.futures.wait(futures)
+            for future in futures:
                 future.result()
     return results
 

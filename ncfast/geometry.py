@@ -139,22 +139,29 @@ def route_for(num_means, num_features):
 
 
 def _checked_counts(counts, num_classes):
-    """Rows per class as an int64 array of shape (C,); a ValueError for anything else.
+    """Rows per class as an int64 array of shape (C,).
 
     Parameters
     ----------
     counts : array-like of shape (C,), whole non-negative numbers
     num_classes : int, C
+
+    Raises
+    ------
+    TypeError
+        For counts that are not numbers (bool too: a mask, not counts).
+    ValueError
+        For another shape, or a count that is negative, fractional or not finite.
     """
     values = np.asarray(counts)
-    if values.dtype == object or not (np.issubdtype(values.dtype, np.integer)
-                                      or np.issubdtype(values.dtype, np.floating)
-                                      or values.dtype == bool):
+    if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)):
         raise TypeError(f"counts must be whole numbers of rows per class; found dtype "
                         f"{values.dtype}")
     if values.shape != (num_classes,):
         raise ValueError(f"counts must hold one row count per class, shape ({num_classes},); "
                          f"found shape {values.shape}")
+    if np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)  # float16 cannot hold the bound below
     with np.errstate(invalid="ignore"):
         bad = ~((values >= 0) & (values == np.round(values)) & (values < 2 ** 62))
     if bad.any():

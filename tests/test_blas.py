@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from numba.core.errors import TypingError
 
 from ncfast.kernels import blas
 
@@ -35,6 +36,10 @@ def test_sgemm_refuses_shapes_that_do_not_match():
         with pytest.raises(ValueError, match="shapes of rows, matrix and out do not match"):
             blas.sgemm(*wrong)
     assert not out.any()
+    with pytest.raises(TypingError, match="sgemm takes C-contiguous 2-D float32 arrays"):
+        blas.sgemm(rows.astype(np.float64), matrix, out)
+    with pytest.raises(TypingError, match="C-contiguous"):
+        blas.sgemm(np.asfortranarray(rows), matrix, out)
 
 
 def test_sgemm_calls_the_blas_that_numpy_bundles_when_it_has_one():

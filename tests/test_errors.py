@@ -4,6 +4,7 @@ Also: ``ncfast.collapse`` never modifies its inputs (numpy arrays or torch
 tensors), whether it succeeds or fails.
 """
 import hashlib
+import warnings
 
 import numpy as np
 import pytest
@@ -699,7 +700,8 @@ def test_pass_one_states_take_sizes_and_options_they_can_use(case):
     (lambda counts: np.where(np.arange(counts.size) == 1, np.nan, counts), ValueError,
      "class 1 has nan"),
     (lambda counts: counts.astype(str), TypeError, "found dtype <U"),
-], ids=["short", "negative", "fraction", "nan", "text"])
+    (lambda counts: counts > 5, TypeError, "found dtype bool"),
+], ids=["short", "negative", "fraction", "nan", "text", "bool"])
 def test_geometry_refuses_counts_it_cannot_use(case, counts, error, message):
     """Geometry.from_class_sums and from_means took negative and fractional counts, and
     counts of the wrong length ended in an IndexError."""
@@ -722,6 +724,11 @@ def test_geometry_weighs_means_by_counts_only_when_some_class_has_rows(case):
     geometry = ncfast.Geometry.from_means(means, np.arange(NUM_CLASSES) + 1.0,
                                           global_mean="samples")
     assert geometry.counts.dtype == np.int64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float16 counts overflowed in the bound check
+        half = ncfast.Geometry.from_means(means, (np.arange(NUM_CLASSES) + 1).astype(np.float16),
+                                          global_mean="samples")
+    np.testing.assert_array_equal(half.counts, geometry.counts)
 
 
 def test_huge_bias_gives_its_own_norm_as_bias_collapse(case):

@@ -405,6 +405,55 @@ def test_worker_threads_help_a_slow_one():
     assert threads_of[3] != threads_of[0]  # the other took its last task
 
 
+def test_worker_threads_stop_before_an_error_is_raised():
+    """A failing task used to reach the caller while the other workers still ran tasks
+    (writing into the caller's buffers); now they take no further task and have stopped."""
+    finished = []
+
+    def work(task):
+        if task == 0:
+            raise ValueError("task 0 failed")
+        time.sleep(0.02)
+        finished.append(task)
+
+    with pytest.raises(ValueError, match="task 0 failed"):
+        cpu.run_tasks(work, 20, 2)
+    count = len(finished)
+    time.sleep(0.1)
+    assert len(finished) == count < 19
+
+
+def test_overlapping_one_thread_contexts_restore_the_thread_count():
+    """Two passes side by side (Dask's threaded scheduler): each context restored the
+    count it found on entry, so BLAS stayed on one thread once they overlapped."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    first_entered, second_entered = threading.Event(), threading.Event()
+
+    def first():
+        with cpu.one_blas_thread():
+            first_entered.set()
+            second_entered.wait(5)
+        # leaves first, while the second is still inside
+
+    def second():
+        first_entered.wait(5)
+        with cpu.one_blas_thread():
+            second_entered.set()
+            time.sleep(0.1)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert blas_threads() == before
+
+
 @pytest.mark.parametrize("num_features, num_classes", [(32, 12), (12, 40)],
                          ids=["classes", "features"])
 def test_wide_products_agree_across_chunkings(num_features, num_classes):
