@@ -20,6 +20,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ncfast import errors
 from ncfast.accumulators import ClassSums
 from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, finalize_pass1,
                            geometry_from_means_option, resolve_num_classes)
@@ -135,7 +136,7 @@ class _DaskLabels:
         tops, rows, distinct = self.compute(tops, rows, distinct)
         best = int(np.argmax(tops))  # the labels come first: a tie names a label
         return LabelSummary(int(tops[best]), int(rows[best]),
-                            "label" if best == 0 else "clean label",
+                            errors.LABEL if best == 0 else errors.CLEAN_LABEL,
                             int(np.unique(np.concatenate(distinct)).size))
 
 

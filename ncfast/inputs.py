@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ncfast.errors import CLEAN_LABEL, LABEL
+
 #: Feature dtypes the kernels read directly; other float dtypes are upcast per chunk.
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -42,7 +44,7 @@ class LabelSummary(NamedTuple):
     max_row : int
         Index (in the whole input) of the first row holding it.
     max_kind : str
-        "label", or "clean label" when only a clean label holds it.
+        ``ncfast.errors.LABEL``, or ``CLEAN_LABEL`` when only a clean label holds it.
     labelled : int
         Distinct non-negative values among the labels and clean labels.
     """
@@ -348,9 +350,9 @@ class ArraySource:
 
     def _label_blocks(self):
         """``(kind, offset, int64 labels)`` blocks of the labels and clean labels, 4M at a
-        time (``kind``: "label" or "clean label")."""
-        for array, what, kind in ((self.labels, "labels", "label"),
-                                  (self.clean_labels, "clean_labels", "clean label")):
+        time (``kind``: ``ncfast.errors.LABEL`` or ``CLEAN_LABEL``)."""
+        for array, what, kind in ((self.labels, "labels", LABEL),
+                                  (self.clean_labels, "clean_labels", CLEAN_LABEL)):
             for start in range(0, 0 if array is None else self.num_rows, 1 << 22):
                 yield kind, start, to_kernel_labels(array[start:start + (1 << 22)], what,
                                                     self.row_offset + start)
@@ -366,7 +368,7 @@ class ArraySource:
         -------
         LabelSummary
         """
-        max_label, max_row, max_kind = -1, 0, "label"
+        max_label, max_row, max_kind = -1, 0, LABEL
         for kind, start, block in self._label_blocks():
             if block.size and block.max() > max_label:
                 max_label = int(block.max())

@@ -565,6 +565,6 @@ def report_of(state, *, pinv_rtol=PINV_RTOL):
         state = whole
     if not isinstance(state, ResidualPass):
         raise TypeError(f"a report needs a pass-2 state; found {type(state).__name__} (pass 1: "
-                        "geometry, clean_geometry = ncfast.finalize_pass1(class_sums), then run pass 2 "
-                        "with ResidualPass(geometry, clean_geometry))")
+                        "geometry, clean_geometry = ncfast.finalize_pass1(class_sums), then "
+                        "run pass 2 with ResidualPass(geometry, clean_geometry))")
     return state.report(pinv_rtol=pinv_rtol)

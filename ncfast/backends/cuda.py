@@ -158,7 +158,7 @@ class ResidentSource:
         max_label = int(labels.max())  # synchronize!
         first = int(labels.argmax())
         return LabelSummary(max_label, first % self.num_rows,
-                            "label" if first < self.num_rows else "clean label",
+                            errors.LABEL if first < self.num_rows else errors.CLEAN_LABEL,
                             int(cupy.unique(labels[labels >= 0]).size))
 
     def chunks(self, pass_number):
