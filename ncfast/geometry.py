@@ -268,22 +268,41 @@ class Geometry:
 
     @cached_property
     def gram_spectrum(self):
-        """``(gram_eigenvalues, gram_eigenvectors)``, computed on first use; (None, None) on
-        the "features" route."""
+        """``(gram_eigenvalues, gram_eigenvectors)``, computed on first use (or by
+        ``decompose``); (None, None) on the "features" route."""
         if self.gram is None:
             return None, None
-        return symmetric_eigh(self.gram)
+        self.decompose()
+        return self.__dict__["gram_spectrum"]
 
     @cached_property
     def between_spectrum(self):
         """Eigenvalues (ascending) and unit eigenvectors of the D×D ``Sigma_B = M~^T M~ / C'``
-        on the "features" route, computed on first use; (None, None) on the "classes" route.
+        on the "features" route, computed on first use (or by ``decompose``); (None, None)
+        on the "classes" route.
         """
         if self.route != "features":
             return None, None
-        with one_blas_thread():
-            between = self.centred.T @ self.centred / self.present.size
-        return symmetric_eigh(between)
+        self.decompose()
+        return self.__dict__["between_spectrum"]
+
+    def decompose(self, eigh=symmetric_eigh):
+        """Compute the route's eigendecomposition (``gram_spectrum``, or
+        ``between_spectrum``) with ``eigh`` unless it is computed already.
+
+        Parameters
+        ----------
+        eigh : callable
+            ``eigh(matrix) -> (eigenvalues, eigenvectors)`` as host float64 arrays,
+            as ``symmetric_eigh``'s: a backend's solver (``build_plan``), e.g. the GPU's.
+        """
+        if self.route == "classes":
+            if "gram_spectrum" not in self.__dict__:
+                self.__dict__["gram_spectrum"] = eigh(self.gram)
+        elif "between_spectrum" not in self.__dict__:
+            with one_blas_thread():
+                between = self.centred.T @ self.centred / self.present.size
+            self.__dict__["between_spectrum"] = eigh(between)
 
     @property
     def gram_eigenvalues(self):

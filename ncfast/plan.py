@@ -156,15 +156,17 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         projection_t[...] = geometry.centred.T
 
     def round_between_basis():
+        geometry.decompose(backend.symmetric_eigh)
         between_basis[...] = geometry.between_spectrum[1]
 
     # Beside the sweep's tiles, on the same worker threads: the eigendecomposition of the
-    # Gram (LAPACK on one thread, the longest task, so first) and the distances between
-    # the means, or on the "features" route that of Sigma_B (the geometry computes each
-    # when first read) rounded to float32 for pass 2, with the float32 copy of M~^T; and
-    # the float32 copy of W^T.
+    # Gram (the backend's solver: LAPACK on one thread on the CPU, the longest task, so
+    # first) and the distances between the means, or on the "features" route that of
+    # Sigma_B rounded to float32 for pass 2, with the float32 copy of M~^T; and the
+    # float32 copy of W^T.
     if classes_route:
-        alongside = [lambda: geometry.gram_spectrum, lambda: geometry.mean_sq_distances]
+        alongside = [lambda: geometry.decompose(backend.symmetric_eigh),
+                     lambda: geometry.mean_sq_distances]
     else:
         alongside = [round_between_basis, transpose_means]
     global_logits, present_global_logits = np.zeros(0), None

@@ -31,10 +31,15 @@ requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs CuPy and a CUDA GPU
 
 @pytest.fixture(params=["shared", "global"])
 def small_launches(request, monkeypatch):
-    """Tiny blocks so multi-block paths run; private state in shared memory or not."""
+    """Tiny blocks and chunks so multi-block paths run; private state in shared memory or
+    not."""
+    from ncfast.backends import cuda as backend
     from ncfast.kernels import cuda as kernels
     monkeypatch.setattr(kernels, "THREADS_PER_BLOCK", 32)
     monkeypatch.setattr(kernels, "CLASS_SUM_COLUMNS", 32)
+    # Pass-2 chunks of resident rows, and batches of rows searched over every class,
+    # of a few hundred rows.
+    monkeypatch.setattr(backend, "RESIDUAL_CHUNK_BYTES", 1 << 16)
     if request.param == "global":
         monkeypatch.setattr(kernels, "SHARED_STATE_BYTES", 0)
     return kernels
@@ -92,6 +97,85 @@ def test_label_noise_matches_cpu(name, placement, small_launches, assert_same_re
     keywords = {**_keywords(case), "clean_labels": clean}
     actual = ncfast.collapse(features, labels, device="cuda", chunk_size=300, **keywords)
     assert_same_report(actual, expected, rtol=GPU_TOLERANCE)
+
+
+@requires_gpu
+@pytest.mark.parametrize("placement", ["resident", "streamed"])
+@pytest.mark.parametrize("classifier", [True, False])
+def test_features_route_rows_inside_their_radii_match_cpu(placement, classifier, small_launches,
+                                                          assert_same_report):
+    """C > D with tight clouds: every row inside its NCC radius, half of them inside their
+    classifier radius (none without a classifier), and the corrupted rows beyond."""
+    import cupy
+    case = with_label_noise(gaussian_classes(num_rows=4000, num_features=8, num_classes=40,
+                                             spread=0.2, classifier=classifier))
+    expected = ncfast.collapse(case["features"], case["labels"], **_keywords(case))
+    features, labels, clean = case["features"], case["labels"], case["clean_labels"]
+    if placement == "resident":
+        features, labels, clean = map(cupy.asarray, (features, labels, clean))
+    actual = ncfast.collapse(features, labels, device="cuda", chunk_size=1500,
+                             **{**_keywords(case), "clean_labels": clean})
+    assert_same_report(actual, expected, rtol=GPU_TOLERANCE)
+
+
+def _tallies(num_classes, dtype):
+    return {"counts": np.zeros(num_classes, dtype), "ncc_hits": np.zeros(num_classes, dtype),
+            "classifier_hits": np.zeros(num_classes, dtype),
+            "sq_norm_sums": np.zeros(num_classes), "norm_sums": np.zeros(num_classes),
+            "totals": np.zeros(3, dtype)}
+
+
+@pytest.mark.parametrize("classifier", [True, False])
+@pytest.mark.parametrize("noise", [True, False])
+def test_rows_inside_their_radii_are_tallied_as_the_cpu_kernel_does(classifier, noise):
+    """The GPU's array-operation tally of the rows inside both radii (run here on numpy)
+    against the CPU kernel's tally of the same rows with their own class as the NCC
+    prediction and their mean's as the classifier's."""
+    from ncfast.backends.cuda import split_by_radii, tally_rows_inside
+    from ncfast.kernels import tiles
+    rng = np.random.default_rng(5)
+    num_rows, num_classes = 5000, 30
+    label_rows = np.arange(num_classes)
+    label_rows[[4, 17]] = -1  # classes without a mean
+    label_rows[label_rows >= 0] = np.arange(num_classes - 2)
+    labels = rng.integers(0, num_classes, num_rows)
+    sq_norms = rng.exponential(1.0, num_rows)
+    sq_norms[label_rows[labels] < 0] = -1.0  # not counted, as the residual kernel leaves them
+    sq_norms[rng.random(num_rows) < 0.05] = -1.0  # rows left out (label-noise split)
+    sq_norms[[7, 99]] = np.nan  # reported bad rows
+    ncc_sq_radii = rng.uniform(0.5, 3.0, num_classes - 2)
+    classifier_sq_radii = rng.uniform(0.0, 2.0, num_classes - 2) if classifier else None
+    mean_predictions = None
+    if classifier:
+        mean_predictions = np.where(rng.random(num_classes - 2) < 0.8, np.flatnonzero(
+            label_rows >= 0), rng.integers(0, num_classes, num_classes - 2))
+    corrupted = (rng.random(num_rows) < 0.2).astype(np.uint8) if noise else None
+
+    inside, searched = split_by_radii(np, labels, sq_norms, label_rows, ncc_sq_radii,
+                                      classifier_sq_radii)
+    counted = np.flatnonzero(sq_norms >= 0)
+    mean_rows = label_rows[labels[counted]]
+    within = sq_norms[counted] < ncc_sq_radii[mean_rows]
+    if classifier:
+        within &= sq_norms[counted] < classifier_sq_radii[mean_rows]
+    assert np.array_equal(inside, counted[within])
+    assert np.array_equal(searched, counted[~within])
+    assert 0 < inside.size < counted.size
+
+    actual = _tallies(num_classes, np.uint64)
+    tally_rows_inside(np, actual, inside, labels, sq_norms, label_rows, mean_predictions,
+                      corrupted)
+    expected = _tallies(num_classes, np.int64)
+    tiles.tally(sq_norms[inside], labels[inside], labels[inside],
+                mean_predictions[label_rows[labels[inside]]] if classifier
+                else np.empty(0, np.int64),
+                corrupted[inside] if noise else np.empty(0, np.uint8),
+                *(expected[name] for name in ("counts", "sq_norm_sums", "norm_sums",
+                                              "ncc_hits", "classifier_hits", "totals")))
+    for name, values in expected.items():
+        np.testing.assert_allclose(actual[name], values, rtol=1e-12, err_msg=name)
+    assert expected["totals"][0] > 0 if classifier else expected["totals"][0] == 0
+    assert expected["totals"][2] > 0 if noise else expected["totals"][1] == 0
 
 
 @requires_gpu

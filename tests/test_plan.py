@@ -119,6 +119,38 @@ def test_features_route_plan_rounds_sigma_b_eigenvectors():
     assert build_plan(Geometry.from_means(means)).between_basis.shape == (0, 0)
 
 
+@pytest.mark.parametrize("num_features", [NUM_FEATURES, 40])
+def test_plan_decomposes_with_the_backends_solver(num_features):
+    """The plan takes its eigendecomposition from its backend (the GPU's is cuSOLVER's),
+    once, and the report reads that one."""
+    from ncfast.backends.cpu import CPU
+    from ncfast.geometry import symmetric_eigh
+    means, weights, bias = _means_and_classifier(seed=4)
+    solved = []
+
+    def recorded_eigh(matrix):
+        solved.append(matrix.shape)
+        eigenvalues, eigenvectors = symmetric_eigh(matrix)
+        return eigenvalues, -eigenvectors  # another valid sign, to tell it apart
+
+    class RecordingBackend(type(CPU)):
+        symmetric_eigh = staticmethod(recorded_eigh)
+
+    geometry = Geometry.from_means(means[:, :num_features])
+    plan = build_plan(geometry, weights[:, :num_features], bias, backend=RecordingBackend())
+    size = min(NUM_CLASSES, num_features)
+    assert solved == [(size, size)]
+    reference = Geometry.from_means(means[:, :num_features])
+    if plan.route == "classes":
+        expected = -reference.gram_eigenvectors.T
+        np.testing.assert_array_equal(plan.eigenvectors_t, expected.astype(np.float32))
+        assert geometry.gram_eigenvectors is geometry.gram_spectrum[1]
+    else:
+        expected = -reference.between_spectrum[1]
+        np.testing.assert_array_equal(plan.between_basis, expected.astype(np.float32))
+    assert solved == [(size, size)]  # once: the report reads the same decomposition
+
+
 def test_classifier_radii_with_the_gram_and_without():
     """Radii from a given ``W W^T`` (the sweep's) and from the rows they need agree with the
     dense bound, with a duplicated classifier row and a mean whose rivals tie; a rival at

@@ -6,6 +6,8 @@ A backend supplies only what differs by device (see ``ncfast.engine``):
 - ``pair_tile``, ``map_tasks(function, num_tasks)`` and
   ``reduce_tile(dots, tile, rows, cols)``: the pair sweep's tiles
   (``ncfast.sweep``);
+- ``symmetric_eigh(matrix)``: the plan's eigendecomposition of a host symmetric
+  matrix, returned to the host;
 - ``source(features, labels, clean_labels, chunk_size)``: a chunk source for
   its inputs (``max_label``, ``num_features``, ``chunks(pass_number)``, and
   ``rereads``: whether each pass iterates a chunk source again, whose rows pass 2

@@ -9,6 +9,7 @@ import contextlib
 import numba
 import numpy as np
 
+from ncfast.geometry import symmetric_eigh
 from ncfast.inputs import IterableSource, as_source, carries_clean_labels, num_features_of
 from ncfast.kernels import cpu, pairs
 from ncfast.sweep import PAIR_TILE
@@ -25,6 +26,9 @@ class CpuBackend:
     def map_tasks(function, num_tasks):
         """``function(task)`` for each task, on the pass worker threads, results in order."""
         return cpu.run_tasks(function, num_tasks, numba.get_num_threads())
+
+    #: The plan's eigendecomposition (LAPACK, on one BLAS thread).
+    symmetric_eigh = staticmethod(symmetric_eigh)
 
     @staticmethod
     def reduce_tile(dots, tile, rows, cols):

@@ -418,6 +418,72 @@ class DeviceClassSums:
             class_sums.clean_sums += self.clean_sums.get()
 
 
+def split_by_radii(xp, labels, sq_norms, label_rows, ncc_sq_radii, classifier_sq_radii):
+    """The rows strictly inside both radii around their class mean, and the other counted
+    rows (the "features" route's pass 2; see ``ncfast.plan.Pass2Plan``).
+
+    Parameters
+    ----------
+    xp : array namespace (numpy or cupy)
+    labels : int64 array of shape (n,)
+    sq_norms : float64 array of shape (n,), ``||r||^2``; negative (a row left out or
+        without a mean) or NaN (reported bad) for rows that are not counted
+    label_rows : int64 array of shape (C,)
+    ncc_sq_radii : float64 array of shape (C',)
+    classifier_sq_radii : float64 array of shape (C',), or None without a classifier
+
+    Returns
+    -------
+    inside, searched : int64 arrays of row indices, ascending
+    """
+    counted = sq_norms >= 0.0
+    mean_rows = label_rows[xp.where(counted, labels, 0)]
+    inside = counted & (sq_norms < ncc_sq_radii[mean_rows])
+    if classifier_sq_radii is not None:
+        inside &= sq_norms < classifier_sq_radii[mean_rows]
+    return xp.flatnonzero(inside), xp.flatnonzero(counted & ~inside)
+
+
+def tally_rows_inside(xp, tallies, rows, labels, sq_norms, label_rows, mean_predictions,
+                      corrupted):
+    """Add rows inside both radii to the pass-2 tallies: each is nearest its own class
+    mean, and the classifier predicts for it what it predicts for that mean (the rules of
+    ``ncfast.kernels.cpu.tally_row``).
+
+    Parameters
+    ----------
+    xp : array namespace (numpy or cupy)
+    tallies : dict of arrays, updated (see ``ncfast.kernels.cuda.epilogue``)
+    rows : int64 array of shape (m,), from ``split_by_radii``
+    labels, sq_norms, label_rows : as for ``split_by_radii``
+    mean_predictions : int64 array of shape (C',), the classifier's prediction of each
+        mean, or None without a classifier
+    corrupted : uint8 array of shape (n,), or None
+    """
+    if rows.size == 0:
+        return
+    num_classes = tallies["counts"].shape[0]
+    row_labels, row_sq_norms = labels[rows], sq_norms[rows]
+
+    def add_per_class(name, weights=None):
+        sums = xp.bincount(row_labels, weights=weights, minlength=num_classes)
+        tallies[name] += sums.astype(tallies[name].dtype)
+
+    add_per_class("counts")
+    add_per_class("ncc_hits")
+    add_per_class("sq_norm_sums", row_sq_norms)
+    add_per_class("norm_sums", xp.sqrt(row_sq_norms))
+    hits = xp.ones(rows.size, bool)  # the prediction is the label
+    disagreements = xp.zeros((), xp.int64)
+    if mean_predictions is not None:
+        hits = mean_predictions[label_rows[row_labels]] == row_labels
+        add_per_class("classifier_hits", hits.astype(xp.float64))
+        disagreements = (~hits).sum()
+    flags = xp.zeros(rows.size, bool) if corrupted is None else corrupted[rows] != 0
+    totals = xp.stack([disagreements, flags.sum(), (flags & hits).sum()])
+    tallies["totals"] += totals.astype(tallies["totals"].dtype)
+
+
 class DeviceResidualStats:
     """Pass-2 state on the device for one host ``ResidualStats`` (same plan), added into
     it by ``add_to_host``.
@@ -430,6 +496,12 @@ class DeviceResidualStats:
     of ``r`` on the "features" route: ``add_to_host`` adds them and keeps the
     eigen-diagonal ``diag(V^T S V)`` in the eigenbasis of the Gram or of
     ``Sigma_B`` (``ResidualStats.eigen_scatter``), one GEMM on the device.
+
+    On the "features" route the GEMM and the epilogue see only the rows beyond
+    their NCC or classifier radius (``Pass2Plan.ncc_sq_radii``,
+    ``classifier_sq_radii``), gathered in batches of ``RESIDUAL_CHUNK_BYTES``
+    of work buffers; the rows inside both are nearest their own mean and take
+    their mean's classifier prediction (``tally_rows_inside``), as on the CPU.
 
     Parameters
     ----------
@@ -454,21 +526,27 @@ class DeviceResidualStats:
         if self.route == "classes":
             # The device epilogue takes z = M~ r itself (the host kernels take its
             # eigenbasis coordinates) and sums the C'×C' scatter.
-            projection_t = geometry.centred.T
-            if plan.has_classifier:
-                projection_t = np.concatenate([projection_t, plan.weights.T], axis=1)
+            # [M~ ; W] goes up in float64 and is transposed and rounded to float32 there:
+            # the host's transposed copies took longer than the upload (C=1000, D=2048).
+            rows = [geometry.centred] + ([plan.weights] if plan.has_classifier else [])
+            projection = cupy.concatenate([cupy.asarray(block) for block in rows])
+            self.projection_t = cupy.ascontiguousarray(projection.T.astype(cupy.float32))
             self.distance_offsets = cupy.asarray(geometry.mean_sq_distances)
             self.eigenvectors = cupy.asarray(geometry.gram_eigenvectors)
         else:
-            projection_t = plan.projection_t
-            if plan.has_classifier:
-                projection_t = np.concatenate([projection_t, plan.weights_t], axis=1)
+            columns = [plan.projection_t] + ([plan.weights_t] if plan.has_classifier else [])
+            self.projection_t = cupy.concatenate([cupy.asarray(block) for block in columns],
+                                                 axis=1)
             self.distance_offsets = cupy.asarray(geometry.centred_sq_norms)
             self.eigenvectors = cupy.asarray(geometry.between_spectrum[1])
             self.global_mean = cupy.asarray(geometry.global_mean[None, :])
             self.centre_rows = cupy.zeros(1, cupy.int64)
+            self.ncc_sq_radii = cupy.asarray(plan.ncc_sq_radii)
+            self.classifier_sq_radii = self.mean_predictions = None
+            if plan.has_classifier:
+                self.classifier_sq_radii = cupy.asarray(plan.classifier_sq_radii)
+                self.mean_predictions = cupy.asarray(plan.mean_predictions)
         self.logit_offsets = cupy.asarray(plan.logit_offsets)
-        self.projection_t = cupy.asarray(np.ascontiguousarray(projection_t, np.float32))
         self.scatter_size = self.num_means if self.route == "classes" else geometry.num_features
         self.scatters = {}  # stream pointer -> float64 scatter
         num_classes = geometry.num_classes
@@ -484,7 +562,14 @@ class DeviceResidualStats:
         num_features, width = self.projection_t.shape
         if self.route == "classes":
             return 4 * num_features + 4 * width + 8 * self.num_means
-        return 16 * num_features + 4 * width
+        return 12 * num_features + 32
+
+    @property
+    def search_batch_rows(self):
+        """"features" route: rows beyond their radii searched per GEMM (their gathered
+        features, centred rows and products fill ``RESIDUAL_CHUNK_BYTES``)."""
+        num_features, width = self.projection_t.shape
+        return _rows_for(RESIDUAL_CHUNK_BYTES, 12 * num_features + 4 * width + 16)
 
     def _scatter(self):
         """The scatter of the current stream (chunks on different streams add concurrently)."""
@@ -516,10 +601,10 @@ class DeviceResidualStats:
             corrupted = corrupted.view(cupy.uint8)
         residuals = cupy.empty((num_rows, num_features), cupy.float32)
         sq_norms = cupy.empty(num_rows)
-        products = cupy.empty((num_rows, self.projection_t.shape[1]), cupy.float32)
         if self.route == "classes":
             kernels.residuals(features, labels, include, self.label_rows, self.means, row_offset,
                               residuals, None, sq_norms, self.bad_row)
+            products = cupy.empty((num_rows, self.projection_t.shape[1]), cupy.float32)
             kernels.matmul_f32(residuals, self.projection_t, products)
             mean_products = cupy.empty((num_rows, self.num_means))
             kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
@@ -530,14 +615,27 @@ class DeviceResidualStats:
         residuals64 = cupy.empty((num_rows, num_features))
         kernels.residuals(features, labels, include, self.label_rows, self.means, row_offset,
                           residuals, residuals64, sq_norms, self.bad_row)
-        centred = cupy.empty((num_rows, num_features), cupy.float32)
-        kernels.residuals(features, None, None, self.centre_rows, self.global_mean, row_offset,
-                          centred, None, cupy.empty(num_rows), None)
-        kernels.matmul_f32(centred, self.projection_t, products)
-        kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
-                         self.present, self.distance_offsets, False, self.logit_offsets,
-                         corrupted, self.tallies, None)
         kernels.add_gram(residuals64, self._scatter())
+        del residuals, residuals64
+        inside, searched = split_by_radii(cupy, labels, sq_norms, self.label_rows,
+                                          self.ncc_sq_radii, self.classifier_sq_radii)
+        tally_rows_inside(cupy, self.tallies, inside, labels, sq_norms, self.label_rows,
+                          self.mean_predictions, corrupted)
+        batch_rows = self.search_batch_rows
+        for start in range(0, searched.size, batch_rows):
+            rows = searched[start:start + batch_rows]
+            every_row = rows.size == num_rows  # then in order: no gather needed
+            batch_features = features if every_row else features[rows]
+            centred = cupy.empty((rows.size, num_features), cupy.float32)
+            kernels.residuals(batch_features, None, None, self.centre_rows, self.global_mean,
+                              row_offset, centred, None, cupy.empty(rows.size), None)
+            products = cupy.empty((rows.size, self.projection_t.shape[1]), cupy.float32)
+            kernels.matmul_f32(centred, self.projection_t, products)
+            kernels.epilogue(products, self.num_means, sq_norms if every_row else sq_norms[rows],
+                             labels if every_row else labels[rows], self.label_rows,
+                             self.present, self.distance_offsets, False, self.logit_offsets,
+                             corrupted if corrupted is None or every_row else corrupted[rows],
+                             self.tallies, None)
         return self
 
     def first_bad_row(self):
@@ -573,6 +671,12 @@ class CudaBackend:
 
     def reduce_tile(self, dots, tile, rows, cols):
         return reduce_tile_xp(self.xp, dots, tile, rows, cols)
+
+    def symmetric_eigh(self, matrix):
+        """The plan's eigendecomposition of a host float64 symmetric matrix by cuSOLVER,
+        returned to the host (``ncfast.geometry.symmetric_eigh``'s contract)."""
+        eigenvalues, eigenvectors = self.xp.linalg.eigh(self.xp.asarray(matrix))
+        return eigenvalues.get(), eigenvectors.get()
 
     @staticmethod
     def source(features, labels, clean_labels=None, *, chunk_size=None):
