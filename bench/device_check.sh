@@ -33,7 +33,7 @@ for stage in "$@"; do
         > "$OUT/bench_gpu.log" 2>&1
       tail -32 "$OUT/bench_gpu.log" ;;
     profile)
-      for shape in "2000000 2048 1000" "2000000 256 32768"; do
+      for shape in "2000000 256 32768" "2000000 2048 1000"; do
         timeout 60 python3 -m bench.profile_gpu $shape --lines 30 2>&1
       done > "$OUT/profile.log"
       timeout 60 python3 -m bench.profile_gpu 2000000 512 100 --placement pageable \

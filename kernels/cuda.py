@@ -260,8 +260,10 @@ __global__ void ncfast_residuals(
 //   base + 2 (own - z_k) + distance_offsets[mean_row * distance_stride + k]
 // with base = ||r||^2 and own = z_{mean_row} when residual_products (the
 // "classes" route: z = M~ r, offsets ||mu_a - mu_b||^2), else base = own = 0
-// (the "features" route: z = M~ h~, offsets ||mu~_k||^2, stride 0). Logit c is
-// z_c + logit_offsets[mean_row * logit_stride + c]. Rows with ||r||^2 < 0 or NaN
+// (the "features" route: z = M~ h~, offsets ||mu~_k||^2, stride 0). Without mean
+// columns (num_means = 0: rows inside their NCC radius, "features" route) the nearest
+// class centre is the row's own class. Logit c is
+// z_{num_means + c} + logit_offsets[mean_row * logit_stride + c]. Rows with ||r||^2 < 0 or NaN
 // are skipped (left out, or reported bad). When mean_products64 is given, the
 // projections are also written there in float64 for the C' x C' scatter.
 // PRIVATE: per-class tallies are summed in shared memory, then merged.
@@ -332,8 +334,11 @@ __global__ void ncfast_epilogue(
                 best_k = k;
             }
         }
-        best_k = ncfast_warp_best<true>(best, best_k);
-        const long long ncc_prediction = present_classes[best_k == NCFAST_NO_INDEX ? 0 : best_k];
+        long long ncc_prediction = label;  // no mean columns: the row is inside its radius
+        if (num_means > 0) {
+            best_k = ncfast_warp_best<true>(best, best_k);
+            ncc_prediction = present_classes[best_k == NCFAST_NO_INDEX ? 0 : best_k];
+        }
         long long prediction = ncc_prediction;
         if (num_logits > 0) {
             const double* logit_row = logit_offsets + mean_row * logit_stride;
@@ -548,7 +553,8 @@ def epilogue(products, num_means, sq_norms, labels, label_rows, present_classes,
     products : cupy float32 array of shape (n, C' + C_w)
         Projections on the C' centred means, then ``C_w`` logit columns.
     num_means : int
-        C'.
+        C', or 0 for rows inside their NCC radius (then ``products`` holds only the
+        logits, and each row's nearest class centre is its own class).
     sq_norms : cupy float64 array of shape (n,), ``||r||^2`` (rows with a
         negative or NaN value are skipped)
     labels : cupy int64 array of shape (n,)

@@ -105,7 +105,8 @@ def test_label_noise_matches_cpu(name, placement, small_launches, assert_same_re
 def test_features_route_rows_inside_their_radii_match_cpu(placement, classifier, small_launches,
                                                           assert_same_report):
     """C > D with tight clouds: every row inside its NCC radius, half of them inside their
-    classifier radius (none without a classifier), and the corrupted rows beyond."""
+    classifier radius (so the others are searched over the logits alone), and the
+    corrupted rows beyond both."""
     import cupy
     case = with_label_noise(gaussian_classes(num_rows=4000, num_features=8, num_classes=40,
                                              spread=0.2, classifier=classifier))
@@ -116,6 +117,20 @@ def test_features_route_rows_inside_their_radii_match_cpu(placement, classifier,
     actual = ncfast.collapse(features, labels, device="cuda", chunk_size=1500,
                              **{**_keywords(case), "clean_labels": clean})
     assert_same_report(actual, expected, rtol=GPU_TOLERANCE)
+
+
+@requires_gpu
+def test_chunks_on_two_streams_lose_no_row(assert_same_report):
+    """Resident rows alternate between two streams in pass 2; each stream adds into sums
+    of its own (an array-operation tally racing another stream's atomics lost 98 of
+    2,000,000 rows at 32,768 classes). Many chunks, half their rows searched."""
+    import cupy
+    case = gaussian_classes(num_rows=300_000, num_features=16, num_classes=48, spread=0.5)
+    expected = ncfast.collapse(case["features"], case["labels"], **_keywords(case))
+    features, labels = cupy.asarray(case["features"]), cupy.asarray(case["labels"])
+    for _ in range(3):
+        actual = ncfast.collapse(features, labels, chunk_size=4000, **_keywords(case))
+        assert_same_report(actual, expected, rtol=GPU_TOLERANCE)
 
 
 def _tallies(num_classes, dtype):
@@ -151,16 +166,17 @@ def test_rows_inside_their_radii_are_tallied_as_the_cpu_kernel_does(classifier, 
             label_rows >= 0), rng.integers(0, num_classes, num_classes - 2))
     corrupted = (rng.random(num_rows) < 0.2).astype(np.uint8) if noise else None
 
-    inside, searched = split_by_radii(np, labels, sq_norms, label_rows, ncc_sq_radii,
-                                      classifier_sq_radii)
+    inside, beyond_ncc, beyond_classifier = split_by_radii(
+        np, labels, sq_norms, label_rows, ncc_sq_radii, classifier_sq_radii)
     counted = np.flatnonzero(sq_norms >= 0)
     mean_rows = label_rows[labels[counted]]
-    within = sq_norms[counted] < ncc_sq_radii[mean_rows]
-    if classifier:
-        within &= sq_norms[counted] < classifier_sq_radii[mean_rows]
-    assert np.array_equal(inside, counted[within])
-    assert np.array_equal(searched, counted[~within])
-    assert 0 < inside.size < counted.size
+    near = sq_norms[counted] < ncc_sq_radii[mean_rows]
+    certain = sq_norms[counted] < classifier_sq_radii[mean_rows] if classifier else near | True
+    assert np.array_equal(inside, counted[near & certain])
+    assert np.array_equal(beyond_ncc, counted[~near])
+    assert np.array_equal(beyond_classifier, counted[near & ~certain])
+    assert 0 < inside.size and 0 < beyond_ncc.size
+    assert (beyond_classifier.size > 0) == classifier
 
     actual = _tallies(num_classes, np.uint64)
     tally_rows_inside(np, actual, inside, labels, sq_norms, label_rows, mean_predictions,

@@ -27,6 +27,7 @@ GPU is asked for.
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
@@ -419,8 +420,8 @@ class DeviceClassSums:
 
 
 def split_by_radii(xp, labels, sq_norms, label_rows, ncc_sq_radii, classifier_sq_radii):
-    """The rows strictly inside both radii around their class mean, and the other counted
-    rows (the "features" route's pass 2; see ``ncfast.plan.Pass2Plan``).
+    """The counted rows of a chunk by where they lie around their class mean (the
+    "features" route's pass 2; see ``ncfast.plan.Pass2Plan``).
 
     Parameters
     ----------
@@ -434,14 +435,23 @@ def split_by_radii(xp, labels, sq_norms, label_rows, ncc_sq_radii, classifier_sq
 
     Returns
     -------
-    inside, searched : int64 arrays of row indices, ascending
+    inside : int64 array, ascending
+        Rows strictly inside both radii: nearest their own mean, predicted by the
+        classifier as their mean is.
+    beyond_ncc : int64 array, ascending
+        Rows beyond their NCC radius: searched over every class mean (and logit).
+    beyond_classifier : int64 array, ascending
+        Rows inside their NCC radius but beyond their classifier radius: searched over
+        every logit.
     """
     counted = sq_norms >= 0.0
     mean_rows = label_rows[xp.where(counted, labels, 0)]
-    inside = counted & (sq_norms < ncc_sq_radii[mean_rows])
-    if classifier_sq_radii is not None:
-        inside &= sq_norms < classifier_sq_radii[mean_rows]
-    return xp.flatnonzero(inside), xp.flatnonzero(counted & ~inside)
+    near = counted & (sq_norms < ncc_sq_radii[mean_rows])
+    beyond_ncc = xp.flatnonzero(counted & ~near)
+    if classifier_sq_radii is None:
+        return xp.flatnonzero(near), beyond_ncc, beyond_ncc[:0]
+    certain = sq_norms < classifier_sq_radii[mean_rows]
+    return (xp.flatnonzero(near & certain), beyond_ncc, xp.flatnonzero(near & ~certain))
 
 
 def tally_rows_inside(xp, tallies, rows, labels, sq_norms, label_rows, mean_predictions,
@@ -484,6 +494,24 @@ def tally_rows_inside(xp, tallies, rows, labels, sq_norms, label_rows, mean_pred
     tallies["totals"] += totals.astype(tallies["totals"].dtype)
 
 
+class LaneSums(NamedTuple):
+    """The pass-2 sums of the chunks that one stream runs.
+
+    Attributes
+    ----------
+    scatter : cupy float64 array of shape (K, K)
+        Of ``z = M~ r`` (K = C') on the "classes" route, of ``r`` (K = D) on the
+        "features" route.
+    tallies : dict of cupy arrays
+        ``counts``, ``ncc_hits``, ``classifier_hits`` (uint64, (C,)), ``sq_norm_sums``,
+        ``norm_sums`` (float64, (C,)), ``totals`` (uint64, (3,)); see
+        ``ncfast.kernels.cuda.epilogue``.
+    """
+
+    scatter: object
+    tallies: dict
+
+
 class DeviceResidualStats:
     """Pass-2 state on the device for one host ``ResidualStats`` (same plan), added into
     it by ``add_to_host``.
@@ -491,17 +519,19 @@ class DeviceResidualStats:
     Per chunk: residuals from the float64 means with ``||r||^2``; one float32
     GEMM against ``[M~^T | W^T]`` (of the residuals on the "classes" route, of
     the centred rows on the "features" route); the fused epilogue; the float64
-    scatter by ``dgemm``, one per stream the chunks arrive on (the per-class
-    tallies are added atomically), of ``z = M~ r`` on the "classes" route and
-    of ``r`` on the "features" route: ``add_to_host`` adds them and keeps the
+    scatter by ``dgemm``, of ``z = M~ r`` on the "classes" route and of ``r`` on
+    the "features" route. Scatter and tallies are kept per stream the chunks
+    arrive on (``LaneSums``): ``add_to_host`` adds them and keeps the
     eigen-diagonal ``diag(V^T S V)`` in the eigenbasis of the Gram or of
     ``Sigma_B`` (``ResidualStats.eigen_scatter``), one GEMM on the device.
 
     On the "features" route the GEMM and the epilogue see only the rows beyond
     their NCC or classifier radius (``Pass2Plan.ncc_sq_radii``,
-    ``classifier_sq_radii``), gathered in batches of ``RESIDUAL_CHUNK_BYTES``
-    of work buffers; the rows inside both are nearest their own mean and take
-    their mean's classifier prediction (``tally_rows_inside``), as on the CPU.
+    ``classifier_sq_radii``; ``split_by_radii``), gathered in batches of
+    ``RESIDUAL_CHUNK_BYTES`` of work buffers: every class mean and logit for the
+    rows beyond their NCC radius, the logits alone for the others. A row inside a
+    radius is nearest its own mean, or predicted by the classifier as its mean
+    is (``tally_rows_inside``), as on the CPU.
 
     Parameters
     ----------
@@ -542,18 +572,14 @@ class DeviceResidualStats:
             self.global_mean = cupy.asarray(geometry.global_mean[None, :])
             self.centre_rows = cupy.zeros(1, cupy.int64)
             self.ncc_sq_radii = cupy.asarray(plan.ncc_sq_radii)
-            self.classifier_sq_radii = self.mean_predictions = None
+            self.classifier_sq_radii = self.mean_predictions = self.weights_t = None
             if plan.has_classifier:
                 self.classifier_sq_radii = cupy.asarray(plan.classifier_sq_radii)
                 self.mean_predictions = cupy.asarray(plan.mean_predictions)
+                self.weights_t = self.projection_t[:, self.num_means:].copy()
         self.logit_offsets = cupy.asarray(plan.logit_offsets)
         self.scatter_size = self.num_means if self.route == "classes" else geometry.num_features
-        self.scatters = {}  # stream pointer -> float64 scatter
-        num_classes = geometry.num_classes
-        self.tallies = {name: cupy.zeros(num_classes, cupy.uint64) for name in
-                        ("counts", "ncc_hits", "classifier_hits")}
-        self.tallies.update(sq_norm_sums=cupy.zeros(num_classes), norm_sums=cupy.zeros(num_classes),
-                            totals=cupy.zeros(3, cupy.uint64))
+        self.lanes = {}  # stream pointer -> that stream's LaneSums
         self.bad_row = cupy.full(1, NO_ROW, cupy.int64)
 
     @property
@@ -564,20 +590,21 @@ class DeviceResidualStats:
             return 4 * num_features + 4 * width + 8 * self.num_means
         return 12 * num_features + 32
 
-    @property
-    def search_batch_rows(self):
-        """"features" route: rows beyond their radii searched per GEMM (their gathered
-        features, centred rows and products fill ``RESIDUAL_CHUNK_BYTES``)."""
-        num_features, width = self.projection_t.shape
-        return _rows_for(RESIDUAL_CHUNK_BYTES, 12 * num_features + 4 * width + 16)
-
-    def _scatter(self):
-        """The scatter of the current stream (chunks on different streams add concurrently)."""
+    def _lane(self):
+        """The sums of the current stream. Chunks on different streams run concurrently,
+        and an array operation such as ``tallies += counts`` (``tally_rows_inside``) is no
+        atomic update: two streams adding into one array would lose rows."""
         cupy = self._kernels.cupy
         stream = cupy.cuda.get_current_stream().ptr
-        if stream not in self.scatters:
-            self.scatters[stream] = cupy.zeros((self.scatter_size, self.scatter_size))
-        return self.scatters[stream]
+        if stream not in self.lanes:
+            num_classes = self.label_rows.shape[0]
+            tallies = {name: cupy.zeros(num_classes, cupy.uint64)
+                       for name in ("counts", "ncc_hits", "classifier_hits")}
+            tallies.update(sq_norm_sums=cupy.zeros(num_classes),
+                           norm_sums=cupy.zeros(num_classes), totals=cupy.zeros(3, cupy.uint64))
+            self.lanes[stream] = LaneSums(
+                cupy.zeros((self.scatter_size, self.scatter_size)), tallies)
+        return self.lanes[stream]
 
     def update(self, features, labels, corrupted=None, *, include=None, row_offset=0):
         """Add device rows, on the current stream.
@@ -599,6 +626,7 @@ class DeviceResidualStats:
             include = include.view(cupy.uint8)
         if corrupted is not None:
             corrupted = corrupted.view(cupy.uint8)
+        lane = self._lane()
         residuals = cupy.empty((num_rows, num_features), cupy.float32)
         sq_norms = cupy.empty(num_rows)
         if self.route == "classes":
@@ -609,34 +637,47 @@ class DeviceResidualStats:
             mean_products = cupy.empty((num_rows, self.num_means))
             kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
                              self.present, self.distance_offsets, True, self.logit_offsets,
-                             corrupted, self.tallies, mean_products)
-            kernels.add_gram(mean_products, self._scatter())
+                             corrupted, lane.tallies, mean_products)
+            kernels.add_gram(mean_products, lane.scatter)
             return self
         residuals64 = cupy.empty((num_rows, num_features))
         kernels.residuals(features, labels, include, self.label_rows, self.means, row_offset,
                           residuals, residuals64, sq_norms, self.bad_row)
-        kernels.add_gram(residuals64, self._scatter())
+        kernels.add_gram(residuals64, lane.scatter)
         del residuals, residuals64
-        inside, searched = split_by_radii(cupy, labels, sq_norms, self.label_rows,
-                                          self.ncc_sq_radii, self.classifier_sq_radii)
-        tally_rows_inside(cupy, self.tallies, inside, labels, sq_norms, self.label_rows,
+        inside, beyond_ncc, beyond_classifier = split_by_radii(
+            cupy, labels, sq_norms, self.label_rows, self.ncc_sq_radii,
+            self.classifier_sq_radii)
+        tally_rows_inside(cupy, lane.tallies, inside, labels, sq_norms, self.label_rows,
                           self.mean_predictions, corrupted)
-        batch_rows = self.search_batch_rows
-        for start in range(0, searched.size, batch_rows):
-            rows = searched[start:start + batch_rows]
-            every_row = rows.size == num_rows  # then in order: no gather needed
-            batch_features = features if every_row else features[rows]
-            centred = cupy.empty((rows.size, num_features), cupy.float32)
-            kernels.residuals(batch_features, None, None, self.centre_rows, self.global_mean,
-                              row_offset, centred, None, cupy.empty(rows.size), None)
-            products = cupy.empty((rows.size, self.projection_t.shape[1]), cupy.float32)
-            kernels.matmul_f32(centred, self.projection_t, products)
-            kernels.epilogue(products, self.num_means, sq_norms if every_row else sq_norms[rows],
-                             labels if every_row else labels[rows], self.label_rows,
-                             self.present, self.distance_offsets, False, self.logit_offsets,
-                             corrupted if corrupted is None or every_row else corrupted[rows],
-                             self.tallies, None)
+        chunk = (features, labels, sq_norms, corrupted, row_offset)
+        self._search(chunk, beyond_ncc, self.projection_t, self.num_means, lane)
+        if beyond_classifier.size:
+            self._search(chunk, beyond_classifier, self.weights_t, 0, lane)
         return self
+
+    def _search(self, chunk, rows, columns_t, num_means, lane):
+        """"features" route: ``rows`` of a chunk, centred, multiplied by ``columns_t``
+        (``[M~^T | W^T]``, or ``W^T`` alone with ``num_means = 0``) in batches of
+        ``RESIDUAL_CHUNK_BYTES`` of work buffers, and tallied by the epilogue."""
+        kernels, cupy = self._kernels, self._kernels.cupy
+        features, labels, sq_norms, corrupted, row_offset = chunk
+        num_features, width = columns_t.shape
+        batch_rows = _rows_for(RESIDUAL_CHUNK_BYTES, 12 * num_features + 4 * width + 16)
+        for start in range(0, rows.size, batch_rows):
+            batch = rows[start:start + batch_rows]
+            every_row = batch.size == labels.size  # then in order: no gather needed
+            centred = cupy.empty((batch.size, num_features), cupy.float32)
+            kernels.residuals(features if every_row else features[batch], None, None,
+                              self.centre_rows, self.global_mean, row_offset, centred, None,
+                              cupy.empty(batch.size), None)
+            products = cupy.empty((batch.size, width), cupy.float32)
+            kernels.matmul_f32(centred, columns_t, products)
+            kernels.epilogue(products, num_means, sq_norms if every_row else sq_norms[batch],
+                             labels if every_row else labels[batch], self.label_rows,
+                             self.present, self.distance_offsets, False, self.logit_offsets,
+                             corrupted if corrupted is None or every_row else corrupted[batch],
+                             lane.tallies, None)
 
     def first_bad_row(self):
         """Global index of the first row whose label has no mean or that holds a NaN or
@@ -644,14 +685,17 @@ class DeviceResidualStats:
         return int(self.bad_row.get()[0])
 
     def add_to_host(self):
-        """Add the device sums into the host ``ResidualStats`` (waits for the device)."""
-        cupy = self._kernels.cupy
+        """Add the device sums of every stream into the host ``ResidualStats`` (waits for
+        the device)."""
         host = self.host_stats
-        scatter = sum(self.scatters.values(), cupy.zeros((self.scatter_size,) * 2))
+        lanes = list(self.lanes.values())
+        if not lanes:
+            return
+        scatter = sum(lane.scatter for lane in lanes)
         host.eigen_scatter += eigen_diagonal(scatter, self.eigenvectors).get()
         for name in self._TALLIES:
             tally = getattr(host, name)
-            tally += self.tallies[name].get().astype(tally.dtype)
+            tally += sum(lane.tallies[name] for lane in lanes).get().astype(tally.dtype)
 
 
 class CudaBackend:
