@@ -171,13 +171,16 @@ def floor_seconds(shape, rates):
 def stage_times(cupy, kernels, run):
     """Device time of each ncfast kernel launcher over one call of ``run()``, summed.
 
-    Wraps the launchers of ``ncfast.kernels.cuda`` with CUDA events for the call.
+    Wraps the launchers of ``ncfast.kernels.cuda`` with CUDA events for the call, with
+    pass 2 on one stream (``ncfast.backends.cuda.LANES = 1``): the events of two streams
+    would each count the other's kernels that run between them.
 
     Returns
     -------
     dict of str to float
         Seconds per launcher name.
     """
+    from ncfast.backends import cuda as backend
     originals = {name: getattr(kernels, name) for name in LAUNCHERS}
     records = []
 
@@ -192,9 +195,11 @@ def stage_times(cupy, kernels, run):
 
     for name, launcher in originals.items():
         setattr(kernels, name, with_events(name, launcher))
+    lanes, backend.LANES = backend.LANES, 1
     try:
         run()
     finally:
+        backend.LANES = lanes
         for name, launcher in originals.items():
             setattr(kernels, name, launcher)
     cupy.cuda.Device().synchronize()
