@@ -419,6 +419,7 @@ def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts,
 _workers = None
 _workers_lock = threading.Lock()
 _thread_buffers = threading.local()
+_worker_marks = threading.local()
 
 
 def _forget_workers():
@@ -442,8 +443,18 @@ def _worker_pool():
     with _workers_lock:
         if _workers is None:
             _workers = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS,
-                                          thread_name_prefix="ncfast")
+                                          thread_name_prefix="ncfast",
+                                          initializer=_mark_worker_thread)
         return _workers
+
+
+def _mark_worker_thread():
+    _worker_marks.is_worker = True
+
+
+def _on_worker_thread():
+    """Whether the calling thread is one of the module's worker threads."""
+    return getattr(_worker_marks, "is_worker", False)
 
 
 def thread_buffer(name, shape, dtype):
@@ -486,7 +497,9 @@ def run_tasks(function, num_tasks, num_threads):
     Returns the results in task order. When a task raises, the workers take
     no further task, and the first error is raised once every worker has
     stopped. Kernels called by ``function`` must be ``nogil``; BLAS runs
-    single-threaded.
+    single-threaded. Called from a task (on a worker thread), the tasks run
+    one after another on that thread: waiting for the pool there would wait
+    for the very threads that wait.
     """
     results = [None] * num_tasks
     workers = min(max(num_threads, 1), num_tasks)
@@ -519,7 +532,7 @@ def run_tasks(function, num_tasks, num_threads):
             raise
 
     with one_blas_thread():
-        if workers <= 1:
+        if workers <= 1 or _on_worker_thread():
             for task in range(num_tasks):
                 results[task] = function(task)
         else:

@@ -405,6 +405,30 @@ def test_worker_threads_help_a_slow_one():
     assert threads_of[3] != threads_of[0]  # the other took its last task
 
 
+def test_tasks_that_run_tasks_run_them_on_their_own_thread():
+    """A task that itself calls ``run_tasks`` used to deadlock: its inner tasks waited for
+    worker threads that were all busy waiting for them. They now run on the calling
+    worker, in order."""
+    inner_threads, outcome = {}, []
+
+    def outer(task):
+        def inner(inner_task):
+            inner_threads[task, inner_task] = threading.get_ident()
+            return 10 * task + inner_task
+        return (threading.get_ident(), cpu.run_tasks(inner, 3, 2))
+
+    caller = threading.Thread(target=lambda: outcome.append(cpu.run_tasks(outer, 4, 2)),
+                              daemon=True)
+    caller.start()
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "nested run_tasks deadlocked"
+    results = outcome[0]
+    assert [inner for _, inner in results] == [[10 * t, 10 * t + 1, 10 * t + 2]
+                                               for t in range(4)]
+    for task, (thread, _) in enumerate(results):
+        assert all(inner_threads[task, k] == thread for k in range(3))
+
+
 def test_worker_threads_stop_before_an_error_is_raised():
     """A failing task used to reach the caller while the other workers still ran tasks
     (writing into the caller's buffers); now they take no further task and have stopped."""
