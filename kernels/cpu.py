@@ -424,9 +424,10 @@ _worker_marks = threading.local()
 
 def _forget_workers():
     """In a forked child the parent's worker threads do not exist: start afresh (the
-    one-thread BLAS contexts they were in too)."""
-    global _workers, _workers_lock, _one_thread_lock, _one_thread_users, _one_thread_limit
-    _workers, _workers_lock = None, threading.Lock()
+    one-thread BLAS contexts they were in too, and the forking thread is no worker)."""
+    global _workers, _workers_lock, _worker_marks
+    global _one_thread_lock, _one_thread_users, _one_thread_limit
+    _workers, _workers_lock, _worker_marks = None, threading.Lock(), threading.local()
     _one_thread_lock, _one_thread_users, _one_thread_limit = threading.Lock(), 0, None
 
 

@@ -8,6 +8,7 @@ Integer fields (counts, hit tallies) must be equal exactly.
 """
 import collections
 import contextlib
+import os
 import threading
 import time
 
@@ -427,6 +428,22 @@ def test_tasks_that_run_tasks_run_them_on_their_own_thread():
                                                for t in range(4)]
     for task, (thread, _) in enumerate(results):
         assert all(inner_threads[task, k] == thread for k in range(3))
+
+
+def test_a_child_forked_from_a_task_uses_worker_threads_again():
+    """A process forked inside a task keeps only the forking thread, which is no worker
+    there: its own ``run_tasks`` must not fall back to running tasks one by one."""
+    def fork_and_ask(_):
+        child = os.fork()
+        if child == 0:
+            os._exit(1 if cpu._on_worker_thread() else 0)
+        return os.waitpid(child, 0)[1]
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork in a threaded process
+        statuses = cpu.run_tasks(fork_and_ask, 2, 2)
+    assert statuses == [0, 0]
 
 
 def test_worker_threads_stop_before_an_error_is_raised():
