@@ -344,11 +344,19 @@ class Geometry:
         global_mean : {"classes", "samples"}
             Mean of the class means, or mean of all rows (count-weighted).
         """
-        if global_mean not in GLOBAL_MEANS:
-            raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
-        means = np.array(means, dtype=np.float64)
+        means = np.array(means, dtype=np.float64)  # the geometry keeps its own copy
         if means.ndim != 2:
             raise ValueError(f"means must be 2-D (n_classes, n_features); found shape {means.shape}")
+        if counts is not None:
+            counts = _checked_counts(counts, means.shape[0])
+        return cls._from_own_means(means, counts, global_mean)
+
+    @classmethod
+    def _from_own_means(cls, means, counts, global_mean):
+        """``from_means`` of a 2-D float64 array the geometry may keep as it is, and counts
+        already checked (int64, or None)."""
+        if global_mean not in GLOBAL_MEANS:
+            raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
         has_mean = np.isfinite(means).all(axis=1)
         if not has_mean.all():
             missing = np.isnan(means[~has_mean])
@@ -362,8 +370,6 @@ class Geometry:
             if not missing.all():
                 raise ValueError(
                     "means holds Inf; class means must be finite (NaN rows mark absent classes)")
-        if counts is not None:
-            counts = _checked_counts(counts, means.shape[0])
         present = np.flatnonzero(has_mean)
         if present.size < 2:
             raise ValueError(
@@ -409,4 +415,4 @@ class Geometry:
         with np.errstate(invalid="ignore", divide="ignore"):
             means = sums / counts[:, None]
         means[counts == 0] = np.nan
-        return cls.from_means(means, counts, global_mean=global_mean)
+        return cls._from_own_means(means, counts, global_mean)
