@@ -475,19 +475,19 @@ def tally_rows_inside(xp, tallies, rows, labels, sq_norms, label_rows, mean_pred
     num_classes = tallies["counts"].shape[0]
     row_labels, row_sq_norms = labels[rows], sq_norms[rows]
 
-    def add_per_class(name, weights=None):
+    def add_per_class(names, weights=None):
         sums = xp.bincount(row_labels, weights=weights, minlength=num_classes)
-        tallies[name] += sums.astype(tallies[name].dtype)
+        for name in names:
+            tallies[name] += sums.astype(tallies[name].dtype)
 
-    add_per_class("counts")
-    add_per_class("ncc_hits")
-    add_per_class("sq_norm_sums", row_sq_norms)
-    add_per_class("norm_sums", xp.sqrt(row_sq_norms))
+    add_per_class(("counts", "ncc_hits"))  # every row is nearest its own class mean
+    add_per_class(("sq_norm_sums",), row_sq_norms)
+    add_per_class(("norm_sums",), xp.sqrt(row_sq_norms))
     hits = xp.ones(rows.size, bool)  # the prediction is the label
     disagreements = xp.zeros((), xp.int64)
     if mean_predictions is not None:
         hits = mean_predictions[label_rows[row_labels]] == row_labels
-        add_per_class("classifier_hits", hits.astype(xp.float64))
+        add_per_class(("classifier_hits",), hits.astype(xp.float64))
         disagreements = (~hits).sum()
     flags = xp.zeros(rows.size, bool) if corrupted is None else corrupted[rows] != 0
     totals = xp.stack([disagreements, flags.sum(), (flags & hits).sum()])
