@@ -91,7 +91,8 @@ def narrow_stage_times(features, labels, stats):
         marks.append(time.perf_counter())
         uncertain = num_logits and cpu.count_rows_beyond(
             sq_norms[:size], block_labels, route.label_rows, route.classifier_sq_radii)
-        narrow.block_products(residuals, columns if uncertain else mean_columns, products)
+        narrow.block_products(residuals, columns if uncertain else mean_columns, products,
+                              features[first + size:first + 2 * size])
         marks.append(time.perf_counter())
         coordinates = products[:size, :num_means]
         far_rows, far = narrow.rows_beyond(coordinates, sq_norms[:size], block_labels,

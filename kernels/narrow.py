@@ -7,7 +7,8 @@ read on products this narrow (docs/algorithm.md, pass 2). Here each worker
 thread takes a task of rows and streams it in blocks of ``BLOCK_ROWS`` rows:
 their residuals (``ncfast.kernels.cpu.block_residuals``) stay in the core's
 L1 cache, a compiled product multiplies them by the columns two rows and
-four columns at a time, and the block goes on through the classes route's
+four columns at a time while the next tile's rows are prefetched
+(``ncfast.kernels.prefetch``), and the block goes on through the classes route's
 own far-row gathers and epilogue. Every row is multiplied by the same code
 whatever block it falls in, so results do not depend on the chunking; tasks
 have a fixed number of rows and are added in task order, so they do not
@@ -21,6 +22,7 @@ from numba import njit
 from ncfast.kernels.cpu import (
     FASTMATH, NO_ROW, block_residuals, count_rows_beyond, epilogue,
     gather_rows_beyond, run_pass2_tasks, task_rows, thread_buffer)
+from ncfast.kernels.prefetch import prefetch_share
 
 #: Rows whose float32 residuals are multiplied together (``block_products``): they stay
 #: in L1 (2 KiB a row at D = 512) while the columns are swept. Even: rows go in pairs.
@@ -35,23 +37,28 @@ COLUMN_GROUP = 4
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def block_products(rows, columns, out):
+def block_products(rows, columns, out, upcoming):
     """``out = rows @ columns.T`` in float32, two rows and ``COLUMN_GROUP`` columns at a time.
 
     Each group's eight dot products share their loads of the two rows and
     four columns and vectorize along D, so the product is bound by the
     core's multiply-adds, not its loads. Every row is computed by the same
-    instructions, in either place of a pair.
+    instructions, in either place of a pair. Meanwhile the rows the caller
+    reads next are prefetched, a share per pair of rows and group of columns.
 
     Parameters
     ----------
     rows : float32 array of shape (b, D), b even
     columns : float32 array of shape (k, D), k a multiple of ``COLUMN_GROUP``
     out : float32 array of shape (b, k), written
+    upcoming : 2-D array
+        Rows to prefetch (the features of the next tile; may be empty).
     """
     num_rows, length = rows.shape
+    num_steps = (columns.shape[0] // COLUMN_GROUP) * (num_rows // 2)
     for k in range(0, columns.shape[0], COLUMN_GROUP):
         for i in range(0, num_rows, 2):
+            prefetch_share(upcoming, (k // COLUMN_GROUP) * (num_rows // 2) + i // 2, num_steps)
             first0 = first1 = first2 = first3 = np.float32(0.0)
             second0 = second1 = second2 = second3 = np.float32(0.0)
             for j in range(length):
@@ -213,7 +220,9 @@ def narrow_blocks(features, labels, corrupted, route, columns, buffers, out_sq_n
                     sq_norms[start:stop], block_labels[start:stop], route.label_rows,
                     route.classifier_sq_radii) > 0:
                 tile_columns = columns
-            block_products(residuals, tile_columns, buffers.products[start:start + tile])
+            # The next tile's rows load while this one's products are computed.
+            block_products(residuals, tile_columns, buffers.products[start:start + tile],
+                           features[first + stop:first + stop + tile])
         far_coordinates, far = rows_beyond(coordinates[:size], sq_norms, block_labels,
                                            route.label_rows, route.ncc_sq_radii,
                                            buffers.far_coordinates)

@@ -138,13 +138,20 @@ def test_block_products_are_float32_products_and_the_same_in_either_place_of_a_p
     rows = rng.standard_normal((narrow.TILE_ROWS, length)).astype(np.float32)
     columns = rng.standard_normal((3 * narrow.COLUMN_GROUP, length)).astype(np.float32)
     out = np.empty((narrow.TILE_ROWS, columns.shape[0]), np.float32)
-    narrow.block_products(rows, columns, out)
+    nothing_next = np.empty((0, length), np.float32)
+    narrow.block_products(rows, columns, out, nothing_next)
     exact = rows.astype(np.float64) @ columns.T.astype(np.float64)
     scale = np.abs(rows).astype(np.float64) @ np.abs(columns).T.astype(np.float64)
     assert (np.abs(out - exact) <= length * np.finfo(np.float32).eps * scale).all()
     shifted = np.empty_like(out)
-    narrow.block_products(np.roll(rows, 1, axis=0), columns, shifted)
+    narrow.block_products(np.roll(rows, 1, axis=0), columns, shifted, nothing_next)
     np.testing.assert_array_equal(np.roll(shifted, -1, axis=0), out)
+    # Prefetching the next rows (float32 or float64, strided or not) changes nothing.
+    upcoming = rng.standard_normal((narrow.TILE_ROWS, length))
+    for next_rows in (upcoming, upcoming.astype(np.float32), upcoming[::2]):
+        prefetched = np.empty_like(out)
+        narrow.block_products(rows, columns, prefetched, next_rows)
+        np.testing.assert_array_equal(prefetched, out)
 
 
 @pytest.mark.parametrize("num_means", [2, 3, 10, 17, 32])
