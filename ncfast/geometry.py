@@ -179,7 +179,9 @@ def check_between_scale(centred):
     ----------
     centred : float64 array of shape (C', D), the means less the global mean
     """
-    largest = float(np.abs(centred).max())  # no squares: 1e200 means must not overflow here
+    # No squares: 1e200 means must not overflow here; no |M~| either: a temporary as large as
+    # the means costs more than the two reductions.
+    largest = max(float(centred.max()), -float(centred.min()))
     if largest == 0.0:
         raise ValueError(COINCIDING_MEANS)
     low, high = SCALE_RANGE

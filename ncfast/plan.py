@@ -7,6 +7,7 @@ attributes (the CUDA backend copies the arrays to its device); nothing else
 of pass 2 is derived anywhere else.
 """
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -394,9 +395,11 @@ def check_classifier(weights, bias, num_classes, num_features):
         if not np.issubdtype(bias.dtype, np.floating):
             raise TypeError(f"bias must be floating point; found dtype {bias.dtype}")
         bias = bias.astype(np.float64)
-    if not (np.isfinite(weights).all() and np.isfinite(bias).all()):
+    # NaN propagates through max and min, Inf reaches one of them: no temporary as large as W.
+    weight_range = (float(weights.max()), float(weights.min()))
+    if not (all(map(math.isfinite, weight_range)) and np.isfinite(bias).all()):
         raise ValueError("weights or bias contain NaN or Inf; the classifier must be finite")
-    largest, (low, high) = float(np.abs(weights).max()), SCALE_RANGE
+    largest, (low, high) = max(weight_range[0], -weight_range[1]), SCALE_RANGE
     if largest != 0.0 and not low <= largest <= high:
         raise ValueError(
             f"weights has entries up to {largest:.3g}; ncfast's pass 2 multiplies them in "

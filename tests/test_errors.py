@@ -450,6 +450,18 @@ def test_classifier_beyond_float32s_scale_is_refused(case, scale):
                         bias=case["bias"] * scale)
 
 
+@pytest.mark.parametrize("where", ["weights", "bias"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_classifier_is_refused(case, where, value):
+    classifier = {"weights": case["weights"].copy(), "bias": case["bias"].copy()}
+    classifier[where][(1,) * classifier[where].ndim] = value
+    before = {name: array.copy() for name, array in classifier.items()}
+    with pytest.raises(ValueError, match="weights or bias contain NaN or Inf"):
+        ncfast.collapse(case["features"], case["labels"], **classifier)
+    for name, array in classifier.items():
+        np.testing.assert_array_equal(array, before[name])
+
+
 # --- chunk sources and options --------------------------------------------------------------
 
 class ShuffledDropLast:
