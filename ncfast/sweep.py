@@ -35,9 +35,14 @@ from ncfast.kernels.pairs import (CLOSE_SQ_DISTANCE_SHARE, COS, COS_W, DISTANCE,
                                   RIESZ_INFINITE, SLOTS, UNCENTRED, UNCENTRED_OFF,
                                   UNIT_SQ_DISTANCE_FLOOR, TileSide)
 
-#: Classes per side of a CPU pair tile: the tile's float64 products (four blocks
-#: with a classifier) stay in one core's L2 cache.
-PAIR_TILE = 256
+#: Classes per side of a CPU pair tile. The tile's GEMMs (``T × D`` by ``D × T``, float64)
+#: run faster the larger ``T``: on the 2-core development machine, the sweep of 8,000
+#: means and classifier rows at D = 4096 took 10.6-11.2 s with tiles of 256, 9.7 s with
+#: 512 and 8.7 s with 1024; at D = 2048 and 4,096 classes 1.47-1.65, 1.38 and 1.34 s. At
+#: D = 512 (8,192 classes), where the reduction weighs more than the GEMM, 1.63-1.65,
+#: 1.57 and 1.69 s: 1024 tiles' 32 MiB of products outgrow the caches. 512 is never the
+#: slowest, and keeps at least three tiles, for two threads, from 513 classes on.
+PAIR_TILE = 512
 
 
 class TileGeometry(NamedTuple):
