@@ -55,8 +55,9 @@ def prefetch_share(array, part, parts):
     """Prefetch share ``part`` of ``parts`` of the cache lines of ``array``'s rows.
 
     A loop of ``parts`` steps that calls this once a step spreads the prefetches
-    of the rows it reads next evenly over its own work: issued all at once they
-    would queue behind each other for the core's few line fill buffers.
+    of the rows it reads next evenly over its own work. (Issued all at once before
+    the work, the same prefetches saved about half as much time in the narrow
+    kernel's pass 2 on the development machine.)
 
     Parameters
     ----------

@@ -403,9 +403,13 @@ class Geometry:
         gram = None
         if route_for(present.size, means.shape[1]) == "classes":
             gram = centred_gram(centred)
-        return cls(means=means, counts=counts,
-                   present=present, label_rows=label_rows, global_mean=center, centred=centred,
-                   centred_sq_norms=centred_sq_norms, gram=gram, global_mean_option=global_mean)
+        geometry = cls(means=means, counts=counts, present=present, label_rows=label_rows,
+                       global_mean=center, centred=centred, centred_sq_norms=centred_sq_norms,
+                       gram=gram, global_mean_option=global_mean)
+        # The cached property's value, formed above: C'×D, not copied again (1 GB at the
+        # vocabulary shape of bench.bench_shapes).
+        geometry.__dict__["present_means"] = present_means
+        return geometry
 
     @classmethod
     def from_class_sums(cls, counts, sums, *, global_mean="classes"):

@@ -183,6 +183,7 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     # the logit offsets and radii need no product of their own (when every class has a mean).
     sweep = pair_sweep(xp.asarray(geometry.present_means), xp.asarray(geometry.global_mean),
                        present_weights, present_global_logits, backend=backend, tile=pair_tile,
+                       centred=xp.asarray(geometry.centred),
                        gram=xp.asarray(geometry.gram) if classes_route else None,
                        keep_classifier_products=classes_route and every_class,
                        alongside=alongside)

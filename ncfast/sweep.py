@@ -160,13 +160,12 @@ def to_host(array):
 
 
 def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend, tile=None,
-               gram=None, keep_classifier_products=False, alongside=()):
+               centred=None, gram=None, keep_classifier_products=False, alongside=()):
     """Sweep every pair of classes once.
 
     Parameters
     ----------
-    means : float64 array of shape (C', D), ``M̄`` (``backend.xp`` array): the class means,
-        centred here (``M~ = M̄ - mu_G``)
+    means : float64 array of shape (C', D), ``M̄`` (``backend.xp`` array): the class means
     global_mean : float64 array of shape (D,), ``mu_G``
     weights : float64 array of shape (C', D), optional
         Classifier rows of the same classes, in the same order.
@@ -178,6 +177,9 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
     tile : int, optional
         Classes per side of a tile (default ``backend.pair_tile``); results do
         not depend on it beyond float64 rounding.
+    centred : float64 array of shape (C', D), optional
+        ``M~ = M̄ - mu_G`` when the caller holds it (finalize does); else the sweep
+        forms it.
     gram : float64 array of shape (C', C'), optional
         ``M~ M~^T`` when already formed (the "classes" route's finalize): its
         tiles are read instead of computed, and only the classifier's blocks
@@ -198,7 +200,8 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
     xp = backend.xp
     num_means, num_features = means.shape
     tile = tile or backend.pair_tile
-    centred = means - global_mean
+    if centred is None:
+        centred = means - global_mean
     mean_norms = xp.sqrt(xp.einsum("cd,cd->c", centred, centred))
     mean_total = centred.sum(axis=0)
     etf_norm = math.sqrt(num_means - 1)

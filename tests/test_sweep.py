@@ -116,8 +116,9 @@ def test_sweep_equals_the_dense_reference(num_means, num_features, classifier):
     global_mean = means.mean(axis=0)
     weights = weights if classifier else None
     reference = _dense_pair_metrics(means, global_mean, weights)
-    for tile in (97, 1000):
-        sweep = pair_sweep(means, global_mean, weights, backend=CPU, tile=tile)
+    # Tiles of 97, 1000 and the backend's own; M~ formed by the sweep or passed in.
+    for tile, centred in ((97, None), (1000, None), (None, means - global_mean)):
+        sweep = pair_sweep(means, global_mean, weights, backend=CPU, tile=tile, centred=centred)
         for name, value in _sweep_metrics(sweep).items():
             np.testing.assert_allclose(value, reference[name], rtol=SWEEP_RTOL, atol=0,
                                        err_msg=f"{name}, tile {tile}")
