@@ -6,8 +6,9 @@ distance, each class's nearest other mean; with a classifier, each mean's two
 largest logits) are sums, minima or maxima over pairs of classes of functions
 of ``mu~_a . mu~_b``, ``w_a . w_b`` and ``w_a . mu~_b``. For tiles of classes
 ``I <= J`` the sweep computes ``[M~_I; W_I] [M~_J; W_J]^T`` by float64 GEMMs
-(one per block) and reduces it while it is in cache (``reduce_tile``); nothing
-of size C'×C' is ever held. About ``C'^2 D`` flops (four times that with a
+(one per tile, from a copy of ``M~`` and ``W`` stacked tile by tile; one per
+classifier block where the Gram ``M~ M~^T`` is given) and reduces it while it is
+in cache (``reduce_tile``); nothing of size C'×C' is ever held. About ``C'^2 D`` flops (four times that with a
 classifier), each tile computed once.
 
 Written once against an array namespace: the backend (``ncfast.backends``)
@@ -36,12 +37,13 @@ from ncfast.kernels.pairs import (CLOSE_SQ_DISTANCE_SHARE, COS, COS_W, DISTANCE,
                                   UNIT_SQ_DISTANCE_FLOOR, TileSide)
 
 #: Classes per side of a CPU pair tile. The tile's GEMMs (``T × D`` by ``D × T``, float64)
-#: run faster the larger ``T``: on the 2-core development machine, the sweep of 8,000
-#: means and classifier rows at D = 4096 took 10.6-11.2 s with tiles of 256, 9.7 s with
-#: 512 and 8.7 s with 1024; at D = 2048 and 4,096 classes 1.47-1.65, 1.38 and 1.34 s. At
-#: D = 512 (8,192 classes), where the reduction weighs more than the GEMM, 1.63-1.65,
-#: 1.57 and 1.69 s: 1024 tiles' 32 MiB of products outgrow the caches. 512 is never the
-#: slowest, and keeps at least three tiles, for two threads, from 513 classes on.
+#: run faster the larger ``T``: on the 2-core development machine, with four GEMMs a tile
+#: (before ``pair_sweep`` stacked them into one), the sweep of 8,000 means and classifier
+#: rows at D = 4096 took 10.6-11.2 s with tiles of 256, 9.7 s with 512 and 8.7 s with
+#: 1024; at D = 2048 and 4,096 classes 1.47-1.65, 1.38 and 1.34 s. At D = 512 (8,192
+#: classes), where the reduction weighs more than the GEMM, 1.63-1.65, 1.57 and 1.69 s:
+#: 1024 tiles' 32 MiB of products outgrow the caches. 512 is never the slowest, and keeps
+#: at least three tiles, for two threads, from 513 classes on.
 PAIR_TILE = 512
 
 
