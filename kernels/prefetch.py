@@ -55,9 +55,8 @@ def prefetch_share(array, part, parts):
     """Prefetch share ``part`` of ``parts`` of the cache lines of ``array``'s rows.
 
     A loop of ``parts`` steps that calls this once a step spreads the prefetches
-    of the rows it reads next evenly over its own work. (Issued all at once before
-    the work, the same prefetches saved about half as much time in the narrow
-    kernel's pass 2 on the development machine.)
+    of the rows it reads next evenly over its own work, rather than issuing them
+    in one burst.
 
     Parameters
     ----------
