@@ -346,7 +346,8 @@ class Geometry:
         global_mean : {"classes", "samples"}
             Mean of the class means, or mean of all rows (count-weighted).
         """
-        means = np.array(means, dtype=np.float64)  # the geometry keeps its own copy
+        # The geometry keeps its own copy, row-major (``present_means`` is C-contiguous).
+        means = np.array(means, dtype=np.float64, order="C")
         if means.ndim != 2:
             raise ValueError(f"means must be 2-D (n_classes, n_features); found shape {means.shape}")
         if counts is not None:

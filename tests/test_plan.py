@@ -198,3 +198,18 @@ def test_geometry_keeps_its_own_counts():
     counts = geometry.counts.copy()
     class_sums.update(case["features"][150:], case["labels"][150:])
     np.testing.assert_array_equal(geometry.counts, counts)
+
+
+@pytest.mark.parametrize("absent", [False, True], ids=["every-class", "one-absent"])
+def test_geometry_keeps_its_means_row_major_and_its_own(absent):
+    """Fortran-ordered means with every class present gave a Fortran-ordered
+    ``present_means``, which promises C-contiguous rows."""
+    means = np.asfortranarray(np.random.default_rng(3).standard_normal((5, 7)))
+    if absent:
+        means[2] = np.nan
+    before = means.copy()
+    geometry = Geometry.from_means(means)
+    assert geometry.present_means.flags.c_contiguous
+    np.testing.assert_array_equal(geometry.present_means, before[~np.isnan(before[:, 0])])
+    means[0] += 1.0
+    np.testing.assert_array_equal(geometry.present_means[0], before[0])
