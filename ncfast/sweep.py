@@ -8,8 +8,8 @@ of ``mu~_a . mu~_b``, ``w_a . w_b`` and ``w_a . mu~_b``. For tiles of classes
 ``I <= J`` the sweep computes ``[M~_I; W_I] [M~_J; W_J]^T`` by float64 GEMMs
 (one per tile, from a copy of ``M~`` and ``W`` stacked tile by tile; one per
 classifier block where the Gram ``M~ M~^T`` is given) and reduces it while it is
-in cache (``reduce_tile``); nothing of size C'×C' is ever held. About ``C'^2 D`` flops (four times that with a
-classifier), each tile computed once.
+in cache (``reduce_tile``); nothing of size C'×C' is ever held. About ``C'^2 D``
+flops (four times that with a classifier), each tile computed once.
 
 Written once against an array namespace: the backend (``ncfast.backends``)
 supplies ``xp`` (numpy or cupy), ``map_tasks`` (the CPU runs tiles on the pass

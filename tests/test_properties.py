@@ -11,6 +11,7 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 
 import numba
 import numpy as np
@@ -439,7 +440,6 @@ def test_a_child_forked_from_a_task_uses_worker_threads_again():
             os._exit(1 if cpu._on_worker_thread() else 0)
         return os.waitpid(child, 0)[1]
 
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork in a threaded process
         statuses = cpu.run_tasks(fork_and_ask, 2, 2)
