@@ -517,7 +517,8 @@ def _shifted_sums(xp, sums, slot, values):
     shifted = values - values[0]
     sums[slot] = values[0]
     sums[slot + 1] = shifted.sum()
-    sums[slot + 2] = (shifted * shifted).sum()
+    with np.errstate(over="ignore"):  # squares beyond float64: an infinite variance
+        sums[slot + 2] = (shifted * shifted).sum()
 
 
 def cdnv(sweep, centred, means, variances, xp):

@@ -439,23 +439,27 @@ def test_global_mean_of_samples_matches_textbook(name):
     assert reference["nc1"] != pytest.approx(classes_reference["nc1"], rel=1e-3)
 
 
-def _case_with_empty_classes():
+def _case_with_empty_classes(num_features=32):
     """Six classes, 1 and 4 without rows; W's row 1 copies row 0 with a larger bias.
 
     The argmax runs over all C rows of W, so every row of class 0 is predicted
-    as the empty class 1.
+    as the empty class 1. At D = 3 the four means with rows outnumber the
+    features: the "features" route, whose NC1 averages over C' = 4 classes.
     """
-    case = gaussian_classes(num_classes=6, class_counts=[40, 0, 60, 50, 0, 30])
+    case = gaussian_classes(num_features=num_features, num_classes=6,
+                            class_counts=[40, 0, 60, 50, 0, 30])
     weights, bias = case["weights"].copy(), case["bias"].copy()
     weights[1] = weights[0]
     bias[1] = bias[0] + 1.0
     return {**case, "weights": weights, "bias": bias}
 
 
-def test_empty_classes_warn_and_match_textbook():
-    case = _case_with_empty_classes()
+@pytest.mark.parametrize("num_features, route", [(32, "classes"), (3, "features")])
+def test_empty_classes_warn_and_match_textbook(num_features, route):
+    case = _case_with_empty_classes(num_features)
     with pytest.warns(UserWarning, match=r"2 of 6 classes have no rows \(1, 4\)"):
         report = ncfast.collapse(**case)
+    assert report.route == route
     reference = textbook_collapse(**case)
     assert_matches_textbook(report, reference)
     np.testing.assert_array_equal(report.present_classes, [0, 2, 3, 5])

@@ -207,6 +207,47 @@ def test_pass_two_is_bitwise_the_same_on_any_thread_count(pass2_kernel):
     assert states[0] == states[1]
 
 
+# --- ties -----------------------------------------------------------------------------------
+
+def test_tied_logits_predict_the_first_class(pass2_kernel):
+    """Classifier rows 5 = 2 (in the first ``cpu.ARGMIN_GROUP`` of 10 logits) and 9 = 8 (in
+    the tail), biases too: every row's logits tie there, and the prediction is the first
+    class, as float64 ``np.argmax`` says."""
+    rng = np.random.default_rng(0)
+    num_classes, num_features = 10, 32
+    assert cpu.ARGMIN_GROUP < num_classes < 2 * cpu.ARGMIN_GROUP
+    means = 4.0 * rng.standard_normal((num_classes, num_features))
+    labels = np.repeat(np.arange(num_classes), 30)
+    features = (means[labels] + 0.3 * rng.standard_normal((labels.size, num_features))
+                ).astype(np.float32)
+    weights, bias = means - means.mean(axis=0), 0.1 * rng.standard_normal(num_classes)
+    weights[5], bias[5] = weights[2], bias[2]
+    weights[9], bias[9] = weights[8], bias[8]
+    stats = ncfast.ResidualStats(ncfast.Geometry.from_means(means), weights=weights, bias=bias)
+    stats.update(features, labels)
+    predictions = np.argmax(features.astype(np.float64) @ weights.T + bias, axis=1)
+    expected = np.bincount(labels[predictions == labels], minlength=num_classes)
+    assert expected[[2, 8]].all() and not expected[[5, 9]].any()
+    np.testing.assert_array_equal(stats.classifier_hits, expected)
+
+
+def test_a_row_on_a_mean_another_class_shares_is_nearest_the_first(pass2_kernel):
+    """Class 3's mean is class 1's (integer means summing to zero: every distance exact,
+    the NCC radii 0). Rows exactly on the means go to the first nearest centre, as float64
+    ``np.argmin`` says: class 3's rows to class 1."""
+    a, b = np.random.default_rng(0).integers(-8, 9, (2, 8)).astype(np.float64)
+    means = np.stack([a, b, -(a + 2 * b), b])
+    geometry = ncfast.Geometry.from_means(means)
+    assert geometry.mean_sq_distances[3, 1] == 0.0
+    labels = np.repeat(np.arange(4), 5)
+    features = means[labels].astype(np.float32)
+    stats = ncfast.ResidualStats(geometry).update(features, labels)
+    sq_distances = ((features[:, None, :].astype(np.float64) - means[None]) ** 2).sum(axis=2)
+    expected = np.bincount(labels[np.argmin(sq_distances, axis=1) == labels], minlength=4)
+    assert expected.tolist() == [5, 5, 5, 0]
+    np.testing.assert_array_equal(stats.ncc_hits, expected)
+
+
 # --- bad rows -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 5, 100])

@@ -10,7 +10,7 @@ import pytest
 
 import ncfast
 from cases import gaussian_classes
-from ncfast.geometry import ROUNDING_RTOL, Geometry, centred_gram
+from ncfast.geometry import NCC_RADIUS_FRACTION, ROUNDING_RTOL, Geometry, centred_gram
 from ncfast.plan import CLASSIFIER_RADIUS_FRACTION, build_plan, classifier_radii
 
 NUM_CLASSES, NUM_FEATURES = 257, 300
@@ -169,6 +169,64 @@ def test_classifier_radii_with_the_gram_and_without():
     two_means, zero_weights = np.eye(2), np.zeros((2, 2))
     _, sq_radii = classifier_radii(two_means, zero_weights, np.array([[1.0, 0.0], [1.0, 0.0]]))
     assert np.isinf(sq_radii).all()  # W r = 0: nothing overtakes the bias's prediction
+
+
+def _radius_case(name):
+    """Means, weights and logit offsets where the radii's rounding allowances decide."""
+    rng = np.random.default_rng(0)
+    means, weights = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    logit_offsets = means @ weights.T
+    if name == "large-logits":  # allowances ~1e-3 of each gap
+        logit_offsets = 1e6 + 1e-3 * rng.standard_normal((4, 4))
+    elif name == "twin-rows":  # two classes, w_1 = w_0: their distance may be rounding
+        weights = np.vstack([weights[0], weights[0]])
+        logit_offsets = means @ weights.T + np.array([0.0, 1.0])
+    elif name == "tie":  # mean 0's two largest logits are equal
+        logit_offsets[0, 1] = logit_offsets[0].max()
+    elif name == "one-ulp":  # mean a's largest logit one ulp of 1e3 above the next
+        logit_offsets = np.full((4, 4), -5.0)
+        for a in range(4):
+            logit_offsets[a, (a + 1) % 4] = 1000.0 + a
+            logit_offsets[a, a] = np.nextafter(1000.0 + a, np.inf)
+    return means, weights, logit_offsets
+
+
+@pytest.mark.parametrize("name", ["large-logits", "twin-rows", "tie", "one-ulp"])
+def test_classifier_radii_allow_for_rounding_as_documented(name):
+    """Gaps shrunk by ``rtol (|L*| + |L_c| + (||w*|| + ||w_c||) ||mu||)`` and squared
+    distances grown by ``rtol (||w*||^2 + ||w_c||^2)``, to 1e-10: a gap within rounding
+    (a tie, one ulp) gives radius 0, and a rival with the same weight row (whose computed
+    distance may be rounding) a finite radius, not inf."""
+    means, weights, logit_offsets = _radius_case(name)
+    predictions, expected = _dense_classifier_sq_radii(means, weights, logit_offsets)
+    for weight_gram in (None, weights @ weights.T):
+        mean_predictions, sq_radii = classifier_radii(means, weights, logit_offsets,
+                                                      weight_gram)
+        np.testing.assert_array_equal(mean_predictions, predictions)
+        np.testing.assert_allclose(sq_radii, expected, rtol=1e-10)
+        assert np.isfinite(sq_radii).all()
+        if name == "tie":
+            assert sq_radii[0] == 0.0 and (sq_radii[1:] > 0.0).all()
+        if name == "one-ulp":
+            np.testing.assert_array_equal(sq_radii, 0.0)
+
+
+def test_ncc_radii_are_the_nearest_distances_less_their_rounding():
+    """``ncc_sq_radii = (NCC_RADIUS_FRACTION g_a)^2``, ``g_a^2`` the nearest squared distance
+    less ``ROUNDING_RTOL (||mu~_a||^2 + max ||mu~||^2)``, against dense float64: two means
+    1.7e-6 apart (squared distance 3e-12, of the order of that allowance) make it count."""
+    rng = np.random.default_rng(1)
+    means = rng.standard_normal((6, 10)) / np.sqrt(10.0)
+    step = rng.standard_normal(10)
+    means[1] = means[0] + np.sqrt(3e-12) * step / np.linalg.norm(step)
+    plan = build_plan(Geometry.from_means(means))
+    sq_norms = ((means - means.mean(axis=0)) ** 2).sum(axis=1)
+    sq_distances = ((means[:, None] - means[None]) ** 2).sum(axis=2)
+    np.fill_diagonal(sq_distances, np.inf)
+    nearest = sq_distances.min(axis=1) - ROUNDING_RTOL * (sq_norms + sq_norms.max())
+    expected = NCC_RADIUS_FRACTION ** 2 * np.maximum(nearest, 0.0)
+    assert 0.0 < expected[0] < 0.5 * NCC_RADIUS_FRACTION ** 2 * sq_distances[0].min()
+    np.testing.assert_allclose(plan.ncc_sq_radii, expected, rtol=1e-3)
 
 
 def test_fingerprints_are_digests_of_the_means_and_the_classifier():

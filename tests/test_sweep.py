@@ -12,7 +12,7 @@ import ncfast
 from cases import gaussian_classes, with_label_noise
 from ncfast.backends.cpu import CPU
 from ncfast.kernels import pairs
-from ncfast.sweep import cdnv, pair_sweep, reduce_tile_xp
+from ncfast.sweep import cdnv, merge_top_logits, pair_sweep, reduce_tile_xp
 from ncfast.textbook import textbook_collapse
 
 #: The sweep and the dense reference agree to this relative error (float64 sums in
@@ -149,6 +149,17 @@ def test_sweep_finds_each_means_two_largest_logits(num_means, backend):
         assert without.top_logits.shape == (0, 2) and without.top_classes.shape == (0,)
 
 
+def test_merging_top_logits_breaks_ties_to_the_smaller_class():
+    """Merged in either order, a tie of the best logits goes to the smaller class (the sweep
+    merges tiles in class order, but the plan merges absent classes after present ones),
+    and the tied best is also the second largest."""
+    top_logits, top_classes = np.array([[5.0, 1.0], [5.0, 1.0]]), np.array([4, 1])
+    merge_top_logits(np, top_logits, top_classes, np.array([[5.0, 2.0], [5.0, 2.0]]),
+                     np.array([2, 3]))
+    np.testing.assert_array_equal(top_classes, [2, 1])
+    np.testing.assert_array_equal(top_logits, [[5.0, 5.0], [5.0, 5.0]])
+
+
 @pytest.mark.parametrize("backend", [CPU, NumpyTiles], ids=["compiled", "arrays"])
 def test_sweep_of_a_given_gram_keeps_the_classifier_products(backend):
     """The "classes" route's sweep: Gram tiles read, only the classifier's blocks multiplied
@@ -194,24 +205,45 @@ def test_compiled_tiles_equal_the_array_operations(num_means, num_features):
             np.testing.assert_allclose(value, expected, rtol=1e-9, err_msg=name)
 
 
-def test_coinciding_unit_means_give_an_infinite_log_kernel():
+def _means_on_one_ray(rounded):
+    """Four means of which the first two lie on one ray: exactly (cosine 1), or ``rounded``,
+    ``mu_1 = 3 mu_0`` at D = 5 where the Gram's cosine rounds to 1 - 2^-52 and
+    ``2 - 2 cos`` is 4.4e-16, inside ``pairs.UNIT_SQ_DISTANCE_FLOOR``."""
+    if not rounded:
+        return np.array([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    ray = np.random.default_rng(3).standard_normal(5)
+    means = np.vstack([ray, 3.0 * ray, np.random.default_rng(99).standard_normal((2, 5))])
+    gram, sq_norms = means[:2] @ means[:2].T, np.einsum("cd,cd->c", means[:2], means[:2])
+    cosine = gram[0, 1] / np.sqrt(sq_norms[0] * sq_norms[1])  # as the sweep forms it
+    assert 0.0 < 2.0 - 2.0 * cosine <= pairs.UNIT_SQ_DISTANCE_FLOOR
+    return means
+
+
+@pytest.mark.parametrize("rounded", [False, True], ids=["exact", "rounded"])
+@pytest.mark.parametrize("tile", [2, 4])
+def test_coinciding_unit_means_give_an_infinite_log_kernel(rounded, tile):
     """Two centred means on one ray: the log kernel is +inf and its variance undefined, as
-    numpy's mean and variance of the dense values say; the Riesz kernel too for s > 0."""
-    means = np.array([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    global_mean = np.zeros(3)
+    numpy's mean and variance of the dense values say; the Riesz kernel too for s > 0.
+    Unit means whose distance is within rounding of 0 coincide too (without the floor the
+    rounded pair gave a finite log kernel of 17.6)."""
+    means = _means_on_one_ray(rounded)
+    global_mean = np.zeros(means.shape[1])
     for backend in (CPU, NumpyTiles):
-        sweep = pair_sweep(means, global_mean, backend=backend, tile=2)
+        sweep = pair_sweep(means, global_mean, backend=backend, tile=tile)
         assert sweep.moments["log"][0] == np.inf and np.isnan(sweep.moments["log"][1])
         assert sweep.moments["riesz"][0] == np.inf
     assert np.isfinite(sweep.moments["cos"]).all()
 
 
-def test_riesz_kernel_beyond_float64s_squares_has_an_infinite_variance():
+@pytest.mark.parametrize("close, tile", [(0, 2), (2, 4)])
+def test_riesz_kernel_beyond_float64s_squares_has_an_infinite_variance(close, tile):
     """Two unit means 1e-4 apart at D = 41 (s = 39): a Riesz value near 1e156, finite,
     whose square exceeds float64. The variance is inf (numpy's np.var says so too), the
-    mean finite; the merge of the tiles warned of overflow and gave NaN."""
+    mean finite; the merge of the tiles warned of overflow and gave NaN. The close pair
+    (``close``, ``close + 1``) is the first pair of its tile, or (tile 4: one tile) not its
+    first, so that the tile's own sum of squares overflows (the merge gave NaN)."""
     means = np.eye(41)[:4].copy()
-    means[1] = means[0] + 1e-4 * np.eye(41)[1]
+    means[close + 1] = means[close] + 1e-4 * np.eye(41)[(close + 2) % 4]
     global_mean = np.zeros(41)
     with np.errstate(over="ignore"):  # the dense variance overflows, as it should
         dense = _dense_pair_metrics(means, global_mean)
@@ -220,7 +252,7 @@ def test_riesz_kernel_beyond_float64s_squares_has_an_infinite_variance():
         warnings.simplefilter("error")
         for backend in (CPU, NumpyTiles):
             riesz_mean, riesz_variance = pair_sweep(means, global_mean, backend=backend,
-                                                    tile=2).moments["riesz"]
+                                                    tile=tile).moments["riesz"]
             assert riesz_mean == pytest.approx(dense["riesz_mean"], rel=1e-6)
             assert riesz_variance == np.inf
 
