@@ -44,6 +44,20 @@ def _dense_classifier_sq_radii(present_means, weights, logit_offsets):
     return predictions, (CLASSIFIER_RADIUS_FRACTION * ratios.min(axis=1)) ** 2
 
 
+def _radii_match_the_dense_bound(means, weights, logit_offsets):
+    """``classifier_radii`` from a given ``W W^T`` and from the rows: both equal the dense
+    bound to 1e-10, with the same predictions. Returns both squared radii."""
+    predictions, expected = _dense_classifier_sq_radii(means, weights, logit_offsets)
+    both = []
+    for weight_gram in (None, weights @ weights.T):
+        mean_predictions, sq_radii = classifier_radii(means, weights, logit_offsets,
+                                                      weight_gram)
+        np.testing.assert_array_equal(mean_predictions, predictions)
+        np.testing.assert_allclose(sq_radii, expected, rtol=1e-10)
+        both.append(sq_radii)
+    return both
+
+
 def test_means_with_a_partial_nan_row_or_inf_are_refused():
     """A class without a mean is a row of NaN only; NaN rows are absent classes."""
     means, _, _ = _means_and_classifier(absent=(0,))
@@ -160,12 +174,7 @@ def test_classifier_radii_with_the_gram_and_without():
     logit_offsets = means @ weights.T + bias
     logit_offsets[5] = -1e3  # one logit above all the others, which are equal
     logit_offsets[5, 11] = 0.0
-    predictions, expected = _dense_classifier_sq_radii(means, weights, logit_offsets)
-    for weight_gram in (None, weights @ weights.T):
-        mean_predictions, sq_radii = classifier_radii(means, weights, logit_offsets,
-                                                      weight_gram)
-        np.testing.assert_array_equal(mean_predictions, predictions)
-        np.testing.assert_allclose(sq_radii, expected, rtol=1e-9)
+    _radii_match_the_dense_bound(means, weights, logit_offsets)
     two_means, zero_weights = np.eye(2), np.zeros((2, 2))
     _, sq_radii = classifier_radii(two_means, zero_weights, np.array([[1.0, 0.0], [1.0, 0.0]]))
     assert np.isinf(sq_radii).all()  # W r = 0: nothing overtakes the bias's prediction
@@ -198,12 +207,7 @@ def test_classifier_radii_allow_for_rounding_as_documented(name):
     (a tie, one ulp) gives radius 0, and a rival with the same weight row (whose computed
     distance may be rounding) a finite radius, not inf."""
     means, weights, logit_offsets = _radius_case(name)
-    predictions, expected = _dense_classifier_sq_radii(means, weights, logit_offsets)
-    for weight_gram in (None, weights @ weights.T):
-        mean_predictions, sq_radii = classifier_radii(means, weights, logit_offsets,
-                                                      weight_gram)
-        np.testing.assert_array_equal(mean_predictions, predictions)
-        np.testing.assert_allclose(sq_radii, expected, rtol=1e-10)
+    for sq_radii in _radii_match_the_dense_bound(means, weights, logit_offsets):
         assert np.isfinite(sq_radii).all()
         if name == "tie":
             assert sq_radii[0] == 0.0 and (sq_radii[1:] > 0.0).all()
