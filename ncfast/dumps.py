@@ -355,10 +355,11 @@ class RunWriter:
 
 
 def _as_numpy(array, what):
+    """``array`` C-contiguous in native byte order (the manifest names native dtypes)."""
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{what} must be a numpy array; found {type(array).__name__} "
                         "(torch: tensor.detach().cpu().numpy())")
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
 
 
 def _checked_labels(array, what, num_rows, num_classes):

@@ -264,6 +264,7 @@ class _MappedRows:
         self.row_bytes = dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
         self.size = offset + self.row_bytes * self.shape[0]
         self.mapping = None
+        self.held = None  # byte range of the last block handed out
         if self.size > 0:
             with open(path, "rb") as stream:
                 self.mapping = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
@@ -273,7 +274,6 @@ class _MappedRows:
                                f"promises {self.size}")
             if hasattr(mmap, "MADV_SEQUENTIAL"):
                 self.mapping.madvise(mmap.MADV_SEQUENTIAL)
-        self.held = None  # byte range of the last block handed out
 
     def __getitem__(self, rows):
         start, stop, _ = rows.indices(self.shape[0])

@@ -60,6 +60,27 @@ def test_merge_refuses_an_out_it_cannot_create(tmp_path, monkeypatch, capsys, ou
     assert sorted(os.listdir(tmp_path)) == ["dangling", "pass1.safetensors"]
 
 
+def test_an_os_error_of_a_command_is_one_line_on_stderr_and_status_1(tmp_path, capsys):
+    """``merge`` writing its state where a folder of that name is: IsADirectoryError."""
+    case = gaussian_classes(60, FEATURES, CLASSES, seed=1)
+    save_state(tmp_path / "pass1-0.safetensors",
+               ClassSums(CLASSES, FEATURES).update(case["features"], case["labels"]))
+    (tmp_path / "merged" / "pass1.safetensors").mkdir(parents=True)
+    assert main(["merge", str(tmp_path / "pass1-0.safetensors"),
+                 "--out", str(tmp_path / "merged")]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1
+    assert printed.err.startswith("ncfast merge: [Errno 21] Is a directory")
+
+
+def test_square_brackets_in_an_error_are_printed_as_they_are(tmp_path, capsys):
+    """Rich markup in a file name (``[b]``) is text: unescaped, it vanished and turned bold."""
+    path = tmp_path / "state[b]x.safetensors"
+    path.write_bytes(b"junk")
+    assert main(["merge", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"ncfast merge: {path}: a text file starting 'junk'")
+
+
 @pytest.mark.parametrize("path", ["../victim", "VICTIM"])
 def test_analyze_writes_nothing_where_a_manifest_points_outside_its_run(tmp_path, capsys, path):
     run = _write_run(tmp_path / "run")

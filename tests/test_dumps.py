@@ -104,6 +104,8 @@ def test_a_folder_of_other_files_is_not_taken_over(tmp_path):
     (lambda s: s["test"]["features"].update(penultimate=np.zeros((20, 6), np.float32)),
      "has 6 features but another split has 5"),
     (lambda s: s["train"].update(labels=s["train"]["labels"] + 5), r"outside \[0, 3\)"),
+    (lambda s: s["train"]["labels"].__setitem__(4, CLASSES), r"outside \[0, 3\): found 0\.\.3"),
+    (lambda s: s["train"]["labels"].__setitem__(4, -1), r"outside \[0, 3\): found -1\.\.2"),
     (lambda s: s.update({"bad/name": s["train"]}), "cannot be a file name"),
     (lambda s: s["train"].update(labels=list(range(40))), "must be a numpy array"),
 ])
@@ -123,6 +125,29 @@ def test_classifier_needs_a_layer_of_its_width(tmp_path):
     with pytest.raises(ValueError, match=r"\(3, 7\)"):
         writer.write_checkpoint(0, _splits(0), weights=np.zeros((CLASSES, 5)),
                                 classifier_layer="linear1")
+
+
+def test_integer_classifier_weights_are_refused(tmp_path):
+    writer = RunWriter(tmp_path / "run", config={}, num_classes=CLASSES)
+    with pytest.raises(ValueError, match=r"weights must be a float array .*found \(3, 5\) int64"):
+        writer.write_checkpoint(0, _splits(0), weights=np.ones((CLASSES, 5), np.int64),
+                                classifier_layer="penultimate")
+    assert os.listdir(tmp_path / "run") == [MANIFEST]
+
+
+def test_big_endian_arrays_are_written_in_native_order(tmp_path):
+    """The manifest names native dtypes: a big-endian array written as it was left the run
+    unreadable (its '>f4' read as an edited manifest)."""
+    writer = RunWriter(tmp_path / "run", config={}, num_classes=CLASSES)
+    splits = _splits(0)
+    features = splits["train"]["features"]["penultimate"]
+    splits["train"]["features"]["penultimate"] = features.astype(">f4")
+    splits["train"]["labels"] = splits["train"]["labels"].astype(">i8")
+    writer.write_checkpoint(0, splits)
+    train = open_run(tmp_path / "run").checkpoint(0).splits["train"]
+    assert train.features["penultimate"].dtype == "float32"
+    np.testing.assert_array_equal(train.features["penultimate"].read(), features)
+    np.testing.assert_array_equal(train.labels.read(), np.arange(40) % CLASSES)
 
 
 def test_an_interrupted_writer_leaves_only_complete_checkpoints(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ncfast
-from ncfast import engine
+from ncfast import engine, errors
 from ncfast.kernels import cpu
 from cases import gaussian_classes, with_label_noise
 
@@ -44,6 +44,11 @@ def test_three_dimensional_features(case):
         ncfast.collapse(case["features"][:, :, None], case["labels"])
 
 
+def test_features_without_columns(case):
+    with pytest.raises(ValueError, match=r"features has no columns \(shape \(20, 0\)\)"):
+        ncfast.collapse(case["features"][:, :0], case["labels"])
+
+
 def test_labels_shorter_than_features(case):
     with pytest.raises(ValueError, match="labels has 19 entries but features has 20 rows"):
         ncfast.collapse(case["features"], case["labels"][:-1])
@@ -59,6 +64,12 @@ def test_float_labels(case):
     with pytest.raises(TypeError, match="labels must be integer class indices; found dtype "
                                         "float64"):
         ncfast.collapse(case["features"], case["labels"].astype(np.float64))
+
+
+def test_torch_boolean_labels(case):
+    with pytest.raises(TypeError, match="labels must be integer class indices; found dtype "
+                                        "bool"):
+        ncfast.collapse(case["features"], torch.from_numpy(case["labels"] > 0))
 
 
 def test_integer_features(case):
@@ -98,10 +109,13 @@ def test_label_out_of_range_names_the_row(case, chunk_size):
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4])
-def test_negative_label_names_the_row(case, chunk_size):
+@pytest.mark.parametrize("label", [-1, -50])
+def test_negative_label_names_the_row(case, chunk_size, label):
+    """C is inferred from the labels: a label below -C must not index the class tallies
+    from their end (an IndexError)."""
     labels = case["labels"].copy()
-    labels[[13, 17]] = -1
-    with pytest.raises(ValueError, match=r"row 13 has label -1, outside \[0, 3\)"):
+    labels[[13, 17]] = label
+    with pytest.raises(ValueError, match=rf"row 13 has label {label}, outside \[0, 3\)"):
         ncfast.collapse(case["features"], labels, chunk_size=chunk_size)
 
 
@@ -112,6 +126,12 @@ def test_clean_label_out_of_range_names_the_row(case):
     with pytest.raises(ValueError, match=r"row 11 has clean label -4, outside \[0, 3\)"):
         ncfast.collapse(case["features"], noisy["labels"], num_classes=NUM_CLASSES,
                         clean_labels=clean_labels)
+
+
+def test_bad_row_errors_quote_the_bad_one_of_the_two_labels():
+    """The GPU backend's error path (``errors.raise_bad_row``) for a stray clean label."""
+    with pytest.raises(ValueError, match=r"row 6 has clean label 40, outside \[0, 3\)"):
+        errors.raise_bad_row(6, np.array([1]), np.array([40]), np.zeros((1, 3)), num_classes=3)
 
 
 def test_held_out_label_without_training_mean_names_the_row(case):
@@ -156,12 +176,21 @@ def test_non_finite_torch_row_names_the_row(case):
         ncfast.collapse(features, torch.from_numpy(case["labels"]), chunk_size=4)
 
 
-def test_non_finite_held_out_row_names_the_row(case):
-    """Against given means pass 1 is skipped, so pass 2 must find the bad row."""
+@pytest.mark.parametrize("bad_row", [10, 9], ids=["class-1", "class-0"])
+def test_non_finite_held_out_row_names_the_row(case, bad_row):
+    """Against given means pass 1 is skipped, so pass 2 must find the bad row; in class 0
+    (the first row of the means) too, which has a mean."""
     means = ncfast.collapse(case["features"], case["labels"]).means
-    features = with_bad_value(case["features"], [10, 15], np.nan)
-    with pytest.raises(ValueError, match="features row 10 contains NaN"):
+    features = with_bad_value(case["features"], [bad_row, 15], np.nan)
+    with pytest.raises(ValueError, match=f"features row {bad_row} contains NaN"):
         ncfast.collapse(features, case["labels"], means=means, chunk_size=3)
+
+
+def test_a_row_with_nan_and_inf_is_said_to_contain_nan(case):
+    features = with_bad_value(case["features"], [7], np.inf)
+    features[7, 2] = np.nan
+    with pytest.raises(ValueError, match="features row 7 contains NaN"):
+        ncfast.collapse(features, case["labels"])
 
 
 def test_non_finite_row_in_a_later_source_chunk_names_the_row(case):
@@ -248,6 +277,15 @@ def test_stray_label_with_num_classes_inferred_names_its_row(case, stray, hint):
                                          "occur") as error:
         ncfast.collapse(case["features"], labels)
     assert ("pass num_classes= to accept the empty classes" in str(error.value)) == hint
+
+
+def test_stray_label_in_two_blocks_of_labels_names_its_first_row():
+    """Labels are summarised 2^22 at a time: the first row is named when a later block holds
+    the same stray label too."""
+    labels = np.arange((1 << 22) + 16) % 2
+    labels[[5, (1 << 22) + 3]] = 100
+    with pytest.raises(ValueError, match="row 5 has label 100, but only 3 distinct"):
+        ncfast.collapse(np.zeros((labels.size, 1), np.float32), labels)
 
 
 def test_stray_clean_label_with_num_classes_inferred_is_named_a_clean_label(case):
@@ -357,6 +395,13 @@ def test_chunk_source_that_drops_clean_labels_names_the_chunk(case):
     chunks = [(case["features"][:10], noisy["labels"][:10], noisy["clean_labels"][:10]),
               (case["features"][10:], noisy["labels"][10:])]
     with pytest.raises(ValueError, match="chunk 1"):
+        ncfast.collapse(chunks, num_classes=NUM_CLASSES)
+
+
+def test_chunks_of_another_width_name_the_chunk(case):
+    chunks = [(case["features"][:10], case["labels"][:10]),
+              (np.zeros((10, NUM_FEATURES + 1), np.float32), case["labels"][10:])]
+    with pytest.raises(ValueError, match="chunk 1 has 5 features but earlier chunks have 4"):
         ncfast.collapse(chunks, num_classes=NUM_CLASSES)
 
 

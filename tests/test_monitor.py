@@ -357,6 +357,13 @@ def _rows():
                              "0", [(torch.zeros(6, 2, dtype=int), torch.zeros(6, dtype=int))],
                              num_classes=2).measure(), TypeError, "floating-point features"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", []).measure(), ValueError, "no rows"),
+    (lambda: CollapseMonitor(CallsTwice(), ["fc", "fc"], _rows()), ValueError,
+     r"layer lists a module twice: \['fc', 'fc'\]"),
+    (lambda: CollapseMonitor(  # the last layer sees two rows per sample
+        nn.Sequential(nn.Linear(8, 6), nn.Unflatten(1, (2, 3)), nn.Flatten(0, 1),
+                      nn.Linear(3, 2)), "3", _rows(), num_classes=2,
+        classifier={"3": None}).measure(), ValueError,
+     r"module '3' has shape \(12, 3\) for a batch of 6 labels"),
 ])
 def test_misuse_is_refused_with_a_clear_message(make_monitor, error, message):
     with pytest.raises(error, match=message):

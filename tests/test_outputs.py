@@ -87,6 +87,28 @@ def test_a_rewritten_file_keeps_its_mode(tmp_path):
     assert path.read_text() == "new" and _mode(path) == 0o640
 
 
+def test_a_failed_write_leaves_the_previous_file_and_a_good_one_is_synced(tmp_path,
+                                                                         monkeypatch):
+    """A write that fails midway leaves the good file and no temporary; one that succeeds
+    syncs the new file itself before renaming it, then its folder."""
+    path = tmp_path / "result.json"
+    path.write_text("good")
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda descriptor: synced.append(
+        stat.S_ISREG(os.fstat(descriptor).st_mode)))
+
+    def fail_midway(stream):
+        stream.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(str(path), fail_midway)
+    assert path.read_text() == "good" and os.listdir(tmp_path) == ["result.json"]
+    assert synced == []
+    write_atomically(str(path), lambda stream: stream.write(b"new"))
+    assert path.read_text() == "new" and synced == [True, False]
+
+
 def test_every_file_of_a_run_an_analysis_and_a_state_follows_the_umask(tmp_path):
     with umask(0o022):
         run = _write_run(tmp_path / "run")

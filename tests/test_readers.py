@@ -1,5 +1,6 @@
 """Readers: every format round-trips, streams in row blocks, and fails with the file's name."""
 import errno
+import io
 import os
 import zipfile
 
@@ -120,6 +121,23 @@ def test_fortran_ordered_npy_is_refused(tmp_path):
         read_file(tmp_path / "fortran.npy")
 
 
+def test_fortran_ordered_npz_member_is_refused(tmp_path):
+    """Read in C order, its rows would be scrambled."""
+    np.savez(tmp_path / "dump.npz", features=np.asfortranarray(np.arange(12.0).reshape(4, 3)),
+             labels=np.arange(4) % 2)
+    with pytest.raises(ValueError, match=r"dump.npz \[features\]: the array is Fortran-ordered"):
+        read_file(tmp_path / "dump.npz")
+
+
+def test_weights_that_fit_two_layers_are_refused(tmp_path):
+    """Which layer the classifier reads would be a guess."""
+    np.savez(tmp_path / "dump.npz", **{"features/a": np.ones((6, 4), np.float32),
+                                       "features/b": np.ones((6, 4), np.float32),
+                                       "labels": np.arange(6) % 3, "weights": np.ones((3, 4))})
+    with pytest.raises(ValueError, match=r"weights of shape \(3, 4\) match layers a, b"):
+        file_layout(tmp_path / "dump.npz")
+
+
 def test_bfloat16_tensors_are_read_as_float32(tmp_path):
     values = torch.arange(12, dtype=torch.float32).reshape(4, 3).to(torch.bfloat16)
     save_torch_safetensors({"features": values}, tmp_path / "half.safetensors")
@@ -182,6 +200,40 @@ def test_corrupt_stored_npz_member_fails_naming_it(tmp_path):
 
     analysis = analyze([tmp_path / "corrupt.npz"], progress=False, use_cache=False)
     assert analysis.rows == [] and "the file is corrupt" in analysis.failures[0].reason
+
+
+def _npy_bytes_claiming(num_rows, rows):
+    """A .npy file's bytes whose header promises ``num_rows`` rows but which holds ``rows``."""
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {
+        "descr": np.lib.format.dtype_to_descr(rows.dtype), "fortran_order": False,
+        "shape": (num_rows, *rows.shape[1:])})
+    return stream.getvalue() + rows.tobytes()
+
+
+@pytest.mark.parametrize("compression, reason", [
+    (zipfile.ZIP_STORED, r"the file has \d+ bytes; its header promises \d+"),
+    (zipfile.ZIP_DEFLATED, "member 'features.npy' ends early")], ids=["stored", "deflated"])
+def test_npz_member_shorter_than_its_header_is_refused(tmp_path, compression, reason):
+    """A member that holds 5 of the 1000 rows its header promises: an error naming it and
+    the reason, not fewer rows (deflated) or an internal error (stored)."""
+    with zipfile.ZipFile(tmp_path / "short.npz", "w", compression) as archive:
+        archive.writestr("features.npy",
+                         _npy_bytes_claiming(1000, np.ones((5, 3), np.float32)))
+    stored = read_file(tmp_path / "short.npz")["features"]
+    assert stored.shape == (1000, 3)
+    with pytest.raises(ValueError, match=r"short.npz \[features\]: cannot read rows 0:1000 "
+                                         rf"\(EOFError: {reason}\)"):
+        stored.read()
+
+
+def test_npy_cut_after_it_was_opened_says_what_its_header_promises(tmp_path):
+    np.save(tmp_path / "features.npy", np.ones((100, 4), np.float32))
+    stored = read_file(tmp_path / "features.npy")[None]
+    os.truncate(tmp_path / "features.npy", os.path.getsize(tmp_path / "features.npy") - 16)
+    with pytest.raises(ValueError, match=r"features.npy: cannot read rows 0:10 \(EOFError: the "
+                                         r"file has \d+ bytes; its header promises \d+\)"):
+        stored.rows(0, 10)
 
 
 def test_truncated_npy_fails_naming_the_file(tmp_path, arrays):
