@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 from ncfast.kernels.cpu import dense_blas, one_blas_thread, run_tasks
+from ncfast.sweep import pair_sq_distances
 
 #: Eigenvalues below this fraction of the largest are cut in pseudo-inverses.
 PINV_RTOL = 1e-10
@@ -29,7 +30,8 @@ NCC_RADIUS_FRACTION = 0.45
 ROUNDING_RTOL = 1e-12
 
 #: Rows of the Gram per worker task (``centred_gram``): the tasks of its upper triangle
-#: shrink from row block to row block, and small blocks keep the threads balanced.
+#: shrink from row block to row block, and small blocks keep the threads balanced. Also the
+#: rows per block of ``Geometry.mean_sq_distances`` (which bounds its scratch).
 GRAM_ROWS = 128
 
 GLOBAL_MEANS = ("classes", "samples")
@@ -320,10 +322,18 @@ class Geometry:
             return None
         # ||mu_a - mu_b||^2 = ||mu~_a||^2 + ||mu~_b||^2 - 2 mu~_a . mu~_b: centring first removes
         # the common offset, so the cancellation is only that of the between-class spread.
-        distances = self.gram * -2.0
-        distances += self.centred_sq_norms[:, None]
-        distances += self.centred_sq_norms[None, :]
-        np.maximum(distances, 0.0, out=distances)
+        # Close pairs, whose entry would be mostly rounding, come from the means' difference
+        # (as in the pair sweep): coinciding means are exactly 0 apart, a tie pass 2's first
+        # argmin then gives to the first class.
+        num_means = self.present.size
+        class_ids = np.arange(num_means)
+        distances = np.empty((num_means, num_means))
+        for start in range(0, num_means, GRAM_ROWS):
+            rows = slice(start, start + GRAM_ROWS)
+            distances[rows] = pair_sq_distances(
+                np, self.gram[rows], self.centred_sq_norms[rows], self.centred_sq_norms,
+                self.present_means, class_ids[rows], class_ids,
+                class_ids[rows, None] != class_ids[None, :])
         np.fill_diagonal(distances, 0.0)
         return distances
 
