@@ -4,6 +4,7 @@ Also: ``ncfast.collapse`` never modifies its inputs (numpy arrays or torch
 tensors), whether it succeeds or fails.
 """
 import hashlib
+import re
 import warnings
 
 import numpy as np
@@ -193,6 +194,15 @@ def test_a_row_with_nan_and_inf_is_said_to_contain_nan(case):
         ncfast.collapse(features, case["labels"])
 
 
+def test_a_bad_row_is_named_by_its_place_in_the_chunk_whatever_rows_are_included(case):
+    state = ncfast.ResidualStats(ncfast.Geometry.from_means(case["weights"]))
+    features = with_bad_value(case["features"], [7], np.nan)
+    include = np.ones(NUM_ROWS, bool)
+    include[2] = False
+    with pytest.raises(ValueError, match="features row 107 contains NaN"):
+        state.update(features, case["labels"], include=include, row_offset=100)
+
+
 def test_non_finite_row_in_a_later_source_chunk_names_the_row(case):
     features = with_bad_value(case["features"], [12], np.inf)
     chunks = [(features[:5], case["labels"][:5]), (features[5:], case["labels"][5:])]
@@ -301,6 +311,18 @@ def test_stray_clean_label_with_num_classes_inferred_is_named_a_clean_label(case
 def test_empty_input(case):
     with pytest.raises(ValueError, match=r"features has no rows \(shape \(0, 4\)\)"):
         ncfast.collapse(case["features"][:0], case["labels"][:0], num_classes=NUM_CLASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning of empty classes first
+        with pytest.raises(ValueError, match="the input has no rows"):
+            engine.finalize_pass1(ncfast.ClassSums(NUM_CLASSES, NUM_FEATURES))
+
+
+def test_labels_leaving_exactly_half_the_classes_empty_are_measured(case):
+    """More than half the classes empty is refused as a likely stray label; half is not."""
+    labels = np.array([0, 1, 5])[case["labels"]]
+    with pytest.warns(UserWarning, match="3 of 6 classes have no rows"):
+        report = ncfast.collapse(case["features"], labels)
+    assert report.present_classes.tolist() == [0, 1, 5]
 
 
 def test_chunk_source_without_chunks():
@@ -469,6 +491,18 @@ def test_features_beyond_float32s_scale_are_refused(case, scale):
         ncfast.collapse(features, case["labels"])
 
 
+@pytest.mark.parametrize("scale, spread, factor", [(3e12, "6e+12", "1e-13"),
+                                                   (3e-12, "6e-12", "1e+11")])
+def test_means_beyond_the_scale_range_name_their_spread_and_a_factor(scale, spread, factor):
+    """The largest magnitude counts (here the most negative centred mean); the hint's
+    factor brings the means to unit scale."""
+    means = scale * np.array([[-2.0, 0.0], [1.0, 1.0], [1.0, -1.0]])
+    with pytest.raises(ValueError, match=rf"differ from their global mean by up to "
+                                         rf"{re.escape(spread)} per feature.*multiply them, "
+                                         rf"and a classifier's bias, by {re.escape(factor)}\)"):
+        ncfast.Geometry.from_means(means)
+
+
 def test_given_means_beyond_float32s_scale_are_refused(case):
     means = ncfast.collapse(case["features"], case["labels"]).means
     with pytest.raises(ValueError, match="rescale the features"):
@@ -578,6 +612,16 @@ def test_chunk_source_with_random_augmentation_measures_its_own_rows():
     pass_two_rows = augmented(source.epoch)
     assert report.nc1 == pytest.approx(ncfast.collapse(pass_two_rows, labels).nc1, rel=0.02)
     assert report.nc1 > 1.1 * ncfast.collapse(features, labels).nc1
+
+
+def test_chunk_source_of_rows_exactly_at_their_means_is_accepted():
+    """A fully collapsed layer read twice: no scatter, and none added (0 <= 0)."""
+    means = np.random.default_rng(0).integers(-8, 9, (4, 8)).astype(np.float64)
+    labels = np.repeat(np.arange(4), 4)
+    features = means[labels].astype(np.float32)
+    chunks = [(features[start:start + 7], labels[start:start + 7]) for start in (0, 7, 14)]
+    report = ncfast.collapse(chunks, num_classes=4)
+    assert report.nc1 == report.nc1_trace == 0.0 and report.ncc_accuracy == 1.0
 
 
 @pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (1e4, 1e-3)])

@@ -68,6 +68,21 @@ def test_features_route_holds_no_class_by_class_matrix():
     assert largest <= 600 * 8, "a pass-2 state array grew beyond C×D"
 
 
+def test_features_route_searches_each_uncertain_rows_own_features():
+    """As many rows uncertain for the classifier as beyond their NCC radius, but other rows:
+    C' = 3 > D = 2. Row 0 (class 0) is beyond its NCC radius but deep inside its classifier
+    radius; row 1 (class 2) is inside its NCC radius, but the logit gap at its mean is 0.01."""
+    means = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 100.0]])
+    weights = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    bias = np.array([100.0, 0.0, 0.01])
+    features = np.array([[1.0, 1.5], [0.0, 100.5]])
+    labels = np.array([0, 2])
+    assert np.argmax(features @ weights.T + bias, axis=1).tolist() == [0, 2]
+    report = ncfast.collapse(features, labels, means=means, weights=weights, bias=bias,
+                             empty_classes="ignore")
+    assert report.route == "features" and report.accuracy == 1.0
+
+
 @pytest.mark.parametrize("spread", [0.05, 3.0])
 def test_features_route_classifier_radii_change_no_prediction(spread):
     """The "features" route skips the classifier product of rows inside their classifier

@@ -13,6 +13,8 @@ random small cases add imbalanced and empty classes; counts and accuracies
 the condition number of the textbook's ``Sigma_B``. Analytic cases (a simplex
 ETF, an orthogonal frame, a known spectrum) must give their exact values.
 """
+import dataclasses
+import json
 import math
 import warnings
 from typing import NamedTuple
@@ -430,6 +432,7 @@ def test_no_numpy_warnings_on_valid_inputs(name):
 def test_global_mean_of_samples_matches_textbook(name):
     case = gaussian_classes(**ADVERSARIAL[name])
     report = ncfast.collapse(**case, global_mean="samples")
+    assert report.global_mean == report.to_dict()["global_mean"] == "samples"
     reference = textbook_collapse(**case, global_mean="samples")
     assert_matches_textbook(report, reference)
     # Imbalanced classes put the two global means apart, so the option is exercised.
@@ -465,6 +468,29 @@ def test_empty_classes_warn_and_match_textbook(num_features, route):
     np.testing.assert_array_equal(report.present_classes, [0, 2, 3, 5])
     assert report.class_accuracy[0] == 0.0
     assert np.isnan(report.class_variances[[1, 4]]).all()
+
+
+def test_reports_compare_and_serialize_every_field():
+    """Equal reports are equal with NaN entries (a class without rows); the counts behind
+    the means count; ``to_dict`` is strict JSON (NaN as None) without the means and their
+    counts."""
+    case = _case_with_empty_classes()
+    with pytest.warns(UserWarning, match="classes have no rows"):
+        report, again = ncfast.collapse(**case), ncfast.collapse(**case)
+    assert np.isnan(report.class_variances[1]) and report == again
+    assert report != dataclasses.replace(report, mean_counts=report.mean_counts + 1)
+    result = report.to_dict()
+    assert result["class_variances"][1] is None
+    json.dumps(result, allow_nan=False)
+    assert "means" not in result and "mean_counts" not in result
+
+
+def test_ood_rows_and_their_mean_give_the_same_nc5():
+    case = gaussian_classes(num_features=16, num_classes=4, offset=2.0, classifier=False)
+    ood = np.random.default_rng(5).normal(size=(50, 16)) + 1.0
+    from_rows = ncfast.collapse(case["features"], case["labels"], ood=ood)
+    from_mean = ncfast.collapse(case["features"], case["labels"], ood=ood.mean(axis=0))
+    assert from_rows.nc5 == pytest.approx(from_mean.nc5, rel=1e-12)
 
 
 def test_self_duality_over_tasks_of_rows_matches_textbook(monkeypatch):

@@ -40,6 +40,18 @@ def test_resisted_noise_matches_textbook(name, with_classifier):
                             zero_floors=analytic_zero_floors(case))
 
 
+def test_clean_means_are_centred_by_the_global_mean_option():
+    """With imbalanced classes the samples' global mean is another centre: the clean
+    geometry takes it too (it was the mean of the clean class means)."""
+    case = with_label_noise(gaussian_classes(num_features=16, num_classes=4,
+                                             class_counts=[30, 60, 300, 1200],
+                                             classifier=False), rate=0.2)
+    report = ncfast.collapse(**case, global_mean="samples")
+    reference = textbook_collapse(**case, global_mean="samples")
+    for name in ("nc1_clean", "nc1_trace_clean", "memorization", "dilation"):
+        assert getattr(report, name) == pytest.approx(reference[name], rel=1e-6), name
+
+
 @RANDOM_CASE_SETTINGS
 @given(parameters=small_gaussian_cases(), rate=st.sampled_from([0.1, 0.3]),
        memorized=st.booleans(), noise_seed=st.integers(0, 2**32 - 1))

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import ncfast
+from ncfast.engine import ResidualPass, finalize_pass1
 from ncfast.kernels import cpu
 from cases import gaussian_classes, with_label_noise
 from conftest import RELATIVE_TOLERANCE, examples
@@ -570,6 +571,34 @@ def test_in_place_and_binary_merge_agree(data, parameters):
         assert first == merged
 
 
+# --- equality -------------------------------------------------------------------------------
+
+def test_class_sums_equal_only_with_every_array_equal():
+    """Clean sums count, and so does whether clean rows are tracked at all; only 0 starts
+    a ``sum()`` of states."""
+    case = with_label_noise(gaussian_classes(num_rows=60, num_features=6, num_classes=3))
+    first, second = class_sums_of(case), class_sums_of(case)
+    assert first == second and 0 + first == first
+    second.clean_sums[1, 2] += 1.0
+    assert first != second
+    assert ncfast.ClassSums(3, 6) != ncfast.ClassSums(3, 6, track_clean=True)
+    assert ncfast.ClassSums(3, 6, track_clean=True) != ncfast.ClassSums(3, 6)
+    with pytest.raises(TypeError):
+        1 + first
+
+
+def test_residual_stats_equal_only_with_the_same_classifier_and_sums():
+    case = gaussian_classes(num_rows=60, num_features=6, num_classes=3)
+    geometry = geometry_of(case)
+    first, second = residual_stats_of(case, geometry), residual_stats_of(case, geometry)
+    assert first == second
+    assert first != residual_stats_of({**case, "weights": None, "bias": None}, geometry)
+    empty = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
+    assert empty != ncfast.ResidualStats(geometry)  # no rows: only the classifier differs
+    second.eigen_scatter[0] *= 2.0
+    assert first != second
+
+
 # --- merges that must be refused ------------------------------------------------------------
 
 def test_residual_stats_on_other_means_refuse_to_merge():
@@ -581,6 +610,30 @@ def test_residual_stats_on_other_means_refuse_to_merge():
     state = residual_stats_of(case, geometry)
     with pytest.raises(ValueError, match="different class means"):
         state += residual_stats_of(case, shifted)
+
+
+def test_residual_stats_on_the_same_means_centred_otherwise_refuse_to_merge():
+    """Imbalanced counts: the "classes" and "samples" global means differ, and so do the
+    Gram eigenbases the coordinates are summed in."""
+    case = gaussian_classes(num_features=6, num_classes=3, class_counts=[5, 20, 100],
+                            classifier=False)
+    state = class_sums_of(case)
+    by_classes, by_samples = (ncfast.Geometry.from_class_sums(state.counts, state.sums,
+                                                              global_mean=option)
+                              for option in ("classes", "samples"))
+    assert by_classes.fingerprint != by_samples.fingerprint
+    with pytest.raises(ValueError, match="different class means"):
+        residual_stats_of(case, by_classes) + residual_stats_of(case, by_samples)
+
+
+def test_pass2_states_with_and_without_label_noise_refuse_to_merge():
+    case = with_label_noise(gaussian_classes(num_rows=300, num_features=6, num_classes=3,
+                                             classifier=False))
+    geometry, clean_geometry = finalize_pass1(class_sums_of(case))
+    for first, second in [(ResidualPass(geometry, clean_geometry), ResidualPass(geometry)),
+                          (ResidualPass(geometry), ResidualPass(geometry, clean_geometry))]:
+        with pytest.raises(TypeError, match="different kinds"):
+            first += second
 
 
 def test_residual_stats_with_other_classifier_refuse_to_merge():

@@ -18,7 +18,8 @@ from cases import gaussian_classes, with_label_noise
 from ncfast import ClassSums, ResidualStats
 from ncfast.cli import main
 from ncfast.engine import ResidualPass, finalize_pass1
-from ncfast.states import STATE_VERSION, UNDIGESTED_STATE_VERSION, load_state, save_state
+from ncfast.states import (STATE_VERSION, UNDIGESTED_STATE_VERSION, load_state, merge_states,
+                           save_state)
 
 CLASSES, FEATURES = 3, 6
 CORRUPT = "the file is corrupt: save the state again, or re-run the worker that wrote it"
@@ -322,20 +323,6 @@ def test_states_at_the_limits_of_the_identities_load(tmp_path, route, num_classe
     load_state(tmp_path / "pass2.safetensors")
 
 
-def test_rows_at_one_distance_from_their_mean_load(tmp_path):
-    """Cauchy-Schwarz at equality, sum ||r|| = sqrt(n sum ||r||^2), up to float64 rounding."""
-    rng = np.random.default_rng(0)
-    means = rng.normal(size=(CLASSES, FEATURES)) * 3.0
-    labels = np.repeat(np.arange(CLASSES), 2 * FEATURES)
-    axes = np.tile(np.concatenate([np.eye(FEATURES), -np.eye(FEATURES)]), (CLASSES, 1))
-    state = _pass2_state(CLASSES, FEATURES, means[labels] + 0.37 * axes, labels)
-    assert state.norm_sums ** 2 == pytest.approx(state.counts * state.sq_norm_sums, rel=1e-14)
-    save_state(tmp_path / "pass2.safetensors", state)
-    _rewrite(tmp_path / "pass2.safetensors", lambda tensors, metadata: None,
-             version=UNDIGESTED_STATE_VERSION)
-    load_state(tmp_path / "pass2.safetensors")
-
-
 @pytest.mark.parametrize("change, message", [
     (_set("clean_stats/norm_sums", lambda t: t["clean_stats/norm_sums"] * 2),
      r"clean_stats/norm_sums\[0\] is \S+, more than sqrt\(clean_stats/counts \* "
@@ -388,4 +375,87 @@ def test_corrupted_fits_that_break_the_hits_are_refused(tmp_path, change, messag
                                   corrupted=corrupted))
     _rewrite(path, change, version=UNDIGESTED_STATE_VERSION)
     with pytest.raises(ValueError, match=f"pass2.safetensors: {message}.*; {CORRUPT}"):
+        load_state(path)
+
+
+def _at_cauchy_schwarz_equality(tmp_path):
+    """A pass-2 state whose rows lie at one distance from their class mean, saved without
+    a digest (version 3): ``sum ||r|| = sqrt(n sum ||r||^2)`` up to float64 rounding."""
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(CLASSES, FEATURES)) * 3.0
+    labels = np.repeat(np.arange(CLASSES), 2 * FEATURES)
+    axes = np.tile(np.concatenate([np.eye(FEATURES), -np.eye(FEATURES)]), (CLASSES, 1))
+    state = _pass2_state(CLASSES, FEATURES, means[labels] + 0.37 * axes, labels)
+    assert state.norm_sums ** 2 == pytest.approx(state.counts * state.sq_norm_sums, rel=1e-14)
+    path = tmp_path / "pass2.safetensors"
+    save_state(path, state)
+    _rewrite(path, lambda tensors, metadata: None, version=UNDIGESTED_STATE_VERSION)
+    return path
+
+
+def test_rows_at_one_distance_from_their_mean_load_and_norm_sums_beyond_do_not(tmp_path):
+    """Cauchy-Schwarz at equality loads; norm sums 1e-6 larger, far beyond float64
+    rounding, are no sums of norms."""
+    path = _at_cauchy_schwarz_equality(tmp_path)
+    load_state(path)
+    _rewrite(path, _set("stats/norm_sums", lambda t: t["stats/norm_sums"] * (1 + 1e-6)),
+             version=UNDIGESTED_STATE_VERSION)
+    with pytest.raises(ValueError, match=r"stats/norm_sums\[0\] is \S+, more than sqrt\("
+                                         rf"stats/counts \* stats/sq_norm_sums\).*; {CORRUPT}"):
+        load_state(path)
+
+
+def test_a_version_3_state_whose_means_do_not_match_their_fingerprint_is_refused(tmp_path):
+    """A version-3 file carries no digest: only the fingerprint ties its class means to the
+    sums summed against them."""
+    path = _at_cauchy_schwarz_equality(tmp_path)
+    _rewrite(path, _set("geometry/means", lambda t: t["geometry/means"] * 1.001),
+             version=UNDIGESTED_STATE_VERSION)
+    with pytest.raises(ValueError, match=r"pass2.safetensors: the stored class means do not "
+                                         rf"match their fingerprint; {CORRUPT}"):
+        load_state(path)
+
+
+def test_states_of_two_passes_refuse_to_merge_by_kind(tmp_path):
+    """The refusal names both kinds and says to merge one pass at a time."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(30, FEATURES)).astype(np.float32)
+    labels = np.arange(30) % CLASSES
+    save_state(tmp_path / "pass1.safetensors",
+               ClassSums(CLASSES, FEATURES).update(features, labels))
+    save_state(tmp_path / "pass2.safetensors",
+               _pass2_state(CLASSES, FEATURES, features, labels))
+    with pytest.raises(ValueError, match=r"pass2.safetensors: a ResidualStats state cannot "
+                                         r"merge with .*pass1.safetensors, a ClassSums; merge "
+                                         "states of one pass at a time"):
+        merge_states([tmp_path / "pass1.safetensors", tmp_path / "pass2.safetensors"])
+
+
+def test_one_eigen_coordinate_beyond_its_own_limit_is_refused(tmp_path):
+    """On the "classes" route
+    eigen_scatter[j] <= lambda_j sum ||r||^2 (Cauchy-Schwarz, column M~^T v_j of squared
+    norm lambda_j). Twice that on a weak coordinate, the others 0, keeps the sum below
+    lambda_max sum ||r||^2, so only the per-coordinate limit can refuse it."""
+    rng = np.random.default_rng(0)
+    num_classes, num_features = 5, 12
+    means = rng.normal(size=(num_classes, num_features)) * 3.0
+    labels = np.repeat(np.arange(num_classes), 20)
+    features = means[labels] + rng.normal(size=(labels.size, num_features))
+    state = _pass2_state(num_classes, num_features, features, labels)
+    assert state.route == "classes"
+    eigenvalues = state.geometry.gram_eigenvalues
+    weak = 1  # index 0 is the direction centring removes (rounding)
+    assert 2.5 * eigenvalues[weak] < eigenvalues[-1]
+    total = state.sq_norm_sums.sum()
+    path = tmp_path / "pass2.safetensors"
+    save_state(path, state)
+
+    def one_coordinate(tensors, metadata):
+        scatter = np.zeros_like(tensors["stats/eigen_scatter"])
+        scatter[weak] = 2.0 * eigenvalues[weak] * total
+        tensors["stats/eigen_scatter"] = scatter
+
+    _rewrite(path, one_coordinate, version=UNDIGESTED_STATE_VERSION)
+    with pytest.raises(ValueError, match=rf"stats/eigen_scatter\[{weak}\] is \S+, more than the "
+                                         "sum of stats/sq_norm_sums allows for its coordinate"):
         load_state(path)
