@@ -14,11 +14,12 @@ from safetensors.numpy import save_file
 from cases import gaussian_classes, with_label_noise
 from ncfast import ClassSums, collapse
 import ncfast.analyze as analyze_module
-from ncfast.analyze import analyze
+from ncfast.analyze import analyze, write_results
 from ncfast.engine import ResidualPass, finalize_pass1
 from ncfast.cli import main
 from ncfast.dumps import RunWriter
 from ncfast.inputs import as_source
+from ncfast.plots import write_plots
 from ncfast.readers import file_sha256
 from ncfast.states import STATE_VERSION, load_state, merge_states, report_of, save_state
 
@@ -675,3 +676,182 @@ def test_ctrl_c_during_the_final_writes_is_held_until_they_are_done(tmp_path, mo
                                                     for split in ("test", "train"))]
     assert {row["source"] for row in json.loads((out / "metrics.json").read_text())["rows"]} \
         == {str(later)}
+
+
+# --- cache keys, reference splits, row order, class counts and figures ---------------------
+
+def _dump_split(rows, seed, noisy=False):
+    """One split of a ``RunWriter`` checkpoint: ``rows`` rows of layer "a" (D = 6, C = 3),
+    with noisy and clean labels when ``noisy``."""
+    case = gaussian_classes(rows, 6, 3, seed=seed)
+    entry = {"features": {"a": case["features"]}, "labels": case["labels"],
+             "clean_labels": None}
+    if noisy:
+        case = with_label_noise(case, rate=0.2, seed=seed)
+        entry["labels"], entry["clean_labels"] = case["labels"], case["clean_labels"]
+    return entry
+
+
+def test_layers_with_identical_features_keep_their_own_rows(tmp_path):
+    """The cache key must name the layer; two layers of identical content (an identity
+    or eval-mode dropout layer) took each other's cached rows, named after the other layer."""
+    writer = RunWriter(tmp_path / "run", config={}, num_classes=3)
+    train, test = _dump_split(300, 1), _dump_split(150, 2)
+    for entry in (train, test):
+        entry["features"]["b"] = entry["features"]["a"].copy()
+    writer.write_checkpoint(1, {"train": train, "test": test})
+    for _ in range(2):  # measured, then from the cache
+        analysis = analyze([tmp_path / "run"], progress=False)
+        assert analysis.failures == []
+        assert sorted((row["layer"], row["split"]) for row in analysis.rows) == [
+            ("a", "test"), ("a", "train"), ("b", "test"), ("b", "train")]
+
+
+def test_clean_labels_of_a_held_out_split_are_not_used(tmp_path):
+    """Only the train split is measured with clean labels; a test split that has
+    them is measured against the train means without them (it failed: noise with means)."""
+    writer = RunWriter(tmp_path / "run", config={}, num_classes=3)
+    train, test = _dump_split(300, 1, noisy=True), _dump_split(150, 2, noisy=True)
+    writer.write_checkpoint(1, {"train": train, "test": test})
+    analysis = analyze([tmp_path / "run"], progress=False, use_cache=False)
+    assert analysis.failures == []
+    rows = {row["split"]: row for row in analysis.rows}
+    assert rows["train"]["memorization"] is not None
+    assert rows["test"]["memorization"] is None and rows["test"]["measured_against"] == "train"
+    expected = collapse(test["features"]["a"], test["labels"], num_classes=3,
+                        means=collapse(train["features"]["a"], train["labels"],
+                                       clean_labels=train["clean_labels"], num_classes=3))
+    assert rows["test"]["nc1"] == pytest.approx(expected.nc1, rel=1e-9)
+
+
+def test_without_a_train_split_each_split_is_measured_against_its_own_means(tmp_path):
+    """Without a train split, each split is measured against its own class means
+    and says so in measured_against."""
+    writer = RunWriter(tmp_path / "run", config={}, num_classes=3)
+    val, test = _dump_split(300, 3), _dump_split(150, 4)
+    writer.write_checkpoint(1, {"val": val, "test": test})
+    analysis = analyze([tmp_path / "run"], progress=False, use_cache=False)
+    assert analysis.failures == []
+    rows = {row["split"]: row for row in analysis.rows}
+    assert sorted(rows) == ["test", "val"]
+    for split, entry in (("val", val), ("test", test)):
+        assert rows[split]["measured_against"] == split
+        expected = collapse(entry["features"]["a"], entry["labels"], num_classes=3)
+        assert rows[split]["nc1"] == pytest.approx(expected.nc1, rel=1e-9), split
+
+
+def test_rows_are_in_one_order_whatever_the_order_of_the_paths(tmp_path):
+    """Rows (the table, metrics.csv, metrics.json) are sorted by run, epoch, layer
+    and split, not left in the order the paths were given and measured."""
+    for name in ("run_a", "run_b"):
+        writer = RunWriter(tmp_path / name, config={}, num_classes=3)
+        for epoch in (2, 1) if name == "run_a" else (1,):
+            writer.write_checkpoint(epoch, {"train": _dump_split(120, epoch),
+                                            "test": _dump_split(60, 9)})
+    key = lambda row: (row["source"], row["epoch"], row["layer"], row["split"])  # noqa: E731
+    forward = analyze([tmp_path / "run_a", tmp_path / "run_b"], progress=False, use_cache=False)
+    backward = analyze([tmp_path / "run_b", tmp_path / "run_a"], progress=False,
+                       use_cache=False)
+    assert [key(row) for row in forward.rows] == sorted(map(key, forward.rows))
+    assert [key(row) for row in backward.rows] == [key(row) for row in forward.rows]
+
+
+def test_a_single_files_epoch_is_the_last_number_in_its_name(tmp_path):
+    """``seed3_epoch12.npz`` is epoch 12, not 3."""
+    case = gaussian_classes(120, 5, 3, seed=1)
+    path = tmp_path / "seed3_epoch12.npz"
+    np.savez(path, features=case["features"], labels=case["labels"])
+    (row,) = analyze([path], progress=False, use_cache=False).rows
+    assert row["epoch"] == 12
+
+
+def test_classifier_rows_count_among_the_classes_of_a_single_file(tmp_path):
+    """A file whose labels miss the last class still has the classifier's C classes."""
+    case = gaussian_classes(150, 5, 3, seed=2)
+    keep = case["labels"] < 2
+    path = tmp_path / "feats.npz"
+    np.savez(path, features=case["features"][keep], labels=case["labels"][keep],
+             weights=case["weights"], bias=case["bias"])
+    with pytest.warns(UserWarning):
+        analysis = analyze([path], progress=False, use_cache=False)
+    assert analysis.failures == []
+    (row,) = analysis.rows
+    assert row["num_classes"] == 3
+    expected = collapse(case["features"][keep], case["labels"][keep], num_classes=3,
+                        weights=case["weights"], bias=case["bias"], empty_classes="ignore")
+    assert row["accuracy"] == pytest.approx(expected.accuracy, rel=1e-12)
+
+
+@pytest.mark.parametrize("changed", ["weights", "labels"])
+def test_a_changed_option_file_is_measured_again_not_taken_from_the_cache(tmp_path, changed):
+    """The cache key covers --weights/--bias and --labels files; a new classifier
+    or new labels beside the same features gave the cached (stale) rows."""
+    case = gaussian_classes(300, 5, 3, seed=4)
+    for name in ("features", "labels", "weights", "bias"):
+        np.save(tmp_path / f"{name}.npy", case[name])
+    options = {name: tmp_path / f"{name}.npy" for name in ("labels", "weights", "bias")}
+    first = analyze([tmp_path / "features.npy"], progress=False, **options)
+    assert (first.measured, first.cached) == (1, 0)
+    rng = np.random.default_rng(0)
+    if changed == "weights":
+        case["weights"] = rng.normal(size=case["weights"].shape).astype(case["weights"].dtype)
+    else:
+        case["labels"] = rng.permutation(case["labels"])
+    np.save(tmp_path / f"{changed}.npy", case[changed])
+    again = analyze([tmp_path / "features.npy"], progress=False, **options)
+    assert (again.measured, again.cached) == (1, 0)
+    (row,) = again.rows
+    expected = collapse(case["features"], case["labels"], weights=case["weights"],
+                        bias=case["bias"])
+    assert row["accuracy"] == pytest.approx(expected.accuracy, rel=1e-12)
+    assert row["nc1"] == pytest.approx(expected.nc1, rel=1e-9)
+
+
+def test_metrics_json_leaves_out_the_cosine_matrix(tmp_path):
+    """The C'xC' cosine matrix is kept in the cache for the figures, never written to
+    metrics.json (a 1000-class run would write a million numbers per row)."""
+    case = gaussian_classes(120, 5, 3, seed=1)
+    np.savez(tmp_path / "feats.npz", features=case["features"], labels=case["labels"])
+    analysis = analyze([tmp_path / "feats.npz"], progress=False, use_cache=False)
+    assert "cosine_matrix" in analysis.rows[0]
+    write_results(analysis, tmp_path / "out")
+    (row,) = json.loads((tmp_path / "out" / "metrics.json").read_text())["rows"]
+    assert "cosine_matrix" not in row and row["nc1"] == pytest.approx(analysis.rows[0]["nc1"])
+
+
+def test_another_global_mean_is_measured_again_not_taken_from_the_cache(tmp_path):
+    """The cache key covers --global-mean; rows cached for "classes" were returned for
+    "samples"."""
+    case = gaussian_classes(600, 5, 3, seed=5, class_counts=[50, 150, 400])
+    np.savez(tmp_path / "feats.npz", features=case["features"], labels=case["labels"])
+    classes = analyze([tmp_path / "feats.npz"], progress=False, global_mean="classes")
+    samples = analyze([tmp_path / "feats.npz"], progress=False, global_mean="samples")
+    assert (samples.measured, samples.cached) == (1, 0)
+    expected = collapse(case["features"], case["labels"], global_mean="samples")
+    assert samples.rows[0]["nc2_etf"] == pytest.approx(expected.nc2_etf, rel=1e-9)
+    assert samples.rows[0]["nc2_etf"] != pytest.approx(classes.rows[0]["nc2_etf"], rel=1e-6)
+
+
+def test_clean_labels_count_among_the_classes_of_a_single_file(tmp_path):
+    """A class present only among the clean labels (all its rows mislabelled) is a
+    class; leaving it out made C too small and the file failed."""
+    case = gaussian_classes(300, 5, 3, seed=6, classifier=False)
+    clean = case["labels"]
+    noisy = np.where(clean == 2, 0, clean)
+    np.savez(tmp_path / "feats.npz", features=case["features"], labels=noisy,
+             clean_labels=clean)
+    with pytest.warns(UserWarning):
+        analysis = analyze([tmp_path / "feats.npz"], progress=False, use_cache=False)
+    assert analysis.failures == []
+    (row,) = analysis.rows
+    assert row["num_classes"] == 3
+
+
+def test_one_checkpoint_draws_snapshots_but_no_metric_curves(tmp_path):
+    """METRIC.png is drawn only when a run has two checkpoints or more."""
+    writer = RunWriter(tmp_path / "run", config={}, num_classes=3)
+    writer.write_checkpoint(1, {"train": _dump_split(120, 1)})
+    analysis = analyze([tmp_path / "run"], progress=False, use_cache=False)
+    written, _ = write_plots(analysis.rows, tmp_path / "out", ["nc1", "nc2_etf"])
+    names = sorted(os.path.basename(path) for path in written)
+    assert names == ["snapshot-run-epoch1-a-train.png"]

@@ -228,3 +228,48 @@ def test_zarr_hdf5_and_npy_inputs(tmp_path, assert_same_report):
                                           bias=case["bias"], chunk_size=CHUNK_SIZE,
                                           scheduler="threads")
             assert_same_report(report, expected)
+
+
+def test_a_feature_axis_in_two_blocks_is_rechunked():
+    """With exactly two column blocks, the blocks were not made whole rows."""
+    case = gaussian_classes(num_rows=600, num_features=32, num_classes=4)
+    features = da.from_array(case["features"], chunks=(200, 16))
+    assert features.numblocks[1] == 2
+    report = ncfast.dask.collapse(features, case["labels"], scheduler="sync")
+    expected = ncfast.collapse(case["features"], case["labels"])
+    assert report.nc1 == pytest.approx(expected.nc1, rel=1e-6)
+    assert report.nc2_etf == pytest.approx(expected.nc2_etf, rel=1e-6)
+
+
+@pytest.mark.parametrize("split_every", [1, 0, True, 2.0])
+def test_a_bad_split_every_is_refused(split_every):
+    """Split_every=1 was accepted; with two blocks or more _tree_sum never ends."""
+    case = gaussian_classes(num_rows=100, num_classes=3)
+    features = da.from_array(case["features"], chunks=(100, -1))  # one block: no hang
+    with pytest.raises(ValueError, match="split_every must be an int of at least 2"):
+        ncfast.dask.collapse(features, case["labels"], split_every=split_every,
+                             scheduler="sync")
+
+
+def test_clean_labels_with_means_are_refused():
+    """Clean labels with held-out means must be refused as ncfast.collapse refuses."""
+    case = with_label_noise(gaussian_classes(num_rows=300, num_classes=3), rate=0.1)
+    means = ncfast.collapse(case["features"], case["labels"])
+    features = da.from_array(case["features"], chunks=(100, -1))
+    with pytest.raises(ValueError, match="cannot be combined with means="):
+        ncfast.collapse(case["features"], case["labels"], means=means,
+                        clean_labels=case["clean_labels"])
+    with pytest.raises(ValueError, match="cannot be combined with means="):
+        ncfast.dask.collapse(features, case["labels"], means=means,
+                             clean_labels=case["clean_labels"], scheduler="sync")
+
+
+def test_errors_name_the_row_of_the_whole_input_with_uneven_blocks():
+    """A block's first row is the sum of the sizes of the blocks before it; with blocks
+    of one size the last block's size never counted, so a wrong offset went unseen."""
+    case = gaussian_classes(num_rows=1000, num_classes=3)
+    labels = case["labels"].copy()
+    labels[731] = 7
+    features = da.from_array(case["features"], chunks=((100, 400, 500), 32))
+    with pytest.raises(ValueError, match="row 731 has label 7, outside"):
+        ncfast.dask.collapse(features, labels, num_classes=3, scheduler="sync")

@@ -124,6 +124,7 @@ def _run_rank(rank, port, out_dir):
             for batch in reversed(batches):
                 analysis.update_pass2(*batch)
             reports[name] = analysis.report()
+            reports[name + "_again"] = analysis.report()  # not summed over the ranks again
             reports[name + "_function"] = collapse(
                 batches, num_classes=case["num_classes"], num_features=num_features,
                 label_noise=noisy)
@@ -132,6 +133,14 @@ def _run_rank(rank, port, out_dir):
                 collapse(num_features=4, **mismatch(rank))
             except ValueError as error:
                 reports[name] = str(error)
+        # States of one size but other shapes: C (D + 1) = 12 values on both ranks.
+        num_classes, num_features = ((3, 3), (2, 5))[rank]
+        analysis = DistributedCollapse(num_classes, num_features)
+        analysis.update_pass1(torch.ones(2, num_features), torch.tensor([0, 1]))
+        try:
+            analysis.finalize_pass1()
+        except ValueError as error:
+            reports["mismatched_shapes_of_one_size"] = str(error)
         try:
             _shifted_on_rank_one(rank)
         except ValueError as error:
@@ -173,6 +182,7 @@ def test_ranks_equal_single_process(rank_reports, name, assert_same_report):
     expected_function = ncfast.collapse(all_batches, num_classes=case["num_classes"])
     for reports in rank_reports:
         assert_same_report(reports[name], expected)
+        assert_same_report(reports[name + "_again"], expected)
         assert_same_report(reports[name + "_function"], expected_function)
     if "clean_labels" in case:
         assert expected.memorization is not None
@@ -192,7 +202,7 @@ def test_misuse_is_refused_before_any_communication():
         collapse((batch for batch in []), num_classes=3, num_features=4)
 
 
-@pytest.mark.parametrize("name", MISMATCHES)
+@pytest.mark.parametrize("name", [*MISMATCHES, "mismatched_shapes_of_one_size"])
 def test_ranks_with_states_of_other_shapes_all_raise(rank_reports, name):
     """Summing buffers of different sizes aborted the processes (gloo)."""
     for reports in rank_reports:
@@ -239,3 +249,15 @@ def test_bad_rows_are_named_by_their_index_among_the_rows_fed():
     with pytest.raises(ValueError, match="features row 8 contains NaN"):
         for start in (0, 5, 10):
             analysis.update_pass2(bad_features[start:start + 5], labels[start:start + 5])
+
+
+def test_update_pass2_after_the_report_is_refused():
+    """Rows fed after report() were silently ignored."""
+    case = gaussian_classes(num_rows=200)
+    analysis = DistributedCollapse(case["num_classes"], case["features"].shape[1])
+    analysis.update_pass1(case["features"], case["labels"])
+    analysis.finalize_pass1()
+    analysis.update_pass2(case["features"], case["labels"])
+    analysis.report()
+    with pytest.raises(RuntimeError, match="the report is made"):
+        analysis.update_pass2(case["features"], case["labels"])

@@ -266,3 +266,16 @@ def test_metric_refuses_rows_of_another_width():
     with pytest.raises(ValueError, match="3 columns but earlier updates had 2"):
         metric.update(torch.zeros(4, 3), torch.zeros(4, dtype=int))
     np.testing.assert_equal(len(metric.labels), 1)
+
+
+def test_forward_of_a_batch_of_exactly_two_classes_returns_its_metrics():
+    """A batch with two classes present is measurable and must not give {}."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 2
+    features = 3.0 * labels[:, None].float() + torch.randn(60, 5, generator=generator)
+    metric = NeuralCollapseMetric(num_classes=3)
+    batch = metric(features, labels)
+    expected = ncfast.collapse(features.numpy(), labels.numpy(), num_classes=3,
+                               empty_classes="ignore")
+    assert batch, "a batch of two classes gave no metrics"
+    assert batch["nc1"].item() == pytest.approx(expected.nc1, rel=1e-10)
