@@ -1,13 +1,14 @@
 """The software prefetch of ``ncfast.kernels.prefetch``: every line once, nothing changed."""
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
 from ncfast.kernels import prefetch
 
 
+@settings(deadline=None)  # the first example compiles share_bounds (0.3 s on a cold cache)
 @given(num_lines=st.integers(0, 5000), parts=st.integers(1, 300))
 def test_shares_cover_every_line_once_in_order(num_lines, parts):
     bounds = [prefetch.share_bounds(num_lines, part, parts) for part in range(parts)]
