@@ -13,6 +13,10 @@ torch = pytest.importorskip("torch")
 
 from ncfast.dumps import RunWriter, open_run  # noqa: E402
 from ncfast.harness import training  # noqa: E402
+from ncfast.harness.losses import make_loss  # noqa: E402
+from ncfast.harness.models import build_model  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional  # noqa: E402
 
 #: A run that takes well under a second: 4 Gaussian classes, a small MLP.
 SMALL = TrainConfig(dataset="gaussian", num_samples=200, num_features=8, num_classes=4,
@@ -424,3 +428,74 @@ def test_importing_ncfast_and_its_cli_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_seed_drives_noise_initialisation_and_batch_order(tmp_path, monkeypatch):
+    """A seed other than 0: the dumped noisy labels, the initial weights and the shuffling
+    generator all follow it."""
+    seeds = []
+
+    def no_training(model, loss_function, optimizer, inputs, targets, batch_size, shuffling):
+        seeds.append(shuffling.initial_seed())
+        return 0.0, 0.0
+
+    monkeypatch.setattr(training, "_train_epoch", no_training)
+    config = dataclasses.replace(SMALL, noise=0.3, seed=7)
+    result = train(config, tmp_path / "run", progress=False)
+    data = load_dataset(config.dataset, num_samples=config.num_samples,
+                        num_features=config.num_features, num_classes=config.num_classes,
+                        seed=7)
+    dumped = open_run(tmp_path / "run").checkpoints[-1].splits["train"].labels.read()
+    np.testing.assert_array_equal(
+        dumped, corrupt_labels(data.y_train, 0.3, num_classes=4, seed=7))
+    torch.manual_seed(7)
+    initial = build_model("mlp", input_shape=data.input_shape, num_classes=4,
+                          num_train=data.y_train.size, width=config.width, depth=config.depth)
+    for name, parameter in initial.state_dict().items():
+        assert torch.equal(parameter, result.model.state_dict()[name]), name
+    assert seeds == [7, 7]
+
+
+def test_label_smoothing_uses_the_given_alpha():
+    logits, labels = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
+    expected = functional.cross_entropy(logits, labels, label_smoothing=0.3)
+    torch.testing.assert_close(make_loss("ls", 0.3)(logits, labels), expected)
+
+
+def test_optimizer_applies_weight_decay_and_feature_decay():
+    config = dataclasses.replace(SMALL, weight_decay=1e-3)
+    model = build_model("mlp", input_shape=(8,), num_classes=4, num_train=10, width=4, depth=1)
+    assert [group["weight_decay"] for group in
+            training._optimizer(config, model, num_train=10).param_groups] == [1e-3]
+    ufm = dataclasses.replace(SMALL, model="ufm", weight_decay=1e-3, feature_decay=2e-2)
+    model = build_model("ufm", input_shape=(8,), num_classes=4, num_train=10, width=4)
+    groups = training._optimizer(ufm, model, num_train=10).param_groups
+    assert groups[0]["params"] == [model.trunk.features]
+    assert [group["weight_decay"] for group in groups] == [2e-2, 1e-3]
+
+
+def test_training_runs_the_model_in_train_mode(tmp_path):
+    """BatchNorm's running statistics move during training (they do not in eval mode)."""
+    config = dataclasses.replace(SMALL, batch_norm=True, epochs=1, checkpoints=1)
+    result = train(config, tmp_path / "run", progress=False)
+    norms = [module for module in result.model.modules() if isinstance(module, nn.BatchNorm1d)]
+    assert norms and all(int(module.num_batches_tracked) > 0 for module in norms)
+
+
+def test_epoch_accuracy_is_over_every_row():
+    model = nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))  # predicts class 0
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-12)
+    targets = torch.tensor([0, 1, 0, 2, 0, 1, 0, 2, 1, 1])
+    _, accuracy = training._train_epoch(model, make_loss("ce"), optimizer, torch.randn(10, 2),
+                                        targets, 3, torch.Generator().manual_seed(0))
+    assert accuracy == pytest.approx(0.4)
+
+
+def test_noise_leaving_clean_rows_in_one_class_only_is_refused():
+    clean = np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="leaves uncorrupted rows in 1 class"):
+        training.check_clean_rows(0.5, clean, np.array([0, 0, 0, 0]))
+    training.check_clean_rows(0.25, clean, np.array([0, 0, 1, 0]))  # 2 classes keep clean rows

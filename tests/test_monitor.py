@@ -5,6 +5,9 @@ loader; every report must equal ``ncfast.collapse`` of the same features
 extracted by hand in eval mode, whichever route (rows held after one forward
 pass, or streamed through two), and the model must come back as it was.
 """
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
@@ -480,3 +483,78 @@ def test_two_ddp_ranks_equal_one_process(rank_results, split, assert_same_report
         assert results[split, "torchmetrics"].keys() == metrics.keys()
         for name, value in metrics.items():
             assert results[split, "torchmetrics"][name] == pytest.approx(value, rel=1e-10), name
+
+
+class CountingLoader:
+    """A list of batches that counts its iterations (forward passes)."""
+
+    def __init__(self, batch_list):
+        self.batch_list, self.passes = batch_list, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batch_list)
+
+
+@pytest.mark.parametrize("extra, passes", [(0, 1), (-1, 2)], ids=["fits", "one-byte-short"])
+def test_memory_budget_decides_the_route_at_its_exact_size(monkeypatch, extra, passes):
+    """Features of exactly memory_budget bytes are held (one forward pass); one byte less
+    streams (two)."""
+    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width: 32)
+    model = make_model()
+    images, labels, _ = make_data()
+    loader = CountingLoader(batches(images, labels))
+    size = NUM_ROWS * 16 * 4  # fc input: 16 float32 features a row
+    monitor = CollapseMonitor(model, "fc", loader, memory_budget=size + extra)
+    loader.passes = 0  # the constructor's check that it is re-iterable called iter()
+    monitor.measure()
+    assert loader.passes == passes
+
+
+def test_streamed_route_drops_the_rows_held_before_the_budget_overflowed(monkeypatch):
+    """Once pass 1 overflows memory_budget, the rows held until then are freed before pass 2."""
+    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width: 32)
+    seen = []
+
+    class Recording(ncfast_torch.DistributedCollapse):
+        def update_pass1(self, features, *rest):
+            seen.append(weakref.ref(features))
+            return super().update_pass1(features, *rest)
+
+    monkeypatch.setattr(ncfast_torch, "DistributedCollapse", Recording)
+    alive_in_pass2 = []
+
+    class Loader(CountingLoader):
+        def __iter__(self):
+            if self.passes == 1:
+                gc.collect()
+                alive_in_pass2.append(sum(ref() is not None for ref in seen))
+            return super().__iter__()
+
+    model = make_model()
+    images, labels, _ = make_data()
+    loader = Loader(batches(images, labels))
+    monitor = CollapseMonitor(model, "fc", loader, memory_budget=3000)
+    loader.passes = 0  # the constructor's check that it is re-iterable called iter()
+    monitor.measure()
+    assert len(seen) > 2 and alive_in_pass2 == [0]
+
+
+class GradModeRecorder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.grad_modes = model, []
+
+    def forward(self, inputs):
+        self.grad_modes.append(torch.is_grad_enabled())
+        return self.model(inputs)
+
+
+@pytest.mark.parametrize("memory_budget", [ncfast_torch.DEFAULT_MEMORY_BUDGET, 0])
+def test_measure_and_capture_run_the_model_without_autograd(memory_budget):
+    recorder = GradModeRecorder(make_model())
+    images, labels, _ = make_data()
+    CollapseMonitor(recorder, "model.fc", batches(images, labels), classifier="model.fc",
+                    memory_budget=memory_budget).measure()
+    capture(recorder, "model.fc", batches(images, labels))
+    assert recorder.grad_modes and not any(recorder.grad_modes)

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from ncfast.harness import TrainConfig
 from ncfast.harness import imbalanced as claim_imbalanced
 from ncfast.harness import memorization, weight_decay
+from ncfast.harness.grid import GridRun, seeded_runs
 from ncfast.harness.imbalanced import imbalanced_closed_form
 from ncfast.harness.reports import markdown_table, train_command
 from ncfast.harness.reproduce import GRIDS, REPRODUCTIONS
@@ -382,3 +384,114 @@ def test_report_says_why_a_statement_is_undecided(tmp_path):
     assert "more seeds or the full grid (`--grid full`) may decide them." in text
     text = _report_of_undecided(tmp_path, 2, "full")
     assert "`--grid full`) may decide" not in text and "more seeds may decide them." in text
+
+
+SEEDS = 3
+
+
+def _fake_grid(monkeypatch, module, values):
+    """Make ``module``'s reproduction read ``values(run) -> (record fields, rows)`` instead of
+    training and measuring; no figures, no report file."""
+    def run_and_measure(settings, seeds, out, **_):
+        runs = seeded_runs(settings, seeds)
+        records, rows = {}, []
+        for run in runs:
+            fields, run_rows = values(run)
+            records[run.name] = SimpleNamespace(path=out, run=run, **fields)
+            rows += [{"run": run.name, "split": "train", "layer": "penultimate", **row}
+                     for row in run_rows]
+        return runs, records, SimpleNamespace(workers=1, device="cpu"), rows, 0.0
+
+    monkeypatch.setattr(module, "run_and_measure", run_and_measure)
+    monkeypatch.setattr(module, "_figures", lambda *args: [], raising=False)
+    monkeypatch.setattr(module, "write_report", lambda out, **kwargs: "report.md")
+
+
+def _memorization(run, *, ce_terminal=True):
+    smooth = (run.config.smoothing or 0.0) > 0
+    jitter = 0.01 * run.seed
+    terminal = 60 if smooth or ce_terminal or run.seed else None
+    fields = dict(test_accuracy=(0.9 if smooth else 0.7) + jitter, train_accuracy=1.0,
+                  terminal_epoch=terminal)
+    row = {"epoch": 60, "memorization": (0.2 if smooth else 0.5) + jitter + run.config.noise,
+           "dilation": (0.3 if smooth else 0.6) + jitter + run.config.noise}
+    return fields, [row]
+
+
+def test_label_smoothing_testing_better_holds_m4(tmp_path, monkeypatch):
+    _fake_grid(monkeypatch, memorization, _memorization)
+    outcome = memorization.memorization_dilation(str(tmp_path), grid=TINY_NOISE, seeds=SEEDS)
+    verdicts = {statement.key: statement.verdict for statement in outcome.statements}
+    assert verdicts["M2"] == verdicts["M3"] == verdicts["M4"] == HELD
+
+
+def test_a_cross_entropy_seed_short_of_the_terminal_phase_is_not_counted(tmp_path,
+                                                                        monkeypatch):
+    _fake_grid(monkeypatch, memorization,
+               lambda run: _memorization(run, ce_terminal=False))
+    outcome = memorization.memorization_dilation(str(tmp_path), grid=TINY_NOISE, seeds=SEEDS)
+    assert [row["counted"] for row in outcome.tables["comparisons"]] == ["no", "no"]
+
+
+def _decay(run, *, terminal=20, plain_terminal=True):
+    """NC metrics that fall from epoch 10 to 40 with weight decay, stay up without."""
+    decayed, jitter = run.config.weight_decay > 0, 0.01 * run.seed
+    fields = dict(test_accuracy=0.9, train_accuracy=1.0,
+                  terminal_epoch=terminal if decayed or plain_terminal else None)
+    rows = [{"epoch": epoch, **{metric: (1.0 if epoch < 40 or not decayed else 0.1) + jitter
+                                for metric in weight_decay.METRICS}}
+            for epoch in (10, 20, 40)]
+    return fields, rows
+
+
+def test_weight_decay_fall_is_held_when_last_is_lower_than_at_terminal(tmp_path, monkeypatch):
+    """Terminal at epoch 20 of 40 = exactly TERMINAL_BY of the epochs: in the claim's setting."""
+    _fake_grid(monkeypatch, weight_decay, _decay)
+    outcome = weight_decay.weight_decay(str(tmp_path), grid=TINY_DECAY, seeds=SEEDS)
+    assert [row["counted"] for row in outcome.tables["falls"]] == ["no", "yes"]
+    assert outcome.tables["lowers"][0]["counted"] == "yes"
+    assert [statement.verdict for statement in outcome.statements] == [HELD, HELD]
+
+
+def test_weight_decay_without_a_terminal_baseline_is_not_compared(tmp_path, monkeypatch):
+    _fake_grid(monkeypatch, weight_decay,
+               lambda run: _decay(run, terminal=10, plain_terminal=False))
+    outcome = weight_decay.weight_decay(str(tmp_path), grid=TINY_DECAY, seeds=SEEDS)
+    assert outcome.tables["falls"][1]["counted"] == "yes"
+    assert outcome.tables["lowers"][0]["counted"] == "no"
+
+
+def test_a_finished_run_of_another_config_is_not_read_back(tmp_path):
+    from ncfast.harness import grid
+    from test_grid import TINY
+
+    run = seeded_runs({"a": TINY}, 1)[0]
+    grid.run_grid([run], str(tmp_path), workers=1, progress=False)
+    changed = GridRun(run.setting, run.seed, dataclasses.replace(run.config, lr=0.3))
+    with pytest.raises(ValueError, match="different config"):
+        grid.run_grid([changed], str(tmp_path), workers=1, progress=False)
+
+
+
+@pytest.mark.parametrize("orthogonality, verdict", [(0.005, HELD), (0.02, CONTRADICTED)])
+def test_imbalanced_orthogonality_is_checked_against_its_tolerance(tmp_path, monkeypatch,
+                                                                  orthogonality, verdict):
+    """nc2_orthogonality of 0.02 (above ORTHOGONALITY_TOLERANCE = 0.01) never holds."""
+    import ncfast.harness.figures
+    import ncfast.plots
+
+    spec = dataclasses.replace(claim_imbalanced.GRIDS["quick"], depths=(1,))
+    _fake_grid(monkeypatch, claim_imbalanced, lambda run: ({}, []))
+    monkeypatch.setattr(ncfast.harness.figures, "predicted_figure", lambda *a, **k: None)
+    monkeypatch.setattr(ncfast.plots, "save_figure", lambda *a, **k: None)
+
+    def measure(path, config):
+        seed = config.seed
+        table = [{"norm w_c": 1.0, "predicted w_c": 1.0, "error w": 0.01 + 0.001 * seed,
+                  "norm mu_c": 1.0, "predicted mu_c": 1.0, "error mu": 0.01}
+                 for _ in config.class_counts]
+        return SimpleNamespace(nc2_orthogonality=orthogonality + 1e-4 * seed), table
+
+    monkeypatch.setattr(claim_imbalanced, "measure_imbalanced", measure)
+    outcome = claim_imbalanced.imbalanced(str(tmp_path), grid=spec, seeds=SEEDS)
+    assert [statement.verdict for statement in outcome.statements] == [verdict]
