@@ -12,6 +12,7 @@ from ncfast.kernels import cpu
 from ncfast.plan import build_plan
 from ncfast.textbook import textbook_collapse
 from cases import gaussian_classes
+from test_properties import geometry_of
 
 PAIR_METRICS = ("cdnv", "nc2_equiangular", "nc2_maxangle", "nc2_etf", "nc2_orthogonality",
                 "gnc2", "nc2_equiangular_w", "nc2_maxangle_w", "nc3_etf")
@@ -164,13 +165,6 @@ def _geometry(counts, means):
     return ncfast.Geometry.from_class_sums(counts, np.asarray(means, np.float64) * counts[:, None])
 
 
-def _fit(case):
-    """The geometry of a case's own class means."""
-    sums = ncfast.ClassSums(case["num_classes"], case["features"].shape[1])
-    sums.update(case["features"], case["labels"])
-    return ncfast.Geometry.from_class_sums(sums.counts, sums.sums)
-
-
 def _top_two_gap(scores):
     """Each row's largest score less its second largest."""
     top = -np.partition(-scores, 1, axis=1)[:, :2]
@@ -180,7 +174,7 @@ def _top_two_gap(scores):
 def test_include_takes_the_corrupted_flags_of_the_included_rows():
     """update(..., corrupted, include=mask) is update of the masked rows and their own flags."""
     case = gaussian_classes(num_rows=400, num_features=3, num_classes=8, seed=7)
-    geometry = _fit(case)
+    geometry = geometry_of(case)
     assert geometry.route == "features"
     rng = np.random.default_rng(0)
     corrupted = rng.random(400) < 0.3
@@ -196,7 +190,7 @@ def test_include_takes_the_corrupted_flags_of_the_included_rows():
 
 def test_pass2_label_errors_count_rows_from_row_offset():
     case = gaussian_classes(num_rows=60, num_features=2, num_classes=4, seed=1)
-    geometry = _fit(case)
+    geometry = geometry_of(case)
     labels = case["labels"].astype(np.uint64)
     labels[5] = np.uint64(2 ** 63 + 5)
     with pytest.raises(ValueError, match=r"row 105 has label"):
@@ -210,7 +204,7 @@ def test_bad_row_in_a_later_task_adds_nothing(num_classes, num_features):
     rows = 2 * cpu.task_rows(num_features) + 7
     case = gaussian_classes(num_rows=rows, num_features=num_features, num_classes=num_classes,
                             seed=2)
-    geometry = _fit(case)
+    geometry = geometry_of(case)
     features = case["features"].copy()
     features[rows - 3, 1] = np.nan
     stats = ncfast.ResidualStats(geometry, weights=case["weights"], bias=case["bias"])
@@ -240,7 +234,7 @@ def test_features_route_classifier_ties_go_to_the_first_class():
     case = gaussian_classes(num_rows=800, num_features=4, num_classes=20, spread=1.0, seed=3)
     weights, bias = case["weights"].copy(), case["bias"].copy()
     weights[5], bias[5] = weights[2], bias[2]  # classes 2 and 5: the same logits everywhere
-    geometry = _fit(case)
+    geometry = geometry_of(case)
     assert geometry.route == "features"
     stats = ncfast.ResidualStats(geometry, weights=weights, bias=bias)
     stats.update(case["features"], case["labels"])
@@ -258,7 +252,7 @@ def test_features_route_nearest_centre_far_from_the_origin():
     so its rounding does not scale with ||mu_G||; predictions equal float64 argmin."""
     case = gaussian_classes(num_rows=3000, num_features=6, num_classes=30, offset=1e5,
                             classifier=False, seed=4)
-    geometry = _fit(case)
+    geometry = geometry_of(case)
     assert geometry.route == "features"
     stats = ncfast.ResidualStats(geometry).update(case["features"], case["labels"])
     features = case["features"].astype(np.float64)
@@ -274,7 +268,7 @@ def test_features_route_logits_with_a_large_common_bias():
     """A common bias of 1e7 changes no argmax; the logit offsets stay float64."""
     case = gaussian_classes(num_rows=3000, num_features=6, num_classes=30, seed=5)
     bias = case["bias"] + 1e7
-    geometry = _fit(case)
+    geometry = geometry_of(case)
     assert geometry.route == "features"
     stats = ncfast.ResidualStats(geometry, weights=case["weights"], bias=bias)
     stats.update(case["features"], case["labels"])
