@@ -990,10 +990,12 @@ class Pass2Buffers(NamedTuple):
 
 #: Bytes of float32 features per pass-2 task, and at most blocks per task: worker
 #: threads take tasks as ``run_tasks`` hands them out, and each task sums into its own
-#: small partial state. A chunk of 64 MiB then holds at least 8 tasks (one block of up to
-#: ``BLOCK_BYTES`` each where blocks are that large), so that the threads finish it
-#: together (at D = 2048, tasks of 16 MiB left one core idle for 0.03 s of each 0.28 s
-#: chunk on average, and the short last chunk ran on one core).
+#: small partial state. A chunk of 256 MiB (``ncfast.inputs.CHUNK_TARGET_BYTES``) then
+#: holds at least 32 tasks (one block of up to ``BLOCK_BYTES`` each where blocks are that
+#: large), so that the threads finish it together (at D = 2048 and 64 MiB chunks, tasks
+#: of 16 MiB left one core idle for 0.03 s of each 0.28 s chunk on average, and the
+#: short last chunk ran on one core; at D = 768 and 256 MiB chunks they still took 2–8%
+#: longer than tasks of 4 MiB).
 TASK_BYTES = 4 << 20
 MAX_TASK_BLOCKS = 8
 

@@ -35,6 +35,11 @@ from ncfast.inputs import default_chunk_rows, holds_class_indices
 #: for the one-pass route; beyond it the passes stream.
 DEFAULT_MEMORY_BUDGET = 2 << 30
 
+#: Bytes of the chunk each monitored layer fills before handing it on: a quarter of
+#: ``collapse``'s chunks (``ncfast.inputs.CHUNK_TARGET_BYTES``), since it is held on the
+#: features' device while training runs.
+HELD_CHUNK_BYTES = 64 << 20
+
 #: How the streamed route's two forward passes give the same rows (checked by the rows per
 #: class, then by their class means).
 STREAMED_ROWS_FIX = ("the streamed route needs the same rows in both forward passes: no "
@@ -382,7 +387,7 @@ class _LayerRows:
                 self._new_buffer(features)
 
     def _new_buffer(self, like):
-        rows = default_chunk_rows(self.width)
+        rows = default_chunk_rows(self.width, HELD_CHUNK_BYTES)
         self.buffer = torch.empty((rows, self.width), dtype=like.dtype, device=like.device)
         self.labels = torch.empty(rows, dtype=torch.int64)
         self.clean = torch.empty(rows, dtype=torch.int64) if self.batch_clean is not None or \

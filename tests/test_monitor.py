@@ -111,7 +111,7 @@ def test_one_pass_and_two_pass_capture_give_the_same_report(memory_budget, monke
     """Held rows, two streamed passes, and a switch to streaming in the middle of pass 1
     (chunks of 32 rows; 3000 bytes hold one chunk of ``fc`` only) all equal the hand
     extraction, for two layers at once, with label noise."""
-    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width: 32)
+    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width, target_bytes: 32)
     model = make_model()
     images, noisy, clean = make_data()
     reports = CollapseMonitor(model, ["block", "fc"], batches(images, noisy, clean, size=50),
@@ -260,7 +260,7 @@ def test_a_batch_without_rows_adds_nothing(memory_budget, assert_same_report):
                          ids=["held", "streamed"])
 def test_a_bad_row_is_named_by_its_index_in_the_loader(memory_budget, monkeypatch):
     """The streamed route named a row by its index in its chunk of 32."""
-    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width: 32)
+    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width, target_bytes: 32)
     model = make_model()
     images, labels, _ = make_data()
     labels[300] = NUM_CLASSES + 3
@@ -500,7 +500,7 @@ class CountingLoader:
 def test_memory_budget_decides_the_route_at_its_exact_size(monkeypatch, extra, passes):
     """Features of exactly memory_budget bytes are held (one forward pass); one byte less
     streams (two)."""
-    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width: 32)
+    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width, target_bytes: 32)
     model = make_model()
     images, labels, _ = make_data()
     loader = CountingLoader(batches(images, labels))
@@ -513,7 +513,7 @@ def test_memory_budget_decides_the_route_at_its_exact_size(monkeypatch, extra, p
 
 def test_streamed_route_drops_the_rows_held_before_the_budget_overflowed(monkeypatch):
     """Once pass 1 overflows memory_budget, the rows held until then are freed before pass 2."""
-    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width: 32)
+    monkeypatch.setattr(ncfast_torch, "default_chunk_rows", lambda width, target_bytes: 32)
     seen = []
 
     class Recording(ncfast_torch.DistributedCollapse):
