@@ -547,32 +547,6 @@ def run_tasks(function, num_tasks, num_threads):
     return results
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _residual_row(features, labels, label_rows, means, out_residuals, out_sq_norms, i):
-    """Residual and squared norm of row ``i``; return False for a bad row (see
-    ``block_residuals``)."""
-    num_features = features.shape[1]
-    label = labels[i]
-    row = -1
-    if label >= 0 and label < label_rows.shape[0]:
-        row = label_rows[label]
-    if row < 0:
-        for j in range(num_features):
-            out_residuals[i, j] = 0.0
-        out_sq_norms[i] = -1.0
-        return False
-    sq_norm = 0.0
-    for j in range(num_features):
-        residual = features[i, j] - means[row, j]
-        out_residuals[i, j] = residual
-        sq_norm += residual * residual
-    if not sq_norm <= MAX_RESIDUAL_SQ_NORM:  # NaN, Inf, or beyond float32's products
-        out_sq_norms[i] = np.nan
-        return False
-    out_sq_norms[i] = sq_norm
-    return True
-
-
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def block_residuals(features, labels, label_rows, means, out_residuals, out_sq_norms):
     """Residuals ``r_i = h_i - mu_{y_i}`` from float64 means, with ``||r_i||^2``, on one
@@ -585,21 +559,40 @@ def block_residuals(features, labels, label_rows, means, out_residuals, out_sq_n
     label_rows : int64 array of shape (C,)
         Row of ``means`` for each class, -1 for a class without a mean.
     means : float64 array of shape (C', D)
-    out_residuals : float32 array of shape (n, D), written
+    out_residuals : float32 array of shape (n, D), written (not for a row
+        whose label is out of range or has no mean: the callers stop at a bad row)
     out_sq_norms : float64 array of shape (n,), written: ``||r_i||^2`` in
         float64, NaN for a row with a non-finite value or farther than
         ``MAX_RESIDUAL_NORM`` from its mean, -1 for a row whose
-        label is out of range or has no mean (its residual is set to zero).
+        label is out of range or has no mean.
 
     Returns
     -------
     int
         The first bad row, or ``NO_ROW``.
     """
+    # One loop, without a per-row helper: through an inlined helper the same arithmetic
+    # took 0.149-0.165 s per million rows of 512 values on two threads, here 0.127-0.136 s.
+    num_features = features.shape[1]
     first_bad = NO_ROW
     for i in range(features.shape[0]):
-        if not _residual_row(features, labels, label_rows, means, out_residuals, out_sq_norms,
-                             i):
+        label = labels[i]
+        row = -1
+        if label >= 0 and label < label_rows.shape[0]:
+            row = label_rows[label]
+        if row < 0:
+            out_sq_norms[i] = -1.0
+            first_bad = min(first_bad, i)
+            continue
+        sq_norm = 0.0
+        for j in range(num_features):
+            residual = features[i, j] - means[row, j]
+            out_residuals[i, j] = residual
+            sq_norm += residual * residual
+        if sq_norm <= MAX_RESIDUAL_SQ_NORM:
+            out_sq_norms[i] = sq_norm
+        else:  # NaN, Inf, or beyond float32's products
+            out_sq_norms[i] = np.nan
             first_bad = min(first_bad, i)
     return first_bad
 
