@@ -36,7 +36,7 @@ from ncfast.accumulators import (ClassSums, ResidualStats, _eigen_coordinate_squ
                                  runs_narrow_kernel)
 from ncfast.geometry import Geometry
 from ncfast.inputs import default_chunk_rows
-from ncfast.kernels import cpu, narrow, tiles
+from ncfast.kernels import cpu, narrow
 
 
 def _best(function, repeats):
@@ -213,8 +213,8 @@ def features_stage_times(features, labels, stats):
                 classifier_predictions = stats._classifier_predictions(rows, row_labels, sq_norms,
                                                                        far, centred)
                 marks.append(time.perf_counter())
-                tiles.tally(sq_norms, row_labels, ncc_predictions, classifier_predictions,
-                            corrupted, *tallies)
+                cpu.tally_rows(sq_norms, row_labels, ncc_predictions, classifier_predictions,
+                               corrupted, *tallies)
                 marks.append(time.perf_counter())
                 for name, begin, end in zip(totals, marks, marks[1:]):
                     totals[name] += end - begin

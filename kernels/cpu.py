@@ -597,40 +597,50 @@ def block_residuals(features, labels, label_rows, means, out_residuals, out_sq_n
     return first_bad
 
 
-@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
-def tally_row(label, sq_norm, ncc_prediction, classifier_prediction, corrupted_row, counts,
-              sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
-    """Add one row's spread and predictions to the per-class tallies.
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def tally_rows(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted, counts,
+               sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
+    """Add rows' spreads and predictions to the per-class tallies, in row order, on one thread.
+
+    A few nanoseconds a row. The rows of a block are tallied in one call: a
+    helper called per row with these arrays, even inlined by Numba, counts
+    references to each of them on every call (0.037 s per million rows against
+    0.006 s, measured in the epilogue).
 
     Parameters
     ----------
-    label : int
-    sq_norm : float, ``||r||^2``
-    ncc_prediction : int, nearest class centre
-    classifier_prediction : int, classifier argmax, or -1 without a classifier
-    corrupted_row : bool, the row's training label is known to be wrong
+    sq_norms : float64 array of shape (n,), ``||r_i||^2``
+    labels : int64 array of shape (n,)
+    ncc_predictions : int64 array of shape (n,), nearest class centre
+    classifier_predictions : int64 array of shape (n,) or (0,) without a classifier
+    corrupted : uint8 array of shape (n,) or (0,), rows whose training label is
+        known to be wrong
     counts, ncc_hits, classifier_hits : int64 arrays of shape (C,), updated
     sq_norm_sums, norm_sums : float64 arrays of shape (C,), updated
-    totals : int64 array of shape (3,), updated: NCC/classifier
-        disagreements, corrupted rows, corrupted rows predicted as their
-        (noisy) label (by the classifier if there is one, else by NCC)
+    totals : int64 array of shape (3,), updated: NCC/classifier disagreements,
+        corrupted rows, corrupted rows predicted as their (noisy) label (by the
+        classifier if there is one, else by NCC)
     """
-    counts[label] += 1
-    sq_norm_sums[label] += sq_norm
-    norm_sums[label] += np.sqrt(sq_norm)
-    if ncc_prediction == label:
-        ncc_hits[label] += 1
-    prediction = ncc_prediction
-    if classifier_prediction >= 0:
-        if classifier_prediction != ncc_prediction:
-            totals[0] += 1
-        prediction = classifier_prediction
+    has_classifier = classifier_predictions.shape[0] > 0
+    has_corrupted = corrupted.shape[0] > 0
+    for i in range(labels.shape[0]):
+        label = labels[i]
+        counts[label] += 1
+        sq_norm_sums[label] += sq_norms[i]
+        norm_sums[label] += np.sqrt(sq_norms[i])
+        prediction = ncc_predictions[i]
         if prediction == label:
-            classifier_hits[label] += 1
-    if corrupted_row:
-        totals[1] += 1
-        if prediction == label:
-            totals[2] += 1
+            ncc_hits[label] += 1
+        if has_classifier:
+            if classifier_predictions[i] != prediction:
+                totals[0] += 1
+            prediction = classifier_predictions[i]
+            if prediction == label:
+                classifier_hits[label] += 1
+        if has_corrupted and corrupted[i] != 0:
+            totals[1] += 1
+            if prediction == label:
+                totals[2] += 1
 
 
 #: Values that ``first_argmin`` screens with one vector compare: a vector
@@ -750,13 +760,15 @@ def epilogue(products, sq_norms, labels, corrupted, far_mean_products, far_logit
     sums : Pass2Sums
         Updated: ``eigen_scatter`` with ``sum a^2``, the per-class tallies.
     """
+    num_rows = products.shape[0]
     num_means = route.present_classes.shape[0]
     num_logits = route.logit_offsets.shape[1]
-    has_corrupted = corrupted.shape[0] > 0
     scores = np.empty(num_means)
     negated_logits = np.empty(num_logits)
+    ncc_predictions = np.empty(num_rows, np.int64)
+    classifier_predictions = np.empty(num_rows if num_logits > 0 else 0, np.int64)
     far = uncertain = 0
-    for i in range(products.shape[0]):
+    for i in range(num_rows):
         row = route.label_rows[labels[i]]
         for j in range(num_means):
             coordinate = np.float64(products[i, j])
@@ -769,7 +781,8 @@ def epilogue(products, sq_norms, labels, corrupted, far_mean_products, far_logit
             best_k = first_argmin(scores)
             far += 1
 
-        best_c = -1
+        ncc_predictions[i] = route.present_classes[best_k]
+
         if num_logits > 0:
             best_c = route.mean_predictions[row]
             if beyond_radius(sq_norms[i], route.classifier_sq_radii[row]):
@@ -778,10 +791,11 @@ def epilogue(products, sq_norms, labels, corrupted, far_mean_products, far_logit
                                           + route.logit_offsets[row, c])
                 best_c = first_argmin(negated_logits)
                 uncertain += 1
+            classifier_predictions[i] = best_c
 
-        tally_row(labels[i], sq_norms[i], route.present_classes[best_k], best_c,
-                  has_corrupted and corrupted[i] != 0, sums.counts, sums.sq_norm_sums,
-                  sums.norm_sums, sums.ncc_hits, sums.classifier_hits, sums.totals)
+    tally_rows(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
+               sums.counts, sums.sq_norm_sums, sums.norm_sums, sums.ncc_hits,
+               sums.classifier_hits, sums.totals)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)

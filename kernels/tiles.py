@@ -1,4 +1,4 @@
-"""Numba kernels for many classes: predictions over class tiles, then tallies.
+"""Numba kernels for many classes: predictions over class tiles.
 
 On the "features" route (C' > D, e.g. a vocabulary of classes) no C'×C'
 matrix exists. Rows are centred, ``h~ = h - mu_G``, and each class tile is
@@ -10,7 +10,7 @@ best per row, on the worker threads, so memory stays O(rows of a task × tile) p
 import numpy as np
 from numba import njit, prange
 
-from ncfast.kernels.cpu import FASTMATH, tally_row
+from ncfast.kernels.cpu import FASTMATH
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -73,33 +73,3 @@ def largest_in_tile(products, offsets, tile_start, best_logits, best_classes):
             if logit > best_logits[i]:
                 best_logits[i] = logit
                 best_classes[i] = tile_start + c
-
-
-@njit(nogil=True, cache=True, fastmath=FASTMATH)
-def tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted, counts,
-          sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
-    """Per-class spreads and prediction tallies of one chunk, on one thread.
-
-    A few nanoseconds a row: threads would cost more than they save (and with
-    per-thread copies of the per-class arrays, C of them each, far more when C is
-    large).
-
-    Parameters
-    ----------
-    sq_norms : float64 array of shape (n,), ``||r_i||^2``
-    labels : int64 array of shape (n,)
-    ncc_predictions : int64 array of shape (n,), nearest class centre
-    classifier_predictions : int64 array of shape (n,) or (0,) without a classifier
-    corrupted : uint8 array of shape (n,) or (0,)
-    counts, ncc_hits, classifier_hits : int64 arrays of shape (C,), updated
-    sq_norm_sums, norm_sums : float64 arrays of shape (C,), updated
-    totals : int64 array of shape (3,), updated: NCC/classifier disagreements,
-        corrupted rows, corrupted rows predicted as their (noisy) label
-    """
-    has_classifier = classifier_predictions.shape[0] > 0
-    has_corrupted = corrupted.shape[0] > 0
-    for i in range(labels.shape[0]):
-        tally_row(labels[i], sq_norms[i], ncc_predictions[i],
-                  classifier_predictions[i] if has_classifier else -1,
-                  has_corrupted and corrupted[i] != 0, counts, sq_norm_sums, norm_sums,
-                  ncc_hits, classifier_hits, totals)

@@ -459,9 +459,9 @@ class ResidualStats:
         far, centred, ncc_predictions = self._nearest_centres(features, labels, sq_norms)
         classifier_predictions = self._classifier_predictions(features, labels, sq_norms, far,
                                                               centred)
-        tiles.tally(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
-                    self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
-                    self.classifier_hits, self.totals)
+        cpu.tally_rows(sq_norms, labels, ncc_predictions, classifier_predictions, corrupted,
+                       self.counts, self.sq_norm_sums, self.norm_sums, self.ncc_hits,
+                       self.classifier_hits, self.totals)
         return True
 
     def _nearest_centres(self, features, labels, sq_norms):

@@ -147,7 +147,7 @@ def test_rows_inside_their_radii_are_tallied_as_the_cpu_kernel_does(classifier, 
     against the CPU kernel's tally of the same rows with their own class as the NCC
     prediction and their mean's as the classifier's."""
     from ncfast.backends.cuda import split_by_radii, tally_rows_inside
-    from ncfast.kernels import tiles
+    from ncfast.kernels import cpu
     rng = np.random.default_rng(5)
     num_rows, num_classes = 5000, 30
     label_rows = np.arange(num_classes)
@@ -182,12 +182,12 @@ def test_rows_inside_their_radii_are_tallied_as_the_cpu_kernel_does(classifier, 
     tally_rows_inside(np, actual, inside, labels, sq_norms, label_rows, mean_predictions,
                       corrupted)
     expected = _tallies(num_classes, np.int64)
-    tiles.tally(sq_norms[inside], labels[inside], labels[inside],
-                mean_predictions[label_rows[labels[inside]]] if classifier
-                else np.empty(0, np.int64),
-                corrupted[inside] if noise else np.empty(0, np.uint8),
-                *(expected[name] for name in ("counts", "sq_norm_sums", "norm_sums",
-                                              "ncc_hits", "classifier_hits", "totals")))
+    cpu.tally_rows(sq_norms[inside], labels[inside], labels[inside],
+                   mean_predictions[label_rows[labels[inside]]] if classifier
+                   else np.empty(0, np.int64),
+                   corrupted[inside] if noise else np.empty(0, np.uint8),
+                   *(expected[name] for name in ("counts", "sq_norm_sums", "norm_sums",
+                                                 "ncc_hits", "classifier_hits", "totals")))
     for name, values in expected.items():
         np.testing.assert_allclose(actual[name], values, rtol=1e-12, err_msg=name)
     assert expected["totals"][0] > 0 if classifier else expected["totals"][0] == 0

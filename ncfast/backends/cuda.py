@@ -458,7 +458,7 @@ def tally_rows_inside(xp, tallies, rows, labels, sq_norms, label_rows, mean_pred
                       corrupted):
     """Add rows inside both radii to the pass-2 tallies: each is nearest its own class
     mean, and the classifier predicts for it what it predicts for that mean (the rules of
-    ``ncfast.kernels.cpu.tally_row``).
+    ``ncfast.kernels.cpu.tally_rows``).
 
     Parameters
     ----------
