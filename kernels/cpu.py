@@ -602,10 +602,9 @@ def tally_rows(sq_norms, labels, ncc_predictions, classifier_predictions, corrup
                sq_norm_sums, norm_sums, ncc_hits, classifier_hits, totals):
     """Add rows' spreads and predictions to the per-class tallies, in row order, on one thread.
 
-    A few nanoseconds a row. The rows of a block are tallied in one call: a
-    helper called per row with these arrays, even inlined by Numba, counts
-    references to each of them on every call (0.037 s per million rows against
-    0.006 s, measured in the epilogue).
+    A few nanoseconds a row. The rows of a block are tallied in one call: the
+    epilogue with a per-row helper taking these arrays (inlined by Numba) took
+    0.037 s per million rows in cache, with this loop 0.0066 s.
 
     Parameters
     ----------
