@@ -17,7 +17,7 @@ features themselves (``ncfast train`` dumps them).
 Requires torch (``import ncfast`` never imports it; this module does).
 """
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -228,11 +228,14 @@ class _ForwardPasses:
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"layer lists a module twice: {self.names}")
         self.modules = {name: find_module(self.model, name) for name in self.names}
-        if iter(loader) is loader:
+        # Told apart without iterating: a DataLoader with worker processes starts them
+        # when iterated.
+        if isinstance(loader, Iterator) or not isinstance(loader, Iterable):
+            kind = ("a one-shot iterator (e.g. a generator)" if isinstance(loader, Iterator)
+                    else f"not iterable ({type(loader).__name__})")
             raise TypeError(
-                "loader is a one-shot iterator (e.g. a generator), but the monitor runs over it "
-                "at every measurement; pass a DataLoader, a list of batches or another "
-                "re-iterable")
+                f"loader is {kind}, but the monitor runs over it at every measurement; pass a "
+                "DataLoader, a list of batches or another re-iterable")
         self.loader = loader
         self.device = torch.device(device) if device is not None else _model_device(self.model)
         self.clean_labels = None

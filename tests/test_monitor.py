@@ -329,6 +329,7 @@ def _rows():
     (lambda: CollapseMonitor(CallsTwice(), "nope", _rows()), ValueError,
      "no module 'nope'; its modules are: inner, fc, unused"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", iter(_rows())), TypeError, "one-shot"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", 3), TypeError, r"not iterable \(int\)"),
     (lambda: CollapseMonitor(CallsTwice(), "inner", _rows(), num_classes=2), ValueError,
      r"pass classifier=\{'inner': None\} to measure it without one"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), classifier={"fc": None}), ValueError,
@@ -371,6 +372,26 @@ def _rows():
 def test_misuse_is_refused_with_a_clear_message(make_monitor, error, message):
     with pytest.raises(error, match=message):
         make_monitor()
+
+
+class CountedIterations(list):
+    """A list of batches that counts how often it is iterated."""
+
+    iterations = 0
+
+    def __iter__(self):
+        self.iterations += 1
+        return super().__iter__()
+
+
+def test_building_a_monitor_does_not_iterate_its_loader():
+    """It did, to refuse one-shot iterators: a DataLoader with worker processes then
+    started them when the monitor was built."""
+    loader = CountedIterations(_rows())
+    monitor = CollapseMonitor(CallsTwice(), "fc", loader, clean_labels=np.array([0, 1] * 3))
+    assert loader.iterations == 0
+    monitor.measure()
+    assert loader.iterations >= 1
 
 
 @pytest.mark.parametrize("sampling", [
