@@ -229,8 +229,9 @@ class _ForwardPasses:
             raise ValueError(f"layer lists a module twice: {self.names}")
         self.modules = {name: find_module(self.model, name) for name in self.names}
         # Told apart without iterating: a DataLoader with worker processes starts them
-        # when iterated.
-        if isinstance(loader, Iterator) or not isinstance(loader, Iterable):
+        # when iterated. Iterable as for ``iter``: by ``__iter__`` or by ``__getitem__``.
+        iterable = isinstance(loader, Iterable) or hasattr(type(loader), "__getitem__")
+        if isinstance(loader, Iterator) or not iterable:
             kind = ("a one-shot iterator (e.g. a generator)" if isinstance(loader, Iterator)
                     else f"not iterable ({type(loader).__name__})")
             raise TypeError(

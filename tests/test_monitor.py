@@ -384,6 +384,22 @@ class CountedIterations(list):
         return super().__iter__()
 
 
+class IndexedBatches:
+    """Batches by index only (Python's older iteration protocol, which ``iter`` accepts)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __getitem__(self, index):
+        return self.batches[index]
+
+
+def test_a_loader_of_indexed_batches_is_measured_as_a_list_of_them(assert_same_report):
+    model, rows = CallsTwice(), _rows()
+    assert_same_report(CollapseMonitor(model, "fc", IndexedBatches(rows)).measure(),
+                       CollapseMonitor(model, "fc", rows).measure())
+
+
 def test_building_a_monitor_does_not_iterate_its_loader():
     """It did, to refuse one-shot iterators: a DataLoader with worker processes then
     started them when the monitor was built."""
