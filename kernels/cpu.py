@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -418,17 +419,26 @@ def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts,
 
 _workers = None
 _workers_lock = threading.Lock()
-_thread_buffers = threading.local()
 _worker_marks = threading.local()
+_local_scratch = threading.local()
+#: Every living thread's ``_ThreadScratch`` (a thread's goes when the thread ends), and
+#: how many ``scratch_scope`` contexts are open.
+_every_scratch = weakref.WeakSet()
+_scratch_lock = threading.Lock()
+_scratch_scopes = 0
 
 
 def _forget_workers():
     """In a forked child the parent's worker threads do not exist: start afresh (the
-    one-thread BLAS contexts they were in too, and the forking thread is no worker)."""
+    one-thread BLAS contexts and scratch scopes they were in too, their scratch, and the
+    forking thread is no worker)."""
     global _workers, _workers_lock, _worker_marks
     global _one_thread_lock, _one_thread_users, _one_thread_limit
+    global _local_scratch, _every_scratch, _scratch_lock, _scratch_scopes
     _workers, _workers_lock, _worker_marks = None, threading.Lock(), threading.local()
     _one_thread_lock, _one_thread_users, _one_thread_limit = threading.Lock(), 0, None
+    _local_scratch, _every_scratch = threading.local(), weakref.WeakSet()
+    _scratch_lock, _scratch_scopes = threading.Lock(), 0
 
 
 os.register_at_fork(after_in_child=_forget_workers)
@@ -458,11 +468,21 @@ def _on_worker_thread():
     return getattr(_worker_marks, "is_worker", False)
 
 
+class _ThreadScratch:
+    """One thread's scratch arrays, by name (``thread_buffer``)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+
 def thread_buffer(name, shape, dtype):
-    """A scratch array of the calling thread's, kept from call to call.
+    """A scratch array of the calling thread's, kept from call to call within a run.
 
     Fresh memory is slow to write the first time (in this virtual machine
-    about 20 ms more for each 64 MiB), so chunk-sized scratch is kept.
+    about 20 ms more for each 64 MiB), so chunk-sized scratch is kept while a
+    run goes on, and dropped when it ends (``scratch_scope``): pass 1's pieces
+    and the far rows' centred copy reach twice a chunk's bytes, which a
+    process that goes on training should not hold.
 
     Parameters
     ----------
@@ -478,12 +498,60 @@ def thread_buffer(name, shape, dtype):
         has fewer rows or other columns or dtype; uninitialised on first use,
         otherwise as the thread's last use left it.
     """
-    buffer = getattr(_thread_buffers, name, None)
+    scratch = getattr(_local_scratch, "scratch", None)
+    if scratch is None:
+        scratch = _local_scratch.scratch = _ThreadScratch()
+        with _scratch_lock:
+            _every_scratch.add(scratch)
+    buffer = scratch.buffers.get(name)
     if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != tuple(shape[1:]) \
             or buffer.dtype != dtype:
         buffer = np.empty(shape, dtype)
-        setattr(_thread_buffers, name, buffer)
+        scratch.buffers[name] = buffer
     return buffer[:shape[0]]
+
+
+@contextlib.contextmanager
+def scratch_scope():
+    """Context of one run (both passes of an analysis): inside, the threads keep their
+    scratch from chunk to chunk; when the last scope open in the process closes, every
+    thread's scratch is dropped (``release_scratch``).
+
+    Scopes may nest and overlap across threads: the scratch is dropped only when
+    none is open. Dropping never frees a buffer a kernel still holds: it lives
+    until the kernel lets go, and the thread's next call starts a fresh one.
+    """
+    global _scratch_scopes
+    with _scratch_lock:
+        _scratch_scopes += 1
+    try:
+        yield
+    finally:
+        with _scratch_lock:
+            # Never below 0: a forked child starts at 0 inside its parent's scope.
+            _scratch_scopes = max(_scratch_scopes - 1, 0)
+        release_scratch()
+
+
+def release_scratch():
+    """Drop every thread's kept scratch, unless a ``scratch_scope`` is open.
+
+    Outside a scope the streaming states (``ClassSums.update``,
+    ``ResidualStats.update``) keep their threads' scratch between calls, so
+    that a chunk does not pay for fresh memory; ``DistributedCollapse`` calls
+    this when a pass ends.
+    """
+    with _scratch_lock:
+        if _scratch_scopes == 0:
+            for scratch in _every_scratch:
+                scratch.buffers.clear()
+
+
+def scratch_bytes():
+    """Bytes of scratch every thread keeps now (``thread_buffer``)."""
+    with _scratch_lock:
+        return sum(buffer.nbytes for scratch in _every_scratch
+                   for buffer in list(scratch.buffers.values()))
 
 
 def run_tasks(function, num_tasks, num_threads):

@@ -26,6 +26,7 @@ from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, finali
                            geometry_from_means_option, resolve_num_classes)
 from ncfast.geometry import PINV_RTOL
 from ncfast.inputs import ArraySource, LabelSummary, check_features, check_labels
+from ncfast.kernels.cpu import scratch_scope
 
 #: Blocks whose states one reduction task adds together.
 SPLIT_EVERY = 8
@@ -201,7 +202,7 @@ def pass1_block(features, labels, clean_labels, row_offset, *, num_classes, chun
     chunk_size : int or None
     """
     class_sums = ClassSums(num_classes, features.shape[1], track_clean=clean_labels is not None)
-    with _KERNEL_LOCK:
+    with _KERNEL_LOCK, scratch_scope():  # a worker process keeps no scratch between blocks
         for chunk in _block_chunks(features, labels, clean_labels, row_offset, chunk_size):
             class_sums.update(chunk.features, chunk.labels, chunk.clean_labels,
                               row_offset=chunk.offset)
@@ -224,7 +225,7 @@ def pass2_block(empty_pass, features, labels, clean_labels, row_offset, *, chunk
         ``ResidualPass.sum_arrays()`` of the block: only these travel.
     """
     residual_pass = copy.deepcopy(empty_pass)
-    with _KERNEL_LOCK:
+    with _KERNEL_LOCK, scratch_scope():  # a worker process keeps no scratch between blocks
         for chunk in _block_chunks(features, labels, clean_labels, row_offset, chunk_size):
             residual_pass.update(chunk.features, chunk.labels, chunk.clean_labels,
                                    row_offset=chunk.offset)

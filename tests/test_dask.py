@@ -273,3 +273,16 @@ def test_errors_name_the_row_of_the_whole_input_with_uneven_blocks():
     features = da.from_array(case["features"], chunks=((100, 400, 500), 32))
     with pytest.raises(ValueError, match="row 731 has label 7, outside"):
         ncfast.dask.collapse(features, labels, num_classes=3, scheduler="sync")
+
+
+def test_blocks_leave_no_scratch_with_the_worker():
+    """Each block's pass runs in its own scratch scope: a long-lived worker keeps none of
+    a block's chunk scratch when the task ends."""
+    from ncfast.kernels import cpu
+
+    case = gaussian_classes(num_rows=400, num_features=8, num_classes=30, seed=4)
+    features = da.from_array(case["features"], chunks=(100, 8))
+    labels = da.from_array(case["labels"], chunks=100)
+    cpu.release_scratch()
+    ncfast.dask.collapse(features, labels, chunk_size=CHUNK_SIZE, scheduler="threads")
+    assert cpu.scratch_bytes() == 0

@@ -261,3 +261,22 @@ def test_update_pass2_after_the_report_is_refused():
     analysis.report()
     with pytest.raises(RuntimeError, match="the report is made"):
         analysis.update_pass2(case["features"], case["labels"])
+
+
+def test_each_pass_drops_its_scratch_when_it_ends():
+    """``finalize_pass1`` and ``report`` drop the chunk scratch of the pass that ended
+    (in a process that goes on training, the rank would otherwise keep it)."""
+    from ncfast.kernels import cpu
+
+    case = gaussian_classes(num_rows=600, num_features=8, num_classes=40, seed=3)
+    features, labels = torch.from_numpy(case["features"]), torch.from_numpy(case["labels"])
+    cpu.release_scratch()
+    analysis = DistributedCollapse(40, 8)
+    analysis.update_pass1(features, labels)
+    assert cpu.scratch_bytes() > 0
+    analysis.finalize_pass1()
+    assert cpu.scratch_bytes() == 0
+    analysis.update_pass2(features, labels)
+    assert cpu.scratch_bytes() > 0
+    analysis.report()
+    assert cpu.scratch_bytes() == 0

@@ -595,3 +595,17 @@ def test_measure_and_capture_run_the_model_without_autograd(memory_budget):
                     memory_budget=memory_budget).measure()
     capture(recorder, "model.fc", batches(images, labels))
     assert recorder.grad_modes and not any(recorder.grad_modes)
+
+
+@pytest.mark.parametrize("memory_budget", [ncfast_torch.DEFAULT_MEMORY_BUDGET, 0],
+                         ids=["held", "streamed"])
+def test_measure_leaves_no_scratch(memory_budget):
+    """The chunk scratch of a measurement's passes goes when it returns, whether the rows
+    were held (one ``collapse``) or streamed (``DistributedCollapse``'s passes)."""
+    from ncfast.kernels import cpu
+
+    model = make_model()
+    images, labels, _ = make_data()
+    cpu.release_scratch()
+    CollapseMonitor(model, "fc", batches(images, labels), memory_budget=memory_budget).measure()
+    assert cpu.scratch_bytes() == 0

@@ -4,8 +4,6 @@ The public host states (``ClassSums``, ``ResidualStats``) are the CPU's own
 pass states: their ``update`` methods run the kernels, so the states the
 engine adds chunks into are those states themselves.
 """
-import contextlib
-
 import numba
 import numpy as np
 
@@ -106,8 +104,9 @@ class HostSource:
 
     @staticmethod
     def context():
-        """Nothing to enter on the host."""
-        return contextlib.nullcontext()
+        """The run's ``ncfast.kernels.cpu.scratch_scope``: the threads' chunk-sized scratch
+        is kept from chunk to chunk and dropped when the run ends."""
+        return cpu.scratch_scope()
 
 
 CPU = CpuBackend()
