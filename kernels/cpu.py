@@ -355,6 +355,10 @@ def add_pieces(pieces, first_piece, last_piece, piece_sums, piece_clean_sums, co
             clean_sums[label, :] += piece_clean_sums[piece, :num_features]
 
 
+#: Names of pass 1's scratch (``thread_buffer``): the pieces' sums, and the clean rows'.
+PASS1_SCRATCH = ("piece_sums", "piece_clean_sums")
+
+
 def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts, clean_sums,
                      num_threads):
     """Add per-class counts and float64 sums of one chunk, on worker threads; all or nothing.
@@ -396,8 +400,8 @@ def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts,
     pieces = ChunkPieces(*class_pieces(labels, clean_labels, counts.shape[0], rows_per_task))
     num_pieces = pieces.classes.shape[0]
     columns = -(-num_features // PIECE_ALIGN) * PIECE_ALIGN
-    piece_sums = thread_buffer("piece_sums", (num_pieces, columns), np.float64)
-    piece_clean_sums = thread_buffer("piece_clean_sums", (pieces.clean_counts.shape[0], columns),
+    piece_sums = thread_buffer(PASS1_SCRATCH[0], (num_pieces, columns), np.float64)
+    piece_clean_sums = thread_buffer(PASS1_SCRATCH[1], (pieces.clean_counts.shape[0], columns),
                                      np.float64)
     bad_value = min(run_tasks(lambda task: sum_pieces(features, labels, clean_labels, pieces,
                                                       task, rows_per_task, piece_sums,
@@ -539,12 +543,23 @@ def release_scratch():
     Outside a scope the streaming states (``ClassSums.update``,
     ``ResidualStats.update``) keep their threads' scratch between calls, so
     that a chunk does not pay for fresh memory; ``DistributedCollapse`` calls
-    this when a pass ends.
+    this when its report is made.
     """
     with _scratch_lock:
         if _scratch_scopes == 0:
             for scratch in _every_scratch:
                 scratch.buffers.clear()
+
+
+def release_pass1_scratch():
+    """Drop pass 1's scratch (``PASS1_SCRATCH``, up to twice a chunk's bytes) from every
+    thread, scope or not: called when pass 1 ends, so that it is gone before the class
+    means' tables are formed. Another run's pass 1 going on meanwhile only allocates its
+    pieces again at its next chunk."""
+    with _scratch_lock:
+        for scratch in _every_scratch:
+            for name in PASS1_SCRATCH:
+                scratch.buffers.pop(name, None)
 
 
 def scratch_bytes():

@@ -20,7 +20,7 @@ from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, check_
                            finalize_pass1, geometry_from_means_option)
 from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL
 from ncfast.inputs import ArraySource
-from ncfast.kernels.cpu import release_scratch, scratch_scope
+from ncfast.kernels.cpu import release_pass1_scratch, release_scratch
 from ncfast.plan import check_classifier
 
 
@@ -132,7 +132,7 @@ class DistributedCollapse:
         """Sum pass 1 over the group and build the class means (collective)."""
         if self.class_sums is None:
             raise RuntimeError("pass 1 is already finished (or skipped with means=)")
-        release_scratch()  # this rank's pass-1 scratch, unless a run is going on
+        release_pass1_scratch()
         all_reduce_sums(self.class_sums.sum_arrays(), self.group)
         geometry, clean_geometry = finalize_pass1(
             self.class_sums, global_mean=self.global_mean, empty_classes=self.empty_classes)
@@ -224,14 +224,12 @@ def collapse(batches, *, num_classes, num_features, group=None, **options):
     analysis = on_every_rank(
         lambda: DistributedCollapse(num_classes, num_features, group=group, **options), group,
         "setting up the analysis")
-    with scratch_scope():
-        if options.get("means") is None:
-            on_every_rank(lambda: [analysis.update_pass1(*batch) for batch in batches], group,
-                          "pass 1")
-            analysis.finalize_pass1()
-        on_every_rank(lambda: [analysis.update_pass2(*batch) for batch in batches], group,
-                      "pass 2")
-        return analysis.report()
+    if options.get("means") is None:
+        on_every_rank(lambda: [analysis.update_pass1(*batch) for batch in batches], group,
+                      "pass 1")
+        analysis.finalize_pass1()
+    on_every_rank(lambda: [analysis.update_pass2(*batch) for batch in batches], group, "pass 2")
+    return analysis.report()
 
 
 def on_every_rank(work, group, what):

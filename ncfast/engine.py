@@ -546,6 +546,9 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
             backend.finish_pass1(state, class_sums, source)
             geometry, clean_geometry = finalize_pass1(class_sums, global_mean=global_mean,
                                                       empty_classes=empty_classes)
+            pass1_counts = class_sums.counts
+            if not source.rereads:  # only the counts are checked again: the C×D sums go
+                state = class_sums = None
         else:
             geometry = geometry_from_means_option(means, num_classes, num_features,
                                                   global_mean)
@@ -576,7 +579,7 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
             check_same_class_sums(class_sums, rows_again, residual_pass.stats.sq_norm_sums,
                                   source="the chunk source", fix=SAME_ROWS_FIX)
         elif means is None:
-            check_same_rows(class_sums.counts, residual_pass.stats.counts,
+            check_same_rows(pass1_counts, residual_pass.stats.counts,
                             source="the chunk source", fix=SAME_ROWS_FIX)
     return residual_pass.report(pinv_rtol=pinv_rtol, ood_mean=ood_mean, xp=backend.xp)
 

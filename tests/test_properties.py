@@ -460,11 +460,12 @@ class _RecordingChunks:
 
 
 @pytest.mark.parametrize("far", [False, True])
-def test_a_run_keeps_its_scratch_from_chunk_to_chunk_and_drops_it_after(far):
+def test_each_pass_keeps_its_scratch_from_chunk_to_chunk_and_drops_it_after(far):
     """Pass 1's pieces and pass 2's blocks (and, far from collapse on the "features" route,
     the centred far rows) are scratch kept from chunk to chunk; a finished ``collapse``
     used to leave them with its threads for the life of the process (0.4 GiB after one
-    analysis of 50,000 rows of 4096 values in 16,000 classes)."""
+    analysis of 50,000 rows of 4096 values in 16,000 classes), and pass 1's pieces
+    (up to twice a chunk) stayed through the class means' tables and pass 2."""
     case = gaussian_classes(num_rows=3000, num_features=16, num_classes=40,
                             spread=3.0 if far else 0.01, seed=5)
     cpu.release_scratch()
@@ -472,10 +473,38 @@ def test_a_run_keeps_its_scratch_from_chunk_to_chunk_and_drops_it_after(far):
                                 case["labels"][start:start + 500])
                                for start in range(0, 3000, 500)])
     ncfast.collapse(chunks, num_classes=40)
-    passes = chunks.kept[-12:]  # each pass reads the six chunks (after a look at the first)
-    assert passes[0] == 0  # nothing before the first chunk of pass 1
-    assert all(kept > 0 for kept in passes[1:]), passes  # kept through both passes
+    # Each pass reads the six chunks (after a first look at the first one).
+    pass1, pass2 = chunks.kept[-12:-6], chunks.kept[-6:]
+    assert pass1[0] == 0 and all(kept > 0 for kept in pass1[1:]), pass1
+    assert pass2[0] == 0 and all(kept > 0 for kept in pass2[1:]), pass2
     assert cpu.scratch_bytes() == 0
+
+
+@pytest.mark.parametrize("reread", [False, True], ids=["array", "chunk source"])
+def test_the_class_sums_go_once_the_means_are_formed(reread, monkeypatch):
+    """After finalize only pass 1's counts are checked again, except for a chunk source,
+    whose pass 2 sums its rows by class to compare: the C×D float64 sums (1 GB at the
+    vocabulary shape of ``bench.bench_shapes``) used to stay through the pair sweep and
+    pass 2."""
+    import gc
+
+    from ncfast import engine
+    from ncfast.accumulators import ClassSums
+
+    live = []
+
+    class CountingPass(engine.ResidualPass):
+        def __init__(self, *args, **kwargs):
+            gc.collect()
+            live.append(sum(isinstance(obj, ClassSums) for obj in gc.get_objects()))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "ResidualPass", CountingPass)
+    case = gaussian_classes(num_rows=600, num_features=8, num_classes=5, seed=1)
+    features = [(case["features"], case["labels"])] if reread else case["features"]
+    labels = None if reread else case["labels"]
+    ncfast.collapse(features, labels, num_classes=5)
+    assert live == [1 if reread else 0]
 
 
 def test_scratch_scopes_nest_and_drop_the_scratch_when_the_last_one_closes():

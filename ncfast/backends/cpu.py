@@ -54,7 +54,9 @@ class CpuBackend:
 
     @staticmethod
     def finish_pass1(state, class_sums, source):
-        """Nothing to do: ``ClassSums.update`` added into the host state and raised."""
+        """``ClassSums.update`` added into the host state and raised; pass 1's scratch
+        goes (``ncfast.kernels.cpu.release_pass1_scratch``)."""
+        cpu.release_pass1_scratch()
 
     @staticmethod
     def finish_pass2(states, residual_pass, source):
