@@ -85,8 +85,10 @@ class HostSource:
 
     @property
     def rereads(self):
-        """Whether each pass iterates a chunk source again, which may yield other rows."""
-        return isinstance(self.host, IterableSource)
+        """Whether each pass iterates a chunk source again, which may yield other rows (a
+        list or tuple of chunks yields the same arrays each time)."""
+        return isinstance(self.host, IterableSource) \
+            and not isinstance(self.host.chunks, (list, tuple))
 
     def label_summary(self):
         """``ncfast.inputs.LabelSummary`` of the labels; see ``ArraySource``.
