@@ -69,8 +69,14 @@ class DistributedCollapse:
         How ``report`` names the rows and the fix when pass 2 read other rows
         than pass 1: pass 2 counts and sums its rows by class again, and ``report``
         compares those, over all ranks, with pass 1's (``check_same_class_sums``).
+    checks_same_rows : bool
+        Whether pass 2 does that (True). A caller that gives pass 2 the very
+        arrays it gave pass 1 (``CollapseMonitor``'s held rows) sets it False
+        before ``finalize_pass1``: pass 2 then neither sums its rows again nor
+        keeps pass 1's C×D sums.
     """
 
+    checks_same_rows = True
     same_rows_source = "the batches given to update_pass2"
     same_rows_fix = ("give update_pass2 the rows given to update_pass1, in any order (no random "
                      "augmentation, no drop_last with shuffling)")
@@ -138,8 +144,10 @@ class DistributedCollapse:
             self.class_sums, global_mean=self.global_mean, empty_classes=self.empty_classes)
         weights, bias = self._classifier
         self.residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
-        self._pass1_sums, self.class_sums = self.class_sums, None
-        self._rows_again = ClassSums(self._pass1_sums.num_classes, self._pass1_sums.num_features)
+        if self.checks_same_rows:
+            self._pass1_sums = self.class_sums
+            self._rows_again = ClassSums(self.class_sums.num_classes, self.class_sums.num_features)
+        self.class_sums = None
         self._rows_fed = 0
 
     def update_pass2(self, features, labels, clean_labels=None):

@@ -426,11 +426,14 @@ class _Measurement:
         first_counts = passes.forward_pass(self._pass1)
         if not self.streaming and not self.distributed:
             return {name: self._in_place(name) for name in passes.names}
-        widths, label_noise = self._shapes()
+        widths, label_noise, any_streaming = self._shapes()
         for name in passes.names:
             if name not in self.analyses:
                 self._build_analysis(name, widths[name], label_noise)
         for name in passes.names:
+            # Where every rank replays its held rows, pass 2 reads the very arrays of pass 1:
+            # nothing to check (the ranks must agree, their states are summed together).
+            self.analyses[name].checks_same_rows = any_streaming
             self.analyses[name].finalize_pass1()
         if self.streaming:
             second_counts = passes.forward_pass(
@@ -471,15 +474,17 @@ class _Measurement:
         self.analyses[name] = analysis
 
     def _shapes(self):
-        """Each layer's width and whether rows carry clean labels, agreed by every rank
-        (a rank without rows learns them from the others)."""
+        """Each layer's width, whether rows carry clean labels, and whether some rank
+        streams, agreed by every rank (a rank without rows learns them from the others)."""
         names = self.passes.names
-        local = [self.passes.widths.get(name, 0) for name in names] + [int(self.passes.label_noise)]
+        local = [self.passes.widths.get(name, 0) for name in names] + [
+            int(self.passes.label_noise), int(self.streaming)]
         if self.distributed:
             local = _all_reduce_max(local)
-        if min(local[:-1]) == 0:
+        widths = local[:len(names)]
+        if min(widths) == 0:
             raise ValueError("the loader yielded no rows; pass at least one row per class")
-        return dict(zip(names, local[:-1])), bool(local[-1])
+        return dict(zip(names, widths)), bool(local[-2]), bool(local[-1])
 
     def _classifier(self, name):
         classifier = self.monitor._classifiers[name]

@@ -280,3 +280,26 @@ def test_each_pass_drops_its_scratch_when_it_ends():
     assert cpu.scratch_bytes() > 0
     analysis.report()
     assert cpu.scratch_bytes() == 0
+
+
+def test_pass_two_of_the_very_rows_of_pass_one_is_not_summed_again():
+    """With ``checks_same_rows`` off (the monitor replaying its held rows), pass 2 keeps
+    no class sums: the report equals the checked one, and other rows are not refused."""
+    case = gaussian_classes(num_rows=600, num_features=8, num_classes=4, seed=6)
+    features, labels = torch.from_numpy(case["features"]), torch.from_numpy(case["labels"])
+    reports = []
+    for checks in (True, False):
+        analysis = DistributedCollapse(4, 8)
+        analysis.checks_same_rows = checks
+        analysis.update_pass1(features, labels)
+        analysis.finalize_pass1()
+        assert (analysis._rows_again is not None) == checks
+        analysis.update_pass2(features, labels)
+        reports.append(analysis.report())
+    assert reports[0].metrics() == reports[1].metrics()
+    shifted = DistributedCollapse(4, 8)
+    shifted.checks_same_rows = False
+    shifted.update_pass1(features, labels)
+    shifted.finalize_pass1()
+    shifted.update_pass2(features + 5.0, labels)
+    shifted.report()  # not checked: the caller vouched for the rows
