@@ -508,6 +508,37 @@ def test_the_class_sums_go_once_the_means_are_formed(source, monkeypatch):
     assert live == [1 if source == "re-iterable" else 0]
 
 
+def test_runs_side_by_side_share_the_workers_and_leave_no_scratch(assert_same_report):
+    """Two ``collapse`` calls from two threads at once (as Dask's threaded scheduler runs
+    passes): each run's pass 1 drops every thread's pieces when it ends and its scope
+    closes while the other's may be open, yet each report equals the same call made
+    alone, and no scratch is left once both have returned."""
+    cases = [gaussian_classes(num_rows=4000, num_features=24, num_classes=60, spread=spread,
+                              seed=seed) for seed, spread in ((11, 0.01), (12, 2.0))]
+    alone = [ncfast.collapse(case["features"], case["labels"], chunk_size=300,
+                             weights=case["weights"], bias=case["bias"]) for case in cases]
+    cpu.release_scratch()
+    together, errors = [None, None], []
+
+    def run(index):
+        try:
+            case = cases[index]
+            together[index] = ncfast.collapse(case["features"], case["labels"], chunk_size=300,
+                                              weights=case["weights"], bias=case["bias"])
+        except BaseException as error:  # raised below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for report, expected in zip(together, alone):
+        assert_same_report(report, expected)
+    assert cpu.scratch_bytes() == 0
+
+
 def test_scratch_scopes_nest_and_drop_the_scratch_when_the_last_one_closes():
     cpu.release_scratch()
     with cpu.scratch_scope():
