@@ -525,7 +525,7 @@ def test_runs_side_by_side_share_the_workers_and_leave_no_scratch(assert_same_re
             case = cases[index]
             together[index] = ncfast.collapse(case["features"], case["labels"], chunk_size=300,
                                               weights=case["weights"], bias=case["bias"])
-        except BaseException as error:  # raised below, in the test's thread
+        except BaseException as error:  # reported below, in the test's thread
             errors.append(error)
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
