@@ -9,15 +9,14 @@ import pytest
 from hypothesis import settings
 
 
-# CI runs the same examples every time, so that a red run is reproducible.
-settings.register_profile("ci", derandomize=True, print_blob=True)
+# Every run but the nightly one draws the same examples, so that a red run is reproducible
+# and `make test` on a fresh clone (no example database) passes or fails as CI did: a clean
+# clone's CI run once drew fresh examples and found a tolerance the tests lacked.
+settings.register_profile("fixed", derandomize=True, print_blob=True)
 # The nightly job (NCFAST_NIGHTLY=1) draws fresh examples, 40 times as many (``examples``).
 settings.register_profile("nightly", print_blob=True)
 NIGHTLY = bool(os.environ.get("NCFAST_NIGHTLY"))
-if NIGHTLY:
-    settings.load_profile("nightly")
-elif os.environ.get("CI"):
-    settings.load_profile("ci")
+settings.load_profile("nightly" if NIGHTLY else "fixed")
 
 #: How many more examples each property test draws in the nightly job.
 NIGHTLY_FACTOR = 40
@@ -128,6 +127,29 @@ def kernel_rtol(name, report):
         1 + 2 * positions / gap + gap ** -2)
 
 
+#: Each kernel mean and the variance of its terms over the pairs.
+KERNEL_MEAN_VARIANCES = {"gnc2": "log_kernel_variance",
+                         "riesz_kernel_mean": "riesz_kernel_variance"}
+
+
+def cancellation(name, report):
+    """How many times a kernel mean is smaller than the root mean square of its terms
+    (1 for the other metrics, and at least 1).
+
+    The log kernel takes either sign, so its mean over the pairs may cancel far below
+    its terms, and it then carries their rounding, not a rounding of its own size.
+    Found by hypothesis on a clean clone's CI run: 24 rows, 4 classes with label noise,
+    a log-kernel mean of -6.7e-6 over terms of about 1, which moved by 1.3e-15 (2e-10
+    of itself) between chunk orders.
+    """
+    variance_name = KERNEL_MEAN_VARIANCES.get(name)
+    mean = getattr(report, name, None)
+    variance = None if variance_name is None else getattr(report, variance_name)
+    if mean is None or variance is None or mean == 0 or not np.isfinite([mean, variance]).all():
+        return 1.0
+    return max(1.0, math.sqrt(variance + mean * mean) / abs(mean))
+
+
 def centred_means(report):
     """``mu_c - mu_G`` of the classes with a mean, as the report's ``global_mean`` centres them."""
     means = report.means[report.present_classes]
@@ -173,7 +195,7 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
     to ``rtol`` relative error (``CONDITIONED_FIELDS``: at least
     ``CONDITIONED_RTOL`` times the pseudo-inverse's condition number;
     ``FLOAT32_FLIP_FIELDS`` at least float32 eps times it; the kernels' fields
-    ``kernel_rtol``; every field at least
+    ``kernel_rtol``, their means times ``cancellation``; every field at least
     ``geometry_rtol``), with NaN in the same places; values that are both within
     ``ROUNDING_ZERO`` (or ``geometry_rtol``) of zero agree.
 
@@ -189,6 +211,7 @@ def report_mismatches(actual, expected, rtol=RELATIVE_TOLERANCE):
         if item.name in CONDITIONED_FIELDS:
             field_rtol = max(field_rtol, CONDITIONED_RTOL * expected.pinv_condition)
         field_rtol = max(field_rtol, kernel_rtol(item.name, expected))
+        field_rtol *= cancellation(item.name, expected)
         if item.name in FLOAT32_FLIP_FIELDS:
             field_rtol = max(field_rtol, float(np.finfo(np.float32).eps) * expected.pinv_condition)
         mismatch = _value_mismatch(item.name, getattr(actual, item.name),
