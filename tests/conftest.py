@@ -147,7 +147,7 @@ def cancellation(name, report):
     variance = None if variance_name is None else getattr(report, variance_name)
     if mean is None or variance is None or mean == 0 or not np.isfinite([mean, variance]).all():
         return 1.0
-    return max(1.0, math.sqrt(variance + mean * mean) / abs(mean))
+    return max(1.0, math.sqrt(max(variance, 0.0) + mean * mean) / abs(mean))
 
 
 def centred_means(report):
