@@ -110,11 +110,15 @@ def kernel_rtol(name, report):
 
     Means off by float64 eps times the largest mean norm R move the unit centred
     means by eps R / m (m the smallest centred norm), and a squared distance d^2
-    between them by ``2 eps R / (m d)`` relatively; forming ``2 - 2 cos`` adds ``eps /
-    d^2``. Found by the nightly run: 12 rows, D = 48, two means 0.01 apart near 24
-    (unit distance 6.4e-4, Riesz kernel mean 8.9e145), which moved by 1.3e-8
-    between chunk sizes; three means of 23 rows with label noise, gnc2 and the log
-    kernel's variance 1.5e-10 and 3.4e-10 apart between chunk orders.
+    between them by ``2 eps R / (m d)`` relatively; forming ``2 - 2 cos`` from a
+    Gram entry, a dot product of D terms whose rounding grows about as ``sqrt(D)
+    eps``, adds ``sqrt(D) eps / d^2``. Found by the nightly run: 12 rows, D = 48, two
+    means 0.01 apart near 24 (unit distance 6.4e-4, Riesz kernel mean 8.9e145), which
+    moved by 1.3e-8 between chunk sizes; three means of 23 rows with label noise,
+    gnc2 and the log kernel's variance 1.5e-10 and 3.4e-10 apart between chunk
+    orders; 30 rows, D = 53, label noise, unit distance 2.0e-3, whose Riesz kernel
+    variance (2.8e274) moved by up to 2.5e-8 over 300 row orders, twice what
+    ``eps / d^2`` allowed.
     """
     amplification = kernel_amplification(name, report)
     if amplification is None:
@@ -124,7 +128,7 @@ def kernel_rtol(name, report):
     positions = (np.linalg.norm(report.means[report.present_classes], axis=1).max()
                  / present_norms[present_norms > 0].min())
     return amplification * 4.0 * float(np.finfo(np.float64).eps) * (
-        1 + 2 * positions / gap + gap ** -2)
+        1 + 2 * positions / gap + math.sqrt(report.num_features) * gap ** -2)
 
 
 #: Each kernel mean and the variance of its terms over the pairs.
