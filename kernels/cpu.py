@@ -538,7 +538,8 @@ def scratch_scope():
 
 
 def release_scratch():
-    """Drop every thread's kept scratch, unless a ``scratch_scope`` is open.
+    """Drop every thread's kept scratch, unless a ``scratch_scope`` is open (public as
+    ``ncfast.release_scratch``).
 
     Outside a scope the streaming states (``ClassSums.update``,
     ``ResidualStats.update``) keep their threads' scratch between calls, so

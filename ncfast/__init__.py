@@ -4,7 +4,8 @@ Public API: ``collapse`` (the one-call analysis) and ``CollapseReport``; for
 streaming and merging partial states yourself, the pass-1 state
 ``ClassSums``, ``finalize_pass1`` (its ``Geometry``), the pass-2 states
 ``ResidualStats`` (one set of rows) and ``ResidualPass`` (with label noise),
-whose ``report`` gives the ``CollapseReport``.
+whose ``report`` gives the ``CollapseReport``; ``release_scratch`` drops the
+chunk scratch that their ``update`` calls keep between chunks.
 
 The names load on first use (PEP 562): ``import ncfast`` is instant, so the
 command line answers ``--help`` and Ctrl-C at once, before numpy, Numba and
@@ -18,10 +19,11 @@ __version__ = "0.1.0"
 _PUBLIC = {"collapse": "ncfast.api", "CollapseReport": "ncfast.report",
            "METRICS": "ncfast.report", "ClassSums": "ncfast.accumulators",
            "ResidualStats": "ncfast.accumulators", "ResidualPass": "ncfast.engine",
-           "finalize_pass1": "ncfast.engine", "Geometry": "ncfast.geometry"}
+           "finalize_pass1": "ncfast.engine", "Geometry": "ncfast.geometry",
+           "release_scratch": "ncfast.kernels.cpu"}
 
 __all__ = ["collapse", "CollapseReport", "ClassSums", "ResidualStats", "ResidualPass",
-           "finalize_pass1", "Geometry", "METRICS", "__version__"]
+           "finalize_pass1", "Geometry", "METRICS", "release_scratch", "__version__"]
 
 
 def __getattr__(name):

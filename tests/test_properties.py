@@ -560,7 +560,7 @@ def test_streaming_states_keep_their_scratch_until_released():
     sums = ncfast.ClassSums(50, 8)
     sums.update(case["features"], case["labels"])
     assert cpu.scratch_bytes() > 0
-    cpu.release_scratch()
+    ncfast.release_scratch()
     assert cpu.scratch_bytes() == 0
 
 
