@@ -428,6 +428,12 @@ class IterableSource:
         self.chunk_size = chunk_size
         self.num_features = None
 
+    @property
+    def rereads(self):
+        """Whether iterating again may yield other rows: not for a list or tuple of
+        chunks, which holds the same arrays each time."""
+        return not isinstance(self.chunks, (list, tuple))
+
     def __iter__(self):
         offset = 0
         for index, item in enumerate(self.chunks):

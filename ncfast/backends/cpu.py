@@ -85,10 +85,9 @@ class HostSource:
 
     @property
     def rereads(self):
-        """Whether each pass iterates a chunk source again, which may yield other rows (a
-        list or tuple of chunks yields the same arrays each time)."""
-        return isinstance(self.host, IterableSource) \
-            and not isinstance(self.host.chunks, (list, tuple))
+        """Whether each pass iterates a chunk source again, which may yield other rows
+        (``IterableSource.rereads``)."""
+        return isinstance(self.host, IterableSource) and self.host.rereads
 
     def label_summary(self):
         """``ncfast.inputs.LabelSummary`` of the labels; see ``ArraySource``.
