@@ -70,7 +70,6 @@ def narrow_stage_times(features, labels, stats):
     num_means = route.present_classes.shape[0]
     num_logits = route.weights_t.shape[1]
     columns = narrow.padded_columns(route)
-    mean_columns = columns[:-(-num_means // narrow.COLUMN_GROUP) * narrow.COLUMN_GROUP]
     block = cpu.block_rows(num_features)
     residuals = np.zeros((block, num_features), np.float32)
     products = np.zeros((block, columns.shape[0]), np.float32)
@@ -91,7 +90,9 @@ def narrow_stage_times(features, labels, stats):
         marks.append(time.perf_counter())
         uncertain = num_logits and cpu.count_rows_beyond(
             sq_norms[:size], block_labels, route.label_rows, route.classifier_sq_radii)
-        narrow.block_products(residuals, columns if uncertain else mean_columns, products,
+        narrow.block_products(residuals,
+                              columns if uncertain else narrow.mean_columns(columns, num_means),
+                              products,
                               features[first + size:first + 2 * size])
         marks.append(time.perf_counter())
         coordinates = products[:size, :num_means]

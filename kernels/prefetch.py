@@ -3,7 +3,7 @@
 A pass that computes between its reads (pass 2 multiplies each tile of
 residuals by its columns while the memory bus waits) leaves the hardware
 prefetcher too few misses in flight to keep one core's share of the memory
-bandwidth busy. ``prefetch_share`` issues the loads of the next rows during
+bandwidth busy. ``prefetch_lines`` issues the loads of the next rows during
 that computation, so that they have arrived when the pass reads them. A
 prefetch never faults and never changes a value: it only moves cache lines.
 """
@@ -44,28 +44,45 @@ def _prefetch_element(typingctx, array, row, column):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def share_bounds(num_lines, part, parts):
-    """First and last (exclusive) of the ``num_lines`` lines in share ``part`` of ``parts``:
-    consecutive shares, sizes differing by at most one, together every line once."""
-    return part * num_lines // parts, (part + 1) * num_lines // parts
+def lines_per_share(array, parts):
+    """Cache lines of ``array``'s rows in each of ``parts`` shares: every line in
+    ``parts`` calls of ``prefetch_lines`` (the last shares may hold fewer, or none).
+
+    A loop of ``parts`` steps that prefetches one share a step spreads the
+    prefetches of the rows it reads next over its own work, rather than issuing
+    them in one burst. One division per loop and none per line: the cursor of
+    ``prefetch_lines`` walks the rows.
+    """
+    lines_per_row = -(-array.shape[1] // max(1, CACHE_LINE_BYTES // array.itemsize))
+    return -(-(array.shape[0] * lines_per_row) // max(parts, 1))
 
 
 @njit(nogil=True, cache=True, inline="always")
-def prefetch_share(array, part, parts):
-    """Prefetch share ``part`` of ``parts`` of the cache lines of ``array``'s rows.
-
-    A loop of ``parts`` steps that calls this once a step spreads the prefetches
-    of the rows it reads next evenly over its own work, rather than issuing them
-    in one burst.
+def prefetch_lines(array, row, column, count):
+    """Prefetch the next ``count`` cache lines of ``array``'s rows, from element ``(row, column)``
+    on, in row order; return the element the next line starts at.
 
     Parameters
     ----------
     array : 2-D array whose rows are contiguous (empty: nothing to do)
-    part, parts : int, ``0 <= part < parts``
+    row, column : int
+        The cursor: ``(0, 0)`` at first, then what the last call returned;
+        ``(array.shape[0], 0)`` once every line is done.
+    count : int
+
+    Returns
+    -------
+    row, column : int
     """
     step = max(1, CACHE_LINE_BYTES // array.itemsize)
-    lines_per_row = -(-array.shape[1] // step)
-    num_lines = array.shape[0] * lines_per_row
-    first, last = share_bounds(num_lines, part, parts)
-    for line in range(first, last):
-        _prefetch_element(array, line // lines_per_row, (line % lines_per_row) * step)
+    if array.shape[1] == 0:
+        return array.shape[0], 0
+    for _ in range(count):
+        if row >= array.shape[0]:
+            break
+        _prefetch_element(array, row, column)
+        column += step
+        if column >= array.shape[1]:
+            column = 0
+            row += 1
+    return row, column

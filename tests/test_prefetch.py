@@ -1,4 +1,5 @@
-"""The software prefetch of ``ncfast.kernels.prefetch``: every line once, nothing changed."""
+"""The software prefetch of ``ncfast.kernels.prefetch``: every line once, in order, nothing
+changed."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -8,21 +9,39 @@ from numba import njit
 from ncfast.kernels import prefetch
 
 
-@settings(deadline=None)  # the first example compiles share_bounds (0.3 s on a cold cache)
-@given(num_lines=st.integers(0, 5000), parts=st.integers(1, 300))
-def test_shares_cover_every_line_once_in_order(num_lines, parts):
-    bounds = [prefetch.share_bounds(num_lines, part, parts) for part in range(parts)]
-    assert bounds[0][0] == 0 and bounds[-1][1] == num_lines
-    for (_, last), (first, _) in zip(bounds, bounds[1:]):
-        assert last == first
-    sizes = [last - first for first, last in bounds]
-    assert min(sizes) >= 0 and max(sizes) - min(sizes) <= 1
+def _line_starts(array):
+    """The element each cache line of ``array``'s rows starts at, in row order."""
+    step = max(1, prefetch.CACHE_LINE_BYTES // array.itemsize)
+    return [(row, column) for row in range(array.shape[0])
+            for column in range(0, array.shape[1], step)]
 
 
 @njit
-def _prefetch_all(array, parts):
-    for part in range(parts):
-        prefetch.prefetch_share(array, part, parts)
+def _prefetch_in_shares(array, parts):
+    """Every share in turn, as a loop of ``parts`` steps does; the cursor after each."""
+    per_share = prefetch.lines_per_share(array, parts)
+    row = column = 0
+    cursors = []
+    for _ in range(parts):
+        row, column = prefetch.prefetch_lines(array, row, column, per_share)
+        cursors.append((row, column))
+    return cursors
+
+
+@settings(deadline=None)  # the first example compiles the cursor (about 1 s on a cold cache)
+@given(num_rows=st.integers(0, 40), num_columns=st.integers(0, 70),
+       dtype=st.sampled_from([np.float32, np.float64, np.int8]), parts=st.integers(1, 50))
+def test_shares_walk_every_line_once_in_row_order(num_rows, num_columns, dtype, parts):
+    """Each share takes the next ``ceil(lines / parts)`` lines (fewer, or none, at the end),
+    so the shares together reach the end of the rows: the cursor after share ``p`` is the
+    start of line ``(p + 1) · lines_per_share``, or ``(rows, 0)`` past the last."""
+    array = np.zeros((num_rows, num_columns), dtype)
+    starts = _line_starts(array)
+    per_share = prefetch.lines_per_share(array, parts)
+    assert per_share == -(-len(starts) // parts)
+    expected = [starts[line] if line < len(starts) else (num_rows, 0)
+                for line in ((part + 1) * per_share for part in range(parts))]
+    assert _prefetch_in_shares(array, parts) == expected
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
@@ -31,5 +50,5 @@ def test_prefetching_rows_changes_nothing(dtype, shape):
     array = np.arange(np.prod(shape), dtype=dtype).reshape(shape)
     before = array.copy()
     for view in (array, array[::2], array[:, 1:]):
-        _prefetch_all(view, 5)
+        _prefetch_in_shares(view, 5)
     np.testing.assert_array_equal(array, before)
