@@ -138,9 +138,6 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     every_class = num_means == num_classes
     present_means = geometry.present_means
     xp = backend.xp
-    present_weights = None
-    if weights is not None:
-        present_weights = xp.asarray(weights if every_class else weights[present])
     classes_route = geometry.route == "classes"
     num_logits = 0 if weights is None else num_classes
     weights_t = np.empty((num_features, num_logits), np.float32)
@@ -182,11 +179,12 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
     # C'×C' classifier products are no larger than the means: the sweep keeps them, so
     # the logit offsets and radii need no product of their own (when every class has a mean).
     sweep = pair_sweep(xp.asarray(geometry.present_means), xp.asarray(geometry.global_mean),
-                       present_weights, present_global_logits, backend=backend, tile=pair_tile,
-                       centred=xp.asarray(geometry.centred),
+                       None if weights is None else xp.asarray(weights), present_global_logits,
+                       backend=backend, tile=pair_tile, centred=xp.asarray(geometry.centred),
                        gram=xp.asarray(geometry.gram) if classes_route else None,
                        keep_classifier_products=classes_route and every_class,
-                       alongside=alongside)
+                       alongside=alongside,
+                       weight_rows=None if every_class else xp.asarray(present))
     sq_norms = geometry.centred_sq_norms
     nearest = sweep.nearest_sq_distances - ROUNDING_RTOL * (sq_norms + sq_norms.max())
     ncc_sq_radii = NCC_RADIUS_FRACTION ** 2 * np.maximum(nearest, 0.0)

@@ -187,6 +187,39 @@ def test_sweep_of_a_given_gram_keeps_the_classifier_products(backend):
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("gram", [False, True], ids=["stacked", "given-gram"])
+@pytest.mark.parametrize("backend", [CPU, NumpyTiles], ids=["compiled", "arrays"])
+def test_sweep_gathers_the_classifier_rows_it_is_given(backend, gram):
+    """With ``weight_rows`` the sweep takes the whole classifier and gathers the rows of its
+    classes tile by tile (the plan's classes with rows, when some have none): the same
+    sweep as of those rows copied beforehand, whatever the tiling, with the Gram given or
+    the stacked tiles."""
+    means, _ = _means(130, 40, seed=5, offset=2.0)
+    global_mean = means.mean(axis=0)
+    centred = means - global_mean
+    rng = np.random.default_rng(5)
+    weights = rng.standard_normal((200, 40))
+    weight_rows = np.sort(rng.choice(200, 130, replace=False))
+    global_logits = rng.standard_normal(130)
+    keywords = dict(backend=backend, gram=centred @ centred.T if gram else None,
+                    keep_classifier_products=gram)
+    copied = pair_sweep(means, global_mean, weights[weight_rows], global_logits, tile=29,
+                        **keywords)
+    for tile in (29, 64, 1000):
+        gathered = pair_sweep(means, global_mean, weights, global_logits, tile=tile,
+                              weight_rows=weight_rows, **keywords)
+        for name, value in _sweep_metrics(gathered).items():
+            np.testing.assert_allclose(value, _sweep_metrics(copied)[name], rtol=1e-12,
+                                       atol=0, err_msg=f"{name}, tile {tile}")
+        for name in ("weight_norms", "weight_mean_dots", "top_logits", "top_classes",
+                     "mean_weight_products", "weight_gram"):
+            if getattr(copied, name) is None:
+                assert getattr(gathered, name) is None
+                continue
+            np.testing.assert_allclose(getattr(gathered, name), getattr(copied, name),
+                                       rtol=1e-12, atol=1e-12, err_msg=f"{name}, tile {tile}")
+
+
 @pytest.mark.parametrize("num_means, num_features", [(3, 2), (40, 1), (130, 7), (300, 300)])
 def test_compiled_tiles_equal_the_array_operations(num_means, num_features):
     """The Numba kernel (CPU) and ``reduce_tile_xp`` (the GPU's, here on numpy) agree."""
