@@ -224,6 +224,30 @@ class ChunkPieces(NamedTuple):
 
 
 @njit(cache=True)
+def counting_sort(keys, num_keys):
+    """The stable order of integer keys in ``[0, num_keys)``.
+
+    Returns
+    -------
+    order : int64 array of shape (n,), the positions of ``keys`` by key, in
+        their own order within a key
+    starts : int64 array of shape (num_keys + 1,), where each key's positions
+        begin in ``order`` (and the end)
+    """
+    starts = np.zeros(num_keys + 1, np.int64)
+    for position in range(keys.shape[0]):
+        starts[keys[position] + 1] += 1
+    for key in range(num_keys):
+        starts[key + 1] += starts[key]
+    order = np.empty(keys.shape[0], np.int64)
+    filled = starts[:-1].copy()
+    for position in range(keys.shape[0]):
+        order[filled[keys[position]]] = position
+        filled[keys[position]] += 1
+    return order, starts
+
+
+@njit(cache=True)
 def class_pieces(labels, clean_labels, num_classes, rows_per_task):
     """Cut a chunk into tasks and pieces (``ChunkPieces``' fields, in order).
 
@@ -270,15 +294,7 @@ def class_pieces(labels, clean_labels, num_classes, rows_per_task):
                     clean_counts[piece] += 1
         order = row_pieces = np.empty(0, np.int64)
     else:
-        class_starts = np.zeros(num_classes + 1, np.int64)
-        for i in range(num_rows):
-            class_starts[labels[i] + 1] += 1
-        for c in range(num_classes):
-            class_starts[c + 1] += class_starts[c]
-        order = np.empty(num_rows, np.int64)
-        for i in range(num_rows):
-            order[class_starts[labels[i]]] = i
-            class_starts[labels[i]] += 1
+        order, _ = counting_sort(labels, num_classes)
         row_pieces = np.empty(num_rows, np.int64)
         classes = np.empty(num_rows, np.int64)
         piece_tasks = np.empty(num_rows, np.int64)
@@ -297,16 +313,7 @@ def class_pieces(labels, clean_labels, num_classes, rows_per_task):
             if track_clean and clean_labels[order[k]] == labels[order[k]]:
                 clean_counts[row_pieces[k]] += 1
         piece_index = np.empty((0, 0), np.int64)
-    task_starts = np.zeros(num_tasks + 1, np.int64)
-    for piece in range(num_pieces):
-        task_starts[piece_tasks[piece] + 1] += 1
-    for task in range(num_tasks):
-        task_starts[task + 1] += task_starts[task]
-    task_pieces = np.empty(num_pieces, np.int64)
-    filled = task_starts[:-1].copy()
-    for piece in range(num_pieces):
-        task_pieces[filled[piece_tasks[piece]]] = piece
-        filled[piece_tasks[piece]] += 1
+    task_pieces, task_starts = counting_sort(piece_tasks[:num_pieces], num_tasks)
     return (order, row_pieces, piece_index, classes[:num_pieces], counts, clean_counts,
             task_starts, task_pieces)
 

@@ -357,6 +357,16 @@ def test_pass_one_is_bitwise_the_same_on_any_thread_count(num_classes):
     np.testing.assert_array_equal(states[0].counts, np.bincount(labels, minlength=num_classes))
 
 
+@given(keys=arrays(np.int64, st.integers(0, 300), elements=st.integers(0, 9)),
+       num_keys=st.integers(10, 12))
+def test_counting_sort_is_numpys_stable_sort(keys, num_keys):
+    """Pass 1's order of the rows by class and of the pieces by task."""
+    order, starts = cpu.counting_sort(keys, num_keys)
+    np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+    np.testing.assert_array_equal(starts, np.concatenate(
+        [[0], np.cumsum(np.bincount(keys, minlength=num_keys))]))
+
+
 @pytest.mark.parametrize("num_features, num_classes, route",
                          [(32, 5, "classes"), (8, 20, "features")])
 def test_pass_two_is_bitwise_the_same_on_any_thread_count(num_features, num_classes, route):
