@@ -216,8 +216,16 @@ def _arrays_equal(a, b):
 #: narrow kernel took 0.84-0.97 of BLAS's time at 10-20 columns, 0.86-1.04 at 24,
 #: 0.94-1.07 at 32, 0.91-1.08 at 40 and 1.02-1.04 at 48-64; at 10-20 columns it took
 #: 0.74-0.89 at D = 4096, 0.94-1.03 at D = 256, 1.02-1.23 at D = 128 and 1.25-1.33 at
-#: D = 64 (its fixed costs per row and per tile of rows outweigh BLAS's).
-NARROW_COLUMNS = 32
+#: D = 64 (its fixed costs per row and per tile of rows outweigh BLAS's). Since its last
+#: sweep of two columns and its prefetch without a division per line (2026-11-30; pass 2
+#: on both threads, best of 4, three alternations, collapsed and far): at D = 512 and
+#: 500,000 rows it took 0.124-0.127 s against BLAS's 0.146-0.154 s at 32 columns (far
+#: 0.190-0.195 against 0.206-0.214), 0.124 against 0.152-0.157 at 40 (0.226-0.238 against
+#: 0.244-0.251), 0.135-0.138 against 0.160-0.163 at 48 (0.246-0.252 against 0.261-0.268)
+#: and 0.164-0.178 against 0.177-0.180 at 64 (0.298-0.317 against 0.286-0.301); at
+#: D = 2048 and 100,000 rows as long as BLAS at 40 and 48 columns collapsed, 0.165-0.179
+#: against 0.186-0.194 far at 48.
+NARROW_COLUMNS = 48
 NARROW_MIN_FEATURES = 512
 
 
