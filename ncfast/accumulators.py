@@ -209,30 +209,31 @@ def _arrays_equal(a, b):
     return a.shape == b.shape and np.array_equal(a, b)
 
 
-#: Most columns ``C' + C_w`` (means, classifier rows), and fewest features D, for which
-#: pass 2 on the "classes" route multiplies without BLAS (``ncfast.kernels.narrow``); other
-#: shapes go to BLAS. Measured (one thread, both kernels on the same rows in turn, 60-100
-#: rounds, median ratio of CPU times at spreads 0.5 and 4, ``bench.data``): at D = 512 the
-#: narrow kernel took 0.84-0.97 of BLAS's time at 10-20 columns, 0.86-1.04 at 24,
-#: 0.94-1.07 at 32, 0.91-1.08 at 40 and 1.02-1.04 at 48-64; at 10-20 columns it took
-#: 0.74-0.89 at D = 4096, 0.94-1.03 at D = 256, 1.02-1.23 at D = 128 and 1.25-1.33 at
-#: D = 64 (its fixed costs per row and per tile of rows outweigh BLAS's). Since its last
-#: sweep of two columns and its prefetch without a division per line (2026-11-30; pass 2
-#: on both threads, best of 4, three alternations, collapsed and far): at D = 512 and
-#: 500,000 rows it took 0.124-0.127 s against BLAS's 0.146-0.154 s at 32 columns (far
-#: 0.190-0.195 against 0.206-0.214), 0.124 against 0.152-0.157 at 40 (0.226-0.238 against
-#: 0.244-0.251), 0.135-0.138 against 0.160-0.163 at 48 (0.246-0.252 against 0.261-0.268)
-#: and 0.164-0.178 against 0.177-0.180 at 64 (0.298-0.317 against 0.286-0.301); at
-#: D = 2048 and 100,000 rows as long as BLAS at 40 and 48 columns collapsed, 0.165-0.179
-#: against 0.186-0.194 far at 48.
-NARROW_COLUMNS = 48
-NARROW_MIN_FEATURES = 512
+#: ``(fewest features D, most columns C' + C_w)`` (means, classifier rows): pass 2 on the
+#: "classes" route multiplies without BLAS (``ncfast.kernels.narrow``) when one of the
+#: pairs admits its shape; other shapes go to BLAS. Measured (2026-11-30; pass 2 on both
+#: threads, ``bench.data`` rows, best of 4 in three alternations; collapsed, then far from
+#: collapse in parentheses), narrow against BLAS: at D = 512 and 500,000 rows 0.124-0.127
+#: s against 0.146-0.154 s at 32 columns (0.190-0.195 against 0.206-0.214), 0.124 against
+#: 0.152-0.157 at 40 (0.226-0.238 against 0.244-0.251), 0.135-0.138 against 0.160-0.163 at
+#: 48 (0.246-0.252 against 0.261-0.268), 0.164-0.178 against 0.177-0.180 at 64
+#: (0.298-0.317 against 0.286-0.301); at D = 2048 and 100,000 rows as long as BLAS at 40
+#: and 48 columns collapsed, 0.165-0.179 against 0.186-0.194 far at 48. With 1,000,000
+#: rows of fewer features, at 20 columns: D = 256 0.107-0.109 against 0.140-0.146
+#: (0.168-0.171 against 0.204-0.206), D = 128 0.070-0.073 against 0.076-0.078
+#: (0.110-0.115 against 0.119-0.123), D = 64 0.056-0.058 against 0.042 (0.096-0.099
+#: against 0.075: the kernel's fixed costs per row and per tile outweigh BLAS's); at
+#: D = 256, 32 columns 0.131-0.142 against 0.142-0.147 (0.233-0.240 against
+#: 0.219-0.231) and 48 columns 0.179-0.180 against 0.170-0.174 (0.313-0.323 against
+#: 0.266-0.282).
+NARROW_LIMITS = ((512, 48), (128, 20))
 
 
 def runs_narrow_kernel(route):
     """Whether pass 2 of a ``ClassesRoute`` runs ``ncfast.kernels.narrow`` rather than BLAS."""
     num_columns = route.present_classes.shape[0] + route.weights_t.shape[1]
-    return num_columns <= NARROW_COLUMNS and route.means.shape[1] >= NARROW_MIN_FEATURES
+    return any(route.means.shape[1] >= fewest_features and num_columns <= most_columns
+               for fewest_features, most_columns in NARROW_LIMITS)
 
 
 def _eigen_coordinate_squares(features, labels, label_rows, means, basis, out_sq_norms,

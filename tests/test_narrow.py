@@ -23,15 +23,12 @@ from test_properties import numba_threads
 #: The adversarial cases on the "classes" route (C' <= D), where the two kernels differ.
 CLASSES_ROUTE_CASES = [name for name in ADVERSARIAL if "classes_exceed_features" not in name]
 
-#: ``NARROW_COLUMNS`` and ``NARROW_MIN_FEATURES`` that send every "classes" route pass 2
-#: to each kernel.
-KERNEL_LIMITS = {"narrow": (1 << 30, 0), "blas": (-1, 0)}
+#: ``NARROW_LIMITS`` that send every "classes" route pass 2 to each kernel.
+KERNEL_LIMITS = {"narrow": ((0, 1 << 30),), "blas": ()}
 
 
 def use_kernel(monkeypatch, kernel):
-    columns, features = KERNEL_LIMITS[kernel]
-    monkeypatch.setattr(accumulators, "NARROW_COLUMNS", columns)
-    monkeypatch.setattr(accumulators, "NARROW_MIN_FEATURES", features)
+    monkeypatch.setattr(accumulators, "NARROW_LIMITS", KERNEL_LIMITS[kernel])
 
 
 @pytest.fixture(params=list(KERNEL_LIMITS))
@@ -114,10 +111,19 @@ def test_rows_on_both_sides_of_the_radii_and_wide_rows(monkeypatch, assert_same_
     assert 0.5 < reports["narrow"].ncc_accuracy < 1.0  # both outcomes occur
 
 
-@pytest.mark.parametrize("num_classes, num_features, kernel", [
-    (accumulators.NARROW_COLUMNS // 2, accumulators.NARROW_MIN_FEATURES, "narrow_chunk"),
-    (accumulators.NARROW_COLUMNS // 2 + 1, accumulators.NARROW_MIN_FEATURES, "residual_chunk"),
-    (accumulators.NARROW_COLUMNS // 2, accumulators.NARROW_MIN_FEATURES - 1, "residual_chunk")])
+def _default_kernel_cases():
+    """For each default ``(fewest features, most columns)``: the most classes with a
+    classifier it admits (narrow), one class more and one feature fewer (BLAS: no other
+    default pair admits them)."""
+    cases = []
+    for features, columns in accumulators.NARROW_LIMITS:
+        cases += [(columns // 2, features, "narrow_chunk"),
+                  (columns // 2 + 1, features, "residual_chunk"),
+                  (columns // 2, features - 1, "residual_chunk")]
+    return cases
+
+
+@pytest.mark.parametrize("num_classes, num_features, kernel", _default_kernel_cases())
 def test_the_default_sends_few_columns_of_wide_rows_to_the_narrow_kernel(
         monkeypatch, num_classes, num_features, kernel):
     calls = []
