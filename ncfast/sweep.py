@@ -218,10 +218,29 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
     starts = range(0, num_means, tile)
     tasks = [(row, col) for row in starts for col in starts if col >= row]
 
-    def weight_block(classes):
+    def gathered_weights(classes):
         """The classifier rows of the classes in slice ``classes`` (a copy with
         ``weight_rows``, else a view)."""
         return weights[classes] if weight_rows is None else weights[weight_rows[classes]]
+
+    # With a classifier and no Gram, every tile multiplies all four blocks: ``stacked``
+    # holds ``[M~_I; W_I]`` for each tile I in turn, so that a tile is one GEMM of two
+    # contiguous slices (at D = 4096 and 512 classes a side, one thread: 107 ms against
+    # 120-125 ms for four GEMMs of one block each), at the cost of one copy of M~ and W.
+    stacked = None
+    if weights is not None and gram is None:
+        stacked = xp.empty((2 * num_means, num_features))
+        for start in starts:
+            stop = min(start + tile, num_means)
+            stacked[2 * start:start + stop] = centred[start:stop]
+            stacked[start + stop:2 * stop] = gathered_weights(slice(start, stop))
+
+    def weight_block(classes):
+        """The classifier rows of the tile of classes in slice ``classes``: a view of
+        ``stacked`` when it holds them (gathered once), else ``gathered_weights``."""
+        if stacked is not None:
+            return stacked[classes.start + classes.stop:2 * classes.stop]
+        return gathered_weights(classes)
 
     weight_norms, weight_mean_dots, etf_scale_w = xp.zeros(0), xp.zeros(0), 0.0
     finds_logits = global_logits is not None
@@ -247,18 +266,6 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
     if keep_classifier_products and weights is not None:
         mean_weight_products = xp.empty((num_means, num_means))
         weight_gram = xp.empty((num_means, num_means))
-
-    # With a classifier and no Gram, every tile multiplies all four blocks: ``stacked``
-    # holds ``[M~_I; W_I]`` for each tile I in turn, so that a tile is one GEMM of two
-    # contiguous slices (at D = 4096 and 512 classes a side, one thread: 107 ms against
-    # 120-125 ms for four GEMMs of one block each), at the cost of one copy of M~ and W.
-    stacked = None
-    if weights is not None and gram is None:
-        stacked = xp.empty((2 * num_means, num_features))
-        for start in starts:
-            stop = min(start + tile, num_means)
-            stacked[2 * start:start + stop] = centred[start:stop]
-            stacked[start + stop:2 * stop] = weight_block(slice(start, stop))
 
     def tile_dots(rows, cols):
         """The tile's dot products: ``[[M~M~, M~W], [WM~, WW]]`` (or ``M~M~`` alone).
