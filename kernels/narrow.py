@@ -3,8 +3,8 @@
 With few means (C') and classifier rows (C_w), pass 2 multiplies each
 residual by only ``C' + C_w`` columns, and BLAS, whose kernels are built for
 wide products, runs products this narrow slower than this compiled loop
-(docs/algorithm.md, pass 2). Here each worker
-thread takes a task of rows and streams it in blocks of ``BLOCK_ROWS`` rows:
+(docs/algorithm.md, pass 2). Here each worker thread takes a task of rows
+and streams it in blocks of ``BLOCK_ROWS`` rows:
 their residuals (``ncfast.kernels.cpu.block_residuals``) stay in the core's
 L1 cache, a compiled product multiplies them by the columns two rows and
 four columns at a time while the next tile's rows are prefetched
