@@ -20,8 +20,8 @@ import numpy as np
 from numba import njit
 
 from ncfast.kernels.cpu import (
-    FASTMATH, NO_ROW, block_residuals, count_rows_beyond, epilogue,
-    gather_rows_beyond, run_pass2_tasks, task_rows, thread_buffer)
+    FASTMATH, NO_ROW, block_residuals, cheap_task_rows, count_rows_beyond, epilogue,
+    gather_rows_beyond, run_pass2_tasks, thread_buffer)
 from ncfast.kernels.prefetch import lines_per_share, prefetch_lines
 
 #: Rows whose float32 residuals are multiplied together (``block_products``): they stay
@@ -271,8 +271,8 @@ def narrow_blocks(features, labels, corrupted, route, columns, buffers, out_sq_n
 def narrow_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_threads):
     """Pass 2 of one chunk on the "classes" route for few columns, on worker threads.
 
-    As ``ncfast.kernels.cpu.residual_chunk`` (same tasks of rows, same
-    parameters and returns), with ``narrow_blocks`` in place of BLAS blocks.
+    As ``ncfast.kernels.cpu.residual_chunk`` (same parameters and returns), with
+    ``narrow_blocks`` in place of BLAS blocks, in tasks of ``cheap_task_rows(D)`` rows.
     """
     num_rows, num_features = features.shape
     num_means = route.present_classes.shape[0]
@@ -290,4 +290,5 @@ def narrow_chunk(features, labels, corrupted, route, sums, out_sq_norms, num_thr
                              corrupted[first:last] if corrupted.shape[0] else corrupted,
                              route, columns, buffers, out_sq_norms[first:last], partial)
 
-    return run_pass2_tasks(run_rows, num_rows, task_rows(num_features), sums, num_threads)
+    return run_pass2_tasks(run_rows, num_rows, cheap_task_rows(num_features), sums,
+                           num_threads)

@@ -238,6 +238,15 @@ def assert_same_report():
 
 
 @pytest.fixture
+def short_cheap_tasks(monkeypatch):
+    """Tasks of pass 1 in row order and of the narrow kernel as short as pass 2's BLAS
+    tasks (``cpu.task_rows``), so that test-sized cases span several of them."""
+    from ncfast.kernels import cpu
+    monkeypatch.setattr(cpu, "CHEAP_TASK_BYTES", 0)
+    return cpu
+
+
+@pytest.fixture
 def fail_instead_of_hanging():
     """Turn a call blocked for 10 s (opening a named pipe) into a failure."""
     def interrupt(*_):

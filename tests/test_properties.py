@@ -332,13 +332,13 @@ def test_accumulators_do_not_depend_on_thread_count(parameters):
 
 
 @pytest.mark.parametrize("num_classes", [2, 3000])
-def test_pass_one_is_bitwise_the_same_on_any_thread_count(num_classes):
+def test_pass_one_is_bitwise_the_same_on_any_thread_count(num_classes, short_cheap_tasks):
     """Pass 1 sums each class's rows in row order within fixed tasks of sorted rows (a
     class spans several tasks with 2 classes; most classes have one row with 3000),
     whichever thread ran them; with clean labels too."""
     case = with_label_noise(gaussian_classes(num_rows=40_000, num_features=32,
                                              num_classes=num_classes, spread=0.3))
-    assert len(case["features"]) > 4 * cpu.task_rows(32)
+    assert len(case["features"]) > 4 * cpu.pass1_task_rows(32, num_classes)
     states = []
     for count in (1, 2):
         with numba_threads(count):
@@ -355,6 +355,26 @@ def test_pass_one_is_bitwise_the_same_on_any_thread_count(num_classes):
                                    rtol=1e-12, atol=1e-12)
         assert states[0].clean_counts[c] == kept.sum()
     np.testing.assert_array_equal(states[0].counts, np.bincount(labels, minlength=num_classes))
+
+
+@pytest.mark.parametrize("num_features", [8, 24, 512, 768, 2048, 4096, 10_000])
+def test_tasks_of_cheap_rows_hold_about_their_bytes(num_features):
+    """Pass 1 in row order and the narrow kernel take tasks of whole pass-2 tasks, about
+    ``CHEAP_TASK_BYTES`` of float32 features (one pass-2 task where that is larger)."""
+    rows, cheap = cpu.task_rows(num_features), cpu.cheap_task_rows(num_features)
+    assert cheap % rows == 0
+    task_bytes = 4 * num_features * cheap
+    assert task_bytes <= max(cpu.CHEAP_TASK_BYTES, 4 * num_features * rows)
+    assert task_bytes > cpu.CHEAP_TASK_BYTES - 4 * num_features * rows
+    # Few classes: the least multiple of it that holds TASK_CLASS_ROWS rows a class.
+    for few in {2, 10, min(cheap // cpu.TASK_CLASS_ROWS + 1, rows // cpu.PIECE_MIN_ROWS),
+                rows // cpu.PIECE_MIN_ROWS}:
+        task = cpu.pass1_task_rows(num_features, few)
+        assert task % cheap == 0
+        assert task >= few * cpu.TASK_CLASS_ROWS > task - cheap
+    # Many classes: the rows of one pass-2 task (sorted by class).
+    many = rows // cpu.PIECE_MIN_ROWS + 1
+    assert cpu.pass1_task_rows(num_features, many) == rows
 
 
 @given(keys=arrays(np.int64, st.integers(0, 300), elements=st.integers(0, 9)),
