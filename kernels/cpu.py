@@ -155,6 +155,34 @@ def first_bad_label(labels, clean_labels, num_classes):
 
 
 @njit(nogil=True, cache=True)
+def largest_label(labels):
+    """The largest label and its first row, in one read without temporaries.
+
+    Parameters
+    ----------
+    labels : int64 array of shape (n,)
+
+    Returns
+    -------
+    label, row : int
+        (-1, 0) when no label is at least 0.
+    """
+    largest, row = -1, 0
+    for i in range(labels.shape[0]):
+        if labels[i] > largest:
+            largest, row = labels[i], i
+    return largest, row
+
+
+@njit(nogil=True, cache=True)
+def mark_labels(labels, seen):
+    """``seen[label] = True`` for every label at least 0 (``seen`` longer than the largest)."""
+    for i in range(labels.shape[0]):
+        if labels[i] >= 0:
+            seen[labels[i]] = True
+
+
+@njit(nogil=True, cache=True)
 def first_non_finite_row(features):
     """First row holding a NaN or an infinity, or ``NO_ROW``."""
     for i in range(features.shape[0]):
