@@ -377,8 +377,8 @@ class ArraySource:
     def label_summary(self):
         """The largest label (and clean label), its first row, and how many classes have rows.
 
-        Read in blocks by compiled loops (1e6 labels, just streamed past by a
-        pass: 15 ms with numpy's masks and copies, against about 2 ms): the
+        Read in blocks by compiled loops (1e6 labels out of cache: 6.6 ms,
+        against 9.8 ms with numpy's max, argmax, mask and copy): the
         classes with rows are counted in memory O(number of rows), never
         O(largest label), so that one stray huge label cannot allocate
         per-class arrays of its size.
