@@ -357,6 +357,46 @@ def test_pass_one_is_bitwise_the_same_on_any_thread_count(num_classes, short_che
     np.testing.assert_array_equal(states[0].counts, np.bincount(labels, minlength=num_classes))
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("num_classes", [3, 3000], ids=["rows-in-order", "rows-by-class"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pass_one_names_the_first_non_finite_row_among_many_tasks(short_cheap_tasks, dtype,
+                                                                  num_classes, seed):
+    """Pass 1 finds NaN and Inf in float32 rows from their pieces' sums, in float64 rows from
+    each row's total: either way the error names the first bad row, wherever the bad values
+    fall among the tasks, and nothing is added."""
+    rng = np.random.default_rng(seed)
+    case = gaussian_classes(num_rows=40_000, num_features=8, num_classes=num_classes, seed=seed)
+    assert len(case["labels"]) > 3 * cpu.pass1_task_rows(8, num_classes)
+    features = case["features"].astype(dtype)
+    bad_rows = rng.choice(len(features), size=rng.integers(1, 4), replace=False)
+    for row, value in zip(bad_rows, rng.choice([np.nan, np.inf, -np.inf], bad_rows.size)):
+        features[row, rng.integers(8)] = value
+    sums = ncfast.ClassSums(num_classes, 8)
+    with pytest.raises(ValueError, match=f"features row {bad_rows.min()} contains"):
+        sums.update(features, case["labels"])
+    assert sums == ncfast.ClassSums(num_classes, 8)
+
+
+def test_pass_one_finds_an_inf_and_a_minus_inf_whose_sum_is_nan(short_cheap_tasks):
+    """Two float32 rows of one class whose +Inf and -Inf meet in one column of a sum."""
+    case = gaussian_classes(num_rows=600, num_features=8, num_classes=3, seed=1)
+    first, second = np.flatnonzero(case["labels"] == 1)[[3, 4]]
+    features = case["features"].copy()
+    features[first, 2], features[second, 2] = np.inf, -np.inf
+    with pytest.raises(ValueError, match=f"features row {first} contains Inf"):
+        ncfast.ClassSums(3, 8).update(features, case["labels"])
+
+
+def test_pass_one_refuses_a_float64_row_whose_total_overflows():
+    """Finite float64 values can overflow a float64 sum, so such rows are checked one by one."""
+    case = gaussian_classes(num_rows=600, num_features=8, num_classes=3, seed=1)
+    features = case["features"].astype(np.float64)
+    features[7, :2] = np.finfo(np.float64).max
+    with pytest.raises(ValueError, match="features row 7 holds values too large"):
+        ncfast.ClassSums(3, 8).update(features, case["labels"])
+
+
 @pytest.mark.parametrize("num_features", [8, 24, 512, 768, 2048, 4096, 10_000])
 def test_tasks_of_cheap_rows_hold_about_their_bytes(num_features):
     """Pass 1 in row order and the narrow kernel take tasks of whole pass-2 tasks, about
