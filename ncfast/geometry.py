@@ -429,6 +429,12 @@ class Geometry:
         if sums.ndim != 2:
             raise ValueError(f"sums must be 2-D (n_classes, n_features); found shape {sums.shape}")
         counts = _checked_counts(counts, sums.shape[0])
+        overflowed = np.flatnonzero((counts > 0) & ~np.isfinite(sums).all(axis=1))
+        if overflowed.size:
+            raise ValueError(
+                f"the float64 sum of the rows of class {overflowed[0]} is not finite: pass 1 "
+                "refuses rows with NaN or Inf, so finite features added up past float64's "
+                f"{np.finfo(np.float64).max:.3g}; rescale the features")
         with np.errstate(invalid="ignore", divide="ignore"):
             means = sums / counts[:, None]
         means[counts == 0] = np.nan

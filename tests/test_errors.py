@@ -171,6 +171,16 @@ def test_pass_one_names_the_first_bad_row_of_either_kind(num_classes, nan_row, l
         ncfast.ClassSums(num_classes, 8).update(features, labels)
 
 
+def test_float64_rows_whose_sum_overflows_are_refused_by_class():
+    """Two finite float64 rows of class 1 whose sum is past float64's range, each row's total
+    finite: the error names the class and the fix, not the means' Inf."""
+    case = gaussian_classes(num_rows=600, num_features=8, num_classes=3, seed=1)
+    features = case["features"].astype(np.float64)
+    features[np.flatnonzero(case["labels"] == 1)[:2], 3] = 1e308
+    with pytest.raises(ValueError, match="sum of the rows of class 1 is not finite.*rescale"):
+        ncfast.collapse(features, case["labels"])
+
+
 def test_non_finite_torch_row_names_the_row(case):
     features = torch.from_numpy(with_bad_value(case["features"], [6], np.nan))
     with pytest.raises(ValueError, match="features row 6 contains NaN"):
