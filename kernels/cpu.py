@@ -186,10 +186,18 @@ def mark_labels(labels, seen):
 def first_non_finite_row(features):
     """First row holding a NaN or an infinity, or ``NO_ROW``."""
     for i in range(features.shape[0]):
-        for j in range(features.shape[1]):
-            if not finite(np.float64(features[i, j])):
-                return i
+        if not row_finite(features, i):
+            return i
     return NO_ROW
+
+
+@njit(nogil=True, cache=True, inline="always")
+def row_finite(features, row):
+    """Whether every value of ``features[row]`` is finite."""
+    for j in range(features.shape[1]):
+        if not finite(np.float64(features[row, j])):
+            return False
+    return True
 
 
 #: Pass 1 reads a task's rows in their own order when the classes have on average at
@@ -430,12 +438,9 @@ def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, chec
         return bad_value
     for k in range(first, last):
         i = k if in_row_order else pieces.order[k]
-        for j in range(num_features):
-            if not finite(np.float64(features[i, j])):
-                bad_value = min(bad_value, i)
-                break
+        if not row_finite(features, i):
+            bad_value = min(bad_value, i)
     return bad_value
-
 
 
 @njit(nogil=True, cache=True)
