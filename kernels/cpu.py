@@ -34,7 +34,7 @@ from numba import njit
 from threadpoolctl import ThreadpoolController
 
 from ncfast.kernels.blas import sgemm
-from ncfast.kernels.prefetch import prefetch_lines
+from ncfast.kernels.prefetch import HEAD_PREFETCH_AHEAD, prefetch_row_head
 
 # Fast-math without nnan/ninf, so that the finiteness checks below still work.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -207,17 +207,6 @@ def row_finite(features, row):
 #: once per chunk, not once per task. (Rows read out of order cost 2.3x the time of one
 #: read at D = 512 and 10 classes, measured.)
 PIECE_MIN_ROWS = 8
-
-#: Reading rows sorted by class, pass 1 prefetches the first ``SORTED_PREFETCH_LINES``
-#: cache lines of the row ``SORTED_PREFETCH_AHEAD`` places ahead: each row starts where
-#: the hardware prefetcher cannot guess, and with its head on the way the prefetcher
-#: streams the rest. A chunk of 1000 classes on two threads (best of four), with against
-#: without: D = 128 0.0049-0.0059 against 0.0073-0.0090 s, D = 512 0.019-0.020 against
-#: 0.025-0.026 s, D = 768 0.017-0.018 against 0.024-0.025 s, D = 2048 0.017-0.018 against
-#: 0.019-0.020 s; D = 4096 (4000 classes) 0.027 against 0.027-0.028 s. Whole rows
-#: prefetched took 5-7% longer at D = 4096.
-SORTED_PREFETCH_AHEAD = 2
-SORTED_PREFETCH_LINES = 8
 
 #: With few classes, pass 1's tasks hold at least this many rows per class (whole
 #: pass-2 tasks), so that adding each task's per-class sums costs little beside the read.
@@ -432,9 +421,8 @@ def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, chec
         else:
             i = pieces.order[k]
             piece = pieces.row_pieces[k]
-            if k + SORTED_PREFETCH_AHEAD < num_rows:
-                ahead = pieces.order[k + SORTED_PREFETCH_AHEAD]
-                prefetch_lines(features[ahead:ahead + 1], 0, 0, SORTED_PREFETCH_LINES)
+            if k + HEAD_PREFETCH_AHEAD < num_rows:
+                prefetch_row_head(features, pieces.order[k + HEAD_PREFETCH_AHEAD])
         if check_each_row:
             row_total = 0.0
             for j in range(num_features):

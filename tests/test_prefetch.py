@@ -44,6 +44,17 @@ def test_shares_walk_every_line_once_in_row_order(num_rows, num_columns, dtype, 
     assert _prefetch_in_shares(array, parts) == expected
 
 
+@pytest.mark.parametrize("num_columns", [0, 1, 16, 127, 128, 129, 4096])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_row_head_is_its_first_lines_or_the_whole_row(num_columns, dtype):
+    """Pass 1 reading rows out of order prefetches the head of each row, in that row only."""
+    array = np.zeros((5, num_columns), dtype)
+    lines = _line_starts(array[3:4])
+    expected = (0, lines[prefetch.HEAD_PREFETCH_LINES][1]) \
+        if len(lines) > prefetch.HEAD_PREFETCH_LINES else (1, 0)
+    assert prefetch.prefetch_row_head(array, 3) == expected
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
 @pytest.mark.parametrize("shape", [(0, 7), (7, 0), (1, 1), (13, 33), (64, 512)])
 def test_prefetching_rows_changes_nothing(dtype, shape):
