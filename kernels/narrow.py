@@ -6,7 +6,7 @@ wide products, runs products this narrow slower than this compiled loop
 (docs/algorithm.md, pass 2). Here each worker thread takes a task of rows
 and streams it in blocks of ``BLOCK_ROWS`` rows:
 their residuals (``ncfast.kernels.cpu.block_residuals``) stay in the core's
-L1 cache, a compiled product multiplies them by the columns two rows and
+L1 cache, a compiled product multiplies them by the columns four rows and
 four columns at a time while the next tile's rows are prefetched
 (``ncfast.kernels.prefetch``), and the block goes on through the classes route's
 own far-row gathers and epilogue. Every row is multiplied by the same code
@@ -25,37 +25,48 @@ from ncfast.kernels.cpu import (
 from ncfast.kernels.prefetch import lines_per_share, prefetch_lines
 
 #: Rows whose float32 residuals are multiplied together (``block_products``): they stay
-#: in L1 (2 KiB a row at D = 512) while the columns are swept. Even: rows go in pairs.
+#: in L1 (2 KiB a row at D = 512) while the columns are swept. A multiple of ``ROW_GROUP``.
 TILE_ROWS = 8
 
 #: Rows per call of the epilogue (a multiple of ``TILE_ROWS``): the far-row gathers and
 #: the epilogue's scratch arrays are set up once per block, not per tile.
 BLOCK_ROWS = 64
 
-#: Columns multiplied in one sweep over a pair of rows; the last sweep may take
-#: ``COLUMN_PAIR`` columns (the columns are padded to a multiple of it). Ten means are
-#: then two sweeps of four and one of two, not three of four: 62,500 tiles of 8 rows of
-#: 512 took 0.084-0.088 s on one thread against 0.100-0.102 s.
+#: Rows and columns multiplied in one sweep along D: 16 dot products. Four rows, against
+#: two, took 0.048 against 0.062 s for 62,500 tiles of 8 rows of 512 by 10 columns on one
+#: thread with the rows in cache, and 0.096 against 0.120 s by 20 columns; compiled for a
+#: core without AVX-512 (``NUMBA_CPU_NAME=haswell``: 16 vector registers, not 32) 0.049
+#: against 0.063-0.067 s and 0.084 against 0.109-0.113 s. Prefetching the next tile from
+#: memory meanwhile, 0.117 against 0.141-0.150 s by 20 columns, but only when the
+#: prefetches go out in two shares a sweep (before it and after it): in one, their bursts
+#: made pass 2 of 500,000 rows on one thread 7-9% slower collapsed. Pass 2 of 1e6 × 512 × 10 on two
+#: threads (three alternations, medians): 0.270-0.276 against 0.283-0.316 s far from
+#: collapse, 0.226-0.238 against 0.222-0.227 s collapsed; 1e6 × 256 × 10 far 0.160-0.171
+#: against 0.173-0.184 s. The last sweep may take ``COLUMN_PAIR`` columns (the columns
+#: are padded to a multiple of it): ten means are then two sweeps of four and one of two,
+#: not three of four (0.084-0.088 s against 0.100-0.102 s with two rows a sweep).
+ROW_GROUP = 4
 COLUMN_GROUP = 4
 COLUMN_PAIR = 2
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def block_products(rows, columns, out, upcoming):
-    """``out = rows @ columns.T`` in float32, two rows and ``COLUMN_GROUP`` columns at a time.
+    """``out = rows @ columns.T`` in float32, ``ROW_GROUP`` rows and ``COLUMN_GROUP`` columns
+    at a time.
 
-    Each group's eight dot products share their loads of the two rows and
+    Each sweep's 16 dot products share their loads of the four rows and
     four columns and vectorize along D, so the product is bound by the
-    core's multiply-adds, not its loads; a last group of ``COLUMN_PAIR``
+    core's multiply-adds, not its loads; a last sweep of ``COLUMN_PAIR``
     columns takes what is left. Every row is computed by the same
-    instructions, in either place of a pair. Meanwhile the rows the caller
-    reads next are prefetched, a share per pair of rows and group of columns.
+    instructions, in any place of its group. Meanwhile the rows the caller
+    reads next are prefetched, a share before and after each sweep.
     The two sweeps are written out: as inlined helpers taking one row or
     column each (1-D views), the same products took 1.4-1.6× the time.
 
     Parameters
     ----------
-    rows : float32 array of shape (b, D), b even
+    rows : float32 array of shape (b, D), b a multiple of ``ROW_GROUP``
     columns : float32 array of shape (k, D), k a multiple of ``COLUMN_PAIR``
     out : float32 array of shape (b, k), written
     upcoming : 2-D array
@@ -64,15 +75,20 @@ def block_products(rows, columns, out, upcoming):
     num_rows, length = rows.shape
     num_columns = columns.shape[0]
     whole_groups = num_columns - num_columns % COLUMN_GROUP
-    per_step = lines_per_share(upcoming, -(-num_columns // COLUMN_GROUP) * (num_rows // 2))
+    # Two shares of prefetches per sweep, one before and one after it.
+    per_step = lines_per_share(upcoming, -(-num_columns // COLUMN_GROUP)
+                               * (num_rows // ROW_GROUP) * 2)
     line_row = line_column = 0
     for k in range(0, whole_groups, COLUMN_GROUP):
-        for i in range(0, num_rows, 2):
+        for i in range(0, num_rows, ROW_GROUP):
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
             first0 = first1 = first2 = first3 = np.float32(0.0)
             second0 = second1 = second2 = second3 = np.float32(0.0)
+            third0 = third1 = third2 = third3 = np.float32(0.0)
+            fourth0 = fourth1 = fourth2 = fourth3 = np.float32(0.0)
             for j in range(length):
                 first, second = rows[i, j], rows[i + 1, j]
+                third, fourth = rows[i + 2, j], rows[i + 3, j]
                 column0, column1 = columns[k, j], columns[k + 1, j]
                 column2, column3 = columns[k + 2, j], columns[k + 3, j]
                 first0 += first * column0
@@ -83,25 +99,46 @@ def block_products(rows, columns, out, upcoming):
                 second1 += second * column1
                 second2 += second * column2
                 second3 += second * column3
+                third0 += third * column0
+                third1 += third * column1
+                third2 += third * column2
+                third3 += third * column3
+                fourth0 += fourth * column0
+                fourth1 += fourth * column1
+                fourth2 += fourth * column2
+                fourth3 += fourth * column3
             out[i, k], out[i, k + 1], out[i, k + 2], out[i, k + 3] = (
                 first0, first1, first2, first3)
             out[i + 1, k], out[i + 1, k + 1], out[i + 1, k + 2], out[i + 1, k + 3] = (
                 second0, second1, second2, second3)
+            out[i + 2, k], out[i + 2, k + 1], out[i + 2, k + 2], out[i + 2, k + 3] = (
+                third0, third1, third2, third3)
+            out[i + 3, k], out[i + 3, k + 1], out[i + 3, k + 2], out[i + 3, k + 3] = (
+                fourth0, fourth1, fourth2, fourth3)
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
     k = whole_groups
     if k < num_columns:
-        for i in range(0, num_rows, 2):
+        for i in range(0, num_rows, ROW_GROUP):
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
-            first0 = first1 = np.float32(0.0)
-            second0 = second1 = np.float32(0.0)
+            first0 = first1 = second0 = second1 = np.float32(0.0)
+            third0 = third1 = fourth0 = fourth1 = np.float32(0.0)
             for j in range(length):
                 first, second = rows[i, j], rows[i + 1, j]
+                third, fourth = rows[i + 2, j], rows[i + 3, j]
                 column0, column1 = columns[k, j], columns[k + 1, j]
                 first0 += first * column0
                 first1 += first * column1
                 second0 += second * column0
                 second1 += second * column1
+                third0 += third * column0
+                third1 += third * column1
+                fourth0 += fourth * column0
+                fourth1 += fourth * column1
             out[i, k], out[i, k + 1], out[i + 1, k], out[i + 1, k + 1] = (
                 first0, first1, second0, second1)
+            out[i + 2, k], out[i + 2, k + 1], out[i + 3, k], out[i + 3, k + 1] = (
+                third0, third1, fourth0, fourth1)
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
 
 
 def padded_columns(route):

@@ -141,10 +141,10 @@ def test_the_default_sends_few_columns_of_wide_rows_to_the_narrow_kernel(
 @pytest.mark.parametrize("num_columns", [
     narrow.COLUMN_PAIR, 2 * narrow.COLUMN_GROUP + narrow.COLUMN_PAIR, 3 * narrow.COLUMN_GROUP])
 @pytest.mark.parametrize("length", [1, 8, 37, 512])
-def test_block_products_are_float32_products_and_the_same_in_either_place_of_a_pair(
+def test_block_products_are_float32_products_and_the_same_in_any_place_of_a_group(
         length, num_columns):
-    """Whole groups of columns and a last pair; the rows of a pair swapped give the same
-    products."""
+    """Whole groups of columns and a last pair; each row moved to the next place of its
+    group of ``ROW_GROUP`` (or the next group) gives the same products."""
     rng = np.random.default_rng(length)
     rows = rng.standard_normal((narrow.TILE_ROWS, length)).astype(np.float32)
     columns = rng.standard_normal((num_columns, length)).astype(np.float32)
