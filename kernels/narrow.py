@@ -39,12 +39,13 @@ BLOCK_ROWS = 64
 #: against 0.063-0.067 s and 0.084 against 0.109-0.113 s. Prefetching the next tile from
 #: memory meanwhile, 0.117 against 0.141-0.150 s by 20 columns, but only when the
 #: prefetches go out in two shares a sweep (before it and after it): in one, their bursts
-#: made pass 2 of 500,000 rows on one thread 7-9% slower collapsed. Pass 2 of 1e6 × 512 × 10 on two
-#: threads (three alternations, medians): 0.270-0.276 against 0.283-0.316 s far from
-#: collapse, 0.226-0.238 against 0.222-0.227 s collapsed; 1e6 × 256 × 10 far 0.160-0.171
-#: against 0.173-0.184 s. The last sweep may take ``COLUMN_PAIR`` columns (the columns
-#: are padded to a multiple of it): ten means are then two sweeps of four and one of two,
-#: not three of four (0.084-0.088 s against 0.100-0.102 s with two rows a sweep).
+#: made pass 2 of 500,000 rows on one thread 7-9% slower collapsed. Pass 2 of
+#: 1e6 × 512 × 10 on two threads (three alternations, medians): 0.270-0.276 against
+#: 0.283-0.316 s far from collapse, 0.226-0.238 against 0.222-0.227 s collapsed;
+#: 1e6 × 256 × 10 far 0.160-0.171 against 0.173-0.184 s. The last sweep may take
+#: ``COLUMN_PAIR`` columns (the columns are padded to a multiple of it): ten means are then
+#: two sweeps of four and one of two, not three of four (0.084-0.088 s against 0.100-0.102
+#: s with two rows a sweep).
 ROW_GROUP = 4
 COLUMN_GROUP = 4
 COLUMN_PAIR = 2

@@ -89,13 +89,13 @@ def prefetch_lines(array, row, column, count):
 
 
 #: Rows read out of order (pass 1's rows sorted by class): the reader prefetches the first
-#: ``HEAD_PREFETCH_LINES`` cache lines of the row it reads ``HEAD_PREFETCH_AHEAD`` rows later. Each such row starts
-#: where the hardware prefetcher cannot guess; with its head on the way, the prefetcher
-#: streams the rest. Pass 1 on a chunk of 1000 classes, two threads (best of four), with
-#: against without: D = 128 0.0049-0.0059 against 0.0073-0.0090 s, D = 512 0.019-0.020
-#: against 0.025-0.026 s, D = 768 0.017-0.018 against 0.024-0.025 s, D = 2048 0.017-0.018
-#: against 0.019-0.020 s; D = 4096 (4000 classes) 0.027 against 0.027-0.028 s. Whole rows
-#: prefetched took 5-7% longer at D = 4096.
+#: ``HEAD_PREFETCH_LINES`` cache lines of the row it reads ``HEAD_PREFETCH_AHEAD`` rows
+#: later. Each such row starts where the hardware prefetcher cannot guess; with its head on
+#: the way, the prefetcher streams the rest. Pass 1 on a chunk of 1000 classes, two threads
+#: (best of four), with against without: D = 128 0.0049-0.0059 against 0.0073-0.0090 s,
+#: D = 512 0.019-0.020 against 0.025-0.026 s, D = 768 0.017-0.018 against 0.024-0.025 s,
+#: D = 2048 0.017-0.018 against 0.019-0.020 s; D = 4096 (4000 classes) 0.027 against
+#: 0.027-0.028 s. Whole rows prefetched took 5-7% longer at D = 4096.
 HEAD_PREFETCH_AHEAD = 2
 HEAD_PREFETCH_LINES = 8
 
