@@ -219,10 +219,11 @@ def pass1_task_rows(num_features, num_classes):
     ``PIECE_MIN_ROWS`` rows per class in such a task, rows read in their own order)
     the multiple of ``cheap_task_rows(D)`` that holds ``TASK_CLASS_ROWS`` rows per
     class. Independent of the thread count."""
-    if num_classes * PIECE_MIN_ROWS > task_rows(num_features):
-        return task_rows(num_features)
-    rows = cheap_task_rows(num_features)
-    return rows * -(-num_classes * TASK_CLASS_ROWS // rows)
+    rows = task_rows(num_features)
+    if num_classes * PIECE_MIN_ROWS > rows:
+        return rows
+    cheap = cheap_task_rows(num_features)
+    return cheap * -(-num_classes * TASK_CLASS_ROWS // cheap)
 
 
 #: Float64 columns of the pieces' scratch rows are padded to whole cache lines, so that
