@@ -205,11 +205,12 @@ def test_sweep_gathers_the_classifier_rows_it_is_given(backend, gram):
                     keep_classifier_products=gram)
     copied = pair_sweep(means, global_mean, weights[weight_rows], global_logits, tile=29,
                         **keywords)
+    copied_metrics = _sweep_metrics(copied)
     for tile in (29, 64, 1000):
         gathered = pair_sweep(means, global_mean, weights, global_logits, tile=tile,
                               weight_rows=weight_rows, **keywords)
         for name, value in _sweep_metrics(gathered).items():
-            np.testing.assert_allclose(value, _sweep_metrics(copied)[name], rtol=1e-12,
+            np.testing.assert_allclose(value, copied_metrics[name], rtol=1e-12,
                                        atol=0, err_msg=f"{name}, tile {tile}")
         for name in ("weight_norms", "weight_mean_dots", "top_logits", "top_classes",
                      "mean_weight_products", "weight_gram"):
