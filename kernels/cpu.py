@@ -213,6 +213,17 @@ PIECE_MIN_ROWS = 8
 #: pass-2 tasks), so that adding each task's per-class sums costs little beside the read.
 TASK_CLASS_ROWS = 64
 
+#: Rows sorted by class: pass 1 adds four rows of one piece in one sweep along D, as
+#: ``(a + b) + (c + d)`` in float64, prefetching the heads of the rows two groups on. Four
+#: rows then stream from memory at once, and the piece's row of sums is read and written
+#: once per four rows. Pass 1 on two threads over every chunk (`1e6 × 768`, 1000
+#: classes: 11 chunks; best of four), four rows a sweep against one: D = 768 0.165-0.173
+#: against 0.201-0.221 s (the read alone 0.091-0.099 s), D = 2048 (1e5 rows) 0.041 against
+#: 0.051-0.054 s, D = 512 0.110 against 0.127 s, D = 4096 (4000 classes) 0.150-0.153
+#: against 0.162-0.172 s. Eight rows a sweep: 0.158, 0.043-0.045, 0.107, 0.152-0.159 s.
+#: (``sum_sorted_groups`` writes the sweep out for four rows.)
+GROUP_ROWS = 4
+
 
 def pass1_task_rows(num_features, num_classes):
     """Rows per pass-1 task: ``task_rows(D)``, or with few classes (at least
@@ -374,11 +385,51 @@ def pieces_finite(piece_sums, pieces, task, num_features):
     return True
 
 
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def sum_sorted_groups(features, labels, clean_labels, pieces, first, last, out_sums,
+                      out_clean_sums):
+    """Add the rows at sorted positions ``[first, last)`` (``pieces.order``) into their
+    pieces' sums, ``GROUP_ROWS`` rows of one piece a sweep (``sum_pieces``'s loop for
+    float32 rows sorted by class; the same parameters)."""
+    num_rows, num_features = features.shape
+    track_clean = clean_labels.shape[0] > 0
+    k = first
+    while k < last:
+        row = pieces.order[k]
+        piece = pieces.row_pieces[k]
+        # A task's pieces are runs of sorted positions: the group is one piece when its
+        # last row is.
+        if k + GROUP_ROWS <= last and pieces.row_pieces[k + GROUP_ROWS - 1] == piece:
+            second, third, fourth = pieces.order[k + 1], pieces.order[k + 2], pieces.order[k + 3]
+            for ahead in range(k + 2 * GROUP_ROWS, min(k + 3 * GROUP_ROWS, num_rows)):
+                prefetch_row_head(features, pieces.order[ahead])
+            for j in range(num_features):
+                out_sums[piece, j] += ((np.float64(features[row, j])
+                                        + np.float64(features[second, j]))
+                                       + (np.float64(features[third, j])
+                                          + np.float64(features[fourth, j])))
+            step = GROUP_ROWS
+        else:
+            if k + HEAD_PREFETCH_AHEAD < num_rows:
+                prefetch_row_head(features, pieces.order[k + HEAD_PREFETCH_AHEAD])
+            for j in range(num_features):
+                out_sums[piece, j] += np.float64(features[row, j])
+            step = 1
+        if track_clean:
+            for position in range(k, k + step):
+                row = pieces.order[position]
+                if clean_labels[row] == labels[row]:
+                    for j in range(num_features):
+                        out_clean_sums[piece, j] += features[row, j]
+        k += step
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, check_each_row,
                out_sums, out_clean_sums):
     """Float64 sums, per piece, of one task's rows (``ChunkPieces``), on one thread; the
-    task's pieces are written whole.
+    task's pieces are written whole. Float32 rows sorted by class are added
+    ``GROUP_ROWS`` of one piece at a time (``sum_sorted_groups``).
 
     NaN and Inf are found from sums. No float64 sum of float32 values
     (at most 3.4e38 each) overflows, so a piece's sum is finite exactly when
@@ -416,29 +467,33 @@ def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, chec
             out_clean_sums[pieces.task_pieces[k], :] = 0.0
     bad_value = NO_ROW
     first, last = task * rows_per_task, min((task + 1) * rows_per_task, num_rows)
-    for k in range(first, last):
-        if in_row_order:
-            i = k
-            piece = pieces.piece_index[labels[k], task]
-        else:
-            i = pieces.order[k]
-            piece = pieces.row_pieces[k]
-            if k + HEAD_PREFETCH_AHEAD < num_rows:
-                prefetch_row_head(features, pieces.order[k + HEAD_PREFETCH_AHEAD])
-        if check_each_row:
-            row_total = 0.0
-            for j in range(num_features):
-                value = np.float64(features[i, j])
-                out_sums[piece, j] += value
-                row_total += value
-            if not finite(row_total):
-                bad_value = min(bad_value, i)
-        else:
-            for j in range(num_features):
-                out_sums[piece, j] += np.float64(features[i, j])
-        if track_clean and clean_labels[i] == labels[i]:
-            for j in range(num_features):
-                out_clean_sums[piece, j] += features[i, j]
+    if in_row_order or check_each_row:
+        for k in range(first, last):
+            if in_row_order:
+                i = k
+                piece = pieces.piece_index[labels[k], task]
+            else:
+                i = pieces.order[k]
+                piece = pieces.row_pieces[k]
+                if k + HEAD_PREFETCH_AHEAD < num_rows:
+                    prefetch_row_head(features, pieces.order[k + HEAD_PREFETCH_AHEAD])
+            if check_each_row:
+                row_total = 0.0
+                for j in range(num_features):
+                    value = np.float64(features[i, j])
+                    out_sums[piece, j] += value
+                    row_total += value
+                if not finite(row_total):
+                    bad_value = min(bad_value, i)
+            else:
+                for j in range(num_features):
+                    out_sums[piece, j] += np.float64(features[i, j])
+            if track_clean and clean_labels[i] == labels[i]:
+                for j in range(num_features):
+                    out_clean_sums[piece, j] += features[i, j]
+    else:
+        sum_sorted_groups(features, labels, clean_labels, pieces, first, last, out_sums,
+                          out_clean_sums)
     if check_each_row or pieces_finite(out_sums, pieces, task, num_features):
         return bad_value
     for k in range(first, last):

@@ -357,6 +357,37 @@ def test_pass_one_is_bitwise_the_same_on_any_thread_count(num_classes, short_che
     np.testing.assert_array_equal(states[0].counts, np.bincount(labels, minlength=num_classes))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_pass_one_adds_every_row_once_when_it_sums_rows_of_a_class_in_groups(monkeypatch, seed):
+    """Rows sorted by class are added ``GROUP_ROWS`` of one class at a time: classes of 0
+    to 3 * GROUP_ROWS + 1 rows in shuffled order, over tasks that cut through them (with
+    clean labels), give every class's float64 sums, clean sums and counts."""
+    monkeypatch.setattr(cpu, "TASK_BYTES", 1)  # tasks of one block (1024 rows)
+    num_classes, num_features = 400, 5
+    assert num_classes * cpu.PIECE_MIN_ROWS > cpu.pass1_task_rows(num_features, num_classes)
+    rng = np.random.default_rng(seed)
+    class_rows = rng.integers(0, 3 * cpu.GROUP_ROWS + 2, num_classes)
+    labels = rng.permutation(np.repeat(np.arange(num_classes), class_rows))
+    assert len(labels) > 2 * cpu.pass1_task_rows(num_features, num_classes)
+    clean_labels = np.where(rng.random(len(labels)) < 0.3, (labels + 1) % num_classes, labels)
+    # Offsets far larger than the spread: rows added in another order or grouping than
+    # the reference's would differ by more than the tolerance only by losing a row.
+    features = (rng.normal(size=(len(labels), num_features))
+                + 1e3 * rng.normal(size=(num_classes, 1))[labels]).astype(np.float32)
+    sums = ncfast.ClassSums(num_classes, num_features, track_clean=True).update(
+        features, labels, clean_labels)
+    wide = features.astype(np.float64)
+    expected = np.zeros((num_classes, num_features))
+    np.add.at(expected, labels, wide)
+    kept = clean_labels == labels
+    expected_clean = np.zeros((num_classes, num_features))
+    np.add.at(expected_clean, labels[kept], wide[kept])
+    np.testing.assert_array_equal(sums.counts, class_rows)
+    np.testing.assert_array_equal(sums.clean_counts, np.bincount(labels[kept], minlength=num_classes))
+    np.testing.assert_allclose(sums.sums, expected, rtol=1e-13, atol=1e-9)
+    np.testing.assert_allclose(sums.clean_sums, expected_clean, rtol=1e-13, atol=1e-9)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("num_classes", [3, 3000], ids=["rows-in-order", "rows-by-class"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
