@@ -216,11 +216,11 @@ TASK_CLASS_ROWS = 64
 #: Rows sorted by class: pass 1 adds four rows of one piece in one sweep along D, as
 #: ``(a + b) + (c + d)`` in float64, prefetching the heads of the rows two groups on. Four
 #: rows then stream from memory at once, and the piece's row of sums is read and written
-#: once per four rows. Pass 1 on two threads over every chunk (`1e6 × 768`, 1000
-#: classes: 11 chunks; best of four), four rows a sweep against one: D = 768 0.165-0.173
-#: against 0.201-0.221 s (the read alone 0.091-0.099 s), D = 2048 (1e5 rows) 0.041 against
-#: 0.051-0.054 s, D = 512 0.110 against 0.127 s, D = 4096 (4000 classes) 0.150-0.153
-#: against 0.162-0.172 s. Eight rows a sweep: 0.158, 0.043-0.045, 0.107, 0.152-0.159 s.
+#: once per four rows. Pass 1 on two threads over every chunk of 1000 classes (best of
+#: four), four rows a sweep against one: 1e6 × 768 0.165-0.173 against 0.201-0.221 s (the
+#: read alone 0.091-0.099 s), 1e5 × 2048 0.041 against 0.051-0.054 s, 1e6 × 512 0.110
+#: against 0.127 s; 1e5 × 4096 in 4000 classes 0.150-0.153 against 0.162-0.172 s. Eight
+#: rows a sweep: 0.158, 0.043-0.045, 0.107 and 0.152-0.159 s.
 #: (``sum_sorted_groups`` writes the sweep out for four rows.)
 GROUP_ROWS = 4
 

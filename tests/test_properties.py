@@ -383,7 +383,8 @@ def test_pass_one_adds_every_row_once_when_it_sums_rows_of_a_class_in_groups(mon
     expected_clean = np.zeros((num_classes, num_features))
     np.add.at(expected_clean, labels[kept], wide[kept])
     np.testing.assert_array_equal(sums.counts, class_rows)
-    np.testing.assert_array_equal(sums.clean_counts, np.bincount(labels[kept], minlength=num_classes))
+    np.testing.assert_array_equal(sums.clean_counts,
+                                  np.bincount(labels[kept], minlength=num_classes))
     np.testing.assert_allclose(sums.sums, expected, rtol=1e-13, atol=1e-9)
     np.testing.assert_allclose(sums.clean_sums, expected_clean, rtol=1e-13, atol=1e-9)
 
