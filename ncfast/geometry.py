@@ -365,12 +365,14 @@ class Geometry:
         return cls._from_own_means(means, counts, global_mean)
 
     @classmethod
-    def _from_own_means(cls, means, counts, global_mean):
+    def _from_own_means(cls, means, counts, global_mean, has_mean=None):
         """``from_means`` of a 2-D float64 array the geometry may keep as it is, and counts
-        already checked (int64, or None)."""
+        already checked (int64, or None); ``has_mean``, whether each row of ``means`` is
+        finite, when the caller has it (a scan of C×D values)."""
         if global_mean not in GLOBAL_MEANS:
             raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
-        has_mean = np.isfinite(means).all(axis=1)
+        if has_mean is None:
+            has_mean = np.isfinite(means).all(axis=1)
         if not has_mean.all():
             missing = np.isnan(means[~has_mean])
             partial = np.flatnonzero(~has_mean)[~missing.all(axis=1) & missing.any(axis=1)]
@@ -429,13 +431,15 @@ class Geometry:
         if sums.ndim != 2:
             raise ValueError(f"sums must be 2-D (n_classes, n_features); found shape {sums.shape}")
         counts = _checked_counts(counts, sums.shape[0])
-        overflowed = np.flatnonzero((counts > 0) & ~np.isfinite(sums).all(axis=1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = sums / counts[:, None]
+        means[counts == 0] = np.nan
+        # A class with rows has a finite mean exactly when its sum is finite.
+        has_mean = np.isfinite(means).all(axis=1)
+        overflowed = np.flatnonzero((counts > 0) & ~has_mean)
         if overflowed.size:
             raise ValueError(
                 f"the float64 sum of the rows of class {overflowed[0]} is not finite: pass 1 "
                 "refuses rows with NaN or Inf, so finite features added up past float64's "
                 f"{np.finfo(np.float64).max:.3g}; rescale the features")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = sums / counts[:, None]
-        means[counts == 0] = np.nan
-        return cls._from_own_means(means, counts, global_mean)
+        return cls._from_own_means(means, counts, global_mean, has_mean)
