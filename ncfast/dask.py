@@ -22,8 +22,9 @@ import numpy as np
 
 from ncfast import errors
 from ncfast.accumulators import ClassSums
-from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, finalize_pass1,
-                           geometry_from_means_option, resolve_num_classes)
+from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_ood_layout, check_options,
+                           finalize_pass1, geometry_from_means_option, ood_mean_of,
+                           resolve_num_classes)
 from ncfast.geometry import PINV_RTOL
 from ncfast.inputs import ArraySource, LabelSummary, check_features, check_labels
 from ncfast.kernels.cpu import scratch_scope
@@ -39,7 +40,7 @@ _KERNEL_LOCK = threading.Lock()
 
 def collapse(features, labels, *, num_classes=None, weights=None, bias=None, means=None,
              clean_labels=None, global_mean="classes", chunk_size=None, empty_classes="warn",
-             pinv_rtol=PINV_RTOL, split_every=SPLIT_EVERY, scheduler=None):
+             pinv_rtol=PINV_RTOL, ood=None, split_every=SPLIT_EVERY, scheduler=None):
     """Measure neural collapse of a Dask array in two passes of block tasks.
 
     Runs on the active ``distributed.Client`` if there is one (Dask's default
@@ -78,6 +79,9 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     empty_classes : {"warn", "ignore", "raise"}
     pinv_rtol : float
         As in ``ncfast.collapse``.
+    ood : array of shape (n_ood, n_features) or (n_features,), optional
+        Out-of-distribution features or their mean, as in ``ncfast.collapse``
+        (enables ``nc5``); a Dask array of rows is averaged by its own block tasks.
     split_every : int
         Fan-in of the tree that adds the block states.
     scheduler : str or callable, optional
@@ -97,6 +101,7 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     num_classes = resolve_num_classes(
         num_classes, _DaskLabels(labels, clean_labels, compute), means,
         num_features=features.shape[1], label_noise=clean_labels is not None)
+    ood_mean = None if ood is None else _ood_mean(ood, features.shape[1], compute)
     blocks = _row_blocks(features, labels, clean_labels)
 
     clean_geometry = None
@@ -117,7 +122,18 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     (totals,) = compute(_tree_sum(partial_arrays, _add_arrays, split_every))
     for state_array, total in zip(residual_pass.sum_arrays(), totals):
         state_array += total
-    return residual_pass.report(pinv_rtol=pinv_rtol)
+    return residual_pass.report(pinv_rtol=pinv_rtol, ood_mean=ood_mean)
+
+
+def _ood_mean(ood, num_features, compute):
+    """``ncfast.engine.ood_mean_of`` of ``collapse``'s ``ood=``; the rows of a Dask array
+    are averaged in float64 by its block tasks (``compute``), after their layout is checked."""
+    if isinstance(ood, da.Array):
+        check_ood_layout(ood.shape, ood.dtype, num_features)
+        if ood.ndim == 2:
+            ood = ood.mean(axis=0, dtype=np.float64)
+        (ood,) = compute(ood)
+    return ood_mean_of(ood, num_features)
 
 
 class _DaskLabels:

@@ -465,6 +465,25 @@ class ResidualPass:
             global_mean=geometry.global_mean_option, mean_counts=geometry.counts, **result)
 
 
+def check_ood_layout(shape, dtype, num_features):
+    """Raise unless ``collapse``'s ``ood=`` of this shape and dtype is usable: floating
+    point, at least one row of ``num_features`` values, or one mean of them.
+
+    Parameters
+    ----------
+    shape : tuple of int
+    dtype : numpy dtype
+    num_features : int
+    """
+    if len(shape) not in (1, 2) or shape[-1] != num_features:
+        raise ValueError(f"ood has shape {tuple(shape)}; pass OOD features of shape "
+                         f"(n, {num_features}) or their mean, shape ({num_features},)")
+    if not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"ood must be floating point; found dtype {dtype}")
+    if len(shape) == 2 and shape[0] == 0:
+        raise ValueError("ood has no rows; pass at least one OOD feature row")
+
+
 def ood_mean_of(ood, num_features):
     """The mean of out-of-distribution features (``collapse``'s ``ood=``), in float64.
 
@@ -489,14 +508,8 @@ def ood_mean_of(ood, num_features):
     elif cupy is not None and isinstance(ood, cupy.ndarray):
         ood = (ood.astype(cupy.float64).mean(axis=0) if ood.ndim == 2 else ood).get()
     ood = as_array(ood, "ood")
-    if ood.ndim not in (1, 2) or ood.shape[-1] != num_features:
-        raise ValueError(f"ood has shape {tuple(ood.shape)}; pass OOD features of shape "
-                         f"(n, {num_features}) or their mean, shape ({num_features},)")
-    if not np.issubdtype(ood.dtype, np.floating):
-        raise TypeError(f"ood must be floating point; found dtype {ood.dtype}")
+    check_ood_layout(ood.shape, ood.dtype, num_features)
     if ood.ndim == 2:
-        if ood.shape[0] == 0:
-            raise ValueError("ood has no rows; pass at least one OOD feature row")
         total = np.zeros(num_features)
         for start in range(0, ood.shape[0], 1 << 16):
             total += np.asarray(ood[start:start + (1 << 16)]).sum(axis=0, dtype=np.float64)

@@ -115,6 +115,37 @@ def test_options(assert_same_report):
         chunk_size=CHUNK_SIZE))
 
 
+def test_ood_rows_give_the_single_process_nc5(assert_same_report):
+    """ood= as collapse takes it: a Dask array of rows, a numpy array, or their mean."""
+    case = gaussian_classes(num_rows=2000, num_classes=5)
+    ood = np.random.default_rng(7).normal(size=(700, case["features"].shape[1])) + 2.0
+    features = da.from_array(case["features"], chunks=(640, -1))
+    expected = ncfast.collapse(case["features"], case["labels"], ood=ood,
+                               chunk_size=CHUNK_SIZE)
+    assert expected.nc5 is not None
+    for given in (da.from_array(ood, chunks=(128, -1)), ood, ood.mean(axis=0)):
+        report = ncfast.dask.collapse(features, case["labels"], ood=given,
+                                      chunk_size=CHUNK_SIZE, scheduler="threads")
+        assert_same_report(report, expected)
+
+
+@pytest.mark.parametrize("ood, error, message", [
+    (np.zeros((0, 8)), ValueError, "ood has no rows"),
+    (np.zeros((5, 7)), ValueError, r"ood has shape \(5, 7\); pass OOD features of shape \(n, 8\)"),
+    (np.zeros((5, 8), np.int64), TypeError, "ood must be floating point"),
+])
+def test_bad_dask_ood_is_refused_before_the_passes(ood, error, message, monkeypatch):
+    case = gaussian_classes(num_rows=200, num_classes=3, num_features=8)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("pass 1 ran")
+
+    monkeypatch.setattr(ncfast.dask, "pass1_block", no_pass)
+    with pytest.raises(error, match=message):
+        ncfast.dask.collapse(da.from_array(case["features"]), case["labels"],
+                             ood=da.from_array(ood), scheduler="sync")
+
+
 def test_blocks_off_the_chunk_grid(assert_same_report):
     """Any block sizes: the float64 metrics agree to 1e-10, those of the GEMM to 1e-6."""
     case = with_label_noise(gaussian_classes(num_rows=5000, spread=0.05))
