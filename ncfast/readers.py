@@ -184,10 +184,11 @@ def _read_error(name, failed, error):
 
     Returns
     -------
-    ValueError
-        ``error`` itself when it is ncfast's own (it names the file).
+    ValueError or MemoryError
+        ``error`` itself when it is ncfast's own (it names the file), or when memory,
+        not the file, ran out.
     """
-    if isinstance(error, ValueError) and name in str(error):
+    if isinstance(error, ValueError) and name in str(error) or isinstance(error, MemoryError):
         return error
     if isinstance(error, OSError) and error.errno is not None:  # the system's, not the content's
         hint = _OS_ERROR_HINTS.get(

@@ -484,6 +484,8 @@ def load_state(path):
         with safe_open(path, framework="numpy") as stored:
             metadata = stored.metadata() or {}
             tensors = {name: stored.get_tensor(name) for name in stored.keys()}
+    except MemoryError:
+        raise
     except Exception as error:  # safetensors raises its own error types on bad files
         raise ValueError(f"{path}: not a readable state file ({type(error).__name__}: "
                          f"{error}); it may be truncated: save the state again") from None
@@ -495,9 +497,10 @@ def load_state(path):
                          f"expected {_EXPECTED_STATE}")
     if kind not in STATE_KINDS or \
             metadata.get("version") not in (STATE_VERSION, UNDIGESTED_STATE_VERSION):
-        raise ValueError(f"{path}: not an ncfast state file of version {STATE_VERSION} "
-                         f"(found kind {kind!r}, version {metadata.get('version')!r}); write it "
-                         "with ncfast.states.save_state")
+        raise ValueError(f"{path}: not an ncfast state file of version "
+                         f"{UNDIGESTED_STATE_VERSION} or {STATE_VERSION} (found kind {kind!r}, "
+                         f"version {metadata.get('version')!r}); write it with "
+                         "ncfast.states.save_state")
     _check_digest(path, tensors, metadata)
     try:
         state = _stored_state(path, kind, tensors, metadata)

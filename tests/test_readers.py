@@ -273,6 +273,17 @@ def test_paths_that_cannot_be_opened_say_why(tmp_path, monkeypatch):
     assert "corrupt" not in str(error.value)
 
 
+def test_running_out_of_memory_is_not_called_a_corrupt_file(tmp_path, monkeypatch):
+    np.save(tmp_path / "large.npy", np.zeros((4, 2), np.float32))
+
+    def out_of_memory(path):
+        raise MemoryError("Unable to allocate 8.00 TiB")
+
+    monkeypatch.setitem(readers._READERS, "npy", out_of_memory)
+    with pytest.raises(MemoryError, match="8.00 TiB"):
+        read_file(tmp_path / "large.npy")
+
+
 def test_torch_files_of_other_objects_are_refused_in_one_line(tmp_path):
     torch.save({"features": np.zeros((4, 3), np.float32)}, tmp_path / "numpy.pt")
     with pytest.raises(ValueError, match=r"numpy.pt: holds objects other than tensors "

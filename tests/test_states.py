@@ -11,6 +11,7 @@ import struct
 
 import numpy as np
 import pytest
+import safetensors
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -160,6 +161,15 @@ def test_merge_refuses_a_flipped_worker_state_and_writes_nothing(pass1_path, tmp
 
 
 # --- version-3 states, written before the digest: the invariants -----------------------------
+
+def test_running_out_of_memory_is_not_called_a_truncated_state(pass1_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 8.00 TiB")
+
+    monkeypatch.setattr(safetensors, "safe_open", out_of_memory)
+    with pytest.raises(MemoryError, match="8.00 TiB"):
+        load_state(pass1_path)
+
 
 def test_a_version_3_state_still_loads(pass1_path, pass2_path, tmp_path, capsys):
     saved_pass1, saved_pass2 = load_state(pass1_path), load_state(pass2_path)
