@@ -698,11 +698,6 @@ class _LazyNpy(StoredArray):
                          lambda: open_npy_rows(path), entry["sha256"])
         self.recorded_bytes = entry["bytes"]
 
-    def memmap(self):
-        """The whole array as a read-only ``np.memmap`` (for random access)."""
-        self.check()
-        return as_array(self.path, "array")
-
     def check(self):
         """Check that the file exists and matches the manifest's shape and dtype."""
         if not os.path.exists(self.path):

@@ -476,7 +476,7 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
     sums[RIESZ_INFINITE] = xp.isinf(riesz).sum()
     for slot, values in ((COS, cosines), (LOG, log_kernel[xp.isfinite(log_kernel)]),
                          (RIESZ, riesz[xp.isfinite(riesz)])):
-        _shifted_sums(xp, sums, slot, values)
+        _shifted_sums(sums, slot, values)
     sums[MAXANGLE] = xp.abs(cosines - ideal).sum()
     sums[DISTANCE] = xp.sqrt(sq_distances[pairs]).sum()
     off_pair_distances = xp.where(pairs, sq_distances, np.inf)
@@ -494,7 +494,7 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
     if tile.weight_norms.shape[0] > 0:
         ww = dots[rows:, cols:]
         cosines_w = (ww / xp.outer(tile.weight_norms[row_ids], tile.weight_norms[col_ids]))[pairs]
-        _shifted_sums(xp, sums, COS_W, cosines_w)
+        _shifted_sums(sums, COS_W, cosines_w)
         sums[MAXANGLE_W] = xp.abs(cosines_w - ideal).sum()
         residual_w = ((dots[rows:, :cols] - tile.etf_scale_w * etf) ** 2).sum()
         if tile.row_start != tile.col_start:
@@ -536,7 +536,7 @@ def pair_sq_distances(xp, dots, row_sq_norms, col_sq_norms, means, row_ids, col_
     return xp.maximum(sq_distances, 0.0)
 
 
-def _shifted_sums(xp, sums, slot, values):
+def _shifted_sums(sums, slot, values):
     """Fill ``(shift, sum(x - shift), sum((x - shift)^2))`` with the first value as shift."""
     if values.size == 0:
         return
