@@ -85,10 +85,12 @@ chart ``shapes-<UTC time>.png`` (ncfast, floor, torch per row, log scale).
 """
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -432,7 +434,7 @@ def _ratio_text(value):
 def render(rows, scale, console):
     """Print the table; ``~`` marks a torch time scaled up from leading rows."""
     scaled = f" — SCALED RUN: every N divided by {scale:g}" if scale != 1 else ""
-    table = Table(title=f"ncfast, its floor and the torch route on issue 18's shapes "
+    table = Table(title=f"ncfast, its floor and the torch route on shapes from real models "
                         f"(seconds, both passes){scaled}")
     for header in ("shape", "N", "spread", "C'", "route", "ncfast s", "floor s", "read s",
                    "GEMM flops", "GEMM s", "pairs s", "torch s", "ncfast/floor", "torch/floor",
@@ -487,7 +489,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="ncfast runs per row (best)")
     parser.add_argument("--torch-rows", type=int, default=1_000_000,
                         help="leading rows the torch route runs on, its time scaled to N "
-                             "(default: every row of issue 18's shapes)")
+                             "(default 1,000,000: every row of the grid's shapes)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="divide every N by this, for a trial run (default 1)")
     args = parser.parse_args(argv)
@@ -537,10 +539,11 @@ def main(argv=None):
         console.print(f"SCALED RUN (N / {args.scale:g}): the costs of an analysis that do not "
                       "grow with N (finalize, the pair sweep over classes) weigh more the fewer "
                       "the rows; these ratios say nothing about the full shapes")
+    errors = Console(stderr=True, width=200)
     for row in rows:
         if row.check_failed:
-            console.print(f"ncfast's check failed on {row.shape} {row.spread}, not timed: "
-                          f"{row.check_failed}", style="red", markup=False)
+            errors.print(f"ncfast's check failed on {row.shape} {row.spread}, not timed: "
+                         f"{row.check_failed}", style="red", markup=False)
         if row.torch_skipped:
             console.print(f"torch route not run on {row.shape} {row.spread}: "
                           f"{row.torch_skipped}", markup=False)
@@ -566,5 +569,10 @@ def main(argv=None):
     return path
 
 
+def failed_checks(path):
+    """Rows of the results file at ``path`` whose correctness check failed."""
+    return [row for row in json.loads(Path(path).read_text())["rows"] if row["check_failed"]]
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if failed_checks(main()) else 0)

@@ -39,16 +39,6 @@ from ncfast.inputs import default_chunk_rows
 from ncfast.kernels import cpu, narrow
 
 
-def _best(function, repeats):
-    """Least wall time of ``repeats`` calls, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def narrow_stage_times(features, labels, stats):
     """Seconds per stage of ``narrow.narrow_blocks`` on one thread, summed over all rows.
 
@@ -241,7 +231,7 @@ def gemm_only_seconds(features, projection_t, num_threads, repeats):
         for first in range(task * slice_rows, stop - block + 1, block):
             np.matmul(features[first:first + block], projection_t, out=products)
 
-    return _best(lambda: cpu.run_tasks(multiply, num_threads, num_threads), repeats)
+    return best_seconds(lambda: cpu.run_tasks(multiply, num_threads, num_threads), repeats)
 
 
 def pass_times(features, labels, num_classes, weights, bias, repeats):
@@ -257,7 +247,7 @@ def pass_times(features, labels, num_classes, weights, bias, repeats):
         for rows, row_labels in chunks:
             sums.update(rows, row_labels)
 
-    first = _best(pass1, repeats)
+    first = best_seconds(pass1, repeats)
     geometry = Geometry.from_class_sums(sums.counts, sums.sums)
 
     def pass2():
@@ -265,7 +255,7 @@ def pass_times(features, labels, num_classes, weights, bias, repeats):
         for rows, row_labels in chunks:
             stats.update(rows, row_labels)
 
-    return first, _best(pass2, repeats), geometry
+    return first, best_seconds(pass2, repeats), geometry
 
 
 def collapse_and_floor(features, labels, weights, bias, repeats):

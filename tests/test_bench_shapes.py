@@ -112,7 +112,7 @@ def test_torch_route_is_not_run_where_a_class_has_no_rows(quick_rates):
     assert "no rows" in row["torch_skipped"]
 
 
-def test_a_row_whose_check_fails_is_not_timed(quick_rates, monkeypatch):
+def test_a_row_whose_check_fails_is_not_timed(quick_rates, monkeypatch, capsys):
     def failing_check(name, result, reference):
         raise AssertionError(f"{name}: made up")
 
@@ -124,3 +124,5 @@ def test_a_row_whose_check_fails_is_not_timed(quick_rates, monkeypatch):
     assert row["torch_skipped"] == "its check failed: torch-gemm: made up"
     assert row["ncfast_seconds"] is None and row["ncfast/floor"] is None
     assert row["meets_floor"] is None and math.isfinite(row["floor_seconds"])
+    assert bench_shapes.failed_checks(path) == [row]  # python -m bench.bench_shapes exits 1
+    assert "check failed on 1e6x64x10 far" in capsys.readouterr().err
