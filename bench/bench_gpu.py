@@ -26,7 +26,7 @@ bytes at the pinned copy rate of this run, and the pageable-to-pinned staging ra
 Prints the table, and writes it with the rates to ``--json`` (default
 ``bench/results/gpu-<UTC time>.json``)::
 
-    python -m bench.bench_gpu                      # issue 14's shapes
+    python -m bench.bench_gpu                      # the GPU grid's shapes
     python -m bench.bench_gpu --resident 2e6x512x100 --streamed 2e6x512x100   # quicker
 """
 import argparse
@@ -352,7 +352,7 @@ def render(device_name, rates, resident, streamed):
         lines.append(f"{shape_label(shape):<28}{row['route']:<10}{row['ncfast_seconds']:>10.4f}"
                      f"{row['floor_seconds']:>10.4f}{over_floor:>10.2f}"
                      f"{row['torch_seconds']:>10.3f}{lead:>10.1f}{textbook:>12}")
-    lines += ["", "targets (issue 14):"]
+    lines += ["", "targets:"]
     for row in resident:
         shape = tuple(row["shape"])
         over_floor = row["ncfast_seconds"] / row["floor_seconds"]

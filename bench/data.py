@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-#: Rows generated per step (bounds the float64 scratch of the generator).
+#: Rows generated per step (bounds the scratch of ``means[labels]`` for a step's rows).
 _STEP_ROWS = 1 << 16
 
 

@@ -1,11 +1,12 @@
 #!/bin/bash
-# One call on a lent GPU (the device tool, from the repository root): the GPU tests, then
-# the GPU benchmarks, each under its own time limit, logs in $OUT as they are written.
-# The machine's python3 has CuPy, torch, numba and pytest; ncfast runs from the source
-# tree, laid out as pyproject installs it (the kernels as ncfast.kernels).
+# One call on a GPU machine, from the repository root: the GPU tests, then the GPU
+# benchmarks, each under its own time limit, logs in $OUT as they are written.
+# The machine's python3 needs CuPy, torch, numba, pytest and pytest-timeout; ncfast runs
+# from the source tree, laid out as pyproject installs it (the kernels as ncfast.kernels,
+# through a link that .gitignore names).
 #
 #   bench/device_check.sh tests quick    # the GPU tests, then small benchmarks
-#   bench/device_check.sh tests full     # the GPU tests, then issue 14's shapes
+#   bench/device_check.sh tests full     # the GPU tests, then the GPU grid's shapes
 #   bench/device_check.sh profile        # cProfile of collapse, resident and streamed
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD

@@ -390,7 +390,7 @@ def sum_sorted_groups(features, labels, clean_labels, pieces, first, last, out_s
                       out_clean_sums):
     """Add the rows at sorted positions ``[first, last)`` (``pieces.order``) into their
     pieces' sums, ``GROUP_ROWS`` rows of one piece a sweep (``sum_pieces``'s loop for
-    float32 rows sorted by class; the same parameters)."""
+    float32 rows sorted by class; the other parameters are ``sum_pieces``')."""
     num_rows, num_features = features.shape
     track_clean = clean_labels.shape[0] > 0
     k = first

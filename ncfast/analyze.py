@@ -932,8 +932,8 @@ def add_commands(commands):
                              "or the CSV / JSON of metrics.csv / metrics.json "
                              "(default: %(default)s)")
     parser.add_argument("--chunk-size", type=int, metavar="ROWS",
-                        help="rows read per block (default: about 8 MiB of float32 per block); "
-                             "bounds memory, results do not depend on it")
+                        help="rows read per block (default: about 256 MiB of float32 rows, at "
+                             "least 256 rows); bounds memory, results do not depend on it")
     for name, what in (("labels", "labels"), ("clean-labels", "true labels (label noise)"),
                        ("weights", "classifier weights (C, D)"), ("bias", "classifier bias")):
         parser.add_argument(f"--{name}", metavar="FILE",

@@ -9,12 +9,13 @@ A backend supplies only what differs by device (see ``ncfast.engine``):
 - ``symmetric_eigh(matrix)``: the plan's eigendecomposition of a host symmetric
   matrix, returned to the host;
 - ``source(features, labels, clean_labels, chunk_size)``: a chunk source for
-  its inputs (``max_label``, ``num_features``, ``chunks(pass_number)``, and
-  ``rereads``: whether each pass iterates a chunk source again, whose rows pass 2
-  then also sums by class to compare with pass 1's);
-- ``pass1_state(class_sums)`` / ``pass2_states(residual_pass)``: states that
-  pass-1 and pass-2 chunks are added into (the public host states themselves
-  on the CPU, device twins on the GPU), with ``update`` methods;
+  its inputs (``label_summary()``, ``num_features``, ``carries_clean_labels``,
+  ``chunks(pass_number)``, ``context()``: a context manager around both passes,
+  and ``rereads``: whether each pass iterates a chunk source again, whose rows
+  pass 2 then also sums by class to compare with pass 1's);
+- ``pass1_state(class_sums)`` / ``pass2_states(residual_pass, source)``: states
+  that pass-1 and pass-2 chunks are added into (the public host states
+  themselves on the CPU, device twins on the GPU), with ``update`` methods;
 - ``finish_pass1(state, class_sums, source)`` / ``finish_pass2(states,
   residual_pass, source)``: add those into the public host states, raising
   for the first bad row (``ncfast.errors``).
