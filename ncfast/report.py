@@ -6,7 +6,7 @@ import numpy as np
 
 #: Scalar metrics in the order tables show them, with a one-line meaning.
 METRICS = {
-    "nc1": "Tr(Sigma_W Sigma_B^+)/C, within-class variability (Papyan et al.)",
+    "nc1": "Tr(Sigma_W Sigma_B^+)/C', within-class variability (Papyan et al.)",
     "nc1_trace": "Tr Sigma_W / Tr Sigma_B",
     "cdnv": "class-distance normalized variance (Galanti et al.)",
     "nc2_equinorm": "std/mean of class-mean norms",
@@ -23,7 +23,7 @@ METRICS = {
     "riesz_kernel_variance": "variance over class pairs of the Riesz kernel",
     "nc3": "||nrm(W) - nrm(M)||_F^2, self-duality",
     "nc3_etf": "||nrm(W M^T) - ETF||_F (Zhu et al.)",
-    "unc3": "std/mean of <w_c, mu_c> (Wu & Papyan)",
+    "unc3": "std/mean of <w_c, mu~_c>, centred means (Wu & Papyan)",
     "nc4": "fraction where classifier and nearest class centre disagree",
     "nc5": "mean |cos| between centred class means and the OOD mean (Ammar et al.)",
     "ncc_accuracy": "nearest-class-centre accuracy",
