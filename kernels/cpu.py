@@ -426,7 +426,7 @@ def sum_sorted_groups(features, labels, clean_labels, pieces, first, last, out_s
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
 def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, check_each_row,
-               out_sums, out_clean_sums):
+               out_sums, out_clean_sums, out_shift_rows):
     """Float64 sums, per piece, of one task's rows (``ChunkPieces``), on one thread; the
     task's pieces are written whole. Float32 rows sorted by class are added
     ``GROUP_ROWS`` of one piece at a time (``sum_sorted_groups``).
@@ -449,9 +449,12 @@ def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, chec
     pieces : ChunkPieces
     task, rows_per_task : int
     check_each_row : bool
-        Check each row's float64 total (float64 features), not the sums.
+        Check each row's float64 total (float64 features), not the sums; and sum the
+        rows less a row of their piece (its first).
     out_sums : float64 array of shape (P, >= D)
     out_clean_sums : same shape, or (0, >= D) without clean labels
+    out_shift_rows : int64 array of shape (P,), or (0,) without ``check_each_row``
+        The row each piece's rows are summed less of (scratch).
 
     Returns
     -------
@@ -465,6 +468,15 @@ def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, chec
         out_sums[pieces.task_pieces[k], :] = 0.0
         if track_clean:
             out_clean_sums[pieces.task_pieces[k], :] = 0.0
+        if check_each_row:
+            out_shift_rows[pieces.task_pieces[k]] = -1
+    # Float64 rows are summed less the first row of their piece, which is added back once
+    # per piece at the end. A running float64 sum of rows far from 0 rounds at each step by
+    # the ulp of its growing total, and these errors add up in one direction: at 25,000 rows
+    # a class 1e12 from the origin, spread 0.1, Tr Sigma_W came out 17 times its value.
+    # Differences from a row of the class are about the spread and round by its ulp; a
+    # piece of one row is summed exactly. (A float64 sum of float32 values is exact at any
+    # offset they can hold, so float32 rows need no shift.)
     bad_value = NO_ROW
     first, last = task * rows_per_task, min((task + 1) * rows_per_task, num_rows)
     if in_row_order or check_each_row:
@@ -477,24 +489,41 @@ def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, chec
                 piece = pieces.row_pieces[k]
                 if k + HEAD_PREFETCH_AHEAD < num_rows:
                     prefetch_row_head(features, pieces.order[k + HEAD_PREFETCH_AHEAD])
+            clean = track_clean and clean_labels[i] == labels[i]
             if check_each_row:
+                if out_shift_rows[piece] < 0:
+                    out_shift_rows[piece] = i
+                shift_row = out_shift_rows[piece]
                 row_total = 0.0
                 for j in range(num_features):
                     value = np.float64(features[i, j])
-                    out_sums[piece, j] += value
+                    out_sums[piece, j] += value - features[shift_row, j]
                     row_total += value
                 if not finite(row_total):
                     bad_value = min(bad_value, i)
+                if clean:
+                    for j in range(num_features):
+                        out_clean_sums[piece, j] += features[i, j] - features[shift_row, j]
             else:
                 for j in range(num_features):
                     out_sums[piece, j] += np.float64(features[i, j])
-            if track_clean and clean_labels[i] == labels[i]:
-                for j in range(num_features):
-                    out_clean_sums[piece, j] += features[i, j]
+                if clean:
+                    for j in range(num_features):
+                        out_clean_sums[piece, j] += features[i, j]
     else:
         sum_sorted_groups(features, labels, clean_labels, pieces, first, last, out_sums,
                           out_clean_sums)
-    if check_each_row or pieces_finite(out_sums, pieces, task, num_features):
+    if check_each_row:
+        for k in range(pieces.task_starts[task], pieces.task_starts[task + 1]):
+            piece = pieces.task_pieces[k]
+            shift_row = out_shift_rows[piece]
+            for j in range(num_features):
+                out_sums[piece, j] += pieces.counts[piece] * features[shift_row, j]
+                if track_clean:
+                    out_clean_sums[piece, j] += (pieces.clean_counts[piece]
+                                                 * features[shift_row, j])
+        return bad_value
+    if pieces_finite(out_sums, pieces, task, num_features):
         return bad_value
     for k in range(first, last):
         i = k if in_row_order else pieces.order[k]
@@ -568,9 +597,11 @@ def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts,
     piece_clean_sums = thread_buffer(PASS1_SCRATCH[1], (pieces.clean_counts.shape[0], columns),
                                      np.float64)
     check_each_row = features.dtype != np.float32
+    shift_rows = np.empty(num_pieces if check_each_row else 0, np.int64)
     bad_value = min(run_tasks(lambda task: sum_pieces(features, labels, clean_labels, pieces,
                                                       task, rows_per_task, check_each_row,
-                                                      piece_sums, piece_clean_sums),
+                                                      piece_sums, piece_clean_sums,
+                                                      shift_rows),
                               pieces.task_starts.shape[0] - 1, num_threads), default=NO_ROW)
     if bad_value == NO_ROW:
         # Tasks of about as many classes, each adding all the pieces of its classes: one
