@@ -116,13 +116,32 @@ def write_atomically(path, write):
         Final location; its folder must exist.
     write : callable
         Called with a binary file object open for writing.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path``, when it is a folder, or its folder is missing or cannot be
+        written into.
     """
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {path!r}: it is a folder, not a file; name a file "
+                         "instead (e.g. one inside it), or remove the folder")
     try:
         existing_mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         existing_mode = None
-    descriptor, temporary = _create_temporary(folder, os.path.basename(path))
+    try:
+        descriptor, temporary = _create_temporary(folder, os.path.basename(path))
+    except OSError as error:  # its message names the hidden temporary file
+        if not os.path.exists(folder):
+            problem = ("does not exist; create it first (os.makedirs), or give a path in an "
+                       "existing folder")
+        elif not os.path.isdir(folder):
+            problem = "is a file, not a folder; give a path in a folder"
+        else:
+            problem = f"cannot be written into ({error.strerror or error}); choose another folder"
+        raise ValueError(f"cannot write {path!r}: {folder!r} {problem}") from None
     try:
         with os.fdopen(descriptor, "wb") as stream:
             if existing_mode is not None:

@@ -8,13 +8,13 @@ label-noise split of a chunk, ``pass2_updates``) and ``ResidualPass.report``.
 A backend (``ncfast.backends``) supplies the chunks, the states chunks are
 added into, and the pair sweep's tiles.
 """
-import os
 import sys
 import warnings
 
 import numpy as np
 
-from ncfast.accumulators import ClassSums, ResidualStats
+from ncfast.accumulators import (ClassSums, ResidualStats, check_class_state_fits,
+                                 class_state_bytes_beyond_memory)
 from ncfast.backends.cpu import CPU
 from ncfast.geometry import PINV_RTOL, Geometry
 from ncfast.inputs import as_array, host_array, plain_tensor, to_kernel_labels
@@ -23,15 +23,6 @@ from ncfast.plan import build_plan
 from ncfast.report import CollapseReport
 
 EMPTY_CLASS_POLICIES = ("warn", "ignore", "raise")
-
-#: Most memory the per-class float64 state of a given ``num_classes`` may take at its peak,
-#: as a share of the machine's memory.
-CLASS_STATE_MEMORY_SHARE = 0.5
-
-#: Copies of the C×D pass-1 sums (twice that with label noise) held at once at the peak:
-#: the sums, the class means made from them, their float64 copy and the centred means
-#: (measured: 3.1 GB resident for 0.9 GiB of sums).
-CLASS_STATE_COPIES = 4
 
 NOISE_WITH_MEANS = ("clean_labels needs the clean-row means of these features, so it cannot be "
                     "combined with means=; measure label noise on the training features")
@@ -49,14 +40,6 @@ def check_options(*, empty_classes="warn", pinv_rtol=PINV_RTOL):
         raise ValueError(
             f"pinv_rtol must be in (0, 1), the fraction of the largest eigenvalue below which "
             f"eigenvalues count as zero; found {pinv_rtol!r} (default {PINV_RTOL})")
-
-
-def _machine_memory():
-    """Bytes of physical memory of this machine, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def resolve_num_classes(num_classes, source, means, *, num_features=None, label_noise=False):
@@ -96,7 +79,7 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
                 f"so inferring num_classes = {max_label + 1} would leave "
                 f"{max_label + 1 - labelled} classes empty: if that label is a mistake, fix it; "
                 "if the labels are not 0..C-1, remap them (np.unique(labels, "
-                "return_inverse=True))" + ("" if _class_state_bytes_beyond_memory(
+                "return_inverse=True))" + ("" if class_state_bytes_beyond_memory(
                     max_label + 1, num_features, label_noise) else
                     "; or pass num_classes= to accept the empty classes"))
         num_classes = max_label + 1
@@ -107,14 +90,7 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
         raise ValueError(
             f"num_classes is {num_classes}; neural collapse compares classes, so at least 2 are "
             "needed (labels must be class indices starting at 0)")
-    state_bytes = _class_state_bytes_beyond_memory(num_classes, num_features, label_noise)
-    if state_bytes:
-        raise ValueError(
-            f"num_classes={num_classes} with {num_features} features needs "
-            f"{state_bytes / 2**30:.3g} GiB of per-class float64 sums, and about "
-            f"{CLASS_STATE_COPIES} times that while the class means are made from them, more "
-            f"than half of this machine's {_machine_memory() / 2**30:.3g} GiB: check "
-            "num_classes (labels must be class indices 0..C-1)")
+    check_class_state_fits(num_classes, num_features, label_noise)
     return num_classes
 
 
@@ -123,18 +99,6 @@ def mostly_empty(max_label, labelled):
     would leave more than half of the classes without a row (a stray label is then far
     more likely than a dataset of mostly empty classes)."""
     return max_label + 1 > 2 * labelled
-
-
-def _class_state_bytes_beyond_memory(num_classes, num_features, label_noise):
-    """Bytes of pass 1's per-class sums when their peak (``CLASS_STATE_COPIES`` copies) is
-    more than ``CLASS_STATE_MEMORY_SHARE`` of this machine's memory, else 0 (also when D or
-    the memory is unknown)."""
-    memory = _machine_memory()
-    if num_features is None or memory is None:
-        return 0
-    state_bytes = 8 * num_classes * num_features * (2 if label_noise else 1)
-    return state_bytes if CLASS_STATE_COPIES * state_bytes > CLASS_STATE_MEMORY_SHARE * memory \
-        else 0
 
 
 def _check_empty_classes(counts, policy):

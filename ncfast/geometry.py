@@ -173,13 +173,14 @@ def _checked_counts(counts, num_classes):
     return values.astype(np.int64)
 
 
-def check_between_scale(centred):
+def check_between_scale(centred, present):
     """Refuse centred class means that coincide, or whose scale float32 cannot hold
     (``SCALE_RANGE``).
 
     Parameters
     ----------
     centred : float64 array of shape (C', D), the means less the global mean
+    present : int64 array of shape (C',), the class of each row of ``centred``
     """
     # No squares: 1e200 means must not overflow here; no |M~| either: a temporary as large as
     # the means costs more than the two reductions.
@@ -190,11 +191,18 @@ def check_between_scale(centred):
     if not low <= largest <= high:
         factor = (f" (e.g. multiply them, and a classifier's bias, by "
                   f"{10.0 ** -round(math.log10(largest)):g})" if math.isfinite(largest) else "")
+        farthest = ""
+        if largest > high:  # one corrupt row can move its class's mean this far
+            flat = int(centred.argmax() if centred.max() >= -centred.min() else centred.argmin())
+            farthest_class = int(present[flat // centred.shape[1]])
+            farthest = (f"; class {farthest_class}'s mean lies farthest out: if its rows are "
+                        "meant to be of the others' scale, look for a corrupt row first (e.g. "
+                        f"np.abs(features[labels == {farthest_class}]).max(axis=1))")
         raise ValueError(
             f"the class means differ from their global mean by up to {largest:.3g} per "
             f"feature; ncfast's pass 2 computes in float32, which needs that between {low:g} "
             f"and {high:g}: rescale the features{factor}; the metrics do not depend on the "
-            "scale")
+            f"scale{farthest}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -411,7 +419,7 @@ class Geometry:
             with dense_blas(2.0 * present_means.size):
                 center = weights @ present_means / weights.sum()
         centred = present_means - center
-        check_between_scale(centred)
+        check_between_scale(centred, present)
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
         gram = None
         if route_for(present.size, means.shape[1]) == "classes":

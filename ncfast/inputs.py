@@ -200,13 +200,21 @@ def _load_npy(path, what):
             "re-save it with numpy.save"
         ) from None
     if not isinstance(loaded, np.ndarray):
-        names = ", ".join(loaded.files)
+        members = loaded.files
         loaded.close()
+        found = (f"{what} file {path!r} is a .npz archive of arrays ({', '.join(members)}), "
+                 "not one .npy array")
+        if not members:
+            raise ValueError(f"{what} file {path!r} is an empty .npz archive (no arrays); save "
+                             "the array with numpy.save")
+        member = what if what in members else members[0]
+        if not path.lower().endswith(".npz"):
+            raise ValueError(
+                f"{found}: rename it with the .npz suffix, which `ncfast analyze` reads, or, in "
+                f"Python, pass one of its arrays: np.load(path)[{member!r}]")
         raise ValueError(
-            f"{what} file {path!r} is a .npz archive of arrays ({names}), not one .npy array: "
-            "rename it with the .npz suffix, which `ncfast analyze` reads, or, in Python, pass "
-            "one of its arrays: np.load(path)[name]"
-        )
+            f"{found}; in Python, ncfast takes the path of a .npy file or an array: pass one of "
+            f"its arrays, np.load(path)[{member!r}], or read the archive with `ncfast analyze`")
     return loaded
 
 
@@ -221,13 +229,17 @@ def as_array(obj, what):
     """
     if isinstance(obj, (str, os.PathLike)):
         return _load_npy(obj, what)
+    if isinstance(obj, (bytes, bytearray)):
+        raise TypeError(f"{what} is {type(obj).__name__}; ncfast takes no bytes: pass a path as "
+                        "a str or pathlib.Path (path.decode()), or an array")
     if is_torch_tensor(obj):
-        if obj.device.type != "cpu":
+        tensor = plain_tensor(obj, what)  # refuses the meta device, which .cpu() cannot leave
+        if tensor.device.type != "cpu":
             raise ValueError(
-                f"{what} is a torch tensor on {obj.device}; the CPU backend needs host memory: "
-                "move it with .cpu()"
+                f"{what} is a torch tensor on {tensor.device}; the CPU backend needs host "
+                "memory: move it with .cpu()"
             )
-        return plain_tensor(obj, what)
+        return tensor
     if isinstance(obj, np.ma.MaskedArray):
         if np.ma.is_masked(obj):
             raise ValueError(
@@ -237,10 +249,30 @@ def as_array(obj, what):
         return obj.data
     if isinstance(obj, np.ndarray):
         return obj
-    array = np.asarray(obj)
+    try:
+        array = np.asarray(obj)
+    except ValueError as error:
+        if "setting an array element with a sequence" not in str(error):
+            raise
+        raise _ragged_error(obj, what) from None
     if array.dtype == object:
         raise TypeError(f"{what} must be an array of numbers; found {type(obj).__name__}")
     return array
+
+
+def _ragged_error(obj, what):
+    """The ValueError for a nested sequence whose items numpy cannot stack into one array:
+    rows of different lengths, or ``(features, labels)`` chunk tuples passed as features."""
+    first = obj[0] if isinstance(obj, (list, tuple)) and obj else None
+    if what == "features" and isinstance(first, tuple) and len(first) in (2, 3) and \
+            hasattr(first[0], "__len__"):
+        return ValueError(
+            f"features is a {type(obj).__name__} of (features, labels) chunk tuples, and labels "
+            "were passed too; a chunk source carries its labels in its tuples: pass "
+            "labels=None, and num_classes=")
+    return ValueError(
+        f"{what} is a ragged nested {type(obj).__name__}: its rows have different lengths, so "
+        "it is not an array; pass a rectangular array, every row of the same length")
 
 
 def host_array(obj, what):
@@ -262,9 +294,14 @@ def check_features(features, *, allow_empty=False):
     """
     shape = tuple(features.shape)
     if len(shape) != 2:
-        hint = ("if each row has one feature use features[:, None]; if it is one sample use "
-                "features[None, :]" if len(shape) == 1 else
-                "flatten the trailing axes with features.reshape(len(features), -1)")
+        if len(shape) == 0:
+            hint = ("a single value, not rows of features; pass an array of shape (n_samples, "
+                    "n_features) or the path of a .npy file holding one")
+        elif len(shape) == 1:
+            hint = ("if each row has one feature use features[:, None]; if it is one sample use "
+                    "features[None, :]")
+        else:
+            hint = "flatten the trailing axes with features.reshape(len(features), -1)"
         raise ValueError(
             f"features must be 2-D (n_samples, n_features); found {len(shape)}-D with shape "
             f"{shape}: {hint}"

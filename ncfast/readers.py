@@ -27,7 +27,6 @@ import mmap
 import os
 import pickle
 import re
-import sys
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -49,7 +48,12 @@ _ROLES = ("features", "labels", "clean_labels", "weights", "bias")
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32",
                        "F64": "float64", "I8": "int8", "I16": "int16", "I32": "int32",
                        "I64": "int64", "U8": "uint8", "U16": "uint16", "U32": "uint32",
-                       "U64": "uint64", "BOOL": "bool"}
+                       "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+                       "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2",
+                       "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu"}
+#: Float dtypes numpy lacks -> bytes per value: read through torch, upcast to float32.
+_TORCH_FLOAT_ITEMSIZES = {"bfloat16": 2, "float8_e4m3fn": 1, "float8_e4m3fnuz": 1,
+                          "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1}
 #: errno of an OSError met opening or reading a file -> what it means and how to fix it.
 _OS_ERROR_HINTS = {
     errno.ENOENT: "no such file; check the path",
@@ -92,7 +96,8 @@ class StoredArray:
         The array's key inside the file; None for single-array files.
     shape : tuple of int
     dtype : str
-        numpy-style name (``"float32"``, ``"bfloat16"``, ``"int64"``, ...).
+        numpy-style name (``"float32"``, ``"bfloat16"``, ``"float8_e4m3fn"``, ``"int64"``,
+        ...).
     recorded_sha256 : str or None
         Content digest recorded when the file was written (run folders).
     """
@@ -116,19 +121,19 @@ class StoredArray:
 
     @property
     def nbytes(self):
-        itemsize = 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
+        itemsize = _TORCH_FLOAT_ITEMSIZES.get(self.dtype) or np.dtype(self.dtype).itemsize
         return int(np.prod(self.shape, dtype=np.int64)) * itemsize
 
     @property
     def is_float(self):
-        return self.dtype == "bfloat16" or _dtype_kind(self.dtype) == "f"
+        return self.dtype in _TORCH_FLOAT_ITEMSIZES or _dtype_kind(self.dtype) == "f"
 
     @property
     def is_integer(self):
         return _dtype_kind(self.dtype) in ("i", "u")
 
     def rows(self, start, stop):
-        """Rows ``[start, stop)`` as a numpy array (bfloat16 becomes float32)."""
+        """Rows ``[start, stop)`` as a numpy array (bfloat16 and float8 become float32)."""
         stop = min(stop, self.num_rows)
         start = min(start, stop)
         try:
@@ -459,14 +464,13 @@ class _SafetensorsRows:
     def __init__(self, path, key, dtype):
         from safetensors import safe_open
 
-        framework = "pt" if dtype == "bfloat16" else "numpy"
-        self.file = safe_open(path, framework=framework)
+        self.upcast = dtype in _TORCH_FLOAT_ITEMSIZES
+        self.file = safe_open(path, framework="pt" if self.upcast else "numpy")
         self.slice = self.file.get_slice(key)
-        self.bfloat16 = dtype == "bfloat16"
 
     def __getitem__(self, rows):
         block = self.slice[rows]
-        return block.float().numpy() if self.bfloat16 else block
+        return block.float().numpy() if self.upcast else block
 
 
 def _read_safetensors(path):
@@ -487,14 +491,15 @@ def _bind(factory, *args):
 
 
 class _TorchRows:
-    """Row slices of a memory-mapped torch tensor, as numpy (a parameter's too, detached)."""
+    """Row slices of a memory-mapped torch tensor, as numpy (a parameter's too, detached;
+    dtypes numpy lacks upcast to float32)."""
 
     def __init__(self, tensor):
         self.tensor = tensor
 
     def __getitem__(self, rows):
         block = plain_tensor(self.tensor[rows], "the tensor")
-        if block.dtype in (sys.modules["torch"].bfloat16,):
+        if str(block.dtype).removeprefix("torch.") in _TORCH_FLOAT_ITEMSIZES:
             block = block.float()
         return block.numpy()
 
@@ -516,6 +521,12 @@ def _read_torch(path):
     except RuntimeError as error:
         if "mmap" not in str(error):
             raise
+        # torch says this of every file that is not a zip archive, torch's or not.
+        if not _is_legacy_torch_file(path, torch):
+            raise ValueError(
+                f"{path}: not a torch file (neither the zip archive torch.save writes nor "
+                "torch's legacy format); it may be corrupt or of another format: re-save it "
+                "with torch.save") from None
         raise ValueError(
             f"{path}: saved in torch's legacy format, which cannot be memory-mapped "
             f"({printable_line(error)}); re-save it with torch.save (torch >= 1.6 zip "
@@ -538,6 +549,17 @@ def _read_torch(path):
     return {key: StoredArray(path, key, tuple(tensor.shape), str(tensor.dtype).split(".")[-1],
                              _bind(_TorchRows, tensor))
             for key, tensor in tensors.items()}
+
+
+def _is_legacy_torch_file(path, torch):
+    """Whether a file starts as torch's legacy (before 1.6) format does: with torch's magic
+    number, pickled by any protocol (``torch.save(..., _use_new_zipfile_serialization=False,
+    pickle_protocol=...)``). Compared as bytes: nothing of the file is unpickled."""
+    starts = [pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol)
+              for protocol in range(pickle.HIGHEST_PROTOCOL + 1)]
+    with open(path, "rb") as stream:
+        head = stream.read(max(map(len, starts)))
+    return any(head.startswith(start) for start in starts)
 
 
 def _flatten_tensors(path, value, prefix, tensors, torch):

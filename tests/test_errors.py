@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ncfast
-from ncfast import engine, errors
+from ncfast import accumulators, engine, errors
 from ncfast.kernels import cpu
 from cases import gaussian_classes, with_label_noise
 
@@ -43,6 +43,50 @@ def test_one_dimensional_features(case):
 def test_three_dimensional_features(case):
     with pytest.raises(ValueError, match=r"must be 2-D .* found 3-D with shape \(20, 4, 1\)"):
         ncfast.collapse(case["features"][:, :, None], case["labels"])
+
+
+@pytest.mark.parametrize("features", [5.0, np.float32(5.0), torch.tensor(5.0)])
+def test_zero_dimensional_features_are_told_to_be_rows(case, features):
+    """0-D features were told to reshape with len(features), which fails for them."""
+    with pytest.raises(ValueError, match=r"found 0-D with shape \(\): a single value, not rows "
+                                         r"of features; pass an array of shape \(n_samples, "
+                                         r"n_features\)"):
+        ncfast.collapse(features, case["labels"])
+
+
+def test_bytes_paths_are_refused_by_type(case, tmp_path):
+    """b'/path.npy' became a 0-D array of bytes, then was told to reshape."""
+    np.save(tmp_path / "features.npy", case["features"])
+    for what, inputs in (("features", (bytes(tmp_path / "features.npy"), case["labels"])),
+                         ("labels", (case["features"], bytearray(b"labels.npy")))):
+        with pytest.raises(TypeError, match=f"{what} is byte.*; ncfast takes no bytes: pass a "
+                                            r"path as a str or pathlib.Path \(path.decode\(\)\)"):
+            ncfast.collapse(*inputs)
+
+
+@pytest.mark.parametrize("what, inputs", [
+    ("features", lambda case: ([[1.0, 2.0], [3.0]], [0, 1])),
+    ("features", lambda case: ([[[1.0], [2.0]], [[3.0]]], [0, 1])),
+    ("labels", lambda case: (case["features"][:2], [[0], [1, 1]])),
+], ids=["rows", "nested-rows", "labels"])
+def test_ragged_nested_lists_are_refused_by_name(case, what, inputs):
+    """numpy's "setting an array element with a sequence ... inhomogeneous shape"."""
+    with pytest.raises(ValueError, match=f"{what} is a ragged nested list: its rows have "
+                                         "different lengths, so it is not an array; pass a "
+                                         "rectangular array"):
+        ncfast.collapse(*inputs(case))
+
+
+@pytest.mark.parametrize("convert", [np.asarray, torch.from_numpy], ids=["numpy", "torch"])
+@pytest.mark.parametrize("make_chunks", [list, tuple])
+def test_chunk_tuples_passed_with_labels_are_told_to_drop_them(case, convert, make_chunks):
+    """Read as one ragged array of features: numpy's "inhomogeneous shape" error."""
+    chunks = make_chunks((convert(case["features"][start:start + 10]),
+                          convert(case["labels"][start:start + 10])) for start in (0, 10))
+    with pytest.raises(ValueError, match=f"features is a {make_chunks.__name__} of "
+                                         r"\(features, labels\) chunk tuples, and labels were "
+                                         "passed too; .* pass labels=None, and num_classes="):
+        ncfast.collapse(chunks, case["labels"])
 
 
 def test_features_without_columns(case):
@@ -513,6 +557,18 @@ def test_means_beyond_the_scale_range_name_their_spread_and_a_factor(scale, spre
         ncfast.Geometry.from_means(means)
 
 
+def test_one_corrupt_row_that_moves_its_class_mean_out_of_range_names_the_class(case):
+    """The message said only to rescale the features, which would hide the corrupt row."""
+    features = with_bad_value(case["features"].astype(np.float64), [7], 1e25)
+    row_class = int(case["labels"][7])
+    with pytest.raises(ValueError, match=rf"rescale the features.*; class {row_class}'s mean lies "
+                                         rf"farthest out: .* look for a corrupt row first"):
+        ncfast.collapse(features, case["labels"])
+    with pytest.raises(ValueError) as small:  # means too close together: no such hint
+        ncfast.collapse(case["features"] * 1e-30, case["labels"])
+    assert "farthest out" not in str(small.value)
+
+
 def test_given_means_beyond_float32s_scale_are_refused(case):
     means = ncfast.collapse(case["features"], case["labels"]).means
     with pytest.raises(ValueError, match="rescale the features"):
@@ -682,7 +738,7 @@ def test_class_count_whose_means_would_not_fit_is_refused(case, monkeypatch):
     """The guard counted the sums alone, but making the class means from them holds about
     four copies: 10**8 classes at D = 8 (6 GB of sums on a 24 GiB machine) passed it and
     ran out of memory. Here 0.3 GiB of sums on a machine of 1 GiB."""
-    monkeypatch.setattr(engine, "_machine_memory", lambda: 2 ** 30)
+    monkeypatch.setattr(accumulators, "machine_memory", lambda: 2 ** 30)
     with pytest.raises(ValueError, match=r"num_classes=10000000 with 4 features needs 0.298 GiB "
                                          r"of per-class float64 sums, and about 4 times that"):
         ncfast.collapse(case["features"], case["labels"], num_classes=10 ** 7)
@@ -778,10 +834,16 @@ def test_a_report_is_unhashable_by_its_own_name(case):
         case["features"], mask=np.broadcast_to(np.arange(NUM_ROWS)[:, None] == 3,
                                                case["features"].shape)),
      ValueError, "features is a masked array with 4 masked entries; ncfast reads every value"),
-], ids=["weights-meta", "ood-meta", "nested", "int-means", "bool-means", "masked"])
+    ("features", lambda case: torch.empty(NUM_ROWS, NUM_FEATURES, device="meta"), ValueError,
+     "features is a torch tensor on the meta device, which holds no values"),
+    ("labels", lambda case: torch.empty(NUM_ROWS, dtype=torch.int64, device="meta"), ValueError,
+     "labels is a torch tensor on the meta device, which holds no values"),
+], ids=["weights-meta", "ood-meta", "nested", "int-means", "bool-means", "masked",
+        "features-meta", "labels-meta"])
 def test_inputs_without_usable_values_are_refused(case, option, value, error, message):
     """Torch's errors (meta: "Cannot copy out of meta tensor"; nested: "Internal error"), or
-    silently wrong numbers: integer means, a masked row's value measured."""
+    silently wrong numbers: integer means, a masked row's value measured. Meta features and
+    labels were told to move to the CPU with .cpu(), which a meta tensor cannot do."""
     inputs = {"features": case["features"], "labels": case["labels"]}
     inputs[option] = value(case)
     with pytest.raises(error, match=message):
@@ -800,6 +862,14 @@ def test_pass_one_states_take_sizes_and_options_they_can_use(case):
     with pytest.raises(ValueError, match="empty_classes must be one of"):
         ncfast.finalize_pass1(class_sums, empty_classes="nope")
     assert sum([class_sums, class_sums]) == class_sums + class_sums
+
+
+def test_pass_one_states_too_large_for_memory_are_refused_with_their_size():
+    """numpy's MemoryError "Unable to allocate 7.11 PiB"; collapse refused the same sizes."""
+    with pytest.raises(ValueError, match=r"num_classes=1000000000 with 1000000 features needs "
+                                         r"7.45e\+06 GiB of per-class float64 sums.*: check "
+                                         "num_classes .* and the number of features"):
+        ncfast.ClassSums(10**9, 10**6)
 
 
 @pytest.mark.parametrize("counts, error, message", [

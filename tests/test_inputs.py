@@ -127,6 +127,22 @@ def test_npz_archive_named_npy_is_told_to_be_renamed(case, tmp_path):
         ncfast.collapse(tmp_path / "archive.npy", case["labels"])
 
 
+def test_npz_archive_path_is_told_to_pass_one_of_its_arrays(case, tmp_path):
+    """It was told to rename the file with the .npz suffix, which it had."""
+    np.savez(tmp_path / "archive.npz", labels=case["labels"], features=case["features"])
+    for what, inputs in (("features", (tmp_path / "archive.npz", case["labels"])),
+                         ("labels", (case["features"], str(tmp_path / "archive.npz")))):
+        with pytest.raises(ValueError) as raised:
+            ncfast.collapse(*inputs)
+        assert str(raised.value).endswith(
+            "archive.npz' is a .npz archive of arrays (labels, features), not one .npy array; "
+            "in Python, ncfast takes the path of a .npy file or an array: pass one of its "
+            f"arrays, np.load(path)[{what!r}], or read the archive with `ncfast analyze`")
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(ValueError, match=r"empty.npz' is an empty .npz archive \(no arrays\)"):
+        ncfast.collapse(tmp_path / "empty.npz", case["labels"])
+
+
 # --- torch ----------------------------------------------------------------------------------
 
 def test_torch_float32_tensor(case, reference, assert_same_report):

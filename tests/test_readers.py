@@ -2,6 +2,7 @@
 import errno
 import io
 import os
+import pickle
 import zipfile
 
 import h5py
@@ -145,6 +146,22 @@ def test_bfloat16_tensors_are_read_as_float32(tmp_path):
     for name in ("half.safetensors", "half.pt"):
         (array,) = read_file(tmp_path / name).values()
         assert array.dtype == "bfloat16" and array.is_float
+        block = array.rows(1, 3)
+        assert block.dtype == np.float32
+        np.testing.assert_array_equal(block, values[1:3].float().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2,
+                                   torch.float8_e5m2fnuz, torch.float8_e8m0fnu])
+def test_float8_tensors_are_read_as_float32(tmp_path, dtype):
+    """They were refused: "features must be floating point; found float8_e5m2"."""
+    values = torch.arange(1, 13, dtype=torch.float32).reshape(4, 3).to(dtype)
+    save_torch_safetensors({"features": values}, tmp_path / "eighth.safetensors")
+    torch.save({"features": values}, tmp_path / "eighth.pt")
+    for name in ("eighth.safetensors", "eighth.pt"):
+        (array,) = read_file(tmp_path / name).values()
+        assert array.dtype == str(dtype).removeprefix("torch.") and array.is_float
+        assert array.nbytes == 12
         block = array.rows(1, 3)
         assert block.dtype == np.float32
         np.testing.assert_array_equal(block, values[1:3].float().numpy())
@@ -295,6 +312,27 @@ def test_torch_files_of_other_objects_are_refused_in_one_line(tmp_path):
     torch.save({"features": torch.eye(3).to_sparse()}, tmp_path / "sparse.pt")
     with pytest.raises(ValueError, match=r"sparse.pt \[features\]: is a torch.sparse_coo tensor"):
         read_file(tmp_path / "sparse.pt")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_only_torch_legacy_files_are_said_to_be_in_the_legacy_format(tmp_path, protocol):
+    """Random bytes, text or a plain pickle named .pt were said to be in torch's legacy
+    format (torch.load says the same of every file that is not a zip archive)."""
+    values = {"features": torch.ones(4, 3)}
+    torch.save(values, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False,
+               pickle_protocol=protocol)
+    with pytest.raises(ValueError, match="legacy.pt: saved in torch's legacy format"):
+        read_file(tmp_path / "legacy.pt")
+    (tmp_path / "random_epoch1.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "text.pt").write_text("features\n" * 10)
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps(values, protocol))
+    for name in ("random_epoch1.pt", "text.pt", "pickle.pt"):
+        with pytest.raises(ValueError) as error:
+            read_file(tmp_path / name)
+        assert str(error.value) == (
+            f"{tmp_path / name}: not a torch file (neither the zip archive torch.save writes nor "
+            "torch's legacy format); it may be corrupt or of another format: re-save it with "
+            "torch.save")
 
 
 def test_files_without_features_say_how_to_name_arrays(tmp_path):

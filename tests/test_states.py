@@ -7,6 +7,7 @@ whenever a file carries one, and checks every array against the invariants of
 between them (the only check of version-3 files, written before the digest).
 """
 import json
+import os
 import struct
 
 import numpy as np
@@ -469,3 +470,23 @@ def test_one_eigen_coordinate_beyond_its_own_limit_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"stats/eigen_scatter\[{weak}\] is \S+, more than the "
                                          "sum of stats/sq_norm_sums allows for its coordinate"):
         load_state(path)
+
+
+def test_save_state_names_the_path_and_the_fix_where_it_cannot_write(tmp_path):
+    """The errors named the hidden temporary file: IsADirectoryError "'.folder.<hex>.tmp' ->
+    'folder'", FileNotFoundError "'missing/.x.safetensors.<hex>.tmp'"."""
+    state = ClassSums(CLASSES, FEATURES)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    for path, problem in (
+            (tmp_path / "folder", "it is a folder, not a file; name a file instead"),
+            (tmp_path / "missing" / "x.safetensors",
+             f"{str(tmp_path / 'missing')!r} does not exist; create it first"),
+            (tmp_path / "file" / "x.safetensors",
+             f"{str(tmp_path / 'file')!r} is a file, not a folder")):
+        with pytest.raises(ValueError) as error:
+            save_state(path, state)
+        assert str(error.value).startswith(f"cannot write {str(path)!r}: {problem}")
+        assert ".tmp" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder"]
+    assert os.listdir(tmp_path / "folder") == []
