@@ -12,6 +12,7 @@ command line answers ``--help`` and Ctrl-C at once, before numpy, Numba and
 the kernels load.
 """
 import importlib
+import os
 
 __version__ = "0.1.0"
 
@@ -26,9 +27,31 @@ __all__ = ["collapse", "CollapseReport", "ClassSums", "ResidualStats", "Residual
            "finalize_pass1", "Geometry", "METRICS", "release_scratch", "__version__"]
 
 
+def thread_setting_problem(environ=os.environ):
+    """What is wrong with ``NUMBA_NUM_THREADS`` for the kernels, or None.
+
+    Numba refuses 0 or less with an error that does not name the variable, and warns
+    and ignores what is not a whole number: ncfast says so before loading Numba.
+    """
+    setting = environ.get("NUMBA_NUM_THREADS")
+    if setting is None:
+        return None
+    try:
+        threads = int(setting)
+    except ValueError:
+        threads = 0
+    if threads >= 1:
+        return None
+    return (f"NUMBA_NUM_THREADS={setting!r}: ncfast's kernels run on that many Numba threads, "
+            "which must be a whole number of at least 1; unset it to use every core")
+
+
 def __getattr__(name):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'ncfast' has no attribute {name!r}")
+    problem = thread_setting_problem()
+    if problem is not None:
+        raise ValueError(problem)
     value = getattr(importlib.import_module(_PUBLIC[name]), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -4,7 +4,10 @@ Also: ``ncfast.collapse`` never modifies its inputs (numpy arrays or torch
 tensors), whether it succeeds or fails.
 """
 import hashlib
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -31,6 +34,23 @@ def with_bad_value(features, rows, value):
     features = features.copy()
     features[rows, 1] = value
     return features
+
+
+# --- the environment --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting", ["0", "-1", "abc"])
+def test_a_thread_count_numba_cannot_use_is_named(setting):
+    """NUMBA_NUM_THREADS=0 failed inside Numba's import with an error that did not name the
+    variable; "abc" was ignored with a warning that held a traceback."""
+    problem = ncfast.thread_setting_problem({"NUMBA_NUM_THREADS": setting})
+    assert problem.startswith(f"NUMBA_NUM_THREADS={setting!r}: ")
+    assert ncfast.thread_setting_problem({"NUMBA_NUM_THREADS": "3"}) is None
+    assert ncfast.thread_setting_problem({}) is None
+    result = subprocess.run([sys.executable, "-c", "import ncfast; ncfast.collapse"],
+                            env=dict(os.environ, NUMBA_NUM_THREADS=setting),
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"ValueError: {problem}"
 
 
 # --- shapes and dtypes ----------------------------------------------------------------------
