@@ -31,6 +31,7 @@ what ncfast wrote (its recorded digest of its content matches); any other cache
 """
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -38,6 +39,7 @@ import math
 import os
 import re
 import signal
+import stat
 import tempfile
 import threading
 import warnings
@@ -52,10 +54,14 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 
 from ncfast import __version__
 from ncfast.api import collapse
-from ncfast.dumps import (MANIFEST, check_output_folder, open_run, write_atomically,
+from ncfast.dumps import (MANIFEST, check_output_folder, fsync_directory, open_run,
                           write_json_atomically, write_text_atomically)
+from ncfast.engine import resolve_num_classes
+from ncfast.errors import CLEAN_LABEL, LABEL
 from ncfast.geometry import PINV_RTOL, Geometry
-from ncfast.inputs import check_chunk_size, file_problem, one_line
+from ncfast.inputs import (LabelSummary, check_chunk_size, file_problem, one_line,
+                           to_kernel_labels)
+from ncfast.kernels.cpu import largest_label, mark_labels
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
 from ncfast.report import DRAWN_CLASSES, METRICS
 
@@ -347,19 +353,85 @@ def _check_arrays(checkpoint, layers):
     return by_layer
 
 
+#: Labels read per block while C is inferred (32 MiB of int64).
+LABEL_BLOCK_ROWS = 1 << 22
+
+
+class _CheckpointLabels:
+    """The labels and clean labels of every split of a checkpoint, read once: the label source
+    from which ``ncfast.engine.resolve_num_classes`` infers C (as ``ncfast.collapse`` does).
+
+    The classes with rows are flagged in an array of C = largest label + 1 flags when C is at
+    most twice the rows; a larger C leaves most classes empty whatever the labels, and the
+    distinct labels are then gathered (to say how many there are) instead.
+
+    Attributes
+    ----------
+    summary : LabelSummary
+        Its row counts within ``largest``.
+    largest : StoredArray or None
+        The array holding the largest label; None when no label is at least 0.
+    """
+
+    def __init__(self, arrays):
+        self.arrays = [(array, what, kind) for split in arrays.splits.values()
+                       for array, what, kind in ((split.labels, "labels", LABEL),
+                                                 (split.clean_labels, "clean_labels", CLEAN_LABEL))
+                       if array is not None]
+        max_label, max_row, max_kind, self.largest, num_rows = -1, 0, LABEL, None, 0
+        for array, kind, start, block in self._blocks():
+            block_max, block_row = largest_label(block)
+            if block_max > max_label:
+                max_label, max_row, max_kind = block_max, start + block_row, kind
+                self.largest = array
+            num_rows += block.size
+        if max_label + 1 <= 2 * num_rows:
+            seen = np.zeros(max_label + 1, bool)
+            for *_, block in self._blocks():
+                mark_labels(block, seen)
+            labelled = int(seen.sum())
+        else:
+            distinct = np.zeros(0, np.int64)
+            for *_, block in self._blocks():
+                distinct = np.union1d(distinct, block[block >= 0])
+            labelled = distinct.size
+        self.summary = LabelSummary(int(max_label), int(max_row), max_kind, labelled)
+
+    def _blocks(self):
+        """``(array, kind, start, int64 labels of rows start...)`` of every array, in blocks."""
+        for array, what, kind in self.arrays:
+            for start in range(0, array.num_rows, LABEL_BLOCK_ROWS):
+                rows = array.rows(start, start + LABEL_BLOCK_ROWS)
+                try:
+                    block = to_kernel_labels(rows, what, start)
+                except ValueError as error:  # a uint64 label beyond any int64
+                    raise ValueError(f"{array.name}: {error}") from None
+                yield array, kind, start, block
+
+    def label_summary(self):
+        """``summary`` (what ``resolve_num_classes`` asks a label source for)."""
+        return self.summary
+
+
 def _num_classes(checkpoint):
-    """C from the run manifest, or the largest label (and classifier rows) found."""
+    """C from the run manifest, else the classifier's rows, else inferred from the labels and
+    clean labels of every split as ``ncfast.collapse`` infers it.
+
+    A largest label beyond the classifier's rows that would leave most of the classes it
+    implies empty (a stray label) is refused as ``ncfast.collapse`` refuses it, naming the
+    array that holds it.
+    """
     arrays = checkpoint.arrays
     if arrays.num_classes is not None:
         return arrays.num_classes
-    top = -1
-    for split in arrays.splits.values():
-        for labels in (split.labels, split.clean_labels):
-            for start in range(0, 0 if labels is None else labels.num_rows, 1 << 22):
-                top = max(top, int(labels.rows(start, start + (1 << 22)).max()))
-    if arrays.weights is not None:
-        top = max(top, arrays.weights.shape[0] - 1)
-    return top + 1
+    labels = _CheckpointLabels(arrays)
+    classifier_rows = 0 if arrays.weights is None else arrays.weights.shape[0]
+    if labels.largest is None or labels.summary.max_label < classifier_rows:
+        return classifier_rows  # without labels at least 0, measuring says what is wrong
+    try:
+        return resolve_num_classes(None, labels, None, accept_empty=None)
+    except ValueError as error:
+        raise ValueError(f"{labels.largest.name}: {error}") from None
 
 
 def _cache_digest(cache):
@@ -525,7 +597,14 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
     Returns
     -------
     Analysis
+
+    Raises
+    ------
+    ValueError
+        A file or run folder given twice (its rows would be measured twice), by the same
+        path or another (``./a.npz``, a symbolic link): nothing is measured.
     """
+    _refuse_repeated_paths(paths)
     layers = None if layers is None else set(layers)
     checkpoints, failures = discover(paths, labels=labels, clean_labels=clean_labels,
                                      weights=weights, bias=bias)
@@ -554,6 +633,20 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
     analysis.rows.sort(key=lambda row: (row["source"], -1 if row["epoch"] is None
                                         else row["epoch"], row["layer"], row["split"]))
     return analysis
+
+
+def _refuse_repeated_paths(paths):
+    """Raise ValueError when two paths lead to the same file or run folder (followed links,
+    ``.`` and ``..`` resolved)."""
+    seen = {}
+    for path in map(os.fspath, paths):
+        real = os.path.realpath(path)
+        if real in seen:
+            again = "" if path == seen[real] else f" (the second time as {path})"
+            raise ValueError(f"{seen[real]} is given twice{again}; pass each file or run folder "
+                             "once (measured twice, its rows would be repeated; nothing was "
+                             "measured)")
+        seen[real] = path
 
 
 class _TaskColumn(ProgressColumn):
@@ -605,11 +698,11 @@ class _Progress:
 
     def start(self, name):
         """A checkpoint begins."""
-        self._describe(f"[bold]{escape(name)}")
+        self._describe(f"[bold]{escape(one_line(name))}")
 
     def hashing(self, path):
         """A file's content digest is being computed (a long read)."""
-        self._describe(f"[bold]hashing {escape(os.path.basename(path))}")
+        self._describe(f"[bold]hashing {escape(one_line(os.path.basename(path)))}")
 
     def read(self, count):
         """``count`` bytes of features were read."""
@@ -626,9 +719,10 @@ class _Progress:
             self.bar.advance(self.checkpoint_task)
         elif self.enabled:
             self.console.print(
-                f"ncfast analyze: [{self.done}/{self.num_checkpoints}] {name}: {outcome} "
-                f"({decimal_size(self.finished_bytes)} of {decimal_size(self.total_bytes)} of "
-                f"features done, {decimal_size(self.read_bytes)} read)", markup=False,
+                f"ncfast analyze: [{self.done}/{self.num_checkpoints}] {one_line(name)}: "
+                f"{outcome} ({decimal_size(self.finished_bytes)} of "
+                f"{decimal_size(self.total_bytes)} of features done, "
+                f"{decimal_size(self.read_bytes)} read)", markup=False,
                 highlight=False, soft_wrap=True)
 
     def _describe(self, description):
@@ -782,16 +876,15 @@ def write_analysis(analysis, out, metrics=None, *, plots=True):
     Nothing is written when nothing was measured, so that a run whose every
     input failed leaves the results of an earlier one as they were.
 
-    Every figure is drawn first, into a hidden folder ``.ncfast-figures-*`` in
-    ``out``; only when all are drawn are the results and figures written into
-    ``out`` (each file atomically: it holds either its old or its new content)
-    and the figures of an earlier analysis removed. Ctrl-C or an error while
-    drawing leaves ``out`` as it was; Ctrl-C during the final writes is held
-    until they are done (when called from the main thread). What can still
-    leave ``out`` mixed, some files of the earlier analysis beside new ones: an
-    error during the final writes (a full disk) or the process killed then
-    (SIGKILL, SIGTERM, power loss). A process killed while drawing leaves its
-    hidden folder behind.
+    Every file (``metrics.json``, ``metrics.csv``, the figures) is first written in full
+    into a hidden folder ``.ncfast-staged-*`` in ``out``; only when all are there are they
+    renamed into ``out`` (renames need no space), taking the modes of the files they
+    replace, and the figures of an earlier analysis removed. An error while staging (a full
+    disk) or Ctrl-C then leaves ``out`` as it was, and the staged files are removed; Ctrl-C
+    during the renames is held until they are done (when called from the main thread).
+    What can still leave ``out`` mixed, some files of the earlier analysis beside new
+    ones: the process killed during the renames (SIGKILL, power loss). A process killed
+    while staging leaves its hidden folder behind.
 
     Parameters
     ----------
@@ -811,6 +904,8 @@ def write_analysis(analysis, out, metrics=None, *, plots=True):
     ------
     ValueError
         No row was measured.
+    OSError
+        A file could not be staged (``out`` is then as it was).
     """
     from ncfast.plots import remove_stale_plots, write_plots
 
@@ -818,18 +913,21 @@ def write_analysis(analysis, out, metrics=None, *, plots=True):
     if not analysis.rows:
         raise ValueError(f"nothing was measured; {out} is left as it was")
     os.makedirs(out, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".ncfast-figures-", dir=out) as drawing:
-        drawn = []
+    with tempfile.TemporaryDirectory(prefix=".ncfast-staged-", dir=out) as staging:
+        staged = write_results(analysis, staging, metrics)
         if plots:
-            drawn, _ = write_plots(analysis.rows, drawing, scalar_metrics(analysis.rows, metrics))
+            staged += write_plots(analysis.rows, staging,
+                                  scalar_metrics(analysis.rows, metrics))[0]
+        written = [os.path.join(out, os.path.basename(path)) for path in staged]
+        for path, target in zip(staged, written):
+            if os.path.isdir(target):  # found now, not halfway through the renames
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+            with contextlib.suppress(FileNotFoundError):  # else the mode the umask gave it
+                os.chmod(path, stat.S_IMODE(os.stat(target).st_mode))
         with _ctrl_c_held():
-            written = write_results(analysis, out, metrics)
-            for figure in drawn:
-                with open(figure, "rb") as stream:
-                    png = stream.read()
-                path = os.path.join(out, os.path.basename(figure))
-                write_atomically(path, lambda target: target.write(png))
-                written.append(path)
+            for path, target in zip(staged, written):
+                os.replace(path, target)
+            fsync_directory(out)
             removed = remove_stale_plots(out, written)
     return written, removed
 
@@ -889,8 +987,10 @@ OUT/memorization_vs_dilation.png (label noise) and OUT/snapshot-RUN-epochE-LAYER
 (the last checkpoint: cosines between class means against the simplex ETF, per-class
 variance, norm and accuracy). OUT is checked before anything is measured and written only
 when at least one input was measured; figures of those names that an earlier analysis left
-in OUT are removed. Every figure is drawn before any file in OUT is replaced, so Ctrl-C while
-drawing leaves OUT as it was. Progress, messages and errors go to stderr."""
+in OUT are removed. Every file is written into a hidden folder in OUT first and renamed into
+place only when all are written, so Ctrl-C or a full disk while writing leaves OUT as it was.
+The results are printed after the files are written. A file or run folder given twice is
+refused. Progress, messages and errors go to stderr."""
 
 MERGE_DESCRIPTION = """\
 Merge partial pass states saved by ncfast.states.save_state on several processes or machines
@@ -1039,20 +1139,76 @@ def results_tables(rows, metrics, width):
 
 def print_results(analysis, metrics, shown, args, console, title):
     """Print results on stdout in ``args.format``: a title and tables of the ``shown``
-    metrics, or the CSV / JSON of ``metrics`` (the files' content)."""
+    metrics, or the CSV / JSON of ``metrics`` (the files' content).
+
+    Raises
+    ------
+    OSError
+        stdout refused the text (``BrokenPipeError``: its reader closed the pipe).
+    """
     if args.format == "csv":
-        console.file.write(results_csv(analysis, metrics))
+        text = results_csv(analysis, metrics)
     elif args.format == "json":
-        console.file.write(json.dumps(results_document(analysis, metrics), indent=1,
-                                      allow_nan=False) + "\n")
+        text = json.dumps(results_document(analysis, metrics), indent=1, allow_nan=False) + "\n"
     else:
-        console.print(escape(title), highlight=False, soft_wrap=True)
-        for table in results_tables(analysis.rows, shown, console.width):
-            console.print(table)
+        with console.capture() as captured:  # written below: rich would exit on a closed pipe
+            console.print(escape(title), highlight=False, soft_wrap=True)
+            for table in results_tables(analysis.rows, shown, console.width):
+                console.print(table)
+        text = captured.get()
+    console.file.write(text)
+    console.file.flush()
+
+
+def _print_on_stdout(print_them, console, errors, command, kept):
+    """Call ``print_them()``, which prints results on ``console`` (stdout) once their files
+    are written; return the exit status this leaves: 1 when stdout refused them, else 0.
+
+    A reader that stops reading (``ncfast analyze RUN | head``) closes its pipe: that is no
+    error, and the rest of the results is dropped quietly, as most Unix tools do. Any other
+    failed write (``> /dev/full``) is told on ``errors`` in one line ending with ``kept``
+    (where the results are). Either way what stdout did not take is dropped
+    (``_drop_unwritten``).
+    """
+    try:
+        print_them()
+    except OSError as error:
+        _drop_unwritten(console.file)
+        if isinstance(error, BrokenPipeError):
+            return 0
+        _tell(errors, f"{command}: cannot print the results on stdout "
+                      f"({error.strerror or error}); {kept}", error=True)
+        return 1
+    return 0
+
+
+def _drop_unwritten(stream):
+    """Point ``stream``'s file descriptor at ``os.devnull``, so that what its buffer still
+    holds is dropped, not refused again when Python flushes it at exit (which prints a
+    message and exits with status 120). A stream without a descriptor (captured output)
+    has nothing to flush at exit and is left as it is."""
+    try:
+        descriptor = stream.fileno()
+    except io.UnsupportedOperation:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+
+
+def _tell(errors, message, *, error=False):
+    """Print a command's message on ``errors`` (stderr) as one line of plain text (paths in it
+    may hold newlines or terminal escapes: ``one_line``), red when it is an error."""
+    text = escape(one_line(message))
+    errors.print(f"[red]{text}[/red]" if error else text, highlight=False, soft_wrap=True)
 
 
 def run_analyze(args, console, errors):
-    """``ncfast analyze``: check the arguments and --out, measure, print, write."""
+    """``ncfast analyze``: check the arguments and --out, measure, write, print.
+
+    The files are written before the results are printed, so that a stdout that cannot
+    take them (``| head``, a full disk) loses none of them (``_print_on_stdout``).
+    """
     if args.metrics is not None:
         scalar_metrics([], args.metrics)  # reject unknown names before measuring
         if "nc5" in args.metrics:
@@ -1066,23 +1222,13 @@ def run_analyze(args, console, errors):
                        labels=args.labels, clean_labels=args.clean_labels,
                        weights=args.weights, bias=args.bias, use_cache=not args.no_cache,
                        global_mean=args.global_mean, progress=not args.no_progress)
+    cached = "" if args.no_cache else " (the measured checkpoints are cached)"
+    status = 1 if analysis.failures else 0
     if analysis.rows:
-        metrics = scalar_metrics(analysis.rows, args.metrics)
-        shown = metrics if args.metrics is not None else [
-            name for name in TABLE_METRICS if name in metrics]
-        print_results(analysis, args.metrics, shown, args, console,
-                      f"ncfast analyze: {len(analysis.rows)} measurements ({analysis.measured} "
-                      f"layer groups measured, {analysis.cached} from cache)")
         earlier = [name for name in ("metrics.json", "metrics.csv")
                    if os.path.exists(os.path.join(args.out, name))]
-        if analysis.failures and earlier:
-            errors.print(
-                f"[red]ncfast analyze: {escape(args.out)} holds an earlier analysis "
-                f"({', '.join(earlier)}), left as it was: {len(analysis.failures)} input(s) "
-                "failed (below). The measured checkpoints are cached: fix or leave out the "
-                "failed inputs and run again, or write to a new --out[/red]",
-                soft_wrap=True, highlight=False)
-        else:
+        written, removed = None, []
+        if not (analysis.failures and earlier):
             try:
                 written, removed = write_analysis(analysis, args.out, args.metrics,
                                                   plots=not args.no_plots)
@@ -1090,21 +1236,35 @@ def run_analyze(args, console, errors):
                 raise ValueError(
                     f"cannot write the results into {args.out} ({error.strerror or error}"
                     f"{': ' + error.filename if error.filename else ''}); free space or choose "
-                    "another --out, and run again (the measured checkpoints are cached)"
+                    f"another --out, and run again{cached}; {args.out} is left as it was"
                 ) from None
+        metrics = scalar_metrics(analysis.rows, args.metrics)
+        shown = metrics if args.metrics is not None else [
+            name for name in TABLE_METRICS if name in metrics]
+        title = (f"ncfast analyze: {len(analysis.rows)} measurements ({analysis.measured} "
+                 f"layer groups measured, {analysis.cached} from cache)")
+        kept = (f"they are written to {args.out}" if written is not None else
+                "they are not written either (below)")
+        status = max(status, _print_on_stdout(
+            lambda: print_results(analysis, args.metrics, shown, args, console, title),
+            console, errors, "ncfast analyze", kept))
+        if written is None:
+            _tell(errors, f"ncfast analyze: {args.out} holds an earlier analysis "
+                          f"({', '.join(earlier)}), left as it was: {len(analysis.failures)} "
+                          "input(s) failed (below): fix or leave out the failed inputs and run "
+                          f"again{cached}, or write to a new --out", error=True)
+        else:
             stale = f"; removed {len(removed)} figures of an earlier analysis" if removed else ""
-            errors.print(f"ncfast analyze: wrote {len(written)} files to "
-                         f"{escape(args.out)}{stale}", highlight=False, soft_wrap=True)
+            _tell(errors, f"ncfast analyze: wrote {len(written)} files to {args.out}{stale}")
     for failure in analysis.failures:
-        where = "" if failure.name in failure.reason else f" {failure.name}:"
-        errors.print(f"[red]ncfast analyze: FAILED{escape(where)} {escape(failure.reason)}[/red]",
-                     soft_wrap=True, highlight=False)
+        name = one_line(failure.name)
+        where = "" if name in failure.reason else f" {name}:"
+        _tell(errors, f"ncfast analyze: FAILED{where} {failure.reason}", error=True)
     if not analysis.rows:
         found = "measured nothing" if analysis.failures else "found no checkpoints to measure"
-        errors.print(f"[red]ncfast analyze: {found}; {escape(args.out)} is left as it "
-                     "was[/red]", soft_wrap=True, highlight=False)
+        _tell(errors, f"ncfast analyze: {found}; {args.out} is left as it was", error=True)
         return 1
-    return 1 if analysis.failures else 0
+    return status
 
 
 def _check_paths_exist(args):
@@ -1183,9 +1343,9 @@ def run_merge(args, console, errors):
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "pass1.safetensors")
         save_state(path, merged)
-        errors.print(f"ncfast merge: {len(args.states)} pass-1 states, {int(merged.counts.sum()):,}"
-                     f" rows in {int((merged.counts > 0).sum())} of {merged.num_classes} classes"
-                     f" -> {escape(path)}", highlight=False, soft_wrap=True)
+        _tell(errors, f"ncfast merge: {len(args.states)} pass-1 states, "
+                      f"{int(merged.counts.sum()):,} rows in {int((merged.counts > 0).sum())} of "
+                      f"{merged.num_classes} classes -> {path}")
         return 0
     coverage = ("held-out rows (--held-out): not checked against the rows behind the means"
                 if args.held_out else check_pass2_coverage(merged))
@@ -1194,9 +1354,11 @@ def run_merge(args, console, errors):
     row = {"source": "merged", "epoch": None, "split": "",
            "layer": "", "measured_against": "merged", **report.to_dict()}
     analysis = Analysis(rows=[row])
-    print_results(analysis, None, scalar_metrics(analysis.rows), args, console,
-                  f"ncfast merge: {len(args.states)} pass-2 states")
     written = write_results(analysis, args.out)
-    errors.print(f"ncfast merge: {len(args.states)} pass-2 states, {escape(coverage)}; wrote "
-                 f"{escape(', '.join(written))}", highlight=False, soft_wrap=True)
-    return 0
+    status = _print_on_stdout(
+        lambda: print_results(analysis, None, scalar_metrics(analysis.rows), args, console,
+                              f"ncfast merge: {len(args.states)} pass-2 states"),
+        console, errors, "ncfast merge", f"they are written to {args.out}")
+    _tell(errors, f"ncfast merge: {len(args.states)} pass-2 states, {coverage}; wrote "
+                  f"{', '.join(written)}")
+    return status

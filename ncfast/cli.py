@@ -60,7 +60,13 @@ def main(argv=None):
     prints results on stdout, ``errors`` messages on stderr. Ctrl-C at any
     point, the imports of the commands included, exits with status 130.
     """
+    from ncfast import thread_setting_problem
+
     command = "ncfast"
+    problem = thread_setting_problem()
+    if problem is not None:  # Numba would fail in its import, before any command
+        print(f"{command}: {problem}", file=sys.stderr)
+        return 1
     try:
         args = parse_command_line(argv)
         command = f"ncfast {args.command}"
@@ -71,14 +77,20 @@ def main(argv=None):
 
 
 def _run_command(args, command):
-    """Call the handler of ``args``; print an error it raises as one line, status 1."""
+    """Call the handler of ``args``; print an error it raises as one line, status 1.
+
+    Errors and warnings are printed as one line of plain text (``one_line``): a path in
+    them may hold newlines or terminal escapes.
+    """
     from rich.console import Console
     from rich.markup import escape
+
+    from ncfast.inputs import one_line
 
     console, errors = Console(), Console(stderr=True)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
-        errors.print(f"[yellow]{command}: warning: {escape(str(message))}[/yellow]",
+        errors.print(f"[yellow]{command}: warning: {escape(one_line(message))}[/yellow]",
                      highlight=False, soft_wrap=True)
 
     try:
@@ -92,7 +104,7 @@ def _run_command(args, command):
             raise
         message = (f"not enough memory for the sizes asked for ({str(error).splitlines()[0]}); "
                    "ask for smaller ones")
-    errors.print(f"[red]{command}: {escape(message)}[/red]", highlight=False,
+    errors.print(f"[red]{command}: {escape(one_line(message))}[/red]", highlight=False,
                  soft_wrap=True)  # one line, names intact
     return 1
 

@@ -71,7 +71,7 @@ MANIFEST = "manifest.json"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def _fsync_directory(path):
+def fsync_directory(path):
     if os.name != "posix":
         return
     descriptor = os.open(path, os.O_RDONLY)
@@ -154,7 +154,7 @@ def write_atomically(path, write):
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
-    _fsync_directory(folder)
+    fsync_directory(folder)
 
 
 def write_text_atomically(path, text):

@@ -42,7 +42,8 @@ def check_options(*, empty_classes="warn", pinv_rtol=PINV_RTOL):
             f"eigenvalues count as zero; found {pinv_rtol!r} (default {PINV_RTOL})")
 
 
-def resolve_num_classes(num_classes, source, means, *, num_features=None, label_noise=False):
+def resolve_num_classes(num_classes, source, means, *, num_features=None, label_noise=False,
+                        accept_empty="pass num_classes= to accept the empty classes"):
     """C from the option, the given means, or the labels.
 
     When C is inferred from the labels (largest label + 1) and more than half
@@ -61,6 +62,9 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
         memory is refused.
     label_noise : bool
         Pass 1 also keeps clean-row sums (twice the memory).
+    accept_empty : str or None
+        How the caller can accept the empty classes a stray label would leave, said when
+        they would fit in memory; None where it cannot (``ncfast analyze``).
 
     Returns
     -------
@@ -79,9 +83,10 @@ def resolve_num_classes(num_classes, source, means, *, num_features=None, label_
                 f"so inferring num_classes = {max_label + 1} would leave "
                 f"{max_label + 1 - labelled} classes empty: if that label is a mistake, fix it; "
                 "if the labels are not 0..C-1, remap them (np.unique(labels, "
-                "return_inverse=True))" + ("" if class_state_bytes_beyond_memory(
-                    max_label + 1, num_features, label_noise) else
-                    "; or pass num_classes= to accept the empty classes"))
+                "return_inverse=True))" + ("" if accept_empty is None
+                                           or class_state_bytes_beyond_memory(
+                                               max_label + 1, num_features, label_noise)
+                                           else f"; or {accept_empty}"))
         num_classes = max_label + 1
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
         raise TypeError(f"num_classes must be an int; found {num_classes!r}")

@@ -41,6 +41,10 @@ def bad_row_error(kind, row, *, label=None, num_classes=None, values=None):
     -------
     ValueError
     """
+    if kind in (LABEL, CLEAN_LABEL) and label < 0:
+        return ValueError(
+            f"row {row} has {kind} {label}, outside [0, {num_classes}): {LABEL_HINT}; drop "
+            "the rows with negative labels (e.g. -1 for unlabelled rows) or remap them")
     if kind in (LABEL, CLEAN_LABEL):
         return ValueError(
             f"row {row} has {kind} {label}, outside [0, {num_classes}): {LABEL_HINT}; pass "

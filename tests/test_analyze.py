@@ -1,5 +1,6 @@
 """``ncfast analyze`` and ``ncfast merge`` end to end, against direct ``ncfast.collapse`` calls."""
 import csv
+import errno
 import json
 import os
 import re
@@ -21,7 +22,8 @@ from ncfast.dumps import RunWriter
 from ncfast.inputs import as_source
 from ncfast.plots import write_plots
 from ncfast.readers import file_sha256
-from ncfast.states import STATE_VERSION, load_state, merge_states, report_of, save_state
+from ncfast.states import (STATE_VERSION, UNDIGESTED_STATE_VERSION, load_state, merge_states,
+                           report_of, save_state)
 
 CLASSES, EPOCHS, LAYERS = 4, (1, 10, 100), ("penultimate", "linear1")
 RTOL = 1e-9
@@ -356,7 +358,8 @@ def test_states_round_trip_and_refuse_other_means(tmp_path, assert_same_report):
     save_file({"sums": np.zeros((3, 6))}, tmp_path / "old.safetensors",
               metadata={"ncfast_state": "ResidualStats", "version": "2"})
     with pytest.raises(ValueError, match="old.safetensors: not an ncfast state file of "
-                                         f"version {STATE_VERSION} .*version '2'"):
+                                         f"version {UNDIGESTED_STATE_VERSION} or {STATE_VERSION} "
+                                         ".*version '2'"):
         load_state(tmp_path / "old.safetensors")
     with open(tmp_path / "pass2.safetensors", "r+b") as stream:
         stream.truncate(500)
@@ -575,7 +578,12 @@ def test_an_input_failing_later_leaves_an_earlier_analysis_as_it_was(tmp_path, c
     error = capsys.readouterr().err
     assert "holds an earlier analysis (metrics.json, metrics.csv), left as it was: 1 input(s) " \
            "failed" in error and "FAILED" in error
+    assert "run again (the measured checkpoints are cached)" in error
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert main(["analyze", str(good), str(second), "--out", str(out), "--no-progress",
+                 "--no-plots", "--no-cache"]) == 1
+    error = capsys.readouterr().err  # no claim that --no-cache made false
+    assert "holds an earlier analysis" in error and "cached" not in error
 
 
 def test_caches_that_cannot_be_written_give_one_warning_line(tmp_path, capsys, monkeypatch):
@@ -656,18 +664,45 @@ def test_a_write_stopped_while_drawing_leaves_out_as_it_was(tmp_path, monkeypatc
         == {str(later)}
 
 
+@pytest.mark.parametrize("no_cache", [[], ["--no-cache"]])
+def test_a_disk_filling_while_writing_leaves_the_earlier_analysis_whole(tmp_path, monkeypatch,
+                                                                        capsys, no_cache):
+    """metrics.csv was replaced and metrics.json not when the disk filled between them; and
+    the message said the checkpoints were cached under --no-cache too."""
+    out = tmp_path / "out"
+    options = ["--out", str(out), "--no-progress", *no_cache]
+    assert main(["analyze", str(_run_with_three_checkpoints(tmp_path)), *options]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    write_json = analyze_module.write_json_atomically
+
+    def disk_full_at_metrics_json(path, document):
+        if os.path.basename(path) == "metrics.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_json(path, document)
+
+    monkeypatch.setattr(analyze_module, "write_json_atomically", disk_full_at_metrics_json)
+    capsys.readouterr()
+    assert main(["analyze", str(_write_run(tmp_path / "later", (1, 2))), *options]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"cannot write the results into {out} (No space left " \
+        "on device: " in error and f"{out} is left as it was" in error
+    assert ("(the measured checkpoints are cached)" in error) == (not no_cache)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
 def test_ctrl_c_during_the_final_writes_is_held_until_they_are_done(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert main(["analyze", str(_run_with_three_checkpoints(tmp_path)), "--out", str(out),
                  "--no-progress", "--metrics", "nc1"]) == 0
     later = _write_run(tmp_path / "later", (1, 2))
-    write_atomically = analyze_module.write_atomically
+    replace = os.replace
 
-    def press_ctrl_c_then_write(path, write):
-        os.kill(os.getpid(), signal.SIGINT)
-        write_atomically(path, write)
+    def press_ctrl_c_then_rename(source, target):
+        if os.path.dirname(target) == str(out):  # a staged file renamed into place
+            os.kill(os.getpid(), signal.SIGINT)
+        replace(source, target)
 
-    monkeypatch.setattr(analyze_module, "write_atomically", press_ctrl_c_then_write)
+    monkeypatch.setattr(os, "replace", press_ctrl_c_then_rename)
     assert main(["analyze", str(later), "--out", str(out), "--no-progress", "--metrics",
                  "nc1"]) == 130
     assert sorted(os.listdir(out)) == [
@@ -855,3 +890,73 @@ def test_one_checkpoint_draws_snapshots_but_no_metric_curves(tmp_path):
     written, _ = write_plots(analysis.rows, tmp_path / "out", ["nc1", "nc2_etf"])
     names = sorted(os.path.basename(path) for path in written)
     assert names == ["snapshot-run-epoch1-a-train.png"]
+
+
+@pytest.mark.parametrize("stray", ["labels", "clean_labels", "with weights", "--labels"])
+def test_a_stray_label_is_refused_as_collapse_refuses_it(tmp_path, capsys, stray):
+    """C was the largest label + 1: one stray label 500 among classes 0..2 gave a wrong NC1
+    over 501 classes, 497 empty (with a classifier of 3 rows, an error about its shape)."""
+    case = gaussian_classes(120, 5, 3, seed=7)
+    labels = case["labels"].copy()
+    labels[4] = 500
+    path = tmp_path / "dump_epoch1.npz"
+    arrays = {"features": case["features"], "labels": labels}
+    holder, kind = f"{path} [labels]", "label"
+    if stray == "clean_labels":
+        arrays = {**arrays, "labels": case["labels"], "clean_labels": labels}
+        holder, kind = f"{path} [clean_labels]", "clean label"
+    elif stray == "with weights":
+        arrays = {**arrays, "weights": case["weights"]}
+    elif stray == "--labels":
+        path, holder = tmp_path / "features.npy", str(tmp_path / "labels.npy")
+        np.save(path, case["features"])
+        np.save(holder, labels)
+    if stray != "--labels":
+        np.savez(path, **arrays)
+    options = {"labels": holder} if stray == "--labels" else {}
+    (failure,) = analyze([path], progress=False, use_cache=False, **options).failures
+    with pytest.raises(ValueError) as refused:  # what ncfast.collapse says of these labels
+        if kind == "label":
+            collapse(case["features"], labels)
+        else:
+            collapse(case["features"], case["labels"], clean_labels=labels)
+    # The same words but the option the command line lacks.
+    offered = "; or pass num_classes= to accept the empty classes"
+    assert offered in str(refused.value) and "num_classes=" not in failure.reason
+    assert failure.reason == f"{holder}: {str(refused.value).replace(offered, '')}"
+    assert f"row 4 has {kind} 500, but only 4 distinct labels occur" in failure.reason
+    command = ["analyze", str(path), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(command + (["--labels", holder] if options else [])) == 1
+    (failed,) = [line for line in capsys.readouterr().err.splitlines() if "FAILED" in line]
+    assert f"{holder}: row 4 has {kind} 500" in failed
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_manifest_gives_the_classes_may_leave_most_empty(tmp_path):
+    """The stray-label refusal is for C inferred from the labels: a manifest's C stands."""
+    case = gaussian_classes(120, 5, 3, seed=7)
+    RunWriter(tmp_path / "run", config={}, num_classes=20).write_checkpoint(
+        1, {"train": {"features": {"a": case["features"]}, "labels": case["labels"]}})
+    with pytest.warns(UserWarning, match="17 of 20 classes have no rows"):
+        analysis = analyze([tmp_path / "run"], progress=False, use_cache=False)
+    assert analysis.failures == [] and analysis.rows[0]["num_classes"] == 20
+
+
+def test_an_input_given_twice_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    """``a.npz a.npz ./a.npz`` measured one file three times: three identical rows."""
+    monkeypatch.chdir(tmp_path)
+    _write_npz(tmp_path / "a.npz")
+    os.symlink("a.npz", "link.npz")
+    for paths, said in ((["a.npz", "a.npz"], "a.npz is given twice;"),
+                        (["a.npz", "b/../a.npz"], "a.npz is given twice (the second time as "
+                                                  "b/../a.npz);"),
+                        (["link.npz", "./a.npz"], "link.npz is given twice (the second time as "
+                                                  "./a.npz);")):
+        os.makedirs("b", exist_ok=True)
+        with pytest.raises(ValueError, match=re.escape(said)):
+            analyze(paths, progress=False)
+        assert main(["analyze", *paths, "--out", "out", "--no-progress"]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"ncfast analyze: {said} pass each file or run folder once") \
+            and error.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "b", "link.npz"]  # no cache, no out

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cases import gaussian_classes
@@ -60,8 +61,9 @@ def test_merge_refuses_an_out_it_cannot_create(tmp_path, monkeypatch, capsys, ou
     assert sorted(os.listdir(tmp_path)) == ["dangling", "pass1.safetensors"]
 
 
-def test_an_os_error_of_a_command_is_one_line_on_stderr_and_status_1(tmp_path, capsys):
-    """``merge`` writing its state where a folder of that name is: IsADirectoryError."""
+def test_a_folder_where_a_command_writes_is_one_line_on_stderr_and_status_1(tmp_path, capsys):
+    """``merge`` writing its state where a folder of that name is: an IsADirectoryError that
+    named a hidden temporary file, now the path and the fix."""
     case = gaussian_classes(60, FEATURES, CLASSES, seed=1)
     save_state(tmp_path / "pass1-0.safetensors",
                ClassSums(CLASSES, FEATURES).update(case["features"], case["labels"]))
@@ -70,7 +72,9 @@ def test_an_os_error_of_a_command_is_one_line_on_stderr_and_status_1(tmp_path, c
                  "--out", str(tmp_path / "merged")]) == 1
     printed = capsys.readouterr()
     assert printed.out == "" and printed.err.count("\n") == 1
-    assert printed.err.startswith("ncfast merge: [Errno 21] Is a directory")
+    assert printed.err.startswith(f"ncfast merge: cannot write "
+                                  f"'{tmp_path / 'merged' / 'pass1.safetensors'}': it is a "
+                                  "folder, not a file")
 
 
 def test_square_brackets_in_an_error_are_printed_as_they_are(tmp_path, capsys):
@@ -119,6 +123,15 @@ def test_the_command_line_loads_without_numpy_or_numba():
     assert loaded.strip() == "[]"
 
 
+def test_a_thread_count_numba_cannot_use_is_one_line(capsys, monkeypatch):
+    """NUMBA_NUM_THREADS=0 failed with Numba's traceback in its import, even for --help."""
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "0")
+    assert main(["analyze", "--help"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1
+    assert printed.err.startswith("ncfast: NUMBA_NUM_THREADS='0': ")
+
+
 @pytest.mark.parametrize("sizes", [["--dataset", "gaussian", "--num-features", "1000000000"],
                                    ["--width", "1000000000"]], ids=["numpy", "torch"])
 def test_sizes_beyond_memory_are_one_line(tmp_path, capsys, sizes):
@@ -150,3 +163,60 @@ def test_version():
     done = subprocess.run([sys.executable, "-m", "ncfast", "--version"], capture_output=True,
                           text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"ncfast {__version__}"
+
+
+def _write_npz(path, seed=1):
+    case = gaussian_classes(60, FEATURES, CLASSES, seed=seed)
+    np.savez(path, features=case["features"], labels=case["labels"])
+    return path
+
+
+@pytest.mark.parametrize("stdout", ["closed pipe", "/dev/full"])
+@pytest.mark.parametrize("format", ["table", "json"])
+def test_a_stdout_that_refuses_the_results_loses_no_file(tmp_path, stdout, format):
+    """The results were printed before --out was written: ``| head`` (a closed pipe) or a
+    full disk stopped the run, and no file was written."""
+    if stdout == "/dev/full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    paths = [str(_write_npz(tmp_path / f"a_epoch{epoch}.npz", epoch)) for epoch in (1, 2)]
+    out = tmp_path / "out"
+    if stdout == "/dev/full":
+        sink = open("/dev/full", "w")
+    else:
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # nobody reads: the first write meets a broken pipe
+        sink = os.fdopen(write_end, "w")
+    with sink:
+        done = subprocess.run([sys.executable, "-m", "ncfast", "analyze", *paths, "--out",
+                               str(out), "--no-progress", "--no-plots", "--format", format],
+                              stdout=sink, stderr=subprocess.PIPE, text=True)
+    wrote = f"ncfast analyze: wrote 2 files to {out}\n"
+    if stdout == "closed pipe":  # the reader took what it wanted: no error
+        assert (done.returncode, done.stderr) == (0, wrote)
+    else:
+        assert (done.returncode, done.stderr) == (1, (
+            "ncfast analyze: cannot print the results on stdout (No space left on device); "
+            f"they are written to {out}\n{wrote}"))
+    assert len(json.loads((out / "metrics.json").read_text())["rows"]) == 2
+
+
+def test_paths_with_newlines_or_terminal_escapes_are_printed_on_one_line(tmp_path, capsys):
+    """A path was printed as it is: a newline broke the one-line error (and the "wrote" line),
+    and an escape sequence reached the terminal."""
+    name = tmp_path / "red\x1b[31m two\nlines_epoch1.npz"
+    _write_npz(name)
+    out = tmp_path / "out\nfolder"
+    assert main(["analyze", str(name), "--out", str(out)]) == 0
+    bad = tmp_path / "bad\nfile.npz"
+    bad.write_bytes(b"junk")
+    assert main(["analyze", str(bad), str(name), "--out", str(out), "--no-plots"]) == 1
+    assert main(["analyze", str(tmp_path / "no\nsuch.npz")]) == 1
+    assert main(["merge", str(tmp_path / "no\nsuch.safetensors")]) == 1
+    error = capsys.readouterr().err
+    assert "\x1b" not in error
+    lines = error.splitlines()
+    assert all(line.startswith(("ncfast analyze: ", "ncfast merge: ")) for line in lines), lines
+    assert f"ncfast analyze: wrote 3 files to {tmp_path}/out folder" in lines
+    assert any(line.startswith(f"ncfast analyze: FAILED {tmp_path}/bad file.npz")
+               for line in lines)
+    assert any(f"{tmp_path}/no such.npz: no such file or folder" in line for line in lines)
