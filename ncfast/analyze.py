@@ -1232,12 +1232,12 @@ def run_analyze(args, console, errors):
             try:
                 written, removed = write_analysis(analysis, args.out, args.metrics,
                                                   plots=not args.no_plots)
-            except OSError as error:
+            except OSError as error:  # its file is one staged in a hidden folder, now gone
+                failed = f": {os.path.basename(error.filename)}" if error.filename else ""
                 raise ValueError(
                     f"cannot write the results into {args.out} ({error.strerror or error}"
-                    f"{': ' + error.filename if error.filename else ''}); free space or choose "
-                    f"another --out, and run again{cached}; {args.out} is left as it was"
-                ) from None
+                    f"{failed}); free space or choose another --out, and run again{cached}; "
+                    f"{args.out} is left as it was") from None
         metrics = scalar_metrics(analysis.rows, args.metrics)
         shown = metrics if args.metrics is not None else [
             name for name in TABLE_METRICS if name in metrics]

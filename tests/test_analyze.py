@@ -685,7 +685,8 @@ def test_a_disk_filling_while_writing_leaves_the_earlier_analysis_whole(tmp_path
     assert main(["analyze", str(_write_run(tmp_path / "later", (1, 2))), *options]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"cannot write the results into {out} (No space left " \
-        "on device: " in error and f"{out} is left as it was" in error
+        "on device: metrics.json); " in error and f"{out} is left as it was" in error
+    assert ".ncfast-staged" not in error  # the hidden folder it was staged in is gone
     assert ("(the measured checkpoints are cached)" in error) == (not no_cache)
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
