@@ -476,7 +476,9 @@ def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, chec
     # a class 1e12 from the origin, spread 0.1, Tr Sigma_W came out 17 times its value.
     # Differences from a row of the class are about the spread and round by its ulp; a
     # piece of one row is summed exactly. (A float64 sum of float32 values is exact at any
-    # offset they can hold, so float32 rows need no shift.)
+    # offset they can hold, so float32 rows need no shift.) The second stream of values
+    # costs: pass 1 of 400,000 × 512 float64 rows of 100 classes took 0.127-0.133 s against
+    # 0.095-0.104 s (collapse 0.47-0.51 against 0.42-0.43 s), two threads, alternated.
     bad_value = NO_ROW
     first, last = task * rows_per_task, min((task + 1) * rows_per_task, num_rows)
     if in_row_order or check_each_row:
