@@ -126,3 +126,43 @@ def test_a_row_whose_check_fails_is_not_timed(quick_rates, monkeypatch, capsys):
     assert row["meets_floor"] is None and math.isfinite(row["floor_seconds"])
     assert bench_shapes.failed_checks(path) == [row]  # python -m bench.bench_shapes exits 1
     assert "check failed on 1e6x64x10 far" in capsys.readouterr().err
+
+
+def _plotted_row(spread, ncfast_seconds, floor_seconds, torch_seconds=None, torch_rows=None):
+    """A finished row of 200,000 × 4096 × 32,000 with these times, for ``plot``."""
+    row = bench_shapes.Row("2e5x4096x32000", "", 200_000, 4096, 32_000, spread, 32_000,
+                           "features", 200_000 * 4096 * 4, 1e14)
+    row.ncfast_seconds, row.floor_seconds = ncfast_seconds, floor_seconds
+    row.torch_seconds, row.torch_rows = torch_seconds, torch_rows
+    row.limit = bench_shapes.floor_limit(row.classes, spread)
+    return row
+
+
+def _legend_texts(axes):
+    return [text.get_text() for text in axes.get_legend().get_texts()]
+
+
+def test_plot_draws_time_over_floor_from_the_floor():
+    """Run of 2026-11-30 05:30: 164 s over a 121 s floor is 1.36x, not a bar 5x the floor's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = [_plotted_row("collapsed", 164.05, 120.74), _plotted_row("far", 513.31, 428.21)]
+    figure = bench_shapes.plot(rows, 1.0)
+    FigureCanvasAgg(figure).draw()
+    (axes,) = figure.axes
+    bars = axes.patches
+    assert [bar.get_y() for bar in bars] == [1.0, 1.0]
+    assert [bar.get_y() + bar.get_height() for bar in bars] == pytest.approx(
+        [164.05 / 120.74, 513.31 / 428.21])
+    assert axes.get_ylim()[0] == pytest.approx(1.0)
+    assert axes.get_xlabel()
+    assert not [text for text in _legend_texts(axes) if text.startswith("torch")]
+
+
+def test_plot_legend_says_which_torch_times_are_scaled_up():
+    rows = [_plotted_row("collapsed", 3.0, 2.0, 30.0, 200_000),
+            _plotted_row("far", 3.0, 2.0, 300.0, 800)]
+    (axes,) = bench_shapes.plot(rows, 1.0).axes
+    assert [text for text in _legend_texts(axes) if text.startswith("torch")] == [
+        "torch route", "torch route, time scaled up to N from its first 800 rows"]
+    assert [bar.get_hatch() for bar in axes.patches] == [None, None, None, "//"]

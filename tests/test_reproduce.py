@@ -495,3 +495,100 @@ def test_imbalanced_orthogonality_is_checked_against_its_tolerance(tmp_path, mon
     monkeypatch.setattr(claim_imbalanced, "measure_imbalanced", measure)
     outcome = claim_imbalanced.imbalanced(str(tmp_path), grid=spec, seeds=SEEDS)
     assert [statement.verdict for statement in outcome.statements] == [verdict]
+
+
+# --- figures -----------------------------------------------------------------------------
+
+def _drawn(figure):
+    """``figure`` drawn on an Agg canvas, so that its layout is done and its texts placed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure).draw()
+    return figure
+
+
+def _spreads(means):
+    return [(decay, Spread(mean, 0.1 * mean, 3)) for decay, mean in zip((0.0, 1e-4, 3e-4, 1e-3),
+                                                                        means)]
+
+
+def test_metric_panels_keep_every_y_label_inside_the_figure():
+    """The quick grid's last NC1 values: log tick labels as wide as "3×10⁻²"."""
+    from ncfast.harness.figures import parameter_figure
+
+    series = {name: {"nc1": _spreads(nc1), "nc3": _spreads([0.45, 0.24, 0.13, 0.11])}
+              for name, nc1 in (("digits", [0.0045, 0.0019, 0.0023, 0.008]),
+                                ("mnist1d", [0.026, 0.0084, 0.0028, 0.0027]))}
+    figure = _drawn(parameter_figure(series, ["nc1", "nc3"], xlabel="λ", title="last epoch"))
+    inside = figure.bbox
+    for axes in figure.axes[:2]:
+        label = axes.yaxis.label.get_window_extent()
+        assert label.x0 >= inside.x0 and label.x1 <= inside.x1, axes.get_ylabel()
+
+
+def test_symlog_value_axis_keeps_zero_and_decade_tick_labels_apart():
+    """NC4 of digits: 1 row of 1,320 (7.6e-4) is its smallest value above 0."""
+    from ncfast.harness.figures import collapse_curves_figure
+
+    epochs = np.array([1.0, 2, 4, 8, 16, 32, 64, 128, 256, 600])
+    seeds = np.array([[0.3, 0.1, 0.02, 0.005, 1 / 1320, 0, 0, 0, 0, 0],
+                      [0.25, 0.08, 0.01, 0.003, 0.0015, 0, 0, 0, 0, 0]])
+    figure = _drawn(collapse_curves_figure({"λ = 0": (epochs, {"nc4": seeds})}, ["nc4"],
+                                           title="nc4"))
+    axes = figure.axes[0]
+    assert axes.get_yscale() == "symlog"
+    low, high = axes.get_ylim()
+    labels = [label.get_window_extent() for label in axes.get_yticklabels()
+              if label.get_text() and low <= label.get_position()[1] <= high]
+    assert len(labels) >= 3
+    for index, label in enumerate(labels):
+        for other in labels[index + 1:]:
+            assert not label.overlaps(other)
+
+
+def test_series_legend_is_outside_the_data_area():
+    """Test accuracy per noise rate: the no-noise error bars reach the top of the axes."""
+    from ncfast.harness.figures import series_figure
+
+    series = {noise: [(alpha, Spread(mean + 0.01 * alpha, 0.035, 3))
+                      for alpha in (0.0, 0.1, 0.3, 0.5)]
+              for noise, mean in (("no noise", 0.57), ("symmetric 20%", 0.45),
+                                  ("symmetric 40%", 0.32))}
+    figure = _drawn(series_figure(series, xlabel="α", ylabel="test accuracy", title="t"))
+    (axes,) = figure.axes
+    legend = axes.get_legend().get_window_extent()
+    assert not legend.overlaps(axes.get_window_extent())
+    assert figure.bbox.x0 <= legend.x0 and legend.x1 <= figure.bbox.x1
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == list(series)
+
+
+def test_predicted_figure_names_every_point_and_coinciding_points_together():
+    from ncfast.harness.figures import predicted_figure
+
+    points = {"‖w_c‖, L = 1": [(3.5, Spread(3.48, 1e-4, 3), "class 0 (n_c = 200)"),
+                               (2.25, Spread(2.229, 1e-3, 3), "class 2 (n_c = 50)"),
+                               (2.25, Spread(2.228, 1e-3, 3), "class 3 (n_c = 50)")]}
+    (axes,) = predicted_figure(points, title="norms").axes
+    assert [text.get_text() for text in axes.texts] == [
+        "class 0 (n_c = 200)", "class 2 (n_c = 50)\nclass 3 (n_c = 50)"]
+
+
+def test_imbalanced_figures_name_each_point_by_class_and_count(tmp_path, monkeypatch):
+    import ncfast.harness.figures
+    import ncfast.plots
+
+    spec = dataclasses.replace(claim_imbalanced.GRIDS["quick"], depths=(1,))
+    _fake_grid(monkeypatch, claim_imbalanced, lambda run: ({}, []))
+    drawn = []
+    monkeypatch.setattr(ncfast.harness.figures, "predicted_figure",
+                        lambda points, **_: drawn.append(points))
+    monkeypatch.setattr(ncfast.plots, "save_figure", lambda *a, **k: None)
+    table = [{"norm w_c": 1.0, "predicted w_c": 1.0, "error w": 0.0, "norm mu_c": 1.0,
+              "predicted mu_c": 1.0, "error mu": 0.0} for _ in spec.class_counts]
+    monkeypatch.setattr(claim_imbalanced, "measure_imbalanced",
+                        lambda path, config: (SimpleNamespace(nc2_orthogonality=0.0), table))
+    claim_imbalanced.imbalanced(str(tmp_path), grid=spec, seeds=SEEDS)
+    expected = [f"class {index} (n_c = {count})" for index, count in enumerate(COUNTS)]
+    for points in drawn:
+        (group,) = points.values()
+        assert [name for _, _, name in group] == expected

@@ -8,7 +8,8 @@
   parameter swept from 0 (e.g. weight decay), one panel each.
 - :func:`collapse_curves_figure`: metrics against epoch, one curve per
   setting: the median over seeds and a band from the lowest to the highest.
-- :func:`predicted_figure`: measured against predicted values with error bars.
+- :func:`predicted_figure`: measured against predicted values with error bars, each
+  point named.
 
 Each returns a ``matplotlib.figure.Figure``; ``ncfast.plots.save_figure``
 writes it.
@@ -28,7 +29,13 @@ def _errors(spreads):
 
 def _value_axis(axes, values):
     """Log y axis for positive values spanning more than a decade; "symlog" when zeros join
-    them (linear up to the smallest positive value); linear otherwise."""
+    them; linear otherwise.
+
+    The symlog axis is linear up to the power of ten at or below the smallest positive
+    value: its lowest decade tick then sits a whole linear region above the tick at 0. (Linear
+    up to the smallest value itself put that power of ten inside the linear region, a few
+    pixels above 0, the two tick labels on top of each other.)
+    """
     values = np.asarray([value for value in values if np.isfinite(value)], dtype=float)
     positive = values[values > 0]
     if positive.size == 0 or positive.max() <= 10 * positive.min() or (values < 0).any():
@@ -36,13 +43,17 @@ def _value_axis(axes, values):
     if positive.size == values.size:
         axes.set_yscale("log")
     else:
-        axes.set_yscale("symlog", linthresh=positive.min())
+        axes.set_yscale("symlog", linthresh=10.0 ** np.floor(np.log10(positive.min())))
         axes.set_ylim(bottom=0.0)
 
 
 def _metric_panels(metrics, title, draw):
-    """A 2×2 figure, one panel per metric (up to 4): ``draw(axes, metric)`` fills each."""
-    figure = Figure(figsize=(9.0, 6.6))
+    """A 2×2 figure, one panel per metric (up to 4): ``draw(axes, metric)`` fills each.
+
+    Constrained layout makes room for each panel's tick and axis labels (wide log tick
+    labels such as "3×10⁻²" pushed fixed margins' y labels out of the figure).
+    """
+    figure = Figure(figsize=(9.0, 6.6), layout="constrained")
     panels = figure.subplots(2, 2).ravel()
     for axes, metric in zip(panels, metrics):
         draw(axes, metric)
@@ -51,8 +62,6 @@ def _metric_panels(metrics, title, draw):
         axes.set_visible(False)
     panels[0].legend(fontsize=7)
     figure.suptitle(title, fontsize=10)
-    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.92, hspace=0.3,
-                           wspace=0.25)
     return figure
 
 
@@ -114,8 +123,10 @@ def series_figure(series, *, xlabel, ylabel, title):
     Returns
     -------
     Figure
+        The legend is outside the axes, on their right, where it covers no point or error
+        bar.
     """
-    figure = Figure(figsize=(5.8, 4.2))
+    figure = Figure(figsize=(7.0, 4.2), layout="constrained")
     axes = figure.add_subplot()
     for index, (label, points) in enumerate(series.items()):
         xs = [x for x, _ in points]
@@ -127,8 +138,7 @@ def series_figure(series, *, xlabel, ylabel, title):
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=9)
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.91)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return figure
 
 
@@ -206,37 +216,47 @@ def parameter_figure(series, metrics, *, xlabel, title):
 
 
 def predicted_figure(points, *, title):
-    """Measured against predicted values, mean ± standard deviation over seeds.
+    """Measured against predicted values, mean ± standard deviation over seeds, each point
+    named beside it.
 
     Parameters
     ----------
-    points : dict of str to list of (float, Spread)
-        Group label to its (predicted, measured spread) points.
+    points : dict of str to list of (float, Spread, str)
+        Group label to its (predicted, measured spread, name) points, e.g. name
+        ``"class 2 (n_c = 50)"``.
     title : str
 
     Returns
     -------
     Figure
-        With the line measured = predicted.
+        With the line measured = predicted. Points of a group with the same predicted
+        value (they fall on one spot when measured ≈ predicted) share one annotation,
+        their names one per line, so that no point hides another unnamed.
     """
-    figure = Figure(figsize=(5.6, 4.6))
+    figure = Figure(figsize=(5.6, 4.6), layout="constrained")
     axes = figure.add_subplot()
     every_value = []
     for index, (label, group) in enumerate(points.items()):
-        axes.errorbar([predicted for predicted, _ in group],
-                      [spread.mean for _, spread in group],
-                      yerr=_errors(spread for _, spread in group),
+        axes.errorbar([predicted for predicted, _, _ in group],
+                      [spread.mean for _, spread, _ in group],
+                      yerr=_errors(spread for _, spread, _ in group),
                       linestyle="none", marker=MARKERS[index % len(MARKERS)], capsize=3,
                       label=label)
-        every_value += [predicted for predicted, _ in group]
-        every_value += [spread.mean for _, spread in group]
+        shared = {}  # predicted value -> (measured mean of its first point, names)
+        for predicted, spread, name in group:
+            shared.setdefault(predicted, (spread.mean, []))[1].append(name)
+        for predicted, (measured, names) in shared.items():
+            axes.annotate("\n".join(names), (predicted, measured), xytext=(7, -5),
+                          textcoords="offset points", ha="left", va="top", fontsize=7)
+        every_value += [predicted for predicted, _, _ in group]
+        every_value += [spread.mean for _, spread, _ in group]
     low, high = min(every_value), max(every_value)
     axes.plot([low, high], [low, high], ":", color="grey", linewidth=1,
               label="measured = predicted")
+    axes.margins(0.1)  # room inside the axes for the names below the lowest point
     axes.set_xlabel("predicted by the closed form")
     axes.set_ylabel("measured (mean ± std over seeds)")
     axes.set_title(title, fontsize=9)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7)
-    figure.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.92)
     return figure

@@ -257,10 +257,11 @@ def imbalanced(out, *, grid="quick", seeds=None, workers=None, device="auto",
                                "measured ‖μ_c‖": str(cell["norm mu_c"]),
                                "error w": str(cell["error w"]),
                                "error μ": str(cell["error mu"])})
+            point_name = f"class {index} (n_c = {int(count)})"
             figure_points.setdefault(f"‖w_c‖, L = {config.head_depth}", []).append(
-                (first["predicted w_c"], cell["norm w_c"]))
+                (first["predicted w_c"], cell["norm w_c"], point_name))
             figure_points.setdefault(f"‖μ_c‖, L = {config.head_depth}", []).append(
-                (first["predicted mu_c"], cell["norm mu_c"]))
+                (first["predicted mu_c"], cell["norm mu_c"], point_name))
     verdict = statement_verdict(statements)
 
     from ncfast.harness.figures import predicted_figure
