@@ -348,7 +348,7 @@ def test_spread_strings_in_reports_show_mean_and_std():
     assert str(Spread.of([0.5, 0.7])) == f"0.6 ± {math.sqrt(0.02):.2g}"
 
 
-def _report_of_undecided(tmp_path, seeds, grid):
+def _report_of_undecided(tmp_path, seeds, grid, scope="A test grid."):
     from ncfast.harness.grid import GridRun, GridTiming, RunRecord
     from ncfast.harness.reports import Statement, reproduce_command, write_report
 
@@ -364,11 +364,24 @@ def _report_of_undecided(tmp_path, seeds, grid):
     path = write_report(str(tmp_path), title="T", claim="a claim",
                         command=reproduce_command("imbalanced", grid=grid, seeds=seeds,
                                                   workers=1, device="cpu", out=str(tmp_path)),
-                        verdict="undecided.", statements=[statement], scope="A test grid.",
+                        verdict="undecided.", statements=[statement], scope=scope,
                         grid_lines=[], sections=[], plots=[], records=records,
                         run_values={name: {} for name in records}, timing=timing,
                         measure_seconds=0.0)
     return open(path).read()
+
+
+@pytest.mark.parametrize("seeds, resolution", [(2, "2.0"), (5, "1.3")])
+def test_a_grids_scope_states_the_seeds_it_was_run_with(tmp_path, seeds, resolution):
+    """`--seeds 5` on the quick imbalanced grid wrote "3 seeds" in the scope beside a grid of
+    5 seeds per depth."""
+    text = _report_of_undecided(tmp_path, seeds, "quick", scope=claim_imbalanced.QUICK.scope
+                                + " A difference must exceed {resolution:.1f} std.")
+    assert f"one weight decay (5e-3 on the head and the features), {seeds} seeds." in text
+    assert f"A difference must exceed {resolution} std." in text
+    for grids in GRIDS.values():  # every grid's scope is a template of these two names only
+        for spec in grids.values():
+            assert "{" not in spec.scope.format(seeds=3, resolution=1.6)
 
 
 def test_report_says_why_a_statement_is_undecided(tmp_path):

@@ -47,7 +47,9 @@ class ImbalancedGrid:
     seeds : int
         Seeds per setting (K), unless the caller gives another count.
     scope : str
-        What the grid can and cannot decide, written before any result.
+        What the grid can and cannot decide, written before any result; ``{seeds}`` and
+        ``{resolution}`` stand for the seeds a setting is run with and what the comparison
+        rule can then decide (``write_report``).
     """
 
     depths: tuple
@@ -61,13 +63,13 @@ class ImbalancedGrid:
 QUICK = ImbalancedGrid(
     depths=(1, 3), class_counts=(200, 100, 50, 50), epochs=3000, decay=5e-3, seeds=3,
     scope="Head depths L = 1 and 3, class counts 200, 100, 50 and 50, one weight decay "
-          "(5e-3 on the head and the features), 3 seeds. Other imbalances, decays and depths "
+          "(5e-3 on the head and the features), {seeds} seeds. Other imbalances, decays and depths "
           "are not tried; L = 2 and 4 and 5 seeds are in the full grid.")
 
 FULL = ImbalancedGrid(
     depths=(1, 2, 3, 4), class_counts=(200, 100, 50, 50), epochs=6000, decay=5e-3, seeds=5,
     scope="Head depths L = 1 to 4, class counts 200, 100, 50 and 50, one weight decay (5e-3 "
-          "on the head and the features), 5 seeds, 6,000 full-batch steps. Other imbalances "
+          "on the head and the features), {seeds} seeds, 6,000 full-batch steps. Other imbalances "
           "and decays are not tried.")
 
 GRIDS = {"quick": QUICK, "full": FULL}

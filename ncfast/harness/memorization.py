@@ -51,7 +51,9 @@ class MemorizationGrid:
     seeds : int
         Seeds per setting (K), unless the caller gives another count.
     scope : str
-        What the grid can and cannot decide, written before any result.
+        What the grid can and cannot decide, written before any result; ``{seeds}`` and
+        ``{resolution}`` stand for the seeds a setting is run with and what the comparison
+        rule can then decide (``write_report``).
     """
 
     base: TrainConfig
@@ -70,9 +72,9 @@ QUICK = MemorizationGrid(
     scope="Symmetric noise only, one small ReLU MLP (3 hidden layers of 256) on 2,000 "
           "MNIST-1D training rows, 300 epochs (at 200, two of three seeds at 20% noise and "
           "α = 0.5 stopped one row short of fitting every noisy label in a trial run of this "
-          "grid), 3 seeds. With 3 seeds a side and equal "
-          "spreads, a difference must exceed about 1.6 standard deviations of the seeds to "
-          "count, so only large effects are decided. Pair-flip noise, α = 0.05, 0.2 and 0.7, "
+          "grid), {seeds} seeds. With {seeds} seeds a side and equal "
+          "spreads, a difference must exceed about {resolution:.1f} standard deviations of the "
+          "seeds to count, so only large effects are decided. Pair-flip noise, α = 0.05, 0.2 and 0.7, "
           "a wider and deeper MLP on 4,000 rows and 5 seeds are in the full grid "
           "(`--grid full`) only; neither grid speaks for the paper's architectures and "
           "datasets (deep MLPs with batch norm on binary image tasks, ResNets on CIFAR).")
@@ -87,7 +89,7 @@ FULL = MemorizationGrid(
     scope="Symmetric and pair-flip noise at 20% and 40%, α from 0 to 0.7, a ReLU MLP (4 "
           "hidden layers of 512) on 4,000 MNIST-1D training rows, 800 epochs (at 500, a CPU "
           "trial of the hardest cell, 40% symmetric noise and α = 0.7, seed 0, stopped one row "
-          "short of the terminal phase), 5 seeds. It does not speak for the paper's "
+          "short of the terminal phase), {seeds} seeds. It does not speak for the paper's "
           "architectures and datasets (deep MLPs with batch norm on binary image tasks, "
           "ResNets on CIFAR).")
 

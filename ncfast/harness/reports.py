@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from ncfast import __version__
 from ncfast.dumps import write_atomically
 from ncfast.harness.training import TrainConfig
-from ncfast.harness.verdicts import CONTRADICTED, HELD, RULE, UNDECIDED, combine
+from ncfast.harness.verdicts import (CONTRADICTED, HELD, RULE, UNDECIDED, combine,
+                                     resolution_in_stds)
 
 #: Each verdict as a sentence says it: "the claim held", "... is undecided".
 VERDICT_WORDS = {HELD: "held", CONTRADICTED: "did NOT hold", UNDECIDED: "is undecided"}
@@ -172,7 +173,9 @@ def write_report(out, *, title, claim, command, verdict, statements, scope, grid
         Of the whole claim, as one markdown sentence.
     statements : list of Statement
     scope : str
-        What this grid can and cannot decide, before seeing any result.
+        What this grid can and cannot decide, before seeing any result; ``{seeds}`` in it
+        becomes the number of seeds run, ``{resolution}`` the least difference the rule
+        counts with them, in standard deviations (``verdicts.resolution_in_stds``).
     grid_lines : list of str
         Markdown bullet points describing the grid.
     sections : list of (str, str)
@@ -197,7 +200,8 @@ def write_report(out, *, title, claim, command, verdict, statements, scope, grid
                               "verdict": f"**{statement.verdict}**",
                               "evidence": statement.evidence} for statement in statements]),
              "", f"**Verdict: {verdict}**", "",
-             f"**What this grid can and cannot decide.** {scope}"]
+             "**What this grid can and cannot decide.** "
+             + scope.format(seeds=len(seeds), resolution=resolution_in_stds(len(seeds)))]
     if undecided:
         lines[-1] += f" In this run it could not decide {', '.join(undecided)}: " + \
             _undecided_reason(records, command)

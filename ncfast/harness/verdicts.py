@@ -26,6 +26,13 @@ HELD, CONTRADICTED, UNDECIDED = "held", "contradicted", "undecided"
 #: Multiple of the standard error a difference must exceed to count.
 STANDARD_ERRORS = 2.0
 
+
+def resolution_in_stds(seeds):
+    """The least difference of two settings' means, in standard deviations of their seeds
+    (equal on both sides), that :data:`RULE` counts with ``seeds`` seeds a side:
+    ``STANDARD_ERRORS * sqrt(2 / seeds)`` (1.6 at 3 seeds, 1.3 at 5)."""
+    return STANDARD_ERRORS * math.sqrt(2.0 / seeds)
+
 RULE = (
     "Each setting is run with K seeds and reported as mean ± sample standard deviation "
     "(s) over them. Two settings A and B are compared by the difference of their means "

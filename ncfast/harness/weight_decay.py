@@ -51,7 +51,9 @@ class WeightDecayGrid:
     seeds : int
         Seeds per setting (K), unless the caller gives another count.
     scope : str
-        What the grid can and cannot decide, written before any result.
+        What the grid can and cannot decide, written before any result; ``{seeds}`` and
+        ``{resolution}`` stand for the seeds a setting is run with and what the comparison
+        rule can then decide (``write_report``).
     """
 
     datasets: tuple
@@ -75,9 +77,10 @@ QUICK = WeightDecayGrid(
     scope="Weight decay 0, 1e-4, 3e-4 and 1e-3 (3e-3 and 1e-2 left training error above 0 "
           "after 300-600 epochs in trial runs made while setting this grid up, which puts them "
           "outside the claim's setting); a bias-free ReLU MLP of 3 hidden layers of 128; 600 "
-          "epochs; 3 seeds; on digits (about 1,330 balanced training rows) and on 1,250 "
-          "MNIST-1D samples (about 930 balanced training rows). With 3 seeds a side a "
-          "difference must exceed about 1.6 standard deviations of the seeds to count. Wider "
+          "epochs; {seeds} seeds; on digits (about 1,330 balanced training rows) and on 1,250 "
+          "MNIST-1D samples (about 930 balanced training rows). With {seeds} seeds a side a "
+          "difference must exceed about {resolution:.1f} standard deviations of the seeds to "
+          "count. Wider "
           "networks, more data, longer training, λ from 1e-5 to 3e-3 and 5 seeds are in the "
           "full grid only.")
 
@@ -87,7 +90,7 @@ FULL = WeightDecayGrid(
                                  num_samples=5000)),
     decays=(0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3), seeds=5,
     scope="Weight decay 0 and 1e-5 to 3e-3, a bias-free ReLU MLP of 3 hidden layers of 256, "
-          "2,000 epochs, 5 seeds, on digits and on 4,000 MNIST-1D training samples "
+          "2,000 epochs, {seeds} seeds, on digits and on 4,000 MNIST-1D training samples "
           "(balanced). Settings whose runs do not reach zero training error by half their "
           "epochs are outside the claim's setting and not counted: in a CPU trial (digits, "
           "seed 0) λ = 3e-3 left 2 of 1,330 rows unfitted after 2,000 epochs; it stays in the "
