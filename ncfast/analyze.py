@@ -67,13 +67,18 @@ from ncfast.report import DRAWN_CLASSES, METRICS
 
 #: Bumped when the cache's layout, the rows' form or what a metric's value is changes (3: the
 #: "features" route's NC1 from exact eigen-coordinates, no longer a float32 scatter; 4: the
-#: cache records its own digest, and file stamps the status-change time); a cache of another
-#: version is not used. Cached rows are also keyed by the ncfast version.
-CACHE_VERSION = 4
+#: cache records its own digest, and file stamps the status-change time; 5: cosine histograms
+#: over the range the cosines span, no longer over [-1, 1]); a cache of another version is
+#: not used. Cached rows are also keyed by the ncfast version.
+CACHE_VERSION = 5
 CACHE_NAME = "ncfast-cache.json"
 
-#: Bins of the cosine histograms, evenly over [-1, 1].
+#: Bins of a cosine histogram (at most; of equal width over the range the cosines span).
 COSINE_BINS = 40
+
+#: Even bins over [-1, 1] the cosines are first counted in (width 3e-5): the range of a
+#: histogram is known to this width.
+COSINE_FINE_BINS = 1 << 16
 
 #: Class means per tile of the cosine histogram (memory: tile × C' float64).
 COSINE_TILE = 512
@@ -94,8 +99,11 @@ class Checkpoint:
 
     Attributes
     ----------
+    path : str
+        The run folder or file it is read from.
     source : str
-        The run folder or file it comes from.
+        The run it belongs to (its rows' ``source``): ``path``, or for a file of a series
+        (``discover``) the series' name.
     arrays : CheckpointArrays
     cache_path : str
         JSON file where its results are cached.
@@ -104,6 +112,7 @@ class Checkpoint:
         for files whose status has not changed since).
     """
 
+    path: str
     source: str
     arrays: CheckpointArrays
     cache_path: str
@@ -115,7 +124,7 @@ class Checkpoint:
 
     @property
     def name(self):
-        return self.source if self.epoch is None else f"{self.source} epoch {self.epoch}"
+        return self.path if self.epoch is None else f"{self.path} epoch {self.epoch}"
 
 
 @dataclass
@@ -146,10 +155,53 @@ class Analysis:
     cached: int = 0
 
 
+def _last_number(path):
+    """The last run of digits in a file's name before its extension (a ``re.Match`` in the
+    name), or None."""
+    name = os.path.basename(path)
+    numbers = list(re.finditer(r"\d+", os.path.splitext(name)[0]))
+    return numbers[-1] if numbers else None
+
+
 def epoch_from_name(path):
     """The last integer in a file's name (``feats_epoch12.npz`` -> 12), or None."""
-    numbers = re.findall(r"\d+", os.path.splitext(os.path.basename(path))[0])
-    return int(numbers[-1]) if numbers else None
+    number = _last_number(path)
+    return None if number is None else int(number.group())
+
+
+def _series_sources(paths):
+    """The run of each file of a series: files in one folder whose names differ only in the
+    epoch (``run_epoch1.npz``, ``run_epoch2.npz``), named after them with the epoch taken
+    out (``run_epoch.npz``).
+
+    A name shared by one file, by files of the same epoch (``a01.npz``, ``a1.npz``) or by a
+    path given itself makes no series.
+
+    Parameters
+    ----------
+    paths : sequence of str
+
+    Returns
+    -------
+    dict of str to str
+        File path -> series name, for the files of a series.
+    """
+    series = {}
+    for path in paths:
+        number = _last_number(path)
+        if number is None or os.path.isdir(path):
+            continue
+        folder, name = os.path.split(path)
+        unnumbered = name[:number.start()] + name[number.end():]
+        key = os.path.join(os.path.realpath(folder or "."), unnumbered)
+        series.setdefault(key, []).append((path, os.path.join(folder, unnumbered)))
+    given = {os.path.realpath(path) for path in paths}
+    sources = {}
+    for key, files in series.items():
+        epochs = {epoch_from_name(path) for path, _ in files}
+        if len(files) > 1 and len(epochs) == len(files) and key not in given:
+            sources.update((path, files[0][1]) for path, _ in files)
+    return sources
 
 
 def _single_array(path, what):
@@ -167,7 +219,10 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
     ----------
     paths : sequence of str or PathLike
         Run folders and single files (one checkpoint each; its epoch is the
-        last number in the file name).
+        last number in the file name). Files in one folder whose names differ
+        only in that number (``run_epoch1.npz``, ``run_epoch2.npz``) are the
+        checkpoints of one run (``_series_sources``), named after them with the
+        number taken out (``run_epoch.npz``); each keeps its own cache.
     labels, clean_labels, weights, bias : str or PathLike, optional
         Files of one array each, for single files holding only features (a
         ``.npy``, a bare torch tensor).
@@ -179,8 +234,10 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
         Paths that could not be opened.
     """
     extras = {"labels": labels, "clean_labels": clean_labels, "weights": weights, "bias": bias}
+    paths = list(map(os.fspath, paths))
+    series = _series_sources(paths)
     checkpoints, failures = [], []
-    for path in map(os.fspath, paths):
+    for path in paths:
         try:
             if os.path.isdir(path):
                 run = open_run(path)  # first: a folder that is not a run is named as such
@@ -190,14 +247,16 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
                                      f"--{given[0].replace('_', '-')} applies to feature files")
                 manifest_time = os.stat(os.path.join(path, MANIFEST)).st_mtime_ns
                 checkpoints.extend(
-                    Checkpoint(path, arrays, os.path.join(run.folders[arrays.epoch], CACHE_NAME),
+                    Checkpoint(path, path, arrays,
+                               os.path.join(run.folders[arrays.epoch], CACHE_NAME),
                                manifest_time) for arrays in run.checkpoints)
                 continue
             arrays = file_layout(path)
             arrays.epoch = epoch_from_name(path)
             _attach_extras(path, arrays, {key: value for key, value in extras.items()
                                           if value is not None})
-            checkpoints.append(Checkpoint(path, arrays, f"{path}.{CACHE_NAME}"))
+            checkpoints.append(Checkpoint(path, series.get(path, path), arrays,
+                                          f"{path}.{CACHE_NAME}"))
         except (ValueError, TypeError, OSError) as error:
             failures.append(Failure(path, one_line(error)))
     return checkpoints, failures
@@ -309,7 +368,7 @@ def _check_arrays(checkpoint, layers):
             raise ValueError(f"{checkpoint.name}: split {split!r} has labels but no features; "
                              f"store them as '{split}/features[/LAYER]'")
         if split_arrays.labels is None:
-            raise ValueError(f"{checkpoint.source}: split {split!r} has no labels; pass "
+            raise ValueError(f"{checkpoint.path}: split {split!r} has no labels; pass "
                              "--labels FILE or store a 'labels' array with the features")
         for array in (split_arrays.labels, split_arrays.clean_labels):
             if array is None:
@@ -348,7 +407,7 @@ def _check_arrays(checkpoint, layers):
                          "'weights' (C, D) beside it (with --bias, pass --weights FILE too)")
     if not by_layer:
         found = sorted({layer for split in arrays.splits.values() for layer in split.features})
-        raise ValueError(f"{checkpoint.source}: none of the layers {sorted(layers)} is here "
+        raise ValueError(f"{checkpoint.path}: none of the layers {sorted(layers)} is here "
                          f"(found {found}); check --layers")
     return by_layer
 
@@ -526,17 +585,35 @@ def _measure_layer(checkpoint, layer, splits, num_classes, *, chunk_size, global
 
 
 def cosine_histogram(cosines):
-    """Counts of cosines in ``COSINE_BINS`` even bins over [-1, 1].
+    """Counts of cosines in ``COSINE_FINE_BINS`` even bins over [-1, 1].
 
     Returns
     -------
-    counts : int64 array of shape (COSINE_BINS,)
-    edges : float64 array of shape (COSINE_BINS + 1,)
+    int64 array of shape (COSINE_FINE_BINS,)
     """
-    edges = np.linspace(-1.0, 1.0, COSINE_BINS + 1)
-    bins = np.clip(((np.asarray(cosines) + 1.0) * (COSINE_BINS / 2.0)).astype(np.int64), 0,
-                   COSINE_BINS - 1)
-    return np.bincount(bins.ravel(), minlength=COSINE_BINS), edges
+    bins = np.clip(((np.asarray(cosines) + 1.0) * (COSINE_FINE_BINS / 2.0)).astype(np.int64),
+                   0, COSINE_FINE_BINS - 1)
+    return np.bincount(bins.ravel(), minlength=COSINE_FINE_BINS)
+
+
+def _over_their_range(fine_counts):
+    """The counts of ``cosine_histogram`` merged into at most ``COSINE_BINS`` bins of equal
+    width, from the first fine bin holding a cosine to the last (at collapse the cosines
+    fill a narrow range around the simplex ETF's value that fixed bins would lump together).
+
+    Returns
+    -------
+    counts : int64 array of shape (B,), B <= COSINE_BINS
+    edges : float64 array of shape (B + 1,)
+    """
+    filled = np.flatnonzero(fine_counts)
+    first, span = filled[0], filled[-1] + 1 - filled[0]
+    merged = -(-span // COSINE_BINS)  # fine bins per bin
+    num_bins = -(-span // merged)
+    padded = np.zeros(num_bins * merged, np.int64)
+    padded[:span] = fine_counts[first:first + span]
+    edges = -1.0 + (first + merged * np.arange(num_bins + 1)) * (2.0 / COSINE_FINE_BINS)
+    return padded.reshape(num_bins, merged).sum(axis=1), np.minimum(edges, 1.0)
 
 
 def class_mean_cosines(report):
@@ -551,8 +628,8 @@ def class_mean_cosines(report):
     dict
         ``{"cosine_matrix": C'×C' nested lists (4 decimals)}`` over the present
         classes when C' <= ``DRAWN_CLASSES``, else ``{"cosine_histogram":
-        {"edges": [...], "counts": [...]}}`` over the C'(C'-1)/2 pairs (tiles
-        of ``COSINE_TILE`` means, never a C'×C' matrix).
+        {"edges": [...], "counts": [...]}}`` over the C'(C'-1)/2 pairs
+        (``_over_their_range``; tiles of ``COSINE_TILE`` means, never a C'×C' matrix).
     """
     geometry = Geometry.from_means(report.means, report.mean_counts,
                                    global_mean=report.global_mean)
@@ -562,12 +639,12 @@ def class_mean_cosines(report):
     if num_means <= DRAWN_CLASSES:
         cosines = np.clip(units @ units.T, -1.0, 1.0)
         return {"cosine_matrix": np.round(cosines, 4).tolist()}
-    counts = np.zeros(COSINE_BINS, np.int64)
+    fine_counts = np.zeros(COSINE_FINE_BINS, np.int64)
     for start in range(0, num_means, COSINE_TILE):
         tile = units[start:start + COSINE_TILE] @ units[start:].T
         later = np.arange(tile.shape[1])[None, :] > np.arange(tile.shape[0])[:, None]
-        tile_counts, edges = cosine_histogram(tile[later])
-        counts += tile_counts
+        fine_counts += cosine_histogram(tile[later])
+    counts, edges = _over_their_range(fine_counts)
     return {"cosine_histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
 
 
@@ -971,7 +1048,9 @@ Measure neural collapse of every checkpoint x split x layer in run folders (writ
 ncfast.dumps.RunWriter, with a manifest.json) and feature files (.npy, .npz, .safetensors,
 .pt/.pth, .h5/.hdf5). Arrays in a file are named [SPLIT/]features[/LAYER], [SPLIT/]labels,
 [SPLIT/]clean_labels, weights, bias; a file of features alone takes --labels (and
---weights/--bias). Files are streamed in row blocks, never loaded whole.
+--weights/--bias). A file's epoch is the last number in its name: files in one folder whose
+names differ only in it (run_epoch1.npz, run_epoch2.npz, ...) are one run, run_epoch.npz.
+Files are streamed in row blocks, never loaded whole.
 
 The train split is measured against its own class means (with memorization and dilation when
 clean labels exist); other splits against the train means of the same checkpoint and layer;

@@ -2,8 +2,10 @@
 
 - ``METRIC.png``: each metric against epoch, in the style of Papyan, Han &
   Donoho (2020): epoch on a log axis, one line per run, layer and split
-  (train solid, other splits dashed, one colour per run and layer), the
-  metric on a log axis when it is positive and spans more than a decade.
+  (train solid, other splits dashed, one colour per run and layer; a split
+  whose curve equals another's drawn once), the metric on a log axis when it
+  is positive and spans more than a decade; epochs without a finite value
+  marked at the top.
 - ``memorization_vs_dilation.png``: the two label-noise metrics over
   training (Nguyen et al. 2023).
 - ``snapshot-RUN-epochE-LAYER-SPLIT.png``: one checkpoint (the last of each
@@ -19,10 +21,13 @@ mixes two analyses.
 import io
 import os
 import re
+import textwrap
 
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import (FixedLocator, FuncFormatter, LogLocator, MaxNLocator,
+                               NullFormatter, StrMethodFormatter)
 
 from ncfast.dumps import write_atomically
 from ncfast.report import DRAWN_CLASSES, METRICS
@@ -35,16 +40,22 @@ SPLIT_STYLES = {"train": "-", "test": "--"}
 
 
 def _curves(rows, metric):
-    """``{(source, layer, split): (epochs, values)}`` for rows with an epoch, sorted by epoch."""
+    """``{(source, layer, split): (epochs, values)}`` for rows with an epoch, sorted by epoch.
+
+    A value that is not a finite number (None: NaN or an overflow to ±inf, which the rows
+    cannot tell apart) is NaN; a curve with no finite value is left out.
+    """
     curves = {}
     for row in rows:
-        value = row.get(metric)
-        if row["epoch"] is None or value is None:
+        if row["epoch"] is None:
             continue
+        value = row.get(metric)
         curves.setdefault((row["source"], row["layer"], row["split"]), []).append(
-            (row["epoch"], value))
-    return {key: tuple(np.array(column, dtype=float) for column in zip(*sorted(points)))
-            for key, points in curves.items()}
+            (row["epoch"], np.nan if value is None else value))
+    curves = {key: tuple(np.array(column, dtype=float) for column in zip(*sorted(points)))
+              for key, points in curves.items()}
+    return {key: (epochs, np.where(np.isfinite(values), values, np.nan))
+            for key, (epochs, values) in curves.items() if np.isfinite(values).any()}
 
 
 #: The PNG ``Software`` text of every figure ncfast draws: only files carrying it are ever
@@ -93,18 +104,82 @@ def source_labels(sources):
     return {source: source for source in parts}
 
 
-def _line_label(key, labels):
-    source, layer, split = key
-    label = f"{layer} / {split}"
+def _line_label(key, labels, splits):
+    source, layer, _ = key
+    label = f"{layer} / {' = '.join(splits)}"
     return f"{labels[source]}: {label}" if len(labels) > 1 else label
+
+
+def _distinct_curves(curves):
+    """The curves to draw: one that equals another of the same run and layer exactly (a
+    test split measured against the train means, for a metric of the means alone) is drawn
+    once.
+
+    Returns
+    -------
+    dict
+        ``(source, layer, split)`` -> the splits that curve draws, train first.
+    """
+    drawn = {}
+    for key in sorted(curves, key=lambda key: (key[:2], key[2] != "train", key[2])):
+        epochs, values = curves[key]
+        same = [other for other in drawn if other[:2] == key[:2]
+                and np.array_equal(curves[other][0], epochs)
+                and np.array_equal(curves[other][1], values, equal_nan=True)]
+        if same:
+            drawn[same[0]].append(key[2])
+        else:
+            drawn[key] = [key[2]]
+    return drawn
+
+
+def _legend_below(figure, axes):
+    """The legend of ``axes`` under them (never over a curve), two entries a row in their
+    order (a run's train and test side by side); the figure grows by the rows it takes."""
+    handles, labels = axes.get_legend_handles_labels()
+    columns = min(len(handles), 2)
+    figure.set_figheight(figure.get_figheight() + 0.14 * -(-len(handles) // columns))
+    # The legend fills its columns one after the other.
+    figure.legend(handles[0::2] + handles[1::2], labels[0::2] + labels[1::2],
+                  loc="outside lower center", ncols=columns, fontsize=7, frameon=False)
+
+
+def _epoch_axis(axes, epochs):
+    """Epoch on a log axis (symmetric log when epoch 0 is there), ticks as plain integers.
+
+    Within a decade the log axis has no major tick to label: the epochs are the ticks
+    (integers spread over the range when there are more than 8; never ``2×10⁰``).
+    """
+    first, last = epochs.min(), epochs.max()
+    if first > 0:
+        axes.set_xscale("log")
+        if last < 10 * first:
+            distinct = np.unique(epochs)
+            axes.xaxis.set_major_locator(FixedLocator(distinct) if distinct.size <= 8 else
+                                         MaxNLocator(nbins=6, integer=True))
+        else:  # 1, 2, 5, 10, ... up to three decades, else the decades alone
+            axes.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if last <= 1000 * first
+                                                    else (1,)))
+        axes.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        axes.set_xscale("symlog")
+    axes.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
 
 
 #: Values a logarithmic metric axis may span.
 LOG_AXIS_RANGE = (1e-250, 1e250)
 
+#: Characters of a METRIC.png title per line.
+TITLE_WIDTH = 60
+
 
 def metric_figure(rows, metric):
     """One metric against epoch, one line per (source, layer, split).
+
+    A split whose curve equals another of the same run and layer is drawn once, labelled
+    ``train = test``; an epoch where a curve has no finite value (an overflow, NaN) breaks
+    the line and is marked with an ``x`` at the top of the axes. The legend is under the
+    axes.
 
     Parameters
     ----------
@@ -122,18 +197,27 @@ def metric_figure(rows, metric):
     curves = _curves(rows, metric)
     if all(len(epochs) < 2 for epochs, _ in curves.values()):
         return None
-    figure = Figure(figsize=(5.5, 4.0))
+    figure = Figure(figsize=(5.5, 4.0), layout="constrained")
     axes = figure.add_subplot()
     # One colour per run and layer; the split (train/test) sets the line style.
     sources_and_layers = sorted({key[:2] for key in curves})
     colours = {pair: f"C{index % 10}" for index, pair in enumerate(sources_and_layers)}
     labels = source_labels(key[0] for key in curves)
-    for key, (epochs, values) in sorted(curves.items()):
+    drawn = _distinct_curves(curves)
+    not_finite = "no value (overflow, NaN or undefined)"
+    for key, splits in drawn.items():
+        epochs, values = curves[key]
         axes.plot(epochs, values, SPLIT_STYLES.get(key[2], ":"), color=colours[key[:2]],
-                  marker="o", markersize=3, linewidth=1.5, label=_line_label(key, labels))
+                  marker="o", markersize=3, linewidth=1.5,
+                  label=_line_label(key, labels, splits))
+        missing = np.isnan(values)
+        if missing.any():
+            axes.plot(epochs[missing], np.ones(missing.sum()), "x", color=colours[key[:2]],
+                      markersize=7, clip_on=False, transform=axes.get_xaxis_transform(),
+                      label=not_finite)
+            not_finite = None  # one legend entry for every such marker
     every_value = np.concatenate([values for _, values in curves.values()])
-    every_epoch = np.concatenate([epochs for epochs, _ in curves.values()])
-    axes.set_xscale("log" if every_epoch.min() > 0 else "symlog")
+    _epoch_axis(axes, np.concatenate([epochs for epochs, _ in curves.values()]))
     positive = every_value[np.isfinite(every_value)]
     # A log axis whose range nears float64's own (Riesz kernels of wide layers) makes
     # matplotlib's tick formatter overflow: such a metric keeps a linear axis.
@@ -142,10 +226,9 @@ def metric_figure(rows, metric):
         axes.set_yscale("log")
     axes.set_xlabel("epoch")
     axes.set_ylabel(metric)
-    axes.set_title(f"{metric}: {METRICS[metric]}", fontsize=9)
+    axes.set_title(textwrap.fill(f"{metric}: {METRICS[metric]}", TITLE_WIDTH), fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.9)
+    _legend_below(figure, axes)
     return figure
 
 
@@ -163,7 +246,7 @@ def noise_figure(rows):
     keys = sorted(set(memorization) & set(dilation))
     if not keys:
         return None
-    figure = Figure(figsize=(5.5, 4.0))
+    figure = Figure(figsize=(5.5, 4.0), layout="constrained")
     axes = figure.add_subplot()
     labels = source_labels(key[0] for key in keys)
     epochs = np.concatenate([memorization[key][0] for key in keys])
@@ -176,16 +259,16 @@ def noise_figure(rows):
         dilation_epochs, dilated = dilation[key]
         shared, mine, theirs = np.intersect1d(epochs, dilation_epochs, return_indices=True)
         axes.plot(dilated[theirs], memorized[mine], "-", color=f"C{index % 10}", linewidth=1,
-                  label=_line_label(key, labels))
+                  label=_line_label(key, labels, [key[2]]))
         scatter = axes.scatter(dilated[theirs], memorized[mine], c=shared, cmap="viridis",
                                norm=norm, s=18, zorder=3)
-    figure.colorbar(scatter, ax=axes, label="epoch")
+    colorbar = figure.colorbar(scatter, ax=axes, label="epoch")
+    colorbar.ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
     axes.set_xlabel("dilation (spread of clean rows, scaled)")
-    axes.set_ylabel("memorization (corrupted rows to true mean, scaled)")
+    axes.set_ylabel("memorization\n(corrupted rows to true mean, scaled)")
     axes.set_title("memorization vs dilation (label noise)", fontsize=9)
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.9)
+    _legend_below(figure, axes)
     return figure
 
 
@@ -198,14 +281,30 @@ def _per_class(row, key):
                     dtype=float)[row["present_classes"]]
 
 
-def _cosine_panel(figure, axes, matrix, num_means):
+def _class_ticks(axis, classes):
+    """Label an axis of per-class positions with the class indices (not the positions):
+    every class up to 20, else a few."""
+    if classes.size <= 20:
+        axis.set_ticks(np.arange(classes.size), [str(c) for c in classes], fontsize=7)
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_major_formatter(FuncFormatter(
+            lambda position, _: str(classes[int(position)])
+            if 0 <= position < classes.size else ""))
+
+
+def _cosine_panel(figure, axes, matrix, classes):
     """Heatmap of the cosines between centred class means, the ETF's value on its colour bar."""
     image = axes.imshow(matrix, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
-    etf = -1.0 / (num_means - 1)
+    etf = -1.0 / (classes.size - 1)
     colorbar = figure.colorbar(image, ax=axes, shrink=0.9)
     colorbar.ax.axhline(etf, color="black", linewidth=2)
-    colorbar.set_ticks([-1.0, etf, 0.0, 1.0], labels=["-1", f"ETF {etf:.3g}", "0", "1"])
+    colorbar.set_ticks([-1.0, 0.0, 1.0], labels=["-1", "0", "1"])
+    # Beside the ticks its value would collide with "0" (or "-1" for two classes).
+    colorbar.set_label(f"black line: simplex ETF -1/(C-1) = {etf:.3g}", fontsize=8)
     axes.set_title("cos between centred class means", fontsize=9)
+    _class_ticks(axes.xaxis, classes)
+    _class_ticks(axes.yaxis, classes)
     axes.set_xlabel("class")
     axes.set_ylabel("class")
 
@@ -214,30 +313,38 @@ def _cosine_distribution_panel(axes, cosines, histogram, num_means):
     """Distribution of the off-diagonal cosines with the simplex ETF's value marked.
 
     ``cosines`` (the pairs' values) when the row has the matrix, else the stored
-    ``histogram`` ``(counts, edges)``.
+    ``histogram`` ``(counts, edges)`` (bins over the range the cosines span). The axis
+    spans the cosines and the ETF's value.
     """
     etf = -1.0 / (num_means - 1)
     if cosines is not None:
-        axes.hist(cosines, bins="auto", alpha=0.7)
+        if np.ptp(cosines) > 0:
+            axes.hist(cosines, bins="auto", alpha=0.7)
+        else:  # one value (two classes: -1): a bin as wide as the matrix's rounding, 1e-4
+            axes.hist(cosines, bins=1, range=(cosines[0] - 5e-5, cosines[0] + 5e-5), alpha=0.7)
         low, high = min(cosines.min(), etf), max(cosines.max(), etf)
     else:
         counts, edges = histogram
         axes.stairs(counts, edges, fill=True, alpha=0.7)
         filled = np.flatnonzero(counts)
         low, high = min(edges[filled[0]], etf), max(edges[filled[-1] + 1], etf)
-    margin = 0.05 * max(high - low, 0.1)
-    axes.set_xlim(max(-1.0, low - margin), min(1.0, high + margin))
-    axes.axvline(etf, color="black", linestyle="--", linewidth=1.2,
-                 label=f"simplex ETF: -1/(C-1) = {etf:.3g}")
+    # 5% margins, and never narrower than 1e-3 (ten times the cosines' resolution).
+    centre, half_width = (low + high) / 2, max(0.55 * (high - low), 5e-4)
+    axes.set_xlim(centre - half_width, centre + half_width)
+    axes.ticklabel_format(axis="x", useOffset=False)  # cosines as they are, not "+ -1"
+    axes.axvline(etf, color="black", linestyle="--", linewidth=1.2)
     axes.set_xlabel("cos between centred class means")
     axes.set_ylabel("class pairs")
-    axes.set_title(f"{num_means * (num_means - 1) // 2} class pairs", fontsize=9)
-    axes.legend(fontsize=7)
+    pairs = num_means * (num_means - 1) // 2
+    # The ETF's value in the title: a legend would cover bars.
+    axes.set_title(f"{pairs} class pair{'s' if pairs > 1 else ''}; dashed line: simplex ETF "
+                   f"-1/(C-1) = {etf:.3g}", fontsize=9)
 
 
 def _class_panel(axes, classes, series, label, value_range=None):
     """One bar per class (side by side for several series) when they fit, else the
-    distribution over classes (histogram bins over ``value_range`` when given).
+    distribution over classes (histogram bins over ``value_range`` when given, several
+    series side by side).
 
     ``series`` is a list of ``(values over classes, name)``.
     """
@@ -246,17 +353,15 @@ def _class_panel(axes, classes, series, label, value_range=None):
         for index, (values, name) in enumerate(series):
             offset = (index - (len(series) - 1) / 2) * width
             axes.bar(np.arange(classes.size) + offset, values, width, label=name)
-        if classes.size <= 20:
-            axes.set_xticks(np.arange(classes.size), [str(c) for c in classes], fontsize=7)
+        _class_ticks(axes.xaxis, classes)
         values = series[0][0]
         if np.isfinite(values).any():
             axes.axhline(np.nanmean(values), color="black", linewidth=0.8, linestyle=":")
         axes.set_xlabel("class")
         axes.set_ylabel(label)
     else:
-        for values, name in series:
-            axes.hist(values[np.isfinite(values)], bins=40, range=value_range, alpha=0.6,
-                      label=name)
+        axes.hist([values[np.isfinite(values)] for values, _ in series], bins=40,
+                  range=value_range, label=[name for _, name in series])
         axes.set_xlabel(label)
         axes.set_ylabel("classes")
     if len(series) > 1:  # above the axes: bars near 1 (accuracies) fill the top inside
@@ -283,12 +388,11 @@ def snapshot_figure(row, title):
     if classes.size < 2 or (row.get("cosine_matrix") is None
                             and row.get("cosine_histogram") is None):
         return None
-    figure = Figure(figsize=(12.0, 7.5))
-    grid = figure.add_gridspec(2, 6, left=0.06, right=0.98, bottom=0.08, top=0.9, wspace=1.2,
-                               hspace=0.3)
+    figure = Figure(figsize=(12.0, 7.5), layout="constrained")
+    grid = figure.add_gridspec(2, 6)
     if row.get("cosine_matrix") is not None:
         matrix = np.array(row["cosine_matrix"], dtype=float)
-        _cosine_panel(figure, figure.add_subplot(grid[0, 0:3]), matrix, classes.size)
+        _cosine_panel(figure, figure.add_subplot(grid[0, 0:3]), matrix, classes)
         _cosine_distribution_panel(figure.add_subplot(grid[0, 3:6]),
                                    matrix[np.triu_indices(classes.size, 1)], None, classes.size)
     else:  # too many classes for a heatmap: their distribution takes the whole row

@@ -893,6 +893,31 @@ def test_one_checkpoint_draws_snapshots_but_no_metric_curves(tmp_path):
     assert names == ["snapshot-run-epoch1-a-train.png"]
 
 
+def test_files_differing_only_in_the_epoch_are_one_run(tmp_path):
+    """``run_epoch1.npz, run_epoch2.npz, ...`` were each a run of their own: no curve was
+    drawn, and snapshots were named ``snapshot-run_epoch1.npz-epoch1-...``."""
+    for folder, name in (("a", "run_epoch1"), ("a", "run_epoch2"), ("a", "run_epoch10"),
+                         ("b", "run_epoch3"), ("c", "x01"), ("c", "x1")):
+        os.makedirs(tmp_path / folder, exist_ok=True)
+        _write_npz(tmp_path / folder / f"{name}.npz")
+    np.savez(tmp_path / "a" / "run_epoch4.npz", features=np.ones((6, 5), np.float32))
+    paths = sorted(tmp_path.glob("*/*.npz"))
+    analysis = analyze(paths, progress=False)
+    series = str(tmp_path / "a" / "run_epoch.npz")
+    assert sorted({(row["source"], row["epoch"]) for row in analysis.rows}) == sorted([
+        (series, 1), (series, 2), (series, 10), (str(tmp_path / "b" / "run_epoch3.npz"), 3),
+        (str(tmp_path / "c" / "x01.npz"), 1), (str(tmp_path / "c" / "x1.npz"), 1)])
+    (failure,) = analysis.failures  # named by its file, not by the series
+    assert failure.name == f"{tmp_path / 'a' / 'run_epoch4.npz'} epoch 4"
+    assert failure.reason.startswith(f"{tmp_path / 'a' / 'run_epoch4.npz'}: split")
+    assert all(os.path.exists(f"{path}.ncfast-cache.json") for path in paths
+               if path.name != "run_epoch4.npz")
+    written, _ = write_plots(analysis.rows, tmp_path / "out", ["nc1"])
+    names = sorted(os.path.basename(path) for path in written)
+    assert names[0] == "nc1.png"
+    assert "snapshot-run_epoch.npz-epoch10-features-train.png" in names
+
+
 @pytest.mark.parametrize("stray", ["labels", "clean_labels", "with weights", "--labels"])
 def test_a_stray_label_is_refused_as_collapse_refuses_it(tmp_path, capsys, stray):
     """C was the largest label + 1: one stray label 500 among classes 0..2 gave a wrong NC1

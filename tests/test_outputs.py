@@ -22,7 +22,8 @@ from ncfast import ClassSums, Geometry, ResidualStats, collapse
 from ncfast.analyze import DRAWN_CLASSES, analyze
 from ncfast.cli import main
 from ncfast.dumps import RunWriter, write_atomically
-from ncfast.plots import metric_figure, source_labels
+from ncfast.plots import metric_figure, snapshot_figure, source_labels
+from ncfast.report import METRICS
 from ncfast.states import load_state, save_state
 
 CLASSES = 4
@@ -387,8 +388,7 @@ def test_training_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
 def test_legends_tell_runs_of_the_same_name_apart():
     rows = [{"source": f"/data/{owner}/run", "epoch": epoch, "split": "train",
              "layer": "penultimate", "nc1": 1.0 / epoch} for owner in "ab" for epoch in (1, 2)]
-    labels = [text.get_text() for text in metric_figure(rows, "nc1").axes[0].get_legend()
-              .get_texts()]
+    labels = [text.get_text() for text in metric_figure(rows, "nc1").legends[0].get_texts()]
     assert labels == ["a/run: penultimate / train", "b/run: penultimate / train"]
     assert source_labels(["/x/run", "/y/z/run", "/y/w/run"]) == {
         "/x/run": "x/run", "/y/z/run": "z/run", "/y/w/run": "w/run"}
@@ -417,10 +417,12 @@ def test_a_single_snapshot_gets_its_figures(tmp_path, num_classes):
     pairs = cosines[np.triu_indices(num_classes, 1)]
     if num_classes <= DRAWN_CLASSES:
         np.testing.assert_allclose(row["cosine_matrix"], cosines, rtol=0, atol=5e-5)
-    else:
+    else:  # bins over the range of the cosines
         assert "cosine_matrix" not in row
-        counts, _ = np.histogram(pairs, bins=np.linspace(-1, 1, 41))
-        np.testing.assert_array_equal(row["cosine_histogram"]["counts"], counts)
+        counts, edges = (np.array(row["cosine_histogram"][key]) for key in ("counts", "edges"))
+        assert counts.size <= 40 and counts.sum() == pairs.size
+        assert edges[0] <= pairs.min() < edges[1] and edges[-2] < pairs.max() <= edges[-1]
+        np.testing.assert_array_equal(counts, np.histogram(pairs, bins=edges)[0])
 
 
 def test_metric_spanning_float64s_range_is_drawn_on_a_linear_axis(tmp_path):
@@ -432,3 +434,204 @@ def test_metric_spanning_float64s_range_is_drawn_on_a_linear_axis(tmp_path):
             for epoch, value in ((1, 1e-300), (2, 1e300), (4, float("inf")))]
     save_figure(metric_figure(rows, "riesz_kernel_mean"), str(tmp_path / "riesz.png"))
     assert (tmp_path / "riesz.png").stat().st_size > 0
+
+
+def _drawn(figure):
+    """Lay out and draw ``figure``; its renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _parts_outside(figure):
+    """The axes (with their ticks, labels and title), legends and figure texts not wholly
+    inside the figure once drawn."""
+    renderer = _drawn(figure)
+    box = figure.bbox
+    outside = []
+    for part in [*figure.axes, *figure.legends, *figure.texts]:
+        extent = part.get_tightbbox(renderer)
+        if extent.x0 < box.x0 - 0.5 or extent.y0 < box.y0 - 0.5 or \
+                extent.x1 > box.x1 + 0.5 or extent.y1 > box.y1 + 0.5:
+            outside.append(part)
+    return outside
+
+
+def _tick_labels(axis, which="major"):
+    """``[(location, text)]`` of the ticks in view that have a label."""
+    ticker = axis.major if which == "major" else axis.minor
+    low, high = sorted(axis.get_view_interval())
+    locations = [location for location in ticker.locator() if low <= location <= high]
+    return [(location, text) for location, text
+            in zip(locations, ticker.formatter.format_ticks(locations)) if text]
+
+
+def _metric_rows(metric, epochs, splits=("train",), sources=("run",), value=None):
+    value = value or (lambda epoch, split: -0.3821234 - 1e-4 * epoch)
+    return [{"source": source, "layer": "penultimate", "split": split, "epoch": epoch,
+             metric: value(epoch, split)}
+            for source in sources for split in splits for epoch in epochs]
+
+
+def test_metric_figures_keep_titles_and_labels_inside():
+    """The left margin was fixed: wide tick labels pushed the y label off the canvas; and
+    titles wider than the figure were cut."""
+    for metric in METRICS:
+        figure = metric_figure(_metric_rows(metric, (1, 2, 4)), metric)
+        assert _parts_outside(figure) == [], metric
+
+
+def test_an_epoch_without_a_finite_value_breaks_the_line_and_is_marked():
+    """An overflow (None in the rows, empty in metrics.csv) was skipped: the line joined its
+    neighbours as if nothing happened."""
+    values = {1: 1e80, 2: None, 4: 1e180, 8: 1e100}
+    figure = metric_figure(_metric_rows("riesz_kernel_mean", values,
+                                        value=lambda epoch, _: values[epoch]),
+                           "riesz_kernel_mean")
+    (curve, marks) = figure.axes[0].get_lines()
+    np.testing.assert_array_equal(curve.get_xdata(), [1, 2, 4, 8])
+    assert np.isnan(curve.get_ydata()[1]) and np.isfinite(curve.get_ydata()[[0, 2, 3]]).all()
+    np.testing.assert_array_equal(marks.get_xdata(), [2])
+    assert marks.get_label() in [text.get_text() for text in figure.legends[0].get_texts()]
+
+
+def test_the_legend_of_several_runs_covers_no_curve():
+    rows = _metric_rows("nc1", (1, 2, 4, 8), splits=("train", "test"), sources="abc",
+                        value=lambda epoch, split: (2.0 if split == "test" else 1.0) / epoch)
+    figure = metric_figure(rows, "nc1")
+    renderer = _drawn(figure)
+    (legend,) = figure.legends or [figure.axes[0].get_legend()]
+    assert len(legend.get_texts()) == 6
+    assert not legend.get_window_extent(renderer).overlaps(
+        figure.axes[0].get_window_extent(renderer))
+
+
+@pytest.mark.parametrize("epochs, expected", [((2, 3, 4, 6), ["2", "3", "4", "6"]),
+                                              ((1, 100), ["1", "2", "5", "10", "20", "50",
+                                                          "100"]),
+                                              ((0, 1, 5, 50), ["0", "1", "10"])])
+def test_epoch_ticks_are_plain_integers(epochs, expected):
+    """Epochs within a decade read "2×10⁰, 3×10⁰, 4×10⁰, 6×10⁰" (minor log ticks)."""
+    figure = metric_figure(_metric_rows("nc1", epochs), "nc1")
+    _drawn(figure)
+    axis = figure.axes[0].xaxis
+    assert [text for _, text in _tick_labels(axis)] == expected
+    assert _tick_labels(axis, "minor") == []
+
+
+def test_a_split_equal_to_another_is_drawn_once_and_named():
+    """A test split measured against the train means has the train split's value for a
+    metric of the means alone: its dashed line lay exactly under the solid one."""
+    rows = _metric_rows("nc2_etf", (1, 2), splits=("train", "test"))
+    labels = [line.get_label() for line in metric_figure(rows, "nc2_etf").axes[0].get_lines()]
+    assert labels == ["penultimate / train = test"]
+    rows = _metric_rows("nc1", (1, 2), splits=("train", "test"),
+                        value=lambda epoch, split: len(split) / epoch)
+    labels = [line.get_label() for line in metric_figure(rows, "nc1").axes[0].get_lines()]
+    assert labels == ["penultimate / train", "penultimate / test"]
+
+
+def _snapshot_row(classes, num_classes, seed=0):
+    """A result row of the present ``classes`` of ``num_classes``: the cosines of random
+    class means (a histogram of five-digit counts above ``DRAWN_CLASSES``), and per-class
+    lists where every class's accuracies are 1."""
+    rng = np.random.default_rng(seed)
+    row = {"source": "run", "epoch": 1, "layer": "f", "split": "train",
+           "present_classes": list(classes), "nc1": 0.1,
+           "class_variances": rng.uniform(0.5, 1.0, num_classes).tolist(),
+           "class_mean_norms": rng.uniform(5.0, 6.0, num_classes).tolist(),
+           "class_ncc_accuracy": [1.0] * num_classes, "class_accuracy": [1.0] * num_classes}
+    if len(classes) <= DRAWN_CLASSES:
+        means = rng.normal(size=(len(classes), len(classes) + 3))
+        centred = means - means.mean(axis=0)
+        units = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+        row["cosine_matrix"] = np.clip(units @ units.T, -1, 1).tolist()
+    else:
+        counts = 80000 * np.exp(-np.linspace(-3, 3, 40) ** 2)
+        row["cosine_histogram"] = {"edges": np.linspace(-0.4, 0.4, 41).tolist(),
+                                   "counts": counts.astype(int).tolist()}
+    return row
+
+
+def _panel(figure, xlabel):
+    (axes,) = [axes for axes in figure.axes if axes.get_xlabel() == xlabel]
+    return axes
+
+
+def test_snapshot_axes_name_the_classes_present():
+    """With an empty class (0, 1, 3, 4, 5 present) the heatmap read 0-4; above 20 classes
+    the bars read positions (bar "0" was class 2)."""
+    figure = snapshot_figure(_snapshot_row([0, 1, 3, 4, 5], 6), "run")
+    _drawn(figure)
+    heatmap = figure.axes[0]
+    for axis in (heatmap.xaxis, heatmap.yaxis):
+        assert [text for _, text in _tick_labels(axis)] == ["0", "1", "3", "4", "5"]
+    classes = np.arange(2, 40)
+    figure = snapshot_figure(_snapshot_row(classes, 40), "run")
+    _drawn(figure)
+    for axes in [figure.axes[0], *(axes for axes in figure.axes if axes.get_xlabel() == "class")]:
+        labels = _tick_labels(axes.xaxis)
+        assert len(labels) > 2
+        assert all(text == str(classes[int(location)]) for location, text in labels)
+
+
+@pytest.mark.parametrize("num_classes", [2, 10, 20])
+def test_the_etf_value_collides_with_no_colour_bar_tick(num_classes):
+    """"ETF -1/(C-1)" was a colour-bar tick label: on "0" for C >= 10, on "-1" for C = 2."""
+    figure = snapshot_figure(_snapshot_row(range(num_classes), num_classes), "run")
+    renderer = _drawn(figure)
+    colorbar = figure.axes[0].images[0].colorbar
+    extents = [label.get_window_extent(renderer) for label in colorbar.ax.get_yticklabels()]
+    assert not any(first.overlaps(second) for index, first in enumerate(extents)
+                   for second in extents[index + 1:])
+    assert f"{-1 / (num_classes - 1):.3g}" in colorbar.ax.get_ylabel()
+
+
+def test_collapsed_cosines_of_many_classes_are_binned_over_their_range(tmp_path):
+    """Above DRAWN_CLASSES the cosines were counted in 0.05-wide bins over [-1, 1]: at
+    collapse every pair fell in one bin (collapse invisible), the ETF legend over it."""
+    num_classes = DRAWN_CLASSES + 50
+    rng = np.random.default_rng(2)
+    basis = np.linalg.qr(rng.normal(size=(num_classes + 10, num_classes)))[0]
+    means = 5.0 * (np.eye(num_classes) - 1.0 / num_classes) @ basis.T
+    labels = np.repeat(np.arange(num_classes), 3)
+    features = means[labels] + 1e-2 * rng.normal(size=(labels.size, num_classes + 10))
+    np.savez(tmp_path / "etf.npz", features=features.astype(np.float32), labels=labels)
+    (row,) = analyze([tmp_path / "etf.npz"], progress=False, use_cache=False).rows
+    counts, edges = (np.array(row["cosine_histogram"][key]) for key in ("counts", "edges"))
+    etf = -1.0 / (num_classes - 1)
+    assert edges[-1] - edges[0] < 0.02 and np.count_nonzero(counts) > 10
+    figure = snapshot_figure(row, "run")
+    _drawn(figure)
+    axes = _panel(figure, "cos between centred class means")
+    low, high = axes.get_xlim()
+    assert low < edges[0] and edges[-1] < high and low < etf < high and high - low < 0.03
+    assert axes.get_legend() is None and f"{etf:.3g}" in axes.get_title()
+
+
+def test_accuracy_distributions_of_many_classes_sit_side_by_side():
+    """Two semi-transparent histograms that coincide drew a third colour in neither legend
+    entry."""
+    figure = snapshot_figure(_snapshot_row(range(DRAWN_CLASSES + 50), DRAWN_CLASSES + 50),
+                             "run")
+    first, second = _panel(figure, "accuracy").containers
+    spans = [[(bar.get_x(), bar.get_x() + bar.get_width()) for bar in container
+              if bar.get_height() > 0] for container in (first, second)]
+    assert spans[0] and spans[1]
+    assert not any(start < other_end and other_start < end for start, end in spans[0]
+                   for other_start, other_end in spans[1])
+
+
+@pytest.mark.parametrize("num_classes", [2, 1000])
+def test_snapshot_labels_stay_inside_the_figure(num_classes):
+    """Five-digit counts (1000 classes) clipped "class pairs"; two classes clipped the
+    variance label and the last cosine tick, drew fractional class ticks and titled
+    "1 class pairs"."""
+    figure = snapshot_figure(_snapshot_row(range(num_classes), num_classes), "run")
+    assert _parts_outside(figure) == []
+    if num_classes == 2:
+        assert [text for _, text in _tick_labels(figure.axes[0].yaxis)] == ["0", "1"]
+        title = _panel(figure, "cos between centred class means").get_title()
+        assert title.startswith("1 class pair;")
