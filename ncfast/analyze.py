@@ -29,19 +29,13 @@ since the manifest was last written. A cache is used only when it is exactly
 what ncfast wrote (its recorded digest of its content matches); any other cache
 (edited, corrupt, of another cache version) is treated as missing and rewritten.
 """
-import contextlib
 import csv
-import errno
 import hashlib
 import io
 import json
 import math
 import os
 import re
-import signal
-import stat
-import tempfile
-import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -54,8 +48,9 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 
 from ncfast import __version__
 from ncfast.api import collapse
-from ncfast.dumps import (MANIFEST, check_output_folder, fsync_directory, open_run,
-                          write_json_atomically, write_text_atomically)
+from ncfast.dumps import (MANIFEST, check_output_folder, ctrl_c_held, move_staged_files,
+                          open_run, staging_folder, write_json_atomically,
+                          write_text_atomically)
 from ncfast.engine import resolve_num_classes
 from ncfast.errors import CLEAN_LABEL, LABEL
 from ncfast.geometry import PINV_RTOL, Geometry
@@ -990,44 +985,14 @@ def write_analysis(analysis, out, metrics=None, *, plots=True):
     if not analysis.rows:
         raise ValueError(f"nothing was measured; {out} is left as it was")
     os.makedirs(out, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".ncfast-staged-", dir=out) as staging:
-        staged = write_results(analysis, staging, metrics)
+    with staging_folder(out) as staging:
+        write_results(analysis, staging, metrics)
         if plots:
-            staged += write_plots(analysis.rows, staging,
-                                  scalar_metrics(analysis.rows, metrics))[0]
-        written = [os.path.join(out, os.path.basename(path)) for path in staged]
-        for path, target in zip(staged, written):
-            if os.path.isdir(target):  # found now, not halfway through the renames
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
-            with contextlib.suppress(FileNotFoundError):  # else the mode the umask gave it
-                os.chmod(path, stat.S_IMODE(os.stat(target).st_mode))
-        with _ctrl_c_held():
-            for path, target in zip(staged, written):
-                os.replace(path, target)
-            fsync_directory(out)
+            write_plots(analysis.rows, staging, scalar_metrics(analysis.rows, metrics))
+        with ctrl_c_held():
+            written = move_staged_files(staging, out)
             removed = remove_stale_plots(out, written)
     return written, removed
-
-
-@contextlib.contextmanager
-def _ctrl_c_held():
-    """Hold Ctrl-C (SIGINT) while the block runs; one pressed meanwhile is raised after it.
-
-    Only the main thread can set a signal handler: elsewhere, or when Python
-    did not install the present handler, the block runs as it would.
-    """
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = []
-    signal.signal(signal.SIGINT, lambda number, frame: pressed.append(number))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pressed:
-        signal.raise_signal(signal.SIGINT)
 
 
 def _csv_value(value):

@@ -48,13 +48,17 @@ sees a checkpoint that is partly written; rerunning the writer rewrites it.
 Readers may open the folder while it grows; one process writes a run folder at
 a time.
 """
+import contextlib
+import errno
 import json
 import os
 import re
 import reprlib
 import secrets
+import signal
 import stat
 import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +76,7 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def fsync_directory(path):
+    """Make the entries of folder ``path`` (files created, renamed) durable (POSIX only)."""
     if os.name != "posix":
         return
     descriptor = os.open(path, os.O_RDONLY)
@@ -79,6 +84,74 @@ def fsync_directory(path):
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Hold Ctrl-C (SIGINT) while the block runs; one pressed meanwhile is raised after it.
+
+    Only the main thread can set a signal handler: elsewhere, or when Python
+    did not install the present handler, the block runs as it would.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda number, frame: pressed.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        signal.raise_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def staging_folder(folder):
+    """A hidden folder ``.ncfast-staged-*`` in ``folder``, removed with what is left in it when
+    the block ends: a set of files written there in full is moved in by
+    ``move_staged_files``, so that an error or Ctrl-C while writing them (a full disk) leaves
+    ``folder`` as it was. A process killed meanwhile leaves the hidden folder behind.
+
+    Yields
+    ------
+    str
+        The staging folder's path.
+    """
+    with tempfile.TemporaryDirectory(prefix=".ncfast-staged-", dir=folder) as staging:
+        yield staging
+
+
+def move_staged_files(staging, folder):
+    """Rename every file of ``staging`` (``staging_folder``) into ``folder``.
+
+    A file of the same name in ``folder`` is replaced, its mode kept (a new file has the
+    mode the umask gave it); renames need no space, so only a killed process can leave
+    ``folder`` part old, part new. Call it with Ctrl-C held (``ctrl_c_held``).
+
+    Returns
+    -------
+    list of str
+        The files' paths in ``folder``, by name.
+
+    Raises
+    ------
+    IsADirectoryError
+        Where a folder has a staged file's name, before anything is moved.
+    """
+    names = sorted(name for name in os.listdir(staging)
+                   if os.path.isfile(os.path.join(staging, name)))
+    targets = [os.path.join(folder, name) for name in names]
+    for name, target in zip(names, targets):
+        if os.path.isdir(target):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(os.path.join(staging, name), stat.S_IMODE(os.stat(target).st_mode))
+    for name, target in zip(names, targets):
+        os.replace(os.path.join(staging, name), target)
+    fsync_directory(folder)
+    return targets
 
 
 def _create_temporary(folder, name):

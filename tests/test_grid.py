@@ -1,6 +1,8 @@
 """Grids of seeded runs: naming, parallel training, resuming after an interruption."""
 import dataclasses
 import json
+import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -134,12 +136,37 @@ def test_measured_rows_name_their_run(tmp_path):
     runs = grid.seeded_runs({"a": TINY}, 2)
     records, _ = grid.run_grid(runs, str(tmp_path), workers=1, progress=False)
     rows = grid.measure_runs({name: record.path for name, record in records.items()},
-                             str(tmp_path), progress=False)
+                             progress=False)
     assert {row["run"] for row in rows} == {"a_seed0", "a_seed1"}
     history = grid.run_rows(rows, "a_seed1")
     assert [row["epoch"] for row in history] == [1, 2, 6]
     assert grid.final_row(rows, "a_seed1") == history[-1]
-    assert (tmp_path / "metrics.json").exists() and (tmp_path / "metrics.csv").exists()
+    assert not (tmp_path / "metrics.json").exists()  # published with the report, not here
+
+
+def test_published_outputs_move_in_together_or_not_at_all(tmp_path):
+    """A reproduction wrote metrics.json and metrics.csv when it measured, then its figures,
+    then report.md: Ctrl-C or an error between them left a report of the earlier run beside
+    the metrics of this one."""
+    runs = grid.seeded_runs({"a": TINY}, 2)
+    records, _ = grid.run_grid(runs, str(tmp_path), workers=1, progress=False)
+    rows = grid.measure_runs({name: record.path for name, record in records.items()},
+                             progress=False)
+    with grid.published(str(tmp_path), rows[:1]) as staging:
+        (pathlib.Path(staging) / "report.md").write_text("earlier")
+    earlier = {name: (tmp_path / name).read_bytes()
+               for name in ("metrics.json", "metrics.csv", "report.md")}
+    with pytest.raises(KeyboardInterrupt):
+        with grid.published(str(tmp_path), rows) as staging:
+            (pathlib.Path(staging) / "figure.png").write_bytes(b"drawn")
+            raise KeyboardInterrupt  # before the report is written
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    assert not (tmp_path / "figure.png").exists()
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".ncfast-staged")]
+    with grid.published(str(tmp_path), rows) as staging:
+        (pathlib.Path(staging) / "report.md").write_text("later")
+    assert (tmp_path / "report.md").read_text() == "later"
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["rows"]) == len(rows)
 
 
 def test_grid_name_must_be_known():

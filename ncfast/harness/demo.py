@@ -10,7 +10,7 @@ import dataclasses
 import os
 
 from ncfast.dumps import write_text_atomically
-from ncfast.harness.grid import final_row, train_and_analyze
+from ncfast.harness.grid import final_row, published, train_and_analyze
 from ncfast.harness.reports import markdown_table
 from ncfast.harness.training import TrainConfig
 
@@ -65,6 +65,9 @@ def demo(out, *, epochs=DEMO_CONFIG.epochs, noise=DEMO_CONFIG.noise, smoothing=0
         One dict per row of ``DEMO_ROWS`` (keys ``metric`` and one per run),
         plus the epoch at which each run reached zero training error.
     """
+    from ncfast.analyze import scalar_metrics
+    from ncfast.plots import write_plots
+
     configs = demo_configs(epochs=epochs, noise=noise, smoothing=smoothing, seed=seed)
     results, rows = train_and_analyze(configs, out, progress=progress)
     table = []
@@ -73,8 +76,10 @@ def demo(out, *, epochs=DEMO_CONFIG.epochs, noise=DEMO_CONFIG.noise, smoothing=0
                                            for name in configs}})
     table.append({"metric": "terminal phase from epoch",
                   **{name: result.terminal_epoch for name, result in results.items()}})
-    write_text_atomically(os.path.join(out, "demo.md"),
-                          f"# ncfast demo: MNIST-1D, {noise:.0%} symmetric label noise, "
-                          f"cross-entropy vs label smoothing (alpha {smoothing:g})\n\n"
-                          f"{markdown_table(table)}\n")
+    with published(out, rows) as staging:
+        write_plots(rows, staging, scalar_metrics(rows))
+        write_text_atomically(os.path.join(staging, "demo.md"),
+                              f"# ncfast demo: MNIST-1D, {noise:.0%} symmetric label noise, "
+                              f"cross-entropy vs label smoothing (alpha {smoothing:g})\n\n"
+                              f"{markdown_table(table)}\n")
     return table

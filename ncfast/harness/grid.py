@@ -10,6 +10,7 @@ interrupted grid, rerun, ends with the same results as an uninterrupted one.
 :func:`measure_runs` then measures every checkpoint of every run with
 ``ncfast.analyze`` (cached next to each checkpoint, so also only once).
 """
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -18,8 +19,8 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
-from ncfast.dumps import write_json_atomically
-from ncfast.dumps import check_output_folder
+from ncfast.dumps import (check_output_folder, ctrl_c_held, move_staged_files, staging_folder,
+                          write_json_atomically)
 from ncfast.harness.training import TrainConfig, train
 
 #: Written into a run folder when its run has finished.
@@ -298,15 +299,13 @@ def _finished(run, path):
         return None  # a result.json of another form: train (resume) again
 
 
-def measure_runs(paths, out, *, progress=True):
-    """Measure every checkpoint of every run; write ``metrics.json`` and ``metrics.csv``.
+def measure_runs(paths, *, progress=True):
+    """Measure every checkpoint of every run (written out by :func:`published`).
 
     Parameters
     ----------
     paths : dict of str to str
         Run name to run folder.
-    out : str
-        Folder of ``metrics.json`` and ``metrics.csv``.
     progress : bool
 
     Returns
@@ -319,7 +318,7 @@ def measure_runs(paths, out, *, progress=True):
     ValueError
         When a checkpoint cannot be measured.
     """
-    from ncfast.analyze import analyze, write_results
+    from ncfast.analyze import analyze
 
     analysis = analyze(list(paths.values()), progress=progress)
     if analysis.failures:
@@ -328,8 +327,37 @@ def measure_runs(paths, out, *, progress=True):
     run_of_path = {os.path.normpath(path): name for name, path in paths.items()}
     for row in analysis.rows:
         row["run"] = run_of_path[os.path.normpath(row["source"])]
-    write_results(analysis, out)
     return analysis.rows
+
+
+@contextlib.contextmanager
+def published(out, rows):
+    """Write ``metrics.json`` and ``metrics.csv`` of ``rows``, and what the block writes, into
+    the folder it yields; move them all into ``out`` together when it ends.
+
+    The files are written in full into a hidden folder of ``out`` first
+    (``ncfast.dumps.staging_folder``) and renamed into place only then, with Ctrl-C held:
+    an error or Ctrl-C before that (a failed figure, a full disk) leaves the metrics,
+    figures and report of an earlier run in ``out`` as they were, and in step.
+
+    Parameters
+    ----------
+    out : str
+    rows : list of dict
+        :func:`measure_runs` rows.
+
+    Yields
+    ------
+    str
+        The folder to write the other outputs into.
+    """
+    from ncfast.analyze import Analysis, write_results
+
+    with staging_folder(out) as staging:
+        write_results(Analysis(rows=rows), staging)
+        yield staging
+        with ctrl_c_held():
+            move_staged_files(staging, out)
 
 
 def run_and_measure(settings, seeds, out, *, workers, device, progress):
@@ -358,7 +386,7 @@ def run_and_measure(settings, seeds, out, *, workers, device, progress):
     runs = seeded_runs(settings, seeds)
     records, timing = run_grid(runs, out, workers=workers, device=device, progress=progress)
     measured_at = time.perf_counter()
-    rows = measure_runs({name: record.path for name, record in records.items()}, out,
+    rows = measure_runs({name: record.path for name, record in records.items()},
                         progress=progress)
     return runs, records, timing, rows, measured_at
 
@@ -382,7 +410,7 @@ def train_and_analyze(configs, out, *, progress=True):
     configs : dict of str to TrainConfig
         Run name to configuration, in the order tables show them.
     out : str
-        Folder of the run folders, ``metrics.json``, ``metrics.csv`` and plots.
+        Folder of the run folders (the caller writes the rest: :func:`published`).
     progress : bool
         A progress bar per run.
 
@@ -392,15 +420,11 @@ def train_and_analyze(configs, out, *, progress=True):
     rows : list of dict
         ``ncfast.analyze`` rows of every run, ``row["run"]`` naming its run.
     """
-    from ncfast.analyze import scalar_metrics
-    from ncfast.plots import write_plots
-
     for config in configs.values():
         config.validate()
     check_output_folder(out)
     results = {name: train(config, os.path.join(out, name), progress=progress)
                for name, config in configs.items()}
-    rows = measure_runs({name: result.path for name, result in results.items()}, out,
+    rows = measure_runs({name: result.path for name, result in results.items()},
                         progress=progress)
-    write_plots(rows, out, scalar_metrics(rows))
     return results, rows

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncfast.harness.grid import pick_grid, run_and_measure
+from ncfast.harness.grid import pick_grid, published, run_and_measure
 from ncfast.harness.reports import (VERDICT_WORDS, Reproduction, Statement, markdown_table,
                                     reproduce_command, statement_verdict, write_report)
 from ncfast.harness.training import TRAINING_STATE, TrainConfig
@@ -221,7 +221,7 @@ def imbalanced(out, *, grid="quick", seeds=None, workers=None, device="auto",
     """
     spec = pick_grid(GRIDS, grid)
     seeds = spec.seeds if seeds is None else seeds
-    runs, records, timing, _, measuring = run_and_measure(
+    runs, records, timing, rows, measuring = run_and_measure(
         settings(spec), seeds, out, workers=workers, device=device, progress=progress)
 
     class_rows, statements, figure_points, run_values = [], [], {}, {}
@@ -269,41 +269,44 @@ def imbalanced(out, *, grid="quick", seeds=None, workers=None, device="auto",
     from ncfast.harness.figures import predicted_figure
     from ncfast.plots import save_figure
 
-    plots = {}
-    for name, which in (("weight_norms.png", "‖w_c‖"), ("mean_norms.png", "‖μ_c‖")):
-        plots[name] = predicted_figure(
-            {label: points for label, points in figure_points.items()
-             if label.startswith(which)},
-            title=f"{which} measured (mean ± std over seeds) against the closed form")
-        save_figure(plots[name], os.path.join(out, name))
-    grid_lines = [
-        f"- Unconstrained features: one free row of width {imbalanced_config(1).width} per "
-        f"training sample, class counts {', '.join(map(str, spec.class_counts))}.",
-        f"- Head: L bias-free linear layers, L in {', '.join(map(str, spec.depths))} (inner "
-        "layers start orthogonal).",
-        f"- Loss: ‖WH − Y‖²/(2N) + λ/2 Σ‖W_l‖² + λ/2 ‖H‖², λ = {spec.decay:g}; full-batch SGD, "
-        f"momentum 0.9, cosine schedule, {spec.epochs} steps.",
-        f"- Seeds: {seeds} per depth; {len(runs)} runs.",
-        "- Measured: at the last checkpoint, nc2_orthogonality of the free features and the "
-        "row norms of W = W_L⋯W_1 and of the uncentred class means, against docs/metrics.md's "
-        "closed form."]
-    report = write_report(
-        out, title="Reproduction 3: imbalanced bias-free MSE (Dang et al. 2023)",
-        claim=CLAIM, command=reproduce_command("imbalanced", grid=grid, seeds=seeds,
-                                               workers=timing.workers, device=timing.device,
-                                               out=out),
-        verdict=f"the claim {VERDICT_WORDS[verdict]} on this grid.",
-        statements=statements, scope=spec.scope, grid_lines=grid_lines,
-        sections=[("Per class (mean ± std over seeds)", markdown_table(class_rows))],
-        plots=list(plots), records=records, run_values=run_values, timing=timing,
-        measure_seconds=time.perf_counter() - measuring,
-        notes=["Norms are compared in absolute terms (docs/metrics.md states proportionality; with "
-               "the loss above the closed form holds exactly). `μ_c` is the uncentred class "
-               "mean of the free features; `w_c` a row of the head's product W_L⋯W_1.",
-               "The inner layers of a deep head start orthogonal. With PyTorch's default "
-               "(smaller) initialisation the L = 3 run instead left the two 50-row classes at "
-               "the zero local minimum (‖w_c‖ about 0 against 3.96 predicted, for seeds 0, 1 "
-               "and 2): gradient descent can find minority collapse although the closed "
-               "form's non-zero solution has the lower loss."])
+    with published(out, rows) as staging:
+        plots = {}
+        for name, which in (("weight_norms.png", "‖w_c‖"), ("mean_norms.png", "‖μ_c‖")):
+            plots[name] = predicted_figure(
+                {label: points for label, points in figure_points.items()
+                 if label.startswith(which)},
+                title=f"{which} measured (mean ± std over seeds) against the closed form")
+            save_figure(plots[name], os.path.join(staging, name))
+        grid_lines = [
+            f"- Unconstrained features: one free row of width {imbalanced_config(1).width} per "
+            f"training sample, class counts {', '.join(map(str, spec.class_counts))}.",
+            f"- Head: L bias-free linear layers, L in {', '.join(map(str, spec.depths))} (inner "
+            "layers start orthogonal).",
+            f"- Loss: ‖WH − Y‖²/(2N) + λ/2 Σ‖W_l‖² + λ/2 ‖H‖², λ = {spec.decay:g}; full-batch SGD, "
+            f"momentum 0.9, cosine schedule, {spec.epochs} steps.",
+            f"- Seeds: {seeds} per depth; {len(runs)} runs.",
+            "- Measured: at the last checkpoint, nc2_orthogonality of the free features and the "
+            "row norms of W = W_L⋯W_1 and of the uncentred class means, against docs/metrics.md's "
+            "closed form."]
+        report = write_report(
+            out, folder=staging,
+            title="Reproduction 3: imbalanced bias-free MSE (Dang et al. 2023)",
+            claim=CLAIM, command=reproduce_command("imbalanced", grid=grid, seeds=seeds,
+                                                   workers=timing.workers, device=timing.device,
+                                                   out=out),
+            verdict=f"the claim {VERDICT_WORDS[verdict]} on this grid.",
+            statements=statements, scope=spec.scope, grid_lines=grid_lines,
+            sections=[("Per class (mean ± std over seeds)", markdown_table(class_rows))],
+            plots=list(plots), records=records, run_values=run_values, timing=timing,
+            measure_seconds=time.perf_counter() - measuring,
+            notes=["Norms are compared in absolute terms (docs/metrics.md states "
+                   "proportionality; with the loss above the closed form holds exactly). "
+                   "`μ_c` is the uncentred class mean of the free features; `w_c` a row of the "
+                   "head's product W_L⋯W_1.",
+                   "The inner layers of a deep head start orthogonal. With PyTorch's default "
+                   "(smaller) initialisation the L = 3 run instead left the two 50-row classes at "
+                   "the zero local minimum (‖w_c‖ about 0 against 3.96 predicted, for seeds 0, 1 "
+                   "and 2): gradient descent can find minority collapse although the closed "
+                   "form's non-zero solution has the lower loss."])
     return Reproduction("imbalanced", CLAIM, verdict, statements, report,
                         {"classes": class_rows})

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from ncfast.harness.grid import final_row, pick_grid, run_and_measure
+from ncfast.harness.grid import final_row, pick_grid, published, run_and_measure
 from ncfast.harness.reports import (VERDICT_WORDS, Reproduction, Statement, markdown_table,
                                     reproduce_command, statement_verdict, write_report)
 from ncfast.harness.training import TrainConfig
@@ -74,8 +74,8 @@ QUICK = MemorizationGrid(
           "α = 0.5 stopped one row short of fitting every noisy label in a trial run of this "
           "grid), {seeds} seeds. With {seeds} seeds a side and equal "
           "spreads, a difference must exceed about {resolution:.1f} standard deviations of the "
-          "seeds to count, so only large effects are decided. Pair-flip noise, α = 0.05, 0.2 and 0.7, "
-          "a wider and deeper MLP on 4,000 rows and 5 seeds are in the full grid "
+          "seeds to count, so only large effects are decided. Pair-flip noise, α = 0.05, 0.2 "
+          "and 0.7, a wider and deeper MLP on 4,000 rows and 5 seeds are in the full grid "
           "(`--grid full`) only; neither grid speaks for the paper's architectures and "
           "datasets (deep MLPs with batch norm on binary image tasks, ResNets on CIFAR).")
 
@@ -200,68 +200,70 @@ def memorization_dilation(out, *, grid="quick", seeds=None, workers=None, device
                                     f"(noise, α) cells: {tally(verdicts)}{excluded}"))
     verdict = statement_verdict(statements)
 
-    plots = _figures(out, spec, runs, per_run, cells, lines)
-    settings_table = [{
-        "noise": noise_label(kind, rate), "α": alpha,
-        "memorization": str(cell["memorization"]), "dilation": str(cell["dilation"]),
-        "test acc": str(cell["test acc"]), "train acc (noisy labels)": str(cell["train acc"]),
-        "in terminal phase": f"{cell['terminal']}/{seeds}"}
-        for (kind, rate, alpha), cell in cells.items()]
-    comparison_table = [{"noise": row["noise"], "α": row["alpha"],
-                         "counted": "yes" if row["counted"] else "no",
-                         "M2 memorization LS − CE": str(row["M2"]),
-                         "M3 dilation LS − CE": str(row["M3"]),
-                         "M4 test acc LS − CE": str(row["M4"])} for row in comparisons]
-    line_table = [{"loss": loss, "noisy runs": line.count, "slope": line.slope,
-                   "± SE": line.slope_error, "intercept": line.intercept,
-                   "slope > 0": line.comparison.verdict}
-                  for loss, (line, _) in lines.items()]
-    in_terminal = sum(point["terminal"] for point in per_run.values())
-    base = spec.base
-    grid_lines = [
-        f"- Data: {base.dataset} ({base.num_samples} samples, 80% for training), labels of "
-        "the training split corrupted; test labels clean.",
-        f"- Model: {base.model}, {base.depth} hidden layers of {base.width}, "
-        f"{'with' if base.bias else 'without'} biases; SGD, "
-        f"lr {base.lr:g} (cosine to 0), momentum {base.momentum:g}, batch {base.batch_size}, "
-        f"weight decay {base.weight_decay:g}, {base.epochs} epochs, {base.checkpoints} "
-        "log-spaced checkpoints.",
-        f"- Noise: {', '.join(noise_label(kind, rate) for kind, rate in spec.noises)}.",
-        f"- Label smoothing α: {', '.join(f'{alpha:g}' for alpha in spec.smoothings)} "
-        "(0 = cross-entropy).",
-        f"- Seeds: {seeds} per setting (data split, noise, initialisation and batch order all "
-        f"follow the seed); {len(runs)} runs.",
-        "- Measured: memorization and dilation (docs/metrics.md) of the penultimate training "
-        "features at the last checkpoint; test accuracy on the clean test labels."]
-    report = write_report(
-        out, title="Reproduction 1: memorization and dilation under label noise "
-                   "(Nguyen et al. 2023)",
-        claim=CLAIM, command=reproduce_command("memorization-dilation", grid=grid, seeds=seeds,
-                                               workers=timing.workers, device=timing.device,
-                                               out=out),
-        verdict=f"the claim {VERDICT_WORDS[verdict]} on this grid "
-                f"({in_terminal} of {len(runs)} runs reached the terminal phase).",
-        statements=statements, scope=spec.scope, grid_lines=grid_lines,
-        sections=[("Settings (mean ± std over seeds)", markdown_table(settings_table)),
-                  ("Label smoothing against cross-entropy (M2–M4)",
-                   "Difference of the means (label smoothing minus cross-entropy), twice its "
-                   "standard error, and the verdict.\n\n" + markdown_table(comparison_table)),
-                  ("The M-D relation (M1)",
-                   "Least-squares line memorization = intercept + slope × dilation over the "
-                   "noisy runs of each loss (label smoothing: every α > 0 together).\n\n"
-                   + markdown_table(line_table))],
-        plots=plots, records=records, timing=timing,
-        run_values={name: {"memorization": values["memorization"],
-                           "dilation": values["dilation"]} for name, values in per_run.items()},
-        measure_seconds=time.perf_counter() - measuring,
-        notes=["Memorization: mean distance of the corrupted rows' features to the mean of "
-               "the clean rows of their true class; dilation: mean over classes of the "
-               "standard deviation of the clean rows' distances to their class mean; both "
-               "divided by the mean distance between clean class means.",
-               "A run is in the terminal phase when its classifier fits every noisy training "
-               "label at a checkpoint. Runs that never did are measured and shown, but left "
-               "out of the M-D lines, and a comparison with a setting that has such a run is "
-               "not counted (column \"counted\")."])
+    with published(out, rows) as staging:
+        plots = _figures(staging, spec, runs, per_run, cells, lines)
+        settings_table = [{
+            "noise": noise_label(kind, rate), "α": alpha,
+            "memorization": str(cell["memorization"]), "dilation": str(cell["dilation"]),
+            "test acc": str(cell["test acc"]), "train acc (noisy labels)": str(cell["train acc"]),
+            "in terminal phase": f"{cell['terminal']}/{seeds}"}
+            for (kind, rate, alpha), cell in cells.items()]
+        comparison_table = [{"noise": row["noise"], "α": row["alpha"],
+                             "counted": "yes" if row["counted"] else "no",
+                             "M2 memorization LS − CE": str(row["M2"]),
+                             "M3 dilation LS − CE": str(row["M3"]),
+                             "M4 test acc LS − CE": str(row["M4"])} for row in comparisons]
+        line_table = [{"loss": loss, "noisy runs": line.count, "slope": line.slope,
+                       "± SE": line.slope_error, "intercept": line.intercept,
+                       "slope > 0": line.comparison.verdict}
+                      for loss, (line, _) in lines.items()]
+        in_terminal = sum(point["terminal"] for point in per_run.values())
+        base = spec.base
+        grid_lines = [
+            f"- Data: {base.dataset} ({base.num_samples} samples, 80% for training), labels of "
+            "the training split corrupted; test labels clean.",
+            f"- Model: {base.model}, {base.depth} hidden layers of {base.width}, "
+            f"{'with' if base.bias else 'without'} biases; SGD, "
+            f"lr {base.lr:g} (cosine to 0), momentum {base.momentum:g}, batch {base.batch_size}, "
+            f"weight decay {base.weight_decay:g}, {base.epochs} epochs, {base.checkpoints} "
+            "log-spaced checkpoints.",
+            f"- Noise: {', '.join(noise_label(kind, rate) for kind, rate in spec.noises)}.",
+            f"- Label smoothing α: {', '.join(f'{alpha:g}' for alpha in spec.smoothings)} "
+            "(0 = cross-entropy).",
+            f"- Seeds: {seeds} per setting (data split, noise, initialisation and batch order all "
+            f"follow the seed); {len(runs)} runs.",
+            "- Measured: memorization and dilation (docs/metrics.md) of the penultimate training "
+            "features at the last checkpoint; test accuracy on the clean test labels."]
+        report = write_report(
+            out, folder=staging,
+            title="Reproduction 1: memorization and dilation under label noise "
+                  "(Nguyen et al. 2023)",
+            claim=CLAIM, command=reproduce_command("memorization-dilation", grid=grid, seeds=seeds,
+                                                   workers=timing.workers, device=timing.device,
+                                                   out=out),
+            verdict=f"the claim {VERDICT_WORDS[verdict]} on this grid "
+                    f"({in_terminal} of {len(runs)} runs reached the terminal phase).",
+            statements=statements, scope=spec.scope, grid_lines=grid_lines,
+            sections=[("Settings (mean ± std over seeds)", markdown_table(settings_table)),
+                      ("Label smoothing against cross-entropy (M2–M4)",
+                       "Difference of the means (label smoothing minus cross-entropy), twice its "
+                       "standard error, and the verdict.\n\n" + markdown_table(comparison_table)),
+                      ("The M-D relation (M1)",
+                       "Least-squares line memorization = intercept + slope × dilation over the "
+                       "noisy runs of each loss (label smoothing: every α > 0 together).\n\n"
+                       + markdown_table(line_table))],
+            plots=plots, records=records, timing=timing,
+            run_values={name: {"memorization": values["memorization"],
+                               "dilation": values["dilation"]} for name, values in per_run.items()},
+            measure_seconds=time.perf_counter() - measuring,
+            notes=["Memorization: mean distance of the corrupted rows' features to the mean of "
+                   "the clean rows of their true class; dilation: mean over classes of the "
+                   "standard deviation of the clean rows' distances to their class mean; both "
+                   "divided by the mean distance between clean class means.",
+                   "A run is in the terminal phase when its classifier fits every noisy training "
+                   "label at a checkpoint. Runs that never did are measured and shown, but left "
+                   "out of the M-D lines, and a comparison with a setting that has such a run is "
+                   "not counted (column \"counted\")."])
     tables = {"settings": settings_table, "comparisons": comparison_table, "lines": line_table}
     return Reproduction("memorization-dilation", CLAIM, verdict, statements, report, tables)
 

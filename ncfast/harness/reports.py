@@ -160,12 +160,15 @@ def _undecided_reason(records, command):
 
 
 def write_report(out, *, title, claim, command, verdict, statements, scope, grid_lines,
-                 sections, plots, records, run_values, timing, measure_seconds, notes=()):
-    """Write ``out/report.md`` atomically; returns its path.
+                 sections, plots, records, run_values, timing, measure_seconds, notes=(),
+                 folder=None):
+    """Write ``report.md`` of the reproduction in ``out`` atomically into ``folder``; returns
+    its path in ``out``.
 
     Parameters
     ----------
     out : str
+        The reproduction's folder: its links lead from there.
     title, claim : str
     command : str or None
         The ``ncfast reproduce`` command that made it (None: a grid built in Python).
@@ -189,7 +192,11 @@ def write_report(out, *, title, claim, command, verdict, statements, scope, grid
     timing : GridTiming
     measure_seconds : float
     notes : sequence of str
+    folder : str, optional
+        Where the report (and ``plots``) are written: ``out`` by default, or a folder whose
+        files move into ``out`` (``ncfast.harness.grid.published``).
     """
+    folder = out if folder is None else folder
     undecided = [statement.key for statement in statements if statement.verdict == UNDECIDED]
     seeds = sorted({record.run.seed for record in records.values()})
     lines = [f"# {title}", "", f"**Claim.** {claim}", "",
@@ -210,7 +217,7 @@ def write_report(out, *, title, claim, command, verdict, statements, scope, grid
         lines += [f"## {heading}", "", body, ""]
     if notes:
         lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
-    shown = [plot for plot in plots if os.path.exists(os.path.join(out, plot))]
+    shown = [plot for plot in plots if os.path.exists(os.path.join(folder, plot))]
     if shown:
         lines += ["## Figures", "", *[f"![{plot}]({plot})\n" for plot in shown]]
     lines += ["## Runtime", "", *_runtime_lines(timing, records, measure_seconds), "",
@@ -231,7 +238,6 @@ def write_report(out, *, title, claim, command, verdict, statements, scope, grid
               *[train_command(record.run.config, os.path.relpath(record.path, out),
                               device=record.device) for record in records.values()],
               "```", "", "</details>"]
-    path = os.path.join(out, "report.md")
     text = "\n".join(lines) + "\n"
-    write_atomically(path, lambda stream: stream.write(text.encode()))
-    return path
+    write_atomically(os.path.join(folder, "report.md"), lambda stream: stream.write(text.encode()))
+    return os.path.join(out, "report.md")

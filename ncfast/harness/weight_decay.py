@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncfast.harness.grid import pick_grid, run_and_measure, run_rows
+from ncfast.harness.grid import pick_grid, published, run_and_measure, run_rows
 from ncfast.harness.reports import (VERDICT_WORDS, Reproduction, Statement, markdown_table,
                                     reproduce_command, statement_verdict, write_report)
 from ncfast.harness.training import TrainConfig
@@ -223,70 +223,75 @@ def weight_decay(out, *, grid="quick", seeds=None, workers=None, device="auto",
                    f"decay tried (λ = {', '.join(f'{decay:g}' for decay in spec.decays)} on "
                    f"{', '.join(base.dataset for base in spec.datasets)})."))
 
-    plots = _figures(out, spec, cells)
-    settings_table = [{
-        "dataset": dataset, "λ": decay, "train acc": str(cell["train acc"]),
-        "test acc": str(cell["test acc"]),
-        "zero train error by epoch": _epochs(cell["terminal epochs"], seeds),
-        f"well past (by {TERMINAL_BY:.0%})": f"{cell['well past']}/{seeds}",
-        **{f"{metric} last": str(cell["final"][metric]) for metric in METRICS}}
-        for (dataset, decay), cell in cells.items()]
-    fall_table = [{"dataset": row["dataset"], "λ": row["λ"], "counted": _yes(row["counted"]), **{
-        metric: f"{cells[row['dataset'], row['λ']]['start'][metric]} → "
-                f"{cells[row['dataset'], row['λ']]['final'][metric]}: "
-                + _verdict_text(row[metric]) for metric in METRICS}} for row in falls]
-    lower_table = [{"dataset": row["dataset"], "λ": row["λ"], "counted": _yes(row["counted"]),
-                    **{metric: _difference_text(row[metric]) for metric in METRICS}}
-                   for row in lowers]
-    base = spec.datasets[0]
-    grid_lines = [
-        "- Model: ReLU MLP with no bias in any layer and no normalisation layer (positively "
-        "homogeneous in its parameters); " + "; ".join(
-            f"on {config.dataset}: {config.depth} hidden layers of {config.width}"
-            for config in spec.datasets) + ".",
-        f"- Loss: squared error on one-hot targets, ½‖f(x) − y‖² averaged over the batch; SGD "
-        f"with momentum {base.momentum:g}, lr {base.lr:g} cosine-annealed to 0, batch "
-        f"{base.batch_size}; weight decay λ as an L2 penalty λ/2‖θ‖².",
-        "- Data: " + "; ".join(
-            f"{config.dataset} ({config.num_samples or 'all'} samples, 80% for training), "
-            f"{config.epochs} epochs, {config.checkpoints} log-spaced checkpoints"
-            for config in spec.datasets)
-        + "; each split cut to equal class counts (`--balanced`).",
-        f"- Weight decay λ: {', '.join(f'{decay:g}' for decay in spec.decays)}.",
-        f"- Seeds: {seeds} per setting; {len(runs)} runs.",
-        "- Measured: NC1 (`nc1`, Tr(Σ_W Σ_B†)/C), NC2 (`nc2_etf`, distance of the normalised "
-        "class-mean Gram from the simplex ETF), NC3 (`nc3`, ‖W/‖W‖ − M̃/‖M̃‖‖²), NC4 (`nc4`, "
-        "fraction of rows where the classifier and the nearest class mean disagree) of the "
-        "penultimate training features at every checkpoint."]
-    report = write_report(
-        out, title="Reproduction 2: weight decay and collapse in homogeneous networks "
-                   "(Rangamani & Banburski 2022)",
-        claim=CLAIM, command=reproduce_command("weight-decay", grid=grid, seeds=seeds,
-                                               workers=timing.workers, device=timing.device,
-                                               out=out),
-        verdict=headline, statements=statements, scope=spec.scope, grid_lines=grid_lines,
-        sections=[("Settings (mean ± std over seeds)", markdown_table(settings_table)),
-                  ("W1: the fall during the terminal phase",
-                   "Per metric: mean ± std at the first checkpoint with zero training error, → "
-                   "at the last epoch, and the verdict on \"lower at the last epoch\" (λ = 0 is "
-                   "shown for reference; the paper expects no collapse there).\n\n"
-                   + markdown_table(fall_table)),
-                  ("W2: with weight decay against without",
-                   "Per metric: last-epoch mean with weight decay minus without, twice its "
-                   "standard error, and the verdict on \"lower with weight decay\".\n\n"
-                   + markdown_table(lower_table))],
-        plots=plots, records=records, run_values=run_values, timing=timing,
-        measure_seconds=time.perf_counter() - measuring,
-        notes=["A comparison where both sides are exactly 0 in every seed (NC4 once the "
-               "classifier agrees with the nearest class mean everywhere) cannot be lower; it "
-               "is shown as \"both 0\" and not counted.",
-               f"The claim's setting is a network trained well past zero training error: a "
-               f"weight decay whose seeds did not all reach it by {TERMINAL_BY:.0%} of their "
-               "epochs (or, for W2, whose comparison λ = 0 did not) is outside it; its "
-               "comparisons are shown but not counted (column \"counted\"; λ = 0 in W1 is "
-               "shown for reference).",
-               "A setting shows the claim in full when it is in the claim's setting and every "
-               "counted W1 and W2 comparison of its four metrics held."])
+    with published(out, rows) as staging:
+        plots = _figures(staging, spec, cells)
+        settings_table = [{
+            "dataset": dataset, "λ": decay, "train acc": str(cell["train acc"]),
+            "test acc": str(cell["test acc"]),
+            "zero train error by epoch": _epochs(cell["terminal epochs"], seeds),
+            f"well past (by {TERMINAL_BY:.0%})": f"{cell['well past']}/{seeds}",
+            **{f"{metric} last": str(cell["final"][metric]) for metric in METRICS}}
+            for (dataset, decay), cell in cells.items()]
+        fall_table = [{"dataset": row["dataset"], "λ": row["λ"],
+                       "counted": _yes(row["counted"]), **{
+                           metric: f"{cells[row['dataset'], row['λ']]['start'][metric]} → "
+                                   f"{cells[row['dataset'], row['λ']]['final'][metric]}: "
+                                   + _verdict_text(row[metric]) for metric in METRICS}}
+                      for row in falls]
+        lower_table = [{"dataset": row["dataset"], "λ": row["λ"], "counted": _yes(row["counted"]),
+                        **{metric: _difference_text(row[metric]) for metric in METRICS}}
+                       for row in lowers]
+        base = spec.datasets[0]
+        grid_lines = [
+            "- Model: ReLU MLP with no bias in any layer and no normalisation layer (positively "
+            "homogeneous in its parameters); " + "; ".join(
+                f"on {config.dataset}: {config.depth} hidden layers of {config.width}"
+                for config in spec.datasets) + ".",
+            f"- Loss: squared error on one-hot targets, ½‖f(x) − y‖² averaged over the batch; SGD "
+            f"with momentum {base.momentum:g}, lr {base.lr:g} cosine-annealed to 0, batch "
+            f"{base.batch_size}; weight decay λ as an L2 penalty λ/2‖θ‖².",
+            "- Data: " + "; ".join(
+                f"{config.dataset} ({config.num_samples or 'all'} samples, 80% for training), "
+                f"{config.epochs} epochs, {config.checkpoints} log-spaced checkpoints"
+                for config in spec.datasets)
+            + "; each split cut to equal class counts (`--balanced`).",
+            f"- Weight decay λ: {', '.join(f'{decay:g}' for decay in spec.decays)}.",
+            f"- Seeds: {seeds} per setting; {len(runs)} runs.",
+            "- Measured: NC1 (`nc1`, Tr(Σ_W Σ_B†)/C), NC2 (`nc2_etf`, distance of the normalised "
+            "class-mean Gram from the simplex ETF), NC3 (`nc3`, ‖W/‖W‖ − M̃/‖M̃‖‖²), NC4 (`nc4`, "
+            "fraction of rows where the classifier and the nearest class mean disagree) of the "
+            "penultimate training features at every checkpoint."]
+        report = write_report(
+            out, folder=staging,
+            title="Reproduction 2: weight decay and collapse in homogeneous networks "
+                  "(Rangamani & Banburski 2022)",
+            claim=CLAIM, command=reproduce_command("weight-decay", grid=grid, seeds=seeds,
+                                                   workers=timing.workers, device=timing.device,
+                                                   out=out),
+            verdict=headline, statements=statements, scope=spec.scope, grid_lines=grid_lines,
+            sections=[("Settings (mean ± std over seeds)", markdown_table(settings_table)),
+                      ("W1: the fall during the terminal phase",
+                       "Per metric: mean ± std at the first checkpoint with zero training "
+                       "error, → at the last epoch, and the verdict on \"lower at the last "
+                       "epoch\" (λ = 0 is shown for reference; the paper expects no collapse "
+                       "there).\n\n"
+                       + markdown_table(fall_table)),
+                      ("W2: with weight decay against without",
+                       "Per metric: last-epoch mean with weight decay minus without, twice its "
+                       "standard error, and the verdict on \"lower with weight decay\".\n\n"
+                       + markdown_table(lower_table))],
+            plots=plots, records=records, run_values=run_values, timing=timing,
+            measure_seconds=time.perf_counter() - measuring,
+            notes=["A comparison where both sides are exactly 0 in every seed (NC4 once the "
+                   "classifier agrees with the nearest class mean everywhere) cannot be lower; it "
+                   "is shown as \"both 0\" and not counted.",
+                   f"The claim's setting is a network trained well past zero training error: a "
+                   f"weight decay whose seeds did not all reach it by {TERMINAL_BY:.0%} of their "
+                   "epochs (or, for W2, whose comparison λ = 0 did not) is outside it; its "
+                   "comparisons are shown but not counted (column \"counted\"; λ = 0 in W1 is "
+                   "shown for reference).",
+                   "A setting shows the claim in full when it is in the claim's setting and every "
+                   "counted W1 and W2 comparison of its four metrics held."])
     tables = {"settings": settings_table, "falls": fall_table, "lowers": lower_table}
     return Reproduction("weight-decay", CLAIM, verdict, statements, report, tables)
 
