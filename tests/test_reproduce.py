@@ -348,7 +348,7 @@ def test_spread_strings_in_reports_show_mean_and_std():
     assert str(Spread.of([0.5, 0.7])) == f"0.6 ± {math.sqrt(0.02):.2g}"
 
 
-def _report_of_undecided(tmp_path, seeds, grid, scope="A test grid."):
+def _report_of_undecided(tmp_path, seeds, grid, scope="A test grid.", terminal_epoch=3):
     from ncfast.harness.grid import GridRun, GridTiming, RunRecord
     from ncfast.harness.reports import Statement, reproduce_command, write_report
 
@@ -357,7 +357,7 @@ def _report_of_undecided(tmp_path, seeds, grid, scope="A test grid."):
         for seed in range(seeds):
             run = GridRun(setting, seed, dataclasses.replace(TrainConfig(), seed=seed))
             records[run.name] = RunRecord(run, str(tmp_path / "runs" / run.name), 1.0, 1.0, 0.5,
-                                          3, 1.0, 1.0, "cpu", True)
+                                          terminal_epoch, 1.0, 1.0, "cpu", True)
     timing = GridTiming(1.0, len(records), 0, 1, "cpu", 2, (0.0,) * 3, (0.0,) * 3)
     statement = Statement("X1", "a is lower than b", UNDECIDED,
                           "cells: 0 held, 0 contradicted, 1 undecided of 1")
@@ -397,6 +397,10 @@ def test_report_says_why_a_statement_is_undecided(tmp_path):
     assert "more seeds or the full grid (`--grid full`) may decide them." in text
     text = _report_of_undecided(tmp_path, 2, "full")
     assert "`--grid full`) may decide" not in text and "more seeds may decide them." in text
+    # No run in the terminal phase: more seeds would not help (a tiny grid of 30 epochs).
+    text = _report_of_undecided(tmp_path, 2, "quick", terminal_epoch=None)
+    assert "none of the 4 runs reached the terminal phase" in text
+    assert "longer training, not more seeds, may decide them." in text
 
 
 SEEDS = 3

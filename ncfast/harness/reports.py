@@ -153,6 +153,10 @@ def _undecided_reason(records, command):
         return (f"with {fewest} seed{'' if fewest == 1 else 's'} in a setting no two "
                 "settings can be compared (the rule needs 2 seeds a side); more seeds "
                 "(`--seeds`) may decide them.")
+    if all(record.terminal_epoch is None for record in records.values()):
+        return (f"none of the {len(records)} runs reached the terminal phase (zero training "
+                "error), and comparisons that need it are not counted: longer training, not "
+                "more seeds, may decide them.")
     larger = "" if command and "--grid full" in command else " or the full grid (`--grid full`)"
     return ("none of their comparisons was contradicted but not all held: the others are "
             "within two standard errors, or not counted (their evidence says which); more "
