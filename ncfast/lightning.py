@@ -20,7 +20,8 @@ class NeuralCollapse(Callback):
     ``nc/<layer>/nc1``, .... Each measurement is a ``CollapseMonitor.measure``
     of the LightningModule (``module(inputs)`` must run its forward) in eval
     mode; under DDP every rank measures its shard of the loader and logs the
-    report of all ranks.
+    report of all ranks. The layer names, the classifier and ``num_classes``
+    are checked against the module when the fit starts, before any training.
 
     Parameters
     ----------
@@ -58,6 +59,14 @@ class NeuralCollapse(Callback):
                                 "clean_labels": clean_labels, "memory_budget": memory_budget}
         self.prefix = prefix
         self.history = []
+
+    def on_fit_start(self, trainer, pl_module):
+        """Check the layer names, the classifier and ``num_classes`` against the module, so
+        that a mistake fails before the first epoch rather than after ``every_n_epochs``."""
+        # The trainer's dataloader is not set up yet; the monitor iterates its loader only
+        # in measure(), so an empty list stands in for it.
+        CollapseMonitor(pl_module, self.layer, [] if self.loader is None else self.loader,
+                        **self.monitor_options)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if (trainer.current_epoch + 1) % self.every_n_epochs:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ncfast.api import collapse
+from ncfast.errors import raise_bad_row
 from ncfast.inputs import holds_class_indices
 from ncfast.torch import import_extra, measurable
 
@@ -88,6 +89,13 @@ class NeuralCollapse(torchmetrics.Metric):
         labels : int tensor of shape (n,)
         clean_labels : int tensor of shape (n,)
             Required exactly when the metric was built with ``label_noise=True``.
+
+        Raises
+        ------
+        ValueError
+            As ``ncfast.collapse`` words it, for the first row (counted within the
+            batch) whose label or clean label is outside [0, C) or whose features are
+            not finite in the metric's dtype. A refused batch adds no row.
         """
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch tensor; found {type(features).__name__}: "
@@ -104,13 +112,19 @@ class NeuralCollapse(torchmetrics.Metric):
                              f"had {int(self.num_features)}")
         rows = {"labels": labels} if clean_labels is None else \
             {"labels": labels, "clean_labels": clean_labels}
+        checked = {}
         for name, values in rows.items():
             values = torch.as_tensor(values, device=features.device)
             if values.shape != (len(features),) or not holds_class_indices(values):
                 raise ValueError(f"{name} must be integers of shape ({len(features)},); found "
                                  f"dtype {values.dtype}, shape {tuple(values.shape)}")
-            getattr(self, name).append(values.to(torch.int64, copy=True))
-        self.features.append(features.detach().to(self.dtype, copy=True).reshape(-1))
+            checked[name] = values.to(torch.int64, copy=True)
+        stored = features.detach().to(self.dtype, copy=True)
+        _refuse_bad_rows(features, stored, checked["labels"], checked.get("clean_labels"),
+                         self.num_classes)
+        for name, values in checked.items():
+            getattr(self, name).append(values)
+        self.features.append(stored.reshape(-1))
         self.num_features = torch.tensor(features.shape[1], device=features.device)
 
     def sync(self, *args, **kwargs):
@@ -143,9 +157,8 @@ class NeuralCollapse(torchmetrics.Metric):
             return super().forward(features, labels, clean_labels)
         self.update(features, labels, clean_labels)
         labels = self.labels[-1]
-        present = labels[(labels >= 0) & (labels < self.num_classes)].unique()
         self._forward_cache = {}
-        if len(present) >= 2:
+        if len(labels.unique()) >= 2:
             self._forward_cache = self._metrics(
                 self.features[-1].reshape(len(labels), -1), labels,
                 self.clean_labels[-1] if self.label_noise else None, empty_classes="ignore")
@@ -179,6 +192,30 @@ class NeuralCollapse(torchmetrics.Metric):
                           num_classes=self.num_classes, weights=weights, bias=bias, **options)
         return {name: torch.tensor(value, dtype=torch.float64)
                 for name, value in report.metrics().items()}
+
+
+def _refuse_bad_rows(features, stored, labels, clean_labels, num_classes):
+    """Raise ``ncfast.collapse``'s error for the first bad row of a batch, if any.
+
+    Parameters
+    ----------
+    features : tensor of shape (n, D)
+        The batch as given (its bad row is quoted from it).
+    stored : tensor of shape (n, D)
+        The batch in the metric's dtype: a value that overflows it is not finite there.
+    labels, clean_labels : int64 tensors of shape (n,) (clean labels may be None)
+    num_classes : int
+    """
+    bad = ~torch.isfinite(stored).all(dim=1)
+    for values in (labels, clean_labels):
+        if values is not None:
+            bad |= (values < 0) | (values >= num_classes)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        rows = slice(row, row + 1)
+        raise_bad_row(row, labels[rows].cpu(),
+                      None if clean_labels is None else clean_labels[rows].cpu(),
+                      features[rows].detach().double().cpu(), num_classes=num_classes)
 
 
 class _Shared:

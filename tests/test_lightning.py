@@ -143,6 +143,27 @@ def test_callback_refuses_several_training_dataloaders():
         trainer.fit(TwoLoaders(), {"first": loader, "second": loader})
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"layer": "head"}, "the model has no module 'head'; its modules are: trunk"),
+    ({"layer": "fc", "classifier": "head"}, "the model has no module 'head'"),
+    ({"layer": "trunk.1"}, "pass num_classes="),
+    ({"layer": "fc", "num_classes": 4}, "3 outputs as its classifier, but num_classes is 4"),
+])
+def test_callback_refuses_a_bad_layer_before_training(options, message):
+    """A layer name that does not exist (or a classifier, or a missing num_classes) was
+    reported only by the first measurement, after ``every_n_epochs`` epochs of training."""
+    inputs, labels = gaussian_rows()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels),
+                                         batch_size=50)
+    trainer = lightning.Trainer(
+        max_epochs=3, callbacks=[NeuralCollapseCallback(**options, every_n_epochs=3)],
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(Classifier(), loader)
+    assert trainer.global_step == 0
+
+
 def test_callback_refuses_a_bad_period():
     with pytest.raises(ValueError, match="every_n_epochs must be a positive int"):
         NeuralCollapseCallback("fc", every_n_epochs=0)
@@ -279,3 +300,51 @@ def test_forward_of_a_batch_of_exactly_two_classes_returns_its_metrics():
                                empty_classes="ignore")
     assert batch, "a batch of two classes gave no metrics"
     assert batch["nc1"].item() == pytest.approx(expected.nc1, rel=1e-10)
+
+
+def bad_batch(kind):
+    """Ten rows of ``gaussian_rows`` with row 3 made bad (every row for "all labels")."""
+    features, labels = gaussian_rows(10, seed=1)
+    clean = labels.clone()
+    if kind == "label":
+        labels[3] = NUM_CLASSES + 4
+    elif kind == "negative label":
+        labels[3] = -1
+    elif kind == "clean label":
+        clean[3] = NUM_CLASSES
+    elif kind == "all labels":
+        labels[:] = NUM_CLASSES
+    elif kind == "clean shape":
+        clean = clean[:5]
+    elif kind in ("nan", "inf"):
+        features[3, 2] = float(kind)
+    else:  # finite as float64, beyond float32
+        features = features.double()
+        features[3, 2] = 1e300
+    return features, labels, clean
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("label", r"^row 3 has label 7, outside \[0, 3\): labels must be class indices"),
+    ("negative label", r"^row 3 has label -1, outside \[0, 3\)"),
+    ("clean label", r"^row 3 has clean label 3, outside \[0, 3\)"),
+    ("all labels", r"^row 0 has label 3, outside \[0, 3\)"),
+    ("clean shape", r"^clean_labels must be integers of shape \(10,\)"),
+    ("nan", r"^features row 3 contains NaN; every value must be finite"),
+    ("inf", r"^features row 3 contains Inf; every value must be finite"),
+    ("huge", r"^features row 3 holds values too large to measure"),
+])
+def test_metric_refuses_a_bad_batch_and_keeps_its_rows(kind, message):
+    """Labels outside [0, C) and non-finite features were stored by ``update`` (and by
+    ``forward``, which returned {} when no label was in range): every later ``compute``
+    raised until ``reset()``."""
+    features, labels = gaussian_rows(100)
+    metric = NeuralCollapseMetric(NUM_CLASSES, label_noise=True)
+    metric.update(features, labels, labels)
+    with pytest.raises(ValueError, match=message):
+        metric.update(*bad_batch(kind))
+    with pytest.raises(ValueError, match=message):
+        metric(*bad_batch(kind))
+    assert len(metric.labels) == len(metric.clean_labels) == len(metric.features) == 1
+    expected = ncfast.collapse(features.numpy(), labels.numpy(), clean_labels=labels.numpy())
+    assert metric.compute()["nc1"].item() == pytest.approx(expected.nc1, rel=1e-10)
