@@ -3,14 +3,18 @@
 Each rank of a DDP job feeds its own batches; the pass states are sums, so
 each pass ends with one ``all_reduce`` of two flat buffers (the float64 sums
 and the int64 counts), after one of four ints that checks that the ranks'
-states have the same shapes, and every rank then holds the same class means
-and, at the end, the same ``CollapseReport``. No feature row leaves its rank.
+states have the same shapes (and, at the first, one of two ints that checks
+that they hold the same classifier), and every rank then holds the same class
+means and, at the end, the same ``CollapseReport``. No feature row leaves its
+rank.
 
 Requires torch (``import ncfast`` never imports it). Works with any backend
 that sums float64 and int64 tensors: ``gloo`` (CPU buffers) and ``nccl``
 (buffers on the current CUDA device). The kernels are ncfast's CPU kernels;
 CUDA feature batches are copied to the host batch by batch.
 """
+import zlib
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -47,7 +51,7 @@ class DistributedCollapse:
         Feature width D.
     weights : array or tensor of shape (C, D), optional
         Last-layer classifier ``W`` (``nn.Linear.weight``); enables NC3, NC4
-        and accuracy.
+        and accuracy. The same on every rank (checked by the first collective).
     bias : array or tensor of shape (C,), optional
     means : array of shape (C, D) or CollapseReport, optional
         Measure against these class means (held-out features): pass 1 is
@@ -97,6 +101,8 @@ class DistributedCollapse:
         self.group = group
         # Checked now rather than after pass 1; float64 numpy copies.
         self._classifier = check_classifier(weights, bias, num_classes, num_features)
+        # Whether the ranks were found to hold the same classifier (at the first collective).
+        self._same_classifier = False
         self._report = None
         # Rows fed on this rank in the current pass: bad rows are named by their index
         # among them.
@@ -139,6 +145,7 @@ class DistributedCollapse:
         if self.class_sums is None:
             raise RuntimeError("pass 1 is already finished (or skipped with means=)")
         release_pass1_scratch()
+        self._check_same_classifier()
         all_reduce_sums(self.class_sums.sum_arrays(), self.group)
         geometry, clean_geometry = finalize_pass1(
             self.class_sums, global_mean=self.global_mean, empty_classes=self.empty_classes)
@@ -178,12 +185,14 @@ class DistributedCollapse:
         ------
         ValueError
             On every rank, when the ranks' pass-2 rows, summed by class, are not
-            those of pass 1 (``same_rows_source``).
+            those of pass 1 (``same_rows_source``), or when ``means=`` skipped
+            pass 1 and the ranks' classifiers differ.
         """
         if self.residual_pass is None:
             raise RuntimeError("call finalize_pass1 and update_pass2 before report")
         if self._report is None:
             release_scratch()  # this rank's pass-2 scratch, unless a run is going on
+            self._check_same_classifier()  # done by finalize_pass1, unless means= skipped it
             arrays = self.residual_pass.sum_arrays()
             if self._rows_again is not None:
                 arrays += self._rows_again.sum_arrays()
@@ -194,6 +203,33 @@ class DistributedCollapse:
                                       source=self.same_rows_source, fix=self.same_rows_fix)
             self._report = self.residual_pass.report(pinv_rtol=self.pinv_rtol)
         return self._report
+
+    def _check_same_classifier(self):
+        """Refuse, on every rank, classifiers that differ between the ranks (collective, once).
+
+        Each rank's metrics of ``W`` would be its own, and its rows would be scored by
+        its own classifier. A CRC of this rank's float64 ``weights`` and ``bias`` (-1
+        without a classifier) is compared over the group by ``_extremes``.
+
+        Raises
+        ------
+        ValueError
+            Saying how to give every rank the same classifier.
+        """
+        if self._same_classifier or not (dist.is_available() and dist.is_initialized()):
+            return
+        weights, bias = self._classifier
+        checksum = -1 if weights is None else zlib.crc32(bias.tobytes(),
+                                                         zlib.crc32(weights.tobytes()))
+        smallest, largest = _extremes([checksum], self.group, _reduce_device(self.group))
+        if smallest != largest:
+            raise ValueError(
+                "the ranks' classifiers differ (weights and bias are not the same on every "
+                "rank), so the metrics of W and the accuracy would differ between the ranks: "
+                "build the classifier after torch.manual_seed with the same seed on every "
+                "rank, or broadcast its parameters from rank 0 (dist.broadcast(tensor, src=0) "
+                "for each, as DistributedDataParallel does when it wraps the model)")
+        self._same_classifier = True
 
     def _chunks(self, features, labels, clean_labels):
         if self.label_noise != (clean_labels is not None):
@@ -331,9 +367,8 @@ def _check_same_shapes(arrays, group, device):
     """Refuse, on every rank, arrays whose shapes differ between the ranks.
 
     Summing buffers of different sizes aborts the process (gloo) or hangs; so
-    the ranks first take the maximum of each rank's sizes and of their
-    negatives, one ``all_reduce`` of fixed length, and every rank raises the
-    same error when they differ.
+    the ranks first compare their sizes and a hash of their shapes
+    (``_extremes``), and every rank raises the same error when they differ.
 
     Raises
     ------
@@ -343,15 +378,28 @@ def _check_same_shapes(arrays, group, device):
     shapes = [tuple(array.shape) for array in arrays]
     # The hash of a tuple of ints is the same in every process (no hash randomisation).
     sizes = [sum(array.size for array in arrays), hash(tuple(shapes)) % (1 << 62)]
-    extremes = torch.tensor(sizes + [-size for size in sizes], dtype=torch.int64,
-                            device=device)
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
-    largest, smallest = extremes[:2].tolist(), [-value for value in extremes[2:].tolist()]
+    smallest, largest = _extremes(sizes, group, device)
     if largest != smallest:
         raise ValueError(
             f"the ranks hold states of different shapes (this rank's arrays: {shapes}; from "
             f"{smallest[0]} to {largest[0]} values over the ranks): build DistributedCollapse "
             "with the same num_classes, num_features and label_noise on every rank")
+
+
+def _extremes(values, group, device):
+    """Element-wise minimum and maximum of a list of ints over the group, in one
+    ``all_reduce`` (the maximum of the values and of their negatives).
+
+    Returns
+    -------
+    smallest, largest : list of int
+        Equal on every rank; equal to each other when every rank passed the same values.
+    """
+    tensor = torch.tensor(values + [-value for value in values], dtype=torch.int64,
+                          device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    extremes = tensor.tolist()
+    return [-value for value in extremes[len(values):]], extremes[:len(values)]
 
 
 def _on_host(array):

@@ -20,6 +20,7 @@ import importlib.util
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ncfast.api import collapse
-from ncfast.distributed import DistributedCollapse
+from ncfast.distributed import DistributedCollapse, on_every_rank
 from ncfast.engine import check_same_rows
 from ncfast.inputs import default_chunk_rows, holds_class_indices
 
@@ -166,12 +167,12 @@ class CollapseMonitor:
         self.num_classes = _resolve_num_classes(num_classes, self._classifiers)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int; found {every!r}")
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or \
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, Integral) or \
                 memory_budget < 0:
             raise ValueError(f"memory_budget must be a non-negative int (bytes); found "
                              f"{memory_budget!r}")
         self.every = every
-        self.memory_budget = memory_budget
+        self.memory_budget = int(memory_budget)
         self.steps = 0
         self.history = []
 
@@ -194,7 +195,9 @@ class CollapseMonitor:
         """Run the model over the loader and measure the hooked layers' features.
 
         Under ``torch.distributed`` this is collective: every rank calls it
-        and receives the report of all ranks' rows.
+        and receives the report of all ranks' rows. When a rank fails in a
+        pass (its forward pass, a bad row), that rank raises its error and the
+        others a ValueError naming it.
 
         Returns
         -------
@@ -422,29 +425,48 @@ class _Measurement:
         self.analyses = {}
 
     def run(self):
+        """Measure every layer: ``{layer: CollapseReport}``.
+
+        Under ``torch.distributed`` each rank's share of a pass (its forward passes and
+        pass states) runs through ``on_every_rank``: when it fails on one rank, that rank
+        raises its error and the others one naming it, instead of waiting in the
+        pass's collective.
+        """
         passes = self.passes
-        first_counts = passes.forward_pass(self._pass1)
+        first_counts = on_every_rank(lambda: passes.forward_pass(self._pass1), None,
+                                     "pass 1 of CollapseMonitor.measure")
         if not self.streaming and not self.distributed:
             return {name: self._in_place(name) for name in passes.names}
         widths, label_noise, any_streaming = self._shapes()
-        for name in passes.names:
-            if name not in self.analyses:
-                self._build_analysis(name, widths[name], label_noise)
+        on_every_rank(lambda: self._build_analyses(widths, label_noise), None,
+                      "pass 1 of CollapseMonitor.measure")
         for name in passes.names:
             # Where every rank replays its held rows, pass 2 reads the very arrays of pass 1:
             # nothing to check (the ranks must agree, their states are summed together).
             self.analyses[name].checks_same_rows = any_streaming
             self.analyses[name].finalize_pass1()
+        on_every_rank(lambda: self._pass2(first_counts), None,
+                      "pass 2 of CollapseMonitor.measure")
+        return {name: self.analyses[name].report() for name in passes.names}
+
+    def _build_analyses(self, widths, label_noise):
+        """The pass states of the layers whose rows were all held (this rank's share)."""
+        for name in self.passes.names:
+            if name not in self.analyses:
+                self._build_analysis(name, widths[name], label_noise)
+
+    def _pass2(self, first_counts):
+        """This rank's pass 2: a second forward pass, which must give pass 1's rows per
+        class, or the held rows replayed."""
         if self.streaming:
-            second_counts = passes.forward_pass(
+            second_counts = self.passes.forward_pass(
                 lambda name, chunk: self.analyses[name].update_pass2(*_noise(chunk)))
             check_same_rows(first_counts, second_counts, source="the loader",
                             fix=STREAMED_ROWS_FIX)
         else:
-            for name in passes.names:
+            for name in self.passes.names:
                 for chunk in self.held[name]:
                     self.analyses[name].update_pass2(*_noise(chunk))
-        return {name: self.analyses[name].report() for name in passes.names}
 
     def _pass1(self, name, chunk):
         if name in self.analyses:
@@ -590,8 +612,14 @@ def find_module(model, name):
         if candidate in modules and candidate:
             return modules[candidate]
     names = [key for key in modules if key]
+    if not names:
+        raise ValueError(
+            f"the model ({type(_unwrapped(model)).__name__}) has no submodules, so no module "
+            f"{name!r}: wrap it, e.g. in nn.Sequential(model), and name its module '0'")
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-    raise ValueError(f"the model has no module {name!r}; its modules are: {shown}")
+    missing = (f"the model has no module {name!r}" if name.removeprefix("module.") else
+               f"{name!r} names the model itself, not one of its modules")
+    raise ValueError(f"{missing}; its modules are: {shown}")
 
 
 def _on_device(inputs, device):

@@ -103,6 +103,28 @@ class _TwoPasses:
         self.completed += 1
 
 
+#: Classifiers that differ between the ranks (``DistributedCollapse`` options per rank):
+#: each rank scored its rows with its own.
+CLASSIFIERS = {
+    "other_weights": lambda rank: {"weights": torch.eye(3, 4) * (1 + rank)},
+    "other_bias": lambda rank: {"weights": torch.eye(3, 4), "bias": torch.ones(3) * rank},
+    "weights_on_one_rank": lambda rank: {"weights": torch.eye(3, 4)} if rank == 0 else {},
+    "other_weights_with_means": lambda rank: {"weights": torch.eye(3, 4) * (1 + rank),
+                                              "means": np.eye(3, 4)},
+}
+
+
+def _other_classifiers(options):
+    """Both passes of rows that every rank shares, with this rank's classifier ``options``."""
+    features, labels = torch.eye(6, 4) + torch.arange(6.0)[:, None], torch.arange(6) % 3
+    analysis = DistributedCollapse(3, 4, **options)
+    if "means" not in options:
+        analysis.update_pass1(features, labels)
+        analysis.finalize_pass1()
+    analysis.update_pass2(features, labels)
+    analysis.report()
+
+
 def _run_rank(rank, port, out_dir):
     """One process of the group: every case, class API and function API."""
     # A rank left waiting in a collective fails after a minute, not gloo's 30.
@@ -145,6 +167,11 @@ def _run_rank(rank, port, out_dir):
             _shifted_on_rank_one(rank)
         except ValueError as error:
             reports["shifted_on_rank_one"] = str(error)
+        for name, options in CLASSIFIERS.items():
+            try:
+                _other_classifiers(options(rank))
+            except ValueError as error:
+                reports[name] = str(error)
         for step in ("pass1", "pass2"):
             try:
                 _bad_row_on_rank_one(rank, step)
@@ -217,6 +244,18 @@ def test_other_rows_in_pass_two_on_one_rank_raise_on_every_rank(rank_reports):
         assert reports["shifted_on_rank_one"].startswith(
             "the batches given to update_pass2 yielded other rows in the two passes: their "
             "class means differ from pass 1's")
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifiers_that_differ_between_ranks_are_refused_on_every_rank(rank_reports, name):
+    """Each rank reported the metrics of its own W, and scored its rows with it."""
+    for reports in rank_reports:
+        assert reports[name].startswith(
+            "the ranks' classifiers differ (weights and bias are not the same on every rank)")
+        assert reports[name].endswith(
+            "build the classifier after torch.manual_seed with the same seed on every rank, "
+            "or broadcast its parameters from rank 0 (dist.broadcast(tensor, src=0) for "
+            "each, as DistributedDataParallel does when it wraps the model)")
 
 
 @pytest.mark.parametrize("step", ["pass1", "pass2"])

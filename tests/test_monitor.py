@@ -5,7 +5,10 @@ loader; every report must equal ``ncfast.collapse`` of the same features
 extracted by hand in eval mode, whichever route (rows held after one forward
 pass, or streamed through two), and the model must come back as it was.
 """
+import datetime
 import gc
+import pickle
+import socket
 import weakref
 
 import numpy as np
@@ -339,6 +342,13 @@ def _rows():
     (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), every=0), ValueError, "every"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), memory_budget=-1), ValueError,
      "memory_budget"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), memory_budget=1.5), ValueError,
+     "memory_budget"),
+    (lambda: CollapseMonitor(nn.Linear(8, 2), "", _rows()), ValueError,  # listed no modules
+     r"the model \(Linear\) has no submodules, so no module '': wrap it, e.g. in "
+     r"nn.Sequential\(model\), and name its module '0'"),
+    (lambda: CollapseMonitor(CallsTwice(), "", _rows()), ValueError,
+     "'' names the model itself, not one of its modules; its modules are: inner, fc, unused"),
     (lambda: CollapseMonitor(
         CallsTwice(), "fc",
         torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_rows()[0]), shuffle=True),
@@ -372,6 +382,12 @@ def _rows():
 def test_misuse_is_refused_with_a_clear_message(make_monitor, error, message):
     with pytest.raises(error, match=message):
         make_monitor()
+
+
+def test_memory_budget_of_a_numpy_int_is_accepted():
+    """``np.int64`` budgets (e.g. computed with numpy) were refused as not an int."""
+    monitor = CollapseMonitor(CallsTwice(), "fc", _rows(), memory_budget=np.int64(1000))
+    assert monitor.memory_budget == 1000 and type(monitor.memory_budget) is int
 
 
 class CountedIterations(list):
@@ -459,14 +475,13 @@ def _rank_batches(split, rank):
 def _run_rank(rank, port, out_dir):
     """One process of the group: the monitor on a DDP-wrapped model (held and streamed,
     two layers, label noise) and the torchmetrics metric, per split of the rows."""
-    import pickle
-
     import torch.distributed as dist
 
     from ncfast.torchmetrics import NeuralCollapse
 
+    # A rank left waiting in a collective fails after a minute, not gloo's 30.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE)
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
     try:
         model = make_model()
         wrapped = nn.parallel.DistributedDataParallel(model)
@@ -491,16 +506,19 @@ def _run_rank(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     """What each of two gloo ranks measured, from one spawn."""
-    import pickle
-    import socket
+    return _spawn_ranks(_run_rank, tmp_path_factory)
 
+
+def _spawn_ranks(run_rank, tmp_path_factory):
+    """Spawn ``run_rank(rank, port, out_dir)`` on a 2-process gloo group; what each rank
+    pickled to ``out_dir/rank{rank}.pkl``."""
     import torch.multiprocessing as torch_mp
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out_dir = tmp_path_factory.mktemp("ranks")
-    torch_mp.spawn(_run_rank, args=(port, str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    torch_mp.spawn(run_rank, args=(port, str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [pickle.loads((out_dir / f"rank{rank}.pkl").read_bytes())
             for rank in range(WORLD_SIZE)]
 
@@ -520,6 +538,98 @@ def test_two_ddp_ranks_equal_one_process(rank_results, split, assert_same_report
         assert results[split, "torchmetrics"].keys() == metrics.keys()
         for name, value in metrics.items():
             assert results[split, "torchmetrics"][name] == pytest.approx(value, rel=1e-10), name
+
+
+class FailsFrom(nn.Module):
+    """``make_model()`` that raises from its ``first_failure``-th call on (0: the first;
+    None: never)."""
+
+    def __init__(self, first_failure):
+        super().__init__()
+        self.model, self.first_failure, self.calls = make_model(), first_failure, 0
+
+    def forward(self, inputs):
+        self.calls += 1
+        if self.first_failure is not None and self.calls > self.first_failure:
+            raise RuntimeError("out of memory on rank 1")
+        return self.model(inputs)
+
+
+#: A failure on rank 1 in one pass of ``measure`` (the route's memory_budget, rank 1's
+#: model and its loader's labels): the pass where the other rank learns of it, and rank 1's
+#: error.
+FAILURES = {
+    "bad_label_held": (ncfast_torch.DEFAULT_MEMORY_BUDGET, None, 7, "pass 1",
+                       "row 63 has label 7, outside [0, 4)"),
+    "bad_label_streamed": (0, None, 7, "pass 1", "row 63 has label 7, outside [0, 4)"),
+    "forward_held": (ncfast_torch.DEFAULT_MEMORY_BUDGET, 1, None, "pass 1",
+                     "out of memory on rank 1"),
+    "forward_streamed_pass1": (0, 1, None, "pass 1", "out of memory on rank 1"),
+    "forward_streamed_pass2": (0, 2, None, "pass 2", "out of memory on rank 1"),
+}
+
+
+def _run_failing_rank(rank, port, out_dir):
+    """One process of the group: each failure of ``FAILURES`` on rank 1, then classifiers
+    that differ between the ranks (held and streamed); the errors each rank raised."""
+    import torch.distributed as dist
+
+    # A rank left waiting in a collective fails after 30 seconds, not gloo's 30 minutes.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=30))
+    try:
+        errors = {}
+        images, labels, _ = make_data()
+        for name, (memory_budget, first_failure, bad_label, _, _) in FAILURES.items():
+            model = FailsFrom(first_failure if rank == 1 else None)
+            rank_labels = labels[:120].clone()
+            if rank == 1 and bad_label is not None:
+                rank_labels[63] = bad_label
+            loader = batches(images[:120], rank_labels, size=60)
+            monitor = CollapseMonitor(model, "model.fc", loader, classifier="model.fc",
+                                      memory_budget=memory_budget)
+            try:
+                monitor.measure()
+            except (ValueError, RuntimeError) as error:
+                errors[name] = str(error)
+        for memory_budget in (ncfast_torch.DEFAULT_MEMORY_BUDGET, 0):
+            model = make_model(seed=rank)  # an unseeded classifier: each rank its own
+            try:
+                CollapseMonitor(model, "fc", batches(images[:120], labels[:120]),
+                                memory_budget=memory_budget).measure()
+            except ValueError as error:
+                errors["classifiers", memory_budget] = str(error)
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as handle:
+            pickle.dump(errors, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_errors(tmp_path_factory):
+    """The errors each of two gloo ranks raised, from one spawn."""
+    return _spawn_ranks(_run_failing_rank, tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", FAILURES)
+def test_a_failure_on_one_rank_stops_every_rank(rank_errors, name):
+    """The failing rank raises its own error and the other one names it, in both routes:
+    the other rank used to wait in the pass's collective until the group's timeout."""
+    step, message = FAILURES[name][3:]
+    rank0, rank1 = (errors[name] for errors in rank_errors)
+    assert message in rank1
+    assert rank0 == (f"rank 1 of the group failed in {step} of CollapseMonitor.measure (its "
+                     "error says why), so this rank stops too")
+
+
+@pytest.mark.parametrize("memory_budget", [ncfast_torch.DEFAULT_MEMORY_BUDGET, 0],
+                         ids=["held", "streamed"])
+def test_classifiers_that_differ_between_ranks_are_refused_on_every_rank(rank_errors,
+                                                                         memory_budget):
+    """Each rank scored its rows with its own classifier, and reported metrics of it."""
+    for errors in rank_errors:
+        assert errors["classifiers", memory_budget].startswith(
+            "the ranks' classifiers differ (weights and bias are not the same on every rank)")
 
 
 class CountingLoader:
