@@ -165,13 +165,13 @@ class CollapseMonitor:
                                       clean_labels=clean_labels)
         self._classifiers = _resolve_classifiers(self._passes, classifier)
         self.num_classes = _resolve_num_classes(num_classes, self._classifiers)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, Integral) or every < 1:
             raise ValueError(f"every must be a positive int; found {every!r}")
         if isinstance(memory_budget, bool) or not isinstance(memory_budget, Integral) or \
                 memory_budget < 0:
             raise ValueError(f"memory_budget must be a non-negative int (bytes); found "
                              f"{memory_budget!r}")
-        self.every = every
+        self.every = int(every)
         self.memory_budget = int(memory_budget)
         self.steps = 0
         self.history = []
@@ -682,8 +682,10 @@ def _resolve_num_classes(num_classes, classifiers):
             raise ValueError(f"the classifiers have different numbers of outputs {outputs}; "
                              "pass num_classes= and classifier={layer: ...} for the others")
         return next(iter(outputs.values()))
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or \
+            num_classes < 2:
         raise ValueError(f"num_classes must be an int of at least 2; found {num_classes!r}")
+    num_classes = int(num_classes)
     for name, count in outputs.items():
         if count != num_classes:
             raise ValueError(

@@ -384,10 +384,14 @@ def test_misuse_is_refused_with_a_clear_message(make_monitor, error, message):
         make_monitor()
 
 
-def test_memory_budget_of_a_numpy_int_is_accepted():
-    """``np.int64`` budgets (e.g. computed with numpy) were refused as not an int."""
-    monitor = CollapseMonitor(CallsTwice(), "fc", _rows(), memory_budget=np.int64(1000))
-    assert monitor.memory_budget == 1000 and type(monitor.memory_budget) is int
+def test_numpy_integer_options_are_accepted():
+    """``np.int64`` budgets, intervals and class counts (e.g. computed with numpy) were
+    refused as not an int."""
+    monitor = CollapseMonitor(CallsTwice(), "fc", _rows(), memory_budget=np.int64(1000),
+                              every=np.int32(3), num_classes=np.int64(2))
+    assert (monitor.memory_budget, monitor.every, monitor.num_classes) == (1000, 3, 2)
+    assert {type(value) for value in (monitor.memory_budget, monitor.every,
+                                      monitor.num_classes)} == {int}
 
 
 class CountedIterations(list):
