@@ -691,7 +691,17 @@ def test_a_disk_filling_while_writing_leaves_the_earlier_analysis_whole(tmp_path
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
-def test_ctrl_c_during_the_final_writes_is_held_until_they_are_done(tmp_path, monkeypatch):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler for the test, whatever the process inherited: one started
+    in the background by a non-interactive shell ignores SIGINT (Ctrl-C is then nothing)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_the_final_writes_is_held_until_they_are_done(tmp_path, monkeypatch,
+                                                                    python_ctrl_c):
     out = tmp_path / "out"
     assert main(["analyze", str(_run_with_three_checkpoints(tmp_path)), "--out", str(out),
                  "--no-progress", "--metrics", "nc1"]) == 0
