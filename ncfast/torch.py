@@ -309,11 +309,20 @@ class _ForwardPasses:
     def _split(self, batch, index, offset):
         """``(inputs, labels, clean_labels or None)`` of one batch, labels as CPU int64."""
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            found = type(batch).__name__ + (f" of {len(batch)} items"
+                                            if isinstance(batch, (tuple, list)) else "")
             raise TypeError(
-                f"batch {index} of the loader is a {type(batch).__name__}; each batch must be "
-                "a tuple (inputs, labels) or (inputs, labels, clean_labels)")
+                f"batch {index} of the loader is a {found}; each batch must be a tuple "
+                "(inputs, labels) or (inputs, labels, clean_labels)")
         inputs, labels = batch[0], _cpu_labels(batch[1], "labels")
-        clean = _cpu_labels(batch[2], "clean_labels") if len(batch) == 3 else None
+        clean = None
+        if len(batch) == 3:
+            try:
+                clean = _cpu_labels(batch[2], "clean_labels")
+            except TypeError as error:  # often not clean labels at all (sample indices)
+                raise TypeError(f"{error}; the third item of a batch is read as its clean "
+                                "labels (label noise): a loader whose batches carry other "
+                                "data there must yield (inputs, labels)") from None
         if index == 0 and self.clean_labels is None:
             self.label_noise = clean is not None
         if (clean is not None) != (self.label_noise and self.clean_labels is None):
