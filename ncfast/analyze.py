@@ -48,6 +48,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 
 from ncfast import __version__
 from ncfast.api import collapse
+from ncfast.cli import tell
 from ncfast.dumps import (MANIFEST, check_output_folder, ctrl_c_held, move_staged_files,
                           open_run, staging_folder, write_json_atomically,
                           write_text_atomically)
@@ -1220,8 +1221,8 @@ def _print_on_stdout(print_them, console, errors, command, kept):
         _drop_unwritten(console.file)
         if isinstance(error, BrokenPipeError):
             return 0
-        _tell(errors, f"{command}: cannot print the results on stdout "
-                      f"({error.strerror or error}); {kept}", error=True)
+        tell(errors, f"{command}: cannot print the results on stdout "
+                     f"({error.strerror or error}); {kept}", style="red")
         return 1
     return 0
 
@@ -1238,13 +1239,6 @@ def _drop_unwritten(stream):
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, descriptor)
     os.close(devnull)
-
-
-def _tell(errors, message, *, error=False):
-    """Print a command's message on ``errors`` (stderr) as one line of plain text (paths in it
-    may hold newlines or terminal escapes: ``one_line``), red when it is an error."""
-    text = escape(one_line(message))
-    errors.print(f"[red]{text}[/red]" if error else text, highlight=False, soft_wrap=True)
 
 
 def run_analyze(args, console, errors):
@@ -1293,20 +1287,20 @@ def run_analyze(args, console, errors):
             lambda: print_results(analysis, args.metrics, shown, args, console, title),
             console, errors, "ncfast analyze", kept))
         if written is None:
-            _tell(errors, f"ncfast analyze: {args.out} holds an earlier analysis "
-                          f"({', '.join(earlier)}), left as it was: {len(analysis.failures)} "
-                          "input(s) failed (below): fix or leave out the failed inputs and run "
-                          f"again{cached}, or write to a new --out", error=True)
+            tell(errors, f"ncfast analyze: {args.out} holds an earlier analysis "
+                         f"({', '.join(earlier)}), left as it was: {len(analysis.failures)} "
+                         "input(s) failed (below): fix or leave out the failed inputs and run "
+                         f"again{cached}, or write to a new --out", style="red")
         else:
             stale = f"; removed {len(removed)} figures of an earlier analysis" if removed else ""
-            _tell(errors, f"ncfast analyze: wrote {len(written)} files to {args.out}{stale}")
+            tell(errors, f"ncfast analyze: wrote {len(written)} files to {args.out}{stale}")
     for failure in analysis.failures:
         name = one_line(failure.name)
         where = "" if name in failure.reason else f" {name}:"
-        _tell(errors, f"ncfast analyze: FAILED{where} {failure.reason}", error=True)
+        tell(errors, f"ncfast analyze: FAILED{where} {failure.reason}", style="red")
     if not analysis.rows:
         found = "measured nothing" if analysis.failures else "found no checkpoints to measure"
-        _tell(errors, f"ncfast analyze: {found}; {args.out} is left as it was", error=True)
+        tell(errors, f"ncfast analyze: {found}; {args.out} is left as it was", style="red")
         return 1
     return status
 
@@ -1387,9 +1381,9 @@ def run_merge(args, console, errors):
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "pass1.safetensors")
         save_state(path, merged)
-        _tell(errors, f"ncfast merge: {len(args.states)} pass-1 states, "
-                      f"{int(merged.counts.sum()):,} rows in {int((merged.counts > 0).sum())} of "
-                      f"{merged.num_classes} classes -> {path}")
+        tell(errors, f"ncfast merge: {len(args.states)} pass-1 states, "
+                     f"{int(merged.counts.sum()):,} rows in {int((merged.counts > 0).sum())} of "
+                     f"{merged.num_classes} classes -> {path}")
         return 0
     coverage = ("held-out rows (--held-out): not checked against the rows behind the means"
                 if args.held_out else check_pass2_coverage(merged))
@@ -1403,6 +1397,6 @@ def run_merge(args, console, errors):
         lambda: print_results(analysis, None, scalar_metrics(analysis.rows), args, console,
                               f"ncfast merge: {len(args.states)} pass-2 states"),
         console, errors, "ncfast merge", f"they are written to {args.out}")
-    _tell(errors, f"ncfast merge: {len(args.states)} pass-2 states, {coverage}; wrote "
-                  f"{', '.join(written)}")
+    tell(errors, f"ncfast merge: {len(args.states)} pass-2 states, {coverage}; wrote "
+                 f"{', '.join(written)}")
     return status

@@ -83,15 +83,11 @@ def _run_command(args, command):
     them may hold newlines or terminal escapes.
     """
     from rich.console import Console
-    from rich.markup import escape
-
-    from ncfast.inputs import one_line
 
     console, errors = Console(), Console(stderr=True)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
-        errors.print(f"[yellow]{command}: warning: {escape(one_line(message))}[/yellow]",
-                     highlight=False, soft_wrap=True)
+        tell(errors, f"{command}: warning: {message}", style="yellow")
 
     try:
         with warnings.catch_warnings():
@@ -104,9 +100,21 @@ def _run_command(args, command):
             raise
         message = (f"not enough memory for the sizes asked for ({str(error).splitlines()[0]}); "
                    "ask for smaller ones")
-    errors.print(f"[red]{command}: {escape(one_line(message))}[/red]", highlight=False,
-                 soft_wrap=True)  # one line, names intact
+    tell(errors, f"{command}: {message}", style="red")
     return 1
+
+
+def tell(errors, message, *, style=None):
+    """Print a command's message on ``errors`` (stderr) as one line of plain text, in the rich
+    ``style`` given ("red" for errors): paths in it may hold newlines or terminal escapes
+    (``ncfast.inputs.one_line``) or square brackets, which rich would read as markup."""
+    from rich.markup import escape
+
+    from ncfast.inputs import one_line
+
+    text = escape(one_line(message))
+    errors.print(f"[{style}]{text}[/{style}]" if style else text, highlight=False,
+                 soft_wrap=True)
 
 
 def _out_of_memory(error):
