@@ -48,14 +48,13 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 
 from ncfast import __version__
 from ncfast.api import collapse
-from ncfast.cli import tell
 from ncfast.dumps import (MANIFEST, check_output_folder, ctrl_c_held, move_staged_files,
                           open_run, staging_folder, write_json_atomically,
                           write_text_atomically)
 from ncfast.engine import resolve_num_classes
 from ncfast.errors import CLEAN_LABEL, LABEL
 from ncfast.geometry import PINV_RTOL, Geometry
-from ncfast.inputs import (LabelSummary, check_chunk_size, file_problem, one_line,
+from ncfast.inputs import (LabelSummary, check_chunk_size, file_problem, one_line, tell,
                            to_kernel_labels)
 from ncfast.kernels.cpu import largest_label, mark_labels
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file

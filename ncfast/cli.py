@@ -84,6 +84,8 @@ def _run_command(args, command):
     """
     from rich.console import Console
 
+    from ncfast.inputs import tell
+
     console, errors = Console(), Console(stderr=True)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -102,19 +104,6 @@ def _run_command(args, command):
                    "ask for smaller ones")
     tell(errors, f"{command}: {message}", style="red")
     return 1
-
-
-def tell(errors, message, *, style=None):
-    """Print a command's message on ``errors`` (stderr) as one line of plain text, in the rich
-    ``style`` given ("red" for errors): paths in it may hold newlines or terminal escapes
-    (``ncfast.inputs.one_line``) or square brackets, which rich would read as markup."""
-    from rich.markup import escape
-
-    from ncfast.inputs import one_line
-
-    text = escape(one_line(message))
-    errors.print(f"[{style}]{text}[/{style}]" if style else text, highlight=False,
-                 soft_wrap=True)
 
 
 def _out_of_memory(error):
