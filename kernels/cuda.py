@@ -85,17 +85,22 @@ __global__ void ncfast_label_codes(
 // no barriers until the merge into global memory. Thread 0 of the column-0
 // blocks counts rows. Not PRIVATE (many classes): the thread adds into global
 // memory with atomics. Rows coded -1 (bad labels) are skipped; NaN or Inf
-// values show in the sums, so the loop carries no checks.
+// values show in the sums, so the loop carries no checks. When shift is given
+// (float64 rows), each value is added less shift[column]: the sums stay near
+// zero for rows far from the origin, whose running float64 sums would otherwise
+// round by the ulp of their growing totals (the caller adds counts * shift back).
 template <typename T, bool PRIVATE, bool TRACK_CLEAN>
 __global__ void ncfast_class_sums(
         const T* __restrict__ features, long long num_rows, int num_features,
         const int* __restrict__ codes, int num_classes, long long rows_per_block,
         unsigned long long* counts, double* sums,
-        unsigned long long* clean_counts, double* clean_sums) {
+        unsigned long long* clean_counts, double* clean_sums,
+        const double* __restrict__ shift) {
     extern __shared__ double ncfast_shared[];
     const int tile = blockDim.x;
     const int column = blockIdx.x * tile + threadIdx.x;
     const bool has_column = column < num_features;
+    const double column_shift = shift != nullptr && has_column ? shift[column] : 0.0;
     const bool counts_rows = blockIdx.x == 0 && threadIdx.x == 0;
     const long long private_size = (long long)num_classes * tile;
     double* tile_sums = ncfast_shared;
@@ -132,7 +137,7 @@ __global__ void ncfast_class_sums(
             if (code < 0) continue;
             const int label = code & (NCFAST_CLEAN_BIT - 1);
             const bool is_clean = TRACK_CLEAN && (code & NCFAST_CLEAN_BIT);
-            const double value = has_column ? (double)values[u] : 0.0;
+            const double value = has_column ? (double)values[u] - column_shift : 0.0;
             if (PRIVATE) {
                 tile_sums[label * tile + threadIdx.x] += value;
                 if (is_clean) tile_clean_sums[label * tile + threadIdx.x] += value;
@@ -464,7 +469,7 @@ def _class_sums_shared_bytes(num_classes, columns, copies):
     return copies * 8 * num_classes * (columns + 1)
 
 
-def class_sums(features, codes, counts, sums, clean_counts, clean_sums):
+def class_sums(features, codes, counts, sums, clean_counts, clean_sums, shift=None):
     """Add per-class counts and float64 sums of one chunk (pass 1).
 
     Rows coded -1 are skipped; a NaN or Inf value makes its class's sums
@@ -478,6 +483,9 @@ def class_sums(features, codes, counts, sums, clean_counts, clean_sums):
     sums : cupy float64 array of shape (C, D), updated
     clean_counts, clean_sums : same shapes, or None; when given, the rows whose
         clean label agrees are added there too
+    shift : cupy float64 array of shape (D,), optional
+        Added are the rows less ``shift`` (the caller adds ``counts × shift``
+        back once): see ``ncfast.backends.cuda.DeviceClassSums``.
     """
     num_rows, num_features = features.shape
     if num_rows == 0:
@@ -503,7 +511,8 @@ def class_sums(features, codes, counts, sums, clean_counts, clean_sums):
     _kernel(name, shared_bytes)(
         (column_tiles, row_blocks), (columns,),
         (features, np.int64(num_rows), np.int32(num_features), codes, np.int32(num_classes),
-         np.int64(rows_per_block), counts, sums, _pointer(clean_counts), _pointer(clean_sums)),
+         np.int64(rows_per_block), counts, sums, _pointer(clean_counts), _pointer(clean_sums),
+         _pointer(shift)),
         shared_mem=shared_bytes)
 
 

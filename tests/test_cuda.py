@@ -262,6 +262,31 @@ def test_results_do_not_depend_on_chunking(chunk_size, small_launches, assert_sa
 
 
 @requires_gpu
+@pytest.mark.parametrize("placement", ["resident", "streamed"])
+@pytest.mark.parametrize("chunk_size", [7000, None])
+def test_float64_rows_far_from_the_origin_keep_their_spread(placement, chunk_size):
+    """As the CPU test of that name (tests/test_metrics.py), with the GPU's launch shapes:
+    pass 1's blocks each add their partial sums into the class totals, and at 1e12 from
+    the origin each addition rounds by the ulp of a total near 1e16. A float64 simulation
+    of that order of additions moved the means by up to 0.024 (spread 0.1) and
+    ``Tr Σ_W`` by 0.45%; the rows are now summed less a shift (``DeviceClassSums``)."""
+    import cupy
+    from ncfast.textbook import textbook_collapse
+    offset = 1e12
+    case = with_label_noise(gaussian_classes(num_rows=100_000, num_features=16, num_classes=4,
+                                             spread=0.1, offset=offset, dtype=np.float64,
+                                             classifier=False))
+    features = case["features"]
+    report = ncfast.collapse(cupy.asarray(features) if placement == "resident" else features,
+                             case["labels"], **_keywords(case), chunk_size=chunk_size,
+                             device="cuda")
+    reference = textbook_collapse(**dict(case, features=features - offset))
+    for name in ("nc1", "nc1_trace", "cdnv", "nc1_clean", "dilation", "memorization"):
+        assert getattr(report, name) == pytest.approx(reference[name], rel=1e-4), name
+    np.testing.assert_allclose(report.class_variances, reference["class_variances"], rtol=1e-6)
+
+
+@requires_gpu
 @pytest.mark.parametrize("split", [1, 999, 2999])
 def test_pass_states_merge_by_addition(split, small_launches):
     import cupy
