@@ -595,7 +595,8 @@ class ResidualStats:
 
         cpu.run_tasks(fold_task, -(-num_rows // FOLD_TASK_ROWS), numba.get_num_threads())
 
-    def _check_compatible(self, other):
+    def check_compatible(self, other):
+        """Raise TypeError or ValueError unless ``other`` can be added to this state."""
         if not isinstance(other, ResidualStats):
             raise TypeError(f"cannot merge ResidualStats with {type(other).__name__}")
         if other.geometry.fingerprint != self.geometry.fingerprint:
@@ -607,17 +608,23 @@ class ResidualStats:
             raise ValueError("cannot merge pass-2 states built with different classifiers")
 
     def __iadd__(self, other):
-        self._check_compatible(other)
+        self.check_compatible(other)
         for name in self.sum_names:
             getattr(self, name).__iadd__(getattr(other, name))
         return self
 
     def __add__(self, other):
-        self._check_compatible(other)
+        self.check_compatible(other)
         merged = ResidualStats(self.plan, class_tile=self.class_tile)
         merged += self
         merged += other
         return merged
+
+    def __radd__(self, other):
+        """``0 + state``: the start of ``sum(states)``."""
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self + ResidualStats(self.plan, class_tile=self.class_tile)
+        return NotImplemented
 
     def __eq__(self, other):
         if not isinstance(other, ResidualStats):

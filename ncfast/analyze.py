@@ -1317,19 +1317,6 @@ def _check_paths_exist(args):
                              "left as it was)")
 
 
-def _refuse_repeated_files(paths):
-    """Raise ValueError when two paths hold the same content (a state counted twice)."""
-    seen = {}
-    for path in map(os.fspath, paths):
-        if not os.path.isfile(path):
-            continue  # load_state words the error
-        digest = file_sha256(path)
-        if digest in seen:
-            raise ValueError(f"{path} holds the same state as {seen[digest]}; merging it twice "
-                             "would count its rows twice: pass each worker's state once")
-        seen[digest] = path
-
-
 def check_pass2_coverage(state):
     """Compare the rows of a merged pass-2 state with the rows behind its class means.
 
@@ -1374,7 +1361,6 @@ def run_merge(args, console, errors):
     from ncfast.states import merge_states, report_of, save_state
 
     check_output_folder(args.out, what="--out folder", create=False)
-    _refuse_repeated_files(args.states)
     merged = merge_states(args.states)
     if isinstance(merged, ClassSums):
         os.makedirs(args.out, exist_ok=True)

@@ -285,6 +285,10 @@ def geometry_from_means_option(means, num_classes, num_features, global_mean):
 
 
 PARTS = ("stats", "clean_stats", "corrupted_stats")
+#: The rows each part of a ``ResidualPass`` holds, for its messages.
+PART_ROWS = {"stats": "every row (against the class means of the training labels)",
+             "clean_stats": "the clean rows (against the clean-row class means)",
+             "corrupted_stats": "the corrupted rows (against the clean-row class means)"}
 
 
 def pass2_updates(labels, clean_labels=None, clean_label_rows=None):
@@ -403,9 +407,22 @@ class ResidualPass:
                 for name in stats.sum_names]
 
     def __iadd__(self, other):
-        if not isinstance(other, ResidualPass) or other.has_noise != self.has_noise:
-            raise TypeError("cannot merge pass-2 states of different kinds (label noise or not)")
-        for mine, theirs in zip(self.parts().values(), other.parts().values()):
+        """Add ``other``'s sums, all or nothing: every part is checked before any is added."""
+        if not isinstance(other, ResidualPass):
+            raise TypeError(f"cannot merge a ResidualPass with a {type(other).__name__}; add "
+                            "ResidualPass states to each other (a ResidualStats goes into a "
+                            "pass's .stats)")
+        if other.has_noise != self.has_noise:
+            with_noise = "with" if self.has_noise else "without"
+            raise TypeError(f"cannot merge pass-2 states of different kinds: this one is {with_noise} "
+                            "label noise (clean-row means), the other is not")
+        pairs = list(zip(self.parts().items(), other.parts().values()))
+        for (part, mine), theirs in pairs:
+            try:
+                mine.check_compatible(theirs)
+            except ValueError as error:
+                raise ValueError(f"{PART_ROWS[part]}: {error}") from None
+        for (_, mine), theirs in pairs:
             mine += theirs
         return self
 

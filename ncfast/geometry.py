@@ -11,7 +11,7 @@ from functools import cached_property
 import numba
 import numpy as np
 
-from ncfast.kernels.cpu import dense_blas, one_blas_thread, run_tasks
+from ncfast.kernels.cpu import one_blas_thread, run_tasks
 from ncfast.sweep import pair_sq_distances
 
 #: Eigenvalues below this fraction of the largest are cut in pseudo-inverses.
@@ -46,6 +46,35 @@ SCALE_RANGE = (1e-10, 1e10)
 
 COINCIDING_MEANS = ("the class means coincide (their between-class scatter is zero), so NC1 is "
                     "undefined; check that the labels match the features")
+
+
+#: Rows per step of ``weighted_row_mean``.
+WEIGHTED_MEAN_ROWS = 256
+
+
+def weighted_row_mean(rows, weights):
+    """``Σ_c w_c rows_c / Σ_c w_c``, the same bits on every machine.
+
+    The rows are added in order, each column on its own (numpy adds the rows of a
+    block column by column): a BLAS product's kernel differs between CPUs and
+    rounded the global mean differently (1 of 64 entries by 2e-16 between
+    OpenBLAS's SkylakeX and Haswell kernels), and the global mean enters the
+    geometry's fingerprint, which merges of pass-2 states compare.
+
+    Parameters
+    ----------
+    rows : float64 array of shape (C', D)
+    weights : float64 array of shape (C',), with a positive sum
+
+    Returns
+    -------
+    float64 array of shape (D,)
+    """
+    total = np.zeros(rows.shape[1])
+    for start in range(0, rows.shape[0], WEIGHTED_MEAN_ROWS):
+        block = slice(start, start + WEIGHTED_MEAN_ROWS)
+        total += (weights[block, None] * rows[block]).sum(axis=0)
+    return total / weights.sum()
 
 
 def symmetric_eigh(matrix):
@@ -416,8 +445,7 @@ class Geometry:
                     "global_mean='samples' weighs each class mean by its row count, but the "
                     "classes with a mean have 0 rows in counts; pass the row counts the means "
                     "came from, or use global_mean='classes'")
-            with dense_blas(2.0 * present_means.size):
-                center = weights @ present_means / weights.sum()
+            center = weighted_row_mean(present_means, weights)
         centred = present_means - center
         check_between_scale(centred, present)
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)

@@ -124,15 +124,22 @@ def _check_digest(path, tensors, metadata):
 
     Only a state of ``UNDIGESTED_STATE_VERSION`` may lack the digest; one that
     carries it is verified whatever its version (the digest covers the version).
+
+    Returns
+    -------
+    str
+        The digest of the stored content (computed for a state without one).
     """
+    digest = _state_digest(tensors, metadata)
     if _DIGEST_KEY not in metadata:
         if metadata["version"] == UNDIGESTED_STATE_VERSION:
-            return
+            return digest
         raise ValueError(f"{path}: a version-{STATE_VERSION} state without its digest; "
                          f"{_CORRUPT}")
-    if metadata[_DIGEST_KEY] != _state_digest(tensors, metadata):
+    if metadata[_DIGEST_KEY] != digest:
         raise ValueError(f"{path}: the state's arrays or metadata do not match the digest they "
                          f"were saved with; {_CORRUPT}")
+    return digest
 
 
 def _load_geometry(path, prefix, tensors, metadata):
@@ -147,7 +154,11 @@ def _load_geometry(path, prefix, tensors, metadata):
     except ValueError as error:
         raise ValueError(f"{path}: the stored {prefix} is unusable ({error}); {_CORRUPT}") \
             from None
-    if geometry.fingerprint != metadata[f"{prefix}/fingerprint"]:
+    # The digest, where the file has one, has verified the means already; the fingerprint
+    # also covers the global mean that this machine derives from them, which may differ in
+    # its last bits from the saving machine's where ncfast took it with BLAS (states of
+    # global_mean="samples" before weighted_row_mean).
+    if _DIGEST_KEY not in metadata and geometry.fingerprint != metadata[f"{prefix}/fingerprint"]:
         raise ValueError(f"{path}: the stored class means do not match their fingerprint; "
                          f"{_CORRUPT}")
     return geometry
@@ -183,6 +194,8 @@ def _other_file_kind(path):
         hint = (f" holding {len(states)} .safetensors file(s): pass those "
                 f"({os.path.join(path, '*.safetensors')})" if states else "")
         return f"a folder{hint}"
+    if not os.path.isfile(path):  # reading a pipe or a device would wait or never end
+        return "not a regular file (a pipe, socket or device)"
     with open(path, "rb") as stream:
         head = stream.read(512)
     if not head:
@@ -472,6 +485,11 @@ def load_state(path):
         The file is missing, not a state file, truncated or corrupt (its digest
         does not match, or it holds arrays no pass could have summed).
     """
+    return _load_with_digest(path)[0]
+
+
+def _load_with_digest(path):
+    """``load_state``, and the state's digest (``_state_digest`` of its stored content)."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -501,7 +519,7 @@ def load_state(path):
                          f"{UNDIGESTED_STATE_VERSION} or {STATE_VERSION} (found kind {kind!r}, "
                          f"version {metadata.get('version')!r}); write it with "
                          "ncfast.states.save_state")
-    _check_digest(path, tensors, metadata)
+    digest = _check_digest(path, tensors, metadata)
     try:
         state = _stored_state(path, kind, tensors, metadata)
     except KeyError as error:
@@ -514,7 +532,7 @@ def load_state(path):
         raise ValueError(f"{path}: holds tensors a {kind} state does not have "
                          f"({', '.join(unexpected)}); {_CORRUPT}")
     _check_invariants(path, state)
-    return state
+    return state, digest
 
 
 def merge_states(paths):
@@ -524,7 +542,8 @@ def merge_states(paths):
     ----------
     paths : sequence of str or PathLike
         States of one kind; pass-2 states must be built on the same class
-        means and classifier.
+        means and classifier. A state with rows given twice (under any name: its
+        stored content is compared) is refused, as it would count its rows twice.
 
     Returns
     -------
@@ -533,8 +552,15 @@ def merge_states(paths):
     if not paths:
         raise ValueError("no state files given; pass at least one")
     merged, first_path = None, None
+    seen = {}
     for path in paths:
-        state = load_state(path)
+        state, digest = _load_with_digest(path)
+        if _num_rows(state) > 0:
+            if digest in seen:
+                raise ValueError(f"{os.fspath(path)} holds the same state as {seen[digest]}; "
+                                 "merging it twice would count its rows twice: pass each "
+                                 "worker's state once")
+            seen[digest] = os.fspath(path)
         if merged is None:
             merged, first_path = state, os.fspath(path)
             continue
@@ -548,6 +574,12 @@ def merge_states(paths):
             raise ValueError(f"{os.fspath(path)}: cannot merge with {first_path}: {error}") \
                 from None
     return merged
+
+
+def _num_rows(state):
+    """Rows a loaded state summed (every row, for a pass-2 state with label noise)."""
+    counts = state.stats.counts if isinstance(state, ResidualPass) else state.counts
+    return int(counts.sum())
 
 
 def report_of(state, *, pinv_rtol=PINV_RTOL):

@@ -8,7 +8,10 @@ between them (the only check of version-3 files, written before the digest).
 """
 import json
 import os
+import platform
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -490,3 +493,114 @@ def test_save_state_names_the_path_and_the_fix_where_it_cannot_write(tmp_path):
         assert ".tmp" not in str(error.value)
     assert sorted(os.listdir(tmp_path)) == ["file", "folder"]
     assert os.listdir(tmp_path / "folder") == []
+
+
+# --- merging ---------------------------------------------------------------------------------
+
+def test_a_state_saved_again_under_another_name_is_refused_once_merged(pass2_path, tmp_path):
+    """``ncfast merge`` compared the files' bytes, and safetensors writes the metadata in
+    another order each time: a state saved twice was merged twice (300 held-out rows
+    counted where there were 200)."""
+    again = tmp_path / "again.safetensors"
+    save_state(again, load_state(pass2_path))
+    _rewrite(again, lambda tensors, metadata: None)  # written again: the same state
+    with pytest.raises(ValueError, match=r"again.safetensors holds the same state as .*"
+                                         r"pass2-0.safetensors; merging it twice would count "
+                                         "its rows twice"):
+        merge_states([pass2_path, again])
+
+
+def test_states_without_rows_merge_however_often_they_repeat(tmp_path):
+    """Two workers that had no rows write the same empty state; when the bytes matched,
+    the merge refused them as one state given twice."""
+    paths = [tmp_path / f"pass1-{worker}.safetensors" for worker in range(3)]
+    for path in paths:
+        save_state(path, ClassSums(CLASSES, FEATURES))
+    paths[2].write_bytes(paths[1].read_bytes())
+    assert merge_states(paths).counts.sum() == 0
+    assert main(["merge", *map(str, paths), "--out", str(tmp_path / "merged")]) == 0
+
+
+def test_a_pass_that_cannot_merge_is_left_as_it_was():
+    """ResidualPass added ``stats`` before ``clean_stats`` refused other clean means: a caller
+    that skipped the refused state kept its every-row sums (800 rows where 600 were)."""
+    case = _noisy_case()
+    sums = ClassSums(CLASSES, FEATURES, track_clean=True)
+    sums.update(case["features"], case["labels"], case["clean_labels"])
+    geometry, clean_geometry = finalize_pass1(sums)
+    other_clean = finalize_pass1(ClassSums(CLASSES, FEATURES, track_clean=True).update(
+        case["features"][:200], case["labels"][:200], case["clean_labels"][:200]))[1]
+    total = ResidualPass(geometry, clean_geometry)
+    total.update(case["features"], case["labels"], case["clean_labels"])
+    stray = ResidualPass(geometry, other_clean)
+    stray.update(case["features"], case["labels"], case["clean_labels"])
+    before = [array.copy() for array in total.sum_arrays()]
+    with pytest.raises(ValueError, match=r"^the clean rows \(against the clean-row class means\)"
+                                         ": cannot merge pass-2 states built on different "
+                                         "class means"):
+        total += stray
+    assert all(np.array_equal(array, old) for array, old in zip(total.sum_arrays(), before))
+    with pytest.raises(TypeError, match="cannot merge a ResidualPass with a ResidualStats"):
+        total += stray.stats
+
+
+def test_pass2_states_add_up_with_sum(tmp_path):
+    """``sum(states)`` starts from 0, as it does for ClassSums."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, FEATURES)).astype(np.float32)
+    labels = np.arange(60) % CLASSES
+    whole = _pass2_state(CLASSES, FEATURES, features, labels)
+    first = ResidualStats(whole.plan).update(features[:25], labels[:25])
+    second = ResidualStats(whole.plan).update(features[25:], labels[25:])
+    total = sum([first, second])
+    for name in whole.sum_names:
+        np.testing.assert_allclose(getattr(total, name), getattr(whole, name), rtol=1e-12)
+
+
+def test_a_named_pipe_is_refused_without_waiting(tmp_path, fail_instead_of_hanging):
+    """``load_state`` opened the path to read its first bytes: on a pipe that waits for a
+    writer forever (``ncfast merge`` too)."""
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(ValueError, match=r"pipe.safetensors: not a regular file \(a pipe, "
+                                         r"socket or device\); expected a pass state"):
+        load_state(tmp_path / "pipe.safetensors")
+
+
+_SAMPLES_FINGERPRINT = """
+import numpy as np
+from ncfast import ClassSums, finalize_pass1
+rng = np.random.default_rng(0)
+labels = rng.integers(0, 300, 20000)
+features = (rng.normal(size=(300, 64))[labels] * 3 + rng.normal(size=(20000, 64))).astype(np.float32)
+print(finalize_pass1(ClassSums(300, 64).update(features, labels), global_mean="samples")[0]
+      .fingerprint)
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="OpenBLAS's x86 kernels")
+def test_the_samples_global_mean_is_the_same_under_every_blas_kernel():
+    """global_mean="samples" took the count-weighted mean with a BLAS product, whose
+    kernel differs between CPUs: under OPENBLAS_CORETYPE=Haswell or Sandybridge one of 64
+    entries differed by 2e-16 from SkylakeX's, so the geometry's fingerprint did, and a
+    pass-2 state saved on one CPU was refused on another as corrupt (and would not merge)."""
+    fingerprints = set()
+    for core in ("", "Haswell", "Sandybridge"):
+        environment = {**os.environ, "OPENBLAS_CORETYPE": core} if core else dict(os.environ)
+        result = subprocess.run([sys.executable, "-c", _SAMPLES_FINGERPRINT], env=environment,
+                                capture_output=True, text=True, check=True)
+        fingerprints.add(result.stdout.strip())
+    assert len(fingerprints) == 1, fingerprints
+
+
+def test_a_digested_state_loads_where_its_global_mean_rounds_otherwise_here(pass2_path):
+    """A state saved before the samples global mean was taken row by row carries the
+    fingerprint of a BLAS product: its digest, verified, is what says the file is intact."""
+    from ncfast.states import _state_digest
+
+    def blas_fingerprint(tensors, metadata):
+        metadata["geometry/fingerprint"] = "0" * 40
+        metadata["digest"] = _state_digest(tensors, metadata)
+
+    _rewrite(pass2_path, blas_fingerprint)
+    assert load_state(pass2_path).stats.counts.sum() == 300
