@@ -226,9 +226,9 @@ def _stored_state(path, kind, tensors, metadata):
     """The state of kind ``kind`` that ``tensors`` hold (KeyError for a missing tensor)."""
     if kind == "ClassSums":
         sums = tensors["sums"]
-        if sums.ndim != 2:
+        if sums.ndim != 2 or 0 in sums.shape:
             raise ValueError(f"{path}: sums has shape {sums.shape}, expected 2-D (classes, "
-                             f"features); {_CORRUPT}")
+                             f"features), at least one of each; {_CORRUPT}")
         state = ClassSums(sums.shape[0], sums.shape[1], track_clean="clean_sums" in tensors)
         return _fill(path, state, "", tensors)
     geometry = _load_geometry(path, "geometry", tensors, metadata)

@@ -189,7 +189,9 @@ def test_a_version_3_state_still_loads(pass1_path, pass2_path, tmp_path, capsys)
 
 @pytest.mark.parametrize("change, message", [
     (_set("sums", lambda t: t["sums"][:, 0].copy()),
-     r"sums has shape \(3,\), expected 2-D \(classes, features\)"),
+     r"sums has shape \(3,\), expected 2-D \(classes, features\), at least one of each"),
+    (_set("sums", lambda t: t["sums"][:0].copy()),
+     r"sums has shape \(0, 6\), expected 2-D \(classes, features\), at least one of each"),
     (_set("counts", lambda t: t["counts"].astype(np.float64)),
      r"counts has shape \(3,\) float64, expected \(3,\) int64"),
     (_set("counts", lambda t: -t["counts"]), r"counts\[0\] is -\d+, negative"),
@@ -200,7 +202,7 @@ def test_a_version_3_state_still_loads(pass1_path, pass2_path, tmp_path, capsys)
      r"clean_counts\[0\] is \d+, more than the class's rows \(counts\)"),
     (_set("extra", lambda t: np.zeros(2)),
      r"holds tensors a ClassSums state does not have \(extra\)"),
-], ids=["sums 1-D", "counts float", "counts negative", "sums NaN", "sums without rows",
+], ids=["sums 1-D", "no classes", "counts float", "counts negative", "sums NaN", "sums without rows",
         "more clean rows than rows", "extra tensor"])
 def test_impossible_pass1_arrays_are_refused(pass1_path, change, message):
     _rewrite(pass1_path, change, version=UNDIGESTED_STATE_VERSION)
