@@ -15,7 +15,7 @@ streamed per second over both passes) of at least 70% of numpy's; the file
 size per whole analysis is printed too.
 
 Each child warms the JIT first by analysing the first 8192 rows the same way.
-Run: ``.venv/bin/python bench/bench_analyze.py [--rows N] [--dir DIR] [--keep]``
+Run: ``.venv/bin/python -m bench.bench_analyze [--rows N] [--dir DIR] [--keep]``
 (the data file is deleted afterwards unless ``--keep``).
 """
 import argparse
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from bench.data import existing_folder
+from bench.data import existing_folder, positive_int
 
 # Child processes: each prints one JSON line with its timing and peak RSS. Peak RSS is
 # VmHWM of the child's own address space: getrusage's ru_maxrss survives fork and exec, so
@@ -153,12 +153,12 @@ def run_child(code, *args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--features", type=int, default=512)
-    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--rows", type=positive_int, default=2_000_000)
+    parser.add_argument("--features", type=positive_int, default=512)
+    parser.add_argument("--classes", type=positive_int, default=10)
     parser.add_argument("--dir", default=None, type=existing_folder,
                         help="existing folder for the data (default: a temp dir)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="best of this many runs")
     parser.add_argument("--keep", action="store_true", help="keep the data file")
     args = parser.parse_args()
 

@@ -21,7 +21,6 @@ Prints a table and writes ``bench/results/engine-<UTC time>.json`` (with the loa
 """
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import time
@@ -31,9 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 import ncfast
-from bench.bench_many_classes import synthetic_vocabulary
-from bench.data import collapsed_features
+from bench.bench_many_classes import check_vocabulary_size, synthetic_vocabulary
+from bench.data import collapsed_features, positive_int
 from bench.floor import best_seconds, gram_floor_seconds, ncc_floor_seconds
+from ncfast.dumps import write_json_atomically
 from ncfast.geometry import symmetric_eigh
 from ncfast.metrics import collapse_metrics
 from ncfast.plan import build_plan
@@ -136,13 +136,16 @@ def assembly_floor_seconds(num_classes, num_features, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--features", type=int, default=256)
-    parser.add_argument("--classes", type=int, default=16_384)
-    parser.add_argument("--assembly-classes", type=int, default=1000)
-    parser.add_argument("--assembly-features", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rows", type=positive_int, default=100_000)
+    parser.add_argument("--features", type=positive_int, default=256)
+    parser.add_argument("--classes", type=positive_int, default=16_384)
+    parser.add_argument("--assembly-classes", type=positive_int, default=1000)
+    parser.add_argument("--assembly-features", type=positive_int, default=2048)
+    parser.add_argument("--repeats", type=positive_int, default=2)
     args = parser.parse_args(argv)
+    check_vocabulary_size(parser, args.rows, args.classes)
+    if args.assembly_classes < 2:
+        parser.error("--assembly-classes must be at least 2")
     console = Console()
     load_before = os.getloadavg()
     console.print(f"load average {load_before}")
@@ -192,7 +195,7 @@ def main(argv=None):
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS / f"engine-{stamp}.json"
-    path.write_text(json.dumps({
+    write_json_atomically(path, {
         "shape": {"rows": args.rows, "features": args.features, "classes": args.classes},
         "collapse_seconds": collapse_seconds, "stages": stages,
         "floor": {"gram_float64": gram_seconds, "ncc_float32": ncc_seconds, "total": floor},
@@ -200,7 +203,7 @@ def main(argv=None):
                      **assembly, "floor": assembly_floor},
         "cpu_count": os.cpu_count(), "numba_threads": ncfast.kernels.cpu.numba.get_num_threads(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
-    }, indent=2))
+    })
     console.print(f"wrote {path}")
 
 

@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 import ncfast
+from bench.data import positive_int
 from bench.machine import utc_stamp
 from bench.suite import RESULTS, parse_sizes
 from bench.torch_route import torch_collapse
@@ -397,8 +398,8 @@ def main(argv=None):
     parser.add_argument("--streamed", type=parse_sizes, default=parse_sizes(STREAMED_SHAPES),
                         help="resident shapes also streamed from host memory "
                              f"(default {STREAMED_SHAPES})")
-    parser.add_argument("--repeats", type=int, default=2, help="ncfast runs per shape (best)")
-    parser.add_argument("--textbook-classes", type=int, default=128,
+    parser.add_argument("--repeats", type=positive_int, default=2, help="ncfast runs per shape (best)")
+    parser.add_argument("--textbook-classes", type=positive_int, default=128,
                         help="run the torch textbook route up to this many classes")
     parser.add_argument("--json", help="result file (default bench/results/gpu-<UTC time>.json)")
     args = parser.parse_args(argv)

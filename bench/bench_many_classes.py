@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import ncfast
+from bench.data import positive_int
 from bench.floor import gram_floor_seconds, ncc_floor_seconds
 from bench.memory import peak_memory, reset_peak_memory, resident_memory
 
@@ -42,12 +43,22 @@ def synthetic_vocabulary(num_rows, num_features, num_classes, *, seed=0, block=1
     return features, labels
 
 
+def check_vocabulary_size(parser, num_rows, num_classes):
+    """``parser.error`` unless ``synthetic_vocabulary`` can give every one of at least two
+    classes a row."""
+    if num_classes < 2 or num_rows < num_classes:
+        parser.error(f"--classes {num_classes:,} with --rows {num_rows:,}: the synthetic rows "
+                     "give every class a row, so they need at least 2 classes and as many rows "
+                     "as classes")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--features", type=int, default=256)
-    parser.add_argument("--classes", type=int, default=32_768)
+    parser.add_argument("--rows", type=positive_int, default=2_000_000)
+    parser.add_argument("--features", type=positive_int, default=256)
+    parser.add_argument("--classes", type=positive_int, default=32_768)
     args = parser.parse_args(argv)
+    check_vocabulary_size(parser, args.rows, args.classes)
 
     warm = synthetic_vocabulary(4096, args.features, 600, seed=1)
     ncfast.collapse(*warm)  # compile the kernels before anything is measured

@@ -101,7 +101,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.data import SPREAD, collapsed_features
+from bench.data import SPREAD, collapsed_features, positive_int
 from bench.floor import (SQUARE_SIDE, Floor, best_seconds, gemm_rate, machine_read_bandwidth)
 from bench.machine import machine_facts, utc_stamp
 from bench.routes import ROUTES, check
@@ -121,6 +121,9 @@ SHAPES = {
 #: Within-class standard deviation of the synthetic features: every row inside its
 #: radii, and every row beyond them.
 SPREADS = {"collapsed": SPREAD, "far": 4.0}
+
+#: Fewest rows ``--scale`` may leave of a shape (a trial run: classes may lack rows).
+MIN_SCALED_ROWS = 100
 
 #: At most this many classes, the pass-2 GEMM is skinny and the floor is the two reads.
 SKINNY_CLASSES = 32
@@ -529,8 +532,8 @@ def main(argv=None):
                              "1e5x2048x1000")
     parser.add_argument("--spreads", default=",".join(SPREADS),
                         help=f"comma-separated subset of {','.join(SPREADS)} (default: both)")
-    parser.add_argument("--repeats", type=int, default=3, help="ncfast runs per row (best)")
-    parser.add_argument("--torch-rows", type=int, default=1_000_000,
+    parser.add_argument("--repeats", type=positive_int, default=3, help="ncfast runs per row (best)")
+    parser.add_argument("--torch-rows", type=positive_int, default=1_000_000,
                         help="leading rows the torch route runs on, its time scaled to N "
                              "(default 1,000,000: every row of the grid's shapes)")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -540,8 +543,13 @@ def main(argv=None):
     unknown = sorted(set(spreads) - set(SPREADS))
     if unknown:
         parser.error(f"unknown spreads {unknown}; choose from {','.join(SPREADS)}")
-    if args.scale < 1:
-        parser.error("--scale must be at least 1")
+    if not 1 <= args.scale < float("inf"):
+        parser.error(f"--scale must be a finite number of at least 1; found {args.scale:g}")
+    emptied = [shape_text(shape) for shape in args.shapes
+               if round(shape[0] / args.scale) < MIN_SCALED_ROWS]
+    if emptied:
+        parser.error(f"--scale {args.scale:g} leaves fewer than {MIN_SCALED_ROWS} rows of "
+                     f"{', '.join(emptied)}; divide by less")
 
     console = Console(width=200)
     load_before = os.getloadavg()

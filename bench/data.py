@@ -56,6 +56,22 @@ def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, 
     return features, labels, weights.astype(np.float64), bias
 
 
+def positive_int(text):
+    """An argparse type: an integer of at least 1 (``"1e6"`` is read as 1,000,000)."""
+    value = float(text)  # argparse words a ValueError as "invalid positive_int value"
+    if not (value >= 1 and value == int(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def positive_float(text):
+    """An argparse type: a finite number above 0."""
+    value = float(text)
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
+    return value
+
+
 def existing_folder(path):
     """``--dir``'s argparse type: a folder that exists (a usage error otherwise, not a
     traceback from ``tempfile``)."""

@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 
-from bench.data import collapsed_features
+from bench.data import collapsed_features, positive_int
 from bench.routes import ROUTES, WARM_ROWS, thread_limit
 
 
@@ -54,11 +54,11 @@ def peak_extra_bytes(route, num_rows, num_features, num_classes, classifier, thr
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("route", choices=tuple(ROUTES))
-    parser.add_argument("rows", type=int)
-    parser.add_argument("features", type=int)
-    parser.add_argument("classes", type=int)
+    parser.add_argument("rows", type=positive_int)
+    parser.add_argument("features", type=positive_int)
+    parser.add_argument("classes", type=positive_int)
     parser.add_argument("--classifier", action="store_true")
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=positive_int)
     args = parser.parse_args(argv)
     with thread_limit(args.threads) if args.threads else contextlib.nullcontext():
         features, labels, weights, bias = collapsed_features(

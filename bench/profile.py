@@ -30,7 +30,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import ncfast
-from bench.data import SPREAD, collapsed_features
+from bench.data import SPREAD, collapsed_features, positive_float, positive_int
 from bench.floor import best_seconds, read_bandwidth
 from ncfast.accumulators import (ClassSums, ResidualStats, _eigen_coordinate_squares,
                                  runs_narrow_kernel)
@@ -218,9 +218,9 @@ def gemm_only_seconds(features, projection_t, num_threads, repeats):
     """Best seconds of pass 2's float32 GEMM alone, on ``num_threads`` threads.
 
     Runs on the pass's own worker threads (``cpu.run_tasks``, BLAS on one
-    thread each), one contiguous slice of rows per thread, one product per full
-    block of ``cpu.block_rows`` rows, as ``residual_chunk`` multiplies the
-    residuals.
+    thread each), one contiguous slice of rows per thread, one product per
+    block of ``cpu.block_rows`` rows (the last of a slice may be shorter), as
+    ``residual_chunk`` multiplies the residuals: every row once.
     """
     block = cpu.block_rows(features.shape[1])
     slice_rows = -(-len(features) // num_threads)
@@ -228,8 +228,9 @@ def gemm_only_seconds(features, projection_t, num_threads, repeats):
     def multiply(task):
         products = np.empty((block, projection_t.shape[1]), np.float32)
         stop = min((task + 1) * slice_rows, len(features))
-        for first in range(task * slice_rows, stop - block + 1, block):
-            np.matmul(features[first:first + block], projection_t, out=products)
+        for first in range(task * slice_rows, stop, block):
+            rows = features[first:min(first + block, stop)]
+            np.matmul(rows, projection_t, out=products[:len(rows)])
 
     return best_seconds(lambda: cpu.run_tasks(multiply, num_threads, num_threads), repeats)
 
@@ -268,12 +269,12 @@ def collapse_and_floor(features, labels, weights, bias, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--features", type=int, default=512)
-    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--rows", type=positive_int, default=1_000_000)
+    parser.add_argument("--features", type=positive_int, default=512)
+    parser.add_argument("--classes", type=positive_int, default=100)
     parser.add_argument("--no-classifier", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--spread", type=float, default=SPREAD,
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--spread", type=positive_float, default=SPREAD,
                         help="within-class standard deviation (see bench.data)")
     args = parser.parse_args(argv)
     features, labels, weights, bias = collapsed_features(

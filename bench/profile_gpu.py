@@ -17,18 +17,19 @@ import numpy as np
 
 import ncfast
 from bench.bench_gpu import synthetic_features
+from bench.data import positive_int
 
 PLACEMENTS = ("resident", "pageable", "page-locked")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("rows", type=int)
-    parser.add_argument("features", type=int)
-    parser.add_argument("classes", type=int)
+    parser.add_argument("rows", type=positive_int)
+    parser.add_argument("features", type=positive_int)
+    parser.add_argument("classes", type=positive_int)
     parser.add_argument("--placement", choices=PLACEMENTS, default="resident",
                         help="where the rows are: on the GPU, or in host memory")
-    parser.add_argument("--lines", type=int, default=45, help="profile lines printed")
+    parser.add_argument("--lines", type=positive_int, default=45, help="profile lines printed")
     args = parser.parse_args()
     import cupy
 

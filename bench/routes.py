@@ -11,6 +11,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 import ncfast
+from bench.checks import metric_error
 from bench.torch_route import torch_collapse
 from ncfast.textbook import textbook_collapse
 
@@ -58,20 +59,27 @@ FRACTIONS = ("ncc_accuracy", "accuracy", "nc4")
 def check(name, result, reference):
     """Raise AssertionError unless ``result`` matches ``reference`` within the route's tolerance.
 
-    Every metric the route returns that the reference also has is compared:
-    fractions of rows absolutely, the others relative to the larger of their
-    magnitude and 1e-12 (metrics that are zero up to rounding).
+    Every metric of the reference that the route returns is compared
+    (``bench.checks.metric_error``): fractions of rows absolutely, the others
+    relative to the larger of their magnitude and 1e-12 (metrics that are zero
+    up to rounding); a NaN or infinite value passes only where the reference
+    has the same. ncfast must return every metric of the reference; a torch
+    route some of them (at least one).
     """
     tolerance = TOLERANCES[name]
-    for metric, value in result.items():
-        expected = reference.get(metric)
-        if not isinstance(expected, float) or value is None:
-            continue
-        scale = 1.0 if metric in FRACTIONS else max(abs(expected), 1e-12)
-        if abs(value - expected) > tolerance * scale:
-            raise AssertionError(
-                f"{name}: {metric} = {value!r}, textbook {expected!r} (error "
-                f"{abs(value - expected) / scale:.2e} > {tolerance:g})")
+    compared = 0
+    for metric, expected in reference.items():
+        value = result.get(metric)
+        if value is None and name != "ncfast":
+            continue  # not a metric this route measures
+        compared += 1
+        error = metric_error(value, expected, absolute=metric in FRACTIONS)
+        if not error <= tolerance:
+            raise AssertionError(f"{name}: {metric} = {value!r}, textbook {expected!r} (error "
+                                 f"{error:.2e} > {tolerance:g})")
+    if compared == 0:
+        raise AssertionError(f"{name}: returned none of the textbook's metrics "
+                             f"({', '.join(sorted(reference))})")
 
 
 @contextlib.contextmanager

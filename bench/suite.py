@@ -21,11 +21,12 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from bench.data import SPREAD, collapsed_features
+from bench.data import SPREAD, collapsed_features, positive_float, positive_int
 from bench.floor import SQUARE_SIDE, Floor, best_seconds, machine_read_bandwidth, sgemm_rate
 from bench.machine import machine_facts, utc_stamp
 from bench.memory import peak_extra_bytes
 from bench.routes import ROUTES, WARM_ROWS, check, thread_limit
+from ncfast.dumps import write_text_atomically
 
 GRID_ROWS = (10_000, 100_000, 1_000_000, 4_000_000)
 GRID_FEATURES = (128, 512, 2048)
@@ -72,10 +73,17 @@ class Row:
 
 
 def parse_sizes(text):
-    """``"1e6x512x100,1e5x512x100"`` → ``[(1000000, 512, 100), (100000, 512, 100)]``."""
+    """``"1e6x512x100,1e5x512x100"`` → ``[(1000000, 512, 100), (100000, 512, 100)]``.
+
+    An argparse type: a size that is not ``ROWSxFEATURESxCLASSES`` is a ValueError
+    (argparse's "invalid value"), one without a row, a feature or two classes a usage error.
+    """
     sizes = []
     for item in text.split(","):
         rows, features, classes = (int(float(part)) for part in item.lower().split("x"))
+        if rows < 1 or features < 1 or classes < 2:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: a size needs at least 1 row, 1 feature and 2 classes")
         sizes.append((rows, features, classes))
     return sizes
 
@@ -209,10 +217,10 @@ def main(argv=None):
     parser.add_argument("--classifier", choices=("both", "with", "without"), default="both")
     parser.add_argument("--routes", default=",".join(ROUTES),
                         help="comma-separated subset of " + ",".join(ROUTES) + " (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="ncfast runs per size (best)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="ncfast runs per size (best)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
     parser.add_argument("--no-threads", action="store_true", help="skip the 1-thread run")
-    parser.add_argument("--spread", type=float, default=SPREAD,
+    parser.add_argument("--spread", type=positive_float, default=SPREAD,
                         help=f"within-class standard deviation of the synthetic features "
                         f"(default {SPREAD}: collapsed; 3 or more: every row beyond its NCC "
                         "radius)")
@@ -276,7 +284,7 @@ def main(argv=None):
     console.print("~: time of the leading rows (see sampled_rows in the JSON) scaled to N")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"bench-{utc_stamp()}.json"
-    path.write_text(json.dumps({
+    write_text_atomically(path, json.dumps({
         "machine": machine_facts(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "read_bandwidth_bytes_per_s": floor.bandwidth,
@@ -288,5 +296,9 @@ def main(argv=None):
         "skipped": skipped,
         "spread": args.spread,
         "command": ["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)],
-    }, indent=1, default=str))
+    }, indent=1, default=str) + "\n")
     console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
