@@ -6,7 +6,8 @@ whole input (best of a few runs after warming the JIT), beside the floor of
 the machine (``bench.floor``) measured in the same run. Also: a fit of
 ncfast's time against N, ncfast on one thread against all, and peak memory
 beyond the input (``bench.memory``, in fresh processes). Prints a table and
-writes JSON with the machine's facts to ``bench/results/``.
+writes JSON with the machine's facts to ``bench/results/``, and beside it a chart of
+every route's time over the floor (``plot``).
 """
 import argparse
 import json
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 import numba
 import numpy as np
 import psutil
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 from rich.console import Console
 from rich.table import Table
 
@@ -27,6 +30,7 @@ from bench.machine import machine_facts, utc_stamp
 from bench.memory import peak_extra_bytes
 from bench.routes import ROUTES, WARM_ROWS, check, thread_limit
 from ncfast.dumps import write_text_atomically
+from ncfast.plots import save_figure
 
 GRID_ROWS = (10_000, 100_000, 1_000_000, 4_000_000)
 GRID_FEATURES = (128, 512, 2048)
@@ -208,6 +212,49 @@ def render(rows, console):
     console.print(table)
 
 
+def plot(rows):
+    """Every route's time over the floor, per size: one marker per route and size.
+
+    The floor is 1 (a line), the axis logarithmic; a route timed on leading rows
+    and scaled to N (``~`` in the table) is drawn hollow. Sizes in the table's order.
+
+    Parameters
+    ----------
+    rows : list of Row
+        With ``floor`` set.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    figure = Figure(figsize=(max(7.5, 0.45 * len(rows) + 3.5), 4.8), layout="constrained")
+    axes = figure.subplots()
+    positions = np.arange(len(rows))
+    for color, (name, marker) in enumerate(zip(ROUTES, "osD^")):
+        for scaled in (False, True):
+            drawn = [index for index, row in enumerate(rows) if name in row.seconds
+                     and (row.sampled_rows[name] < row.rows) == scaled]
+            if drawn:
+                axes.scatter(positions[drawn],
+                             [rows[index].seconds[name] / rows[index].floor for index in drawn],
+                             marker=marker, s=36, linewidths=1.2,
+                             facecolors="none" if scaled else f"C{color}",
+                             edgecolors=f"C{color}",
+                             label=name + (", time scaled up to N from its leading rows"
+                                           if scaled else ""))
+    axes.axhline(1.0, color="black", linewidth=1.2, label="floor (1)")
+    axes.set_xticks(positions, [
+        f"{row.rows:.0e}×{row.features}×{row.classes}" + ("\nW" if row.classifier else "")
+        for row in rows], rotation=90 if len(rows) > 8 else 0, fontsize=8)
+    axes.set_xlabel("size N×D×C (W: with a classifier)")
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(LogFormatter())
+    axes.set_ylabel("time / floor of the machine (log scale)")
+    axes.set_title("Every route over the floor (two reads and the GEMM at the run's best rates)")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return figure
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -297,7 +344,9 @@ def main(argv=None):
         "spread": args.spread,
         "command": ["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)],
     }, indent=1, default=str) + "\n")
-    console.print(f"wrote {path}")
+    figure_path = path.with_suffix(".png")
+    save_figure(plot(rows), str(figure_path))
+    console.print(f"wrote {path} and {figure_path.name}")
 
 
 if __name__ == "__main__":
