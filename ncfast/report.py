@@ -7,7 +7,7 @@ import numpy as np
 #: Scalar metrics in the order tables show them, with a one-line meaning.
 METRICS = {
     "nc1": "Tr(Sigma_W Sigma_B^+)/C', within-class variability (Papyan et al.)",
-    "nc1_trace": "Tr Sigma_W / Tr Sigma_B",
+    "nc1_trace": "Tr Sigma_W / Tr Sigma_B (Tirer et al.)",
     "cdnv": "class-distance normalized variance (Galanti et al.)",
     "nc2_equinorm": "std/mean of class-mean norms",
     "nc2_equinorm_w": "std/mean of classifier row norms",
@@ -15,8 +15,8 @@ METRICS = {
     "nc2_equiangular_w": "std of cosines between classifier rows",
     "nc2_maxangle": "mean |cos + 1/(C-1)| between class means",
     "nc2_maxangle_w": "mean |cos + 1/(C-1)| between classifier rows",
-    "nc2_etf": "||nrm(M M^T) - ETF||_F (Zhu et al.)",
-    "nc2_orthogonality": "off-diagonal of nrm of uncentred-mean Gram (Dang et al.)",
+    "nc2_etf": "||nrm(M M^T) - ETF||_F, of the centred means (Zhu et al.'s NC2 of W)",
+    "nc2_orthogonality": "off-diagonal of nrm of uncentred-mean Gram (part of Dang et al.'s NC2)",
     "gnc2": "hyperspherical energy of unit class means: mean log kernel (Wu & Papyan; Liu et al.)",
     "log_kernel_variance": "variance over class pairs of the log kernel -log||u_a - u_b||",
     "riesz_kernel_mean": "mean over class pairs of the Riesz kernel ||u_a - u_b||^-(D-2)",
