@@ -33,6 +33,7 @@ SLOTS = (
     "cos_w_shift", "cos_w_sum", "cos_w_sq_sum",    # cos(w_a, w_b)
     "maxangle_w_sum",
     "etf_residual_w",   # sum over ordered pairs of (w_a . mu~_b - etf_scale_w E_ab)^2
+    "etf_residual_ww",  # sum over ordered pairs of (w_a . w_b - etf_scale_ww E_ab)^2
     "log_infinite",     # pairs whose log kernel is +inf (coinciding unit means), not in its sums
     "riesz_infinite",   # pairs whose Riesz kernel is +inf (coinciding, or beyond float64)
 )
@@ -182,10 +183,10 @@ class TileSide(NamedTuple):
 
 # Where each sum starts (a shifted sum takes three entries: shift, sum, sum of squares).
 PAIRS, COS, MAXANGLE, LOG, RIESZ, DISTANCE, ETF, UNCENTRED_OFF, UNCENTRED, COS_W, \
-    MAXANGLE_W, ETF_W, LOG_INFINITE, RIESZ_INFINITE = (SLOT[name] for name in (
+    MAXANGLE_W, ETF_W, ETF_WW, LOG_INFINITE, RIESZ_INFINITE = (SLOT[name] for name in (
         "pairs", "cos_shift", "maxangle_sum", "log_shift", "riesz_shift", "distance_sum",
         "etf_residual", "uncentred_off_sq", "uncentred_sq", "cos_w_shift", "maxangle_w_sum",
-        "etf_residual_w", "log_infinite", "riesz_infinite"))
+        "etf_residual_w", "etf_residual_ww", "log_infinite", "riesz_infinite"))
 
 
 # error_model="numpy": a class mean at the global mean gives NaN cosines (as numpy's
@@ -329,22 +330,29 @@ def reduce_tile(dots, tile, out, row_side, col_side):
 @njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 def _reduce_classifier_blocks(dots, tile, rows, cols, diagonal, ideal, etf_diagonal, etf_off,
                               cos_w_shift, out):
-    """The classifier's part of ``reduce_tile``: cosines of ``w_a, w_b`` over pairs a < b
-    (the WW block) and ``(w_a . mu~_b - etf_scale_w E_ab)^2`` over ordered pairs: the
-    WM~ block, and off the diagonal the M~W block (``w_b . mu~_a``) too."""
+    """The classifier's part of ``reduce_tile``: over the WW block, cosines of ``w_a, w_b``
+    over pairs a < b and ``(w_a . w_b - etf_scale_ww E_ab)^2`` over ordered pairs; and
+    ``(w_a . mu~_b - etf_scale_w E_ab)^2`` over ordered pairs: the WM~ block, and off the
+    diagonal the M~W block (``w_b . mu~_a``) too."""
     row_start, col_start = tile.row_start, tile.col_start
     col_norms = tile.weight_norms[col_start:col_start + cols]
-    cos_sum = cos_sq_sum = maxangle_sum = etf_sum = 0.0
+    cos_sum = cos_sq_sum = maxangle_sum = etf_sum = etf_weight_sum = 0.0
     scaled_off = tile.etf_scale_w * etf_off
     scaled_diagonal = tile.etf_scale_w * etf_diagonal
+    weight_off = tile.etf_scale_ww * etf_off
     for i in range(rows):
         norm_a = tile.weight_norms[row_start + i]
+        if diagonal:  # the pair a = b once; each pair a < b stands for two ordered pairs
+            residual = dots[rows + i, cols + i] - tile.etf_scale_ww * etf_diagonal
+            etf_weight_sum += residual * residual
         j_first = i + 1 if diagonal else 0
         for j in range(j_first, cols):
-            cosine = dots[rows + i, cols + j] / (norm_a * col_norms[j])
+            dot = dots[rows + i, cols + j]
+            cosine = dot / (norm_a * col_norms[j])
             cos_sum += cosine - cos_w_shift
             cos_sq_sum += (cosine - cos_w_shift) ** 2
             maxangle_sum += abs(cosine - ideal)
+            etf_weight_sum += 2.0 * (dot - weight_off) ** 2
         for j in range(cols):
             scaled = scaled_diagonal if diagonal and j == i else scaled_off
             residual = dots[rows + i, j] - scaled
@@ -356,6 +364,7 @@ def _reduce_classifier_blocks(dots, tile, rows, cols, diagonal, ideal, etf_diago
     out[COS_W], out[COS_W + 1], out[COS_W + 2] = cos_w_shift, cos_sum, cos_sq_sum
     out[MAXANGLE_W] = maxangle_sum
     out[ETF_W] = etf_sum
+    out[ETF_WW] = etf_weight_sum
 
 
 @njit(nogil=True, cache=True)

@@ -117,7 +117,7 @@ def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
         "nc2_equinorm": _std_over_mean(np.sqrt(geometry.centred_sq_norms)),
         "nc2_equiangular": float(np.sqrt(cos_variance)),
         "nc2_maxangle": float(sweep.sums["maxangle_sum"] / num_pairs),
-        "nc2_etf": sweep.etf_distance(),
+        "nc2_etf": sweep.etf_distance("means"),
         "nc2_orthogonality": sweep.orthogonality,
         "gnc2": log_mean,
         "log_kernel_variance": log_variance,
@@ -133,8 +133,8 @@ def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
         "class_mean_norms": mean_norms,
         "class_ncc_accuracy": _per_class(stats.ncc_hits, stats.counts),
     }
-    classifier_keys = ("nc2_equinorm_w", "nc2_equiangular_w", "nc2_maxangle_w", "nc3",
-                       "nc3_etf", "unc3", "nc4", "accuracy", "bias_collapse")
+    classifier_keys = ("nc2_equinorm_w", "nc2_equiangular_w", "nc2_maxangle_w", "nc2_etf_w",
+                       "nc3", "nc3_etf", "unc3", "nc4", "accuracy", "bias_collapse")
     result.update(dict.fromkeys(classifier_keys))
     result["class_accuracy"] = None
     if plan.has_classifier:
@@ -143,8 +143,9 @@ def collapse_metrics(stats, *, pinv_rtol, ood_mean=None, xp=np):
             "nc2_equinorm_w": _std_over_mean(sweep.weight_norms),
             "nc2_equiangular_w": float(np.sqrt(cos_w_variance)),
             "nc2_maxangle_w": float(sweep.sums["maxangle_w_sum"] / num_pairs),
+            "nc2_etf_w": sweep.etf_distance("classifier"),
             "nc3": self_duality(plan),
-            "nc3_etf": sweep.etf_distance(classifier=True),
+            "nc3_etf": sweep.etf_distance("classifier_means"),
             "unc3": _std_over_mean(sweep.weight_mean_dots),
             "nc4": stats.disagreements / num_rows,
             "accuracy": float(stats.classifier_hits.sum() / num_rows),

@@ -15,6 +15,7 @@ METRICS = {
     "nc2_equiangular_w": "std of cosines between classifier rows",
     "nc2_maxangle": "mean |cos + 1/(C-1)| between class means",
     "nc2_maxangle_w": "mean |cos + 1/(C-1)| between classifier rows",
+    "nc2_etf_w": "||nrm(W W^T) - ETF||_F, the classifier's NC2 (Zhu et al.)",
     "nc2_etf": "||nrm(M M^T) - ETF||_F, of the centred means (Zhu et al.'s NC2 of W)",
     "nc2_orthogonality": "off-diagonal of nrm of uncentred-mean Gram (part of Dang et al.'s NC2)",
     "gnc2": "hyperspherical energy of unit class means: mean log kernel (Wu & Papyan; Liu et al.)",
@@ -112,6 +113,7 @@ class CollapseReport:
     nc2_equinorm_w: float | None = None
     nc2_equiangular_w: float | None = None
     nc2_maxangle_w: float | None = None
+    nc2_etf_w: float | None = None
     nc3: float | None = None
     nc3_etf: float | None = None
     unc3: float | None = None

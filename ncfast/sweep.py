@@ -32,7 +32,7 @@ import numpy as np
 
 from ncfast.kernels.cpu import dense_blas
 from ncfast.kernels.pairs import (CLOSE_SQ_DISTANCE_SHARE, COS, COS_W, DISTANCE, ETF, ETF_W,
-                                  LOG, LOG_INFINITE, MAXANGLE, MAXANGLE_W, PAIRS, RIESZ,
+                                  ETF_WW, LOG, LOG_INFINITE, MAXANGLE, MAXANGLE_W, PAIRS, RIESZ,
                                   RIESZ_INFINITE, SLOTS, UNCENTRED, UNCENTRED_OFF,
                                   UNIT_SQ_DISTANCE_FLOOR, TileSide)
 
@@ -65,8 +65,8 @@ class TileGeometry(NamedTuple):
     global_logits : float64 array of shape (C',), ``w_c . mu_G + b_c``, or (0,)
         when the sweep is not to find the top logits: the logits of mean a are
         ``w_c . mu~_a`` plus these
-    etf_scale, etf_scale_w : float
-        ``<G, E>`` of ``G = M~ M~^T`` and of ``W M~^T``.
+    etf_scale, etf_scale_w, etf_scale_ww : float
+        ``<G, E>`` of ``G = M~ M~^T``, of ``W M~^T`` and of ``W W^T``.
     riesz_exponent : float
         ``s = D - 2`` of the Riesz kernel ``sign(s) ||u_a - u_b||^-s`` (Liu et al. 2023).
     """
@@ -81,6 +81,7 @@ class TileGeometry(NamedTuple):
     global_logits: object
     etf_scale: float
     etf_scale_w: float
+    etf_scale_ww: float
     riesz_exponent: float
 
 
@@ -102,8 +103,8 @@ class PairSweep:
         ``min_{b != a} ||mu_a - mu_b||^2`` (host memory).
     cdnv_weights : float64 array of shape (C',)
         ``sum_{b != a} 1 / (2 ||mu_a - mu_b||^2)`` (host memory).
-    etf_scale, etf_scale_w : float
-        ``<G, E>`` of ``M~ M~^T`` and ``W M~^T`` (see the module docstring).
+    etf_scale, etf_scale_w, etf_scale_ww : float
+        ``<G, E>`` of ``M~ M~^T``, ``W M~^T`` and ``W W^T`` (see the module docstring).
     weight_norms : float64 array of shape (C',), ``||w_a||`` (host memory); (0,)
         without a classifier
     weight_mean_dots : float64 array of shape (C',), ``w_a . mu~_a`` (host
@@ -125,6 +126,7 @@ class PairSweep:
     cdnv_weights: np.ndarray
     etf_scale: float
     etf_scale_w: float
+    etf_scale_ww: float
     weight_norms: np.ndarray
     weight_mean_dots: np.ndarray
     top_logits: np.ndarray
@@ -136,10 +138,13 @@ class PairSweep:
     def num_pairs(self):
         return self.num_means * (self.num_means - 1) // 2
 
-    def etf_distance(self, classifier=False):
-        """``||nrm(G) - E||_F`` for ``G = M~ M~^T``, or ``W M~^T`` with ``classifier``."""
-        residual = self.sums["etf_residual_w" if classifier else "etf_residual"]
-        scale0 = self.etf_scale_w if classifier else self.etf_scale
+    def etf_distance(self, of="means"):
+        """``||nrm(G) - E||_F`` for ``G = M~ M~^T`` (``of="means"``), ``W M~^T``
+        (``"classifier_means"``) or ``W W^T`` (``"classifier"``)."""
+        residual = self.sums[{"means": "etf_residual", "classifier_means": "etf_residual_w",
+                              "classifier": "etf_residual_ww"}[of]]
+        scale0 = {"means": self.etf_scale, "classifier_means": self.etf_scale_w,
+                  "classifier": self.etf_scale_ww}[of]
         scale = math.sqrt(scale0 * scale0 + residual)
         if scale == 0.0:  # G = 0 (a zero classifier): nrm(G) is undefined
             return math.nan
@@ -242,7 +247,7 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
             return stacked[classes.start + classes.stop:2 * classes.stop]
         return gathered_weights(classes)
 
-    weight_norms, weight_mean_dots, etf_scale_w = xp.zeros(0), xp.zeros(0), 0.0
+    weight_norms, weight_mean_dots, etf_scale_w, etf_scale_ww = xp.zeros(0), xp.zeros(0), 0.0, 0.0
     finds_logits = global_logits is not None
     global_logits = xp.asarray(global_logits) if finds_logits else xp.zeros(0)
     if weights is not None:
@@ -256,11 +261,13 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
             weight_total += block.sum(axis=0)
         etf_scale_w = float(weight_mean_dots.sum()
                             - weight_total @ mean_total / num_means) / etf_norm
+        etf_scale_ww = float(weight_norms @ weight_norms
+                             - weight_total @ weight_total / num_means) / etf_norm
     with dense_blas(2.0 * num_means * num_features):
         mean_offsets = centred @ global_mean
     geometry = TileGeometry(0, 0, means, mean_norms, mean_offsets,
                             float(global_mean @ global_mean), weight_norms, global_logits,
-                            etf_scale, etf_scale_w, float(num_features - 2))
+                            etf_scale, etf_scale_w, etf_scale_ww, float(num_features - 2))
 
     mean_weight_products = weight_gram = None
     if keep_classifier_products and weights is not None:
@@ -327,7 +334,8 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
                                             ("riesz", RIESZ, RIESZ_INFINITE),
                                             ("cos_w", COS_W, None))}
     return PairSweep(num_means, sums, moments, to_host(merged.nearest),
-                     to_host(merged.inverse), etf_scale, etf_scale_w, to_host(weight_norms),
+                     to_host(merged.inverse), etf_scale, etf_scale_w, etf_scale_ww,
+                     to_host(weight_norms),
                      to_host(weight_mean_dots), to_host(merged.top_logits),
                      to_host(merged.top_classes), mean_weight_products, weight_gram)
 
@@ -500,6 +508,7 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
         if tile.row_start != tile.col_start:
             residual_w += ((dots[:rows, cols:] - tile.etf_scale_w * etf) ** 2).sum()
         sums[ETF_W] = residual_w
+        sums[ETF_WW] = (weight * (ww - tile.etf_scale_ww * etf) ** 2).sum()
     return sums, row_side, col_side
 
 

@@ -308,6 +308,8 @@ def _collapse_metrics(features, labels, class_means, center, weights, bias, pinv
             "nc2_equinorm_w": equinorm_w,
             "nc2_equiangular_w": equiangular_w,
             "nc2_maxangle_w": maxangle_w,
+            "nc2_etf_w": float(np.linalg.norm(
+                _normalized(present_weights @ present_weights.T) - etf)),
             "nc3": float(np.sum((_normalized(present_weights) - _normalized(centred)) ** 2)),
             "nc3_etf": float(np.linalg.norm(_normalized(present_weights @ centred.T) - etf)),
             "unc3": float(np.std(self_duality) / np.mean(self_duality)),

@@ -15,7 +15,7 @@ from cases import gaussian_classes
 from test_properties import geometry_of
 
 PAIR_METRICS = ("cdnv", "nc2_equiangular", "nc2_maxangle", "nc2_etf", "nc2_orthogonality",
-                "gnc2", "nc2_equiangular_w", "nc2_maxangle_w", "nc3_etf")
+                "gnc2", "nc2_equiangular_w", "nc2_maxangle_w", "nc2_etf_w", "nc3_etf")
 ALL_METRICS = PAIR_METRICS + ("nc1", "nc1_trace", "nc2_equinorm", "nc3", "unc3", "nc4",
                               "ncc_accuracy", "accuracy", "bias_collapse")
 

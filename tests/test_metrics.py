@@ -624,7 +624,7 @@ def test_self_dual_classifier_on_simplex_etf(num_classes, num_features):
     for result in (ncfast.collapse(**case).metrics(), textbook_collapse(**case)):
         assert abs(result["nc3"]) <= QUADRATIC_ZERO, result["nc3"]
         for name in ("nc3_etf", "unc3", "bias_collapse", "nc2_equinorm_w",
-                     "nc2_equiangular_w", "nc2_maxangle_w"):
+                     "nc2_equiangular_w", "nc2_maxangle_w", "nc2_etf_w"):
             assert abs(result[name]) <= LINEAR_ZERO, (name, result[name])
         assert result["nc4"] == 0.0
         assert result["accuracy"] == 1.0

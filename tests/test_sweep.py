@@ -76,6 +76,8 @@ def _dense_pair_metrics(means, global_mean, weights=None):
             "cos_w_std": np.std(cosines_w),
             "maxangle_w": np.mean(np.abs(cosines_w + 1.0 / (num_means - 1))),
             "etf_w": np.linalg.norm(products / np.linalg.norm(products) - etf),
+            "etf_ww": np.linalg.norm(weights @ weights.T / np.linalg.norm(weights @ weights.T)
+                                     - etf),
         })
     return result
 
@@ -86,7 +88,7 @@ def _sweep_metrics(sweep):
         "maxangle": sweep.sums["maxangle_sum"] / sweep.num_pairs,
         "log_mean": sweep.moments["log"][0], "log_variance": sweep.moments["log"][1],
         "riesz_mean": sweep.moments["riesz"][0], "riesz_variance": sweep.moments["riesz"][1],
-        "etf": sweep.etf_distance(),
+        "etf": sweep.etf_distance("means"),
         "orthogonality": sweep.orthogonality,
         "mean_pair_distance": sweep.mean_pair_distance,
         "nearest": sweep.nearest_sq_distances,
@@ -96,7 +98,8 @@ def _sweep_metrics(sweep):
         result.update({
             "cos_w_std": np.sqrt(sweep.moments["cos_w"][1]),
             "maxangle_w": sweep.sums["maxangle_w_sum"] / sweep.num_pairs,
-            "etf_w": sweep.etf_distance(classifier=True),
+            "etf_w": sweep.etf_distance("classifier_means"),
+            "etf_ww": sweep.etf_distance("classifier"),
         })
     return result
 
@@ -310,7 +313,7 @@ def test_pair_metrics_of_collapse_equal_the_textbook(num_classes, num_features, 
                                   ood=ood, **keywords)
     names = ["cdnv", "nc2_equiangular", "nc2_maxangle", "nc2_etf", "nc2_orthogonality", "gnc2",
              "log_kernel_variance", "riesz_kernel_mean", "riesz_kernel_variance", "nc5",
-             "nc2_equiangular_w", "nc2_maxangle_w", "nc3_etf"]
+             "nc2_equiangular_w", "nc2_maxangle_w", "nc2_etf_w", "nc3_etf"]
     if noise:
         names += ["memorization", "memorization_raw"]
     for name in names:
