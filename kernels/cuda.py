@@ -269,8 +269,7 @@ __global__ void ncfast_residuals(
 // columns (num_means = 0: rows inside their NCC radius, "features" route) the nearest
 // class centre is the row's own class. Logit c is
 // z_{num_means + c} + logit_offsets[mean_row * logit_stride + c]. Rows with ||r||^2 < 0 or NaN
-// are skipped (left out, or reported bad). When mean_products64 is given, the
-// projections are also written there in float64 for the C' x C' scatter.
+// are skipped (left out, or reported bad).
 // PRIVATE: per-class tallies are summed in shared memory, then merged.
 template <bool PRIVATE>
 __global__ void ncfast_epilogue(
@@ -281,7 +280,6 @@ __global__ void ncfast_epilogue(
         const double* __restrict__ distance_offsets, int distance_stride, int residual_products,
         const double* __restrict__ logit_offsets, int logit_stride,
         const unsigned char* __restrict__ corrupted, int num_classes,
-        double* __restrict__ mean_products64,
         unsigned long long* counts, double* sq_norm_sums, double* norm_sums,
         unsigned long long* ncc_hits, unsigned long long* classifier_hits,
         unsigned long long* totals) {
@@ -316,12 +314,7 @@ __global__ void ncfast_epilogue(
     for (long long i = (long long)blockIdx.x * warps_per_block + (threadIdx.x >> 5);
          i < num_rows; i += warps) {
         const double sq_norm = sq_norms[i];
-        double* out64 = mean_products64 == nullptr ? nullptr : mean_products64 + i * num_means;
-        if (!(sq_norm >= 0.0)) {
-            if (out64 != nullptr)
-                for (int k = lane; k < num_means; k += 32) out64[k] = 0.0;
-            continue;
-        }
+        if (!(sq_norm >= 0.0)) continue;
         const long long label = labels[i];
         const long long mean_row = label_rows[label];
         const float* z = products + i * num_columns;
@@ -332,7 +325,6 @@ __global__ void ncfast_epilogue(
         int best_k = NCFAST_NO_INDEX;
         for (int k = lane; k < num_means; k += 32) {
             const double projection = (double)z[k];
-            if (out64 != nullptr) out64[k] = projection;
             const double distance = base + 2.0 * (own - projection) + offsets[k];
             if (distance < best) {
                 best = distance;
@@ -553,8 +545,7 @@ def residuals(features, labels, include, label_rows, means, row_offset, out_resi
 
 
 def epilogue(products, num_means, sq_norms, labels, label_rows, present_classes,
-             distance_offsets, residual_products, logit_offsets, corrupted, tallies,
-             out_mean_products64):
+             distance_offsets, residual_products, logit_offsets, corrupted, tallies):
     """Fused pass over the GEMM output: NCC argmin, classifier argmax, tallies.
 
     Parameters
@@ -580,8 +571,6 @@ def epilogue(products, num_means, sq_norms, labels, label_rows, present_classes,
         ``counts``, ``ncc_hits``, ``classifier_hits`` (uint64, (C,)),
         ``sq_norm_sums``, ``norm_sums`` (float64, (C,)), ``totals`` (uint64,
         (3,): disagreements, corrupted rows, corrupted rows fitted).
-    out_mean_products64 : cupy float64 array of shape (n, C'), or None
-        Written with the projections in float64 (zero for skipped rows).
     """
     num_rows, num_columns = products.shape
     if num_rows == 0:
@@ -597,7 +586,7 @@ def epilogue(products, num_means, sq_norms, labels, label_rows, present_classes,
          np.int32(num_logits), sq_norms, labels, label_rows, present_classes, distance_offsets,
          np.int32(num_means if distance_offsets.ndim == 2 else 0), np.int32(residual_products),
          logit_offsets, np.int32(num_logits if logit_offsets.ndim == 2 else 0),
-         _pointer(corrupted), np.int32(num_classes), _pointer(out_mean_products64),
+         _pointer(corrupted), np.int32(num_classes),
          tallies["counts"], tallies["sq_norm_sums"], tallies["norm_sums"], tallies["ncc_hits"],
          tallies["classifier_hits"], tallies["totals"]),
         shared_mem=shared_bytes if private else 0)

@@ -262,6 +262,25 @@ def test_results_do_not_depend_on_chunking(chunk_size, small_launches, assert_sa
 
 
 @requires_gpu
+@pytest.mark.parametrize("num_classes", [6, 40], ids=["classes", "features"])
+def test_nc1_with_nearly_flat_directions_matches_textbook_on_the_gpu(num_classes,
+                                                                     small_launches):
+    """As the CPU test of that name (tests/test_metrics.py): three directions of the means'
+    span shrunk 1000-fold (``pinv_condition`` 2e6). The "classes" route multiplied the
+    residuals by M~^T and rotated the float32 products into the Gram's eigenbasis
+    afterwards: in a float64 emulation NC1 was 1.2e-3 off here, and 4.96 times its value
+    at a 1e4-fold shrink."""
+    import cupy
+    from ncfast.textbook import textbook_collapse
+    case = gaussian_classes(num_rows=6000, num_features=16, num_classes=num_classes,
+                            offset=3.0, flat_scale=1e-3)
+    report = ncfast.collapse(cupy.asarray(case["features"]), case["labels"], **_keywords(case))
+    assert report.route == ("classes" if num_classes <= 16 else "features")
+    assert report.pinv_condition > 1e6
+    assert report.nc1 == pytest.approx(textbook_collapse(**case)["nc1"], rel=1e-5, abs=0)
+
+
+@requires_gpu
 @pytest.mark.parametrize("placement", ["resident", "streamed"])
 @pytest.mark.parametrize("chunk_size", [7000, None])
 def test_float64_rows_far_from_the_origin_keep_their_spread(placement, chunk_size):

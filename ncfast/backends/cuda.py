@@ -13,10 +13,10 @@ pinned allocations) are copied from where they are, skipping the staging copy.
 The accumulators stay on the device in float64; the host waits once per pass
 (``# synchronize!``) to add them into the public ``ClassSums`` and
 ``ResidualStats`` the engine holds. The pass-2 state reads the public
-``Pass2Plan`` (``ncfast.plan``); its float64 scatter (one per stream: C'×C' of
-``z = M~ r``, or D×D of ``r`` on the "features" route) is turned into the
-eigen-diagonal the host state keeps by one GEMM on the device after the
-streams' scatters are added. The pair sweep runs on the device
+``Pass2Plan`` (``ncfast.plan``) and keeps NC1's eigen-diagonal as the host
+state does (one per stream); on the "features" route it keeps the float64 D×D
+scatter of ``r`` instead, turned into the eigen-diagonal by one GEMM on the
+device after the streams' scatters are added. The pair sweep runs on the device
 (``ncfast.sweep.reduce_tile_xp`` with CuPy): only scalars and length-C
 vectors come back.
 
@@ -544,9 +544,10 @@ class LaneSums(NamedTuple):
 
     Attributes
     ----------
-    scatter : cupy float64 array of shape (K, K)
-        Of ``z = M~ r`` (K = C') on the "classes" route, of ``r`` (K = D) on the
-        "features" route.
+    scatter : cupy float64 array
+        NC1's state: on the "classes" route the eigen-diagonal itself, ``sum a_j^2``
+        of the coordinates ``a = V^T M~ r`` (shape (C',)); on the "features" route
+        the D×D scatter of ``r``.
     tallies : dict of cupy arrays
         ``counts``, ``ncc_hits``, ``classifier_hits`` (uint64, (C,)), ``sq_norm_sums``,
         ``norm_sums`` (float64, (C,)), ``totals`` (uint64, (3,)); see
@@ -561,14 +562,21 @@ class DeviceResidualStats:
     """Pass-2 state on the device for one host ``ResidualStats`` (same plan), added into
     it by ``add_to_host``.
 
-    Per chunk: residuals from the float64 means with ``||r||^2``; one float32
-    GEMM against ``[M~^T | W^T]`` (of the residuals on the "classes" route, of
-    the centred rows on the "features" route); the fused epilogue; the float64
-    scatter by ``dgemm``, of ``z = M~ r`` on the "classes" route and of ``r`` on
-    the "features" route. Scatter and tallies are kept per stream the chunks
-    arrive on (``LaneSums``): ``add_to_host`` adds them and keeps the
-    eigen-diagonal ``diag(V^T S V)`` in the eigenbasis of the Gram or of
-    ``Sigma_B`` (``ResidualStats.eigen_scatter``), one GEMM on the device.
+    Per chunk on the "classes" route, as the host kernels: residuals from the
+    float64 means with ``||r||^2``; one float32 GEMM of the residuals against
+    ``[M~^T V | W^T]``, whose first columns are the coordinates ``a = V^T M~ r``
+    in the Gram's eigenbasis, each rounded against its own scale; ``sum a_j^2``
+    in float64, NC1's eigen-diagonal; ``z = V a`` by a second GEMM, for the
+    nearest class centre; the fused epilogue. (A float32 ``z = M~ r`` rotated
+    afterwards carries ``eps32 ||r|| ||M~||`` into every coordinate, which NC1
+    divides by ``lambda_j^2``: emulated on 6,000 rows whose means' span has three
+    directions shrunk 1e4-fold, ``pinv_condition`` 2e8, that NC1 came out 4.96
+    times its value; the arithmetic above gives the host's, 1.1e-5 off.) On the "features" route: residuals, their float64 D×D scatter by
+    ``dgemm``, and a float32 GEMM of the centred rows against ``[M~^T | W^T]``.
+    The sums are kept per stream the chunks arrive on (``LaneSums``):
+    ``add_to_host`` adds them, and on the "features" route turns the scatter into
+    the eigen-diagonal ``diag(U^T S U)`` in the eigenbasis of ``Sigma_B``
+    (``ResidualStats.eigen_scatter``), one GEMM on the device.
 
     On the "features" route the GEMM and the epilogue see only the rows beyond
     their NCC or classifier radius (``Pass2Plan.ncc_sq_radii``,
@@ -598,20 +606,13 @@ class DeviceResidualStats:
         self.label_rows = cupy.asarray(geometry.label_rows)
         self.present = cupy.asarray(geometry.present)
         self.means = cupy.asarray(plan.present_means)
+        # [M~^T V | W^T] ("classes" route) or [M~^T | W^T] ("features" route), float32.
+        columns = [plan.projection_t] + ([plan.weights_t] if plan.has_classifier else [])
+        self.projection_t = cupy.concatenate([cupy.asarray(block) for block in columns], axis=1)
         if self.route == "classes":
-            # The device epilogue takes z = M~ r itself (the host kernels take its
-            # eigenbasis coordinates) and sums the C'×C' scatter.
-            # [M~ ; W] goes up in float64 and is transposed and rounded to float32 there:
-            # the host's transposed copies took longer than the upload (C=1000, D=2048).
-            rows = [geometry.centred] + ([plan.weights] if plan.has_classifier else [])
-            projection = cupy.concatenate([cupy.asarray(block) for block in rows])
-            self.projection_t = cupy.ascontiguousarray(projection.T.astype(cupy.float32))
+            self.eigenvectors_t = cupy.asarray(plan.eigenvectors_t)  # V^T, float32
             self.distance_offsets = cupy.asarray(geometry.mean_sq_distances)
-            self.eigenvectors = cupy.asarray(geometry.gram_eigenvectors)
         else:
-            columns = [plan.projection_t] + ([plan.weights_t] if plan.has_classifier else [])
-            self.projection_t = cupy.concatenate([cupy.asarray(block) for block in columns],
-                                                 axis=1)
             self.distance_offsets = cupy.asarray(geometry.centred_sq_norms)
             self.eigenvectors = cupy.asarray(geometry.between_spectrum[1])
             self.global_mean = cupy.asarray(geometry.global_mean[None, :])
@@ -623,7 +624,8 @@ class DeviceResidualStats:
                 self.mean_predictions = cupy.asarray(plan.mean_predictions)
                 self.weights_t = self.projection_t[:, self.num_means:].copy()
         self.logit_offsets = cupy.asarray(plan.logit_offsets)
-        self.scatter_size = self.num_means if self.route == "classes" else geometry.num_features
+        self.scatter_shape = ((self.num_means,) if self.route == "classes"
+                              else (geometry.num_features, geometry.num_features))
         self.lanes = {}  # stream pointer -> that stream's LaneSums
         self.bad_row = cupy.full(1, NO_ROW, cupy.int64)
 
@@ -631,8 +633,8 @@ class DeviceResidualStats:
     def work_row_bytes(self):
         """Bytes of work buffers per row of a chunk."""
         num_features, width = self.projection_t.shape
-        if self.route == "classes":
-            return 4 * num_features + 4 * width + 8 * self.num_means
+        if self.route == "classes":  # residuals, products, a, z, a^2 in float64
+            return 4 * num_features + 4 * width + 16 * self.num_means
         return 12 * num_features + 32
 
     def _lane(self):
@@ -647,8 +649,7 @@ class DeviceResidualStats:
                        for name in ("counts", "ncc_hits", "classifier_hits")}
             tallies.update(sq_norm_sums=cupy.zeros(num_classes),
                            norm_sums=cupy.zeros(num_classes), totals=cupy.zeros(3, cupy.uint64))
-            self.lanes[stream] = LaneSums(
-                cupy.zeros((self.scatter_size, self.scatter_size)), tallies)
+            self.lanes[stream] = LaneSums(cupy.zeros(self.scatter_shape), tallies)
         return self.lanes[stream]
 
     def update(self, features, labels, corrupted=None, *, include=None, row_offset=0):
@@ -679,11 +680,17 @@ class DeviceResidualStats:
                               residuals, None, sq_norms, self.bad_row)
             products = cupy.empty((num_rows, self.projection_t.shape[1]), cupy.float32)
             kernels.matmul_f32(residuals, self.projection_t, products)
-            mean_products = cupy.empty((num_rows, self.num_means))
+            del residuals
+            # Rows left out, or without a mean, have zero residuals: their a is 0.
+            coordinates = cupy.ascontiguousarray(products[:, :self.num_means])
+            lane.scatter += cupy.square(coordinates, dtype=cupy.float64).sum(axis=0)
+            mean_products = cupy.empty_like(coordinates)
+            kernels.matmul_f32(coordinates, self.eigenvectors_t, mean_products)  # z = V a
+            products[:, :self.num_means] = mean_products
+            del coordinates, mean_products
             kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
                              self.present, self.distance_offsets, True, self.logit_offsets,
-                             corrupted, lane.tallies, mean_products)
-            kernels.add_gram(mean_products, lane.scatter)
+                             corrupted, lane.tallies)
             return self
         residuals64 = cupy.empty((num_rows, num_features))
         kernels.residuals(features, labels, include, self.label_rows, self.means, row_offset,
@@ -722,7 +729,7 @@ class DeviceResidualStats:
                              labels if every_row else labels[batch], self.label_rows,
                              self.present, self.distance_offsets, False, self.logit_offsets,
                              corrupted if corrupted is None or every_row else corrupted[batch],
-                             lane.tallies, None)
+                             lane.tallies)
 
     def first_bad_row(self):
         """Global index of the first row whose label has no mean or that holds a NaN or
@@ -737,7 +744,9 @@ class DeviceResidualStats:
         if not lanes:
             return
         scatter = sum(lane.scatter for lane in lanes)
-        host.eigen_scatter += eigen_diagonal(scatter, self.eigenvectors).get()
+        if self.route == "features":
+            scatter = eigen_diagonal(scatter, self.eigenvectors)
+        host.eigen_scatter += scatter.get()
         for name in self._TALLIES:
             tally = getattr(host, name)
             tally += sum(lane.tallies[name] for lane in lanes).get().astype(tally.dtype)
