@@ -38,8 +38,9 @@ THREADS_PER_BLOCK = 256
 #: until the private state fits ``SHARED_STATE_BYTES``.
 CLASS_SUM_COLUMNS = 128
 
-#: Largest private per-block state in shared memory (bytes); larger states
-#: (many classes) are added straight into global memory with atomics.
+#: Largest private per-block state in shared memory (bytes), or less where the device lets a
+#: block have less (``_shared_state_bytes``: 99 KB on sm_86 and sm_89, 64 KB on sm_75);
+#: larger states (many classes) are added straight into global memory with atomics.
 SHARED_STATE_BYTES = 112 << 10
 
 #: Most row blocks whose float64 Grams one chunk computes side by side.
@@ -398,7 +399,6 @@ _NULL = np.uint64(0)  # a null pointer argument
 _ONE = {np.float32: np.array(1.0, np.float32), np.float64: np.array(1.0, np.float64)}
 _ZERO_F32 = np.array(0.0, np.float32)
 _ZERO_F64 = np.array(0.0, np.float64)
-_SHARED_MEMORY_PER_SM = 224 << 10  # shared memory the blocks of one multiprocessor can hold
 
 
 def _kernel(name, shared_bytes):
@@ -424,6 +424,24 @@ def _multiprocessors():
 @functools.lru_cache(maxsize=None)
 def _device_multiprocessors(device_id):
     return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(device_id):
+    """Bytes of dynamic shared memory one block may ask for, and one multiprocessor holds.
+
+    A request beyond the first fails the launch (``cudaErrorInvalidValue``): the
+    H100's 227 KB is 99 KB on sm_86 and sm_89, 64 KB on sm_75.
+    """
+    attributes = cupy.cuda.Device(device_id).attributes
+    return (attributes["MaxSharedMemoryPerBlockOptin"],
+            attributes["MaxSharedMemoryPerMultiprocessor"])
+
+
+def _shared_state_bytes():
+    """Largest private per-block state on the current device: ``SHARED_STATE_BYTES`` or
+    what a block may have there, whichever is less."""
+    return min(SHARED_STATE_BYTES, _device_shared_memory(cupy.cuda.Device().id)[0])
 
 
 def _row_grid(num_rows):
@@ -486,15 +504,16 @@ def class_sums(features, codes, counts, sums, clean_counts, clean_sums, shift=No
     track_clean = clean_counts is not None
     copies = 2 if track_clean else 1
     columns = CLASS_SUM_COLUMNS
-    while columns > 32 and _class_sums_shared_bytes(num_classes, columns, copies) > \
-            SHARED_STATE_BYTES:
+    limit = _shared_state_bytes()
+    while columns > 32 and _class_sums_shared_bytes(num_classes, columns, copies) > limit:
         columns //= 2
     shared_bytes = _class_sums_shared_bytes(num_classes, columns, copies)
-    private = shared_bytes <= SHARED_STATE_BYTES
+    private = shared_bytes <= limit
     if not private:
         shared_bytes = 0
     column_tiles = -(-num_features // columns)
-    blocks_per_sm = max(1, min(2048 // columns, _SHARED_MEMORY_PER_SM // max(shared_bytes, 1)))
+    per_multiprocessor = _device_shared_memory(cupy.cuda.Device().id)[1]
+    blocks_per_sm = max(1, min(2048 // columns, per_multiprocessor // max(shared_bytes, 1)))
     row_blocks = max(1, -(-_multiprocessors() * blocks_per_sm // column_tiles))
     rows_per_block = -(-num_rows // row_blocks)
     row_blocks = -(-num_rows // rows_per_block)
@@ -578,7 +597,7 @@ def epilogue(products, num_means, sq_norms, labels, label_rows, present_classes,
     num_classes = label_rows.shape[0]
     num_logits = num_columns - num_means
     shared_bytes = 40 * num_classes + 24
-    private = shared_bytes <= SHARED_STATE_BYTES
+    private = shared_bytes <= _shared_state_bytes()
     name = f"ncfast_epilogue<{'true' if private else 'false'}>"
     _kernel(name, shared_bytes if private else 0)(
         (_row_grid(num_rows),), (THREADS_PER_BLOCK,),

@@ -262,6 +262,23 @@ def test_results_do_not_depend_on_chunking(chunk_size, small_launches, assert_sa
 
 
 @requires_gpu
+@pytest.mark.parametrize("num_classes", [100, 300])
+def test_a_device_with_less_shared_memory_per_block_gets_smaller_requests(num_classes,
+                                                                          monkeypatch,
+                                                                          assert_same_report):
+    """The launchers asked for up to 112 KiB of shared memory a block, which only H100-class
+    devices grant: on an sm_86/sm_89 GPU (99 KB a block) pass 1 of 100 classes asked for
+    103,200 bytes and the launch failed; on sm_75 (64 KB) from 64 classes on."""
+    from ncfast.kernels import cuda as kernels
+    monkeypatch.setattr(kernels, "_device_shared_memory", lambda device_id: (64 << 10, 64 << 10))
+    case = with_label_noise(gaussian_classes(num_rows=4000, num_features=48,
+                                             num_classes=num_classes))
+    expected = ncfast.collapse(**case)
+    actual = ncfast.collapse(case["features"], case["labels"], **_keywords(case), device="cuda")
+    assert_same_report(actual, expected, rtol=GPU_TOLERANCE)
+
+
+@requires_gpu
 @pytest.mark.parametrize("num_classes", [6, 40], ids=["classes", "features"])
 def test_nc1_with_nearly_flat_directions_matches_textbook_on_the_gpu(num_classes,
                                                                      small_launches):
