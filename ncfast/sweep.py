@@ -471,7 +471,10 @@ def reduce_tile_xp(xp, dots, tile, rows, cols):
                                      row_ids, col_ids, pairs)
     cosines = (mm / xp.outer(row_norms, col_norms))[pairs]
     unit_sq_distances = 2.0 - 2.0 * cosines
-    unit_sq_distances[unit_sq_distances <= UNIT_SQ_DISTANCE_FLOOR] = 0.0
+    # As the compiled kernel: at or below the floor, or NaN (a mean at the global mean, no
+    # direction), the pair coincides.
+    unit_sq_distances = xp.where(unit_sq_distances > UNIT_SQ_DISTANCE_FLOOR, unit_sq_distances,
+                                 0.0)
     with np.errstate(divide="ignore"):
         log_kernel = -0.5 * xp.log(unit_sq_distances)
         inverse = xp.where(pairs, 0.5 / xp.where(pairs, sq_distances, 1.0), 0.0)

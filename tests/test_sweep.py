@@ -242,6 +242,21 @@ def test_compiled_tiles_equal_the_array_operations(num_means, num_features):
             np.testing.assert_allclose(value, expected, rtol=1e-9, err_msg=name)
 
 
+def test_a_mean_at_the_global_mean_coincides_on_both_reductions():
+    """Means e0, -e0, 2e1, -2e1 and 0: the last one is the global mean, without a direction.
+    The compiled kernel counts its pairs as coinciding (log and Riesz kernels inf); the
+    array operations (the GPU's) kept their NaN, dropped them from the sums but not from
+    the pair count: a finite log-kernel mean of -0.277 instead."""
+    means = np.zeros((5, 6))
+    means[0, 0], means[1, 0], means[2, 1], means[3, 1] = 1.0, -1.0, 2.0, -2.0
+    global_mean = means.mean(axis=0)
+    compiled = pair_sweep(means, global_mean, backend=CPU)
+    arrays = pair_sweep(means, global_mean, backend=NumpyTiles)
+    for name in ("log", "riesz"):
+        assert compiled.moments[name][0] == np.inf
+        np.testing.assert_array_equal(arrays.moments[name], compiled.moments[name])
+
+
 def _means_on_one_ray(rounded):
     """Four means of which the first two lie on one ray: exactly (cosine 1), or ``rounded``,
     ``mu_1 = 3 mu_0`` at D = 5 where the Gram's cosine rounds to 1 - 2^-52 and
