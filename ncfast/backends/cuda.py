@@ -98,13 +98,38 @@ def _device_features(block):
     cupy = sys.modules["cupy"]
     if is_torch_cuda_tensor(block):
         torch = sys.modules["torch"]
-        block = block.detach()
-        if block.dtype not in (torch.float32, torch.float64):
-            block = block.float()
-        return cupy.ascontiguousarray(cupy.from_dlpack(block.contiguous()))
+        source = block.detach()
+        converted = source if source.dtype in (torch.float32, torch.float64) else source.float()
+        converted = converted.contiguous()
+        if converted.data_ptr() != source.data_ptr():
+            _keep_until_read(torch, converted)
+        return cupy.ascontiguousarray(cupy.from_dlpack(converted))
     if block.dtype not in (np.float32, np.float64):
         block = block.astype(np.float32 if block.dtype.itemsize <= 4 else np.float64)
     return cupy.ascontiguousarray(block)
+
+
+def _needs_conversion(features):
+    """Whether ``_device_features`` copies these GPU rows (another dtype, or a layout that
+    is not C-contiguous)."""
+    if is_torch_cuda_tensor(features):
+        torch = sys.modules["torch"]
+        return features.dtype not in (torch.float32, torch.float64) or \
+            not features.is_contiguous()
+    return features.dtype not in (np.float32, np.float64) or not features.flags.c_contiguous
+
+
+def _keep_until_read(torch, tensor):
+    """Tell torch that CuPy's current stream reads ``tensor``, a copy torch made for one
+    chunk (a conversion, or a contiguous copy).
+
+    When the chunk is dropped the copy goes back to torch's caching allocator, which may
+    hand its memory to the next chunk's conversion on torch's stream while the kernels on
+    this chunk's stream still read it; with the use recorded, torch waits for them.
+    """
+    stream = sys.modules["cupy"].cuda.get_current_stream().ptr
+    if stream != torch.cuda.current_stream(tensor.device).cuda_stream:
+        tensor.record_stream(torch.cuda.ExternalStream(stream, device=tensor.device))
 
 
 def _device_labels(labels):
@@ -120,10 +145,13 @@ def _device_labels(labels):
 class ResidentSource:
     """Features already on a GPU, read in place in chunks of rows.
 
-    Pass-1 chunks are all rows at once; pass-2 chunks hold ``RESIDUAL_CHUNK_BYTES``
-    of work buffers (``work_row_bytes`` per row, set by the pass-2 states) and
-    alternate between ``LANES`` streams, so that the bandwidth-bound kernels of
-    one overlap the GEMM of the other.
+    Pass-1 chunks are all rows at once, unless the rows must be copied (another dtype
+    than float32 or float64, or not C-contiguous: then ``RESIDUAL_CHUNK_BYTES`` of
+    float32 rows, so that no copy of the whole input is made); pass-2 chunks hold
+    ``RESIDUAL_CHUNK_BYTES`` of work buffers (``work_row_bytes`` per row, set by the
+    pass-2 states) and alternate between ``LANES`` streams, so that the
+    bandwidth-bound kernels of one overlap the GEMM of the other. Labels go to the
+    features' device.
 
     Parameters
     ----------
@@ -142,15 +170,17 @@ class ResidentSource:
         self.num_rows, self.num_features = check_features(features)
         if labels is None:
             raise TypeError("labels is required with features on a GPU")
-        self.labels = _device_labels(check_labels(labels, self.num_rows))
-        self.clean_labels = None
-        if clean_labels is not None:
-            self.clean_labels = _device_labels(
-                check_labels(clean_labels, self.num_rows, "clean_labels"))
-        self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size, 1)
         device = features.device
         self.device = cupy.cuda.Device(
             device.index if is_torch_cuda_tensor(features) else device.id)
+        with self.device:  # host labels would go to CuPy's current device, maybe another
+            self.labels = _device_labels(check_labels(labels, self.num_rows))
+            self.clean_labels = None
+            if clean_labels is not None:
+                self.clean_labels = _device_labels(
+                    check_labels(clean_labels, self.num_rows, "clean_labels"))
+        self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size, 1)
+        self.copies_rows = _needs_conversion(features)
         self.work_row_bytes = 4 * self.num_features
 
     def context(self):
@@ -173,7 +203,7 @@ class ResidentSource:
         cupy = sys.modules["cupy"]
         rows = self.chunk_size
         if rows is None:
-            rows = self.num_rows if pass_number == 1 else \
+            rows = self.num_rows if pass_number == 1 and not self.copies_rows else \
                 _rows_for(RESIDUAL_CHUNK_BYTES, self.work_row_bytes)
         main = cupy.cuda.get_current_stream()
         streams = [main]
