@@ -663,8 +663,8 @@ class DeviceResidualStats:
     def work_row_bytes(self):
         """Bytes of work buffers per row of a chunk."""
         num_features, width = self.projection_t.shape
-        if self.route == "classes":  # residuals, products, a, z, a^2 in float64
-            return 4 * num_features + 4 * width + 16 * self.num_means
+        if self.route == "classes":  # residuals, products, a, z, a and a^2 in float64
+            return 4 * num_features + 4 * width + 24 * self.num_means
         return 12 * num_features + 32
 
     def _lane(self):
@@ -713,11 +713,12 @@ class DeviceResidualStats:
             del residuals
             # Rows left out, or without a mean, have zero residuals: their a is 0.
             coordinates = cupy.ascontiguousarray(products[:, :self.num_means])
-            lane.scatter += cupy.square(coordinates, dtype=cupy.float64).sum(axis=0)
+            coordinates64 = coordinates.astype(cupy.float64)
+            lane.scatter += (coordinates64 * coordinates64).sum(axis=0)
             mean_products = cupy.empty_like(coordinates)
             kernels.matmul_f32(coordinates, self.eigenvectors_t, mean_products)  # z = V a
             products[:, :self.num_means] = mean_products
-            del coordinates, mean_products
+            del coordinates, coordinates64, mean_products
             kernels.epilogue(products, self.num_means, sq_norms, labels, self.label_rows,
                              self.present, self.distance_offsets, True, self.logit_offsets,
                              corrupted, lane.tallies)
