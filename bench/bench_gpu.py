@@ -398,7 +398,8 @@ def main(argv=None):
     parser.add_argument("--streamed", type=parse_sizes, default=parse_sizes(STREAMED_SHAPES),
                         help="resident shapes also streamed from host memory "
                              f"(default {STREAMED_SHAPES})")
-    parser.add_argument("--repeats", type=positive_int, default=2, help="ncfast runs per shape (best)")
+    parser.add_argument("--repeats", type=positive_int, default=2,
+                        help="ncfast runs per shape (best)")
     parser.add_argument("--textbook-classes", type=positive_int, default=128,
                         help="run the torch textbook route up to this many classes")
     parser.add_argument("--json", help="result file (default bench/results/gpu-<UTC time>.json)")

@@ -532,7 +532,8 @@ def main(argv=None):
                              "1e5x2048x1000")
     parser.add_argument("--spreads", default=",".join(SPREADS),
                         help=f"comma-separated subset of {','.join(SPREADS)} (default: both)")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="ncfast runs per row (best)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="ncfast runs per row (best)")
     parser.add_argument("--torch-rows", type=positive_int, default=1_000_000,
                         help="leading rows the torch route runs on, its time scaled to N "
                              "(default 1,000,000: every row of the grid's shapes)")

@@ -264,7 +264,8 @@ def main(argv=None):
     parser.add_argument("--classifier", choices=("both", "with", "without"), default="both")
     parser.add_argument("--routes", default=",".join(ROUTES),
                         help="comma-separated subset of " + ",".join(ROUTES) + " (default: all)")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="ncfast runs per size (best)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="ncfast runs per size (best)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
     parser.add_argument("--no-threads", action="store_true", help="skip the 1-thread run")
     parser.add_argument("--spread", type=positive_float, default=SPREAD,

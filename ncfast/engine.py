@@ -414,8 +414,8 @@ class ResidualPass:
                             "pass's .stats)")
         if other.has_noise != self.has_noise:
             with_noise = "with" if self.has_noise else "without"
-            raise TypeError(f"cannot merge pass-2 states of different kinds: this one is {with_noise} "
-                            "label noise (clean-row means), the other is not")
+            raise TypeError(f"cannot merge pass-2 states of different kinds: this one is "
+                            f"{with_noise} label noise (clean-row means), the other is not")
         pairs = list(zip(self.parts().items(), other.parts().values()))
         for (part, mine), theirs in pairs:
             try:

@@ -202,8 +202,8 @@ def test_a_version_3_state_still_loads(pass1_path, pass2_path, tmp_path, capsys)
      r"clean_counts\[0\] is \d+, more than the class's rows \(counts\)"),
     (_set("extra", lambda t: np.zeros(2)),
      r"holds tensors a ClassSums state does not have \(extra\)"),
-], ids=["sums 1-D", "no classes", "counts float", "counts negative", "sums NaN", "sums without rows",
-        "more clean rows than rows", "extra tensor"])
+], ids=["sums 1-D", "no classes", "counts float", "counts negative", "sums NaN",
+        "sums without rows", "more clean rows than rows", "extra tensor"])
 def test_impossible_pass1_arrays_are_refused(pass1_path, change, message):
     _rewrite(pass1_path, change, version=UNDIGESTED_STATE_VERSION)
     with pytest.raises(ValueError, match=f"pass1-0.safetensors: {message}; {CORRUPT}"):
@@ -573,7 +573,8 @@ import numpy as np
 from ncfast import ClassSums, finalize_pass1
 rng = np.random.default_rng(0)
 labels = rng.integers(0, 300, 20000)
-features = (rng.normal(size=(300, 64))[labels] * 3 + rng.normal(size=(20000, 64))).astype(np.float32)
+features = (rng.normal(size=(300, 64))[labels] * 3
+            + rng.normal(size=(20000, 64))).astype(np.float32)
 print(finalize_pass1(ClassSums(300, 64).update(features, labels), global_mean="samples")[0]
       .fingerprint)
 """

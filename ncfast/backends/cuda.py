@@ -601,8 +601,9 @@ class DeviceResidualStats:
     afterwards carries ``eps32 ||r|| ||M~||`` into every coordinate, which NC1
     divides by ``lambda_j^2``: emulated on 6,000 rows whose means' span has three
     directions shrunk 1e4-fold, ``pinv_condition`` 2e8, that NC1 came out 4.96
-    times its value; the arithmetic above gives the host's, 1.1e-5 off.) On the "features" route: residuals, their float64 D×D scatter by
-    ``dgemm``, and a float32 GEMM of the centred rows against ``[M~^T | W^T]``.
+    times its value; the arithmetic above gives the host's, 1.1e-5 off.) On the
+    "features" route: residuals, their float64 D×D scatter by ``dgemm``, and a
+    float32 GEMM of the centred rows against ``[M~^T | W^T]``.
     The sums are kept per stream the chunks arrive on (``LaneSums``):
     ``add_to_host`` adds them, and on the "features" route turns the scatter into
     the eigen-diagonal ``diag(U^T S U)`` in the eigenbasis of ``Sigma_B``
