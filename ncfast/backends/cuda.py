@@ -61,7 +61,7 @@ STAGING_SLOTS = 3
 #: Threads that stage a host chunk into pinned memory side by side.
 STAGING_THREADS = min(8, os.cpu_count() or 1)
 
-#: Pass 1 sums float64 rows less the first row of their chunk (``DeviceClassSums``),
+#: Pass 1 sums float64 rows less the first float64 row of the pass (``DeviceClassSums``),
 #: but not its values at or beyond this magnitude (nor NaN or Inf): no shifted sum of
 #: rows that can be measured then nears float64's range, and a NaN row still shows in
 #: the sums.
