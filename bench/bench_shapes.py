@@ -104,7 +104,7 @@ from rich.table import Table
 from bench.data import SPREAD, collapsed_features, positive_int
 from bench.floor import (SQUARE_SIDE, Floor, best_seconds, gemm_rate, machine_read_bandwidth)
 from bench.machine import machine_facts, utc_stamp
-from bench.routes import ROUTES, check
+from bench.routes import ROUTES, check, empty_class_obstacle
 from bench.suite import CHECK_ROWS as SUITE_CHECK_ROWS
 from bench.suite import RESULTS, parse_sizes
 from ncfast.dumps import write_json_atomically
@@ -383,10 +383,10 @@ class ShapesRun:
             The leading rows of the check.
         num_classes : int
         """
-        shortest = min(checked.stop, self.torch_rows)
-        if np.count_nonzero(np.bincount(labels[:shortest], minlength=num_classes)) < num_classes:
-            return (f"a class has no rows in the first {shortest:,} rows (its NCC would take "
-                    "the NaN mean)")
+        empty_class = empty_class_obstacle(labels, min(checked.stop, self.torch_rows),
+                                           num_classes)
+        if empty_class is not None:
+            return empty_class
         finish_bytes = TORCH_PAIR_BYTES * num_classes ** 2
         available = psutil.virtual_memory().available
         if finish_bytes > TORCH_MEMORY_SHARE * available:

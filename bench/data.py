@@ -1,5 +1,6 @@
 """Synthetic features for the benchmarks: Gaussian classes near collapse."""
 import argparse
+import math
 import os
 
 import numpy as np
@@ -56,12 +57,22 @@ def collapsed_features(num_rows, num_features, num_classes, *, classifier=True, 
     return features, labels, weights.astype(np.float64), bias
 
 
+def whole_number(text):
+    """``text`` as an int: ``"12"``, or ``"1e6"`` for 1,000,000; None for anything else
+    (``"1.5"``, ``"inf"``, ``"nan"``)."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # argparse words a ValueError as an "invalid ... value"
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+
+
 def positive_int(text):
-    """An argparse type: an integer of at least 1 (``"1e6"`` is read as 1,000,000)."""
-    value = float(text)  # argparse words a ValueError as "invalid positive_int value"
-    if not (value >= 1 and value == int(value)):
+    """An argparse type: a whole number of at least 1 (``"1e6"`` is read as 1,000,000)."""
+    value = whole_number(text)
+    if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(value)
+    return value
 
 
 def positive_float(text):

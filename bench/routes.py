@@ -7,6 +7,7 @@ the textbook route's.
 import contextlib
 
 import numba
+import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
@@ -50,6 +51,21 @@ def run_torch_gemm(features, labels, num_classes, weights, bias):
 
 ROUTES = {"ncfast": run_ncfast, "textbook": run_textbook, "torch": run_torch,
           "torch-gemm": run_torch_gemm}
+
+
+def empty_class_obstacle(labels, num_rows, num_classes):
+    """Why the torch routes cannot run on the first ``num_rows`` rows, or None: a class
+    without rows there (their NCC takes its NaN mean, a limit of that route).
+
+    Parameters
+    ----------
+    labels : int array of shape (N,)
+    num_rows, num_classes : int
+    """
+    if np.count_nonzero(np.bincount(labels[:num_rows], minlength=num_classes)) < num_classes:
+        return (f"a class has no rows in the first {num_rows:,} rows (its NCC would take the "
+                "NaN mean)")
+    return None
 
 
 #: Metrics that are fractions of rows: compared with an absolute tolerance.

@@ -24,11 +24,11 @@ from matplotlib.ticker import LogFormatter
 from rich.console import Console
 from rich.table import Table
 
-from bench.data import SPREAD, collapsed_features, positive_float, positive_int
+from bench.data import SPREAD, collapsed_features, positive_float, positive_int, whole_number
 from bench.floor import SQUARE_SIDE, Floor, best_seconds, machine_read_bandwidth, sgemm_rate
 from bench.machine import machine_facts, utc_stamp
 from bench.memory import peak_extra_bytes
-from bench.routes import ROUTES, WARM_ROWS, check, thread_limit
+from bench.routes import ROUTES, WARM_ROWS, check, empty_class_obstacle, thread_limit
 from ncfast.dumps import write_text_atomically
 from ncfast.plots import save_figure
 
@@ -65,6 +65,7 @@ class Row:
     seconds: dict = field(default_factory=dict)
     sampled_rows: dict = field(default_factory=dict)
     peak_extra_bytes: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
 
     @property
     def input_bytes(self):
@@ -79,12 +80,15 @@ class Row:
 def parse_sizes(text):
     """``"1e6x512x100,1e5x512x100"`` → ``[(1000000, 512, 100), (100000, 512, 100)]``.
 
-    An argparse type: a size that is not ``ROWSxFEATURESxCLASSES`` is a ValueError
-    (argparse's "invalid value"), one without a row, a feature or two classes a usage error.
+    An argparse type: a size that is not ``ROWSxFEATURESxCLASSES`` of whole numbers is a
+    ValueError (argparse's "invalid value"), one without a row, a feature or two classes a
+    usage error.
     """
     sizes = []
     for item in text.split(","):
-        rows, features, classes = (int(float(part)) for part in item.lower().split("x"))
+        rows, features, classes = (whole_number(part) for part in item.lower().split("x"))
+        if None in (rows, features, classes):
+            raise ValueError(f"{item!r} is not ROWSxFEATURESxCLASSES of whole numbers")
         if rows < 1 or features < 1 or classes < 2:
             raise argparse.ArgumentTypeError(
                 f"{item!r}: a size needs at least 1 row, 1 feature and 2 classes")
@@ -134,6 +138,11 @@ class Bench:
                                            clf_weights, clf_bias)
             for name in routes:
                 run = ROUTES[name]
+                obstacle = None if not name.startswith("torch") else \
+                    empty_class_obstacle(labels, checked.stop, num_classes)
+                if obstacle is not None:
+                    row.skipped[name] = obstacle
+                    continue
                 if name != "textbook":
                     check(name, run(features[checked], labels[checked], num_classes,
                                     clf_weights, clf_bias), reference)
@@ -159,8 +168,9 @@ class Bench:
 
 def _row_line(row):
     times = "  ".join(f"{name} {seconds:.3f}s" for name, seconds in row.seconds.items())
+    skipped = "".join(f"  ({name} not run: {reason})" for name, reason in row.skipped.items())
     return (f"N={row.rows} D={row.features} C={row.classes} classifier={row.classifier}: "
-            f"{times}  (load {os.getloadavg()[0]:.1f})")
+            f"{times}{skipped}  (load {os.getloadavg()[0]:.1f})")
 
 
 def scaling_exponent(rows):

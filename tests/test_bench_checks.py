@@ -54,6 +54,8 @@ def _usage_error(module, *options):
 
 @pytest.mark.parametrize("module, options, message", [
     ("bench", ["--repeats", "0"], "'0' is not a whole number of at least 1"),
+    ("bench", ["--repeats", "inf"], "'inf' is not a whole number of at least 1"),
+    ("bench", ["--sizes", "infx64x10"], "invalid parse_sizes value: 'infx64x10'"),
     ("bench", ["--sizes", "0x64x10"], "a size needs at least 1 row, 1 feature and 2 classes"),
     ("bench", ["--sizes", "1e4x64x1"], "a size needs at least 1 row, 1 feature and 2 classes"),
     ("bench.bench_shapes", ["--torch-rows", "-5"], "'-5' is not a whole number of at least 1"),
@@ -97,3 +99,20 @@ def test_the_profile_multiplies_every_row_it_counts(monkeypatch):
     rows = np.ones((3000, 64), np.float32)
     profile.gemm_only_seconds(rows, np.ones((64, 8), np.float32), num_threads=2, repeats=1)
     assert sum(multiplied) == 3000
+
+
+def test_the_grid_skips_the_torch_routes_where_a_class_has_no_rows(monkeypatch):
+    """With the stricter check a torch route's NaN NC1 (a class without rows among the
+    checked rows: its NCC takes the NaN mean, a limit of that route) stopped the whole
+    ``python -m bench`` run; ``bench_shapes`` skips the route there, and so does the grid."""
+    pytest.importorskip("torch")
+    from rich.console import Console
+
+    from bench import suite
+    bench = suite.Bench(1, (), Console(quiet=True))
+    monkeypatch.setattr(bench, "measure_rates", lambda num_features, num_outputs: None)
+    with pytest.warns(UserWarning, match="classes have no rows"):  # ncfast's, on those
+        (row,), _ = bench.measure((2000, 16, 500), (False,), ["ncfast", "torch-gemm"])
+    assert "ncfast" in row.seconds and "torch-gemm" not in row.seconds
+    assert row.skipped == {"torch-gemm": "a class has no rows in the first 2,000 rows (its "
+                                         "NCC would take the NaN mean)"}
