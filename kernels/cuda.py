@@ -653,8 +653,8 @@ def add_gram(rows, out):
     """``out += rows^T rows`` in float64 (cuBLAS dgemm).
 
     A chunk's rows are split into up to ``GRAM_BLOCKS`` blocks whose Grams are
-    computed side by side (strided batched GEMM) and then summed: a C'×C'
-    output alone would leave most of the device idle.
+    computed side by side (strided batched GEMM) and then summed: a D×D output
+    alone would leave most of the device idle.
 
     Parameters
     ----------

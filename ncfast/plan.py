@@ -254,9 +254,11 @@ def eigen_diagonal(scatter, eigenvectors):
     Parameters
     ----------
     scatter : float64 array of shape (K, K)
-        "classes" route: of ``z = M~ r`` (K = C'); "features" route: of ``r`` (K = D).
+        Of ``r`` (K = D), as the GPU sums it on the "features" route; the identity
+        holds as well for the scatter of ``z = M~ r`` (K = C') with the Gram's
+        eigenvectors.
     eigenvectors : float64 array of shape (K, K)
-        ``Geometry.gram_eigenvectors``, or ``Geometry.between_spectrum``'s.
+        ``Geometry.between_spectrum``'s, or ``Geometry.gram_eigenvectors``.
 
     Returns
     -------

@@ -363,8 +363,9 @@ def _eigen_scatter_limits(stats):
         else np.maximum(geometry.gram_eigenvalues, 0.0)
     column_norms_total = np.sqrt(column_sq_norms.sum())
     # Rounding. A coordinate is a float32 dot product of D terms, the residual and the column
-    # each rounded to float32 from float64, and a column (on the GPU each product z = M~ r,
-    # which V then rotates) is a float64 sum of C' terms. An n-term sum is off by at most
+    # each rounded to float32 from float64, and a column is a float64 sum of C' terms (so is
+    # the rotation by V of each product z = M~ r that the GPU formed before 2026-11-30: the
+    # states it saved keep this slack). An n-term sum is off by at most
     # n 2^-24 (float64: n 2^-53) of the sum of its terms' magnitudes (Higham's gamma_n), so a
     # row's coordinates are within float32_slack sqrt(sum_j s_j) ||r_i|| of P^T r_i, and
     # within underflow more where float32 underflows (2^-150 a rounding).
@@ -375,7 +376,7 @@ def _eigen_scatter_limits(stats):
         * np.sqrt(stats.sq_norm_sums.sum()) + np.sqrt(num_rows) * underflow
     largest = amplitudes.max(initial=0.0) ** 2
     # The float64 sums over the N rows (eigen_scatter's, and T's, whose terms sum D squares)
-    # and the GPU's diag(V^T S V) (2K terms more) are off by at most float64_slack of their
+    # and the GPU's diag(U^T S U) of the "features" route (2K terms more) are off by at most float64_slack of their
     # terms' sum, at most largest: an entry by that, twice over with T's, their sum K times.
     float64_slack = (num_rows + num_features + 2 * num_coordinates) * 2.0 ** -53
     rounding = 2.0 * float64_slack * largest

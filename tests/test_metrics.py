@@ -721,16 +721,17 @@ def test_nearest_centre_on_both_sides_of_the_radius(offset):
 
 
 def test_gpu_scatter_in_the_eigenbasis_matches_the_host_pass():
-    """``eigen_diagonal`` (how the GPU turns its C'×C' scatter, summed on the device, into
-    the NC1 state) gives the state the host pass accumulates in the Gram eigenbasis."""
-    case = gaussian_classes(num_rows=500, num_features=16, num_classes=5, spread=0.3)
-    sums = ncfast.ClassSums(5, 16)
+    """``eigen_diagonal`` (how the GPU turns the D×D scatter of the residuals it sums on the
+    "features" route into the NC1 state) gives the state the host pass accumulates in the
+    eigenbasis of ``Sigma_B``."""
+    case = gaussian_classes(num_rows=2000, num_features=8, num_classes=20, spread=0.3)
+    sums = ncfast.ClassSums(20, 8)
     sums.update(case["features"], case["labels"])
     geometry = ncfast.Geometry.from_class_sums(sums.counts, sums.sums)
     host = ncfast.ResidualStats(geometry).update(case["features"], case["labels"])
+    assert host.route == "features"
     residuals = case["features"].astype(np.float64) - geometry.means[case["labels"]]
-    mean_products = residuals @ geometry.centred.T
-    device_like = eigen_diagonal(mean_products.T @ mean_products, geometry.gram_eigenvectors)
+    device_like = eigen_diagonal(residuals.T @ residuals, geometry.between_spectrum[1])
     scale = np.abs(device_like).max()
     np.testing.assert_allclose(host.eigen_scatter, device_like, rtol=0, atol=1e-5 * scale)
 
