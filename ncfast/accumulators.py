@@ -190,7 +190,8 @@ class ClassSums:
                         features, clean_labels)
         return self
 
-    def _check_compatible(self, other):
+    def check_compatible(self, other):
+        """Raise TypeError or ValueError unless ``other`` can be added to this state."""
         if not isinstance(other, ClassSums):
             raise TypeError(f"cannot merge ClassSums with {type(other).__name__}")
         if (other.num_classes, other.num_features, other.track_clean) != \
@@ -202,7 +203,7 @@ class ClassSums:
             )
 
     def __iadd__(self, other):
-        self._check_compatible(other)
+        self.check_compatible(other)
         self.counts += other.counts
         self.sums += other.sums
         if self.track_clean:
@@ -211,7 +212,7 @@ class ClassSums:
         return self
 
     def __add__(self, other):
-        self._check_compatible(other)
+        self.check_compatible(other)
         merged = ClassSums(self.num_classes, self.num_features, track_clean=self.track_clean)
         merged += self
         merged += other

@@ -63,8 +63,8 @@ from ncfast.report import DRAWN_CLASSES, METRICS
 #: Bumped when the cache's layout, the rows' form or what a metric's value is changes (3: the
 #: "features" route's NC1 from exact eigen-coordinates, no longer a float32 scatter; 4: the
 #: cache records its own digest, and file stamps the status-change time; 5: cosine histograms
-#: over the range the cosines span, no longer over [-1, 1]); a cache of another version is
-#: not used. Cached rows are also keyed by the ncfast version. 6: rows carry nc2_etf_w.
+#: over the range the cosines span, no longer over [-1, 1]; 6: rows carry nc2_etf_w); a cache
+#: of another version is not used. Cached rows are also keyed by the ncfast version.
 CACHE_VERSION = 6
 CACHE_NAME = "ncfast-cache.json"
 

@@ -141,10 +141,13 @@ class PairSweep:
     def etf_distance(self, of="means"):
         """``||nrm(G) - E||_F`` for ``G = M~ M~^T`` (``of="means"``), ``W M~^T``
         (``"classifier_means"``) or ``W W^T`` (``"classifier"``)."""
-        residual = self.sums[{"means": "etf_residual", "classifier_means": "etf_residual_w",
-                              "classifier": "etf_residual_ww"}[of]]
-        scale0 = {"means": self.etf_scale, "classifier_means": self.etf_scale_w,
-                  "classifier": self.etf_scale_ww}[of]
+        sums_and_scales = {"means": ("etf_residual", self.etf_scale),
+                           "classifier_means": ("etf_residual_w", self.etf_scale_w),
+                           "classifier": ("etf_residual_ww", self.etf_scale_ww)}
+        if of not in sums_and_scales:
+            raise ValueError(f"of must be one of {tuple(sums_and_scales)}; found {of!r}")
+        name, scale0 = sums_and_scales[of]
+        residual = self.sums[name]
         scale = math.sqrt(scale0 * scale0 + residual)
         if scale == 0.0:  # G = 0 (a zero classifier): nrm(G) is undefined
             return math.nan

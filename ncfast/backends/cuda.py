@@ -50,7 +50,7 @@ STREAM_CHUNK_BYTES = 64 << 20
 #: chunk of GPU-resident rows: large enough that launches never starve the GPU.
 RESIDUAL_CHUNK_BYTES = 256 << 20
 
-#: Streams (and scatter accumulators) that pass-2 chunks of GPU-resident rows
+#: Streams (and pass-2 sums) that pass-2 chunks of GPU-resident rows
 #: alternate between.
 LANES = 2
 
@@ -94,24 +94,27 @@ def _rows_for(num_bytes, row_bytes):
 
 def _device_features(block):
     """A C-contiguous float32/float64 CuPy array of GPU rows (CuPy or torch), no copy when
-    the dtype and layout allow."""
+    the dtype and layout allow (``_needs_conversion``)."""
     cupy = sys.modules["cupy"]
-    if is_torch_cuda_tensor(block):
+    torch_rows = is_torch_cuda_tensor(block)
+    if torch_rows:
+        block = block.detach()
+    if not _needs_conversion(block):
+        return cupy.from_dlpack(block) if torch_rows else block
+    if torch_rows:
         torch = sys.modules["torch"]
-        source = block.detach()
-        converted = source if source.dtype in (torch.float32, torch.float64) else source.float()
+        converted = block if block.dtype in (torch.float32, torch.float64) else block.float()
         converted = converted.contiguous()
-        if converted.data_ptr() != source.data_ptr():
-            _keep_until_read(torch, converted)
-        return cupy.ascontiguousarray(cupy.from_dlpack(converted))
+        _keep_until_read(torch, converted)
+        return cupy.from_dlpack(converted)
     if block.dtype not in (np.float32, np.float64):
         block = block.astype(np.float32 if block.dtype.itemsize <= 4 else np.float64)
     return cupy.ascontiguousarray(block)
 
 
 def _needs_conversion(features):
-    """Whether ``_device_features`` copies these GPU rows (another dtype, or a layout that
-    is not C-contiguous)."""
+    """Whether ``_device_features`` copies these GPU rows (CuPy or torch): a dtype other
+    than float32 and float64, or a layout that is not C-contiguous."""
     if is_torch_cuda_tensor(features):
         torch = sys.modules["torch"]
         return features.dtype not in (torch.float32, torch.float64) or \
@@ -145,13 +148,13 @@ def _device_labels(labels):
 class ResidentSource:
     """Features already on a GPU, read in place in chunks of rows.
 
-    Pass-1 chunks are all rows at once, unless the rows must be copied (another dtype
-    than float32 or float64, or not C-contiguous: then ``RESIDUAL_CHUNK_BYTES`` of
-    float32 rows, so that no copy of the whole input is made); pass-2 chunks hold
-    ``RESIDUAL_CHUNK_BYTES`` of work buffers (``work_row_bytes`` per row, set by the
-    pass-2 states) and alternate between ``LANES`` streams, so that the
-    bandwidth-bound kernels of one overlap the GEMM of the other. Labels go to the
-    features' device.
+    Pass-1 chunks are all rows at once, unless the rows must be copied
+    (``_needs_conversion``: then ``RESIDUAL_CHUNK_BYTES / (4 D)`` rows, so that no
+    copy of the whole input is made); pass-2 chunks hold ``RESIDUAL_CHUNK_BYTES``
+    of work buffers (``work_row_bytes`` per row, set by the pass-2 states) and
+    alternate between ``LANES`` streams, so that the bandwidth-bound kernels of
+    one overlap the GEMM of the other. Host labels are copied to the features'
+    device.
 
     Parameters
     ----------
@@ -574,17 +577,17 @@ class LaneSums(NamedTuple):
 
     Attributes
     ----------
-    scatter : cupy float64 array
-        NC1's state: on the "classes" route the eigen-diagonal itself, ``sum a_j^2``
-        of the coordinates ``a = V^T M~ r`` (shape (C',)); on the "features" route
-        the D×D scatter of ``r``.
+    nc1_state : cupy float64 array
+        On the "classes" route NC1's eigen-diagonal itself, ``sum a_j^2`` of the
+        coordinates ``a = V^T M~ r`` (shape (C',)); on the "features" route the D×D
+        scatter of ``r``.
     tallies : dict of cupy arrays
         ``counts``, ``ncc_hits``, ``classifier_hits`` (uint64, (C,)), ``sq_norm_sums``,
         ``norm_sums`` (float64, (C,)), ``totals`` (uint64, (3,)); see
         ``ncfast.kernels.cuda.epilogue``.
     """
 
-    scatter: object
+    nc1_state: object
     tallies: dict
 
 
@@ -655,7 +658,7 @@ class DeviceResidualStats:
                 self.mean_predictions = cupy.asarray(plan.mean_predictions)
                 self.weights_t = self.projection_t[:, self.num_means:].copy()
         self.logit_offsets = cupy.asarray(plan.logit_offsets)
-        self.scatter_shape = ((self.num_means,) if self.route == "classes"
+        self.nc1_shape = ((self.num_means,) if self.route == "classes"
                               else (geometry.num_features, geometry.num_features))
         self.lanes = {}  # stream pointer -> that stream's LaneSums
         self.bad_row = cupy.full(1, NO_ROW, cupy.int64)
@@ -680,7 +683,7 @@ class DeviceResidualStats:
                        for name in ("counts", "ncc_hits", "classifier_hits")}
             tallies.update(sq_norm_sums=cupy.zeros(num_classes),
                            norm_sums=cupy.zeros(num_classes), totals=cupy.zeros(3, cupy.uint64))
-            self.lanes[stream] = LaneSums(cupy.zeros(self.scatter_shape), tallies)
+            self.lanes[stream] = LaneSums(cupy.zeros(self.nc1_shape), tallies)
         return self.lanes[stream]
 
     def update(self, features, labels, corrupted=None, *, include=None, row_offset=0):
@@ -715,7 +718,7 @@ class DeviceResidualStats:
             # Rows left out, or without a mean, have zero residuals: their a is 0.
             coordinates = cupy.ascontiguousarray(products[:, :self.num_means])
             coordinates64 = coordinates.astype(cupy.float64)
-            lane.scatter += (coordinates64 * coordinates64).sum(axis=0)
+            lane.nc1_state += (coordinates64 * coordinates64).sum(axis=0)
             mean_products = cupy.empty_like(coordinates)
             kernels.matmul_f32(coordinates, self.eigenvectors_t, mean_products)  # z = V a
             products[:, :self.num_means] = mean_products
@@ -727,7 +730,7 @@ class DeviceResidualStats:
         residuals64 = cupy.empty((num_rows, num_features))
         kernels.residuals(features, labels, include, self.label_rows, self.means, row_offset,
                           residuals, residuals64, sq_norms, self.bad_row)
-        kernels.add_gram(residuals64, lane.scatter)
+        kernels.add_gram(residuals64, lane.nc1_state)
         del residuals, residuals64
         inside, beyond_ncc, beyond_classifier = split_by_radii(
             cupy, labels, sq_norms, self.label_rows, self.ncc_sq_radii,
@@ -775,10 +778,10 @@ class DeviceResidualStats:
         lanes = list(self.lanes.values())
         if not lanes:
             return
-        scatter = sum(lane.scatter for lane in lanes)
+        nc1_state = sum(lane.nc1_state for lane in lanes)
         if self.route == "features":
-            scatter = eigen_diagonal(scatter, self.eigenvectors)
-        host.eigen_scatter += scatter.get()
+            nc1_state = eigen_diagonal(nc1_state, self.eigenvectors)
+        host.eigen_scatter += nc1_state.get()
         for name in self._TALLIES:
             tally = getattr(host, name)
             tally += sum(lane.tallies[name] for lane in lanes).get().astype(tally.dtype)
