@@ -29,6 +29,8 @@ import time
 import numpy as np
 
 from bench.data import existing_folder, positive_int
+from bench.machine import machine_facts, result_path
+from ncfast.dumps import write_json_atomically
 
 # Child processes: each prints one JSON line with its timing and peak RSS. Peak RSS is
 # VmHWM of the child's own address space: getrusage's ru_maxrss survives fork and exec, so
@@ -199,6 +201,11 @@ def main():
         for key, expected in reference.items():
             assert np.isclose(ncfast_best["row"][key], expected, rtol=1e-9, atol=0), key
         print("metrics equal ncfast.collapse on the same file (rtol 1e-9)")
+        path = result_path("analyze")
+        write_json_atomically(path, {
+            "rows": args.rows, "features": args.features, "classes": args.classes,
+            "file_bytes": size, "best": best, "machine": machine_facts()})
+        print(f"wrote {path}")
         assert ncfast_best["worst_rss"] < 1e9, "peak RSS over 1 GB"
     finally:
         if not args.keep:

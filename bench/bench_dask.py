@@ -34,7 +34,9 @@ import numpy as np
 
 from bench.checks import REORDERED_RTOL, worst_metric_error
 from bench.data import existing_folder, positive_float
+from bench.machine import machine_facts, result_path
 from bench.memory import peak_memory, reset_peak_memory
+from ncfast.dumps import write_json_atomically
 
 NUM_FEATURES = 256
 NUM_CLASSES = 100
@@ -217,9 +219,16 @@ def main(argv=None):
     if not worst <= REORDERED_RTOL:
         sys.exit(f"bench_dask: the Dask and single-process reports differ by {worst:.2e} "
                  f"relative (more than {REORDERED_RTOL:g}): a wrong result, not timed")
-    print(json.dumps({"single": {name: single["seconds"] for name, single in singles.items()},
-                      "dask": spread["seconds"], "ratio": overhead,
-                      "max_relative_difference": worst}))
+    record = {"single": {name: single["seconds"] for name, single in singles.items()},
+              "dask": spread["seconds"], "ratio": overhead, "max_relative_difference": worst}
+    print(json.dumps(record))
+    path = result_path("dask")
+    write_json_atomically(path, {
+        **record, "rows": num_rows, "features": NUM_FEATURES, "classes": NUM_CLASSES,
+        "single_peak_bytes": {name: single["peak_bytes"] for name, single in singles.items()},
+        "dask_worker_peak_bytes": spread["worker_peak_bytes"],
+        "client_peak_bytes": spread["client_peak_bytes"], "machine": machine_facts()})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

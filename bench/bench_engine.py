@@ -20,9 +20,7 @@ Two measurements, each beside its floor measured in the same run:
 Prints a table and writes ``bench/results/engine-<UTC time>.json`` (with the load average).
 """
 import argparse
-import datetime
 import os
-import pathlib
 import time
 
 import numpy as np
@@ -33,12 +31,12 @@ import ncfast
 from bench.bench_many_classes import check_vocabulary_size, synthetic_vocabulary
 from bench.data import collapsed_features, positive_int
 from bench.floor import best_seconds, gram_floor_seconds, ncc_floor_seconds
+from bench.machine import result_path
 from ncfast.dumps import write_json_atomically
 from ncfast.geometry import symmetric_eigh
 from ncfast.metrics import collapse_metrics
 from ncfast.plan import build_plan
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 def staged_collapse(features, labels, num_classes, weights=None):
     """One analysis through the public pieces, with the seconds of each stage."""
@@ -144,8 +142,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=positive_int, default=2)
     args = parser.parse_args(argv)
     check_vocabulary_size(parser, args.rows, args.classes)
-    if args.assembly_classes < 2:
-        parser.error("--assembly-classes must be at least 2")
+    if not 2 <= args.assembly_classes <= args.assembly_features:
+        parser.error(f"--assembly-classes {args.assembly_classes} with --assembly-features "
+                     f"{args.assembly_features}: the assembly measures the classes route, which "
+                     "needs at least 2 classes and no more than features")
     console = Console()
     load_before = os.getloadavg()
     console.print(f"load average {load_before}")
@@ -192,9 +192,7 @@ def main(argv=None):
         table.add_row(f"  {piece}", f"{assembly_floor[piece]:.3f}", "")
     console.print(table)
 
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS / f"engine-{stamp}.json"
+    path = result_path("engine")
     write_json_atomically(path, {
         "shape": {"rows": args.rows, "features": args.features, "classes": args.classes},
         "collapse_seconds": collapse_seconds, "stages": stages,

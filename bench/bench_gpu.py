@@ -38,8 +38,8 @@ import numpy as np
 
 import ncfast
 from bench.data import positive_int
-from bench.machine import utc_stamp
-from bench.suite import RESULTS, parse_sizes
+from bench.machine import result_path
+from bench.suite import parse_sizes
 from bench.torch_route import torch_collapse
 from ncfast.dumps import write_json_atomically
 from ncfast.geometry import route_for
@@ -424,7 +424,7 @@ def main(argv=None):
             streamed.append(streamed_row)
     lines = render(device_name, rates, resident, streamed)
     print("\n".join(lines))
-    path = args.json or str(RESULTS / f"gpu-{utc_stamp()}.json")
+    path = args.json or str(result_path("gpu"))
     write_json_atomically(path, {"device": device_name, "rates": rates, "resident": resident,
                                  "streamed": streamed, "table": lines,
                                  "command": ["python", "-m", "bench.bench_gpu",

@@ -19,7 +19,9 @@ from rich.table import Table
 import ncfast
 from bench.data import positive_int
 from bench.floor import gram_floor_seconds, ncc_floor_seconds
+from bench.machine import machine_facts, result_path
 from bench.memory import peak_memory, reset_peak_memory, resident_memory
+from ncfast.dumps import write_json_atomically
 
 
 def synthetic_vocabulary(num_rows, num_features, num_classes, *, seed=0, block=1 << 18):
@@ -91,6 +93,16 @@ def main(argv=None):
                   f"{report.nc1:.4g} / {report.ncc_accuracy:.4f} / {report.nc2_etf:.4f}")
     Console().print(table)
     print(f"load average {os.getloadavg()}")
+    path = result_path("many-classes")
+    write_json_atomically(path, {
+        "shape": {"rows": args.rows, "features": args.features, "classes": args.classes},
+        "route": report.route, "input_bytes": input_bytes, "seconds": seconds,
+        "floor": {"gram_float64": gram_seconds, "ncc_float32": ncc_seconds, "total": floor},
+        "peak_beyond_input_bytes": beyond_input, "dense_grid_bytes": dense_grid,
+        "metrics": {"nc1": report.nc1, "ncc_accuracy": report.ncc_accuracy,
+                    "nc2_etf": report.nc2_etf},
+        "machine": machine_facts(), "load_average": os.getloadavg()})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -28,20 +28,19 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
 
 import torch
 from torch import nn
 
 import ncfast
 from bench.checks import REORDERED_RTOL, worst_metric_error
+from bench.machine import result_path
 from ncfast.dumps import write_atomically
 from ncfast.torch import CollapseMonitor
 
 NUM_CLASSES = 10
 BATCH_ROWS = 256
 TARGETS = {"held": 1.1, "streamed": 2.2}
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 class BasicBlock(nn.Module):
@@ -178,8 +177,7 @@ def main(argv=None):
     if not worst <= REORDERED_RTOL:
         sys.exit(f"bench_monitor: held and streamed reports differ by {worst:.2e} relative (more "
                  f"than {REORDERED_RTOL:g}): a wrong result, nothing written")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(RESULTS, f"monitor-{stamp}.json")
+    path = result_path("monitor")
     write_atomically(path, lambda stream: stream.write(json.dumps(record, indent=1).encode()))
     print(f"wrote {path}")
 

@@ -103,10 +103,10 @@ from rich.table import Table
 
 from bench.data import SPREAD, collapsed_features, positive_int
 from bench.floor import (SQUARE_SIDE, Floor, best_seconds, gemm_rate, machine_read_bandwidth)
-from bench.machine import machine_facts, utc_stamp
+from bench.machine import machine_facts, result_path
 from bench.routes import ROUTES, check, empty_class_obstacle
 from bench.suite import CHECK_ROWS as SUITE_CHECK_ROWS
-from bench.suite import RESULTS, parse_sizes
+from bench.suite import parse_sizes
 from ncfast.dumps import write_json_atomically
 from ncfast.geometry import route_for
 from ncfast.plots import save_figure
@@ -600,9 +600,7 @@ def main(argv=None):
             console.print(f"torch route not run on {row.shape} {row.spread}: "
                           f"{row.torch_skipped}", markup=False)
 
-    RESULTS.mkdir(exist_ok=True)
-    stamp = utc_stamp()
-    path = RESULTS / f"shapes-{stamp}.json"
+    path = result_path("shapes")
     write_json_atomically(str(path), {
         "scale": args.scale,
         "machine": machine_facts(),
@@ -615,7 +613,7 @@ def main(argv=None):
         "command": ["python", "-m", "bench.bench_shapes",
                     *(sys.argv[1:] if argv is None else argv)],
     })
-    figure_path = RESULTS / f"shapes-{stamp}.png"
+    figure_path = path.with_suffix(".png")
     save_figure(plot(rows, args.scale), str(figure_path))
     console.print(f"wrote {path} and {figure_path.name}")
     return path

@@ -1,6 +1,8 @@
-"""What a result file records about the machine it ran on."""
+"""Where the benchmarks write their results, and what a result file records about the machine
+it ran on."""
 import datetime
 import os
+import pathlib
 import platform
 
 import numba
@@ -10,6 +12,9 @@ import threadpoolctl
 import torch
 
 import ncfast
+
+#: The folder the benchmarks write their results into.
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def machine_facts():
@@ -39,3 +44,15 @@ def machine_facts():
 def utc_stamp():
     """The time now in UTC as ``20261122T194640Z``, for result file names."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def result_path(name):
+    """``RESULTS/<name>-<UTC time>.json``, the folder created if need be (a chart beside it
+    takes the same name with ``.png``).
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    RESULTS.mkdir(exist_ok=True)
+    return RESULTS / f"{name}-{utc_stamp()}.json"

@@ -12,7 +12,6 @@ every route's time over the floor (``plot``).
 import argparse
 import json
 import os
-import pathlib
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -26,7 +25,7 @@ from rich.table import Table
 
 from bench.data import SPREAD, collapsed_features, positive_float, positive_int, whole_number
 from bench.floor import SQUARE_SIDE, Floor, best_seconds, machine_read_bandwidth, sgemm_rate
-from bench.machine import machine_facts, utc_stamp
+from bench.machine import machine_facts, result_path
 from bench.memory import peak_extra_bytes
 from bench.routes import ROUTES, WARM_ROWS, check, empty_class_obstacle, thread_limit
 from ncfast.dumps import write_text_atomically
@@ -50,7 +49,6 @@ INPUT_MEMORY_FRACTION = 0.4
 FULL_RUN_WORK = {"textbook": 3.5e11, "torch": 1e11, "torch-gemm": 2e12}
 #: Rows of the correctness check of every route against the textbook route.
 CHECK_ROWS = 20_000
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -340,8 +338,7 @@ def main(argv=None):
     if skipped:
         console.print(f"skipped (input over {INPUT_MEMORY_FRACTION:.0%} of memory): {skipped}")
     console.print("~: time of the leading rows (see sampled_rows in the JSON) scaled to N")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bench-{utc_stamp()}.json"
+    path = result_path("bench")
     write_text_atomically(path, json.dumps({
         "machine": machine_facts(),
         "load_average": {"before": load_before, "after": os.getloadavg()},

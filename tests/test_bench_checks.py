@@ -64,6 +64,8 @@ def _usage_error(module, *options):
      "--scale 1e+09 leaves fewer than 100 rows of 1e5x64x10; divide by less"),
     ("bench.bench_engine", ["--rows", "500"], "--classes 16,384 with --rows 500"),
     ("bench.bench_many_classes", ["--rows", "1000"], "--classes 32,768 with --rows 1,000"),
+    ("bench.bench_engine", ["--assembly-classes", "100", "--assembly-features", "64"],
+     "the assembly measures the classes route"),
     ("bench.bench_analyze", ["--features", "0"], "'0' is not a whole number of at least 1"),
     ("bench.bench_dask", ["--gigabytes", "nan"], "'nan' is not a finite number above 0"),
     ("bench.bench_dask", ["--gigabytes", "1e-9"], "the benchmark needs at least 100"),

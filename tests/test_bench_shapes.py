@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from bench import bench_shapes, floor  # noqa: E402
+from bench import bench_shapes, floor, machine  # noqa: E402
 from bench.suite import parse_sizes  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def quick_rates(tmp_path, monkeypatch):
     monkeypatch.setattr(floor, "BANDWIDTH_BYTES", 1 << 22)
     monkeypatch.setattr(bench_shapes, "SQUARE_SIDE", 128)
     monkeypatch.setattr(bench_shapes, "SGEMM_ROWS", 256)
-    monkeypatch.setattr(bench_shapes, "RESULTS", tmp_path)
+    monkeypatch.setattr(machine, "RESULTS", tmp_path)
 
 
 def test_tiny_scaled_run_writes_finite_rows(quick_rates):
