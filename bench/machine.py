@@ -1,6 +1,7 @@
 """Where the benchmarks write their results, and what a result file records about the machine
 it ran on."""
 import datetime
+import importlib.metadata
 import os
 import pathlib
 import platform
@@ -9,7 +10,6 @@ import numba
 import numpy as np
 import psutil
 import threadpoolctl
-import torch
 
 import ncfast
 
@@ -33,7 +33,9 @@ def machine_facts():
         "numpy": np.__version__,
         "numba": numba.__version__,
         "numba_threads": numba.get_num_threads(),
-        "torch": torch.__version__,
+        # Its version without importing it: the benchmarks' worker processes import this
+        # module, and torch would add to the peak memory they report.
+        "torch": importlib.metadata.version("torch"),
         "ncfast": ncfast.__version__,
         "blas": threadpoolctl.threadpool_info(),
         "openblas_env": {name: value for name, value in os.environ.items()
