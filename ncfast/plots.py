@@ -264,7 +264,7 @@ def noise_figure(rows):
                                norm=norm, s=18, zorder=3)
     colorbar = figure.colorbar(scatter, ax=axes, label="epoch")
     colorbar.ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-    axes.set_xlabel("dilation (spread of clean rows, scaled)")
+    axes.set_xlabel("dilation (spread of clean rows' distances to their mean, scaled)")
     axes.set_ylabel("memorization\n(corrupted rows to true mean, scaled)")
     axes.set_title("memorization vs dilation (label noise)", fontsize=9)
     axes.grid(True, alpha=0.3)

@@ -102,7 +102,7 @@ def memorization_dilation_figure(points, lines):
                   label=f"{loss}: slope {line.slope:.3g} ± {line.slope_error:.2g} "
                         f"({line.count} runs)")
     figure.colorbar(scatter, ax=axes, label="label smoothing α (0 = cross-entropy)")
-    axes.set_xlabel("dilation (spread of clean rows around their class mean, scaled)")
+    axes.set_xlabel("dilation (spread of clean rows' distances to their class mean, scaled)")
     axes.set_ylabel("memorization (corrupted rows to true mean, scaled)")
     axes.set_title("memorization vs dilation, last checkpoint, one point per run", fontsize=9)
     axes.grid(True, alpha=0.3)
