@@ -43,10 +43,16 @@ row of the table, in one run:
 Unavoidable flops (C' the classes with rows, C_w = C the rows of ``W``; the
 route is ncfast's, ``ncfast.geometry.route_for``):
 
-- **classes route** (C' ≤ D): far from collapse ``2·N·D·(C' + C_w)``, the NC1
-  projection and the classifier's logits of every row; collapsed ``2·N·D·C'``,
-  since a row inside its classifier radius is predicted from its class mean.
-  Own GEMM shape: ``k = C' + C_w`` or ``C'``.
+- **classes route** (C' ≤ D): collapsed ``2·N·D·C'``, the NC1 projection
+  ``a = Vᵀ M~ r`` of every row (a row inside its NCC and classifier radii is
+  predicted from its class mean). Far from collapse also the classifier's
+  logits, ``2·N·D·C_w``, and every row's products with all C' means for its
+  NCC distances: ``z = M~ r`` and ``a = Vᵀ z`` are one C'×C' map apart, so
+  one of them is ``2·N·D·C'`` flops and the other at least the map, ``2·N·C'²``
+  float32 flops (what ncfast does: ``z = V a``), or NC1 from the float64 scatter
+  ``Σ z zᵀ``, ``N·C'²`` flops at the float64 rate (``Row.scatter_flops``),
+  whichever is faster, as on the features route. Own GEMM shape:
+  ``k = C' + C_w`` or ``C'``. (Until 2026-12-01 the floor left the map out.)
 - **features route** (C' > D): NC1 needs the within-class scatter along
   each eigenvector of ``Sigma_B``, in float64 (a float32 D×D scatter ``RᵀR``
   loses NC1 along directions where the residuals are small, and the precision
@@ -175,17 +181,22 @@ def unavoidable_flops(num_rows, num_features, num_means, num_classes, collapsed)
         return 0.0
     every_row = 2.0 * num_rows * num_features * (num_means + num_classes)
     if route_for(num_means, num_features) == "classes":
-        return 2.0 * num_rows * num_features * num_means if collapsed else every_row
+        projection = 2.0 * num_rows * num_features * num_means
+        return projection if collapsed else every_row + 2.0 * num_rows * num_means ** 2
     coordinates = 2.0 * num_rows * num_features ** 2
     return coordinates if collapsed else coordinates + every_row
 
 
-def float64_scatter_flops(num_rows, num_features, num_means):
-    """Flops of the float64 D×D scatter that can stand in for the "features" route's
-    ``2·N·D²`` float32 coordinates (module docstring): ``N·D²``, 0 on the "classes" route."""
-    if route_for(num_means, num_features) == "classes":
+def float64_scatter_flops(num_rows, num_features, num_means, num_classes, collapsed):
+    """Flops of the float64 scatter that can stand in for the float32 NC1 coordinates of
+    ``unavoidable_flops`` (same parameters; module docstring): on the "features" route
+    ``N·D²`` (for ``2·N·D²``); on the "classes" route far from collapse ``N·C'²`` (for
+    the ``2·N·C'²`` of ``a = Vᵀ z``), collapsed 0; 0 when ``num_classes <= SKINNY_CLASSES``."""
+    if num_classes <= SKINNY_CLASSES:
         return 0.0
-    return float(num_rows) * num_features ** 2
+    if route_for(num_means, num_features) == "features":
+        return float(num_rows) * num_features ** 2
+    return 0.0 if collapsed else float(num_rows) * num_means ** 2
 
 
 def shape_text(shape):
@@ -325,7 +336,8 @@ class ShapesRun:
                   spread, num_means, route_for(num_means, num_features), features.nbytes,
                   unavoidable_flops(num_rows, num_features, num_means, num_classes, collapsed),
                   pair_flops=float(2 * num_means) ** 2 * num_features,
-                  scatter_flops=float64_scatter_flops(num_rows, num_features, num_means))
+                  scatter_flops=float64_scatter_flops(num_rows, num_features, num_means,
+                                                              num_classes, collapsed))
         self.progress.advance(task)
 
         self.step(task, row, "machine rates")

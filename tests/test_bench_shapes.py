@@ -39,9 +39,11 @@ def test_floor_limit(num_classes, spread, limit):
 
 def test_unavoidable_flops_of_each_route():
     flops = bench_shapes.unavoidable_flops
-    # Classes route (C' <= D): the NC1 projection, plus the classifier far from collapse.
+    # Classes route (C' <= D): the NC1 projection; far from collapse also the classifier,
+    # and the C'×C' map between the projection and the NCC products (z = V a).
     assert flops(100, 2048, 1000, 1000, collapsed=True) == 2 * 100 * 2048 * 1000
-    assert flops(100, 2048, 900, 1000, collapsed=False) == 2 * 100 * 2048 * 1900
+    assert flops(100, 2048, 900, 1000, collapsed=False) == (2 * 100 * 2048 * 1900
+                                                            + 2 * 100 * 900 ** 2)
     # Features route (C' > D): NC1's coordinates in Sigma_B's eigenbasis (the floor may
     # take a float64 scatter instead: the test below), plus NCC distances and logits far away.
     assert flops(100, 64, 1000, 1000, collapsed=True) == 2 * 100 * 64 ** 2
@@ -58,13 +60,36 @@ def test_features_route_floor_takes_the_faster_float64_nc1(dgemm, nc1_seconds):
     far_flops = 2 * 1000 * 64 * 200
     row = bench_shapes.Row("1e3x64x100", "", 1000, 64, 100, "far", 100, "features",
                            1000 * 64 * 4, bench_shapes.unavoidable_flops(1000, 64, 100, 100, False),
-                           scatter_flops=bench_shapes.float64_scatter_flops(1000, 64, 100))
+                           scatter_flops=bench_shapes.float64_scatter_flops(1000, 64, 100, 100,
+                                                                            False))
     run = bench_shapes.ShapesRun(repeats=1, torch_rows=0, progress=None)
     run.bandwidth, run.square_sgemm, run.square_dgemm = 1e12, 100e9, dgemm
     run.finish(row)
     assert row.floor_gemm_seconds == pytest.approx(far_flops / 100e9 + nc1_seconds)
     assert row.floor_seconds == pytest.approx(row.floor_read_seconds + row.floor_gemm_seconds)
-    assert bench_shapes.float64_scatter_flops(1000, 64, 50) == 0.0  # classes route
+
+
+@pytest.mark.parametrize("dgemm, map_seconds", [
+    (40e9, 2 * 1000 * 50 ** 2 / 100e9),  # float64 under half the float32 rate: z = V a
+    (60e9, 1000 * 50 ** 2 / 60e9),       # above half of it: NC1 from a float64 scatter of z
+])
+def test_classes_route_far_floor_takes_the_faster_map(dgemm, map_seconds):
+    products = 2 * 1000 * 64 * 100  # the projection (50 means) and the logits (50 rows)
+    row = bench_shapes.Row("1e3x64x50", "", 1000, 64, 50, "far", 50, "classes",
+                           1000 * 64 * 4, bench_shapes.unavoidable_flops(1000, 64, 50, 50, False),
+                           scatter_flops=bench_shapes.float64_scatter_flops(1000, 64, 50, 50,
+                                                                            False))
+    run = bench_shapes.ShapesRun(repeats=1, torch_rows=0, progress=None)
+    run.bandwidth, run.square_sgemm, run.square_dgemm = 1e12, 100e9, dgemm
+    run.finish(row)
+    assert row.floor_gemm_seconds == pytest.approx(products / 100e9 + map_seconds)
+
+
+def test_no_float64_scatter_where_the_floor_has_no_map():
+    scatter = bench_shapes.float64_scatter_flops
+    assert scatter(1000, 64, 50, 50, collapsed=True) == 0.0    # classes route, collapsed
+    assert scatter(1000, 512, 10, 10, collapsed=False) == 0.0  # C <= 32: the reads alone
+    assert scatter(1000, 64, 100, 100, collapsed=True) == 1000 * 64 ** 2  # features route
 
 
 def test_shape_names_are_what_shapes_takes():
