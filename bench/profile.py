@@ -27,6 +27,7 @@ import time
 
 import numba
 import numpy as np
+from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
 import ncfast
@@ -259,6 +260,37 @@ def pass_times(features, labels, num_classes, weights, bias, repeats):
     return first, best_seconds(pass2, repeats), geometry
 
 
+@njit(parallel=True, cache=True, fastmath=True)
+def _plain_class_sums(features, labels, num_classes, num_slices):
+    """Float64 class sums of float32 rows by the plainest loop: ``num_slices`` slices of
+    rows in parallel, each row added to its class's row of its slice's own sums, in row
+    order; the slices' sums are added at the end.
+
+    Returns
+    -------
+    float64 array of shape (C, D)
+    """
+    num_rows, num_features = features.shape
+    slice_sums = np.zeros((num_slices, num_classes, num_features))
+    per_slice = -(-num_rows // num_slices)
+    for part in prange(num_slices):
+        for i in range(part * per_slice, min((part + 1) * per_slice, num_rows)):
+            label = labels[i]
+            for j in range(num_features):
+                slice_sums[part, label, j] += np.float64(features[i, j])
+    return slice_sums.sum(axis=0)
+
+
+def plain_class_sums_seconds(features, labels, num_classes, repeats):
+    """Best seconds of ``_plain_class_sums`` on every thread: what pass 1's arithmetic
+    costs in the simplest loop, beside a read of the same rows (one slice per thread)."""
+    labels = np.asarray(labels, np.int64)
+    threads = numba.get_num_threads()
+    _plain_class_sums(features[:64], labels[:64], num_classes, threads)
+    return best_seconds(lambda: _plain_class_sums(features, labels, num_classes, threads),
+                        repeats)
+
+
 def collapse_and_floor(features, labels, weights, bias, repeats):
     """Best seconds of ``ncfast.collapse``, and the floor of reading the features twice
     (``2 × nbytes / read_bandwidth``), measured one after the other."""
@@ -285,6 +317,7 @@ def main(argv=None):
     first, second, geometry = pass_times(features, labels, args.classes, weights, bias,
                                          args.repeats)
     total, floor = collapse_and_floor(features, labels, weights, bias, args.repeats)
+    plain = plain_class_sums_seconds(features, labels, args.classes, args.repeats)
     stats = ResidualStats(geometry, weights=weights, bias=bias)
     if stats.route == "features":
         kernel, kernel_stage_times = "features (BLAS)", features_stage_times
@@ -300,7 +333,9 @@ def main(argv=None):
           f"chunk={default_chunk_rows(args.features)} rows "
           f"route={stats.route} pass-2 kernel={kernel}")
     print(f"collapse: {total:.3f} s = {total / floor:.2f}x the two-read floor of {floor:.3f} s")
-    print(f"pass 1 (class sums): {first:.3f} s   pass 2: {second:.3f} s")
+    print(f"pass 1 (class sums): {first:.3f} s   pass 2: {second:.3f} s   "
+          f"(one read: {floor / 2:.3f} s; the plainest float64 class-sum loop, rows in "
+          f"order: {plain:.3f} s)")
     print("pass 2 stages on one thread: " + "  ".join(
         f"{name} {seconds:.3f} s" for name, seconds in stages.items()))
     # The product the floor counts far from collapse: every row times [M~^T V | W^T]

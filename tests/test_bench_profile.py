@@ -1,6 +1,7 @@
 """``python -m bench.profile`` runs on each pass-2 kernel and times every stage."""
 import re
 
+import numpy as np
 import pytest
 
 from bench import profile
@@ -28,3 +29,15 @@ def test_profile_times_every_stage_of_the_kernel(capsys, features, classes, kern
                  for stage in stage_line.split(":", 1)[1].strip().split("  "))
     assert tuple(times) == STAGES[kernel]
     assert all(float(seconds) >= 0 for seconds in times.values())
+
+
+def test_plain_class_sums_are_the_class_sums():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((1001, 24)).astype(np.float32)
+    labels = rng.integers(0, 7, 1001)
+    expected = np.zeros((7, 24))
+    np.add.at(expected, labels, features.astype(np.float64))
+    for slices in (1, 2, 5):
+        np.testing.assert_allclose(profile._plain_class_sums(features, labels, 7, slices),
+                                   expected, rtol=1e-12, atol=1e-12)
+    assert profile.plain_class_sums_seconds(features, labels, 7, repeats=1) > 0
