@@ -48,8 +48,8 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 
 from ncfast import __version__
 from ncfast.api import collapse
-from ncfast.dumps import (MANIFEST, check_output_folder, ctrl_c_held, move_staged_files,
-                          open_run, staging_folder, write_json_atomically,
+from ncfast.dumps import (MANIFEST, UnwritablePathError, check_output_folder, ctrl_c_held,
+                          move_staged_files, open_run, staging_folder, write_json_atomically,
                           write_text_atomically)
 from ncfast.engine import resolve_num_classes
 from ncfast.errors import CLEAN_LABEL, LABEL
@@ -522,8 +522,9 @@ def _save_cache(path, cache, errors):
     per reason in ``errors`` (a set, updated), not once per checkpoint."""
     try:
         write_json_atomically(path, {**cache, "sha256": _cache_digest(cache)})
-    except OSError as error:
-        reason = error.strerror or str(error)
+    except (OSError, UnwritablePathError) as error:
+        reason = error.reason if isinstance(error, UnwritablePathError) else (
+            error.strerror or str(error))
         if reason not in errors:
             errors.add(reason)
             warnings.warn(f"cannot write analysis caches beside the checkpoints ({reason}, "

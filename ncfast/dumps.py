@@ -177,6 +177,21 @@ def _create_temporary(folder, name):
         return descriptor, temporary
 
 
+class UnwritablePathError(ValueError):
+    """``write_atomically`` could not create a file where asked.
+
+    Attributes
+    ----------
+    reason : str
+        Why, in a few words without the path (``"it is a folder"``, ``"Permission
+        denied"``): callers that write many such files warn once per reason.
+    """
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
 def write_atomically(path, write):
     """Write a file through a temporary file in the same folder, then rename it.
 
@@ -192,14 +207,15 @@ def write_atomically(path, write):
 
     Raises
     ------
-    ValueError
+    UnwritablePathError
         Naming ``path``, when it is a folder, or its folder is missing or cannot be
         written into.
     """
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise ValueError(f"cannot write {path!r}: it is a folder, not a file; name a file "
-                         "instead (e.g. one inside it), or remove the folder")
+        raise UnwritablePathError(f"cannot write {path!r}: it is a folder, not a file; name a "
+                                  "file instead (e.g. one inside it), or remove the folder",
+                                  "it is a folder")
     try:
         existing_mode = stat.S_IMODE(os.stat(path).st_mode)
     except (FileNotFoundError, NotADirectoryError):
@@ -208,13 +224,17 @@ def write_atomically(path, write):
         descriptor, temporary = _create_temporary(folder, os.path.basename(path))
     except OSError as error:  # its message names the hidden temporary file
         if not os.path.exists(folder):
+            reason = "its folder does not exist"
             problem = ("does not exist; create it first (os.makedirs), or give a path in an "
                        "existing folder")
         elif not os.path.isdir(folder):
+            reason = "its folder is a file"
             problem = "is a file, not a folder; give a path in a folder"
         else:
-            problem = f"cannot be written into ({error.strerror or error}); choose another folder"
-        raise ValueError(f"cannot write {path!r}: {folder!r} {problem}") from None
+            reason = error.strerror or str(error)
+            problem = f"cannot be written into ({reason}); choose another folder"
+        raise UnwritablePathError(f"cannot write {path!r}: {folder!r} {problem}",
+                                  reason) from None
     try:
         with os.fdopen(descriptor, "wb") as stream:
             if existing_mode is not None:

@@ -588,17 +588,18 @@ def test_an_input_failing_later_leaves_an_earlier_analysis_as_it_was(tmp_path, c
 
 def test_caches_that_cannot_be_written_give_one_warning_line(tmp_path, capsys, monkeypatch):
     """A read-only run folder: Python's warning (with a source line) came once per
-    checkpoint; the command line prints one line."""
-    import ncfast.analyze as analyze_module
+    checkpoint; the command line prints one line. (The checkpoints failed instead while
+    ``write_atomically`` words the folder's error as a ValueError.)"""
+    import ncfast.dumps as dumps_module
 
-    write_json = analyze_module.write_json_atomically
+    create_temporary = dumps_module._create_temporary
 
-    def read_only_caches(path, document):
-        if str(path).endswith("ncfast-cache.json"):
-            raise OSError(30, "Read-only file system", str(path))
-        write_json(path, document)
+    def read_only_checkpoints(folder, name):
+        if name.endswith("ncfast-cache.json"):
+            raise OSError(30, "Read-only file system", os.path.join(folder, name))
+        return create_temporary(folder, name)
 
-    monkeypatch.setattr(analyze_module, "write_json_atomically", read_only_caches)
+    monkeypatch.setattr(dumps_module, "_create_temporary", read_only_checkpoints)
     run = _run_with_three_checkpoints(tmp_path)
     assert main(["analyze", str(run), "--out", str(tmp_path / "out"), "--no-progress",
                  "--no-plots"]) == 0
@@ -607,6 +608,21 @@ def test_caches_that_cannot_be_written_give_one_warning_line(tmp_path, capsys, m
     assert line.startswith("ncfast analyze: warning: cannot write analysis caches beside the "
                            "checkpoints (Read-only file system, first ") and \
         line.endswith("ncfast-cache.json); results are not cached")
+
+
+def test_a_folder_in_the_place_of_a_cache_is_a_warning(tmp_path, capsys):
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    _write_npz(folder / "epoch_1.npz")
+    (folder / "epoch_1.npz.ncfast-cache.json").mkdir()
+    out = tmp_path / "out"
+    for _ in range(2):  # and again over the first run's results
+        assert main(["analyze", str(folder / "epoch_1.npz"), "--out", str(out),
+                     "--no-progress", "--no-plots"]) == 0
+        error = capsys.readouterr().err
+        assert "warning: cannot write analysis caches beside the checkpoints (it is a folder, " \
+            "first " in error and "FAILED" not in error
+    assert json.loads((out / "metrics.json").read_text())["failures"] == []
 
 
 def test_a_warning_of_collapse_names_its_features_in_one_line(tmp_path, capsys):
