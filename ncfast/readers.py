@@ -27,6 +27,7 @@ import mmap
 import os
 import pickle
 import re
+import weakref
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -84,6 +85,11 @@ def file_sha256(path, on_bytes=None):
     return digest.hexdigest()
 
 
+def array_name(path, key):
+    """An array in a file as messages name it: the file, with the key when it holds several."""
+    return path if key is None else f"{path} [{key}]"
+
+
 @dataclass(eq=False)
 class StoredArray:
     """One array in a file, read in row blocks on demand.
@@ -113,7 +119,7 @@ class StoredArray:
     @property
     def name(self):
         """The file, with the key when the file holds several arrays."""
-        return self.path if self.key is None else f"{self.path} [{self.key}]"
+        return array_name(self.path, self.key)
 
     @property
     def num_rows(self):
@@ -240,6 +246,39 @@ def read_file(path):
         raise _read_error(path, f"not a readable {FORMATS[suffix]} file", error) from None
 
 
+def _check_not_shorter(name, file_bytes, needed):
+    """Raise the error of a mapped file cut short since it was opened: touching the mapping
+    past its new end would kill the process (SIGBUS) instead."""
+    if file_bytes < needed:
+        raise ValueError(
+            f"{name}: became shorter while being read ({file_bytes} bytes, the header needs "
+            f"{needed}): was it rewritten during the analysis? Run it again once the file is "
+            "complete")
+
+
+class _FileSizeGuard:
+    """The size of a file that a third-party reader (safetensors, torch) maps into memory,
+    checked before each block is read, as ``_MappedRows`` checks its own mapping.
+
+    It holds its own descriptor of the file, opened before the reader maps it, so that
+    the size is the mapped file's even when the path is replaced meanwhile; the
+    descriptor is closed by ``close`` or when the guard is collected.
+
+    Parameters
+    ----------
+    path : str
+    """
+
+    def __init__(self, path):
+        self.descriptor = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.descriptor).st_size
+        self.close = weakref.finalize(self, os.close, self.descriptor)
+
+    def check(self, name):
+        """Raise a ValueError naming ``name`` (the array read) when the file is shorter now."""
+        _check_not_shorter(name, os.fstat(self.descriptor).st_size, self.size)
+
+
 class _MappedRows:
     """Row slices of a C-ordered array stored raw at ``offset`` in a file, memory-mapped.
 
@@ -287,12 +326,7 @@ class _MappedRows:
         count = max(stop - start, 0)
         if self.mapping is None or count == 0:
             return np.empty((count, *self.shape[1:]), self.dtype)
-        file_bytes = self.mapping.size()  # the mapped file's size now
-        if file_bytes < self.size:
-            raise ValueError(
-                f"{self.name}: became shorter while being read ({file_bytes} bytes, the header "
-                f"needs {self.size}): was it rewritten during the analysis? Run it again once "
-                "the file is complete")
+        _check_not_shorter(self.name, self.mapping.size(), self.size)  # its size now
         begin = self.offset + start * self.row_bytes
         self.held = (begin, begin + count * self.row_bytes)
         items = count * self.row_bytes // self.dtype.itemsize
@@ -352,14 +386,14 @@ def _read_npz(path):
                 version = np.lib.format.read_magic(member)
                 if version not in _NPY_HEADER_READERS:
                     raise ValueError(
-                        f"{path} [{key}]: .npy format version {version} is not supported; "
+                        f"{array_name(path, key)}: .npy format version {version} is not supported; "
                         "re-save it with numpy.savez")
                 shape, fortran, dtype = _NPY_HEADER_READERS[version](member)
                 header_bytes = member.tell()
             if fortran or dtype.hasobject:
                 raise ValueError(
-                    f"{path} [{key}]: the array is Fortran-ordered or holds objects; re-save "
-                    "it C-ordered with numpy.savez (np.ascontiguousarray)")
+                    f"{array_name(path, key)}: the array is Fortran-ordered or holds objects; "
+                    "re-save it C-ordered with numpy.savez (np.ascontiguousarray)")
             if info.compress_type == zipfile.ZIP_STORED:
                 opener = _bind(_StoredMemberRows, path, key, dtype, shape,
                                _member_data_offset(path, info), header_bytes, info.CRC)
@@ -392,7 +426,8 @@ class _StoredMemberRows(_MappedRows):
     """
 
     def __init__(self, path, key, dtype, shape, member_offset, header_bytes, recorded_crc):
-        super().__init__(path, dtype, shape, member_offset + header_bytes, f"{path} [{key}]")
+        super().__init__(path, dtype, shape, member_offset + header_bytes,
+                         array_name(path, key))
         self.recorded_crc = recorded_crc
         self.crc = zlib.crc32(self.mapping[member_offset:self.offset])
         self.checked_until = self.offset  # the CRC covers the member up to this byte
@@ -459,18 +494,25 @@ class _SequentialRows:
 
 
 class _SafetensorsRows:
-    """Row slices of one safetensors tensor through ``safe_open(...).get_slice``."""
+    """Row slices of one safetensors tensor through ``safe_open(...).get_slice``, the
+    file's size checked first (``_FileSizeGuard``)."""
 
     def __init__(self, path, key, dtype):
         from safetensors import safe_open
 
         self.upcast = dtype in _TORCH_FLOAT_ITEMSIZES
+        self.name = array_name(path, key)
+        self.guard = _FileSizeGuard(path)
         self.file = safe_open(path, framework="pt" if self.upcast else "numpy")
         self.slice = self.file.get_slice(key)
 
     def __getitem__(self, rows):
+        self.guard.check(self.name)
         block = self.slice[rows]
         return block.float().numpy() if self.upcast else block
+
+    def close(self):
+        self.guard.close()
 
 
 def _read_safetensors(path):
@@ -492,12 +534,16 @@ def _bind(factory, *args):
 
 class _TorchRows:
     """Row slices of a memory-mapped torch tensor, as numpy (a parameter's too, detached;
-    dtypes numpy lacks upcast to float32)."""
+    dtypes numpy lacks upcast to float32), the file's size checked first (``guard``, a
+    ``_FileSizeGuard`` shared by the file's tensors; ``name``, the tensor in messages)."""
 
-    def __init__(self, tensor):
+    def __init__(self, tensor, guard, name):
         self.tensor = tensor
+        self.guard = guard
+        self.name = name
 
     def __getitem__(self, rows):
+        self.guard.check(self.name)
         block = plain_tensor(self.tensor[rows], "the tensor")
         if str(block.dtype).removeprefix("torch.") in _TORCH_FLOAT_ITEMSIZES:
             block = block.float()
@@ -507,6 +553,7 @@ class _TorchRows:
 def _read_torch(path):
     import torch
 
+    guard = _FileSizeGuard(path)  # before torch maps the file
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
@@ -543,11 +590,11 @@ def _read_torch(path):
         raise ValueError(f"{path}: holds no tensors; save a tensor or a dict of tensors")
     for key, tensor in tensors.items():
         if tensor.layout != torch.strided:
-            name = path if key is None else f"{path} [{key}]"
+            name = array_name(path, key)
             raise ValueError(f"{name}: is a {tensor.layout} tensor; re-save it dense "
                              "(tensor.to_dense())")
     return {key: StoredArray(path, key, tuple(tensor.shape), str(tensor.dtype).split(".")[-1],
-                             _bind(_TorchRows, tensor))
+                             _bind(_TorchRows, tensor, guard, array_name(path, key)))
             for key, tensor in tensors.items()}
 
 

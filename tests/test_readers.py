@@ -3,6 +3,8 @@ import errno
 import io
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import h5py
@@ -503,3 +505,37 @@ def test_damaged_files_are_told_in_one_printable_line(tmp_path):
         read_file(tmp_path / "flipped.npy")
     message = str(error.value)
     assert message.isascii() and message.isprintable() and "  " not in message
+
+
+CUT_WHILE_READ = """
+import os, sys
+import numpy as np
+from ncfast.readers import read_file
+path = sys.argv[1]
+arrays = read_file(path)
+for array in arrays.values():
+    array.rows(0, 10)
+os.truncate(path, 4096)
+for array in arrays.values():
+    try:
+        array.rows(20_000, 30_000).sum()
+    except ValueError as error:
+        print(error)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_file_cut_short_while_read_is_an_error_not_a_crash(tmp_path, suffix):
+    """safetensors and torch map the file themselves: a block past the new end killed the
+    process (SIGBUS), here a subprocess, as ``.npy`` did before its check."""
+    features = np.ones((40_000, 16), np.float32)
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".pt":
+        torch.save({"features": torch.from_numpy(features)}, path)
+    else:
+        save_safetensors({"features": features}, str(path))
+    done = subprocess.run([sys.executable, "-c", CUT_WHILE_READ, str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{path} [features]: became shorter while being read (4096 "
+                                  "bytes, the header needs ")
