@@ -48,7 +48,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 
 from ncfast import __version__
 from ncfast.api import collapse
-from ncfast.dumps import (MANIFEST, UnwritablePathError, check_output_folder, ctrl_c_held,
+from ncfast.dumps import (UnwritablePathError, check_output_folder, ctrl_c_held,
                           move_staged_files, open_run, staging_folder, write_json_atomically,
                           write_text_atomically)
 from ncfast.engine import resolve_num_classes
@@ -102,16 +102,12 @@ class Checkpoint:
     arrays : CheckpointArrays
     cache_path : str
         JSON file where its results are cached.
-    manifest_time_ns : int or None
-        Modification time of the run manifest (digests it records are trusted
-        for files whose status has not changed since).
     """
 
     path: str
     source: str
     arrays: CheckpointArrays
     cache_path: str
-    manifest_time_ns: int | None = None
 
     @property
     def epoch(self):
@@ -240,11 +236,10 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
                 if given:
                     raise ValueError(f"{path}: a run folder has its own labels and classifier; "
                                      f"--{given[0].replace('_', '-')} applies to feature files")
-                manifest_time = os.stat(os.path.join(path, MANIFEST)).st_mtime_ns
                 checkpoints.extend(
                     Checkpoint(path, path, arrays,
-                               os.path.join(run.folders[arrays.epoch], CACHE_NAME),
-                               manifest_time) for arrays in run.checkpoints)
+                               os.path.join(run.folders[arrays.epoch], CACHE_NAME))
+                    for arrays in run.checkpoints)
                 continue
             arrays = file_layout(path)
             arrays.epoch = epoch_from_name(path)
@@ -288,9 +283,9 @@ class _Digests:
     replacement or ``cp -p`` over it sets the status-change time to the present,
     which ``utime`` cannot set back, so a remembered digest is reused only while
     its stamp holds. A file not remembered yet takes the digest the run manifest recorded
-    when its size is the recorded one and its status has not changed since the
-    manifest was written; else it is hashed, and a run-folder file whose digest is not
-    the recorded one is an error (changed or corrupted since the checkpoint was written).
+    when its size and status-change time are those recorded when it was written; else it
+    is hashed, and a run-folder file whose digest is not the recorded one is an error
+    (changed or corrupted since the checkpoint was written).
     """
 
     def __init__(self, on_hashing):
@@ -309,8 +304,8 @@ class _Digests:
         if entry is not None and entry["stamp"] == stamp:
             digest = entry["sha256"]
         elif entry is None and array.recorded_sha256 is not None \
-                and status.st_size == getattr(array, "recorded_bytes", -1) \
-                and status.st_ctime_ns <= checkpoint.manifest_time_ns:
+                and status.st_size == getattr(array, "recorded_bytes", None) \
+                and status.st_ctime_ns == getattr(array, "recorded_changed_ns", None):
             digest = array.recorded_sha256
         else:
             self.on_hashing(path)

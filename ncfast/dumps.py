@@ -35,7 +35,9 @@ file, and a ``manifest.json`` that says what is there::
                    "test": {...}}}]}
 
 where ``FILE`` is ``{"file": path relative to RUN, "shape": [...], "dtype":
-"float32", "bytes": size, "sha256": content digest}``. Every path in the
+"float32", "bytes": size, "sha256": content digest, "changed_ns": the file's
+status-change time once written}`` (``changed_ns`` may be missing: readers then hash
+the file to check its digest). Every path in the
 manifest stays inside RUN, symbolic links followed; ``read_manifest`` refuses
 a manifest that breaks the schema or points outside.
 
@@ -462,8 +464,12 @@ class RunWriter:
         path = os.path.join(self.path, relative_path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomically(path, lambda stream: np.save(stream, array, allow_pickle=False))
+        # Any later write, replacement or cp -p over the file moves its status-change
+        # time, which utime cannot set back: while it holds, the digest is the file's.
+        status = os.stat(path)
         return {"file": relative_path, "shape": list(array.shape), "dtype": str(array.dtype),
-                "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+                "bytes": status.st_size, "sha256": file_sha256(path),
+                "changed_ns": status.st_ctime_ns}
 
 
 def _as_numpy(array, what):
@@ -690,6 +696,8 @@ class _ManifestCheck:
         self.value(entry, "sha256", f"{field}.sha256",
                    lambda value: isinstance(value, str) and _SHA256_PATTERN.fullmatch(value),
                    "a SHA-256 digest (64 lowercase hex digits)")
+        if "changed_ns" in entry:
+            self.value(entry, "changed_ns", f"{field}.changed_ns", _is_count, "an int >= 0")
 
     def name(self, value, field, what):
         """Refuse a split or layer name that cannot be a file name."""
@@ -809,6 +817,7 @@ class _LazyNpy(StoredArray):
         super().__init__(path, None, tuple(entry["shape"]), entry["dtype"],
                          lambda: open_npy_rows(path), entry["sha256"])
         self.recorded_bytes = entry["bytes"]
+        self.recorded_changed_ns = entry.get("changed_ns")
 
     def check(self):
         """Check that the file exists and matches the manifest's shape and dtype."""

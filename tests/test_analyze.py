@@ -468,6 +468,28 @@ def test_a_run_file_replaced_by_another_of_the_same_size_is_refused(tmp_path, mo
         assert len(hashed) == 1 and os.path.samefile(hashed[0], replaced)
 
 
+def test_a_run_file_changed_before_a_later_checkpoint_is_refused(tmp_path, monkeypatch):
+    """The manifest's digests were trusted for files whose status had not changed since the
+    manifest was last written: a later checkpoint (a resumed run) moved that time past an
+    edit of an earlier one's file, which was then measured as what the run wrote."""
+    hashed = []
+    monkeypatch.setattr(analyze_module, "file_sha256",
+                        lambda file: hashed.append(file) or file_sha256(file))
+    path = _write_run(tmp_path / "run", (1, 2))
+    assert analyze([path], progress=False, use_cache=False).measured == 4
+    assert hashed == []  # the files the run wrote take their recorded digests
+    changed = path / "checkpoints/epoch_000001/train/features/penultimate.npy"
+    np.save(changed, np.load(changed)[::-1].copy())  # same size, other rows
+    splits, weights, bias = _checkpoint(3)
+    RunWriter(path, config={}, num_classes=CLASSES).write_checkpoint(
+        3, splits, weights=weights, bias=bias, classifier_layer="penultimate")
+    after = analyze([path], progress=False)
+    (failure,) = after.failures
+    assert f"{changed}: its content does not match the SHA-256 the run manifest recorded" \
+        in failure.reason
+    assert {row["epoch"] for row in after.rows} == {2, 3}
+
+
 # --- inputs refused, and the others kept ----------------------------------------------------
 
 def test_a_split_without_rows_is_left_out_and_the_others_measured(tmp_path, capsys):
