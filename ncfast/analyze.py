@@ -1236,6 +1236,16 @@ def _drop_unwritten(stream):
     os.close(devnull)
 
 
+def _results_not_written(out, error, cached=""):
+    """The ValueError of results that could not be staged or moved into ``out`` (left as
+    it was): ``error``, an OSError, names the file (one staged in a hidden folder, now
+    gone, or the one in ``out`` in the way); ``cached`` ends the advice to run again."""
+    failed = f": {os.path.basename(error.filename)}" if error.filename else ""
+    return ValueError(f"cannot write the results into {out} ({error.strerror or error}"
+                      f"{failed}); free space or choose another --out, and run again{cached}; "
+                      f"{out} is left as it was")
+
+
 def run_analyze(args, console, errors):
     """``ncfast analyze``: check the arguments and --out, measure, write, print.
 
@@ -1265,12 +1275,8 @@ def run_analyze(args, console, errors):
             try:
                 written, removed = write_analysis(analysis, args.out, args.metrics,
                                                   plots=not args.no_plots)
-            except OSError as error:  # its file is one staged in a hidden folder, now gone
-                failed = f": {os.path.basename(error.filename)}" if error.filename else ""
-                raise ValueError(
-                    f"cannot write the results into {args.out} ({error.strerror or error}"
-                    f"{failed}); free space or choose another --out, and run again{cached}; "
-                    f"{args.out} is left as it was") from None
+            except OSError as error:
+                raise _results_not_written(args.out, error, cached) from None
         metrics = scalar_metrics(analysis.rows, args.metrics)
         shown = metrics if args.metrics is not None else [
             name for name in TABLE_METRICS if name in metrics]
@@ -1361,6 +1367,11 @@ def run_merge(args, console, errors):
     if isinstance(merged, ClassSums):
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "pass1.safetensors")
+        for state in args.states:
+            if os.path.exists(path) and os.path.samefile(state, path):
+                raise ValueError(f"{state}: is the file this merge writes ({path}); merging "
+                                 "it into itself would count its rows again: choose another "
+                                 "--out folder")
         save_state(path, merged)
         tell(errors, f"ncfast merge: {len(args.states)} pass-1 states, "
                      f"{int(merged.counts.sum()):,} rows in {int((merged.counts > 0).sum())} of "
@@ -1373,7 +1384,14 @@ def run_merge(args, console, errors):
     row = {"source": "merged", "epoch": None, "split": "",
            "layer": "", "measured_against": "merged", **report.to_dict()}
     analysis = Analysis(rows=[row])
-    written = write_results(analysis, args.out)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        with staging_folder(args.out) as staging:  # both files, or neither (as analyze)
+            write_results(analysis, staging)
+            with ctrl_c_held():
+                written = move_staged_files(staging, args.out)
+    except OSError as error:
+        raise _results_not_written(args.out, error) from None
     status = _print_on_stdout(
         lambda: print_results(analysis, None, scalar_metrics(analysis.rows), args, console,
                               f"ncfast merge: {len(args.states)} pass-2 states"),

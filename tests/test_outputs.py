@@ -266,6 +266,33 @@ def test_merge_refuses_a_state_given_twice(worker_states, tmp_path, capsys):
     assert "holds the same state as" in capsys.readouterr().err
 
 
+def test_a_merge_that_fails_to_write_leaves_the_earlier_results(worker_states, tmp_path,
+                                                                capsys):
+    """metrics.csv was replaced before metrics.json failed: new CSV beside the old JSON."""
+    _, paths = worker_states
+    out = tmp_path / "merged"
+    (out / "metrics.json").mkdir(parents=True)
+    (out / "metrics.csv").write_text("old,result\n")
+    assert main(["merge", *paths, "--out", str(out)]) == 1
+    assert (out / "metrics.csv").read_text() == "old,result\n"
+    assert "metrics.json" in capsys.readouterr().err
+
+
+def test_a_pass1_merge_refuses_to_write_over_one_of_its_states(tmp_path, capsys):
+    """The merged state replaced its own input: merging again counted its rows twice."""
+    case = gaussian_classes(300, 8, CLASSES, seed=5)
+    out = tmp_path / "merged"
+    out.mkdir()
+    paths = [str(out / "pass1.safetensors"), str(tmp_path / "worker-1.safetensors")]
+    for path, rows in zip(paths, np.array_split(np.arange(300), 2)):
+        save_state(path, ClassSums(CLASSES, 8).update(case["features"][rows],
+                                                      case["labels"][rows]))
+    given = open(paths[0], "rb").read()
+    assert main(["merge", *paths, "--out", str(out)]) == 1
+    assert "is the file this merge writes" in capsys.readouterr().err
+    assert open(paths[0], "rb").read() == given
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda path: path.write_text("source,epoch,split\nrun,1,train\n"),
      r"a CSV text file starting 'source,epoch,split'"),
