@@ -207,13 +207,20 @@ def _within_class(features, labels, class_means):
 
 
 def _nc1(within, centred, pinv_rtol):
-    """NC1 ``Tr(Sigma_W Sigma_B^+)/C``, ``Tr Sigma_W / Tr Sigma_B`` and the rank of ``Sigma_B``."""
+    """NC1 ``Tr(Sigma_W Sigma_B^+)/C``, ``Tr Sigma_W / Tr Sigma_B`` and the rank of ``Sigma_B``.
+
+    ``Sigma_B^+`` inverts the eigenvalues above ``pinv_rtol`` times the largest, and at
+    most the ``C' - 1`` largest: the centred means span at most ``C' - 1`` directions
+    (docs/metrics.md, "Pseudo-inverse cut").
+    """
     num_means = len(centred)
     between = centred.T @ centred / num_means
-    between_pinv = np.linalg.pinv(between, rcond=pinv_rtol, hermitian=True)
-    rank = int(np.linalg.matrix_rank(between, rtol=pinv_rtol, hermitian=True))
+    eigenvalues, eigenvectors = np.linalg.eigh(between)  # ascending
+    kept = np.flatnonzero(eigenvalues > pinv_rtol * eigenvalues[-1])[-(num_means - 1):] \
+        if num_means > 1 else np.empty(0, np.int64)
+    between_pinv = (eigenvectors[:, kept] / eigenvalues[kept]) @ eigenvectors[:, kept].T
     return (float(np.trace(within @ between_pinv) / num_means),
-            float(np.trace(within) / np.trace(between)), rank)
+            float(np.trace(within) / np.trace(between)), len(kept))
 
 
 def _nearest_class_centre(features, class_means):

@@ -660,6 +660,20 @@ def test_the_direction_centring_removes_is_never_pseudo_inverted(num_features):
         assert report.nc1 == pytest.approx(reference.nc1, rel=1e-3)
 
 
+@pytest.mark.parametrize("pinv_rtol", [1e-15, 1e-18])
+def test_the_textbook_keeps_at_most_c_minus_1_directions_too(pinv_rtol):
+    """The float64 reference pseudo-inverted Sigma_B with numpy's pinv: at pinv_rtol 1e-18
+    it kept rounding eigenvalues (rank 32 of 10 classes) and gave NC1 = -5e14."""
+    rng = np.random.default_rng(1)
+    means = rng.normal(size=(10, 32))
+    labels = rng.integers(0, 10, 3000)
+    features = means[labels] + 0.3 * rng.normal(size=(3000, 32))
+    reference = textbook_collapse(features, labels, pinv_rtol=pinv_rtol)
+    report = ncfast.collapse(features, labels, pinv_rtol=pinv_rtol)
+    assert reference["rank"] == report.rank == 9
+    assert reference["nc1"] == pytest.approx(report.nc1, rel=1e-8)
+
+
 @pytest.mark.parametrize("scales, rank, condition", [
     ((1.0, 10.0), 2, 100.0),             # eigenvalues 2 and 200 of the Gram
     ((1.0, 3.0, 1e3), 3, 1e6),
