@@ -426,7 +426,9 @@ def snapshot_rows(rows):
     Returns
     -------
     dict of str to dict
-        File name (``snapshot-RUN[-epochE]-LAYER-SPLIT.png``) -> row.
+        File name (``snapshot-RUN[-epochE]-LAYER-SPLIT.png``, with ``-2``, ``-3``, ... before
+        ``.png`` where the names of two runs, layers or splits become the same file name,
+        e.g. ``a b`` and ``a_b``) -> row.
     """
     last = {}
     for row in rows:
@@ -438,8 +440,13 @@ def snapshot_rows(rows):
     named = {}
     for (source, layer, split), (_, row) in sorted(last.items()):
         epoch = "" if row["epoch"] is None else f"-epoch{row['epoch']}"
-        named[f"{SNAPSHOT_PREFIX}{_file_part(labels[source])}{epoch}-{_file_part(layer)}-"
-              f"{_file_part(split)}.png"] = row
+        stem = (f"{SNAPSHOT_PREFIX}{_file_part(labels[source])}{epoch}-{_file_part(layer)}-"
+                f"{_file_part(split)}")
+        name, copy = f"{stem}.png", 1
+        while name in named:
+            copy += 1
+            name = f"{stem}-{copy}.png"
+        named[name] = row
     return named
 
 

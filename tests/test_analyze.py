@@ -941,6 +941,18 @@ def test_one_checkpoint_draws_snapshots_but_no_metric_curves(tmp_path):
     assert names == ["snapshot-run-epoch1-a-train.png"]
 
 
+def test_runs_whose_names_make_one_file_name_get_a_snapshot_each(tmp_path):
+    """``a b.npz`` and ``a_b.npz`` both became ``snapshot-a_b.npz-features-train.png``:
+    one snapshot was drawn over the other."""
+    for name in ("a b", "a_b"):
+        _write_npz(tmp_path / f"{name}.npz")
+    analysis = analyze([tmp_path / "a b.npz", tmp_path / "a_b.npz"], progress=False,
+                       use_cache=False)
+    written, _ = write_plots(analysis.rows, tmp_path / "out", ["nc1"])
+    assert sorted(os.path.basename(path) for path in written) == [
+        "snapshot-a_b.npz-features-train-2.png", "snapshot-a_b.npz-features-train.png"]
+
+
 def test_files_differing_only_in_the_epoch_are_one_run(tmp_path):
     """``run_epoch1.npz, run_epoch2.npz, ...`` were each a run of their own: no curve was
     drawn, and snapshots were named ``snapshot-run_epoch1.npz-epoch1-...``."""
