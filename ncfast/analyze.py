@@ -237,7 +237,7 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
                     raise ValueError(f"{path}: a run folder has its own labels and classifier; "
                                      f"--{given[0].replace('_', '-')} applies to feature files")
                 checkpoints.extend(
-                    Checkpoint(path, path, arrays,
+                    Checkpoint(path, _source_name(path), arrays,
                                os.path.join(run.folders[arrays.epoch], CACHE_NAME))
                     for arrays in run.checkpoints)
                 continue
@@ -245,11 +245,17 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
             arrays.epoch = epoch_from_name(path)
             _attach_extras(path, arrays, {key: value for key, value in extras.items()
                                           if value is not None})
-            checkpoints.append(Checkpoint(path, series.get(path, path), arrays,
+            checkpoints.append(Checkpoint(path, _source_name(series.get(path, path)), arrays,
                                           f"{path}.{CACHE_NAME}"))
         except (ValueError, TypeError, OSError) as error:
             failures.append(Failure(path, one_line(error)))
     return checkpoints, failures
+
+
+def _source_name(path):
+    """A path as results name their run: bytes of the name that are not UTF-8 (which Python
+    keeps as lone surrogates, and no file or terminal encoding takes) as ``\\xNN`` escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _attach_extras(path, arrays, extras):
@@ -1141,8 +1147,8 @@ def results_tables(rows, metrics, width):
         (row,) = rows
         epoch = "" if row["epoch"] is None else f" epoch {row['epoch']}"
         where = " / ".join(part for part in (row["layer"], row["split"]) if part)
-        table = Table(title=escape(f"{labels[row['source']]}{epoch}" + (f", {where}" if where
-                                                                       else "")),
+        table = Table(title=escape(one_line(f"{labels[row['source']]}{epoch}"
+                                            + (f", {where}" if where else ""))),
                       box=box.SIMPLE_HEAD, title_justify="left")
         table.add_column("metric", no_wrap=True)
         table.add_column("value", justify="right", no_wrap=True)
@@ -1162,7 +1168,8 @@ def results_tables(rows, metrics, width):
         for name in names:
             table.add_column(name, justify="right", no_wrap=True)
         for row, cells in zip(rows, key_cells):
-            table.add_row(*map(escape, cells), *(_number(row.get(name)) for name in names))
+            table.add_row(*(escape(one_line(cell)) for cell in cells),
+                          *(_number(row.get(name)) for name in names))
         return table
 
     measuring = Console(width=1 << 16)  # a table's natural width, not clamped to ``width``

@@ -659,6 +659,30 @@ def test_a_warning_of_collapse_names_its_features_in_one_line(tmp_path, capsys):
                       "rows (1); metrics cover the other classes"]
 
 
+def test_a_file_name_that_is_not_utf8_is_measured_and_written(tmp_path, capsys):
+    """Its name's lone surrogate failed every encode: nothing was written or printed."""
+    folder = os.fsencode(tmp_path)
+    name = os.path.join(folder, b"x\xff.npz")
+    _write_npz(os.fsdecode(name))
+    out = tmp_path / "out"
+    assert main(["analyze", os.fsdecode(name), "--out", str(out), "--no-progress",
+                 "--no-plots", "--format", "csv"]) == 0
+    shown = f"{tmp_path}/x\\xff.npz"
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"{shown},")
+    (row,) = json.loads((out / "metrics.json").read_text())["rows"]
+    assert row["source"] == shown
+    assert (out / "metrics.csv").read_text().splitlines()[1].startswith(f"{shown},")
+
+
+def test_a_table_title_is_one_line_of_plain_text(tmp_path, capsys):
+    path = tmp_path / "two\nlines \x1b[Kerased.npz"
+    _write_npz(path)
+    assert main(["analyze", str(path), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--no-plots", "--no-cache"]) == 0
+    title = capsys.readouterr().out.splitlines()[1]
+    assert title.startswith("two lines erased.npz, features / train")
+
+
 def test_every_failure_is_one_line_of_plain_text(tmp_path):
     name = tmp_path / "two\nlines \x1b[1mbold\x1b[0m.npz"
     (failure,) = analyze([name], progress=False).failures
