@@ -188,6 +188,18 @@ def printable_line(message):
     return text
 
 
+#: What a ``.npy`` header too large for numpy to read safely means (after the file's name).
+LARGE_NPY_HEADER = ("has a .npy header larger than numpy reads without trusting the file (its "
+                    "max_header_size): numpy.save writes small headers, so the file is damaged "
+                    "or was made otherwise; re-save the array with numpy.save")
+
+
+def is_large_npy_header(error):
+    """Whether ``error`` is numpy's refusal of a ``.npy`` header beyond its ``max_header_size``
+    (whose advice, to load with ``allow_pickle=True``, would let a file run code)."""
+    return isinstance(error, ValueError) and "max_header_size" in str(error)
+
+
 def _load_npy(path, what):
     """Memory-map a ``.npy`` file, turning every failure into a clear ValueError."""
     path = os.fspath(path)
@@ -199,6 +211,8 @@ def _load_npy(path, what):
     try:
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        if is_large_npy_header(error):
+            raise ValueError(f"{what} file {path!r} {LARGE_NPY_HEADER}") from None
         if "pickle" in str(error) or "Python objects" in str(error):
             # Not numpy's advice to load it unsafely: a pickle can run code.
             raise ValueError(

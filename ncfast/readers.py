@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ncfast.inputs import as_array, file_problem, plain_tensor, printable_line
+from ncfast.inputs import (LARGE_NPY_HEADER, as_array, file_problem, is_large_npy_header,
+                           plain_tensor, printable_line)
 
 #: File suffix -> format name.
 FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors", ".pt": "torch",
@@ -388,7 +389,12 @@ def _read_npz(path):
                     raise ValueError(
                         f"{array_name(path, key)}: .npy format version {version} is not supported; "
                         "re-save it with numpy.savez")
-                shape, fortran, dtype = _NPY_HEADER_READERS[version](member)
+                try:
+                    shape, fortran, dtype = _NPY_HEADER_READERS[version](member)
+                except ValueError as error:
+                    if not is_large_npy_header(error):
+                        raise
+                    raise ValueError(f"{array_name(path, key)}: {LARGE_NPY_HEADER}") from None
                 header_bytes = member.tell()
             if fortran or dtype.hasobject:
                 raise ValueError(

@@ -539,3 +539,27 @@ def test_a_file_cut_short_while_read_is_an_error_not_a_crash(tmp_path, suffix):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{path} [features]: became shorter while being read (4096 "
                                   "bytes, the header needs ")
+
+
+def _npy_with_header_of(num_bytes):
+    """A float32 (200, 8) .npy file's bytes with its header padded to ``num_bytes``."""
+    text = "{'descr': '<f4', 'fortran_order': False, 'shape': (200, 8), }"
+    header = text + " " * (num_bytes - len(text) - 11) + "\n"
+    return (b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+            + np.zeros((200, 8), np.float32).tobytes())
+
+
+def test_a_npy_header_too_large_to_read_safely_is_named_as_such(tmp_path):
+    """It was said to hold pickled objects (.npy), or numpy's advice to load it with
+    allow_pickle=True was passed on (.npz)."""
+    path = tmp_path / "large.npy"
+    path.write_bytes(_npy_with_header_of(20_000))
+    with pytest.raises(ValueError, match=r"large.npy' has a .npy header larger than numpy "
+                                         r"reads without trusting the file"):
+        read_file(path)
+    with zipfile.ZipFile(tmp_path / "large.npz", "w") as archive:
+        archive.writestr("features.npy", _npy_with_header_of(20_000))
+    with pytest.raises(ValueError, match=r"large.npz \[features\]: has a .npy header larger") \
+            as refused:
+        read_file(tmp_path / "large.npz")
+    assert "allow_pickle" not in str(refused.value)
