@@ -151,7 +151,7 @@ class StoredArray:
                 self._handle = self._open()
             return self._handle[start:stop]
         except Exception as error:  # third-party readers raise their own types on bad files
-            raise _read_error(self.name, f"cannot read rows {start}:{stop}", error) from None
+            raise read_error(self.name, f"cannot read rows {start}:{stop}", error) from None
 
     def read(self):
         """The whole array, copied into memory (for small arrays: labels, weights, bias).
@@ -182,7 +182,7 @@ def _dtype_kind(name):
         return None
 
 
-def _read_error(name, failed, error):
+def read_error(name, failed, error):
     """``error``, met reading ``name``, as a one-line ValueError saying how to fix it.
 
     Parameters
@@ -234,7 +234,7 @@ def read_file(path):
     try:
         open(path, "rb").close()
     except OSError as error:
-        raise _read_error(path, "cannot open it", error) from None
+        raise read_error(path, "cannot open it", error) from None
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in FORMATS:
         raise ValueError(
@@ -244,7 +244,7 @@ def read_file(path):
     try:
         return reader(path)
     except Exception as error:  # third-party loaders raise their own types on corrupt files
-        raise _read_error(path, f"not a readable {FORMATS[suffix]} file", error) from None
+        raise read_error(path, f"not a readable {FORMATS[suffix]} file", error) from None
 
 
 def _check_not_shorter(name, file_bytes, needed):

@@ -34,6 +34,7 @@ from ncfast.accumulators import ClassSums, ResidualStats
 from ncfast.dumps import write_atomically
 from ncfast.engine import ResidualPass
 from ncfast.geometry import PINV_RTOL, Geometry
+from ncfast.readers import read_error
 
 #: Version 4: metadata ``digest`` (``_state_digest``). Version 3: the "features" route's NC1
 #: state is ``eigen_scatter`` (D,), no longer a D×D ``scatter``.
@@ -496,7 +497,10 @@ def _load_with_digest(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such state file")
-    found = _other_file_kind(path)
+    try:
+        found = _other_file_kind(path)
+    except OSError as error:  # e.g. not readable by this user
+        raise read_error(path, "not a readable state file", error) from None
     if found is not None:
         raise ValueError(f"{path}: {found}; expected {_EXPECTED_STATE}")
     try:

@@ -8,6 +8,7 @@ of worker states does not merge silently.
 """
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -307,6 +308,22 @@ def test_state_files_of_another_kind_say_what_they_are(tmp_path, make, message):
     with pytest.raises(ValueError, match="expected a pass state written by "
                                          r"ncfast.states.save_state"):
         load_state(path)
+
+
+def test_a_state_file_this_user_cannot_read_is_told_in_words(tmp_path, monkeypatch, capsys):
+    """``ncfast merge`` printed Python's "[Errno 13] Permission denied: 'p2-1.safetensors'"."""
+    import ncfast.states as states_module
+
+    path = tmp_path / "pass1-0.safetensors"
+    save_state(path, ClassSums(3, 2))
+
+    def unreadable(file, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+
+    monkeypatch.setattr(states_module, "open", unreadable, raising=False)
+    assert main(["merge", str(path), "--out", str(tmp_path / "merged")]) == 1
+    assert f"ncfast merge: {path}: permission denied; make the file readable" in \
+        capsys.readouterr().err
 
 
 def test_a_folder_of_states_names_them(tmp_path):
