@@ -535,27 +535,59 @@ def sum_pieces(features, labels, clean_labels, pieces, task, rows_per_task, chec
 
 
 @njit(nogil=True, cache=True)
+def add_compensated(totals, errors, values):
+    """``totals += values``, the rounding error of each addition added to ``errors``.
+
+    Each addition is Knuth's TwoSum: ``t = a + b`` and its exact error
+    ``(a - (t - (t - a))) + (b - (t - a))``, so ``totals + errors`` stays the
+    sum of everything added to about float64's precision squared, however
+    many additions. Compiled without fast-math, which would reassociate the
+    error away. A running float64 total of rows far from the origin rounds by
+    the ulp of the total at each addition, and those errors do not cancel: fed
+    in chunks of 8 rows, 1e6 from the origin with a spread of 1e-7, the class
+    variances came out 0.65% off, 50 times less in one chunk.
+
+    Parameters
+    ----------
+    totals, errors, values : float64 arrays of one 2-D shape; ``totals`` and ``errors``
+        updated in place
+    """
+    for i in range(totals.shape[0]):
+        for j in range(totals.shape[1]):
+            total, value = totals[i, j], values[i, j]
+            new_total = total + value
+            value_part = new_total - total
+            error = (total - (new_total - value_part)) + (value - value_part)
+            if error != 0.0:  # the errors of exact sums (float32 rows) stay untouched zeros
+                errors[i, j] += error
+            totals[i, j] = new_total
+
+
+@njit(nogil=True, cache=True)
 def add_pieces(pieces, first_piece, last_piece, piece_sums, piece_clean_sums, counts, sums,
-               clean_counts, clean_sums):
-    """Add pieces ``[first_piece, last_piece)`` into their classes' counts and sums, in
-    piece order (the clean ones too when ``clean_counts`` is non-empty)."""
+               sum_errors, clean_counts, clean_sums, clean_sum_errors):
+    """Add pieces ``[first_piece, last_piece)`` into their classes' counts and sums
+    (``add_compensated``), in piece order (the clean ones too when ``clean_counts`` is
+    non-empty)."""
     num_features = sums.shape[1]
     track_clean = clean_counts.shape[0] > 0
     for piece in range(first_piece, last_piece):
         label = pieces.classes[piece]
         counts[label] += pieces.counts[piece]
-        sums[label, :] += piece_sums[piece, :num_features]
+        add_compensated(sums[label:label + 1], sum_errors[label:label + 1],
+                        piece_sums[piece:piece + 1, :num_features])
         if track_clean:
             clean_counts[label] += pieces.clean_counts[piece]
-            clean_sums[label, :] += piece_clean_sums[piece, :num_features]
+            add_compensated(clean_sums[label:label + 1], clean_sum_errors[label:label + 1],
+                            piece_clean_sums[piece:piece + 1, :num_features])
 
 
 #: Names of pass 1's scratch (``thread_buffer``): the pieces' sums, and the clean rows'.
 PASS1_SCRATCH = ("piece_sums", "piece_clean_sums")
 
 
-def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts, clean_sums,
-                     num_threads):
+def class_sums_chunk(features, labels, clean_labels, counts, sums, sum_errors, clean_counts,
+                     clean_sums, clean_sum_errors, num_threads):
     """Add per-class counts and float64 sums of one chunk, on worker threads; all or nothing.
 
     The chunk is cut into tasks of ``pass1_task_rows(D, C)`` rows, and each task into
@@ -575,9 +607,10 @@ def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts,
         When non-empty, rows whose label equals their clean label are also
         added to ``clean_counts`` and ``clean_sums``.
     counts : int64 array of shape (C,), updated in place
-    sums : float64 array of shape (C, D), updated in place
-    clean_counts, clean_sums : same shapes, updated in place (empty when
-        ``clean_labels`` is empty)
+    sums, sum_errors : float64 arrays of shape (C, D), updated in place
+        (``add_compensated``)
+    clean_counts, clean_sums, clean_sum_errors : same shapes, updated in place (empty
+        when ``clean_labels`` is empty)
     num_threads : int
 
     Returns
@@ -614,7 +647,8 @@ def class_sums_chunk(features, labels, clean_labels, counts, sums, clean_counts,
         add_starts = np.append(class_firsts[::step], num_pieces)
         run_tasks(lambda task: add_pieces(pieces, add_starts[task], add_starts[task + 1],
                                           piece_sums, piece_clean_sums, counts, sums,
-                                          clean_counts, clean_sums),
+                                          sum_errors, clean_counts, clean_sums,
+                                          clean_sum_errors),
                   add_starts.size - 1, num_threads)
     return NO_ROW, bad_value
 

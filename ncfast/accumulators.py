@@ -17,6 +17,7 @@ import numpy as np
 from ncfast import errors
 from ncfast.inputs import (as_array, check_features, check_labels, to_kernel_features,
                            to_kernel_labels)
+from ncfast.geometry import class_means
 from ncfast.kernels import cpu, narrow, tiles
 from ncfast.kernels.cpu import Pass2Sums
 from ncfast.plan import Pass2Plan, build_plan
@@ -82,8 +83,9 @@ CLASS_STATE_MEMORY_SHARE = 0.5
 
 #: Copies of the C×D pass-1 sums (twice that with label noise) held at once at the peak:
 #: the sums, the class means made from them, their float64 copy and the centred means
-#: (measured: 3.1 GB resident for 0.9 GiB of sums).
-CLASS_STATE_COPIES = 4
+#: (measured: 3.1 GB resident for 0.9 GiB of sums), and for float64 rows the sums'
+#: rounding errors (``ClassSums.sum_errors``; zero pages, never touched, for float32 rows).
+CLASS_STATE_COPIES = 5
 
 
 def machine_memory():
@@ -120,7 +122,7 @@ def check_class_state_fits(num_classes, num_features, label_noise):
 
 
 # Zero-size stand-ins for the clean-row arrays when label noise is not tracked.
-_NO_CLEAN = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0)))
+_NO_CLEAN = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0)), np.empty((0, 0)))
 
 
 class ClassSums:
@@ -138,8 +140,14 @@ class ClassSums:
     ----------
     counts : int64 array of shape (C,)
     sums : float64 array of shape (C, D)
+    sum_errors : float64 array of shape (C, D)
+        The rounding errors of the additions into ``sums`` (``cpu.add_compensated``):
+        ``sums + sum_errors`` is the sum of the rows to about float64's precision
+        squared, however many chunks and merges added it (``sums`` alone rounds once per
+        addition, which matters for float64 rows far from the origin fed in small chunks).
+        Zero for float32 rows, whose float64 sums are exact.
     clean_counts : int64 array of shape (C,), or None
-    clean_sums : float64 array of shape (C, D), or None
+    clean_sums, clean_sum_errors : float64 arrays of shape (C, D), or None
     """
 
     def __init__(self, num_classes, num_features, *, track_clean=False):
@@ -149,8 +157,10 @@ class ClassSums:
         check_class_state_fits(int(num_classes), int(num_features), track_clean)
         self.counts = np.zeros(num_classes, np.int64)
         self.sums = np.zeros((num_classes, num_features))
+        self.sum_errors = np.zeros((num_classes, num_features))
         self.clean_counts = np.zeros(num_classes, np.int64) if track_clean else None
         self.clean_sums = np.zeros((num_classes, num_features)) if track_clean else None
+        self.clean_sum_errors = np.zeros((num_classes, num_features)) if track_clean else None
 
     @property
     def num_classes(self):
@@ -180,12 +190,13 @@ class ClassSums:
         if self.track_clean != (clean_labels is not None):
             raise ValueError("clean_labels must be given exactly when the state tracks clean rows")
         if clean_labels is None:
-            clean_labels, clean_counts, clean_sums = _NO_CLEAN
+            clean_labels, clean_counts, clean_sums, clean_sum_errors = _NO_CLEAN
         else:
-            clean_counts, clean_sums = self.clean_counts, self.clean_sums
+            clean_counts, clean_sums, clean_sum_errors = (
+                self.clean_counts, self.clean_sums, self.clean_sum_errors)
         bad_label_row, bad_value_row = cpu.class_sums_chunk(
-            features, labels, clean_labels, self.counts, self.sums, clean_counts, clean_sums,
-            numba.get_num_threads())
+            features, labels, clean_labels, self.counts, self.sums, self.sum_errors,
+            clean_counts, clean_sums, clean_sum_errors, numba.get_num_threads())
         _raise_bad_rows(row_offset, bad_label_row, bad_value_row, self.num_classes, labels,
                         features, clean_labels)
         return self
@@ -205,11 +216,22 @@ class ClassSums:
     def __iadd__(self, other):
         self.check_compatible(other)
         self.counts += other.counts
-        self.sums += other.sums
+        _add_with_errors(self.sums, self.sum_errors, other.sums, other.sum_errors)
         if self.track_clean:
             self.clean_counts += other.clean_counts
-            self.clean_sums += other.clean_sums
+            _add_with_errors(self.clean_sums, self.clean_sum_errors, other.clean_sums,
+                             other.clean_sum_errors)
         return self
+
+    def means(self):
+        """The class means, ``(sums + sum_errors) / counts`` (NaN rows for classes without
+        rows); see ``Geometry.from_class_sums``.
+
+        Returns
+        -------
+        float64 array of shape (C, D)
+        """
+        return class_means(self.counts, self.sums, self.sum_errors)
 
     def __add__(self, other):
         self.check_compatible(other)
@@ -231,7 +253,8 @@ class ClassSums:
         return all(_arrays_equal(a, b) for a, b in zip(self._arrays(), other._arrays()))
 
     def _arrays(self):
-        return (self.counts, self.sums, self.clean_counts, self.clean_sums)
+        return (self.counts, self.sums, self.sum_errors, self.clean_counts, self.clean_sums,
+                self.clean_sum_errors)
 
     def sum_arrays(self):
         """The arrays a merge adds, in a fixed order (the state's own, not copies).
@@ -239,7 +262,7 @@ class ClassSums:
         Returns
         -------
         list of int64 and float64 arrays
-            Counts and sums, then the clean rows' when tracked.
+            Counts, sums and their errors, then the clean rows' when tracked.
         """
         return [array for array in self._arrays() if array is not None]
 
@@ -248,6 +271,14 @@ class ClassSums:
         return (f"ClassSums(C={self.num_classes}, D={self.num_features}, "
                 f"rows={int(self.counts.sum())}, classes_with_rows="
                 f"{int((self.counts > 0).sum())}{clean})")
+
+
+def _add_with_errors(sums, sum_errors, other_sums, other_errors):
+    """Add another state's sums and their rounding errors (``cpu.add_compensated``); errors
+    that are all zero (float32 rows) are not read into memory again."""
+    cpu.add_compensated(sums, sum_errors, other_sums)
+    if np.any(other_errors):
+        sum_errors += other_errors
 
 
 def _arrays_equal(a, b):

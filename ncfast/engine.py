@@ -141,6 +141,7 @@ def finalize_pass1(class_sums, *, global_mean="classes", empty_classes="warn"):
         raise ValueError("the input has no rows; pass at least one row per class")
     _check_empty_classes(class_sums.counts, empty_classes)
     geometry = Geometry.from_class_sums(class_sums.counts, class_sums.sums,
+                                        sum_errors=class_sums.sum_errors,
                                         global_mean=global_mean)
     clean_geometry = None
     if class_sums.track_clean:
@@ -151,7 +152,8 @@ def finalize_pass1(class_sums, *, global_mean="classes", empty_classes="warn"):
                 "memorization and dilation measure distances between clean class means, so "
                 "at least 2 classes need clean rows: check that clean_labels are the true labels")
         clean_geometry = Geometry.from_class_sums(
-            class_sums.clean_counts, class_sums.clean_sums, global_mean=global_mean)
+            class_sums.clean_counts, class_sums.clean_sums,
+            sum_errors=class_sums.clean_sum_errors, global_mean=global_mean)
     return geometry, clean_geometry
 
 
@@ -212,7 +214,8 @@ def check_same_class_sums(first, second, sq_norm_sums, *, source, fix):
     """
     check_same_rows(first.counts, second.counts, source=source, fix=fix)
     counts = first.counts.astype(np.float64)
-    sq_differences = np.sum((second.sums - first.sums) ** 2, axis=1)
+    sq_differences = np.sum(((second.sums - first.sums)
+                             + (second.sum_errors - first.sum_errors)) ** 2, axis=1)
     added = float(np.sum(sq_differences[counts > 0] / counts[counts > 0]))
     scatter = float(np.sum(sq_norm_sums))
     if not added <= SAME_ROWS_MAX_SCATTER * scatter:
@@ -244,7 +247,7 @@ def means_and_counts(means):
         raise TypeError(
             "means= takes class means of shape (num_classes, n_features) or a CollapseReport; "
             "found a ClassSums: pass the training rows' CollapseReport, or "
-            "class_sums.sums / class_sums.counts[:, None]")
+            "class_sums.means()")
     array = host_array(means, "means")
     if array.ndim != 2:
         raise ValueError(

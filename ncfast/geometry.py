@@ -202,6 +202,39 @@ def _checked_counts(counts, num_classes):
     return values.astype(np.int64)
 
 
+def class_means(counts, sums, sum_errors=None):
+    """Class means from pass-1 counts and float64 sums: NaN rows for classes without rows.
+
+    Parameters
+    ----------
+    counts : array-like of shape (C,), whole non-negative numbers
+    sums : array-like of shape (C, D)
+    sum_errors : array-like of shape (C, D), optional
+        The rounding of the sums' additions (``ncfast.ClassSums.sum_errors``): the means
+        are ``sums / counts + sum_errors / counts``, which the float64 rounding of
+        ``sums`` alone would move for rows far from the origin.
+
+    Returns
+    -------
+    float64 array of shape (C, D)
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    if sums.ndim != 2:
+        raise ValueError(f"sums must be 2-D (n_classes, n_features); found shape {sums.shape}")
+    counts = _checked_counts(counts, sums.shape[0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts[:, None]
+        if sum_errors is not None:
+            sum_errors = np.asarray(sum_errors, dtype=np.float64)
+            if sum_errors.shape != sums.shape:
+                raise ValueError(f"sum_errors must have the shape of sums, {sums.shape}; "
+                                 f"found {sum_errors.shape}")
+            if np.any(sum_errors):  # zeros for float32 rows: no C×D temporary
+                means += sum_errors / counts[:, None]
+    means[counts == 0] = np.nan
+    return means
+
+
 def check_between_scale(centred, present):
     """Refuse centred class means that coincide, or whose scale float32 cannot hold
     (``SCALE_RANGE``).
@@ -461,15 +494,15 @@ class Geometry:
         return geometry
 
     @classmethod
-    def from_class_sums(cls, counts, sums, *, global_mean="classes"):
-        """Build the geometry from pass-1 counts (C,) and float64 sums (C, D)."""
-        sums = np.asarray(sums, dtype=np.float64)
-        if sums.ndim != 2:
-            raise ValueError(f"sums must be 2-D (n_classes, n_features); found shape {sums.shape}")
-        counts = _checked_counts(counts, sums.shape[0])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = sums / counts[:, None]
-        means[counts == 0] = np.nan
+    def from_class_sums(cls, counts, sums, *, sum_errors=None, global_mean="classes"):
+        """Build the geometry from pass-1 counts (C,) and float64 sums (C, D).
+
+        ``sum_errors`` (C, D), optional: ``ClassSums.sum_errors``, the rounding of the
+        sums' additions; the means are then ``(sums + sum_errors) / counts``
+        (``class_means``).
+        """
+        means = class_means(counts, sums, sum_errors)
+        counts = _checked_counts(counts, means.shape[0])
         # A class with rows has a finite mean exactly when its sum is finite.
         has_mean = np.isfinite(means).all(axis=1)
         overflowed = np.flatnonzero((counts > 0) & ~has_mean)

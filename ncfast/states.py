@@ -58,13 +58,22 @@ def _geometry_tensors(prefix, geometry, tensors, metadata):
     metadata[f"{prefix}/fingerprint"] = geometry.fingerprint
 
 
+#: A ``ClassSums``'s arrays in a state file, and those of them a file may leave out (zeros).
+_CLASS_SUMS_ARRAYS = ("counts", "sums", "sum_errors", "clean_counts", "clean_sums",
+                      "clean_sum_errors")
+_SUM_ERRORS = ("sum_errors", "clean_sum_errors")
+
+
 def _state_tensors(state):
     """``(kind, tensors, metadata)`` of a state."""
     tensors, metadata = {}, {}
     if isinstance(state, ClassSums):
-        for name in ("counts", "sums", "clean_counts", "clean_sums"):
-            if getattr(state, name) is not None:
-                tensors[name] = getattr(state, name)
+        for name in _CLASS_SUMS_ARRAYS:
+            array = getattr(state, name)
+            # Errors are saved where there are any (float64 rows), so that the states of
+            # float32 rows, and files saved before the errors were kept, stay as they were.
+            if array is not None and (name not in _SUM_ERRORS or np.any(array)):
+                tensors[name] = array
         return "ClassSums", tensors, metadata
     if isinstance(state, ResidualStats):
         kind, parts = "ResidualStats", {"stats": state}
@@ -167,11 +176,10 @@ def _load_geometry(path, prefix, tensors, metadata):
 
 def _fill(path, target, prefix, tensors):
     """Copy the stored sums of ``prefix`` into a fresh state ``target``."""
-    names = ("counts", "sums", "clean_counts", "clean_sums") if isinstance(target, ClassSums) \
-        else target.sum_names
+    names = _CLASS_SUMS_ARRAYS if isinstance(target, ClassSums) else target.sum_names
     for name in names:
         mine = getattr(target, name)
-        if mine is None:
+        if mine is None or name in _SUM_ERRORS and f"{prefix}{name}" not in tensors:
             continue
         stored = tensors[f"{prefix}{name}"]
         if stored.shape != mine.shape or stored.dtype != mine.dtype:
@@ -252,13 +260,17 @@ def _stored_state(path, kind, tensors, metadata):
 def _class_sums_invariants(state):
     """``_invariants`` of a ``ClassSums``."""
     checks = []
-    for counts_name, sums_name in (("counts", "sums"), ("clean_counts", "clean_sums")):
-        counts, sums = getattr(state, counts_name), getattr(state, sums_name)
+    for counts_name, sums_name, errors_name in (("counts", "sums", "sum_errors"),
+                                                ("clean_counts", "clean_sums",
+                                                 "clean_sum_errors")):
+        counts = getattr(state, counts_name)
         if counts is not None:
-            checks += [(counts_name, counts, counts < 0, "negative"),
-                       (sums_name, sums, ~np.isfinite(sums), "not finite"),
-                       (sums_name, sums, (counts == 0)[:, None] & (sums != 0),
-                        "nonzero in a class without rows")]
+            checks.append((counts_name, counts, counts < 0, "negative"))
+            for name in (sums_name, errors_name):
+                sums = getattr(state, name)
+                checks += [(name, sums, ~np.isfinite(sums), "not finite"),
+                           (name, sums, (counts == 0)[:, None] & (sums != 0),
+                            "nonzero in a class without rows")]
     if state.track_clean:
         checks.append(("clean_counts", state.clean_counts, state.clean_counts > state.counts,
                        "more than the class's rows (counts)"))

@@ -202,8 +202,10 @@ def test_a_version_3_state_still_loads(pass1_path, pass2_path, tmp_path, capsys)
      r"clean_counts\[0\] is \d+, more than the class's rows \(counts\)"),
     (_set("extra", lambda t: np.zeros(2)),
      r"holds tensors a ClassSums state does not have \(extra\)"),
+    (_set("sum_errors", lambda t: np.full_like(t["sums"], np.inf)),
+     r"sum_errors\[0, 0\] is inf, not finite"),
 ], ids=["sums 1-D", "no classes", "counts float", "counts negative", "sums NaN",
-        "sums without rows", "more clean rows than rows", "extra tensor"])
+        "sums without rows", "more clean rows than rows", "extra tensor", "sum_errors inf"])
 def test_impossible_pass1_arrays_are_refused(pass1_path, change, message):
     _rewrite(pass1_path, change, version=UNDIGESTED_STATE_VERSION)
     with pytest.raises(ValueError, match=f"pass1-0.safetensors: {message}; {CORRUPT}"):
@@ -430,6 +432,26 @@ def test_a_version_3_state_whose_means_do_not_match_their_fingerprint_is_refused
     with pytest.raises(ValueError, match=r"pass2.safetensors: the stored class means do not "
                                          rf"match their fingerprint; {CORRUPT}"):
         load_state(path)
+
+
+def test_the_rounding_errors_of_float64_sums_are_saved_where_there_are_any(tmp_path):
+    """Float64 rows far from the origin in small chunks leave rounding errors beside the
+    sums (ClassSums.sum_errors); a state of float32 rows has none and saves none."""
+    case = _noisy_case()
+    rows = 1e6 + case["features"].astype(np.float64) * 1e-7
+    far = ClassSums(CLASSES, FEATURES, track_clean=True)
+    for start in range(0, len(rows), 8):
+        far.update(rows[start:start + 8], case["labels"][start:start + 8],
+                   case["clean_labels"][start:start + 8])
+    assert np.any(far.sum_errors) and np.any(far.clean_sum_errors)
+    save_state(tmp_path / "far.safetensors", far)
+    assert {"sum_errors", "clean_sum_errors"} <= set(_read(tmp_path / "far.safetensors")[0])
+    assert load_state(tmp_path / "far.safetensors") == far
+    near = ClassSums(CLASSES, FEATURES)
+    near.update(case["features"], case["labels"])
+    save_state(tmp_path / "near.safetensors", near)
+    assert set(_read(tmp_path / "near.safetensors")[0]) == {"counts", "sums"}
+    assert load_state(tmp_path / "near.safetensors") == near
 
 
 def test_states_of_two_passes_refuse_to_merge_by_kind(tmp_path):

@@ -37,7 +37,7 @@ from ncfast.backends.cpu import HostSource
 from ncfast.inputs import (KERNEL_DTYPES, Chunk, LabelSummary, as_source, check_chunk_size,
                            check_features, check_labels, is_torch_tensor, to_kernel_features,
                            to_kernel_labels)
-from ncfast.kernels.cpu import NO_ROW
+from ncfast.kernels.cpu import NO_ROW, add_compensated
 from ncfast.plan import eigen_diagonal
 from ncfast.sweep import reduce_tile_xp
 
@@ -483,11 +483,12 @@ class DeviceClassSums:
             features, labels, clean = source.host_row(row)
             errors.raise_bad_row(row, labels, clean, features, num_classes=self.num_classes)
         class_sums.counts += counts
-        class_sums.sums += self._shifted_back(sums, self.shifted_counts)
+        add_compensated(class_sums.sums, class_sums.sum_errors,
+                        self._shifted_back(sums, self.shifted_counts))
         if class_sums.track_clean:
             class_sums.clean_counts += self.clean_counts.get().astype(np.int64)
-            class_sums.clean_sums += self._shifted_back(self.clean_sums.get(),
-                                                        self.shifted_clean_counts)
+            add_compensated(class_sums.clean_sums, class_sums.clean_sum_errors,
+                            self._shifted_back(self.clean_sums.get(), self.shifted_clean_counts))
 
     def _shifted_back(self, sums, shifted_counts):
         """Host ``sums`` with ``shifted_counts × shift`` added back (``sums`` itself without
