@@ -1198,16 +1198,27 @@ def print_results(analysis, metrics, shown, args, console, title):
     elif args.format == "json":
         text = json.dumps(results_document(analysis, metrics), indent=1, allow_nan=False) + "\n"
     else:
-        with console.capture() as captured:  # written below: rich would exit on a closed pipe
-            console.print(escape(title), highlight=False, soft_wrap=True)
-            for table in results_tables(analysis.rows, shown, console.width):
-                console.print(table)
-        text = captured.get()
+        write_captured(console, escape(title), *results_tables(analysis.rows, shown,
+                                                                console.width))
+        return
     console.file.write(text)
     console.file.flush()
 
 
-def _print_on_stdout(print_them, console, errors, command, kept):
+def write_captured(console, *renderables):
+    """Print rich ``renderables`` (markup strings, tables) on ``console``'s file, one after
+    another, through a capture: rich itself exits the process (status 1) when the file's
+    reader has closed its pipe, whereas this raises the ``OSError`` for
+    ``print_on_stdout`` to handle.
+    """
+    with console.capture() as captured:
+        for renderable in renderables:
+            console.print(renderable, highlight=False, soft_wrap=isinstance(renderable, str))
+    console.file.write(captured.get())
+    console.file.flush()
+
+
+def print_on_stdout(print_them, console, errors, command, kept):
     """Call ``print_them()``, which prints results on ``console`` (stdout) once their files
     are written; return the exit status this leaves: 1 when stdout refused them, else 0.
 
@@ -1257,7 +1268,7 @@ def run_analyze(args, console, errors):
     """``ncfast analyze``: check the arguments and --out, measure, write, print.
 
     The files are written before the results are printed, so that a stdout that cannot
-    take them (``| head``, a full disk) loses none of them (``_print_on_stdout``).
+    take them (``| head``, a full disk) loses none of them (``print_on_stdout``).
     """
     if args.metrics is not None:
         scalar_metrics([], args.metrics)  # reject unknown names before measuring
@@ -1291,7 +1302,7 @@ def run_analyze(args, console, errors):
                  f"layer groups measured, {analysis.cached} from cache)")
         kept = (f"they are written to {args.out}" if written is not None else
                 "they are not written either (below)")
-        status = max(status, _print_on_stdout(
+        status = max(status, print_on_stdout(
             lambda: print_results(analysis, args.metrics, shown, args, console, title),
             console, errors, "ncfast analyze", kept))
         if written is None:
@@ -1399,7 +1410,7 @@ def run_merge(args, console, errors):
                 written = move_staged_files(staging, args.out)
     except OSError as error:
         raise _results_not_written(args.out, error) from None
-    status = _print_on_stdout(
+    status = print_on_stdout(
         lambda: print_results(analysis, None, scalar_metrics(analysis.rows), args, console,
                               f"ncfast merge: {len(args.states)} pass-2 states"),
         console, errors, "ncfast merge", f"they are written to {args.out}")

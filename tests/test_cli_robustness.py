@@ -220,3 +220,27 @@ def test_paths_with_newlines_or_terminal_escapes_are_printed_on_one_line(tmp_pat
     assert any(line.startswith(f"ncfast analyze: FAILED {tmp_path}/bad file.npz")
                for line in lines)
     assert any(f"{tmp_path}/no such.npz: no such file or folder" in line for line in lines)
+
+
+TINY_TRAIN = ["--dataset", "gaussian", "--num-samples", "200", "--epochs", "2", "--no-progress"]
+
+
+def test_train_prints_a_path_with_brackets_as_it_is(tmp_path, capsys):
+    """Rich read ``[red]`` in the run folder as markup: the path printed was another (and
+    ``[/]`` ended the command with a MarkupError after the training)."""
+    for name in ("mk[red]x", "mk[/]y"):
+        path = tmp_path / name
+        assert main(["train", *TINY_TRAIN, str(path)]) == 0
+        printed = capsys.readouterr()
+        assert printed.out.startswith(f"run folder {path}: checkpoints at epochs [1, 2];")
+        assert printed.err == f"ncfast train: measure it with: ncfast analyze {path}\n"
+
+
+def test_train_into_a_closed_pipe_ends_quietly(tmp_path):
+    """Rich exits with status 1, silently, when stdout's reader has gone (``| head -c 0``)."""
+    done = subprocess.run(
+        f"set -o pipefail; {sys.executable} -m ncfast train {' '.join(TINY_TRAIN)} "
+        f"{tmp_path / 'run'} | head -c 0", shell=True, capture_output=True, text=True,
+        timeout=300, executable="/bin/bash")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("ncfast train: measure it with: ")

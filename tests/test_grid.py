@@ -33,6 +33,16 @@ def test_seeded_runs_cross_every_setting_with_every_seed():
     assert runs[4].config == dataclasses.replace(SETTINGS["fast"], seed=1)
 
 
+def test_a_grid_in_a_log_prints_a_line_per_finished_run(tmp_path, capsys):
+    """Rich draws its bar in a log only when it ends: nothing was printed while the runs
+    trained (minutes to hours)."""
+    runs = grid.seeded_runs(SETTINGS, 1)
+    grid.run_grid(runs, str(tmp_path), workers=1, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["runs: 1/2 done", "runs: 2/2 done"]
+    assert [line.split(" (")[1].split(",")[0] for line in lines] == [run.name for run in runs]
+
+
 @pytest.mark.parametrize("seeds", [0, -1, 2.0, True])
 def test_seed_count_must_be_a_positive_int(seeds):
     with pytest.raises(ValueError, match="seeds must be a positive int"):

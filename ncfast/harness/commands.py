@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import time
 
+from ncfast.analyze import print_on_stdout, write_captured
 from ncfast.harness.datasets import DATASETS
 from ncfast.harness.demo import DEMO_CONFIG
 from ncfast.harness.losses import DEFAULT_SMOOTHING, LOSSES
 from ncfast.harness.noise import NOISE_KINDS
 from ncfast.harness.training import MODELS, TrainConfig
+from ncfast.inputs import one_line, tell
 
 DEFAULTS = TrainConfig()
 
@@ -149,12 +151,14 @@ def run_train(args, console, errors):
     terminal = ("not reached" if result.terminal_epoch is None
                 else f"from epoch {result.terminal_epoch}")
     test = "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
-    console.print(f"run folder {result.path}: checkpoints at epochs {result.dumped_epochs}; "
-                  f"train accuracy {result.train_accuracy:.4f} (noisy labels), "
-                  f"{result.clean_train_accuracy:.4f} (clean); test accuracy {test}; "
-                  f"terminal phase {terminal}")
-    console.print(f"measure it with: ncfast analyze {result.path}")
-    return 0
+    summary = (f"run folder {result.path}: checkpoints at epochs {result.dumped_epochs}; "
+               f"train accuracy {result.train_accuracy:.4f} (noisy labels), "
+               f"{result.clean_train_accuracy:.4f} (clean); test accuracy {test}; "
+               f"terminal phase {terminal}")
+    status = print_on_stdout(lambda: write_captured(console, _plain(summary)), console, errors,
+                             "ncfast train", f"the run is in {result.path}")
+    tell(errors, f"ncfast train: measure it with: ncfast analyze {result.path}")
+    return status
 
 
 def run_demo(args, console, errors):
@@ -175,11 +179,12 @@ def run_demo(args, console, errors):
     for row in table:
         shown.add_row(row["metric"], *("-" if row[run] is None else
                                        f"{row[run]:.4g}" for run in runs))
-    console.print(shown)
-    console.print(f"wrote {args.out}/demo.md, metrics.json, metrics.csv and plots "
-                  f"(memorization_vs_dilation.png, METRIC.png) in "
-                  f"{time.perf_counter() - started:.0f} s")
-    return 0
+    status = print_on_stdout(lambda: write_captured(console, shown), console, errors,
+                             "ncfast demo", f"they are written to {args.out}")
+    tell(errors, f"ncfast demo: wrote {args.out}/demo.md, metrics.json, metrics.csv and plots "
+                 f"(memorization_vs_dilation.png, METRIC.png) in "
+                 f"{time.perf_counter() - started:.0f} s")
+    return status
 
 
 #: Exit status of ``ncfast reproduce`` for each verdict of the claim (2 is argparse's usage
@@ -197,11 +202,21 @@ def run_reproduce(args, console, errors):
                                        workers=args.workers, device=args.device,
                                        progress=not args.no_progress)
     colours = {"held": "green", "contradicted": "red", "undecided": "yellow"}
-    for statement in outcome.statements:
-        console.print(f"[{colours[statement.verdict]}]{statement.verdict.upper()}[/] "
-                      f"{statement.key}: {statement.text} ({statement.evidence})")
-    console.print(f"claim {VERDICT_WORDS[outcome.verdict]}; report: {outcome.report}")
-    return REPRODUCE_EXIT[outcome.verdict]
+    lines = [f"[{colours[statement.verdict]}]{statement.verdict.upper()}[/] "
+             + _plain(f"{statement.key}: {statement.text} ({statement.evidence})")
+             for statement in outcome.statements]
+    lines.append(_plain(f"claim {VERDICT_WORDS[outcome.verdict]}; report: {outcome.report}"))
+    status = print_on_stdout(lambda: write_captured(console, *lines), console, errors,
+                             "ncfast reproduce", f"the report is {outcome.report}")
+    return status or REPRODUCE_EXIT[outcome.verdict]
+
+
+def _plain(text):
+    """``text`` as one line that rich prints as it is (a path may hold brackets, which rich
+    reads as markup, newlines or terminal escapes)."""
+    from rich.markup import escape
+
+    return escape(one_line(text))
 
 
 def add_commands(commands):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ncfast.dumps import (check_output_folder, ctrl_c_held, move_staged_files, staging_folder,
                           write_json_atomically)
 from ncfast.harness.training import TrainConfig, train
+from ncfast.inputs import tell
 
 #: Written into a run folder when its run has finished.
 RESULT_FILE = "result.json"
@@ -227,14 +228,22 @@ def run_grid(runs, out, *, workers=None, device="cpu", progress=True):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
+    # A bar on a terminal; in a log (rich draws a bar there only when it ends) one plain
+    # line per finished run.
+    errors = Console(stderr=True)
+    in_log = progress and not errors.is_terminal
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                  disable=not progress) as bar:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=errors,
+                  disable=not progress or in_log) as bar:
         task = bar.add_task(f"runs ({workers} worker{'s' * (workers > 1)}, {device})",
                             total=len(runs), completed=len(runs) - len(left))
-        for record in _train_runs(left, paths, min(workers, len(left)), device):
+        for done, record in enumerate(_train_runs(left, paths, min(workers, len(left)),
+                                                  device), start=len(runs) - len(left) + 1):
             records[record.run.name] = record
             bar.advance(task)
+            if in_log:
+                tell(errors, f"runs: {done}/{len(runs)} done ({record.run.name}, "
+                             f"{time.perf_counter() - started:.0f} s)")
     timing = GridTiming(
         seconds=time.perf_counter() - started, trained=len(left), reused=len(runs) - len(left),
         workers=workers, device=device, cpus=available_cpus(), load_before=load_before,
