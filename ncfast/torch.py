@@ -30,7 +30,7 @@ from torch import nn
 from ncfast.api import collapse
 from ncfast.distributed import DistributedCollapse, on_every_rank
 from ncfast.engine import check_same_rows
-from ncfast.inputs import default_chunk_rows, holds_class_indices
+from ncfast.inputs import check_labels, default_chunk_rows, holds_class_indices
 
 #: Bytes of captured features (all layers, per process) that ``measure`` holds
 #: for the one-pass route; beyond it the passes stream.
@@ -248,10 +248,11 @@ class _ForwardPasses:
                 raise ValueError(
                     "clean_labels follow the loader's order, but this loader shuffles; pass a "
                     "loader without shuffling, or one that yields (inputs, labels, clean_labels)")
-            self.clean_labels = torch.as_tensor(np.asarray(clean_labels)).long()
-            if self.clean_labels.ndim != 1:
-                raise ValueError(f"clean_labels must be 1-D (n_samples,); found shape "
-                                 f"{tuple(self.clean_labels.shape)}")
+            given = (clean_labels.detach().cpu() if isinstance(clean_labels, torch.Tensor)
+                     else np.asarray(clean_labels))
+            # Rank and dtype as collapse checks them (float labels were truncated by .long()).
+            check_labels(given, len(given) if given.ndim else 0, "clean_labels")
+            self.clean_labels = torch.as_tensor(given).long()
         self.label_noise = self.clean_labels is not None
         self.widths = {}
 

@@ -355,6 +355,13 @@ def _rows():
         clean_labels=np.zeros(6, int)), ValueError, "this loader shuffles"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), clean_labels=np.zeros(5, int)).measure(),
      ValueError, "clean_labels has 5 entries but the loader yields more rows"),
+    # .long() truncated float clean labels, and memorization was measured on them
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), clean_labels=np.arange(6) + 0.7),
+     TypeError, "clean_labels must be integer class indices; found dtype float64"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), clean_labels=torch.ones(6) > 0),
+     TypeError, "clean_labels must be integer class indices; found dtype bool"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), clean_labels=np.zeros((6, 1), int)),
+     ValueError, r"clean_labels must be 1-D \(n_samples,\); found shape \(6, 1\)"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), clean_labels=np.zeros(7, int)).measure(),
      ValueError, "clean_labels has 7 entries but the loader yielded 6 rows"),
     (lambda: CollapseMonitor(CallsTwice(), "fc", [(*_rows()[0], torch.zeros(5, dtype=int))]
