@@ -176,8 +176,15 @@ class NeuralCollapse(torchmetrics.Metric):
         if len(labels) == 0:
             raise ValueError("NeuralCollapse.compute() before any update(); add rows first")
         clean = dim_zero_cat(self.clean_labels) if self.label_noise else None
-        return self._metrics(dim_zero_cat(self.features).reshape(len(labels), -1), labels,
-                             clean)
+        features, width = dim_zero_cat(self.features), int(self.num_features)
+        # The gathered rows are flat; only rows of one width make the widest processes' D
+        # per row (processes of several widths gave rows cut at another width).
+        if features.numel() != len(labels) * width:
+            raise ValueError(
+                f"the processes updated with features of different widths: {len(labels)} rows "
+                f"hold {features.numel()} values, not {len(labels)} × {width} (the widest); "
+                "every process must pass features of the same layer")
+        return self._metrics(features.reshape(len(labels), width), labels, clean)
 
     def _metrics(self, features, labels, clean, **options):
         """``CollapseReport.metrics()`` of these rows as float64 tensors; ``options`` go

@@ -614,6 +614,14 @@ def _run_failing_rank(rank, port, out_dir):
                                 memory_budget=memory_budget).measure()
             except ValueError as error:
                 errors["classifiers", memory_budget] = str(error)
+        from ncfast.torchmetrics import NeuralCollapse
+
+        metric = NeuralCollapse(NUM_CLASSES)  # rank 0 gives rows of 16 features, rank 1 of 8
+        metric.update(torch.randn(40, 16 if rank == 0 else 8), labels[:40])
+        try:
+            metric.compute()
+        except ValueError as error:
+            errors["widths"] = str(error)
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as handle:
             pickle.dump(errors, handle)
     finally:
@@ -645,6 +653,16 @@ def test_classifiers_that_differ_between_ranks_are_refused_on_every_rank(rank_er
     for errors in rank_errors:
         assert errors["classifiers", memory_budget].startswith(
             "the ranks' classifiers differ (weights and bias are not the same on every rank)")
+
+
+def test_torchmetrics_rows_of_different_widths_on_two_ranks_are_refused(rank_errors):
+    """The gathered flat rows were cut at an average width (4800 values of 200 rows: 24
+    columns) and measured."""
+    for errors in rank_errors:
+        assert errors["widths"] == (
+            "the processes updated with features of different widths: 80 rows hold 960 "
+            "values, not 80 × 16 (the widest); every process must pass features of the same "
+            "layer")
 
 
 class CountingLoader:
