@@ -93,6 +93,7 @@ class DistributedCollapse:
             raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
         if label_noise and means is not None:
             raise ValueError(NOISE_WITH_MEANS)
+        self.num_features = num_features
         self.label_noise = label_noise
         self.global_mean = global_mean
         self.chunk_size = chunk_size
@@ -101,14 +102,19 @@ class DistributedCollapse:
         self.group = group
         # Checked now rather than after pass 1; float64 numpy copies.
         self._classifier = check_classifier(weights, bias, num_classes, num_features)
-        # Whether the ranks were found to hold the same classifier (at the first collective).
-        self._same_classifier = False
+        # Whether the ranks were found to hold the same classifier and options (at the first
+        # collective).
+        self._same_setup = False
         self._report = None
         # Rows fed on this rank in the current pass: bad rows are named by their index
         # among them.
         self._rows_fed = 0
         # After pass 1: its sums over the group, and those of pass 2's rows on this rank.
         self._pass1_sums = self._rows_again = None
+        # The options every rank must share, and the given means (their digest), for
+        # ``_check_same_setup``: ranks measuring otherwise would report other numbers, or
+        # one would raise alone and leave the others waiting in the next collective.
+        setup = repr((global_mean, empty_classes, float(pinv_rtol))).encode()
         if means is None:
             self.class_sums = ClassSums(num_classes, num_features, track_clean=label_noise)
             self.residual_pass = None
@@ -118,6 +124,8 @@ class DistributedCollapse:
                                                   global_mean)
             self.residual_pass = ResidualPass(geometry, weights=self._classifier[0],
                                               bias=self._classifier[1])
+            setup += np.ascontiguousarray(geometry.means).tobytes()
+        self._setup_checksum = zlib.crc32(setup)
 
     def update_pass1(self, features, labels, clean_labels=None):
         """Add a local batch to pass 1 (class counts and sums).
@@ -145,7 +153,7 @@ class DistributedCollapse:
         if self.class_sums is None:
             raise RuntimeError("pass 1 is already finished (or skipped with means=)")
         release_pass1_scratch()
-        self._check_same_classifier()
+        self._check_same_setup()
         all_reduce_sums(self.class_sums.sum_arrays(), self.group)
         geometry, clean_geometry = finalize_pass1(
             self.class_sums, global_mean=self.global_mean, empty_classes=self.empty_classes)
@@ -192,7 +200,7 @@ class DistributedCollapse:
             raise RuntimeError("call finalize_pass1 and update_pass2 before report")
         if self._report is None:
             release_scratch()  # this rank's pass-2 scratch, unless a run is going on
-            self._check_same_classifier()  # done by finalize_pass1, unless means= skipped it
+            self._check_same_setup()  # done by finalize_pass1, unless means= skipped it
             arrays = self.residual_pass.sum_arrays()
             if self._rows_again is not None:
                 arrays += self._rows_again.sum_arrays()
@@ -204,37 +212,54 @@ class DistributedCollapse:
             self._report = self.residual_pass.report(pinv_rtol=self.pinv_rtol)
         return self._report
 
-    def _check_same_classifier(self):
-        """Refuse, on every rank, classifiers that differ between the ranks (collective, once).
+    def _check_same_setup(self):
+        """Refuse, on every rank, classifiers, options or given means that differ between
+        the ranks (collective, once).
 
         Each rank's metrics of ``W`` would be its own, and its rows would be scored by
-        its own classifier. A CRC of this rank's float64 ``weights`` and ``bias`` (-1
-        without a classifier) is compared over the group by ``_extremes``.
+        its own classifier; other options or means would give each rank other numbers
+        (or an error on one rank alone). CRCs of this rank's float64 ``weights`` and
+        ``bias`` (-1 without a classifier) and of its options and means are compared
+        over the group by ``_extremes``.
 
         Raises
         ------
         ValueError
-            Saying how to give every rank the same classifier.
+            Saying how to give every rank the same classifier, or the same options.
         """
-        if self._same_classifier or not (dist.is_available() and dist.is_initialized()):
+        if self._same_setup or not (dist.is_available() and dist.is_initialized()):
             return
         weights, bias = self._classifier
         checksum = -1 if weights is None else zlib.crc32(bias.tobytes(),
                                                          zlib.crc32(weights.tobytes()))
-        smallest, largest = _extremes([checksum], self.group, _reduce_device(self.group))
-        if smallest != largest:
+        smallest, largest = _extremes([checksum, self._setup_checksum], self.group,
+                                      _reduce_device(self.group))
+        if smallest[1] != largest[1]:
+            raise ValueError(
+                "the ranks were given different options (global_mean, empty_classes, "
+                "pinv_rtol or means=), so they would measure different numbers: pass every "
+                "rank the same options (and the same means, e.g. broadcast from rank 0)")
+        if smallest[0] != largest[0]:
             raise ValueError(
                 "the ranks' classifiers differ (weights and bias are not the same on every "
                 "rank), so the metrics of W and the accuracy would differ between the ranks: "
                 "build the classifier after torch.manual_seed with the same seed on every "
                 "rank, or broadcast its parameters from rank 0 (dist.broadcast(tensor, src=0) "
                 "for each, as DistributedDataParallel does when it wraps the model)")
-        self._same_classifier = True
+        self._same_setup = True
 
     def _chunks(self, features, labels, clean_labels):
         if self.label_noise != (clean_labels is not None):
             raise ValueError("pass clean_labels with every batch exactly when label_noise=True")
-        if len(features) == 0:
+        if len(features) == 0:  # ArraySource takes rows; an empty batch must still match
+            width = getattr(features, "shape", (0,))[1:]
+            if width != (self.num_features,):
+                raise ValueError(f"features must have shape (n, {self.num_features}); found "
+                                 f"{tuple(features.shape)}")
+            for name, values in (("labels", labels), ("clean_labels", clean_labels)):
+                if values is not None and len(values) != 0:
+                    raise ValueError(f"{name} has {len(values)} entries but features has 0 "
+                                     "rows; pass one label per feature row")
             return iter(())
         source = ArraySource(_on_host(features), _on_host(labels), _on_host(clean_labels),
                              chunk_size=self.chunk_size, row_offset=self._rows_fed)

@@ -114,8 +114,18 @@ CLASSIFIERS = {
 }
 
 
-def _other_classifiers(options):
-    """Both passes of rows that every rank shares, with this rank's classifier ``options``."""
+#: Options that differ between the ranks: each rank measured other numbers, or (empty
+#: classes) one rank raised alone and left the other in the next collective.
+OPTIONS = {
+    "other_global_mean": lambda rank: {"global_mean": ("classes", "samples")[rank]},
+    "other_pinv_rtol": lambda rank: {"pinv_rtol": (1e-10, 1e-3)[rank]},
+    "other_empty_classes": lambda rank: {"empty_classes": ("warn", "raise")[rank]},
+    "other_means": lambda rank: {"means": np.eye(3, 4) * (1 + rank)},
+}
+
+
+def _other_setup(options):
+    """Both passes of rows that every rank shares, with this rank's ``options``."""
     features, labels = torch.eye(6, 4) + torch.arange(6.0)[:, None], torch.arange(6) % 3
     analysis = DistributedCollapse(3, 4, **options)
     if "means" not in options:
@@ -167,9 +177,9 @@ def _run_rank(rank, port, out_dir):
             _shifted_on_rank_one(rank)
         except ValueError as error:
             reports["shifted_on_rank_one"] = str(error)
-        for name, options in CLASSIFIERS.items():
+        for name, options in {**CLASSIFIERS, **OPTIONS}.items():
             try:
-                _other_classifiers(options(rank))
+                _other_setup(options(rank))
             except ValueError as error:
                 reports[name] = str(error)
         for step in ("pass1", "pass2"):
@@ -225,6 +235,12 @@ def test_misuse_is_refused_before_any_communication():
         analysis.update_pass1(torch.zeros(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="row 1 has label 5"):
         analysis.update_pass1(torch.zeros(2, 4), torch.tensor([0, 5]))
+    # An empty batch was taken whatever came with it.
+    with pytest.raises(ValueError, match="labels has 5 entries but features has 0 rows"):
+        analysis.update_pass1(torch.zeros(0, 4), torch.arange(5))
+    with pytest.raises(ValueError, match=r"features must have shape \(n, 4\); found \(0, 7\)"):
+        analysis.update_pass1(torch.zeros(0, 7), torch.arange(0))
+    analysis.update_pass1(torch.zeros(0, 4), torch.arange(0))
     with pytest.raises(TypeError, match="one-shot iterator"):
         collapse((batch for batch in []), num_classes=3, num_features=4)
 
@@ -256,6 +272,15 @@ def test_classifiers_that_differ_between_ranks_are_refused_on_every_rank(rank_re
             "build the classifier after torch.manual_seed with the same seed on every rank, "
             "or broadcast its parameters from rank 0 (dist.broadcast(tensor, src=0) for "
             "each, as DistributedDataParallel does when it wraps the model)")
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_options_that_differ_between_ranks_are_refused_on_every_rank(rank_reports, name):
+    for reports in rank_reports:
+        assert reports[name] == (
+            "the ranks were given different options (global_mean, empty_classes, pinv_rtol or "
+            "means=), so they would measure different numbers: pass every rank the same "
+            "options (and the same means, e.g. broadcast from rank 0)")
 
 
 @pytest.mark.parametrize("step", ["pass1", "pass2"])
