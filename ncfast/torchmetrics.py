@@ -3,6 +3,8 @@
 Requires torchmetrics (``pip install "ncfast[torchmetrics]"``); ``import ncfast``
 never imports it.
 """
+from numbers import Integral
+
 import torch
 from torch import nn
 
@@ -56,8 +58,10 @@ class NeuralCollapse(torchmetrics.Metric):
 
     def __init__(self, num_classes, *, classifier=None, label_noise=False, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) \
+                or num_classes < 2:
             raise ValueError(f"num_classes must be an int of at least 2; found {num_classes!r}")
+        num_classes = int(num_classes)
         if classifier is not None and not isinstance(classifier, nn.Linear):
             raise TypeError(f"classifier must be an nn.Linear; found {type(classifier).__name__}")
         if classifier is not None and classifier.out_features != num_classes:

@@ -251,6 +251,13 @@ def test_a_clone_of_the_metric_reads_the_same_classifier():
     assert clone.compute()["nc3"].item() == pytest.approx(expected.nc3, rel=1e-10)
 
 
+def test_a_numpy_integer_class_count_is_taken():
+    """``NeuralCollapseMetric(np.int64(10))`` was refused as not an int (CollapseMonitor
+    takes any integer)."""
+    metric = NeuralCollapseMetric(np.int64(NUM_CLASSES))
+    assert metric.num_classes == NUM_CLASSES and type(metric.num_classes) is int
+
+
 def test_metric_does_not_own_the_classifier():
     classifier = nn.Linear(8, NUM_CLASSES)
     metric = NeuralCollapseMetric(NUM_CLASSES, classifier=classifier)
