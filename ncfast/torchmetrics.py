@@ -11,6 +11,7 @@ from torch import nn
 from ncfast.api import collapse
 from ncfast.errors import raise_bad_row
 from ncfast.inputs import holds_class_indices
+from ncfast.kernels.cpu import MAX_RESIDUAL_NORM
 from ncfast.torch import import_extra, measurable
 
 torchmetrics = import_extra("torchmetrics", "torchmetrics")
@@ -224,6 +225,14 @@ def _refuse_bad_rows(features, stored, labels, clean_labels, num_classes):
     if bad.any():
         row = int(bad.nonzero()[0, 0])
         rows = slice(row, row + 1)
+        largest = features[row].detach().abs().max().item()
+        # Within what ncfast measures (MAX_RESIDUAL_NORM), but not within the metric's dtype.
+        if largest < MAX_RESIDUAL_NORM and not torch.isfinite(stored[row]).all():
+            raise ValueError(
+                f"row {row} has a value of magnitude {largest:.4g}, beyond the metric's dtype "
+                f"{str(stored.dtype).removeprefix('torch.')} (largest "
+                f"{torch.finfo(stored.dtype).max:.4g}): give the metric a wider dtype "
+                "(metric.set_dtype(torch.float32)) or rescale the features")
         raise_bad_row(row, labels[rows].cpu(),
                       None if clean_labels is None else clean_labels[rows].cpu(),
                       features[rows].detach().double().cpu(), num_classes=num_classes)

@@ -258,6 +258,18 @@ def test_a_numpy_integer_class_count_is_taken():
     assert metric.num_classes == NUM_CLASSES and type(metric.num_classes) is int
 
 
+def test_a_value_beyond_the_metrics_dtype_is_named_as_such():
+    """It was refused as a row farther than 1e20 from its class mean."""
+    metric = NeuralCollapseMetric(3)
+    metric.set_dtype(torch.float16)
+    features = torch.zeros(4, 2)
+    features[2, 1] = 1e5
+    with pytest.raises(ValueError, match=r"^row 2 has a value of magnitude 1e\+05, beyond the "
+                                         r"metric's dtype float16 \(largest 6.55e\+04\): give "
+                                         r"the metric a wider dtype"):
+        metric.update(features, torch.tensor([0, 1, 2, 0]))
+
+
 def test_metric_does_not_own_the_classifier():
     classifier = nn.Linear(8, NUM_CLASSES)
     metric = NeuralCollapseMetric(NUM_CLASSES, classifier=classifier)
