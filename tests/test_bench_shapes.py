@@ -52,37 +52,33 @@ def test_unavoidable_flops_of_each_route():
     assert flops(100, 512, 10, 10, collapsed=False) == 0.0
 
 
-@pytest.mark.parametrize("dgemm, nc1_seconds", [
-    (40e9, 2 * 1000 * 64 ** 2 / 100e9),  # float64 under half the float32 rate: coordinates
-    (60e9, 1000 * 64 ** 2 / 60e9),       # float64 above half of it: a float64 scatter
-])
-def test_features_route_floor_takes_the_faster_float64_nc1(dgemm, nc1_seconds):
-    far_flops = 2 * 1000 * 64 * 200
-    row = bench_shapes.Row("1e3x64x100", "", 1000, 64, 100, "far", 100, "features",
-                           1000 * 64 * 4, bench_shapes.unavoidable_flops(1000, 64, 100, 100, False),
-                           scatter_flops=bench_shapes.float64_scatter_flops(1000, 64, 100, 100,
-                                                                            False))
+#: ``(C, route, the GEMM flops besides NC1's, the cheaper NC1 part at a float64 rate of 40
+#: and of 60 GFLOP/s)`` at N = 1000, D = 64 far from collapse, float32 at 100 GFLOP/s: NC1
+#: in float32 (twice the flops) where float64 runs under half the float32 rate, else a
+#: float64 scatter. Features route: NC1's coordinates (2·N·D²) or the D×D scatter (N·D²);
+#: classes route: the map z = V a (2·N·C'²) or the C'×C' scatter of z (N·C'²).
+FAR_FLOORS = {
+    "features": (100, "features", 2 * 1000 * 64 * 200,
+                 (2 * 1000 * 64 ** 2 / 100e9, 1000 * 64 ** 2 / 60e9)),
+    "classes": (50, "classes", 2 * 1000 * 64 * 100,
+                (2 * 1000 * 50 ** 2 / 100e9, 1000 * 50 ** 2 / 60e9)),
+}
+
+
+@pytest.mark.parametrize("dgemm", [40e9, 60e9])
+@pytest.mark.parametrize("route", FAR_FLOORS)
+def test_far_floor_takes_the_faster_float64_nc1(route, dgemm):
+    classes, route, other_flops, nc1_seconds = FAR_FLOORS[route]
+    row = bench_shapes.Row(
+        f"1e3x64x{classes}", "", 1000, 64, classes, "far", classes, route, 1000 * 64 * 4,
+        bench_shapes.unavoidable_flops(1000, 64, classes, classes, False),
+        scatter_flops=bench_shapes.float64_scatter_flops(1000, 64, classes, classes, False))
     run = bench_shapes.ShapesRun(repeats=1, torch_rows=0, progress=None)
     run.bandwidth, run.square_sgemm, run.square_dgemm = 1e12, 100e9, dgemm
     run.finish(row)
-    assert row.floor_gemm_seconds == pytest.approx(far_flops / 100e9 + nc1_seconds)
+    expected_nc1 = nc1_seconds[0] if dgemm == 40e9 else nc1_seconds[1]
+    assert row.floor_gemm_seconds == pytest.approx(other_flops / 100e9 + expected_nc1)
     assert row.floor_seconds == pytest.approx(row.floor_read_seconds + row.floor_gemm_seconds)
-
-
-@pytest.mark.parametrize("dgemm, map_seconds", [
-    (40e9, 2 * 1000 * 50 ** 2 / 100e9),  # float64 under half the float32 rate: z = V a
-    (60e9, 1000 * 50 ** 2 / 60e9),       # above half of it: NC1 from a float64 scatter of z
-])
-def test_classes_route_far_floor_takes_the_faster_map(dgemm, map_seconds):
-    products = 2 * 1000 * 64 * 100  # the projection (50 means) and the logits (50 rows)
-    row = bench_shapes.Row("1e3x64x50", "", 1000, 64, 50, "far", 50, "classes",
-                           1000 * 64 * 4, bench_shapes.unavoidable_flops(1000, 64, 50, 50, False),
-                           scatter_flops=bench_shapes.float64_scatter_flops(1000, 64, 50, 50,
-                                                                            False))
-    run = bench_shapes.ShapesRun(repeats=1, torch_rows=0, progress=None)
-    run.bandwidth, run.square_sgemm, run.square_dgemm = 1e12, 100e9, dgemm
-    run.finish(row)
-    assert row.floor_gemm_seconds == pytest.approx(products / 100e9 + map_seconds)
 
 
 def test_no_float64_scatter_where_the_floor_has_no_map():
