@@ -544,8 +544,8 @@ def add_compensated(totals, errors, values):
     many additions. Compiled without fast-math, which would reassociate the
     error away. A running float64 total of rows far from the origin rounds by
     the ulp of the total at each addition, and those errors do not cancel: fed
-    in chunks of 8 rows, 1e6 from the origin with a spread of 1e-7, the class
-    variances came out 0.65% off, 50 times less in one chunk.
+    in chunks of 8 rows, 20,000 rows 1e6 from the origin with a spread of 1e-7
+    had class variances 0.60% off, against 5e-7 in one chunk.
 
     Parameters
     ----------

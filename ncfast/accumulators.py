@@ -15,9 +15,9 @@ import numba
 import numpy as np
 
 from ncfast import errors
+from ncfast.geometry import class_means
 from ncfast.inputs import (as_array, check_features, check_labels, to_kernel_features,
                            to_kernel_labels)
-from ncfast.geometry import class_means
 from ncfast.kernels import cpu, narrow, tiles
 from ncfast.kernels.cpu import Pass2Sums
 from ncfast.plan import Pass2Plan, build_plan
@@ -83,8 +83,9 @@ CLASS_STATE_MEMORY_SHARE = 0.5
 
 #: Copies of the C×D pass-1 sums (twice that with label noise) held at once at the peak:
 #: the sums, the class means made from them, their float64 copy and the centred means
-#: (measured: 3.1 GB resident for 0.9 GiB of sums), and for float64 rows the sums'
-#: rounding errors (``ClassSums.sum_errors``; zero pages, never touched, for float32 rows).
+#: (measured: 3.1 GB resident for 0.9 GiB of sums), and where the float64 sums are not exact
+#: (float64 rows) their rounding errors (``ClassSums.sum_errors``; zero pages, never
+#: touched, where they are).
 CLASS_STATE_COPIES = 5
 
 
@@ -145,7 +146,7 @@ class ClassSums:
         ``sums + sum_errors`` is the sum of the rows to about float64's precision
         squared, however many chunks and merges added it (``sums`` alone rounds once per
         addition, which matters for float64 rows far from the origin fed in small chunks).
-        Zero for float32 rows, whose float64 sums are exact.
+        Zero where the float64 sums are exact, as they are for float32 rows of one scale.
     clean_counts : int64 array of shape (C,), or None
     clean_sums, clean_sum_errors : float64 arrays of shape (C, D), or None
     """

@@ -24,8 +24,8 @@ and remembered in its cache with the file's size, modification time and
 status-change time (``st_ctime``, which every write, replacement, rename into
 place or ``cp -p`` sets to the present): a file whose three differ is hashed
 again. A digest the run manifest recorded is trusted for a file not yet
-remembered whose size is the recorded one and whose status has not changed
-since the manifest was last written. A cache is used only when it is exactly
+remembered whose size and status-change time are those the manifest recorded
+when the run wrote it. A cache is used only when it is exactly
 what ncfast wrote (its recorded digest of its content matches); any other cache
 (edited, corrupt, of another cache version) is treated as missing and rewritten.
 """
@@ -248,12 +248,12 @@ def discover(paths, *, labels=None, clean_labels=None, weights=None, bias=None):
             checkpoints.append(Checkpoint(path, _source_name(series.get(path, path)), arrays,
                                           f"{path}.{CACHE_NAME}"))
         except (ValueError, TypeError, OSError) as error:
-            failures.append(Failure(path, one_line(error)))
+            failures.append(Failure(_source_name(path), one_line(error)))
     return checkpoints, failures
 
 
 def _source_name(path):
-    """A path as results name their run: bytes of the name that are not UTF-8 (which Python
+    """A path as results and failures name it: bytes of the name that are not UTF-8 (which Python
     keeps as lone surrogates, and no file or terminal encoding takes) as ``\\xNN`` escapes."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
@@ -700,7 +700,7 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
                 outcome = (f"{analysis.measured - before[0]} layer group(s) measured, "
                            f"{analysis.cached - before[1]} from cache")
             except (ValueError, TypeError, OSError) as error:
-                analysis.failures.append(Failure(checkpoint.name, one_line(error)))
+                analysis.failures.append(Failure(_source_name(checkpoint.name), one_line(error)))
                 outcome = "FAILED (reason below)"
             # Cached and failed layer groups count as done, so that the bar ends full.
             shown.finish(checkpoint.name, outcome, _feature_bytes(checkpoint, layers))
@@ -1390,7 +1390,10 @@ def run_merge(args, console, errors):
                 raise ValueError(f"{state}: is the file this merge writes ({path}); merging "
                                  "it into itself would count its rows again: choose another "
                                  "--out folder")
-        save_state(path, merged)
+        try:
+            save_state(path, merged)
+        except OSError as error:  # written atomically: an earlier state is left as it was
+            raise _results_not_written(args.out, error) from None
         tell(errors, f"ncfast merge: {len(args.states)} pass-1 states, "
                      f"{int(merged.counts.sum()):,} rows in {int((merged.counts > 0).sum())} of "
                      f"{merged.num_classes} classes -> {path}")

@@ -13,6 +13,7 @@ that sums float64 and int64 tensors: ``gloo`` (CPU buffers) and ``nccl``
 (buffers on the current CUDA device). The kernels are ncfast's CPU kernels;
 CUDA feature batches are copied to the host batch by batch.
 """
+import math
 import zlib
 
 import numpy as np
@@ -154,7 +155,7 @@ class DistributedCollapse:
             raise RuntimeError("pass 1 is already finished (or skipped with means=)")
         release_pass1_scratch()
         self._check_same_setup()
-        all_reduce_sums(self.class_sums.sum_arrays(), self.group)
+        all_reduce_class_sums(self.class_sums, self.group)
         geometry, clean_geometry = finalize_pass1(
             self.class_sums, global_mean=self.global_mean, empty_classes=self.empty_classes)
         weights, bias = self._classifier
@@ -252,14 +253,14 @@ class DistributedCollapse:
         if self.label_noise != (clean_labels is not None):
             raise ValueError("pass clean_labels with every batch exactly when label_noise=True")
         if len(features) == 0:  # ArraySource takes rows; an empty batch must still match
-            width = getattr(features, "shape", (0,))[1:]
-            if width != (self.num_features,):
+            shape = tuple(np.shape(features))
+            if shape[1:] != (self.num_features,):
                 raise ValueError(f"features must have shape (n, {self.num_features}); found "
-                                 f"{tuple(features.shape)}")
+                                 f"{shape}")
             for name, values in (("labels", labels), ("clean_labels", clean_labels)):
-                if values is not None and len(values) != 0:
-                    raise ValueError(f"{name} has {len(values)} entries but features has 0 "
-                                     "rows; pass one label per feature row")
+                if values is not None and tuple(np.shape(values)) != (0,):
+                    raise ValueError(f"{name} has shape {tuple(np.shape(values))} but features "
+                                     "has 0 rows; pass one label per feature row")
             return iter(())
         source = ArraySource(_on_host(features), _on_host(labels), _on_host(clean_labels),
                              chunk_size=self.chunk_size, row_offset=self._rows_fed)
@@ -341,6 +342,74 @@ def on_every_rank(work, group, what):
     if failure is not None:
         raise failure
     return result
+
+
+def all_reduce_class_sums(class_sums, group=None):
+    """Sum a ``ClassSums`` over ``group`` in place, its float64 sums as exactly as adding the
+    ranks' states one by one would (``ClassSums.__iadd__``).
+
+    A plain ``all_reduce`` of the sums rounds once per rank, which the sums' errors
+    (``ClassSums.sum_errors``) cannot keep: with rows 1e12 from the origin and a spread of
+    1e-2, 512 ranks moved the means by half the spread. So where some rank's sums carry
+    errors (float64 rows), each rank splits each sum into a multiple of a power of two
+    ``G`` common to the ranks (per class: ``2^(e + ceil(log2 W) - 52)`` for the ranks'
+    largest ``|sum| < 2^e`` and ``W`` ranks), whose total over the ranks is exact, and the
+    rest, which is added to its error; then both are reduced. Where no rank has errors
+    (float32 rows, whose float64 sums are exact) the sums alone are reduced: one
+    ``all_reduce`` of C×D values, the errors left untouched. The ranks' states must have
+    one shape (``all_reduce_sums`` checks it first).
+
+    Parameters
+    ----------
+    class_sums : ClassSums
+    group : ProcessGroup, optional
+        Without an initialised process group nothing is reduced.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = _reduce_device(group)
+    _check_same_shapes(class_sums.sum_arrays(), group, device)
+    pairs = [(class_sums.sums, class_sums.sum_errors)]
+    counts = [class_sums.counts]
+    if class_sums.track_clean:
+        pairs.append((class_sums.clean_sums, class_sums.clean_sum_errors))
+        counts.append(class_sums.clean_counts)
+    # One MAX all_reduce: each class's largest |sum| over the ranks, and any errors at all.
+    largest = np.concatenate([np.abs(sums).max(axis=1) for sums, _ in pairs]
+                             + [[float(any(np.any(errors) for _, errors in pairs))]])
+    shared = torch.from_numpy(largest).to(device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=group)
+    largest = shared.cpu().numpy()
+    if not largest[-1]:
+        all_reduce_sums([*counts, *(sums for sums, _ in pairs)], group)
+        return
+    for index, (sums, errors) in enumerate(pairs):
+        split_on_grid(sums, errors, largest[index * sums.shape[0]:(index + 1) * sums.shape[0]],
+                      dist.get_world_size(group))
+    all_reduce_sums([*counts, *(array for pair in pairs for array in pair)], group)
+
+
+def split_on_grid(sums, errors, largest, num_parts):
+    """Move each float64 sum's part off a power-of-two grid into its error, in place, so that
+    ``num_parts`` such sums add up exactly (``all_reduce_class_sums``).
+
+    Parameters
+    ----------
+    sums, errors : float64 arrays of shape (C, D)
+        A state's sums and their rounding errors; ``sums + errors`` is kept (to
+        float64's precision of the errors).
+    largest : float64 array of shape (C,)
+        Each class's largest ``|sum|`` over all the parts, ``< 2^e``: the grid is
+        ``2^(e + ceil(log2 num_parts) - 52)``, so a total of ``num_parts`` multiples of
+        it, each at most ``2^e``, needs at most 53 bits, whatever the order of the
+        additions.
+    num_parts : int
+    """
+    exponents = np.frexp(largest)[1] + math.ceil(math.log2(max(num_parts, 1))) - 52
+    grid = np.ldexp(1.0, np.maximum(exponents, -1074))[:, None]  # no underflow to 0
+    on_grid = np.round(sums / grid) * grid  # exact: a power-of-two scale, then integers
+    errors += sums - on_grid  # exact: both are multiples of the sum's ulp, within half a grid
+    sums[...] = on_grid
 
 
 def all_reduce_sums(arrays, group=None):

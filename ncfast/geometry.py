@@ -218,6 +218,11 @@ def class_means(counts, sums, sum_errors=None):
     -------
     float64 array of shape (C, D)
     """
+    return _class_means_and_counts(counts, sums, sum_errors)[0]
+
+
+def _class_means_and_counts(counts, sums, sum_errors):
+    """``class_means``, and the counts checked as an int64 array of shape (C,)."""
     sums = np.asarray(sums, dtype=np.float64)
     if sums.ndim != 2:
         raise ValueError(f"sums must be 2-D (n_classes, n_features); found shape {sums.shape}")
@@ -229,10 +234,10 @@ def class_means(counts, sums, sum_errors=None):
             if sum_errors.shape != sums.shape:
                 raise ValueError(f"sum_errors must have the shape of sums, {sums.shape}; "
                                  f"found {sum_errors.shape}")
-            if np.any(sum_errors):  # zeros for float32 rows: no C×D temporary
+            if np.any(sum_errors):  # zeros where the sums are exact: no C×D temporary
                 means += sum_errors / counts[:, None]
     means[counts == 0] = np.nan
-    return means
+    return means, counts
 
 
 def check_between_scale(centred, present):
@@ -501,8 +506,7 @@ class Geometry:
         sums' additions; the means are then ``(sums + sum_errors) / counts``
         (``class_means``).
         """
-        means = class_means(counts, sums, sum_errors)
-        counts = _checked_counts(counts, means.shape[0])
+        means, counts = _class_means_and_counts(counts, sums, sum_errors)
         # A class with rows has a finite mean exactly when its sum is finite.
         has_mean = np.isfinite(means).all(axis=1)
         overflowed = np.flatnonzero((counts > 0) & ~has_mean)

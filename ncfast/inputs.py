@@ -165,13 +165,19 @@ def one_line(message):
     return " ".join(_CONTROL.sub(" ", str(message)).split())
 
 
-def tell(errors, message, *, style=None):
-    """Print a command's message on ``errors`` (a rich console on stderr) as one line of
-    plain text (``one_line``), in the rich ``style`` given ("red" for errors): paths in it
-    may hold newlines, terminal escapes or square brackets, which rich would read as markup."""
+def plain_markup(message):
+    """``message`` as one line of plain text (``one_line``) that rich prints as it is: paths
+    in it may hold newlines, terminal escapes or square brackets, which rich would read as
+    markup."""
     from rich.markup import escape
 
-    text = escape(one_line(message))
+    return escape(one_line(message))
+
+
+def tell(errors, message, *, style=None):
+    """Print a command's message on ``errors`` (a rich console on stderr) as one line of
+    plain text (``plain_markup``), in the rich ``style`` given ("red" for errors)."""
+    text = plain_markup(message)
     errors.print(f"[{style}]{text}[/{style}]" if style else text, highlight=False,
                  soft_wrap=True)
 

@@ -247,12 +247,13 @@ def read_file(path):
         raise read_error(path, f"not a readable {FORMATS[suffix]} file", error) from None
 
 
-def _check_not_shorter(name, file_bytes, needed):
+def _check_not_shorter(name, file_bytes, needed, needed_as="the header needs"):
     """Raise the error of a mapped file cut short since it was opened: touching the mapping
-    past its new end would kill the process (SIGBUS) instead."""
+    past its new end would kill the process (SIGBUS) instead. ``needed_as`` says where
+    ``needed`` comes from, before it in the message."""
     if file_bytes < needed:
         raise ValueError(
-            f"{name}: became shorter while being read ({file_bytes} bytes, the header needs "
+            f"{name}: became shorter while being read ({file_bytes} bytes, {needed_as} "
             f"{needed}): was it rewritten during the analysis? Run it again once the file is "
             "complete")
 
@@ -277,7 +278,8 @@ class _FileSizeGuard:
 
     def check(self, name):
         """Raise a ValueError naming ``name`` (the array read) when the file is shorter now."""
-        _check_not_shorter(name, os.fstat(self.descriptor).st_size, self.size)
+        _check_not_shorter(name, os.fstat(self.descriptor).st_size, self.size,
+                           "it had when opened")
 
 
 class _MappedRows:

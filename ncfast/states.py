@@ -72,7 +72,7 @@ def _state_tensors(state):
             array = getattr(state, name)
             # Errors are saved where there are any (float64 rows), so that the states of
             # float32 rows, and files saved before the errors were kept, stay as they were.
-            if array is not None and (name not in _SUM_ERRORS or np.any(array)):
+            if array is not None and (name not in _SUM_ERRORS or array.any()):
                 tensors[name] = array
         return "ClassSums", tensors, metadata
     if isinstance(state, ResidualStats):
@@ -179,7 +179,7 @@ def _fill(path, target, prefix, tensors):
     names = _CLASS_SUMS_ARRAYS if isinstance(target, ClassSums) else target.sum_names
     for name in names:
         mine = getattr(target, name)
-        if mine is None or name in _SUM_ERRORS and f"{prefix}{name}" not in tensors:
+        if mine is None or (name in _SUM_ERRORS and f"{prefix}{name}" not in tensors):
             continue
         stored = tensors[f"{prefix}{name}"]
         if stored.shape != mine.shape or stored.dtype != mine.dtype:
@@ -542,6 +542,8 @@ def _load_with_digest(path):
     except KeyError as error:
         raise _incomplete_state(path, error.args[0]) from None
     expected = set(_state_tensors(state)[1])
+    if kind == "ClassSums":  # the sums' errors may be stored as zeros by another writer
+        expected |= set(_SUM_ERRORS) & set(tensors)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing:
         raise _incomplete_state(path, missing[0])

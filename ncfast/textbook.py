@@ -5,7 +5,8 @@ public neural-collapse scripts do it (Papyan, Han & Donoho 2020 and its
 descendants): every row is loaded into memory as float64; class means come from
 a Python loop over classes; the D×D within-class covariance ``Sigma_W`` is
 summed from the residuals and the D×D between-class covariance ``Sigma_B`` from
-the centred means; ``Sigma_B`` is pseudo-inverted with ``np.linalg.pinv``; the
+the centred means; ``Sigma_B`` is pseudo-inverted from its eigendecomposition
+(at most ``C' - 1`` eigenvalues above ``pinv_rtol``, as docs/metrics.md defines it); the
 nearest-class-centre (NCC) rule measures the explicit squared distance of every
 row to every class mean, class by class; the classifier's logits are
 ``W h + b`` for every row.

@@ -656,7 +656,7 @@ def test_classifiers_that_differ_between_ranks_are_refused_on_every_rank(rank_er
 
 
 def test_torchmetrics_rows_of_different_widths_on_two_ranks_are_refused(rank_errors):
-    """The gathered flat rows were cut at an average width (4800 values of 200 rows: 24
+    """The gathered flat rows were cut at an average width (960 values of 80 rows: 12
     columns) and measured."""
     for errors in rank_errors:
         assert errors["widths"] == (

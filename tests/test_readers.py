@@ -538,7 +538,7 @@ def test_a_file_cut_short_while_read_is_an_error_not_a_crash(tmp_path, suffix):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{path} [features]: became shorter while being read (4096 "
-                                  "bytes, the header needs ")
+                                  "bytes, it had when opened ")
 
 
 def _npy_with_header_of(num_bytes):

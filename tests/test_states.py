@@ -452,6 +452,10 @@ def test_the_rounding_errors_of_float64_sums_are_saved_where_there_are_any(tmp_p
     save_state(tmp_path / "near.safetensors", near)
     assert set(_read(tmp_path / "near.safetensors")[0]) == {"counts", "sums"}
     assert load_state(tmp_path / "near.safetensors") == near
+    # Stored as zeros (another writer): the same state.
+    _rewrite(tmp_path / "near.safetensors", _set("sum_errors", lambda t: np.zeros_like(t["sums"])),
+             version=UNDIGESTED_STATE_VERSION)
+    assert load_state(tmp_path / "near.safetensors") == near
 
 
 def test_states_of_two_passes_refuse_to_merge_by_kind(tmp_path):

@@ -12,7 +12,7 @@ from ncfast.harness.demo import DEMO_CONFIG
 from ncfast.harness.losses import DEFAULT_SMOOTHING, LOSSES
 from ncfast.harness.noise import NOISE_KINDS
 from ncfast.harness.training import MODELS, TrainConfig
-from ncfast.inputs import one_line, tell
+from ncfast.inputs import plain_markup, tell
 
 DEFAULTS = TrainConfig()
 
@@ -155,8 +155,8 @@ def run_train(args, console, errors):
                f"train accuracy {result.train_accuracy:.4f} (noisy labels), "
                f"{result.clean_train_accuracy:.4f} (clean); test accuracy {test}; "
                f"terminal phase {terminal}")
-    status = print_on_stdout(lambda: write_captured(console, _plain(summary)), console, errors,
-                             "ncfast train", f"the run is in {result.path}")
+    status = print_on_stdout(lambda: write_captured(console, plain_markup(summary)), console,
+                             errors, "ncfast train", f"the run is in {result.path}")
     tell(errors, f"ncfast train: measure it with: ncfast analyze {result.path}")
     return status
 
@@ -203,20 +203,14 @@ def run_reproduce(args, console, errors):
                                        progress=not args.no_progress)
     colours = {"held": "green", "contradicted": "red", "undecided": "yellow"}
     lines = [f"[{colours[statement.verdict]}]{statement.verdict.upper()}[/] "
-             + _plain(f"{statement.key}: {statement.text} ({statement.evidence})")
+             + plain_markup(f"{statement.key}: {statement.text} ({statement.evidence})")
              for statement in outcome.statements]
-    lines.append(_plain(f"claim {VERDICT_WORDS[outcome.verdict]}; report: {outcome.report}"))
+    lines.append(plain_markup(f"claim {VERDICT_WORDS[outcome.verdict]}; "
+                              f"report: {outcome.report}"))
     status = print_on_stdout(lambda: write_captured(console, *lines), console, errors,
                              "ncfast reproduce", f"the report is {outcome.report}")
     return status or REPRODUCE_EXIT[outcome.verdict]
 
-
-def _plain(text):
-    """``text`` as one line that rich prints as it is (a path may hold brackets, which rich
-    reads as markup, newlines or terminal escapes)."""
-    from rich.markup import escape
-
-    return escape(one_line(text))
 
 
 def add_commands(commands):
