@@ -54,8 +54,8 @@ from ncfast.dumps import (UnwritablePathError, check_output_folder, ctrl_c_held,
 from ncfast.engine import resolve_num_classes
 from ncfast.errors import CLEAN_LABEL, LABEL
 from ncfast.geometry import PINV_RTOL, Geometry
-from ncfast.inputs import (LabelSummary, check_chunk_size, file_problem, one_line, tell,
-                           to_kernel_labels)
+from ncfast.inputs import (LabelSummary, check_chunk_size, file_problem, one_line,
+                           plain_markup, tell, to_kernel_labels)
 from ncfast.kernels.cpu import largest_label, mark_labels
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
 from ncfast.report import DRAWN_CLASSES, METRICS
@@ -772,11 +772,11 @@ class _Progress:
 
     def start(self, name):
         """A checkpoint begins."""
-        self._describe(f"[bold]{escape(one_line(name))}")
+        self._describe(f"[bold]{plain_markup(name)}")
 
     def hashing(self, path):
         """A file's content digest is being computed (a long read)."""
-        self._describe(f"[bold]hashing {escape(one_line(os.path.basename(path)))}")
+        self._describe(f"[bold]hashing {plain_markup(os.path.basename(path))}")
 
     def read(self, count):
         """``count`` bytes of features were read."""
@@ -1147,8 +1147,8 @@ def results_tables(rows, metrics, width):
         (row,) = rows
         epoch = "" if row["epoch"] is None else f" epoch {row['epoch']}"
         where = " / ".join(part for part in (row["layer"], row["split"]) if part)
-        table = Table(title=escape(one_line(f"{labels[row['source']]}{epoch}"
-                                            + (f", {where}" if where else ""))),
+        table = Table(title=plain_markup(f"{labels[row['source']]}{epoch}"
+                                         + (f", {where}" if where else "")),
                       box=box.SIMPLE_HEAD, title_justify="left")
         table.add_column("metric", no_wrap=True)
         table.add_column("value", justify="right", no_wrap=True)
@@ -1168,7 +1168,7 @@ def results_tables(rows, metrics, width):
         for name in names:
             table.add_column(name, justify="right", no_wrap=True)
         for row, cells in zip(rows, key_cells):
-            table.add_row(*(escape(one_line(cell)) for cell in cells),
+            table.add_row(*map(plain_markup, cells),
                           *(_number(row.get(name)) for name in names))
         return table
 
