@@ -36,14 +36,21 @@ from ncfast.engine import ResidualPass
 from ncfast.geometry import PINV_RTOL, Geometry
 from ncfast.readers import read_error
 
-#: Version 4: metadata ``digest`` (``_state_digest``). Version 3: the "features" route's NC1
-#: state is ``eigen_scatter`` (D,), no longer a D×D ``scatter``.
-STATE_VERSION = "4"
+#: Version 5: a ``ClassSums`` state stores the rounding errors of its float64 sums
+#: (``sum_errors``, ``clean_sum_errors``; float64 rows only). Version 4: metadata ``digest``
+#: (``_state_digest``). Version 3: the "features" route's NC1 state is ``eigen_scatter``
+#: (D,), no longer a D×D ``scatter``.
+STATE_VERSION = "5"
+#: The version of a state without sum errors, the same file as before version 5: an ncfast
+#: that reads version 4 still reads it, and one that does not know version 5 says so about a
+#: file with the errors (instead of calling their tensors corruption).
+SUMS_ONLY_STATE_VERSION = "4"
 #: Version-3 files, written before the digest, still load without one, their arrays checked
 #: against the invariants and identities of the sums only: workers' states saved before an
 #: upgrade stay mergeable instead of costing another pass over their rows, and are checked
 #: more than when they were written. A version-3 file that carries a digest is verified.
 UNDIGESTED_STATE_VERSION = "3"
+_READ_VERSIONS = (UNDIGESTED_STATE_VERSION, SUMS_ONLY_STATE_VERSION, STATE_VERSION)
 _DIGEST_KEY = "digest"
 _CORRUPT = "the file is corrupt: save the state again, or re-run the worker that wrote it"
 STATE_KINDS = ("ClassSums", "ResidualStats", "ResidualPass")
@@ -123,7 +130,8 @@ def save_state(path, state):
 
     kind, tensors, metadata = _state_tensors(state)
     tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
-    metadata.update({"ncfast_state": kind, "version": STATE_VERSION})
+    version = STATE_VERSION if set(_SUM_ERRORS) & set(tensors) else SUMS_ONLY_STATE_VERSION
+    metadata.update({"ncfast_state": kind, "version": version})
     metadata[_DIGEST_KEY] = _state_digest(tensors, metadata)
     data = save(tensors, metadata=metadata)
     write_atomically(os.fspath(path), lambda stream: stream.write(data))
@@ -144,7 +152,7 @@ def _check_digest(path, tensors, metadata):
     if _DIGEST_KEY not in metadata:
         if metadata["version"] == UNDIGESTED_STATE_VERSION:
             return digest
-        raise ValueError(f"{path}: a version-{STATE_VERSION} state without its digest; "
+        raise ValueError(f"{path}: a version-{metadata['version']} state without its digest; "
                          f"{_CORRUPT}")
     if metadata[_DIGEST_KEY] != digest:
         raise ValueError(f"{path}: the state's arrays or metadata do not match the digest they "
@@ -530,11 +538,11 @@ def _load_with_digest(path):
         raise ValueError(f"{path}: not an ncfast state but a safetensors file without its "
                          f"metadata (tensors {names or 'none'}: model weights or features?); "
                          f"expected {_EXPECTED_STATE}")
-    if kind not in STATE_KINDS or \
-            metadata.get("version") not in (STATE_VERSION, UNDIGESTED_STATE_VERSION):
+    if kind not in STATE_KINDS or metadata.get("version") not in _READ_VERSIONS:
         raise ValueError(f"{path}: not an ncfast state file of version "
-                         f"{UNDIGESTED_STATE_VERSION} or {STATE_VERSION} (found kind {kind!r}, "
-                         f"version {metadata.get('version')!r}); write it with "
+                         f"{', '.join(_READ_VERSIONS)} (found kind {kind!r}, version "
+                         f"{metadata.get('version')!r}); a newer ncfast may have written it: "
+                         "upgrade ncfast, or write the state with this one's "
                          "ncfast.states.save_state")
     digest = _check_digest(path, tensors, metadata)
     try:

@@ -23,7 +23,7 @@ from cases import gaussian_classes, with_label_noise
 from ncfast import ClassSums, ResidualStats
 from ncfast.cli import main
 from ncfast.engine import ResidualPass, finalize_pass1
-from ncfast.states import (STATE_VERSION, UNDIGESTED_STATE_VERSION, load_state, merge_states,
+from ncfast.states import (STATE_VERSION, SUMS_ONLY_STATE_VERSION, UNDIGESTED_STATE_VERSION, load_state, merge_states,
                            save_state)
 
 CLASSES, FEATURES = 3, 6
@@ -74,7 +74,7 @@ def _flip_byte(path, name):
     path.write_bytes(bytes(data))
 
 
-def _rewrite(path, change, *, version=STATE_VERSION):
+def _rewrite(path, change, *, version=SUMS_ONLY_STATE_VERSION):
     """Rewrite the state file with ``change(tensors, metadata)`` applied, keeping its digest,
     or as a version-3 file without one."""
     tensors, metadata = _read(path)
@@ -102,7 +102,7 @@ def _plus_one(name, index=0):
 def test_a_saved_state_carries_its_digest_and_loads_unchanged(pass1_path, pass2_path):
     for path in (pass1_path, pass2_path):
         _, metadata = _read(path)
-        assert metadata["version"] == STATE_VERSION and len(metadata["digest"]) == 64
+        assert metadata["version"] == SUMS_ONLY_STATE_VERSION and len(metadata["digest"]) == 64
         again = path.with_name("again.safetensors")
         save_state(again, load_state(path))
         assert _read(again)[1]["digest"] == metadata["digest"]
@@ -135,7 +135,7 @@ def test_any_change_to_a_saved_state_is_refused(pass2_path, change):
 
 def test_a_current_state_without_its_digest_is_refused(pass1_path):
     _rewrite(pass1_path, lambda tensors, metadata: metadata.pop("digest"))
-    with pytest.raises(ValueError, match=f"pass1-0.safetensors: a version-{STATE_VERSION} "
+    with pytest.raises(ValueError, match=f"pass1-0.safetensors: a version-{SUMS_ONLY_STATE_VERSION} "
                                          f"state without its digest; {CORRUPT}"):
         load_state(pass1_path)
 
@@ -184,7 +184,17 @@ def test_a_version_3_state_still_loads(pass1_path, pass2_path, tmp_path, capsys)
     assert all(getattr(loaded_pass2, part) == getattr(saved_pass2, part)
                for part in ("stats", "clean_stats", "corrupted_stats"))
     assert main(["merge", str(pass1_path), "--out", str(tmp_path / "merged")]) == 0
-    assert _read(tmp_path / "merged/pass1.safetensors")[1]["version"] == STATE_VERSION
+    assert _read(tmp_path / "merged/pass1.safetensors")[1]["version"] == SUMS_ONLY_STATE_VERSION
+
+
+def test_a_state_of_a_newer_version_is_refused_by_name(pass1_path):
+    """A version this ncfast does not know (a newer ncfast's) is named, with the way out."""
+    _rewrite(pass1_path, lambda tensors, metadata: None, version="6")
+    with pytest.raises(ValueError, match=r"pass1-0.safetensors: not an ncfast state file of "
+                                         rf"version 3, 4, {STATE_VERSION} \(found kind "
+                                         r"'ClassSums', version '6'\); a newer ncfast may have "
+                                         r"written it: upgrade ncfast"):
+        load_state(pass1_path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -445,12 +455,17 @@ def test_the_rounding_errors_of_float64_sums_are_saved_where_there_are_any(tmp_p
                    case["clean_labels"][start:start + 8])
     assert np.any(far.sum_errors) and np.any(far.clean_sum_errors)
     save_state(tmp_path / "far.safetensors", far)
-    assert {"sum_errors", "clean_sum_errors"} <= set(_read(tmp_path / "far.safetensors")[0])
+    tensors, metadata = _read(tmp_path / "far.safetensors")
+    assert {"sum_errors", "clean_sum_errors"} <= set(tensors)
+    # Version 5 marks the errors: an ncfast that reads version 4 says it does not know the
+    # version, instead of calling the tensors corruption.
+    assert metadata["version"] == STATE_VERSION
     assert load_state(tmp_path / "far.safetensors") == far
     near = ClassSums(CLASSES, FEATURES)
     near.update(case["features"], case["labels"])
     save_state(tmp_path / "near.safetensors", near)
-    assert set(_read(tmp_path / "near.safetensors")[0]) == {"counts", "sums"}
+    tensors, metadata = _read(tmp_path / "near.safetensors")
+    assert set(tensors) == {"counts", "sums"} and metadata["version"] == SUMS_ONLY_STATE_VERSION
     assert load_state(tmp_path / "near.safetensors") == near
     # Stored as zeros (another writer): the same state.
     _rewrite(tmp_path / "near.safetensors", _set("sum_errors", lambda t: np.zeros_like(t["sums"])),
