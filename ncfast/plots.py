@@ -10,7 +10,7 @@
   training (Nguyen et al. 2023).
 - ``snapshot-RUN-epochE-LAYER-SPLIT.png``: one checkpoint (the last of each
   run, layer and split): the cosines between centred class means beside the
-  simplex ETF's ``-1/(C-1)``, and per-class variance, mean norm and accuracy
+  simplex ETF's ``-1/(C'-1)``, and per-class variance, mean norm and accuracy
   (distributions instead when there are too many classes to draw one by one).
 
 Figures are drawn with matplotlib's object API (no pyplot state) and written
@@ -301,7 +301,7 @@ def _cosine_panel(figure, axes, matrix, classes):
     colorbar.ax.axhline(etf, color="black", linewidth=2)
     colorbar.set_ticks([-1.0, 0.0, 1.0], labels=["-1", "0", "1"])
     # Beside the ticks its value would collide with "0" (or "-1" for two classes).
-    colorbar.set_label(f"black line: simplex ETF -1/(C-1) = {etf:.3g}", fontsize=8)
+    colorbar.set_label(f"black line: simplex ETF -1/(C'-1) = {etf:.3g}", fontsize=8)
     axes.set_title("cos between centred class means", fontsize=9)
     _class_ticks(axes.xaxis, classes)
     _class_ticks(axes.yaxis, classes)
@@ -338,7 +338,7 @@ def _cosine_distribution_panel(axes, cosines, histogram, num_means):
     pairs = num_means * (num_means - 1) // 2
     # The ETF's value in the title: a legend would cover bars.
     axes.set_title(f"{pairs} class pair{'s' if pairs > 1 else ''}; dashed line: simplex ETF "
-                   f"-1/(C-1) = {etf:.3g}", fontsize=9)
+                   f"-1/(C'-1) = {etf:.3g}", fontsize=9)
 
 
 def _class_panel(axes, classes, series, label, value_range=None):

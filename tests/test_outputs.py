@@ -623,7 +623,7 @@ def test_snapshot_axes_name_the_classes_present():
 
 @pytest.mark.parametrize("num_classes", [2, 10, 20])
 def test_the_etf_value_collides_with_no_colour_bar_tick(num_classes):
-    """"ETF -1/(C-1)" was a colour-bar tick label: on "0" for C >= 10, on "-1" for C = 2."""
+    """"ETF -1/(C'-1)" was a colour-bar tick label: on "0" for C >= 10, on "-1" for C = 2."""
     figure = snapshot_figure(_snapshot_row(range(num_classes), num_classes), "run")
     renderer = _drawn(figure)
     colorbar = figure.axes[0].images[0].colorbar
