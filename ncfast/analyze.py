@@ -1337,48 +1337,10 @@ def _check_paths_exist(args):
                              "left as it was)")
 
 
-def check_pass2_coverage(state):
-    """Compare the rows of a merged pass-2 state with the rows behind its class means.
-
-    Parameters
-    ----------
-    state : ResidualStats or ResidualPass
-
-    Returns
-    -------
-    str
-        A one-line account (rows merged, rows behind the means).
-
-    Raises
-    ------
-    ValueError
-        Some class has another number of rows than its mean was built on: a
-        worker's state is missing, or one was given twice.
-    """
-    stats = getattr(state, "stats", state)
-    expected = stats.geometry.counts
-    merged = stats.counts
-    if expected is None:
-        return (f"{int(merged.sum()):,} rows; the class means carry no row counts, so whether "
-                "every worker's state is here cannot be checked")
-    if np.array_equal(merged, expected):
-        return f"{int(merged.sum()):,} rows, every row behind the class means"
-    differing = np.flatnonzero(merged != expected)
-    shown = ", ".join(f"class {c}: {merged[c]:,} of {expected[c]:,}" for c in differing[:5])
-    more = f" and {differing.size - 5} more classes" if differing.size > 5 else ""
-    problem = ("a worker's state is missing" if (merged <= expected).all()
-               else "a state may be given twice, or belong to another run")
-    raise ValueError(
-        f"the pass-2 states hold {int(merged.sum()):,} rows but the class means were built on "
-        f"{int(expected.sum()):,} ({shown}{more}): {problem}. Pass every worker's pass-2 "
-        "state once; or --held-out if these rows are not the ones behind the means (held-out "
-        "features measured against training means)")
-
-
 def run_merge(args, console, errors):
     """``ncfast merge``: add up state files; save pass 1, or report pass 2."""
     from ncfast.accumulators import ClassSums
-    from ncfast.states import merge_states, report_of, save_state
+    from ncfast.states import check_pass2_coverage, merge_states, report_of, save_state
 
     check_output_folder(args.out, what="--out folder", create=False)
     merged = merge_states(args.states)
@@ -1399,8 +1361,8 @@ def run_merge(args, console, errors):
                      f"{merged.num_classes} classes -> {path}")
         return 0
     coverage = ("held-out rows (--held-out): not checked against the rows behind the means"
-                if args.held_out else check_pass2_coverage(merged))
-    report = report_of(merged)
+                if args.held_out else check_pass2_coverage(merged, held_out_option="--held-out"))
+    report = report_of(merged, held_out=args.held_out)
     # Pass-2 states carry no layer or split: the row names its merge alone.
     row = {"source": "merged", "epoch": None, "split": "",
            "layer": "", "measured_against": "merged", **report.to_dict()}

@@ -10,7 +10,9 @@ because every state is a set of sums (docs/algorithm.md). The workflow:
    saved again; ``ncfast.finalize_pass1`` gives its ``Geometry`` (and the clean
    rows' one, with label noise);
 3. each worker: ``ResidualPass(geometry, ...)`` over its rows -> ``save_state``;
-4. ``merge_states`` -> one pass-2 state; ``report_of`` -> ``CollapseReport``.
+4. ``merge_states`` -> one pass-2 state; ``report_of`` -> ``CollapseReport`` (refused
+   where a class holds other rows than its mean was built on, a worker's state missing
+   or given twice, unless ``held_out=True``: held-out rows against training means).
 
 A state file is a safetensors file (no pickle): the state's arrays, and for
 pass 2 the class means it was built on (and the clean-row means, with label
@@ -567,15 +569,23 @@ def merge_states(paths):
 
     Parameters
     ----------
-    paths : sequence of str or PathLike
-        States of one kind; pass-2 states must be built on the same class
-        means and classifier. A state with rows given twice (under any name: its
-        stored content is compared) is refused, as it would count its rows twice.
+    paths : str, PathLike or iterable of them
+        States of one kind (a single path is one state); pass-2 states must be
+        built on the same class means and classifier. A state with rows given
+        twice (under any name: its stored content is compared) is refused, as it
+        would count its rows twice.
 
     Returns
     -------
     ClassSums, ResidualStats or ResidualPass
+
+    Notes
+    -----
+    A merge of some workers' states is a state too: whether a pass-2 state
+    holds every row behind its class means is checked by ``report_of``.
     """
+    # A path is iterable (a str by character); an iterator (folder.glob) is true when empty.
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise ValueError("no state files given; pass at least one")
     merged, first_path = None, None
@@ -609,17 +619,68 @@ def _num_rows(state):
     return int(counts.sum())
 
 
-def report_of(state, *, pinv_rtol=PINV_RTOL):
+def check_pass2_coverage(state, *, held_out_option="held_out=True"):
+    """Compare the rows of a merged pass-2 state with the rows behind its class means.
+
+    Parameters
+    ----------
+    state : ResidualStats or ResidualPass
+    held_out_option : str
+        How the caller says that the rows are not those behind the means, named
+        in the error (``ncfast merge``: ``--held-out``).
+
+    Returns
+    -------
+    str
+        A one-line account (rows merged, rows behind the means).
+
+    Raises
+    ------
+    ValueError
+        Some class has another number of rows than its mean was built on: a
+        worker's state is missing, or one was given twice.
+    """
+    stats = getattr(state, "stats", state)
+    expected = stats.geometry.counts
+    merged = stats.counts
+    if expected is None:
+        return (f"{int(merged.sum()):,} rows; the class means carry no row counts, so whether "
+                "every worker's state is here cannot be checked")
+    if np.array_equal(merged, expected):
+        return f"{int(merged.sum()):,} rows, every row behind the class means"
+    differing = np.flatnonzero(merged != expected)
+    shown = ", ".join(f"class {c}: {merged[c]:,} of {expected[c]:,}" for c in differing[:5])
+    more = f" and {differing.size - 5} more classes" if differing.size > 5 else ""
+    problem = ("a worker's state is missing" if (merged <= expected).all()
+               else "a state may be given twice, or belong to another run")
+    raise ValueError(
+        f"the pass-2 states hold {int(merged.sum()):,} rows but the class means were built on "
+        f"{int(expected.sum()):,} ({shown}{more}): {problem}. Pass every worker's pass-2 "
+        f"state once; or {held_out_option} if these rows are not the ones behind the means "
+        "(held-out features measured against training means)")
+
+
+def report_of(state, *, held_out=False, pinv_rtol=PINV_RTOL):
     """The ``CollapseReport`` of a merged pass-2 state.
 
     Parameters
     ----------
     state : ResidualStats or ResidualPass
+    held_out : bool
+        The rows are not those behind the class means (held-out features
+        measured against training means): their counts are not checked.
     pinv_rtol : float
 
     Returns
     -------
     CollapseReport
+
+    Raises
+    ------
+    ValueError
+        Unless ``held_out``: some class has another number of rows than its
+        mean was built on (``check_pass2_coverage``), as when a worker's state
+        is missing from the merge. Means given without row counts are not checked.
     """
     if isinstance(state, ResidualStats):
         whole = ResidualPass(state.geometry, weights=state.weights, bias=state.bias)
@@ -629,4 +690,6 @@ def report_of(state, *, pinv_rtol=PINV_RTOL):
         raise TypeError(f"a report needs a pass-2 state; found {type(state).__name__} (pass 1: "
                         "geometry, clean_geometry = ncfast.finalize_pass1(class_sums), then "
                         "run pass 2 with ResidualPass(geometry, clean_geometry))")
+    if not held_out:
+        check_pass2_coverage(state)
     return state.report(pinv_rtol=pinv_rtol)

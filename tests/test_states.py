@@ -23,8 +23,9 @@ from cases import gaussian_classes, with_label_noise
 from ncfast import ClassSums, ResidualStats
 from ncfast.cli import main
 from ncfast.engine import ResidualPass, finalize_pass1
+from ncfast.geometry import Geometry
 from ncfast.states import (STATE_VERSION, SUMS_ONLY_STATE_VERSION, UNDIGESTED_STATE_VERSION, load_state, merge_states,
-                           save_state)
+                           report_of, save_state)
 
 CLASSES, FEATURES = 3, 6
 CORRUPT = "the file is corrupt: save the state again, or re-run the worker that wrote it"
@@ -562,6 +563,70 @@ def test_states_without_rows_merge_however_often_they_repeat(tmp_path):
     paths[2].write_bytes(paths[1].read_bytes())
     assert merge_states(paths).counts.sum() == 0
     assert main(["merge", *map(str, paths), "--out", str(tmp_path / "merged")]) == 0
+
+
+def test_merge_states_refuses_an_empty_iterable_of_paths(tmp_path):
+    """Only an empty list was refused: a generator, or a glob that matched nothing, merged
+    into None."""
+    for paths in ([], (path for path in []), tmp_path.glob("pass2-*.safetensors")):
+        with pytest.raises(ValueError, match="^no state files given; pass at least one$"):
+            merge_states(paths)
+
+
+def test_merge_states_takes_one_path(pass1_path):
+    """A str was merged character by character ("/: a folder"), a Path was not iterable."""
+    for path in (str(pass1_path), pass1_path):
+        assert merge_states(path) == load_state(pass1_path)
+
+
+def _worker_pass2_paths(tmp_path, case, num_workers=3):
+    """Pass-2 states of ``num_workers`` workers, each over its share of ``case``'s rows,
+    against the class means of all rows."""
+    geometry, _ = finalize_pass1(ClassSums(CLASSES, FEATURES).update(case["features"],
+                                                                      case["labels"]))
+    paths = []
+    for worker, rows in enumerate(np.array_split(np.arange(case["labels"].size), num_workers)):
+        state = ResidualPass(geometry, weights=case["weights"], bias=case["bias"])
+        state.update(case["features"][rows], case["labels"][rows])
+        paths.append(tmp_path / f"pass2-{worker}.safetensors")
+        save_state(paths[-1], state)
+    return paths
+
+
+def test_report_of_refuses_a_merge_without_every_row_behind_the_means(tmp_path, capsys):
+    """``report_of(merge_states(paths))``, which the README gives as ``ncfast merge`` in
+    Python, reported on 2 workers' rows of 3 against the means of all rows."""
+    case = gaussian_classes(300, FEATURES, CLASSES, seed=4)
+    paths = _worker_pass2_paths(tmp_path, case)
+    assert report_of(merge_states(paths)).num_samples == 300
+    two_of_three = merge_states(paths[:2])
+    for state in (two_of_three, two_of_three.stats):
+        with pytest.raises(ValueError, match=r"^the pass-2 states hold 200 rows but the class "
+                                             r"means were built on 300 \(class 0: .*\): a "
+                                             r"worker's state is missing\. Pass every worker's "
+                                             r"pass-2 state once; or held_out=True if these "
+                                             "rows are not the ones behind the means"):
+            report_of(state)
+        assert report_of(state, held_out=True).num_samples == 200
+    counted_twice = merge_states(paths)
+    counted_twice += load_state(paths[0])
+    with pytest.raises(ValueError, match="a state may be given twice, or belong to another run"):
+        report_of(counted_twice)
+    # ncfast merge names its own option.
+    assert main(["merge", *map(str, paths[:2]), "--out", str(tmp_path / "merged")]) == 1
+    assert "or --held-out if these rows" in " ".join(capsys.readouterr().err.split())
+    assert main(["merge", *map(str, paths[:2]), "--out", str(tmp_path / "merged"),
+                 "--held-out"]) == 0
+
+
+def test_report_of_means_without_counts_is_not_checked():
+    """Means given without their row counts cannot tell whether rows are missing: the
+    report is not refused."""
+    case = gaussian_classes(300, FEATURES, CLASSES, seed=4)
+    sums = ClassSums(CLASSES, FEATURES).update(case["features"], case["labels"])
+    geometry = Geometry.from_means(sums.sums / sums.counts[:, None])
+    state = ResidualStats(geometry).update(case["features"][:100], case["labels"][:100])
+    assert report_of(state).num_samples == 100
 
 
 def test_a_pass_that_cannot_merge_is_left_as_it_was():
