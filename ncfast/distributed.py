@@ -24,7 +24,7 @@ from ncfast.accumulators import ClassSums
 from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, check_same_class_sums,
                            finalize_pass1, geometry_from_means_option)
 from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL
-from ncfast.inputs import ArraySource
+from ncfast.inputs import ArraySource, as_array, check_features, plain_tensor
 from ncfast.kernels.cpu import release_pass1_scratch, release_scratch
 from ncfast.plan import check_classifier
 
@@ -252,18 +252,21 @@ class DistributedCollapse:
     def _chunks(self, features, labels, clean_labels):
         if self.label_noise != (clean_labels is not None):
             raise ValueError("pass clean_labels with every batch exactly when label_noise=True")
-        if len(features) == 0:  # ArraySource takes rows; an empty batch must still match
-            shape = tuple(np.shape(features))
-            if shape[1:] != (self.num_features,):
+        features, labels = _on_host(features, "features"), _on_host(labels, "labels")
+        if clean_labels is not None:
+            clean_labels = _on_host(clean_labels, "clean_labels")
+        num_rows, num_features = check_features(features, allow_empty=True)
+        if num_rows == 0:  # ArraySource takes rows; an empty batch must still match
+            if num_features != self.num_features:
                 raise ValueError(f"features must have shape (n, {self.num_features}); found "
-                                 f"{shape}")
+                                 f"{tuple(features.shape)}")
             for name, values in (("labels", labels), ("clean_labels", clean_labels)):
                 if values is not None and tuple(np.shape(values)) != (0,):
                     raise ValueError(f"{name} has shape {tuple(np.shape(values))} but features "
                                      "has 0 rows; pass one label per feature row")
             return iter(())
-        source = ArraySource(_on_host(features), _on_host(labels), _on_host(clean_labels),
-                             chunk_size=self.chunk_size, row_offset=self._rows_fed)
+        source = ArraySource(features, labels, clean_labels, chunk_size=self.chunk_size,
+                             row_offset=self._rows_fed)
         self._rows_fed += source.num_rows
         return iter(source)
 
@@ -287,13 +290,15 @@ def collapse(batches, *, num_classes, num_features, group=None, **options):
     CollapseReport
         The same on every rank.
     """
-    if iter(batches) is batches:
-        raise TypeError(
-            "batches is a one-shot iterator (e.g. a generator), but the analysis reads the "
-            "batches twice; pass a list or another re-iterable")
-    analysis = on_every_rank(
-        lambda: DistributedCollapse(num_classes, num_features, group=group, **options), group,
-        "setting up the analysis")
+    def set_up():
+        # Checked here, not before: a rank that raised alone would leave the others waiting.
+        if iter(batches) is batches:
+            raise TypeError(
+                "batches is a one-shot iterator (e.g. a generator), but the analysis reads the "
+                "batches twice; pass a list or another re-iterable")
+        return DistributedCollapse(num_classes, num_features, group=group, **options)
+
+    analysis = on_every_rank(set_up, group, "setting up the analysis")
     if options.get("means") is None:
         on_every_rank(lambda: [analysis.update_pass1(*batch) for batch in batches], group,
                       "pass 1")
@@ -496,8 +501,17 @@ def _extremes(values, group, device):
     return [-value for value in extremes[len(values):]], extremes[:len(values)]
 
 
-def _on_host(array):
-    """A CPU view of a tensor (copied off an accelerator); other inputs unchanged."""
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu()
-    return array
+def _on_host(values, what):
+    """A numpy or torch CPU view of a batch's ``values`` (``ncfast.inputs.as_array``), a
+    tensor copied off an accelerator; a tensor numpy cannot view (meta device, sparse,
+    nested) is refused, as by ``ncfast.collapse``, before any copy.
+
+    Parameters
+    ----------
+    values : tensor, array or array-like
+    what : str
+        Name used in error messages ("features", "labels", ...).
+    """
+    if isinstance(values, torch.Tensor):
+        return plain_tensor(values, what).cpu()
+    return as_array(values, what)

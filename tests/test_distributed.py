@@ -94,6 +94,15 @@ def _bad_row_on_rank_one(rank, step):
     collapse(batches, num_classes=case["num_classes"], num_features=case["features"].shape[1])
 
 
+def _one_shot_batches_on_rank_one(rank, group):
+    """Rank 1 passes ``collapse`` a generator (rank 0 a list): rank 1 used to refuse it
+    before the first collective, and rank 0 waited in that until the group's timeout."""
+    batches = [(torch.eye(6, 4) + torch.arange(6.0)[:, None], torch.arange(6) % 3)]
+    if rank == 1:
+        batches = (batch for batch in batches)
+    collapse(batches, num_classes=3, num_features=4, group=group)
+
+
 class _TwoPasses:
     """Batches whose readings after the first complete one replace the last batch."""
 
@@ -190,6 +199,12 @@ def _run_rank(rank, port, out_dir):
                 _bad_row_on_rank_one(rank, step)
             except ValueError as error:
                 reports[f"bad_row_on_rank_one_{step}"] = str(error)
+        # A rank left waiting here fails after 10 s (the case's whole run takes well under 1 s).
+        short_group = dist.new_group(timeout=datetime.timedelta(seconds=10))
+        try:
+            _one_shot_batches_on_rank_one(rank, short_group)
+        except (TypeError, ValueError) as error:
+            reports["one_shot_iterator_on_rank_one"] = str(error)
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as handle:
             pickle.dump(reports, handle)
     finally:
@@ -270,7 +285,7 @@ def test_misuse_is_refused_before_any_communication():
         analysis.update_pass1(torch.zeros(0, 4), torch.arange(5))
     with pytest.raises(ValueError, match=r"labels has shape \(\) but features has 0 rows"):
         analysis.update_pass1(torch.zeros(0, 4), torch.tensor(3))
-    with pytest.raises(ValueError, match=r"features must have shape \(n, 4\); found \(0,\)"):
+    with pytest.raises(ValueError, match=r"features must be 2-D .*; found 1-D with shape \(0,\)"):
         analysis.update_pass1([], [])
     with pytest.raises(ValueError, match=r"features must have shape \(n, 4\); found \(0, 7\)"):
         analysis.update_pass1(torch.zeros(0, 7), torch.arange(0))
@@ -326,6 +341,34 @@ def test_a_bad_row_on_one_rank_stops_every_rank(rank_reports, step):
     assert f"features row {len(first_batch[0]) + 7} contains NaN" in rank1
     assert rank0 == (f"rank 1 of the group failed in {step.replace('pass', 'pass ')} (its error "
                      "says why), so this rank stops too")
+
+
+def test_a_one_shot_iterator_on_one_rank_stops_every_rank(rank_reports):
+    """The rank given a generator raises its own error; the other one names it, where it
+    used to wait in the first collective until the group's timeout."""
+    rank0, rank1 = (reports["one_shot_iterator_on_rank_one"] for reports in rank_reports)
+    assert rank1.startswith("batches is a one-shot iterator (e.g. a generator)")
+    assert rank0 == ("rank 1 of the group failed in setting up the analysis (its error says "
+                     "why), so this rank stops too")
+
+
+@pytest.mark.parametrize("on_meta", ["features", "labels"])
+def test_batches_on_the_meta_device_are_refused(on_meta):
+    """Copying them to the host raised torch's NotImplementedError ("Cannot copy out of
+    meta tensor")."""
+    batch = {"features": torch.zeros(6, 4), "labels": torch.arange(6) % 3}
+    batch[on_meta] = batch[on_meta].to("meta")
+    with pytest.raises(ValueError, match=f"{on_meta} is a torch tensor on the meta device"):
+        DistributedCollapse(3, 4).update_pass1(**batch)
+
+
+def test_a_single_value_as_features_is_refused_as_by_collapse():
+    """``len()`` of the 0-d tensor raised torch's TypeError."""
+    with pytest.raises(ValueError) as expected:
+        ncfast.collapse(torch.tensor(1.0), torch.tensor(0))
+    with pytest.raises(ValueError, match=r"features must be 2-D .*; found 0-D") as found:
+        DistributedCollapse(3, 4).update_pass1(torch.tensor(1.0), torch.tensor(0))
+    assert str(found.value) == str(expected.value)
 
 
 def test_bad_rows_are_named_by_their_index_among_the_rows_fed():
