@@ -26,8 +26,10 @@ from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_ood_layout, che
                            finalize_pass1, geometry_from_means_option, ood_mean_of,
                            resolve_num_classes)
 from ncfast.geometry import PINV_RTOL
-from ncfast.inputs import ArraySource, LabelSummary, check_features, check_labels
+from ncfast.inputs import (ArraySource, LabelSummary, check_features, check_labels,
+                           is_torch_tensor, numpy_view)
 from ncfast.kernels.cpu import scratch_scope
+from ncfast.plan import check_classifier
 
 #: Blocks whose states one reduction task adds together.
 SPLIT_EVERY = 8
@@ -59,8 +61,9 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
         Any float dtype, e.g. ``da.from_zarr(...)``, an HDF5 dataset through
         ``da.from_array``, or ``da.concatenate`` of memory-mapped ``.npy``
         files. Blocks may have any number of rows; the feature axis is
-        rechunked to one block if it is split.
-    labels : int array of shape (n_samples,), dask or numpy
+        rechunked to one block if it is split. A numpy array or torch CPU
+        tensor is wrapped by ``da.asarray``.
+    labels : int array of shape (n_samples,), dask, numpy or torch (CPU)
         Class of each row; rechunked to the row blocks of ``features``.
     num_classes : int, optional
         Number of classes C; defaults to the largest label + 1 (one extra
@@ -71,7 +74,7 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     means : array of shape (C, n_features) or CollapseReport, optional
         Measure against these class means instead of the features' own
         (held-out features); pass 1 is skipped.
-    clean_labels : int array of shape (n_samples,), dask or numpy, optional
+    clean_labels : int array of shape (n_samples,), dask, numpy or torch (CPU), optional
         True labels when ``labels`` are noisy: enables the label-noise metrics.
     global_mean : {"classes", "samples"}
     chunk_size : int, optional
@@ -91,7 +94,7 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     -------
     CollapseReport
     """
-    check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol)
+    check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol, global_mean=global_mean)
     if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
         raise ValueError(f"split_every must be an int of at least 2; found {split_every!r}")
     if clean_labels is not None and means is not None:
@@ -101,6 +104,7 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     num_classes = resolve_num_classes(
         num_classes, _DaskLabels(labels, clean_labels, compute), means,
         num_features=features.shape[1], label_noise=clean_labels is not None)
+    check_classifier(weights, bias, num_classes, features.shape[1], copy=False)  # before pass 1
     ood_mean = None if ood is None else _ood_mean(ood, features.shape[1], compute)
     blocks = _row_blocks(features, labels, clean_labels)
 
@@ -127,11 +131,15 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
 
 def _ood_mean(ood, num_features, compute):
     """``ncfast.engine.ood_mean_of`` of ``collapse``'s ``ood=``; the rows of a Dask array
-    are averaged in float64 by its block tasks (``compute``), after their layout is checked."""
+    are summed in float64 and counted by its block tasks (``compute``), after their layout
+    is checked (a filtered array's number of rows is unknown until they are counted)."""
     if isinstance(ood, da.Array):
         check_ood_layout(ood.shape, ood.dtype, num_features)
         if ood.ndim == 2:
-            ood = ood.mean(axis=0, dtype=np.float64)
+            sums, num_rows = compute(ood.sum(axis=0, dtype=np.float64),
+                                     da.ones_like(ood[:, 0], dtype=np.int64).sum())
+            check_ood_layout((num_rows, num_features), ood.dtype, num_features)
+            return ood_mean_of(sums / num_rows, num_features)
         (ood,) = compute(ood)
     return ood_mean_of(ood, num_features)
 
@@ -162,8 +170,13 @@ def _without_empty_blocks(array):
     return array.rechunk((tuple(size for size in array.chunks[0] if size),))
 
 
-def _with_known_sizes(array, what):
-    """``array`` unchanged; a ValueError if Dask does not know its block sizes."""
+def _dask_array(array, what):
+    """``array`` as a Dask array whose block sizes Dask knows (a ValueError otherwise); a
+    torch tensor is first viewed as numpy (``ncfast.inputs.numpy_view``), which Dask
+    cannot do itself."""
+    if is_torch_tensor(array):
+        array = numpy_view(array, what)
+    array = da.asarray(array)
     if any(np.isnan(size) for size in array.shape):
         raise ValueError(
             f"{what} has unknown block sizes (shape {array.shape}); call "
@@ -173,14 +186,14 @@ def _with_known_sizes(array, what):
 
 def _aligned_blocks(features, labels, clean_labels):
     """Features with whole rows per block; labels rechunked to the same row blocks."""
-    features = _with_known_sizes(da.asarray(features), "features")
+    features = _dask_array(features, "features")
     num_rows, _ = check_features(features)
     if features.numblocks[1] > 1:
         features = features.rechunk({1: -1})
     aligned = []
     for array, what in ((labels, "labels"), (clean_labels, "clean_labels")):
         if array is not None:
-            array = check_labels(_with_known_sizes(da.asarray(array), what), num_rows, what)
+            array = check_labels(_dask_array(array, what), num_rows, what)
             array = array.rechunk((features.chunks[0],))
         aligned.append(array)
     return features, *aligned

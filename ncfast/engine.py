@@ -8,6 +8,7 @@ label-noise split of a chunk, ``pass2_updates``) and ``ResidualPass.report``.
 A backend (``ncfast.backends``) supplies the chunks, the states chunks are
 added into, and the pair sweep's tiles.
 """
+import copy
 import sys
 import warnings
 
@@ -16,10 +17,10 @@ import numpy as np
 from ncfast.accumulators import (ClassSums, ResidualStats, check_class_state_fits,
                                  class_state_bytes_beyond_memory)
 from ncfast.backends.cpu import CPU
-from ncfast.geometry import PINV_RTOL, Geometry
+from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL, Geometry
 from ncfast.inputs import as_array, host_array, plain_tensor, to_kernel_labels
 from ncfast.metrics import collapse_metrics, noise_metrics
-from ncfast.plan import build_plan
+from ncfast.plan import build_plan, check_classifier
 from ncfast.report import CollapseReport
 
 EMPTY_CLASS_POLICIES = ("warn", "ignore", "raise")
@@ -28,12 +29,14 @@ NOISE_WITH_MEANS = ("clean_labels needs the clean-row means of these features, s
                     "combined with means=; measure label noise on the training features")
 
 
-def check_options(*, empty_classes="warn", pinv_rtol=PINV_RTOL):
-    """Refuse an ``empty_classes`` outside ``EMPTY_CLASS_POLICIES`` or a ``pinv_rtol``
-    that is not a number in (0, 1)."""
+def check_options(*, empty_classes="warn", pinv_rtol=PINV_RTOL, global_mean="classes"):
+    """Refuse an ``empty_classes`` outside ``EMPTY_CLASS_POLICIES``, a ``global_mean``
+    outside ``GLOBAL_MEANS`` or a ``pinv_rtol`` that is not a number in (0, 1)."""
     if empty_classes not in EMPTY_CLASS_POLICIES:
         raise ValueError(
             f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
+    if global_mean not in GLOBAL_MEANS:
+        raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
     if isinstance(pinv_rtol, bool) or not isinstance(pinv_rtol, (int, float, np.floating)):
         raise TypeError(f"pinv_rtol must be a float; found {pinv_rtol!r}")
     if not 0.0 < pinv_rtol < 1.0:  # NaN fails too
@@ -329,7 +332,7 @@ class ResidualPass:
     label noise, of the clean and the corrupted rows against the clean means.
 
     The pass-2 plans (``ncfast.plan``) are built once here, on ``backend``.
-    Partial states built from the same geometries merge by ``+=``;
+    Partial states built from the same geometries merge by ``+`` (or ``+=``, ``sum``);
     ``sum_arrays`` lists what a merge adds, for reductions that move arrays
     rather than objects (Dask, torch.distributed).
 
@@ -409,8 +412,9 @@ class ResidualPass:
         return [getattr(stats, name) for stats in self.parts().values()
                 for name in stats.sum_names]
 
-    def __iadd__(self, other):
-        """Add ``other``'s sums, all or nothing: every part is checked before any is added."""
+    def check_compatible(self, other):
+        """Raise TypeError or ValueError unless ``other`` can be added to this state, naming
+        the rows of the part that differs."""
         if not isinstance(other, ResidualPass):
             raise TypeError(f"cannot merge a ResidualPass with a {type(other).__name__}; add "
                             "ResidualPass states to each other (a ResidualStats goes into a "
@@ -419,15 +423,39 @@ class ResidualPass:
             with_noise = "with" if self.has_noise else "without"
             raise TypeError(f"cannot merge pass-2 states of different kinds: this one is "
                             f"{with_noise} label noise (clean-row means), the other is not")
-        pairs = list(zip(self.parts().items(), other.parts().values()))
-        for (part, mine), theirs in pairs:
+        for (part, mine), theirs in zip(self.parts().items(), other.parts().values()):
             try:
                 mine.check_compatible(theirs)
             except ValueError as error:
                 raise ValueError(f"{PART_ROWS[part]}: {error}") from None
-        for (_, mine), theirs in pairs:
+
+    def __iadd__(self, other):
+        """Add ``other``'s sums, all or nothing: every part is checked before any is added."""
+        self.check_compatible(other)
+        for mine, theirs in zip(self.parts().values(), other.parts().values()):
             mine += theirs
         return self
+
+    def __add__(self, other):
+        """A new state of both states' rows; neither is changed."""
+        self.check_compatible(other)
+        merged = self._empty_copy()
+        merged += self
+        merged += other
+        return merged
+
+    def __radd__(self, other):
+        """``0 + state``: the start of ``sum(states)``."""
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self + self._empty_copy()
+        return NotImplemented
+
+    def _empty_copy(self):
+        """A state of no rows on this state's plans (none is built again)."""
+        empty = copy.copy(self)
+        for part, stats in self.parts().items():
+            setattr(empty, part, ResidualStats(stats.plan, class_tile=stats.class_tile))
+        return empty
 
     def report(self, *, pinv_rtol=PINV_RTOL, ood_mean=None, xp=np):
         """The ``CollapseReport`` of the merged pass 2 of all rows.
@@ -528,13 +556,14 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
     -------
     CollapseReport
     """
-    check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol)
+    check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol, global_mean=global_mean)
     has_noise = clean_labels_given or source.carries_clean_labels
     if has_noise and means is not None:
         raise ValueError(NOISE_WITH_MEANS)
     num_features = source.num_features
     num_classes = resolve_num_classes(num_classes, source, means, num_features=num_features,
                                       label_noise=has_noise)
+    check_classifier(weights, bias, num_classes, num_features, copy=False)  # before pass 1
     ood_mean = None if ood is None else ood_mean_of(ood, num_features)
 
     with source.context():

@@ -6,6 +6,7 @@ without a copy), and re-iterable sources of ``(features, labels)`` or
 ``(features, labels, clean_labels)`` chunks. Nothing here modifies an input:
 chunks are views, or copies where a dtype or layout must change.
 """
+import numbers
 import os
 import re
 import stat
@@ -306,6 +307,16 @@ def _ragged_error(obj, what):
         "it is not an array; pass a rectangular array, every row of the same length")
 
 
+def numpy_view(tensor, what):
+    """A torch CPU tensor as a numpy array, checked as ``as_array`` checks it, for libraries
+    that cannot read tensors (Dask): a view without a copy, except of bfloat16, which numpy
+    lacks (copied to float32, as ``to_kernel_features`` copies each chunk of it)."""
+    tensor = as_array(tensor, what)
+    if tensor.dtype == sys.modules["torch"].bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
 def host_array(obj, what):
     """A small array (weights, bias, means) as numpy, copied off torch if need be."""
     if is_torch_tensor(obj):
@@ -495,7 +506,8 @@ class IterableSource:
                 "__iter__ returns a fresh iterator"
             )
         self.chunks = chunks
-        self.chunk_size = chunk_size
+        # Checked before any chunk is read; None is chosen per chunk, from its width.
+        self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size, None)
         self.num_features = None
 
     @property
@@ -507,29 +519,46 @@ class IterableSource:
     def __iter__(self):
         offset = 0
         for index, item in enumerate(self.chunks):
+            if index == 0 and _is_row_of_numbers(item):
+                raise TypeError(
+                    f"labels is required: features is a {type(self.chunks).__name__} of rows of "
+                    "numbers, not of (features, labels) chunk tuples; pass labels= with one "
+                    "class index per row")
             if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
                 raise TypeError(
                     f"chunk {index} of the source is a {type(item).__name__}; each chunk must be "
                     "a tuple (features, labels) or (features, labels, clean_labels)"
                 )
-            source = ArraySource(*item, chunk_size=self.chunk_size, allow_empty=True,
-                                 row_offset=offset)
+            try:
+                source = ArraySource(*item, chunk_size=self.chunk_size, allow_empty=True,
+                                     row_offset=offset)
+            except (TypeError, ValueError) as error:
+                kind = TypeError if isinstance(error, TypeError) else ValueError
+                raise kind(f"chunk {index}: {error}") from None
+            has_clean_labels = source.clean_labels is not None  # (x, y, None) has none
             if index == 0:
                 self.num_features = source.num_features
-                carries_clean_labels = len(item) == 3
+                carries_clean_labels = has_clean_labels
             elif source.num_features != self.num_features:
                 raise ValueError(
                     f"chunk {index} has {source.num_features} features but earlier chunks have "
                     f"{self.num_features}; every chunk must have the same number of columns"
                 )
-            if (len(item) == 3) != carries_clean_labels:
+            if has_clean_labels != carries_clean_labels:
                 raise ValueError(
-                    f"chunk {index} {'has' if len(item) == 3 else 'lacks'} clean labels but "
+                    f"chunk {index} {'has' if has_clean_labels else 'lacks'} clean labels but "
                     f"chunk 0 {'has' if carries_clean_labels else 'lacks'} them; every chunk "
                     "must be (features, labels) or every chunk (features, labels, clean_labels)"
                 )
             yield from source
             offset += source.num_rows
+
+
+def _is_row_of_numbers(item):
+    """Whether an item of a chunk source is a row of numbers (rows of features passed
+    without labels) rather than a chunk tuple."""
+    return isinstance(item, (tuple, list)) and len(item) > 0 and \
+        all(isinstance(value, numbers.Number) for value in item)
 
 
 def check_chunk_size(chunk_size, num_features):

@@ -372,8 +372,13 @@ def bounded_classifier_radii(geometry, sweep, weights, bias):
     return mean_predictions, (CLASSIFIER_RADIUS_FRACTION * radii) ** 2
 
 
-def check_classifier(weights, bias, num_classes, num_features):
-    """Validate ``weights`` (C, D) and ``bias`` (C,); return float64 copies (or None, None)."""
+def check_classifier(weights, bias, num_classes, num_features, *, copy=True):
+    """Validate ``weights`` (C, D) and ``bias`` (C,); return float64 copies (or None, None).
+
+    With ``copy=False`` only validate: the arrays come back as given (host arrays), and
+    nothing as large as ``W`` is allocated (the drivers check the classifier before
+    pass 1; the plan copies it after).
+    """
     if weights is None:
         if bias is not None:
             raise ValueError("bias was given without weights; pass weights= as well")
@@ -386,7 +391,8 @@ def check_classifier(weights, bias, num_classes, num_features):
         )
     if not np.issubdtype(weights.dtype, np.floating):
         raise TypeError(f"weights must be floating point; found dtype {weights.dtype}")
-    weights = weights.astype(np.float64)
+    if copy:
+        weights = weights.astype(np.float64)
     if bias is None:
         bias = np.zeros(num_classes)
     else:

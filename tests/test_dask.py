@@ -146,6 +146,76 @@ def test_bad_dask_ood_is_refused_before_the_passes(ood, error, message, monkeypa
                              ood=da.from_array(ood), scheduler="sync")
 
 
+def test_dask_ood_of_unknown_length_is_counted(monkeypatch, assert_same_report):
+    """A filtered Dask ``ood`` that kept no row was said to hold NaN or Inf (the mean of no
+    rows); one that kept rows gives the nc5 of those rows."""
+    case = gaussian_classes(num_rows=600, num_classes=3, num_features=8)
+    features = da.from_array(case["features"], chunks=(200, -1))
+    ood = np.random.default_rng(3).normal(size=(300, 8)) + 2.0
+    dask_ood = da.from_array(ood, chunks=(100, -1))
+    kept = dask_ood[dask_ood[:, 0] > 2.0]
+    assert np.isnan(kept.shape[0])
+    report = ncfast.dask.collapse(features, case["labels"], ood=kept, chunk_size=CHUNK_SIZE,
+                                  scheduler="sync")
+    assert_same_report(report, ncfast.collapse(case["features"], case["labels"],
+                                               ood=ood[ood[:, 0] > 2.0], chunk_size=CHUNK_SIZE))
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("pass 1 ran")
+
+    monkeypatch.setattr(ncfast.dask, "pass1_block", no_pass)
+    with pytest.raises(ValueError, match="^ood has no rows; pass at least one OOD feature row"):
+        ncfast.dask.collapse(features, case["labels"], ood=dask_ood[dask_ood[:, 0] > 100],
+                             scheduler="sync")
+
+
+def test_torch_tensors_give_the_report_of_collapse(assert_same_report):
+    """Dask cannot read tensors: "Cannot interpret 'torch.int64' as a data type"."""
+    torch = pytest.importorskip("torch")
+    case = with_label_noise(gaussian_classes(num_rows=600, num_classes=4), rate=0.1)
+    features, labels, clean = (torch.from_numpy(case[name])
+                               for name in ("features", "labels", "clean_labels"))
+    expected = ncfast.collapse(features, labels, clean_labels=clean, chunk_size=CHUNK_SIZE)
+    for given in ((features, labels, clean),
+                  (da.from_array(case["features"], chunks=(160, -1)), labels, clean),
+                  (features.detach().requires_grad_(), case["labels"], case["clean_labels"])):
+        report = ncfast.dask.collapse(given[0], given[1], clean_labels=given[2],
+                                      chunk_size=CHUNK_SIZE, scheduler="sync")
+        assert_same_report(report, expected)
+    half = features.to(torch.bfloat16)
+    assert_same_report(ncfast.dask.collapse(half, labels, chunk_size=CHUNK_SIZE,
+                                            scheduler="sync"),
+                       ncfast.collapse(half, labels, chunk_size=CHUNK_SIZE))
+    with pytest.raises(ValueError, match="^labels is a torch tensor on the meta device"):
+        ncfast.dask.collapse(features, labels.to("meta"), scheduler="sync")
+
+
+def _counting_reads(block, block_info=None, *, reads):
+    """The block unchanged; its index appended to ``reads``."""
+    reads.append(block_info[0]["chunk-location"][0])
+    return block
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"weights": np.ones((3, 9))}, ValueError, r"weights has shape \(3, 9\); expected"),
+    ({"weights": np.ones((3, 8)), "bias": np.ones(2)}, ValueError,
+     r"bias has shape \(2,\); expected \(3,\)"),
+    ({"global_mean": "bogus"}, ValueError, "global_mean must be one of"),
+], ids=["weights", "bias", "global-mean"])
+@pytest.mark.parametrize("num_classes", [3, None], ids=["given", "inferred"])
+def test_a_bad_classifier_or_global_mean_is_refused_before_any_block(options, error, message,
+                                                                     num_classes):
+    """They were refused after pass 1 had read every block of features."""
+    case = gaussian_classes(num_rows=400, num_classes=3, num_features=8)
+    reads = []
+    features = da.from_array(case["features"], chunks=(100, -1)).map_blocks(
+        _counting_reads, reads=reads, dtype=np.float32)
+    with pytest.raises(error, match=message):
+        ncfast.dask.collapse(features, case["labels"], num_classes=num_classes,
+                             scheduler="sync", **options)
+    assert reads == []
+
+
 def test_blocks_off_the_chunk_grid(assert_same_report):
     """Any block sizes: the float64 metrics agree to 1e-10, those of the GEMM to 1e-6."""
     case = with_label_noise(gaussian_classes(num_rows=5000, spread=0.05))

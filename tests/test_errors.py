@@ -3,6 +3,7 @@
 Also: ``ncfast.collapse`` never modifies its inputs (numpy arrays or torch
 tensors), whether it succeeds or fails.
 """
+import copy
 import hashlib
 import os
 import re
@@ -504,6 +505,81 @@ def test_chunks_of_another_width_name_the_chunk(case):
         ncfast.collapse(chunks, num_classes=NUM_CLASSES)
 
 
+def test_a_bad_array_in_a_chunk_names_the_chunk(case):
+    """The error said "features must be 2-D ..." without saying which chunk held them."""
+    features, labels = case["features"], case["labels"]
+    with pytest.raises(ValueError, match=r"^chunk 2: features must be 2-D .* found 1-D"):
+        ncfast.collapse([(features[:5], labels[:5]), (features[5:10], labels[5:10]),
+                         (features[10], labels[10])], num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="^chunk 1: labels has 9 entries but features has 10"):
+        ncfast.collapse([(features[:10], labels[:10]), (features[10:], labels[11:])],
+                        num_classes=NUM_CLASSES)
+    with pytest.raises(TypeError, match="^chunk 0: clean_labels must be integer class indices"):
+        ncfast.collapse([(features, labels, labels.astype(np.float32))],
+                        num_classes=NUM_CLASSES)
+
+
+def test_chunks_with_clean_labels_of_none_count_as_chunks_without_them(case):
+    """A chunk (features, labels, None) counted as one with clean labels, so that mixed with
+    (features, labels, clean_labels) chunks it ended in an accumulator's message."""
+    noisy = with_label_noise(case)
+    features, labels, clean = case["features"], noisy["labels"], noisy["clean_labels"]
+    with pytest.raises(ValueError, match="^chunk 1 has clean labels but chunk 0 lacks them"):
+        ncfast.collapse([(features[:10], labels[:10], None),
+                         (features[10:], labels[10:], clean[10:])], num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="^chunk 1 lacks clean labels but chunk 0 has them"):
+        ncfast.collapse([(features[:10], labels[:10], clean[:10]),
+                         (features[10:], labels[10:], None)], num_classes=NUM_CLASSES)
+    without = ncfast.collapse([(features[:10], labels[:10], None), (features[10:], labels[10:])],
+                              num_classes=NUM_CLASSES)
+    assert without == ncfast.collapse([(features[:10], labels[:10]),
+                                       (features[10:], labels[10:])], num_classes=NUM_CLASSES)
+
+
+@pytest.mark.parametrize("rows", [[[1.0, 2.0], [3.0, 4.0]], [[0.5] * 5] * 3,
+                                  ((1, 2, 3), (4, 5, 6)), [[np.float32(1.0), np.float32(2.0)]]],
+                         ids=["pairs", "five", "int-tuples", "numpy-scalars"])
+def test_rows_of_numbers_without_labels_are_told_labels_are_missing(rows):
+    """Read as a chunk source: rows of two numbers were (features, labels) chunks of 0-D
+    features ("found 0-D with shape ()"), other rows "a list; each chunk must be a tuple"."""
+    with pytest.raises(TypeError, match=f"^labels is required: features is a "
+                                        f"{type(rows).__name__} of rows of numbers, not of "
+                                        r"\(features, labels\) chunk tuples; pass labels="):
+        ncfast.collapse(rows)
+
+
+class CountedChunks:
+    """A re-iterable chunk source of the case's rows in chunks of 5, counting the chunks read."""
+
+    def __init__(self, case):
+        self.case = case
+        self.chunks_read = 0
+
+    def __iter__(self):
+        for start in range(0, NUM_ROWS, 5):
+            self.chunks_read += 1
+            yield self.case["features"][start:start + 5], self.case["labels"][start:start + 5]
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"weights": np.ones((NUM_CLASSES, NUM_FEATURES + 1))}, ValueError,
+     r"weights has shape \(3, 5\); expected"),
+    ({"weights": np.ones((NUM_CLASSES, NUM_FEATURES)), "bias": np.ones(2)}, ValueError,
+     r"bias has shape \(2,\); expected \(3,\)"),
+    ({"weights": np.ones((NUM_CLASSES, NUM_FEATURES), np.int64)}, TypeError,
+     "weights must be floating point"),
+    ({"global_mean": "bogus"}, ValueError, "global_mean must be one of"),
+], ids=["weights", "bias", "int-weights", "global-mean"])
+def test_a_bad_classifier_or_global_mean_is_refused_before_pass_one(case, options, error,
+                                                                    message):
+    """They were refused after pass 1 had read the whole source (and pass 2's first chunk);
+    only the first chunk, which gives the number of features, may be read before."""
+    source = CountedChunks(case)
+    with pytest.raises(error, match=message):
+        ncfast.collapse(source, num_classes=NUM_CLASSES, **options)
+    assert source.chunks_read <= 1
+
+
 # --- inputs are never modified --------------------------------------------------------------
 
 def digest(array):
@@ -886,6 +962,27 @@ def test_pass_one_states_take_sizes_and_options_they_can_use(case):
     with pytest.raises(ValueError, match="empty_classes must be one of"):
         ncfast.finalize_pass1(class_sums, empty_classes="nope")
     assert sum([class_sums, class_sums]) == class_sums + class_sums
+
+
+def test_pass_two_states_with_label_noise_merge_with_plus_and_sum():
+    """ResidualPass (what load_state gives for a pass-2 file with label noise) merged only by
+    +=: + and sum() raised TypeError, though the other states merge with both."""
+    noisy = with_label_noise(gaussian_classes(num_rows=300, num_features=8, num_classes=4))
+    features, labels, clean = noisy["features"], noisy["labels"], noisy["clean_labels"]
+    class_sums = ncfast.ClassSums(4, 8, track_clean=True).update(features, labels, clean)
+    geometry, clean_geometry = ncfast.finalize_pass1(class_sums)
+    first, second = (ncfast.ResidualPass(geometry, clean_geometry).update(
+        features[rows], labels[rows], clean[rows]) for rows in (slice(0, 100), slice(100, None)))
+    given = [array.copy() for state in (first, second) for array in state.sum_arrays()]
+    in_place = copy.deepcopy(first)
+    in_place += second
+    for merged in (first + second, sum([first, second])):
+        assert all(map(np.array_equal, merged.sum_arrays(), in_place.sum_arrays()))
+    assert all(map(np.array_equal, first.sum_arrays() + second.sum_arrays(), given))
+    whole = ncfast.collapse(features, labels, clean_labels=clean)
+    assert (first + second).report().nc1_clean == pytest.approx(whole.nc1_clean, rel=1e-10)
+    with pytest.raises(TypeError, match="cannot merge a ResidualPass with a ClassSums"):
+        first + class_sums
 
 
 def test_pass_one_states_too_large_for_memory_are_refused_with_their_size():
