@@ -3,6 +3,8 @@
 Requires Lightning (``pip install "ncfast[lightning]"``); ``import ncfast``
 never imports it.
 """
+from numbers import Integral
+
 from ncfast.torch import DEFAULT_MEMORY_BUDGET, CollapseMonitor, import_extra
 
 Callback = import_extra("lightning.pytorch", "lightning").Callback
@@ -49,11 +51,14 @@ class NeuralCollapse(Callback):
                  num_classes=None, clean_labels=None, memory_budget=DEFAULT_MEMORY_BUDGET,
                  prefix="nc/"):
         super().__init__()
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or \
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, Integral) or \
                 every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be a positive int; found {every_n_epochs!r}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, the start of every logged name (\"nc/\" by "
+                            f"default); found {type(prefix).__name__} {prefix!r}")
         self.layer = layer
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = int(every_n_epochs)
         self.loader = loader
         self.monitor_options = {"classifier": classifier, "num_classes": num_classes,
                                 "clean_labels": clean_labels, "memory_budget": memory_budget}

@@ -30,7 +30,7 @@ from torch import nn
 from ncfast.api import collapse
 from ncfast.distributed import DistributedCollapse, on_every_rank
 from ncfast.engine import check_same_rows
-from ncfast.inputs import check_labels, default_chunk_rows, holds_class_indices
+from ncfast.inputs import check_labels, default_chunk_rows, holds_class_indices, plain_tensor
 
 #: Bytes of captured features (all layers, per process) that ``measure`` holds
 #: for the one-pass route; beyond it the passes stream.
@@ -248,7 +248,8 @@ class _ForwardPasses:
                 raise ValueError(
                     "clean_labels follow the loader's order, but this loader shuffles; pass a "
                     "loader without shuffling, or one that yields (inputs, labels, clean_labels)")
-            given = (clean_labels.detach().cpu() if isinstance(clean_labels, torch.Tensor)
+            given = (plain_tensor(clean_labels, "clean_labels").cpu()
+                     if isinstance(clean_labels, torch.Tensor)
                      else np.asarray(clean_labels))
             # Rank and dtype as collapse checks them (float labels were truncated by .long()).
             check_labels(given, len(given) if given.ndim else 0, "clean_labels")
@@ -287,7 +288,7 @@ class _ForwardPasses:
             for index, batch in enumerate(self.loader):
                 inputs, labels, clean = self._split(batch, index, offset)
                 for rows in layers.values():
-                    rows.expect(labels, clean)
+                    rows.expect(index, labels, clean)
                 self.model(_on_device(inputs, self.device))
                 for rows in layers.values():
                     rows.check_ran()
@@ -315,11 +316,11 @@ class _ForwardPasses:
             raise TypeError(
                 f"batch {index} of the loader is a {found}; each batch must be a tuple "
                 "(inputs, labels) or (inputs, labels, clean_labels)")
-        inputs, labels = batch[0], _cpu_labels(batch[1], "labels")
+        inputs, labels = batch[0], _cpu_labels(batch[1], f"labels of batch {index}")
         clean = None
         if len(batch) == 3:
             try:
-                clean = _cpu_labels(batch[2], "clean_labels")
+                clean = _cpu_labels(batch[2], f"clean labels of batch {index}")
             except TypeError as error:  # often not clean labels at all (sample indices)
                 raise TypeError(f"{error}; the third item of a batch is read as its clean "
                                 "labels (label noise): a loader whose batches carry other "
@@ -351,11 +352,12 @@ class _LayerRows:
         self.width = None
         self.buffer = self.labels = self.clean = None
         self.filled = 0
+        self.batch_index = None
         self.batch_labels = self.batch_clean = None
 
-    def expect(self, labels, clean):
-        """Set the labels of the batch about to run forward."""
-        self.batch_labels, self.batch_clean = labels, clean
+    def expect(self, index, labels, clean):
+        """Set the index in the loader and the labels of the batch about to run forward."""
+        self.batch_index, self.batch_labels, self.batch_clean = index, labels, clean
 
     def hook(self, module, args):
         if self.batch_labels is None:
@@ -370,11 +372,18 @@ class _LayerRows:
         if not features.is_floating_point():
             raise TypeError(f"the input of module {self.name!r} has dtype {features.dtype}; "
                             "hook a module whose input is floating-point features")
-        if features.ndim < 2 or len(features) != len(labels):
+        if features.ndim < 2:
             raise ValueError(
-                f"the input of module {self.name!r} has shape {tuple(features.shape)} for a "
-                f"batch of {len(labels)} labels; hook a module whose input has one row per "
-                "sample, batch first")
+                f"the input of module {self.name!r} has shape {tuple(features.shape)} for "
+                f"batch {self.batch_index} of {len(labels)} labels; hook a module whose input "
+                "has one row per sample, batch first")
+        if len(features) != len(labels):
+            raise ValueError(
+                f"batch {self.batch_index} of the loader has {len(labels)} labels, but the "
+                f"input of module {self.name!r} has {len(features)} rows (shape "
+                f"{tuple(features.shape)}): either that batch's labels are not one per "
+                "sample, or the module's input does not have one row per sample, batch first "
+                "(then hook a module whose input does)")
         self._add(features.flatten(1), labels, clean)
 
     def check_ran(self):
@@ -579,12 +588,13 @@ def _all_reduce_max(values):
 
 
 def _cpu_labels(labels, what):
+    """A batch's labels (``what``: "labels of batch 3", ...) as an int64 CPU tensor."""
     if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu()
+        labels = plain_tensor(labels, what).cpu()
     else:
         labels = torch.as_tensor(np.asarray(labels))
     if labels.ndim != 1 or not holds_class_indices(labels):
-        raise TypeError(f"{what} of a batch must be a 1-D tensor of integer class indices; "
+        raise TypeError(f"{what} must be a 1-D tensor of integer class indices; "
                         f"found dtype {labels.dtype}, shape {tuple(labels.shape)} (one-hot "
                         "labels: labels.argmax(dim=1))")
     return labels.long()

@@ -10,7 +10,7 @@ from torch import nn
 
 from ncfast.api import collapse
 from ncfast.errors import raise_bad_row
-from ncfast.inputs import holds_class_indices
+from ncfast.inputs import holds_class_indices, plain_tensor
 from ncfast.kernels.cpu import MAX_RESIDUAL_NORM
 from ncfast.torch import import_extra, measurable
 
@@ -100,11 +100,29 @@ class NeuralCollapse(torchmetrics.Metric):
         ValueError
             As ``ncfast.collapse`` words it, for the first row (counted within the
             batch) whose label or clean label is outside [0, C) or whose features are
-            not finite in the metric's dtype. A refused batch adds no row.
+            not finite in the metric's dtype, or for a tensor on the meta device. A
+            refused batch adds no row.
+        """
+        stored, rows = self._checked(features, labels, clean_labels)
+        for name, values in rows.items():
+            getattr(self, name).append(values)
+        self.features.append(stored.reshape(-1))
+        self.num_features = torch.tensor(stored.shape[1], device=stored.device)
+
+    def _checked(self, features, labels, clean_labels):
+        """A batch as ``update`` keeps it, or ``update``'s error for it.
+
+        Returns
+        -------
+        stored : tensor of shape (n, D)
+            A copy of the features in the metric's dtype.
+        rows : dict of str to int64 tensor of shape (n,)
+            Copies of the labels (and clean labels), by the name of their state.
         """
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch tensor; found {type(features).__name__}: "
                             "convert with torch.as_tensor(features)")
+        features = plain_tensor(features, "features")
         if features.ndim != 2:
             raise ValueError(f"features must be 2-D (n, D); found shape {tuple(features.shape)}: "
                              "flatten them with features.reshape(len(features), -1)")
@@ -119,6 +137,8 @@ class NeuralCollapse(torchmetrics.Metric):
             {"labels": labels, "clean_labels": clean_labels}
         checked = {}
         for name, values in rows.items():
+            if isinstance(values, torch.Tensor):
+                values = plain_tensor(values, name)
             values = torch.as_tensor(values, device=features.device)
             if values.shape != (len(features),) or not holds_class_indices(values):
                 raise ValueError(f"{name} must be integers of shape ({len(features)},); found "
@@ -127,10 +147,7 @@ class NeuralCollapse(torchmetrics.Metric):
         stored = features.detach().to(self.dtype, copy=True)
         _refuse_bad_rows(features, stored, checked["labels"], checked.get("clean_labels"),
                          self.num_classes)
-        for name, values in checked.items():
-            getattr(self, name).append(values)
-        self.features.append(stored.reshape(-1))
-        self.num_features = torch.tensor(features.shape[1], device=features.device)
+        return stored, checked
 
     def sync(self, *args, **kwargs):
         """torchmetrics' ``Metric.sync``; a process without rows first adds zero-row
@@ -155,18 +172,33 @@ class NeuralCollapse(torchmetrics.Metric):
         Returns
         -------
         dict of str to float64 tensor
-            As ``compute``, of this batch's rows; empty when fewer than two
-            classes have rows in it (a short last batch, say).
+            As ``compute``, of this batch's rows; empty when the batch alone has no
+            metrics: fewer than two classes have rows in it (a short last batch,
+            say), or, with label noise, fewer than two have clean rows (label equal
+            to clean label). Its rows are added all the same.
+
+        Raises
+        ------
+        ValueError
+            As ``update``, or as ``ncfast.collapse`` words it when the batch's rows
+            cannot be measured otherwise (its class means coincide, say). A refused
+            batch adds no row.
         """
         if self.dist_sync_on_step:
             return super().forward(features, labels, clean_labels)
-        self.update(features, labels, clean_labels)
-        labels = self.labels[-1]
+        # Measured before update keeps the rows (checking them again), so that a batch
+        # that raises adds none.
+        stored, rows = self._checked(features, labels, clean_labels)
+        batch_labels, batch_clean = rows["labels"], rows.get("clean_labels")
+        # The labels of which the batch alone needs two classes: those of its clean rows,
+        # whose class means memorization and dilation compare, with label noise.
+        needed = batch_labels if batch_clean is None else \
+            batch_labels[batch_labels == batch_clean]
         self._forward_cache = {}
-        if len(labels.unique()) >= 2:
-            self._forward_cache = self._metrics(
-                self.features[-1].reshape(len(labels), -1), labels,
-                self.clean_labels[-1] if self.label_noise else None, empty_classes="ignore")
+        if len(needed.unique()) >= 2:
+            self._forward_cache = self._metrics(stored, batch_labels, batch_clean,
+                                                empty_classes="ignore")
+        self.update(features, labels, clean_labels)
         return self._forward_cache
 
     def compute(self):

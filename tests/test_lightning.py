@@ -169,6 +169,21 @@ def test_callback_refuses_a_bad_period():
         NeuralCollapseCallback("fc", every_n_epochs=0)
 
 
+def test_callback_takes_a_numpy_integer_period():
+    """``every_n_epochs=np.int64(2)`` was refused as not an int (CollapseMonitor takes any
+    integer)."""
+    callback = NeuralCollapseCallback("fc", every_n_epochs=np.int64(2))
+    assert callback.every_n_epochs == 2 and type(callback.every_n_epochs) is int
+
+
+def test_callback_refuses_a_prefix_that_is_not_a_str():
+    """``prefix=1`` was taken, and the first measurement failed, after training an epoch,
+    with Python's TypeError for int + str."""
+    with pytest.raises(TypeError, match=r"^prefix must be a str, the start of every logged "
+                                        r'name \("nc/" by default\); found int 1$'):
+        NeuralCollapseCallback("fc", prefix=1)
+
+
 def test_metric_returns_what_collapse_gives_on_all_updates():
     features, labels = gaussian_rows(500)
     clean = labels.clone()
@@ -319,6 +334,50 @@ def test_forward_of_a_batch_of_exactly_two_classes_returns_its_metrics():
                                empty_classes="ignore")
     assert batch, "a batch of two classes gave no metrics"
     assert batch["nc1"].item() == pytest.approx(expected.nc1, rel=1e-10)
+
+
+def test_forward_of_a_batch_without_two_classes_of_clean_rows_keeps_it_and_returns_nothing():
+    """With label noise, a batch whose clean rows (label equal to clean label) cover one
+    class raised ``collapse``'s error after ``update`` had kept its rows: a training loop
+    stopped, and a retry added the rows twice."""
+    features, labels = gaussian_rows(300)
+    clean = labels.clone()
+    noisy = torch.where(torch.arange(300) % 5 == 0, (labels + 1) % NUM_CLASSES, labels)
+    metric = NeuralCollapseMetric(NUM_CLASSES, label_noise=True)
+    metric(features[:294], noisy[:294], clean[:294])
+    noisy[294:] = torch.tensor([0, 1, 2, 0, 1, 2])
+    clean[294:] = torch.tensor([0, 2, 0, 1, 0, 1])  # only row 294 is clean
+    assert metric(features[294:], noisy[294:], clean[294:]) == {}
+    assert len(metric.labels) == 2
+    expected = ncfast.collapse(features.numpy(), noisy.numpy(), clean_labels=clean.numpy())
+    computed = metric.compute()
+    for name, value in expected.metrics().items():
+        assert computed[name].item() == pytest.approx(value, rel=1e-10), name
+
+
+def test_forward_of_a_batch_that_cannot_be_measured_adds_no_row():
+    """A batch whose class means coincide raised after ``update`` had kept its rows (a
+    retry added them twice); a batch ``forward`` refuses adds none, as ``update``'s."""
+    features, labels = gaussian_rows(100)
+    metric = NeuralCollapseMetric(NUM_CLASSES)
+    metric.update(features, labels)
+    with pytest.raises(ValueError, match="the class means coincide"):
+        metric(torch.ones(4, 8), torch.tensor([0, 1, 0, 1]))
+    assert len(metric.labels) == len(metric.features) == 1
+
+
+@pytest.mark.parametrize("meta", ["features", "labels", "clean_labels"])
+def test_metric_refuses_tensors_on_the_meta_device(meta):
+    """A meta tensor failed in torch (``Tensor.item()`` or copying out of it) instead of
+    being refused as ``ncfast.collapse`` refuses it."""
+    features, labels = gaussian_rows(30)
+    batch = {"features": features, "labels": labels, "clean_labels": labels.clone()}
+    batch[meta] = batch[meta].to("meta")
+    metric = NeuralCollapseMetric(NUM_CLASSES, label_noise=True)
+    with pytest.raises(ValueError, match=f"^{meta} is a torch tensor on the meta device, "
+                                         "which holds no values"):
+        metric.update(**batch)
+    assert not metric.labels
 
 
 def bad_batch(kind):

@@ -388,11 +388,36 @@ def _rows():
         nn.Sequential(nn.Linear(8, 6), nn.Unflatten(1, (2, 3)), nn.Flatten(0, 1),
                       nn.Linear(3, 2)), "3", _rows(), num_classes=2,
         classifier={"3": None}).measure(), ValueError,
-     r"module '3' has shape \(12, 3\) for a batch of 6 labels"),
+     r"^batch 0 of the loader has 6 labels, but the input of module '3' has 12 rows"),
+    (lambda: CollapseMonitor(CallsTwice(), "fc", _rows(), clean_labels=torch.zeros(
+        6, dtype=int, device="meta")), ValueError,
+     "^clean_labels is a torch tensor on the meta device, which holds no values"),
 ])
 def test_misuse_is_refused_with_a_clear_message(make_monitor, error, message):
     with pytest.raises(error, match=message):
         make_monitor()
+
+
+def test_a_batch_of_too_few_labels_is_named_with_both_counts():
+    """A batch with one label short was blamed on the hooked module alone ("hook a module
+    whose input has one row per sample"), without naming the batch."""
+    images, labels, _ = make_data()
+    loader = [(images[:50], labels[:50]), (images[50:100], labels[50:99])]
+    with pytest.raises(ValueError, match=(
+            r"^batch 1 of the loader has 49 labels, but the input of module 'fc' has 50 rows "
+            r"\(shape \(50, 16\)\): either that batch's labels are not one per sample, or the "
+            r"module's input does not have one row per sample, batch first")):
+        CollapseMonitor(make_model(), "fc", loader).measure()
+
+
+def test_labels_on_the_meta_device_are_refused():
+    """Labels of a batch on the meta device failed in torch, copying out of them, instead
+    of being refused as ``ncfast.collapse`` refuses them."""
+    images, labels, _ = make_data()
+    loader = [(images[:50], labels[:50]), (images[50:100], labels[50:100].to("meta"))]
+    with pytest.raises(ValueError, match="^labels of batch 1 is a torch tensor on the "
+                                         "meta device, which holds no values"):
+        CollapseMonitor(make_model(), "fc", loader).measure()
 
 
 def test_numpy_integer_options_are_accepted():
