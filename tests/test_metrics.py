@@ -29,6 +29,7 @@ from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf, 
 from conftest import (CONDITIONED_RTOL, NIGHTLY, centred_means, examples, geometry_rtol,
                       kernel_amplification, pair_gaps, smallest_unit_gap)
 from ncfast import metrics
+from ncfast.geometry import WEIGHTED_MEAN_ROWS, weighted_row_mean
 from ncfast.plan import eigen_diagonal
 from ncfast.report import PER_CLASS
 from ncfast.textbook import textbook_collapse
@@ -440,6 +441,17 @@ def test_global_mean_of_samples_matches_textbook(name):
     assert reference["bias_collapse"] != pytest.approx(classes_reference["bias_collapse"],
                                                        rel=1e-3)
     assert reference["nc1"] != pytest.approx(classes_reference["nc1"], rel=1e-3)
+
+
+def test_weighted_row_mean_is_numpys_weighted_average():
+    """Over more rows than one block of ``WEIGHTED_MEAN_ROWS`` (the global mean of
+    ``global_mean="samples"`` from 257 classes on): a block boundary that dropped a row
+    moved unc3 by 70% at 300 classes."""
+    rng = np.random.default_rng(4)
+    rows = rng.normal(size=(3 * WEIGHTED_MEAN_ROWS + 88, 8)) + 5.0
+    weights = rng.integers(1, 400, rows.shape[0]).astype(np.float64)
+    np.testing.assert_allclose(weighted_row_mean(rows, weights),
+                               np.average(rows, axis=0, weights=weights), rtol=1e-13, atol=0)
 
 
 def _case_with_empty_classes(num_features=32):

@@ -8,6 +8,7 @@ Integer fields (counts, hit tallies) must be equal exactly.
 """
 import collections
 import contextlib
+import math
 import os
 import threading
 import time
@@ -866,6 +867,51 @@ def test_residual_stats_on_the_same_means_centred_otherwise_refuse_to_merge():
     assert by_classes.fingerprint != by_samples.fingerprint
     with pytest.raises(ValueError, match="different class means"):
         residual_stats_of(case, by_classes) + residual_stats_of(case, by_samples)
+
+
+def test_label_noise_pass2_states_merge_every_part():
+    """``ResidualPass`` of two halves, merged by ``+=``, holds the sums of one pass over all
+    rows in every part: all rows, clean rows and corrupted rows (a merge that skipped the
+    corrupted part left memorization on half the corrupted rows, with a warning that blamed
+    their classes)."""
+    case = with_label_noise(gaussian_classes(num_rows=600, num_features=6, num_classes=4))
+    geometry, clean_geometry = finalize_pass1(class_sums_of(case))
+
+    def pass2_of(rows):
+        state = ResidualPass(geometry, clean_geometry, weights=case["weights"],
+                             bias=case["bias"])
+        state.update(case["features"][rows], case["labels"][rows], case["clean_labels"][rows])
+        return state
+
+    merged = pass2_of(slice(None, 250))
+    merged += pass2_of(slice(250, None))
+    whole = pass2_of(slice(None))
+    for part, merged_stats in merged.parts().items():
+        whole_stats = whole.parts()[part]
+        assert whole_stats.counts.sum() > 0, part
+        for name in whole_stats.sum_names:
+            np.testing.assert_allclose(getattr(merged_stats, name), getattr(whole_stats, name),
+                                       rtol=1e-12, atol=0, err_msg=f"{part}.{name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = merged.report()
+    reference = ncfast.collapse(**case)
+    for name in ("memorization", "memorization_raw", "dilation", "nc1_clean"):
+        assert getattr(report, name) == pytest.approx(getattr(reference, name), rel=1e-6), name
+
+
+@PROPERTY_SETTINGS
+@given(totals=arrays(np.float64, 8, elements=st.floats(-1e300, 1e300)),
+       values=arrays(np.float64, 8, elements=st.floats(-1e300, 1e300)))
+def test_compensated_addition_keeps_the_exact_sum(totals, values):
+    """``add_compensated``: the new total plus the error it kept is exactly the old total
+    plus the value, whichever is larger in magnitude (Fast2Sum, which assumes the total is,
+    loses the error of adding a large value to a small total)."""
+    new_totals, errors = totals.reshape(1, -1).copy(), np.zeros((1, totals.size))
+    cpu.add_compensated(new_totals, errors, values.reshape(1, -1))
+    for total, value, new_total, error in zip(totals, values, new_totals[0], errors[0]):
+        # fsum rounds only its result, so an exact sum of zero comes out as zero.
+        assert math.fsum([new_total, error, -total, -value]) == 0.0
 
 
 def test_pass2_states_with_and_without_label_noise_refuse_to_merge():
