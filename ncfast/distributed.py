@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ncfast.accumulators import ClassSums
 from ncfast.engine import (NOISE_WITH_MEANS, ResidualPass, check_options, check_same_class_sums,
                            finalize_pass1, geometry_from_means_option)
-from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL
+from ncfast.geometry import PINV_RTOL
 from ncfast.inputs import ArraySource, as_array, check_features, plain_tensor
 from ncfast.kernels.cpu import release_pass1_scratch, release_scratch
 from ncfast.plan import check_classifier
@@ -89,9 +89,7 @@ class DistributedCollapse:
     def __init__(self, num_classes, num_features, *, weights=None, bias=None, means=None,
                  label_noise=False, global_mean="classes", chunk_size=None,
                  empty_classes="warn", pinv_rtol=PINV_RTOL, group=None):
-        check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol)
-        if global_mean not in GLOBAL_MEANS:
-            raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
+        check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol, global_mean=global_mean)
         if label_noise and means is not None:
             raise ValueError(NOISE_WITH_MEANS)
         self.num_features = num_features
