@@ -17,7 +17,7 @@ import numpy as np
 from ncfast.accumulators import (ClassSums, ResidualStats, check_class_state_fits,
                                  class_state_bytes_beyond_memory)
 from ncfast.backends.cpu import CPU
-from ncfast.geometry import GLOBAL_MEANS, PINV_RTOL, Geometry
+from ncfast.geometry import PINV_RTOL, Geometry, check_global_mean
 from ncfast.inputs import as_array, host_array, plain_tensor, to_kernel_labels
 from ncfast.metrics import collapse_metrics, noise_metrics
 from ncfast.plan import build_plan, check_classifier
@@ -35,8 +35,7 @@ def check_options(*, empty_classes="warn", pinv_rtol=PINV_RTOL, global_mean="cla
     if empty_classes not in EMPTY_CLASS_POLICIES:
         raise ValueError(
             f"empty_classes must be one of {EMPTY_CLASS_POLICIES}; found {empty_classes!r}")
-    if global_mean not in GLOBAL_MEANS:
-        raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
+    check_global_mean(global_mean)
     if isinstance(pinv_rtol, bool) or not isinstance(pinv_rtol, (int, float, np.floating)):
         raise TypeError(f"pinv_rtol must be a float; found {pinv_rtol!r}")
     if not 0.0 < pinv_rtol < 1.0:  # NaN fails too

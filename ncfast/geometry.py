@@ -52,6 +52,12 @@ COINCIDING_MEANS = ("the class means coincide (their between-class scatter is ze
 WEIGHTED_MEAN_ROWS = 256
 
 
+def check_global_mean(global_mean):
+    """Refuse a ``global_mean`` option outside ``GLOBAL_MEANS``."""
+    if global_mean not in GLOBAL_MEANS:
+        raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
+
+
 def weighted_row_mean(rows, weights):
     """``Σ_c w_c rows_c / Σ_c w_c``, the same bits on every machine.
 
@@ -444,8 +450,7 @@ class Geometry:
         """``from_means`` of a 2-D float64 array the geometry may keep as it is, and counts
         already checked (int64, or None); ``has_mean``, whether each row of ``means`` is
         finite, when the caller has it (a scan of C×D values)."""
-        if global_mean not in GLOBAL_MEANS:
-            raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}; found {global_mean!r}")
+        check_global_mean(global_mean)
         if has_mean is None:
             has_mean = np.isfinite(means).all(axis=1)
         if not has_mean.all():
