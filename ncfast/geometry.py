@@ -227,22 +227,33 @@ def class_means(counts, sums, sum_errors=None):
     return _class_means_and_counts(counts, sums, sum_errors)[0]
 
 
-def _class_means_and_counts(counts, sums, sum_errors):
-    """``class_means``, and the counts checked as an int64 array of shape (C,)."""
+def _class_means_and_counts(counts, sums, sum_errors, present_only=False):
+    """``class_means``, and the counts checked as an int64 array of shape (C,).
+
+    With ``present_only``, the means of the classes with rows only, shape (C', D), in
+    class order: the same float64 arithmetic, without a C×D table of all classes.
+    """
     sums = np.asarray(sums, dtype=np.float64)
     if sums.ndim != 2:
         raise ValueError(f"sums must be 2-D (n_classes, n_features); found shape {sums.shape}")
     counts = _checked_counts(counts, sums.shape[0])
+    if sum_errors is not None:
+        sum_errors = np.asarray(sum_errors, dtype=np.float64)
+        if sum_errors.shape != sums.shape:
+            raise ValueError(f"sum_errors must have the shape of sums, {sums.shape}; "
+                             f"found {sum_errors.shape}")
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums / counts[:, None]
-        if sum_errors is not None:
-            sum_errors = np.asarray(sum_errors, dtype=np.float64)
-            if sum_errors.shape != sums.shape:
-                raise ValueError(f"sum_errors must have the shape of sums, {sums.shape}; "
-                                 f"found {sum_errors.shape}")
-            if np.any(sum_errors):  # zeros where the sums are exact: no C×D temporary
-                means += sum_errors / counts[:, None]
-    means[counts == 0] = np.nan
+        if present_only and not counts.all():
+            rows = np.flatnonzero(counts)
+            row_counts = counts[rows][:, None]
+            means = sums[rows]  # a copy: divided in place
+            means /= row_counts
+        else:
+            rows, row_counts = slice(None), counts[:, None]
+            means = sums / row_counts
+        if sum_errors is not None and np.any(sum_errors):  # zeros where the sums are exact
+            means += sum_errors[rows] / row_counts
+    means[row_counts[:, 0] == 0] = np.nan
     return means, counts
 
 
@@ -284,8 +295,8 @@ class Geometry:
 
     Attributes
     ----------
-    means : float64 array of shape (C, D)
-        Class means ``mu_c``; rows of classes without a mean are NaN.
+    present_means : float64 array of shape (C', D), C-contiguous
+        The means ``mu_c`` of the classes that have one, in the order of ``present``.
     counts : int64 array of shape (C,), or None
         Rows behind each mean, when known.
     present : int64 array of shape (C',)
@@ -317,7 +328,7 @@ class Geometry:
     tiles, and only merges and saved states read the fingerprint.
     """
 
-    means: np.ndarray
+    present_means: np.ndarray
     counts: np.ndarray | None
     present: np.ndarray
     label_rows: np.ndarray
@@ -329,11 +340,11 @@ class Geometry:
 
     @property
     def num_classes(self):
-        return self.means.shape[0]
+        return self.label_rows.shape[0]
 
     @property
     def num_features(self):
-        return self.means.shape[1]
+        return self.present_means.shape[1]
 
     @property
     def route(self):
@@ -344,12 +355,16 @@ class Geometry:
         return route_for(self.present.size, self.num_features)
 
     @cached_property
-    def present_means(self):
-        """float64 array of shape (C', D), C-contiguous: the means of the classes that have one
-        (a copy, made once, when some class has none)."""
+    def means(self):
+        """float64 array of shape (C, D): the class means ``mu_c``, NaN rows for classes
+        without a mean (``present_means`` itself when every class has one, else formed
+        on first use: the passes and the pair sweep read ``present_means`` only, so at
+        32,000 classes of 4096 features they run without this second 1 GB table)."""
         if self.present.size == self.num_classes:
-            return self.means
-        return self.means[self.present]
+            return self.present_means
+        means = np.full((self.num_classes, self.num_features), np.nan)
+        means[self.present] = self.present_means
+        return means
 
     @cached_property
     def gram_spectrum(self):
@@ -443,16 +458,7 @@ class Geometry:
             raise ValueError(f"means must be 2-D (n_classes, n_features); found shape {means.shape}")
         if counts is not None:
             counts = _checked_counts(counts, means.shape[0])
-        return cls._from_own_means(means, counts, global_mean)
-
-    @classmethod
-    def _from_own_means(cls, means, counts, global_mean, has_mean=None):
-        """``from_means`` of a 2-D float64 array the geometry may keep as it is, and counts
-        already checked (int64, or None); ``has_mean``, whether each row of ``means`` is
-        finite, when the caller has it (a scan of C×D values)."""
-        check_global_mean(global_mean)
-        if has_mean is None:
-            has_mean = np.isfinite(means).all(axis=1)
+        has_mean = np.isfinite(means).all(axis=1)
         if not has_mean.all():
             missing = np.isnan(means[~has_mean])
             partial = np.flatnonzero(~has_mean)[~missing.all(axis=1) & missing.any(axis=1)]
@@ -466,14 +472,23 @@ class Geometry:
                 raise ValueError(
                     "means holds Inf; class means must be finite (NaN rows mark absent classes)")
         present = np.flatnonzero(has_mean)
+        present_means = means if present.size == means.shape[0] else means[present]
+        return cls._from_present_means(present_means, present, means.shape[0], counts,
+                                       global_mean)
+
+    @classmethod
+    def _from_present_means(cls, present_means, present, num_classes, counts, global_mean):
+        """The geometry of the finite means ``present_means`` (C', D) of the classes
+        ``present`` among ``num_classes``, which it keeps as they are; counts already
+        checked (int64, or None)."""
+        check_global_mean(global_mean)
         if present.size < 2:
             raise ValueError(
                 f"found {present.size} class(es) with rows; neural collapse compares classes, so "
                 "at least 2 classes must have rows"
             )
-        label_rows = np.full(means.shape[0], -1, np.int64)
+        label_rows = np.full(num_classes, -1, np.int64)
         label_rows[present] = np.arange(present.size)
-        present_means = means if present.size == means.shape[0] else means[present]
         if global_mean == "classes":
             center = present_means.mean(axis=0)
         else:
@@ -493,15 +508,11 @@ class Geometry:
         check_between_scale(centred, present)
         centred_sq_norms = np.einsum("cd,cd->c", centred, centred)
         gram = None
-        if route_for(present.size, means.shape[1]) == "classes":
+        if route_for(present.size, present_means.shape[1]) == "classes":
             gram = centred_gram(centred)
-        geometry = cls(means=means, counts=counts, present=present, label_rows=label_rows,
-                       global_mean=center, centred=centred, centred_sq_norms=centred_sq_norms,
-                       gram=gram, global_mean_option=global_mean)
-        # The cached property's value, formed above: C'×D, not copied again (1 GB at the
-        # vocabulary shape of bench.bench_shapes).
-        geometry.__dict__["present_means"] = present_means
-        return geometry
+        return cls(present_means=present_means, counts=counts, present=present,
+                   label_rows=label_rows, global_mean=center, centred=centred,
+                   centred_sq_norms=centred_sq_norms, gram=gram, global_mean_option=global_mean)
 
     @classmethod
     def from_class_sums(cls, counts, sums, *, sum_errors=None, global_mean="classes"):
@@ -511,13 +522,15 @@ class Geometry:
         sums' additions; the means are then ``(sums + sum_errors) / counts``
         (``class_means``).
         """
-        means, counts = _class_means_and_counts(counts, sums, sum_errors)
+        present_means, counts = _class_means_and_counts(counts, sums, sum_errors,
+                                                        present_only=True)
+        present = np.flatnonzero(counts)
         # A class with rows has a finite mean exactly when its sum is finite.
-        has_mean = np.isfinite(means).all(axis=1)
-        overflowed = np.flatnonzero((counts > 0) & ~has_mean)
+        overflowed = present[~np.isfinite(present_means).all(axis=1)]
         if overflowed.size:
             raise ValueError(
                 f"the float64 sum of the rows of class {overflowed[0]} is not finite: pass 1 "
                 "refuses rows with NaN or Inf, so finite features added up past float64's "
                 f"{np.finfo(np.float64).max:.3g}; rescale the features")
-        return cls._from_own_means(means, counts, global_mean, has_mean)
+        return cls._from_present_means(present_means, present, counts.shape[0], counts,
+                                       global_mean)

@@ -29,7 +29,7 @@ from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf, 
 from conftest import (CONDITIONED_RTOL, NIGHTLY, centred_means, examples, geometry_rtol,
                       kernel_amplification, pair_gaps, smallest_unit_gap)
 from ncfast import metrics
-from ncfast.geometry import WEIGHTED_MEAN_ROWS, weighted_row_mean
+from ncfast.geometry import WEIGHTED_MEAN_ROWS, class_means, weighted_row_mean
 from ncfast.plan import eigen_diagonal
 from ncfast.report import PER_CLASS
 from ncfast.textbook import textbook_collapse
@@ -541,6 +541,26 @@ def test_float64_rows_far_from_the_origin_in_small_chunks_keep_their_spread(chun
                                                sum_errors=merged.sum_errors)
     np.testing.assert_allclose(geometry.means, report.means, rtol=0,
                                atol=2 * np.spacing(offset))  # two ulps
+
+
+@pytest.mark.parametrize("with_errors", [False, True], ids=["sums", "sums-and-errors"])
+def test_geometry_of_class_sums_keeps_only_the_present_means(with_errors):
+    """With empty classes the geometry holds the C'×D means of the classes with rows and
+    forms the C×D table (NaN rows) on first use: it held both, 1 GB each at 32,000
+    classes of 4096 features. Either way, exactly ``class_means``' numbers."""
+    rng = np.random.default_rng(11)
+    counts = np.array([3, 0, 5, 1, 0, 2])
+    sums = rng.normal(size=(6, 7)) * 1e3 * counts[:, None]
+    sum_errors = rng.normal(size=(6, 7)) * 1e-13 * counts[:, None] if with_errors else None
+    geometry = ncfast.Geometry.from_class_sums(counts, sums, sum_errors=sum_errors)
+    expected = class_means(counts, sums, sum_errors)
+    assert "means" not in vars(geometry)
+    np.testing.assert_array_equal(geometry.present_means, expected[[0, 2, 3, 5]])
+    assert geometry.present_means.flags.c_contiguous
+    np.testing.assert_array_equal(geometry.means, expected)  # NaN rows compare equal
+    assert (geometry.num_classes, geometry.num_features) == (6, 7)
+    whole = ncfast.Geometry.from_class_sums(counts + 1, sums, sum_errors=sum_errors)
+    assert whole.means is whole.present_means
 
 
 def test_ood_rows_and_their_mean_give_the_same_nc5():
