@@ -556,7 +556,10 @@ class IterableSource:
 
 def _is_row_of_numbers(item):
     """Whether an item of a chunk source is a row of numbers (rows of features passed
-    without labels) rather than a chunk tuple."""
+    without labels: a sequence of numbers, or a 1-D array or tensor) rather than a chunk
+    tuple."""
+    if getattr(item, "ndim", None) == 1:
+        return True
     return isinstance(item, (tuple, list)) and len(item) > 0 and \
         all(isinstance(value, numbers.Number) for value in item)
 

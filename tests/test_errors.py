@@ -537,11 +537,15 @@ def test_chunks_with_clean_labels_of_none_count_as_chunks_without_them(case):
 
 
 @pytest.mark.parametrize("rows", [[[1.0, 2.0], [3.0, 4.0]], [[0.5] * 5] * 3,
-                                  ((1, 2, 3), (4, 5, 6)), [[np.float32(1.0), np.float32(2.0)]]],
-                         ids=["pairs", "five", "int-tuples", "numpy-scalars"])
+                                  ((1, 2, 3), (4, 5, 6)), [[np.float32(1.0), np.float32(2.0)]],
+                                  [np.zeros(4, np.float32), np.ones(4, np.float32)],
+                                  [torch.zeros(3), torch.ones(3)]],
+                         ids=["pairs", "five", "int-tuples", "numpy-scalars", "1-D-arrays",
+                              "1-D-tensors"])
 def test_rows_of_numbers_without_labels_are_told_labels_are_missing(rows):
     """Read as a chunk source: rows of two numbers were (features, labels) chunks of 0-D
-    features ("found 0-D with shape ()"), other rows "a list; each chunk must be a tuple"."""
+    features ("found 0-D with shape ()"), other rows "a list; each chunk must be a tuple"
+    (1-D arrays: "chunk 0 of the source is a ndarray")."""
     with pytest.raises(TypeError, match=f"^labels is required: features is a "
                                         f"{type(rows).__name__} of rows of numbers, not of "
                                         r"\(features, labels\) chunk tuples; pass labels="):
