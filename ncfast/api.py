@@ -6,7 +6,7 @@ from ncfast.geometry import PINV_RTOL
 
 def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None, means=None,
              clean_labels=None, global_mean="classes", chunk_size=None, empty_classes="warn",
-             pinv_rtol=PINV_RTOL, device="auto", ood=None):
+             pinv_rtol=PINV_RTOL, device="auto", ood=None, progress=False):
     """Measure neural collapse of a set of features in two streaming passes.
 
     Parameters
@@ -53,6 +53,9 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
         Out-of-distribution features, or their mean: enables ``nc5``, the mean
         ``|cos|`` between each centred class mean and the OOD mean (Ammar et
         al. 2024).
+    progress : bool
+        Show a bar per stage on stderr (rich): the rows of pass 1, the tiles of
+        the class-pair sweep, the rows of pass 2. Off by default.
 
     Returns
     -------
@@ -63,4 +66,4 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
     return engine.run(backend, source, num_classes=num_classes, weights=weights, bias=bias,
                       means=means, clean_labels_given=clean_labels is not None,
                       global_mean=global_mean, empty_classes=empty_classes, pinv_rtol=pinv_rtol,
-                      ood=ood)
+                      ood=ood, progress=progress)

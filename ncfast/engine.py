@@ -9,6 +9,7 @@ A backend (``ncfast.backends``) supplies the chunks, the states chunks are
 added into, and the pair sweep's tiles.
 """
 import copy
+import functools
 import sys
 import warnings
 
@@ -21,6 +22,7 @@ from ncfast.geometry import PINV_RTOL, Geometry, check_global_mean
 from ncfast.inputs import as_array, host_array, plain_tensor, to_kernel_labels
 from ncfast.metrics import collapse_metrics, noise_metrics
 from ncfast.plan import build_plan, check_classifier
+from ncfast.progress import NO_PROGRESS, StageProgress, check_progress
 from ncfast.report import CollapseReport
 
 EMPTY_CLASS_POLICIES = ("warn", "ignore", "raise")
@@ -345,6 +347,8 @@ class ResidualPass:
     bias : array of shape (C,), optional
     backend : backend, optional
         Where the plans' pair sweeps run (the CPU by default).
+    progress : ncfast.progress.StageProgress, optional
+        Shows the tiles of the pair sweeps (none by default).
 
     Attributes
     ----------
@@ -355,11 +359,15 @@ class ResidualPass:
         ``clean_geometry``.
     """
 
-    def __init__(self, geometry, clean_geometry=None, *, weights=None, bias=None, backend=CPU):
-        self.stats = ResidualStats(build_plan(geometry, weights, bias, backend=backend))
+    def __init__(self, geometry, clean_geometry=None, *, weights=None, bias=None, backend=CPU,
+                 progress=NO_PROGRESS):
+        self.stats = ResidualStats(build_plan(
+            geometry, weights, bias, backend=backend,
+            progress=functools.partial(progress.stage, "class pairs", unit="tiles")))
         self.clean_stats = self.corrupted_stats = None
         if clean_geometry is not None:
-            clean_plan = build_plan(clean_geometry, backend=backend)
+            clean_plan = build_plan(clean_geometry, backend=backend, progress=functools.partial(
+                progress.stage, "class pairs of the clean rows", unit="tiles"))
             self.clean_stats = ResidualStats(clean_plan)
             self.corrupted_stats = ResidualStats(clean_plan)
 
@@ -538,7 +546,7 @@ def ood_mean_of(ood, num_features):
 
 def run(backend, source, *, num_classes=None, weights=None, bias=None, means=None,
         clean_labels_given=False, global_mean="classes", empty_classes="warn",
-        pinv_rtol=PINV_RTOL, ood=None):
+        pinv_rtol=PINV_RTOL, ood=None, progress=False):
     """The whole analysis on one backend: both passes and the report.
 
     Parameters
@@ -556,6 +564,7 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
     CollapseReport
     """
     check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol, global_mean=global_mean)
+    check_progress(progress)
     has_noise = clean_labels_given or source.carries_clean_labels
     if has_noise and means is not None:
         raise ValueError(NOISE_WITH_MEANS)
@@ -565,14 +574,17 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
     check_classifier(weights, bias, num_classes, num_features, copy=False)  # before pass 1
     ood_mean = None if ood is None else ood_mean_of(ood, num_features)
 
-    with source.context():
+    num_rows = getattr(source, "num_rows", None)  # None: not known before it is read
+    with source.context(), StageProgress(progress) as shown:
         clean_geometry = None
         if means is None:
             class_sums = ClassSums(num_classes, num_features, track_clean=has_noise)
             state = backend.pass1_state(class_sums)
-            for chunk in source.chunks(1):
-                state.update(chunk.features, chunk.labels, chunk.clean_labels,
-                             row_offset=chunk.offset)
+            with shown.stage("pass 1: class sums", num_rows) as rows_done:
+                for chunk in source.chunks(1):
+                    state.update(chunk.features, chunk.labels, chunk.clean_labels,
+                                 row_offset=chunk.offset)
+                    rows_done(chunk.features.shape[0])
             backend.finish_pass1(state, class_sums, source)
             geometry, clean_geometry = finalize_pass1(class_sums, global_mean=global_mean,
                                                       empty_classes=empty_classes)
@@ -584,7 +596,7 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
                                                   global_mean)
 
         residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias,
-                                     backend=backend)
+                                     backend=backend, progress=shown)
         states = backend.pass2_states(residual_pass, source)
         clean_label_rows = residual_pass.clean_label_rows
         if clean_label_rows is not None:
@@ -595,14 +607,16 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
         if means is None and source.rereads:
             rows_again = ClassSums(num_classes, num_features)
             rows_again_state = backend.pass1_state(rows_again)
-        for chunk in source.chunks(2):
-            for part, labels, include, corrupted in pass2_updates(
-                    chunk.labels, chunk.clean_labels, clean_label_rows):
-                states[part].update(chunk.features, labels, corrupted, include=include,
-                                    row_offset=chunk.offset)
-            if rows_again is not None:
-                rows_again_state.update(chunk.features, chunk.labels, None,
+        with shown.stage("pass 2: residuals", num_rows) as rows_done:
+            for chunk in source.chunks(2):
+                for part, labels, include, corrupted in pass2_updates(
+                        chunk.labels, chunk.clean_labels, clean_label_rows):
+                    states[part].update(chunk.features, labels, corrupted, include=include,
                                         row_offset=chunk.offset)
+                if rows_again is not None:
+                    rows_again_state.update(chunk.features, chunk.labels, None,
+                                            row_offset=chunk.offset)
+                rows_done(chunk.features.shape[0])
         backend.finish_pass2(states, residual_pass, source)
         if rows_again is not None:
             backend.finish_pass1(rows_again_state, rows_again, source)

@@ -112,7 +112,8 @@ class Pass2Plan:
                             self.mean_predictions, self.classifier_sq_radii)
 
 
-def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None):
+def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None,
+               progress=None):
     """The ``Pass2Plan`` of a geometry and an optional classifier.
 
     Parameters
@@ -124,6 +125,8 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         Runs the pair sweep (the CPU's worker threads by default).
     pair_tile : int, optional
         Classes per side of a sweep tile.
+    progress : callable, optional
+        Opens the progress stage of the pair sweep's tiles (``pair_sweep``).
 
     Returns
     -------
@@ -184,7 +187,8 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
                        gram=xp.asarray(geometry.gram) if classes_route else None,
                        keep_classifier_products=classes_route and every_class,
                        alongside=alongside,
-                       weight_rows=None if every_class else xp.asarray(present))
+                       weight_rows=None if every_class else xp.asarray(present),
+                       progress=progress)
     sq_norms = geometry.centred_sq_norms
     nearest = sweep.nearest_sq_distances - ROUNDING_RTOL * (sq_norms + sq_norms.max())
     ncc_sq_radii = NCC_RADIUS_FRACTION ** 2 * np.maximum(nearest, 0.0)

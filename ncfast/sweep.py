@@ -35,6 +35,7 @@ from ncfast.kernels.pairs import (CLOSE_SQ_DISTANCE_SHARE, COS, COS_W, DISTANCE,
                                   ETF_WW, LOG, LOG_INFINITE, MAXANGLE, MAXANGLE_W, PAIRS, RIESZ,
                                   RIESZ_INFINITE, SLOTS, UNCENTRED, UNCENTRED_OFF,
                                   UNIT_SQ_DISTANCE_FLOOR, TileSide)
+from ncfast.progress import NO_PROGRESS
 
 #: Classes per side of a CPU pair tile. The tile's GEMMs (``T × D`` by ``D × T``, float64)
 #: run faster the larger ``T``: on the 2-core development machine, with four GEMMs a tile
@@ -171,7 +172,7 @@ def to_host(array):
 
 def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend, tile=None,
                centred=None, gram=None, keep_classifier_products=False, alongside=(),
-               weight_rows=None):
+               weight_rows=None, progress=None):
     """Sweep every pair of classes once.
 
     Parameters
@@ -209,6 +210,10 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
         with rows, when some have none). The sweep gathers them a tile at a time
         rather than the caller copying them whole: at 32,000 classes of 4096
         features that copy was a 1 GB table beside the sweep's own.
+    progress : callable, optional
+        ``progress(total)`` opens a progress stage of the ``total`` tiles (as
+        ``ncfast.progress.StageProgress.stage`` with the rest bound), which each
+        tile advances when it is done.
 
     Returns
     -------
@@ -321,11 +326,14 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
             if rows != cols:
                 mean_weight_products[cols, rows] = dots[num_rows:, :num_cols].T
                 weight_gram[cols, rows] = dots[num_rows:, num_cols:].T
-        return backend.reduce_tile(
+        reduced = backend.reduce_tile(
             dots, geometry._replace(row_start=row_start, col_start=col_start),
             rows.stop - rows.start, cols.stop - cols.start)
+        tile_done()
+        return reduced
 
-    results = backend.map_tasks(run, len(alongside) + len(tasks))[len(alongside):]
+    with (progress or NO_PROGRESS.stage)(total=len(tasks)) as tile_done:
+        results = backend.map_tasks(run, len(alongside) + len(tasks))[len(alongside):]
     merged = TileSide.empty(num_means, finds_logits, xp)
     for (row_start, col_start), (_, row_side, col_side) in zip(tasks, results):
         _merge_side(xp, merged, row_start, row_side)

@@ -416,6 +416,59 @@ def test_progress_bar_counts_checkpoints_and_measures_bytes(monkeypatch):
     assert re.search(r"features done .* 1\.0/5\.0 MB", features)
 
 
+def test_collapse_progress_outside_a_terminal_is_a_line_per_stage(capsys):
+    """Pass 1's rows, the class-pair tiles (1100 classes: 3 tiles a side, 6 with i <= j)
+    and pass 2's rows; the report is the one without progress, which prints nothing."""
+    case = gaussian_classes(3000, 8, 1100, spread=0.5, seed=2)
+    chunks = [(case["features"][:1000], case["labels"][:1000]),
+              (case["features"][1000:], case["labels"][1000:])]
+    quiet = collapse(chunks, num_classes=1100, weights=case["weights"], empty_classes="ignore")
+    assert capsys.readouterr().err == ""
+    told = collapse(chunks, num_classes=1100, weights=case["weights"], empty_classes="ignore",
+                    progress=True)
+    assert told == quiet
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.sub(r" in [\d.]+ s$", "", line) for line in lines] == [
+        "ncfast: pass 1: class sums: 3,000 rows", "ncfast: class pairs: 6 tiles",
+        "ncfast: pass 2: residuals: 3,000 rows"]
+    noisy = with_label_noise(gaussian_classes(400, 6, CLASSES, seed=3), rate=0.2, seed=3)
+    collapse(noisy["features"], noisy["labels"], clean_labels=noisy["clean_labels"],
+             progress=True)
+    assert [line.split(": ")[1] for line in capsys.readouterr().err.splitlines()] == [
+        "pass 1", "class pairs", "class pairs of the clean rows", "pass 2"]
+    measured = collapse(noisy["features"], noisy["labels"])
+    collapse(noisy["features"], noisy["labels"], means=measured, progress=True)  # no pass 1
+    assert [line.split(": ")[1] for line in capsys.readouterr().err.splitlines()] == [
+        "class pairs", "pass 2"]
+
+
+def test_collapse_progress_on_a_terminal_is_bars_counted_from_any_thread(monkeypatch, capsys):
+    from ncfast.kernels.cpu import run_tasks
+    from ncfast.progress import StageProgress
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stderr is a terminal
+    shown = StageProgress(True)
+    with shown:
+        with shown.stage("tiles", 400, "tiles") as advance:
+            run_tasks(lambda task: [advance() for _ in range(100)], 4, 2)
+        with shown.stage("rows of a chunk source") as advance:
+            advance(7)
+    assert [(task.description, task.completed, task.total, task.fields["unit"])
+            for task in shown.bars.tasks] == [("tiles", 400, 400, "tiles"),
+                                              ("rows of a chunk source", 7, None, "rows")]
+    case = gaussian_classes(300, 6, CLASSES, seed=5)
+    assert collapse(case["features"], case["labels"], progress=True) == \
+        collapse(case["features"], case["labels"])
+    assert "ncfast: pass 1" not in capsys.readouterr().err  # bars (gone at the end), no lines
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_collapse_progress_must_be_a_bool(value):
+    case = gaussian_classes(100, 4, CLASSES)
+    with pytest.raises(TypeError, match="^progress must be True or False; found "):
+        collapse(case["features"], case["labels"], progress=value)
+
+
 def test_training_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
     from test_harness import SMALL
 

@@ -11,8 +11,10 @@ A backend supplies only what differs by device (see ``ncfast.engine``):
 - ``source(features, labels, clean_labels, chunk_size)``: a chunk source for
   its inputs (``label_summary()``, ``num_features``, ``carries_clean_labels``,
   ``chunks(pass_number)``, ``context()``: a context manager around both passes,
-  and ``rereads``: whether each pass iterates a chunk source again, whose rows
-  pass 2 then also sums by class to compare with pass 1's);
+  ``rereads``: whether each pass iterates a chunk source again, whose rows
+  pass 2 then also sums by class to compare with pass 1's, and ``num_rows``:
+  the rows of a pass, None when not known before it is read, the size of the
+  progress bars);
 - ``pass1_state(class_sums)`` / ``pass2_states(residual_pass, source)``: states
   that pass-1 and pass-2 chunks are added into (the public host states
   themselves on the CPU, device twins on the GPU), with ``update`` methods;

@@ -79,6 +79,11 @@ class HostSource:
         return num_features_of(self.host)
 
     @property
+    def num_rows(self):
+        """Rows of the input, or None for a chunk source (not known before it is read)."""
+        return getattr(self.host, "num_rows", None)
+
+    @property
     def carries_clean_labels(self):
         """Whether the chunks bring clean labels of their own (chunk sources)."""
         return carries_clean_labels(self.host)

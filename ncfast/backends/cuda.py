@@ -346,6 +346,10 @@ class StreamedSource:
         return self.host.num_features
 
     @property
+    def num_rows(self):
+        return self.host.num_rows
+
+    @property
     def carries_clean_labels(self):
         return self.host.carries_clean_labels
 
