@@ -179,9 +179,10 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
     ----------
     means : float64 array of shape (C', D), ``M̄`` (``backend.xp`` array): the class means
     global_mean : float64 array of shape (D,), ``mu_G``
-    weights : float64 array of shape (C', D), optional
+    weights : array of shape (C', D), optional
         Classifier rows of the same classes, in the same order; or, with
-        ``weight_rows``, the whole classifier (C rows).
+        ``weight_rows``, the whole classifier (C rows). Any float dtype: each tile's
+        rows are taken in float64.
     global_logits : float64 array of shape (C',), optional
         ``W mu_G + b`` of those rows (with ``weights`` only): the sweep then also
         finds each mean's two largest logits.
@@ -232,9 +233,10 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
     tasks = [(row, col) for row in starts for col in starts if col >= row]
 
     def gathered_weights(classes):
-        """The classifier rows of the classes in slice ``classes`` (a copy with
-        ``weight_rows``, else a view)."""
-        return weights[classes] if weight_rows is None else weights[weight_rows[classes]]
+        """The classifier rows of the classes in slice ``classes``, C-contiguous float64 (a
+        view of float64 rows without ``weight_rows``, else a copy)."""
+        rows = weights[classes] if weight_rows is None else weights[weight_rows[classes]]
+        return xp.ascontiguousarray(rows, dtype=xp.float64)
 
     # With a classifier and no Gram, every tile multiplies all four blocks: ``stacked``
     # holds ``[M~_I; W_I]`` for each tile I in turn, so that a tile is one GEMM of two

@@ -5,6 +5,8 @@ the sweep) and without.
 C' = 257, D = 300: the "classes" route, with Gram row blocks (``GRAM_ROWS``), sweep tiles
 (97) and projection tasks (``PROJECTION_ROWS``) that do not divide the sizes.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -275,3 +277,47 @@ def test_geometry_keeps_its_means_row_major_and_its_own(absent):
     np.testing.assert_array_equal(geometry.present_means, before[~np.isnan(before[:, 0])])
     means[0] += 1.0
     np.testing.assert_array_equal(geometry.present_means[0], before[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_plan_copies_the_classifier_after_the_pair_sweep(dtype):
+    """The sweep converts W a tile at a time; the plan's float64 copy of W is made after it,
+    so that the sweep's stacked [M~; W] (2 C' D float64) is not joined by a third table
+    (1 GB each at 32,000 classes of 4096 features). What build_plan holds when the sweep's
+    tiles start (tracemalloc, "features" route: C' > D) is the float32 W^T and M~^T, the
+    float32 eigenbasis of Sigma_B and the stacked copy, no float64 W. The plan is the same."""
+    import tracemalloc
+
+    from ncfast.progress import NO_PROGRESS
+
+    rng = np.random.default_rng(8)
+    num_classes, num_features = 2000, 64
+    geometry = Geometry.from_means(rng.standard_normal((num_classes, num_features)))
+    weights = rng.standard_normal((num_classes, num_features)).astype(dtype)
+    bias = rng.standard_normal(num_classes)
+    reference = build_plan(geometry, weights.astype(np.float64), bias, pair_tile=64)
+    held = []
+
+    def progress(total):
+        held.append(tracemalloc.get_traced_memory()[0])
+        return NO_PROGRESS.stage(total=total)
+
+    table = num_classes * num_features * 8
+    tracemalloc.start()
+    try:
+        plan = build_plan(geometry, weights, bias, pair_tile=64, progress=progress)
+    finally:
+        tracemalloc.stop()
+    expected = table // 2 + table // 2 + 4 * num_features ** 2 + 2 * table
+    assert expected <= held[0] < expected + table // 2
+    assert plan.weights.dtype == np.float64 and not np.shares_memory(plan.weights, weights)
+    np.testing.assert_array_equal(plan.weights, weights)
+    for name in ("global_logits", "logit_offsets", "mean_predictions", "classifier_sq_radii",
+                 "ncc_sq_radii", "weights_t"):
+        np.testing.assert_array_equal(getattr(plan, name), getattr(reference, name), name)
+    for field in dataclasses.fields(plan.sweep):
+        mine, theirs = getattr(plan.sweep, field.name), getattr(reference.sweep, field.name)
+        if isinstance(mine, np.ndarray):
+            np.testing.assert_array_equal(mine, theirs, field.name)
+        else:
+            assert mine == theirs or (mine != mine and theirs != theirs), field.name
