@@ -257,6 +257,14 @@ def _class_means_and_counts(counts, sums, sum_errors, present_only=False):
     return means, counts
 
 
+def means_fingerprint(means, global_mean):
+    """sha1 (hex) of the bytes of class means (C, D) and of a global mean (D,)
+    (``Geometry.fingerprint``)."""
+    digest = hashlib.sha1(np.ascontiguousarray(means).tobytes())
+    digest.update(global_mean.tobytes())
+    return digest.hexdigest()
+
+
 def check_between_scale(centred, present):
     """Refuse centred class means that coincide, or whose scale float32 cannot hold
     (``SCALE_RANGE``).
@@ -435,9 +443,7 @@ class Geometry:
 
     @cached_property
     def fingerprint(self):
-        digest = hashlib.sha1(np.ascontiguousarray(self.means).tobytes())
-        digest.update(self.global_mean.tobytes())
-        return digest.hexdigest()
+        return means_fingerprint(self.means, self.global_mean)
 
     @classmethod
     def from_means(cls, means, counts=None, *, global_mean="classes"):

@@ -35,7 +35,7 @@ import numpy as np
 from ncfast.accumulators import ClassSums, ResidualStats
 from ncfast.dumps import write_atomically
 from ncfast.engine import ResidualPass
-from ncfast.geometry import PINV_RTOL, Geometry
+from ncfast.geometry import PINV_RTOL, Geometry, means_fingerprint
 from ncfast.readers import read_error
 
 #: Version 5: a ``ClassSums`` state stores the rounding errors of its float64 sums
@@ -177,8 +177,11 @@ def _load_geometry(path, prefix, tensors, metadata):
     # The digest, where the file has one, has verified the means already; the fingerprint
     # also covers the global mean that this machine derives from them, which may differ in
     # its last bits from the saving machine's where ncfast took it with BLAS (states of
-    # global_mean="samples" before weighted_row_mean).
-    if _DIGEST_KEY not in metadata and geometry.fingerprint != metadata[f"{prefix}/fingerprint"]:
+    # global_mean="samples" before weighted_row_mean). It was taken of the means as stored:
+    # the geometry's own writes every NaN row as numpy's NaN, where a stored row may hold
+    # another (0/0 gives -NaN on x86).
+    if _DIGEST_KEY not in metadata and means_fingerprint(
+            means, geometry.global_mean) != metadata[f"{prefix}/fingerprint"]:
         raise ValueError(f"{path}: the stored class means do not match their fingerprint; "
                          f"{_CORRUPT}")
     return geometry

@@ -6,6 +6,7 @@ whenever a file carries one, and checks every array against the invariants of
 ``ClassSums`` and ``ResidualStats``, and the arrays against the identities
 between them (the only check of version-3 files, written before the digest).
 """
+import hashlib
 import json
 import os
 import platform
@@ -186,6 +187,32 @@ def test_a_version_3_state_still_loads(pass1_path, pass2_path, tmp_path, capsys)
                for part in ("stats", "clean_stats", "corrupted_stats"))
     assert main(["merge", str(pass1_path), "--out", str(tmp_path / "merged")]) == 0
     assert _read(tmp_path / "merged/pass1.safetensors")[1]["version"] == SUMS_ONLY_STATE_VERSION
+
+
+def test_a_version_3_state_with_negative_nan_rows_loads(tmp_path):
+    """The fingerprint of a version-3 file was taken of the means as stored; a geometry
+    writes its NaN rows as numpy's NaN, so a file whose empty classes hold -NaN (what
+    0/0 gives on x86) was refused as corrupt once the geometry formed its NaN rows itself."""
+    case = gaussian_classes(200, FEATURES, CLASSES, seed=9)
+    means = np.array([case["features"][case["labels"] == c].mean(axis=0)
+                      for c in range(CLASSES)])
+    means[1] = -np.nan
+    assert np.signbit(means[1]).all()
+    state = ResidualPass(Geometry.from_means(means))
+    kept = case["labels"] != 1
+    state.update(case["features"][kept], case["labels"][kept])
+    path = tmp_path / "pass2-v3.safetensors"
+    save_state(path, state)
+
+    def as_written_then(tensors, metadata):
+        tensors["geometry/means"] = means  # the -NaN row, as the older geometry kept it
+        metadata["geometry/fingerprint"] = hashlib.sha1(
+            means.tobytes() + state.stats.geometry.global_mean.tobytes()).hexdigest()
+
+    _rewrite(path, as_written_then, version=UNDIGESTED_STATE_VERSION)
+    loaded = load_state(path)
+    assert loaded.stats == state.stats
+    assert report_of(loaded) == report_of(state)
 
 
 def test_a_state_of_a_newer_version_is_refused_by_name(pass1_path):
