@@ -575,17 +575,19 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
     ood_mean = None if ood is None else ood_mean_of(ood, num_features)
 
     num_rows = getattr(source, "num_rows", None)  # None: not known before it is read
-    with source.context(), StageProgress(progress) as shown:
+    with source.context(), StageProgress(bool(progress)) as shown:
         clean_geometry = None
         if means is None:
             class_sums = ClassSums(num_classes, num_features, track_clean=has_noise)
             state = backend.pass1_state(class_sums)
+            # Each pass's stage ends after its finish, which waits for a GPU and raises for
+            # the first bad row.
             with shown.stage("pass 1: class sums", num_rows) as rows_done:
                 for chunk in source.chunks(1):
                     state.update(chunk.features, chunk.labels, chunk.clean_labels,
                                  row_offset=chunk.offset)
                     rows_done(chunk.features.shape[0])
-            backend.finish_pass1(state, class_sums, source)
+                backend.finish_pass1(state, class_sums, source)
             geometry, clean_geometry = finalize_pass1(class_sums, global_mean=global_mean,
                                                       empty_classes=empty_classes)
             pass1_counts = class_sums.counts
@@ -617,7 +619,7 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
                     rows_again_state.update(chunk.features, chunk.labels, None,
                                             row_offset=chunk.offset)
                 rows_done(chunk.features.shape[0])
-        backend.finish_pass2(states, residual_pass, source)
+            backend.finish_pass2(states, residual_pass, source)
         if rows_again is not None:
             backend.finish_pass1(rows_again_state, rows_again, source)
             check_same_class_sums(class_sums, rows_again, residual_pass.stats.sq_norm_sums,

@@ -8,10 +8,13 @@ per stage (gone when the analysis ends); elsewhere (a log file, a pipe), one
 plain line per finished stage, as ``ncfast analyze`` and ``ncfast train`` do.
 """
 import contextlib
+import sys
 import threading
 import time
 
+import numpy as np
 from rich.console import Console
+from rich.file_proxy import FileProxy
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -28,13 +31,17 @@ class StageProgress:
 
     def __init__(self, enabled):
         self.enabled = enabled
-        self.console = Console(stderr=True) if enabled else None
         self.bars = None
-        if enabled and (self.console.is_terminal or self.console.is_jupyter):
+        # Under a display of the caller's own (a rich Progress, which redirects stdout and
+        # stderr through proxies while it runs) a second one would draw over it: lines then,
+        # printed through the proxy, which shows them above the caller's bars.
+        inside_display = any(isinstance(stream, FileProxy) for stream in (sys.stdout, sys.stderr))
+        console = Console(stderr=True) if enabled and not inside_display else None
+        if console is not None and (console.is_terminal or console.is_jupyter):
             self.bars = Progress(TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
                                  TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=self.console, transient=True)
+                                 console=console, transient=True)
 
     def __enter__(self):
         if self.bars is not None:
@@ -62,6 +69,10 @@ class StageProgress:
         if self.bars is not None:
             task = self.bars.add_task(description, total=total, unit=unit)
             yield lambda steps=1: self.bars.advance(task, steps)  # rich's bars hold a lock
+            if total is None:  # a stage of unknown size ends where it got to
+                completed = next(shown.completed for shown in self.bars.tasks
+                                 if shown.id == task)
+                self.bars.update(task, total=completed)
             return
         done, lock, start = [0], threading.Lock(), time.perf_counter()
 
@@ -70,9 +81,8 @@ class StageProgress:
                 done[0] += steps
 
         yield advance
-        self.console.print(f"ncfast: {description}: {done[0]:,} {unit} in "
-                           f"{time.perf_counter() - start:.1f} s", markup=False,
-                           highlight=False, soft_wrap=True)
+        print(f"ncfast: {description}: {done[0]:,} {unit} in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr, flush=True)
 
 
 def _ignore(steps=1):
@@ -84,6 +94,6 @@ NO_PROGRESS = StageProgress(False)
 
 
 def check_progress(progress):
-    """Refuse a ``progress`` option that is not a bool."""
-    if not isinstance(progress, bool):
+    """Refuse a ``progress`` option that is not a bool (numpy's included)."""
+    if not isinstance(progress, (bool, np.bool_)):
         raise TypeError(f"progress must be True or False; found {progress!r}")

@@ -334,13 +334,14 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
         tile_done()
         return reduced
 
+    # The stage ends when the tiles are on the host (a GPU's run asynchronously).
     with (progress or NO_PROGRESS.stage)(total=len(tasks)) as tile_done:
         results = backend.map_tasks(run, len(alongside) + len(tasks))[len(alongside):]
-    merged = TileSide.empty(num_means, finds_logits, xp)
-    for (row_start, col_start), (_, row_side, col_side) in zip(tasks, results):
-        _merge_side(xp, merged, row_start, row_side)
-        _merge_side(xp, merged, col_start, col_side)
-    tile_sums = to_host(xp.stack([result[0] for result in results]))  # synchronize!
+        merged = TileSide.empty(num_means, finds_logits, xp)
+        for (row_start, col_start), (_, row_side, col_side) in zip(tasks, results):
+            _merge_side(xp, merged, row_start, row_side)
+            _merge_side(xp, merged, col_start, col_side)
+        tile_sums = to_host(xp.stack([result[0] for result in results]))  # synchronize!
     sums = dict(zip(SLOTS, tile_sums.sum(axis=0)))
     moments = {name: _merged_moments(tile_sums, slot, infinite)
                for name, slot, infinite in (("cos", COS, None), ("log", LOG, LOG_INFINITE),

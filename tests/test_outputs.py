@@ -453,13 +453,50 @@ def test_collapse_progress_on_a_terminal_is_bars_counted_from_any_thread(monkeyp
             run_tasks(lambda task: [advance() for _ in range(100)], 4, 2)
         with shown.stage("rows of a chunk source") as advance:
             advance(7)
-    assert [(task.description, task.completed, task.total, task.fields["unit"])
-            for task in shown.bars.tasks] == [("tiles", 400, 400, "tiles"),
-                                              ("rows of a chunk source", 7, None, "rows")]
+    # A stage of unknown size ends at its count (its bar kept running, unfinished).
+    assert [(task.description, task.completed, task.total, task.fields["unit"], task.finished)
+            for task in shown.bars.tasks] == [("tiles", 400, 400, "tiles", True),
+                                              ("rows of a chunk source", 7, 7, "rows", True)]
     case = gaussian_classes(300, 6, CLASSES, seed=5)
     assert collapse(case["features"], case["labels"], progress=True) == \
         collapse(case["features"], case["labels"])
     assert "ncfast: pass 1" not in capsys.readouterr().err  # bars (gone at the end), no lines
+
+
+def test_collapse_progress_under_the_callers_own_bars_is_lines(monkeypatch, capsys):
+    """A rich display already running (the caller's Progress) would be drawn over by a
+    second one: the stages are then told in lines, which rich prints above its bars."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from ncfast.progress import StageProgress
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stderr is a terminal
+    case = gaussian_classes(300, 6, CLASSES, seed=6)
+    screen = io.StringIO()
+    with Progress(console=Console(file=screen, force_terminal=True)) as theirs:
+        theirs.add_task("my epochs", total=3)
+        assert StageProgress(True).bars is None
+        collapse(case["features"], case["labels"], progress=True)
+    assert "ncfast: pass 2: residuals: 300 rows in" in screen.getvalue()
+
+
+@pytest.mark.parametrize("stage", ["pass1", "pass2"])
+def test_collapse_progress_tells_a_pass_done_only_once_its_finish_passed(stage, monkeypatch,
+                                                                         capsys):
+    """A GPU's pass ends with its finish (the wait for the device, the first bad row
+    raised): a pass whose finish raises is not told as done."""
+    from ncfast.backends.cpu import CpuBackend
+
+    def failing_finish(*args):
+        raise ValueError("row 7 of the device's chunk is bad")
+
+    monkeypatch.setattr(CpuBackend, f"finish_{stage}", staticmethod(failing_finish))
+    case = gaussian_classes(300, 6, CLASSES, seed=7)
+    with pytest.raises(ValueError, match="row 7"):
+        collapse(case["features"], case["labels"], progress=True)
+    told = capsys.readouterr().err
+    assert ("pass 1" in told) == (stage == "pass2") and "pass 2" not in told
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])
@@ -467,6 +504,8 @@ def test_collapse_progress_must_be_a_bool(value):
     case = gaussian_classes(100, 4, CLASSES)
     with pytest.raises(TypeError, match="^progress must be True or False; found "):
         collapse(case["features"], case["labels"], progress=value)
+    assert collapse(case["features"], case["labels"], progress=np.True_) == \
+        collapse(case["features"], case["labels"])
 
 
 def test_training_progress_outside_a_terminal_is_plain_lines(tmp_path, capsys):
