@@ -250,7 +250,7 @@ def _class_means_and_counts(counts, sums, sum_errors, present_only=False):
             means /= row_counts
         else:
             rows, row_counts = slice(None), counts[:, None]
-            means = sums / row_counts
+            means = np.divide(sums, row_counts, order="C")  # row-major whatever the sums
         if sum_errors is not None and np.any(sum_errors):  # zeros where the sums are exact
             means += sum_errors[rows] / row_counts
     means[row_counts[:, 0] == 0] = np.nan
@@ -305,6 +305,8 @@ class Geometry:
     ----------
     present_means : float64 array of shape (C', D), C-contiguous
         The means ``mu_c`` of the classes that have one, in the order of ``present``.
+    means : float64 array of shape (C, D)
+        Every class's mean, NaN rows for classes without one (formed on first use).
     counts : int64 array of shape (C,), or None
         Rows behind each mean, when known.
     present : int64 array of shape (C',)

@@ -559,8 +559,9 @@ def test_geometry_of_class_sums_keeps_only_the_present_means(with_errors):
     assert geometry.present_means.flags.c_contiguous
     np.testing.assert_array_equal(geometry.means, expected)  # NaN rows compare equal
     assert (geometry.num_classes, geometry.num_features) == (6, 7)
-    whole = ncfast.Geometry.from_class_sums(counts + 1, sums, sum_errors=sum_errors)
-    assert whole.means is whole.present_means
+    whole = ncfast.Geometry.from_class_sums(counts + 1, np.asfortranarray(sums),
+                                            sum_errors=sum_errors)
+    assert whole.means is whole.present_means and whole.present_means.flags.c_contiguous
 
 
 def test_ood_rows_and_their_mean_give_the_same_nc5():
