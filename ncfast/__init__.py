@@ -5,7 +5,8 @@ streaming and merging partial states yourself, the pass-1 state
 ``ClassSums``, ``finalize_pass1`` (its ``Geometry``), the pass-2 states
 ``ResidualStats`` (one set of rows) and ``ResidualPass`` (with label noise),
 whose ``report`` gives the ``CollapseReport``; ``release_scratch`` drops the
-chunk scratch that their ``update`` calls keep between chunks.
+chunk scratch that their ``update`` calls keep between chunks; ``StageProgress``
+shows ``collapse``'s stages in a rich display of the caller's.
 
 The names load on first use (PEP 562): ``import ncfast`` is instant, so the
 command line answers ``--help`` and Ctrl-C at once, before numpy, Numba and
@@ -21,10 +22,11 @@ _PUBLIC = {"collapse": "ncfast.api", "CollapseReport": "ncfast.report",
            "METRICS": "ncfast.report", "ClassSums": "ncfast.accumulators",
            "ResidualStats": "ncfast.accumulators", "ResidualPass": "ncfast.engine",
            "finalize_pass1": "ncfast.engine", "Geometry": "ncfast.geometry",
-           "release_scratch": "ncfast.kernels.cpu"}
+           "release_scratch": "ncfast.kernels.cpu", "StageProgress": "ncfast.progress"}
 
 __all__ = ["collapse", "CollapseReport", "ClassSums", "ResidualStats", "ResidualPass",
-           "finalize_pass1", "Geometry", "METRICS", "release_scratch", "__version__"]
+           "finalize_pass1", "Geometry", "METRICS", "release_scratch", "StageProgress",
+           "__version__"]
 
 
 def thread_setting_problem(environ=os.environ):

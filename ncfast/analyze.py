@@ -57,6 +57,7 @@ from ncfast.geometry import PINV_RTOL, Geometry
 from ncfast.inputs import (LabelSummary, check_chunk_size, file_problem, one_line,
                            plain_markup, tell, to_kernel_labels)
 from ncfast.kernels.cpu import largest_label, mark_labels
+from ncfast.progress import NO_PROGRESS, StageProgress
 from ncfast.readers import CheckpointArrays, file_layout, file_sha256, read_file
 from ncfast.report import DRAWN_CLASSES, METRICS
 
@@ -533,7 +534,7 @@ def _save_cache(path, cache, errors):
 
 
 def _measure_layer(checkpoint, layer, splits, num_classes, *, chunk_size, global_mean,
-                   pinv_rtol, on_bytes):
+                   pinv_rtol, on_bytes, stages):
     """Rows of one (checkpoint, layer): the anchor split first, others against its means."""
     arrays = checkpoint.arrays
     classifier = {}
@@ -561,7 +562,8 @@ def _measure_layer(checkpoint, layer, splits, num_classes, *, chunk_size, global
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 report = collapse(blocks, num_classes=num_classes, means=anchor,
-                                  global_mean=global_mean, pinv_rtol=pinv_rtol, **classifier)
+                                  global_mean=global_mean, pinv_rtol=pinv_rtol,
+                                  progress=stages, **classifier)
         except (ValueError, TypeError) as error:
             named = str(error).startswith(features.name)  # the reader's errors name it
             raise ValueError(str(error) if named else f"{features.name}: {error}") from None
@@ -696,6 +698,7 @@ def analyze(paths, *, layers=None, chunk_size=None, labels=None, clean_labels=No
                 _analyze_checkpoint(checkpoint, analysis, layers=layers, chunk_size=chunk_size,
                                     settings=settings, use_cache=use_cache,
                                     digests=digests, on_bytes=shown.read,
+                                    stages=shown.stages,
                                     cache_errors=cache_errors)
                 outcome = (f"{analysis.measured - before[0]} layer group(s) measured, "
                            f"{analysis.cached - before[1]} from cache")
@@ -740,8 +743,10 @@ class _Progress:
 
     On a terminal, a rich bar of checkpoints (counted) and features done
     (bytes: read, or their checkpoint's layer groups came from the cache or
-    failed, so that the bar ends full); elsewhere (a log file, a pipe), one
-    plain line per checkpoint, with the bytes done and those really read.
+    failed, so that the bar ends full), with the stages of the measurement
+    under way below them (``stages``, as ``collapse(progress=...)`` tells
+    them); elsewhere (a log file, a pipe), one plain line per checkpoint, with
+    the bytes done and those really read.
     """
 
     def __init__(self, num_checkpoints, total_bytes, *, enabled):
@@ -760,6 +765,10 @@ class _Progress:
             self.checkpoint_task = self.bar.add_task("checkpoints", total=num_checkpoints)
             self.byte_task = self.bar.add_task("features done (2 passes)", total=total_bytes,
                                                in_bytes=True)
+        # Each measurement's stages (the rows of its passes, the tiles of its class-pair
+        # sweep, the longest stage at many classes) as bars under these, on a terminal.
+        self.stages = StageProgress(True, bars=self.bar) if self.bar is not None \
+            else NO_PROGRESS
 
     def __enter__(self):
         if self.bar is not None:
@@ -812,7 +821,7 @@ def _feature_bytes(checkpoint, layers):
 
 
 def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, use_cache,
-                        digests, on_bytes, cache_errors):
+                        digests, on_bytes, stages, cache_errors):
     by_layer = _check_arrays(checkpoint, layers)
     num_classes = _num_classes(checkpoint)
     arrays = checkpoint.arrays
@@ -853,7 +862,8 @@ def _analyze_checkpoint(checkpoint, analysis, *, layers, chunk_size, settings, u
                 continue
         rows = _measure_layer(checkpoint, layer, splits, num_classes, chunk_size=chunk_size,
                               global_mean=settings["global_mean"],
-                              pinv_rtol=settings["pinv_rtol"], on_bytes=on_bytes)
+                              pinv_rtol=settings["pinv_rtol"], on_bytes=on_bytes,
+                              stages=stages)
         analysis.rows.extend(rows)
         analysis.measured += 1
         if use_cache:

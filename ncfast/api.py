@@ -53,9 +53,12 @@ def collapse(features, labels=None, *, num_classes=None, weights=None, bias=None
         Out-of-distribution features, or their mean: enables ``nc5``, the mean
         ``|cos|`` between each centred class mean and the OOD mean (Ammar et
         al. 2024).
-    progress : bool
-        Show a bar per stage on stderr (rich): the rows of pass 1, the tiles of
-        the class-pair sweep, the rows of pass 2. Off by default.
+    progress : bool or ncfast.StageProgress
+        Tell each stage on stderr: the rows of pass 1, the tiles of the
+        class-pair sweep, the rows of pass 2 (a rich bar each on a terminal or
+        in a notebook, a line each elsewhere). Off by default. A
+        ``StageProgress(True, bars=progress)`` shows them as bars of a rich
+        ``Progress`` of the caller's, running.
 
     Returns
     -------

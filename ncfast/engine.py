@@ -22,7 +22,7 @@ from ncfast.geometry import PINV_RTOL, Geometry, check_global_mean
 from ncfast.inputs import as_array, host_array, plain_tensor, to_kernel_labels
 from ncfast.metrics import collapse_metrics, noise_metrics
 from ncfast.plan import build_plan, check_classifier
-from ncfast.progress import NO_PROGRESS, StageProgress, check_progress
+from ncfast.progress import NO_PROGRESS, stage_progress
 from ncfast.report import CollapseReport
 
 EMPTY_CLASS_POLICIES = ("warn", "ignore", "raise")
@@ -564,7 +564,7 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
     CollapseReport
     """
     check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol, global_mean=global_mean)
-    check_progress(progress)
+    shown = stage_progress(progress)
     has_noise = clean_labels_given or source.carries_clean_labels
     if has_noise and means is not None:
         raise ValueError(NOISE_WITH_MEANS)
@@ -575,7 +575,7 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
     ood_mean = None if ood is None else ood_mean_of(ood, num_features)
 
     num_rows = getattr(source, "num_rows", None)  # None: not known before it is read
-    with source.context(), StageProgress(bool(progress)) as shown:
+    with source.context(), shown:
         clean_geometry = None
         if means is None:
             class_sums = ClassSums(num_classes, num_features, track_clean=has_noise)

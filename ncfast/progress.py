@@ -27,11 +27,19 @@ class StageProgress:
     Parameters
     ----------
     enabled : bool
+    bars : rich.progress.Progress, optional
+        A display of the caller's, running: each stage is a bar of it, removed when the
+        stage ends (``ncfast analyze`` shows the stages under its own bars this way;
+        ``collapse(..., progress=StageProgress(True, bars=my_progress))`` does the same
+        in a script's display).
     """
 
-    def __init__(self, enabled):
+    def __init__(self, enabled, *, bars=None):
         self.enabled = enabled
-        self.bars = None
+        self.borrowed = bars is not None
+        self.bars = bars
+        if self.borrowed:
+            return
         # Under a display of the caller's own (a rich Progress, which redirects stdout and
         # stderr through proxies while it runs) a second one would draw over it: lines then,
         # printed through the proxy, which shows them above the caller's bars.
@@ -44,12 +52,12 @@ class StageProgress:
                                  console=console, transient=True)
 
     def __enter__(self):
-        if self.bars is not None:
+        if self.bars is not None and not self.borrowed:
             self.bars.start()
         return self
 
     def __exit__(self, *exc_info):
-        if self.bars is not None:
+        if self.bars is not None and not self.borrowed:
             self.bars.stop()
 
     @contextlib.contextmanager
@@ -68,8 +76,12 @@ class StageProgress:
             return
         if self.bars is not None:
             task = self.bars.add_task(description, total=total, unit=unit)
-            yield lambda steps=1: self.bars.advance(task, steps)  # rich's bars hold a lock
-            if total is None:  # a stage of unknown size ends where it got to
+            try:
+                yield lambda steps=1: self.bars.advance(task, steps)  # rich's bars hold a lock
+            finally:
+                if self.borrowed:  # the caller's display outlives the analysis
+                    self.bars.remove_task(task)
+            if total is None and not self.borrowed:  # a stage of unknown size ends at its count
                 completed = next(shown.completed for shown in self.bars.tasks
                                  if shown.id == task)
                 self.bars.update(task, total=completed)
@@ -93,7 +105,18 @@ def _ignore(steps=1):
 NO_PROGRESS = StageProgress(False)
 
 
-def check_progress(progress):
-    """Refuse a ``progress`` option that is not a bool (numpy's included)."""
+def stage_progress(progress):
+    """The ``StageProgress`` of a ``progress`` option: a bool (numpy's included) or a
+    ``StageProgress`` itself.
+
+    Raises
+    ------
+    TypeError
+        For anything else.
+    """
+    if isinstance(progress, StageProgress):
+        return progress
     if not isinstance(progress, (bool, np.bool_)):
-        raise TypeError(f"progress must be True or False; found {progress!r}")
+        raise TypeError(f"progress must be True, False or an ncfast.StageProgress; "
+                        f"found {progress!r}")
+    return StageProgress(bool(progress))

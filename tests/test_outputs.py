@@ -499,10 +499,60 @@ def test_collapse_progress_tells_a_pass_done_only_once_its_finish_passed(stage, 
     assert ("pass 1" in told) == (stage == "pass2") and "pass 2" not in told
 
 
+def test_collapse_progress_into_the_callers_bars(monkeypatch):
+    """``StageProgress(True, bars=...)``: each stage is a bar of the caller's running
+    display, removed when it ends; the caller's own bars stay."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from ncfast.progress import StageProgress
+
+    case = gaussian_classes(300, 6, CLASSES, seed=8)
+    seen = []
+    with Progress(console=Console(file=io.StringIO(), force_terminal=True)) as theirs:
+        epochs = theirs.add_task("my epochs", total=3)
+        stages = StageProgress(True, bars=theirs)
+        original = theirs.add_task
+
+        def add_task(description, **fields):
+            seen.append((description, fields.get("total")))
+            return original(description, **fields)
+
+        monkeypatch.setattr(theirs, "add_task", add_task)
+        report = collapse(case["features"], case["labels"], progress=stages)
+        assert [task.id for task in theirs.tasks] == [epochs]
+    assert seen == [("pass 1: class sums", 300), ("class pairs", 1), ("pass 2: residuals", 300)]
+    assert report == collapse(case["features"], case["labels"])
+
+
+def test_analyze_shows_the_stages_under_its_bars_on_a_terminal(tmp_path, monkeypatch):
+    from ncfast.analyze import _Progress
+    from ncfast.progress import NO_PROGRESS, StageProgress
+
+    assert _Progress(1, 10, enabled=True).stages is NO_PROGRESS  # pytest's stderr: lines
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stderr is a terminal
+    shown = _Progress(1, 10, enabled=True)
+    assert shown.stages.bars is shown.bar and shown.stages.borrowed
+    opened, stage = [], StageProgress.stage
+
+    def recorded(self, description="", total=None, unit="rows"):
+        opened.append((description, self.borrowed))
+        return stage(self, description, total, unit)
+
+    monkeypatch.setattr(StageProgress, "stage", recorded)
+    analyze([_write_run(tmp_path / "run", epochs=(1,), noise=False)], progress=True,
+            use_cache=False)
+    # The train split, then the test split against its means (no pass 1).
+    assert opened == [("pass 1: class sums", True), ("class pairs", True),
+                      ("pass 2: residuals", True), ("class pairs", True),
+                      ("pass 2: residuals", True)]
+
+
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_collapse_progress_must_be_a_bool(value):
     case = gaussian_classes(100, 4, CLASSES)
-    with pytest.raises(TypeError, match="^progress must be True or False; found "):
+    with pytest.raises(TypeError, match="^progress must be True, False or an "
+                                        "ncfast.StageProgress; found "):
         collapse(case["features"], case["labels"], progress=value)
     assert collapse(case["features"], case["labels"], progress=np.True_) == \
         collapse(case["features"], case["labels"])
