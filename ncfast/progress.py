@@ -4,8 +4,11 @@
 pass 1, the tiles of the class-pair sweep (the longest stage at many classes:
 2016 tiles, 147 s of a 203 s analysis on two cores at 32,000 classes of 4096
 features) and the rows of pass 2. On a terminal or in a notebook, a rich bar
-per stage (gone when the analysis ends); elsewhere (a log file, a pipe), one
-plain line per finished stage, as ``ncfast analyze`` and ``ncfast train`` do.
+per stage (gone when the analysis ends); elsewhere (a log file, a pipe), and
+while a rich display of the caller's runs, one plain line per finished stage,
+as ``ncfast analyze`` and ``ncfast train`` print theirs. A ``StageProgress``
+given its caller's running display (``bars=``) adds the stages to it instead:
+``ncfast analyze`` shows them under its bars of checkpoints and bytes.
 """
 import contextlib
 import sys
