@@ -574,7 +574,7 @@ def run(backend, source, *, num_classes=None, weights=None, bias=None, means=Non
     check_classifier(weights, bias, num_classes, num_features, copy=False)  # before pass 1
     ood_mean = None if ood is None else ood_mean_of(ood, num_features)
 
-    num_rows = getattr(source, "num_rows", None)  # None: not known before it is read
+    num_rows = source.num_rows  # None: not known before it is read
     with source.context(), shown:
         clean_geometry = None
         if means is None:

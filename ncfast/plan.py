@@ -19,6 +19,7 @@ from ncfast.geometry import NCC_RADIUS_FRACTION, ROUNDING_RTOL, SCALE_RANGE, Geo
 from ncfast.inputs import host_array
 from ncfast.kernels import pairs
 from ncfast.kernels.cpu import ClassesRoute, dense_blas, run_tasks
+from ncfast.progress import NO_PROGRESS
 from ncfast.sweep import PairSweep, merge_top_logits, pair_sweep, to_host, top_two_logits
 
 #: A row whose residual is shorter than this fraction of its class's classifier
@@ -113,7 +114,7 @@ class Pass2Plan:
 
 
 def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None,
-               progress=None):
+               progress=NO_PROGRESS.stage):
     """The ``Pass2Plan`` of a geometry and an optional classifier.
 
     Parameters

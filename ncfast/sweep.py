@@ -172,7 +172,7 @@ def to_host(array):
 
 def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend, tile=None,
                centred=None, gram=None, keep_classifier_products=False, alongside=(),
-               weight_rows=None, progress=None):
+               weight_rows=None, progress=NO_PROGRESS.stage):
     """Sweep every pair of classes once.
 
     Parameters
@@ -212,9 +212,9 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
         rather than the caller copying them whole: at 32,000 classes of 4096
         features that copy was a 1 GB table beside the sweep's own.
     progress : callable, optional
-        ``progress(total)`` opens a progress stage of the ``total`` tiles (as
+        ``progress(total=...)`` opens a progress stage of the ``total`` tiles (as
         ``ncfast.progress.StageProgress.stage`` with the rest bound), which each
-        tile advances when it is done.
+        tile advances when it is done; none shown by default.
 
     Returns
     -------
@@ -335,7 +335,7 @@ def pair_sweep(means, global_mean, weights=None, global_logits=None, *, backend,
         return reduced
 
     # The stage ends when the tiles are on the host (a GPU's run asynchronously).
-    with (progress or NO_PROGRESS.stage)(total=len(tasks)) as tile_done:
+    with progress(total=len(tasks)) as tile_done:
         results = backend.map_tasks(run, len(alongside) + len(tasks))[len(alongside):]
         merged = TileSide.empty(num_means, finds_logits, xp)
         for (row_start, col_start), (_, row_side, col_side) in zip(tasks, results):
