@@ -19,6 +19,7 @@ import uuid
 import dask
 import dask.array as da
 import numpy as np
+from dask.callbacks import Callback
 
 from ncfast import errors
 from ncfast.accumulators import ClassSums
@@ -30,6 +31,7 @@ from ncfast.inputs import (ArraySource, LabelSummary, check_features, check_labe
                            is_torch_tensor, numpy_view)
 from ncfast.kernels.cpu import scratch_scope
 from ncfast.plan import check_classifier
+from ncfast.progress import stage_progress
 
 #: Blocks whose states one reduction task adds together.
 SPLIT_EVERY = 8
@@ -42,7 +44,8 @@ _KERNEL_LOCK = threading.Lock()
 
 def collapse(features, labels, *, num_classes=None, weights=None, bias=None, means=None,
              clean_labels=None, global_mean="classes", chunk_size=None, empty_classes="warn",
-             pinv_rtol=PINV_RTOL, ood=None, split_every=SPLIT_EVERY, scheduler=None):
+             pinv_rtol=PINV_RTOL, ood=None, split_every=SPLIT_EVERY, scheduler=None,
+             progress=False):
     """Measure neural collapse of a Dask array in two passes of block tasks.
 
     Runs on the active ``distributed.Client`` if there is one (Dask's default
@@ -89,12 +92,18 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
         Fan-in of the tree that adds the block states.
     scheduler : str or callable, optional
         Passed to ``dask.compute`` (e.g. ``"threads"``, ``"sync"``).
+    progress : bool or ncfast.StageProgress
+        As in ``ncfast.collapse``: the rows of each pass and the class-pair tiles.
+        Dask's local schedulers count a block's rows when its task ends; a
+        ``distributed.Client`` runs the tasks elsewhere, and a pass's rows are
+        counted when it returns (its dashboard shows the tasks).
 
     Returns
     -------
     CollapseReport
     """
     check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol, global_mean=global_mean)
+    shown = stage_progress(progress)
     if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
         raise ValueError(f"split_every must be an int of at least 2; found {split_every!r}")
     if clean_labels is not None and means is not None:
@@ -107,26 +116,67 @@ def collapse(features, labels, *, num_classes=None, weights=None, bias=None, mea
     check_classifier(weights, bias, num_classes, features.shape[1], copy=False)  # before pass 1
     ood_mean = None if ood is None else _ood_mean(ood, features.shape[1], compute)
     blocks = _row_blocks(features, labels, clean_labels)
+    block_rows = features.chunks[0]
 
-    clean_geometry = None
-    if means is None:
-        partial_sums = [dask.delayed(pass1_block, pure=True)(
-            *block, num_classes=num_classes, chunk_size=chunk_size) for block in blocks]
-        (class_sums,) = compute(_tree_sum(partial_sums, _add_class_sums, split_every))
-        geometry, clean_geometry = finalize_pass1(class_sums, global_mean=global_mean,
-                                                  empty_classes=empty_classes)
-    else:
-        geometry = geometry_from_means_option(means, num_classes, features.shape[1],
-                                              global_mean)
+    with shown:
+        clean_geometry = None
+        if means is None:
+            partial_sums = [dask.delayed(pass1_block, pure=True)(
+                *block, num_classes=num_classes, chunk_size=chunk_size) for block in blocks]
+            with shown.stage("pass 1: class sums", features.shape[0]) as rows_done, \
+                    _RowsDone(partial_sums, block_rows, rows_done):
+                (class_sums,) = compute(_tree_sum(partial_sums, _add_class_sums, split_every))
+            geometry, clean_geometry = finalize_pass1(class_sums, global_mean=global_mean,
+                                                      empty_classes=empty_classes)
+        else:
+            geometry = geometry_from_means_option(means, num_classes, features.shape[1],
+                                                  global_mean)
 
-    residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
-    empty_pass = dask.delayed(residual_pass, name=f"ncfast-empty-pass2-{uuid.uuid4().hex}")
-    partial_arrays = [dask.delayed(pass2_block, pure=True)(
-        empty_pass, *block, chunk_size=chunk_size) for block in blocks]
-    (totals,) = compute(_tree_sum(partial_arrays, _add_arrays, split_every))
+        residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias,
+                                     progress=shown)
+        empty_pass = dask.delayed(residual_pass, name=f"ncfast-empty-pass2-{uuid.uuid4().hex}")
+        partial_arrays = [dask.delayed(pass2_block, pure=True)(
+            empty_pass, *block, chunk_size=chunk_size) for block in blocks]
+        with shown.stage("pass 2: residuals", features.shape[0]) as rows_done, \
+                _RowsDone(partial_arrays, block_rows, rows_done):
+            (totals,) = compute(_tree_sum(partial_arrays, _add_arrays, split_every))
     for state_array, total in zip(residual_pass.sum_arrays(), totals):
         state_array += total
     return residual_pass.report(pinv_rtol=pinv_rtol, ood_mean=ood_mean)
+
+
+class _RowsDone(Callback):
+    """Counts a pass's rows into its progress stage as the block tasks end.
+
+    Dask's local schedulers call ``_posttask`` as each task ends; a
+    ``distributed.Client`` runs the tasks on its workers and calls nothing here,
+    so the rows not yet counted are counted when the pass's compute returns.
+
+    Parameters
+    ----------
+    block_tasks : list of dask.delayed.Delayed
+        One task per row block.
+    block_rows : tuple of int
+        Rows of each block.
+    rows_done : callable
+        The stage's ``advance(rows)``.
+    """
+
+    def __init__(self, block_tasks, block_rows, rows_done):
+        super().__init__()
+        self.rows_to_come = {task.key: rows for task, rows in zip(block_tasks, block_rows)}
+        self.rows_done = rows_done
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        rows = self.rows_to_come.pop(key, 0)
+        if rows:
+            self.rows_done(rows)
+
+    def __exit__(self, *exc_info):
+        super().__exit__(*exc_info)
+        rows = sum(self.rows_to_come.values())
+        if exc_info[0] is None and rows:
+            self.rows_done(rows)
 
 
 def _ood_mean(ood, num_features, compute):

@@ -387,3 +387,72 @@ def test_blocks_leave_no_scratch_with_the_worker():
     cpu.release_scratch()
     ncfast.dask.collapse(features, labels, chunk_size=CHUNK_SIZE, scheduler="threads")
     assert cpu.scratch_bytes() == 0
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_progress_counts_each_blocks_rows_as_its_task_ends(scheduler, monkeypatch, capsys):
+    """Dask's local schedulers: each pass's stage advances by a block's rows per block
+    task (the empty block adds nothing), between them the class-pair tiles; the report is
+    the one without progress, which prints nothing."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    case = gaussian_classes(1500, 8, 600, spread=0.5, seed=4)
+    row_chunks = uneven_row_chunks(1500, seed=5)
+    features, labels, options = as_dask(case, row_chunks)
+    quiet = ncfast.dask.collapse(features, labels, chunk_size=CHUNK_SIZE, scheduler=scheduler,
+                                 empty_classes="ignore", **options)
+    assert capsys.readouterr().err == ""
+    advanced = []
+    with Progress(console=Console(file=io.StringIO(), force_terminal=True)) as theirs:
+        descriptions = {}
+        add_task = theirs.add_task
+
+        def recorded_task(description, **fields):
+            task = add_task(description, **fields)
+            descriptions[task] = description
+            return task
+
+        monkeypatch.setattr(theirs, "add_task", recorded_task)
+        monkeypatch.setattr(theirs, "advance",
+                            lambda task, steps: advanced.append((descriptions[task], steps)))
+        told = ncfast.dask.collapse(features, labels, chunk_size=CHUNK_SIZE,
+                                    scheduler=scheduler, empty_classes="ignore",
+                                    progress=ncfast.StageProgress(True, bars=theirs), **options)
+    assert told == quiet
+    block_rows = sorted(rows for rows in row_chunks if rows)
+    assert sorted(steps for stage, steps in advanced if stage == "pass 1: class sums") == \
+        block_rows
+    assert sorted(steps for stage, steps in advanced if stage == "pass 2: residuals") == \
+        block_rows
+    assert [steps for stage, steps in advanced if stage == "class pairs"] == [1, 1, 1]
+
+    ncfast.dask.collapse(features, labels, chunk_size=CHUNK_SIZE, scheduler=scheduler,
+                         empty_classes="ignore", progress=True, **options)
+    lines = [line.rsplit(" in ", 1)[0] for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["ncfast: pass 1: class sums: 1,500 rows", "ncfast: class pairs: 3 tiles",
+                     "ncfast: pass 2: residuals: 1,500 rows"]
+
+
+def test_progress_on_a_cluster_counts_the_rows_when_the_pass_returns(client, capsys,
+                                                                      assert_same_report):
+    """A distributed.Client runs the block tasks on its workers, where no local callback
+    sees them: each pass's rows are counted when its compute returns."""
+    case = gaussian_classes(**CLUSTER_CASES["gaussian"])
+    features, labels, options = as_dask(case, uneven_row_chunks(len(case["labels"]), seed=6))
+    report = ncfast.dask.collapse(features, labels, chunk_size=CHUNK_SIZE, progress=True,
+                                  **options)
+    assert_same_report(report, single_process_report(case))
+    assert [line.split(" in ")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "ncfast: pass 1: class sums: 4,000 rows", "ncfast: class pairs: 1 tiles",
+        "ncfast: pass 2: residuals: 4,000 rows"]
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_progress_must_be_a_bool(value):
+    case = gaussian_classes(100, 4, 3)
+    with pytest.raises(TypeError, match="^progress must be True, False or an "):
+        ncfast.dask.collapse(da.from_array(case["features"], chunks=50), case["labels"],
+                             progress=value)
