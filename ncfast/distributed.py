@@ -27,6 +27,7 @@ from ncfast.geometry import PINV_RTOL
 from ncfast.inputs import ArraySource, as_array, check_features, plain_tensor
 from ncfast.kernels.cpu import release_pass1_scratch, release_scratch
 from ncfast.plan import check_classifier
+from ncfast.progress import stage_progress
 
 
 class DistributedCollapse:
@@ -67,6 +68,10 @@ class DistributedCollapse:
         As in ``ncfast.collapse``.
     group : ProcessGroup, optional
         The ranks that share the rows; the default group when None.
+    progress : bool or ncfast.StageProgress
+        As in ``ncfast.collapse``, on this rank: the class-pair tiles (and, in
+        ``collapse``, the rows of this rank's batches). Every rank that is given
+        ``True`` tells its own; ``progress=dist.get_rank() == 0`` tells one.
 
     Attributes
     ----------
@@ -88,8 +93,9 @@ class DistributedCollapse:
 
     def __init__(self, num_classes, num_features, *, weights=None, bias=None, means=None,
                  label_noise=False, global_mean="classes", chunk_size=None,
-                 empty_classes="warn", pinv_rtol=PINV_RTOL, group=None):
+                 empty_classes="warn", pinv_rtol=PINV_RTOL, group=None, progress=False):
         check_options(empty_classes=empty_classes, pinv_rtol=pinv_rtol, global_mean=global_mean)
+        self.progress = stage_progress(progress)
         if label_noise and means is not None:
             raise ValueError(NOISE_WITH_MEANS)
         self.num_features = num_features
@@ -121,8 +127,10 @@ class DistributedCollapse:
             self.class_sums = None
             geometry = geometry_from_means_option(means, num_classes, num_features,
                                                   global_mean)
-            self.residual_pass = ResidualPass(geometry, weights=self._classifier[0],
-                                              bias=self._classifier[1])
+            with self.progress:
+                self.residual_pass = ResidualPass(geometry, weights=self._classifier[0],
+                                                  bias=self._classifier[1],
+                                                  progress=self.progress)
             setup += np.ascontiguousarray(geometry.means).tobytes()
         self._setup_checksum = zlib.crc32(setup)
 
@@ -157,7 +165,9 @@ class DistributedCollapse:
         geometry, clean_geometry = finalize_pass1(
             self.class_sums, global_mean=self.global_mean, empty_classes=self.empty_classes)
         weights, bias = self._classifier
-        self.residual_pass = ResidualPass(geometry, clean_geometry, weights=weights, bias=bias)
+        with self.progress:
+            self.residual_pass = ResidualPass(geometry, clean_geometry, weights=weights,
+                                              bias=bias, progress=self.progress)
         if self.checks_same_rows:
             self._pass1_sums = self.class_sums
             self._rows_again = ClassSums(self.class_sums.num_classes, self.class_sums.num_features)
@@ -281,7 +291,8 @@ def collapse(batches, *, num_classes, num_features, group=None, **options):
     group : ProcessGroup, optional
     **options
         ``weights``, ``bias``, ``means``, ``label_noise``, ``global_mean``,
-        ``chunk_size``, ``empty_classes``, ``pinv_rtol`` of ``DistributedCollapse``.
+        ``chunk_size``, ``empty_classes``, ``pinv_rtol``, ``progress`` of
+        ``DistributedCollapse``.
 
     Returns
     -------
@@ -296,13 +307,21 @@ def collapse(batches, *, num_classes, num_features, group=None, **options):
                 "batches twice; pass a list or another re-iterable")
         return DistributedCollapse(num_classes, num_features, group=group, **options)
 
+    def feed(update, rows_done):
+        for batch in batches:
+            update(*batch)
+            rows_done(batch[0].shape[0])
+
     analysis = on_every_rank(set_up, group, "setting up the analysis")
-    if options.get("means") is None:
-        on_every_rank(lambda: [analysis.update_pass1(*batch) for batch in batches], group,
-                      "pass 1")
-        analysis.finalize_pass1()
-    on_every_rank(lambda: [analysis.update_pass2(*batch) for batch in batches], group, "pass 2")
-    return analysis.report()
+    shown = analysis.progress
+    with shown:
+        if options.get("means") is None:
+            with shown.stage("pass 1: class sums") as rows_done:
+                on_every_rank(lambda: feed(analysis.update_pass1, rows_done), group, "pass 1")
+            analysis.finalize_pass1()
+        with shown.stage("pass 2: residuals") as rows_done:
+            on_every_rank(lambda: feed(analysis.update_pass2, rows_done), group, "pass 2")
+        return analysis.report()
 
 
 def on_every_rank(work, group, what):

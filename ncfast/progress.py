@@ -25,7 +25,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 class StageProgress:
     """Tells an analysis's stages on stderr, or nothing when disabled.
 
-    Used as a context manager around the analysis; ``stage`` opens one stage.
+    Used as a context manager around the analysis (re-entrant: an inner ``with`` of the
+    same object neither restarts nor stops the bars); ``stage`` opens one stage.
 
     Parameters
     ----------
@@ -41,6 +42,7 @@ class StageProgress:
         self.enabled = enabled
         self.borrowed = bars is not None
         self.bars = bars
+        self._depth = 0  # of nested ``with`` blocks: the outermost starts and stops the bars
         if self.borrowed:
             return
         # Under a display of the caller's own (a rich Progress, which redirects stdout and
@@ -56,12 +58,16 @@ class StageProgress:
 
     def __enter__(self):
         if self.bars is not None and not self.borrowed:
-            self.bars.start()
+            if self._depth == 0:
+                self.bars.start()
+            self._depth += 1
         return self
 
     def __exit__(self, *exc_info):
         if self.bars is not None and not self.borrowed:
-            self.bars.stop()
+            self._depth -= 1
+            if self._depth == 0:
+                self.bars.stop()
 
     @contextlib.contextmanager
     def stage(self, description="", total=None, unit="rows"):

@@ -444,3 +444,35 @@ def test_pass_two_of_the_very_rows_of_pass_one_is_not_summed_again():
     shifted.finalize_pass1()
     shifted.update_pass2(features + 5.0, labels)
     shifted.report()  # not checked: the caller vouched for the rows
+
+
+def test_progress_tells_this_ranks_rows_and_the_class_pair_tiles(capsys):
+    """In one process (no group): ``collapse`` tells the rows of this rank's batches and
+    the tiles; the class API the tiles, from ``finalize_pass1``; the reports are those
+    without progress, which prints nothing."""
+    case = gaussian_classes(num_rows=900, num_features=8, num_classes=600, seed=4)
+    batches = [(torch.from_numpy(case["features"][start:start + 300]),
+                torch.from_numpy(case["labels"][start:start + 300]))
+               for start in range(0, 900, 300)]
+    options = {"num_classes": 600, "num_features": 8, "empty_classes": "ignore"}
+    quiet = collapse(batches, **options)
+    assert capsys.readouterr().err == ""
+    assert collapse(batches, progress=True, **options) == quiet
+    assert [line.rsplit(" in ", 1)[0] for line in capsys.readouterr().err.splitlines()] == [
+        "ncfast: pass 1: class sums: 900 rows", "ncfast: class pairs: 3 tiles",
+        "ncfast: pass 2: residuals: 900 rows"]
+    analysis = DistributedCollapse(600, 8, empty_classes="ignore", progress=True)
+    for batch in batches:
+        analysis.update_pass1(*batch)
+    analysis.finalize_pass1()
+    assert [line.rsplit(" in ", 1)[0] for line in capsys.readouterr().err.splitlines()] == [
+        "ncfast: class pairs: 3 tiles"]
+    for batch in batches:
+        analysis.update_pass2(*batch)
+    assert analysis.report() == quiet
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_progress_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="^progress must be True, False or an "):
+        DistributedCollapse(3, 4, progress=value)

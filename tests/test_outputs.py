@@ -463,6 +463,22 @@ def test_collapse_progress_on_a_terminal_is_bars_counted_from_any_thread(monkeyp
     assert "ncfast: pass 1" not in capsys.readouterr().err  # bars (gone at the end), no lines
 
 
+def test_stage_progress_is_reentrant(monkeypatch):
+    """An inner ``with`` of the same StageProgress (``ncfast.distributed``'s
+    ``finalize_pass1`` inside ``collapse``) neither restarts nor stops its bars."""
+    from ncfast.progress import StageProgress
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stderr is a terminal
+    shown = StageProgress(True)
+    with shown:
+        with shown:
+            assert shown.bars.live.is_started
+        assert shown.bars.live.is_started
+        with shown.stage("pass 2", 3) as advance:
+            advance(3)
+    assert not shown.bars.live.is_started
+
+
 def test_collapse_progress_under_the_callers_own_bars_is_lines(monkeypatch, capsys):
     """A rich display already running (the caller's Progress) would be drawn over by a
     second one: the stages are then told in lines, which rich prints above its bars."""
