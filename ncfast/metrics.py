@@ -200,11 +200,20 @@ def ood_orthogonality(geometry, ood_mean):
     ood_mean : float64 array of shape (D,)
         Mean of the out-of-distribution features, in the same feature space.
     """
-    direction = np.asarray(ood_mean, dtype=np.float64) - geometry.global_mean
+    ood_mean = np.asarray(ood_mean, dtype=np.float64)
+    direction = ood_mean - geometry.global_mean
     direction_norm = np.linalg.norm(direction)
-    if direction_norm == 0.0:
-        raise ValueError("the OOD mean equals the global mean of the class means, so NC5 "
-                         "(the angle between them) is undefined")
+    # Each mean is a float64 sum of rows over their number: about log2(rows) roundings of
+    # eps each, far fewer than 64. A direction within that of both means' norms is their
+    # rounding, and its angle noise.
+    rounding = 64.0 * np.finfo(np.float64).eps * (np.linalg.norm(ood_mean)
+                                                  + np.linalg.norm(geometry.global_mean))
+    if direction_norm <= rounding:
+        raise ValueError(
+            f"the OOD mean is the global mean of the class means up to float64 rounding "
+            f"(they differ by {direction_norm:.3g}), so NC5, the angle between the class "
+            "means and their difference, is undefined: give OOD features whose mean lies "
+            "elsewhere")
     with dense_blas(2.0 * geometry.centred.size):
         products = geometry.centred @ direction
     cosines = products / (np.sqrt(geometry.centred_sq_norms) * direction_norm)

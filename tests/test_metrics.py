@@ -572,6 +572,22 @@ def test_ood_rows_and_their_mean_give_the_same_nc5():
     assert from_rows.nc5 == pytest.approx(from_mean.nc5, rel=1e-12)
 
 
+@pytest.mark.parametrize("rounded", [False, True], ids=["exact", "rounded"])
+def test_an_ood_mean_at_the_global_mean_is_refused(rounded):
+    """NC5's direction is 0/0 there: OOD rows whose float64 mean is the global mean up
+    to rounding (an audit saw 0.153 from the rounding alone) are refused as the exact one
+    is; an OOD mean 1e-10 away relative to the means still measures."""
+    case = gaussian_classes(num_features=16, num_classes=6, offset=3.0, classifier=False)
+    global_mean = ncfast.collapse(case["features"], case["labels"]).means.mean(axis=0)
+    offset = np.random.default_rng(1).normal(size=16)
+    ood = np.vstack([global_mean + offset, global_mean - offset]) if rounded else global_mean
+    with pytest.raises(ValueError, match="^the OOD mean is the global mean of the class "
+                                         "means up to float64 rounding"):
+        ncfast.collapse(case["features"], case["labels"], ood=ood)
+    near = global_mean + 1e-10 * np.linalg.norm(global_mean) * offset / np.linalg.norm(offset)
+    assert 0.0 < ncfast.collapse(case["features"], case["labels"], ood=near).nc5 < 1.0
+
+
 def test_self_duality_over_tasks_of_rows_matches_textbook(monkeypatch):
     """NC3 summed over tasks of 3 class means (4 means with a row: tasks of 3 and 1, the
     classifier rows of the classes without one skipped) equals the textbook's."""
