@@ -310,7 +310,7 @@ def collapse(batches, *, num_classes, num_features, group=None, **options):
     def feed(update, rows_done):
         for batch in batches:
             update(*batch)
-            rows_done(batch[0].shape[0])
+            rows_done(len(batch[0]))
 
     analysis = on_every_rank(set_up, group, "setting up the analysis")
     shown = analysis.progress

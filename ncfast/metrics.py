@@ -203,9 +203,9 @@ def ood_orthogonality(geometry, ood_mean):
     ood_mean = np.asarray(ood_mean, dtype=np.float64)
     direction = ood_mean - geometry.global_mean
     direction_norm = np.linalg.norm(direction)
-    # Each mean is a float64 sum of rows over their number: about log2(rows) roundings of
-    # eps each, far fewer than 64. A direction within that of both means' norms is their
-    # rounding, and its angle noise.
+    # A direction within 64 float64 roundings of the two means' norms is their rounding,
+    # and its angle noise. (The mean of n rows spread far around it can be rounded by more,
+    # up to about n roundings of the spread: that is beyond what this sees.)
     rounding = 64.0 * np.finfo(np.float64).eps * (np.linalg.norm(ood_mean)
                                                   + np.linalg.norm(geometry.global_mean))
     if direction_norm <= rounding:
