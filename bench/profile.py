@@ -96,8 +96,8 @@ def narrow_stage_times(features, labels, stats):
                                            route.label_rows, route.classifier_sq_radii,
                                            far_logits)
         marks.append(time.perf_counter())
-        cpu.epilogue(coordinates, sq_norms[:size], block_labels, corrupted, far_mean_products,
-                     logits, route, partial)
+        cpu.epilogue(features[first:first + size], coordinates, sq_norms[:size], block_labels,
+                     corrupted, far_mean_products, logits, route, partial)
         marks.append(time.perf_counter())
         for name, begin, end in zip(totals, marks, marks[1:]):
             totals[name] += end - begin
@@ -157,8 +157,9 @@ def stage_times(features, labels, stats):
                                        buffers.far_residuals)
                 np.matmul(buffers.far_residuals, route.weights_t, out=buffers.far_logits)
             marks.append(time.perf_counter())
-            cpu.epilogue(buffers.products[:size], sq_norms[:size], block_labels, corrupted,
-                         buffers.far_mean_products, buffers.far_logits, route, partial)
+            cpu.epilogue(features[first:last], buffers.products[:size], sq_norms[:size],
+                         block_labels, corrupted, buffers.far_mean_products,
+                         buffers.far_logits, route, partial)
             marks.append(time.perf_counter())
             for name, begin, end in zip(totals, marks, marks[1:]):
                 totals[name] += end - begin

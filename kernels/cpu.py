@@ -996,6 +996,140 @@ def first_argmin(values):
     return index
 
 
+#: Relative float64 rounding of a score's last operations (its float32 product converted
+#: and added to a float64 offset), added to a near-tie threshold in ``near_tie_threshold``.
+SCORE_ROUNDING = 8.0 * 2.0 ** -53
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def near_tie_threshold(band, sq_norm, best_score):
+    """How far above a row's best float32-route score another score may lie and still
+    be the exact best (``ncfast.plan.near_tie_bands``).
+
+    Parameters
+    ----------
+    band : float64 array of shape (3,), ``(q2, q1, q0)``
+    sq_norm : float
+        ``||r||^2`` of the row.
+    best_score : float
+        The smallest score (a squared-distance score, or a negated logit).
+    """
+    norm = np.sqrt(sq_norm)
+    return (band[0] * norm + band[1]) * norm + band[2] + SCORE_ROUNDING * abs(best_score)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def copy_row(features, i, out_row):
+    """Row ``i`` of ``features`` into the float64 scratch ``out_row`` (exact), so that
+    the float64 scores below run the same code whatever the chunk's dtype and layout."""
+    for j in range(out_row.shape[0]):
+        out_row[j] = features[i, j]
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def exact_sq_distance(row, means, k):
+    """``||h - mu_k||^2`` in float64 from the row itself (``row`` from ``copy_row``)."""
+    sq_distance = 0.0
+    for j in range(row.shape[0]):
+        difference = row[j] - means[k, j]
+        sq_distance += difference * difference
+    return sq_distance
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def exact_logit(row, weights, bias, c):
+    """``w_c . h + b_c`` in float64 from the row itself (``row`` from ``copy_row``)."""
+    logit = 0.0
+    for j in range(row.shape[0]):
+        logit += weights[c, j] * row[j]
+    return logit + bias[c]
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def has_rival(scores, best, limit):
+    """Whether a score other than ``scores[best]`` is at most ``limit`` (one branch-free
+    sweep: most rows have none)."""
+    rivals = 0
+    for k in range(scores.shape[0]):
+        rivals += scores[k] <= limit
+    return rivals > 1
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def settle_nearest(features, i, means, scores, best, threshold):
+    """The first nearest mean of row ``i``, decided in float64 where float32 cannot.
+
+    ``scores`` are the float32 route's scores of every mean (smaller is
+    nearer, each within half of ``threshold`` of an exact score shifted by a
+    constant of the row, ``ncfast.plan.near_tie_bands``). A mean whose score
+    is more than ``threshold`` above the best cannot be the nearest; when
+    ``best`` is the only one within it, it is the answer; otherwise the
+    contenders' squared distances are computed in float64 from the row and
+    the first smallest wins. The result depends on the row alone, not on the
+    rounding of the block the row was multiplied in.
+
+    Parameters
+    ----------
+    features : array of shape (n, D)
+    i : int
+    means : float64 array of shape (C', D)
+    scores : float64 array of shape (C',)
+    best : int, first argmin of ``scores``
+    threshold : float, ``near_tie_threshold``
+
+    Returns
+    -------
+    int
+    """
+    limit = scores[best] + threshold
+    if not has_rival(scores, best, limit):
+        return best
+    row = np.empty(features.shape[1])
+    copy_row(features, i, row)
+    choice, smallest = best, np.inf
+    for k in range(scores.shape[0]):
+        if scores[k] <= limit:
+            sq_distance = exact_sq_distance(row, means, k)
+            if sq_distance < smallest:
+                choice, smallest = k, sq_distance
+    return choice
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def settle_largest(features, i, weights, bias, negated_logits, best, threshold):
+    """The classifier's first argmax for row ``i``, decided in float64 where float32 cannot.
+
+    As ``settle_nearest``, on the negated float32-route logits, with the
+    contenders' logits ``w_c . h + b_c`` computed in float64 from the row.
+
+    Parameters
+    ----------
+    features : array of shape (n, D)
+    i : int
+    weights : float64 array of shape (C, D)
+    bias : float64 array of shape (C,)
+    negated_logits : float64 array of shape (C,)
+    best : int, first argmin of ``negated_logits``
+    threshold : float, ``near_tie_threshold``
+
+    Returns
+    -------
+    int
+    """
+    limit = negated_logits[best] + threshold
+    if not has_rival(negated_logits, best, limit):
+        return best
+    row = np.empty(features.shape[1])
+    copy_row(features, i, row)
+    choice, largest = best, -np.inf
+    for c in range(negated_logits.shape[0]):
+        if negated_logits[c] <= limit:
+            logit = exact_logit(row, weights, bias, c)
+            if logit > largest:
+                choice, largest = c, logit
+    return choice
+
+
 @njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
 def beyond_radius(sq_norm, sq_radius):
     """Whether a row is not strictly inside a radius around its class mean (a NaN norm
@@ -1042,8 +1176,8 @@ def gather_rows_beyond(values, sq_norms, labels, label_rows, sq_radii, out_rows)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def epilogue(products, sq_norms, labels, corrupted, far_mean_products, far_logits, route,
-             sums):
+def epilogue(features, products, sq_norms, labels, corrupted, far_mean_products, far_logits,
+             route, sums):
     """Fused pass over one block's GEMM output: NC1 scatter, NCC, classifier argmax, tallies.
 
     ``products`` holds ``a = V^T z``, the coordinates of ``z = M~ r`` in the
@@ -1056,11 +1190,15 @@ def epilogue(products, sq_norms, labels, corrupted, far_mean_products, far_logit
     The classifier's prediction of a row inside its classifier radius is
     that of its class mean (``mean_predictions``); for the other rows
     ``far_logits`` holds ``W r``, the logits are ``W r + (W mu_y + b)``, and
-    their first argmax is the first argmin of their negation. Runs on one
-    thread, without the GIL.
+    their first argmax is the first argmin of their negation. Where another
+    mean or class comes within the float32 route's rounding of the best, the
+    decision is taken in float64 from the row (``settle_nearest``,
+    ``settle_largest``), so that it does not depend on the block. Runs on
+    one thread, without the GIL.
 
     Parameters
     ----------
+    features : array of shape (n, D), the rows themselves
     products : float32 array of shape (n, C'), ``R M~^T V``
     sq_norms : float64 array of shape (n,), ``||r_i||^2``
     labels : int64 array of shape (n,), every label has a mean
@@ -1094,6 +1232,9 @@ def epilogue(products, sq_norms, labels, corrupted, far_mean_products, far_logit
             for k in range(num_means):
                 scores[k] = route.mean_sq_distances[row, k] - 2.0 * np.float64(far_mean_products[far, k])
             best_k = first_argmin(scores)
+            threshold = near_tie_threshold(route.ncc_band, sq_norms[i], scores[best_k])
+            if has_rival(scores, best_k, scores[best_k] + threshold):
+                best_k = settle_nearest(features, i, route.means, scores, best_k, threshold)
             far += 1
 
         ncc_predictions[i] = route.present_classes[best_k]
@@ -1105,6 +1246,11 @@ def epilogue(products, sq_norms, labels, corrupted, far_mean_products, far_logit
                     negated_logits[c] = -(np.float64(far_logits[uncertain, c])
                                           + route.logit_offsets[row, c])
                 best_c = first_argmin(negated_logits)
+                threshold = near_tie_threshold(route.classifier_band, sq_norms[i],
+                                               negated_logits[best_c])
+                if has_rival(negated_logits, best_c, negated_logits[best_c] + threshold):
+                    best_c = settle_largest(features, i, route.weights, route.bias,
+                                            negated_logits, best_c, threshold)
                 uncertain += 1
             classifier_predictions[i] = best_c
 
@@ -1176,7 +1322,7 @@ def residual_blocks(features, labels, corrupted, route, buffers, out_sq_norms, s
                                    route.label_rows, route.classifier_sq_radii,
                                    buffers.far_residuals)
                 sgemm(buffers.far_residuals, route.weights_t, buffers.far_logits)
-        epilogue(buffers.products[:size], sq_norms, block_labels,
+        epilogue(features[first:last], buffers.products[:size], sq_norms, block_labels,
                  corrupted[first:last] if has_corrupted else corrupted,
                  buffers.far_mean_products, buffers.far_logits, route, sums)
     return True
@@ -1245,6 +1391,10 @@ class ClassesRoute(NamedTuple):
     mean_predictions : int64 array of shape (C',), first argmax of each row of
         ``logit_offsets``
     classifier_sq_radii : float64 array of shape (C',)
+    weights : float64 array of shape (C_w, D), ``W``
+    bias : float64 array of shape (C_w,)
+    ncc_band, classifier_band : float64 arrays of shape (3,)
+        Coefficients of ``near_tie_threshold`` (``ncfast.plan.near_tie_bands``).
     """
 
     label_rows: np.ndarray
@@ -1258,6 +1408,10 @@ class ClassesRoute(NamedTuple):
     logit_offsets: np.ndarray
     mean_predictions: np.ndarray
     classifier_sq_radii: np.ndarray
+    weights: np.ndarray
+    bias: np.ndarray
+    ncc_band: np.ndarray
+    classifier_band: np.ndarray
 
 
 class Pass2Sums(NamedTuple):

@@ -300,7 +300,7 @@ def narrow_blocks(features, labels, corrupted, route, columns, buffers, out_sq_n
         if num_logits > 0:
             far_logits, _ = rows_beyond(logits[:size], sq_norms, block_labels, route.label_rows,
                                         route.classifier_sq_radii, buffers.far_logits)
-        epilogue(coordinates[:size], sq_norms, block_labels,
+        epilogue(features[first:first + size], coordinates[:size], sq_norms, block_labels,
                  corrupted[first:first + size] if has_corrupted else corrupted,
                  buffers.far_mean_products, far_logits, route, sums)
     return True

@@ -567,10 +567,10 @@ class ResidualStats:
         far = np.flatnonzero(~(sq_norms < plan.ncc_sq_radii[geometry.label_rows[labels]]))
         centred = _centred_rows(features, far, geometry.global_mean)
         if far.size:
-            scores, rows = np.full(far.size, np.inf), np.zeros(far.size, np.int64)
-            self._fold_class_tiles(centred, plan.projection_t, geometry.centred_sq_norms,
-                                   tiles.nearest_in_tile, scores, rows)
-            predictions[far] = geometry.present[rows]
+            nearest = self._search_class_tiles(
+                features, far, centred, plan.projection_t, geometry.centred_sq_norms, -2.0,
+                plan.present_means, None, sq_norms, plan.ncc_band)
+            predictions[far] = geometry.present[nearest]
         return far, centred, predictions
 
     def _classifier_predictions(self, features, labels, sq_norms, far, centred):
@@ -587,34 +587,48 @@ class ResidualStats:
         predictions = plan.mean_predictions[mean_rows]
         uncertain = np.flatnonzero(~(sq_norms < plan.classifier_sq_radii[mean_rows]))
         if uncertain.size:
-            logits = np.full(uncertain.size, -np.inf)
-            classes = np.zeros(uncertain.size, np.int64)
             if uncertain.size != far.size or (uncertain != far).any():
                 centred = _centred_rows(features, uncertain, geometry.global_mean)
-            self._fold_class_tiles(centred, plan.weights_t, plan.logit_offsets,
-                                   tiles.largest_in_tile, logits, classes)
-            predictions[uncertain] = classes
+            predictions[uncertain] = self._search_class_tiles(
+                features, uncertain, centred, plan.weights_t, -plan.logit_offsets, -1.0,
+                plan.weights, plan.bias, sq_norms, plan.classifier_band)
         return predictions
 
-    def _fold_class_tiles(self, centred, columns_t, offsets, fold, best, best_index):
-        """Fold ``centred @ columns_t`` into a running best per row, one class tile at a time.
+    def _search_class_tiles(self, features, rows, centred, columns_t, offsets, scale,
+                            reference, bias, sq_norms, band):
+        """Each row's first smallest score ``offsets + scale * (h~ @ columns_t)``, over
+        class tiles, settled in float64 where float32 cannot decide.
 
         Tasks of ``FOLD_TASK_ROWS`` rows run on the worker threads, each
         multiplying its rows by one class tile after another on one BLAS
-        thread and folding the products while they are in cache (a
+        thread and folding the products into the rows' smallest scores while
+        they are in cache (``ncfast.kernels.tiles.fold_smallest``; a
         multithreaded product per tile left its threads spinning beside the
-        fold). Each row's best does not depend on how rows are split.
+        fold); ``ncfast.kernels.tiles.settle_rows`` then decides between the
+        contenders. Each row's answer depends on the row alone, not on how
+        rows are split.
 
         Parameters
         ----------
-        centred : float32 array of shape (n, D), ``h - mu_G``
+        features : array of shape (N, D), the chunk
+        rows : int64 array of shape (n,), the rows searched
+        centred : float32 array of shape (n, D), ``h - mu_G`` of those rows
         columns_t : float32 array of shape (D, k), centred means or ``W^T``
-        offsets : float64 array of shape (k,), added to each column's products
-        fold : ``ncfast.kernels.tiles.nearest_in_tile`` or ``largest_in_tile``
-        best, best_index : arrays of shape (n,), updated
+        offsets : float64 array of shape (k,), added to each column's scaled products
+        scale : float, -2 (nearest centre) or -1 (negated logits)
+        reference : float64 array of shape (k, D), the present means or ``W``
+        bias : float64 array of shape (k,), or None for the nearest centre
+        sq_norms : float64 array of shape (N,), ``||r||^2`` of the chunk's rows
+        band : float64 array of shape (3,), the near-tie band (``Pass2Plan``)
+
+        Returns
+        -------
+        int64 array of shape (n,), the column of each row
         """
         num_rows, num_columns = len(centred), columns_t.shape[1]
         tile = self.class_tile or FOLD_TILE_COLUMNS
+        best = np.full((num_rows, tiles.KEPT_SCORES), np.inf)
+        best_index = np.zeros((num_rows, tiles.KEPT_SCORES), np.int64)
 
         def fold_task(task):
             rows = slice(task * FOLD_TASK_ROWS, min((task + 1) * FOLD_TASK_ROWS, num_rows))
@@ -624,9 +638,14 @@ class ResidualStats:
                 stop = min(start + tile, num_columns)
                 tile_products = products[:len(task_rows), :stop - start]
                 np.matmul(task_rows, columns_t[:, start:stop], out=tile_products)
-                fold(tile_products, offsets[start:stop], start, best[rows], best_index[rows])
+                tiles.fold_smallest(tile_products, offsets[start:stop], scale, start,
+                                    best[rows], best_index[rows])
 
         cpu.run_tasks(fold_task, -(-num_rows // FOLD_TASK_ROWS), numba.get_num_threads())
+        choices = np.empty(num_rows, np.int64)
+        tiles.settle_rows(features, rows, reference, np.zeros(0) if bias is None else bias,
+                          bias is None, best, best_index, sq_norms, band, choices)
+        return choices
 
     def check_compatible(self, other):
         """Raise TypeError or ValueError unless ``other`` can be added to this state."""

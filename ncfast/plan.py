@@ -68,6 +68,9 @@ class Pass2Plan:
     classifier_sq_radii : float64 array of shape (C',)
         A row inside takes its mean's prediction (``classifier_radii``; on
         the "features" route ``bounded_classifier_radii``); 0 without a classifier.
+    ncc_band, classifier_band : float64 arrays of shape (3,)
+        Coefficients of the near-tie threshold of a row's nearest mean and of
+        its classifier argmax (``near_tie_bands``).
     classifier_fingerprint : str
         Digest of the classifier ("" without one), computed on first use;
         states built with different classifiers refuse to merge.
@@ -87,6 +90,8 @@ class Pass2Plan:
     logit_offsets: np.ndarray
     mean_predictions: np.ndarray
     classifier_sq_radii: np.ndarray
+    ncc_band: np.ndarray
+    classifier_band: np.ndarray
 
     @property
     def route(self):
@@ -107,10 +112,14 @@ class Pass2Plan:
     def classes_route(self):
         """The arrays of the "classes" route kernels (``ncfast.kernels.cpu.ClassesRoute``)."""
         geometry = self.geometry
+        weights, bias = self.weights, self.bias
+        if weights is None:
+            weights, bias = np.zeros((0, geometry.num_features)), np.zeros(0)
         return ClassesRoute(geometry.label_rows, geometry.present, self.present_means,
                             self.projection_t, self.ncc_sq_radii, geometry.mean_sq_distances,
                             self.eigenvectors_t, self.weights_t, self.logit_offsets,
-                            self.mean_predictions, self.classifier_sq_radii)
+                            self.mean_predictions, self.classifier_sq_radii, weights, bias,
+                            self.ncc_band, self.classifier_band)
 
 
 def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None,
@@ -222,13 +231,100 @@ def build_plan(geometry, weights=None, bias=None, *, backend=CPU, pair_tile=None
         if weights is not None:
             mean_predictions, classifier_sq_radii = bounded_classifier_radii(
                 geometry, sweep, weights, bias)
+    ncc_band, classifier_band = near_tie_bands(geometry, weights, bias)
     return Pass2Plan(geometry=geometry, weights=weights, bias=bias, sweep=sweep,
                      present_means=present_means, projection_t=projection_t,
                      eigenvectors_t=eigenvectors_t, between_basis=between_basis,
                      ncc_sq_radii=ncc_sq_radii,
                      weights_t=weights_t, global_logits=global_logits,
                      logit_offsets=logit_offsets, mean_predictions=mean_predictions,
-                     classifier_sq_radii=classifier_sq_radii)
+                     classifier_sq_radii=classifier_sq_radii, ncc_band=ncc_band,
+                     classifier_band=classifier_band)
+
+
+#: Factor on the near-tie bounds of ``near_tie_bands``: the terms each bound leaves out
+#: (products of two roundings, V's departure from orthogonality) are far below it.
+NEAR_TIE_SAFETY = 2.0
+
+
+def near_tie_bands(geometry, weights=None, bias=None):
+    """Coefficients of the threshold below which pass 2 decides a prediction in float64.
+
+    Pass 2 scores the means and classes of a row beyond its radius from float32
+    products: on the "classes" route the NCC score of mean k is
+    ``K[y, k] - 2 z_k`` (``z = V a``, ``a = (M~^T V)^T r``, two float32 GEMMs of
+    D and C' terms) and the logit ``(W r)_c + L[y, c]``; on the "features"
+    route ``||mu~_k||^2 - 2 h~.mu~_k`` and ``(W h~)_c + (W mu_G + b)_c`` with
+    ``h~ = h - mu_G``. Each differs from its exact value (up to a constant of
+    the row) by at most ``delta``, and the float64 score of the row itself
+    (``||h - mu_k||^2``, ``w_c . h + b_c``; ``ncfast.kernels.cpu.exact_sq_distance``,
+    ``exact_logit``) by at most ``eps``. A score more than ``2 (delta + eps)``
+    above the best then belongs to a mean or class that is not the first best
+    in float64 either, and where no other score comes that close the float32
+    decision is the float64 one. The bounds, with ``rho = ||r||``:
+
+    - a float32 dot product of n terms in any order, with both factors rounded
+      to float32, is within ``g32 (n) = (n + 6) u32`` of ``|x| . |y|``
+      (Higham 2002, eq. 3.5), bounded by ``||x|| ||y||``; ``||a - a^||`` by
+      ``g32(D) ||r|| ||M~||_F`` and ``z = V a`` adds ``g32(C') ||a||``
+      (``V`` orthogonal): ``S = ||M~||_F`` and ``g32(D) + g32(C')`` on the
+      "classes" route; per mean ``S = max ||mu~_k||``, ``n = D`` on the
+      "features" route, where ``||h~|| <= rho + max ||mu~_k|| + ||e||``;
+    - float64 sums of D terms: ``g64 = (D + C' + 6) u64`` of their absolute values;
+    - the centred means ``mu~_k = mu_k - mu_G`` are rounded, by
+      ``||e|| <= 4 u64 A`` with ``A = max ||mu_k|| + ||mu_G||``.
+
+    NCC (``mt = max ||mu~_k||``, ``x`` the extra length of ``h~`` over ``r``):
+    ``delta <= 2 g32 S (rho + x) + 4 g64 mt^2 + 8 u64 A (rho + 2 mt + x)`` and
+    ``eps <= g64 (rho + 2 mt + 4 u64 A)^2``. Classifier (``wmax = max ||w_c||``):
+    ``delta <= wmax (g32 (rho + x) + g64 (A + mt) + 4 u64 A) + g64 max |b|`` and
+    ``eps <= g64 (wmax (rho + A) + max |b|)``. The threshold is
+    ``NEAR_TIE_SAFETY * 2 (delta + eps)`` written as ``(q2 rho + q1) rho + q0``;
+    the kernels add ``SCORE_ROUNDING`` times the best score.
+
+    Parameters
+    ----------
+    geometry : Geometry
+    weights : float64 array of shape (C, D), optional
+    bias : float64 array of shape (C,), optional
+
+    Returns
+    -------
+    ncc_band, classifier_band : float64 arrays of shape (3,), ``(q2, q1, q0)``
+    """
+    num_means, num_features = geometry.centred.shape
+    u32, u64 = np.finfo(np.float32).eps / 2, np.finfo(np.float64).eps / 2
+    mean_sq_norms = geometry.centred_sq_norms
+    largest_centred = math.sqrt(float(mean_sq_norms.max()))
+    offset = (math.sqrt(float(np.einsum("kd,kd->k", geometry.present_means,
+                                        geometry.present_means).max()))
+              + float(np.linalg.norm(geometry.global_mean)))
+    centring = 4.0 * u64 * offset
+    g64 = (num_features + num_means + 6) * u64
+    factor = 2.0 * NEAR_TIE_SAFETY
+    if geometry.route == "classes":
+        scale, extra = math.sqrt(float(mean_sq_norms.sum())), 0.0
+        g32 = (num_features + num_means + 12) * u32
+    else:
+        scale, extra = largest_centred, largest_centred + centring
+        g32 = (num_features + 6) * u32
+    reach = 2.0 * largest_centred + centring
+    ncc_band = factor * np.array([
+        g64,
+        2.0 * g32 * scale + 8.0 * u64 * offset + 2.0 * g64 * reach,
+        2.0 * g32 * scale * extra + 4.0 * g64 * largest_centred ** 2
+        + 8.0 * u64 * offset * (2.0 * largest_centred + extra) + g64 * reach ** 2])
+    classifier_band = np.zeros(3)
+    if weights is not None:
+        g32 = (num_features + 6) * u32
+        largest_weights = math.sqrt(float(np.einsum("cd,cd->c", weights, weights).max()))
+        largest_bias = float(np.abs(bias).max())
+        classifier_band = factor * np.array([
+            0.0,
+            largest_weights * (g32 + g64),
+            largest_weights * (g32 * extra + g64 * (2.0 * offset + largest_centred)
+                               + 4.0 * u64 * offset) + 2.0 * g64 * largest_bias])
+    return ncc_band, classifier_band
 
 
 def gram_projection(centred, eigenvectors):

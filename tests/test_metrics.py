@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import ncfast
 from cases import ADVERSARIAL, gaussian_classes, orthogonal_frame, simplex_etf, with_label_noise
-from conftest import (CONDITIONED_RTOL, NIGHTLY, centred_means, examples, geometry_rtol,
+from conftest import (CONDITIONED_RTOL, NIGHTLY, examples, geometry_rtol,
                       kernel_amplification, pair_gaps, smallest_unit_gap)
 from ncfast import metrics
 from ncfast.geometry import WEIGHTED_MEAN_ROWS, class_means, weighted_row_mean
@@ -90,7 +90,7 @@ def magnitude_ratio(report):
 
 
 class DecisionTies(NamedTuple):
-    """Rows whose NCC or classifier decision float32 rounding may flip (``decision_ties``).
+    """Rows whose NCC or classifier decision float64 rounding may flip (``decision_ties``).
 
     Attributes
     ----------
@@ -116,33 +116,41 @@ def _top_two_gap(scores):
     return top_two[:, 0] - top_two[:, 1]
 
 
+#: Float64 unit roundoffs a decision's margin may carry, per term of its dot products:
+#: ncfast's float64 scores of a row and the textbook's, from means that differ in their
+#: last bits (ncfast's compensated sums against numpy's).
+DECISION_ROUNDING = 16 * float(np.finfo(np.float64).eps)
+
+
 def decision_ties(case, report):
-    """The rows of ``case`` whose float64 NCC or classifier margin is within float32 rounding.
+    """The rows of ``case`` whose float64 NCC or classifier margin is within float64 rounding.
 
     ncfast scores the class centres and the classifier's logits from float32
-    products of the residual (on the "features" route the centred row) with
-    the centred means and W, then (on the "classes" route) of those with the
-    Gram eigenvectors. Each score is then within ``(D + C' + 2)`` float32 eps
-    of its exact value (Higham 2002, eq. 3.5), relative to ``(||h - mu_G|| +
-    max ||mu~||)`` times ``2 ||M~||_F`` for the squared distances and ``max
-    ||w||`` for the logits: a row whose two best float64 scores are closer than
-    twice that may be decided either way. Found by the nightly run: two class
-    means 3e-5 apart at D = 1 (a class made of three flipped rows), rows spread
-    1e-4 around them, whose NCC accuracies differed by 3 of 20 rows.
+    products, but decides every row whose float32 margin is within the
+    float32 rounding again in float64 from the row itself
+    (``ncfast.plan.near_tie_bands``). Its decisions and the textbook's can then
+    differ only where the float64 scores themselves are within rounding:
+    about ``(D + C')`` float64 eps of ``(||h|| + max ||mu||)^2`` for the squared
+    distances and ``(D + 1)`` eps of ``max ||w|| ||h|| + max |b|`` for the logits.
+    (Found by the nightly run before the float64 decisions: two class means
+    3e-5 apart at D = 1, rows spread 1e-4 around them, whose NCC accuracies
+    differed by 3 of 20 rows.)
     """
     features = np.asarray(case["features"], np.float64)
     means = report.means[report.present_classes]
-    centred = centred_means(report)
-    row_scale = (np.linalg.norm(features - (means[0] - centred[0]), axis=1)
-                 + np.linalg.norm(centred, axis=1).max())
-    # Twice the rounding of one score, less its last factor (2 ||M~||_F or max ||w||).
-    slack = 2 * (features.shape[1] + len(means) + 2) * FLOAT32_EPS * row_scale
+    num_features = features.shape[1]
+    row_norms = np.linalg.norm(features, axis=1)
+    slack = (num_features + len(means) + 6) * DECISION_ROUNDING * (
+        row_norms + np.linalg.norm(means, axis=1).max()) ** 2
     sq_distances = ((features[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
-    ncc = _top_two_gap(-sq_distances) <= slack * 2 * np.linalg.norm(centred)
+    ncc = _top_two_gap(-sq_distances) <= slack
     classifier = np.zeros(len(features), bool)
     if case.get("weights") is not None:
         logits = features @ case["weights"].T + case["bias"]
-        classifier = _top_two_gap(logits) <= slack * np.linalg.norm(case["weights"], axis=1).max()
+        logit_slack = (num_features + 6) * DECISION_ROUNDING * (
+            np.linalg.norm(case["weights"], axis=1).max() * row_norms
+            + np.abs(case["bias"]).max())
+        classifier = _top_two_gap(logits) <= logit_slack
     labels = case["labels"]
     corrupted = labels != case.get("clean_labels", labels)
     return DecisionTies(ncc, classifier, labels,

@@ -955,3 +955,84 @@ def test_accumulators_refuse_to_merge_with_other_kinds():
         class_sums + residual_stats
     with pytest.raises(TypeError, match="cannot merge ResidualStats with ClassSums"):
         residual_stats + class_sums
+
+
+def _dead_relu_case(num_classes, num_features, threshold, seed):
+    """ReLU features of which most rows are all zero, with a bias-free float32 classifier:
+    every logit of a zero row is exactly 0, a tie the first class wins."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, 900)
+    shifts = 0.2 * labels[:, None] * np.ones(num_features)
+    features = np.maximum(rng.standard_normal((900, num_features)) - threshold + shifts,
+                          0.0).astype(np.float32)
+    weights = rng.standard_normal((num_classes, num_features)).astype(np.float32)
+    return features, labels, weights
+
+
+@pytest.mark.parametrize("num_classes, num_features, threshold", [
+    (3, 2, 1.1),     # the "features" route (C > D): tiled search
+    (4, 16, 2.0),    # the "classes" route through BLAS
+    (4, 128, 3.0),   # the "classes" route's narrow kernel
+], ids=["features", "classes-blas", "classes-narrow"])
+@pytest.mark.parametrize("seed", [6, 9, 27])
+def test_exact_ties_go_to_the_first_class_whatever_the_chunking(num_classes, num_features,
+                                                                threshold, seed):
+    """All-zero rows under a bias-free classifier tie every logit exactly; float32 products
+    of their residuals (``-mu_y``) broke the tie by rounding, differently for a row's place
+    in its block (seed 27 on the "features" route: accuracy 0.274 in one chunk, 0.310 in
+    chunks of one row, 0.310 in float64). ncfast decides such near ties in float64 from
+    the row, so both equal the float64 first argmax's."""
+    features, labels, weights = _dead_relu_case(num_classes, num_features, threshold, seed)
+    assert (features == 0).all(axis=1).sum() > 300
+    logits = features.astype(np.float64) @ weights.T.astype(np.float64)
+    expected = np.mean(logits.argmax(axis=1) == labels)
+    means = np.array([features[labels == c].astype(np.float64).mean(axis=0)
+                      for c in range(num_classes)])
+    sq_distances = ((features[:, None, :].astype(np.float64) - means[None]) ** 2).sum(axis=2)
+    expected_ncc = np.mean(sq_distances.argmin(axis=1) == labels)
+    for chunk_size in (None, 1, 7):
+        report = ncfast.collapse(features, labels, weights=weights, chunk_size=chunk_size)
+        assert report.route == ("features" if num_classes > num_features else "classes")
+        assert report.accuracy == expected, chunk_size
+        assert report.ncc_accuracy == expected_ncc, chunk_size
+
+
+def test_means_closer_than_float32_resolves_are_told_apart_in_float64():
+    """40 class means about 1e-3 apart in two groups at norm 4 on either side of the origin,
+    rows spread 1e-4 around them (C > D: the "features" route, whose float32 scores round
+    with ``||h - mu_G||``, here 4): NCC scored 0.782 where float64 gives 1.0. Rows whose
+    float32 scores cannot decide are decided in float64, and NCC's accuracy is float64's."""
+    rng = np.random.default_rng(3)
+    num_classes, num_features = 40, 16
+    centre = 4.0 * rng.standard_normal(num_features) / math.sqrt(num_features)
+    sides = np.where(np.arange(num_classes) % 2 == 0, 1.0, -1.0)[:, None]
+    means = sides * centre + 2.5e-4 * rng.standard_normal((num_classes, num_features))
+    labels = np.repeat(np.arange(num_classes), 25)
+    features = means[labels] + 1e-4 * rng.standard_normal((labels.size, num_features))
+    report = ncfast.collapse(features, labels)
+    assert report.route == "features"
+    class_means = np.array([features[labels == c].mean(axis=0) for c in range(num_classes)])
+    sq_distances = ((features[:, None, :] - class_means[None]) ** 2).sum(axis=2)
+    assert report.ncc_accuracy == np.mean(sq_distances.argmin(axis=1) == labels)
+
+
+def test_more_near_ties_than_a_row_keeps_are_decided_over_every_class():
+    """Twelve class means and classifier rows that float32 cannot tell apart (1e-9 apart
+    at unit scale): every score of a row is within its threshold, more than the
+    ``KEPT_SCORES`` a row keeps, so the float64 decision runs over every class."""
+    from ncfast.kernels.tiles import KEPT_SCORES
+    rng = np.random.default_rng(4)
+    num_classes, num_features = 12, 2
+    assert num_classes > KEPT_SCORES
+    base = np.array([1.0, 0.5])
+    means = base + 1e-9 * rng.standard_normal((num_classes, num_features))
+    labels = np.repeat(np.arange(num_classes), 20)
+    features = means[labels] + 1e-10 * rng.standard_normal((labels.size, num_features))
+    weights = np.array([0.6, -0.8]) + 1e-9 * rng.standard_normal((num_classes, num_features))
+    report = ncfast.collapse(features, labels, weights=weights)
+    assert report.route == "features"
+    class_means = np.array([features[labels == c].mean(axis=0) for c in range(num_classes)])
+    sq_distances = ((features[:, None, :] - class_means[None]) ** 2).sum(axis=2)
+    assert report.ncc_accuracy == np.mean(sq_distances.argmin(axis=1) == labels)
+    assert report.accuracy == np.mean((features @ weights.T).argmax(axis=1) == labels)
+    assert 0.2 < report.ncc_accuracy  # far better than float32's chance (1/12)
