@@ -6,8 +6,8 @@ wide products, runs products this narrow slower than this compiled loop
 (docs/algorithm.md, pass 2). Here each worker thread takes a task of rows
 and streams it in blocks of ``BLOCK_ROWS`` rows:
 their residuals (``ncfast.kernels.cpu.block_residuals``) stay in the core's
-L1 cache, a compiled product multiplies them by the columns four rows and
-four columns at a time while the next tile's rows are prefetched
+L1 cache, a compiled product multiplies them by the columns a few rows and
+four columns at a time (as many rows as the core's vector registers hold) while the next tile's rows are prefetched
 (``ncfast.kernels.prefetch``), and the block goes on through the classes route's
 own far-row gathers and epilogue. Every row is multiplied by the same code
 whatever block it falls in, so results do not depend on the chunking; tasks
@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit
+from numba.core import codegen, config
 
 from ncfast.kernels.cpu import (
     FASTMATH, NO_ROW, block_residuals, cheap_task_rows, count_rows_beyond, epilogue,
@@ -32,29 +33,44 @@ TILE_ROWS = 8
 #: the epilogue's scratch arrays are set up once per block, not per tile.
 BLOCK_ROWS = 64
 
-#: Rows and columns multiplied in one sweep along D: 16 dot products. Four rows, against
-#: two, took 0.048 against 0.062 s for 62,500 tiles of 8 rows of 512 by 10 columns on one
-#: thread with the rows in cache, and 0.096 against 0.120 s by 20 columns; compiled for a
-#: core without AVX-512 (``NUMBA_CPU_NAME=haswell``: 16 vector registers, not 32) 0.049
-#: against 0.063-0.067 s and 0.084 against 0.109-0.113 s. Prefetching the next tile from
-#: memory meanwhile, 0.117 against 0.141-0.150 s by 20 columns, but only when the
-#: prefetches go out in two shares a sweep (before it and after it): in one, their bursts
-#: made pass 2 of 500,000 rows on one thread 7-9% slower collapsed. Pass 2 of
-#: 1e6 × 512 × 10 on two threads (three alternations, medians): 0.270-0.276 against
-#: 0.283-0.316 s far from collapse, 0.226-0.238 against 0.222-0.227 s collapsed;
-#: 1e6 × 256 × 10 far 0.160-0.171 against 0.173-0.184 s. The last sweep may take
-#: ``COLUMN_PAIR`` columns (the columns are padded to a multiple of it): ten means are then
-#: two sweeps of four and one of two, not three of four (0.084-0.088 s against 0.100-0.102
-#: s with two rows a sweep).
-ROW_GROUP = 4
+def compiles_for_avx512():
+    """Whether Numba compiles the kernels for AVX-512 (32 vector registers, not 16).
+
+    What Numba targets: ``NUMBA_CPU_FEATURES`` when set, else the host's features.
+    """
+    features = config.CPU_FEATURES
+    if features is None:
+        features = codegen.get_host_cpu_features()
+    return "+avx512f" in features.split(",")
+
+
+#: Rows multiplied in one sweep along D, by ``COLUMN_GROUP`` columns: ``ROW_GROUP ×
+#: COLUMN_GROUP`` dot products whose running sums stay in vector registers. The row count
+#: follows the two cores measured. On an Intel Xeon (Emerald Rapids, AVX-512), four rows
+#: (``products_four_rows``) took 0.048 against 0.062 s with two for 62,500 tiles of 8 rows
+#: of 512 by 10 columns on one thread with the rows in cache, and 0.096 against 0.120 s by
+#: 20 columns (compiled for Haswell's 16 vector registers instead of 32, 0.049 against
+#: 0.063-0.067 s). On an AMD EPYC (Zen 3, AVX2 only), 100,000 such tiles, best of five in
+#: each of two runs, two rows (``products_two_rows``) took 0.153-0.166 against 0.183-0.185
+#: s by 10 columns, 0.266-0.315 against 0.382-0.402 s by 20 and 0.478-0.504 against
+#: 0.637-0.686 s by 32 (2026-12-02); sweeps of two rows by five columns were faster at
+#: exactly 10 columns only, by six slower everywhere. So four rows where Numba compiles for
+#: AVX-512, else two. Prefetching the next tile from memory meanwhile (Xeon), 0.117
+#: against 0.141-0.150 s by 20 columns, but only when the prefetches go out in two shares
+#: a sweep (before it and after it): in one, their bursts made pass 2 of 500,000 rows on
+#: one thread 7-9% slower collapsed. The last sweep may take ``COLUMN_PAIR`` columns (the
+#: columns are padded to a multiple of it): ten means are then two sweeps of four and one
+#: of two, not three of four (0.084-0.088 s against 0.100-0.102 s with two rows a sweep,
+#: Xeon).
+ROW_GROUP = 4 if compiles_for_avx512() else 2
 COLUMN_GROUP = 4
 COLUMN_PAIR = 2
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def block_products(rows, columns, out, upcoming):
-    """``out = rows @ columns.T`` in float32, ``ROW_GROUP`` rows and ``COLUMN_GROUP`` columns
-    at a time.
+def products_four_rows(rows, columns, out, upcoming):
+    """``out = rows @ columns.T`` in float32, four rows and ``COLUMN_GROUP`` columns at a
+    time: ``block_products`` for cores with 32 vector registers.
 
     Each sweep's 16 dot products share their loads of the four rows and
     four columns and vectorize along D, so the product is bound by the
@@ -67,7 +83,7 @@ def block_products(rows, columns, out, upcoming):
 
     Parameters
     ----------
-    rows : float32 array of shape (b, D), b a multiple of ``ROW_GROUP``
+    rows : float32 array of shape (b, D), b a multiple of 4
     columns : float32 array of shape (k, D), k a multiple of ``COLUMN_PAIR``
     out : float32 array of shape (b, k), written
     upcoming : 2-D array
@@ -78,10 +94,10 @@ def block_products(rows, columns, out, upcoming):
     whole_groups = num_columns - num_columns % COLUMN_GROUP
     # Two shares of prefetches per sweep, one before and one after it.
     per_step = lines_per_share(upcoming, -(-num_columns // COLUMN_GROUP)
-                               * (num_rows // ROW_GROUP) * 2)
+                               * (num_rows // 4) * 2)
     line_row = line_column = 0
     for k in range(0, whole_groups, COLUMN_GROUP):
-        for i in range(0, num_rows, ROW_GROUP):
+        for i in range(0, num_rows, 4):
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
             first0 = first1 = first2 = first3 = np.float32(0.0)
             second0 = second1 = second2 = second3 = np.float32(0.0)
@@ -119,7 +135,7 @@ def block_products(rows, columns, out, upcoming):
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
     k = whole_groups
     if k < num_columns:
-        for i in range(0, num_rows, ROW_GROUP):
+        for i in range(0, num_rows, 4):
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
             first0 = first1 = second0 = second1 = np.float32(0.0)
             third0 = third1 = fourth0 = fourth1 = np.float32(0.0)
@@ -140,6 +156,63 @@ def block_products(rows, columns, out, upcoming):
             out[i + 2, k], out[i + 2, k + 1], out[i + 3, k], out[i + 3, k + 1] = (
                 third0, third1, fourth0, fourth1)
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def products_two_rows(rows, columns, out, upcoming):
+    """``out = rows @ columns.T`` in float32, two rows and ``COLUMN_GROUP`` columns at a
+    time: ``block_products`` for cores with 16 vector registers.
+
+    As ``products_four_rows`` (same parameters), with sweeps of 8 dot
+    products, whose sums, rows and columns fit 16 registers; ``rows`` has an
+    even number of rows.
+    """
+    num_rows, length = rows.shape
+    num_columns = columns.shape[0]
+    whole_groups = num_columns - num_columns % COLUMN_GROUP
+    per_step = lines_per_share(upcoming, -(-num_columns // COLUMN_GROUP) * (num_rows // 2) * 2)
+    line_row = line_column = 0
+    for k in range(0, whole_groups, COLUMN_GROUP):
+        for i in range(0, num_rows, 2):
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+            first0 = first1 = first2 = first3 = np.float32(0.0)
+            second0 = second1 = second2 = second3 = np.float32(0.0)
+            for j in range(length):
+                first, second = rows[i, j], rows[i + 1, j]
+                column0, column1 = columns[k, j], columns[k + 1, j]
+                column2, column3 = columns[k + 2, j], columns[k + 3, j]
+                first0 += first * column0
+                first1 += first * column1
+                first2 += first * column2
+                first3 += first * column3
+                second0 += second * column0
+                second1 += second * column1
+                second2 += second * column2
+                second3 += second * column3
+            out[i, k], out[i, k + 1], out[i, k + 2], out[i, k + 3] = (
+                first0, first1, first2, first3)
+            out[i + 1, k], out[i + 1, k + 1], out[i + 1, k + 2], out[i + 1, k + 3] = (
+                second0, second1, second2, second3)
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+    k = whole_groups
+    if k < num_columns:
+        for i in range(0, num_rows, 2):
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+            first0 = first1 = second0 = second1 = np.float32(0.0)
+            for j in range(length):
+                first, second = rows[i, j], rows[i + 1, j]
+                column0, column1 = columns[k, j], columns[k + 1, j]
+                first0 += first * column0
+                first1 += first * column1
+                second0 += second * column0
+                second1 += second * column1
+            out[i, k], out[i, k + 1], out[i + 1, k], out[i + 1, k + 1] = (
+                first0, first1, second0, second1)
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+
+
+#: The product of ``narrow_blocks``: ``ROW_GROUP`` rows a sweep.
+block_products = products_four_rows if ROW_GROUP == 4 else products_two_rows
 
 
 def padded_columns(route):
