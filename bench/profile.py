@@ -84,7 +84,7 @@ def narrow_stage_times(features, labels, stats):
         narrow.block_products(residuals,
                               columns if uncertain else narrow.mean_columns(columns, num_means),
                               products,
-                              features[first + size:first + 2 * size], narrow.ROW_GROUP)
+                              features[first + size:first + 2 * size])
         marks.append(time.perf_counter())
         coordinates = products[:size, :num_means]
         far_rows, far = narrow.rows_beyond(coordinates, sq_norms[:size], block_labels,

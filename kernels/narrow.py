@@ -17,7 +17,7 @@ depend on the thread count.
 from typing import NamedTuple
 
 import numpy as np
-from numba import literally, njit
+from numba import njit
 from numba.core import codegen, config
 
 from ncfast.kernels.cpu import (
@@ -47,67 +47,136 @@ def compiles_for_avx512():
 #: Rows multiplied in one sweep along D, by ``COLUMN_GROUP`` columns: ``ROW_GROUP ×
 #: COLUMN_GROUP`` dot products whose running sums stay in vector registers. The row count
 #: follows the two cores measured. On an Intel Xeon (Emerald Rapids, AVX-512), four rows
-#: took 0.048 against 0.062 s with two for 62,500 tiles of 8 rows of 512 by 10 columns on
-#: one thread with the rows in cache, and 0.096 against 0.120 s by 20 columns (compiled
-#: for Haswell's 16 vector registers instead of 32, 0.049 against 0.063-0.067 s). On an
-#: AMD EPYC (Zen 3, AVX2 only), 100,000 such tiles, best of five in each of two runs, two
-#: rows took 0.153-0.166 against 0.183-0.185 s by 10 columns, 0.266-0.315 against
-#: 0.382-0.402 s by 20 and 0.478-0.504 against 0.637-0.686 s by 32 (2026-12-02); sweeps of
-#: two rows by five columns were faster at exactly 10 columns only, by six slower
-#: everywhere. So four rows where Numba compiles for AVX-512, else two. Prefetching the
-#: next tile from memory meanwhile (Xeon), 0.117 against 0.141-0.150 s by 20 columns, but
-#: only when the prefetches go out in two shares a sweep (before it and after it): in one,
-#: their bursts made pass 2 of 500,000 rows on one thread 7-9% slower collapsed. The last
-#: sweep may take ``COLUMN_PAIR`` columns (the columns are padded to a multiple of it):
-#: ten means are then two sweeps of four and one of two, not three of four (0.084-0.088 s
-#: against 0.100-0.102 s with two rows a sweep, Xeon).
+#: (``products_four_rows``) took 0.048 against 0.062 s with two for 62,500 tiles of 8 rows
+#: of 512 by 10 columns on one thread with the rows in cache, and 0.096 against 0.120 s by
+#: 20 columns (compiled for Haswell's 16 vector registers instead of 32, 0.049 against
+#: 0.063-0.067 s). On an AMD EPYC (Zen 3, AVX2 only), 100,000 such tiles, best of five in
+#: each of two runs, two rows (``products_two_rows``) took 0.153-0.166 against 0.183-0.185
+#: s by 10 columns, 0.266-0.315 against 0.382-0.402 s by 20 and 0.478-0.504 against
+#: 0.637-0.686 s by 32 (2026-12-02); sweeps of two rows by five columns were faster at
+#: exactly 10 columns only, by six slower everywhere. So four rows where Numba compiles for
+#: AVX-512, else two. Prefetching the next tile from memory meanwhile (Xeon), 0.117
+#: against 0.141-0.150 s by 20 columns, but only when the prefetches go out in two shares
+#: a sweep (before it and after it): in one, their bursts made pass 2 of 500,000 rows on
+#: one thread 7-9% slower collapsed. The last sweep may take ``COLUMN_PAIR`` columns (the
+#: columns are padded to a multiple of it): ten means are then two sweeps of four and one
+#: of two, not three of four (0.084-0.088 s against 0.100-0.102 s with two rows a sweep,
+#: Xeon).
 ROW_GROUP = 4 if compiles_for_avx512() else 2
 COLUMN_GROUP = 4
 COLUMN_PAIR = 2
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def block_products(rows, columns, out, upcoming, row_group):
-    """``out = rows @ columns.T`` in float32, ``row_group`` rows and ``COLUMN_GROUP`` columns
-    at a time.
+def products_four_rows(rows, columns, out, upcoming):
+    """``out = rows @ columns.T`` in float32, four rows and ``COLUMN_GROUP`` columns at a
+    time: ``block_products`` for cores with 32 vector registers.
 
-    Each sweep's dot products share their loads of the rows and columns and
-    vectorize along D, so the product is bound by the core's multiply-adds,
-    not its loads; a last sweep of ``COLUMN_PAIR`` columns takes what is
-    left. ``row_group`` is a compile-time constant (``numba.literally``):
-    the code of the third and fourth rows is compiled only for four. Every
-    row is computed by the same instructions, in any place of its group.
-    Meanwhile the rows the caller reads next are prefetched, a share before
-    and after each sweep. The sweeps are written out: as inlined helpers
-    taking one row or column each (1-D views), the same products took
-    1.4-1.6× the time.
+    Each sweep's 16 dot products share their loads of the four rows and
+    four columns and vectorize along D, so the product is bound by the
+    core's multiply-adds, not its loads; a last sweep of ``COLUMN_PAIR``
+    columns takes what is left. Every row is computed by the same
+    instructions, in any place of its group. Meanwhile the rows the caller
+    reads next are prefetched, a share before and after each sweep.
+    The two sweeps are written out: as inlined helpers taking one row or
+    column each (1-D views), the same products took 1.4-1.6× the time.
 
     Parameters
     ----------
-    rows : float32 array of shape (b, D), b a multiple of ``row_group``
+    rows : float32 array of shape (b, D), b a multiple of 4
     columns : float32 array of shape (k, D), k a multiple of ``COLUMN_PAIR``
     out : float32 array of shape (b, k), written
     upcoming : 2-D array
         Rows to prefetch (the features of the next tile; may be empty).
-    row_group : int, 2 or 4
-        ``ROW_GROUP`` (see there).
     """
-    literally(row_group)
-    four = row_group == 4
     num_rows, length = rows.shape
     num_columns = columns.shape[0]
     whole_groups = num_columns - num_columns % COLUMN_GROUP
     # Two shares of prefetches per sweep, one before and one after it.
     per_step = lines_per_share(upcoming, -(-num_columns // COLUMN_GROUP)
-                               * (num_rows // row_group) * 2)
+                               * (num_rows // 4) * 2)
     line_row = line_column = 0
     for k in range(0, whole_groups, COLUMN_GROUP):
-        for i in range(0, num_rows, row_group):
+        for i in range(0, num_rows, 4):
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
             first0 = first1 = first2 = first3 = np.float32(0.0)
             second0 = second1 = second2 = second3 = np.float32(0.0)
             third0 = third1 = third2 = third3 = np.float32(0.0)
             fourth0 = fourth1 = fourth2 = fourth3 = np.float32(0.0)
+            for j in range(length):
+                first, second = rows[i, j], rows[i + 1, j]
+                third, fourth = rows[i + 2, j], rows[i + 3, j]
+                column0, column1 = columns[k, j], columns[k + 1, j]
+                column2, column3 = columns[k + 2, j], columns[k + 3, j]
+                first0 += first * column0
+                first1 += first * column1
+                first2 += first * column2
+                first3 += first * column3
+                second0 += second * column0
+                second1 += second * column1
+                second2 += second * column2
+                second3 += second * column3
+                third0 += third * column0
+                third1 += third * column1
+                third2 += third * column2
+                third3 += third * column3
+                fourth0 += fourth * column0
+                fourth1 += fourth * column1
+                fourth2 += fourth * column2
+                fourth3 += fourth * column3
+            out[i, k], out[i, k + 1], out[i, k + 2], out[i, k + 3] = (
+                first0, first1, first2, first3)
+            out[i + 1, k], out[i + 1, k + 1], out[i + 1, k + 2], out[i + 1, k + 3] = (
+                second0, second1, second2, second3)
+            out[i + 2, k], out[i + 2, k + 1], out[i + 2, k + 2], out[i + 2, k + 3] = (
+                third0, third1, third2, third3)
+            out[i + 3, k], out[i + 3, k + 1], out[i + 3, k + 2], out[i + 3, k + 3] = (
+                fourth0, fourth1, fourth2, fourth3)
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+    k = whole_groups
+    if k < num_columns:
+        for i in range(0, num_rows, 4):
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+            first0 = first1 = second0 = second1 = np.float32(0.0)
+            third0 = third1 = fourth0 = fourth1 = np.float32(0.0)
+            for j in range(length):
+                first, second = rows[i, j], rows[i + 1, j]
+                third, fourth = rows[i + 2, j], rows[i + 3, j]
+                column0, column1 = columns[k, j], columns[k + 1, j]
+                first0 += first * column0
+                first1 += first * column1
+                second0 += second * column0
+                second1 += second * column1
+                third0 += third * column0
+                third1 += third * column1
+                fourth0 += fourth * column0
+                fourth1 += fourth * column1
+            out[i, k], out[i, k + 1], out[i + 1, k], out[i + 1, k + 1] = (
+                first0, first1, second0, second1)
+            out[i + 2, k], out[i + 2, k + 1], out[i + 3, k], out[i + 3, k + 1] = (
+                third0, third1, fourth0, fourth1)
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def products_two_rows(rows, columns, out, upcoming):
+    """``out = rows @ columns.T`` in float32, two rows and ``COLUMN_GROUP`` columns at a
+    time: ``block_products`` for cores with 16 vector registers.
+
+    As ``products_four_rows`` (same parameters), with sweeps of 8 dot
+    products, whose sums, rows and columns fit 16 registers; ``rows`` has an
+    even number of rows.
+    """
+    num_rows, length = rows.shape
+    num_columns = columns.shape[0]
+    whole_groups = num_columns - num_columns % COLUMN_GROUP
+    per_step = lines_per_share(upcoming, -(-num_columns // COLUMN_GROUP) * (num_rows // 2) * 2)
+    line_row = line_column = 0
+    for k in range(0, whole_groups, COLUMN_GROUP):
+        for i in range(0, num_rows, 2):
+            line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+            first0 = first1 = first2 = first3 = np.float32(0.0)
+            second0 = second1 = second2 = second3 = np.float32(0.0)
             for j in range(length):
                 first, second = rows[i, j], rows[i + 1, j]
                 column0, column1 = columns[k, j], columns[k + 1, j]
@@ -120,32 +189,16 @@ def block_products(rows, columns, out, upcoming, row_group):
                 second1 += second * column1
                 second2 += second * column2
                 second3 += second * column3
-                if four:
-                    third, fourth = rows[i + 2, j], rows[i + 3, j]
-                    third0 += third * column0
-                    third1 += third * column1
-                    third2 += third * column2
-                    third3 += third * column3
-                    fourth0 += fourth * column0
-                    fourth1 += fourth * column1
-                    fourth2 += fourth * column2
-                    fourth3 += fourth * column3
             out[i, k], out[i, k + 1], out[i, k + 2], out[i, k + 3] = (
                 first0, first1, first2, first3)
             out[i + 1, k], out[i + 1, k + 1], out[i + 1, k + 2], out[i + 1, k + 3] = (
                 second0, second1, second2, second3)
-            if four:
-                out[i + 2, k], out[i + 2, k + 1], out[i + 2, k + 2], out[i + 2, k + 3] = (
-                    third0, third1, third2, third3)
-                out[i + 3, k], out[i + 3, k + 1], out[i + 3, k + 2], out[i + 3, k + 3] = (
-                    fourth0, fourth1, fourth2, fourth3)
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
     k = whole_groups
     if k < num_columns:
-        for i in range(0, num_rows, row_group):
+        for i in range(0, num_rows, 2):
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
             first0 = first1 = second0 = second1 = np.float32(0.0)
-            third0 = third1 = fourth0 = fourth1 = np.float32(0.0)
             for j in range(length):
                 first, second = rows[i, j], rows[i + 1, j]
                 column0, column1 = columns[k, j], columns[k + 1, j]
@@ -153,18 +206,13 @@ def block_products(rows, columns, out, upcoming, row_group):
                 first1 += first * column1
                 second0 += second * column0
                 second1 += second * column1
-                if four:
-                    third, fourth = rows[i + 2, j], rows[i + 3, j]
-                    third0 += third * column0
-                    third1 += third * column1
-                    fourth0 += fourth * column0
-                    fourth1 += fourth * column1
             out[i, k], out[i, k + 1], out[i + 1, k], out[i + 1, k + 1] = (
                 first0, first1, second0, second1)
-            if four:
-                out[i + 2, k], out[i + 2, k + 1], out[i + 3, k], out[i + 3, k + 1] = (
-                    third0, third1, fourth0, fourth1)
             line_row, line_column = prefetch_lines(upcoming, line_row, line_column, per_step)
+
+
+#: The product of ``narrow_blocks``: ``ROW_GROUP`` rows a sweep.
+block_products = products_four_rows if ROW_GROUP == 4 else products_two_rows
 
 
 def padded_columns(route):
@@ -316,7 +364,7 @@ def narrow_blocks(features, labels, corrupted, route, columns, buffers, out_sq_n
                 tile_columns = columns
             # The next tile's rows load while this one's products are computed.
             block_products(residuals, tile_columns, buffers.products[start:start + tile],
-                           features[first + stop:first + stop + tile], ROW_GROUP)
+                           features[first + stop:first + stop + tile])
         far_coordinates, far = rows_beyond(coordinates[:size], sq_norms, block_labels,
                                            route.label_rows, route.ncc_sq_radii,
                                            buffers.far_coordinates)

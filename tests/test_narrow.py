@@ -138,13 +138,14 @@ def test_the_default_sends_few_columns_of_wide_rows_to_the_narrow_kernel(
 
 # --- the product --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("group", [4, 2])
+@pytest.mark.parametrize("kernel, group", [(narrow.products_four_rows, 4),
+                                           (narrow.products_two_rows, 2)])
 @pytest.mark.parametrize("num_columns", [
     narrow.COLUMN_PAIR, 2 * narrow.COLUMN_GROUP + narrow.COLUMN_PAIR, 3 * narrow.COLUMN_GROUP])
 @pytest.mark.parametrize("length", [1, 8, 37, 512])
 def test_block_products_are_float32_products_and_the_same_in_any_place_of_a_group(
-        length, num_columns, group):
-    """Both row groups (whichever this core uses): whole groups of columns and a last pair;
+        length, num_columns, kernel, group):
+    """Both kernels (whichever this core uses): whole groups of columns and a last pair;
     each row moved to the next place of its group of rows (or the next group) gives the
     same products."""
     rng = np.random.default_rng(length)
@@ -152,22 +153,22 @@ def test_block_products_are_float32_products_and_the_same_in_any_place_of_a_grou
     columns = rng.standard_normal((num_columns, length)).astype(np.float32)
     out = np.empty((narrow.TILE_ROWS, columns.shape[0]), np.float32)
     nothing_next = np.empty((0, length), np.float32)
-    narrow.block_products(rows, columns, out, nothing_next, group)
+    kernel(rows, columns, out, nothing_next)
     exact = rows.astype(np.float64) @ columns.T.astype(np.float64)
     scale = np.abs(rows).astype(np.float64) @ np.abs(columns).T.astype(np.float64)
     assert (np.abs(out - exact) <= length * np.finfo(np.float32).eps * scale).all()
     shifted = np.empty_like(out)
-    narrow.block_products(np.roll(rows, 1, axis=0), columns, shifted, nothing_next, group)
+    kernel(np.roll(rows, 1, axis=0), columns, shifted, nothing_next)
     np.testing.assert_array_equal(np.roll(shifted, -1, axis=0), out)
     # A tile of one group of rows gives each of them what the whole tile gave.
     alone = np.empty((group, columns.shape[0]), np.float32)
-    narrow.block_products(rows[group:2 * group].copy(), columns, alone, nothing_next, group)
+    kernel(rows[group:2 * group].copy(), columns, alone, nothing_next)
     np.testing.assert_array_equal(alone, out[group:2 * group])
     # Prefetching the next rows (float32 or float64, strided or not) changes nothing.
     upcoming = rng.standard_normal((narrow.TILE_ROWS, length))
     for next_rows in (upcoming, upcoming.astype(np.float32), upcoming[::2]):
         prefetched = np.empty_like(out)
-        narrow.block_products(rows, columns, prefetched, next_rows, group)
+        kernel(rows, columns, prefetched, next_rows)
         np.testing.assert_array_equal(prefetched, out)
 
 
@@ -175,6 +176,8 @@ def test_the_row_group_follows_the_vector_registers_numba_compiles_for(monkeypat
     """Four rows a sweep where Numba compiles for AVX-512, two otherwise; NUMBA_CPU_FEATURES
     (what Numba targets when set) decides over the host's features."""
     assert narrow.ROW_GROUP == (4 if narrow.compiles_for_avx512() else 2)
+    assert narrow.block_products is (narrow.products_four_rows if narrow.ROW_GROUP == 4
+                                     else narrow.products_two_rows)
     assert narrow.TILE_ROWS % narrow.ROW_GROUP == 0
     monkeypatch.setattr(narrow.config, "CPU_FEATURES", "+avx2,+fma,+avx512f,+avx512vl")
     assert narrow.compiles_for_avx512()
