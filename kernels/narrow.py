@@ -6,10 +6,11 @@ wide products, runs products this narrow slower than this compiled loop
 (docs/algorithm.md, pass 2). Here each worker thread takes a task of rows
 and streams it in blocks of ``BLOCK_ROWS`` rows:
 their residuals (``ncfast.kernels.cpu.block_residuals``) stay in the core's
-L1 cache, a compiled product multiplies them by the columns a few rows and
-four columns at a time (as many rows as the core's vector registers hold) while the next tile's rows are prefetched
-(``ncfast.kernels.prefetch``), and the block goes on through the classes route's
-own far-row gathers and epilogue. Every row is multiplied by the same code
+L1 cache, a compiled product multiplies them by the columns a few rows
+(``ROW_GROUP``, as the core's vector registers allow) and four columns at a
+time while the next tile's rows are prefetched (``ncfast.kernels.prefetch``),
+and the block goes on through the classes route's own far-row gathers and
+epilogue. Every row is multiplied by the same code
 whatever block it falls in, so results do not depend on the chunking; tasks
 have a fixed number of rows and are added in task order, so they do not
 depend on the thread count.
@@ -50,15 +51,18 @@ def compiles_for_avx512():
 #: (``products_four_rows``) took 0.048 against 0.062 s with two for 62,500 tiles of 8 rows
 #: of 512 by 10 columns on one thread with the rows in cache, and 0.096 against 0.120 s by
 #: 20 columns (compiled for Haswell's 16 vector registers instead of 32, 0.049 against
-#: 0.063-0.067 s). On an AMD EPYC (Zen 3, AVX2 only), 100,000 such tiles, best of five in
-#: each of two runs, two rows (``products_two_rows``) took 0.153-0.166 against 0.183-0.185
-#: s by 10 columns, 0.266-0.315 against 0.382-0.402 s by 20 and 0.478-0.504 against
-#: 0.637-0.686 s by 32 (2026-12-02); sweeps of two rows by five columns were faster at
-#: exactly 10 columns only, by six slower everywhere. So four rows where Numba compiles for
-#: AVX-512, else two. Prefetching the next tile from memory meanwhile (Xeon), 0.117
-#: against 0.141-0.150 s by 20 columns, but only when the prefetches go out in two shares
-#: a sweep (before it and after it): in one, their bursts made pass 2 of 500,000 rows on
-#: one thread 7-9% slower collapsed. The last sweep may take ``COLUMN_PAIR`` columns (the
+#: 0.063-0.067 s and 0.084 against 0.109-0.113 s). On an AMD EPYC (Zen 3, AVX2 only),
+#: 100,000 such tiles, best of five in each of two runs, two rows (``products_two_rows``)
+#: took 0.153-0.166 against 0.183-0.185 s by 10 columns, 0.266-0.315 against 0.382-0.402 s
+#: by 20 and 0.478-0.504 against 0.637-0.686 s by 32 (2026-12-02); sweeps of two rows by
+#: five columns were faster at exactly 10 columns only, by six slower everywhere. So four
+#: rows where Numba compiles for AVX-512, else two. Prefetching the next tile from memory
+#: meanwhile (Xeon), 0.117 against 0.141-0.150 s by 20 columns, but only when the
+#: prefetches go out in two shares a sweep (before it and after it): in one, their bursts
+#: made pass 2 of 500,000 rows on one thread 7-9% slower collapsed; pass 2 of 1e6 × 512 ×
+#: 10 on two threads (three alternations, medians) 0.270-0.276 against 0.283-0.316 s far
+#: from collapse, 0.226-0.238 against 0.222-0.227 s collapsed, 1e6 × 256 × 10 far
+#: 0.160-0.171 against 0.173-0.184 s. The last sweep may take ``COLUMN_PAIR`` columns (the
 #: columns are padded to a multiple of it): ten means are then two sweeps of four and one
 #: of two, not three of four (0.084-0.088 s against 0.100-0.102 s with two rows a sweep,
 #: Xeon).
