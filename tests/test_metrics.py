@@ -46,6 +46,10 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 #: NC1 sums squares of them, which doubles it: (D + 1) float32 eps in all.
 FLOAT32_METRICS = ("nc1", "nc1_clean")
 
+#: Float64 eps of the largest feature by which a class mean (compensated sums of rows
+#: shifted by one of them, then a division) may sit from the exact mean, per value.
+MEAN_ROUNDING = 4
+
 #: The other metrics are float64 algebra on float64 sums and means. They keep at least
 #: 11 of float64's 16 significant digits: sums over at most 1e4 rows lose up to 4 in the
 #: worst case (recursive summation, N float64 units), a ratio of a spread to a mean one
@@ -251,7 +255,13 @@ def textbook_nc1_facts(case, global_mean="classes", pinv_rtol=1e-10):
     D-term float32 product move ``u_j . r_i`` by at most about ``(D + 1) / 2`` float32
     eps times ``||r_i||`` (not times ``|u_j . r_i|``, which can be far smaller), so NC1
     moves by at most ``(D + 1)`` float32 eps times ``B = (1/N) sum_ij |u_j . r_i|
-    ||r_i|| / lambda_j``, to first order.
+    ||r_i|| / lambda_j``, to first order. The float64 class means carry rounding too
+    (sums of shifted rows: a lone clean row's mean need not be that row), at most
+    ``MEAN_ROUNDING`` float64 eps of the largest feature per value, so a residual sits up
+    to ``delta = MEAN_ROUNDING eps sqrt(D) max|h|`` from the exact one and each term
+    ``(u_j . r_i)^2 / lambda_j`` moves by at most ``(2 |u_j . r_i| delta + delta^2) /
+    lambda_j``; the bound adds that, which is all there is where the residuals are exactly
+    0 (nightly: one clean row in each class gave ``nc1_clean`` 2.8e-32 against 0).
 
     Returns
     -------
@@ -273,9 +283,13 @@ def textbook_nc1_facts(case, global_mean="classes", pinv_rtol=1e-10):
         kept = eigenvalues > pinv_rtol * eigenvalues.max()
         residuals = rows - means[labels]
         projections = np.abs(residuals @ vectors[:, kept])
-        bound = (features.shape[1] + 1) * (
+        float32_bound = (features.shape[1] + 1) * FLOAT32_EPS * (
             projections * np.linalg.norm(residuals, axis=1)[:, None] / eigenvalues[kept])
-        return eigenvalues[kept], FLOAT32_EPS * float(bound.sum()) / len(labels)
+        mean_bound = (2 * projections * mean_shift + mean_shift ** 2) / eigenvalues[kept]
+        return eigenvalues[kept], float((float32_bound + mean_bound).sum()) / len(labels)
+
+    mean_shift = (MEAN_ROUNDING * np.finfo(np.float64).eps * np.sqrt(features.shape[1])
+                  * np.abs(features).max())
 
     kept, bound = spectrum_and_bound(features, case["labels"])
     facts = {"condition": float(kept.max() / kept.min()), "nc1": bound}
