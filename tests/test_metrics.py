@@ -271,6 +271,8 @@ def textbook_nc1_facts(case, global_mean="classes", pinv_rtol=1e-10):
         ``nc1_clean`` (that of the clean rows against their own means).
     """
     features = np.asarray(case["features"], dtype=np.float64)
+    mean_shift = (MEAN_ROUNDING * np.finfo(np.float64).eps * np.sqrt(features.shape[1])
+                  * np.abs(features).max())
 
     def spectrum_and_bound(rows, labels):
         classes = np.unique(labels)
@@ -287,9 +289,6 @@ def textbook_nc1_facts(case, global_mean="classes", pinv_rtol=1e-10):
             projections * np.linalg.norm(residuals, axis=1)[:, None] / eigenvalues[kept])
         mean_bound = (2 * projections * mean_shift + mean_shift ** 2) / eigenvalues[kept]
         return eigenvalues[kept], float((float32_bound + mean_bound).sum()) / len(labels)
-
-    mean_shift = (MEAN_ROUNDING * np.finfo(np.float64).eps * np.sqrt(features.shape[1])
-                  * np.abs(features).max())
 
     kept, bound = spectrum_and_bound(features, case["labels"])
     facts = {"condition": float(kept.max() / kept.min()), "nc1": bound}
