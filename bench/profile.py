@@ -17,7 +17,9 @@ takes about their total divided by T. Beside them, the full-width GEMM alone
 (every row times ``[M~^T V | W^T]``, or ``[M~^T | W^T]`` on the "features"
 route: the product the floor counts far from collapse) as the pass would run it
 on every thread (each thread its own slice of rows, one single-threaded product
-per block). Rows inside their NCC and classifier radii skip the far-row
+per block); and for the narrow kernel (C <= 32) its arithmetic alone, the kernel
+run over rows that stay in cache, against one read: pass 2 cannot take less than
+the longer of the two. Rows inside their NCC and classifier radii skip the far-row
 products, so on collapsed features pass 2 multiplies only by ``M~^T V`` (or,
 on the "features" route, by ``Sigma_B``'s eigenvectors); ``--spread 4`` makes
 every row take the full route.
@@ -102,6 +104,51 @@ def narrow_stage_times(features, labels, stats):
         for name, begin, end in zip(totals, marks, marks[1:]):
             totals[name] += end - begin
     return totals
+
+
+#: Rows of the block ``narrow_in_cache_seconds`` runs over and over: two epilogue blocks,
+#: 256 KiB of float32 rows at D = 512, in the core's L2 cache.
+CACHED_ROWS = 2 * narrow.BLOCK_ROWS
+
+
+@njit(nogil=True)
+def _narrow_blocks_again(repeats, features, labels, corrupted, route, columns, buffers,
+                         sq_norms, sums):
+    """``narrow.narrow_blocks`` over the same rows ``repeats`` times, in compiled code (a
+    call from Python per block would cost more than the block)."""
+    for _ in range(repeats):
+        narrow.narrow_blocks(features, labels, corrupted, route, columns, buffers, sq_norms,
+                             sums)
+
+
+def narrow_in_cache_seconds(features, labels, stats, repeats):
+    """Seconds of the narrow kernel's arithmetic alone for all rows, on every thread.
+
+    The kernel runs on one thread over the first ``CACHED_ROWS`` rows, which
+    stay in cache, until it has processed as many rows as ``features`` holds;
+    the best of ``repeats`` such runs is divided by the thread count (the
+    threads share no data in pass 2). Pass 2 from memory cannot take less
+    than this or one read of the rows, whichever is longer.
+    """
+    route = stats.plan.classes_route()
+    columns = narrow.padded_columns(route)
+    num_means = route.present_classes.shape[0]
+    rows = min(CACHED_ROWS, len(features))
+    cached, cached_labels = features[:rows], np.asarray(labels[:rows], np.int64)
+    buffers = narrow.NarrowBuffers(
+        residuals=np.zeros((narrow.TILE_ROWS, features.shape[1]), np.float32),
+        products=np.zeros((narrow.BLOCK_ROWS, columns.shape[0]), np.float32),
+        far_coordinates=np.zeros((narrow.BLOCK_ROWS, num_means), np.float32),
+        far_mean_products=np.zeros((narrow.BLOCK_ROWS, num_means), np.float32),
+        far_logits=np.zeros((narrow.BLOCK_ROWS, route.weights_t.shape[1]), np.float32))
+    sq_norms = np.empty(rows)
+    sums = cpu.Pass2Sums(*(np.zeros_like(getattr(stats, name)) for name in stats.sum_names))
+    corrupted = np.empty(0, np.uint8)
+    times = -(-len(features) // rows)
+    arguments = (cached, cached_labels, corrupted, route, columns, buffers, sq_norms, sums)
+    _narrow_blocks_again(1, *arguments)
+    one_thread = best_seconds(lambda: _narrow_blocks_again(times, *arguments), repeats)
+    return one_thread * len(features) / (times * rows) / numba.get_num_threads()
 
 
 def stage_times(features, labels, stats):
@@ -339,6 +386,13 @@ def main(argv=None):
           f"order: {plain:.3f} s)")
     print("pass 2 stages on one thread: " + "  ".join(
         f"{name} {seconds:.3f} s" for name, seconds in stages.items()))
+    if kernel == "narrow":
+        arithmetic = narrow_in_cache_seconds(features, labels, stats, args.repeats)
+        print(f"narrow kernel with its rows in cache (its arithmetic alone) on "
+              f"{numba.get_num_threads()} threads: {arithmetic:.3f} s = "
+              f"{arithmetic / (floor / 2):.2f}x one read; collapse at best {floor / 2:.3f} + "
+              f"{max(arithmetic, floor / 2):.3f} s = "
+              f"{(floor / 2 + max(arithmetic, floor / 2)) / floor:.2f}x the two-read floor")
     # The product the floor counts far from collapse: every row times [M~^T V | W^T]
     # ("classes" route) or [M~^T | W^T] ("features" route: the centred means).
     full_projection_t = np.ascontiguousarray(
