@@ -121,6 +121,24 @@ def _narrow_blocks_again(repeats, features, labels, corrupted, route, columns, b
                              sums)
 
 
+def cached_kernel_arguments(features, labels, stats):
+    """The arguments of ``narrow.narrow_blocks`` over the first ``CACHED_ROWS`` rows, with
+    buffers and pass-2 sums of their own (the sums are the last)."""
+    route = stats.plan.classes_route()
+    columns = narrow.padded_columns(route)
+    num_means = route.present_classes.shape[0]
+    rows = min(CACHED_ROWS, len(features))
+    buffers = narrow.NarrowBuffers(
+        residuals=np.zeros((narrow.TILE_ROWS, features.shape[1]), np.float32),
+        products=np.zeros((narrow.BLOCK_ROWS, columns.shape[0]), np.float32),
+        far_coordinates=np.zeros((narrow.BLOCK_ROWS, num_means), np.float32),
+        far_mean_products=np.zeros((narrow.BLOCK_ROWS, num_means), np.float32),
+        far_logits=np.zeros((narrow.BLOCK_ROWS, route.weights_t.shape[1]), np.float32))
+    sums = cpu.Pass2Sums(*(np.zeros_like(getattr(stats, name)) for name in stats.sum_names))
+    return (features[:rows], np.asarray(labels[:rows], np.int64), np.empty(0, np.uint8), route,
+            columns, buffers, np.empty(rows), sums)
+
+
 def narrow_in_cache_seconds(features, labels, stats, repeats):
     """Seconds of the narrow kernel's arithmetic alone for all rows, on every thread.
 
@@ -130,22 +148,9 @@ def narrow_in_cache_seconds(features, labels, stats, repeats):
     threads share no data in pass 2). Pass 2 from memory cannot take less
     than this or one read of the rows, whichever is longer.
     """
-    route = stats.plan.classes_route()
-    columns = narrow.padded_columns(route)
-    num_means = route.present_classes.shape[0]
-    rows = min(CACHED_ROWS, len(features))
-    cached, cached_labels = features[:rows], np.asarray(labels[:rows], np.int64)
-    buffers = narrow.NarrowBuffers(
-        residuals=np.zeros((narrow.TILE_ROWS, features.shape[1]), np.float32),
-        products=np.zeros((narrow.BLOCK_ROWS, columns.shape[0]), np.float32),
-        far_coordinates=np.zeros((narrow.BLOCK_ROWS, num_means), np.float32),
-        far_mean_products=np.zeros((narrow.BLOCK_ROWS, num_means), np.float32),
-        far_logits=np.zeros((narrow.BLOCK_ROWS, route.weights_t.shape[1]), np.float32))
-    sq_norms = np.empty(rows)
-    sums = cpu.Pass2Sums(*(np.zeros_like(getattr(stats, name)) for name in stats.sum_names))
-    corrupted = np.empty(0, np.uint8)
+    arguments = cached_kernel_arguments(features, labels, stats)
+    rows = len(arguments[0])
     times = -(-len(features) // rows)
-    arguments = (cached, cached_labels, corrupted, route, columns, buffers, sq_norms, sums)
     _narrow_blocks_again(1, *arguments)
     one_thread = best_seconds(lambda: _narrow_blocks_again(times, *arguments), repeats)
     return one_thread * len(features) / (times * rows) / numba.get_num_threads()

@@ -34,8 +34,8 @@ def test_profile_times_every_stage_of_the_kernel(capsys, features, classes, kern
 
 
 def test_the_kernel_in_cache_counts_its_rows_once_a_time():
-    """``narrow_in_cache_seconds`` drives the real kernel: each time over the cached rows
-    adds each of them once to pass 2's sums."""
+    """``narrow_in_cache_seconds`` drives the real kernel: once over the cached rows it adds
+    what pass 2 adds for them, and each time adds each row once."""
     rng = np.random.default_rng(0)
     features = rng.standard_normal((300, 512)).astype(np.float32)
     labels = rng.integers(0, 4, 300)
@@ -43,19 +43,17 @@ def test_the_kernel_in_cache_counts_its_rows_once_a_time():
         np.bincount(labels, minlength=4),
         np.stack([features[labels == c].sum(axis=0, dtype=np.float64) for c in range(4)])))
     assert profile.runs_narrow_kernel(stats.plan.classes_route())
-    route = stats.plan.classes_route()
-    columns = profile.narrow.padded_columns(route)
     rows = profile.CACHED_ROWS
-    buffers = profile.narrow.NarrowBuffers(
-        np.zeros((profile.narrow.TILE_ROWS, 512), np.float32),
-        np.zeros((profile.narrow.BLOCK_ROWS, columns.shape[0]), np.float32),
-        *(np.zeros((profile.narrow.BLOCK_ROWS, 4), np.float32) for _ in range(2)),
-        np.zeros((profile.narrow.BLOCK_ROWS, 0), np.float32))
-    sums = profile.cpu.Pass2Sums(*(np.zeros_like(getattr(stats, name))
-                                   for name in stats.sum_names))
-    profile._narrow_blocks_again(3, features[:rows], labels[:rows], np.empty(0, np.uint8), route,
-                                 columns, buffers, np.empty(rows), sums)
-    np.testing.assert_array_equal(sums.counts, 3 * np.bincount(labels[:rows], minlength=4))
+    once = profile.cached_kernel_arguments(features, labels, stats)
+    profile._narrow_blocks_again(1, *once)
+    reference = profile.ResidualStats(stats.plan)
+    reference.update(features[:rows], labels[:rows])
+    for name in stats.sum_names:
+        np.testing.assert_allclose(getattr(once[-1], name), getattr(reference, name),
+                                   rtol=1e-12, err_msg=name)
+    thrice = profile.cached_kernel_arguments(features, labels, stats)
+    profile._narrow_blocks_again(3, *thrice)
+    np.testing.assert_array_equal(thrice[-1].counts, 3 * reference.counts)
     assert profile.narrow_in_cache_seconds(features, labels, stats, repeats=1) > 0
 
 
