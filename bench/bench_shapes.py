@@ -20,7 +20,11 @@ row of the table, in one run:
    fewer where D is large: ``CHECK_WORK``) against the float64 textbook route
    (``bench.routes.check``), so that no wrong answer is timed; this also
    warms every JIT.
-2. **ncfast**: ``ncfast.collapse``, best of ``--repeats``.
+2. **ncfast**: ``ncfast.collapse``, best of ``--repeats``. At C ≤ 32 also pass 2's
+   arithmetic alone (``pass2_arithmetic_seconds``: the narrow kernel over rows
+   that stay in cache, every thread), and the least time it lets ncfast's
+   kernels take, pass 1 at one read and pass 2 at the longer of one read and
+   that arithmetic (``arith. bound`` in the table, over the floor).
 3. **torch**: the accumulator route of the public torch library
    (``bench.torch_route.torch_collapse(..., ncc="gemm")``), once, on at most
    ``--torch-rows`` leading rows; a time scaled up to N (the route's passes
@@ -110,11 +114,13 @@ from rich.table import Table
 from bench.data import SPREAD, collapsed_features, positive_int
 from bench.floor import (SQUARE_SIDE, Floor, best_seconds, gemm_rate, machine_read_bandwidth)
 from bench.machine import machine_facts, result_path
+from bench.profile import narrow_in_cache_seconds
 from bench.routes import ROUTES, check, empty_class_obstacle
 from bench.suite import CHECK_ROWS as SUITE_CHECK_ROWS
 from bench.suite import parse_sizes
+from ncfast.accumulators import ClassSums, ResidualStats, runs_narrow_kernel
 from ncfast.dumps import write_json_atomically
-from ncfast.geometry import route_for
+from ncfast.geometry import Geometry, route_for
 from ncfast.plots import save_figure
 
 #: The shapes of issue 18, rows × D × C, and what has them.
@@ -272,6 +278,7 @@ class Row:
     torch_rows: int = None
     torch_skipped: str = None
     check_failed: str = None
+    arithmetic_seconds: float = None
     floor_read_seconds: float = None
     floor_gemm_seconds: float = None
     floor_pair_seconds: float = None
@@ -280,6 +287,15 @@ class Row:
     limit: float = None
     meets_floor: bool = None
     meets_torch: bool = None
+
+    @property
+    def arithmetic_bound_seconds(self):
+        """Where ``arithmetic_seconds`` was measured (C <= 32): the least time ncfast's
+        kernels allow, pass 1 at one read and pass 2 at the longer of one read and its
+        arithmetic; None elsewhere."""
+        if self.arithmetic_seconds is None:
+            return None
+        return self.floor_read_seconds + max(self.floor_read_seconds, self.arithmetic_seconds)
 
     @property
     def torch_scaled(self):
@@ -291,6 +307,18 @@ class Row:
         return {"ncfast/floor": None if fast is None else fast / self.floor_seconds,
                 "torch/floor": None if torch is None else torch / self.floor_seconds,
                 "torch/ncfast": None if None in (fast, torch) else torch / fast}
+
+
+def pass2_arithmetic_seconds(features, labels, num_classes, weights, bias, repeats):
+    """Seconds of pass 2's arithmetic alone where it runs the narrow kernel
+    (``bench.profile.narrow_in_cache_seconds``, on the pass-2 plan of these rows); else None."""
+    class_sums = ClassSums(num_classes, features.shape[1])
+    class_sums.update(features, labels)
+    stats = ResidualStats(Geometry.from_class_sums(class_sums.counts, class_sums.sums),
+                          weights=weights, bias=bias)
+    if stats.route != "classes" or not runs_narrow_kernel(stats.plan.classes_route()):
+        return None
+    return narrow_in_cache_seconds(features, labels, stats, repeats)
 
 
 class ShapesRun:
@@ -373,6 +401,10 @@ class ShapesRun:
             row.ncfast_seconds = best_seconds(
                 lambda: ROUTES["ncfast"](features, labels, num_classes, weights, bias),
                 self.repeats)
+            if num_classes <= SKINNY_CLASSES:
+                self.step(task, row, "pass 2's arithmetic, rows in cache")
+                row.arithmetic_seconds = pass2_arithmetic_seconds(
+                    features, labels, num_classes, weights, bias, self.repeats)
         self.progress.advance(task)
 
         if row.torch_skipped is None:
@@ -455,7 +487,7 @@ def render(rows, scale, console):
                         f"(seconds, both passes){scaled}")
     for header in ("shape", "N", "spread", "C'", "route", "ncfast s", "floor s", "read s",
                    "GEMM flops", "GEMM s", "pairs s", "torch s", "ncfast/floor", "torch/floor",
-                   "torch/ncfast", "verdict"):
+                   "torch/ncfast", "arith. bound", "verdict"):
         table.add_column(header, justify="left" if header in ("shape", "verdict") else "right")
     for row in rows:
         table.add_row(f"{row.shape}\n{row.name}".rstrip(), f"{row.rows:,}", row.spread,
@@ -465,6 +497,8 @@ def render(rows, scale, console):
                       f"{row.floor_pair_seconds:.3g}",
                       _seconds_text(row.torch_seconds, row.torch_scaled),
                       *(_ratio_text(value) for value in row.ratios().values()),
+                      _ratio_text(None if row.arithmetic_seconds is None
+                                  else row.arithmetic_bound_seconds / row.floor_seconds),
                       _verdict_text(row))
     console.print(table)
 
@@ -595,7 +629,10 @@ def main(argv=None):
                   "that is faster); "
                   "pairs s: the float64 Gram of [M~; W] at the square dgemm rate; "
                   "floor = read + max(read, GEMM) + pairs. ~: torch time of the leading "
-                  "torch_rows rows scaled to N.\nverdict: floor, ncfast/floor ≤ "
+                  "torch_rows rows scaled to N.\narith. bound (C ≤ "
+                  f"{SKINNY_CLASSES}): read + max(read, pass 2's arithmetic alone: the narrow "
+                  "kernel over rows in cache, every thread), over the floor: the least time "
+                  "ncfast's kernels allow on this machine.\nverdict: floor, ncfast/floor ≤ "
                   f"{FLOOR_LIMITS['far']:g} far, ≤ {FLOOR_LIMITS['collapsed']:g} collapsed, ≤ "
                   f"{SKINNY_LIMIT:g} at C ≤ {SKINNY_CLASSES}; lead, torch/ncfast ≥ "
                   f"{TORCH_SHARE:g}·torch/floor (that is, ncfast/floor ≤ {1 / TORCH_SHARE:g})")
@@ -620,7 +657,9 @@ def main(argv=None):
         "read_bandwidth_bytes_per_s": run.bandwidth,
         "square_sgemm_flops": run.square_sgemm,
         "square_dgemm_flops": run.square_dgemm,
-        "rows": [dataclasses.asdict(row) | row.ratios() | {"torch_scaled": row.torch_scaled}
+        "rows": [dataclasses.asdict(row) | row.ratios()
+                 | {"torch_scaled": row.torch_scaled,
+                    "arithmetic_bound_seconds": row.arithmetic_bound_seconds}
                  for row in rows],
         "command": ["python", "-m", "bench.bench_shapes",
                     *(sys.argv[1:] if argv is None else argv)],

@@ -122,6 +122,13 @@ def test_tiny_scaled_run_writes_finite_rows(quick_rates):
         assert (row["meets_floor"], row["meets_torch"]) == bench_shapes.verdict(
             row["ncfast_seconds"], row["floor_seconds"], row["limit"])
     assert [row["gemm_flops"] > 0 for row in rows] == [False, False, True, True]
+    # At C <= 32 the narrow kernel's arithmetic alone, and the least time it allows.
+    for row in rows[:2]:
+        assert math.isfinite(row["arithmetic_seconds"]) and row["arithmetic_seconds"] > 0
+        assert row["arithmetic_bound_seconds"] == row["floor_read_seconds"] + max(
+            row["floor_read_seconds"], row["arithmetic_seconds"])
+    assert all(row["arithmetic_seconds"] is None and row["arithmetic_bound_seconds"] is None
+               for row in rows[2:])
 
 
 def test_torch_route_is_not_run_where_a_class_has_no_rows(quick_rates):
