@@ -510,7 +510,8 @@ def plot(rows, scale):
     a bar's length, not its ratio, the thing seen: 1.36× looked like 5×), so a bar's
     length is its ratio; the floor's seconds are under each shape. Lines mark issue 18's
     targets for ncfast: each row's ``limit`` and ``1 / TORCH_SHARE`` (the lead over the
-    torch route). A torch time scaled up to N from its leading rows is hatched, and the
+    torch route); and, at C <= 32, the least time ncfast's kernels allow
+    (``Row.arithmetic_bound_seconds``). A torch time scaled up to N from its leading rows is hatched, and the
     legend says so; the legend names only what is drawn.
 
     Parameters
@@ -551,6 +552,14 @@ def plot(rows, scale):
     axes.hlines([row.limit for row in rows], positions - 1.2 * width, positions + 0.2 * width,
                 colors="C3", linestyles="--",
                 label="target: ncfast/floor at most the row's limit")
+    bounded = [index for index, row in enumerate(rows) if row.arithmetic_seconds is not None]
+    if bounded:
+        axes.hlines([rows[index].arithmetic_bound_seconds / rows[index].floor_seconds
+                     for index in bounded],
+                    positions[bounded] - 1.2 * width, positions[bounded] + 0.2 * width,
+                    colors="C4", linewidth=2.0,
+                    label="least ncfast's kernels allow (pass 2's arithmetic, C ≤ "
+                          f"{SKINNY_CLASSES})")
     axes.axhline(1 / TORCH_SHARE, color="C1", linestyle=":",
                  label=f"target: ncfast/floor ≤ {1 / TORCH_SHARE:g} (lead over torch)")
     axes.set_xticks(positions, [

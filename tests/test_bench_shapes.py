@@ -187,6 +187,19 @@ def test_plot_draws_time_over_floor_from_the_floor():
     assert not [text for text in _legend_texts(axes) if text.startswith("torch")]
 
 
+def test_plot_marks_the_arithmetic_bound_where_it_was_measured():
+    """Run AB, 1e6 x 512 x 10 collapsed: 0.199 s over a 0.0852 s floor, the arithmetic
+    bound 0.0426 + 0.104 s; the features-route row has none."""
+    skinny = _plotted_row("collapsed", 0.199, 0.0852)
+    skinny.floor_read_seconds, skinny.arithmetic_seconds = 0.0426, 0.104
+    (axes,) = bench_shapes.plot([skinny, _plotted_row("far", 3.0, 2.0)], 1.0).axes
+    (label,) = [text for text in _legend_texts(axes) if text.startswith("least")]
+    (bound,) = [line for line in axes.collections if line.get_label() == label]
+    (segment,) = bound.get_segments()
+    assert segment[:, 1] == pytest.approx([(0.0426 + 0.104) / 0.0852] * 2)
+    assert segment[:, 0].max() < 0.5  # over the first row only
+
+
 def test_plot_legend_says_which_torch_times_are_scaled_up():
     rows = [_plotted_row("collapsed", 3.0, 2.0, 30.0, 200_000),
             _plotted_row("far", 3.0, 2.0, 300.0, 800)]
