@@ -114,7 +114,7 @@ from rich.table import Table
 from bench.data import SPREAD, collapsed_features, positive_int
 from bench.floor import (SQUARE_SIDE, Floor, best_seconds, gemm_rate, machine_read_bandwidth)
 from bench.machine import machine_facts, result_path
-from bench.profile import narrow_in_cache_seconds
+from bench.profile import least_collapse_seconds, narrow_in_cache_seconds
 from bench.routes import ROUTES, check, empty_class_obstacle
 from bench.suite import CHECK_ROWS as SUITE_CHECK_ROWS
 from bench.suite import parse_sizes
@@ -295,7 +295,7 @@ class Row:
         arithmetic; None elsewhere."""
         if self.arithmetic_seconds is None:
             return None
-        return self.floor_read_seconds + max(self.floor_read_seconds, self.arithmetic_seconds)
+        return least_collapse_seconds(self.floor_read_seconds, self.arithmetic_seconds)
 
     @property
     def torch_scaled(self):
@@ -511,8 +511,8 @@ def plot(rows, scale):
     length is its ratio; the floor's seconds are under each shape. Lines mark issue 18's
     targets for ncfast: each row's ``limit`` and ``1 / TORCH_SHARE`` (the lead over the
     torch route); and, at C <= 32, the least time ncfast's kernels allow
-    (``Row.arithmetic_bound_seconds``). A torch time scaled up to N from its leading rows is hatched, and the
-    legend says so; the legend names only what is drawn.
+    (``Row.arithmetic_bound_seconds``). A torch time scaled up to N from its leading
+    rows is hatched, and the legend says so; the legend names only what is drawn.
 
     Parameters
     ----------
